@@ -1,0 +1,269 @@
+"""Structured-config schemas (dataclasses) for every Hydra group.
+
+These dataclasses are the single typed description of an experiment. Hydra merges
+the YAML files under ``configs/`` into them, so an unknown key or a value of the
+wrong type fails at composition; :func:`fl_app.config.validate.validate_config`
+then checks values and cross-field rules. Code below the builder receives these
+typed objects, never a ``DictConfig``.
+
+Why registries and not ``_target_``: a ClientApp receives its model and data spec
+from the server in every train message. Instantiating ``_target_`` strings sent over
+the network would let a server run arbitrary callables on an institution's machine,
+so models and datasets are chosen by name from fixed registries instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = [
+    "AppConfig",
+    "ClientTrainConfig",
+    "DatasetConfig",
+    "DatasetKind",
+    "LocalFormat",
+    "Accountant",
+    "ModelConfig",
+    "ModelName",
+    "OptimizerName",
+    "PartitionerName",
+    "PrivacyConfig",
+    "PrivacyMode",
+    "RuntimeConfig",
+    "SamplingMode",
+    "SecAggConfig",
+    "SecAggMode",
+    "StrategyConfig",
+    "StrategyName",
+    "ThreatModel",
+    "ValidationConfig",
+    "SimulationBackend",
+]
+
+
+class DatasetKind(str, Enum):
+    """Where the data comes from."""
+
+    digits = "digits"  # scikit-learn's load_digits, ships with the package (default)
+    hub = "hub"  # a Hugging Face hub dataset through flwr-datasets (needs internet)
+    local = "local"  # per-institution files (.npz / .csv), path from --node-config
+
+
+class PartitionerName(str, Enum):
+    iid = "iid"
+    dirichlet = "dirichlet"
+    shard = "shard"  # pathological non-IID: each client gets a few label shards
+    natural = "natural"  # by an id column (e.g. FEMNIST writer_id)
+
+
+class LocalFormat(str, Enum):
+    npz = "npz"
+    csv = "csv"
+
+
+@dataclass
+class DatasetConfig:
+    kind: DatasetKind = DatasetKind.digits
+    # Hub dataset id (kind=hub), e.g. "ylecun/mnist", "uoft-cs/cifar10", "flwrlabs/femnist".
+    hub_path: str | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    # Input shape (channels, height, width) and class count the model is built for;
+    # checked against the loaded data.
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    num_classes: int = 10
+    # Simulated federation: how many partitions (= simulated SuperNodes).
+    num_partitions: int = 10
+    partitioner: PartitionerName = PartitionerName.iid
+    dirichlet_alpha: float = 0.5
+    # Smallest partition the Dirichlet partitioner accepts (it resamples until met).
+    min_partition_size: int = 2
+    shards_per_partition: int = 2
+    natural_id_key: str | None = None
+    # Held-out server-side test split (centralised evaluation), taken before partitioning.
+    test_fraction: float = 0.2
+    # Each client's local validation split (federated evaluation).
+    val_fraction: float = 0.1
+    # kind=local: file format; the path itself comes from the SuperNode's --node-config
+    # (key "data-path"), or from local_path for simulations on one machine.
+    local_format: LocalFormat = LocalFormat.npz
+    local_path: str | None = None
+    # Divide pixel values by this (digits: 16, 8-bit images: 255).
+    pixel_scale: float = 16.0
+
+
+class ModelName(str, Enum):
+    mlp = "mlp"
+    cnn = "cnn"
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.mlp
+    # MLP hidden widths.
+    hidden: list[int] = field(default_factory=lambda: [64])
+    # CNN conv channels (one 3x3 conv + GroupNorm + ReLU + 2x2 pool per entry).
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    # GroupNorm groups (Opacus-compatible replacement for BatchNorm).
+    norm_groups: int = 4
+    dropout: float = 0.0
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+@dataclass
+class ClientTrainConfig:
+    """Hyper-parameters the server sends to every client in each train message."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: OptimizerName = OptimizerName.sgd
+
+
+class StrategyName(str, Enum):
+    fedavg = "fedavg"
+    fedadam = "fedadam"
+    fedprox = "fedprox"
+
+
+class SamplingMode(str, Enum):
+    # Exactly round(fraction * N) clients, sampled without replacement.
+    fixed = "fixed"
+    # Each client independently with probability `fraction` (what DP accountants model).
+    poisson = "poisson"
+
+
+@dataclass
+class StrategyConfig:
+    name: StrategyName = StrategyName.fedavg
+    sampling: SamplingMode = SamplingMode.fixed
+    # Fraction of connected clients sampled for training each round (Poisson: the rate).
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    # Fewest connected clients before a round starts.
+    min_available_nodes: int = 2
+    # Fewest valid train replies for the model to change; fewer leaves it unchanged.
+    min_train_replies: int = 1
+    # FedOpt family (fedadam).
+    eta: float = 0.01
+    eta_l: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    # FedProx proximal term weight (sent to clients; they add mu/2 ||w - w_t||^2).
+    proximal_mu: float = 0.0
+
+
+class PrivacyMode(str, Enum):
+    none = "none"
+    # Modes of ARCHITECTURE §2, implemented by later issues; the validator refuses them
+    # until then rather than silently running without protection.
+    dpsgd = "dpsgd"
+    central = "central"
+    local = "local"
+    distributed = "distributed"
+
+
+class ThreatModel(str, Enum):
+    none = "none"
+    trusted_server = "trusted_server"
+    honest_but_curious = "honest_but_curious"
+    distributed_dp = "distributed_dp"
+
+
+class Accountant(str, Enum):
+    pld = "pld"
+    rdp = "rdp"
+    prv = "prv"
+
+
+@dataclass
+class PrivacyConfig:
+    mode: PrivacyMode = PrivacyMode.none
+    threat_model: ThreatModel = ThreatModel.none
+    # Opacus DP-SGD in every client (combines with any threat model).
+    record_level: bool = False
+    noise_multiplier: float | None = None
+    clip: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: Accountant = Accountant.pld
+    # CSPRNG for DP noise (slower); seeded generators otherwise.
+    secure_mode: bool = False
+
+
+class SecAggMode(str, Enum):
+    off = "off"
+    secagg = "secagg"
+    secaggplus = "secaggplus"
+
+
+@dataclass
+class SecAggConfig:
+    mode: SecAggMode = SecAggMode.off
+    # Bits per coordinate of the fixed-point encoding (issue 5/6).
+    bits: int = 32
+    # Fraction of the cohort that may drop out while the sum is still recovered.
+    dropout_tolerance: float = 0.2
+    stage_timeout_s: float = 60.0
+
+
+class SimulationBackend(str, Enum):
+    ray = "ray"  # Flower's simulation engine (run_simulation on Ray)
+    inprocess = "inprocess"  # our in-process Grid: no Ray, one process, fast
+
+
+@dataclass
+class ValidationConfig:
+    """Limits the server applies to every client reply at ingestion."""
+
+    # L2 norm of a client's whole update above which it is rejected as absurd.
+    max_update_norm: float = 1.0e4
+    # Largest example count (aggregation weight) one client may claim.
+    max_num_examples: int = 10_000_000
+
+
+@dataclass
+class RuntimeConfig:
+    backend: SimulationBackend = SimulationBackend.ray
+    # Explicit per-client resources (Flower's default is 2 CPUs per client).
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    # Ray cluster to join: "local" starts a private one (never attaches to someone
+    # else's by accident); "auto" or "ray://host:port" joins an existing cluster.
+    ray_address: str = "local"
+    # CPUs Ray may use on this machine when it starts a local cluster (null = all).
+    ray_num_cpus: int | None = None
+    # Seconds the server waits for train / evaluate replies in one round.
+    train_timeout_s: float = 600.0
+    evaluate_timeout_s: float = 300.0
+    # Flower's own log level (our progress lines are always printed).
+    flower_log_level: str = "WARNING"
+    # Torch intra-op threads per client process (1 avoids oversubscription).
+    torch_threads: int = 1
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class AppConfig:
+    seed: int = 42
+    num_rounds: int = 5
+    # Centralised evaluation of the global model on the server's held-out split.
+    server_eval: bool = True
+    # Federated evaluation on clients' local validation splits (every N rounds; 0 = off).
+    federated_eval_every: int = 1
+    experiment_name: str = "default"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: ClientTrainConfig = field(default_factory=ClientTrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
