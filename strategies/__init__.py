@@ -1,0 +1,31 @@
+"""Server side of fl-app: the round driver and the strategies it wraps.
+
+Privacy layers (client-level DP, secure aggregation, budget guards) plug in here as
+wrappers and driver stages; see ``ARCHITECTURE.md`` §3.
+"""
+
+from strategies.driver import (
+    CohortGrid,
+    DriverResult,
+    DriverSettings,
+    RoundDriver,
+    RoundListener,
+    RoundReport,
+    StageReport,
+)
+from strategies.sampling import CohortSampler, FixedSizeSampler, PoissonSampler
+from strategies.validation import ReplyLimits
+
+__all__ = [
+    "CohortGrid",
+    "CohortSampler",
+    "DriverResult",
+    "DriverSettings",
+    "FixedSizeSampler",
+    "PoissonSampler",
+    "ReplyLimits",
+    "RoundDriver",
+    "RoundListener",
+    "RoundReport",
+    "StageReport",
+]

@@ -1,0 +1,184 @@
+"""fl-app's ClientApp (Flower Message API: ``@app.train``, ``@app.evaluate``).
+
+The same object serves simulation (``run_simulation`` / the in-process Grid) and
+deployment (``flwr run`` on SuperNodes): everything a client needs arrives in the
+instruction (global weights + JSON client spec, see :mod:`fl_app.client_spec`) or in
+its SuperNode's ``--node-config`` (``partition-id``/``num-partitions`` for simulated
+partitions, ``data-path`` for an institution's own file).
+
+Torch is imported only inside the handlers that train or evaluate: deployment starts
+a fresh ClientApp process per message, and the key-exchange stages of secure
+aggregation must not pay for a torch import.
+
+A client that cannot do what it is asked (malformed spec, no usable data) replies
+with a structured error (code ``CLIENT_REFUSED``) naming the problem; anything else
+that raises is turned into an error reply by Flower's runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_app.client_spec import ClientSpec, SpecError, decode_spec
+from strategies.protocol import (
+    ARRAYS_KEY,
+    CLIENT_REFUSED,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    SPEC_KEY,
+    UPDATE_KEY,
+)
+
+__all__ = ["ClientRefusal", "app", "handle_evaluate", "handle_train"]
+
+log = logging.getLogger("fl_app.client")
+
+
+class ClientRefusal(Exception):
+    """This client will not run the instruction; the reason goes back to the server."""
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    try:
+        return int(cfg.get("partition-id", 0)), int(cfg.get("num-partitions", 1))
+    except (TypeError, ValueError) as err:
+        raise ClientRefusal(
+            f"node-config partition-id/num-partitions must be integers, got {dict(cfg)!r}"
+        ) from err
+
+
+def _read_instruction(msg: Message) -> tuple[ClientSpec, int, dict[str, np.ndarray], Any]:
+    from fl_app.weights import from_array_record
+
+    content = msg.content
+    if CONFIG_KEY not in content.config_records or ARRAYS_KEY not in content.array_records:
+        raise ClientRefusal(f"instruction lacks '{CONFIG_KEY}' or '{ARRAYS_KEY}' record")
+    config = content.config_records[CONFIG_KEY]
+    try:
+        spec = decode_spec(config.get(SPEC_KEY))
+    except SpecError as err:
+        raise ClientRefusal(str(err)) from err
+    rnd = config.get(SERVER_ROUND)
+    if not isinstance(rnd, int) or isinstance(rnd, bool):
+        raise ClientRefusal(f"'{SERVER_ROUND}' missing or not an integer: {rnd!r}")
+    arrays = from_array_record(content.array_records[ARRAYS_KEY])
+    return spec, rnd, arrays, config
+
+
+def _training_seed(seed: int, rnd: int, partition_id: int) -> int:
+    """A per-(run seed, round, client) seed for shuffling; independent streams."""
+    ss = np.random.SeedSequence([seed, rnd, partition_id, 0x7EA1])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _prepare(msg: Message, context: Context) -> tuple[Any, ...]:
+    """Shared set-up of both handlers: spec, data, model loaded with global weights."""
+    import torch
+
+    from fl_app.data import DataError, check_data_shape, load_client_data
+    from fl_app.models import build_model
+
+    spec, rnd, arrays, config = _read_instruction(msg)
+    torch.set_num_threads(max(1, spec.torch_threads))
+    pid, nparts = _partition(context)
+    try:
+        data = load_client_data(spec.dataset, pid, nparts, spec.seed, dict(context.node_config))
+        check_data_shape(data.train, spec.dataset)
+    except DataError as err:
+        raise ClientRefusal(f"data: {err}") from err
+    model = build_model(spec.model, spec.dataset.input_shape, spec.dataset.num_classes)
+    return spec, rnd, arrays, config, pid, data, model
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train on local data and reply with the update Δ (see :mod:`fl_app.pipeline`)."""
+    import torch
+
+    from fl_app.pipeline import PipelineStages, run_train_pipeline
+    from fl_app.training import train_local
+    from fl_app.weights import load_ndarrays, model_to_ndarrays, to_array_record
+
+    spec, rnd, arrays, config, pid, data, model = _prepare(msg, context)
+    if len(data.train) == 0:
+        raise ClientRefusal("no local training examples in this partition")
+    mu = config.get(PROXIMAL_MU, 0.0)
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
+        raise ClientRefusal(f"'{PROXIMAL_MU}' must be a number >= 0, got {mu!r}")
+    generator = torch.Generator().manual_seed(_training_seed(spec.seed, rnd, pid))
+
+    def train() -> tuple[dict[str, np.ndarray], Any]:
+        stats = train_local(
+            model,
+            data.train.x,
+            data.train.y,
+            spec.train,
+            generator=generator,
+            proximal_mu=float(mu),
+        )
+        return model_to_ndarrays(model), stats
+
+    result = run_train_pipeline(
+        arrays, PipelineStages(load=lambda a: load_ndarrays(model, a), train=train)
+    )
+    stats = result.stats
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: int(stats.num_examples),
+            SERVER_ROUND: rnd,
+            "train-loss": float(stats.loss),
+            "train-accuracy": float(stats.accuracy),
+        }
+    )
+    content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the local validation split."""
+    from fl_app.training import evaluate
+    from fl_app.weights import load_ndarrays
+
+    spec, rnd, arrays, _config, _pid, data, model = _prepare(msg, context)
+    if len(data.val) == 0:
+        raise ClientRefusal("no local validation examples (dataset.val_fraction or partition size)")
+    load_ndarrays(model, arrays)
+    stats = evaluate(model, data.val.x, data.val.y, batch_size=max(256, spec.train.batch_size))
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: int(stats.num_examples),
+            SERVER_ROUND: rnd,
+            "eval-loss": float(stats.loss),
+            "eval-accuracy": float(stats.accuracy),
+        }
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _refusals_as_errors(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ClientRefusal as err:
+            log.warning("refusing %s: %s", msg.metadata.message_type, err)
+            return Message(Error(code=CLIENT_REFUSED, reason=str(err)), reply_to=msg)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+app = ClientApp()
+app.train()(_refusals_as_errors(handle_train))
+app.evaluate()(_refusals_as_errors(handle_evaluate))

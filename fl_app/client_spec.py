@@ -1,0 +1,70 @@
+"""The client's slice of the experiment config, sent in every instruction.
+
+Under ``flwr run`` a ClientApp knows nothing of the Hydra config the ServerApp
+composed; in simulation it should not rely on more than it would get in deployment.
+So the server serialises exactly what clients need (seed, dataset, model, local
+training) as JSON under ``config["fl-app.spec"]``, and the client parses it back into
+typed dataclasses, refusing unknown keys and wrong types like any other config. JSON,
+never pickle: this crosses a trust boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fl_app.config.schema import AppConfig, ClientTrainConfig, DatasetConfig, ModelConfig
+
+__all__ = ["ClientSpec", "SpecError", "decode_spec", "encode_spec", "spec_from_config"]
+
+
+class SpecError(ValueError):
+    """The spec a server sent cannot be used (malformed JSON, unknown key, bad type)."""
+
+
+@dataclass
+class ClientSpec:
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: ClientTrainConfig = field(default_factory=ClientTrainConfig)
+    # Torch intra-op threads in the client process (simulation packs several per machine).
+    torch_threads: int = 1
+
+
+def spec_from_config(cfg: AppConfig) -> ClientSpec:
+    return ClientSpec(
+        seed=cfg.seed,
+        dataset=cfg.dataset,
+        model=cfg.model,
+        train=cfg.train,
+        torch_threads=cfg.runtime.torch_threads,
+    )
+
+
+def encode_spec(spec: ClientSpec) -> str:
+    container = OmegaConf.to_container(OmegaConf.structured(spec), enum_to_str=True)
+    return json.dumps(container, sort_keys=True, separators=(",", ":"))
+
+
+def decode_spec(text: object) -> ClientSpec:
+    """Parse and type-check a spec; :class:`SpecError` names what is wrong."""
+    if not isinstance(text, str):
+        raise SpecError(f"client spec must be a JSON string, got {type(text).__name__}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(f"client spec is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise SpecError("client spec must be a JSON object")
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClientSpec), raw))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "?")
+        raise SpecError(f"client spec field `{key}`: {str(err).splitlines()[0]}") from err
+    assert isinstance(obj, ClientSpec)
+    return obj
+

@@ -1,0 +1,301 @@
+"""Value and cross-field checks on a composed :class:`AppConfig`.
+
+Hydra and OmegaConf already refuse unknown keys and wrong types (the schemas are
+structured configs). What is left is what a type cannot say: impossible values
+("fraction 1.5"), and combinations that would run but not give what they promise
+(a privacy mode the code cannot yet enforce). All of it fails here, before any
+client starts, with the field's dotted name, the value found and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from fl_app.config.schema import (
+    AppConfig,
+    DatasetKind,
+    PartitionerName,
+    PrivacyMode,
+    SecAggMode,
+    StrategyName,
+    ThreatModel,
+)
+
+__all__ = ["ConfigError", "validate_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration that must not run. The message names the field and the fix."""
+
+    def __init__(self, field: str, found: object, fix: str) -> None:
+        self.field = field
+        self.found = found
+        self.fix = fix
+        super().__init__(f"config error in `{field}` (found {found!r}): {fix}")
+
+
+def _check(ok: bool, field: str, found: object, fix: str) -> None:
+    if not ok:
+        raise ConfigError(field, found, fix)
+
+
+def _positive(value: float, field: str) -> None:
+    _check(
+        isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+        field,
+        value,
+        "must be a finite number > 0",
+    )
+
+
+def _fraction(value: float, field: str, *, allow_zero: bool) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    bound = "[0, 1]" if allow_zero else "(0, 1]"
+    _check(math.isfinite(value) and low_ok and value <= 1, field, value, f"must lie in {bound}")
+
+
+def _check_dataset(cfg: AppConfig) -> None:
+    d = cfg.dataset
+    _check(d.num_partitions >= 1, "dataset.num_partitions", d.num_partitions, "must be >= 1")
+    _check(
+        len(d.input_shape) == 3 and all(int(s) >= 1 for s in d.input_shape),
+        "dataset.input_shape",
+        list(d.input_shape),
+        "must be [channels, height, width], each >= 1",
+    )
+    _check(d.num_classes >= 2, "dataset.num_classes", d.num_classes, "must be >= 2")
+    _fraction(d.test_fraction, "dataset.test_fraction", allow_zero=True)
+    _check(d.test_fraction < 1, "dataset.test_fraction", d.test_fraction, "must be < 1")
+    _fraction(d.val_fraction, "dataset.val_fraction", allow_zero=True)
+    _check(d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be < 1")
+    _positive(d.pixel_scale, "dataset.pixel_scale")
+    if d.partitioner is PartitionerName.dirichlet:
+        _positive(d.dirichlet_alpha, "dataset.dirichlet_alpha")
+    if d.partitioner is PartitionerName.shard:
+        _check(
+            d.shards_per_partition >= 1,
+            "dataset.shards_per_partition",
+            d.shards_per_partition,
+            "must be >= 1",
+        )
+    if d.partitioner is PartitionerName.natural:
+        _check(
+            bool(d.natural_id_key),
+            "dataset.natural_id_key",
+            d.natural_id_key,
+            "set the column that identifies a client (e.g. writer_id) for partitioner=natural",
+        )
+    if d.kind is DatasetKind.hub:
+        _check(
+            bool(d.hub_path),
+            "dataset.hub_path",
+            d.hub_path,
+            "set the Hugging Face dataset id (e.g. ylecun/mnist) for dataset.kind=hub",
+        )
+    if d.kind is DatasetKind.local:
+        _check(
+            not cfg.server_eval,
+            "server_eval",
+            cfg.server_eval,
+            "with dataset.kind=local the server holds no data to test on: set server_eval=false "
+            "(clients still evaluate on their own validation splits)",
+        )
+
+
+def _check_model(cfg: AppConfig) -> None:
+    m = cfg.model
+    _check(
+        all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "widths must be >= 1"
+    )
+    _check(
+        len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
+        "model.channels",
+        list(m.channels),
+        "give at least one conv width, each >= 1",
+    )
+    _check(m.norm_groups >= 1, "model.norm_groups", m.norm_groups, "must be >= 1")
+    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must lie in [0, 1)")
+
+
+def _check_train(cfg: AppConfig) -> None:
+    t = cfg.train
+    _check(t.local_epochs >= 1, "train.local_epochs", t.local_epochs, "must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _positive(t.lr, "train.lr")
+    _check(0 <= t.momentum < 1, "train.momentum", t.momentum, "must lie in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+
+
+def _check_strategy(cfg: AppConfig) -> None:
+    s = cfg.strategy
+    _fraction(s.fraction_train, "strategy.fraction_train", allow_zero=False)
+    _fraction(s.fraction_evaluate, "strategy.fraction_evaluate", allow_zero=True)
+    _check(
+        s.min_available_nodes >= 1,
+        "strategy.min_available_nodes",
+        s.min_available_nodes,
+        "must be >= 1",
+    )
+    _check(
+        s.min_train_replies >= 1, "strategy.min_train_replies", s.min_train_replies, "must be >= 1"
+    )
+    n = cfg.dataset.num_partitions
+    _check(
+        s.min_available_nodes <= n,
+        "strategy.min_available_nodes",
+        s.min_available_nodes,
+        f"cannot exceed dataset.num_partitions={n} (the simulated clients); lower it "
+        "or raise dataset.num_partitions",
+    )
+    expected_cohort = s.fraction_train * n
+    _check(
+        s.min_train_replies <= max(1, math.ceil(expected_cohort)),
+        "strategy.min_train_replies",
+        s.min_train_replies,
+        f"cannot exceed the expected cohort (fraction_train * num_partitions = "
+        f"{expected_cohort:g}); lower it or sample more clients",
+    )
+    if s.name is StrategyName.fedadam:
+        _positive(s.eta, "strategy.eta")
+        _positive(s.tau, "strategy.tau")
+        _check(0 <= s.beta_1 < 1, "strategy.beta_1", s.beta_1, "must lie in [0, 1)")
+        _check(0 <= s.beta_2 < 1, "strategy.beta_2", s.beta_2, "must lie in [0, 1)")
+    _check(s.proximal_mu >= 0, "strategy.proximal_mu", s.proximal_mu, "must be >= 0")
+    if s.name is StrategyName.fedprox:
+        _check(
+            s.proximal_mu > 0,
+            "strategy.proximal_mu",
+            s.proximal_mu,
+            "strategy=fedprox with proximal_mu=0 is plain FedAvg: set proximal_mu > 0 "
+            "or use strategy=fedavg",
+        )
+    else:
+        _check(
+            s.proximal_mu == 0,
+            "strategy.proximal_mu",
+            s.proximal_mu,
+            f"the proximal term belongs to strategy=fedprox, not {s.name.value}",
+        )
+
+
+def _check_privacy(cfg: AppConfig) -> None:
+    p = cfg.privacy
+    # Nothing in this release enforces a privacy mechanism yet. Running a config that
+    # names one would produce a model and a summary that claim a protection nobody
+    # applied, so every such request is refused until its layer exists.
+    _check(
+        p.mode is PrivacyMode.none,
+        "privacy.mode",
+        p.mode.value,
+        "only privacy=none is implemented in this release; remove the override "
+        "(DP-SGD, central, local and distributed DP arrive with their own issues)",
+    )
+    _check(
+        p.threat_model is ThreatModel.none,
+        "privacy.threat_model",
+        p.threat_model.value,
+        "privacy.mode=none protects nothing, so it cannot claim a threat model; "
+        "set privacy.threat_model=none",
+    )
+    _check(
+        not p.record_level,
+        "privacy.record_level",
+        p.record_level,
+        "record-level DP (Opacus DP-SGD) is not implemented in this release; set it false",
+    )
+    for name in ("noise_multiplier", "clip", "target_epsilon", "delta"):
+        value = getattr(p, name)
+        _check(
+            value is None,
+            f"privacy.{name}",
+            value,
+            "has no effect with privacy.mode=none; remove it (a parameter that "
+            "silently does nothing is worse than an error)",
+        )
+
+
+def _check_secagg(cfg: AppConfig) -> None:
+    s = cfg.secagg
+    _check(
+        s.mode is SecAggMode.off,
+        "secagg.mode",
+        s.mode.value,
+        "secure aggregation is not implemented in this release; use secagg=off",
+    )
+    _check(8 <= s.bits <= 64, "secagg.bits", s.bits, "must lie in [8, 64]")
+    _check(
+        0 <= s.dropout_tolerance < 1,
+        "secagg.dropout_tolerance",
+        s.dropout_tolerance,
+        "must lie in [0, 1)",
+    )
+    _positive(s.stage_timeout_s, "secagg.stage_timeout_s")
+
+
+def _check_runtime(cfg: AppConfig) -> None:
+    r = cfg.runtime
+    _check(r.client_num_cpus > 0, "runtime.client_num_cpus", r.client_num_cpus, "must be > 0")
+    _check(r.client_num_gpus >= 0, "runtime.client_num_gpus", r.client_num_gpus, "must be >= 0")
+    _check(
+        r.ray_num_cpus is None or r.ray_num_cpus >= 1,
+        "runtime.ray_num_cpus",
+        r.ray_num_cpus,
+        "must be null or >= 1",
+    )
+    if r.ray_num_cpus is not None:
+        _check(
+            r.client_num_cpus <= r.ray_num_cpus,
+            "runtime.client_num_cpus",
+            r.client_num_cpus,
+            f"exceeds runtime.ray_num_cpus={r.ray_num_cpus}: no client could ever be scheduled",
+        )
+    _check(bool(r.ray_address), "runtime.ray_address", r.ray_address, 'use "local" or a cluster')
+    _positive(r.train_timeout_s, "runtime.train_timeout_s")
+    _positive(r.evaluate_timeout_s, "runtime.evaluate_timeout_s")
+    _check(
+        r.flower_log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"},
+        "runtime.flower_log_level",
+        r.flower_log_level,
+        "use one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    )
+    _check(r.torch_threads >= 1, "runtime.torch_threads", r.torch_threads, "must be >= 1")
+    _positive(r.validation.max_update_norm, "runtime.validation.max_update_norm")
+    _check(
+        r.validation.max_num_examples >= 1,
+        "runtime.validation.max_num_examples",
+        r.validation.max_num_examples,
+        "must be >= 1",
+    )
+
+
+_CHECKS: tuple[Callable[[AppConfig], None], ...] = (
+    _check_dataset,
+    _check_model,
+    _check_train,
+    _check_strategy,
+    _check_privacy,
+    _check_secagg,
+    _check_runtime,
+)
+
+
+def validate_config(cfg: AppConfig) -> AppConfig:
+    """Check values and cross-field rules; return ``cfg`` unchanged or raise.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first offending field, the value found and the fix.
+    """
+    _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "must be >= 1")
+    _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    _check(
+        cfg.federated_eval_every >= 0,
+        "federated_eval_every",
+        cfg.federated_eval_every,
+        "must be >= 0 (0 turns federated evaluation off)",
+    )
+    for check in _CHECKS:
+        check(cfg)
+    return cfg

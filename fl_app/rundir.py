@@ -1,0 +1,167 @@
+"""What a run leaves in its directory, written as the run goes.
+
+``config.yaml``      the resolved, validated config
+``run.json``         manifest: config hash, seed, code version, start time, status
+``metrics.jsonl``    one JSON object per round (appended and flushed every round)
+``model.safetensors`` the final global model (safetensors, never pickle)
+``summary.json``     final centralised test accuracy/loss, rounds, seconds, privacy spent
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fl_app.config.compose import config_hash, config_to_dict
+from fl_app.config.schema import AppConfig
+from strategies.driver import RoundReport
+
+__all__ = ["MetricsWriter", "ProgressPrinter", "RunDirectory", "code_version"]
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("fl-app")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    src = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{ver}+g{commit}" if commit else ver
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    """The run directory of one experiment (Hydra's output dir in simulation)."""
+
+    def __init__(self, path: str | os.PathLike[str], cfg: AppConfig) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.config_hash = config_hash(cfg)
+        self.started = time.time()
+        self.manifest: dict[str, Any] = {
+            "config_hash": self.config_hash,
+            "seed": cfg.seed,
+            "code_version": code_version(),
+            "python": sys.version.split()[0],
+            "started_at": datetime.now(timezone.utc).isoformat(),
+            "status": "running",
+        }
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def start(self) -> None:
+        (self.path / "config.yaml").write_text(
+            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+        )
+        self.metrics_path.write_text("")
+        _write_json_atomic(self.path / "run.json", self.manifest)
+
+    def save_model(self, arrays: Mapping[str, np.ndarray], rounds: int) -> str:
+        from fl_app.weights import save_safetensors
+
+        meta = {
+            "config_hash": self.config_hash,
+            "rounds": str(rounds),
+            "code_version": self.manifest["code_version"],
+        }
+        return save_safetensors(self.model_path, arrays, meta)
+
+    def finish(self, summary: Mapping[str, Any], status: str = "completed") -> None:
+        _write_json_atomic(self.summary_path, dict(summary))
+        self.manifest["status"] = status
+        self.manifest["finished_at"] = datetime.now(timezone.utc).isoformat()
+        _write_json_atomic(self.path / "run.json", self.manifest)
+
+
+class MetricsWriter:
+    """Round listener: appends one line per round to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(_clean(report.to_record()), sort_keys=True) + "\n")
+            fh.flush()
+
+
+class ProgressPrinter:
+    """Round listener: one human line per round on the terminal."""
+
+    def __init__(self, num_rounds: int, stream: Any = None) -> None:
+        self.num_rounds = num_rounds
+        self.stream = stream
+
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
+        t = report.train
+        parts = [
+            f"[round {report.server_round}/{self.num_rounds}]",
+            f"clients {t.accepted}/{t.sampled} ok",
+        ]
+        if t.rejected or t.failed or t.missing:
+            parts.append(f"({len(t.rejected)} rejected, {len(t.failed)} failed, {t.missing} missing)")
+        if "train-loss" in t.metrics:
+            parts.append(f"train loss {t.metrics['train-loss']:.4f}")
+        if report.evaluate is not None and "eval-accuracy" in report.evaluate.metrics:
+            parts.append(f"fed acc {report.evaluate.metrics['eval-accuracy']:.4f}")
+        if "accuracy" in report.server_metrics:
+            parts.append(
+                f"test acc {report.server_metrics['accuracy']:.4f} "
+                f"loss {report.server_metrics['loss']:.4f}"
+            )
+        if not report.model_updated:
+            parts.append("MODEL UNCHANGED")
+        parts.append(f"{report.seconds:.2f}s")
+        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)

@@ -1,0 +1,203 @@
+"""fl-app's ServerApp (Flower Message API: ``@app.main``).
+
+Two ways in, one way through:
+
+* simulation (``fl-app simulate``): :func:`make_server_app` takes the validated
+  config and the run directory (``run_simulation`` leaves ``Context.run_config``
+  empty, so configuration travels through the factory);
+* deployment (``flwr run``): the module-level :data:`app` composes the Hydra config
+  from the bundle's ``configs/`` given the ``hydra-config-name`` and
+  ``hydra-overrides`` run-config keys, validates it, and runs the same code.
+
+Both end in :func:`run_experiment`, which owns building the model, strategy and round
+driver, centralised evaluation, and the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_app.client_spec import encode_spec, spec_from_config
+from fl_app.config.compose import compose_config, parse_overrides
+from fl_app.config.schema import AppConfig
+from fl_app.rundir import MetricsWriter, ProgressPrinter, RunDirectory
+from strategies.driver import DriverResult, RoundListener
+from strategies.factory import build_driver
+from strategies.protocol import SPEC_KEY
+
+__all__ = ["app", "configure_logging", "make_server_app", "run_experiment"]
+
+log = logging.getLogger("fl_app.server")
+
+
+def configure_logging(cfg: AppConfig) -> None:
+    """Flower's log lines once (no double printing through Hydra's root handler)."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    flwr_logger.setLevel(cfg.runtime.flower_log_level.upper())
+
+
+def _server_evaluator(cfg: AppConfig) -> Any:
+    """Centralised evaluation on the held-out test split, or None when disabled."""
+    if not cfg.server_eval:
+        return None
+    import torch
+
+    from fl_app.data import check_data_shape, load_server_test_set
+    from fl_app.models import build_model
+    from fl_app.training import evaluate
+    from fl_app.weights import load_ndarrays
+
+    test = load_server_test_set(cfg.dataset, cfg.seed)
+    if test is None or len(test) == 0:
+        raise ValueError(
+            "server_eval=true but the dataset has no server-side test split; set "
+            "server_eval=false or dataset.test_fraction > 0"
+        )
+    check_data_shape(test, cfg.dataset)
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+
+    def evaluate_fn(rnd: int, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+        load_ndarrays(model, arrays)
+        with torch.no_grad():
+            stats = evaluate(model, test.x, test.y)
+        return {"loss": float(stats.loss), "accuracy": float(stats.accuracy)}
+
+    return evaluate_fn
+
+
+def initial_arrays(cfg: AppConfig) -> dict[str, np.ndarray]:
+    """The initial global model, initialised deterministically from ``cfg.seed``."""
+    from fl_app.models import build_model
+    from fl_app.weights import model_to_ndarrays
+
+    model = build_model(
+        cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=cfg.seed
+    )
+    return model_to_ndarrays(model)
+
+
+def run_experiment(
+    grid: Grid,
+    cfg: AppConfig,
+    run_dir: str | os.PathLike[str],
+    *,
+    extra_listeners: tuple[RoundListener, ...] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``cfg.num_rounds`` rounds on ``grid`` and write the run directory.
+
+    Returns the summary (also written to ``summary.json``).
+    """
+    configure_logging(cfg)
+    t0 = time.perf_counter()
+    rd = RunDirectory(run_dir, cfg)
+    rd.start()
+    arrays = initial_arrays(cfg)
+    spec = encode_spec(spec_from_config(cfg))
+    listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path)]
+    if progress:
+        listeners.append(ProgressPrinter(cfg.num_rounds))
+    listeners.extend(extra_listeners)
+    driver = build_driver(
+        cfg,
+        train_config={SPEC_KEY: spec},
+        evaluate_config={SPEC_KEY: spec},
+        evaluate_fn=_server_evaluator(cfg),
+        listeners=listeners,
+    )
+    try:
+        result = driver.run(grid, arrays)
+    except BaseException:
+        rd.finish({"status": "failed", "seconds": time.perf_counter() - t0}, status="failed")
+        raise
+    model_sha = rd.save_model(result.arrays, cfg.num_rounds)
+    summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha)
+    rd.finish(summary)
+    if progress:
+        acc = summary.get("accuracy")
+        shown = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
+        print(
+            f"done: {cfg.num_rounds} rounds in {summary['seconds']:.1f}s, "
+            f"test accuracy {shown}; run directory {rd.path}",
+            flush=True,
+        )
+    return summary
+
+
+def _summary(
+    cfg: AppConfig, result: DriverResult, seconds: float, rd: RunDirectory, model_sha: str
+) -> dict[str, Any]:
+    last = result.reports[-1] if result.reports else None
+    fed = None
+    for report in reversed(result.reports):
+        if report.evaluate is not None and report.evaluate.metrics:
+            fed = report.evaluate.metrics
+            break
+    server = last.server_metrics if last else {}
+    return {
+        "status": "completed",
+        "experiment_name": cfg.experiment_name,
+        "accuracy": server.get("accuracy"),
+        "loss": server.get("loss"),
+        "initial_accuracy": result.initial_server_metrics.get("accuracy"),
+        "federated_eval_accuracy": fed.get("eval-accuracy") if fed else None,
+        "federated_eval_loss": fed.get("eval-loss") if fed else None,
+        "rounds": cfg.num_rounds,
+        "rounds_model_unchanged": sum(not r.model_updated for r in result.reports),
+        "clients": cfg.dataset.num_partitions,
+        "seconds": seconds,
+        "seconds_per_round": result.seconds / max(1, len(result.reports)),
+        "config_hash": rd.config_hash,
+        "code_version": rd.manifest["code_version"],
+        "model_file": rd.model_path.name,
+        "model_sha256": model_sha,
+        "privacy": {
+            "mode": cfg.privacy.mode.value,
+            "threat_model": cfg.privacy.threat_model.value,
+            "record_level": cfg.privacy.record_level,
+            "epsilon": None,
+            "delta": None,
+            "note": "no differential privacy: updates and the model are not protected",
+        },
+        "secure_aggregation": cfg.secagg.mode.value,
+    }
+
+
+def make_server_app(cfg: AppConfig, run_dir: str | os.PathLike[str]) -> ServerApp:
+    """A ServerApp bound to a validated config (for ``run_simulation``)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_experiment(grid, cfg, run_dir)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: compose the config from the bundle's configs/."""
+    rc = context.run_config
+    cfg = compose_config(
+        str(rc.get("hydra-config-name", "config") or "config"),
+        parse_overrides(str(rc.get("hydra-overrides", ""))),
+    )
+    run_dir = str(rc.get("run-dir", "") or "")
+    if not run_dir:
+        base = Path(os.environ.get("FL_APP_RUNS_DIR", "outputs"))
+        run_dir = str(base / "flwr" / f"run-{context.run_id}")
+    log.warning("fl-app run %s writes to %s", context.run_id, Path(run_dir).resolve())
+    run_experiment(grid, cfg, run_dir)

@@ -1,0 +1,88 @@
+"""Run a validated experiment on one machine (or a Ray cluster).
+
+Backends (``runtime.backend``):
+
+* ``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``) with
+  explicit client resources; ``runtime.ray_address`` joins an existing Ray cluster
+  to scale past one machine. ``run_simulation`` is deprecated in Flower 1.41 but is
+  the only in-Python entry point to the simulation runtime; its replacement (``flwr
+  run`` against a local SuperLink) is documented in the README and works with this
+  same app.
+* ``inprocess``: fl-app's :class:`~fl_app.testing.InProcessGrid` runs the real
+  ClientApp handlers in this process; no Ray start-up, the fastest way to simulate
+  many small clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fl_app.config.schema import AppConfig, SimulationBackend
+
+__all__ = ["SimulationFailed", "backend_config", "run_simulation_experiment"]
+
+
+class SimulationFailed(RuntimeError):
+    """The ServerApp did not complete (its summary says why)."""
+
+
+def backend_config(cfg: AppConfig) -> dict[str, Any]:
+    """Flower's ``backend_config`` for the Ray backend."""
+    r = cfg.runtime
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "ignore_reinit_error": True,
+        "logging_level": "error",
+        "log_to_driver": True,
+    }
+    if r.ray_address != "local" or r.ray_num_cpus is None:
+        init_args["address"] = r.ray_address
+    if r.ray_address == "local":
+        # A private, local Ray instance: never attach to a cluster by accident.
+        init_args.pop("address", None)
+        if r.ray_num_cpus is not None:
+            init_args["num_cpus"] = r.ray_num_cpus
+    return {
+        "client_resources": {"num_cpus": r.client_num_cpus, "num_gpus": r.client_num_gpus},
+        "init_args": init_args,
+    }
+
+
+def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run ``cfg`` with its configured backend; return the run's summary."""
+    from fl_app.client_app import app as client_app
+    from fl_app.server_app import configure_logging, run_experiment
+
+    configure_logging(cfg)
+    num_nodes = cfg.dataset.num_partitions
+    if cfg.runtime.backend is SimulationBackend.inprocess:
+        from fl_app.testing import InProcessGrid
+
+        grid = InProcessGrid(client_app, num_nodes, seed=cfg.seed, copy_messages=True)
+        return run_experiment(grid, cfg, run_dir)
+
+    # Ray workers inherit the environment: keep torch single-threaded per actor
+    # unless the user asked otherwise, and keep Ray's own chatter out of the way.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    from fl_app.server_app import make_server_app
+
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir),
+        client_app=client_app,
+        num_supernodes=num_nodes,
+        backend_name="ray",
+        backend_config=backend_config(cfg),
+    )
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise SimulationFailed(f"the ServerApp wrote no summary in {run_dir}")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed":
+        raise SimulationFailed(f"run did not complete: {summary}")
+    return summary

@@ -1,0 +1,458 @@
+"""The round driver: fl-app's own round loop around a Flower Message-API strategy.
+
+Flower's ``Strategy.start`` does one ``send_and_receive`` for train and one for
+evaluate per round, with no place for a multi-stage exchange, per-stage timeouts or
+ingestion checks. Secure aggregation needs all three, so the loop lives here and the
+strategy is *wrapped and delegated to*:
+
+* the strategy builds the train/evaluate instructions (``configure_train`` /
+  ``configure_evaluate``: FedProx adds ``proximal-mu``, FedOpt remembers the current
+  weights), but only ever sees the cohort the driver sampled with its own seeded
+  sampler (:mod:`strategies.sampling`), through :class:`CohortGrid`;
+* every reply is screened and parsed (:mod:`strategies.validation`); a malformed
+  reply is rejected with a logged reason and the round goes on with the rest;
+* the driver computes the weighted mean update Δ̄ of the accepted replies
+  (:mod:`strategies.aggregation`) and hands the strategy one pre-aggregated reply
+  carrying ``w + Δ̄`` and ``Σ n_i``, so its server-side step (replacement for FedAvg,
+  Adam for FedAdam) runs unchanged; strategies that need individual updates
+  (Krum, median) are deliberately not supported: they cannot work under secure
+  aggregation or clipping-based DP;
+* a round with fewer than ``min_train_replies`` valid replies leaves the model
+  unchanged and says so in its :class:`RoundReport`.
+
+One round (``run_round``): sample → train exchange → screen/parse → aggregate →
+strategy step → federated evaluation (every ``federated_eval_every`` rounds) →
+centralised evaluation → listeners (metrics file, progress line, later ledger/audit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.aggregation import apply_update, weighted_mean_metrics, weighted_mean_update
+from strategies.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
+from strategies.sampling import CohortSampler
+from strategies.validation import (
+    EvalReply,
+    Rejection,
+    ReplyLimits,
+    TrainReply,
+    array_specs,
+    parse_eval_reply,
+    parse_train_reply,
+    screen_replies,
+)
+
+__all__ = [
+    "CohortGrid",
+    "DriverResult",
+    "DriverSettings",
+    "RoundDriver",
+    "RoundListener",
+    "RoundReport",
+    "StageReport",
+]
+
+log = logging.getLogger("fl_app.driver")
+
+Arrays = dict[str, np.ndarray]
+EvaluateFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
+
+
+class CohortGrid(Grid):
+    """A view of a Grid that shows only the driver's sampled cohort.
+
+    The strategy's own node sampling (global ``random``, waits for
+    ``min_available_nodes``) then picks exactly this cohort, while sending stays with
+    the driver.
+    """
+
+    def __init__(self, grid: Grid, cohort: Sequence[int]) -> None:
+        self._grid = grid
+        self._cohort = list(cohort)
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover - never called on a view
+        raise RuntimeError("CohortGrid is a read-only view")
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._cohort)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise RuntimeError("strategies must not send through the cohort view")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise RuntimeError("strategies must not pull through the cohort view")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise RuntimeError("strategies must not send through the cohort view")
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    num_rounds: int
+    train_timeout_s: float = 600.0
+    evaluate_timeout_s: float = 300.0
+    min_available_nodes: int = 1
+    min_train_replies: int = 1
+    federated_eval_every: int = 1
+    # How long to wait for min_available_nodes before giving up.
+    wait_for_nodes_s: float = 600.0
+    poll_interval_s: float = 0.05
+    limits: ReplyLimits = field(default_factory=ReplyLimits)
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, found {self.num_rounds}")
+        if self.min_train_replies < 1:
+            raise ValueError(f"min_train_replies must be >= 1, found {self.min_train_replies}")
+        if self.min_available_nodes < 1:
+            raise ValueError(
+                f"min_available_nodes must be >= 1, found {self.min_available_nodes}"
+            )
+
+
+@dataclass
+class StageReport:
+    """What happened in one exchange (train or evaluate) of a round."""
+
+    sampled: int = 0
+    replied: int = 0
+    accepted: int = 0
+    missing: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class RoundReport:
+    server_round: int
+    train: StageReport
+    evaluate: StageReport | None
+    model_updated: bool
+    note: str = ""
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    update_norm: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat JSON-able form for ``metrics.jsonl``."""
+        rec: dict[str, Any] = {
+            "round": self.server_round,
+            "clients_sampled": self.train.sampled,
+            "clients_replied": self.train.replied,
+            "clients_accepted": self.train.accepted,
+            "clients_rejected": len(self.train.rejected),
+            "clients_failed": len(self.train.failed),
+            "clients_missing": self.train.missing,
+            "rejections": [{"node": n, "reason": r} for n, r in self.train.rejected],
+            "failures": [{"node": n, "reason": r} for n, r in self.train.failed],
+            "model_updated": self.model_updated,
+            "mean_update_norm": self.update_norm,
+            "round_seconds": round(self.seconds, 4),
+            "train_seconds": round(self.train.seconds, 4),
+        }
+        if self.note:
+            rec["note"] = self.note
+        for k, v in self.train.metrics.items():
+            rec[k if k.startswith("train") else f"train_{k}"] = v
+        if self.evaluate is not None:
+            rec["eval_clients_sampled"] = self.evaluate.sampled
+            rec["eval_clients_accepted"] = self.evaluate.accepted
+            rec["eval_clients_rejected"] = len(self.evaluate.rejected) + len(
+                self.evaluate.failed
+            )
+            for k, v in self.evaluate.metrics.items():
+                rec[f"fed_{k}"] = v
+        for k, v in self.server_metrics.items():
+            rec[f"server_{k}"] = v
+        return {k.replace("-", "_"): v for k, v in rec.items()}
+
+
+class RoundListener(Protocol):
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None: ...
+
+
+@dataclass
+class DriverResult:
+    arrays: Arrays
+    reports: list[RoundReport]
+    initial_server_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class RoundDriver:
+    """Owns the round loop; delegates instruction building and the server step.
+
+    Parameters
+    ----------
+    strategy
+        A Flower Message-API strategy built with ``fraction_train=1`` and no node
+        minimums (see :func:`strategies.factory.build_strategy`): sampling is ours.
+    train_sampler, evaluate_sampler
+        Cohort samplers (``evaluate_sampler=None`` disables federated evaluation).
+    settings
+        Timeouts, minimums, ingestion limits.
+    train_config, evaluate_config
+        Scalars sent to clients in every instruction's ``config`` record.
+    evaluate_fn
+        Centralised evaluation ``(round, arrays) -> metrics``; round 0 is the
+        initial model.
+    listeners
+        Called after every round with its report and the new global arrays.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        train_sampler: CohortSampler,
+        evaluate_sampler: CohortSampler | None,
+        settings: DriverSettings,
+        train_config: Mapping[str, Any] | None = None,
+        evaluate_config: Mapping[str, Any] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        listeners: Sequence[RoundListener] = (),
+    ) -> None:
+        self.strategy = strategy
+        self.train_sampler = train_sampler
+        self.evaluate_sampler = evaluate_sampler
+        self.settings = settings
+        self.train_config = dict(train_config or {})
+        self.evaluate_config = dict(evaluate_config or {})
+        self.evaluate_fn = evaluate_fn
+        self.listeners = list(listeners)
+
+    # ------------------------------------------------------------------ loop
+    def run(
+        self, grid: Grid, initial_arrays: Mapping[str, np.ndarray], *, start_round: int = 1
+    ) -> DriverResult:
+        t0 = time.perf_counter()
+        arrays: Arrays = {k: np.asarray(v) for k, v in initial_arrays.items()}
+        result = DriverResult(arrays=arrays, reports=[])
+        if self.evaluate_fn is not None:
+            result.initial_server_metrics = dict(self.evaluate_fn(start_round - 1, arrays))
+        for rnd in range(start_round, self.settings.num_rounds + 1):
+            arrays, report = self.run_round(grid, rnd, arrays)
+            result.reports.append(report)
+            for listener in self.listeners:
+                listener.on_round_end(report, arrays)
+        result.arrays = arrays
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def run_round(
+        self, grid: Grid, rnd: int, arrays: Arrays
+    ) -> tuple[Arrays, RoundReport]:
+        t0 = time.perf_counter()
+        node_ids = self._wait_for_nodes(grid)
+        new_arrays, train, note, norm = self._train_stage(grid, rnd, arrays, node_ids)
+        updated = new_arrays is not arrays
+        arrays = new_arrays
+        evaluate = None
+        every = self.settings.federated_eval_every
+        if self.evaluate_sampler is not None and every > 0 and rnd % every == 0:
+            evaluate = self._evaluate_stage(grid, rnd, arrays, node_ids)
+        server_metrics = dict(self.evaluate_fn(rnd, arrays)) if self.evaluate_fn else {}
+        report = RoundReport(
+            server_round=rnd,
+            train=train,
+            evaluate=evaluate,
+            model_updated=updated,
+            note=note,
+            server_metrics=server_metrics,
+            seconds=time.perf_counter() - t0,
+            update_norm=norm,
+        )
+        return arrays, report
+
+    # ---------------------------------------------------------------- stages
+    def _train_stage(
+        self, grid: Grid, rnd: int, arrays: Arrays, node_ids: list[int]
+    ) -> tuple[Arrays, StageReport, str, float]:
+        t0 = time.perf_counter()
+        cohort = self.train_sampler.sample(node_ids, rnd)
+        stage = StageReport(sampled=len(cohort))
+        if not cohort:
+            stage.seconds = time.perf_counter() - t0
+            return arrays, stage, "empty cohort sampled: model unchanged", 0.0
+        config = ConfigRecord({**self.train_config, SERVER_ROUND: rnd})
+        messages = self.strategy.configure_train(
+            rnd, ArrayRecord(dict(arrays)), config, CohortGrid(grid, cohort)
+        )
+        sent_msgs, replies, sent = self._exchange(
+            grid, messages, rnd, self.settings.train_timeout_s
+        )
+        screened = screen_replies(replies, sent)
+        expected = array_specs(arrays)
+        accepted: list[TrainReply] = []
+        for msg in screened.accepted:
+            parsed = parse_train_reply(
+                msg, server_round=rnd, expected=expected, limits=self.settings.limits
+            )
+            if isinstance(parsed, Rejection):
+                screened.rejected.append(parsed)
+            else:
+                accepted.append(parsed)
+        self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
+        self._log_rejections("train", rnd, screened.rejected, screened.failed)
+        stage.metrics = weighted_mean_metrics([(r.num_examples, r.metrics) for r in accepted])
+
+        if len(accepted) < self.settings.min_train_replies:
+            note = (
+                f"only {len(accepted)} valid train replies (< min_train_replies="
+                f"{self.settings.min_train_replies}): model unchanged"
+            )
+            log.warning("round %d: %s", rnd, note)
+            stage.seconds = time.perf_counter() - t0
+            return arrays, stage, note, 0.0
+
+        mean = weighted_mean_update(accepted)
+        norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in mean.update.values())))
+        candidate = apply_update(arrays, mean.update)
+        # The strategy receives the cohort as one pre-aggregated reply (see module doc).
+        synthetic = Message(
+            RecordDict(
+                {
+                    ARRAYS_KEY: ArrayRecord(candidate),
+                    METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(mean.total_weight)}),
+                }
+            ),
+            reply_to=sent_msgs[0],
+        )
+        agg_arrays, _ = self.strategy.aggregate_train(rnd, [synthetic])
+        stage.seconds = time.perf_counter() - t0
+        if agg_arrays is None:
+            note = "strategy returned no aggregate: model unchanged"
+            log.warning("round %d: %s", rnd, note)
+            return arrays, stage, note, norm
+        new_arrays = {k: np.asarray(v.numpy()) for k, v in agg_arrays.items()}
+        for k, v in arrays.items():
+            new_arrays[k] = new_arrays[k].astype(v.dtype, copy=False)
+        return new_arrays, stage, "", norm
+
+    def _evaluate_stage(
+        self, grid: Grid, rnd: int, arrays: Arrays, node_ids: list[int]
+    ) -> StageReport:
+        assert self.evaluate_sampler is not None
+        t0 = time.perf_counter()
+        cohort = self.evaluate_sampler.sample(node_ids, rnd)
+        stage = StageReport(sampled=len(cohort))
+        if not cohort:
+            return stage
+        config = ConfigRecord({**self.evaluate_config, SERVER_ROUND: rnd})
+        messages = self.strategy.configure_evaluate(
+            rnd, ArrayRecord(dict(arrays)), config, CohortGrid(grid, cohort)
+        )
+        _, replies, sent = self._exchange(grid, messages, rnd, self.settings.evaluate_timeout_s)
+        screened = screen_replies(replies, sent)
+        accepted: list[EvalReply] = []
+        for msg in screened.accepted:
+            parsed = parse_eval_reply(msg, server_round=rnd, limits=self.settings.limits)
+            if isinstance(parsed, Rejection):
+                screened.rejected.append(parsed)
+            else:
+                accepted.append(parsed)
+        self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
+        self._log_rejections("evaluate", rnd, screened.rejected, screened.failed)
+        stage.metrics = weighted_mean_metrics([(r.num_examples, r.metrics) for r in accepted])
+        stage.seconds = time.perf_counter() - t0
+        return stage
+
+    # --------------------------------------------------------------- helpers
+    def _exchange(
+        self, grid: Grid, messages: Iterable[Message], rnd: int, timeout: float
+    ) -> tuple[list[Message], list[Message], dict[str, int]]:
+        """Send one stage's instructions and collect replies until all or timeout.
+
+        Returns the messages sent, the replies received and ``message_id -> node``.
+        """
+        outgoing = [
+            Message(
+                m.content,
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=m.metadata.message_type,
+                group_id=str(rnd),
+                ttl=max(timeout, 1.0) + 60.0,
+            )
+            for m in sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        ]
+        ids = list(grid.push_messages(outgoing))
+        sent = {mid: m.metadata.dst_node_id for m, mid in zip(outgoing, ids) if mid}
+        pending = set(sent)
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while pending:
+            got = list(grid.pull_messages(list(pending)))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.settings.poll_interval_s)
+        return [m for m, mid in zip(outgoing, ids) if mid], replies, sent
+
+    @staticmethod
+    def _fill_stage(
+        stage: StageReport,
+        replies: list[Message],
+        sent: Mapping[str, int],
+        rejected: list[Rejection],
+        failed: list[Rejection],
+        accepted: int,
+    ) -> None:
+        answered = {m.metadata.reply_to_message_id for m in replies} & set(sent)
+        stage.replied = len(answered)
+        stage.missing = len(sent) - len(answered)
+        stage.accepted = accepted
+        stage.rejected = [(r.node_id, r.reason) for r in rejected]
+        stage.failed = [(r.node_id, r.reason) for r in failed]
+
+    @staticmethod
+    def _log_rejections(
+        stage: str, rnd: int, rejected: list[Rejection], failed: list[Rejection]
+    ) -> None:
+        for r in rejected:
+            log.warning("round %d %s: rejected reply from node %d: %s", rnd, stage, r.node_id, r.reason)
+        for r in failed:
+            log.warning("round %d %s: node %d failed: %s", rnd, stage, r.node_id, r.reason)
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.settings.wait_for_nodes_s
+        announced = False
+        while True:
+            nodes = sorted(int(n) for n in grid.get_node_ids())
+            if len(nodes) >= self.settings.min_available_nodes:
+                return nodes
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} nodes connected after {self.settings.wait_for_nodes_s:g}s "
+                    f"(strategy.min_available_nodes={self.settings.min_available_nodes}); start "
+                    "more SuperNodes or lower strategy.min_available_nodes"
+                )
+            if not announced:
+                log.info(
+                    "waiting for nodes: %d connected, %d required",
+                    len(nodes),
+                    self.settings.min_available_nodes,
+                )
+                announced = True
+            time.sleep(1.0)

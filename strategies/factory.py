@@ -1,0 +1,93 @@
+"""Build a Flower Message-API strategy and fl-app's round driver from typed config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from fl_app.config.schema import AppConfig, SamplingMode, StrategyConfig, StrategyName
+from strategies.driver import DriverSettings, EvaluateFn, RoundDriver, RoundListener
+from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
+from strategies.validation import ReplyLimits
+
+__all__ = ["STRATEGIES", "build_driver", "build_strategy"]
+
+# Sampling and node minimums belong to the driver; the wrapped strategy sees only the
+# cohort and must take all of it (see strategies.driver.CohortGrid).
+_DELEGATED: dict[str, Any] = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 1.0,
+    "min_train_nodes": 0,
+    "min_evaluate_nodes": 0,
+    "min_available_nodes": 0,
+}
+
+
+def _fedavg(cfg: StrategyConfig) -> Strategy:
+    return FedAvg(**_DELEGATED)
+
+
+def _fedadam(cfg: StrategyConfig) -> Strategy:
+    return FedAdam(
+        **_DELEGATED, eta=cfg.eta, eta_l=cfg.eta_l, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau
+    )
+
+
+def _fedprox(cfg: StrategyConfig) -> Strategy:
+    return FedProx(**_DELEGATED, proximal_mu=cfg.proximal_mu)
+
+
+STRATEGIES: Mapping[StrategyName, Callable[[StrategyConfig], Strategy]] = {
+    StrategyName.fedavg: _fedavg,
+    StrategyName.fedadam: _fedadam,
+    StrategyName.fedprox: _fedprox,
+}
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    """The Flower strategy named by ``strategy.name``."""
+    return STRATEGIES[cfg.name](cfg)
+
+
+def build_driver(
+    cfg: AppConfig,
+    *,
+    train_config: Mapping[str, Any],
+    evaluate_config: Mapping[str, Any],
+    evaluate_fn: EvaluateFn | None,
+    listeners: Sequence[RoundListener] = (),
+) -> RoundDriver:
+    """A :class:`RoundDriver` wired to the strategy, samplers and limits in ``cfg``."""
+    s = cfg.strategy
+    if s.sampling is SamplingMode.poisson:
+        train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(s.fraction_train, cfg.seed)
+    else:
+        train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed)
+    evaluate_sampler = (
+        FixedSizeSampler(s.fraction_evaluate, cfg.seed, stream=EVALUATE_STREAM)
+        if s.fraction_evaluate > 0 and cfg.federated_eval_every > 0
+        else None
+    )
+    r = cfg.runtime
+    settings = DriverSettings(
+        num_rounds=cfg.num_rounds,
+        train_timeout_s=r.train_timeout_s,
+        evaluate_timeout_s=r.evaluate_timeout_s,
+        min_available_nodes=s.min_available_nodes,
+        min_train_replies=s.min_train_replies,
+        federated_eval_every=cfg.federated_eval_every,
+        wait_for_nodes_s=r.train_timeout_s,
+        limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
+    )
+    return RoundDriver(
+        build_strategy(s),
+        train_sampler=train_sampler,
+        evaluate_sampler=evaluate_sampler,
+        settings=settings,
+        train_config=train_config,
+        evaluate_config=evaluate_config,
+        evaluate_fn=evaluate_fn,
+        listeners=listeners,
+    )

@@ -1,0 +1,53 @@
+"""The wire contract between fl-app's round driver and its ClientApp.
+
+One place names every record and key a message carries, so the server's ingestion
+checks and the client's reply builder cannot drift apart.
+
+Instruction (server -> client), both ``train`` and ``evaluate``:
+    ``arrays``  ArrayRecord   the current global model
+    ``config``  ConfigRecord  ``server-round``; ``fl-app.spec`` (JSON client spec);
+                              strategy extras such as FedProx's ``proximal-mu``
+Train reply (client -> server):
+    ``update``  ArrayRecord   Δ = w_local − w_global, same names/shapes/dtypes as ``arrays``
+    ``metrics`` MetricRecord  ``num-examples`` (aggregation weight), ``server-round``,
+                              ``train-loss``, ``train-accuracy``
+Evaluate reply:
+    ``metrics`` MetricRecord  ``num-examples``, ``server-round``, ``eval-loss``, ``eval-accuracy``
+
+Clients send the update Δ rather than their full weights: every later privacy stage
+(clipping, noise, encoding, masking) operates on Δ, and the server only ever needs
+the weighted mean of the cohort's Δ.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ARRAYS_KEY",
+    "CLIENT_REFUSED",
+    "CONFIG_KEY",
+    "EVAL_REPLY_KEYS",
+    "METRICS_KEY",
+    "NUM_EXAMPLES",
+    "PROXIMAL_MU",
+    "SERVER_ROUND",
+    "SPEC_KEY",
+    "TRAIN_REPLY_KEYS",
+    "UPDATE_KEY",
+]
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+UPDATE_KEY = "update"
+METRICS_KEY = "metrics"
+
+SERVER_ROUND = "server-round"
+SPEC_KEY = "fl-app.spec"
+PROXIMAL_MU = "proximal-mu"
+NUM_EXAMPLES = "num-examples"
+
+TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY})
+EVAL_REPLY_KEYS = frozenset({METRICS_KEY})
+
+# Error code of a structured refusal by fl-app's ClientApp (bad spec, no usable data).
+# Flower's own ErrorCode values are < 100; ours stay clear of them.
+CLIENT_REFUSED = 1001
