@@ -38,13 +38,11 @@ def backend_config(cfg: AppConfig) -> dict[str, Any]:
         "logging_level": "error",
         "log_to_driver": True,
     }
-    if r.ray_address != "local" or r.ray_num_cpus is None:
-        init_args["address"] = r.ray_address
-    if r.ray_address == "local":
-        # A private, local Ray instance: never attach to a cluster by accident.
-        init_args.pop("address", None)
-        if r.ray_num_cpus is not None:
-            init_args["num_cpus"] = r.ray_num_cpus
+    # "local" (Ray's own keyword) starts a private instance and never attaches to a
+    # cluster someone else started on this machine; anything else joins that cluster.
+    init_args["address"] = r.ray_address
+    if r.ray_address == "local" and r.ray_num_cpus is not None:
+        init_args["num_cpus"] = r.ray_num_cpus
     return {
         "client_resources": {"num_cpus": r.client_num_cpus, "num_gpus": r.client_num_gpus},
         "init_args": init_args,

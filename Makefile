@@ -1,0 +1,27 @@
+# Two commands on a fresh machine; each sets itself up first (scripts/bootstrap.sh).
+#   make run     train on the embedded digits data (10 clients, 5 rounds) -> outputs/...
+#   make test    the full test suite (what CI runs)
+VENV ?= .venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint bench
+
+setup:
+	@bash scripts/bootstrap.sh
+
+run: setup
+	$(VENV)/bin/fl-app simulate $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check fl_app strategies tests scripts
+	$(VENV)/bin/mypy fl_app strategies
+
+bench: setup
+	$(VENV)/bin/python scripts/bench_rounds.py $(ARGS)

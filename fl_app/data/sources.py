@@ -1,0 +1,531 @@
+"""Where examples come from: scikit-learn digits, a Hugging Face hub dataset, or a file.
+
+Each loader returns a :class:`Source`: every row's label (and natural id, if any) as
+NumPy arrays, which is all that splitting and partitioning need, plus ``take(rows)``
+to materialise chosen rows as an :class:`~fl_app.data.arrays.ArrayDataset`. Digits
+and local files are small and fully in memory; a hub split stays an Arrow-backed
+``datasets.Dataset`` and only the rows a client asks for are decoded, so a simulation
+process serving a few clients of CIFAR-10 never converts all 50,000 images.
+
+:func:`fetch_hub_dataset` is the only function here that touches the network; tests
+replace it with a local ``datasets.DatasetDict``.
+"""
+
+from __future__ import annotations
+
+import csv
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Protocol
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from fl_app.config.schema import DatasetConfig, LocalFormat
+from fl_app.data.arrays import ArrayDataset, check_data_shape
+from fl_app.data.errors import DataError
+
+__all__ = [
+    "NODE_DATA_PATH_KEY",
+    "HubSource",
+    "InMemorySource",
+    "Source",
+    "fetch_hub_dataset",
+    "hub_sources",
+    "images_to_array",
+    "load_digits_source",
+    "load_local_source",
+    "resolve_local_path",
+]
+
+# SuperNode --node-config key naming the site's data file (deployment).
+NODE_DATA_PATH_KEY = "data-path"
+# Rows decoded per batch when converting hub images: bounds peak memory of PIL objects.
+_IMAGE_BATCH = 1024
+
+
+class Source(Protocol):
+    """Rows of one split: labels for splitting/partitioning, ``take`` for the data."""
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 ``[N]`` class ids."""
+        ...
+
+    @property
+    def natural_ids(self) -> np.ndarray | None:
+        """``[N]`` natural ids (``dataset.natural_id_key``), or None if absent."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """Where the rows come from, for error messages."""
+        ...
+
+    def take(self, rows: np.ndarray) -> ArrayDataset:
+        """Materialise the given rows (in that order)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class InMemorySource:
+    """A source whose images are already a scaled float32 array (digits, local files)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    natural_ids: np.ndarray | None
+    description: str
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.y
+
+    def take(self, rows: np.ndarray) -> ArrayDataset:
+        # Fancy indexing copies, so callers may modify the result without touching
+        # the cached source shared by every client of this process.
+        return ArrayDataset(x=self.x[rows], y=self.y[rows])
+
+
+@dataclass(frozen=True, eq=False)
+class HubSource:
+    """A source backed by a ``datasets.Dataset``; images are decoded on ``take``."""
+
+    dataset: datasets.Dataset
+    labels: np.ndarray
+    natural_ids: np.ndarray | None
+    description: str
+    image_key: str
+    input_shape: tuple[int, int, int]
+    pixel_scale: float
+
+    def take(self, rows: np.ndarray) -> ArrayDataset:
+        subset = self.dataset.select_columns([self.image_key]).select(rows)
+        images = (
+            image
+            for batch in subset.iter(batch_size=_IMAGE_BATCH)
+            for image in batch[self.image_key]
+        )
+        x = images_to_array(images, self.input_shape, self.pixel_scale, self.description)
+        return ArrayDataset(x=x, y=self.labels[rows])
+
+
+# ---- digits ---------------------------------------------------------------------------
+
+
+def load_digits_source(cfg: DatasetConfig) -> InMemorySource:
+    """scikit-learn's ``load_digits`` (1,797 8x8 grey images, no download).
+
+    Parameters
+    ----------
+    cfg : DatasetConfig
+        Supplies ``pixel_scale`` (16 maps the raw 0..16 intensities to [0, 1]),
+        ``input_shape`` and ``num_classes`` (checked).
+
+    Returns
+    -------
+    InMemorySource
+        x ``[1797, 1, 8, 8]`` float32, y int64.
+    """
+    # Imported here: scikit-learn is slow to import and only this source needs it.
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data.reshape(-1, 1, 8, 8) / float(cfg.pixel_scale)).astype(np.float32)
+    data = ArrayDataset(x=x, y=bunch.target.astype(np.int64))
+    try:
+        check_data_shape(data, cfg)
+    except DataError as err:
+        raise DataError(f"dataset.kind=digits (1x8x8 images, 10 classes): {err}") from None
+    return InMemorySource(x=data.x, y=data.y, natural_ids=None, description="sklearn digits")
+
+
+# ---- Hugging Face hub -----------------------------------------------------------------
+
+
+def fetch_hub_dataset(hub_path: str) -> datasets.DatasetDict:
+    """Download (or read from the Hugging Face cache) every split of a hub dataset.
+
+    This is the only network access of the data package, kept tiny so tests and
+    air-gapped sites can substitute a local ``datasets.DatasetDict``.
+
+    Parameters
+    ----------
+    hub_path : str
+        ``dataset.hub_path``, e.g. ``"ylecun/mnist"``.
+
+    Returns
+    -------
+    datasets.DatasetDict
+        All splits of the dataset.
+
+    Raises
+    ------
+    DataError
+        If the dataset cannot be loaded (no internet and no cached copy, unknown id).
+    """
+    try:
+        loaded = datasets.load_dataset(path=hub_path)
+    except Exception as err:  # the hub client raises many unrelated types
+        raise DataError(
+            f"could not load dataset.hub_path={hub_path!r} from the Hugging Face hub "
+            f"({type(err).__name__}: {err}); check the id and the network, or pre-fill "
+            "the Hugging Face cache and set HF_DATASETS_OFFLINE=1"
+        ) from err
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"dataset.hub_path={hub_path!r} did not load as a DatasetDict")
+    return loaded
+
+
+def hub_sources(
+    loaded: datasets.DatasetDict | datasets.Dataset, cfg: DatasetConfig
+) -> tuple[HubSource, HubSource | None]:
+    """Wrap a loaded hub dataset's ``train`` (and ``test``, if present) splits.
+
+    Parameters
+    ----------
+    loaded : datasets.DatasetDict or datasets.Dataset
+        What :func:`fetch_hub_dataset` returned, or any in-memory equivalent; a bare
+        ``Dataset`` is treated as a lone ``train`` split.
+    cfg : DatasetConfig
+        Supplies ``image_key``, ``label_key``, ``natural_id_key``, ``input_shape``,
+        ``num_classes`` and ``pixel_scale``.
+
+    Returns
+    -------
+    (HubSource, HubSource or None)
+        The train split, and the test split or None if the dataset has none (then the
+        caller carves the server's test set out of train, as for FEMNIST).
+    """
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    name = cfg.hub_path or "<in-memory hub dataset>"
+    if "train" not in loaded:
+        raise DataError(
+            f"hub dataset {name!r} has splits {sorted(loaded)} but no 'train' split to "
+            "partition among clients; choose another dataset.hub_path"
+        )
+    train = _hub_source(loaded["train"], f"{name}[train]", cfg)
+    test = _hub_source(loaded["test"], f"{name}[test]", cfg) if "test" in loaded else None
+    return train, test
+
+
+def _hub_source(split: datasets.Dataset, description: str, cfg: DatasetConfig) -> HubSource:
+    for field_name, key in (("image_key", cfg.image_key), ("label_key", cfg.label_key)):
+        if key not in split.column_names:
+            raise DataError(
+                f"{description} has no column {key!r} (dataset.{field_name}); its columns "
+                f"are {split.column_names}: set dataset.{field_name} to one of them"
+            )
+    labels = _column(split, cfg.label_key)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{description} column {cfg.label_key!r} (dataset.label_key) holds "
+            f"{labels.dtype} values, not integer class ids; point dataset.label_key at "
+            "the class-id column"
+        )
+    labels = labels.astype(np.int64)
+    _check_labels(labels, cfg, description)
+    natural_ids = None
+    if cfg.natural_id_key and cfg.natural_id_key in split.column_names:
+        natural_ids = _column(split, cfg.natural_id_key)
+    return HubSource(
+        dataset=split,
+        labels=labels,
+        natural_ids=natural_ids,
+        description=description,
+        image_key=cfg.image_key,
+        input_shape=_input_shape(cfg),
+        pixel_scale=float(cfg.pixel_scale),
+    )
+
+
+def _column(split: datasets.Dataset, key: str) -> np.ndarray:
+    # Through Arrow: datasets 4 returns a lazy Column whose np.asarray conversion is
+    # element by element (seconds for FEMNIST's ~800k rows); Arrow is vectorised.
+    return np.asarray(split.with_format("arrow")[key].to_numpy())
+
+
+def images_to_array(
+    images: Iterable[object],
+    input_shape: tuple[int, int, int],
+    pixel_scale: float,
+    description: str,
+) -> np.ndarray:
+    """Convert PIL images (or array-likes) to a scaled float32 ``[N, C, H, W]`` array.
+
+    PIL images are first converted to the mode the model expects (``"L"`` for one
+    channel, ``"RGB"`` for three), so a grey model can read RGB images and vice versa.
+    Array-likes may be ``(C, H, W)``, ``(H, W, C)`` or, for one channel, ``(H, W)``.
+
+    Parameters
+    ----------
+    images : iterable
+        The images.
+    input_shape : (int, int, int)
+        ``dataset.input_shape`` (C, H, W).
+    pixel_scale : float
+        Divisor for the raw pixel values (255 for 8-bit images).
+    description : str
+        Names the source in error messages.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``[N, C, H, W]``.
+    """
+    channels, height, width = input_shape
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    out: list[np.ndarray] = []
+    for index, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            if mode is not None and image.mode != mode:
+                image = image.convert(mode)
+            array = np.asarray(image)
+        else:
+            array = np.asarray(image)
+        if array.shape == (channels, height, width):
+            chw = array
+        elif array.shape == (height, width, channels):
+            chw = np.moveaxis(array, -1, 0)
+        elif channels == 1 and array.shape == (height, width):
+            chw = array[None]
+        else:
+            raise DataError(
+                f"{description}: image {index} has shape {list(array.shape)}, which does "
+                f"not fit dataset.input_shape={list(input_shape)} (C, H, W); set "
+                "dataset.input_shape to the images' size"
+            )
+        out.append(chw)
+    if not out:
+        return np.zeros((0, *input_shape), dtype=np.float32)
+    return (np.stack(out).astype(np.float32)) / np.float32(pixel_scale)
+
+
+# ---- local files ----------------------------------------------------------------------
+
+
+def resolve_local_path(
+    cfg: DatasetConfig, node_config: Mapping[str, bool | int | float | str] | None
+) -> tuple[Path, bool]:
+    """Find a site's data file.
+
+    Parameters
+    ----------
+    cfg : DatasetConfig
+        ``local_path`` is the fallback for simulations on one machine.
+    node_config : mapping or None
+        The SuperNode's ``--node-config``; its ``"data-path"`` wins.
+
+    Returns
+    -------
+    (Path, bool)
+        The path, and whether it came from the node config (the site's own file).
+
+    Raises
+    ------
+    DataError
+        If neither names a path, or the file does not exist.
+    """
+    node_path = (node_config or {}).get(NODE_DATA_PATH_KEY)
+    if node_path not in (None, ""):
+        path, from_node = Path(str(node_path)).expanduser(), True
+        origin = f'node-config "{NODE_DATA_PATH_KEY}"'
+    elif cfg.local_path:
+        path, from_node = Path(cfg.local_path).expanduser(), False
+        origin = "dataset.local_path"
+    else:
+        raise DataError(
+            "dataset.kind=local needs a data file: start the SuperNode with "
+            f'--node-config "{NODE_DATA_PATH_KEY}=/path/to/site.{cfg.local_format.value}" '
+            "(deployment) or set dataset.local_path (simulation on one machine)"
+        )
+    if not path.is_file():
+        raise DataError(
+            f"data file {str(path)!r} from {origin} does not exist or is not a file; "
+            f"fix {origin}"
+        )
+    return path, from_node
+
+
+def load_local_source(path: Path, cfg: DatasetConfig) -> InMemorySource:
+    """Read a site's ``.npz`` or ``.csv`` file (format from ``dataset.local_format``).
+
+    ``.npz``: arrays ``x`` (``[N, C, H, W]`` or ``[N, C*H*W]``) and ``y`` (``[N]``),
+    plus an optional array named ``dataset.natural_id_key``. Read with
+    ``allow_pickle=False``: a data file must never be able to run code.
+
+    ``.csv``: a header row; the column ``dataset.label_key`` holds labels, a column
+    named ``dataset.natural_id_key`` (if set and present) holds natural ids, and every
+    other column is a feature, reshaped to ``dataset.input_shape`` in row-major order.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    cfg : DatasetConfig
+        Supplies format, keys, ``input_shape``, ``num_classes`` and ``pixel_scale``.
+
+    Returns
+    -------
+    InMemorySource
+        Scaled float32 images and int64 labels.
+
+    Raises
+    ------
+    DataError
+        Naming the file and the problem: unreadable/corrupt file, missing arrays or
+        columns, wrong shape, non-numeric or non-finite values, bad labels.
+    """
+    where = f"data file {str(path)!r}"
+    if cfg.local_format == LocalFormat.npz:
+        x, y, natural_ids = _read_npz(path, cfg, where)
+    else:
+        x, y, natural_ids = _read_csv(path, cfg, where)
+    if x.shape[0] == 0:
+        raise DataError(f"{where} holds no examples")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(
+            f"{where}: labels have shape {list(y.shape)} but there are {x.shape[0]} "
+            "examples; labels must be one per example, shape [N]"
+        )
+    images = _reshape_features(x, cfg, where)
+    if not np.all(np.isfinite(images)):
+        raise DataError(f"{where}: features contain NaN or infinite values")
+    labels = _integer_labels(y, cfg, where)
+    _check_labels(labels, cfg, where)
+    scaled = (images / float(cfg.pixel_scale)).astype(np.float32)
+    return InMemorySource(x=scaled, y=labels, natural_ids=natural_ids, description=where)
+
+
+def _read_npz(
+    path: Path, cfg: DatasetConfig, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise DataError(
+                    f"{where} is a single .npy array, not an .npz archive with arrays 'x' "
+                    "and 'y' (dataset.local_format=npz); save it with np.savez(path, x=..., "
+                    "y=...)"
+                )
+            missing = [key for key in ("x", "y") if key not in archive.files]
+            if missing:
+                raise DataError(
+                    f"{where} lacks array(s) {missing}; it has {archive.files}. Save the "
+                    "images as 'x' and the labels as 'y'"
+                )
+            x, y = archive["x"], archive["y"]
+            natural_ids = None
+            if cfg.natural_id_key and cfg.natural_id_key in archive.files:
+                natural_ids = archive[cfg.natural_id_key]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        # np.load raises these for a truncated, non-zip or object-array (pickled) file.
+        raise DataError(
+            f"{where} could not be read as .npz (dataset.local_format=npz): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{where}: array 'x' has non-numeric dtype {x.dtype}")
+    if natural_ids is not None and natural_ids.shape != (x.shape[0],):
+        raise DataError(
+            f"{where}: array {cfg.natural_id_key!r} (dataset.natural_id_key) has shape "
+            f"{list(natural_ids.shape)}, expected one id per example [{x.shape[0]}]"
+        )
+    return x, y, natural_ids
+
+
+def _read_csv(
+    path: Path, cfg: DatasetConfig, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(
+            f"{where} could not be read as CSV (dataset.local_format=csv): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not rows:
+        raise DataError(f"{where} is empty; expected a header row and one row per example")
+    header = [name.strip() for name in rows[0]]
+    if cfg.label_key not in header:
+        raise DataError(
+            f"{where} has no label column {cfg.label_key!r} (dataset.label_key) in its "
+            f"header {header[:8]}{'...' if len(header) > 8 else ''}; rename the column or "
+            "set dataset.label_key"
+        )
+    body = rows[1:]
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(
+                f"{where} line {line} has {len(row)} fields but the header has "
+                f"{len(header)}"
+            )
+    table = np.array(body, dtype=str).reshape(len(body), len(header))
+    label_col = header.index(cfg.label_key)
+    id_col = (
+        header.index(cfg.natural_id_key)
+        if cfg.natural_id_key and cfg.natural_id_key in header
+        else None
+    )
+    feature_cols = [i for i in range(len(header)) if i not in (label_col, id_col)]
+    try:
+        x = table[:, feature_cols].astype(np.float64)
+        y = table[:, label_col].astype(np.float64)
+    except ValueError as err:
+        raise DataError(f"{where} holds a non-numeric feature or label: {err}") from err
+    natural_ids = table[:, id_col] if id_col is not None else None
+    return x, y, natural_ids
+
+
+def _reshape_features(x: np.ndarray, cfg: DatasetConfig, where: str) -> np.ndarray:
+    shape = _input_shape(cfg)
+    if x.ndim == 4 and tuple(x.shape[1:]) == shape:
+        return x
+    if x.ndim == 2 and x.shape[1] == prod(shape):
+        return x.reshape(x.shape[0], *shape)
+    raise DataError(
+        f"{where}: features have shape {list(x.shape)}, which fits neither "
+        f"[N, *dataset.input_shape] = [N, {', '.join(map(str, shape))}] nor "
+        f"[N, {prod(shape)}]; fix dataset.input_shape or the file"
+    )
+
+
+def _integer_labels(y: np.ndarray, cfg: DatasetConfig, where: str) -> np.ndarray:
+    if np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    # CSV labels parse as floats; accept 3.0 but not 3.5 or NaN.
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    raise DataError(
+        f"{where}: labels ({cfg.label_key!r}) must be integer class ids in "
+        f"[0, dataset.num_classes={cfg.num_classes}), found dtype {y.dtype} with "
+        "non-integer values"
+    )
+
+
+def _check_labels(labels: np.ndarray, cfg: DatasetConfig, where: str) -> None:
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= cfg.num_classes:
+        raise DataError(
+            f"{where}: labels span [{low}, {high}] but must lie in [0, dataset.num_classes="
+            f"{cfg.num_classes}); fix the labels or set dataset.num_classes"
+        )
+
+
+def _input_shape(cfg: DatasetConfig) -> tuple[int, int, int]:
+    shape = tuple(int(d) for d in cfg.input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(
+            f"dataset.input_shape must be three positive ints (C, H, W), found "
+            f"{list(cfg.input_shape)}"
+        )
+    return shape  # type: ignore[return-value]

@@ -1,0 +1,400 @@
+"""Model weights as named numpy arrays: conversion, transport and storage.
+
+This is the one place weights change form. A model's ``state_dict`` becomes an
+ordered ``dict[str, numpy.ndarray]`` (:func:`model_to_ndarrays`), travels in a
+Flower :class:`~flwr.app.ArrayRecord` (:func:`to_array_record`) and is stored as
+safetensors (:func:`save_safetensors`). Nothing here uses pickle: ArrayRecord
+serialises with ``numpy.save(..., allow_pickle=False)`` and safetensors is a
+plain header + raw little-endian bytes.
+
+Key order is part of the value everywhere (it defines :func:`flatten`'s layout),
+and 0-d arrays are real parameters that must survive every round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import nn
+
+__all__ = [
+    "flatten",
+    "from_array_record",
+    "l2_norm",
+    "load_ndarrays",
+    "load_safetensors",
+    "model_to_ndarrays",
+    "save_safetensors",
+    "to_array_record",
+    "unflatten",
+]
+
+# numpy dtype -> safetensors dtype code (the codes safetensors.numpy can read back).
+_ST_DTYPES: dict[np.dtype, str] = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint64): "U64",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.uint16): "U16",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
+}
+_HEADER_MAX_BYTES = 100_000_000
+
+
+def _numeric(key: str, value: object) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"array {key!r} has unsupported dtype {arr.dtype} (need bool/int/float)")
+    return arr
+
+
+def model_to_ndarrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """Copy a model's ``state_dict`` to numpy arrays on the CPU.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Source model.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        In ``state_dict`` order; floating tensors become ``float32`` copies,
+        integer and boolean buffers (if any) keep their dtype. The arrays own their
+        memory (later training does not change them).
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        out[key] = t.numpy().copy()
+    return out
+
+
+def load_ndarrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy named arrays into a model's parameters and buffers, in place.
+
+    The tensors are updated with ``copy_`` (cast to their own dtype and device),
+    so optimizers holding the parameters stay valid.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Destination model.
+    arrays : Mapping[str, numpy.ndarray]
+        One array per ``state_dict`` key, with the same shape.
+
+    Raises
+    ------
+    ValueError
+        Naming the keys that are missing or unexpected, or the first key whose
+        shape or dtype does not fit. The model is unchanged when this is raised.
+    """
+    state = model.state_dict()
+    missing = [k for k in state if k not in arrays]
+    extra = [k for k in arrays if k not in state]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if extra:
+            parts.append(f"unexpected keys {extra}")
+        raise ValueError(f"arrays do not match the model's state_dict: {'; '.join(parts)}")
+    sources: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        arr = _numeric(key, arrays[key])
+        if tuple(arr.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"shape mismatch for key {key!r}: model has {tuple(tensor.shape)}, "
+                f"array has {tuple(arr.shape)}"
+            )
+        sources[key] = torch.from_numpy(np.require(arr, requirements=["C", "W"]))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            tensor.copy_(sources[key])
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack named arrays into a Flower :class:`~flwr.app.ArrayRecord`, keeping key order.
+
+    ``ArrayRecord`` itself accepts a list of arrays (positional keys) or a torch
+    ``state_dict``; named numpy arrays are wrapped as :class:`~flwr.app.Array` here.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        Named numeric arrays (any shape, 0-d included).
+
+    Returns
+    -------
+    flwr.app.ArrayRecord
+        One :class:`~flwr.app.Array` per key, serialised without pickle.
+    """
+    record = ArrayRecord()
+    for key, value in arrays.items():
+        if not isinstance(key, str):
+            raise ValueError(f"array names must be str, found {key!r}")
+        record[key] = Array(_numeric(key, value))
+    return record
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unpack an :class:`~flwr.app.ArrayRecord` into named numpy arrays, in record order.
+
+    Parameters
+    ----------
+    record : flwr.app.ArrayRecord
+        Typically received from another party.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        Writable arrays with the dtypes and shapes that were sent.
+
+    Raises
+    ------
+    ValueError
+        Naming the key of an entry that is not a numpy-serialised numeric array or
+        whose data disagree with its declared shape.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, item in record.items():
+        try:
+            arr = item.numpy()
+        except Exception as exc:
+            raise ValueError(f"array {key!r} in the record cannot be decoded: {exc}") from exc
+        arr = _numeric(key, arr)
+        if tuple(arr.shape) != tuple(item.shape):
+            raise ValueError(
+                f"array {key!r} declares shape {tuple(item.shape)} but holds {tuple(arr.shape)}"
+            )
+        out[key] = np.require(arr, requirements=["C", "W"])
+    return out
+
+
+def _safetensors_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """Serialise deterministically: tensors in key order, metadata keys sorted."""
+    header: dict[str, object] = {}
+    if metadata:
+        meta = {}
+        for k in sorted(metadata):
+            v = metadata[k]
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"metadata must map str to str, found {k!r}: {v!r}")
+            meta[k] = v
+        header["__metadata__"] = meta
+    chunks: list[bytes] = []
+    offset = 0
+    for key, value in arrays.items():
+        if not isinstance(key, str) or key == "__metadata__":
+            raise ValueError(f"invalid array name {key!r}")
+        arr = _numeric(key, value)
+        code = _ST_DTYPES.get(arr.dtype.newbyteorder("="))
+        if code is None:
+            raise ValueError(f"array {key!r} has dtype {arr.dtype}, which safetensors cannot store")
+        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        header[key] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
+def save_safetensors(
+    path: str | os.PathLike[str],
+    arrays: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str],
+) -> str:
+    """Write named arrays and string metadata to a safetensors file, atomically.
+
+    The bytes depend only on the arrays (names, order, dtypes, shapes, values)
+    and the metadata (its key order does not matter), so the returned hash is a
+    stable fingerprint of the content. The file is written next to ``path`` and
+    renamed into place.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination file (parent directories are created).
+    arrays : Mapping[str, numpy.ndarray]
+        Named numeric arrays; stored in this key order.
+    metadata : Mapping[str, str]
+        Free-form text metadata stored in the header.
+
+    Returns
+    -------
+    str
+        SHA-256 hex digest of the file written.
+
+    Raises
+    ------
+    ValueError
+        If a name, dtype or metadata entry cannot be stored.
+    """
+    blob = _safetensors_bytes(arrays, metadata)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(blob).hexdigest()
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a safetensors file written by :func:`save_safetensors` (or any other).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File to read.
+
+    Returns
+    -------
+    tuple
+        ``(arrays, metadata)``: writable arrays in the file's header order (the
+        order they were saved in) and the header's metadata (empty if none).
+
+    Raises
+    ------
+    ValueError
+        If the file is not valid safetensors.
+    """
+    blob = Path(path).read_bytes()
+    if len(blob) < 8:
+        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file (too short)")
+    n = int.from_bytes(blob[:8], "little")
+    if n > min(_HEADER_MAX_BYTES, len(blob) - 8):
+        raise ValueError(f"{os.fspath(path)!r} is not a safetensors file (bad header size)")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+        tensors = safetensors.numpy.load(blob)
+    except Exception as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a valid safetensors file: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{os.fspath(path)!r} has a malformed safetensors header")
+    meta_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(meta_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()
+    ):
+        raise ValueError(f"{os.fspath(path)!r} has non-string metadata")
+    if set(header) != set(tensors):
+        raise ValueError(f"{os.fspath(path)!r}: header and tensors disagree")
+    arrays = {k: np.require(tensors[k], requirements=["C", "W"]) for k in header}
+    return arrays, dict(meta_raw)
+
+
+def _as_float64_vector(arr: np.ndarray) -> np.ndarray:
+    return np.asarray(arr, dtype=np.float64).reshape(-1)
+
+
+def flatten(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Concatenate all arrays, in key order, into one ``float64`` vector.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        Named arrays; a 0-d array contributes one element.
+
+    Returns
+    -------
+    numpy.ndarray
+        1-d ``float64`` vector of ``sum(a.size)`` elements (a new array).
+    """
+    parts = [_as_float64_vector(a) for a in arrays.values()]
+    if not parts:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate(parts)
+
+
+def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Split a flat vector back into arrays shaped and typed like ``like``.
+
+    Inverse of :func:`flatten`. Integer targets are rounded to the nearest
+    integer, boolean targets are ``vec != 0``.
+
+    Parameters
+    ----------
+    vec : numpy.ndarray
+        1-d vector with exactly as many elements as ``like`` holds.
+    like : Mapping[str, numpy.ndarray]
+        Template: key order, shapes and dtypes.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        New arrays (not views of ``vec``), in ``like``'s key order.
+
+    Raises
+    ------
+    ValueError
+        If ``vec`` is not 1-d or its length does not match.
+    """
+    flat = np.asarray(vec)
+    if flat.ndim != 1:
+        raise ValueError(f"expected a 1-d vector, found shape {flat.shape}")
+    templates = {k: np.asarray(v) for k, v in like.items()}
+    total = sum(t.size for t in templates.values())
+    if flat.shape[0] != total:
+        raise ValueError(f"vector has {flat.shape[0]} elements, the template needs {total}")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for key, t in templates.items():
+        chunk = flat[offset : offset + t.size].reshape(t.shape)
+        offset += t.size
+        if t.dtype.kind == "b":
+            out[key] = chunk != 0
+        elif t.dtype.kind in "iu":
+            out[key] = np.rint(chunk).astype(t.dtype)
+        else:
+            out[key] = chunk.astype(t.dtype, copy=True)
+    return out
+
+
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """Return the Euclidean norm of all arrays taken together, computed in ``float64``.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        Named arrays (0-d included).
+
+    Returns
+    -------
+    float
+        ``sqrt(sum of squares of every element)``; ``0.0`` for no arrays,
+        ``inf``/``nan`` if an element is non-finite.
+    """
+    total = 0.0
+    for a in arrays.values():
+        v = _as_float64_vector(a)
+        total += float(np.dot(v, v))
+    return math.sqrt(total)
