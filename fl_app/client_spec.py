@@ -67,4 +67,3 @@ def decode_spec(text: object) -> ClientSpec:
         raise SpecError(f"client spec field `{key}`: {str(err).splitlines()[0]}") from err
     assert isinstance(obj, ClientSpec)
     return obj
-

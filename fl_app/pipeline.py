@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["PipelineResult", "PipelineStages", "STAGE_ORDER", "run_train_pipeline"]
+__all__ = ["STAGE_ORDER", "PipelineResult", "PipelineStages", "run_train_pipeline"]
 
 Arrays = dict[str, np.ndarray]
 ArrayStage = Callable[[Arrays], Arrays]

@@ -151,7 +151,9 @@ class ProgressPrinter:
             f"clients {t.accepted}/{t.sampled} ok",
         ]
         if t.rejected or t.failed or t.missing:
-            parts.append(f"({len(t.rejected)} rejected, {len(t.failed)} failed, {t.missing} missing)")
+            parts.append(
+                f"({len(t.rejected)} rejected, {len(t.failed)} failed, {t.missing} missing)"
+            )
         if "train-loss" in t.metrics:
             parts.append(f"train loss {t.metrics['train-loss']:.4f}")
         if report.evaluate is not None and "eval-accuracy" in report.evaluate.metrics:

@@ -80,9 +80,7 @@ def initial_arrays(cfg: AppConfig) -> dict[str, np.ndarray]:
     from fl_app.models import build_model
     from fl_app.weights import model_to_ndarrays
 
-    model = build_model(
-        cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=cfg.seed
-    )
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=cfg.seed)
     return model_to_ndarrays(model)
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fl_app.config.schema import ClientTrainConfig, OptimizerName
@@ -125,12 +124,12 @@ def as_tensors(
     if y_np.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, found shape {y_np.shape}")
     if x_np.ndim < 1 or x_np.shape[0] != y_np.shape[0]:
-        raise ValueError(
-            f"features and labels differ in length: x {x_np.shape}, y {y_np.shape}"
-        )
-    if y_np.dtype.kind not in "iu":
-        if y_np.size and not (y_np.dtype.kind == "f" and np.all(y_np == np.round(y_np))):
-            raise ValueError(f"labels must be integer class ids, found dtype {y_np.dtype}")
+        raise ValueError(f"features and labels differ in length: x {x_np.shape}, y {y_np.shape}")
+    integral = y_np.dtype.kind in "iu" or (
+        y_np.dtype.kind == "f" and bool(np.all(y_np == np.round(y_np)))
+    )
+    if y_np.size and not integral:
+        raise ValueError(f"labels must be integer class ids, found dtype {y_np.dtype}")
     x_np = np.require(x_np, dtype=np.float32, requirements=["C", "W"])
     y_np = np.require(y_np, dtype=np.int64, requirements=["C", "W"])
     return torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
@@ -285,7 +284,7 @@ def run_epochs(
             bs = int(yb.shape[0])
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
-            ce_sum = F.cross_entropy(logits, yb, reduction="sum")
+            ce_sum = nn.functional.cross_entropy(logits, yb, reduction="sum")
             loss = ce_sum / bs if bs > 0 else ce_sum
             if mu > 0:
                 loss = loss + 0.5 * mu * proximal_term(params, global_params)
@@ -403,7 +402,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 2
         for start in range(0, n, batch_size):
             xb, yb = xt[start : start + batch_size], yt[start : start + batch_size]
             logits = model(xb)
-            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum").double())
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum").double())
             correct += int((logits.argmax(dim=1) == yb).sum())
     finally:
         model.train(was_training)

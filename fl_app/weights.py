@@ -20,12 +20,16 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import safetensors.numpy
-import torch
 from flwr.app import Array, ArrayRecord
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported lazily: the array-record helpers serve
+    # torch-free processes (the round driver, key-exchange stages).
+    import torch
+    from torch import nn
 
 __all__ = [
     "flatten",
@@ -79,6 +83,8 @@ def model_to_ndarrays(model: nn.Module) -> dict[str, np.ndarray]:
         integer and boolean buffers (if any) keep their dtype. The arrays own their
         memory (later training does not change them).
     """
+    import torch
+
     out: dict[str, np.ndarray] = {}
     for key, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu")
@@ -107,6 +113,8 @@ def load_ndarrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         Naming the keys that are missing or unexpected, or the first key whose
         shape or dtype does not fit. The model is unchanged when this is raised.
     """
+    import torch
+
     state = model.state_dict()
     missing = [k for k in state if k not in arrays]
     extra = [k for k in arrays if k not in state]
@@ -189,39 +197,6 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return out
 
 
-def _safetensors_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """Serialise deterministically: tensors in key order, metadata keys sorted."""
-    header: dict[str, object] = {}
-    if metadata:
-        meta = {}
-        for k in sorted(metadata):
-            v = metadata[k]
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise ValueError(f"metadata must map str to str, found {k!r}: {v!r}")
-            meta[k] = v
-        header["__metadata__"] = meta
-    chunks: list[bytes] = []
-    offset = 0
-    for key, value in arrays.items():
-        if not isinstance(key, str) or key == "__metadata__":
-            raise ValueError(f"invalid array name {key!r}")
-        arr = _numeric(key, value)
-        code = _ST_DTYPES.get(arr.dtype.newbyteorder("="))
-        if code is None:
-            raise ValueError(f"array {key!r} has dtype {arr.dtype}, which safetensors cannot store")
-        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-        header[key] = {
-            "dtype": code,
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-    head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
-
-
 def save_safetensors(
     path: str | os.PathLike[str],
     arrays: Mapping[str, np.ndarray],
@@ -229,17 +204,16 @@ def save_safetensors(
 ) -> str:
     """Write named arrays and string metadata to a safetensors file, atomically.
 
-    The bytes depend only on the arrays (names, order, dtypes, shapes, values)
-    and the metadata (its key order does not matter), so the returned hash is a
-    stable fingerprint of the content. The file is written next to ``path`` and
-    renamed into place.
+    Serialised by the ``safetensors`` library; the file is written next to ``path``
+    and renamed into place, and the SHA-256 of exactly the bytes written is
+    returned (the fingerprint a manifest or audit record refers to).
 
     Parameters
     ----------
     path : str or os.PathLike
         Destination file (parent directories are created).
     arrays : Mapping[str, numpy.ndarray]
-        Named numeric arrays; stored in this key order.
+        Named numeric arrays.
     metadata : Mapping[str, str]
         Free-form text metadata stored in the header.
 
@@ -253,7 +227,18 @@ def save_safetensors(
     ValueError
         If a name, dtype or metadata entry cannot be stored.
     """
-    blob = _safetensors_bytes(arrays, metadata)
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"metadata must map str to str, found {k!r}: {v!r}")
+    tensors: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if not isinstance(key, str) or key == "__metadata__":
+            raise ValueError(f"invalid array name {key!r}")
+        arr = np.require(_numeric(key, value), requirements=["C"])  # keeps 0-d shapes
+        if arr.dtype.newbyteorder("=") not in _ST_DTYPES:
+            raise ValueError(f"array {key!r} has dtype {arr.dtype}, which safetensors cannot store")
+        tensors[key] = arr
+    blob = safetensors.numpy.save(tensors, metadata=dict(metadata) or None)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -280,8 +265,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
     Returns
     -------
     tuple
-        ``(arrays, metadata)``: writable arrays in the file's header order (the
-        order they were saved in) and the header's metadata (empty if none).
+        ``(arrays, metadata)``: writable arrays keyed by name (the library lays tensors
+        out by alignment, so match by name, not order) and the metadata.
 
     Raises
     ------
@@ -393,8 +378,14 @@ def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
         ``sqrt(sum of squares of every element)``; ``0.0`` for no arrays,
         ``inf``/``nan`` if an element is non-finite.
     """
-    total = 0.0
-    for a in arrays.values():
-        v = _as_float64_vector(a)
-        total += float(np.dot(v, v))
-    return math.sqrt(total)
+    vectors = [_as_float64_vector(a) for a in arrays.values()]
+    with np.errstate(over="ignore"):
+        total = math.fsum(float(np.dot(v, v)) for v in vectors)
+    if math.isfinite(total) or math.isnan(total):
+        return math.sqrt(total)
+    # Infinite: either an element is infinite, or the squares overflowed float64.
+    scale = max(float(np.max(np.abs(v))) for v in vectors if v.size)
+    if math.isinf(scale):
+        return math.inf
+    total = math.fsum(float(np.dot(v / scale, v / scale)) for v in vectors)
+    return scale * math.sqrt(total)

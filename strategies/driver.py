@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_app.weights import from_array_record, to_array_record
 from strategies.aggregation import apply_update, weighted_mean_metrics, weighted_mean_update
 from strategies.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
 from strategies.sampling import CohortSampler
@@ -124,9 +125,7 @@ class DriverSettings:
         if self.min_train_replies < 1:
             raise ValueError(f"min_train_replies must be >= 1, found {self.min_train_replies}")
         if self.min_available_nodes < 1:
-            raise ValueError(
-                f"min_available_nodes must be >= 1, found {self.min_available_nodes}"
-            )
+            raise ValueError(f"min_available_nodes must be >= 1, found {self.min_available_nodes}")
 
 
 @dataclass
@@ -178,9 +177,7 @@ class RoundReport:
         if self.evaluate is not None:
             rec["eval_clients_sampled"] = self.evaluate.sampled
             rec["eval_clients_accepted"] = self.evaluate.accepted
-            rec["eval_clients_rejected"] = len(self.evaluate.rejected) + len(
-                self.evaluate.failed
-            )
+            rec["eval_clients_rejected"] = len(self.evaluate.rejected) + len(self.evaluate.failed)
             for k, v in self.evaluate.metrics.items():
                 rec[f"fed_{k}"] = v
         for k, v in self.server_metrics.items():
@@ -260,9 +257,7 @@ class RoundDriver:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def run_round(
-        self, grid: Grid, rnd: int, arrays: Arrays
-    ) -> tuple[Arrays, RoundReport]:
+    def run_round(self, grid: Grid, rnd: int, arrays: Arrays) -> tuple[Arrays, RoundReport]:
         t0 = time.perf_counter()
         node_ids = self._wait_for_nodes(grid)
         new_arrays, train, note, norm = self._train_stage(grid, rnd, arrays, node_ids)
@@ -297,7 +292,7 @@ class RoundDriver:
             return arrays, stage, "empty cohort sampled: model unchanged", 0.0
         config = ConfigRecord({**self.train_config, SERVER_ROUND: rnd})
         messages = self.strategy.configure_train(
-            rnd, ArrayRecord(dict(arrays)), config, CohortGrid(grid, cohort)
+            rnd, to_array_record(arrays), config, CohortGrid(grid, cohort)
         )
         sent_msgs, replies, sent = self._exchange(
             grid, messages, rnd, self.settings.train_timeout_s
@@ -333,7 +328,7 @@ class RoundDriver:
         synthetic = Message(
             RecordDict(
                 {
-                    ARRAYS_KEY: ArrayRecord(candidate),
+                    ARRAYS_KEY: to_array_record(candidate),
                     METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(mean.total_weight)}),
                 }
             ),
@@ -345,7 +340,7 @@ class RoundDriver:
             note = "strategy returned no aggregate: model unchanged"
             log.warning("round %d: %s", rnd, note)
             return arrays, stage, note, norm
-        new_arrays = {k: np.asarray(v.numpy()) for k, v in agg_arrays.items()}
+        new_arrays = from_array_record(agg_arrays)
         for k, v in arrays.items():
             new_arrays[k] = new_arrays[k].astype(v.dtype, copy=False)
         return new_arrays, stage, "", norm
@@ -361,7 +356,7 @@ class RoundDriver:
             return stage
         config = ConfigRecord({**self.evaluate_config, SERVER_ROUND: rnd})
         messages = self.strategy.configure_evaluate(
-            rnd, ArrayRecord(dict(arrays)), config, CohortGrid(grid, cohort)
+            rnd, to_array_record(arrays), config, CohortGrid(grid, cohort)
         )
         _, replies, sent = self._exchange(grid, messages, rnd, self.settings.evaluate_timeout_s)
         screened = screen_replies(replies, sent)
@@ -396,8 +391,11 @@ class RoundDriver:
             )
             for m in sorted(messages, key=lambda m: m.metadata.dst_node_id)
         ]
-        ids = list(grid.push_messages(outgoing))
-        sent = {mid: m.metadata.dst_node_id for m, mid in zip(outgoing, ids) if mid}
+        # Grids stamp each pushed message with its id (Flower's InMemoryGrid returns ids
+        # only for the messages it stored, so the returned list cannot be zipped).
+        ids = {mid for mid in grid.push_messages(outgoing) if mid}
+        pushed = [m for m in outgoing if m.metadata.message_id in ids]
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in pushed}
         pending = set(sent)
         replies: list[Message] = []
         deadline = time.monotonic() + timeout
@@ -408,7 +406,7 @@ class RoundDriver:
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.settings.poll_interval_s)
-        return [m for m, mid in zip(outgoing, ids) if mid], replies, sent
+        return pushed, replies, sent
 
     @staticmethod
     def _fill_stage(
@@ -431,7 +429,9 @@ class RoundDriver:
         stage: str, rnd: int, rejected: list[Rejection], failed: list[Rejection]
     ) -> None:
         for r in rejected:
-            log.warning("round %d %s: rejected reply from node %d: %s", rnd, stage, r.node_id, r.reason)
+            log.warning(
+                "round %d %s: rejected reply from node %d: %s", rnd, stage, r.node_id, r.reason
+            )
         for r in failed:
             log.warning("round %d %s: node %d failed: %s", rnd, stage, r.node_id, r.reason)
 

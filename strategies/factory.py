@@ -31,7 +31,12 @@ def _fedavg(cfg: StrategyConfig) -> Strategy:
 
 def _fedadam(cfg: StrategyConfig) -> Strategy:
     return FedAdam(
-        **_DELEGATED, eta=cfg.eta, eta_l=cfg.eta_l, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau
+        **_DELEGATED,
+        eta=cfg.eta,
+        eta_l=cfg.eta_l,
+        beta_1=cfg.beta_1,
+        beta_2=cfg.beta_2,
+        tau=cfg.tau,
     )
 
 
@@ -62,7 +67,9 @@ def build_driver(
     """A :class:`RoundDriver` wired to the strategy, samplers and limits in ``cfg``."""
     s = cfg.strategy
     if s.sampling is SamplingMode.poisson:
-        train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(s.fraction_train, cfg.seed)
+        train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
+            s.fraction_train, cfg.seed
+        )
     else:
         train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed)
     evaluate_sampler = (

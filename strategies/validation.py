@@ -32,8 +32,8 @@ from strategies.protocol import (
 __all__ = [
     "ArraySpec",
     "EvalReply",
-    "ReplyLimits",
     "Rejection",
+    "ReplyLimits",
     "ScreenResult",
     "TrainReply",
     "array_specs",
@@ -54,7 +54,9 @@ class ReplyLimits:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm > 0):
-            raise ValueError(f"max_update_norm must be finite and > 0, found {self.max_update_norm}")
+            raise ValueError(
+                f"max_update_norm must be finite and > 0, found {self.max_update_norm}"
+            )
         if self.max_num_examples < 1:
             raise ValueError(f"max_num_examples must be >= 1, found {self.max_num_examples}")
 
@@ -97,9 +99,7 @@ def array_specs(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, 
     return {k: (tuple(int(s) for s in v.shape), str(v.dtype)) for k, v in arrays.items()}
 
 
-def screen_replies(
-    replies: Iterable[Message], sent: Mapping[str, int]
-) -> ScreenResult:
+def screen_replies(replies: Iterable[Message], sent: Mapping[str, int]) -> ScreenResult:
     """Sort replies into accepted / rejected / failed by sender and message id.
 
     Parameters
@@ -174,8 +174,9 @@ def _parse_metrics(
     return n, metrics
 
 
-def _parse_update(record: ArrayRecord, expected: ArraySpec, limits: ReplyLimits
-                  ) -> tuple[dict[str, np.ndarray], float] | str:
+def _parse_update(
+    record: ArrayRecord, expected: ArraySpec, limits: ReplyLimits
+) -> tuple[dict[str, np.ndarray], float] | str:
     names = list(record.keys())
     if set(names) != set(expected):
         missing = sorted(set(expected) - set(names))[:3]
@@ -195,7 +196,7 @@ def _parse_update(record: ArrayRecord, expected: ArraySpec, limits: ReplyLimits
             value = array.numpy()
         # The bytes come from another process we do not control; any decoding
         # failure (numpy raises ValueError, TypeError, EOFError, ...) means "malformed".
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             return f"array '{name}' does not decode: {type(err).__name__}"
         if value.shape != shape or str(value.dtype) != dtype:
             return f"array '{name}' decodes to {value.dtype}{list(value.shape)}, expected {dtype}"

@@ -79,15 +79,21 @@ def test_overrides_apply_and_change_hash() -> None:
         (["dataset.test_fraction=1.0"], "dataset.test_fraction", "< 1"),
         (["dataset.input_shape=[8,8]"], "dataset.input_shape", "channels"),
         (["strategy.min_available_nodes=11"], "strategy.min_available_nodes", "num_partitions"),
-        (["strategy.fraction_train=0.1", "strategy.min_train_replies=5"],
-         "strategy.min_train_replies", "expected cohort"),
+        (
+            ["strategy.fraction_train=0.1", "strategy.min_train_replies=5"],
+            "strategy.min_train_replies",
+            "expected cohort",
+        ),
         (["strategy=fedprox", "strategy.proximal_mu=0"], "strategy.proximal_mu", "fedavg"),
         (["strategy.proximal_mu=0.1"], "strategy.proximal_mu", "fedprox"),
         (["dataset=mnist", "dataset.hub_path=null"], "dataset.hub_path", "hub"),
         (["dataset=local"], "server_eval", "server_eval=false"),
         (["dataset.partitioner=natural"], "dataset.natural_id_key", "natural"),
-        (["runtime.client_num_cpus=4", "runtime.ray_num_cpus=2"], "runtime.client_num_cpus",
-         "ever be scheduled"),
+        (
+            ["runtime.client_num_cpus=4", "runtime.ray_num_cpus=2"],
+            "runtime.client_num_cpus",
+            "ever be scheduled",
+        ),
         (["runtime.flower_log_level=LOUD"], "runtime.flower_log_level", "WARNING"),
         # Unsafe: asking for a protection this release cannot give must not run quietly.
         (["privacy.mode=dpsgd"], "privacy.mode", "only privacy=none is implemented"),
@@ -122,13 +128,20 @@ def test_client_spec_round_trip_and_rejects_garbage() -> None:
     back = decode_spec(encode_spec(spec))
     assert back == spec
     assert isinstance(back, ClientSpec)
-    for bad in [None, "not json", "[1]", '{"seed": "x"}', '{"model": {"name": "evil"}}',
-                '{"dataset": {"_target_": "os.system"}}']:
+    for bad in [
+        None,
+        "not json",
+        "[1]",
+        '{"seed": "x"}',
+        '{"model": {"name": "evil"}}',
+        '{"dataset": {"_target_": "os.system"}}',
+    ]:
         with pytest.raises(SpecError):
             decode_spec(bad)
 
 
-def test_configs_dir_resolved_from_package_not_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                   ) -> None:
+def test_configs_dir_resolved_from_package_not_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert compose_config().num_rounds == 5

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 __all__ = [
+    "Accountant",
     "AppConfig",
     "ClientTrainConfig",
     "DatasetConfig",
     "DatasetKind",
     "LocalFormat",
-    "Accountant",
     "ModelConfig",
     "ModelName",
     "OptimizerName",
@@ -34,11 +34,11 @@ __all__ = [
     "SamplingMode",
     "SecAggConfig",
     "SecAggMode",
+    "SimulationBackend",
     "StrategyConfig",
     "StrategyName",
     "ThreatModel",
     "ValidationConfig",
-    "SimulationBackend",
 ]
 
 

@@ -105,9 +105,7 @@ def _check_dataset(cfg: AppConfig) -> None:
 
 def _check_model(cfg: AppConfig) -> None:
     m = cfg.model
-    _check(
-        all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "widths must be >= 1"
-    )
+    _check(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "widths must be >= 1")
     _check(
         len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
         "model.channels",

@@ -14,7 +14,7 @@ import numpy as np
 from fl_app.config.schema import DatasetConfig
 from fl_app.data.errors import DataError
 
-__all__ = ["ArrayDataset", "ClientData", "check_data_shape", "empty_like"]
+__all__ = ["ArrayDataset", "ClientData", "check_data_shape"]
 
 
 # eq=False: the generated __eq__ would compare arrays element-wise and fail on
@@ -77,13 +77,6 @@ class ClientData:
 
     train: ArrayDataset
     val: ArrayDataset
-
-
-def empty_like(data: ArrayDataset) -> ArrayDataset:
-    """An empty dataset with the same per-example shape as ``data``."""
-    return ArrayDataset(
-        x=np.zeros((0, *data.x.shape[1:]), dtype=np.float32), y=np.zeros(0, dtype=np.int64)
-    )
 
 
 def check_data_shape(data: ArrayDataset, cfg: DatasetConfig) -> None:

@@ -345,8 +345,7 @@ def resolve_local_path(
         )
     if not path.is_file():
         raise DataError(
-            f"data file {str(path)!r} from {origin} does not exist or is not a file; "
-            f"fix {origin}"
+            f"data file {str(path)!r} from {origin} does not exist or is not a file; fix {origin}"
         )
     return path, from_node
 
@@ -405,27 +404,38 @@ def _read_npz(
     path: Path, cfg: DatasetConfig, where: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
+        # Our own handle: np.load leaks the file it opened when the archive is corrupt.
+        with path.open("rb") as handle:
+            magic = handle.read(6)
+            handle.seek(0)
+            if magic.startswith(b"\x93NUMPY"):
                 raise DataError(
                     f"{where} is a single .npy array, not an .npz archive with arrays 'x' "
-                    "and 'y' (dataset.local_format=npz); save it with np.savez(path, x=..., "
-                    "y=...)"
+                    "and 'y' (dataset.local_format=npz); save it with np.savez(path, "
+                    "x=..., y=...)"
                 )
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
+            if not magic.startswith(b"PK"):
+                # np.load would try to unpickle anything else; name the real problem.
                 raise DataError(
-                    f"{where} lacks array(s) {missing}; it has {archive.files}. Save the "
-                    "images as 'x' and the labels as 'y'"
+                    f"{where} is not an .npz (zip) archive (dataset.local_format=npz); "
+                    "save it with np.savez(path, x=..., y=...) or set "
+                    "dataset.local_format"
                 )
-            x, y = archive["x"], archive["y"]
-            natural_ids = None
-            if cfg.natural_id_key and cfg.natural_id_key in archive.files:
-                natural_ids = archive[cfg.natural_id_key]
+            with np.load(handle, allow_pickle=False) as archive:
+                missing = [key for key in ("x", "y") if key not in archive.files]
+                if missing:
+                    raise DataError(
+                        f"{where} lacks array(s) {missing}; it has {archive.files}. Save "
+                        "the images as 'x' and the labels as 'y'"
+                    )
+                x, y = archive["x"], archive["y"]
+                natural_ids = None
+                if cfg.natural_id_key and cfg.natural_id_key in archive.files:
+                    natural_ids = archive[cfg.natural_id_key]
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        # np.load raises these for a truncated, non-zip or object-array (pickled) file.
+        # np.load raises these for a truncated archive or an object (pickled) array.
         raise DataError(
             f"{where} could not be read as .npz (dataset.local_format=npz): "
             f"{type(err).__name__}: {err}"
@@ -464,8 +474,7 @@ def _read_csv(
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise DataError(
-                f"{where} line {line} has {len(row)} fields but the header has "
-                f"{len(header)}"
+                f"{where} line {line} has {len(row)} fields but the header has {len(header)}"
             )
     table = np.array(body, dtype=str).reshape(len(body), len(header))
     label_col = header.index(cfg.label_key)
@@ -522,10 +531,11 @@ def _check_labels(labels: np.ndarray, cfg: DatasetConfig, where: str) -> None:
 
 
 def _input_shape(cfg: DatasetConfig) -> tuple[int, int, int]:
-    shape = tuple(int(d) for d in cfg.input_shape)
+    shape = [int(d) for d in cfg.input_shape]
     if len(shape) != 3 or min(shape) < 1:
         raise DataError(
             f"dataset.input_shape must be three positive ints (C, H, W), found "
             f"{list(cfg.input_shape)}"
         )
-    return shape  # type: ignore[return-value]
+    channels, height, width = shape
+    return channels, height, width

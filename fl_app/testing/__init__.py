@@ -10,6 +10,7 @@ from fl_app.testing.harness import (
     MessageHook,
     NodeConfigFn,
     Rejection,
+    records_copy,
     wire_copy,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "MessageHook",
     "NodeConfigFn",
     "Rejection",
+    "records_copy",
     "wire_copy",
 ]
