@@ -50,12 +50,14 @@ class FixedSizeSampler:
         return min(num_nodes, max(1, round(self.fraction * num_nodes)))
 
     def sample(self, node_ids: Sequence[int], server_round: int) -> list[int]:
-        pool = np.array(sorted(node_ids), dtype=np.int64)
-        if pool.size == 0:
+        # Node ids are unsigned 64-bit (Flower draws them at random): sample positions
+        # in the sorted pool, never the ids themselves through a signed numpy dtype.
+        pool = sorted(int(n) for n in node_ids)
+        if not pool:
             return []
         rng = round_generator(self.seed, server_round, self.stream)
-        chosen = rng.choice(pool, size=self.cohort_size(pool.size), replace=False)
-        return sorted(int(n) for n in chosen)
+        chosen = rng.choice(len(pool), size=self.cohort_size(len(pool)), replace=False)
+        return sorted(pool[i] for i in chosen)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class PoissonSampler:
             raise ValueError(f"rate must lie in (0, 1], found {self.rate}")
 
     def sample(self, node_ids: Sequence[int], server_round: int) -> list[int]:
-        pool = np.array(sorted(node_ids), dtype=np.int64)
+        pool = sorted(int(n) for n in node_ids)
         rng = round_generator(self.seed, server_round, self.stream)
-        keep = rng.random(pool.size) < self.rate
-        return [int(n) for n in pool[keep]]
+        keep = rng.random(len(pool)) < self.rate
+        return [n for n, k in zip(pool, keep, strict=True) if k]

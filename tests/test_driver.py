@@ -332,3 +332,10 @@ def test_federated_evaluation_is_weighted_and_reported() -> None:
     assert ev.metrics["eval-accuracy"] == pytest.approx(0.1 * (0 + 1 + 2 + 3) / 4)
     rec = result.reports[0].to_record()
     assert rec["fed_eval_accuracy"] == pytest.approx(0.15)
+
+
+def test_samplers_accept_unsigned_64_bit_node_ids() -> None:
+    ids = [2**64 - 1, 2**63 + 5, 7, 2**63 - 1]
+    assert set(FixedSizeSampler(0.5, seed=0).sample(ids, 1)) <= set(ids)
+    assert len(FixedSizeSampler(0.5, seed=0).sample(ids, 1)) == 2
+    assert set(PoissonSampler(1.0, seed=0).sample(ids, 1)) == set(ids)

@@ -119,8 +119,8 @@ class OptimizerName(str, Enum):
 class ClientTrainConfig:
     """Hyper-parameters the server sends to every client in each train message."""
 
-    local_epochs: int = 1
-    batch_size: int = 32
+    local_epochs: int = 3
+    batch_size: int = 16
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
