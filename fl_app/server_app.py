@@ -118,8 +118,11 @@ def run_experiment(
     except BaseException:
         rd.finish({"status": "failed", "seconds": time.perf_counter() - t0}, status="failed")
         raise
+    from fl_app.weights import weights_digest
+
     model_sha = rd.save_model(result.arrays, cfg.num_rounds)
     summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha)
+    summary["weights_sha256"] = weights_digest(result.arrays)
     rd.finish(summary)
     if progress:
         acc = summary.get("accuracy")

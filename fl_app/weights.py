@@ -41,6 +41,7 @@ __all__ = [
     "save_safetensors",
     "to_array_record",
     "unflatten",
+    "weights_digest",
 ]
 
 # numpy dtype -> safetensors dtype code (the codes safetensors.numpy can read back).
@@ -252,6 +253,22 @@ def save_safetensors(
         Path(tmp).unlink(missing_ok=True)
         raise
     return hashlib.sha256(blob).hexdigest()
+
+
+def weights_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and little-endian bytes, by name.
+
+    A fingerprint of the *content*, independent of any file format: the safetensors
+    library writes its metadata in a per-process random order, so two byte-different
+    files can hold the same model. Reproducibility checks compare this digest.
+    """
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        arr = np.asarray(arrays[key])
+        le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        h.update(f"{key}\0{le.dtype.str}\0{list(arr.shape)}\0".encode())
+        h.update(np.require(le, requirements=["C"]).tobytes())
+    return h.hexdigest()
 
 
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

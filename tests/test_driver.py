@@ -107,8 +107,8 @@ def driver(
         settings=DriverSettings(
             num_rounds=rounds,
             min_train_replies=min_replies,
-            train_timeout_s=5,
-            evaluate_timeout_s=5,
+            train_timeout_s=0.5,
+            evaluate_timeout_s=0.5,
             limits=limits or ReplyLimits(),
         ),
     )

@@ -30,6 +30,7 @@ from fl_app.weights import (
     save_safetensors,
     to_array_record,
     unflatten,
+    weights_digest,
 )
 
 
@@ -266,3 +267,12 @@ def test_l2_norm_is_float64_and_does_not_overflow() -> None:
     assert l2_norm(huge) == pytest.approx(5e200, rel=1e-12)
     assert l2_norm({"a": np.array([1.0, np.inf])}) == math.inf
     assert math.isnan(l2_norm({"a": np.array([np.nan, 1.0])}))
+
+
+def test_weights_digest_fingerprints_content_not_order() -> None:
+    a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(1.5, np.float32)}
+    b = dict(reversed(list(a.items())))
+    assert weights_digest(a) == weights_digest(b)
+    assert weights_digest(a) != weights_digest({**a, "s": np.array(1.25, np.float32)})
+    assert weights_digest(a) != weights_digest({**a, "w": a["w"].reshape(3, 2)})
+    assert weights_digest(a) != weights_digest({**a, "w": a["w"].astype(np.float64)})

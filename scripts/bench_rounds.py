@@ -1,0 +1,381 @@
+#!/usr/bin/env python
+"""Seconds per round for 10, 100 and 1,000 clients: in-process Grid vs Ray simulation.
+
+A benchmark, not a test. Every setting is the default experiment (embedded ``digits``,
+default MLP, FedAvg, 3 local SGD epochs of batch 16, all clients every round) composed
+with ``compose_config("config", [...])`` and run through
+:func:`fl_app.simulation.run_simulation_experiment` into a temporary run directory.
+Per-round ``round_seconds`` come from that directory's ``metrics.jsonl``; the accuracy
+from its ``summary.json``.
+
+Each setting runs in a fresh subprocess (this script again, with the hidden
+``--one BACKEND N`` flag) so that memory and Ray state never leak between settings
+and the peak RSS of every setting is its own. The child sends its everything-else
+output (progress lines, Ray's worker logs) to /dev/null and prints one JSON result
+on a final line marked ``BENCH_RESULT``.
+
+Usage::
+
+    python scripts/bench_rounds.py                       # 10, 100, 1000 clients, 3 rounds
+    python scripts/bench_rounds.py --quick               # 10 and 100 clients only
+    python scripts/bench_rounds.py --backends inprocess --clients 1000 --rounds 5
+    python scripts/bench_rounds.py --out docs/bench.md   # also write the table
+
+Columns: *start-up s* is the wall time of ``run_simulation_experiment`` minus the sum
+of the per-round seconds (run directory, model build, initial centralised evaluation,
+for Ray also ``ray.init`` and actor creation, model saving); *median s/round* is the
+median over rounds 2..R (round 1 is reported separately: it pays for first-call costs
+such as Ray actor warm-up and data partitioning in each worker); *peak RSS MB* is the
+child process's ``ru_maxrss`` via ``resource.getrusage`` (for Ray: the driver only);
+*all processes peak PSS MB* is the largest sum, sampled every 0.5 s from ``/proc``, of
+the proportional set size of every process in the child's session (Ray's GCS, raylet,
+dashboard agent and ClientApp actors included), with the most processes seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MARKER = "BENCH_RESULT "
+BACKENDS = {"inprocess": "inprocess", "ray": "simulation"}  # --backends name -> runtime=
+
+
+def overrides_for(backend: str, num_clients: int, rounds: int) -> list[str]:
+    """Hydra overrides of one setting (identical for every N, so rows compare)."""
+    return [
+        f"runtime={BACKENDS[backend]}",
+        "runtime.client_num_cpus=1",
+        f"dataset.num_partitions={num_clients}",
+        # Partitions of 1-2 examples at N=1000 leave nothing to validate on: no
+        # federated evaluation anywhere (centralised test evaluation stays on).
+        "dataset.val_fraction=0",
+        "federated_eval_every=0",
+        "strategy.min_available_nodes=2",
+        f"num_rounds={rounds}",
+        f"experiment_name=bench_{backend}_{num_clients}",
+    ]
+
+
+# ---------------------------------------------------------------- child process
+def run_one(backend: str, num_clients: int, rounds: int) -> dict[str, Any]:
+    """Run one setting in this process and return its measurements."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    t_import = time.perf_counter()
+    from fl_app.config.compose import compose_config
+    from fl_app.simulation import run_simulation_experiment
+
+    import_s = time.perf_counter() - t_import
+    cfg = compose_config("config", overrides_for(backend, num_clients, rounds))
+    with tempfile.TemporaryDirectory(prefix=f"bench-{backend}-{num_clients}-") as tmp:
+        run_dir = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        summary = run_simulation_experiment(cfg, run_dir)
+        wall = time.perf_counter() - t0
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    round_s = [float(r["round_seconds"]) for r in records]
+    train_s = [float(r["train_seconds"]) for r in records]
+    accepted = [int(r["clients_accepted"]) for r in records]
+    sampled = [int(r["clients_sampled"]) for r in records]
+    return {
+        "backend": backend,
+        "clients": num_clients,
+        "rounds": len(round_s),
+        "wall_s": wall,
+        "import_s": import_s,
+        "startup_s": wall - sum(round_s),
+        "round_s": round_s,
+        "train_s": train_s,
+        "clients_sampled": sampled,
+        "clients_accepted": accepted,
+        "accuracy": summary.get("accuracy"),
+        "local_epochs": cfg.train.local_epochs,
+        "batch_size": cfg.train.batch_size,
+        "fraction_train": cfg.strategy.fraction_train,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child_main(backend: str, num_clients: int, rounds: int) -> int:
+    """``--one``: silence fd 1 (progress, Ray's forwarded logs), print JSON on the real one."""
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    try:
+        result: dict[str, Any] = run_one(backend, num_clients, rounds)
+        rc = 0
+    except BaseException as ex:  # reported in the table, not hidden
+        result = {"backend": backend, "clients": num_clients, "error": f"{type(ex).__name__}: {ex}"}
+        rc = 1
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    sys.stdout.flush()
+    os.write(real_stdout, (MARKER + json.dumps(result) + "\n").encode())
+    os.close(real_stdout)
+    return rc
+
+
+# --------------------------------------------------------------- parent process
+def _session_memory_kb(sid: int) -> tuple[int, int, int]:
+    """(sum of PSS kB, sum of RSS kB, processes) over every process in session ``sid``.
+
+    The child runs in its own session, and Ray's GCS, raylet and worker actors stay in
+    it, so this is the whole setting's footprint. PSS shares each shared page (torch's
+    libraries, mapped in every Ray worker) among the processes that map it, so its sum
+    is the honest total; RSS counts shared pages once per process. Linux only: returns
+    zeros elsewhere or for processes that vanish while being read.
+    """
+    pss = rss = count = 0
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return 0, 0, 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+            # Fields after the parenthesised command: state ppid pgrp session ...
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid or fields[0] == "Z":  # zombies hold no memory
+                continue
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+            count += 1
+        except (OSError, ValueError, IndexError):
+            continue
+    return pss, rss, count
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a timed-out child and everything it started in its own session (Ray)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_setting(
+    backend: str, num_clients: int, rounds: int, timeout: float, sample_s: float = 0.5
+) -> dict[str, Any]:
+    """Run one setting in a fresh subprocess, sampling its session's memory; never raises."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--one",
+        backend,
+        str(num_clients),
+        "--rounds",
+        str(rounds),
+    ]
+    peak_pss = peak_rss = peak_procs = 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out_f,
+            stderr=err_f,
+            start_new_session=True,  # its own session: memory sampling, and a timeout kills Ray
+        )
+        timed_out = False
+        while True:
+            try:
+                proc.wait(timeout=sample_s)
+                break
+            except subprocess.TimeoutExpired:
+                pss, rss, procs = _session_memory_kb(proc.pid)
+                peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+                peak_procs = max(peak_procs, procs)
+                if time.perf_counter() - t0 > timeout:
+                    timed_out = True
+                    _kill_group(proc)
+                    break
+        # Whatever the child left behind in its session (it should be nothing), and
+        # wait for it to be gone so that the next setting runs on a quiet machine.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.perf_counter() + 20
+        while _session_memory_kb(proc.pid)[2] and time.perf_counter() < deadline:
+            time.sleep(0.2)
+        out_f.seek(0)
+        err_f.seek(0)
+        out = out_f.read().decode(errors="replace")
+        err = err_f.read().decode(errors="replace")
+    process_s = time.perf_counter() - t0
+    memory = {
+        "session_peak_pss_mb": peak_pss / 1024,
+        "session_peak_rss_mb": peak_rss / 1024,
+        "session_peak_processes": peak_procs,
+        "process_s": process_s,
+    }
+    if timed_out:
+        return {
+            "backend": backend,
+            "clients": num_clients,
+            "error": f"timed out after {timeout:.0f}s (dropped)",
+            **memory,
+        }
+    result: dict[str, Any] | None = None
+    for line in reversed(out.splitlines()):
+        if line.startswith(MARKER):
+            result = json.loads(line[len(MARKER) :])
+            break
+    if result is None:
+        tail = " | ".join(err.strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
+        result = {"backend": backend, "clients": num_clients, "error": f"no result: {tail}"}
+    elif "error" in result and err.strip():
+        result["stderr_tail"] = err.strip().splitlines()[-5:]
+    result.update(memory)
+    return result
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _steady(result: dict[str, Any]) -> list[float]:
+    rounds: list[float] = result["round_s"]
+    return rounds[1:] if len(rounds) > 1 else rounds
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table, then the Ray/in-process ratios per N."""
+    head = (
+        "| backend | clients | rounds | start-up s | round 1 s | median s/round (2..R) "
+        "| min-max s | s/client-round | accuracy | peak RSS MB | all processes peak PSS MB "
+        "| process s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [head]
+    for r in results:
+        if "error" in r:
+            rows.append(
+                f"| {r['backend']} | {r['clients']} | - | error: {r['error']} "
+                f"| | | | | | | | {_fmt(r.get('process_s'), 0)} |"
+            )
+            continue
+        steady = _steady(r)
+        med = statistics.median(steady)
+        rows.append(
+            f"| {r['backend']} | {r['clients']} | {r['rounds']} | {_fmt(r['startup_s'])} "
+            f"| {_fmt(r['round_s'][0])} | {_fmt(med)} "
+            f"| {_fmt(min(steady))}-{_fmt(max(steady))} "
+            f"| {_fmt(1000 * med / r['clients'], 1)} ms | {_fmt(r['accuracy'], 4)} "
+            f"| {_fmt(r['peak_rss_mb'], 0)} "
+            f"| {_fmt(r['session_peak_pss_mb'], 0)} ({r['session_peak_processes']} procs) "
+            f"| {_fmt(r['process_s'], 0)} |"
+        )
+    ok = {(r["backend"], r["clients"]): r for r in results if "error" not in r}
+    ratios = []
+    for n in sorted({r["clients"] for r in results}):
+        ray, inp = ok.get(("ray", n)), ok.get(("inprocess", n))
+        if ray and inp:
+            med = statistics.median(_steady(ray)) / statistics.median(_steady(inp))
+            total = ray["wall_s"] / inp["wall_s"]
+            ratios.append(
+                f"| {n} | {med:.1f}x | {_fmt(ray['startup_s'] - inp['startup_s'], 1)} "
+                f"| {total:.1f}x |"
+            )
+    if ratios:
+        rows += [
+            "",
+            "| clients | Ray / in-process, median s/round | Ray - in-process, start-up s "
+            "| Ray / in-process, total wall |",
+            "|---:|---:|---:|---:|",
+            *ratios,
+        ]
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--clients", default="10,100,1000", help="comma-separated N (default %(default)s)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds per setting (default 3)")
+    p.add_argument(
+        "--backends", default="inprocess,ray", help="inprocess and/or ray (default %(default)s)"
+    )
+    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    p.add_argument("--quick", action="store_true", help="10 and 100 clients only")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=480.0,
+        help="seconds before a setting is killed and reported as dropped (default 480)",
+    )
+    p.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    p.add_argument("--one", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    if args.one:
+        return child_main(args.one[0], int(args.one[1]), args.rounds)
+    clients = [10, 100] if args.quick else [int(c) for c in args.clients.split(",") if c]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; choose from {sorted(BACKENDS)}")
+    print(
+        f"# bench_rounds: digits, MLP, FedAvg, all clients every round, {args.rounds} rounds, "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}",
+        flush=True,
+    )
+    results = []
+    for n in clients:
+        for backend in backends:
+            print(f"... {backend} with {n} clients", file=sys.stderr, flush=True)
+            r = run_setting(backend, n, args.rounds, args.timeout)
+            results.append(r)
+            if "error" in r:
+                print(f"    failed: {r['error']}", file=sys.stderr, flush=True)
+            else:
+                print(
+                    f"    {r['process_s']:.0f}s; rounds {[round(s, 2) for s in r['round_s']]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    ok = next((r for r in results if "error" not in r), None)
+    table = markdown_table(results)
+    if ok is not None:
+        table += (
+            f"\n\nClient training: {ok['local_epochs']} local epochs, batch "
+            f"{ok['batch_size']}, fraction_train {ok['fraction_train']} (clients per round = N)."
+        )
+    print(table, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
