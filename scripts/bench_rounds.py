@@ -132,38 +132,57 @@ def child_main(backend: str, num_clients: int, rounds: int) -> int:
 
 
 # --------------------------------------------------------------- parent process
-def _session_memory_kb(sid: int) -> tuple[int, int, int]:
-    """(sum of PSS kB, sum of RSS kB, processes) over every process in session ``sid``.
+def _session_sample(
+    sid: int, per_pid: dict[int, tuple[str, int]] | None = None
+) -> tuple[int, int, int, int]:
+    """(PSS kB, RSS kB, processes, CPU ticks) summed over the processes of session ``sid``.
 
     The child runs in its own session, and Ray's GCS, raylet and worker actors stay in
     it, so this is the whole setting's footprint. PSS shares each shared page (torch's
     libraries, mapped in every Ray worker) among the processes that map it, so its sum
-    is the honest total; RSS counts shared pages once per process. Linux only: returns
-    zeros elsewhere or for processes that vanish while being read.
+    is the honest total; RSS counts shared pages once per process. CPU ticks are
+    utime+stime plus those of reaped children; ``per_pid`` (if given) receives each
+    process's name and ticks. Linux only: zeros elsewhere; processes that vanish while
+    being read are skipped.
     """
-    pss = rss = count = 0
+    pss = rss = count = ticks = 0
     try:
         pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
     except OSError:
-        return 0, 0, 0
+        return 0, 0, 0, 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as fh:
                 stat = fh.read()
-            # Fields after the parenthesised command: state ppid pgrp session ...
+            # After the parenthesised command: state ppid pgrp session ... (proc(5))
             fields = stat.rsplit(")", 1)[1].split()
             if int(fields[3]) != sid or fields[0] == "Z":  # zombies hold no memory
                 continue
+            proc_ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
             with open(f"/proc/{pid}/smaps_rollup") as fh:
                 for line in fh:
                     if line.startswith("Pss:"):
                         pss += int(line.split()[1])
                     elif line.startswith("Rss:"):
                         rss += int(line.split()[1])
+            ticks += proc_ticks
             count += 1
+            if per_pid is not None:
+                per_pid[pid] = (stat.split("(", 1)[1].rsplit(")", 1)[0], proc_ticks)
         except (OSError, ValueError, IndexError):
             continue
-    return pss, rss, count
+    return pss, rss, count, ticks
+
+
+def _busy_ticks() -> int | None:
+    """CPU ticks the whole machine spent busy (``/proc/stat``), or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            cpu = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = cpu
+    return user + nice + system + irq + softirq + steal
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -191,6 +210,11 @@ def run_setting(
         str(rounds),
     ]
     peak_pss = peak_rss = peak_procs = 0
+    # CPU used by processes outside the setting while it ran ("other CPU"): a busy
+    # machine makes every number here suspect, so the table says how busy it was.
+    foreign_ticks = 0
+    per_pid: dict[int, tuple[str, int]] = {}  # last seen (name, CPU ticks) of each process
+    last_busy, last_session = _busy_ticks(), 0
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         proc = subprocess.Popen(
@@ -205,30 +229,47 @@ def run_setting(
                 proc.wait(timeout=sample_s)
                 break
             except subprocess.TimeoutExpired:
-                pss, rss, procs = _session_memory_kb(proc.pid)
+                pss, rss, procs, ticks = _session_sample(proc.pid, per_pid)
+                busy = _busy_ticks()
+                if busy is not None and last_busy is not None:
+                    foreign_ticks += max(0, (busy - last_busy) - (ticks - last_session))
+                last_busy, last_session = busy, ticks
                 peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
                 peak_procs = max(peak_procs, procs)
                 if time.perf_counter() - t0 > timeout:
                     timed_out = True
                     _kill_group(proc)
                     break
+        sampled_s = time.perf_counter() - t0
         # Whatever the child left behind in its session (it should be nothing), and
         # wait for it to be gone so that the next setting runs on a quiet machine.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         deadline = time.perf_counter() + 20
-        while _session_memory_kb(proc.pid)[2] and time.perf_counter() < deadline:
+        while _session_sample(proc.pid)[2] and time.perf_counter() < deadline:
             time.sleep(0.2)
         out_f.seek(0)
         err_f.seek(0)
         out = out_f.read().decode(errors="replace")
         err = err_f.read().decode(errors="replace")
     process_s = time.perf_counter() - t0
+    tck = os.sysconf("SC_CLK_TCK")
+    capacity = sampled_s * tck * (os.cpu_count() or 1)
+    # Where the CPU went: the driver (ServerApp, Grid or Ray's simulation runtime)
+    # versus Ray's own processes and ClientApp actors (up to the last sample).
+    cpu_by_process: dict[str, float] = {}
+    for pid, (name, ticks) in per_pid.items():
+        key = "driver" if pid == proc.pid else name
+        cpu_by_process[key] = cpu_by_process.get(key, 0.0) + ticks / tck
     memory = {
         "session_peak_pss_mb": peak_pss / 1024,
         "session_peak_rss_mb": peak_rss / 1024,
         "session_peak_processes": peak_procs,
+        "cpu_s_by_process": dict(sorted(cpu_by_process.items(), key=lambda kv: -kv[1])),
         "process_s": process_s,
+        # Share of the machine's CPU capacity used by other processes during the
+        # setting; more than a few percent means the timings are suspect.
+        "other_cpu_pct": 100 * foreign_ticks / capacity if last_busy is not None else None,
     }
     if timed_out:
         return {
@@ -265,15 +306,16 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     head = (
         "| backend | clients | rounds | start-up s | round 1 s | median s/round (2..R) "
         "| min-max s | s/client-round | accuracy | peak RSS MB | all processes peak PSS MB "
-        "| process s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| process s | other CPU % |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     rows = [head]
     for r in results:
         if "error" in r:
             rows.append(
                 f"| {r['backend']} | {r['clients']} | - | error: {r['error']} "
-                f"| | | | | | | | {_fmt(r.get('process_s'), 0)} |"
+                f"| | | | | | | | {_fmt(r.get('process_s'), 0)} "
+                f"| {_fmt(r.get('other_cpu_pct'), 0)} |"
             )
             continue
         steady = _steady(r)
@@ -285,7 +327,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {_fmt(1000 * med / r['clients'], 1)} ms | {_fmt(r['accuracy'], 4)} "
             f"| {_fmt(r['peak_rss_mb'], 0)} "
             f"| {_fmt(r['session_peak_pss_mb'], 0)} ({r['session_peak_processes']} procs) "
-            f"| {_fmt(r['process_s'], 0)} |"
+            f"| {_fmt(r['process_s'], 0)} | {_fmt(r.get('other_cpu_pct'), 0)} |"
         )
     ok = {(r["backend"], r["clients"]): r for r in results if "error" not in r}
     ratios = []
@@ -298,6 +340,14 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                 f"| {n} | {med:.1f}x | {_fmt(ray['startup_s'] - inp['startup_s'], 1)} "
                 f"| {total:.1f}x |"
             )
+    cpu_lines = []
+    for r in results:
+        by_proc = r.get("cpu_s_by_process") or {}
+        if "error" not in r and by_proc:
+            top = ", ".join(f"{k} {v:.0f}" for k, v in list(by_proc.items())[:4])
+            cpu_lines.append(f"- {r['backend']} {r['clients']}: {top}")
+    if cpu_lines:
+        rows += ["", "CPU seconds by process (sampled; Ray actors summed by name):", *cpu_lines]
     if ratios:
         rows += [
             "",

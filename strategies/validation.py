@@ -219,11 +219,11 @@ def parse_train_reply(
     problem = _check_records(msg, TRAIN_REPLY_KEYS)
     if problem:
         return Rejection(node, problem)
-    parsed = _parse_metrics(msg.content[METRICS_KEY], server_round, limits)
+    parsed = _parse_metrics(msg.content.metric_records[METRICS_KEY], server_round, limits)
     if isinstance(parsed, str):
         return Rejection(node, parsed)
     num_examples, metrics = parsed
-    upd = _parse_update(msg.content[UPDATE_KEY], expected, limits)
+    upd = _parse_update(msg.content.array_records[UPDATE_KEY], expected, limits)
     if isinstance(upd, str):
         return Rejection(node, upd)
     update, norm = upd
@@ -238,7 +238,7 @@ def parse_eval_reply(
     problem = _check_records(msg, EVAL_REPLY_KEYS)
     if problem:
         return Rejection(node, problem)
-    parsed = _parse_metrics(msg.content[METRICS_KEY], server_round, limits)
+    parsed = _parse_metrics(msg.content.metric_records[METRICS_KEY], server_round, limits)
     if isinstance(parsed, str):
         return Rejection(node, parsed)
     num_examples, metrics = parsed

@@ -22,7 +22,9 @@ BIN = Path(sys.executable).parent
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", **extra}
+    # As after `source .venv/bin/activate`: `flwr run` launches `flower-superlink` from PATH.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 

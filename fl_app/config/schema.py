@@ -82,6 +82,7 @@ class DatasetConfig:
     shards_per_partition: int = 2
     natural_id_key: str | None = None
     # Held-out server-side test split (centralised evaluation), taken before partitioning.
+    # Hub datasets with an official "test" split (mnist, cifar10) use that split instead.
     test_fraction: float = 0.2
     # Each client's local validation split (federated evaluation).
     val_fraction: float = 0.1
