@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from fl_app.client_spec import ClientSpec, SpecError, decode_spec
 from strategies.protocol import (
     ARRAYS_KEY,
+    BUDGET_EXHAUSTED,
     CLIENT_REFUSED,
     CONFIG_KEY,
     METRICS_KEY,
@@ -38,13 +39,21 @@ from strategies.protocol import (
     UPDATE_KEY,
 )
 
-__all__ = ["ClientRefusal", "app", "handle_evaluate", "handle_train"]
+__all__ = ["BudgetExhausted", "ClientRefusal", "app", "handle_evaluate", "handle_train"]
 
 log = logging.getLogger("fl_app.client")
 
 
 class ClientRefusal(Exception):
     """This client will not run the instruction; the reason goes back to the server."""
+
+    code = CLIENT_REFUSED
+
+
+class BudgetExhausted(ClientRefusal):
+    """Training this round would take the client past its privacy budget."""
+
+    code = BUDGET_EXHAUSTED
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -115,17 +124,28 @@ def handle_train(msg: Message, context: Context) -> Message:
     if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
         raise ClientRefusal(f"'{PROXIMAL_MU}' must be a number >= 0, got {mu!r}")
     generator = torch.Generator().manual_seed(_training_seed(spec.seed, rnd, pid))
+    dp_metrics: dict[str, float] = {}
 
-    def train() -> tuple[dict[str, np.ndarray], Any]:
-        stats = train_local(
-            model,
-            data.train.x,
-            data.train.y,
-            spec.train,
-            generator=generator,
-            proximal_mu=float(mu),
+    if spec.dpsgd is None:
+
+        def train() -> tuple[dict[str, np.ndarray], Any]:
+            stats = train_local(
+                model,
+                data.train.x,
+                data.train.y,
+                spec.train,
+                generator=generator,
+                proximal_mu=float(mu),
+            )
+            return model_to_ndarrays(model), stats
+
+    else:
+        dp_train, dp_metrics = _prepare_dpsgd(
+            spec, rnd, config, context, pid, data, model, generator
         )
-        return model_to_ndarrays(model), stats
+
+        def train() -> tuple[dict[str, np.ndarray], Any]:
+            return model_to_ndarrays(model), dp_train()
 
     result = run_train_pipeline(
         arrays, PipelineStages(load=lambda a: load_ndarrays(model, a), train=train)
@@ -137,10 +157,102 @@ def handle_train(msg: Message, context: Context) -> Message:
             SERVER_ROUND: rnd,
             "train-loss": float(stats.loss),
             "train-accuracy": float(stats.accuracy),
+            **dp_metrics,
         }
     )
     content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
+
+
+def _prepare_dpsgd(
+    spec: ClientSpec,
+    rnd: int,
+    config: Any,
+    context: Context,
+    pid: int,
+    data: Any,
+    model: Any,
+    generator: Any,
+) -> tuple[Callable[[], Any], dict[str, float]]:
+    """Account, check the budget and persist state *before* DP-SGD training.
+
+    Returns the training thunk and the public metrics of this round (epsilon spent
+    so far including this round, steps, sample rate, z).
+    """
+    from fl_app.privacy.accounting import (
+        AccountantName,
+        DpSgdEvent,
+        calibrate_noise_multiplier,
+        project_epsilon,
+    )
+    from fl_app.privacy.dpsgd import DpSgdSettings, GradSampleMode, planned_steps, train_dpsgd
+    from fl_app.privacy.state import (
+        STEPS_SEEN_KEY,
+        ClientPrivacyState,
+        DpSgdState,
+        PrivacyStateError,
+    )
+
+    dp = spec.dpsgd
+    assert dp is not None
+    state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
+    if not state_dir:
+        raise ClientRefusal(
+            "DP-SGD needs a state directory: start the SuperNode with --node-config "
+            '"dp-state-dir=/path" (or set privacy.dpsgd.state_dir)'
+        )
+    seen = config.get(STEPS_SEEN_KEY, 0)
+    try:
+        store = ClientPrivacyState(context, str(state_dir), spec.run_key, pid)
+        state = store.load(steps_seen_by_server=int(seen))
+    except PrivacyStateError as err:
+        raise ClientRefusal(f"privacy state: {err}") from err
+    accountant = AccountantName(dp.accountant.value)
+    steps, q = planned_steps(len(data.train), spec.train.batch_size, spec.train.local_epochs)
+    z = state.noise_multiplier
+    if z is None:
+        if dp.noise_multiplier is not None:
+            z = float(dp.noise_multiplier)
+        else:
+            assert dp.target_epsilon is not None
+            # Calibrated once for every planned round, then kept fixed (stored in state).
+            z = calibrate_noise_multiplier(
+                dp.target_epsilon, dp.delta, q, steps * spec.num_rounds, accountant
+            )
+    planned = DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps)
+    eps_after = project_epsilon(state.history, planned, dp.delta, accountant)
+    if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
+        raise BudgetExhausted(
+            f"privacy budget exhausted: epsilon would reach {eps_after:.4g} after this round "
+            f"(budget {dp.max_epsilon:g}, delta {dp.delta:g}, "
+            f"{state.history.total_steps} steps spent)"
+        )
+    new_state = DpSgdState(history=state.history.add(planned), noise_multiplier=z)
+    store.save(new_state)  # before training: a crash mid-round never under-counts
+    settings = DpSgdSettings(
+        noise_multiplier=z,
+        max_grad_norm=dp.max_grad_norm,
+        grad_sample_mode=GradSampleMode(dp.grad_sample_mode.value),
+        secure_mode=spec.secure_mode,
+    )
+
+    def run() -> Any:
+        _, result = train_dpsgd(
+            model, data.train.x, data.train.y, spec.train, settings, generator=generator
+        )
+        if result.steps != steps:
+            raise RuntimeError(f"DP-SGD took {result.steps} steps, accounted {steps}")
+        return result.stats
+
+    metrics = {
+        "dp-epsilon": float(eps_after),
+        "dp-delta": float(dp.delta),
+        "dp-steps": int(new_state.history.total_steps),
+        "dp-sample-rate": float(q),
+        "dp-noise-multiplier": float(z),
+        "dp-partition-id": int(pid),
+    }
+    return run, metrics
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -172,7 +284,7 @@ def _refusals_as_errors(
             return handler(msg, context)
         except ClientRefusal as err:
             log.warning("refusing %s: %s", msg.metadata.message_type, err)
-            return Message(Error(code=CLIENT_REFUSED, reason=str(err)), reply_to=msg)
+            return Message(Error(code=err.code, reason=str(err)), reply_to=msg)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_app.config.schema import AppConfig, ClientTrainConfig, DatasetConfig, ModelConfig
+from fl_app.config.schema import (
+    AppConfig,
+    ClientTrainConfig,
+    DatasetConfig,
+    DpSgdConfig,
+    ModelConfig,
+)
 
 __all__ = ["ClientSpec", "SpecError", "decode_spec", "encode_spec", "spec_from_config"]
 
@@ -33,15 +39,27 @@ class ClientSpec:
     train: ClientTrainConfig = field(default_factory=ClientTrainConfig)
     # Torch intra-op threads in the client process (simulation packs several per machine).
     torch_threads: int = 1
+    # Planned rounds (DP-SGD calibrates z for num_rounds x local_epochs once).
+    num_rounds: int = 1
+    # Identifies the run: a client's privacy state is kept per run.
+    run_key: str = ""
+    # Record-level DP-SGD settings; None = train without DP-SGD.
+    dpsgd: DpSgdConfig | None = None
+    # CSPRNG for DP noise instead of seeded generators.
+    secure_mode: bool = False
 
 
-def spec_from_config(cfg: AppConfig) -> ClientSpec:
+def spec_from_config(cfg: AppConfig, run_key: str = "") -> ClientSpec:
     return ClientSpec(
         seed=cfg.seed,
         dataset=cfg.dataset,
         model=cfg.model,
         train=cfg.train,
         torch_threads=cfg.runtime.torch_threads,
+        num_rounds=cfg.num_rounds,
+        run_key=run_key,
+        dpsgd=cfg.privacy.dpsgd if cfg.privacy.record_level else None,
+        secure_mode=cfg.privacy.secure_mode,
     )
 
 

@@ -163,6 +163,11 @@ class ProgressPrinter:
                 f"test acc {report.server_metrics['accuracy']:.4f} "
                 f"loss {report.server_metrics['loss']:.4f}"
             )
+        eps = [m["dp-epsilon"] for m in t.client_metrics.values() if "dp-epsilon" in m]
+        if eps:
+            parts.append(f"record-level eps max {max(eps):.3f}")
+        if t.exhausted:
+            parts.append(f"{len(t.exhausted)} out of budget")
         if not report.model_updated:
             parts.append("MODEL UNCHANGED")
         parts.append(f"{report.seconds:.2f}s")

@@ -15,9 +15,11 @@ driver, centralised evaluation, and the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, parse_overrides
 from fl_app.config.schema import AppConfig
 from fl_app.rundir import MetricsWriter, ProgressPrinter, RunDirectory
-from strategies.driver import DriverResult, RoundListener
+from strategies.driver import DriverResult, RoundListener, RoundReport
 from strategies.factory import build_driver
 from strategies.protocol import SPEC_KEY
 
@@ -99,10 +101,20 @@ def run_experiment(
     configure_logging(cfg)
     t0 = time.perf_counter()
     rd = RunDirectory(run_dir, cfg)
+    # Identifies this run to clients (their privacy state is kept per run).
+    run_key = uuid.uuid4().hex
+    rd.manifest["run_key"] = run_key
     rd.start()
     arrays = initial_arrays(cfg)
-    spec = encode_spec(spec_from_config(cfg))
-    listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path)]
+    client_spec = spec_from_config(cfg, run_key)
+    if client_spec.dpsgd is not None and client_spec.dpsgd.state_dir is None:
+        # Simulation default; real SuperNodes pass --node-config "dp-state-dir=...".
+        client_spec.dpsgd = dataclasses.replace(
+            client_spec.dpsgd, state_dir=str(Path(rd.path).resolve() / "client-state")
+        )
+    spec = encode_spec(client_spec)
+    steps_seen = StepsSeen()
+    listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path), steps_seen]
     if progress:
         listeners.append(ProgressPrinter(cfg.num_rounds))
     listeners.extend(extra_listeners)
@@ -112,6 +124,7 @@ def run_experiment(
         evaluate_config={SPEC_KEY: spec},
         evaluate_fn=_server_evaluator(cfg),
         listeners=listeners,
+        node_config_fn=steps_seen.node_config if cfg.privacy.record_level else None,
     )
     try:
         result = driver.run(grid, arrays)
@@ -127,12 +140,61 @@ def run_experiment(
     if progress:
         acc = summary.get("accuracy")
         shown = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
+        if result.stopped_early:
+            print(f"stopped early: {result.stopped_early}", flush=True)
+        eps = summary["privacy"].get("record_level_epsilon_max")
+        spent = f", max record-level epsilon {eps:.3f}" if eps is not None else ""
         print(
-            f"done: {cfg.num_rounds} rounds in {summary['seconds']:.1f}s, "
-            f"test accuracy {shown}; run directory {rd.path}",
+            f"done: {len(result.reports)} rounds in {summary['seconds']:.1f}s, "
+            f"test accuracy {shown}{spent}; run directory {rd.path}",
             flush=True,
         )
     return summary
+
+
+class StepsSeen:
+    """Round listener: the DP-SGD steps each node has reported, sent back to it.
+
+    A client whose state file shows fewer steps than the server has seen it take
+    refuses to train (its accounting would restart from zero).
+    """
+
+    def __init__(self) -> None:
+        self.steps: dict[int, int] = {}
+
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
+        for node, metrics in report.train.client_metrics.items():
+            if "dp-steps" in metrics:
+                self.steps[node] = max(self.steps.get(node, 0), int(metrics["dp-steps"]))
+
+    def node_config(self, node_id: int) -> dict[str, int]:
+        from fl_app.privacy.state import STEPS_SEEN_KEY
+
+        return {STEPS_SEEN_KEY: self.steps.get(node_id, 0)}
+
+
+def _record_level_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any]:
+    if not cfg.privacy.record_level:
+        return {"record_level_epsilon_max": None}
+    d = cfg.privacy.dpsgd
+    per_client = {
+        str(node): {k.removeprefix("dp-"): v for k, v in m.items()}
+        for node, m in sorted(result.client_metrics.items())
+    }
+    eps = [m["epsilon"] for m in per_client.values() if "epsilon" in m]
+    return {
+        "record_level_epsilon_max": max(eps) if eps else 0.0,
+        "record_level": {
+            "mechanism": "DP-SGD (Opacus), Poisson sampling of local records",
+            "accountant": d.accountant.value,
+            "delta": d.delta,
+            "max_grad_norm": d.max_grad_norm,
+            "budget_max_epsilon": d.max_epsilon,
+            "epsilon_max": max(eps) if eps else 0.0,
+            "per_client": per_client,
+            "clients_budget_exhausted": sorted(str(n) for n in result.exhausted),
+        },
+    }
 
 
 def _summary(
@@ -153,7 +215,9 @@ def _summary(
         "initial_accuracy": result.initial_server_metrics.get("accuracy"),
         "federated_eval_accuracy": fed.get("eval-accuracy") if fed else None,
         "federated_eval_loss": fed.get("eval-loss") if fed else None,
-        "rounds": cfg.num_rounds,
+        "rounds": len(result.reports),
+        "rounds_planned": cfg.num_rounds,
+        "stopped_early": result.stopped_early or None,
         "rounds_model_unchanged": sum(not r.model_updated for r in result.reports),
         "clients": cfg.dataset.num_partitions,
         "seconds": seconds,
@@ -165,10 +229,16 @@ def _summary(
         "privacy": {
             "mode": cfg.privacy.mode.value,
             "threat_model": cfg.privacy.threat_model.value,
-            "record_level": cfg.privacy.record_level,
+            # Client-level (federation) epsilon: no client-level mechanism yet.
             "epsilon": None,
             "delta": None,
-            "note": "no differential privacy: updates and the model are not protected",
+            "note": (
+                "record-level DP-SGD per institution; no client-level DP: the server sees "
+                "each (DP-SGD-trained) update"
+                if cfg.privacy.record_level
+                else "no differential privacy: updates and the model are not protected"
+            ),
+            **_record_level_summary(cfg, result),
         },
         "secure_aggregation": cfg.secagg.mode.value,
     }

@@ -40,7 +40,15 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_app.weights import from_array_record, to_array_record
 from strategies.aggregation import apply_update, weighted_mean_metrics, weighted_mean_update
-from strategies.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
+from strategies.protocol import (
+    ARRAYS_KEY,
+    BUDGET_EXHAUSTED,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    PUBLIC_METRIC_PREFIX,
+    SERVER_ROUND,
+)
 from strategies.sampling import CohortSampler
 from strategies.validation import (
     EvalReply,
@@ -139,6 +147,10 @@ class StageReport:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # Public per-client metrics (keys starting with PUBLIC_METRIC_PREFIX), by node id.
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Nodes that refused because their privacy budget is exhausted.
+    exhausted: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -172,6 +184,12 @@ class RoundReport:
         }
         if self.note:
             rec["note"] = self.note
+        if self.train.exhausted:
+            rec["clients_budget_exhausted"] = len(self.train.exhausted)
+        if self.train.client_metrics:
+            rec["client_metrics"] = {
+                str(node): dict(m) for node, m in sorted(self.train.client_metrics.items())
+            }
         for k, v in self.train.metrics.items():
             rec[k if k.startswith("train") else f"train_{k}"] = v
         if self.evaluate is not None:
@@ -195,6 +213,11 @@ class DriverResult:
     reports: list[RoundReport]
     initial_server_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    # Why the run ended before num_rounds (e.g. too few clients with budget left).
+    stopped_early: str = ""
+    # Latest public per-client metrics (e.g. each institution's epsilon), by node id.
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    exhausted: set[int] = field(default_factory=set)
 
 
 class RoundDriver:
@@ -216,6 +239,10 @@ class RoundDriver:
         initial model.
     listeners
         Called after every round with its report and the new global arrays.
+    node_config_fn
+        Extra per-node scalars added to that node's instruction ``config`` (e.g. the
+        privacy steps the server has seen it spend, so a client whose state file was
+        lost cannot restart its accounting from zero).
     """
 
     def __init__(
@@ -229,8 +256,11 @@ class RoundDriver:
         evaluate_config: Mapping[str, Any] | None = None,
         evaluate_fn: EvaluateFn | None = None,
         listeners: Sequence[RoundListener] = (),
+        node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
     ) -> None:
         self.strategy = strategy
+        self.node_config_fn = node_config_fn
+        self._result: DriverResult | None = None
         self.train_sampler = train_sampler
         self.evaluate_sampler = evaluate_sampler
         self.settings = settings
@@ -248,9 +278,22 @@ class RoundDriver:
         result = DriverResult(arrays=arrays, reports=[])
         if self.evaluate_fn is not None:
             result.initial_server_metrics = dict(self.evaluate_fn(start_round - 1, arrays))
+        self._result = result
         for rnd in range(start_round, self.settings.num_rounds + 1):
+            usable = self._usable_nodes(grid)
+            if len(usable) < self.settings.min_train_replies:
+                result.stopped_early = (
+                    f"before round {rnd}: only {len(usable)} clients have privacy budget left "
+                    f"(< min_train_replies={self.settings.min_train_replies}); stopping with "
+                    "the model of the last completed round"
+                )
+                log.warning("%s", result.stopped_early)
+                break
             arrays, report = self.run_round(grid, rnd, arrays)
             result.reports.append(report)
+            result.exhausted.update(report.train.exhausted)
+            for node, metrics in report.train.client_metrics.items():
+                result.client_metrics[node] = dict(metrics)
             for listener in self.listeners:
                 listener.on_round_end(report, arrays)
         result.arrays = arrays
@@ -259,7 +302,7 @@ class RoundDriver:
 
     def run_round(self, grid: Grid, rnd: int, arrays: Arrays) -> tuple[Arrays, RoundReport]:
         t0 = time.perf_counter()
-        node_ids = self._wait_for_nodes(grid)
+        node_ids = self._usable_nodes(grid)
         new_arrays, train, note, norm = self._train_stage(grid, rnd, arrays, node_ids)
         updated = new_arrays is not arrays
         arrays = new_arrays
@@ -310,7 +353,13 @@ class RoundDriver:
                 accepted.append(parsed)
         self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
         self._log_rejections("train", rnd, screened.rejected, screened.failed)
+        stage.exhausted = [r.node_id for r in screened.failed if r.code == BUDGET_EXHAUSTED]
         stage.metrics = weighted_mean_metrics([(r.num_examples, r.metrics) for r in accepted])
+        stage.client_metrics = {
+            r.node_id: {k: v for k, v in r.metrics.items() if k.startswith(PUBLIC_METRIC_PREFIX)}
+            for r in accepted
+            if any(k.startswith(PUBLIC_METRIC_PREFIX) for k in r.metrics)
+        }
 
         if len(accepted) < self.settings.min_train_replies:
             note = (
@@ -383,7 +432,7 @@ class RoundDriver:
         """
         outgoing = [
             Message(
-                m.content,
+                self._with_node_config(m.content, m.metadata.dst_node_id),
                 dst_node_id=m.metadata.dst_node_id,
                 message_type=m.metadata.message_type,
                 group_id=str(rnd),
@@ -407,6 +456,21 @@ class RoundDriver:
                 break
             time.sleep(self.settings.poll_interval_s)
         return pushed, replies, sent
+
+    def _with_node_config(self, content: RecordDict, node_id: int) -> RecordDict:
+        """The instruction for one node: shared records plus its own config scalars."""
+        extra = dict(self.node_config_fn(node_id)) if self.node_config_fn else {}
+        if not extra:
+            return content
+        records = {k: v for k, v in content.items()}
+        records[CONFIG_KEY] = ConfigRecord({**content.config_records[CONFIG_KEY], **extra})
+        return RecordDict(records)
+
+    def _usable_nodes(self, grid: Grid) -> list[int]:
+        """Connected nodes, minus those whose privacy budget is exhausted."""
+        nodes = self._wait_for_nodes(grid)
+        exhausted = self._result.exhausted if self._result is not None else set()
+        return [n for n in nodes if n not in exhausted]
 
     @staticmethod
     def _fill_stage(

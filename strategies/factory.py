@@ -63,6 +63,7 @@ def build_driver(
     evaluate_config: Mapping[str, Any],
     evaluate_fn: EvaluateFn | None,
     listeners: Sequence[RoundListener] = (),
+    node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
 ) -> RoundDriver:
     """A :class:`RoundDriver` wired to the strategy, samplers and limits in ``cfg``."""
     s = cfg.strategy
@@ -97,4 +98,5 @@ def build_driver(
         evaluate_config=evaluate_config,
         evaluate_fn=evaluate_fn,
         listeners=listeners,
+        node_config_fn=node_config_fn,
     )

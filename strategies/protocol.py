@@ -23,12 +23,14 @@ from __future__ import annotations
 
 __all__ = [
     "ARRAYS_KEY",
+    "BUDGET_EXHAUSTED",
     "CLIENT_REFUSED",
     "CONFIG_KEY",
     "EVAL_REPLY_KEYS",
     "METRICS_KEY",
     "NUM_EXAMPLES",
     "PROXIMAL_MU",
+    "PUBLIC_METRIC_PREFIX",
     "SERVER_ROUND",
     "SPEC_KEY",
     "TRAIN_REPLY_KEYS",
@@ -51,3 +53,10 @@ EVAL_REPLY_KEYS = frozenset({METRICS_KEY})
 # Error code of a structured refusal by fl-app's ClientApp (bad spec, no usable data).
 # Flower's own ErrorCode values are < 100; ours stay clear of them.
 CLIENT_REFUSED = 1001
+# A client whose privacy budget would be exceeded by the next round refuses with this
+# code; the driver then treats it as unavailable for the rest of the run.
+BUDGET_EXHAUSTED = 1002
+
+# Per-client metrics under this prefix are public by design (e.g. "dp-epsilon": the
+# epsilon an institution has spent) and are kept per client, not only averaged.
+PUBLIC_METRIC_PREFIX = "dp-"

@@ -67,6 +67,8 @@ class Rejection:
     reason: str
     # "error": the client itself replied with an error; "rejected": we refused it.
     kind: str = "rejected"
+    # The client's error code, for kind="error".
+    code: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,9 @@ def screen_replies(replies: Iterable[Message], sent: Mapping[str, int]) -> Scree
         seen.add(node)
         if msg.has_error():
             reason = f"client error (code {msg.error.code}): {msg.error.reason}"
-            result.failed.append(Rejection(node, reason[:500], kind="error"))
+            result.failed.append(
+                Rejection(node, reason[:500], kind="error", code=int(msg.error.code))
+            )
             continue
         result.accepted.append(msg)
     return result

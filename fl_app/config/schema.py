@@ -23,6 +23,8 @@ __all__ = [
     "ClientTrainConfig",
     "DatasetConfig",
     "DatasetKind",
+    "DpSgdConfig",
+    "GradSampleModeName",
     "LocalFormat",
     "ModelConfig",
     "ModelName",
@@ -163,10 +165,11 @@ class StrategyConfig:
 
 
 class PrivacyMode(str, Enum):
+    """The client-level mechanism (who clips and noises whole updates)."""
+
     none = "none"
     # Modes of ARCHITECTURE §2, implemented by later issues; the validator refuses them
     # until then rather than silently running without protection.
-    dpsgd = "dpsgd"
     central = "central"
     local = "local"
     distributed = "distributed"
@@ -185,12 +188,46 @@ class Accountant(str, Enum):
     prv = "prv"
 
 
+class GradSampleModeName(str, Enum):
+    auto = "auto"
+    hooks = "hooks"
+    functorch = "functorch"
+    ghost = "ghost"
+
+
+@dataclass
+class DpSgdConfig:
+    """Record-level DP-SGD (Opacus) in every client; active when privacy.record_level=true.
+
+    Give exactly one of ``noise_multiplier`` (z) or ``target_epsilon``; with a target,
+    each client calibrates z once for ``num_rounds x train.local_epochs`` of its own
+    Poisson sampling and keeps it fixed.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    # Per-sample clipping norm C.
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    # Each institution's budget: a client whose epsilon after the next round would
+    # exceed it refuses to train ("budget exhausted"). null = no budget.
+    max_epsilon: float | None = None
+    accountant: Accountant = Accountant.prv
+    grad_sample_mode: GradSampleModeName = GradSampleModeName.auto
+    # Where clients keep their accountant state between rounds and restarts. A
+    # SuperNode's --node-config "dp-state-dir=..." wins; null in simulation = the run
+    # directory's client-state/.
+    state_dir: str | None = None
+
+
 @dataclass
 class PrivacyConfig:
     mode: PrivacyMode = PrivacyMode.none
     threat_model: ThreatModel = ThreatModel.none
-    # Opacus DP-SGD in every client (combines with any threat model).
+    # Opacus DP-SGD in every client (combines with any threat model); see `dpsgd`.
     record_level: bool = False
+    dpsgd: DpSgdConfig = field(default_factory=DpSgdConfig)
+    # Client-level DP parameters (mode=central/local/distributed; later issues).
     noise_multiplier: float | None = None
     clip: float | None = None
     target_epsilon: float | None = None

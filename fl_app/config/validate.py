@@ -179,28 +179,22 @@ def _check_strategy(cfg: AppConfig) -> None:
 
 def _check_privacy(cfg: AppConfig) -> None:
     p = cfg.privacy
-    # Nothing in this release enforces a privacy mechanism yet. Running a config that
-    # names one would produce a model and a summary that claim a protection nobody
-    # applied, so every such request is refused until its layer exists.
+    # No client-level mechanism exists in this release. Running a config that names one
+    # would produce a model and a summary that claim a protection nobody applied, so
+    # every such request is refused until its layer exists.
     _check(
         p.mode is PrivacyMode.none,
         "privacy.mode",
         p.mode.value,
-        "only privacy=none is implemented in this release; remove the override "
-        "(DP-SGD, central, local and distributed DP arrive with their own issues)",
+        "only privacy.mode=none (no client-level DP) is implemented in this release; "
+        "central, local and distributed DP arrive with their own issues",
     )
     _check(
         p.threat_model is ThreatModel.none,
         "privacy.threat_model",
         p.threat_model.value,
-        "privacy.mode=none protects nothing, so it cannot claim a threat model; "
-        "set privacy.threat_model=none",
-    )
-    _check(
-        not p.record_level,
-        "privacy.record_level",
-        p.record_level,
-        "record-level DP (Opacus DP-SGD) is not implemented in this release; set it false",
+        "privacy.mode=none protects no update from the server, so it cannot claim a "
+        "threat model; set privacy.threat_model=none",
     )
     for name in ("noise_multiplier", "clip", "target_epsilon", "delta"):
         value = getattr(p, name)
@@ -208,9 +202,60 @@ def _check_privacy(cfg: AppConfig) -> None:
             value is None,
             f"privacy.{name}",
             value,
-            "has no effect with privacy.mode=none; remove it (a parameter that "
-            "silently does nothing is worse than an error)",
+            "has no effect with privacy.mode=none; remove it (a parameter that silently "
+            "does nothing is worse than an error); DP-SGD settings live under privacy.dpsgd",
         )
+    if p.record_level:
+        _check_dpsgd(cfg)
+
+
+def _check_dpsgd(cfg: AppConfig) -> None:
+    d = cfg.privacy.dpsgd
+    _check(
+        (d.noise_multiplier is None) != (d.target_epsilon is None),
+        "privacy.dpsgd.noise_multiplier",
+        d.noise_multiplier,
+        "give exactly one of privacy.dpsgd.noise_multiplier or privacy.dpsgd.target_epsilon",
+    )
+    if d.noise_multiplier is not None:
+        _positive(d.noise_multiplier, "privacy.dpsgd.noise_multiplier")
+    if d.target_epsilon is not None:
+        _positive(d.target_epsilon, "privacy.dpsgd.target_epsilon")
+    _positive(d.max_grad_norm, "privacy.dpsgd.max_grad_norm")
+    _check(
+        math.isfinite(d.delta) and 0 < d.delta < 1,
+        "privacy.dpsgd.delta",
+        d.delta,
+        "must lie in (0, 1); use well below 1/records per institution (e.g. 1e-5)",
+    )
+    if d.max_epsilon is not None:
+        _positive(d.max_epsilon, "privacy.dpsgd.max_epsilon")
+        if d.target_epsilon is not None:
+            _check(
+                d.target_epsilon <= d.max_epsilon,
+                "privacy.dpsgd.target_epsilon",
+                d.target_epsilon,
+                f"exceeds the budget privacy.dpsgd.max_epsilon={d.max_epsilon:g}: no client "
+                "could finish the planned rounds",
+            )
+    _check(
+        cfg.strategy.proximal_mu == 0,
+        "strategy.proximal_mu",
+        cfg.strategy.proximal_mu,
+        "FedProx's proximal term is not supported with DP-SGD yet; use strategy=fedavg "
+        "or strategy=fedadam",
+    )
+    # Opacus must accept the model: checked here, before any client starts.
+    from fl_app.models import build_model, opacus_incompatibilities
+
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    problems = opacus_incompatibilities(model)
+    _check(
+        not problems,
+        "model.name",
+        cfg.model.name.value,
+        "Opacus cannot train this model with DP-SGD: " + "; ".join(problems),
+    )
 
 
 def _check_secagg(cfg: AppConfig) -> None:

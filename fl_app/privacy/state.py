@@ -1,0 +1,145 @@
+"""Where a DP-SGD client keeps its privacy state between rounds and across restarts.
+
+The accountant history is the only thing standing between an institution and an
+under-counted epsilon, so it lives in two places (ARCHITECTURE §5, STYLE habit 5):
+
+* ``Context.state`` (``fl-app.dpsgd`` record): survives rounds while the SuperNode
+  (or simulation) process lives;
+* a JSON file in the client's state directory (``--node-config dp-state-dir=...``, or
+  the run directory's ``client-state/`` in simulation): survives a SuperNode restart.
+
+Rules, checked before every round (:meth:`ClientPrivacyState.load`):
+
+* file present: it is the truth; an in-memory copy must agree with it;
+* in-memory state present but file missing: refuse (someone deleted it);
+* the server has seen this client spend more steps than the file records: refuse
+  (a lost or replaced state file must never restart accounting from zero);
+* neither: a fresh start (nothing spent yet).
+
+The new state is written *before* training, so a crash mid-round over-counts at
+worst, never under-counts. JSON only: the file is an artifact an auditor may read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+
+from fl_app.privacy.accounting import PrivacyHistory
+
+__all__ = [
+    "STATE_RECORD",
+    "STEPS_SEEN_KEY",
+    "ClientPrivacyState",
+    "DpSgdState",
+    "PrivacyStateError",
+]
+
+STATE_RECORD = "fl-app.dpsgd"
+# Per-node instruction config: DP-SGD steps the server has seen this node report.
+STEPS_SEEN_KEY = "fl-app.dp-steps-seen"
+_VERSION = 1
+
+
+class PrivacyStateError(Exception):
+    """The stored privacy state is missing, corrupt or inconsistent: do not train."""
+
+
+@dataclass(frozen=True)
+class DpSgdState:
+    history: PrivacyHistory
+    # z, calibrated once (from a target epsilon) or configured, then kept fixed.
+    noise_multiplier: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": _VERSION,
+                "noise_multiplier": self.noise_multiplier,
+                "history": json.loads(self.history.to_json()),
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> DpSgdState:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PrivacyStateError(f"privacy state is not valid JSON: {err}") from err
+        if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+            raise PrivacyStateError(f"privacy state has an unknown version: {raw!r:.80}")
+        z = raw.get("noise_multiplier")
+        if z is not None and (
+            isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0
+        ):
+            raise PrivacyStateError(f"privacy state field noise_multiplier is invalid: {z!r}")
+        try:
+            history = PrivacyHistory.from_json(json.dumps(raw.get("history")))
+        except ValueError as err:
+            raise PrivacyStateError(f"privacy state history is invalid: {err}") from err
+        return cls(history=history, noise_multiplier=None if z is None else float(z))
+
+
+class ClientPrivacyState:
+    """Load and save one client's :class:`DpSgdState` for one run."""
+
+    def __init__(self, context: Context, state_dir: str | os.PathLike[str], run_key: str,
+                 partition_id: int) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key or ""):
+            raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
+        self.context = context
+        self.path = Path(state_dir) / f"dpsgd-{run_key}-partition-{int(partition_id)}.json"
+
+    def _memory(self) -> str | None:
+        record = self.context.state.config_records.get(STATE_RECORD)
+        if record is None:
+            return None
+        value = record.get("state")
+        return value if isinstance(value, str) else None
+
+    def load(self, steps_seen_by_server: int = 0) -> DpSgdState:
+        memory = self._memory()
+        if self.path.is_file():
+            state = DpSgdState.from_json(self.path.read_text())
+            if memory is not None and DpSgdState.from_json(memory) != state:
+                raise PrivacyStateError(
+                    f"privacy state file {self.path} disagrees with this node's in-memory "
+                    "state: refusing to train until an operator resolves it"
+                )
+        elif memory is not None:
+            raise PrivacyStateError(
+                f"privacy state file {self.path} is missing although this node has spent "
+                "privacy budget in this run: refusing to restart accounting from zero"
+            )
+        else:
+            state = DpSgdState(history=PrivacyHistory())
+        if state.history.total_steps < steps_seen_by_server:
+            raise PrivacyStateError(
+                f"the server saw this client take {steps_seen_by_server} DP-SGD steps but the "
+                f"state at {self.path} records {state.history.total_steps}: the state file was "
+                "lost or replaced; refusing to train"
+            )
+        return state
+
+    def save(self, state: DpSgdState) -> None:
+        text = state.to_json()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.context.state[STATE_RECORD] = ConfigRecord({"state": text})
