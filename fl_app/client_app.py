@@ -145,7 +145,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         )
 
         def train() -> tuple[dict[str, np.ndarray], Any]:
-            return model_to_ndarrays(model), dp_train()
+            stats = dp_train()  # trains `model` in place; read its weights afterwards
+            return model_to_ndarrays(model), stats
 
     result = run_train_pipeline(
         arrays, PipelineStages(load=lambda a: load_ndarrays(model, a), train=train)
@@ -181,6 +182,7 @@ def _prepare_dpsgd(
     """
     from fl_app.privacy.accounting import (
         AccountantName,
+        AccountingError,
         DpSgdEvent,
         calibrate_noise_multiplier,
         project_epsilon,
@@ -210,17 +212,21 @@ def _prepare_dpsgd(
     accountant = AccountantName(dp.accountant.value)
     steps, q = planned_steps(len(data.train), spec.train.batch_size, spec.train.local_epochs)
     z = state.noise_multiplier
-    if z is None:
-        if dp.noise_multiplier is not None:
-            z = float(dp.noise_multiplier)
-        else:
-            assert dp.target_epsilon is not None
-            # Calibrated once for every planned round, then kept fixed (stored in state).
-            z = calibrate_noise_multiplier(
-                dp.target_epsilon, dp.delta, q, steps * spec.num_rounds, accountant
-            )
-    planned = DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps)
-    eps_after = project_epsilon(state.history, planned, dp.delta, accountant)
+    try:
+        if z is None:
+            if dp.noise_multiplier is not None:
+                z = float(dp.noise_multiplier)
+            else:
+                assert dp.target_epsilon is not None
+                # Calibrated once for every planned round, then kept fixed (stored in state).
+                z = calibrate_noise_multiplier(
+                    dp.target_epsilon, dp.delta, q, steps * spec.num_rounds, accountant
+                )
+        planned = DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps)
+        eps_after = project_epsilon(state.history, planned, dp.delta, accountant)
+    except (AccountingError, ValueError) as err:
+        # No trustworthy epsilon means no training: never run unaccounted steps.
+        raise ClientRefusal(f"privacy accounting: {err}") from err
     if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
         raise BudgetExhausted(
             f"privacy budget exhausted: epsilon would reach {eps_after:.4g} after this round "

@@ -188,7 +188,8 @@ class RoundReport:
             rec["clients_budget_exhausted"] = len(self.train.exhausted)
         if self.train.client_metrics:
             rec["client_metrics"] = {
-                str(node): dict(m) for node, m in sorted(self.train.client_metrics.items())
+                str(node): {k.replace("-", "_"): v for k, v in m.items()}
+                for node, m in sorted(self.train.client_metrics.items())
             }
         for k, v in self.train.metrics.items():
             rec[k if k.startswith("train") else f"train_{k}"] = v
