@@ -98,19 +98,40 @@ def test_overrides_apply_and_change_hash() -> None:
         # Unsafe: asking for a protection this release cannot give must not run quietly.
         (["privacy.mode=central"], "privacy.mode", "only privacy.mode=none"),
         (["privacy.mode=dpsgd"], "privacy.mode", "expected one of"),
-        (["privacy.threat_model=trusted_server"], "privacy.threat_model", "cannot claim a threat model"),
+        (
+            ["privacy.threat_model=trusted_server"],
+            "privacy.threat_model",
+            "cannot claim a threat model",
+        ),
         (["privacy.record_level=true"], "privacy.dpsgd.noise_multiplier", "exactly one of"),
-        (["privacy=dpsgd", "privacy.dpsgd.target_epsilon=3"], "privacy.dpsgd.noise_multiplier",
-         "exactly one of"),
-        (["privacy=dpsgd", "privacy.dpsgd.noise_multiplier=-1"],
-         "privacy.dpsgd.noise_multiplier", "> 0"),
+        (
+            ["privacy=dpsgd", "privacy.dpsgd.target_epsilon=3"],
+            "privacy.dpsgd.noise_multiplier",
+            "exactly one of",
+        ),
+        (
+            ["privacy=dpsgd", "privacy.dpsgd.noise_multiplier=-1"],
+            "privacy.dpsgd.noise_multiplier",
+            "> 0",
+        ),
         (["privacy=dpsgd", "privacy.dpsgd.delta=0"], "privacy.dpsgd.delta", "(0, 1)"),
-        (["privacy=dpsgd", "privacy.dpsgd.noise_multiplier=null",
-          "privacy.dpsgd.target_epsilon=9", "privacy.dpsgd.max_epsilon=8"],
-         "privacy.dpsgd.target_epsilon", "exceeds the budget"),
+        (
+            [
+                "privacy=dpsgd",
+                "privacy.dpsgd.noise_multiplier=null",
+                "privacy.dpsgd.target_epsilon=9",
+                "privacy.dpsgd.max_epsilon=8",
+            ],
+            "privacy.dpsgd.target_epsilon",
+            "exceeds the budget",
+        ),
         (["privacy=dpsgd", "strategy=fedprox"], "strategy.proximal_mu", "DP-SGD"),
-        (["privacy=dpsgd", "privacy.dpsgd.grad_sample_mode=fast"],
-         "privacy.dpsgd.grad_sample_mode", "expected one of"),
+        (["model=cnn", "model.norm_groups=3"], "model.norm_groups", "divide"),
+        (
+            ["privacy=dpsgd", "privacy.dpsgd.grad_sample_mode=fast"],
+            "privacy.dpsgd.grad_sample_mode",
+            "expected one of",
+        ),
         (["privacy.noise_multiplier=1.0"], "privacy.noise_multiplier", "no effect"),
         (["secagg.mode=secagg"], "secagg.mode", "not implemented"),
     ],
@@ -157,3 +178,15 @@ def test_configs_dir_resolved_from_package_not_cwd(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert compose_config().num_rounds == 5
+
+
+def test_secure_mode_dpsgd_needs_a_csprng_backend() -> None:
+    import importlib.util
+
+    overrides = ["privacy=dpsgd", "privacy.secure_mode=true"]
+    if importlib.util.find_spec("torchcsprng") is None:
+        with pytest.raises(ConfigError) as info:
+            compose_config("config", overrides)
+        assert info.value.field == "privacy.secure_mode" and "torchcsprng" in str(info.value)
+    else:
+        assert compose_config("config", overrides).privacy.secure_mode

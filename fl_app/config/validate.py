@@ -15,6 +15,7 @@ from collections.abc import Callable
 from fl_app.config.schema import (
     AppConfig,
     DatasetKind,
+    ModelName,
     PartitionerName,
     PrivacyMode,
     SecAggMode,
@@ -113,6 +114,14 @@ def _check_model(cfg: AppConfig) -> None:
         "give at least one conv width, each >= 1",
     )
     _check(m.norm_groups >= 1, "model.norm_groups", m.norm_groups, "must be >= 1")
+    if m.name is ModelName.cnn:
+        bad = [c for c in m.channels if c % min(m.norm_groups, c) != 0]
+        _check(
+            not bad,
+            "model.norm_groups",
+            m.norm_groups,
+            f"must divide every conv width in model.channels (not {bad}) for GroupNorm",
+        )
     _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must lie in [0, 1)")
 
 
@@ -245,6 +254,17 @@ def _check_dpsgd(cfg: AppConfig) -> None:
         "FedProx's proximal term is not supported with DP-SGD yet; use strategy=fedavg "
         "or strategy=fedadam",
     )
+    if cfg.privacy.secure_mode:
+        import importlib.util
+
+        _check(
+            importlib.util.find_spec("torchcsprng") is not None,
+            "privacy.secure_mode",
+            True,
+            "DP-SGD noise from a CSPRNG needs Opacus' torchcsprng backend, which is not "
+            "installed; install it on every client or set privacy.secure_mode=false "
+            "(seeded, reproducible noise)",
+        )
     # Opacus must accept the model: checked here, before any client starts.
     from fl_app.models import build_model, opacus_incompatibilities
 
