@@ -61,8 +61,13 @@ def test_dpsgd_run_accounts_epsilon_per_client_across_rounds(tmp_path: Path) -> 
 
 def test_budget_exhaustion_stops_the_run_cleanly(tmp_path: Path) -> None:
     # ε after one round with z=1 is below 1.5 but two rounds exceed it (checked below).
-    cfg = _cfg("num_rounds=5", "federated_eval_every=0", "privacy.dpsgd.max_epsilon=1.5",
-               "privacy.dpsgd.noise_multiplier=1.0", "train.local_epochs=1")
+    cfg = _cfg(
+        "num_rounds=5",
+        "federated_eval_every=0",
+        "privacy.dpsgd.max_epsilon=1.5",
+        "privacy.dpsgd.noise_multiplier=1.0",
+        "train.local_epochs=1",
+    )
     summary = run_simulation_experiment(cfg, tmp_path)
     assert summary["status"] == "completed"
     assert summary["stopped_early"] and "budget" in summary["stopped_early"]
@@ -77,18 +82,25 @@ def test_budget_exhaustion_stops_the_run_cleanly(tmp_path: Path) -> None:
 
 def _train_msg(grid: InProcessGrid, cfg, run_key: str, rnd: int, seen: int) -> Message:
     spec = spec_from_config(cfg, run_key)
-    content = RecordDict({
-        "arrays": to_array_record(initial_arrays(cfg)),
-        "config": ConfigRecord({SPEC_KEY: encode_spec(spec), "server-round": rnd,
-                                STEPS_SEEN_KEY: seen}),
-    })
+    content = RecordDict(
+        {
+            "arrays": to_array_record(initial_arrays(cfg)),
+            "config": ConfigRecord(
+                {SPEC_KEY: encode_spec(spec), "server-round": rnd, STEPS_SEEN_KEY: seen}
+            ),
+        }
+    )
     return Message(content, dst_node_id=grid.node_ids[0], message_type="train")
 
 
 def _fresh_context(grid: InProcessGrid) -> Context:
-    return Context(run_id=1, node_id=grid.node_ids[0],
-                   node_config={"partition-id": 0, "num-partitions": 3},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=grid.node_ids[0],
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def test_client_restart_continues_epsilon_and_missing_state_refuses(tmp_path: Path) -> None:
@@ -112,8 +124,11 @@ def test_client_restart_continues_epsilon_and_missing_state_refuses(tmp_path: Pa
     m2 = second.content["metrics"]
     assert m2["dp-steps"] == 2 * steps1 and m2["dp-epsilon"] > eps1
     q = m2["dp-sample-rate"]
-    want = epsilon(PrivacyHistory().add(DpSgdEvent(m2["dp-noise-multiplier"], q,
-                                                   2 * steps1)), 1e-5, AccountantName.prv)
+    want = epsilon(
+        PrivacyHistory().add(DpSgdEvent(m2["dp-noise-multiplier"], q, 2 * steps1)),
+        1e-5,
+        AccountantName.prv,
+    )
     assert m2["dp-epsilon"] == pytest.approx(want, rel=1e-6)
     # Not double counted: same steps as an uninterrupted client.
     n_train = len(_client_train_size(cfg))
@@ -143,3 +158,25 @@ def test_budget_refusal_is_structured(tmp_path: Path) -> None:
     assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
     assert "budget" in reply.error.reason
     assert not list(tmp_path.glob("*.json"))  # nothing spent, nothing recorded
+
+
+@pytest.mark.slow
+def test_utility_at_epsilon_8_within_8_points_of_non_private(tmp_path: Path) -> None:
+    """Digits over 3 institutions, record-level ε = 8 (δ = 1e-5) each, vs no DP."""
+    dp = compose_config(
+        "config", ["runtime=inprocess", "experiment=digits_dpsgd_3sites", "federated_eval_every=0"]
+    )
+    plain = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "dataset.num_partitions=3",
+            "num_rounds=10",
+            "federated_eval_every=0",
+        ],
+    )
+    s_dp = run_simulation_experiment(dp, tmp_path / "dp")
+    s_plain = run_simulation_experiment(plain, tmp_path / "plain")
+    assert s_dp["privacy"]["record_level_epsilon_max"] <= 8.0
+    assert s_dp["rounds"] == 10 and not s_dp["stopped_early"]
+    assert s_dp["accuracy"] >= s_plain["accuracy"] - 0.08
