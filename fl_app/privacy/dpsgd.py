@@ -268,13 +268,22 @@ def _has_tied_parameters(model: nn.Module) -> bool:
     return False
 
 
-def resolve_grad_sample_mode(model: nn.Module, requested: GradSampleMode | str) -> str:
+# Below this many per-sample gradient entries (batch x trainable parameters) hooks beat
+# ghost clipping on all-Linear models (measured crossover ~0.5M, see below).
+GHOST_MIN_ENTRIES = 500_000
+
+
+def resolve_grad_sample_mode(
+    model: nn.Module, requested: GradSampleMode | str, *, batch_size: int | None = None
+) -> str:
     """Return the Opacus ``grad_sample_mode`` to train ``model`` with.
 
     The ``auto`` rule: **ghost** when every layer with trainable parameters has a
     ghost-clipping norm sampler (``Linear``/``Embedding``, see
-    :func:`ghost_clipping_layers`) and no parameter is shared between layers;
-    otherwise **hooks**. ``functorch`` is never chosen automatically.
+    :func:`ghost_clipping_layers`), no parameter is shared between layers and (when
+    ``batch_size`` is given) ``batch_size x trainable parameters`` reaches
+    ``GHOST_MIN_ENTRIES``; otherwise **hooks**. ``functorch`` is never chosen
+    automatically.
 
     Measured with ``scripts/bench_dpsgd.py`` (2-core CPU shared with other jobs,
     1 torch thread as ``runtime.torch_threads`` gives a client, torch 2.13, Opacus
@@ -296,7 +305,7 @@ def resolve_grad_sample_mode(model: nn.Module, requested: GradSampleMode | str) 
     that bound hooks and functorch (263 MiB for the 269k MLP at B=256), so it wins by
     up to 28x in time and 70x in memory; only on the smallest MLP (below ~0.5M
     per-sample gradient entries, e.g. 4.8k params x 64) is it ~10% (0.1 ms a step)
-    slower, a loss the rule accepts since the batch size is not an input. Opacus 1.6
+    slower, which is why the rule takes the batch size into account. Opacus 1.6
     has no norm sampler for convolutions or GroupNorm: ghost mode builds their
     per-sample gradients as hooks does and adds a second backward pass, so on CNNs
     it is slower than hooks (though it frees them layer by layer: less memory).
@@ -331,7 +340,9 @@ def resolve_grad_sample_mode(model: nn.Module, requested: GradSampleMode | str) 
     tied = _has_tied_parameters(model)
     if mode is GradSampleMode.auto:
         norm_sampled, fallback = ghost_clipping_layers(model)
-        if norm_sampled and not fallback and not tied:
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        large = batch_size is None or batch_size * params >= GHOST_MIN_ENTRIES
+        if norm_sampled and not fallback and not tied and large:
             return GradSampleMode.ghost.value
         return GradSampleMode.hooks.value
     if mode is GradSampleMode.ghost and tied:
@@ -567,7 +578,10 @@ def train_dpsgd(
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ValueError(f"model is not compatible with Opacus DP-SGD:\n{listing}")
-    mode = resolve_grad_sample_mode(model, dp.grad_sample_mode)
+    n_rows = int(np.asarray(y).shape[0])
+    mode = resolve_grad_sample_mode(
+        model, dp.grad_sample_mode, batch_size=min(int(cfg.batch_size), max(1, n_rows))
+    )
     device = _device_of(model)
     xt, yt = as_tensors(x, y, device)
     n = int(yt.shape[0])
