@@ -91,8 +91,9 @@ class DpSgdState:
 class ClientPrivacyState:
     """Load and save one client's :class:`DpSgdState` for one run."""
 
-    def __init__(self, context: Context, state_dir: str | os.PathLike[str], run_key: str,
-                 partition_id: int) -> None:
+    def __init__(
+        self, context: Context, state_dir: str | os.PathLike[str], run_key: str, partition_id: int
+    ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key or ""):
             raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
         self.context = context
