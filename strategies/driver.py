@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -75,6 +75,7 @@ log = logging.getLogger("fl_app.driver")
 
 Arrays = dict[str, np.ndarray]
 EvaluateFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
+R = TypeVar("R", TrainReply, EvalReply)
 
 
 class CohortGrid(Grid):
@@ -341,21 +342,18 @@ class RoundDriver:
         sent_msgs, replies, sent = self._exchange(
             grid, messages, rnd, self.settings.train_timeout_s
         )
-        screened = screen_replies(replies, sent)
         expected = array_specs(arrays)
-        accepted: list[TrainReply] = []
-        for msg in screened.accepted:
-            parsed = parse_train_reply(
-                msg, server_round=rnd, expected=expected, limits=self.settings.limits
-            )
-            if isinstance(parsed, Rejection):
-                screened.rejected.append(parsed)
-            else:
-                accepted.append(parsed)
-        self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
-        self._log_rejections("train", rnd, screened.rejected, screened.failed)
-        stage.exhausted = [r.node_id for r in screened.failed if r.code == BUDGET_EXHAUSTED]
-        stage.metrics = weighted_mean_metrics([(r.num_examples, r.metrics) for r in accepted])
+        accepted, failed = self._ingest(
+            "train",
+            rnd,
+            stage,
+            replies,
+            sent,
+            lambda m: parse_train_reply(
+                m, server_round=rnd, expected=expected, limits=self.settings.limits
+            ),
+        )
+        stage.exhausted = [r.node_id for r in failed if r.code == BUDGET_EXHAUSTED]
         stage.client_metrics = {
             r.node_id: {k: v for k, v in r.metrics.items() if k.startswith(PUBLIC_METRIC_PREFIX)}
             for r in accepted
@@ -409,21 +407,44 @@ class RoundDriver:
             rnd, to_array_record(arrays), config, CohortGrid(grid, cohort)
         )
         _, replies, sent = self._exchange(grid, messages, rnd, self.settings.evaluate_timeout_s)
+        self._ingest(
+            "evaluate",
+            rnd,
+            stage,
+            replies,
+            sent,
+            lambda m: parse_eval_reply(m, server_round=rnd, limits=self.settings.limits),
+        )
+        stage.seconds = time.perf_counter() - t0
+        return stage
+
+    # --------------------------------------------------------------- helpers
+    def _ingest(
+        self,
+        name: str,
+        rnd: int,
+        stage: StageReport,
+        replies: list[Message],
+        sent: Mapping[str, int],
+        parse: Callable[[Message], R | Rejection],
+    ) -> tuple[list[R], list[Rejection]]:
+        """Screen and parse one stage's replies; fill ``stage``; log every refusal.
+
+        Returns the accepted parsed replies and the clients' own error replies.
+        """
         screened = screen_replies(replies, sent)
-        accepted: list[EvalReply] = []
+        accepted: list[R] = []
         for msg in screened.accepted:
-            parsed = parse_eval_reply(msg, server_round=rnd, limits=self.settings.limits)
+            parsed = parse(msg)
             if isinstance(parsed, Rejection):
                 screened.rejected.append(parsed)
             else:
                 accepted.append(parsed)
         self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
-        self._log_rejections("evaluate", rnd, screened.rejected, screened.failed)
+        self._log_rejections(name, rnd, screened.rejected, screened.failed)
         stage.metrics = weighted_mean_metrics([(r.num_examples, r.metrics) for r in accepted])
-        stage.seconds = time.perf_counter() - t0
-        return stage
+        return accepted, screened.failed
 
-    # --------------------------------------------------------------- helpers
     def _exchange(
         self, grid: Grid, messages: Iterable[Message], rnd: int, timeout: float
     ) -> tuple[list[Message], list[Message], dict[str, int]]:

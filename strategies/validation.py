@@ -215,18 +215,28 @@ def _parse_update(
     return update, norm
 
 
-def parse_train_reply(
-    msg: Message, *, server_round: int, expected: ArraySpec, limits: ReplyLimits
-) -> TrainReply | Rejection:
-    """Parse a screened train reply into a :class:`TrainReply`, or reject it."""
+def _parse_records_and_metrics(
+    msg: Message, keys: frozenset[str], server_round: int, limits: ReplyLimits
+) -> tuple[int, float, dict[str, float]] | Rejection:
+    """The checks every reply shares: record keys and types, then its metrics."""
     node = int(msg.metadata.src_node_id)
-    problem = _check_records(msg, TRAIN_REPLY_KEYS)
+    problem = _check_records(msg, keys)
     if problem:
         return Rejection(node, problem)
     parsed = _parse_metrics(msg.content.metric_records[METRICS_KEY], server_round, limits)
     if isinstance(parsed, str):
         return Rejection(node, parsed)
-    num_examples, metrics = parsed
+    return (node, *parsed)
+
+
+def parse_train_reply(
+    msg: Message, *, server_round: int, expected: ArraySpec, limits: ReplyLimits
+) -> TrainReply | Rejection:
+    """Parse a screened train reply into a :class:`TrainReply`, or reject it."""
+    head = _parse_records_and_metrics(msg, TRAIN_REPLY_KEYS, server_round, limits)
+    if isinstance(head, Rejection):
+        return head
+    node, num_examples, metrics = head
     upd = _parse_update(msg.content.array_records[UPDATE_KEY], expected, limits)
     if isinstance(upd, str):
         return Rejection(node, upd)
@@ -238,12 +248,7 @@ def parse_eval_reply(
     msg: Message, *, server_round: int, limits: ReplyLimits
 ) -> EvalReply | Rejection:
     """Parse a screened evaluate reply into an :class:`EvalReply`, or reject it."""
-    node = int(msg.metadata.src_node_id)
-    problem = _check_records(msg, EVAL_REPLY_KEYS)
-    if problem:
-        return Rejection(node, problem)
-    parsed = _parse_metrics(msg.content.metric_records[METRICS_KEY], server_round, limits)
-    if isinstance(parsed, str):
-        return Rejection(node, parsed)
-    num_examples, metrics = parsed
-    return EvalReply(node, num_examples, metrics)
+    head = _parse_records_and_metrics(msg, EVAL_REPLY_KEYS, server_round, limits)
+    if isinstance(head, Rejection):
+        return head
+    return EvalReply(*head)
