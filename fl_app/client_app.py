@@ -105,7 +105,9 @@ def _prepare(msg: Message, context: Context) -> tuple[Any, ...]:
         check_data_shape(data.train, spec.dataset)
     except DataError as err:
         raise ClientRefusal(f"data: {err}") from err
-    model = build_model(spec.model, spec.dataset.input_shape, spec.dataset.num_classes)
+    # Seeded only so initialisation never touches the global RNG: the global weights
+    # overwrite these parameters before any use.
+    model = build_model(spec.model, spec.dataset.input_shape, spec.dataset.num_classes, seed=0)
     return spec, rnd, arrays, config, pid, data, model
 
 

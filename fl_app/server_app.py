@@ -66,7 +66,7 @@ def _server_evaluator(cfg: AppConfig) -> Any:
             "server_eval=false or dataset.test_fraction > 0"
         )
     check_data_shape(test, cfg.dataset)
-    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes)
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
 
     def evaluate_fn(rnd: int, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         load_ndarrays(model, arrays)
