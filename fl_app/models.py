@@ -20,6 +20,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fl_app.config.schema import ModelConfig, ModelName
+from fl_app.rng import seeded_global_rng
 
 __all__ = [
     "MLP",
@@ -235,8 +236,7 @@ def build_model(
     shape = tuple(int(s) for s in input_shape)
     if seed is None:
         return builder(cfg, shape, num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    with seeded_global_rng(int(seed)):
         return builder(cfg, shape, num_classes)
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fl_app.config.schema import ClientTrainConfig, OptimizerName
+from fl_app.rng import seeded_global_rng
 
 __all__ = [
     "EvalStats",
@@ -351,9 +352,7 @@ def train_local(
     # Stochastic layers (dropout) draw from torch's default generator; run them on
     # a forked state seeded from `generator` so the global RNG stays untouched.
     layer_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(layer_seed)
+    with seeded_global_rng(layer_seed, device):
         loss_sum, correct, seen, steps = run_epochs(
             model,
             optimizer,

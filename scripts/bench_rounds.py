@@ -141,9 +141,8 @@ def _session_sample(
     it, so this is the whole setting's footprint. PSS shares each shared page (torch's
     libraries, mapped in every Ray worker) among the processes that map it, so its sum
     is the honest total; RSS counts shared pages once per process. CPU ticks are
-    utime+stime plus those of reaped children; ``per_pid`` (if given) receives each
-    process's name and ticks. Linux only: zeros elsewhere; processes that vanish while
-    being read are skipped.
+    utime+stime; ``per_pid`` (if given) receives each process's name and ticks. Linux
+    only: zeros elsewhere; processes that vanish while being read are skipped.
     """
     pss = rss = count = ticks = 0
     try:
@@ -158,7 +157,7 @@ def _session_sample(
             fields = stat.rsplit(")", 1)[1].split()
             if int(fields[3]) != sid or fields[0] == "Z":  # zombies hold no memory
                 continue
-            proc_ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+            proc_ticks = int(fields[11]) + int(fields[12])  # utime + stime
             with open(f"/proc/{pid}/smaps_rollup") as fh:
                 for line in fh:
                     if line.startswith("Pss:"):
@@ -214,7 +213,7 @@ def run_setting(
     # machine makes every number here suspect, so the table says how busy it was.
     foreign_ticks = 0
     per_pid: dict[int, tuple[str, int]] = {}  # last seen (name, CPU ticks) of each process
-    last_busy, last_session = _busy_ticks(), 0
+    last_busy = _busy_ticks()
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         proc = subprocess.Popen(
@@ -229,11 +228,16 @@ def run_setting(
                 proc.wait(timeout=sample_s)
                 break
             except subprocess.TimeoutExpired:
-                pss, rss, procs, ticks = _session_sample(proc.pid, per_pid)
+                now: dict[int, tuple[str, int]] = {}
+                pss, rss, procs, _ = _session_sample(proc.pid, now)
                 busy = _busy_ticks()
+                # The setting's CPU in this interval, process by process: a process
+                # that ended since the last sample must not subtract its history.
+                ours = sum(t - per_pid.get(pid, ("", 0))[1] for pid, (_, t) in now.items())
                 if busy is not None and last_busy is not None:
-                    foreign_ticks += max(0, (busy - last_busy) - (ticks - last_session))
-                last_busy, last_session = busy, ticks
+                    foreign_ticks += max(0, (busy - last_busy) - ours)
+                last_busy = busy
+                per_pid.update(now)
                 peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
                 peak_procs = max(peak_procs, procs)
                 if time.perf_counter() - t0 > timeout:

@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fl_app.config.schema import ClientTrainConfig
 from fl_app.models import opacus_incompatibilities
+from fl_app.rng import seeded_global_rng
 from fl_app.training import TrainStats, as_tensors, make_optimizer
 
 __all__ = [
@@ -650,9 +651,7 @@ def _train(
                 f"Opacus samples at q={trainer.loader.sample_rate!r}, "
                 f"planned_steps expected {sample_rate!r}"
             )
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(layer_seed)
+        with seeded_global_rng(layer_seed, device):
             for _ in range(int(cfg.local_epochs)):
                 # Opacus' sampler with its generator; index the tensors directly rather
                 # than collating example by example (same batches, far less overhead).
