@@ -283,15 +283,16 @@ class RoundDriver:
         self._result = result
         for rnd in range(start_round, self.settings.num_rounds + 1):
             usable = self._usable_nodes(grid)
-            if len(usable) < self.settings.min_train_replies:
+            if result.exhausted and len(usable) < self.settings.min_train_replies:
                 result.stopped_early = (
                     f"before round {rnd}: only {len(usable)} clients have privacy budget left "
-                    f"(< min_train_replies={self.settings.min_train_replies}); stopping with "
-                    "the model of the last completed round"
+                    f"({len(result.exhausted)} exhausted; min_train_replies="
+                    f"{self.settings.min_train_replies}); stopping with the model of the last "
+                    "completed round"
                 )
                 log.warning("%s", result.stopped_early)
                 break
-            arrays, report = self.run_round(grid, rnd, arrays)
+            arrays, report = self.run_round(grid, rnd, arrays, node_ids=usable)
             result.reports.append(report)
             result.exhausted.update(report.train.exhausted)
             for node, metrics in report.train.client_metrics.items():
@@ -302,9 +303,13 @@ class RoundDriver:
         result.seconds = time.perf_counter() - t0
         return result
 
-    def run_round(self, grid: Grid, rnd: int, arrays: Arrays) -> tuple[Arrays, RoundReport]:
+    def run_round(
+        self, grid: Grid, rnd: int, arrays: Arrays, *, node_ids: list[int] | None = None
+    ) -> tuple[Arrays, RoundReport]:
+        """One round over ``node_ids`` (default: connected nodes with budget left)."""
         t0 = time.perf_counter()
-        node_ids = self._usable_nodes(grid)
+        if node_ids is None:
+            node_ids = self._usable_nodes(grid)
         new_arrays, train, note, norm = self._train_stage(grid, rnd, arrays, node_ids)
         updated = new_arrays is not arrays
         arrays = new_arrays
