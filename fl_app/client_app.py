@@ -288,6 +288,9 @@ def _refusals_as_errors(
     handler: Callable[[Message, Context], Message],
 ) -> Callable[[Message, Context], Message]:
     def wrapped(msg: Message, context: Context) -> Message:
+        # Flower's log lines once in client processes too (Ray workers also route the
+        # root logger to the driver, which printed every Flower line twice).
+        logging.getLogger("flwr").propagate = False
         try:
             return handler(msg, context)
         except ClientRefusal as err:
