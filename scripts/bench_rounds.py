@@ -9,10 +9,12 @@ Per-round ``round_seconds`` come from that directory's ``metrics.jsonl``; the ac
 from its ``summary.json``.
 
 Each setting runs in a fresh subprocess (this script again, with the hidden
-``--one BACKEND N`` flag) so that memory and Ray state never leak between settings
-and the peak RSS of every setting is its own. The child sends its everything-else
-output (progress lines, Ray's worker logs) to /dev/null and prints one JSON result
-on a final line marked ``BENCH_RESULT``.
+``--one BACKEND N`` flag, in its own session) so that memory and Ray state never leak
+between settings and the peak RSS of every setting is its own. The child sends all
+other output (progress lines, Ray's worker logs) to /dev/null and prints one JSON
+result on a final line marked ``BENCH_RESULT``. A setting that fails or runs past
+``--timeout`` (its whole session is killed) is reported as an error row; the others go
+on, and the exit status is 1.
 
 Usage::
 
@@ -29,7 +31,12 @@ such as Ray actor warm-up and data partitioning in each worker); *peak RSS MB* i
 child process's ``ru_maxrss`` via ``resource.getrusage`` (for Ray: the driver only);
 *all processes peak PSS MB* is the largest sum, sampled every 0.5 s from ``/proc``, of
 the proportional set size of every process in the child's session (Ray's GCS, raylet,
-dashboard agent and ClientApp actors included), with the most processes seen.
+dashboard agent and ClientApp actors included), with the most processes seen;
+*other CPU %* is the share of the machine's CPU used by processes outside the setting
+while it ran (about 2 % in-process and 5 % with Ray on an idle machine: sampling, and
+processes too short-lived to be seen). Below the table: CPU seconds per process of
+the setting (driver = the process that runs the ServerApp), which shows what bounds
+a round, and the Ray/in-process ratios.
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ def run_one(backend: str, num_clients: int, rounds: int) -> dict[str, Any]:
         "clients_sampled": sampled,
         "clients_accepted": accepted,
         "accuracy": summary.get("accuracy"),
+        "code_version": summary.get("code_version"),
         "local_epochs": cfg.train.local_epochs,
         "batch_size": cfg.train.batch_size,
         "fraction_train": cfg.strategy.fraction_train,
