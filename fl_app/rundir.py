@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fl_app.atomic import write_atomic
 from fl_app.config.compose import config_hash, config_to_dict
 from fl_app.config.schema import AppConfig
 from strategies.driver import RoundReport
@@ -66,9 +67,7 @@ def _clean(value: Any) -> Any:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n").encode())
 
 
 class RunDirectory:

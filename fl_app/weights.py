@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import safetensors.numpy
 from flwr.app import Array, ArrayRecord
+
+from fl_app.atomic import write_atomic
 
 if TYPE_CHECKING:  # torch is imported lazily: the array-record helpers serve
     # torch-free processes (the round driver, key-exchange stages).
@@ -240,18 +241,7 @@ def save_safetensors(
             raise ValueError(f"array {key!r} has dtype {arr.dtype}, which safetensors cannot store")
         tensors[key] = arr
     blob = safetensors.numpy.save(tensors, metadata=dict(metadata) or None)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, blob)
     return hashlib.sha256(blob).hexdigest()
 
 

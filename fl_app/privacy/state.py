@@ -26,12 +26,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from fl_app.atomic import write_atomic
 from fl_app.privacy.accounting import PrivacyHistory
 
 __all__ = [
@@ -132,15 +132,5 @@ class ClientPrivacyState:
 
     def save(self, state: DpSgdState) -> None:
         text = state.to_json()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, text.encode())
         self.context.state[STATE_RECORD] = ConfigRecord({"state": text})
