@@ -219,14 +219,11 @@ def test_natural_partitioner_on_digits_needs_id_column():
         load_client_data(cfg, 0, 10, SEED)
 
 
-def test_thousand_partitions_fast():
+def test_thousand_partitions():
     cfg = digits_cfg(num_partitions=1000, val_fraction=0.0)
-    start = time.perf_counter()
     parts = all_partitions(cfg)
-    elapsed = time.perf_counter() - start
     assert sum(len(p.train) for p in parts) == 1797 - round(0.2 * 1797)
     assert all(len(p.train) >= 1 and len(p.val) == 0 for p in parts)
-    assert elapsed < 10, f"1000 partitions took {elapsed:.1f}s"
 
 
 # ---- hub (offline, substituted loader) ------------------------------------------------

@@ -491,14 +491,11 @@ def test_thousand_nodes_one_round_trip(make_grid: GridFactory) -> None:
     weights = np.random.default_rng(0).random(20_000, dtype=np.float32)
     content = RecordDict({"arrays": ArrayRecord({"w": Array(weights)})})
     batch = [Message(content, n, "query") for n in grid.node_ids]
-    start = time.perf_counter()
     replies = grid.send_and_receive(batch, timeout=60)
-    elapsed = time.perf_counter() - start
     assert len(replies) == 1000
     assert {r.metadata.src_node_id for r in replies} == set(grid.node_ids)
     np.testing.assert_array_equal(replies[-1].content["arrays"]["w"].numpy(), weights)
-    # ~0.2-0.3 s on a 2-core CI box; generous bound against noisy neighbours.
-    assert elapsed < 5.0, f"1,000-node round trip took {elapsed:.2f}s"
+    # Its speed is measured by scripts/bench_rounds.py, not asserted here.
 
 
 def test_fedavg_runs_end_to_end(make_grid: GridFactory) -> None:
@@ -512,7 +509,12 @@ def test_fedavg_runs_end_to_end(make_grid: GridFactory) -> None:
     )
     result = strategy.start(grid=grid, initial_arrays=model(0.0), num_rounds=2, timeout=10)
     # Every client adds 1 to the model, so the weighted mean moves by 1 per round.
-    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full(3, 2.0))
+    # Flower's FedAvg averages in float32, in the order its unseeded random.sample
+    # picked the nodes, so the result may be off by a few float32 ulps (CI saw
+    # 2.0000002); our own driver's float64 mean is tested exactly in test_driver.
+    np.testing.assert_allclose(
+        result.arrays["w"].numpy(), np.full(3, 2.0), rtol=4 * np.finfo(np.float32).eps
+    )
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert result.train_metrics_clientapp[2]["count"] == pytest.approx(2.0)
     # Evaluate: weighted (equal weights) mean of partition ids 0..3.
