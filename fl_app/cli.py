@@ -1,7 +1,9 @@
 """The ``fl-app`` command.
 
 ``fl-app simulate [hydra overrides...]``  run an experiment (Hydra main; ``-m`` sweeps)
+``fl-app simulate --dry-run [...]``       validate and print the privacy projection only
 ``fl-app config [hydra overrides...]``    print the composed, validated config
+``fl-app audit verify <log> ...``         check a hash-chained audit log
 """
 
 from __future__ import annotations
@@ -18,10 +20,42 @@ commands:
              e.g. fl-app simulate strategy=fedadam dataset.partitioner=dirichlet
                   fl-app simulate experiment=digits_dirichlet
                   fl-app simulate -m strategy=fedavg,fedadam seed=1,2
+             --dry-run: validate, print the planned privacy spend (epsilon the planned
+             rounds would reach, rounds that fit the budget) and exit without training
   config     print the composed and validated config for the given overrides
+  audit      verify | repair | sign | keygen: the tamper-evident audit log
+             e.g. fl-app audit verify outputs/.../audit.jsonl
 
 Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=...).
 """
+
+
+_DRY_RUN = False
+
+
+def privacy_plan(cfg: Any) -> list[str]:
+    """Human lines describing what ``cfg`` will spend, before anything trains."""
+    from fl_app.config.schema import PrivacyMode
+    from strategies.client_dp import ClientDpSettings, projection_lines
+
+    lines: list[str] = []
+    if cfg.privacy.mode is not PrivacyMode.none:
+        lines += projection_lines(ClientDpSettings.from_config(cfg))
+    if cfg.privacy.record_level:
+        d = cfg.privacy.dpsgd
+        target = (
+            f"z={d.noise_multiplier:g}"
+            if d.noise_multiplier is not None
+            else f"calibrated to epsilon={d.target_epsilon:g}"
+        )
+        budget = f", budget max_epsilon={d.max_epsilon:g}" if d.max_epsilon is not None else ""
+        lines.append(
+            f"record-level DP-SGD in every client ({target}, C={d.max_grad_norm:g}, "
+            f"delta={d.delta:g}{budget}): each client projects its own epsilon before each round"
+        )
+    if not lines:
+        lines.append("no differential privacy: nothing to project (privacy=none)")
+    return lines
 
 
 def _simulate_task(raw: Any) -> float | None:
@@ -36,6 +70,11 @@ def _simulate_task(raw: Any) -> float | None:
     except ConfigError as err:
         print(f"fl-app: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if _DRY_RUN:
+        print(f"[dry run] {cfg.experiment_name}:")
+        for line in privacy_plan(cfg):
+            print(f"  {line}", flush=True)
+        return None
     run_dir = HydraConfig.get().runtime.output_dir
     summary = run_simulation_experiment(cfg, run_dir)
     acc = summary.get("accuracy")
@@ -69,6 +108,20 @@ def _print_config(argv: list[str]) -> None:
     print(f"# config hash: {config_hash(cfg)}")
 
 
+def _dry_run(argv: list[str]) -> None:
+    from fl_app.config.compose import compose_config
+    from fl_app.config.validate import ConfigError
+
+    try:
+        cfg = compose_config("config", argv)
+    except ConfigError as err:
+        print(f"fl-app: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"[dry run] {cfg.experiment_name}: config valid, nothing trained")
+    for line in privacy_plan(cfg):
+        print(f"  {line}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help", "help"}:
@@ -76,7 +129,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command == "simulate":
+        if "--dry-run" in rest:
+            rest = [a for a in rest if a != "--dry-run"]
+            if "-m" in rest or "--multirun" in rest:
+                global _DRY_RUN
+                _DRY_RUN = True  # every job of the sweep prints its own projection
+                _run_hydra(rest)
+            else:
+                _dry_run(rest)
+            return
         _run_hydra(rest)
+    elif command == "audit":
+        from fl_app.audit import audit_main
+
+        raise SystemExit(audit_main(rest))
     elif command == "config":
         _print_config(rest)
     else:

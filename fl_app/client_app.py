@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -30,12 +30,14 @@ from strategies.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     CLIENT_REFUSED,
+    CLIP_NORM_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     PROXIMAL_MU,
     SERVER_ROUND,
     SPEC_KEY,
+    UNCLIPPED_KEY,
     UPDATE_KEY,
 )
 
@@ -150,9 +152,17 @@ def handle_train(msg: Message, context: Context) -> Message:
             stats = dp_train()  # trains `model` in place; read its weights afterwards
             return model_to_ndarrays(model), stats
 
+    clip_stage, noise_stage, client_dp_metrics = _client_dp_stages(spec, rnd, config, context, pid)
     result = run_train_pipeline(
-        arrays, PipelineStages(load=lambda a: load_ndarrays(model, a), train=train)
+        arrays,
+        PipelineStages(
+            load=lambda a: load_ndarrays(model, a),
+            train=train,
+            clip=clip_stage,
+            noise=noise_stage,
+        ),
     )
+    dp_metrics.update(client_dp_metrics)
     stats = result.stats
     metrics = MetricRecord(
         {
@@ -165,6 +175,71 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
+
+
+LOCAL_DP_STATE = "fl-app.local-dp"
+
+
+def _client_dp_stages(
+    spec: ClientSpec, rnd: int, config: Any, context: Context, pid: int
+) -> tuple[Any, Any, dict[str, float]]:
+    """The clip and local-noise stages this round asks for, and their metrics.
+
+    The returned metrics dict is filled in when the stages run. Local DP checks this
+    client's own budget and counts the release in ``Context.state`` *before* training,
+    so a crash can only over-count.
+    """
+    dp = spec.client_dp
+    if dp is None:
+        return None, None, {}
+    from fl_app.privacy.clipping import check_clip_norm, clip_l2
+
+    try:
+        clip_norm = check_clip_norm(config.get(CLIP_NORM_KEY), f"'{CLIP_NORM_KEY}'")
+    except ValueError as err:
+        raise ClientRefusal(f"client-level DP: {err}") from err
+    metrics: dict[str, float] = {}
+
+    def clip(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clipped = clip_l2(update, clip_norm)
+        if dp.report_unclipped:
+            metrics[UNCLIPPED_KEY] = 1.0 if clipped.unclipped else 0.0
+        return clipped.arrays
+
+    if dp.local_noise_multiplier is None:
+        return clip, None, metrics
+
+    from fl_app.config.schema import Accountant
+    from fl_app.privacy.ledger import local_epsilon
+    from fl_app.privacy.noise import SecureNoise
+
+    z = float(dp.local_noise_multiplier)
+    record = context.state.get(LOCAL_DP_STATE, MetricRecord({"releases": 0}))
+    releases = int(cast(int, record["releases"])) + 1
+    try:
+        eps_after = local_epsilon(z, releases, dp.delta, Accountant(dp.accountant).value)
+    except (ValueError, RuntimeError) as err:
+        raise ClientRefusal(f"local DP accounting: {err}") from err
+    if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
+        raise BudgetExhausted(
+            f"local DP budget exhausted: epsilon would reach {eps_after:.4g} after this "
+            f"round (budget {dp.max_epsilon:g}, delta {dp.delta:g}, {releases - 1} releases)"
+        )
+    context.state[LOCAL_DP_STATE] = MetricRecord({"releases": releases})
+    metrics.update(
+        {"dp-local-epsilon": eps_after, "dp-local-releases": releases, "dp-partition-id": pid}
+    )
+    # Always a CSPRNG: noise from a seed the server knows would protect nothing from it.
+    source = SecureNoise()
+
+    def noise(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        std = z * clip_norm
+        return {
+            k: (v.astype(np.float64) + source.normal(std, v.size).reshape(v.shape)).astype(v.dtype)
+            for k, v in update.items()
+        }
+
+    return clip, noise, metrics
 
 
 def _prepare_dpsgd(

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fl_app.config.schema import (
+    Accountant,
     AppConfig,
     ClientTrainConfig,
     DatasetConfig,
@@ -26,11 +27,37 @@ from fl_app.config.schema import (
     ModelConfig,
 )
 
-__all__ = ["ClientSpec", "SpecError", "decode_spec", "encode_spec", "spec_from_config"]
+__all__ = [
+    "ClientDpSpec",
+    "ClientSpec",
+    "SpecError",
+    "decode_spec",
+    "encode_spec",
+    "spec_from_config",
+]
 
 
 class SpecError(ValueError):
     """The spec a server sent cannot be used (malformed JSON, unknown key, bad type)."""
+
+
+@dataclass
+class ClientDpSpec:
+    """What a client does for client-level DP (present when clients clip).
+
+    The clip norm itself changes per round (adaptive clipping) and arrives as
+    ``config["fl-app.clip-norm"]`` in each train instruction.
+    """
+
+    # Local DP: noise N(0, (z·C)²) on the clipped update before it leaves; null = the
+    # client only clips (central DP with client-side clipping).
+    local_noise_multiplier: float | None = None
+    # Report whether the update was within the clip norm (adaptive clipping's count).
+    report_unclipped: bool = False
+    delta: float = 1e-5
+    accountant: Accountant = Accountant.pld
+    # Local DP budget of this client: it refuses a round that would take it past this.
+    max_epsilon: float | None = None
 
 
 @dataclass
@@ -49,9 +76,13 @@ class ClientSpec:
     dpsgd: DpSgdConfig | None = None
     # CSPRNG for DP noise instead of seeded generators.
     secure_mode: bool = False
+    # Client-level DP stages (clip, local noise); None = send the raw update.
+    client_dp: ClientDpSpec | None = None
 
 
-def spec_from_config(cfg: AppConfig, run_key: str = "") -> ClientSpec:
+def spec_from_config(
+    cfg: AppConfig, run_key: str = "", client_dp: ClientDpSpec | None = None
+) -> ClientSpec:
     return ClientSpec(
         seed=cfg.seed,
         dataset=cfg.dataset,
@@ -62,6 +93,7 @@ def spec_from_config(cfg: AppConfig, run_key: str = "") -> ClientSpec:
         run_key=run_key,
         dpsgd=cfg.privacy.dpsgd if cfg.privacy.record_level else None,
         secure_mode=cfg.privacy.secure_mode,
+        client_dp=client_dp,
     )
 
 

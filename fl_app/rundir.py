@@ -165,6 +165,10 @@ class ProgressPrinter:
         eps = [m["dp-epsilon"] for m in t.client_metrics.values() if "dp-epsilon" in m]
         if eps:
             parts.append(f"record-level eps max {max(eps):.3f}")
+        if "dp_epsilon" in report.privacy:
+            parts.append(f"client-level eps {report.privacy['dp_epsilon']:.3f}")
+        if "dp_local_epsilon_max" in report.privacy:
+            parts.append(f"local eps max {report.privacy['dp_local_epsilon_max']:.3f}")
         if t.exhausted:
             parts.append(f"{len(t.exhausted)} out of budget")
         if not report.model_updated:

@@ -28,10 +28,19 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_app.client_spec import encode_spec, spec_from_config
+from fl_app.atomic import write_atomic
+from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, parse_overrides
-from fl_app.config.schema import AppConfig
+from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
+from fl_app.privacy.accounting import AccountingError
 from fl_app.rundir import MetricsWriter, ProgressPrinter, RunDirectory
+from strategies.client_dp import (
+    CentralDp,
+    LocalDp,
+    MeanAggregator,
+    build_aggregator,
+    projection_lines,
+)
 from strategies.driver import DriverResult, RoundListener, RoundReport
 from strategies.factory import build_driver
 from strategies.protocol import SPEC_KEY
@@ -106,7 +115,11 @@ def run_experiment(
     rd.manifest["run_key"] = run_key
     rd.start()
     arrays = initial_arrays(cfg)
-    client_spec = spec_from_config(cfg, run_key)
+    aggregator = build_aggregator(cfg)
+    if progress and not isinstance(aggregator, MeanAggregator):
+        for line in projection_lines(aggregator.settings):
+            print(line, flush=True)
+    client_spec = spec_from_config(cfg, run_key, _client_dp_spec(aggregator))
     if client_spec.dpsgd is not None and client_spec.dpsgd.state_dir is None:
         # Simulation default; real SuperNodes pass --node-config "dp-state-dir=...".
         client_spec.dpsgd = dataclasses.replace(
@@ -115,6 +128,10 @@ def run_experiment(
     spec = encode_spec(client_spec)
     steps_seen = StepsSeen()
     listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path), steps_seen]
+    ledger_writer = None
+    if not isinstance(aggregator, MeanAggregator):
+        ledger_writer = LedgerWriter(rd.path / LEDGER_FILE, aggregator)
+        listeners.insert(0, ledger_writer)
     if progress:
         listeners.append(ProgressPrinter(cfg.num_rounds))
     listeners.extend(extra_listeners)
@@ -125,16 +142,21 @@ def run_experiment(
         evaluate_fn=_server_evaluator(cfg),
         listeners=listeners,
         node_config_fn=steps_seen.node_config if cfg.privacy.record_level else None,
+        aggregator=aggregator,
     )
     try:
         result = driver.run(grid, arrays)
     except BaseException:
+        if ledger_writer is not None:
+            ledger_writer.write()
         rd.finish({"status": "failed", "seconds": time.perf_counter() - t0}, status="failed")
         raise
+    if ledger_writer is not None:
+        ledger_writer.write()
     from fl_app.weights import weights_digest
 
     model_sha = rd.save_model(result.arrays, cfg.num_rounds)
-    summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha)
+    summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha, aggregator)
     summary["weights_sha256"] = weights_digest(result.arrays)
     rd.finish(summary)
     if progress:
@@ -144,12 +166,118 @@ def run_experiment(
             print(f"stopped early: {result.stopped_early}", flush=True)
         eps = summary["privacy"].get("record_level_epsilon_max")
         spent = f", max record-level epsilon {eps:.3f}" if eps is not None else ""
+        fed_eps = summary["privacy"].get("epsilon")
+        if fed_eps is not None:
+            spent += f", client-level epsilon {fed_eps:.3f} (delta {summary['privacy']['delta']:g})"
         print(
             f"done: {len(result.reports)} rounds in {summary['seconds']:.1f}s, "
             f"test accuracy {shown}{spent}; run directory {rd.path}",
             flush=True,
         )
     return summary
+
+
+LEDGER_FILE = "privacy_ledger.json"
+
+
+class LedgerWriter:
+    """Round listener: persists the client-level privacy ledger after every round.
+
+    The ledger already holds the round (recorded before its instructions were sent);
+    writing it atomically each round means the file on disk is never behind the model.
+    """
+
+    def __init__(self, path: Path, aggregator: CentralDp | LocalDp) -> None:
+        self.path = path
+        self.aggregator = aggregator
+
+    def write(self) -> None:
+        write_atomic(self.path, (self.aggregator.ledger.to_json() + "\n").encode())
+
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
+        self.write()
+
+
+def _client_dp_spec(aggregator: MeanAggregator | CentralDp | LocalDp) -> ClientDpSpec | None:
+    """What clients must do for client-level DP (None: send raw updates)."""
+    if isinstance(aggregator, MeanAggregator):
+        return None
+    s = aggregator.settings
+    if isinstance(aggregator, LocalDp):
+        return ClientDpSpec(
+            local_noise_multiplier=s.noise_multiplier,
+            delta=s.delta,
+            accountant=Accountant(s.accountant.value),
+            max_epsilon=s.max_epsilon,
+        )
+    if s.clip_side is ClipSide.client:
+        return ClientDpSpec(
+            report_unclipped=s.clipping is ClippingMode.adaptive,
+            delta=s.delta,
+            accountant=Accountant(s.accountant.value),
+        )
+    return None
+
+
+def _client_level_summary(
+    aggregator: MeanAggregator | CentralDp | LocalDp, result: DriverResult
+) -> dict[str, Any]:
+    if isinstance(aggregator, MeanAggregator):
+        return {"epsilon": None, "delta": None}
+    s = aggregator.settings
+    ledger = aggregator.ledger
+    base: dict[str, Any] = {
+        "delta": s.delta,
+        "accountant": s.accountant.value,
+        "clip": s.clip,
+        "noise_multiplier": s.noise_multiplier,
+        "budget_max_epsilon": s.max_epsilon,
+        "ledger_file": LEDGER_FILE,
+    }
+    if isinstance(aggregator, LocalDp):
+        reported = [
+            m["dp-local-epsilon"] for m in result.client_metrics.values() if "dp-local-epsilon" in m
+        ]
+        eps = max([*reported, *ledger.local_epsilons().values()], default=0.0)
+        return {
+            "epsilon": eps,
+            "delta": s.delta,
+            "client_level": {
+                **base,
+                "mechanism": "local DP: each client clips to C and adds N(0, (z*C)^2)",
+                "epsilon_max_client": eps,
+                "releases": dict(ledger.local),
+            },
+        }
+    eps = ledger.epsilon()
+    try:
+        rdp = ledger.epsilon(Accountant.rdp.value) if s.accountant.value != "rdp" else eps
+    except (AccountingError, ValueError):  # a cross-check never fails the run
+        rdp = None
+    return {
+        "epsilon": eps,
+        "delta": s.delta,
+        "client_level": {
+            **base,
+            "mechanism": (
+                f"central DP (DP-FedAvg), {s.clipping.value} clipping by the "
+                f"{s.clip_side.value}, Gaussian noise z*C on the sum of clipped updates"
+            ),
+            "epsilon": eps,
+            "epsilon_rdp_cross_check": rdp,
+            "rounds_accounted": len(ledger.events),
+            "sampling": s.sampling.value,
+            "sample_rate": s.fraction,
+            "update_noise_multiplier": s.update_noise_multiplier,
+            "clipped_count_stddev": s.clipped_count_std,
+            "clip_final": aggregator.clip,
+            "neighbouring": (
+                "replace one client"
+                if ledger.events and ledger.events[-1].replace_one
+                else "add or remove one client"
+            ),
+        },
+    }
 
 
 class StepsSeen:
@@ -198,7 +326,12 @@ def _record_level_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any
 
 
 def _summary(
-    cfg: AppConfig, result: DriverResult, seconds: float, rd: RunDirectory, model_sha: str
+    cfg: AppConfig,
+    result: DriverResult,
+    seconds: float,
+    rd: RunDirectory,
+    model_sha: str,
+    aggregator: MeanAggregator | CentralDp | LocalDp,
 ) -> dict[str, Any]:
     last = result.reports[-1] if result.reports else None
     fed = None
@@ -229,19 +362,37 @@ def _summary(
         "privacy": {
             "mode": cfg.privacy.mode.value,
             "threat_model": cfg.privacy.threat_model.value,
-            # Client-level (federation) epsilon: no client-level mechanism yet.
-            "epsilon": None,
-            "delta": None,
-            "note": (
-                "record-level DP-SGD per institution; no client-level DP: the server sees "
-                "each (DP-SGD-trained) update"
-                if cfg.privacy.record_level
-                else "no differential privacy: updates and the model are not protected"
-            ),
+            "note": _privacy_note(cfg),
+            **_client_level_summary(aggregator, result),
             **_record_level_summary(cfg, result),
         },
         "secure_aggregation": cfg.secagg.mode.value,
     }
+
+
+def _privacy_note(cfg: AppConfig) -> str:
+    p = cfg.privacy
+    parts = []
+    if p.mode.value == "central":
+        parts.append(
+            "client-level central DP: the released model is DP at the stated (epsilon, "
+            "delta); the server saw every client's (clipped) update"
+        )
+    elif p.mode.value == "local":
+        parts.append(
+            "client-level local DP: each update was clipped and noised before leaving its "
+            "client; epsilon is the largest per-client value"
+        )
+    if p.record_level:
+        parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
+    if not parts:
+        return "no differential privacy: updates and the model are not protected"
+    if not p.secure_mode and p.mode.value == "central":
+        parts.append(
+            "noise drawn from a generator seeded by the config (privacy.secure_mode=false): "
+            "reproducible, but whoever knows the seed can remove it; use secure_mode for releases"
+        )
+    return "; ".join(parts)
 
 
 def make_server_app(cfg: AppConfig, run_dir: str | os.PathLike[str]) -> ServerApp:

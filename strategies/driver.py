@@ -39,7 +39,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.weights import from_array_record, to_array_record
-from strategies.aggregation import apply_update, weighted_mean_metrics, weighted_mean_update
+from strategies.aggregation import apply_update, weighted_mean_metrics
+from strategies.client_dp import MeanAggregator, UpdateAggregator
 from strategies.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
@@ -76,6 +77,10 @@ log = logging.getLogger("fl_app.driver")
 Arrays = dict[str, np.ndarray]
 EvaluateFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
 R = TypeVar("R", TrainReply, EvalReply)
+
+
+def _public(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.startswith("fl-app.")}
 
 
 class CohortGrid(Grid):
@@ -165,6 +170,8 @@ class RoundReport:
     server_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     update_norm: float = 0.0
+    # Public metrics of the privacy layer (clip norm, noise std, epsilon so far, ...).
+    privacy: dict[str, float] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """Flat JSON-able form for ``metrics.jsonl``."""
@@ -202,6 +209,7 @@ class RoundReport:
                 rec[f"fed_{k}"] = v
         for k, v in self.server_metrics.items():
             rec[f"server_{k}"] = v
+        rec.update(self.privacy)
         return {k.replace("-", "_"): v for k, v in rec.items()}
 
 
@@ -245,6 +253,10 @@ class RoundDriver:
         Extra per-node scalars added to that node's instruction ``config`` (e.g. the
         privacy steps the server has seen it spend, so a client whose state file was
         lost cannot restart its accounting from zero).
+    aggregator
+        Turns the accepted replies into the update to apply (default: the exact
+        weighted mean; :mod:`strategies.client_dp` adds clipping, noise, a ledger and
+        a budget that can stop the run before a round).
     """
 
     def __init__(
@@ -259,8 +271,10 @@ class RoundDriver:
         evaluate_fn: EvaluateFn | None = None,
         listeners: Sequence[RoundListener] = (),
         node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
+        aggregator: UpdateAggregator | None = None,
     ) -> None:
         self.strategy = strategy
+        self.aggregator: UpdateAggregator = aggregator or MeanAggregator()
         self.node_config_fn = node_config_fn
         self._result: DriverResult | None = None
         self.train_sampler = train_sampler
@@ -270,6 +284,7 @@ class RoundDriver:
         self.evaluate_config = dict(evaluate_config or {})
         self.evaluate_fn = evaluate_fn
         self.listeners = list(listeners)
+        self._privacy_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ loop
     def run(
@@ -290,6 +305,11 @@ class RoundDriver:
                     f"{self.settings.min_train_replies}); stopping with the model of the last "
                     "completed round"
                 )
+                log.warning("%s", result.stopped_early)
+                break
+            stop = self.aggregator.begin_round(rnd, len(usable))
+            if stop:
+                result.stopped_early = f"before round {rnd}: {stop}"
                 log.warning("%s", result.stopped_early)
                 break
             arrays, report = self.run_round(grid, rnd, arrays, node_ids=usable)
@@ -318,6 +338,8 @@ class RoundDriver:
         if self.evaluate_sampler is not None and every > 0 and rnd % every == 0:
             evaluate = self._evaluate_stage(grid, rnd, arrays, node_ids)
         server_metrics = dict(self.evaluate_fn(rnd, arrays)) if self.evaluate_fn else {}
+        privacy = dict(self._privacy_metrics)
+        privacy.update(self.aggregator.status())
         report = RoundReport(
             server_round=rnd,
             train=train,
@@ -327,6 +349,7 @@ class RoundDriver:
             server_metrics=server_metrics,
             seconds=time.perf_counter() - t0,
             update_norm=norm,
+            privacy=privacy,
         )
         return arrays, report
 
@@ -335,12 +358,15 @@ class RoundDriver:
         self, grid: Grid, rnd: int, arrays: Arrays, node_ids: list[int]
     ) -> tuple[Arrays, StageReport, str, float]:
         t0 = time.perf_counter()
+        self._privacy_metrics = {}
         cohort = self.train_sampler.sample(node_ids, rnd)
         stage = StageReport(sampled=len(cohort))
         if not cohort:
             stage.seconds = time.perf_counter() - t0
             return arrays, stage, "empty cohort sampled: model unchanged", 0.0
-        config = ConfigRecord({**self.train_config, SERVER_ROUND: rnd})
+        config = ConfigRecord(
+            {**self.train_config, **self.aggregator.round_config(rnd), SERVER_ROUND: rnd}
+        )
         messages = self.strategy.configure_train(
             rnd, to_array_record(arrays), config, CohortGrid(grid, cohort)
         )
@@ -354,8 +380,10 @@ class RoundDriver:
             stage,
             replies,
             sent,
-            lambda m: parse_train_reply(
-                m, server_round=rnd, expected=expected, limits=self.settings.limits
+            lambda m: self._check_train_reply(
+                parse_train_reply(
+                    m, server_round=rnd, expected=expected, limits=self.settings.limits
+                )
             ),
         )
         stage.exhausted = [r.node_id for r in failed if r.code == BUDGET_EXHAUSTED]
@@ -374,7 +402,8 @@ class RoundDriver:
             stage.seconds = time.perf_counter() - t0
             return arrays, stage, note, 0.0
 
-        mean = weighted_mean_update(accepted)
+        mean = self.aggregator.aggregate(rnd, accepted)
+        self._privacy_metrics = dict(mean.metrics)
         norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in mean.update.values())))
         candidate = apply_update(arrays, mean.update)
         # The strategy receives the cohort as one pre-aggregated reply (see module doc).
@@ -424,6 +453,12 @@ class RoundDriver:
         return stage
 
     # --------------------------------------------------------------- helpers
+    def _check_train_reply(self, parsed: TrainReply | Rejection) -> TrainReply | Rejection:
+        if isinstance(parsed, Rejection):
+            return parsed
+        reason = self.aggregator.check_reply(parsed)
+        return parsed if reason is None else Rejection(parsed.node_id, reason)
+
     def _ingest(
         self,
         name: str,
@@ -447,7 +482,11 @@ class RoundDriver:
                 accepted.append(parsed)
         self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
         self._log_rejections(name, rnd, screened.rejected, screened.failed)
-        stage.metrics = weighted_mean_metrics([(r.num_examples, r.metrics) for r in accepted])
+        # Protocol keys ("fl-app.*", e.g. adaptive clipping's per-client bit) are for the
+        # privacy layer only and never averaged into the metrics files.
+        stage.metrics = weighted_mean_metrics(
+            [(r.num_examples, _public(r.metrics)) for r in accepted]
+        )
         return accepted, screened.failed
 
     def _exchange(

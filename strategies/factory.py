@@ -8,6 +8,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl_app.config.schema import AppConfig, SamplingMode, StrategyConfig, StrategyName
+from strategies.client_dp import UpdateAggregator
 from strategies.driver import DriverSettings, EvaluateFn, RoundDriver, RoundListener
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
 from strategies.validation import ReplyLimits
@@ -64,6 +65,7 @@ def build_driver(
     evaluate_fn: EvaluateFn | None,
     listeners: Sequence[RoundListener] = (),
     node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
+    aggregator: UpdateAggregator | None = None,
 ) -> RoundDriver:
     """A :class:`RoundDriver` wired to the strategy, samplers and limits in ``cfg``."""
     s = cfg.strategy
@@ -99,4 +101,5 @@ def build_driver(
         evaluate_fn=evaluate_fn,
         listeners=listeners,
         node_config_fn=node_config_fn,
+        aggregator=aggregator,
     )

@@ -7,10 +7,13 @@ Instruction (server -> client), both ``train`` and ``evaluate``:
     ``arrays``  ArrayRecord   the current global model
     ``config``  ConfigRecord  ``server-round``; ``fl-app.spec`` (JSON client spec);
                               strategy extras such as FedProx's ``proximal-mu``
+                              client-level DP: ``fl-app.clip-norm`` (this round's C)
 Train reply (client -> server):
     ``update``  ArrayRecord   Δ = w_local − w_global, same names/shapes/dtypes as ``arrays``
+                              (clipped/noised by the client's pipeline when asked)
     ``metrics`` MetricRecord  ``num-examples`` (aggregation weight), ``server-round``,
-                              ``train-loss``, ``train-accuracy``
+                              ``train-loss``, ``train-accuracy``; ``fl-app.unclipped``
+                              (0/1) with client-side clipping; ``dp-*`` public metrics
 Evaluate reply:
     ``metrics`` MetricRecord  ``num-examples``, ``server-round``, ``eval-loss``, ``eval-accuracy``
 
@@ -25,6 +28,7 @@ __all__ = [
     "ARRAYS_KEY",
     "BUDGET_EXHAUSTED",
     "CLIENT_REFUSED",
+    "CLIP_NORM_KEY",
     "CONFIG_KEY",
     "EVAL_REPLY_KEYS",
     "METRICS_KEY",
@@ -34,6 +38,7 @@ __all__ = [
     "SERVER_ROUND",
     "SPEC_KEY",
     "TRAIN_REPLY_KEYS",
+    "UNCLIPPED_KEY",
     "UPDATE_KEY",
 ]
 
@@ -46,6 +51,12 @@ SERVER_ROUND = "server-round"
 SPEC_KEY = "fl-app.spec"
 PROXIMAL_MU = "proximal-mu"
 NUM_EXAMPLES = "num-examples"
+
+# Client-level DP. Instruction: the L2 norm a client clips its update to this round
+# (present only when clients clip). Train reply: 1 if the update's norm was already
+# <= that bound, else 0 (adaptive clipping's count; never written to metrics files).
+CLIP_NORM_KEY = "fl-app.clip-norm"
+UNCLIPPED_KEY = "fl-app.unclipped"
 
 TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY})
 EVAL_REPLY_KEYS = frozenset({METRICS_KEY})

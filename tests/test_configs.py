@@ -96,7 +96,54 @@ def test_overrides_apply_and_change_hash() -> None:
         ),
         (["runtime.flower_log_level=LOUD"], "runtime.flower_log_level", "WARNING"),
         # Unsafe: asking for a protection this release cannot give must not run quietly.
-        (["privacy.mode=central"], "privacy.mode", "only privacy.mode=none"),
+        (["privacy.mode=central"], "privacy.threat_model", "needs a threat model"),
+        (["privacy.mode=distributed"], "privacy.mode", "not implemented"),
+        (["privacy=central", "privacy.clip=null"], "privacy.clip", "clip norm"),
+        (["privacy=central", "privacy.delta=2"], "privacy.delta", "(0, 1)"),
+        (["privacy=central", "privacy.target_epsilon=3"], "privacy.noise_multiplier", "exactly"),
+        (
+            [
+                "privacy=central",
+                "privacy.noise_multiplier=null",
+                "privacy.target_epsilon=5",
+                "privacy.max_epsilon=4",
+            ],
+            "privacy.target_epsilon",
+            "exceeds the budget",
+        ),
+        # Server-side clipping cannot hide updates from the server.
+        (
+            ["privacy=central", "privacy.threat_model=honest_but_curious"],
+            "privacy.clip_side",
+            "never see an update",
+        ),
+        (
+            [
+                "privacy=central",
+                "privacy.threat_model=honest_but_curious",
+                "privacy.clip_side=client",
+            ],
+            "secagg.mode",
+            "needs secure aggregation",
+        ),
+        (["privacy=central", "secagg.mode=secaggplus"], "privacy.clip_side", "cannot clip"),
+        (
+            ["privacy=central", "strategy.fraction_train=0.5"],
+            "privacy.accountant",
+            "replace-one",
+        ),
+        (
+            ["privacy=central_adaptive", "privacy.clipped_count_stddev=0.4"],
+            "privacy.clipped_count_stddev",
+            "2*clipped_count_stddev",
+        ),
+        (
+            ["privacy=central_adaptive", "privacy.target_quantile=1.5"],
+            "privacy.target_quantile",
+            "(0, 1)",
+        ),
+        (["privacy=local", "privacy.clipping=adaptive"], "privacy.clipping", "mode=central"),
+        (["privacy.secure_mode=true"], "privacy.secure_mode", "no DP noise"),
         (["privacy.mode=dpsgd"], "privacy.mode", "expected one of"),
         (
             ["privacy.threat_model=trusted_server"],

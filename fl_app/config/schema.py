@@ -220,6 +220,22 @@ class DpSgdConfig:
     state_dir: str | None = None
 
 
+class ClipSide(str, Enum):
+    """Who clips each client's update to ``privacy.clip`` (client-level DP)."""
+
+    # The server clips what it received (needs to see every update: trusted_server).
+    server = "server"
+    # Every client clips its own update in its pipeline (works under secure aggregation);
+    # under trusted_server the server re-clips too, which is a no-op for honest clients.
+    client = "client"
+
+
+class ClippingMode(str, Enum):
+    fixed = "fixed"
+    # Andrew et al. 2021: the clip norm follows a noised quantile of the update norms.
+    adaptive = "adaptive"
+
+
 @dataclass
 class PrivacyConfig:
     mode: PrivacyMode = PrivacyMode.none
@@ -227,13 +243,26 @@ class PrivacyConfig:
     # Opacus DP-SGD in every client (combines with any threat model); see `dpsgd`.
     record_level: bool = False
     dpsgd: DpSgdConfig = field(default_factory=DpSgdConfig)
-    # Client-level DP parameters (mode=central/local/distributed; later issues).
+    # ---- client-level DP (mode=central or local). Give exactly one of
+    # noise_multiplier (z) or target_epsilon (z calibrated once for num_rounds).
     noise_multiplier: float | None = None
-    clip: float | None = None
     target_epsilon: float | None = None
+    # L2 bound C on a client's whole update (adaptive: the initial C).
+    clip: float | None = None
     delta: float | None = None
     accountant: Accountant = Accountant.pld
-    # CSPRNG for DP noise (slower); seeded generators otherwise.
+    clip_side: ClipSide = ClipSide.client
+    clipping: ClippingMode = ClippingMode.fixed
+    # Adaptive clipping (Andrew et al. 2021): target quantile gamma of unclipped
+    # updates, learning rate eta of the geometric update, and the std sigma_b of the
+    # noise on the unclipped count (null = expected cohort / 20, the paper's choice).
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+    # The federation's budget: the run stops before a round that would take epsilon
+    # past it (saving the DP-released model and the ledger). null = no budget.
+    max_epsilon: float | None = None
+    # CSPRNG (ChaCha20) for client-level DP noise instead of seeded generators.
     secure_mode: bool = False
 
 

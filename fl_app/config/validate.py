@@ -13,11 +13,15 @@ import math
 from collections.abc import Callable
 
 from fl_app.config.schema import (
+    Accountant,
     AppConfig,
+    ClippingMode,
+    ClipSide,
     DatasetKind,
     ModelName,
     PartitionerName,
     PrivacyMode,
+    SamplingMode,
     SecAggMode,
     StrategyName,
     ThreatModel,
@@ -186,36 +190,165 @@ def _check_strategy(cfg: AppConfig) -> None:
         )
 
 
+_CLIENT_LEVEL_FIELDS = ("noise_multiplier", "clip", "target_epsilon", "delta", "max_epsilon")
+
+
 def _check_privacy(cfg: AppConfig) -> None:
     p = cfg.privacy
-    # No client-level mechanism exists in this release. Running a config that names one
-    # would produce a model and a summary that claim a protection nobody applied, so
-    # every such request is refused until its layer exists.
+    # Each threat model is a promise (ARCHITECTURE §2); a combination that would run but
+    # not keep it is refused here, before any client starts.
     _check(
-        p.mode is PrivacyMode.none,
-        "privacy.mode",
-        p.mode.value,
-        "only privacy.mode=none (no client-level DP) is implemented in this release; "
-        "central, local and distributed DP arrive with their own issues",
+        p.mode is not PrivacyMode.distributed and p.threat_model is not ThreatModel.distributed_dp,
+        "privacy.mode" if p.mode is PrivacyMode.distributed else "privacy.threat_model",
+        p.mode.value if p.mode is PrivacyMode.distributed else p.threat_model.value,
+        "distributed DP (noise shares under secure aggregation) is not implemented in this "
+        "release; use privacy.mode=central or local",
     )
-    _check(
-        p.threat_model is ThreatModel.none,
-        "privacy.threat_model",
-        p.threat_model.value,
-        "privacy.mode=none protects no update from the server, so it cannot claim a "
-        "threat model; set privacy.threat_model=none",
-    )
-    for name in ("noise_multiplier", "clip", "target_epsilon", "delta"):
-        value = getattr(p, name)
+    if p.mode is PrivacyMode.none:
         _check(
-            value is None,
-            f"privacy.{name}",
-            value,
-            "has no effect with privacy.mode=none; remove it (a parameter that silently "
-            "does nothing is worse than an error); DP-SGD settings live under privacy.dpsgd",
+            p.threat_model is ThreatModel.none,
+            "privacy.threat_model",
+            p.threat_model.value,
+            "privacy.mode=none protects no update from the server, so it cannot claim a "
+            "threat model; set privacy.mode=central (trusted_server) or local, or "
+            "privacy.threat_model=none",
         )
+        for name in _CLIENT_LEVEL_FIELDS:
+            value = getattr(p, name)
+            _check(
+                value is None,
+                f"privacy.{name}",
+                value,
+                "has no effect with privacy.mode=none; remove it (a parameter that silently "
+                "does nothing is worse than an error); DP-SGD settings live under privacy.dpsgd",
+            )
+        _check(
+            p.clipping is ClippingMode.fixed,
+            "privacy.clipping",
+            p.clipping.value,
+            "adaptive clipping is part of client-level DP; set privacy.mode=central",
+        )
+        _check(
+            p.record_level or not p.secure_mode,
+            "privacy.secure_mode",
+            p.secure_mode,
+            "there is no DP noise to draw with privacy.mode=none and record_level=false; remove it",
+        )
+    else:
+        _check_client_level(cfg)
     if p.record_level:
         _check_dpsgd(cfg)
+
+
+def _check_client_level(cfg: AppConfig) -> None:
+    p = cfg.privacy
+    s = cfg.strategy
+    _check(
+        p.threat_model in (ThreatModel.trusted_server, ThreatModel.honest_but_curious),
+        "privacy.threat_model",
+        p.threat_model.value,
+        f"privacy.mode={p.mode.value} needs a threat model: trusted_server (the server may see "
+        "updates; DP protects the released model) or honest_but_curious (updates hidden "
+        "from the server)",
+    )
+    if p.mode is PrivacyMode.central and p.threat_model is ThreatModel.honest_but_curious:
+        _check(
+            p.clip_side is ClipSide.client,
+            "privacy.clip_side",
+            p.clip_side.value,
+            "under honest_but_curious the server must never see an update, so it cannot clip "
+            "one: set privacy.clip_side=client",
+        )
+        _check(
+            cfg.secagg.mode is not SecAggMode.off,
+            "secagg.mode",
+            cfg.secagg.mode.value,
+            "central DP under honest_but_curious needs secure aggregation to hide each update "
+            "from the server; set secagg=secaggplus, or privacy.threat_model=trusted_server, "
+            "or privacy.mode=local",
+        )
+    if cfg.secagg.mode is not SecAggMode.off:
+        _check(
+            p.clip_side is ClipSide.client,
+            "privacy.clip_side",
+            p.clip_side.value,
+            "with secure aggregation the server sees only the masked sum and cannot clip; "
+            "set privacy.clip_side=client",
+        )
+    _check(
+        (p.noise_multiplier is None) != (p.target_epsilon is None),
+        "privacy.noise_multiplier",
+        p.noise_multiplier,
+        "give exactly one of privacy.noise_multiplier or privacy.target_epsilon",
+    )
+    if p.noise_multiplier is not None:
+        _positive(p.noise_multiplier, "privacy.noise_multiplier")
+    if p.target_epsilon is not None:
+        _positive(p.target_epsilon, "privacy.target_epsilon")
+    _check(p.clip is not None, "privacy.clip", p.clip, "set the L2 clip norm C (e.g. 1.0)")
+    assert p.clip is not None
+    _positive(p.clip, "privacy.clip")
+    _check(
+        p.delta is not None and math.isfinite(p.delta) and 0 < p.delta < 1,
+        "privacy.delta",
+        p.delta,
+        "set delta in (0, 1), well below 1/number of clients (e.g. 1e-5)",
+    )
+    if p.max_epsilon is not None:
+        _positive(p.max_epsilon, "privacy.max_epsilon")
+        if p.target_epsilon is not None:
+            _check(
+                p.target_epsilon <= p.max_epsilon,
+                "privacy.target_epsilon",
+                p.target_epsilon,
+                f"exceeds the budget privacy.max_epsilon={p.max_epsilon:g}",
+            )
+    replace_one = (
+        s.sampling is SamplingMode.fixed
+        and round(s.fraction_train * cfg.dataset.num_partitions) < cfg.dataset.num_partitions
+    )
+    if p.mode is PrivacyMode.central and replace_one:
+        _check(
+            p.accountant is Accountant.rdp,
+            "privacy.accountant",
+            p.accountant.value,
+            "fixed-size sampling without replacement (strategy.sampling=fixed with "
+            "fraction_train < 1) is accounted only by dp-accounting's RDP accountant "
+            "(replace-one); set privacy.accountant=rdp, or strategy.sampling=poisson for "
+            "PLD and tighter epsilon",
+        )
+    if p.clipping is ClippingMode.adaptive:
+        _check(
+            p.mode is PrivacyMode.central,
+            "privacy.clipping",
+            p.clipping.value,
+            "adaptive clipping needs privacy.mode=central (local DP fixes C per client)",
+        )
+        _check(
+            0 < p.target_quantile < 1,
+            "privacy.target_quantile",
+            p.target_quantile,
+            "must lie in (0, 1) (0.5: half the updates unclipped)",
+        )
+        _positive(p.clip_learning_rate, "privacy.clip_learning_rate")
+        if p.clipped_count_stddev is not None:
+            _positive(p.clipped_count_stddev, "privacy.clipped_count_stddev")
+    # Resolve everything (calibration from a target epsilon included) so that an
+    # impossible setting fails now, not at round 1.
+    from fl_app.privacy.accounting import AccountingError
+    from strategies.client_dp import ClientDpSettings
+
+    try:
+        ClientDpSettings.from_config(cfg)
+    except (ValueError, AccountingError) as err:
+        if "clipped_count" in str(err):
+            found = p.clipped_count_stddev
+            raise ConfigError(
+                "privacy.clipped_count_stddev",
+                found if found is not None else "null (expected cohort / 20)",
+                str(err),
+            ) from err
+        raise ConfigError("privacy", p.mode.value, str(err)) from err
 
 
 def _check_dpsgd(cfg: AppConfig) -> None:

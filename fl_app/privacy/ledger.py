@@ -1,0 +1,448 @@
+"""The federation's privacy ledger: client-level DP events, one per round, and their ε.
+
+Client-level DP (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models", ICLR) treats each *client* as the unit of privacy: per round the
+server (or, under secure aggregation, the protocol) sums the cohort's updates, each
+clipped to L2 norm ``C``, adds ``N(0, (z·C)²)`` to the sum and divides by the
+expected cohort size. A :class:`RoundEvent` records one such round exactly as it ran
+(sampling, population, cohort, effective ``z``, the clip norm used); the ledger is
+the immutable tuple of them, persisted every round, and ε is always recomputed from
+the whole ledger (STYLE habit 5).
+
+Which dp-accounting event a round is (the accountant must describe the sampling that
+actually happened):
+
+* Poisson sampling with rate ``q`` (``strategy.sampling=poisson``), and full
+  participation (every client every round, ``q = 1``): neighbouring federations
+  differ by *adding or removing one client*; the sum's sensitivity is ``C``, so the
+  round is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``. ε by dp-accounting PLD
+  (default; the tightest), Opacus PRV or RDP, through
+  :func:`fl_app.privacy.accounting.epsilon` (a Poisson round *is* one DP-SGD step
+  with clients as records).
+* Fixed-size sampling of ``m`` of ``N`` clients without replacement
+  (``strategy.sampling=fixed``, ``m < N``): the cohort size is fixed, so the
+  neighbouring relation is *replace one client*; two clipped updates differ by up to
+  ``2C``, so the round is ``SampledWithoutReplacementDpEvent(N, m,
+  GaussianDpEvent(z/2))`` under dp-accounting's RDP accountant with
+  ``NeighboringRelation.REPLACE_ONE`` (Wang, Balle & Kasiviswanathan 2019,
+  "Subsampled Rényi Differential Privacy and Analytical Moments Accountant",
+  AISTATS). dp-accounting's PLD does not support this event, so only ``rdp`` is
+  accepted for it (the config validator says so before the run).
+
+Adaptive clipping (Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially Private
+Learning with Adaptive Clipping", NeurIPS) releases two noised sums per round: the
+updates with ``N(0, (z_Δ·C_t)²)`` and the count of unclipped clients with
+``N(0, σ_b²)`` (each client adds ``b_i − ½``, sensitivity ½). Together they are one
+Gaussian mechanism with ``z^{-2} = z_Δ^{-2} + (2σ_b)^{-2}`` (Andrew et al. §3.2); the
+event records that effective ``z`` and its two parts.
+
+Local DP (``privacy.mode=local``) is accounted per client: each participation is a
+Gaussian mechanism on the client's own clipped update, whose sensitivity is ``2C``
+(any two updates of norm ≤ C), so ``GaussianDpEvent(z/2)`` composed over its rounds,
+with no sampling amplification (the server knows who took part).
+
+Trust assumptions: the clipping, noise and sampling happened as recorded (the server
+runs them under ``trusted_server``); the sampling randomness is hidden from whoever
+the guarantee is stated against; the ledger is complete (a round is recorded before
+its model leaves the server, even when it turned out to have too few replies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from typing import Any
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+
+from fl_app.privacy.accounting import (
+    AccountantName,
+    AccountingError,
+    DpSgdEvent,
+    PrivacyHistory,
+    calibrate_noise_multiplier,
+    epsilon,
+)
+
+__all__ = [
+    "LEDGER_VERSION",
+    "FederationLedger",
+    "LedgerError",
+    "RoundEvent",
+    "SamplingScheme",
+    "calibrate_round_noise",
+    "local_epsilon",
+]
+
+LEDGER_VERSION = 1
+
+
+class LedgerError(ValueError):
+    """A serialised ledger is malformed; the message names the field."""
+
+
+class SamplingScheme(str, Enum):
+    poisson = "poisson"
+    fixed = "fixed"
+
+
+def _positive(name: str, value: object, *, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, found {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0) or (upper is not None and v > upper):
+        bound = f" and <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be finite, > 0{bound}; found {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """One round of the client-level Gaussian mechanism, as it ran.
+
+    Parameters
+    ----------
+    round
+        Server round (>= 1).
+    sampling
+        ``poisson`` or ``fixed`` (see the module docstring for the accounting).
+    population
+        ``N``: clients eligible for sampling this round.
+    sample_rate
+        Poisson: ``q``. Fixed-size: ``m / N`` (informational).
+    cohort
+        Fixed-size: ``m``. Poisson: the expected cohort ``q·N`` (the divisor).
+    noise_multiplier
+        Effective ``z`` of the whole round (add/remove sensitivity ``C``).
+    clip
+        ``C`` used this round.
+    update_noise_multiplier
+        ``z_Δ``: the updates' noise std is ``z_Δ·C``. Equals ``z`` with fixed clipping.
+    clipped_count_std
+        ``σ_b`` of adaptive clipping's noised count, or ``None``.
+    """
+
+    round: int
+    sampling: SamplingScheme
+    population: int
+    sample_rate: float
+    cohort: float
+    noise_multiplier: float
+    clip: float
+    update_noise_multiplier: float
+    clipped_count_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 1:
+            raise ValueError(f"round must be an integer >= 1, found {self.round!r}")
+        object.__setattr__(self, "sampling", SamplingScheme(self.sampling))
+        if (
+            isinstance(self.population, bool)
+            or not isinstance(self.population, int)
+            or self.population < 1
+        ):
+            raise ValueError(f"population must be an integer >= 1, found {self.population!r}")
+        object.__setattr__(self, "sample_rate", _positive("sample_rate", self.sample_rate, upper=1))
+        object.__setattr__(self, "cohort", _positive("cohort", self.cohort))
+        if self.sampling is SamplingScheme.fixed and (
+            float(self.cohort) != int(self.cohort) or self.cohort > self.population
+        ):
+            raise ValueError(
+                f"fixed-size cohort must be an integer <= population {self.population}, "
+                f"found {self.cohort!r}"
+            )
+        for name in ("noise_multiplier", "clip", "update_noise_multiplier"):
+            object.__setattr__(self, name, _positive(name, getattr(self, name)))
+        if self.clipped_count_std is not None:
+            object.__setattr__(
+                self, "clipped_count_std", _positive("clipped_count_std", self.clipped_count_std)
+            )
+
+    @property
+    def replace_one(self) -> bool:
+        """Whether this round is accounted under replace-one (fixed-size subsampling)."""
+        return self.sampling is SamplingScheme.fixed and int(self.cohort) < self.population
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise added to the *sum* of clipped updates."""
+        return self.update_noise_multiplier * self.clip
+
+    def accounting_key(self) -> tuple[Any, ...]:
+        """What the accountant sees; equal keys compose as one self-composed block."""
+        if self.replace_one:
+            return ("wor", self.population, int(self.cohort), self.noise_multiplier)
+        rate = self.sample_rate if self.sampling is SamplingScheme.poisson else 1.0
+        return ("poisson", rate, self.noise_multiplier)
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """The dp-accounting event for this round (see the module docstring)."""
+        key = self.accounting_key()
+        if key[0] == "wor":
+            return dp_accounting.SampledWithoutReplacementDpEvent(
+                key[1], key[2], dp_accounting.GaussianDpEvent(key[3] / 2.0)
+            )
+        return dp_accounting.PoissonSampledDpEvent(key[1], dp_accounting.GaussianDpEvent(key[2]))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sampling"] = self.sampling.value
+        return out
+
+
+def _blocks(events: Sequence[RoundEvent]) -> list[tuple[tuple[Any, ...], int]]:
+    """Consecutive events with the same accounting key, as ``(key, count)``."""
+    blocks: list[tuple[tuple[Any, ...], int]] = []
+    for e in events:
+        key = e.accounting_key()
+        if blocks and blocks[-1][0] == key:
+            blocks[-1] = (key, blocks[-1][1] + 1)
+        else:
+            blocks.append((key, 1))
+    return blocks
+
+
+def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: AccountantName) -> float:
+    if not events:
+        return 0.0
+    blocks = _blocks(events)
+    kinds = {key[0] for key, _ in blocks}
+    if kinds == {"poisson"}:
+        # A Poisson round is one DP-SGD step with clients as records.
+        history = PrivacyHistory(tuple(DpSgdEvent(key[2], key[1], n) for key, n in blocks))
+        return epsilon(history, delta, accountant)
+    if kinds != {"wor"}:
+        raise AccountingError(
+            "the ledger mixes fixed-size rounds (replace-one) with Poisson/full-participation "
+            "rounds (add/remove); no accountant composes the two relations. Keep "
+            "strategy.sampling and strategy.fraction_train fixed within a run"
+        )
+    if accountant is not AccountantName.rdp:
+        raise AccountingError(
+            f"fixed-size sampling without replacement is supported only by dp-accounting's "
+            f"RDP accountant, not {accountant.value!r}; set privacy.accountant=rdp or "
+            "strategy.sampling=poisson"
+        )
+    acc = _replace_one_rdp()
+    for key, n in blocks:
+        acc.compose(
+            dp_accounting.SampledWithoutReplacementDpEvent(
+                key[1], key[2], dp_accounting.GaussianDpEvent(key[3] / 2.0)
+            ),
+            n,
+        )
+    value = float(acc.get_epsilon(delta))
+    if not math.isfinite(value) or value < 0:
+        raise AccountingError(f"rdp accountant returned epsilon={value!r} for this ledger")
+    return value
+
+
+@dataclass(frozen=True)
+class FederationLedger:
+    """Immutable ledger of one run's client-level DP rounds (oldest first).
+
+    ``local`` maps a client key (its partition id or node id, as a string) to the
+    number of rounds it released a local-DP update with ``local_noise_multiplier``.
+    """
+
+    delta: float
+    accountant: AccountantName = AccountantName.pld
+    events: tuple[RoundEvent, ...] = ()
+    local_noise_multiplier: float | None = None
+    local: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("delta", self.delta, upper=1.0)
+        if self.delta >= 1:
+            raise ValueError(f"delta must lie in (0, 1), found {self.delta}")
+        object.__setattr__(self, "accountant", AccountantName(self.accountant))
+        events = tuple(self.events)
+        for i, e in enumerate(events):
+            if not isinstance(e, RoundEvent):
+                raise TypeError(f"events[{i}]: expected a RoundEvent, found {type(e).__name__}")
+        object.__setattr__(self, "events", events)
+        object.__setattr__(self, "local", tuple(sorted(dict(self.local).items())))
+
+    # ------------------------------------------------------------- building
+    def add(self, event: RoundEvent) -> FederationLedger:
+        """A new ledger with ``event`` appended (rounds must increase)."""
+        if self.events and event.round <= self.events[-1].round:
+            raise ValueError(
+                f"round {event.round} is not after the ledger's last round "
+                f"{self.events[-1].round}: the ledger is append-only"
+            )
+        return replace(self, events=(*self.events, event))
+
+    def add_local(self, clients: Sequence[str]) -> FederationLedger:
+        """A new ledger counting one more local-DP release for each of ``clients``."""
+        if self.local_noise_multiplier is None:
+            raise ValueError("this ledger has no local_noise_multiplier (privacy.mode!=local)")
+        counts = dict(self.local)
+        for c in clients:
+            counts[str(c)] = counts.get(str(c), 0) + 1
+        return replace(self, local=tuple(counts.items()))
+
+    # ------------------------------------------------------------ accounting
+    def epsilon(self, accountant: AccountantName | str | None = None) -> float:
+        """ε of the whole federation (central events) at this ledger's δ."""
+        name = AccountantName(accountant) if accountant is not None else self.accountant
+        return _epsilon_of(self.events, self.delta, name)
+
+    def project(
+        self, planned: Sequence[RoundEvent], accountant: AccountantName | str | None = None
+    ) -> float:
+        """ε after ``planned`` more rounds (the budget guard asks before each round)."""
+        name = AccountantName(accountant) if accountant is not None else self.accountant
+        return _epsilon_of((*self.events, *planned), self.delta, name)
+
+    def local_epsilons(self) -> dict[str, float]:
+        """Each local-DP client's ε (its own releases only), by client key."""
+        if self.local_noise_multiplier is None:
+            return {}
+        return {
+            client: local_epsilon(self.local_noise_multiplier, n, self.delta, self.accountant)
+            for client, n in self.local
+        }
+
+    # --------------------------------------------------------- persistence
+    def to_json(self) -> str:
+        payload = {
+            "version": LEDGER_VERSION,
+            "delta": self.delta,
+            "accountant": self.accountant.value,
+            "events": [e.to_dict() for e in self.events],
+            "local_noise_multiplier": self.local_noise_multiplier,
+            "local": dict(self.local),
+        }
+        return json.dumps(payload, sort_keys=True, indent=1, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationLedger:
+        """Parse :meth:`to_json` output strictly (JSON only; unknown keys refused)."""
+        try:
+            raw = json.loads(text, object_pairs_hook=_no_duplicates)
+        except LedgerError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise LedgerError(f"ledger: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise LedgerError("ledger: expected a JSON object")
+        keys = {"version", "delta", "accountant", "events", "local_noise_multiplier", "local"}
+        if set(raw) != keys:
+            raise LedgerError(f"ledger: expected keys {sorted(keys)}, found {sorted(raw)}")
+        if raw["version"] != LEDGER_VERSION:
+            raise LedgerError(f"version: unsupported ledger version {raw['version']!r}")
+        if not isinstance(raw["events"], list) or not isinstance(raw["local"], dict):
+            raise LedgerError("events must be a list and local an object")
+        fields = set(RoundEvent.__dataclass_fields__)
+        events = []
+        for i, item in enumerate(raw["events"]):
+            if not isinstance(item, dict) or set(item) != fields:
+                raise LedgerError(f"events[{i}]: expected an object with keys {sorted(fields)}")
+            try:
+                events.append(RoundEvent(**item))
+            except (TypeError, ValueError) as err:
+                raise LedgerError(f"events[{i}]: {err}") from None
+        local = []
+        for k, v in raw["local"].items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise LedgerError(f"local[{k!r}]: expected a count >= 0, found {v!r}")
+            local.append((k, v))
+        try:
+            return cls(
+                delta=raw["delta"],
+                accountant=raw["accountant"],
+                events=tuple(events),
+                local_noise_multiplier=raw["local_noise_multiplier"],
+                local=tuple(local),
+            )
+        except (TypeError, ValueError) as err:
+            raise LedgerError(f"ledger: {err}") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise LedgerError(f"ledger: duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def local_epsilon(
+    noise_multiplier: float, releases: int, delta: float, accountant: AccountantName | str
+) -> float:
+    """ε of ``releases`` local-DP releases of one client (``GaussianDpEvent(z/2)`` each).
+
+    A Gaussian event is a Poisson-sampled one with ``q = 1``, so any of the record-level
+    accountants composes it.
+    """
+    if releases <= 0:
+        return 0.0
+    z = _positive("noise_multiplier", noise_multiplier)
+    history = PrivacyHistory((DpSgdEvent(z / 2.0, 1.0, int(releases)),))
+    return epsilon(history, delta, accountant)
+
+
+def _replace_one_rdp() -> RdpAccountant:
+    return RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+
+
+def calibrate_round_noise(
+    target_epsilon: float,
+    delta: float,
+    template: RoundEvent,
+    rounds: int,
+    accountant: AccountantName | str,
+) -> float:
+    """Smallest effective ``z`` whose ``rounds`` rounds like ``template`` stay within budget.
+
+    Poisson and full participation reuse
+    :func:`fl_app.privacy.accounting.calibrate_noise_multiplier` (clients as records);
+    fixed-size rounds use dp-accounting's ``calibrate_dp_mechanism`` over the
+    replace-one RDP accountant. The result is checked: ε(z) <= target.
+    """
+    target = _positive("target_epsilon", target_epsilon)
+    name = AccountantName(accountant)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, found {rounds}")
+    if not template.replace_one:
+        rate = template.sample_rate if template.sampling is SamplingScheme.poisson else 1.0
+        return calibrate_noise_multiplier(target, delta, rate, rounds, name)
+    if name is not AccountantName.rdp:
+        raise AccountingError(
+            "fixed-size sampling is accounted only by rdp; set privacy.accountant=rdp"
+        )
+
+    def event_of(z: float) -> dp_accounting.DpEvent:
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(
+                template.population, int(template.cohort), dp_accounting.GaussianDpEvent(z / 2.0)
+            ),
+            rounds,
+        )
+
+    z = float(
+        dp_accounting.calibrate_dp_mechanism(
+            _replace_one_rdp,
+            event_of,
+            target,
+            delta,
+            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            tol=1e-4,
+        )
+    )
+    # calibrate_dp_mechanism's tolerance is on z; make sure the answer is within budget.
+    for _ in range(50):
+        rounds_at_z = [
+            replace(template, round=i + 1, noise_multiplier=z, update_noise_multiplier=z)
+            for i in range(rounds)
+        ]
+        if _epsilon_of(rounds_at_z, delta, name) <= target:
+            return z
+        z *= 1.001
+    raise AccountingError(f"could not calibrate z for target_epsilon={target} (rdp)")

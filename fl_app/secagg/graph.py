@@ -1,0 +1,514 @@
+"""Neighbour graphs and Shamir thresholds for secure aggregation.
+
+Two modes (:class:`GraphMode`):
+
+``secagg``
+    Bonawitz et al. (CCS 2017, "Practical Secure Aggregation for Privacy-Preserving
+    Machine Learning", §4): every client shares its secrets with every other client
+    (complete graph, degree ``n - 1``). Guarantees are deterministic.
+``secaggplus``
+    Bell et al. (CCS 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+    Overhead", §3-4): each client shares only with ``k = O(log n)`` neighbours of a
+    random ``k``-regular Harary graph ``H_{k,n}`` (each node joined to the ``k/2``
+    nearest nodes on each side of a ring) laid over a uniformly random permutation of
+    the clients. Guarantees hold except with probability ``2**-security_bits``
+    (security) and ``2**-correctness_bits`` (correctness), over the graph's randomness.
+
+Who holds shares: a node ``u``'s secrets are shared among its *holders*
+``H(u) = N(u) ∪ {u}`` (``k + 1`` nodes); ``t`` shares reconstruct a secret.
+
+Parameter derivation (:func:`derive_params`), with ``D = floor(dropout_tolerance*n)``
+clients that may drop at any point of the round and ``C = floor(corrupt_fraction*n)``
+clients colluding with the server, both fixed independently of the graph:
+
+* correctness: every node that needs reconstruction keeps ``>= t`` surviving holders.
+  Complete graph: ``t <= n - D``. Sparse: the number ``X`` of dropped neighbours of a
+  node is hypergeometric (``n - 1`` others, ``D`` dropped, ``k`` drawn: a node's
+  neighbour set in a Harary graph on a random permutation is a uniform ``k``-subset),
+  and ``n * P[X > k - t] <= 2**-correctness_bits`` (union bound over nodes);
+* security, corrupt holders: the adversary's own shares never reach ``t``.
+  Complete: ``t > C``. Sparse: ``Y`` corrupt neighbours, hypergeometric over the
+  ``n - D - 1`` others left after the worst stage-1 dropout (conservative), and
+  ``n * P[Y >= t] <= 2**-(security_bits + 1)``;
+* security, no two disjoint share sets: ``2t > k + 1``, so the server cannot collect
+  ``t`` self-mask shares *and* ``t`` key shares of one node from disjoint honest
+  holders (an honest client never returns both for one node);
+* security, connectivity (sparse only; Bell et al. §3): the honest survivors'
+  subgraph must stay connected, otherwise the server learns partial sums of its
+  components. Removing bad (dropped or corrupt, ``D + C``) nodes disconnects a Harary
+  graph only through two disjoint runs of ``k/2`` consecutive bad nodes on the ring;
+  a union bound over the ``n(n - k - 1)/2`` run pairs gives
+  ``n(n-k-1)/2 * C(D+C, k)/C(n, k) <= 2**-(security_bits + 1)``;
+* the round is abandoned below ``min_survivors = n - D`` and needs
+  ``n - D - C >= 2`` so a sum always mixes at least two honest inputs.
+
+The search takes the smallest even ``k`` for which some ``t`` satisfies all of the
+above and, among those, the largest ``t`` (the most security margin at the promised
+dropout tolerance). The same construction and bounds are used by Google's
+``fcp/secagg`` parameter finder for Bell et al.; we keep its 40/20-bit defaults. If
+no ``k < n - 1`` qualifies (small cohorts), ``secaggplus`` falls back to the
+complete graph and its deterministic conditions. No valid ``(k, t)`` raises
+:class:`SecAggConfigError` naming the parameters and the fix.
+
+Trust assumptions: the server is honest-but-curious (follows the protocol, draws the
+graph honestly from a CSPRNG seed); dropouts and corruptions do not depend on the
+graph; there is no consistency-check round with signatures (Bonawitz et al.'s
+active-security variant), so a server that lies about who dropped is out of scope
+beyond what ``2t > k + 1`` and the clients' local checks prevent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import numpy as np
+
+from fl_app.secagg.crypto import check_node_id
+
+__all__ = [
+    "DEFAULT_CORRECTNESS_BITS",
+    "DEFAULT_SECURITY_BITS",
+    "GRAPH_SEED_BYTES",
+    "GraphMode",
+    "SecAggConfigError",
+    "SecAggParams",
+    "build_graph",
+    "custom_params",
+    "derive_params",
+]
+
+DEFAULT_SECURITY_BITS = 40
+DEFAULT_CORRECTNESS_BITS = 20
+GRAPH_SEED_BYTES = 32
+_EPS = 1e-12  # keeps floor(fraction * n) from losing one to float rounding
+
+
+class SecAggConfigError(ValueError):
+    """No secure and correct (degree, threshold) exists for the requested setting."""
+
+
+class GraphMode(str, Enum):
+    """Neighbour graph: complete (Bonawitz et al.) or sparse Harary (Bell et al.)."""
+
+    secagg = "secagg"
+    secaggplus = "secaggplus"
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Derived secure-aggregation parameters; build with :func:`derive_params`.
+
+    Attributes
+    ----------
+    mode
+        :class:`GraphMode`.
+    num_clients
+        ``n``: cohort size the parameters were derived for.
+    degree
+        ``k``: neighbours per node (``n - 1`` for the complete graph).
+    threshold
+        ``t``: shares needed out of a node's ``k + 1`` holders (itself included).
+    max_dropouts, max_corrupt
+        ``D`` and ``C``: clients that may drop / collude with the server.
+    min_survivors
+        ``n - D``: below this many clients at any stage the round is abandoned.
+    dropout_tolerance, corrupt_fraction, security_bits, correctness_bits
+        The inputs of the derivation.
+    log2_security_failure, log2_correctness_failure
+        Upper bounds (log2) on the failure probabilities; ``-inf`` when deterministic.
+    explanation
+        Human-readable derivation.
+    """
+
+    mode: GraphMode
+    num_clients: int
+    degree: int
+    threshold: int
+    max_dropouts: int
+    max_corrupt: int
+    min_survivors: int
+    dropout_tolerance: float
+    corrupt_fraction: float
+    security_bits: int
+    correctness_bits: int
+    log2_security_failure: float
+    log2_correctness_failure: float
+    explanation: str
+
+    @property
+    def holders(self) -> int:
+        """Share holders per node: ``degree + 1``."""
+        return self.degree + 1
+
+    @property
+    def is_complete(self) -> bool:
+        """True when every node neighbours every other node."""
+        return self.degree >= self.num_clients - 1
+
+    def to_config(self) -> dict[str, int | float | str]:
+        """Scalars for a Flower ConfigRecord (``explanation`` included for logs)."""
+        out: dict[str, int | float | str] = {}
+        for key, value in asdict(self).items():
+            out[key] = value.value if isinstance(value, GraphMode) else value
+        return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> SecAggParams:
+        """Rebuild from :meth:`to_config`, re-deriving to check nothing was altered.
+
+        Raises :class:`SecAggConfigError` if the received values differ from what the
+        derivation (or, for custom parameters, the deterministic checks) produces.
+        """
+        try:
+            mode = GraphMode(str(config["mode"]))
+            n = int(config["num_clients"])  # type: ignore[call-overload]
+            k = int(config["degree"])  # type: ignore[call-overload]
+            t = int(config["threshold"])  # type: ignore[call-overload]
+            d = int(config["max_dropouts"])  # type: ignore[call-overload]
+            c = int(config["max_corrupt"])  # type: ignore[call-overload]
+            drop = float(config["dropout_tolerance"])  # type: ignore[arg-type]
+            corrupt = float(config["corrupt_fraction"])  # type: ignore[arg-type]
+            sec = int(config["security_bits"])  # type: ignore[call-overload]
+            cor = int(config["correctness_bits"])  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SecAggConfigError(f"malformed secagg params config: {exc!r}") from exc
+        if sec == 0 and cor == 0:
+            params = custom_params(n, k, t, max_dropouts=d, max_corrupt=c, mode=mode)
+        else:
+            params = derive_params(
+                n,
+                mode=mode,
+                dropout_tolerance=drop,
+                corrupt_fraction=corrupt,
+                security_bits=sec,
+                correctness_bits=cor,
+            )
+        if (params.degree, params.threshold, params.max_dropouts, params.max_corrupt) != (
+            k,
+            t,
+            d,
+            c,
+        ):
+            raise SecAggConfigError(
+                f"received secagg params (k={k}, t={t}, D={d}, C={c}) differ from the "
+                f"derivation (k={params.degree}, t={params.threshold}, "
+                f"D={params.max_dropouts}, C={params.max_corrupt})"
+            )
+        return params
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SecAggConfigError(f"{name} must be a float in [0, 1), got {value!r}")
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise SecAggConfigError(f"{name} must be in [0, 1), got {v}")
+    return v
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SecAggConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class _LogFactorials:
+    """``log(m!)`` for m = 0..n, vectorised hypergeometric tails on top of it."""
+
+    def __init__(self, n: int) -> None:
+        self.table = np.array([math.lgamma(m + 1) for m in range(n + 1)])
+
+    def log_comb(self, a: int | np.ndarray, b: int | np.ndarray) -> np.ndarray:
+        a_arr = np.asarray(a)
+        b_arr = np.asarray(b)
+        return self.table[a_arr] - self.table[b_arr] - self.table[a_arr - b_arr]
+
+    def log2_sf(self, population: int, bad: int, draws: int, at_least: int) -> float:
+        """log2 P[X >= at_least] for X ~ Hypergeometric(population, bad, draws)."""
+        lo = max(at_least, 0, draws - (population - bad))
+        hi = min(bad, draws)
+        if lo > hi:
+            return -math.inf
+        i = np.arange(lo, hi + 1)
+        log_terms = (
+            self.log_comb(bad, i)
+            + self.log_comb(population - bad, draws - i)
+            - self.log_comb(population, draws)
+        )
+        peak = float(np.max(log_terms))
+        return (peak + math.log(float(np.sum(np.exp(log_terms - peak))))) / math.log(2)
+
+
+def _complete(
+    mode: GraphMode,
+    n: int,
+    d: int,
+    c: int,
+    drop: float,
+    corrupt: float,
+    sec: int,
+    cor: int,
+    reason: str,
+) -> SecAggParams:
+    t_max = n - d
+    t_min = max(c + 1, n // 2 + 1)
+    if t_min > t_max:
+        raise SecAggConfigError(
+            f"no threshold for the complete graph with num_clients={n}, "
+            f"dropout_tolerance={drop} (D={d}) and corrupt_fraction={corrupt} (C={c}): "
+            f"correctness needs t <= n - D = {t_max}, security needs t > C and 2t > n, "
+            f"i.e. t >= {t_min}; lower dropout_tolerance or corrupt_fraction "
+            "(roughly D + max(C, n/2) < n)"
+        )
+    explanation = (
+        f"{reason}complete graph over n={n} clients (degree {n - 1}); D=floor({drop}*{n})={d} "
+        f"may drop, C=floor({corrupt}*{n})={c} may collude with the server. "
+        f"t={t_max}=n-D so any {t_max} survivors reconstruct (correctness, deterministic); "
+        f"t>C={c} and 2t>{n} so neither the corrupt clients nor two disjoint honest "
+        f"sets can yield both secrets of a node (security, deterministic). "
+        f"Rounds with fewer than {n - d} survivors are abandoned."
+    )
+    return SecAggParams(
+        mode=mode,
+        num_clients=n,
+        degree=n - 1,
+        threshold=t_max,
+        max_dropouts=d,
+        max_corrupt=c,
+        min_survivors=n - d,
+        dropout_tolerance=drop,
+        corrupt_fraction=corrupt,
+        security_bits=sec,
+        correctness_bits=cor,
+        log2_security_failure=-math.inf,
+        log2_correctness_failure=-math.inf,
+        explanation=explanation,
+    )
+
+
+def derive_params(
+    num_clients: int,
+    *,
+    mode: GraphMode | str = GraphMode.secaggplus,
+    dropout_tolerance: float = 0.1,
+    corrupt_fraction: float = 0.1,
+    security_bits: int = DEFAULT_SECURITY_BITS,
+    correctness_bits: int = DEFAULT_CORRECTNESS_BITS,
+) -> SecAggParams:
+    """Derive degree ``k`` and threshold ``t`` for a cohort (see the module docstring).
+
+    Parameters
+    ----------
+    num_clients
+        ``n``: the cohort size (clients asked to take part in the round), >= 3.
+    mode
+        ``"secagg"`` (complete graph) or ``"secaggplus"`` (sparse Harary graph).
+    dropout_tolerance
+        Fraction of the cohort that may drop at any stage(s) of a round.
+    corrupt_fraction
+        Fraction of the cohort that may collude with the server.
+    security_bits, correctness_bits
+        Sparse mode only: failure probabilities ``2**-bits`` of security and
+        correctness over the random graph.
+
+    Raises
+    ------
+    SecAggConfigError
+        No valid ``(k, t)`` exists; the message names the values and the fix.
+    """
+    n = _check_int("num_clients", num_clients, 3)
+    try:
+        graph_mode = GraphMode(mode)
+    except ValueError as exc:
+        raise SecAggConfigError(
+            f"mode must be one of {[m.value for m in GraphMode]}, got {mode!r}"
+        ) from exc
+    drop = _check_fraction("dropout_tolerance", dropout_tolerance)
+    corrupt = _check_fraction("corrupt_fraction", corrupt_fraction)
+    sec = _check_int("security_bits", security_bits, 1)
+    cor = _check_int("correctness_bits", correctness_bits, 1)
+    d = int(math.floor(drop * n + _EPS))
+    c = int(math.floor(corrupt * n + _EPS))
+    if n - d - c < 2:
+        raise SecAggConfigError(
+            f"num_clients={n} with D={d} dropouts and C={c} corrupt clients leaves "
+            f"{n - d - c} honest survivor(s); a sum must mix at least 2 honest inputs. "
+            "Lower dropout_tolerance or corrupt_fraction, or enlarge the cohort"
+        )
+    if graph_mode is GraphMode.secagg:
+        return _complete(graph_mode, n, d, c, drop, corrupt, sec, cor, "")
+
+    lf = _LogFactorials(n)
+    log2_n = math.log2(n)
+    bad = d + c
+    for k in range(2, n - 1, 2):
+        # Connectivity of the honest survivors (two disjoint runs of k/2 bad nodes).
+        if k > bad:
+            log2_disconnect = -math.inf
+        else:
+            log2_disconnect = (
+                log2_n
+                + math.log2(max(n - k - 1, 1))
+                - 1
+                + float(lf.log_comb(bad, k) - lf.log_comb(n, k)) / math.log(2)
+            )
+        if log2_disconnect > -(sec + 1):
+            continue
+        # Largest t with n * P[dropped neighbours > k - t] <= 2**-cor.
+        t_cor = 0
+        log2_cor = math.inf
+        for t in range(k + 1, 0, -1):
+            tail = log2_n + lf.log2_sf(n - 1, d, k, k - t + 1)
+            if tail <= -cor:
+                t_cor, log2_cor = t, tail
+                break
+        t_low = k // 2 + 1  # 2t > k + 1
+        if t_cor < t_low:
+            continue
+        log2_corrupt = log2_n + lf.log2_sf(n - d - 1, c, k, t_cor)
+        if log2_corrupt > -(sec + 1):
+            continue
+        log2_sec = (
+            math.log2(2.0**log2_corrupt + 2.0**log2_disconnect)
+            if max(log2_corrupt, log2_disconnect) > -1000
+            else max(log2_corrupt, log2_disconnect) + 1
+        )
+        explanation = (
+            f"Harary graph H(k={k}, n={n}) on a random permutation (Bell et al. 2020); "
+            f"D=floor({drop}*{n})={d} dropouts, C=floor({corrupt}*{n})={c} corrupt. "
+            f"k is the smallest even degree with: P[honest survivors disconnected] "
+            f"<= 2^{log2_disconnect:.1f}; t={t_cor} is the largest threshold with "
+            f"P[some node keeps < t surviving holders] <= 2^{log2_cor:.1f} "
+            f"(target 2^-{cor}); P[some node has >= t corrupt neighbours] <= "
+            f"2^{log2_corrupt:.1f}; 2t > k+1. Total security failure <= 2^{log2_sec:.1f} "
+            f"(target 2^-{sec}). Rounds with fewer than {n - d} survivors are abandoned."
+        )
+        return SecAggParams(
+            mode=graph_mode,
+            num_clients=n,
+            degree=k,
+            threshold=t_cor,
+            max_dropouts=d,
+            max_corrupt=c,
+            min_survivors=n - d,
+            dropout_tolerance=drop,
+            corrupt_fraction=corrupt,
+            security_bits=sec,
+            correctness_bits=cor,
+            log2_security_failure=log2_sec,
+            log2_correctness_failure=log2_cor,
+            explanation=explanation,
+        )
+    reason = f"no sparse degree k < n-1={n - 1} meets 2^-{sec}/2^-{cor} for n={n}; "
+    return _complete(graph_mode, n, d, c, drop, corrupt, sec, cor, reason)
+
+
+def custom_params(
+    num_clients: int,
+    degree: int,
+    threshold: int,
+    *,
+    max_dropouts: int,
+    max_corrupt: int = 0,
+    mode: GraphMode | str = GraphMode.secaggplus,
+) -> SecAggParams:
+    """Hand-picked ``(k, t)``, checked only against the deterministic conditions.
+
+    For experiments and tests with small cohorts: no probabilistic guarantee is
+    claimed (``security_bits = correctness_bits = 0``). Checks: ``k`` even or
+    ``n - 1``; ``k//2 + 1 <= t <= k + 1`` (``2t > k + 1``); ``t > max_corrupt``;
+    ``n - max_dropouts - max_corrupt >= 2``; complete graph: ``t <= n - max_dropouts``.
+    """
+    n = _check_int("num_clients", num_clients, 3)
+    graph_mode = GraphMode(mode)
+    k = _check_int("degree", degree, 2)
+    t = _check_int("threshold", threshold, 2)
+    d = _check_int("max_dropouts", max_dropouts, 0)
+    c = _check_int("max_corrupt", max_corrupt, 0)
+    if k > n - 1 or (k % 2 and k != n - 1) or (graph_mode is GraphMode.secagg and k != n - 1):
+        raise SecAggConfigError(
+            f"degree={k} invalid for num_clients={n} in mode {graph_mode.value}: use an even "
+            f"degree below {n - 1} (Harary graph) or {n - 1} (complete graph)"
+        )
+    if not k // 2 + 1 <= t <= k + 1:
+        raise SecAggConfigError(
+            f"threshold={t} must satisfy 2t > degree+1 and t <= degree+1, i.e. "
+            f"{k // 2 + 1} <= t <= {k + 1}"
+        )
+    if t <= c:
+        raise SecAggConfigError(f"threshold={t} must exceed max_corrupt={c}")
+    if n - d - c < 2:
+        raise SecAggConfigError(
+            f"max_dropouts={d} and max_corrupt={c} leave fewer than 2 honest survivors of {n}"
+        )
+    if k == n - 1 and t > n - d:
+        raise SecAggConfigError(
+            f"threshold={t} > num_clients - max_dropouts = {n - d}: the round could not "
+            "survive the dropouts it promises to tolerate"
+        )
+    return SecAggParams(
+        mode=graph_mode,
+        num_clients=n,
+        degree=k,
+        threshold=t,
+        max_dropouts=d,
+        max_corrupt=c,
+        min_survivors=n - d,
+        dropout_tolerance=d / n,
+        corrupt_fraction=c / n,
+        security_bits=0,
+        correctness_bits=0,
+        log2_security_failure=0.0,
+        log2_correctness_failure=0.0,
+        explanation=(
+            f"custom parameters: n={n}, k={k}, t={t}, D={d}, C={c}; only deterministic "
+            "checks, no probabilistic guarantee"
+        ),
+    )
+
+
+def build_graph(
+    node_ids: Iterable[int], degree: int, seed: bytes | None = None
+) -> dict[int, tuple[int, ...]]:
+    """Neighbour lists of a Harary graph ``H_{degree, m}`` on a random permutation.
+
+    Parameters
+    ----------
+    node_ids
+        The ``m`` distinct participating nodes (order irrelevant: they are sorted
+        before the permutation, so the graph depends only on the set and the seed).
+    degree
+        ``k``; even, or ``>= m - 1`` for the complete graph.
+    seed
+        32 bytes; ``os.urandom`` when omitted. The graph is public (every client learns
+        its neighbours), so a seeded PCG64 permutation suffices; the seed must merely
+        be unpredictable before dropouts/corruptions are fixed.
+
+    Returns
+    -------
+    dict
+        ``node -> sorted tuple of neighbours`` (never containing the node itself).
+    """
+    ids = sorted({check_node_id("node_ids[i]", x) for x in node_ids})
+    m = len(ids)
+    k = _check_int("degree", degree, 1)
+    if k >= m - 1:
+        return {u: tuple(v for v in ids if v != u) for u in ids}
+    if k % 2:
+        raise SecAggConfigError(f"degree={k} must be even for a Harary graph on {m} nodes")
+    if seed is None:
+        seed = os.urandom(GRAPH_SEED_BYTES)
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) != GRAPH_SEED_BYTES:
+        raise SecAggConfigError(f"seed must be {GRAPH_SEED_BYTES} bytes")
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "big")))
+    order = [ids[i] for i in rng.permutation(m)]
+    half = k // 2
+    graph: dict[int, tuple[int, ...]] = {}
+    for pos, u in enumerate(order):
+        neighbours = {order[(pos + j) % m] for j in range(-half, half + 1) if j}
+        graph[u] = tuple(sorted(neighbours))
+    return graph

@@ -1,0 +1,221 @@
+"""Shamir secret sharing of 32-byte secrets over the prime field GF(2**521 - 1).
+
+Secure aggregation (Bonawitz et al., CCS 2017, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", §3 and §4) shares two 32-byte secrets of every
+client, the self-mask seed ``b_u`` and the masking private key ``s_u^SK``, with a
+``t``-out-of-``m`` scheme (Shamir 1979, "How to Share a Secret", CACM 22(11)).
+
+Field choice: the Mersenne prime ``p = 2**521 - 1`` holds every 32-byte secret (an
+integer ``< 2**256``) as a field element without reduction, and every share point
+``x = node_id + 1`` of a uint64 node id. A share is one field element, serialised as
+:data:`SHARE_BYTES` = 66 big-endian bytes. Because secrets are ``< 2**256`` and the
+field has ``2**521`` elements, a reconstruction from inconsistent or corrupted shares
+lands outside the secret range with probability ``1 - 2**-265`` and is reported as an
+error instead of returning garbage.
+
+Security: the ``t - 1`` random coefficients are drawn uniformly from the field with
+rejection sampling from a CSPRNG (``os.urandom`` unless a test injects bytes), so any
+``t - 1`` shares are independent of the secret (information-theoretic hiding); ``t``
+shares determine it. This module trusts nothing about the shares it is given beyond
+their range; integrity against a malicious share holder is not provided (the
+protocol's trust model is an honest-but-curious server, ARCHITECTURE §2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import lru_cache
+
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
+    "ShamirError",
+    "evaluate_polynomial",
+    "lagrange_coefficients_at_zero",
+    "random_field_element",
+    "reconstruct",
+    "reconstruct_int",
+    "share_from_bytes",
+    "share_to_bytes",
+    "split",
+]
+
+PRIME = 2**521 - 1
+SECRET_BYTES = 32
+SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
+_FIELD_BITS = PRIME.bit_length()
+_TOP_BYTE_MASK = (1 << (_FIELD_BITS - 8 * (SHARE_BYTES - 1))) - 1
+
+
+class ShamirError(ValueError):
+    """Bad arguments to split/reconstruct, or shares that do not reconstruct a secret."""
+
+
+def random_field_element(randbytes: Callable[[int], bytes] = os.urandom) -> int:
+    """Draw a uniform element of GF(p) by rejection sampling (no modulo bias)."""
+    while True:
+        raw = bytearray(randbytes(SHARE_BYTES))
+        raw[0] &= _TOP_BYTE_MASK
+        value = int.from_bytes(raw, "big")
+        if value < PRIME:
+            return value
+
+
+def _check_threshold(threshold: int) -> int:
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ShamirError(f"threshold must be an int >= 1, got {threshold!r}; pass t >= 1")
+    return threshold
+
+
+def _check_ids(ids: Sequence[int]) -> None:
+    seen: set[int] = set()
+    for x in ids:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 < x < PRIME:
+            raise ShamirError(
+                f"share id must be an int in [1, 2**521 - 2], got {x!r}; "
+                "share ids are evaluation points and 0 would reveal the secret"
+            )
+        if x in seen:
+            raise ShamirError(f"duplicate share id {x}; every share needs a distinct id")
+        seen.add(x)
+
+
+def evaluate_polynomial(coefficients: Sequence[int], x: int) -> int:
+    """Evaluate ``sum(c_i x**i) mod p`` by Horner's rule; ``coefficients[0]`` is the constant."""
+    acc = 0
+    for c in reversed(coefficients):
+        acc = (acc * x + c) % PRIME
+    return acc
+
+
+def split(
+    secret: bytes,
+    threshold: int,
+    share_ids: Iterable[int],
+    *,
+    randbytes: Callable[[int], bytes] = os.urandom,
+) -> dict[int, int]:
+    """Split a 32-byte secret into shares, any ``threshold`` of which reconstruct it.
+
+    Parameters
+    ----------
+    secret
+        Exactly :data:`SECRET_BYTES` bytes (a seed or an X25519 private key).
+    threshold
+        ``t``: the number of shares needed; ``t - 1`` shares reveal nothing.
+    share_ids
+        Distinct evaluation points in ``[1, p - 1]`` (the protocol uses ``node_id + 1``).
+        There must be at least ``t`` of them.
+    randbytes
+        CSPRNG for the polynomial coefficients; ``os.urandom`` unless a test injects one.
+
+    Returns
+    -------
+    dict
+        ``share_id -> share`` (a field element; see :func:`share_to_bytes`).
+    """
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
+        got = len(secret) if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
+        raise ShamirError(f"secret must be {SECRET_BYTES} bytes, got {got}")
+    t = _check_threshold(threshold)
+    ids = list(share_ids)
+    _check_ids(ids)
+    if len(ids) < t:
+        raise ShamirError(
+            f"threshold={t} exceeds the number of share ids ({len(ids)}); "
+            "lower the threshold or add share holders"
+        )
+    coefficients = [int.from_bytes(secret, "big")]
+    coefficients.extend(random_field_element(randbytes) for _ in range(t - 1))
+    return {x: evaluate_polynomial(coefficients, x) for x in ids}
+
+
+@lru_cache(maxsize=256)
+def _lagrange_cached(ids: tuple[int, ...]) -> tuple[int, ...]:
+    coefficients = []
+    for i, xi in enumerate(ids):
+        num = 1
+        den = 1
+        for j, xj in enumerate(ids):
+            if j != i:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        coefficients.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(coefficients)
+
+
+def lagrange_coefficients_at_zero(share_ids: Sequence[int]) -> tuple[int, ...]:
+    """Lagrange basis values at 0 for the given points: ``f(0) = sum(l_i * f(x_i))``.
+
+    Cached per tuple of ids: in a complete-graph round every node's secrets are
+    reconstructed from the same surviving holders, so the O(t²) work is done once.
+    """
+    ids = tuple(share_ids)
+    _check_ids(ids)
+    return _lagrange_cached(ids)
+
+
+def _normalise(shares: Mapping[int, int] | Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    items = list(shares.items()) if isinstance(shares, Mapping) else list(shares)
+    _check_ids([x for x, _ in items])
+    for x, y in items:
+        if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < PRIME:
+            raise ShamirError(f"share for id {x} is not a field element in [0, p): {y!r}")
+    return items
+
+
+def reconstruct_int(shares: Mapping[int, int] | Iterable[tuple[int, int]], threshold: int) -> int:
+    """Interpolate the shared polynomial at 0 from the ``threshold`` smallest share ids.
+
+    Raises :class:`ShamirError` with fewer than ``threshold`` shares, duplicate or zero
+    ids, or values outside the field. Extra shares beyond ``threshold`` are not used.
+    """
+    t = _check_threshold(threshold)
+    items = _normalise(shares)
+    if len(items) < t:
+        raise ShamirError(
+            f"need threshold={t} shares to reconstruct, got {len(items)}; "
+            "collect more shares (fewer than t reveal nothing by design)"
+        )
+    items.sort()
+    used = items[:t]
+    coefficients = _lagrange_cached(tuple(x for x, _ in used))
+    return sum(c * y for c, (_, y) in zip(coefficients, used, strict=True)) % PRIME
+
+
+def reconstruct(shares: Mapping[int, int] | Iterable[tuple[int, int]], threshold: int) -> bytes:
+    """Reconstruct a 32-byte secret split by :func:`split`.
+
+    Raises
+    ------
+    ShamirError
+        Fewer than ``threshold`` shares, duplicate/zero ids, or a result that is not a
+        32-byte secret (the shares are inconsistent: wrong threshold or corrupted).
+    """
+    value = reconstruct_int(shares, threshold)
+    if value >> (8 * SECRET_BYTES):
+        raise ShamirError(
+            "shares do not reconstruct a 32-byte secret: they are inconsistent "
+            "(corrupted, from different secrets, or split with a higher threshold)"
+        )
+    return value.to_bytes(SECRET_BYTES, "big")
+
+
+def share_to_bytes(share: int) -> bytes:
+    """Serialise a share as :data:`SHARE_BYTES` big-endian bytes."""
+    if isinstance(share, bool) or not isinstance(share, int) or not 0 <= share < PRIME:
+        raise ShamirError(f"share must be a field element in [0, p), got {share!r}")
+    return share.to_bytes(SHARE_BYTES, "big")
+
+
+def share_from_bytes(raw: bytes) -> int:
+    """Parse :func:`share_to_bytes` output, checking its length and range."""
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != SHARE_BYTES:
+        got = len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__
+        raise ShamirError(f"a serialised share is {SHARE_BYTES} bytes, got {got}")
+    value = int.from_bytes(raw, "big")
+    if value >= PRIME:
+        raise ShamirError("serialised share is not a field element (>= p)")
+    return value

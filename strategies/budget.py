@@ -1,0 +1,51 @@
+"""The federation's privacy budget: stop *before* a round that would exceed it.
+
+Flower's DP wrappers account after the fact and lose the final model when the budget
+runs out. Here the guard projects ε of the ledger plus the next round's planned event
+before anything is sent; if it would exceed ``privacy.max_epsilon`` the driver stops
+the run cleanly, the model of the last completed round (already DP-released) and the
+ledger are saved, and the run ends with status ``completed`` and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fl_app.privacy.ledger import FederationLedger, RoundEvent
+
+__all__ = ["BudgetGuard", "BudgetVerdict"]
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    allowed: bool
+    epsilon_now: float
+    epsilon_after: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BudgetGuard:
+    """Refuses a round whose projected ε exceeds ``max_epsilon``."""
+
+    max_epsilon: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ValueError(
+                f"privacy.max_epsilon must be finite and > 0, found {self.max_epsilon!r}"
+            )
+
+    def check(self, ledger: FederationLedger, planned: RoundEvent) -> BudgetVerdict:
+        now = ledger.epsilon()
+        after = ledger.project([planned])
+        if after <= self.max_epsilon:
+            return BudgetVerdict(True, now, after)
+        reason = (
+            f"privacy budget: round {planned.round} would take epsilon from {now:.4g} to "
+            f"{after:.4g} > privacy.max_epsilon={self.max_epsilon:g} (delta="
+            f"{ledger.delta:g}, {ledger.accountant.value}); stopping with the DP-released "
+            "model of the last completed round"
+        )
+        return BudgetVerdict(False, now, after, reason)

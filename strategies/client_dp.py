@@ -1,0 +1,494 @@
+"""Client-level differential privacy around any mean-based strategy (central and local DP).
+
+The round driver (:mod:`strategies.driver`) delegates three things to an
+:class:`UpdateAggregator`: extra per-round instruction scalars, a per-reply check,
+and turning the accepted replies into the update the wrapped Flower strategy applies.
+:class:`MeanAggregator` is the non-private weighted mean; this module adds
+
+:class:`CentralDp`
+    DP-FedAvg (McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private
+    Recurrent Language Models", ICLR): every update clipped to L2 norm ``C`` (by the
+    server, or by each client's pipeline and re-clipped by the server), summed,
+    ``N(0, (z_Δ·C)²)`` added to the *sum*, divided by the *expected* cohort size
+    ``m`` (``q·N`` for Poisson, the fixed size otherwise), so one client moves the
+    mean by at most ``C/m`` and the noise on the mean is ``z·C/m``. With
+    ``clipping=adaptive`` the clip norm follows a noised quantile of the update norms
+    (Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially Private Learning with
+    Adaptive Clipping", NeurIPS, Algorithm 1): each client contributes
+    ``b_i = 1[‖Δ_i‖ ≤ C_t]``, the server releases ``Σ(b_i − ½) + N(0, σ_b²) + m/2``
+    and sets ``C_{t+1} = C_t·exp(−η(b̃ − γ))``. The updates' noise multiplier is
+    ``z_Δ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` so the round's total is ``z``, and the
+    noise of round ``t`` is ``z_Δ·C_t`` with the ``C_t`` that clipped that round's
+    updates (Flower's adaptive wrapper noises with the *next* round's norm).
+:class:`LocalDp`
+    Each client clips and noises its own update (``privacy.mode=local``); the server
+    only averages, and counts each client's releases in the ledger.
+
+Every round's mechanism is recorded in a :class:`~fl_app.privacy.ledger.FederationLedger`
+*before* its instructions leave the server (a crash over-counts, never under-counts),
+and :class:`~strategies.budget.BudgetGuard` stops the run before a round that would
+exceed ``privacy.max_epsilon``.
+
+Condition (as in TFF's DP factories): whatever sits between clipping and noise must not
+increase sensitivity. Here that is a plain float64 sum; secure aggregation will be a
+modular sum of the same clipped values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fl_app.config.schema import (
+    AppConfig,
+    ClippingMode,
+    ClipSide,
+    PrivacyMode,
+    SamplingMode,
+)
+from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.clipping import clip_l2
+from fl_app.privacy.ledger import (
+    FederationLedger,
+    RoundEvent,
+    SamplingScheme,
+    calibrate_round_noise,
+    local_epsilon,
+)
+from fl_app.privacy.noise import noise_source
+from strategies.aggregation import weighted_mean_update
+from strategies.budget import BudgetGuard
+from strategies.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
+from strategies.sampling import FixedSizeSampler
+from strategies.validation import TrainReply
+
+__all__ = [
+    "Aggregate",
+    "CentralDp",
+    "ClientDpSettings",
+    "LocalDp",
+    "MeanAggregator",
+    "UpdateAggregator",
+    "build_aggregator",
+    "planned_population",
+    "projection_lines",
+    "rounds_within_budget",
+]
+
+# Noise stream ids (independent of the samplers' streams 0 and 1).
+CENTRAL_NOISE_STREAM = 0xD1
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The mean update to apply, its weight, and public per-round metrics."""
+
+    update: dict[str, np.ndarray]
+    total_weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class UpdateAggregator(Protocol):
+    """What the driver asks of a privacy layer in each round."""
+
+    def round_config(self, rnd: int) -> Mapping[str, Any]:
+        """Scalars added to this round's train instructions."""
+        ...
+
+    def begin_round(self, rnd: int, population: int) -> str | None:
+        """Called once per round before anything is sent: record the round's mechanism,
+        or return why the run must stop before it (budget)."""
+        ...
+
+    def status(self) -> dict[str, float]:
+        """Public metrics after a round (e.g. ε so far), for the round's report."""
+        ...
+
+    def check_reply(self, reply: TrainReply) -> str | None:
+        """A reason to reject this reply, or ``None``."""
+        ...
+
+    def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
+        """The update the strategy applies; ``replies`` is non-empty."""
+        ...
+
+
+class MeanAggregator:
+    """No client-level DP: the exact weighted mean ``Σ n_i Δ_i / Σ n_i``."""
+
+    def round_config(self, rnd: int) -> Mapping[str, Any]:
+        return {}
+
+    def begin_round(self, rnd: int, population: int) -> str | None:
+        return None
+
+    def status(self) -> dict[str, float]:
+        return {}
+
+    def check_reply(self, reply: TrainReply) -> str | None:
+        return None
+
+    def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
+        mean = weighted_mean_update(replies)
+        return Aggregate(mean.update, mean.total_weight)
+
+
+def planned_population(cfg: AppConfig) -> int:
+    """The federation size used for projections: ``dataset.num_partitions``.
+
+    The ledger records the population actually connected in each round; this is only
+    the plan (pre-run projection, ``--dry-run``, target-ε calibration, ``σ_b``).
+    """
+    return int(cfg.dataset.num_partitions)
+
+
+@dataclass(frozen=True)
+class ClientDpSettings:
+    """Client-level DP parameters, resolved and checked once when the run is built.
+
+    ``noise_multiplier`` is the round's effective ``z`` (calibrated from
+    ``privacy.target_epsilon`` if that was given); ``update_noise_multiplier`` is the
+    part on the updates (``z_Δ``, smaller than ``z`` only with adaptive clipping).
+    """
+
+    mode: PrivacyMode
+    clip_side: ClipSide
+    clipping: ClippingMode
+    noise_multiplier: float
+    clip: float
+    delta: float
+    accountant: AccountantName
+    sampling: SamplingScheme
+    fraction: float
+    num_rounds: int
+    planned_population: int
+    seed: int
+    secure_mode: bool = False
+    max_epsilon: float | None = None
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clipping is ClippingMode.adaptive:
+            sb = self.clipped_count_std
+            if sb is None or not 2 * sb > self.noise_multiplier:
+                raise ValueError(
+                    f"privacy.clipped_count_stddev={sb}: adaptive clipping needs "
+                    f"2*clipped_count_stddev > noise_multiplier={self.noise_multiplier:g} "
+                    "(the count's noise takes part of the budget); raise it or lower z"
+                )
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        if self.clipping is ClippingMode.fixed or self.clipped_count_std is None:
+            return self.noise_multiplier
+        z, sb = self.noise_multiplier, self.clipped_count_std
+        return (z**-2 - (2 * sb) ** -2) ** -0.5
+
+    def expected_cohort(self, population: int) -> float:
+        """The divisor ``m``: ``q·N`` (Poisson) or the fixed cohort size."""
+        if self.sampling is SamplingScheme.poisson:
+            return self.fraction * population
+        return float(FixedSizeSampler(self.fraction, 0).cohort_size(population))
+
+    def round_event(self, rnd: int, population: int, clip: float) -> RoundEvent:
+        return RoundEvent(
+            round=rnd,
+            sampling=self.sampling,
+            population=population,
+            sample_rate=self.fraction
+            if self.sampling is SamplingScheme.poisson
+            else self.expected_cohort(population) / population,
+            cohort=self.expected_cohort(population),
+            noise_multiplier=self.noise_multiplier,
+            clip=clip,
+            update_noise_multiplier=self.update_noise_multiplier,
+            clipped_count_std=self.clipped_count_std
+            if self.clipping is ClippingMode.adaptive
+            else None,
+        )
+
+    def planned_events(self, start_round: int = 1) -> list[RoundEvent]:
+        """The remaining planned rounds at the planned population (for projections)."""
+        return [
+            self.round_event(r, self.planned_population, self.clip)
+            for r in range(start_round, self.num_rounds + 1)
+        ]
+
+    @classmethod
+    def from_config(cls, cfg: AppConfig) -> ClientDpSettings:
+        """Resolve ``cfg.privacy`` (validated) into settings; calibrates z from a target ε."""
+        p = cfg.privacy
+        if p.mode not in (PrivacyMode.central, PrivacyMode.local):
+            raise ValueError(f"privacy.mode={p.mode.value} is not client-level DP")
+        assert p.clip is not None and p.delta is not None
+        population = planned_population(cfg)
+        sampling = (
+            SamplingScheme.poisson
+            if cfg.strategy.sampling is SamplingMode.poisson
+            else SamplingScheme.fixed
+        )
+        common: dict[str, Any] = dict(
+            mode=p.mode,
+            clip_side=ClipSide.client if p.mode is PrivacyMode.local else p.clip_side,
+            clipping=p.clipping,
+            clip=float(p.clip),
+            delta=float(p.delta),
+            accountant=AccountantName(p.accountant.value),
+            sampling=sampling,
+            fraction=float(cfg.strategy.fraction_train),
+            num_rounds=int(cfg.num_rounds),
+            planned_population=population,
+            seed=int(cfg.seed),
+            secure_mode=bool(p.secure_mode),
+            max_epsilon=p.max_epsilon,
+            target_quantile=float(p.target_quantile),
+            clip_learning_rate=float(p.clip_learning_rate),
+        )
+        # A fixed-clipping, z=1 probe of the same sampling: expected cohort and calibration.
+        probe = cls(noise_multiplier=1.0, **{**common, "clipping": ClippingMode.fixed})
+        if p.clipping is ClippingMode.adaptive:
+            sb = p.clipped_count_stddev
+            common["clipped_count_std"] = (
+                float(sb) if sb is not None else probe.expected_cohort(population) / 20.0
+            )
+        if p.noise_multiplier is not None:
+            z = float(p.noise_multiplier)
+        else:
+            assert p.target_epsilon is not None
+            if p.mode is PrivacyMode.local:
+                z = _calibrate_local(float(p.target_epsilon), probe)
+            else:
+                z = calibrate_round_noise(
+                    float(p.target_epsilon),
+                    probe.delta,
+                    probe.round_event(1, population, probe.clip),
+                    probe.num_rounds,
+                    probe.accountant,
+                )
+        return cls(noise_multiplier=z, **common)
+
+
+def _calibrate_local(target: float, s: ClientDpSettings) -> float:
+    """Local DP: z whose ``num_rounds`` releases of one client stay within ``target``."""
+    from fl_app.privacy.accounting import calibrate_noise_multiplier
+
+    # Each release is GaussianDpEvent(z/2) = a q=1 Poisson step at multiplier z/2.
+    return 2.0 * calibrate_noise_multiplier(target, s.delta, 1.0, s.num_rounds, s.accountant)
+
+
+class CentralDp:
+    """Central client-level DP with fixed or adaptive clipping (see the module doc).
+
+    Parameters
+    ----------
+    settings
+        Resolved parameters (:meth:`ClientDpSettings.from_config`).
+    ledger
+        The run's ledger so far (a resumed run passes the restored one).
+    budget
+        Stops the run before a round that would exceed ``privacy.max_epsilon``.
+    """
+
+    def __init__(
+        self,
+        settings: ClientDpSettings,
+        ledger: FederationLedger | None = None,
+        budget: BudgetGuard | None = None,
+    ) -> None:
+        if settings.mode is not PrivacyMode.central:
+            raise ValueError(f"CentralDp needs privacy.mode=central, found {settings.mode.value}")
+        self.settings = settings
+        self.ledger = ledger or FederationLedger(settings.delta, settings.accountant)
+        self.budget = budget
+        self.clip = settings.clip
+        self._event: RoundEvent | None = None
+        self._epsilon = self.ledger.epsilon()
+
+    def round_config(self, rnd: int) -> Mapping[str, Any]:
+        if self.settings.clip_side is ClipSide.client:
+            return {CLIP_NORM_KEY: float(self.clip)}
+        return {}
+
+    def begin_round(self, rnd: int, population: int) -> str | None:
+        event = self.settings.round_event(rnd, max(1, population), self.clip)
+        if self.budget is not None:
+            verdict = self.budget.check(self.ledger, event)
+            if not verdict.allowed:
+                return verdict.reason
+        # Recorded before any instruction leaves: a crash over-counts, never under-counts.
+        self.ledger = self.ledger.add(event)
+        self._event = event
+        self._epsilon = self.ledger.epsilon()
+        return None
+
+    def status(self) -> dict[str, float]:
+        return {"dp_epsilon": self._epsilon, "dp_delta": self.ledger.delta}
+
+    def check_reply(self, reply: TrainReply) -> str | None:
+        if (
+            self.settings.clip_side is ClipSide.client
+            and self.settings.clipping is ClippingMode.adaptive
+        ):
+            bit = reply.metrics.get(UNCLIPPED_KEY)
+            if bit not in (0.0, 1.0):
+                return f"'{UNCLIPPED_KEY}' must be 0 or 1 for adaptive clipping, got {bit!r}"
+        return None
+
+    def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
+        event = self._event
+        if event is None or event.round != rnd:
+            raise RuntimeError(f"aggregate({rnd}) without begin_round({rnd})")
+        s = self.settings
+        names = list(replies[0].update)
+        total = {k: np.zeros(replies[0].update[k].shape, dtype=np.float64) for k in names}
+        unclipped = 0
+        reclipped = 0
+        for r in replies:
+            clipped = clip_l2(r.update, event.clip)
+            if s.clip_side is ClipSide.server:
+                unclipped += int(clipped.unclipped)
+            else:
+                reclipped += int(not clipped.unclipped)
+                unclipped += int(r.metrics.get(UNCLIPPED_KEY, 0.0) == 1.0)
+            for k in names:
+                total[k] += clipped.arrays[k].astype(np.float64, copy=False)
+        noise = noise_source(s.secure_mode, s.seed, (rnd, CENTRAL_NOISE_STREAM))
+        std = event.noise_std
+        for k in names:
+            total[k] += noise.normal(std, total[k].size).reshape(total[k].shape)
+        m = event.cohort
+        mean = {k: v / m for k, v in total.items()}
+        metrics: dict[str, float] = {
+            "dp_clip": event.clip,
+            "dp_noise_std_sum": std,
+            "dp_noise_std_mean": std / m,
+            "dp_expected_cohort": m,
+        }
+        if reclipped:
+            metrics["dp_server_reclipped"] = float(reclipped)
+        if s.clipping is ClippingMode.adaptive:
+            assert s.clipped_count_std is not None
+            # Σ(b_i − ½) has add/remove sensitivity ½ (Andrew et al. §3.2).
+            noised = (
+                unclipped - len(replies) / 2.0 + float(noise.normal(s.clipped_count_std, 1)[0])
+            ) + m / 2.0
+            fraction = noised / m
+            self.clip = float(
+                event.clip * math.exp(-s.clip_learning_rate * (fraction - s.target_quantile))
+            )
+            metrics["dp_unclipped_fraction_noised"] = fraction
+            metrics["dp_next_clip"] = self.clip
+        return Aggregate(mean, float(len(replies)), metrics)
+
+
+class LocalDp:
+    """Local DP: clients clip and noise; the server averages and counts releases."""
+
+    def __init__(self, settings: ClientDpSettings, ledger: FederationLedger | None = None) -> None:
+        if settings.mode is not PrivacyMode.local:
+            raise ValueError(f"LocalDp needs privacy.mode=local, found {settings.mode.value}")
+        self.settings = settings
+        self.ledger = ledger or FederationLedger(
+            settings.delta, settings.accountant, local_noise_multiplier=settings.noise_multiplier
+        )
+
+    def round_config(self, rnd: int) -> Mapping[str, Any]:
+        return {CLIP_NORM_KEY: float(self.settings.clip)}
+
+    def begin_round(self, rnd: int, population: int) -> str | None:
+        return None
+
+    def status(self) -> dict[str, float]:
+        eps = self.ledger.local_epsilons()
+        return {"dp_local_epsilon_max": max(eps.values(), default=0.0)}
+
+    def check_reply(self, reply: TrainReply) -> str | None:
+        # Nothing to check: the noise makes the norm unbounded, and the client's own
+        # ledger (its ``dp-local-epsilon`` metric) is what protects it.
+        return None
+
+    def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
+        # The server's count covers the replies it accepted; a client counts every
+        # release it sends (before sending), so its own dp-local-epsilon is authoritative.
+        self.ledger = self.ledger.add_local([str(r.node_id) for r in replies])
+        mean = weighted_mean_update(replies)
+        return Aggregate(mean.update, mean.total_weight, {"dp_local_releases": len(replies)})
+
+
+def build_aggregator(
+    cfg: AppConfig, ledger: FederationLedger | None = None
+) -> MeanAggregator | CentralDp | LocalDp:
+    """The aggregator ``cfg.privacy.mode`` asks for (validated config)."""
+    mode = cfg.privacy.mode
+    if mode is PrivacyMode.none:
+        return MeanAggregator()
+    settings = ClientDpSettings.from_config(cfg)
+    if mode is PrivacyMode.central:
+        budget = BudgetGuard(settings.max_epsilon) if settings.max_epsilon is not None else None
+        return CentralDp(settings, ledger, budget)
+    if mode is PrivacyMode.local:
+        return LocalDp(settings, ledger)
+    raise ValueError(f"privacy.mode={mode.value} has no aggregator in this release")
+
+
+def rounds_within_budget(settings: ClientDpSettings) -> int:
+    """How many of the planned rounds fit in ``max_epsilon`` (all if no budget)."""
+    planned = settings.planned_events()
+    if settings.max_epsilon is None:
+        return len(planned)
+    empty = FederationLedger(settings.delta, settings.accountant)
+    low, high = 0, len(planned)
+    while low < high:  # ε grows with rounds: largest k with ε(k) <= budget
+        mid = (low + high + 1) // 2
+        if empty.project(planned[:mid]) <= settings.max_epsilon:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def projection_lines(settings: ClientDpSettings) -> list[str]:
+    """The pre-run privacy projection printed before training and by ``--dry-run``."""
+    s = settings
+    n = s.planned_population
+    m = s.expected_cohort(n)
+    empty = FederationLedger(s.delta, s.accountant)
+    sampling = (
+        f"Poisson q={s.fraction:g} of {n} clients (expected cohort {m:g})"
+        if s.sampling is SamplingScheme.poisson
+        else f"fixed-size {int(m)} of {n} clients per round"
+    )
+    if s.mode is PrivacyMode.local:
+        eps = local_epsilon(s.noise_multiplier, s.num_rounds, s.delta, s.accountant)
+        return [
+            f"client-level DP (local): each client clips to C={s.clip:g} and adds "
+            f"N(0, ({s.noise_multiplier:.4g}*C)^2) before its update leaves",
+            f"projection: a client in all {s.num_rounds} rounds reaches epsilon "
+            f"{eps:.4g} at delta={s.delta:g} ({s.accountant.value})",
+        ]
+    planned = s.planned_events()
+    eps = empty.project(planned)
+    cross = "rdp" if s.accountant is not AccountantName.rdp else None
+    cross_text = f"; rdp cross-check {empty.project(planned, cross):.4g}" if cross else ""
+    lines = [
+        f"client-level DP (central, {s.clipping.value} clipping by the {s.clip_side.value}, "
+        f"C={s.clip:g}): z={s.noise_multiplier:.4g}, {sampling}, noise std on the mean "
+        f"{s.update_noise_multiplier * s.clip / m:.4g}",
+        f"projection: {s.num_rounds} planned rounds -> epsilon {eps:.4g} at delta={s.delta:g} "
+        f"({s.accountant.value}{cross_text})",
+    ]
+    if s.max_epsilon is not None:
+        k = rounds_within_budget(s)
+        verdict = (
+            "all planned rounds fit"
+            if k == s.num_rounds
+            else f"the run will stop before round {k + 1} (after {k} rounds)"
+        )
+        lines.append(f"budget: max_epsilon={s.max_epsilon:g}: {verdict}")
+    return lines
