@@ -20,7 +20,6 @@ __all__ = ["BudgetGuard", "BudgetVerdict"]
 @dataclass(frozen=True)
 class BudgetVerdict:
     allowed: bool
-    epsilon_now: float
     epsilon_after: float
     reason: str = ""
 
@@ -38,14 +37,14 @@ class BudgetGuard:
             )
 
     def check(self, ledger: FederationLedger, planned: RoundEvent) -> BudgetVerdict:
-        now = ledger.epsilon()
         after = ledger.project([planned])
         if after <= self.max_epsilon:
-            return BudgetVerdict(True, now, after)
+            return BudgetVerdict(True, after)
+        now = ledger.epsilon()
         reason = (
             f"privacy budget: round {planned.round} would take epsilon from {now:.4g} to "
             f"{after:.4g} > privacy.max_epsilon={self.max_epsilon:g} (delta="
             f"{ledger.delta:g}, {ledger.accountant.value}); stopping with the DP-released "
             "model of the last completed round"
         )
-        return BudgetVerdict(False, now, after, reason)
+        return BudgetVerdict(False, after, reason)

@@ -321,10 +321,13 @@ class CentralDp:
             verdict = self.budget.check(self.ledger, event)
             if not verdict.allowed:
                 return verdict.reason
+            after = verdict.epsilon_after
+        else:
+            after = self.ledger.project([event])
         # Recorded before any instruction leaves: a crash over-counts, never under-counts.
         self.ledger = self.ledger.add(event)
         self._event = event
-        self._epsilon = self.ledger.epsilon()
+        self._epsilon = after
         return None
 
     def status(self) -> dict[str, float]:

@@ -295,13 +295,13 @@ def expand_mask(seed: bytes, length: int, bits: int, *, domain: MaskDomain) -> n
     """
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != KEY_BYTES:
         raise ValueError(f"mask seed must be {KEY_BYTES} bytes")
-    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
     if length > _MAX_MASK_ELEMENTS:
         raise ValueError(f"length={length} exceeds the ChaCha20 keystream limit")
     dtype = storage_dtype(bits)
     out = np.empty(length, dtype=dtype)
-    buf = memoryview(out).cast("B")
+    buf = out.data.cast("B")
     nonce = b"\x00\x00\x00\x00" + MaskDomain(domain).value
     enc = Cipher(algorithms.ChaCha20(bytes(seed), nonce), mode=None).encryptor()
     for start in range(0, len(buf), _CHUNK):

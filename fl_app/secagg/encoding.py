@@ -83,17 +83,23 @@ def _check_operands(bits: int, *arrays: np.ndarray) -> type[np.unsignedinteger]:
     for a in arrays:
         if not isinstance(a, np.ndarray) or a.dtype != dtype:
             got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-            raise ValueError(f"operands for bits={bits} must be {np.dtype(dtype)} arrays, got {got}")
+            raise ValueError(
+                f"operands for bits={bits} must be {np.dtype(dtype)} arrays, got {got}"
+            )
     return dtype
 
 
-def mod_add(a: np.ndarray, b: np.ndarray, bits: int, *, out: np.ndarray | None = None) -> np.ndarray:
+def mod_add(
+    a: np.ndarray, b: np.ndarray, bits: int, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """``(a + b) mod 2**bits``; unsigned numpy addition wraps at the storage width."""
     _check_operands(bits, a, b)
     return mod_reduce(np.add(a, b, out=out), bits)
 
 
-def mod_sub(a: np.ndarray, b: np.ndarray, bits: int, *, out: np.ndarray | None = None) -> np.ndarray:
+def mod_sub(
+    a: np.ndarray, b: np.ndarray, bits: int, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """``(a - b) mod 2**bits``."""
     _check_operands(bits, a, b)
     return mod_reduce(np.subtract(a, b, out=out), bits)

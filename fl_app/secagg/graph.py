@@ -331,8 +331,8 @@ def derive_params(
     corrupt = _check_fraction("corrupt_fraction", corrupt_fraction)
     sec = _check_int("security_bits", security_bits, 1)
     cor = _check_int("correctness_bits", correctness_bits, 1)
-    d = int(math.floor(drop * n + _EPS))
-    c = int(math.floor(corrupt * n + _EPS))
+    d = math.floor(drop * n + _EPS)
+    c = math.floor(corrupt * n + _EPS)
     if n - d - c < 2:
         raise SecAggConfigError(
             f"num_clients={n} with D={d} dropouts and C={c} corrupt clients leaves "

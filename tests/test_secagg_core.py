@@ -1,0 +1,387 @@
+"""Guarantees of the secure-aggregation building blocks (fl_app.secagg, no messaging).
+
+Shamir sharing, X25519/HKDF/AEAD/mask PRG, the fixed-point codec and the graph
+parameter derivation. The protocol itself is tested in tests/test_secagg_protocol.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_app.secagg import crypto, shamir
+from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError, mod_add, mod_sub, mod_sum
+from fl_app.secagg.graph import (
+    GraphMode,
+    SecAggConfigError,
+    SecAggParams,
+    build_graph,
+    custom_params,
+    derive_params,
+)
+
+FAST = settings(max_examples=25, deadline=None)
+
+# ---------------------------------------------------------------- package hygiene
+
+
+def test_package_imports_neither_torch_nor_flwr() -> None:
+    code = (
+        "import sys, fl_app.secagg, fl_app.secagg.protocol;"
+        "bad = [m for m in ('torch', 'flwr') if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------- Shamir
+
+secrets_st = st.binary(min_size=32, max_size=32)
+
+
+@FAST
+@given(secret=secrets_st, data=st.data())
+def test_shamir_any_t_shares_reconstruct(secret: bytes, data: st.DataObject) -> None:
+    m = data.draw(st.integers(1, 12), label="m")
+    t = data.draw(st.integers(1, m), label="t")
+    ids = data.draw(
+        st.lists(st.integers(1, 2**64), min_size=m, max_size=m, unique=True), label="ids"
+    )
+    shares = shamir.split(secret, t, ids)
+    subset = data.draw(st.permutations(ids), label="order")[:t]
+    assert shamir.reconstruct({x: shares[x] for x in subset}, t) == secret
+    # more than t shares also reconstruct (only t are used)
+    assert shamir.reconstruct(shares, t) == secret
+
+
+@FAST
+@given(secret=secrets_st, other=secrets_st, data=st.data())
+def test_shamir_t_minus_1_shares_fit_every_secret(
+    secret: bytes, other: bytes, data: st.DataObject
+) -> None:
+    """t-1 shares are consistent with *any* candidate secret (information-theoretic hiding).
+
+    For the t-1 shares plus the point (0, other) the unique interpolating polynomial
+    has degree <= t-1, passes through every share and has constant term ``other``:
+    the shares cannot tell ``secret`` and ``other`` apart.
+    """
+    t = data.draw(st.integers(2, 8), label="t")
+    ids = data.draw(st.lists(st.integers(1, 2**64), min_size=t, max_size=t, unique=True))
+    shares = shamir.split(secret, t, ids)
+    known = [(x, shares[x]) for x in ids[: t - 1]]
+    points = [(0, int.from_bytes(other, "big")), *known]
+    coeffs = _interpolate_coefficients(points)
+    assert len(coeffs) <= t
+    assert coeffs[0] == int.from_bytes(other, "big")
+    for x, y in known:
+        assert shamir.evaluate_polynomial(coeffs, x) == y
+    with pytest.raises(shamir.ShamirError, match="need threshold"):
+        shamir.reconstruct(dict(known), t)
+
+
+def _interpolate_coefficients(points: list[tuple[int, int]]) -> list[int]:
+    """Coefficients of the Lagrange polynomial through ``points`` over GF(p) (test oracle)."""
+    p = shamir.PRIME
+    result = [0] * len(points)
+    for i, (xi, yi) in enumerate(points):
+        basis = [1]
+        denom = 1
+        for j, (xj, _) in enumerate(points):
+            if j == i:
+                continue
+            basis = [
+                (a - xj * b) % p for a, b in itertools.zip_longest([0, *basis], [*basis, 0], fillvalue=0)
+            ]
+            denom = denom * (xi - xj) % p
+        scale = yi * pow(denom, -1, p) % p
+        for k, c in enumerate(basis):
+            result[k] = (result[k] + scale * c) % p
+    return result
+
+
+def test_shamir_argument_errors() -> None:
+    s = bytes(range(32))
+    with pytest.raises(shamir.ShamirError, match="32 bytes"):
+        shamir.split(b"short", 2, [1, 2])
+    with pytest.raises(shamir.ShamirError, match="exceeds the number of share ids"):
+        shamir.split(s, 3, [1, 2])
+    with pytest.raises(shamir.ShamirError, match="0 would reveal"):
+        shamir.split(s, 2, [0, 1])
+    with pytest.raises(shamir.ShamirError, match="duplicate share id"):
+        shamir.split(s, 2, [5, 5, 6])
+    shares = shamir.split(s, 2, [1, 2, 3])
+    with pytest.raises(shamir.ShamirError, match="duplicate share id"):
+        shamir.reconstruct([(1, shares[1]), (1, shares[1])], 2)
+    with pytest.raises(shamir.ShamirError, match="0 would reveal"):
+        shamir.reconstruct({0: 5, 1: shares[1]}, 2)
+    with pytest.raises(shamir.ShamirError, match="threshold must be"):
+        shamir.reconstruct(shares, 0)
+    # shares of a higher-threshold split do not reconstruct: detected, not garbage
+    high = shamir.split(s, 3, [1, 2, 3])
+    with pytest.raises(shamir.ShamirError, match="inconsistent"):
+        shamir.reconstruct({1: high[1], 2: high[2]}, 2)
+
+
+def test_shamir_share_bytes_round_trip_and_range() -> None:
+    shares = shamir.split(bytes(32), 2, [1, 2])
+    for y in shares.values():
+        raw = shamir.share_to_bytes(y)
+        assert len(raw) == shamir.SHARE_BYTES == 66
+        assert shamir.share_from_bytes(raw) == y
+    with pytest.raises(shamir.ShamirError):
+        shamir.share_from_bytes(b"\xff" * 66)  # >= p
+    with pytest.raises(shamir.ShamirError):
+        shamir.share_from_bytes(b"\x00" * 65)
+
+
+def test_random_field_element_rejects_out_of_range_draws() -> None:
+    draws = iter([b"\xff" * 66, (5).to_bytes(66, "big")])  # first masks to p itself
+    assert shamir.random_field_element(lambda n: next(draws)) == 5
+
+
+# ---------------------------------------------------------------- crypto
+
+_P = 2**255 - 19
+_SMALL_ORDER = [
+    0,
+    1,
+    _P - 1,
+    _P,
+    _P + 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+]
+
+
+@pytest.mark.parametrize("u", _SMALL_ORDER)
+def test_small_order_public_keys_rejected(u: int) -> None:
+    raw = u.to_bytes(32, "little")
+    with pytest.raises(crypto.InvalidPublicKeyError):
+        crypto.load_public_key(raw)
+    # the high bit is ignored by X25519: the same point with it set is also rejected
+    with pytest.raises(crypto.InvalidPublicKeyError):
+        crypto.load_public_key((u | (1 << 255)).to_bytes(32, "little"))
+    # our list is right: OpenSSL's exchange indeed yields the all-zero secret for it
+    with pytest.raises(ValueError):
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x09" * 31, b"\x09" * 33, "not bytes", None])
+def test_malformed_public_keys_rejected(raw: object) -> None:
+    with pytest.raises(crypto.InvalidPublicKeyError, match="32 raw bytes"):
+        crypto.load_public_key(raw)
+
+
+def test_agree_and_derive_are_symmetric_and_domain_separated() -> None:
+    a, b = crypto.generate_private_key(), crypto.generate_private_key()
+    shared = crypto.agree(a, crypto.public_key_bytes(b))
+    assert shared == crypto.agree(b, crypto.public_key_bytes(a))
+    base = dict(purpose=crypto.KeyPurpose.pairwise_mask, context=b"round-1", node_a=3, node_b=9)
+    k = crypto.derive_key(shared, **base)  # type: ignore[arg-type]
+    assert k == crypto.derive_key(shared, **{**base, "node_a": 9, "node_b": 3})  # type: ignore[arg-type]
+    variants = [
+        {"purpose": crypto.KeyPurpose.share_encryption},
+        {"context": b"round-2"},
+        {"node_b": 10},
+    ]
+    derived = {crypto.derive_key(shared, **{**base, **v}) for v in variants}  # type: ignore[arg-type]
+    assert k not in derived and len(derived) == 3
+    with pytest.raises(ValueError, match="distinct"):
+        crypto.derive_key(shared, **{**base, "node_b": 3})  # type: ignore[arg-type]
+
+
+def test_aead_binds_context_sender_recipient() -> None:
+    key = bytes(range(32))
+    ct = crypto.encrypt(key, b"shares", context=b"ctx", sender=1, recipient=2)
+    assert crypto.decrypt(key, ct, context=b"ctx", sender=1, recipient=2) == b"shares"
+    tampered = bytearray(ct)
+    tampered[-1] ^= 1
+    cases = [
+        (key, bytes(tampered), b"ctx", 1, 2),
+        (key, ct, b"ctx-old", 1, 2),
+        (key, ct, b"ctx", 2, 1),
+        (key, ct, b"ctx", 1, 3),
+        (bytes(32), ct, b"ctx", 1, 2),
+        (key, ct[:20], b"ctx", 1, 2),
+    ]
+    for k, c, ctx, s, r in cases:
+        with pytest.raises(crypto.DecryptionError):
+            crypto.decrypt(k, c, context=ctx, sender=s, recipient=r)
+
+
+def test_expand_mask_deterministic_domain_separated_and_reduced() -> None:
+    seed = bytes(range(32))
+    a = crypto.expand_mask(seed, 3 * 2**18 + 5, 32, domain=crypto.MaskDomain.pairwise)
+    assert a.dtype == np.uint32 and a.shape == (3 * 2**18 + 5,)
+    assert np.array_equal(a, crypto.expand_mask(seed, a.size, 32, domain=crypto.MaskDomain.pairwise))
+    # chunked keystream == one-shot keystream (prefix property)
+    short = crypto.expand_mask(seed, 1000, 32, domain=crypto.MaskDomain.pairwise)
+    assert np.array_equal(a[:1000], short)
+    selfm = crypto.expand_mask(seed, 1000, 32, domain=crypto.MaskDomain.self_mask)
+    assert not np.array_equal(short, selfm)
+    wide = crypto.expand_mask(seed, 1000, 64, domain=crypto.MaskDomain.pairwise)
+    assert wide.dtype == np.uint64
+    small = crypto.expand_mask(seed, 1000, 20, domain=crypto.MaskDomain.pairwise)
+    assert small.dtype == np.uint32 and int(small.max()) < 2**20
+    assert crypto.expand_mask(seed, 0, 32, domain=crypto.MaskDomain.pairwise).size == 0
+    with pytest.raises(ValueError, match="32 bytes"):
+        crypto.expand_mask(b"short", 10, 32, domain=crypto.MaskDomain.pairwise)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def test_codec_scale_derivation_and_ten_thousand_clients() -> None:
+    c64 = FixedPointCodec(bits=64, max_abs=1.0, max_contributors=10_000)
+    assert c64.scale == 2.0**49 and c64.dtype == np.uint64
+    n = 10_000
+    assert n * (c64.max_abs * c64.scale + 1) < 2**63
+    c32 = FixedPointCodec(bits=32, max_abs=1.0, max_contributors=10_000)
+    assert c32.scale == 2.0**17 and c32.dtype == np.uint32
+    assert n * (c32.max_abs * c32.scale + 1) < 2**31
+    with pytest.raises(FixedPointConfigError, match=r"bits=32 with max_contributors=1000000"):
+        FixedPointCodec(bits=32, max_abs=1.0, max_contributors=1_000_000)
+    with pytest.raises(FixedPointConfigError, match="bits must be"):
+        FixedPointCodec(bits=7, max_abs=1.0, max_contributors=10)
+    with pytest.raises(FixedPointConfigError, match="max_abs"):
+        FixedPointCodec(bits=32, max_abs=0.0, max_contributors=10)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_codec_extremes_of_ten_thousand_clients_do_not_wrap(bits: int, sign: float) -> None:
+    codec = FixedPointCodec(bits=bits, max_abs=1.0, max_contributors=10_000)
+    rng = np.random.default_rng(0)
+    x = np.full(4, sign)
+    enc = codec.encode(x, rng)
+    total = np.zeros(4, dtype=codec.dtype)
+    for _ in range(10_000):
+        np.add(total, enc, out=total)
+    assert np.array_equal(codec.decode_sum(total, 10_000), np.full(4, sign * 10_000))
+
+
+def test_codec_round_trip_within_resolution_and_unbiased() -> None:
+    codec = FixedPointCodec(bits=32, max_abs=2.0, max_contributors=100, min_precision_bits=4)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-2, 2, size=1000)
+    dec = codec.decode_sum(codec.encode(x, rng), 1)
+    assert np.max(np.abs(dec - x)) <= codec.resolution
+    # unbiased: the mean of 4,000 encodings of a value between grid points converges
+    v = np.full(4000, 0.3 * codec.resolution)
+    mean = codec.decode_sum(codec.encode(v, rng), 1).mean()
+    # std of the mean <= resolution/2/sqrt(4000); 6 sigma, false-failure rate ~2e-9
+    assert abs(mean - v[0]) < 6 * codec.resolution / 2 / np.sqrt(4000)
+
+
+def test_codec_refuses_out_of_range_and_bad_sums() -> None:
+    codec = FixedPointCodec(bits=32, max_abs=1.0, max_contributors=10)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="exceeds max_abs"):
+        codec.encode(np.array([0.5, 1.0000001]), rng)
+    with pytest.raises(ValueError, match="non-finite"):
+        codec.encode(np.array([np.nan]), rng)
+    enc = codec.encode(np.array([1.0, -1.0]), rng)
+    with pytest.raises(ValueError, match="max_contributors"):
+        codec.decode_sum(enc, 11)
+    with pytest.raises(ValueError, match="dtype"):
+        codec.decode_sum(enc.astype(np.uint64), 1)
+    with pytest.raises(ValueError, match="wrapped"):
+        codec.decode_sum(np.array([2**30], dtype=np.uint32), 1)
+    # 0-d input encodes as a length-1 vector
+    assert codec.encode(np.float64(0.25), rng).shape == (1,)
+
+
+def test_codec_small_ring_and_modular_helpers() -> None:
+    codec = FixedPointCodec(bits=20, max_abs=1.0, max_contributors=4, min_precision_bits=8)
+    rng = np.random.default_rng(2)
+    xs = [rng.uniform(-1, 1, 50) for _ in range(4)]
+    encs = [codec.encode(x, rng) for x in xs]
+    assert all(int(e.max()) < 2**20 for e in encs)
+    total = mod_sum(encs, 20)
+    assert np.max(np.abs(codec.decode_sum(total, 4) - sum(xs))) <= 4 * codec.resolution
+    a = np.array([2**20 - 1], dtype=np.uint32)
+    one = np.array([1], dtype=np.uint32)
+    assert mod_add(a, one, 20)[0] == 0
+    assert mod_sub(np.array([0], dtype=np.uint32), one, 20)[0] == 2**20 - 1
+    with pytest.raises(ValueError, match="uint32"):
+        mod_add(a.astype(np.int64), one, 20)
+
+
+# ---------------------------------------------------------------- graph and parameters
+
+
+def test_complete_mode_threshold_is_n_minus_dropouts() -> None:
+    p = derive_params(20, mode="secagg", dropout_tolerance=0.25, corrupt_fraction=0.1)
+    assert (p.degree, p.threshold, p.max_dropouts, p.max_corrupt) == (19, 15, 5, 2)
+    assert p.min_survivors == 15 and p.is_complete
+    assert p.log2_security_failure == -np.inf
+    assert "t=15=n-D" in p.explanation
+
+
+def test_sparse_mode_degree_is_logarithmic_and_conditions_hold() -> None:
+    for n in (1_000, 10_000, 100_000):
+        p = derive_params(n, mode="secaggplus", dropout_tolerance=0.05, corrupt_fraction=0.05)
+        assert p.degree < 10 * np.log2(n)
+        assert 2 * p.threshold > p.degree + 1
+        assert p.log2_security_failure <= -40 and p.log2_correctness_failure <= -20
+        assert "Harary" in p.explanation
+    degrees = [derive_params(n).degree for n in (1_000, 10_000, 100_000)]
+    assert degrees == sorted(degrees) and degrees[-1] - degrees[0] < 30
+
+
+def test_sparse_mode_falls_back_to_complete_graph_for_tiny_cohorts() -> None:
+    p = derive_params(5, mode="secaggplus", dropout_tolerance=0.2, corrupt_fraction=0.0)
+    assert p.is_complete and "no sparse degree" in p.explanation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_clients": 10, "mode": "secagg", "dropout_tolerance": 0.5}, "no threshold"),
+        ({"num_clients": 10, "dropout_tolerance": 0.5, "corrupt_fraction": 0.4}, "honest"),
+        ({"num_clients": 10, "dropout_tolerance": 1.2}, "dropout_tolerance"),
+        ({"num_clients": 2}, "num_clients"),
+        ({"num_clients": 10, "mode": "ring"}, "mode"),
+    ],
+)
+def test_impossible_parameters_raise_named_config_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(SecAggConfigError, match=match):
+        derive_params(**kwargs)
+
+
+def test_params_config_round_trip_and_tamper_detection() -> None:
+    p = derive_params(500, dropout_tolerance=0.1, corrupt_fraction=0.05)
+    cfg = p.to_config()
+    assert all(isinstance(v, (int, float, str)) for v in cfg.values())
+    assert SecAggParams.from_config(cfg) == p
+    with pytest.raises(SecAggConfigError, match="differ"):
+        SecAggParams.from_config({**cfg, "threshold": p.threshold - 1})
+    custom = custom_params(10, 4, 3, max_dropouts=1)
+    assert SecAggParams.from_config(custom.to_config()) == custom
+    with pytest.raises(SecAggConfigError, match="2t > degree"):
+        custom_params(10, 4, 2, max_dropouts=1)
+
+
+def test_harary_graph_is_regular_symmetric_and_seeded() -> None:
+    ids = [2**64 - 1 - 13 * i for i in range(50)]
+    seed = bytes(32)
+    g = build_graph(ids, 6, seed)
+    assert set(g) == set(ids)
+    for u, nbrs in g.items():
+        assert len(nbrs) == 6 and u not in nbrs
+        assert all(u in g[v] for v in nbrs)
+    assert g == build_graph(reversed(ids), 6, seed)
+    assert g != build_graph(ids, 6, bytes([1]) + bytes(31))
+    complete = build_graph(ids[:5], 6, seed)
+    assert all(len(n) == 4 for n in complete.values())
+    with pytest.raises(SecAggConfigError, match="even"):
+        build_graph(ids, 5, seed)
+    assert GraphMode("secaggplus") is GraphMode.secaggplus
