@@ -45,7 +45,7 @@ def bench_round(n: int, d: int, mode: str, drop_fraction: float) -> dict[str, fl
     bundles = {u: clients[u].share_keys(req2[u]) for u in ids}
     stage2 = (time.perf_counter() - t0) / n
     req3 = server.route_shares(bundles)
-    dropped = set(ids[: int(round(drop_fraction * n))])
+    dropped = set(ids[: round(drop_fraction * n)])
     ys = {}
     stage3 = []
     for u in ids:

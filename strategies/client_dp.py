@@ -116,6 +116,23 @@ class UpdateAggregator(Protocol):
         """The update the strategy applies; ``replies`` is non-empty."""
         ...
 
+    @property
+    def weighting(self) -> str:
+        """``"examples"`` (clients weight Δ by their example count) or ``"uniform"``."""
+        ...
+
+    def aggregate_sum(
+        self,
+        rnd: int,
+        sum_update: Mapping[str, np.ndarray],
+        total_weight: float,
+        num_contributors: int,
+        extra: Mapping[str, float],
+    ) -> Aggregate:
+        """The same result from sums only (secure aggregation): ``Σ w_i·Δ_i``, ``Σ w_i``,
+        the number of contributors and extra summed scalars (e.g. ``fl-app.unclipped``)."""
+        ...
+
 
 class MeanAggregator:
     """No client-level DP: the exact weighted mean ``Σ n_i Δ_i / Σ n_i``."""
@@ -135,6 +152,23 @@ class MeanAggregator:
     def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
         mean = weighted_mean_update(replies)
         return Aggregate(mean.update, mean.total_weight)
+
+    @property
+    def weighting(self) -> str:
+        return "examples"
+
+    def aggregate_sum(
+        self,
+        rnd: int,
+        sum_update: Mapping[str, np.ndarray],
+        total_weight: float,
+        num_contributors: int,
+        extra: Mapping[str, float],
+    ) -> Aggregate:
+        if not total_weight > 0:
+            raise ValueError(f"total_weight must be > 0, found {total_weight}")
+        mean = {k: np.asarray(v, dtype=np.float64) / total_weight for k, v in sum_update.items()}
+        return Aggregate(mean, float(total_weight))
 
 
 def planned_population(cfg: AppConfig) -> int:
@@ -343,24 +377,56 @@ class CentralDp:
                 return f"'{UNCLIPPED_KEY}' must be 0 or 1 for adaptive clipping, got {bit!r}"
         return None
 
+    @property
+    def weighting(self) -> str:
+        return "uniform"
+
     def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
-        event = self._event
-        if event is None or event.round != rnd:
-            raise RuntimeError(f"aggregate({rnd}) without begin_round({rnd})")
-        s = self.settings
+        event = self._current(rnd)
         names = list(replies[0].update)
         total = {k: np.zeros(replies[0].update[k].shape, dtype=np.float64) for k in names}
         unclipped = 0
         reclipped = 0
         for r in replies:
             clipped = clip_l2(r.update, event.clip)
-            if s.clip_side is ClipSide.server:
+            if self.settings.clip_side is ClipSide.server:
                 unclipped += int(clipped.unclipped)
             else:
                 reclipped += int(not clipped.unclipped)
                 unclipped += int(r.metrics.get(UNCLIPPED_KEY, 0.0) == 1.0)
             for k in names:
                 total[k] += clipped.arrays[k].astype(np.float64, copy=False)
+        out = self.aggregate_sum(
+            rnd, total, float(len(replies)), len(replies), {UNCLIPPED_KEY: float(unclipped)}
+        )
+        if reclipped:
+            out.metrics["dp_server_reclipped"] = float(reclipped)
+        return out
+
+    def _current(self, rnd: int) -> RoundEvent:
+        event = self._event
+        if event is None or event.round != rnd:
+            raise RuntimeError(f"aggregate({rnd}) without begin_round({rnd})")
+        return event
+
+    def aggregate_sum(
+        self,
+        rnd: int,
+        sum_update: Mapping[str, np.ndarray],
+        total_weight: float,
+        num_contributors: int,
+        extra: Mapping[str, float],
+    ) -> Aggregate:
+        """Noise the sum of clipped updates and divide by the expected cohort.
+
+        ``sum_update`` must be ``Σ clip(Δ_i)`` with unit weights (``weighting`` is
+        ``"uniform"``); ``extra["fl-app.unclipped"]`` is ``Σ b_i`` for adaptive clipping.
+        """
+        event = self._current(rnd)
+        s = self.settings
+        total = {k: np.array(v, dtype=np.float64) for k, v in sum_update.items()}
+        names = list(total)
+        unclipped = float(extra.get(UNCLIPPED_KEY, 0.0))
         noise = noise_source(s.secure_mode, s.seed, (rnd, CENTRAL_NOISE_STREAM))
         std = event.noise_std
         for k in names:
@@ -373,13 +439,11 @@ class CentralDp:
             "dp_noise_std_mean": std / m,
             "dp_expected_cohort": m,
         }
-        if reclipped:
-            metrics["dp_server_reclipped"] = float(reclipped)
         if s.clipping is ClippingMode.adaptive:
             assert s.clipped_count_std is not None
             # Σ(b_i − ½) has add/remove sensitivity ½ (Andrew et al. §3.2).
             noised = (
-                unclipped - len(replies) / 2.0 + float(noise.normal(s.clipped_count_std, 1)[0])
+                unclipped - num_contributors / 2.0 + float(noise.normal(s.clipped_count_std, 1)[0])
             ) + m / 2.0
             fraction = noised / m
             self.clip = float(
@@ -387,7 +451,7 @@ class CentralDp:
             )
             metrics["dp_unclipped_fraction_noised"] = fraction
             metrics["dp_next_clip"] = self.clip
-        return Aggregate(mean, float(len(replies)), metrics)
+        return Aggregate(mean, float(num_contributors), metrics)
 
 
 class LocalDp:
@@ -415,6 +479,24 @@ class LocalDp:
         # Nothing to check: the noise makes the norm unbounded, and the client's own
         # ledger (its ``dp-local-epsilon`` metric) is what protects it.
         return None
+
+    @property
+    def weighting(self) -> str:
+        return "examples"
+
+    def aggregate_sum(
+        self,
+        rnd: int,
+        sum_update: Mapping[str, np.ndarray],
+        total_weight: float,
+        num_contributors: int,
+        extra: Mapping[str, float],
+    ) -> Aggregate:
+        # Under secure aggregation the server cannot tell who contributed; each client's
+        # own dp-local-epsilon (computed before it sent) is the record.
+        return MeanAggregator().aggregate_sum(
+            rnd, sum_update, total_weight, num_contributors, extra
+        )
 
     def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
         # The server's count covers the replies it accepted; a client counts every

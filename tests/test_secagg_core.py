@@ -98,7 +98,8 @@ def _interpolate_coefficients(points: list[tuple[int, int]]) -> list[int]:
             if j == i:
                 continue
             basis = [
-                (a - xj * b) % p for a, b in itertools.zip_longest([0, *basis], [*basis, 0], fillvalue=0)
+                (a - xj * b) % p
+                for a, b in itertools.zip_longest([0, *basis], [*basis, 0], fillvalue=0)
             ]
             denom = denom * (xi - xj) % p
         scale = yi * pow(denom, -1, p) % p
@@ -184,18 +185,27 @@ def test_agree_and_derive_are_symmetric_and_domain_separated() -> None:
     a, b = crypto.generate_private_key(), crypto.generate_private_key()
     shared = crypto.agree(a, crypto.public_key_bytes(b))
     assert shared == crypto.agree(b, crypto.public_key_bytes(a))
-    base = dict(purpose=crypto.KeyPurpose.pairwise_mask, context=b"round-1", node_a=3, node_b=9)
-    k = crypto.derive_key(shared, **base)  # type: ignore[arg-type]
-    assert k == crypto.derive_key(shared, **{**base, "node_a": 9, "node_b": 3})  # type: ignore[arg-type]
-    variants = [
-        {"purpose": crypto.KeyPurpose.share_encryption},
-        {"context": b"round-2"},
-        {"node_b": 10},
-    ]
-    derived = {crypto.derive_key(shared, **{**base, **v}) for v in variants}  # type: ignore[arg-type]
-    assert k not in derived and len(derived) == 3
+
+    def derive(
+        purpose: crypto.KeyPurpose = crypto.KeyPurpose.pairwise_mask,
+        context: bytes = b"round-1",
+        node_a: int = 3,
+        node_b: int = 9,
+    ) -> bytes:
+        return crypto.derive_key(
+            shared, purpose=purpose, context=context, node_a=node_a, node_b=node_b
+        )
+
+    k = derive()
+    assert k == derive(node_a=9, node_b=3)
+    variants = {
+        derive(purpose=crypto.KeyPurpose.share_encryption),
+        derive(context=b"round-2"),
+        derive(node_b=10),
+    }
+    assert k not in variants and len(variants) == 3
     with pytest.raises(ValueError, match="distinct"):
-        crypto.derive_key(shared, **{**base, "node_b": 3})  # type: ignore[arg-type]
+        derive(node_b=3)
 
 
 def test_aead_binds_context_sender_recipient() -> None:
@@ -221,7 +231,9 @@ def test_expand_mask_deterministic_domain_separated_and_reduced() -> None:
     seed = bytes(range(32))
     a = crypto.expand_mask(seed, 3 * 2**18 + 5, 32, domain=crypto.MaskDomain.pairwise)
     assert a.dtype == np.uint32 and a.shape == (3 * 2**18 + 5,)
-    assert np.array_equal(a, crypto.expand_mask(seed, a.size, 32, domain=crypto.MaskDomain.pairwise))
+    assert np.array_equal(
+        a, crypto.expand_mask(seed, a.size, 32, domain=crypto.MaskDomain.pairwise)
+    )
     # chunked keystream == one-shot keystream (prefix property)
     short = crypto.expand_mask(seed, 1000, 32, domain=crypto.MaskDomain.pairwise)
     assert np.array_equal(a[:1000], short)

@@ -37,7 +37,7 @@ from fl_app.secagg.protocol import (
 D_LEN = 257  # odd length: no accidental alignment with ChaCha20 blocks
 
 
-def _entropy(seed: int):  # noqa: ANN202 - test helper
+def _entropy(seed: int):
     rng = np.random.default_rng(seed)
     return lambda n: rng.bytes(n)
 
@@ -81,13 +81,13 @@ class Round:
         high = 2**self.bits
         self.inputs = {u: rng.integers(0, high, self.d, dtype=dtype) for u in self.ids}
 
-    def run(self, drops: Mapping[int, set[int]] | None = None):  # noqa: ANN201
+    def run(self, drops: Mapping[int, set[int]] | None = None):
         """Run all four stages; nodes in ``drops[stage]`` do not answer that stage."""
         drops = drops or {}
         s, c = self.server, self.clients
         gone: set[int] = set()
 
-        def alive(stage: int, nodes) -> list[int]:  # noqa: ANN001
+        def alive(stage: int, nodes) -> list[int]:
             gone.update(drops.get(stage, set()))
             return [u for u in nodes if u not in gone]
 
@@ -96,12 +96,10 @@ class Round:
         req4 = s.collect_masked_inputs(
             {u: c[u].masked_input(req3[u], self.inputs[u]) for u in alive(3, req3)}
         )
-        replies = {
-            u: c[u].unmask(req4.survivors, req4.dropouts) for u in alive(4, req4.survivors)
-        }
+        replies = {u: c[u].unmask(req4.survivors, req4.dropouts) for u in alive(4, req4.survivors)}
         return s.unmask(replies)
 
-    def expected(self, survivors) -> np.ndarray:  # noqa: ANN001
+    def expected(self, survivors) -> np.ndarray:
         total = np.zeros(self.d, dtype=crypto.storage_dtype(self.bits))
         for u in survivors:
             np.add(total, self.inputs[u], out=total)
@@ -295,7 +293,7 @@ def test_server_stage1_rejections_are_structured_and_round_continues() -> None:
     s, c = r.server, r.clients
     keys = {u: c[u].advertise() for u in r.ids}
     a, b = r.ids[0], r.ids[1]
-    replies = [(u, keys[u]) for u in r.ids[2:]]
+    replies: list[tuple[object, object]] = [(u, keys[u]) for u in r.ids[2:]]
     replies += [
         (a, PublicKeys(b"\x01" * 31, keys[a].s_pk)),  # wrong length
         (b, PublicKeys(bytes(32), keys[b].s_pk)),  # small-order key
@@ -304,7 +302,7 @@ def test_server_stage1_rejections_are_structured_and_round_continues() -> None:
         ("x", keys[a]),  # not an int
     ]
     with pytest.raises(RoundAbandoned):  # 3 of 8 lost; tolerance is 2
-        s.collect_public_keys(replies)
+        s.collect_public_keys(replies)  # type: ignore[arg-type]
     reasons = {(rej.node, rej.stage): rej.reason for rej in s.rejections}
     assert "32 raw bytes" in reasons[(a, Stage.advertise)]
     assert "small-order" in reasons[(b, Stage.advertise)]
@@ -317,9 +315,9 @@ def test_server_stage1_rejections_are_structured_and_round_continues() -> None:
     s, c = r.server, r.clients
     keys = {u: c[u].advertise() for u in r.ids}
     bad = r.ids[0]
-    replies = {u: keys[u] for u in r.ids}
-    replies[bad] = PublicKeys(keys[r.ids[1]].c_pk, keys[bad].s_pk)  # reused key
-    req2 = s.collect_public_keys(replies)
+    good = {u: keys[u] for u in r.ids}
+    good[bad] = PublicKeys(keys[r.ids[1]].c_pk, keys[bad].s_pk)  # reused key
+    req2 = s.collect_public_keys(good)
     assert {rej.node for rej in s.rejections} == {bad, r.ids[1]}
     assert "also advertised" in s.rejections[0].reason
     alive = [u for u in r.ids if u in req2]

@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from fl_app.secagg.crypto import storage_dtype
 
@@ -193,7 +194,7 @@ class FixedPointCodec:
         """Quantisation step ``1/s`` of one coordinate."""
         return 1.0 / self.scale
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def encode(self, x: npt.ArrayLike, rng: np.random.Generator) -> np.ndarray:
         """Encode a real vector with unbiased stochastic rounding.
 
         ``E[decode(encode(x))] = x`` exactly: ``floor(x*s) + 1`` with probability
