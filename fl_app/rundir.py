@@ -175,3 +175,80 @@ class ProgressPrinter:
             parts.append("MODEL UNCHANGED")
         parts.append(f"{report.seconds:.2f}s")
         print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+class AuditTrail:
+    """The server's hash-chained audit log of a run (``audit.jsonl``, :mod:`fl_app.audit`).
+
+    Records the run's start (config hash, code version), each round's stage outcomes
+    (cohort size, dropouts, rejections by reason), the aggregate, the privacy spent,
+    and the run's end with the SHA-256 of the model and ledger files. Only counts and
+    reasons: no update, no metric of a single client, no secret.
+    """
+
+    FILE = "audit.jsonl"
+
+    def __init__(self, run_dir: Path) -> None:
+        from fl_app.audit import AuditLog
+
+        self.path = run_dir / self.FILE
+        self.log = AuditLog(self.path)
+
+    def run_start(self, config_hash: str, code_version: str, **extra: Any) -> None:
+        self.log.append(
+            "run.start",
+            {"role": "server", "config_hash": config_hash, "code_version": code_version, **extra},
+        )
+
+    @staticmethod
+    def _reasons(items: list[tuple[int, str]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, reason in items:
+            out[reason] = out.get(reason, 0) + 1
+        return out
+
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
+        rnd = int(report.server_round)
+        t = report.train
+        self.log.append("round.start", {"round": rnd, "cohort_size": int(t.sampled)})
+        stages = [("train", t)]
+        if report.evaluate is not None:
+            stages.append(("evaluate", report.evaluate))
+        for name, st in stages:
+            self.log.append(
+                "stage.outcome",
+                {
+                    "round": rnd,
+                    "stage": name,
+                    "sampled": int(st.sampled),
+                    "accepted": int(st.accepted),
+                    "dropouts": int(st.missing),
+                    "rejections": self._reasons(st.rejected),
+                    "failures": self._reasons(st.failed),
+                },
+            )
+        self.log.append(
+            "aggregation.done",
+            {
+                "round": rnd,
+                "num_updates": int(t.accepted),
+                "model_updated": bool(report.model_updated),
+                "note": report.note,
+            },
+        )
+        if "dp_epsilon" in report.privacy:
+            self.log.append(
+                "privacy.epsilon",
+                {
+                    "round": rnd,
+                    "epsilon": float(report.privacy["dp_epsilon"]),
+                    "delta": float(report.privacy.get("dp_delta", 0.0)),
+                },
+            )
+
+    def run_end(self, status: str, files: Mapping[str, str]) -> tuple[int, str]:
+        """Append ``run.end`` with file hashes; return the log's ``(seq, head)``."""
+        self.log.append("run.end", {"status": status, "files": dict(files)})
+        seq, head = self.log.seq, self.log.head
+        self.log.close()
+        return seq, head

@@ -33,7 +33,7 @@ from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, parse_overrides
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
-from fl_app.rundir import MetricsWriter, ProgressPrinter, RunDirectory
+from fl_app.rundir import AuditTrail, MetricsWriter, ProgressPrinter, RunDirectory
 from strategies.client_dp import (
     CentralDp,
     LocalDp,
@@ -114,6 +114,16 @@ def run_experiment(
     run_key = uuid.uuid4().hex
     rd.manifest["run_key"] = run_key
     rd.start()
+    audit = AuditTrail(rd.path)
+    audit.run_start(
+        rd.config_hash,
+        rd.manifest["code_version"],
+        num_rounds=cfg.num_rounds,
+        privacy_mode=cfg.privacy.mode.value,
+        threat_model=cfg.privacy.threat_model.value,
+        record_level=cfg.privacy.record_level,
+        secure_aggregation=cfg.secagg.mode.value,
+    )
     arrays = initial_arrays(cfg)
     aggregator = build_aggregator(cfg)
     if progress and not isinstance(aggregator, MeanAggregator):
@@ -127,7 +137,7 @@ def run_experiment(
         )
     spec = encode_spec(client_spec)
     steps_seen = StepsSeen()
-    listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path), steps_seen]
+    listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path), steps_seen, audit]
     ledger_writer = None
     if not isinstance(aggregator, MeanAggregator):
         ledger_writer = LedgerWriter(rd.path / LEDGER_FILE, aggregator)
@@ -149,6 +159,7 @@ def run_experiment(
     except BaseException:
         if ledger_writer is not None:
             ledger_writer.write()
+        audit.run_end("failed", _file_hashes(rd.path, [LEDGER_FILE]))
         rd.finish({"status": "failed", "seconds": time.perf_counter() - t0}, status="failed")
         raise
     if ledger_writer is not None:
@@ -158,6 +169,8 @@ def run_experiment(
     model_sha = rd.save_model(result.arrays, cfg.num_rounds)
     summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha, aggregator)
     summary["weights_sha256"] = weights_digest(result.arrays)
+    seq, head = audit.run_end("completed", _file_hashes(rd.path, [rd.model_path.name, LEDGER_FILE]))
+    summary["audit"] = {"file": AuditTrail.FILE, "seq": seq, "head": head}
     rd.finish(summary)
     if progress:
         acc = summary.get("accuracy")
@@ -178,6 +191,18 @@ def run_experiment(
 
 
 LEDGER_FILE = "privacy_ledger.json"
+
+
+def _file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
+    """SHA-256 of each named file that exists (for the audit log's run.end)."""
+    import hashlib
+
+    out = {}
+    for name in names:
+        path = directory / name
+        if path.is_file():
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 class LedgerWriter:
