@@ -4,6 +4,8 @@
 ``fl-app simulate --dry-run [...]``       validate and print the privacy projection only
 ``fl-app config [hydra overrides...]``    print the composed, validated config
 ``fl-app audit verify <log> ...``         check a hash-chained audit log
+``fl-app report <multirun dir>``          a sweep's table (CSV/Markdown) and plots
+``fl-app export <run dir> --tier ...``    release a model with its model card
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ commands:
   config     print the composed and validated config for the given overrides
   audit      verify | repair | sign | keygen: the tamper-evident audit log
              e.g. fl-app audit verify outputs/.../audit.jsonl
+  report     collect a multirun (fl-app simulate -m ...) into report.csv/.md and plots
+             e.g. fl-app report multirun/2026-11-23/12-00-00
+  export     release a run's model: --tier public|restricted --out DIR
 
 Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=...).
 """
@@ -58,6 +63,23 @@ def privacy_plan(cfg: Any) -> list[str]:
     return lines
 
 
+def over_budget(cfg: Any) -> str | None:
+    """Why the planned rounds would exceed ``privacy.max_epsilon``, or ``None``."""
+    from fl_app.config.schema import PrivacyMode
+    from strategies.client_dp import ClientDpSettings, rounds_within_budget
+
+    if cfg.privacy.mode is PrivacyMode.none or cfg.privacy.max_epsilon is None:
+        return None
+    settings = ClientDpSettings.from_config(cfg)
+    k = rounds_within_budget(settings)
+    if k >= settings.num_rounds:
+        return None
+    return (
+        f"its {settings.num_rounds} planned rounds exceed privacy.max_epsilon="
+        f"{settings.max_epsilon:g} after round {k}; lower num_rounds, raise the noise or the budget"
+    )
+
+
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -75,6 +97,15 @@ def _simulate_task(raw: Any) -> float | None:
         for line in privacy_plan(cfg):
             print(f"  {line}", flush=True)
         return None
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        refusal = over_budget(cfg)
+        if refusal:
+            # A sweep job that cannot finish its planned rounds within the budget is
+            # refused before it trains (a single run would stop early instead).
+            print(f"fl-app: job {HydraConfig.get().job.num} refused: {refusal}", flush=True)
+            return None
     run_dir = HydraConfig.get().runtime.output_dir
     summary = run_simulation_experiment(cfg, run_dir)
     acc = summary.get("accuracy")
@@ -139,6 +170,14 @@ def main(argv: list[str] | None = None) -> None:
                 _dry_run(rest)
             return
         _run_hydra(rest)
+    elif command == "report":
+        from fl_app.report import main as report_main
+
+        raise SystemExit(report_main(rest))
+    elif command == "export":
+        from fl_app.export import export_main
+
+        raise SystemExit(export_main(rest))
     elif command == "audit":
         from fl_app.audit import audit_main
 

@@ -114,7 +114,40 @@ def _prepare(msg: Message, context: Context) -> tuple[Any, ...]:
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train on local data and reply with the update Δ (see :mod:`fl_app.pipeline`)."""
+    """Train on local data and reply with the update Δ (see :mod:`fl_app.pipeline`).
+
+    Under secure aggregation the instruction carries a stage marker: stages 1, 2 and 4
+    (key exchange, unmasking) are handled without torch by :mod:`fl_app.secagg_stages`;
+    stage 3 trains as below, then encodes and masks, and replies with the masked vector.
+    """
+    from fl_app.secagg_stages import (
+        MaskedInputStage,
+        SecAggStageError,
+        handle_key_stage,
+        secagg_stage,
+        wipe_state,
+    )
+
+    try:
+        stage = secagg_stage(msg)
+        if stage is not None and stage != 3:
+            return handle_key_stage(msg, context, stage)
+        secure = MaskedInputStage.from_instruction(msg, context) if stage == 3 else None
+    except SecAggStageError as err:
+        raise ClientRefusal(f"secure aggregation: {err}") from err
+    if secure is None:
+        return _train(msg, context, None)
+    try:
+        return _train(msg, context, secure)
+    except SecAggStageError as err:
+        wipe_state(context)
+        raise ClientRefusal(f"secure aggregation: {err}") from err
+    except BaseException:
+        wipe_state(context)  # the round is over for this client: no secret outlives it
+        raise
+
+
+def _train(msg: Message, context: Context, secure: Any) -> Message:
     import torch
 
     from fl_app.pipeline import PipelineStages, run_train_pipeline
@@ -153,6 +186,20 @@ def handle_train(msg: Message, context: Context) -> Message:
             return model_to_ndarrays(model), stats
 
     clip_stage, noise_stage, client_dp_metrics = _client_dp_stages(spec, rnd, config, context, pid)
+    if secure is not None:
+        return _secure_train(
+            msg,
+            context,
+            secure,
+            spec,
+            config,
+            arrays,
+            model,
+            train,
+            clip_stage,
+            noise_stage,
+            client_dp_metrics,
+        )
     result = run_train_pipeline(
         arrays,
         PipelineStages(
@@ -175,6 +222,81 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
+
+
+def _secure_train(
+    msg: Message,
+    context: Context,
+    secure: Any,
+    spec: ClientSpec,
+    config: Any,
+    arrays: dict[str, np.ndarray],
+    model: Any,
+    train: Callable[[], tuple[dict[str, np.ndarray], Any]],
+    clip_stage: Any,
+    noise_stage: Any,
+    client_dp_metrics: dict[str, float],
+) -> Message:
+    """Stage 3 of secure aggregation: train, clip, encode, mask; reply with the masked vector.
+
+    The update must be bounded to be encoded: the client-level DP clip norm when
+    clients clip (it must equal the round's encoding bound), else the bound itself.
+    Weight, the unclipped bit and the training metrics ride inside the masked vector;
+    the plaintext reply carries only the round and the stage.
+    """
+    from fl_app.pipeline import PipelineStages, run_train_pipeline
+    from fl_app.privacy.clipping import clip_l2
+    from fl_app.weights import load_ndarrays
+
+    if noise_stage is not None:
+        raise ClientRefusal(
+            "secure aggregation: local DP noise is unbounded and cannot be encoded; the "
+            "server must not combine privacy.mode=local with secagg"
+        )
+    bound = secure.bound
+    if clip_stage is None:
+
+        def clip_stage(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return clip_l2(update, bound).arrays
+
+    elif config.get(CLIP_NORM_KEY) != bound:
+        raise ClientRefusal(
+            f"secure aggregation: encoding bound {bound!r} differs from the clip norm "
+            f"'{CLIP_NORM_KEY}'={config.get(CLIP_NORM_KEY)!r}"
+        )
+    seen: list[Any] = []
+
+    def train_and_keep_stats() -> tuple[dict[str, np.ndarray], Any]:
+        local, stats = train()
+        seen.append(stats)
+        return local, stats
+
+    def encode(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stats = seen[-1]
+        unclipped = client_dp_metrics.get(UNCLIPPED_KEY, 0.0) if spec.client_dp else 0.0
+        encoded = secure.encode(
+            update,
+            num_examples=float(stats.num_examples),
+            loss=float(stats.loss),
+            accuracy=float(stats.accuracy),
+            unclipped=float(unclipped),
+        )
+        return {"encoded": encoded}
+
+    def mask(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"masked": secure.mask(encoded["encoded"], context)}
+
+    result = run_train_pipeline(
+        arrays,
+        PipelineStages(
+            load=lambda a: load_ndarrays(model, a),
+            train=train_and_keep_stats,
+            clip=clip_stage,
+            encode=encode,
+            mask=mask,
+        ),
+    )
+    return cast(Message, secure.reply(msg, result.update["masked"]))
 
 
 LOCAL_DP_STATE = "fl-app.local-dp"

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -40,15 +40,16 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_app.weights import from_array_record, to_array_record
 from strategies.aggregation import apply_update, weighted_mean_metrics
-from strategies.client_dp import MeanAggregator, UpdateAggregator
 from strategies.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
+    CLIP_NORM_KEY,
     CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     PUBLIC_METRIC_PREFIX,
     SERVER_ROUND,
+    UNCLIPPED_KEY,
 )
 from strategies.sampling import CohortSampler
 from strategies.validation import (
@@ -61,6 +62,11 @@ from strategies.validation import (
     parse_train_reply,
     screen_replies,
 )
+
+if TYPE_CHECKING:  # client_dp pulls in the accountants (and torch through Opacus); the
+    # driver module itself stays importable by torch-free ClientApp processes.
+    from strategies.client_dp import Aggregate, UpdateAggregator
+    from strategies.secagg import SecAggOutcome, SecureAggregation
 
 __all__ = [
     "CohortGrid",
@@ -257,6 +263,10 @@ class RoundDriver:
         Turns the accepted replies into the update to apply (default: the exact
         weighted mean; :mod:`strategies.client_dp` adds clipping, noise, a ledger and
         a budget that can stop the run before a round).
+    secagg
+        Secure aggregation (:mod:`strategies.secagg`): the train stage becomes the
+        four-stage masked-sum protocol and the aggregator sees only sums
+        (``aggregate_sum``). ``None``: plain train stage.
     """
 
     def __init__(
@@ -272,9 +282,15 @@ class RoundDriver:
         listeners: Sequence[RoundListener] = (),
         node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
         aggregator: UpdateAggregator | None = None,
+        secagg: SecureAggregation | None = None,
     ) -> None:
+        if aggregator is None:
+            from strategies.client_dp import MeanAggregator
+
+            aggregator = MeanAggregator()
         self.strategy = strategy
-        self.aggregator: UpdateAggregator = aggregator or MeanAggregator()
+        self.aggregator: UpdateAggregator = aggregator
+        self.secagg = secagg
         self.node_config_fn = node_config_fn
         self._result: DriverResult | None = None
         self.train_sampler = train_sampler
@@ -370,6 +386,8 @@ class RoundDriver:
         messages = self.strategy.configure_train(
             rnd, to_array_record(arrays), config, CohortGrid(grid, cohort)
         )
+        if self.secagg is not None:
+            return self._secure_train_stage(grid, rnd, arrays, list(messages), config, stage, t0)
         sent_msgs, replies, sent = self._exchange(
             grid, messages, rnd, self.settings.train_timeout_s
         )
@@ -403,7 +421,19 @@ class RoundDriver:
             return arrays, stage, note, 0.0
 
         mean = self.aggregator.aggregate(rnd, accepted)
-        self._privacy_metrics = dict(mean.metrics)
+        return self._apply_mean(rnd, arrays, mean, sent_msgs[0], stage, t0)
+
+    def _apply_mean(
+        self,
+        rnd: int,
+        arrays: Arrays,
+        mean: Aggregate,
+        answered: Message,
+        stage: StageReport,
+        t0: float,
+    ) -> tuple[Arrays, StageReport, str, float]:
+        """Hand ``w + mean`` to the strategy as one pre-aggregated reply to ``answered``."""
+        self._privacy_metrics.update(mean.metrics)
         norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in mean.update.values())))
         candidate = apply_update(arrays, mean.update)
         # The strategy receives the cohort as one pre-aggregated reply (see module doc).
@@ -414,7 +444,7 @@ class RoundDriver:
                     METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(mean.total_weight)}),
                 }
             ),
-            reply_to=sent_msgs[0],
+            reply_to=answered,
         )
         agg_arrays, _ = self.strategy.aggregate_train(rnd, [synthetic])
         stage.seconds = time.perf_counter() - t0
@@ -426,6 +456,65 @@ class RoundDriver:
         for k, v in arrays.items():
             new_arrays[k] = new_arrays[k].astype(v.dtype, copy=False)
         return new_arrays, stage, "", norm
+
+    def _secure_train_stage(
+        self,
+        grid: Grid,
+        rnd: int,
+        arrays: Arrays,
+        messages: list[Message],
+        config: ConfigRecord,
+        stage: StageReport,
+        t0: float,
+    ) -> tuple[Arrays, StageReport, str, float]:
+        """The train stage as secure aggregation (:mod:`strategies.secagg`): sums only."""
+        assert self.secagg is not None
+        try:
+            run_id = int(grid.run.run_id)
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            run_id = 0
+        outcome = self.secagg.run_round(
+            rnd=rnd,
+            run_id=run_id,
+            instructions=messages,
+            arrays=arrays,
+            weighting=self.aggregator.weighting,
+            bound=self.secagg.encoding_bound(dict(config), CLIP_NORM_KEY),
+            exchange=lambda msgs, timeout: self._exchange(grid, msgs, rnd, timeout),
+        )
+        self._fill_secure_stage(stage, outcome)
+        self._privacy_metrics = outcome.metrics()
+        decoded = outcome.decoded
+        if decoded is None:
+            stage.seconds = time.perf_counter() - t0
+            return arrays, stage, outcome.note, 0.0
+        n = outcome.num_contributors
+        if n < self.settings.min_train_replies:
+            note = (
+                f"only {n} inputs in the secure sum (< min_train_replies="
+                f"{self.settings.min_train_replies}): model unchanged"
+            )
+            log.warning("round %d: %s", rnd, note)
+            stage.seconds = time.perf_counter() - t0
+            return arrays, stage, note, 0.0
+        if decoded.weight > 0:
+            stage.metrics = {
+                "train-loss": decoded.loss / decoded.weight,
+                "train-accuracy": decoded.accuracy / decoded.weight,
+            }
+        mean = self.aggregator.aggregate_sum(
+            rnd, decoded.update, decoded.weight, n, {UNCLIPPED_KEY: decoded.unclipped}
+        )
+        return self._apply_mean(rnd, arrays, mean, outcome.masked_input_sent[0], stage, t0)
+
+    @staticmethod
+    def _fill_secure_stage(stage: StageReport, outcome: SecAggOutcome) -> None:
+        stage.accepted = outcome.num_contributors
+        stage.missing = len(outcome.missing)
+        stage.replied = stage.sampled - stage.missing
+        stage.rejected = [(r.node_id, r.reason) for r in outcome.rejected]
+        stage.failed = [(r.node_id, r.reason) for r in outcome.failed]
+        stage.exhausted = sorted({r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED})
 
     def _evaluate_stage(
         self, grid: Grid, rnd: int, arrays: Arrays, node_ids: list[int]

@@ -11,6 +11,7 @@ from fl_app.config.schema import AppConfig, SamplingMode, StrategyConfig, Strate
 from strategies.client_dp import UpdateAggregator
 from strategies.driver import DriverSettings, EvaluateFn, RoundDriver, RoundListener
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
+from strategies.secagg import SecAggSettings, SecureAggregation
 from strategies.validation import ReplyLimits
 
 __all__ = ["STRATEGIES", "build_driver", "build_strategy"]
@@ -67,7 +68,8 @@ def build_driver(
     node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
     aggregator: UpdateAggregator | None = None,
 ) -> RoundDriver:
-    """A :class:`RoundDriver` wired to the strategy, samplers and limits in ``cfg``."""
+    """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
+    ``secagg.mode != off``) secure aggregation in ``cfg``."""
     s = cfg.strategy
     if s.sampling is SamplingMode.poisson:
         train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
@@ -91,6 +93,7 @@ def build_driver(
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
     )
+    secagg_settings = SecAggSettings.from_config(cfg.secagg)
     return RoundDriver(
         build_strategy(s),
         train_sampler=train_sampler,
@@ -102,4 +105,5 @@ def build_driver(
         listeners=listeners,
         node_config_fn=node_config_fn,
         aggregator=aggregator,
+        secagg=SecureAggregation(secagg_settings) if secagg_settings is not None else None,
     )

@@ -17,6 +17,25 @@ Train reply (client -> server):
 Evaluate reply:
     ``metrics`` MetricRecord  ``num-examples``, ``server-round``, ``eval-loss``, ``eval-accuracy``
 
+Secure aggregation (``secagg.mode != off``, :mod:`strategies.secagg`): the train
+stage becomes four ``train`` messages per client, each with ``fl-app.secagg-stage``
+(1-4) in ``config``. Node ids travel as 8-byte big-endian words (``bytes``: ConfigRecord
+integers are signed 64-bit, node ids are uint64). Replies carry ``metrics`` with only
+``server-round`` and ``fl-app.secagg-stage``, plus the stage payload:
+    1 advertise   instruction ``config``: ``fl-app.secagg.context`` (bytes),
+                  ``fl-app.secagg.params`` (JSON of SecAggParams), ``.bits``,
+                  ``.vector-length``, ``.cohort`` (ids);
+                  reply ``secagg`` ConfigRecord: ``c-pk``, ``s-pk`` (32 bytes each)
+    2 share keys  instruction: ``.nodes`` (ids), ``.keys`` (64 bytes per node);
+                  reply ``secagg``: ``nodes`` (recipients), ``ciphertexts`` (concatenated)
+    3 masked input instruction: ``arrays`` + the usual train ``config`` plus ``.nodes``
+                  (senders), ``.ciphertexts``, ``.bound`` (encoding bound C),
+                  ``.weighting``, ``.max-weight``;
+                  reply ``masked`` ArrayRecord: one uint32/uint64 vector ``y``
+    4 unmask      instruction: ``.survivors``, ``.dropouts`` (ids);
+                  reply ``secagg``: ``self-mask-nodes``, ``self-mask-shares``,
+                  ``key-nodes``, ``key-shares`` (66-byte shares, concatenated)
+
 Clients send the update Δ rather than their full weights: every later privacy stage
 (clipping, noise, encoding, masking) operates on Δ, and the server only ever needs
 the weighted mean of the cohort's Δ.
@@ -35,6 +54,31 @@ __all__ = [
     "NUM_EXAMPLES",
     "PROXIMAL_MU",
     "PUBLIC_METRIC_PREFIX",
+    "SECAGG_BITS",
+    "SECAGG_BOUND",
+    "SECAGG_CIPHERTEXTS",
+    "SECAGG_COHORT",
+    "SECAGG_CONTEXT",
+    "SECAGG_DROPOUTS",
+    "SECAGG_KEYS",
+    "SECAGG_MASKED_ARRAY",
+    "SECAGG_MASKED_KEY",
+    "SECAGG_MAX_WEIGHT",
+    "SECAGG_NODES",
+    "SECAGG_PARAMS",
+    "SECAGG_RECORD_KEY",
+    "SECAGG_REPLY_CIPHERTEXTS",
+    "SECAGG_REPLY_C_PK",
+    "SECAGG_REPLY_KEY_NODES",
+    "SECAGG_REPLY_KEY_SHARES",
+    "SECAGG_REPLY_NODES",
+    "SECAGG_REPLY_SELF_MASK_NODES",
+    "SECAGG_REPLY_SELF_MASK_SHARES",
+    "SECAGG_REPLY_S_PK",
+    "SECAGG_STAGE_KEY",
+    "SECAGG_SURVIVORS",
+    "SECAGG_VECTOR_LENGTH",
+    "SECAGG_WEIGHTING",
     "SERVER_ROUND",
     "SPEC_KEY",
     "TRAIN_REPLY_KEYS",
@@ -71,3 +115,33 @@ BUDGET_EXHAUSTED = 1002
 # Per-client metrics under this prefix are public by design (e.g. "dp-epsilon": the
 # epsilon an institution has spent) and are kept per client, not only averaged.
 PUBLIC_METRIC_PREFIX = "dp-"
+
+# Secure aggregation (see the module doc). Instruction config keys:
+SECAGG_STAGE_KEY = "fl-app.secagg-stage"
+SECAGG_CONTEXT = "fl-app.secagg.context"
+SECAGG_PARAMS = "fl-app.secagg.params"
+SECAGG_BITS = "fl-app.secagg.bits"
+SECAGG_VECTOR_LENGTH = "fl-app.secagg.vector-length"
+SECAGG_COHORT = "fl-app.secagg.cohort"
+SECAGG_NODES = "fl-app.secagg.nodes"
+SECAGG_KEYS = "fl-app.secagg.keys"
+SECAGG_CIPHERTEXTS = "fl-app.secagg.ciphertexts"
+SECAGG_BOUND = "fl-app.secagg.bound"
+SECAGG_WEIGHTING = "fl-app.secagg.weighting"
+SECAGG_MAX_WEIGHT = "fl-app.secagg.max-weight"
+SECAGG_SURVIVORS = "fl-app.secagg.survivors"
+SECAGG_DROPOUTS = "fl-app.secagg.dropouts"
+# Reply records: the stage payload (ConfigRecord of bytes) and the masked vector.
+SECAGG_RECORD_KEY = "secagg"
+SECAGG_MASKED_KEY = "masked"
+# Keys inside the reply's ``secagg`` ConfigRecord.
+SECAGG_REPLY_C_PK = "c-pk"
+SECAGG_REPLY_S_PK = "s-pk"
+SECAGG_REPLY_NODES = "nodes"
+SECAGG_REPLY_CIPHERTEXTS = "ciphertexts"
+SECAGG_REPLY_SELF_MASK_NODES = "self-mask-nodes"
+SECAGG_REPLY_SELF_MASK_SHARES = "self-mask-shares"
+SECAGG_REPLY_KEY_NODES = "key-nodes"
+SECAGG_REPLY_KEY_SHARES = "key-shares"
+# The masked vector's name inside the ``masked`` ArrayRecord.
+SECAGG_MASKED_ARRAY = "y"

@@ -14,7 +14,12 @@ from fl_app.config.validate import ConfigError
 CONFIGS = config_dir()
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "experiment")
 # Group options that cannot stand alone name the companions a user must set with them.
-COMPANIONS = {("dataset", "local"): ["server_eval=false"]}
+COMPANIONS = {
+    ("dataset", "local"): ["server_eval=false"],
+    # Secure aggregation needs an encoding bound (or client-side DP clipping).
+    ("secagg", "secagg"): ["secagg.clip=10"],
+    ("secagg", "secaggplus"): ["secagg.clip=10"],
+}
 
 
 def _group_options() -> list[tuple[str, str]]:
@@ -180,7 +185,18 @@ def test_overrides_apply_and_change_hash() -> None:
             "expected one of",
         ),
         (["privacy.noise_multiplier=1.0"], "privacy.noise_multiplier", "no effect"),
-        (["secagg.mode=secagg"], "secagg.mode", "not implemented"),
+        (["secagg.mode=secagg"], "secagg.clip", "needs an L2 bound"),
+        (
+            ["secagg=secagg", "secagg.clip=1", "secagg.bits=16", "dataset.num_partitions=100"],
+            "secagg.bits",
+            "overflow",
+        ),
+        (["secagg=secaggplus", "secagg.clip=1", "privacy=local"], "privacy.mode", "unbounded"),
+        (
+            ["secagg=secaggplus", "secagg.clip=1", "secagg.dropout_tolerance=0.6"],
+            "secagg.dropout_tolerance",
+            "lower dropout_tolerance",
+        ),
     ],
 )
 def test_bad_config_fails_naming_field_and_fix(

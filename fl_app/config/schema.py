@@ -274,12 +274,30 @@ class SecAggMode(str, Enum):
 
 @dataclass
 class SecAggConfig:
+    """Mask-based secure aggregation (Bonawitz et al. 2017; Bell et al. 2020 for secaggplus).
+
+    The server learns only the sum of the cohort's encoded updates (and of their
+    weights and training metrics). Updates must be bounded to be encoded without
+    overflow: with client-level DP (privacy.clip_side=client) the DP clip norm is the
+    bound; with privacy.mode=none set ``clip``.
+    """
+
     mode: SecAggMode = SecAggMode.off
-    # Bits per coordinate of the fixed-point encoding (issue 5/6).
+    # Ring Z_{2**bits} of the masked sum; the fixed-point scale is derived from it, the
+    # clip bound and the cohort size so the sum cannot overflow (checked at build time).
     bits: int = 32
-    # Fraction of the cohort that may drop out while the sum is still recovered.
+    # Fraction of the cohort that may drop out (at any stage) while the sum is recovered.
     dropout_tolerance: float = 0.2
+    # Fraction of the cohort that may collude with the server (sets the Shamir threshold).
+    corrupt_fraction: float = 0.1
+    # Seconds the server waits for the replies of each of the four stages.
     stage_timeout_s: float = 60.0
+    # L2 bound every client clips its update to before encoding, when no client-level
+    # DP clip norm exists (privacy.mode=none); must be null with privacy.mode=central.
+    clip: float | None = None
+    # Example-weighted aggregation sends w = min(num_examples, max_weight) / max_weight
+    # as a masked coordinate: clients with more examples count as max_weight.
+    max_weight: float = 1000.0
 
 
 class SimulationBackend(str, Enum):

@@ -98,6 +98,16 @@ def _check_dataset(cfg: AppConfig) -> None:
             d.hub_path,
             "set the Hugging Face dataset id (e.g. ylecun/mnist) for dataset.kind=hub",
         )
+    if d.kind is DatasetKind.digits:
+        # The embedded dataset is at hand: partition it now, so an impossible split
+        # (too many partitions, a Dirichlet draw that cannot give everyone data) fails
+        # before the run instead of as a refusal from every client.
+        from fl_app.data import DataError, partition_sizes
+
+        try:
+            partition_sizes(d, cfg.seed)
+        except DataError as err:
+            raise ConfigError("dataset", f"num_partitions={d.num_partitions}", str(err)) from None
     if d.kind is DatasetKind.local:
         _check(
             not cfg.server_eval,
@@ -413,12 +423,6 @@ def _check_dpsgd(cfg: AppConfig) -> None:
 
 def _check_secagg(cfg: AppConfig) -> None:
     s = cfg.secagg
-    _check(
-        s.mode is SecAggMode.off,
-        "secagg.mode",
-        s.mode.value,
-        "secure aggregation is not implemented in this release; use secagg=off",
-    )
     _check(8 <= s.bits <= 64, "secagg.bits", s.bits, "must lie in [8, 64]")
     _check(
         0 <= s.dropout_tolerance < 1,
@@ -426,7 +430,88 @@ def _check_secagg(cfg: AppConfig) -> None:
         s.dropout_tolerance,
         "must lie in [0, 1)",
     )
+    _check(
+        0 <= s.corrupt_fraction < 1,
+        "secagg.corrupt_fraction",
+        s.corrupt_fraction,
+        "must lie in [0, 1)",
+    )
     _positive(s.stage_timeout_s, "secagg.stage_timeout_s")
+    _positive(s.max_weight, "secagg.max_weight")
+    if s.mode is SecAggMode.off:
+        _check(
+            s.clip is None,
+            "secagg.clip",
+            s.clip,
+            "has no effect with secagg=off; remove it (client-level DP clipping is privacy.clip)",
+        )
+        return
+    p = cfg.privacy
+    _check(
+        p.mode in (PrivacyMode.none, PrivacyMode.central),
+        "privacy.mode",
+        p.mode.value,
+        "secure aggregation needs bounded inputs; local DP noise is unbounded and cannot be "
+        "encoded without overflow (and already hides updates from the server): use "
+        "privacy=none with secagg.clip, or privacy.mode=central with "
+        "privacy.threat_model=honest_but_curious and privacy.clip_side=client",
+    )
+    if p.mode is PrivacyMode.none:
+        _check(
+            s.clip is not None,
+            "secagg.clip",
+            s.clip,
+            "secure aggregation encodes each update in fixed point and needs an L2 bound: set "
+            "secagg.clip (e.g. 10.0; clients clip to it), or use client-level DP with "
+            "privacy.clip_side=client",
+        )
+        assert s.clip is not None
+        _positive(s.clip, "secagg.clip")
+    else:
+        _check(
+            s.clip is None,
+            "secagg.clip",
+            s.clip,
+            "with client-level DP the encoding bound is the DP clip norm (privacy.clip); "
+            "remove secagg.clip",
+        )
+    # Overflow is impossible by construction if the codec exists for the largest cohort
+    # the run can sample: every partition (the Poisson upper bound).
+    from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
+    from fl_app.secagg.graph import SecAggConfigError, derive_params
+    from strategies.sampling import FixedSizeSampler
+
+    n = cfg.dataset.num_partitions
+    try:
+        FixedPointCodec(bits=s.bits, max_abs=1.0, max_contributors=n)
+    except FixedPointConfigError as err:
+        raise ConfigError(
+            "secagg.bits",
+            s.bits,
+            f"the masked sum of up to {n} clients (dataset.num_partitions) cannot be encoded "
+            f"without overflow at useful resolution ({err}); use secagg.bits=64 or fewer "
+            "clients",
+        ) from err
+    if cfg.strategy.sampling is SamplingMode.fixed:
+        cohorts = {FixedSizeSampler(cfg.strategy.fraction_train, 0).cohort_size(n)}
+    else:
+        cohorts = {n, max(3, round(cfg.strategy.fraction_train * n))}
+    for m in sorted(cohorts):
+        _check(
+            m >= 3,
+            "strategy.fraction_train",
+            cfg.strategy.fraction_train,
+            f"secure aggregation needs cohorts of >= 3 clients; this samples {m} of {n}",
+        )
+        try:
+            derive_params(
+                m,
+                mode=s.mode.value,
+                dropout_tolerance=s.dropout_tolerance,
+                corrupt_fraction=s.corrupt_fraction,
+            )
+        except SecAggConfigError as err:
+            raise ConfigError("secagg.dropout_tolerance", s.dropout_tolerance, str(err)) from err
 
 
 def _check_runtime(cfg: AppConfig) -> None:

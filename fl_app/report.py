@@ -1,0 +1,261 @@
+"""``fl-app report <multirun dir>``: one table and the privacy-utility plots of a sweep.
+
+A Hydra multirun (``fl-app simulate -m privacy.noise_multiplier=0.5,1,2
+privacy.clip=0.5,1``) leaves one job directory per setting, each with Hydra's
+``.hydra/overrides.yaml`` (the swept parameters), ``summary.json`` and
+``metrics.jsonl``. This module collects them into
+
+* ``report.csv`` and ``report.md``: one row per job: its overrides, client-level ε
+  and δ, the largest record-level ε, test accuracy and loss, rounds run and planned,
+  seconds, status, and why it stopped early if it did;
+* ``accuracy_vs_epsilon.png``: final accuracy against client-level ε (or, for
+  record-level sweeps, the largest institution's ε), one curve per clipping norm;
+* ``accuracy_vs_rounds.png``: test accuracy per round, one curve per job.
+
+Jobs that did not finish (no ``summary.json``) are listed with their status, never
+silently dropped. Only aggregate numbers are read: nothing per client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["JobResult", "collect_jobs", "main", "write_report"]
+
+_CLIP_KEYS = ("privacy.clip", "privacy.dpsgd.max_grad_norm")
+
+
+@dataclass
+class JobResult:
+    """One job of a sweep, as its run directory describes it."""
+
+    path: Path
+    overrides: dict[str, str]
+    status: str
+    epsilon: float | None = None
+    delta: float | None = None
+    record_level_epsilon: float | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    rounds: int | None = None
+    rounds_planned: int | None = None
+    seconds: float | None = None
+    stopped_early: str | None = None
+    accuracy_per_round: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def privacy_epsilon(self) -> float | None:
+        """The ε a plot puts on its x axis: client-level, else record-level max."""
+        return self.epsilon if self.epsilon is not None else self.record_level_epsilon
+
+    @property
+    def clip(self) -> str:
+        for key in _CLIP_KEYS:
+            if key in self.overrides:
+                return self.overrides[key]
+        return "default"
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.overrides.items())) or "(defaults)"
+
+
+def _read_overrides(job: Path) -> dict[str, str]:
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    items = yaml.safe_load(path.read_text()) or []
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _job(job: Path) -> JobResult:
+    overrides = _read_overrides(job)
+    summary_path = job / "summary.json"
+    if not summary_path.is_file():
+        run = job / "run.json"
+        status = "no summary"
+        if run.is_file():
+            status = str(json.loads(run.read_text()).get("status", status))
+        return JobResult(job, overrides, status)
+    s = json.loads(summary_path.read_text())
+    privacy = s.get("privacy", {}) or {}
+    result = JobResult(
+        path=job,
+        overrides=overrides,
+        status=str(s.get("status", "?")),
+        epsilon=_float(privacy.get("epsilon")),
+        delta=_float(privacy.get("delta")),
+        record_level_epsilon=_float(privacy.get("record_level_epsilon_max")),
+        accuracy=_float(s.get("accuracy")),
+        loss=_float(s.get("loss")),
+        rounds=s.get("rounds"),
+        rounds_planned=s.get("rounds_planned"),
+        seconds=_float(s.get("seconds")),
+        stopped_early=s.get("stopped_early"),
+    )
+    metrics = job / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            acc = _float(rec.get("server_accuracy"))
+            if acc is not None:
+                result.accuracy_per_round.append((int(rec["round"]), acc))
+    return result
+
+
+def collect_jobs(multirun_dir: Path) -> list[JobResult]:
+    """Every job directory below ``multirun_dir`` (those holding ``.hydra/`` or a summary)."""
+    root = Path(multirun_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory (give a Hydra multirun directory)")
+    jobs = sorted(
+        {p.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
+        | {p.parent for p in root.rglob("summary.json")},
+        key=lambda p: (len(p.parts), [int(x) if x.isdigit() else x for x in p.parts]),
+    )
+    jobs = [j.parent if j.name == ".hydra" else j for j in jobs]
+    return [_job(j) for j in dict.fromkeys(jobs)]
+
+
+def _fmt(value: float | int | None, spec: str = ".4g") -> str:
+    if value is None:
+        return ""
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+_COLUMNS = (
+    "epsilon",
+    "delta",
+    "record_level_epsilon",
+    "accuracy",
+    "loss",
+    "rounds",
+    "rounds_planned",
+    "seconds",
+    "status",
+    "stopped_early",
+)
+
+
+def write_report(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
+    """Write ``report.csv``, ``report.md`` and the two plots; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for j in jobs for k in j.overrides})
+    rows = []
+    for j in jobs:
+        row: dict[str, Any] = {"job": j.path.name, **{k: j.overrides.get(k, "") for k in keys}}
+        for col in _COLUMNS:
+            row[col] = getattr(j, col)
+        rows.append(row)
+    csv_path = out_dir / "report.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["job", *keys, *_COLUMNS])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    header = ["job", *keys, *_COLUMNS]
+    md = [
+        f"# Sweep report: {len(jobs)} jobs",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [
+            _fmt(row[c]) if isinstance(row[c], (int, float)) else str(row[c] or "") for c in header
+        ]
+        md.append("| " + " | ".join(cells) + " |")
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+    return [csv_path, md_path, *_plots(jobs, out_dir)]
+
+
+def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_clip: dict[str, list[JobResult]] = {}
+    for j in jobs:
+        if j.privacy_epsilon is not None and j.accuracy is not None:
+            by_clip.setdefault(j.clip, []).append(j)
+    for clip, group in sorted(by_clip.items()):
+        points = sorted((float(j.privacy_epsilon or 0.0), float(j.accuracy or 0.0)) for j in group)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"C = {clip}")
+    baseline = [j.accuracy for j in jobs if j.privacy_epsilon is None and j.accuracy is not None]
+    if baseline:
+        ax.axhline(max(baseline), color="grey", linestyle="--", label="no DP")
+    ax.set_xlabel("epsilon (client-level, else max record-level)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xscale("log")
+    ax.set_title("privacy vs utility")
+    ax.grid(True, alpha=0.3)
+    if by_clip or baseline:
+        ax.legend()
+    path = out_dir / "accuracy_vs_epsilon.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j in jobs:
+        if j.accuracy_per_round:
+            rounds, acc = zip(*j.accuracy_per_round, strict=True)
+            ax.plot(rounds, acc, label=j.label(), linewidth=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy per round")
+    ax.grid(True, alpha=0.3)
+    if any(j.accuracy_per_round for j in jobs) and len(jobs) <= 12:
+        ax.legend(fontsize=6)
+    path = out_dir / "accuracy_vs_rounds.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fl-app report", description="Collect a Hydra multirun into a table and plots."
+    )
+    parser.add_argument("multirun_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="default: the multirun dir")
+    args = parser.parse_args(argv)
+    try:
+        jobs = collect_jobs(args.multirun_dir)
+    except FileNotFoundError as err:
+        print(f"fl-app report: {err}", file=sys.stderr)
+        return 2
+    if not jobs:
+        print(f"fl-app report: no job directories under {args.multirun_dir}", file=sys.stderr)
+        return 2
+    paths = write_report(jobs, args.out or args.multirun_dir)
+    print((args.out or args.multirun_dir).joinpath("report.md").read_text(), end="")
+    for p in paths:
+        print(f"wrote {p}")
+    return 0

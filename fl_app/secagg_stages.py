@@ -1,0 +1,371 @@
+"""The ClientApp's side of secure aggregation: one handler per protocol stage.
+
+The server's driver (:mod:`strategies.secagg`) sends four ``train`` messages per round,
+each marked ``fl-app.secagg-stage``. Stages 1 (advertise keys), 2 (share keys) and 4
+(unmask) are handled here without importing torch: under deployment Flower starts a
+fresh ClientApp process per message, and key exchange must not pay for a torch import.
+Stage 3 (masked input) trains through the usual pipeline in :mod:`fl_app.client_app`
+and uses :class:`MaskedInputStage` for its encode and mask stages.
+
+Between stages the client's :class:`~fl_app.secagg.ClientSession` lives in
+``Context.state[STATE_KEY]`` (a ConfigRecord of bytes: keys, self-mask seed, shares).
+That state holds secrets: it is deleted after stage 4, whenever a stage-1 instruction
+of a new round arrives, and whenever a stage fails; it never reaches a log or a
+checkpoint (Flower keeps ``Context.state`` in the SuperNode's memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+
+from fl_app.secagg import crypto, shamir
+from fl_app.secagg.graph import SecAggConfigError, SecAggParams
+from fl_app.secagg.protocol import (
+    CIPHERTEXT_BYTES,
+    ClientRefusal,
+    ClientSession,
+    PublicKeys,
+    Stage,
+    StageOrderError,
+)
+from fl_app.secagg.vector import VectorLayout, client_weight, pack_ids, round_codec, unpack_ids
+from strategies.protocol import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    SECAGG_BITS,
+    SECAGG_BOUND,
+    SECAGG_CIPHERTEXTS,
+    SECAGG_COHORT,
+    SECAGG_CONTEXT,
+    SECAGG_DROPOUTS,
+    SECAGG_KEYS,
+    SECAGG_MASKED_ARRAY,
+    SECAGG_MASKED_KEY,
+    SECAGG_MAX_WEIGHT,
+    SECAGG_NODES,
+    SECAGG_PARAMS,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_C_PK,
+    SECAGG_REPLY_CIPHERTEXTS,
+    SECAGG_REPLY_KEY_NODES,
+    SECAGG_REPLY_KEY_SHARES,
+    SECAGG_REPLY_NODES,
+    SECAGG_REPLY_S_PK,
+    SECAGG_REPLY_SELF_MASK_NODES,
+    SECAGG_REPLY_SELF_MASK_SHARES,
+    SECAGG_STAGE_KEY,
+    SECAGG_SURVIVORS,
+    SECAGG_VECTOR_LENGTH,
+    SECAGG_WEIGHTING,
+    SERVER_ROUND,
+)
+
+__all__ = [
+    "STATE_KEY",
+    "MaskedInputStage",
+    "SecAggStageError",
+    "handle_key_stage",
+    "secagg_stage",
+    "wipe_state",
+]
+
+STATE_KEY = "fl-app.secagg"
+# Round metadata stored beside ClientSession.to_state() (its keys never start with "_").
+_ROUND = "_round"
+_PARAMS = "_params"
+_BITS = "_bits"
+_LENGTH = "_vector-length"
+_COHORT = "_cohort"
+
+
+class SecAggStageError(Exception):
+    """This client refuses a secure-aggregation stage; the reason goes to the server."""
+
+
+def secagg_stage(msg: Message) -> int | None:
+    """The stage marker of a train instruction, or ``None`` for a plain train message."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is None or SECAGG_STAGE_KEY not in config:
+        return None
+    value = config[SECAGG_STAGE_KEY]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2, 3, 4):
+        raise SecAggStageError(f"'{SECAGG_STAGE_KEY}' must be 1, 2, 3 or 4, got {value!r}")
+    return value
+
+
+def wipe_state(context: Context) -> None:
+    """Forget this client's secure-aggregation secrets."""
+    if STATE_KEY in context.state:
+        del context.state[STATE_KEY]
+
+
+@functools.lru_cache(maxsize=16)
+def _params_from_json(text: str) -> SecAggParams:
+    # from_config re-derives (k, t) to check the server's values; cached per text.
+    return SecAggParams.from_config(json.loads(text))
+
+
+def _get(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise SecAggStageError(f"'{key}' missing or of the wrong type ({type(value).__name__})")
+    return value
+
+
+def _round_of(config: Mapping[str, Any]) -> int:
+    rnd = _get(config, SERVER_ROUND, int)
+    assert isinstance(rnd, int)
+    return rnd
+
+
+def _reply(msg: Message, rnd: int, stage: Stage, payload: ConfigRecord | ArrayRecord) -> Message:
+    key = SECAGG_MASKED_KEY if isinstance(payload, ArrayRecord) else SECAGG_RECORD_KEY
+    metrics = MetricRecord({SERVER_ROUND: rnd, SECAGG_STAGE_KEY: int(stage)})
+    return Message(RecordDict({key: payload, METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _save(context: Context, session: ClientSession, meta: Mapping[str, Any]) -> None:
+    context.state[STATE_KEY] = ConfigRecord({**session.to_state(), **meta})
+
+
+def _load(context: Context, rnd: int, stage: Stage) -> tuple[ClientSession, dict[str, Any]]:
+    record = context.state.get(STATE_KEY)
+    if not isinstance(record, ConfigRecord):
+        raise SecAggStageError(
+            f"stage {stage.name} without a session: this client did not take part in "
+            "stages 1-2 of this round (or its state was wiped)"
+        )
+    stored: dict[str, Any] = dict(record)
+    if stored.get(_ROUND) != rnd:
+        raise SecAggStageError(
+            f"stage {stage.name} for round {rnd}, but this client's session is for round "
+            f"{stored.get(_ROUND)!r} (replayed or out-of-order instruction)"
+        )
+    meta = {k: v for k, v in stored.items() if k.startswith("_")}
+    try:
+        session = ClientSession.from_state(
+            {k: v for k, v in stored.items() if not k.startswith("_")},
+            _params_from_json(meta[_PARAMS]),
+            vector_length=int(meta[_LENGTH]),
+            bits=int(meta[_BITS]),
+            cohort=unpack_ids(meta[_COHORT], "cohort"),
+        )
+    except (KeyError, ValueError, SecAggConfigError) as err:
+        raise SecAggStageError(f"stored secure-aggregation state is unusable: {err}") from err
+    return session, meta
+
+
+def handle_key_stage(msg: Message, context: Context, stage: int) -> Message:
+    """Stages 1, 2 and 4 (torch-free). Any failure wipes the state and refuses."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is None:
+        wipe_state(context)
+        raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
+    try:
+        if stage == Stage.advertise:
+            return _advertise(msg, context, config)
+        if stage == Stage.share_keys:
+            return _share_keys(msg, context, config)
+        if stage == Stage.unmask:
+            return _unmask(msg, context, config)
+        raise SecAggStageError(f"stage {stage} is not a key-exchange stage")
+    except (ClientRefusal, StageOrderError, ValueError) as err:
+        wipe_state(context)
+        raise SecAggStageError(str(err)) from err
+    except SecAggStageError:
+        wipe_state(context)
+        raise
+
+
+def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    wipe_state(context)  # a new round: whatever the last one left is gone
+    rnd = _round_of(config)
+    params_json = _get(config, SECAGG_PARAMS, str)
+    try:
+        params = _params_from_json(params_json)
+    except (SecAggConfigError, ValueError) as err:
+        raise SecAggStageError(f"secure-aggregation parameters refused: {err}") from err
+    bits = _get(config, SECAGG_BITS, int)
+    length = _get(config, SECAGG_VECTOR_LENGTH, int)
+    cohort_raw = _get(config, SECAGG_COHORT, bytes)
+    cohort = unpack_ids(cohort_raw, "cohort")
+    node = int(context.node_id)
+    if node not in cohort:
+        raise SecAggStageError(f"this node ({node}) is not in the round's cohort")
+    if len(cohort) != params.num_clients or len(set(cohort)) != len(cohort):
+        raise SecAggStageError(
+            f"cohort of {len(cohort)} ids does not match params num_clients={params.num_clients}"
+        )
+    session = ClientSession(
+        node,
+        _get(config, SECAGG_CONTEXT, bytes),
+        params,
+        vector_length=length,
+        bits=bits,
+        cohort=cohort,
+    )
+    keys = session.advertise()
+    _save(
+        context,
+        session,
+        {_ROUND: rnd, _PARAMS: params_json, _BITS: bits, _LENGTH: length, _COHORT: cohort_raw},
+    )
+    payload = ConfigRecord({SECAGG_REPLY_C_PK: keys.c_pk, SECAGG_REPLY_S_PK: keys.s_pk})
+    return _reply(msg, rnd, Stage.advertise, payload)
+
+
+def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    rnd = _round_of(config)
+    session, meta = _load(context, rnd, Stage.share_keys)
+    nodes = unpack_ids(_get(config, SECAGG_NODES, bytes), "neighbours")
+    raw = _get(config, SECAGG_KEYS, bytes)
+    size = 2 * crypto.KEY_BYTES
+    if len(raw) != size * len(nodes) or len(set(nodes)) != len(nodes):
+        raise SecAggStageError("neighbour keys do not match the neighbour list")
+    keys = {
+        v: PublicKeys(
+            raw[i * size : i * size + crypto.KEY_BYTES],
+            raw[i * size + crypto.KEY_BYTES : (i + 1) * size],
+        )
+        for i, v in enumerate(nodes)
+    }
+    cts = session.share_keys(keys)
+    _save(context, session, meta)
+    order = sorted(cts)
+    payload = ConfigRecord(
+        {
+            SECAGG_REPLY_NODES: pack_ids(order),
+            SECAGG_REPLY_CIPHERTEXTS: b"".join(cts[v] for v in order),
+        }
+    )
+    return _reply(msg, rnd, Stage.share_keys, payload)
+
+
+def _unmask(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    rnd = _round_of(config)
+    session, _ = _load(context, rnd, Stage.unmask)
+    survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
+    dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
+    reply = session.unmask(survivors, dropouts)  # wipes the session
+    wipe_state(context)
+    b_nodes = sorted(reply.self_mask_shares)
+    s_nodes = sorted(reply.key_shares)
+    payload = ConfigRecord(
+        {
+            SECAGG_REPLY_SELF_MASK_NODES: pack_ids(b_nodes),
+            SECAGG_REPLY_SELF_MASK_SHARES: b"".join(reply.self_mask_shares[v] for v in b_nodes),
+            SECAGG_REPLY_KEY_NODES: pack_ids(s_nodes),
+            SECAGG_REPLY_KEY_SHARES: b"".join(reply.key_shares[v] for v in s_nodes),
+        }
+    )
+    assert all(len(s) == shamir.SHARE_BYTES for s in reply.self_mask_shares.values())
+    return _reply(msg, rnd, Stage.unmask, payload)
+
+
+@dataclass
+class MaskedInputStage:
+    """Stage 3: the encode and mask stages of the train pipeline, and the reply.
+
+    Built before training (so a missing or stale session fails before any work);
+    :meth:`encode` turns the clipped update plus weight and metrics into the ring
+    vector (:mod:`fl_app.secagg.vector`), :meth:`mask` adds the masks.
+    """
+
+    session: ClientSession
+    meta: dict[str, Any]
+    rnd: int
+    ciphertexts: dict[int, bytes]
+    bound: float
+    weighting: str
+    max_weight: float
+
+    @classmethod
+    def from_instruction(cls, msg: Message, context: Context) -> MaskedInputStage:
+        config = msg.content.config_records.get(CONFIG_KEY)
+        if config is None:
+            raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
+        try:
+            rnd = _round_of(config)
+            session, meta = _load(context, rnd, Stage.masked_input)
+            senders = unpack_ids(_get(config, SECAGG_NODES, bytes), "senders")
+            raw = _get(config, SECAGG_CIPHERTEXTS, bytes)
+            if len(raw) != CIPHERTEXT_BYTES * len(senders) or len(set(senders)) != len(senders):
+                raise SecAggStageError("ciphertexts do not match the sender list")
+            cts = {
+                v: raw[i * CIPHERTEXT_BYTES : (i + 1) * CIPHERTEXT_BYTES]
+                for i, v in enumerate(senders)
+            }
+            bound = float(_get(config, SECAGG_BOUND, (int, float)))
+            max_weight = float(_get(config, SECAGG_MAX_WEIGHT, (int, float)))
+            weighting = _get(config, SECAGG_WEIGHTING, str)
+            if not (math.isfinite(bound) and bound > 0):
+                raise SecAggStageError(f"'{SECAGG_BOUND}' must be finite and > 0, got {bound}")
+            if weighting not in ("examples", "uniform"):
+                raise SecAggStageError(f"'{SECAGG_WEIGHTING}' must be examples or uniform")
+            if not (math.isfinite(max_weight) and max_weight > 0):
+                raise SecAggStageError(f"'{SECAGG_MAX_WEIGHT}' must be finite and > 0")
+        except (ValueError, SecAggStageError):
+            wipe_state(context)
+            raise
+        return cls(session, meta, rnd, cts, bound, weighting, max_weight)
+
+    def encode(
+        self,
+        update: Mapping[str, np.ndarray],
+        *,
+        num_examples: float,
+        loss: float,
+        accuracy: float,
+        unclipped: float,
+    ) -> np.ndarray:
+        layout = VectorLayout.from_arrays(update)
+        if layout.length != self.session.vector_length:
+            raise SecAggStageError(
+                f"model has {layout.length} masked coordinates, the round expects "
+                f"{self.session.vector_length}"
+            )
+        weight = client_weight(self.weighting, float(num_examples), self.max_weight)
+        x = layout.flatten_input(
+            update,
+            weight=weight,
+            bound=self.bound,
+            unclipped=unclipped,
+            loss=loss,
+            accuracy=accuracy,
+        )
+        codec = round_codec(self.session.bits, self.bound, self.session.params.num_clients)
+        # Rounding randomness from the OS CSPRNG: it must not depend on anything the
+        # server knows (a seeded rounding could be partly undone).
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "big")))
+        return codec.encode(x, rng)
+
+    def mask(self, encoded: np.ndarray, context: Context) -> np.ndarray:
+        try:
+            y = self.session.masked_input(self.ciphertexts, encoded)
+        except (ClientRefusal, StageOrderError) as err:
+            wipe_state(context)
+            raise SecAggStageError(str(err)) from err
+        _save(context, self.session, self.meta)
+        return y
+
+    def reply(self, msg: Message, masked: np.ndarray) -> Message:
+        record = ArrayRecord()
+        record[SECAGG_MASKED_ARRAY] = Array(masked)
+        return _reply(msg, self.rnd, Stage.masked_input, record)

@@ -1,0 +1,196 @@
+"""Round time of fl-app's secure aggregation vs plain FedAvg on the same in-process Grid.
+
+Both runs use the real :class:`~strategies.driver.RoundDriver` (FedAvg, example-weighted
+mean) and :class:`~fl_app.testing.InProcessGrid` with Flower's record serialization;
+clients do trivial training (a fixed random update of ``P`` float32 parameters, norm
+below the clip bound) so the table shows the protocol's cost, not torch's:
+
+* plain: the client replies with its update;
+* secagg: stages 1, 2, 4 run the ClientApp's real torch-free handlers
+  (:mod:`fl_app.secagg_stages`); stage 3 runs the real encode and mask stages
+  (:class:`~fl_app.secagg_stages.MaskedInputStage`) on the same update.
+
+Columns: median round seconds; client compute (sum over clients of handler time: the
+in-process Grid runs clients one after another), serialization (exchange time minus
+client time: record copies both ways), server compute (round minus exchange time);
+ratio = secagg / plain, measured side by side in one process. The last column estimates
+a deployment where clients run in parallel: the round minus the summed client time plus,
+per stage, the slowest client.
+
+    .venv/bin/python scripts/bench_secagg.py            # N in {10, 50, 100}, P in {100k, 1M}
+    .venv/bin/python scripts/bench_secagg.py --quick    # N in {10, 50}, P = 100k, 1 repeat
+
+Flower's legacy SecAgg+ workflow is not run here (see the report in the issue note:
+it needs the legacy ``Driver``/``NumPyClient`` stack and the measured 8-10x figures are
+in FLOWER_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl_app.secagg.graph import GraphMode
+from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
+from fl_app.testing import InProcessGrid
+from fl_app.weights import from_array_record, to_array_record
+from strategies.driver import DriverSettings, RoundDriver
+from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
+from strategies.sampling import FixedSizeSampler
+from strategies.secagg import SecAggSettings, SecureAggregation
+
+CLIP = 10.0
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls: list[tuple[Any, float]] = []
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self.seconds += dt
+                msg = args[0] if args and isinstance(args[0], Message) else None
+                self.calls.append((secagg_stage(msg) if msg is not None else None, dt))
+
+        return timed
+
+
+_UPDATES: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+
+def _update(arrays: dict[str, np.ndarray], node: int) -> dict[str, np.ndarray]:
+    """The client's "trained" update: drawn once per (node, size), so training costs ~0."""
+    key = (node, sum(v.size for v in arrays.values()))
+    if key not in _UPDATES:
+        rng = np.random.default_rng(node % 2**32)
+        _UPDATES[key] = {
+            k: (rng.standard_normal(v.shape) * (0.5 * CLIP / np.sqrt(v.size))).astype(v.dtype)
+            for k, v in arrays.items()
+        }
+    return _UPDATES[key]
+
+
+def make_client(timer: Timer) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    @timer.wrap
+    def train(msg: Message, context: Context) -> Message:
+        stage = secagg_stage(msg)
+        if stage in (1, 2, 4):
+            return handle_key_stage(msg, context, stage)
+        arrays = from_array_record(msg.content.array_records["arrays"])
+        rnd = int(msg.content.config_records["config"][SERVER_ROUND])  # type: ignore[arg-type]
+        update = _update(arrays, int(context.node_id))
+        if stage is None:
+            metrics = MetricRecord({NUM_EXAMPLES: 100, SERVER_ROUND: rnd, "train-loss": 1.0})
+            return Message(
+                RecordDict({UPDATE_KEY: to_array_record(update), METRICS_KEY: metrics}),
+                reply_to=msg,
+            )
+        secure = MaskedInputStage.from_instruction(msg, context)
+        encoded = secure.encode(update, num_examples=100, loss=1.0, accuracy=0.5, unclipped=0.0)
+        return secure.reply(msg, secure.mask(encoded, context))
+
+    return app
+
+
+def one_config(n: int, params: int, secure: bool, rounds: int) -> dict[str, float]:
+    timer = Timer()
+    grid = InProcessGrid(make_client(timer), n, seed=0)
+    arrays = {"w": np.zeros(params, dtype=np.float32)}
+    secagg = (
+        SecureAggregation(SecAggSettings(mode=GraphMode.secaggplus, clip=CLIP, bits=32))
+        if secure
+        else None
+    )
+    driver = RoundDriver(
+        FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
+        train_sampler=FixedSizeSampler(1.0, 0),
+        evaluate_sampler=None,
+        settings=DriverSettings(num_rounds=rounds, min_available_nodes=1),
+        secagg=secagg,
+    )
+    exchange = Timer()
+    driver._exchange = exchange.wrap(driver._exchange)  # type: ignore[method-assign]
+    out: dict[str, list[float]] = {
+        "round": [],
+        "client": [],
+        "ser": [],
+        "server": [],
+        "critical": [],
+    }
+    try:
+        for rnd in range(1, rounds + 1):
+            timer.seconds = exchange.seconds = 0.0
+            timer.calls = []
+            t0 = time.perf_counter()
+            arrays, report = driver.run_round(grid, rnd, arrays, node_ids=grid.node_ids)
+            wall = time.perf_counter() - t0
+            assert report.model_updated, report.note
+            out["round"].append(wall)
+            out["client"].append(timer.seconds)
+            out["ser"].append(exchange.seconds - timer.seconds)
+            out["server"].append(wall - exchange.seconds)
+            # Clients in parallel (deployment): the slowest client of each stage.
+            slowest: dict[Any, float] = {}
+            for stage, dt in timer.calls:
+                slowest[stage] = max(slowest.get(stage, 0.0), dt)
+            out["critical"].append(wall - timer.seconds + sum(slowest.values()))
+    finally:
+        grid.close()
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N in {10, 50}, 100k params, 1 round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration (median)")
+    ap.add_argument("--clients", type=int, nargs="*", default=None)
+    ap.add_argument("--params", type=int, nargs="*", default=None)
+    args = ap.parse_args()
+    clients = args.clients or ([10, 50] if args.quick else [10, 50, 100])
+    params = args.params or ([100_000] if args.quick else [100_000, 1_000_000])
+    rounds = 1 if args.quick else args.rounds
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    flwr_log.propagate = False
+    one_config(3, 1000, True, 1)  # warm-up: imports, caches
+    print(
+        "| N | params | plain round s | secagg round s | ratio | secagg client s (sum / per client)"
+        " | secagg serialization s | secagg server s | plain client / ser / server s "
+        "| clients in parallel: plain / secagg s (ratio) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for p in params:
+        for n in clients:
+            plain = one_config(n, p, False, rounds)
+            sec = one_config(n, p, True, rounds)
+            print(
+                f"| {n} | {p:,} | {plain['round']:.3f} | {sec['round']:.3f} | "
+                f"{sec['round'] / plain['round']:.2f}x | {sec['client']:.3f} / "
+                f"{sec['client'] / n * 1000:.1f} ms | {sec['ser']:.3f} | {sec['server']:.3f} | "
+                f"{plain['client']:.3f} / {plain['ser']:.3f} / {plain['server']:.3f} | "
+                f"{plain['critical']:.3f} / {sec['critical']:.3f} "
+                f"({sec['critical'] / plain['critical']:.2f}x) |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,533 @@
+"""Secure aggregation as the round driver's train stage (server side, Message API).
+
+When ``secagg.mode`` is not ``off``, :class:`~strategies.driver.RoundDriver` hands the
+train stage of every round to :meth:`SecureAggregation.run_round`, which runs the
+four-stage protocol of Bonawitz et al. (CCS 2017, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", §4; sparse graph of Bell et al., CCS 2020, for
+``secaggplus``) over Flower messages of type ``train``, each marked with
+``fl-app.secagg-stage`` (:mod:`strategies.protocol`):
+
+1. advertise keys; 2. share keys (the server routes the encrypted Shamir shares);
+3. masked input (the usual train instruction: global arrays, client spec, config; the
+client trains, clips, encodes and masks); 4. unmask (survivors return the shares the
+server needs, never both secrets of one node).
+
+The pure protocol lives in :mod:`fl_app.secagg` (:class:`~fl_app.secagg.ServerSession`);
+this module only builds messages, screens and parses replies (a malformed reply becomes
+a logged :class:`~strategies.validation.Rejection`, the node counts as dropped and the
+round goes on), and decodes the sum (:mod:`fl_app.secagg.vector`). Every stage has its
+own timeout. Protocol parameters ``(k, t)`` are derived per round for the sampled
+cohort (:func:`fl_app.secagg.graph.derive_params`); the fixed-point codec from
+``(bits, clip bound, cohort size)``, so the sum cannot overflow.
+
+What the server learns: public keys, ciphertexts it cannot read, who replied at each
+stage, and the sums ``Σ w·Δ``, ``Σ w``, ``Σ unclipped``, ``Σ w·loss``, ``Σ w·accuracy``.
+Below the threshold at any stage the round is abandoned (:class:`SecAggOutcome` with
+``decoded=None`` and a note): the model stays unchanged and the run goes on.
+
+Trust assumptions: honest-but-curious server, at most ``corrupt_fraction`` of the
+cohort colluding with it, authenticated client-server channels (Flower's TLS and node
+authentication), and clients that clip honestly (the server cannot check a bound on a
+masked input; a malicious client can skew, but not reveal, the sum).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fl_app.config.schema import SecAggConfig, SecAggMode
+from fl_app.secagg import crypto, shamir
+from fl_app.secagg.graph import GraphMode, SecAggConfigError, SecAggParams, derive_params
+from fl_app.secagg.protocol import (
+    CIPHERTEXT_BYTES,
+    PublicKeys,
+    RoundAbandoned,
+    ServerSession,
+    Stage,
+    UnmaskReply,
+    round_context,
+)
+from fl_app.secagg.vector import DecodedSum, VectorLayout, pack_ids, round_codec, unpack_ids
+from strategies.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    SECAGG_BITS,
+    SECAGG_BOUND,
+    SECAGG_CIPHERTEXTS,
+    SECAGG_COHORT,
+    SECAGG_CONTEXT,
+    SECAGG_DROPOUTS,
+    SECAGG_KEYS,
+    SECAGG_MASKED_ARRAY,
+    SECAGG_MASKED_KEY,
+    SECAGG_MAX_WEIGHT,
+    SECAGG_NODES,
+    SECAGG_PARAMS,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_C_PK,
+    SECAGG_REPLY_CIPHERTEXTS,
+    SECAGG_REPLY_KEY_NODES,
+    SECAGG_REPLY_KEY_SHARES,
+    SECAGG_REPLY_NODES,
+    SECAGG_REPLY_S_PK,
+    SECAGG_REPLY_SELF_MASK_NODES,
+    SECAGG_REPLY_SELF_MASK_SHARES,
+    SECAGG_STAGE_KEY,
+    SECAGG_SURVIVORS,
+    SECAGG_VECTOR_LENGTH,
+    SECAGG_WEIGHTING,
+    SERVER_ROUND,
+)
+from strategies.validation import Rejection, screen_replies
+
+__all__ = [
+    "Exchange",
+    "SecAggOutcome",
+    "SecAggSettings",
+    "SecureAggregation",
+    "StageLog",
+    "parse_stage_reply",
+]
+
+log = logging.getLogger("fl_app.secagg")
+
+#: ``exchange(messages, timeout) -> (sent messages, replies, message_id -> node)``: the
+#: driver's push/pull loop (:meth:`strategies.driver.RoundDriver._exchange`).
+Exchange = Callable[[list[Message], float], tuple[list[Message], list[Message], dict[str, int]]]
+
+_STAGE_RECORDS = {
+    Stage.advertise: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
+    Stage.share_keys: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
+    Stage.masked_input: frozenset({METRICS_KEY, SECAGG_MASKED_KEY}),
+    Stage.unmask: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
+}
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure-aggregation parameters, checked when the run is built."""
+
+    mode: GraphMode
+    bits: int = 32
+    dropout_tolerance: float = 0.2
+    corrupt_fraction: float = 0.1
+    stage_timeout_s: float = 60.0
+    # Encoding bound when the privacy layer sends no clip norm (privacy.mode=none).
+    clip: float | None = None
+    max_weight: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.bits <= 64:
+            raise ValueError(f"secagg.bits must lie in [8, 64], found {self.bits}")
+        if not self.stage_timeout_s > 0:
+            raise ValueError(f"secagg.stage_timeout_s must be > 0, found {self.stage_timeout_s}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"secagg.clip must be > 0, found {self.clip}")
+        if not self.max_weight > 0:
+            raise ValueError(f"secagg.max_weight must be > 0, found {self.max_weight}")
+
+    @classmethod
+    def from_config(cls, cfg: SecAggConfig) -> SecAggSettings | None:
+        """``None`` for ``secagg.mode=off``."""
+        if cfg.mode is SecAggMode.off:
+            return None
+        return cls(
+            mode=GraphMode(cfg.mode.value),
+            bits=int(cfg.bits),
+            dropout_tolerance=float(cfg.dropout_tolerance),
+            corrupt_fraction=float(cfg.corrupt_fraction),
+            stage_timeout_s=float(cfg.stage_timeout_s),
+            clip=None if cfg.clip is None else float(cfg.clip),
+            max_weight=float(cfg.max_weight),
+        )
+
+
+@dataclass
+class StageLog:
+    """What happened in one protocol stage."""
+
+    stage: Stage
+    sent: int = 0
+    replied: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    server_seconds: float = 0.0
+
+
+@dataclass
+class SecAggOutcome:
+    """The result of one secure train stage.
+
+    ``decoded`` is ``None`` when the round was abandoned (``note`` says why).
+    """
+
+    decoded: DecodedSum | None
+    num_contributors: int = 0
+    note: str = ""
+    params: SecAggParams | None = None
+    stages: list[StageLog] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    failed: list[Rejection] = field(default_factory=list)
+    # Cohort nodes whose reply to some stage never arrived.
+    missing: set[int] = field(default_factory=set)
+    # Stage-3 instructions (the synthetic aggregate reply answers the first one).
+    masked_input_sent: list[Message] = field(default_factory=list)
+    dropouts: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """Public per-round metrics for the round report."""
+        out: dict[str, float] = {
+            "secagg_contributors": float(self.num_contributors),
+            "secagg_dropouts_after_sharing": float(self.dropouts),
+            "secagg_server_seconds": sum(s.server_seconds for s in self.stages),
+        }
+        if self.params is not None:
+            out["secagg_threshold"] = float(self.params.threshold)
+            out["secagg_degree"] = float(self.params.degree)
+        for s in self.stages:
+            out[f"secagg_stage{int(s.stage)}_accepted"] = float(s.accepted)
+            out[f"secagg_stage{int(s.stage)}_seconds"] = s.seconds
+        return out
+
+
+def parse_stage_reply(msg: Message, *, server_round: int, stage: Stage) -> Rejection | RecordDict:
+    """Check a screened stage reply's records and protocol metrics; return its content.
+
+    The plaintext ``metrics`` of a secure-aggregation reply may hold exactly
+    ``server-round`` and the stage marker: anything else about a client (its example
+    count, its loss) must travel inside the masked vector.
+    """
+    node = int(msg.metadata.src_node_id)
+    content = msg.content
+    keys = set(content.keys())
+    want = _STAGE_RECORDS[stage]
+    if keys != want:
+        return Rejection(node, f"stage {stage.name}: record keys {sorted(keys)} != {sorted(want)}")
+    metrics = content.get(METRICS_KEY)
+    if not isinstance(metrics, MetricRecord):
+        return Rejection(node, f"stage {stage.name}: '{METRICS_KEY}' is not a MetricRecord")
+    if set(metrics.keys()) != {SERVER_ROUND, SECAGG_STAGE_KEY}:
+        return Rejection(
+            node,
+            f"stage {stage.name}: plaintext metrics must be exactly "
+            f"{sorted({SERVER_ROUND, SECAGG_STAGE_KEY})}, got {sorted(metrics.keys())}",
+        )
+    got_round = metrics[SERVER_ROUND]
+    if got_round != server_round:
+        return Rejection(node, f"stale reply: '{SERVER_ROUND}'={got_round!r} != {server_round}")
+    got_stage = metrics[SECAGG_STAGE_KEY]
+    if got_stage != int(stage):
+        return Rejection(
+            node, f"wrong stage: reply marked stage {got_stage!r}, expected {int(stage)}"
+        )
+    payload_key = SECAGG_MASKED_KEY if stage is Stage.masked_input else SECAGG_RECORD_KEY
+    payload_type = ArrayRecord if stage is Stage.masked_input else ConfigRecord
+    if not isinstance(content.get(payload_key), payload_type):
+        return Rejection(
+            node, f"stage {stage.name}: '{payload_key}' is not a {payload_type.__name__}"
+        )
+    return content
+
+
+def _bytes_field(record: ConfigRecord, key: str) -> bytes:
+    value = record.get(key)
+    if not isinstance(value, bytes):
+        raise ValueError(f"'{key}' must be bytes, got {type(value).__name__}")
+    return value
+
+
+def _split_fixed(raw: bytes, size: int, count: int, what: str) -> list[bytes]:
+    if len(raw) != size * count:
+        raise ValueError(f"{what}: {len(raw)} bytes, expected {count} x {size}")
+    return [raw[i * size : (i + 1) * size] for i in range(count)]
+
+
+def _payload_keys(content: RecordDict) -> PublicKeys:
+    rec = content.config_records[SECAGG_RECORD_KEY]
+    return PublicKeys(_bytes_field(rec, SECAGG_REPLY_C_PK), _bytes_field(rec, SECAGG_REPLY_S_PK))
+
+
+def _payload_bundle(content: RecordDict) -> dict[int, bytes]:
+    rec = content.config_records[SECAGG_RECORD_KEY]
+    nodes = unpack_ids(_bytes_field(rec, SECAGG_REPLY_NODES), "recipients")
+    cts = _split_fixed(
+        _bytes_field(rec, SECAGG_REPLY_CIPHERTEXTS), CIPHERTEXT_BYTES, len(nodes), "ciphertexts"
+    )
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("a recipient is listed twice")
+    return dict(zip(nodes, cts, strict=True))
+
+
+def _payload_masked(content: RecordDict, dtype: type, length: int) -> np.ndarray:
+    rec = content.array_records[SECAGG_MASKED_KEY]
+    if list(rec.keys()) != [SECAGG_MASKED_ARRAY]:
+        raise ValueError(f"masked record must hold exactly '{SECAGG_MASKED_ARRAY}'")
+    arr = rec[SECAGG_MASKED_ARRAY]
+    want = str(np.dtype(dtype))
+    if tuple(arr.shape) != (length,) or arr.dtype != want:
+        raise ValueError(
+            f"masked vector declared {arr.dtype}{list(arr.shape)}, expected {want}[{length}]"
+        )
+    try:
+        y = arr.numpy()
+    # Bytes from a process we do not control: any decoding failure means "malformed".
+    except Exception as err:
+        raise ValueError(f"masked vector does not decode: {type(err).__name__}") from None
+    if y.shape != (length,) or y.dtype != np.dtype(dtype):
+        raise ValueError(f"masked vector decodes to {y.dtype}{list(y.shape)}")
+    return np.ascontiguousarray(y)
+
+
+def _payload_unmask(content: RecordDict) -> UnmaskReply:
+    rec = content.config_records[SECAGG_RECORD_KEY]
+    out = []
+    for nodes_key, shares_key in (
+        (SECAGG_REPLY_SELF_MASK_NODES, SECAGG_REPLY_SELF_MASK_SHARES),
+        (SECAGG_REPLY_KEY_NODES, SECAGG_REPLY_KEY_SHARES),
+    ):
+        nodes = unpack_ids(_bytes_field(rec, nodes_key), nodes_key)
+        shares = _split_fixed(
+            _bytes_field(rec, shares_key), shamir.SHARE_BYTES, len(nodes), shares_key
+        )
+        if len(set(nodes)) != len(nodes):
+            raise ValueError(f"'{nodes_key}' lists a node twice")
+        out.append(dict(zip(nodes, shares, strict=True)))
+    return UnmaskReply(self_mask_shares=out[0], key_shares=out[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _params(n: int, mode: GraphMode, drop: float, corrupt: float) -> SecAggParams:
+    return derive_params(n, mode=mode, dropout_tolerance=drop, corrupt_fraction=corrupt)
+
+
+class SecureAggregation:
+    """Runs the train stage of a round as the four-stage secure-aggregation protocol."""
+
+    def __init__(self, settings: SecAggSettings) -> None:
+        self.settings = settings
+
+    def encoding_bound(self, round_config: Mapping[str, Any], clip_key: str) -> float:
+        """The round's L2 bound: the client-side DP clip norm, else ``secagg.clip``."""
+        value = round_config.get(clip_key, self.settings.clip)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(
+                "secure aggregation needs an encoding bound: client-side clipping "
+                f"('{clip_key}') or secagg.clip; found {value!r}"
+            )
+        return float(value)
+
+    def run_round(
+        self,
+        *,
+        rnd: int,
+        run_id: int,
+        instructions: Sequence[Message],
+        arrays: Mapping[str, np.ndarray],
+        weighting: str,
+        bound: float,
+        exchange: Exchange,
+    ) -> SecAggOutcome:
+        """Run stages 1-4 over the cohort addressed by ``instructions``.
+
+        ``instructions`` are the strategy's train messages (arrays + config) for the
+        sampled cohort; they become the stage-3 instructions.
+        """
+        s = self.settings
+        by_node = {int(m.metadata.dst_node_id): m for m in instructions}
+        cohort = sorted(by_node)
+        outcome = SecAggOutcome(decoded=None)
+        if len(cohort) < 3:
+            outcome.note = (
+                f"secure aggregation needs >= 3 sampled clients, got {len(cohort)}: model unchanged"
+            )
+            return outcome
+        try:
+            params = _params(len(cohort), s.mode, s.dropout_tolerance, s.corrupt_fraction)
+        except SecAggConfigError as err:
+            outcome.note = f"no secure-aggregation parameters for {len(cohort)} clients: {err}"
+            return outcome
+        outcome.params = params
+        layout = VectorLayout.from_arrays(arrays)
+        codec = round_codec(s.bits, bound, len(cohort))
+        context = round_context(int(run_id) % 2**64, rnd)
+        server = ServerSession(
+            cohort, params, vector_length=layout.length, bits=s.bits, context=context
+        )
+        run = _StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
+        try:
+            # ---- 1: advertise keys
+            base = {
+                SERVER_ROUND: rnd,
+                SECAGG_CONTEXT: context,
+                SECAGG_PARAMS: json.dumps(params.to_config(), sort_keys=True),
+                SECAGG_BITS: s.bits,
+                SECAGG_VECTOR_LENGTH: layout.length,
+                SECAGG_COHORT: pack_ids(cohort),
+            }
+            keys = run.stage(
+                Stage.advertise,
+                {u: _config_only(base) for u in cohort},
+                _payload_keys,
+                server.collect_public_keys,
+            )
+            # ---- 2: share keys
+            msgs = {
+                u: _config_only(
+                    {
+                        SERVER_ROUND: rnd,
+                        SECAGG_NODES: pack_ids(sorted(nk)),
+                        SECAGG_KEYS: b"".join(nk[v].c_pk + nk[v].s_pk for v in sorted(nk)),
+                    }
+                )
+                for u, nk in keys.items()
+            }
+            routed = run.stage(Stage.share_keys, msgs, _payload_bundle, server.route_shares)
+            # ---- 3: masked input (the train instruction)
+            msgs = {}
+            for u, cts in routed.items():
+                instr = by_node[u].content
+                msgs[u] = RecordDict(
+                    {
+                        ARRAYS_KEY: instr.array_records[ARRAYS_KEY],
+                        CONFIG_KEY: ConfigRecord(
+                            {
+                                **instr.config_records[CONFIG_KEY],
+                                SECAGG_NODES: pack_ids(sorted(cts)),
+                                SECAGG_CIPHERTEXTS: b"".join(cts[v] for v in sorted(cts)),
+                                SECAGG_BOUND: float(bound),
+                                SECAGG_WEIGHTING: weighting,
+                                SECAGG_MAX_WEIGHT: float(s.max_weight),
+                            }
+                        ),
+                    }
+                )
+            dtype = crypto.storage_dtype(s.bits)
+            request = run.stage(
+                Stage.masked_input,
+                msgs,
+                lambda c: _payload_masked(c, dtype, layout.length),
+                server.collect_masked_inputs,
+            )
+            outcome.dropouts = len(request.dropouts)
+            # ---- 4: unmask
+            lists = {
+                SERVER_ROUND: rnd,
+                SECAGG_SURVIVORS: pack_ids(request.survivors),
+                SECAGG_DROPOUTS: pack_ids(request.dropouts),
+            }
+            result = run.stage(
+                Stage.unmask,
+                {u: _config_only(lists) for u in request.survivors},
+                _payload_unmask,
+                server.unmask,
+            )
+        except RoundAbandoned as err:
+            run.absorb_rejections()
+            outcome.note = f"{err}: model unchanged"
+            log.warning("round %d: %s", rnd, outcome.note)
+            return outcome
+        t0 = time.perf_counter()
+        n = result.num_contributors
+        decoded = codec.decode_sum(result.total, n)
+        outcome.decoded = layout.split_sum(decoded, bound)
+        outcome.num_contributors = n
+        outcome.stages[-1].server_seconds += time.perf_counter() - t0
+        return outcome
+
+
+def _config_only(config: Mapping[str, Any]) -> RecordDict:
+    return RecordDict({CONFIG_KEY: ConfigRecord(dict(config))})
+
+
+class _StageRunner:
+    """Sends one stage, screens and parses its replies, feeds the server session."""
+
+    def __init__(
+        self,
+        server: ServerSession,
+        outcome: SecAggOutcome,
+        rnd: int,
+        exchange: Exchange,
+        timeout: float,
+    ) -> None:
+        self.server = server
+        self.outcome = outcome
+        self.rnd = rnd
+        self.exchange = exchange
+        self.timeout = timeout
+        self._seen_rejections = 0
+
+    def absorb_rejections(self) -> None:
+        """Copy the session's new rejections into the outcome (node then counts as dropped)."""
+        new = self.server.rejections[self._seen_rejections :]
+        self._seen_rejections = len(self.server.rejections)
+        for r in new:
+            rej = Rejection(r.node, f"stage {r.stage.name}: {r.reason}")
+            self.outcome.rejected.append(rej)
+            log.warning("round %d secagg: rejected node %d: %s", self.rnd, rej.node_id, rej.reason)
+
+    def stage(
+        self,
+        stage: Stage,
+        contents: Mapping[int, RecordDict],
+        parse_payload: Callable[[RecordDict], Any],
+        feed: Callable[[dict[int, Any]], Any],
+    ) -> Any:
+        t0 = time.perf_counter()
+        messages = []
+        for node, content in sorted(contents.items()):
+            content.config_records[CONFIG_KEY][SECAGG_STAGE_KEY] = int(stage)
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        sent_msgs, replies, sent = self.exchange(messages, self.timeout)
+        t1 = time.perf_counter()
+        if stage is Stage.masked_input:
+            self.outcome.masked_input_sent = sent_msgs
+        log_entry = StageLog(stage, sent=len(sent))
+        answered = {m.metadata.reply_to_message_id for m in replies} & set(sent)
+        log_entry.replied = len(answered)
+        self.outcome.missing.update(node for mid, node in sent.items() if mid not in answered)
+        screened = screen_replies(replies, sent)
+        payloads: dict[int, Any] = {}
+        for msg in screened.accepted:
+            parsed = parse_stage_reply(msg, server_round=self.rnd, stage=stage)
+            if isinstance(parsed, Rejection):
+                screened.rejected.append(parsed)
+                continue
+            node = int(msg.metadata.src_node_id)
+            try:
+                payloads[node] = parse_payload(parsed)
+            except (ValueError, KeyError, TypeError) as err:
+                screened.rejected.append(Rejection(node, f"stage {stage.name}: {err}"))
+        for r in screened.rejected:
+            log.warning("round %d secagg: rejected node %d: %s", self.rnd, r.node_id, r.reason)
+        for r in screened.failed:
+            log.warning("round %d secagg: node %d failed: %s", self.rnd, r.node_id, r.reason)
+        self.outcome.rejected.extend(screened.rejected)
+        self.outcome.failed.extend(screened.failed)
+        self.outcome.stages.append(log_entry)
+        try:
+            result = feed(payloads)
+        finally:
+            self.absorb_rejections()
+            t2 = time.perf_counter()
+            log_entry.server_seconds = (t2 - t1) + 0.0
+            log_entry.seconds = t2 - t0
+        log_entry.accepted = _accepted_count(result)
+        return result
+
+
+def _accepted_count(result: Any) -> int:
+    if isinstance(result, Mapping):
+        return len(result)
+    survivors = getattr(result, "survivors", None)
+    return len(survivors) if survivors is not None else 0
