@@ -141,7 +141,7 @@ KNOWN_EVENTS: Mapping[str, str] = {
     "aggregation.done": "the round's aggregate is computed: round, num_updates",
     "privacy.epsilon": "privacy spent after the round: round, epsilon, delta, accountant",
     "checkpoint.saved": "a checkpoint is written: round, files {name: sha256}",
-    "model.export": "the model is exported: path, sha256",
+    "model.export": "the model is exported: tier, files {name: sha256}",
     "run.end": "a process ends its part of a run: status",
     "audit.repair": "a torn tail was removed: removed_bytes, removed_sha256",
 }

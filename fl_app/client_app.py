@@ -35,6 +35,7 @@ from strategies.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
     PROXIMAL_MU,
+    PUBLIC_METRIC_PREFIX,
     SERVER_ROUND,
     SPEC_KEY,
     UNCLIPPED_KEY,
@@ -199,6 +200,7 @@ def _train(msg: Message, context: Context, secure: Any) -> Message:
             clip_stage,
             noise_stage,
             client_dp_metrics,
+            dp_metrics,
         )
     result = run_train_pipeline(
         arrays,
@@ -236,6 +238,7 @@ def _secure_train(
     clip_stage: Any,
     noise_stage: Any,
     client_dp_metrics: dict[str, float],
+    dp_metrics: dict[str, float],
 ) -> Message:
     """Stage 3 of secure aggregation: train, clip, encode, mask; reply with the masked vector.
 
@@ -296,7 +299,9 @@ def _secure_train(
             mask=mask,
         ),
     )
-    return cast(Message, secure.reply(msg, result.update["masked"]))
+    # Record-level DP-SGD's public metrics (ε spent, steps, q, z) stay in plaintext.
+    public = {k: v for k, v in dp_metrics.items() if k.startswith(PUBLIC_METRIC_PREFIX)}
+    return cast(Message, secure.reply(msg, result.update["masked"], public))
 
 
 LOCAL_DP_STATE = "fl-app.local-dp"

@@ -49,6 +49,7 @@ from fl_app.secagg.vector import VectorLayout, client_weight, pack_ids, round_co
 from strategies.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
+    PUBLIC_METRIC_PREFIX,
     SECAGG_BITS,
     SECAGG_BOUND,
     SECAGG_CIPHERTEXTS,
@@ -135,9 +136,15 @@ def _round_of(config: Mapping[str, Any]) -> int:
     return rnd
 
 
-def _reply(msg: Message, rnd: int, stage: Stage, payload: ConfigRecord | ArrayRecord) -> Message:
+def _reply(
+    msg: Message,
+    rnd: int,
+    stage: Stage,
+    payload: ConfigRecord | ArrayRecord,
+    public: Mapping[str, float] | None = None,
+) -> Message:
     key = SECAGG_MASKED_KEY if isinstance(payload, ArrayRecord) else SECAGG_RECORD_KEY
-    metrics = MetricRecord({SERVER_ROUND: rnd, SECAGG_STAGE_KEY: int(stage)})
+    metrics = MetricRecord({SERVER_ROUND: rnd, SECAGG_STAGE_KEY: int(stage), **(public or {})})
     return Message(RecordDict({key: payload, METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -365,7 +372,12 @@ class MaskedInputStage:
         _save(context, self.session, self.meta)
         return y
 
-    def reply(self, msg: Message, masked: np.ndarray) -> Message:
+    def reply(
+        self, msg: Message, masked: np.ndarray, public: Mapping[str, float] | None = None
+    ) -> Message:
+        """The stage-3 reply: the masked vector, plus only public ``dp-*`` metrics."""
+        if public and any(not k.startswith(PUBLIC_METRIC_PREFIX) for k in public):
+            raise ValueError(f"only public '{PUBLIC_METRIC_PREFIX}*' metrics may ride in plaintext")
         record = ArrayRecord()
         record[SECAGG_MASKED_ARRAY] = Array(masked)
-        return _reply(msg, self.rnd, Stage.masked_input, record)
+        return _reply(msg, self.rnd, Stage.masked_input, record, public)

@@ -410,6 +410,15 @@ def _privacy_note(cfg: AppConfig) -> str:
         )
     if p.record_level:
         parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
+    if cfg.secagg.mode.value != "off":
+        if not parts:
+            parts.append("no differential privacy: the released model is not protected")
+        parts.append(
+            f"secure aggregation ({cfg.secagg.mode.value}): the server saw only the masked "
+            "sum of each round's clipped, fixed-point encoded updates (weights and train "
+            "metrics inside it); in plaintext it saw protocol public keys, encrypted "
+            "shares, who dropped out, and public dp-* metrics"
+        )
     if not parts:
         return "no differential privacy: updates and the model are not protected"
     if not p.secure_mode and p.mode.value == "central":

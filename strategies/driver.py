@@ -515,6 +515,7 @@ class RoundDriver:
         stage.rejected = [(r.node_id, r.reason) for r in outcome.rejected]
         stage.failed = [(r.node_id, r.reason) for r in outcome.failed]
         stage.exhausted = sorted({r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED})
+        stage.client_metrics = {n: dict(m) for n, m in outcome.client_metrics.items()}
 
     def _evaluate_stage(
         self, grid: Grid, rnd: int, arrays: Arrays, node_ids: list[int]

@@ -39,7 +39,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -61,6 +61,7 @@ from strategies.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    PUBLIC_METRIC_PREFIX,
     SECAGG_BITS,
     SECAGG_BOUND,
     SECAGG_CIPHERTEXTS,
@@ -183,6 +184,8 @@ class SecAggOutcome:
     # Stage-3 instructions (the synthetic aggregate reply answers the first one).
     masked_input_sent: list[Message] = field(default_factory=list)
     dropouts: int = 0
+    # Public dp-* metrics (record-level DP-SGD) from the stage-3 replies, by node.
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Public per-round metrics for the round report."""
@@ -204,7 +207,10 @@ def parse_stage_reply(msg: Message, *, server_round: int, stage: Stage) -> Rejec
     """Check a screened stage reply's records and protocol metrics; return its content.
 
     The plaintext ``metrics`` of a secure-aggregation reply may hold exactly
-    ``server-round`` and the stage marker: anything else about a client (its example
+    ``server-round`` and the stage marker, plus, in the masked-input reply, the public
+    ``dp-*`` metrics of record-level DP-SGD (the ε an institution has spent, its steps,
+    sample rate and z: public by design, and the server needs the steps to detect a
+    client whose accounting restarted). Anything else about a client (its example
     count, its loss) must travel inside the masked vector.
     """
     node = int(msg.metadata.src_node_id)
@@ -216,12 +222,21 @@ def parse_stage_reply(msg: Message, *, server_round: int, stage: Stage) -> Rejec
     metrics = content.get(METRICS_KEY)
     if not isinstance(metrics, MetricRecord):
         return Rejection(node, f"stage {stage.name}: '{METRICS_KEY}' is not a MetricRecord")
-    if set(metrics.keys()) != {SERVER_ROUND, SECAGG_STAGE_KEY}:
+    protocol = {SERVER_ROUND, SECAGG_STAGE_KEY}
+    public = {k for k in metrics if k.startswith(PUBLIC_METRIC_PREFIX)}
+    if stage is not Stage.masked_input:
+        public = set()
+    if not protocol <= set(metrics.keys()) or set(metrics.keys()) - protocol - public:
         return Rejection(
             node,
             f"stage {stage.name}: plaintext metrics must be exactly "
-            f"{sorted({SERVER_ROUND, SECAGG_STAGE_KEY})}, got {sorted(metrics.keys())}",
+            f"{sorted(protocol)} (plus public '{PUBLIC_METRIC_PREFIX}*' metrics at stage 3), "
+            f"got {sorted(metrics.keys())}",
         )
+    for key in public:
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return Rejection(node, f"stage {stage.name}: public metric {key!r} is not a number")
     got_round = metrics[SERVER_ROUND]
     if got_round != server_round:
         return Rejection(node, f"stale reply: '{SERVER_ROUND}'={got_round!r} != {server_round}")
@@ -504,6 +519,14 @@ class _StageRunner:
                 screened.rejected.append(parsed)
                 continue
             node = int(msg.metadata.src_node_id)
+            if stage is Stage.masked_input:
+                public = {
+                    k: float(cast(float, v))
+                    for k, v in parsed[METRICS_KEY].items()
+                    if k.startswith(PUBLIC_METRIC_PREFIX)
+                }
+                if public:
+                    self.outcome.client_metrics[node] = public
             try:
                 payloads[node] = parse_payload(parsed)
             except (ValueError, KeyError, TypeError) as err:

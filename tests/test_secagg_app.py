@@ -134,12 +134,15 @@ def test_secure_round_equals_plain_clipped_weighted_mean(tmp_path: Path) -> None
 
 
 def test_full_default_run_gives_the_plain_model(tmp_path: Path) -> None:
-    # A bound just above every update norm (<= 5.1) clips nothing: same model up to
-    # resolution (a much larger bound coarsens the step, and training amplifies it).
+    # A bound just above every update norm (<= 5.1) clips nothing. Each round's mean is
+    # the plain mean up to the codec's resolution (exact check: the one-round test
+    # above); the rounding randomness comes from the OS CSPRNG, so over 5 rounds of
+    # training the models differ by a run-dependent amount (measured 3e-7 to 1.2e-4),
+    # and the guarantee asserted here is the utility one: the same accuracy.
     plain, _, _ = _run(_cfg(), tmp_path / "plain")
     secure, lines, grid = _run(_secure("secagg.clip=6"), tmp_path / "secure")
     a, b = _model(tmp_path / "plain"), _model(tmp_path / "secure")
-    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-4
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
     assert secure["accuracy"] == pytest.approx(plain["accuracy"], abs=0.005)
     assert all(r["model_updated"] and r["secagg_contributors"] == N for r in lines)
     # No secret outlives its round.
@@ -415,3 +418,23 @@ def test_secure_aggregation_reaches_the_plain_accuracy(tmp_path: Path) -> None:
         tmp_path / "s",
     )
     assert secure["accuracy"] >= plain["accuracy"] - 0.01
+
+
+def test_record_level_dpsgd_with_secagg_keeps_per_institution_epsilon(tmp_path: Path) -> None:
+    """DP-SGD's public dp-* metrics ride in plaintext beside the masked vector: the server
+    still sees each institution's ε and steps (for the steps-seen guard), nothing else."""
+    cfg = _secure("privacy=dpsgd", "num_rounds=2", "train.local_epochs=1", "server_eval=false")
+    seen: list[set[str]] = []
+
+    def hook(node: int, reply: Message) -> Message:
+        if reply.has_content() and SECAGG_MASKED_KEY in reply.content:
+            seen.append(set(reply.content[METRICS_KEY].keys()))
+        return reply
+
+    summary, lines, _ = _run(cfg, tmp_path, message_hook=hook)
+    assert summary["status"] == "completed" and all(r["model_updated"] for r in lines)
+    per_client = summary["privacy"]["record_level"]["per_client"]
+    assert len(per_client) == N and all(c["epsilon"] > 0 for c in per_client.values())
+    assert all(c["steps"] > 0 for c in per_client.values())
+    extra = set().union(*seen) - {SERVER_ROUND, SECAGG_STAGE_KEY}
+    assert extra and all(k.startswith("dp-") for k in extra)  # no num-examples, no loss

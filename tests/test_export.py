@@ -1,0 +1,418 @@
+"""Model release (``fl-app export``): what a public or restricted export holds, and refuses.
+
+Guarantees tested:
+
+* round trip: the public weights load into a freshly built model and reproduce the
+  run's reported test accuracy and loss exactly;
+* no per-client data: no exported file (of either tier) contains a node id of the run
+  or the raw bytes of any client update captured on the wire;
+* refusals, with nothing written: a tampered or swapped model, a missing ledger when the
+  run claims central DP, a run that did not complete, a broken audit log, a non-empty
+  output directory;
+* a run without DP exports with a prominent no-guarantee warning;
+* the restricted tier adds the ledger and per-round aggregates (no node ids), and the
+  audit log records the export and still verifies against the run's anchor.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from fl_app.audit import AuditLog, verify
+from fl_app.client_app import app as client_app
+from fl_app.config.compose import compose_config, to_app_config
+from fl_app.data import load_server_test_set
+from fl_app.export import (
+    EXPORT_FILES,
+    ExportRefused,
+    export_main,
+    export_run,
+)
+from fl_app.models import build_model
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.server_app import run_experiment
+from fl_app.testing import InProcessGrid
+from fl_app.training import evaluate
+from fl_app.weights import load_ndarrays, load_safetensors, weights_digest
+
+
+class Run:
+    """A finished run directory plus what was seen on the wire while it ran."""
+
+    def __init__(self, path: Path, summary: dict[str, Any]) -> None:
+        self.path = path
+        self.summary = summary
+        self.node_ids: set[int] = set()
+        self.updates: list[bytes] = []  # first 64 bytes of each float32 array clients sent
+
+
+def _run(base: Path, name: str, *overrides: str) -> Run:
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "dataset.num_partitions=4",
+            "num_rounds=2",
+            "train.local_epochs=1",
+            *overrides,
+        ],
+    )
+    path = base / name
+    seen = Run(path, {})
+
+    def hook(node: int, reply: Message) -> Message:
+        seen.node_ids.add(int(node))
+        if reply.has_content():
+            for record in reply.content.array_records.values():
+                for array in record.values():
+                    arr = np.ascontiguousarray(array.numpy(), dtype=np.float32)
+                    if arr.size >= 16:
+                        seen.updates.append(arr.tobytes()[:64])
+        return reply
+
+    with InProcessGrid(
+        client_app, cfg.dataset.num_partitions, seed=cfg.seed, message_hook=hook
+    ) as grid:
+        seen.node_ids.update(int(n) for n in grid.get_node_ids())
+        seen.summary = run_experiment(grid, cfg, path, progress=False)
+    assert seen.updates and seen.node_ids
+    return seen
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    base = tmp_path_factory.mktemp("export-runs")
+    return {
+        "central": _run(base, "central", "privacy=central"),
+        "record": _run(base, "record", "privacy=dpsgd", "dataset.num_partitions=3"),
+        "local": _run(base, "local", "privacy=local"),
+        "none": _run(base, "none"),
+    }
+
+
+def _copy(run: Run, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run.path, dst)
+    return dst
+
+
+def _cfg_of(run_dir: Path) -> Any:
+    import yaml
+
+    return to_app_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def _node_ids_in_run_dir(run: Run) -> set[str]:
+    """Node ids as the run directory names them (metrics and summary), plus the wire's."""
+    ids = {str(n) for n in run.node_ids}
+    for rec in _metrics(run.path):
+        ids.update(rec.get("client_metrics", {}))
+        ids.update(str(f["node"]) for f in rec["failures"] + rec["rejections"])
+    rl = run.summary["privacy"].get("record_level") or {}
+    ids.update(rl.get("per_client", {}))
+    cl = run.summary["privacy"].get("client_level") or {}
+    ids.update(cl.get("releases", {}))  # local DP: releases by node id
+    return ids
+
+
+# ---- round trip ---------------------------------------------------------------------
+
+
+def test_public_export_round_trip_reproduces_the_reported_accuracy(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run = runs["central"]
+    result = export_run(run.path, "public", tmp_path / "out")
+    out = result.out_dir
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "model_card.json", "model_card.md", "MANIFEST.json"]
+    )
+    arrays, meta = load_safetensors(out / "model.safetensors")
+    assert set(meta) <= {
+        "format",
+        "tier",
+        "config_hash",
+        "code_version",
+        "rounds",
+        "weights_sha256",
+    }
+    assert weights_digest(arrays) == run.summary["weights_sha256"]
+
+    cfg = _cfg_of(run.path)
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=1234)
+    load_ndarrays(model, arrays)
+    test = load_server_test_set(cfg.dataset, cfg.seed)
+    assert test is not None
+    stats = evaluate(model, test.x, test.y)
+    assert float(stats.accuracy) == run.summary["accuracy"]
+    assert float(stats.loss) == run.summary["loss"]
+
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    import hashlib
+
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert manifest["tier"] == "public"
+    assert manifest["source"]["config_hash"] == run.summary["config_hash"]
+    assert manifest["code_version"] and manifest["exported_at"]
+
+    card = json.loads((out / "model_card.json").read_text())
+    assert card == result.card
+    cl = card["privacy"]["client_level"]
+    priv = run.summary["privacy"]
+    assert cl["epsilon"] == priv["epsilon"] and cl["delta"] == priv["delta"]
+    assert (cl["noise_multiplier_z"], cl["clip_C"], cl["accountant"]) == (1.0, 1.0, "pld")
+    assert cl["rounds_accounted"] == 2 and cl["sample_rate_q"] == 1.0
+    assert card["evaluation"]["test_accuracy"] == run.summary["accuracy"]
+    assert card["reproducibility"]["config_hash"] == run.summary["config_hash"]
+    # Seeded central noise: the public card withholds the seed that would remove it.
+    assert card["reproducibility"]["seed"] is None
+    assert any("seeded" in item for item in card["not_protected"])
+    assert any("server saw every client" in item for item in card["not_protected"])
+    md = (out / "model_card.md").read_text()
+    assert "What is NOT protected" in md and f"{priv['epsilon']:.6g}" in md
+
+
+# ---- no per-client data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["central", "record", "local", "none"])
+@pytest.mark.parametrize("tier", ["public", "restricted"])
+def test_exported_files_hold_no_node_id_and_no_client_update(
+    runs: dict[str, Run], tmp_path: Path, name: str, tier: str
+) -> None:
+    run = runs[name]
+    result = export_run(run.path, tier, tmp_path / "out")
+    node_ids = _node_ids_in_run_dir(run)
+    assert len(run.node_ids) == run.summary["clients"]
+    if name in ("record", "local"):  # the scan is meaningful: the run directory names them
+        assert any(n.encode() in (run.path / "summary.json").read_bytes() for n in node_ids)
+    files = {p.name: p.read_bytes() for p in result.out_dir.iterdir()}
+    assert set(files) == set(result.files)
+    for fname, data in files.items():
+        for node in node_ids:
+            assert node.encode() not in data, f"{fname} names node {node}"
+        for prefix in run.updates:
+            assert prefix not in data, f"{fname} holds a client update's bytes"
+    # ...while the same byte scan finds the released weights in the exported model.
+    released, _ = load_safetensors(result.out_dir / "model.safetensors")
+    biggest = max(released.values(), key=lambda a: a.size)
+    assert biggest.astype(np.float32).tobytes()[:64] in files["model.safetensors"]
+
+
+def test_restricted_tier_adds_the_ledger_and_per_round_aggregates(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run = runs["central"]
+    result = export_run(run.path, "restricted", tmp_path / "out")
+    out = result.out_dir
+    assert {"privacy_ledger.json", "metrics.jsonl"} <= set(result.files)
+    ledger = FederationLedger.from_json((out / "privacy_ledger.json").read_text())
+    assert ledger.epsilon() == run.summary["privacy"]["epsilon"]
+    lines = _metrics(out)
+    assert [r["round"] for r in lines] == [1, 2]
+    for rec, orig in zip(lines, _metrics(run.path), strict=True):
+        assert not {"client_metrics", "rejections", "failures", "note"} & set(rec)
+        assert all(isinstance(v, (int, float, bool)) or v is None for v in rec.values())
+        for key in ("server_accuracy", "dp_epsilon", "train_loss", "clients_accepted"):
+            assert rec[key] == orig[key]
+    assert result.card["reproducibility"]["seed"] == 42  # restricted: the seed is given
+
+
+def test_record_level_per_institution_epsilon_only_in_restricted(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run = runs["record"]
+    public = export_run(run.path, "public", tmp_path / "pub")
+    assert "record_level_epsilon.json" not in public.files
+    rl = public.card["privacy"]["record_level_dp"]
+    assert rl["epsilon_max"] == run.summary["privacy"]["record_level_epsilon_max"]
+    assert rl["institutions_reporting"] == 3 and rl["clip_C"] == 1.0
+    assert any("Record-level DP only" in item for item in public.card["not_protected"])
+    restricted = export_run(run.path, "restricted", tmp_path / "res")
+    table = json.loads((restricted.out_dir / "record_level_epsilon.json").read_text())
+    assert [r["institution"] for r in table["institutions"]] == [1, 2, 3]
+    assert max(r["epsilon"] for r in table["institutions"]) == rl["epsilon_max"]
+    assert "privacy_ledger.json" not in restricted.files  # no client-level DP, no ledger
+    for rec in _metrics(restricted.out_dir):
+        assert not any("partition" in k for k in rec)
+
+
+def test_local_dp_ledger_is_exported_with_anonymous_client_keys(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run = runs["local"]
+    original = FederationLedger.from_json((run.path / "privacy_ledger.json").read_text())
+    assert {k for k, _ in original.local} == {str(n) for n in run.node_ids}
+    result = export_run(run.path, "restricted", tmp_path / "out")
+    ledger = FederationLedger.from_json((result.out_dir / "privacy_ledger.json").read_text())
+    assert [k for k, _ in ledger.local] == ["client-1", "client-2", "client-3", "client-4"]
+    assert sorted(n for _, n in ledger.local) == sorted(n for _, n in original.local)
+    assert max(ledger.local_epsilons().values()) == run.summary["privacy"]["epsilon"]
+    cl = result.card["privacy"]["client_level"]
+    assert cl["clients_accounted"] == 4 and cl["noise_multiplier_z"] == 5.0
+    assert result.card["reproducibility"]["seed"] == 42  # local noise is always a CSPRNG's
+
+
+# ---- no DP ------------------------------------------------------------------------------
+
+
+def test_run_without_dp_exports_with_a_prominent_no_guarantee_warning(
+    runs: dict[str, Run], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = runs["none"]
+    rc = export_main([str(run.path), "--tier", "public", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "NO differential-privacy guarantee" in err
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["privacy"]["differential_privacy"] is False
+    assert "NO differential-privacy guarantee" in card["privacy"]["guarantee"]
+    assert card["not_protected"][0].startswith("Nothing")
+    md = (tmp_path / "out" / "model_card.md").read_text()
+    # The warning comes before any section of the card.
+    assert md.index("WARNING: NO DIFFERENTIAL PRIVACY") < md.index("## Task")
+    assert card["reproducibility"]["seed"] == 42  # no DP noise to protect
+
+
+# ---- refusals ---------------------------------------------------------------------------
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _swap_model_and_edit_summary(run_dir: Path, other: Path) -> None:
+    """Replace the model with another run's and rewrite the summary's hashes to match it."""
+    shutil.copy(other / "model.safetensors", run_dir / "model.safetensors")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    other_summary = json.loads((other / "summary.json").read_text())
+    summary["model_sha256"] = other_summary["model_sha256"]
+    summary["weights_sha256"] = other_summary["weights_sha256"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def _set_status(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest["status"] = "failed"
+    (run_dir / "run.json").write_text(json.dumps(manifest))
+
+
+def _break_audit(run_dir: Path) -> None:
+    lines = (run_dir / "audit.jsonl").read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"accepted":4', b'"accepted":3')
+    (run_dir / "audit.jsonl").write_bytes(b"".join(lines))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda d, o: _flip_last_byte(d / "model.safetensors"), "not the model the run released"),
+        (_swap_model_and_edit_summary, "audit.jsonl run.end records model.safetensors"),
+        (lambda d, o: (d / "privacy_ledger.json").unlink(), "privacy_ledger.json is missing"),
+        (lambda d, o: _set_status(d), "not 'completed'"),
+        (lambda d, o: _break_audit(d), "audit.jsonl is broken at line 3"),
+    ],
+    ids=["tampered-model", "swapped-model", "ledger-deleted", "not-completed", "broken-audit"],
+)
+def test_refuses_and_writes_nothing(
+    runs: dict[str, Run], tmp_path: Path, tamper: Any, reason: str
+) -> None:
+    run_dir = _copy(runs["central"], tmp_path)
+    tamper(run_dir, runs["none"].path)
+    audit_before = (run_dir / "audit.jsonl").read_bytes()
+    with pytest.raises(ExportRefused, match=reason) as info:
+        export_run(run_dir, "public", tmp_path / "out")
+    assert info.value.fix  # every refusal names a fix
+    assert not (tmp_path / "out").exists()
+    assert (run_dir / "audit.jsonl").read_bytes() == audit_before
+    rc = export_main([str(run_dir), "--tier", "public", "--out", str(tmp_path / "out")])
+    assert rc == 1
+
+
+def test_refuses_a_non_empty_out_dir_and_overwrites_only_an_earlier_export(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run = runs["none"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportRefused, match="not empty"):
+        export_run(run.path, "public", out)
+    with pytest.raises(ExportRefused, match="holds other files"):
+        export_run(run.path, "public", out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    fresh = tmp_path / "fresh"
+    export_run(run.path, "restricted", fresh)
+    with pytest.raises(ExportRefused, match="not empty"):
+        export_run(run.path, "public", fresh)
+    result = export_run(run.path, "public", fresh, overwrite=True)
+    # The restricted files of the earlier export are gone, not left beside the public one.
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(result.files)
+    assert set(result.files) <= set(EXPORT_FILES) and "metrics.jsonl" not in result.files
+
+
+# ---- audit ----------------------------------------------------------------------------
+
+
+def test_export_is_recorded_in_the_audit_log_which_still_verifies(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run_dir = _copy(runs["central"], tmp_path)
+    anchor = json.loads((run_dir / "summary.json").read_text())["audit"]
+    before = len((run_dir / "audit.jsonl").read_bytes().splitlines())  # earlier tests exported
+    assert before > anchor["seq"]
+    result = export_run(run_dir, "restricted", tmp_path / "out")
+    lines = (run_dir / "audit.jsonl").read_bytes().splitlines()
+    last = json.loads(lines[-1])
+    assert last["event"] == "model.export" and last["seq"] == before
+    assert result.audit_seq == last["seq"]
+    assert last["data"] == {"tier": "restricted", "files": result.files}
+    assert verify(
+        run_dir / "audit.jsonl", expected_head=anchor["head"], expected_seq=anchor["seq"]
+    ).ok
+    assert verify(run_dir / "audit.jsonl").ok
+    # The log was closed (unlocked): a second export appends again.
+    again = export_run(run_dir, "public", tmp_path / "out2")
+    assert again.audit_seq == last["seq"] + 1
+    # While another writer holds the log, the export is refused before --out is touched.
+    with (
+        AuditLog(run_dir / "audit.jsonl"),
+        pytest.raises(ExportRefused, match="cannot take the export record"),
+    ):
+        export_run(run_dir, "public", tmp_path / "out2", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == sorted(again.files)
+
+
+def test_a_log_the_summary_does_not_anchor_is_verified_and_appended_to(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run_dir = _copy(runs["none"], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    del summary["audit"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    result = export_run(run_dir, "public", tmp_path / "out")
+    assert result.audit_seq is not None and verify(run_dir / "audit.jsonl").ok
+    _break_audit(run_dir)
+    with pytest.raises(ExportRefused, match=r"audit\.jsonl is broken"):
+        export_run(run_dir, "public", tmp_path / "out2")
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert export_main([]) == 2
+    assert export_main([str(tmp_path), "--tier", "secret", "--out", str(tmp_path / "o")]) == 2
+    assert export_main([str(tmp_path / "missing"), "--tier", "public", "--out", "x"]) == 1
