@@ -6,6 +6,8 @@
 ``fl-app audit verify <log> ...``         check a hash-chained audit log
 ``fl-app report <multirun dir>``          a sweep's table (CSV/Markdown) and plots
 ``fl-app export <run dir> --tier ...``    release a model with its model card
+``fl-app audit-privacy <run dir>``        empirical attacks on a release (MIA, inversion)
+``fl-app deploy ...``                     certificates, keys, SuperLink/SuperNodes, submit, demo
 """
 
 from __future__ import annotations
@@ -24,12 +26,19 @@ commands:
                   fl-app simulate -m strategy=fedavg,fedadam seed=1,2
              --dry-run: validate, print the planned privacy spend (epsilon the planned
              rounds would reach, rounds that fit the budget) and exit without training
+             resume=<run dir> [rollback_to=<round>]: continue a run from its last
+             checkpoint (same overrides as the original run), or redo rounds after one
   config     print the composed and validated config for the given overrides
   audit      verify | repair | sign | keygen: the tamper-evident audit log
              e.g. fl-app audit verify outputs/.../audit.jsonl
   report     collect a multirun (fl-app simulate -m ...) into report.csv/.md and plots
              e.g. fl-app report multirun/2026-11-23/12-00-00
   export     release a run's model: --tier public|restricted --out DIR
+  audit-privacy
+             membership inference (loss threshold, LiRA) and gradient inversion on a
+             run's release, next to its theoretical epsilon
+  deploy     ca | server-cert | node-key | node-config | connection | register |
+             superlink | supernode | submit | demo  (see docs/deployment.md)
 
 Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=...).
 """
@@ -83,12 +92,15 @@ def over_budget(cfg: Any) -> str | None:
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from fl_app.checkpoint import CheckpointError, check_resume
     from fl_app.config.compose import to_app_config
     from fl_app.config.validate import ConfigError
     from fl_app.simulation import run_simulation_experiment
 
     try:
         cfg = to_app_config(raw)
+        if cfg.resume is not None:
+            check_resume(cfg)
     except ConfigError as err:
         print(f"fl-app: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -106,8 +118,12 @@ def _simulate_task(raw: Any) -> float | None:
             # refused before it trains (a single run would stop early instead).
             print(f"fl-app: job {HydraConfig.get().job.num} refused: {refusal}", flush=True)
             return None
-    run_dir = HydraConfig.get().runtime.output_dir
-    summary = run_simulation_experiment(cfg, run_dir)
+    run_dir = cfg.resume or HydraConfig.get().runtime.output_dir
+    try:
+        summary = run_simulation_experiment(cfg, run_dir)
+    except CheckpointError as err:
+        print(f"fl-app: cannot resume: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     acc = summary.get("accuracy")
     return float(acc) if acc is not None else None
 
@@ -118,6 +134,15 @@ def _run_hydra(argv: list[str]) -> None:
     from fl_app.config.compose import config_dir, register_schemas
 
     register_schemas()
+    resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if resume and not any(a.startswith("hydra.run.dir=") for a in argv):
+        # A resumed run continues in its own directory; Hydra's record of this
+        # invocation goes beside the original one instead of over it.
+        argv = [
+            *argv,
+            f"hydra.run.dir={resume[-1]}",
+            "hydra.output_subdir=.hydra/resume-${now:%Y-%m-%d_%H-%M-%S}",
+        ]
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(
         _simulate_task
@@ -178,6 +203,14 @@ def main(argv: list[str] | None = None) -> None:
         from fl_app.export import export_main
 
         raise SystemExit(export_main(rest))
+    elif command == "audit-privacy":
+        from fl_app.privacy_audit import audit_privacy_main
+
+        raise SystemExit(audit_privacy_main(rest))
+    elif command == "deploy":
+        from fl_app.deploy import deploy_main
+
+        raise SystemExit(deploy_main(rest))
     elif command == "audit":
         from fl_app.audit import audit_main
 

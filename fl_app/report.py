@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["JobResult", "collect_jobs", "main", "write_report"]
+__all__ = ["JobResult", "collect_jobs", "curves_by_clip", "main", "write_report"]
 
 _CLIP_KEYS = ("privacy.clip", "privacy.dpsgd.max_grad_norm")
 
@@ -189,6 +189,16 @@ def write_report(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
     return [csv_path, md_path, *_plots(jobs, out_dir)]
 
 
+def curves_by_clip(jobs: Sequence[JobResult]) -> dict[str, list[tuple[float, float]]]:
+    """The accuracy-vs-ε plot's data: one curve (sorted by ε) per clipping norm."""
+    by_clip: dict[str, list[tuple[float, float]]] = {}
+    for j in jobs:
+        eps, acc = j.privacy_epsilon, j.accuracy
+        if eps is not None and acc is not None:
+            by_clip.setdefault(j.clip, []).append((eps, acc))
+    return {clip: sorted(points) for clip, points in sorted(by_clip.items())}
+
+
 def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -197,12 +207,8 @@ def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    by_clip: dict[str, list[JobResult]] = {}
-    for j in jobs:
-        if j.privacy_epsilon is not None and j.accuracy is not None:
-            by_clip.setdefault(j.clip, []).append(j)
-    for clip, group in sorted(by_clip.items()):
-        points = sorted((float(j.privacy_epsilon or 0.0), float(j.accuracy or 0.0)) for j in group)
+    by_clip = curves_by_clip(jobs)
+    for clip, points in by_clip.items():
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"C = {clip}")
     baseline = [j.accuracy for j in jobs if j.privacy_epsilon is None and j.accuracy is not None]
     if baseline:

@@ -5,6 +5,13 @@
 ``metrics.jsonl``    one JSON object per round (appended and flushed every round)
 ``model.safetensors`` the final global model (safetensors, never pickle)
 ``summary.json``     final centralised test accuracy/loss, rounds, seconds, privacy spent
+``checkpoints/``     one checkpoint per round (:mod:`fl_app.checkpoint`)
+``audit.jsonl``      the server's hash-chained audit log
+
+A resumed run (``resume=<run dir>``) writes into the same directory:
+:meth:`RunDirectory.resume` keeps ``config.yaml``, appends to ``metrics.jsonl`` (after
+moving lines of rounds past the checkpoint to ``metrics.abandoned.jsonl``) and records
+the resume in ``run.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import numpy as np
 import yaml
 
 from fl_app.atomic import write_atomic
-from fl_app.config.compose import config_hash, config_to_dict
+from fl_app.checkpoint import run_config_hash
+from fl_app.config.compose import config_to_dict
 from fl_app.config.schema import AppConfig
 from strategies.driver import RoundReport
 
@@ -77,7 +85,7 @@ class RunDirectory:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
-        self.config_hash = config_hash(cfg)
+        self.config_hash = run_config_hash(cfg)
         self.started = time.time()
         self.manifest: dict[str, Any] = {
             "config_hash": self.config_hash,
@@ -105,6 +113,43 @@ class RunDirectory:
             yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         )
         self.metrics_path.write_text("")
+        _write_json_atomic(self.path / "run.json", self.manifest)
+
+    def resume(self, previous: Mapping[str, Any], from_round: int, rollback: bool) -> None:
+        """Continue this directory's run after ``from_round`` (see the module doc).
+
+        ``previous`` is the run's ``run.json``: its start time, run key and history are
+        kept; the status goes back to ``running``.
+        """
+        kept: list[str] = []
+        dropped: list[str] = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines(keepends=True):
+                try:
+                    ok = line.endswith("\n") and int(json.loads(line)["round"]) <= from_round
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+                (kept if ok else dropped).append(line)
+        if dropped:
+            with (self.path / "metrics.abandoned.jsonl").open("a") as fh:
+                fh.writelines(x if x.endswith("\n") else x + "\n" for x in dropped)
+        write_atomic(self.metrics_path, "".join(kept).encode())
+        history = list(previous.get("resumed", []))
+        history.append(
+            {
+                "at": datetime.now(timezone.utc).isoformat(),
+                "from_round": from_round,
+                "rollback": rollback,
+                "code_version": self.manifest["code_version"],
+            }
+        )
+        self.manifest = {
+            **previous,
+            "status": "running",
+            "resumed": history,
+            "code_version": self.manifest["code_version"],
+        }
+        self.manifest.pop("finished_at", None)
         _write_json_atomic(self.path / "run.json", self.manifest)
 
     def save_model(self, arrays: Mapping[str, np.ndarray], rounds: int) -> str:
@@ -188,11 +233,31 @@ class AuditTrail:
 
     FILE = "audit.jsonl"
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, anchor: tuple[int, str] | None = None) -> None:
+        """Open (or create) the log; with ``anchor`` (a checkpoint manifest's
+        ``(seq, head)``) the existing log must contain it (resume)."""
         from fl_app.audit import AuditLog
 
         self.path = run_dir / self.FILE
-        self.log = AuditLog(self.path)
+        if anchor is None:
+            self.log = AuditLog(self.path)
+        else:
+            self.log = AuditLog(self.path, expected_seq=anchor[0], expected_head=anchor[1])
+
+    @classmethod
+    def reopen(cls, run_dir: Path, anchor: tuple[int, str]) -> AuditTrail:
+        """Continue a killed run's log: remove a torn last line (recorded as an
+        ``audit.repair`` event), then verify the chain against ``anchor``."""
+        from fl_app.audit import truncate_torn_tail
+
+        removed = truncate_torn_tail(run_dir / cls.FILE)
+        if removed:
+            print(
+                f"audit log: removed a torn last line ({len(removed)} bytes) left by the "
+                "interrupted run; recorded as audit.repair",
+                flush=True,
+            )
+        return cls(run_dir, anchor)
 
     def run_start(self, config_hash: str, code_version: str, **extra: Any) -> None:
         self.log.append(

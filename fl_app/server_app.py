@@ -29,10 +29,21 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.atomic import write_atomic
+from fl_app.checkpoint import (
+    in_model_order,
+    plan_resume,
+    prune_checkpoints,
+    restore_strategy_state,
+    seal_checkpoint,
+    set_aside_abandoned,
+    strategy_state,
+    write_checkpoint_files,
+)
 from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, parse_overrides
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
+from fl_app.privacy.ledger import FederationLedger
 from fl_app.rundir import AuditTrail, MetricsWriter, ProgressPrinter, RunDirectory
 from strategies.client_dp import (
     CentralDp,
@@ -41,7 +52,13 @@ from strategies.client_dp import (
     build_aggregator,
     projection_lines,
 )
-from strategies.driver import DriverResult, RoundListener, RoundReport
+from strategies.driver import (
+    DriverResult,
+    RoundDriver,
+    RoundListener,
+    RoundReport,
+    StageReport,
+)
 from strategies.factory import build_driver
 from strategies.protocol import SPEC_KEY
 
@@ -105,27 +122,76 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``cfg.num_rounds`` rounds on ``grid`` and write the run directory.
 
+    With ``cfg.resume`` the run continues in that directory (``run_dir`` is ignored)
+    from its newest checkpoint, or from ``cfg.rollback_to``'s (:mod:`fl_app.checkpoint`).
+
     Returns the summary (also written to ``summary.json``).
     """
     configure_logging(cfg)
     t0 = time.perf_counter()
+    plan = plan_resume(cfg) if cfg.resume is not None else None
+    if plan is not None:
+        run_dir = plan.run_dir
     rd = RunDirectory(run_dir, cfg)
-    # Identifies this run to clients (their privacy state is kept per run).
-    run_key = uuid.uuid4().hex
-    rd.manifest["run_key"] = run_key
-    rd.start()
-    audit = AuditTrail(rd.path)
-    audit.run_start(
-        rd.config_hash,
-        rd.manifest["code_version"],
-        num_rounds=cfg.num_rounds,
-        privacy_mode=cfg.privacy.mode.value,
-        threat_model=cfg.privacy.threat_model.value,
-        record_level=cfg.privacy.record_level,
-        secure_aggregation=cfg.secagg.mode.value,
-    )
-    arrays = initial_arrays(cfg)
-    aggregator = build_aggregator(cfg)
+    noise_generation = 0
+    if plan is None:
+        # Identifies this run to clients (their privacy state is kept per run).
+        run_key = uuid.uuid4().hex
+        rd.manifest["run_key"] = run_key
+        rd.start()
+        audit = AuditTrail(rd.path)
+        audit.run_start(
+            rd.config_hash,
+            rd.manifest["code_version"],
+            num_rounds=cfg.num_rounds,
+            privacy_mode=cfg.privacy.mode.value,
+            threat_model=cfg.privacy.threat_model.value,
+            record_level=cfg.privacy.record_level,
+            secure_aggregation=cfg.secagg.mode.value,
+        )
+        arrays = initial_arrays(cfg)
+        ledger = None
+    else:
+        run_key = str(plan.run_manifest["run_key"])
+        audit = AuditTrail.reopen(rd.path, plan.audit_anchor)
+        state = plan.checkpoint.server_state
+        noise_generation = int(state["aggregator"].get("noise_generation", 0))
+        if plan.fresh_noise:
+            # Rounds to redo were (or may have been) released: redo them with fresh noise.
+            used = int(plan.run_manifest.get("noise_generation", 0))
+            noise_generation = max(used, noise_generation) + 1
+            set_aside_abandoned(rd.path, plan.abandoned, noise_generation)
+        rd.resume(plan.run_manifest, plan.round, plan.rollback)
+        rd.manifest["noise_generation"] = max(
+            noise_generation, int(plan.run_manifest.get("noise_generation", 0))
+        )
+        arrays = in_model_order(plan.checkpoint.arrays, initial_arrays(cfg), "checkpoint model")
+        ledger = (
+            FederationLedger.from_json(plan.ledger_json) if plan.ledger_json is not None else None
+        )
+    aggregator = build_aggregator(cfg, ledger)
+    if plan is not None and isinstance(aggregator, CentralDp):
+        aggregator.restore_state(plan.checkpoint.server_state["aggregator"], plan.round)
+        aggregator.noise_generation = noise_generation
+    if plan is not None:
+        audit.log.append(
+            "run.resume",
+            {
+                "role": "server",
+                "config_hash": rd.config_hash,
+                "code_version": rd.manifest["code_version"],
+                "from_round": plan.round,
+                "rollback_to": cfg.rollback_to,
+                "abandoned_checkpoints": plan.abandoned,
+                "ledger_releases": len(aggregator.ledger.events)
+                if not isinstance(aggregator, MeanAggregator)
+                else 0,
+                "noise_generation": noise_generation,
+            },
+        )
+        if progress:
+            verb = "rolling back to" if plan.rollback else "resuming after"
+            print(f"{verb} round {plan.round} in {rd.path}", flush=True)
     if progress and not isinstance(aggregator, MeanAggregator):
         for line in projection_lines(aggregator.settings):
             print(line, flush=True)
@@ -137,13 +203,22 @@ def run_experiment(
         )
     spec = encode_spec(client_spec)
     steps_seen = StepsSeen()
+    if plan is not None:
+        steps_seen.steps = {
+            int(k): int(v) for k, v in plan.checkpoint.server_state["steps_seen"].items()
+        }
     listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path), steps_seen, audit]
     ledger_writer = None
+    begin_hooks = []
     if not isinstance(aggregator, MeanAggregator):
         ledger_writer = LedgerWriter(rd.path / LEDGER_FILE, aggregator)
         listeners.insert(0, ledger_writer)
+        begin_hooks.append(ledger_writer.on_round_begin)
     if progress:
         listeners.append(ProgressPrinter(cfg.num_rounds))
+    checkpoints = CheckpointWriter(cfg, rd, run_key, audit, aggregator, steps_seen)
+    # Sealed after the round's metrics, ledger and audit records.
+    listeners.insert(listeners.index(audit) + 1, checkpoints)
     listeners.extend(extra_listeners)
     driver = build_driver(
         cfg,
@@ -153,9 +228,20 @@ def run_experiment(
         listeners=listeners,
         node_config_fn=steps_seen.node_config if cfg.privacy.record_level else None,
         aggregator=aggregator,
+        round_begin_hooks=begin_hooks,
+        release_hooks=[checkpoints.write_files],
     )
+    checkpoints.strategy = driver.strategy
+    start_round = 1
+    if plan is not None:
+        restore_strategy_state(driver.strategy, plan.checkpoint.strategy_arrays, arrays)
+        checkpoints.initial_server_metrics = dict(
+            plan.checkpoint.server_state["initial_server_metrics"]
+        )
+        start_round = plan.round + 1
+    checkpoints.driver = driver
     try:
-        result = driver.run(grid, arrays)
+        result = driver.run(grid, arrays, start_round=start_round)
     except BaseException:
         if ledger_writer is not None:
             ledger_writer.write()
@@ -166,8 +252,20 @@ def run_experiment(
         ledger_writer.write()
     from fl_app.weights import weights_digest
 
-    model_sha = rd.save_model(result.arrays, cfg.num_rounds)
+    last_round = result.reports[-1].server_round if result.reports else start_round - 1
+    if plan is not None:
+        # Evaluated at start_round - 1: the checkpoint's model (the final one if no
+        # round was left); the run's initial metrics are the checkpoint's record.
+        restored_metrics = result.initial_server_metrics
+        result.initial_server_metrics = dict(checkpoints.initial_server_metrics or {})
+    model_sha = rd.save_model(result.arrays, last_round)
     summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha, aggregator)
+    summary["rounds"] = last_round
+    if plan is not None:
+        if not result.reports:
+            summary["accuracy"] = restored_metrics.get("accuracy")
+            summary["loss"] = restored_metrics.get("loss")
+        summary["resumed"] = rd.manifest.get("resumed", [])
     summary["weights_sha256"] = weights_digest(result.arrays)
     seq, head = audit.run_end("completed", _file_hashes(rd.path, [rd.model_path.name, LEDGER_FILE]))
     summary["audit"] = {"file": AuditTrail.FILE, "seq": seq, "head": head}
@@ -183,7 +281,9 @@ def run_experiment(
         if fed_eps is not None:
             spent += f", client-level epsilon {fed_eps:.3f} (delta {summary['privacy']['delta']:g})"
         print(
-            f"done: {len(result.reports)} rounds in {summary['seconds']:.1f}s, "
+            f"done: {summary['rounds']} rounds"
+            + (f" ({len(result.reports)} after resuming)" if plan is not None else "")
+            + f" in {summary['seconds']:.1f}s, "
             f"test accuracy {shown}{spent}; run directory {rd.path}",
             flush=True,
         )
@@ -206,10 +306,12 @@ def _file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
 
 
 class LedgerWriter:
-    """Round listener: persists the client-level privacy ledger after every round.
+    """Round hook and listener: persists the client-level privacy ledger.
 
-    The ledger already holds the round (recorded before its instructions were sent);
-    writing it atomically each round means the file on disk is never behind the model.
+    Written when a round begins (the aggregator has recorded it, no instruction has
+    left yet: a crash mid-round leaves the round counted on disk, the source of truth
+    for a resumed run) and again after the round (local DP counts releases then).
+    Atomic writes: the file on disk is never behind the model.
     """
 
     def __init__(self, path: Path, aggregator: CentralDp | LocalDp) -> None:
@@ -219,8 +321,103 @@ class LedgerWriter:
     def write(self) -> None:
         write_atomic(self.path, (self.aggregator.ledger.to_json() + "\n").encode())
 
+    def on_round_begin(self, rnd: int) -> None:
+        self.write()
+
     def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
         self.write()
+
+
+class CheckpointWriter:
+    """One checkpoint per round: files before the round's model leaves the server
+    (release hook :meth:`write_files`), manifest when the round has ended (listener).
+
+    See :mod:`fl_app.checkpoint` for the layout and guarantees.
+    """
+
+    def __init__(
+        self,
+        cfg: AppConfig,
+        rd: RunDirectory,
+        run_key: str,
+        audit: AuditTrail,
+        aggregator: MeanAggregator | CentralDp | LocalDp,
+        steps_seen: StepsSeen,
+    ) -> None:
+        self.cfg = cfg
+        self.rd = rd
+        self.run_key = run_key
+        self.audit = audit
+        self.aggregator = aggregator
+        self.steps_seen = steps_seen
+        self.strategy: object = None
+        self.driver: RoundDriver | None = None
+        # A resumed run carries the original run's round-0 metrics forward.
+        self.initial_server_metrics: dict[str, float] | None = None
+        self._pending: tuple[int, dict[str, str]] | None = None
+
+    def server_state(self, rnd: int, train: StageReport) -> dict[str, Any]:
+        steps = dict(self.steps_seen.steps)
+        for node, metrics in train.client_metrics.items():
+            if "dp-steps" in metrics:
+                steps[node] = max(steps.get(node, 0), int(metrics["dp-steps"]))
+        initial = self.initial_server_metrics
+        if initial is None:
+            result = self.driver.result if self.driver is not None else None
+            initial = dict(result.initial_server_metrics) if result is not None else {}
+        agg = self.aggregator
+        aggregator_state: dict[str, Any] = {
+            "kind": "none" if isinstance(agg, MeanAggregator) else agg.settings.mode.value
+        }
+        if isinstance(agg, CentralDp):
+            aggregator_state.update(agg.export_state())
+        return {
+            "format": 1,
+            "round": rnd,
+            "config_hash": self.rd.config_hash,
+            "run_key": self.run_key,
+            "seed": self.cfg.seed,
+            "code_version": self.rd.manifest["code_version"],
+            "strategy": self.cfg.strategy.name.value,
+            "rng": {
+                "scheme": "derived: every draw from (seed, round, stream); no generator state",
+                "seed": self.cfg.seed,
+                "secure_mode_noise": bool(self.cfg.privacy.secure_mode),
+            },
+            "aggregator": aggregator_state,
+            "ledger_releases": 0 if isinstance(agg, MeanAggregator) else len(agg.ledger.events),
+            "steps_seen": {str(k): v for k, v in sorted(steps.items())},
+            "initial_server_metrics": initial,
+        }
+
+    def write_files(self, rnd: int, arrays: Mapping[str, np.ndarray], train: StageReport) -> None:
+        agg = self.aggregator
+        self._pending = (
+            rnd,
+            write_checkpoint_files(
+                self.rd.path,
+                rnd=rnd,
+                arrays=arrays,
+                strategy_arrays=strategy_state(self.strategy),
+                ledger_json=None if isinstance(agg, MeanAggregator) else agg.ledger.to_json(),
+                server_state=self.server_state(rnd, train),
+                config_hash=self.rd.config_hash,
+            ),
+        )
+
+    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
+        if self._pending is None or self._pending[0] != report.server_round:
+            raise RuntimeError(f"round {report.server_round} ended without checkpoint files")
+        rnd, files = self._pending
+        self._pending = None
+        seal_checkpoint(
+            self.rd.path,
+            rnd=rnd,
+            files=files,
+            config_hash=self.rd.config_hash,
+            audit=self.audit.log,
+        )
+        prune_checkpoints(self.rd.path, self.cfg.checkpoint.keep)
 
 
 def _client_dp_spec(aggregator: MeanAggregator | CentralDp | LocalDp) -> ClientDpSpec | None:

@@ -341,7 +341,48 @@ class CentralDp:
         self.ledger = ledger or FederationLedger(settings.delta, settings.accountant)
         self.budget = budget
         self.clip = settings.clip
+        # Resume/rollback (fl_app.checkpoint): the ledger's event ``round`` is a release
+        # index, ``server round + release_offset``; the offset grows when a resumed run
+        # redoes rounds the ledger already counted (an interrupted round, or the rounds
+        # after a rollback), because the ledger only appends and ε is never rewound.
+        self.release_offset = 0
+        # Rounds redone after a rollback draw fresh noise (their first noised sums were
+        # released: the same noise on different sums would cancel in the difference).
+        self.noise_generation = 0
         self._event: RoundEvent | None = None
+        self._round: int | None = None
+        self._epsilon = self.ledger.epsilon()
+
+    def export_state(self) -> dict[str, float | int]:
+        """What a checkpoint must keep besides the ledger (adaptive clipping's norm)."""
+        return {
+            "clip": float(self.clip),
+            "release_offset": int(self.release_offset),
+            "noise_generation": int(self.noise_generation),
+        }
+
+    def restore_state(self, state: Mapping[str, Any], server_round: int) -> None:
+        """Continue after ``server_round`` from a checkpoint's :meth:`export_state`.
+
+        The ledger must already be the latest one on disk (passed to the constructor);
+        the next round's release index follows its last event.
+        """
+        clip = state["clip"]
+        gen = state["noise_generation"]
+        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ValueError(f"checkpoint clip must be a finite number > 0, found {clip!r}")
+        if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+            raise ValueError(f"checkpoint noise_generation must be an int >= 0, found {gen!r}")
+        last = self.ledger.events[-1].round if self.ledger.events else 0
+        if last < server_round + int(state["release_offset"]):
+            raise ValueError(
+                f"the ledger's last release {last} is behind the checkpoint (round "
+                f"{server_round}, release offset {state['release_offset']}): the ledger on "
+                "disk was rewound; refusing to under-count epsilon"
+            )
+        self.clip = float(clip)
+        self.release_offset = last - server_round
+        self.noise_generation = gen
         self._epsilon = self.ledger.epsilon()
 
     def round_config(self, rnd: int) -> Mapping[str, Any]:
@@ -350,7 +391,7 @@ class CentralDp:
         return {}
 
     def begin_round(self, rnd: int, population: int) -> str | None:
-        event = self.settings.round_event(rnd, max(1, population), self.clip)
+        event = self.settings.round_event(rnd + self.release_offset, max(1, population), self.clip)
         if self.budget is not None:
             verdict = self.budget.check(self.ledger, event)
             if not verdict.allowed:
@@ -361,6 +402,7 @@ class CentralDp:
         # Recorded before any instruction leaves: a crash over-counts, never under-counts.
         self.ledger = self.ledger.add(event)
         self._event = event
+        self._round = rnd
         self._epsilon = after
         return None
 
@@ -405,7 +447,7 @@ class CentralDp:
 
     def _current(self, rnd: int) -> RoundEvent:
         event = self._event
-        if event is None or event.round != rnd:
+        if event is None or self._round != rnd:
             raise RuntimeError(f"aggregate({rnd}) without begin_round({rnd})")
         return event
 
@@ -427,7 +469,13 @@ class CentralDp:
         total = {k: np.array(v, dtype=np.float64) for k, v in sum_update.items()}
         names = list(total)
         unclipped = float(extra.get(UNCLIPPED_KEY, 0.0))
-        noise = noise_source(s.secure_mode, s.seed, (rnd, CENTRAL_NOISE_STREAM))
+        # Keyed by the server round, so a resumed run redoes an interrupted round with
+        # the noise it drew first (that sum never left the server: checkpoints are
+        # written before a round's model is sent); a new generation after a rollback.
+        stream: tuple[int, ...] = (rnd, CENTRAL_NOISE_STREAM)
+        if self.noise_generation:
+            stream = (*stream, self.noise_generation)
+        noise = noise_source(s.secure_mode, s.seed, stream)
         std = event.noise_std
         for k in names:
             total[k] += noise.normal(std, total[k].size).reshape(total[k].shape)

@@ -20,9 +20,12 @@ strategy is *wrapped and delegated to*:
 * a round with fewer than ``min_train_replies`` valid replies leaves the model
   unchanged and says so in its :class:`RoundReport`.
 
-One round (``run_round``): sample → train exchange → screen/parse → aggregate →
-strategy step → federated evaluation (every ``federated_eval_every`` rounds) →
-centralised evaluation → listeners (metrics file, progress line, later ledger/audit).
+One round (``run`` + ``run_round``): aggregator's ``begin_round`` (ledger) →
+``round_begin_hooks`` (persist the ledger before anything is sent) → sample → train
+exchange → screen/parse → aggregate → strategy step → ``release_hooks`` (checkpoint
+files: the new model is saved before it first leaves the server) → federated evaluation
+(every ``federated_eval_every`` rounds) → centralised evaluation → listeners (metrics
+file, progress line, ledger, audit).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ __all__ = [
     "CohortGrid",
     "DriverResult",
     "DriverSettings",
+    "ReleaseHook",
+    "RoundBeginHook",
     "RoundDriver",
     "RoundListener",
     "RoundReport",
@@ -82,6 +87,8 @@ log = logging.getLogger("fl_app.driver")
 
 Arrays = dict[str, np.ndarray]
 EvaluateFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
+RoundBeginHook = Callable[[int], None]
+ReleaseHook = Callable[[int, Mapping[str, np.ndarray], "StageReport"], None]
 R = TypeVar("R", TrainReply, EvalReply)
 
 
@@ -267,6 +274,14 @@ class RoundDriver:
         Secure aggregation (:mod:`strategies.secagg`): the train stage becomes the
         four-stage masked-sum protocol and the aggregator sees only sums
         (``aggregate_sum``). ``None``: plain train stage.
+    round_begin_hooks
+        Called with the round number after the aggregator recorded the round and
+        before any instruction is sent (the privacy ledger is persisted here).
+    release_hooks
+        Called with ``(round, new arrays, train stage)`` after the train stage and
+        before federated evaluation, i.e. before the round's model first leaves the
+        server (checkpoint files are written here, so a resumed run knows whether a
+        round it redoes may have been seen).
     """
 
     def __init__(
@@ -283,6 +298,8 @@ class RoundDriver:
         node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
         aggregator: UpdateAggregator | None = None,
         secagg: SecureAggregation | None = None,
+        round_begin_hooks: Sequence[RoundBeginHook] = (),
+        release_hooks: Sequence[ReleaseHook] = (),
     ) -> None:
         if aggregator is None:
             from strategies.client_dp import MeanAggregator
@@ -300,7 +317,14 @@ class RoundDriver:
         self.evaluate_config = dict(evaluate_config or {})
         self.evaluate_fn = evaluate_fn
         self.listeners = list(listeners)
+        self.round_begin_hooks = list(round_begin_hooks)
+        self.release_hooks = list(release_hooks)
         self._privacy_metrics: dict[str, float] = {}
+
+    @property
+    def result(self) -> DriverResult | None:
+        """The result :meth:`run` is building (``None`` before it starts)."""
+        return self._result
 
     # ------------------------------------------------------------------ loop
     def run(
@@ -328,6 +352,8 @@ class RoundDriver:
                 result.stopped_early = f"before round {rnd}: {stop}"
                 log.warning("%s", result.stopped_early)
                 break
+            for hook in self.round_begin_hooks:
+                hook(rnd)
             arrays, report = self.run_round(grid, rnd, arrays, node_ids=usable)
             result.reports.append(report)
             result.exhausted.update(report.train.exhausted)
@@ -349,6 +375,8 @@ class RoundDriver:
         new_arrays, train, note, norm = self._train_stage(grid, rnd, arrays, node_ids)
         updated = new_arrays is not arrays
         arrays = new_arrays
+        for hook in self.release_hooks:
+            hook(rnd, arrays, train)
         evaluate = None
         every = self.settings.federated_eval_every
         if self.evaluate_sampler is not None and every > 0 and rnd % every == 0:

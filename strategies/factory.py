@@ -9,7 +9,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl_app.config.schema import AppConfig, SamplingMode, StrategyConfig, StrategyName
 from strategies.client_dp import UpdateAggregator
-from strategies.driver import DriverSettings, EvaluateFn, RoundDriver, RoundListener
+from strategies.driver import (
+    DriverSettings,
+    EvaluateFn,
+    ReleaseHook,
+    RoundBeginHook,
+    RoundDriver,
+    RoundListener,
+)
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecAggSettings, SecureAggregation
 from strategies.validation import ReplyLimits
@@ -67,6 +74,8 @@ def build_driver(
     listeners: Sequence[RoundListener] = (),
     node_config_fn: Callable[[int], Mapping[str, Any]] | None = None,
     aggregator: UpdateAggregator | None = None,
+    round_begin_hooks: Sequence[RoundBeginHook] = (),
+    release_hooks: Sequence[ReleaseHook] = (),
 ) -> RoundDriver:
     """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
     ``secagg.mode != off``) secure aggregation in ``cfg``."""
@@ -106,4 +115,6 @@ def build_driver(
         node_config_fn=node_config_fn,
         aggregator=aggregator,
         secagg=SecureAggregation(secagg_settings) if secagg_settings is not None else None,
+        round_begin_hooks=round_begin_hooks,
+        release_hooks=release_hooks,
     )

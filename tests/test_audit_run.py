@@ -31,7 +31,7 @@ def test_a_run_leaves_a_verifiable_audit_log(
     assert events[0] == "run.start" and events[-1] == "run.end"
     assert records[0]["data"]["config_hash"] == summary["config_hash"]
     per_round = ["round.start", "stage.outcome", "stage.outcome", "aggregation.done"]
-    assert events[1:-1] == [*per_round, "privacy.epsilon"] * 2
+    assert events[1:-1] == [*per_round, "privacy.epsilon", "checkpoint.saved"] * 2
     eps = [r["data"]["epsilon"] for r in records if r["event"] == "privacy.epsilon"]
     assert eps[-1] == pytest.approx(summary["privacy"]["epsilon"])
     files = records[-1]["data"]["files"]

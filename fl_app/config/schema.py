@@ -20,6 +20,7 @@ from enum import Enum
 __all__ = [
     "Accountant",
     "AppConfig",
+    "CheckpointConfig",
     "ClientTrainConfig",
     "DatasetConfig",
     "DatasetKind",
@@ -337,6 +338,15 @@ class RuntimeConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Server checkpoints (``checkpoints/round-NNNN/`` in the run directory, every round)."""
+
+    # How many complete checkpoints to keep (the newest); 0 keeps all of them, so any
+    # round can be rolled back to. The privacy ledger is never pruned.
+    keep: int = 0
+
+
+@dataclass
 class AppConfig:
     seed: int = 42
     num_rounds: int = 5
@@ -352,3 +362,10 @@ class AppConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Continue the run in this run directory from its last complete checkpoint (the
+    # rest of the config must equal the one it ran with). Not part of the config hash.
+    resume: str | None = None
+    # With resume: restart from this round's checkpoint instead (rounds after it are
+    # redone; the privacy they spent stays in the ledger). Not part of the config hash.
+    rollback_to: int | None = None

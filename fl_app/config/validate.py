@@ -550,6 +550,33 @@ def _check_runtime(cfg: AppConfig) -> None:
     )
 
 
+def _check_resume(cfg: AppConfig) -> None:
+    """Static checks only; the run directory itself is checked by
+    :func:`fl_app.checkpoint.check_resume` (config hash, checkpoints)."""
+    keep = cfg.checkpoint.keep
+    _check(keep >= 0, "checkpoint.keep", keep, "must be >= 0 (0 keeps all)")
+    if cfg.resume is not None:
+        _check(
+            bool(cfg.resume.strip()),
+            "resume",
+            cfg.resume,
+            "give the run directory to resume (resume=outputs/...); omit it for a new run",
+        )
+    if cfg.rollback_to is not None:
+        _check(
+            cfg.resume is not None,
+            "rollback_to",
+            cfg.rollback_to,
+            "needs resume=<run dir>: a rollback restarts an existing run from a checkpoint",
+        )
+        _check(
+            1 <= cfg.rollback_to <= cfg.num_rounds,
+            "rollback_to",
+            cfg.rollback_to,
+            f"must be a checkpointed round in [1, num_rounds={cfg.num_rounds}]",
+        )
+
+
 _CHECKS: tuple[Callable[[AppConfig], None], ...] = (
     _check_dataset,
     _check_model,
@@ -558,6 +585,7 @@ _CHECKS: tuple[Callable[[AppConfig], None], ...] = (
     _check_privacy,
     _check_secagg,
     _check_runtime,
+    _check_resume,
 )
 
 

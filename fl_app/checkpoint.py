@@ -1,0 +1,568 @@
+"""Server checkpoints, resume and rollback.
+
+Every round the server writes one checkpoint into the run directory: its files after
+the round's train stage and *before* the new model first leaves the server (federated
+evaluation, the next round's instructions; :class:`strategies.driver.RoundDriver`
+``release_hooks``), its manifest when the round has ended (after the round's metrics
+and audit records)::
+
+    checkpoints/round-0003/
+        model.safetensors            the global model after round 3
+        strategy_state.safetensors   the wrapped Flower strategy's numpy state
+                                     (FedAdam: m_t/, v_t/, current_arrays/ + name)
+        privacy_ledger.json          the client-level ledger at that point (DP runs)
+        server_state.json            round, config hash, run key, seed, code version,
+                                     RNG scheme, the aggregator's state (adaptive
+                                     clip, release offset, noise generation), the
+                                     DP-SGD steps the server has seen per node
+        manifest.json                written last: {file: sha256}, round, config hash,
+                                     audit {seq, head}
+
+A checkpoint is complete when its ``manifest.json`` exists (written atomically, last);
+a directory without one is an interrupted write and is ignored. A manifest whose files
+do not hash to what it lists is refused (:class:`CheckpointError`), never skipped.
+Before the manifest is written a ``checkpoint.saved`` audit record (round, file
+hashes) is appended, and the manifest carries the log's ``(seq, head)`` after it: the
+anchor that :func:`fl_app.audit.verify` checks (``fl-app audit verify --head --seq``).
+
+RNG state: every random draw of the server is derived from ``(seed, round, stream)``
+(samplers, seeded DP noise) and every client's from ``(seed, round, partition)``, so
+there is no generator state to save: ``server_state.json`` records the scheme and the
+seed. ``privacy.secure_mode`` noise comes from a CSPRNG and is never reproduced.
+
+Resume (``resume=<run dir>``) continues the same run directory from its newest
+complete checkpoint; ``rollback_to=<r>`` from round ``r``'s. In both cases:
+
+* the config must equal the one the run was started with (its hash, ``resume`` and
+  ``rollback_to`` excluded); a difference is refused naming the first differing field;
+* the privacy ledger restored is the *latest* ``privacy_ledger.json`` of the run
+  directory, not the checkpoint's: it was written before each round's instructions
+  were sent, so it may count an interrupted round, whose ε stays spent. The
+  checkpoint's ledger must be a prefix of it (else the ledger was rewound: refused);
+* the ledger is append-only, so a round redone after a crash or a rollback is a new
+  release: the ledger's event ``round`` is a *release index*, ``server round +
+  release_offset``, and the offset is the number of releases counted beyond the
+  checkpoint's round (:meth:`strategies.client_dp.CentralDp.restore_state`). ε after
+  a resume is therefore never below an uninterrupted run's, and equal when no round
+  was interrupted;
+* seeded central DP noise is keyed by the server round, so a resumed run redoes an
+  interrupted round with the same noise (identical final weights under fixed seeds).
+  That is safe only if the interrupted round's model never left the server: when its
+  checkpoint files exist (written just before the model is first sent) but its
+  manifest does not, it may have, and the redo starts a new noise generation (fresh
+  noise), as does a rollback (the rounds it redoes were released). Re-using noise on
+  a different sum would let the difference of two releases cancel it;
+* the audit log is reopened and verified against the newest checkpoint's anchor; a
+  torn last line left by a kill is removed first by
+  :func:`fl_app.audit.truncate_torn_tail`, which records an ``audit.repair`` event;
+  then ``run.resume`` is appended;
+* the run key is reused, so record-level DP-SGD clients find their own privacy state
+  files (``client-state/``) and continue their accounting (those files are written
+  before training, so an interrupted round is over-counted, never under-counted);
+* metrics lines of rounds after the checkpoint (and a torn last line) move to
+  ``metrics.abandoned.jsonl``; after a rollback the abandoned checkpoints are renamed
+  ``round-NNNN.rolledback-K`` (kept as evidence, never loaded).
+
+``checkpoint.keep`` keeps only the newest K complete checkpoints (0 keeps all).
+No pickle anywhere: safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_app.atomic import write_atomic
+from fl_app.config.schema import AppConfig
+from fl_app.config.validate import ConfigError
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "Checkpoint",
+    "CheckpointError",
+    "ResumePlan",
+    "check_resume",
+    "list_checkpoints",
+    "load_checkpoint",
+    "plan_resume",
+    "prune_checkpoints",
+    "restore_strategy_state",
+    "run_config_hash",
+    "seal_checkpoint",
+    "strategy_state",
+    "write_checkpoint_files",
+]
+
+log = logging.getLogger("fl_app.checkpoint")
+
+CHECKPOINTS_DIR = "checkpoints"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+STRATEGY_FILE = "strategy_state.safetensors"
+LEDGER_FILE = "privacy_ledger.json"
+SERVER_STATE_FILE = "server_state.json"
+_REQUIRED = frozenset({MODEL_FILE, STRATEGY_FILE, SERVER_STATE_FILE})
+_ALLOWED = _REQUIRED | {LEDGER_FILE}
+_ROUND_DIR = re.compile(r"round-(\d{4,})")
+_MANIFEST_KEYS = frozenset({"format", "round", "config_hash", "files", "audit", "created_at"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or the run directory around it) cannot be used; says why and the fix."""
+
+
+def run_config_hash(cfg: AppConfig) -> str:
+    """The run's config hash: ``resume`` and ``rollback_to`` say how to run, not what."""
+    from fl_app.config.compose import config_hash
+
+    return config_hash(dataclasses.replace(cfg, resume=None, rollback_to=None))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _round_dir(run_dir: Path, rnd: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / f"round-{rnd:04d}"
+
+
+# ---- the wrapped strategy's state ------------------------------------------------
+
+
+def strategy_state(strategy: object) -> dict[str, np.ndarray]:
+    """Every ``dict[str, ndarray]`` attribute of a Flower strategy, as ``attr/name``.
+
+    Generic on purpose: FedAdam/FedYogi/FedAdagrad keep ``m_t``, ``v_t`` and
+    ``current_arrays`` this way; FedAvg and FedProx have none (empty result).
+    """
+    out: dict[str, np.ndarray] = {}
+    for attr, value in sorted(vars(strategy).items()):
+        if (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
+        ):
+            for key, arr in value.items():
+                out[f"{attr}/{key}"] = arr
+    return out
+
+
+def in_model_order(
+    arrays: Mapping[str, np.ndarray], template: Mapping[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """``arrays`` in ``template``'s key order (safetensors sorts names; clients and
+    strategies pair arrays by position), checked for the same names and shapes."""
+    if set(arrays) != set(template):
+        raise CheckpointError(
+            f"{what}: array names {sorted(arrays)} differ from the model's {sorted(template)}"
+        )
+    for k, v in template.items():
+        if np.shape(arrays[k]) != np.shape(v):
+            raise CheckpointError(
+                f"{what}: {k!r} has shape {np.shape(arrays[k])}, the model {np.shape(v)}"
+            )
+    return {k: np.array(arrays[k]) for k in template}
+
+
+def restore_strategy_state(
+    strategy: object, arrays: Mapping[str, np.ndarray], template: Mapping[str, np.ndarray]
+) -> None:
+    """Set the attributes :func:`strategy_state` saved back on ``strategy`` (each dict
+    in ``template``'s key order when it holds the model's names)."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in arrays.items():
+        attr, sep, key = name.partition("/")
+        if not sep or not key:
+            raise CheckpointError(f"strategy state entry {name!r} is not 'attribute/name'")
+        grouped.setdefault(attr, {})[key] = np.array(arr)
+    for attr, value in grouped.items():
+        if set(value) == set(template):
+            value = in_model_order(value, template, f"strategy state {attr!r}")
+        current = getattr(strategy, attr, _MISSING)
+        if current is _MISSING or not (current is None or isinstance(current, dict)):
+            raise CheckpointError(
+                f"the checkpoint holds strategy state {attr!r}, which "
+                f"{type(strategy).__name__} does not keep: the strategy differs from the run's"
+            )
+        setattr(strategy, attr, value)
+
+
+_MISSING = object()
+
+
+# ---- writing ---------------------------------------------------------------------
+
+
+def write_checkpoint_files(
+    run_dir: str | os.PathLike[str],
+    *,
+    rnd: int,
+    arrays: Mapping[str, np.ndarray],
+    strategy_arrays: Mapping[str, np.ndarray],
+    ledger_json: str | None,
+    server_state: Mapping[str, Any],
+    config_hash: str,
+) -> dict[str, str]:
+    """Write round ``rnd``'s checkpoint files (no manifest yet); return their SHA-256.
+
+    Called before the round's model leaves the server; :func:`seal_checkpoint` makes
+    the checkpoint complete once the round has ended. A leftover directory without a
+    manifest (an interrupted round) is replaced; a complete checkpoint is never
+    overwritten.
+    """
+    from fl_app.weights import save_safetensors
+
+    directory = _round_dir(Path(run_dir), rnd)
+    if (directory / MANIFEST).exists():
+        raise CheckpointError(
+            f"{directory} already holds a complete checkpoint; checkpoints are never "
+            "overwritten (a rollback renames the abandoned ones first)"
+        )
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    meta = {"config_hash": config_hash, "round": str(rnd)}
+    files = {
+        MODEL_FILE: save_safetensors(directory / MODEL_FILE, arrays, meta),
+        STRATEGY_FILE: save_safetensors(directory / STRATEGY_FILE, strategy_arrays, meta),
+    }
+    blobs = {SERVER_STATE_FILE: json.dumps(dict(server_state), indent=1, sort_keys=True) + "\n"}
+    if ledger_json is not None:
+        blobs[LEDGER_FILE] = ledger_json + "\n"
+    for name, text in blobs.items():
+        data = text.encode()
+        write_atomic(directory / name, data)
+        files[name] = _sha256(data)
+    return dict(sorted(files.items()))
+
+
+def seal_checkpoint(
+    run_dir: str | os.PathLike[str],
+    *,
+    rnd: int,
+    files: Mapping[str, str],
+    config_hash: str,
+    audit: Any,
+) -> dict[str, Any]:
+    """Complete round ``rnd``'s checkpoint; return its manifest.
+
+    Appends a ``checkpoint.saved`` record to ``audit`` (an
+    :class:`fl_app.audit.AuditLog`), then writes the manifest with the log's
+    ``(seq, head)`` after it, atomically and last.
+    """
+    directory = _round_dir(Path(run_dir), rnd)
+    files = dict(sorted(files.items()))
+    audit.append("checkpoint.saved", {"round": rnd, "files": files})
+    manifest = {
+        "format": FORMAT_VERSION,
+        "round": rnd,
+        "config_hash": config_hash,
+        "files": files,
+        "audit": {"file": "audit.jsonl", "seq": audit.seq, "head": audit.head},
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a manifest exists), oldest first; incomplete ones are logged."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for child in root.iterdir():
+        m = _ROUND_DIR.fullmatch(child.name)
+        if m is None or not child.is_dir():
+            continue
+        if (child / MANIFEST).is_file():
+            out.append((int(m.group(1)), child))
+        else:
+            log.warning("checkpoint %s has no manifest (interrupted write): ignored", child)
+    return sorted(out)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike[str], keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` complete checkpoints (0: keep all)."""
+    if keep <= 0:
+        return []
+    doomed = list_checkpoints(run_dir)[:-keep]
+    for _, path in doomed:
+        shutil.rmtree(path)
+    return [r for r, _ in doomed]
+
+
+# ---- reading ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One verified checkpoint (every file matched its manifest hash)."""
+
+    path: Path
+    round: int
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    strategy_arrays: dict[str, np.ndarray]
+    server_state: dict[str, Any]
+    ledger_json: str | None
+
+    @property
+    def audit_anchor(self) -> tuple[int, str]:
+        return int(self.manifest["audit"]["seq"]), str(self.manifest["audit"]["head"])
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """A checkpoint's manifest, checked for shape (not the files' hashes)."""
+    fix = "restore the checkpoint from a backup, or roll back to an earlier one"
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory / MANIFEST}: unreadable ({err}); {fix}") from None
+    m = _ROUND_DIR.fullmatch(directory.name)
+    if (
+        not isinstance(manifest, dict)
+        or set(manifest) != _MANIFEST_KEYS
+        or manifest["format"] != FORMAT_VERSION
+        or m is None
+        or manifest["round"] != int(m.group(1))
+        or not isinstance(manifest["files"], dict)
+        or not _REQUIRED <= set(manifest["files"]) <= _ALLOWED
+        or not isinstance(manifest["audit"], dict)
+        or not isinstance(manifest["audit"].get("seq"), int)
+        or not isinstance(manifest["audit"].get("head"), str)
+    ):
+        raise CheckpointError(f"{directory / MANIFEST}: not a valid checkpoint manifest; {fix}")
+    return manifest
+
+
+def load_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
+    """Read and verify one checkpoint directory (every file against the manifest)."""
+    from fl_app.weights import load_safetensors
+
+    path = Path(directory)
+    manifest = read_manifest(path)
+    blobs: dict[str, bytes] = {}
+    for name, expected in manifest["files"].items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError as err:
+            raise CheckpointError(f"{path / name}: missing or unreadable ({err})") from None
+        found = _sha256(data)
+        if found != expected:
+            raise CheckpointError(
+                f"{path / name} has SHA-256 {found[:16]}…, but the manifest lists "
+                f"{str(expected)[:16]}…: the checkpoint was modified; refusing to resume "
+                "from it (restore it, or roll back to an earlier checkpoint)"
+            )
+        blobs[name] = data
+    arrays, _ = load_safetensors(path / MODEL_FILE)
+    strategy_arrays, _ = load_safetensors(path / STRATEGY_FILE)
+    state = json.loads(blobs[SERVER_STATE_FILE])
+    if state.get("round") != manifest["round"]:
+        raise CheckpointError(f"{path}: server_state round differs from the manifest's")
+    ledger = blobs.get(LEDGER_FILE)
+    return Checkpoint(
+        path=path,
+        round=int(manifest["round"]),
+        manifest=manifest,
+        arrays=arrays,
+        strategy_arrays=strategy_arrays,
+        server_state=state,
+        ledger_json=ledger.decode() if ledger is not None else None,
+    )
+
+
+# ---- resume ----------------------------------------------------------------------
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                return where
+            found = _first_difference(a[key], b[key], where)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (prefix or "<config>")
+
+
+def check_resume(cfg: AppConfig) -> Path:
+    """The run directory ``cfg.resume`` names, checked against ``cfg``.
+
+    Raises
+    ------
+    ConfigError
+        When the directory is not a run directory, or its config differs from ``cfg``
+        (naming the first differing field).
+    """
+    import yaml
+
+    from fl_app.config.compose import config_to_dict
+
+    assert cfg.resume is not None
+    run_dir = Path(cfg.resume)
+    manifest_path = run_dir / "run.json"
+    if not manifest_path.is_file():
+        raise ConfigError(
+            "resume",
+            cfg.resume,
+            "is not a run directory (no run.json); give the directory of the run to continue",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = str(manifest["config_hash"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError("resume", cfg.resume, f"its run.json is unreadable ({err})") from None
+    if recorded == run_config_hash(cfg):
+        return run_dir
+    ours = config_to_dict(dataclasses.replace(cfg, resume=None, rollback_to=None))
+    field = None
+    theirs: Any = None
+    try:
+        theirs = yaml.safe_load((run_dir / "config.yaml").read_text())
+        field = _first_difference(theirs, ours)
+    except (OSError, yaml.YAMLError):
+        pass
+    found = (
+        f"{field}: run has {_lookup(theirs, field)!r}, now {_lookup(ours, field)!r}"
+        if field
+        else f"config hash {run_config_hash(cfg)[:16]}… != run's {recorded[:16]}…"
+    )
+    raise ConfigError(
+        field or "resume",
+        found,
+        "a resumed run must use the config it started with (resume and rollback_to aside); "
+        "pass the same overrides, or start a new run",
+    )
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "<absent>"
+        tree = tree[part]
+    return tree
+
+
+@dataclass
+class ResumePlan:
+    """What a resumed run starts from (see the module docstring)."""
+
+    run_dir: Path
+    checkpoint: Checkpoint
+    run_manifest: dict[str, Any]
+    # The latest privacy_ledger.json of the run directory (None: no client-level DP).
+    ledger_json: str | None
+    # Anchor of the newest complete checkpoint, which the audit log must contain.
+    audit_anchor: tuple[int, str]
+    # Rounds of complete checkpoints after the one resumed from (rolled back).
+    abandoned: list[int]
+    # The next round's checkpoint files exist without a manifest: that round's model
+    # may have left the server before the run stopped, so its redo needs fresh noise.
+    released_unfinished: bool = False
+
+    @property
+    def round(self) -> int:
+        return self.checkpoint.round
+
+    @property
+    def rollback(self) -> bool:
+        return bool(self.abandoned)
+
+    @property
+    def fresh_noise(self) -> bool:
+        """Whether rounds to redo were (possibly) released: redo them with new noise."""
+        return self.rollback or self.released_unfinished
+
+
+def plan_resume(cfg: AppConfig) -> ResumePlan:
+    """Choose and verify the checkpoint ``cfg.resume`` / ``cfg.rollback_to`` ask for."""
+    from fl_app.privacy.ledger import FederationLedger, LedgerError
+
+    run_dir = check_resume(cfg)
+    manifest = json.loads((run_dir / "run.json").read_text())
+    if manifest.get("status") == "completed" and cfg.rollback_to is None:
+        raise CheckpointError(
+            f"run {run_dir} already completed; nothing to resume (rollback_to=<round> redoes "
+            "rounds after a checkpoint)"
+        )
+    available = list_checkpoints(run_dir)
+    if not available:
+        raise CheckpointError(
+            f"run {run_dir} has no complete checkpoint (no checkpoints/round-*/manifest.json); "
+            "start a new run"
+        )
+    newest = available[-1][1]
+    if cfg.rollback_to is not None:
+        chosen = dict(available).get(cfg.rollback_to)
+        if chosen is None:
+            raise CheckpointError(
+                f"rollback_to={cfg.rollback_to}: no complete checkpoint of that round in "
+                f"{run_dir} (available: {[r for r, _ in available]})"
+            )
+    else:
+        chosen = newest
+    ck = load_checkpoint(chosen)
+    anchor_manifest = ck.manifest if chosen == newest else read_manifest(newest)
+    anchor = (int(anchor_manifest["audit"]["seq"]), str(anchor_manifest["audit"]["head"]))
+    if ck.manifest["config_hash"] != manifest["config_hash"]:
+        raise CheckpointError(f"{ck.path}: written under another config hash than run.json's")
+    if ck.server_state.get("run_key") != manifest.get("run_key"):
+        raise CheckpointError(f"{ck.path}: its run key differs from run.json's")
+    ledger_json = None
+    if ck.ledger_json is not None:
+        disk = run_dir / LEDGER_FILE
+        if not disk.is_file():
+            raise CheckpointError(
+                f"{disk} is missing: the privacy already spent is unknown; refusing to resume "
+                "(restore the ledger file)"
+            )
+        ledger_json = disk.read_text()
+        try:
+            latest = FederationLedger.from_json(ledger_json)
+            saved = FederationLedger.from_json(ck.ledger_json)
+        except LedgerError as err:
+            raise CheckpointError(f"privacy ledger unreadable: {err}") from None
+        counts = dict(latest.local)
+        if (
+            (saved.delta, saved.accountant) != (latest.delta, latest.accountant)
+            or latest.events[: len(saved.events)] != saved.events
+            or any(counts.get(k, 0) < n for k, n in saved.local)
+        ):
+            raise CheckpointError(
+                f"{disk} does not extend the checkpoint's ledger (it was rewound or "
+                "replaced); refusing to under-count epsilon"
+            )
+    return ResumePlan(
+        run_dir=run_dir,
+        checkpoint=ck,
+        run_manifest=manifest,
+        ledger_json=ledger_json,
+        audit_anchor=anchor,
+        abandoned=[r for r, _ in available if r > ck.round],
+        released_unfinished=_round_dir(run_dir, ck.round + 1).is_dir()
+        and not (_round_dir(run_dir, ck.round + 1) / MANIFEST).exists(),
+    )
+
+
+def set_aside_abandoned(run_dir: Path, rounds: list[int], generation: int) -> None:
+    """Rename the checkpoints a rollback abandons (kept as evidence, never loaded)."""
+    for rnd in rounds:
+        src = _round_dir(run_dir, rnd)
+        src.rename(src.with_name(f"{src.name}.rolledback-{generation}"))

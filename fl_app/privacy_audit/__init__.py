@@ -1,0 +1,16 @@
+"""Empirical privacy audit of a run: attacks on what the release and the server expose.
+
+``fl-app audit-privacy <run dir> [--out DIR] [--quick]`` (:func:`audit_privacy_main`)
+runs membership inference (loss threshold; LiRA with shadow models) on the released
+model and gradient inversion on one client's update, and prints every number next to
+the run's theoretical ε. See :mod:`fl_app.privacy_audit.run` for what is written and
+which client data appears in it (only the inversion demo's true records, in a plot).
+
+Modules: :mod:`~fl_app.privacy_audit.metrics` (pure scoring math),
+:mod:`~fl_app.privacy_audit.membership`, :mod:`~fl_app.privacy_audit.inversion`,
+:mod:`~fl_app.privacy_audit.run` (run-directory driver and CLI).
+"""
+
+from fl_app.privacy_audit.run import AuditSettings, audit_privacy_main, audit_run
+
+__all__ = ["AuditSettings", "audit_privacy_main", "audit_run"]

@@ -1,0 +1,108 @@
+"""Deployment round latency: a SecAgg+ round vs a plain round, 3 SuperNodes on loopback.
+
+One federation (1 SuperLink + 3 SuperNodes, TLS and SuperNode authentication, as
+``fl-app deploy demo`` brings up) serves both runs, one after the other:
+
+* plain: FedAvg, ``privacy=none secagg=off``;
+* secagg: the same with ``secagg=secaggplus secagg.clip=5`` (4 message exchanges a
+  round: key advertisement, share keys, masked input, unmasking).
+
+Numbers are ``round_seconds`` from each run's ``metrics.jsonl`` (the ServerApp's round
+driver: from sending instructions to aggregating), so FAB install and ServerApp start
+are excluded. Flower's deployment runtime starts a fresh ClientApp process for every
+message, so a round costs at least one process start per client per exchange: the
+secagg/plain ratio is dominated by that, not by the cryptography (see
+``scripts/bench_secagg.py`` for protocol cost without process starts).
+
+    .venv/bin/python scripts/bench_deploy.py               # 2 rounds each
+    .venv/bin/python scripts/bench_deploy.py --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fl_app.deploy import Federation, app_root, run_logs
+
+COMMON = [
+    "dataset.num_partitions=3",
+    "strategy.min_available_nodes=3",
+    "federated_eval_every=0",
+    "train.local_epochs=1",
+]
+VARIANTS = {
+    "plain": ["secagg=off"],
+    "secaggplus": ["secagg=secaggplus", "secagg.clip=5"],
+}
+
+
+def _run(fed: Federation, name: str, rounds: int, workdir: Path) -> dict[str, Any]:
+    run_dir = workdir / f"run-{name}"
+    t0 = time.perf_counter()
+    run_id, status = fed.submit(
+        app_root(), [*COMMON, f"num_rounds={rounds}", *VARIANTS[name]], run_dir, timeout=1800
+    )
+    wall = time.perf_counter() - t0
+    if status != "finished:completed":
+        raise SystemExit(
+            f"{name}: run {run_id} {status}\n{run_logs(run_id, fed.connection, fed.env)}"
+        )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    secs = [float(r["round_seconds"]) for r in rows]
+    stages = {
+        k: statistics.median(float(r[k]) for r in rows)
+        for k in rows[0]
+        if k.startswith("secagg_stage") and k.endswith("_seconds")
+    }
+    return {
+        "rounds": len(rows),
+        "round_seconds": secs,
+        "median_round_seconds": statistics.median(secs),
+        "run_wall_seconds": wall,
+        "stage_seconds": stages,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--workdir", type=Path)
+    args = ap.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-deploy-"))
+    fed = Federation(workdir / "fed", num_nodes=3)
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    with fed.running():
+        results["startup_seconds"] = time.perf_counter() - t0
+        for name in VARIANTS:
+            results[name] = _run(fed, name, args.rounds, workdir)
+    plain, sec = results["plain"], results["secaggplus"]
+    results["ratio"] = sec["median_round_seconds"] / plain["median_round_seconds"]
+    print(f"federation up (TLS + node auth, 3 SuperNodes): {results['startup_seconds']:.1f}s")
+    print("| round | median s | rounds (s) | run wall s |")
+    print("|---|---|---|---|")
+    for name in VARIANTS:
+        r = results[name]
+        shown = ", ".join(f"{s:.1f}" for s in r["round_seconds"])
+        print(
+            f"| {name} | {r['median_round_seconds']:.1f} | {shown} | {r['run_wall_seconds']:.1f} |"
+        )
+    print(f"secaggplus / plain: {results['ratio']:.2f}x")
+    if sec["stage_seconds"]:
+        print("secagg stages (median s): " + ", ".join(
+            f"{k.removeprefix('secagg_').removesuffix('_seconds')} {v:.1f}"
+            for k, v in sorted(sec["stage_seconds"].items())
+        ))  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
