@@ -144,6 +144,10 @@ KNOWN_EVENTS: Mapping[str, str] = {
     "model.export": "the model is exported: tier, files {name: sha256}",
     "run.end": "a process ends its part of a run: status",
     "audit.repair": "a torn tail was removed: removed_bytes, removed_sha256",
+    "client.round": "a client answered an instruction: round, message_type, artifact "
+    "(what left it), epsilon {record_level, local}, policy",
+    "client.refused": "a client refused an instruction: round, message_type, code, "
+    "policy_field, reason",
 }
 
 _FIELDS = frozenset({"seq", "ts", "event", "data", "prev", "hash"})

@@ -15,6 +15,7 @@ and audit records)::
                                      RNG scheme, the aggregator's state (adaptive
                                      clip, release offset, noise generation), the
                                      DP-SGD steps the server has seen per node
+        audit_head.sig.json          with audit_signing_key: that (seq, head), signed
         manifest.json                written last: {file: sha256}, round, config hash,
                                      audit {seq, head}
 
@@ -90,6 +91,7 @@ from fl_app.config.validate import ConfigError
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "SIGNED_HEAD",
     "Checkpoint",
     "CheckpointError",
     "ResumePlan",
@@ -110,6 +112,9 @@ log = logging.getLogger("fl_app.checkpoint")
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The Ed25519-signed audit head (config audit_signing_key), beside a manifest and in
+# the run directory; `fl-app audit verify --public-key PUB --signed-head <it>`.
+SIGNED_HEAD = "audit_head.sig.json"
 MODEL_FILE = "model.safetensors"
 STRATEGY_FILE = "strategy_state.safetensors"
 LEDGER_FILE = "privacy_ledger.json"
@@ -125,10 +130,13 @@ class CheckpointError(RuntimeError):
 
 
 def run_config_hash(cfg: AppConfig) -> str:
-    """The run's config hash: ``resume`` and ``rollback_to`` say how to run, not what."""
+    """The run's config hash: ``resume``, ``rollback_to`` and ``audit_signing_key`` say
+    how to run, not what."""
     from fl_app.config.compose import config_hash
 
-    return config_hash(dataclasses.replace(cfg, resume=None, rollback_to=None))
+    return config_hash(
+        dataclasses.replace(cfg, resume=None, rollback_to=None, audit_signing_key=None)
+    )
 
 
 def _sha256(data: bytes) -> str:
@@ -256,16 +264,25 @@ def seal_checkpoint(
     files: Mapping[str, str],
     config_hash: str,
     audit: Any,
+    signing_key: Any = None,
 ) -> dict[str, Any]:
     """Complete round ``rnd``'s checkpoint; return its manifest.
 
     Appends a ``checkpoint.saved`` record to ``audit`` (an
     :class:`fl_app.audit.AuditLog`), then writes the manifest with the log's
-    ``(seq, head)`` after it, atomically and last.
+    ``(seq, head)`` after it, atomically and last. With ``signing_key`` (Ed25519) the
+    same ``(seq, head)`` is signed into ``audit_head.sig.json`` beside it, first.
     """
     directory = _round_dir(Path(run_dir), rnd)
     files = dict(sorted(files.items()))
     audit.append("checkpoint.saved", {"round": rnd, "files": files})
+    if signing_key is not None:
+        from fl_app.audit import sign_head
+
+        signed = sign_head(signing_key, audit.head, audit.seq)
+        write_atomic(
+            directory / SIGNED_HEAD, (json.dumps(signed, sort_keys=True, indent=2) + "\n").encode()
+        )
     manifest = {
         "format": FORMAT_VERSION,
         "round": rnd,

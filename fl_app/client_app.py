@@ -13,12 +13,33 @@ aggregation must not pay for a torch import.
 A client that cannot do what it is asked (malformed spec, no usable data) replies
 with a structured error (code ``CLIENT_REFUSED``) naming the problem; anything else
 that raises is turned into an error reply by Flower's runtime.
+
+Two node-config keys are the site's own controls:
+
+``policy-path``  the site's data-use policy (:mod:`fl_app.site_policy`), checked for
+                 every train (plain or secure-aggregation stage 3) and evaluate
+                 instruction before data is loaded; projected ε is checked against it
+                 before any privacy state is saved. A violation is a refusal naming the
+                 policy field (``BUDGET_EXHAUSTED`` for ``max_epsilon``, so the server
+                 stops asking, else ``CLIENT_REFUSED``).
+``audit-dir``    the site's hash-chained audit log (:mod:`fl_app.audit`), one file per
+                 run and partition, ``audit-<run key>-partition-<id>.jsonl``. Opened,
+                 verified, appended and closed per message (deployment starts a process
+                 per message). Each train/evaluate instruction that carries a spec leaves
+                 ``client.round`` (round, message type, the artifact released, ε,
+                 policy) or ``client.refused`` (round, reason, policy field); the
+                 key-exchange stages of secure aggregation release no data-derived
+                 artifact and are not logged. Counts, ids and ε only: never data,
+                 updates or metrics values. A log that fails verification stops the
+                 client (every instruction is refused) until it is moved aside.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -26,6 +47,13 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_app.client_spec import ClientSpec, SpecError, decode_spec
+from fl_app.site_policy import (
+    PolicyError,
+    PolicyViolation,
+    SitePolicy,
+    load_policy,
+    released_artifact,
+)
 from strategies.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
@@ -36,15 +64,32 @@ from strategies.protocol import (
     NUM_EXAMPLES,
     PROXIMAL_MU,
     PUBLIC_METRIC_PREFIX,
+    SECAGG_STAGE_KEY,
     SERVER_ROUND,
     SPEC_KEY,
     UNCLIPPED_KEY,
     UPDATE_KEY,
 )
 
-__all__ = ["BudgetExhausted", "ClientRefusal", "app", "handle_evaluate", "handle_train"]
+__all__ = [
+    "AUDIT_DIR_KEY",
+    "POLICY_PATH_KEY",
+    "BudgetExhausted",
+    "ClientRefusal",
+    "PolicyRefusal",
+    "app",
+    "client_audit_path",
+    "handle_evaluate",
+    "handle_train",
+]
 
 log = logging.getLogger("fl_app.client")
+
+AUDIT_DIR_KEY = "audit-dir"
+POLICY_PATH_KEY = "policy-path"
+# A run key becomes part of a file name: anything else (a hostile server's "../x") is
+# logged under "unknown".
+_SAFE_RUN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ClientRefusal(Exception):
@@ -57,6 +102,68 @@ class BudgetExhausted(ClientRefusal):
     """Training this round would take the client past its privacy budget."""
 
     code = BUDGET_EXHAUSTED
+
+
+class PolicyRefusal(ClientRefusal):
+    """The site's data-use policy forbids this instruction; ``field`` names the rule.
+
+    ``max_epsilon`` refusals carry ``BUDGET_EXHAUSTED`` (the site's budget will not
+    grow back this run, so the server should stop asking), the others ``CLIENT_REFUSED``.
+    """
+
+    def __init__(self, violation: PolicyViolation) -> None:
+        super().__init__(str(violation))
+        self.field = violation.field
+        self.code = BUDGET_EXHAUSTED if violation.field == "max_epsilon" else CLIENT_REFUSED
+
+
+def _site_policy(context: Context) -> SitePolicy | None:
+    """The site's policy from node-config ``policy-path`` (None when there is none)."""
+    path = context.node_config.get(POLICY_PATH_KEY)
+    if path is None or path == "":
+        return None
+    try:
+        return load_policy(str(path))
+    except PolicyError as err:
+        raise ClientRefusal(f"site policy: {err}") from err
+
+
+def _artifact(spec: ClientSpec, message_type: str, config: Any) -> str:
+    """What a reply to this instruction releases (see :data:`fl_app.site_policy.ARTIFACTS`)."""
+    dp = spec.client_dp
+    return released_artifact(
+        message_type,
+        secure=config.get(SECAGG_STAGE_KEY) == 3,
+        client_clips=dp is not None,
+        local_noise=dp is not None and dp.local_noise_multiplier is not None,
+    )
+
+
+def _enforce_request(
+    policy: SitePolicy | None, spec: ClientSpec, message_type: str, config: Any
+) -> None:
+    if policy is None:
+        return
+    local_dp = spec.client_dp is not None and spec.client_dp.local_noise_multiplier is not None
+    try:
+        policy.check_request(
+            message_type,
+            artifact=_artifact(spec, message_type, config),
+            secure=config.get(SECAGG_STAGE_KEY) == 3,
+            record_level_dp=spec.dpsgd is not None,
+            accounts_epsilon=spec.dpsgd is not None or local_dp,
+        )
+    except PolicyViolation as err:
+        raise PolicyRefusal(err) from err
+
+
+def _enforce_epsilon(policy: SitePolicy | None, kind: str, epsilon: float) -> None:
+    if policy is None:
+        return
+    try:
+        policy.check_epsilon(kind, epsilon)
+    except PolicyViolation as err:
+        raise PolicyRefusal(err) from err
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -93,14 +200,18 @@ def _training_seed(seed: int, rnd: int, partition_id: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Any, ...]:
-    """Shared set-up of both handlers: spec, data, model loaded with global weights."""
+def _prepare(
+    msg: Message, context: Context, policy: SitePolicy | None, message_type: str
+) -> tuple[Any, ...]:
+    """Shared set-up of both handlers: spec, the site policy's verdict on the request
+    (before any data is read), data, model loaded with global weights."""
     import torch
 
     from fl_app.data import DataError, check_data_shape, load_client_data
     from fl_app.models import build_model
 
     spec, rnd, arrays, config = _read_instruction(msg)
+    _enforce_request(policy, spec, message_type, config)
     torch.set_num_threads(max(1, spec.torch_threads))
     pid, nparts = _partition(context)
     try:
@@ -133,13 +244,21 @@ def handle_train(msg: Message, context: Context) -> Message:
         stage = secagg_stage(msg)
         if stage is not None and stage != 3:
             return handle_key_stage(msg, context, stage)
+    except SecAggStageError as err:
+        raise ClientRefusal(f"secure aggregation: {err}") from err
+    try:
+        policy = _site_policy(context)
         secure = MaskedInputStage.from_instruction(msg, context) if stage == 3 else None
     except SecAggStageError as err:
         raise ClientRefusal(f"secure aggregation: {err}") from err
+    except ClientRefusal:
+        if stage == 3:
+            wipe_state(context)
+        raise
     if secure is None:
-        return _train(msg, context, None)
+        return _train(msg, context, None, policy)
     try:
-        return _train(msg, context, secure)
+        return _train(msg, context, secure, policy)
     except SecAggStageError as err:
         wipe_state(context)
         raise ClientRefusal(f"secure aggregation: {err}") from err
@@ -148,14 +267,14 @@ def handle_train(msg: Message, context: Context) -> Message:
         raise
 
 
-def _train(msg: Message, context: Context, secure: Any) -> Message:
+def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None) -> Message:
     import torch
 
     from fl_app.pipeline import PipelineStages, run_train_pipeline
     from fl_app.training import train_local
     from fl_app.weights import load_ndarrays, model_to_ndarrays, to_array_record
 
-    spec, rnd, arrays, config, pid, data, model = _prepare(msg, context)
+    spec, rnd, arrays, config, pid, data, model = _prepare(msg, context, policy, "train")
     if len(data.train) == 0:
         raise ClientRefusal("no local training examples in this partition")
     mu = config.get(PROXIMAL_MU, 0.0)
@@ -179,14 +298,16 @@ def _train(msg: Message, context: Context, secure: Any) -> Message:
 
     else:
         dp_train, dp_metrics = _prepare_dpsgd(
-            spec, rnd, config, context, pid, data, model, generator
+            spec, rnd, config, context, pid, data, model, generator, policy
         )
 
         def train() -> tuple[dict[str, np.ndarray], Any]:
             stats = dp_train()  # trains `model` in place; read its weights afterwards
             return model_to_ndarrays(model), stats
 
-    clip_stage, noise_stage, client_dp_metrics = _client_dp_stages(spec, rnd, config, context, pid)
+    clip_stage, noise_stage, client_dp_metrics = _client_dp_stages(
+        spec, rnd, config, context, pid, policy
+    )
     if secure is not None:
         return _secure_train(
             msg,
@@ -308,13 +429,18 @@ LOCAL_DP_STATE = "fl-app.local-dp"
 
 
 def _client_dp_stages(
-    spec: ClientSpec, rnd: int, config: Any, context: Context, pid: int
+    spec: ClientSpec,
+    rnd: int,
+    config: Any,
+    context: Context,
+    pid: int,
+    policy: SitePolicy | None = None,
 ) -> tuple[Any, Any, dict[str, float]]:
     """The clip and local-noise stages this round asks for, and their metrics.
 
     The returned metrics dict is filled in when the stages run. Local DP checks this
-    client's own budget and counts the release in ``Context.state`` *before* training,
-    so a crash can only over-count.
+    client's own budget (the server's ``max_epsilon`` and the site policy's) and counts
+    the release in ``Context.state`` *before* training, so a crash can only over-count.
     """
     dp = spec.client_dp
     if dp is None:
@@ -352,6 +478,7 @@ def _client_dp_stages(
             f"local DP budget exhausted: epsilon would reach {eps_after:.4g} after this "
             f"round (budget {dp.max_epsilon:g}, delta {dp.delta:g}, {releases - 1} releases)"
         )
+    _enforce_epsilon(policy, "local DP", eps_after)
     context.state[LOCAL_DP_STATE] = MetricRecord({"releases": releases})
     metrics.update(
         {"dp-local-epsilon": eps_after, "dp-local-releases": releases, "dp-partition-id": pid}
@@ -378,8 +505,10 @@ def _prepare_dpsgd(
     data: Any,
     model: Any,
     generator: Any,
+    policy: SitePolicy | None = None,
 ) -> tuple[Callable[[], Any], dict[str, float]]:
-    """Account, check the budget and persist state *before* DP-SGD training.
+    """Account, check the budget (the server's and the site policy's) and persist
+    state *before* DP-SGD training.
 
     Returns the training thunk and the public metrics of this round (epsilon spent
     so far including this round, steps, sample rate, z).
@@ -437,6 +566,7 @@ def _prepare_dpsgd(
             f"(budget {dp.max_epsilon:g}, delta {dp.delta:g}, "
             f"{state.history.total_steps} steps spent)"
         )
+    _enforce_epsilon(policy, "record-level", eps_after)
     new_state = DpSgdState(history=state.history.add(planned), noise_multiplier=z)
     store.save(new_state)  # before training: a crash mid-round never under-counts
     settings = DpSgdSettings(
@@ -470,7 +600,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from fl_app.training import evaluate
     from fl_app.weights import load_ndarrays
 
-    spec, rnd, arrays, _config, _pid, data, model = _prepare(msg, context)
+    spec, rnd, arrays, _config, _pid, data, model = _prepare(
+        msg, context, _site_policy(context), "evaluate"
+    )
     if len(data.val) == 0:
         raise ClientRefusal("no local validation examples (dataset.val_fraction or partition size)")
     load_ndarrays(model, arrays)
@@ -486,18 +618,155 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
+def _audit_names(run_key: str, partition_id: object) -> tuple[str, str]:
+    key = run_key if _SAFE_RUN_KEY.fullmatch(run_key) else "unknown"
+    try:
+        pid = str(int(cast(Any, partition_id)))
+    except (TypeError, ValueError):
+        pid = "unknown"
+    return key, pid
+
+
+def client_audit_path(directory: str | Path, run_key: str, partition_id: object) -> Path:
+    """``<directory>/audit-<run key>-partition-<id>.jsonl`` (unsafe parts become "unknown")."""
+    key, pid = _audit_names(run_key, partition_id)
+    return Path(directory) / f"audit-{key}-partition-{pid}.jsonl"
+
+
+class _ClientAudit:
+    """The site's audit log around one instruction (node-config ``audit-dir``).
+
+    Opened, and so verified, *before* the handler runs: a broken log refuses the
+    instruction. Closed when the instruction's record is written.
+    """
+
+    def __init__(self, audit_log: Any, message_type: str, rnd: object, artifact: str | None):
+        self.log = audit_log
+        self.message_type = message_type
+        self.round = rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else None
+        self.artifact = artifact
+
+    @classmethod
+    def open(cls, msg: Message, context: Context, message_type: str) -> _ClientAudit | None:
+        """None when the node keeps no audit log, or for a key-exchange stage (no spec)."""
+        from fl_app.audit import AuditError, AuditLog
+
+        directory = context.node_config.get(AUDIT_DIR_KEY)
+        config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
+        if directory is None or directory == "" or config is None or SPEC_KEY not in config:
+            return None
+        try:
+            spec: ClientSpec | None = decode_spec(config.get(SPEC_KEY))
+        except SpecError:
+            spec = None  # the handler refuses it; the refusal is still logged
+        run_key = spec.run_key if spec is not None else ""
+        key, pid = _audit_names(run_key, context.node_config.get("partition-id", 0))
+        path = client_audit_path(str(directory), key, pid)
+        try:
+            audit_log = AuditLog(path)
+        except (AuditError, OSError) as err:
+            raise ClientRefusal(
+                f"client audit log: {err} (node-config {AUDIT_DIR_KEY}={directory!r}); "
+                "this site trains only with an intact audit log"
+            ) from err
+        try:
+            if audit_log.records == 0:
+                audit_log.append(
+                    "run.start",
+                    {"role": "client", "run_key": key, "partition": pid},
+                )
+            artifact = None
+            if spec is not None:
+                try:
+                    artifact = _artifact(spec, message_type, config)
+                except ValueError:
+                    artifact = None
+        except BaseException:
+            audit_log.close()
+            raise
+        return cls(audit_log, message_type, config.get(SERVER_ROUND), artifact)
+
+    def released(self, reply: Message, policy: bool) -> None:
+        """``client.round``: what left the client, its ε, the policy verdict."""
+        epsilon: dict[str, float] = {}
+        if reply.has_content() and METRICS_KEY in reply.content.metric_records:
+            metrics = reply.content.metric_records[METRICS_KEY]
+            for key, name in (("dp-epsilon", "record_level"), ("dp-local-epsilon", "local")):
+                value = metrics.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    epsilon[name] = float(value)
+        self.log.append(
+            "client.round",
+            {
+                "round": self.round,
+                "message_type": self.message_type,
+                "artifact": self.artifact,
+                "epsilon": epsilon,
+                "policy": "ok" if policy else "none",
+            },
+        )
+
+    def refused(self, err: ClientRefusal) -> None:
+        """``client.refused``: the reason sent to the server and the policy field, if any."""
+        self.log.append(
+            "client.refused",
+            {
+                "round": self.round,
+                "message_type": self.message_type,
+                "code": int(err.code),
+                "policy_field": getattr(err, "field", None),
+                "reason": str(err),
+            },
+        )
+
+    def close(self) -> None:
+        self.log.close()
+
+
 def _refusals_as_errors(
-    handler: Callable[[Message, Context], Message],
+    handler: Callable[[Message, Context], Message], message_type: str
 ) -> Callable[[Message, Context], Message]:
+    """The process boundary: refusals become structured error replies, and every
+    instruction with a spec leaves a record in the site's audit log (if it keeps one)."""
+
+    def refuse(msg: Message, err: ClientRefusal) -> Message:
+        log.warning("refusing %s: %s", msg.metadata.message_type, err)
+        return Message(Error(code=err.code, reason=str(err)), reply_to=msg)
+
     def wrapped(msg: Message, context: Context) -> Message:
+        from fl_app.audit import AuditError
+
         # Flower's log lines once in client processes too (Ray workers also route the
         # root logger to the driver, which printed every Flower line twice).
         logging.getLogger("flwr").propagate = False
         try:
-            return handler(msg, context)
+            audit = _ClientAudit.open(msg, context, message_type)
         except ClientRefusal as err:
-            log.warning("refusing %s: %s", msg.metadata.message_type, err)
-            return Message(Error(code=err.code, reason=str(err)), reply_to=msg)
+            return refuse(msg, err)
+        except AuditError as err:  # the run.start append of a new log failed
+            return refuse(msg, ClientRefusal(f"client audit log: {err}"))
+        if audit is None:
+            try:
+                return handler(msg, context)
+            except ClientRefusal as err:
+                return refuse(msg, err)
+        try:
+            try:
+                reply = handler(msg, context)
+            except ClientRefusal as err:
+                try:
+                    audit.refused(err)
+                except AuditError as audit_err:
+                    log.error("client audit log: cannot record a refusal: %s", audit_err)
+                return refuse(msg, err)
+            try:
+                audit.released(reply, policy=bool(context.node_config.get(POLICY_PATH_KEY)))
+            except AuditError as err:
+                # Nothing leaves the site unrecorded.
+                return refuse(msg, ClientRefusal(f"client audit log: {err}; reply withheld"))
+            return reply
+        finally:
+            audit.close()
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
@@ -505,5 +774,5 @@ def _refusals_as_errors(
 
 
 app = ClientApp()
-app.train()(_refusals_as_errors(handle_train))
-app.evaluate()(_refusals_as_errors(handle_evaluate))
+app.train()(_refusals_as_errors(handle_train, "train"))
+app.evaluate()(_refusals_as_errors(handle_evaluate, "evaluate"))

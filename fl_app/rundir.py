@@ -233,11 +233,19 @@ class AuditTrail:
 
     FILE = "audit.jsonl"
 
-    def __init__(self, run_dir: Path, anchor: tuple[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        anchor: tuple[int, str] | None = None,
+        signing_key: Any = None,
+    ) -> None:
         """Open (or create) the log; with ``anchor`` (a checkpoint manifest's
-        ``(seq, head)``) the existing log must contain it (resume)."""
+        ``(seq, head)``) the existing log must contain it (resume). With
+        ``signing_key`` (Ed25519, :func:`fl_app.audit.load_signing_key`) :meth:`run_end`
+        signs the final head into ``audit_head.sig.json``, and checkpoints theirs."""
         from fl_app.audit import AuditLog
 
+        self.signing_key = signing_key
         self.path = run_dir / self.FILE
         if anchor is None:
             self.log = AuditLog(self.path)
@@ -245,7 +253,7 @@ class AuditTrail:
             self.log = AuditLog(self.path, expected_seq=anchor[0], expected_head=anchor[1])
 
     @classmethod
-    def reopen(cls, run_dir: Path, anchor: tuple[int, str]) -> AuditTrail:
+    def reopen(cls, run_dir: Path, anchor: tuple[int, str], signing_key: Any = None) -> AuditTrail:
         """Continue a killed run's log: remove a torn last line (recorded as an
         ``audit.repair`` event), then verify the chain against ``anchor``."""
         from fl_app.audit import truncate_torn_tail
@@ -257,7 +265,7 @@ class AuditTrail:
                 "interrupted run; recorded as audit.repair",
                 flush=True,
             )
-        return cls(run_dir, anchor)
+        return cls(run_dir, anchor, signing_key)
 
     def run_start(self, config_hash: str, code_version: str, **extra: Any) -> None:
         self.log.append(
@@ -312,8 +320,20 @@ class AuditTrail:
             )
 
     def run_end(self, status: str, files: Mapping[str, str]) -> tuple[int, str]:
-        """Append ``run.end`` with file hashes; return the log's ``(seq, head)``."""
+        """Append ``run.end`` with file hashes; return the log's ``(seq, head)``.
+
+        With a signing key, the head is signed into ``audit_head.sig.json`` beside
+        the log (``fl-app audit verify --public-key PUB --signed-head ...``)."""
+        from fl_app.audit import sign_head
+        from fl_app.checkpoint import SIGNED_HEAD
+
         self.log.append("run.end", {"status": status, "files": dict(files)})
         seq, head = self.log.seq, self.log.head
         self.log.close()
+        if self.signing_key is not None:
+            signed = sign_head(self.signing_key, head, seq)
+            write_atomic(
+                self.path.parent / SIGNED_HEAD,
+                (json.dumps(signed, sort_keys=True, indent=2) + "\n").encode(),
+            )
         return seq, head

@@ -62,7 +62,14 @@ from strategies.driver import (
 from strategies.factory import build_driver
 from strategies.protocol import SPEC_KEY
 
-__all__ = ["app", "configure_logging", "make_server_app", "run_experiment"]
+__all__ = [
+    "AUDIT_KEY_PASSPHRASE_ENV",
+    "app",
+    "configure_logging",
+    "load_audit_signing_key",
+    "make_server_app",
+    "run_experiment",
+]
 
 log = logging.getLogger("fl_app.server")
 
@@ -72,6 +79,32 @@ def configure_logging(cfg: AppConfig) -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
     flwr_logger.setLevel(cfg.runtime.flower_log_level.upper())
+
+
+AUDIT_KEY_PASSPHRASE_ENV = "FL_APP_AUDIT_KEY_PASSPHRASE"
+
+
+def load_audit_signing_key(cfg: AppConfig) -> Any:
+    """The Ed25519 key of ``cfg.audit_signing_key`` (None when unset).
+
+    The passphrase of an encrypted key is read from ``$FL_APP_AUDIT_KEY_PASSPHRASE``
+    (never from the config). Raises :class:`ConfigError` naming the field when the
+    key cannot be loaded, before anything of the run is written.
+    """
+    if cfg.audit_signing_key is None:
+        return None
+    from fl_app.audit import AuditKeyError, load_signing_key
+    from fl_app.config.validate import ConfigError
+
+    env = AUDIT_KEY_PASSPHRASE_ENV if os.environ.get(AUDIT_KEY_PASSPHRASE_ENV) else None
+    try:
+        return load_signing_key(cfg.audit_signing_key, passphrase_env=env)
+    except AuditKeyError as err:
+        raise ConfigError(
+            "audit_signing_key",
+            cfg.audit_signing_key,
+            f"{err} (an encrypted key's passphrase goes in ${AUDIT_KEY_PASSPHRASE_ENV})",
+        ) from None
 
 
 def _server_evaluator(cfg: AppConfig) -> Any:
@@ -129,6 +162,7 @@ def run_experiment(
     """
     configure_logging(cfg)
     t0 = time.perf_counter()
+    signing_key = load_audit_signing_key(cfg)
     plan = plan_resume(cfg) if cfg.resume is not None else None
     if plan is not None:
         run_dir = plan.run_dir
@@ -139,7 +173,7 @@ def run_experiment(
         run_key = uuid.uuid4().hex
         rd.manifest["run_key"] = run_key
         rd.start()
-        audit = AuditTrail(rd.path)
+        audit = AuditTrail(rd.path, signing_key=signing_key)
         audit.run_start(
             rd.config_hash,
             rd.manifest["code_version"],
@@ -153,7 +187,7 @@ def run_experiment(
         ledger = None
     else:
         run_key = str(plan.run_manifest["run_key"])
-        audit = AuditTrail.reopen(rd.path, plan.audit_anchor)
+        audit = AuditTrail.reopen(rd.path, plan.audit_anchor, signing_key)
         state = plan.checkpoint.server_state
         noise_generation = int(state["aggregator"].get("noise_generation", 0))
         if plan.fresh_noise:
@@ -416,6 +450,7 @@ class CheckpointWriter:
             files=files,
             config_hash=self.rd.config_hash,
             audit=self.audit.log,
+            signing_key=self.audit.signing_key,
         )
         prune_checkpoints(self.rd.path, self.cfg.checkpoint.keep)
 

@@ -369,3 +369,8 @@ class AppConfig:
     # With resume: restart from this round's checkpoint instead (rounds after it are
     # redone; the privacy they spent stays in the ledger). Not part of the config hash.
     rollback_to: int | None = None
+    # Ed25519 private key (PEM, `fl-app audit keygen`) that signs the server audit log's
+    # head at the end of the run and at every checkpoint (audit_head.sig.json); the
+    # passphrase of an encrypted key comes from $FL_APP_AUDIT_KEY_PASSPHRASE. Loaded
+    # before the run starts. Not part of the config hash.
+    audit_signing_key: str | None = None

@@ -577,6 +577,18 @@ def _check_resume(cfg: AppConfig) -> None:
         )
 
 
+def _check_audit(cfg: AppConfig) -> None:
+    """Static check only: the key itself is loaded when the run starts
+    (:func:`fl_app.server_app.load_audit_signing_key`), on the server's machine."""
+    if cfg.audit_signing_key is not None:
+        _check(
+            bool(cfg.audit_signing_key.strip()),
+            "audit_signing_key",
+            cfg.audit_signing_key,
+            "give the path of an Ed25519 private key PEM (`fl-app audit keygen`), or omit it",
+        )
+
+
 _CHECKS: tuple[Callable[[AppConfig], None], ...] = (
     _check_dataset,
     _check_model,
@@ -586,6 +598,7 @@ _CHECKS: tuple[Callable[[AppConfig], None], ...] = (
     _check_secagg,
     _check_runtime,
     _check_resume,
+    _check_audit,
 )
 
 

@@ -1,0 +1,242 @@
+"""Site data-use policy (node-config ``policy-path``): strict parsing, and refusals
+before training that name the policy field, reach the server as structured errors and
+the site's audit log, while the run goes on with the other sites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fl_app.audit import verify
+from fl_app.client_app import AUDIT_DIR_KEY, POLICY_PATH_KEY, client_audit_path
+from fl_app.client_app import app as client_app
+from fl_app.config.compose import compose_config
+from fl_app.server_app import run_experiment
+from fl_app.site_policy import (
+    ARTIFACTS,
+    PolicyError,
+    PolicyViolation,
+    SitePolicy,
+    load_policy,
+    parse_policy,
+    released_artifact,
+)
+from fl_app.testing import InProcessGrid
+from strategies.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
+
+
+# ------------------------------------------------------------------ parsing
+def test_policy_parses_yaml_and_json_and_defaults_allow_everything(tmp_path: Path) -> None:
+    y = tmp_path / "p.yaml"
+    y.write_text(
+        "allowed_artifacts: [masked_update]\nmax_epsilon: 4\nrequire_secure_aggregation: true\n"
+    )
+    p = load_policy(y)
+    assert p == SitePolicy(frozenset({"masked_update"}), 4.0, True, False)
+    j = tmp_path / "p.json"
+    j.write_text(json.dumps({"require_record_level_dp": True}))
+    assert load_policy(j) == SitePolicy(require_record_level_dp=True)
+    assert parse_policy({}) == SitePolicy() and SitePolicy().allowed_artifacts == set(ARTIFACTS)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("max_epsilonn: 3\n", "`max_epsilonn`"),
+        ("allowed_artifacts: [weights]\n", "['weights']"),
+        ("allowed_artifacts: update\n", "`allowed_artifacts`"),
+        ("max_epsilon: -1\n", "`max_epsilon`"),
+        ("max_epsilon: .inf\n", "`max_epsilon`"),
+        ("max_epsilon: true\n", "`max_epsilon`"),
+        ("require_secure_aggregation: 'yes'\n", "`require_secure_aggregation`"),
+        ("max_epsilon: 1\nmax_epsilon: 9\n", "duplicate policy field `max_epsilon`"),
+        ("[1, 2]\n", "mapping"),
+        ("", "empty"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_malformed_policy_is_refused_naming_the_key(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert words in str(info.value)
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "missing.yaml")
+
+
+def test_artifacts_and_request_checks() -> None:
+    kw = {"client_clips": False, "local_noise": False}
+    assert released_artifact("evaluate", secure=True, **kw) == "evaluation_metrics"
+    assert released_artifact("train", secure=True, client_clips=True, local_noise=False) == (
+        "masked_update"
+    )
+    assert released_artifact("train", secure=False, client_clips=True, local_noise=True) == (
+        "noised_update"
+    )
+    assert released_artifact("train", secure=False, client_clips=True, local_noise=False) == (
+        "clipped_update"
+    )
+    assert released_artifact("train", secure=False, **kw) == "update"
+    strict = SitePolicy(
+        frozenset({"masked_update"}),
+        2.0,
+        require_secure_aggregation=True,
+        require_record_level_dp=True,
+    )
+    ok = {"secure": True, "record_level_dp": True, "accounts_epsilon": True}
+    strict.check_request("train", artifact="masked_update", **ok)
+    cases = [
+        ("evaluate", "evaluation_metrics", ok, "allowed_artifacts"),
+        ("train", "masked_update", {**ok, "secure": False}, "require_secure_aggregation"),
+        ("train", "masked_update", {**ok, "record_level_dp": False}, "require_record_level_dp"),
+        ("train", "masked_update", {**ok, "accounts_epsilon": False}, "max_epsilon"),
+    ]
+    for message_type, artifact, flags, field in cases:
+        with pytest.raises(PolicyViolation) as info:
+            strict.check_request(message_type, artifact=artifact, **flags)
+        assert info.value.field == field and f"`{field}`" in str(info.value)
+    strict.check_epsilon("record-level", 2.0)
+    with pytest.raises(PolicyViolation, match="above the site's max_epsilon 2"):
+        strict.check_epsilon("record-level", 2.0001)
+    SitePolicy().check_epsilon("local", 1e9)  # no bound
+
+
+# --------------------------------------------------------- through the app
+def _cfg(*overrides: str) -> Any:
+    return compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "federated_eval_every=0",
+            "train.local_epochs=1",
+            "num_rounds=2",
+            *overrides,
+        ],
+    )
+
+
+def _run(
+    cfg: Any, tmp: Path, policies: dict[int, str], n: int
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Path]]:
+    audit_dir = tmp / "site-audit"
+    files = {}
+    for pid, text in policies.items():
+        files[pid] = tmp / f"policy-{pid}.yaml"
+        files[pid].write_text(text)
+
+    def node_config(pid: int, num: int) -> dict[str, Any]:
+        cfg_: dict[str, Any] = {
+            "partition-id": pid,
+            "num-partitions": num,
+            AUDIT_DIR_KEY: str(audit_dir),
+        }
+        if pid in files:
+            cfg_[POLICY_PATH_KEY] = str(files[pid])
+        return cfg_
+
+    grid = InProcessGrid(client_app, n, seed=cfg.seed, node_config_fn=node_config)
+    try:
+        summary = run_experiment(grid, cfg, tmp / "run", progress=False)
+    finally:
+        grid.close()
+    lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    run_key = json.loads((tmp / "run" / "run.json").read_text())["run_key"]
+    paths = [client_audit_path(audit_dir, run_key, pid) for pid in range(n)]
+    for path in paths:
+        assert verify(path).ok
+    return summary, lines, paths
+
+
+def _events(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [(r["event"], r["data"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_policies_refuse_before_training_and_the_run_goes_on(tmp_path: Path) -> None:
+    policies = {
+        1: "require_secure_aggregation: true\n",
+        2: "allowed_artifacts: [masked_update, evaluation_metrics]\n",
+        3: "max_epsilonn: 3\n",
+        4: "allowed_artifacts: [update]\n",  # trains, but refuses to evaluate
+    }
+    cfg = _cfg("dataset.num_partitions=5", "federated_eval_every=1")
+    summary, lines, paths = _run(cfg, tmp_path, policies, 5)
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    for line in lines:
+        assert line["clients_accepted"] == 2 and line["model_updated"]
+        by_node = sorted(f["reason"] for f in line["failures"])
+        assert len(by_node) == 3
+        assert any("`require_secure_aggregation`" in r for r in by_node)
+        assert any("`allowed_artifacts`" in r and "`update`" in r for r in by_node)
+        assert any("unknown policy field `max_epsilonn`" in r for r in by_node)
+        assert line["eval_clients_rejected"] == 2  # node 3 (bad file), node 4 (policy)
+    # The site's own log: one refusal per refused instruction, naming the policy field.
+    refused = {
+        pid: [
+            (d["message_type"], d["policy_field"], d["code"])
+            for e, d in _events(p)
+            if e == "client.refused"
+        ]
+        for pid, p in enumerate(paths)
+    }
+    assert refused[0] == []
+    assert refused[1] == [("train", "require_secure_aggregation", CLIENT_REFUSED)] * 2
+    assert refused[2] == [("train", "allowed_artifacts", CLIENT_REFUSED)] * 2
+    assert refused[3] == [("train", None, CLIENT_REFUSED), ("evaluate", None, CLIENT_REFUSED)] * 2
+    assert refused[4] == [("evaluate", "allowed_artifacts", CLIENT_REFUSED)] * 2
+    trains = [d for e, d in _events(paths[4]) if e == "client.round"]
+    assert [(d["artifact"], d["policy"]) for d in trains] == [("update", "ok")] * 2
+    evals = [d["artifact"] for e, d in _events(paths[1]) if e == "client.round"]
+    assert evals == ["evaluation_metrics"] * 2  # node 1 refuses to train, not to evaluate
+
+
+def test_max_epsilon_policy_refuses_the_dpsgd_round_past_it(tmp_path: Path) -> None:
+    base = ("privacy=dpsgd", "dataset.num_partitions=3")
+    control = run_experiment(
+        InProcessGrid(client_app, 3, seed=0),
+        _cfg(*base, "num_rounds=1"),
+        tmp_path / "c",
+        progress=False,
+    )
+    eps1 = max(c["epsilon"] for c in control["privacy"]["record_level"]["per_client"].values())
+    # Round 2 composes twice the steps: its ε is well above 1.05 x round 1's.
+    policy = f"max_epsilon: {eps1 * 1.05}\nrequire_record_level_dp: true\n"
+    summary, lines, paths = _run(_cfg(*base), tmp_path, {0: policy, 1: policy, 2: policy}, 3)
+    assert lines[0]["clients_accepted"] == 3
+    assert lines[1]["clients_accepted"] == 0 and not lines[1]["model_updated"]
+    assert lines[1]["clients_budget_exhausted"] == 3
+    assert all("`max_epsilon`" in f["reason"] for f in lines[1]["failures"])
+    for path in paths:
+        events = _events(path)
+        assert [e for e, _ in events] == ["run.start", "client.round", "client.refused"]
+        first, refusal = events[1][1], events[2][1]
+        assert 0 < first["epsilon"]["record_level"] <= eps1 * 1.05 and first["policy"] == "ok"
+        assert (refusal["round"], refusal["policy_field"], refusal["code"]) == (
+            2,
+            "max_epsilon",
+            BUDGET_EXHAUSTED,
+        )
+    # Refused before the accountant's state was saved: each site's ledger holds round 1
+    # only, as the control run's does.
+    for name in ("c", "run"):
+        states = sorted((tmp_path / name / "client-state").glob("dpsgd-*.json"))
+        assert len(states) == 3
+        steps = [json.loads(f.read_text())["history"] for f in states]
+        if name == "c":
+            expected = steps
+    assert steps == expected
+    assert summary["status"] == "completed"
+
+
+def test_max_epsilon_policy_refuses_a_round_without_client_side_accounting(tmp_path: Path) -> None:
+    cfg = _cfg("dataset.num_partitions=3", "num_rounds=1")
+    _summary, lines, paths = _run(cfg, tmp_path, {0: "max_epsilon: 5\n"}, 3)
+    assert lines[0]["clients_accepted"] == 2
+    (refusal,) = [d for e, d in _events(paths[0]) if e == "client.refused"]
+    assert (
+        refusal["policy_field"] == "max_epsilon"
+        and "no client-side accounting" in refusal["reason"]
+    )
