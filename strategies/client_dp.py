@@ -572,14 +572,21 @@ def build_aggregator(
 
 def rounds_within_budget(settings: ClientDpSettings) -> int:
     """How many of the planned rounds fit in ``max_epsilon`` (all if no budget)."""
-    planned = settings.planned_events()
-    if settings.max_epsilon is None:
-        return len(planned)
-    empty = FederationLedger(settings.delta, settings.accountant)
-    low, high = 0, len(planned)
+    s = settings
+    if s.max_epsilon is None:
+        return s.num_rounds
+    planned = s.planned_events()
+    empty = FederationLedger(s.delta, s.accountant)
+
+    def epsilon_after(k: int) -> float:
+        if s.mode is PrivacyMode.local:  # a client taking part in every round
+            return local_epsilon(s.noise_multiplier, k, s.delta, s.accountant)
+        return empty.project(planned[:k])
+
+    low, high = 0, s.num_rounds
     while low < high:  # ε grows with rounds: largest k with ε(k) <= budget
         mid = (low + high + 1) // 2
-        if empty.project(planned[:mid]) <= settings.max_epsilon:
+        if epsilon_after(mid) <= s.max_epsilon:
             low = mid
         else:
             high = mid - 1
@@ -599,12 +606,23 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
     )
     if s.mode is PrivacyMode.local:
         eps = local_epsilon(s.noise_multiplier, s.num_rounds, s.delta, s.accountant)
-        return [
+        lines = [
             f"client-level DP (local): each client clips to C={s.clip:g} and adds "
             f"N(0, ({s.noise_multiplier:.4g}*C)^2) before its update leaves",
             f"projection: a client in all {s.num_rounds} rounds reaches epsilon "
             f"{eps:.4g} at delta={s.delta:g} ({s.accountant.value})",
         ]
+        if s.max_epsilon is not None:
+            k = rounds_within_budget(s)
+            lines.append(
+                f"budget: max_epsilon={s.max_epsilon:g} per client: "
+                + (
+                    "all planned rounds fit"
+                    if k == s.num_rounds
+                    else f"a client refuses after taking part in {k} rounds"
+                )
+            )
+        return lines
     planned = s.planned_events()
     eps = empty.project(planned)
     cross = "rdp" if s.accountant is not AccountantName.rdp else None

@@ -463,3 +463,11 @@ def test_dry_run_prints_the_projection_without_training(
     eps = FederationLedger(s.delta).project(s.planned_events())
     assert f"{eps:.4g}" in out
     assert not list(tmp_path.glob("*"))  # nothing ran, nothing written
+
+
+def test_local_budget_projection_counts_one_clients_releases() -> None:
+    s = _settings(
+        mode=PrivacyMode.local, clip_side=ClipSide.client, noise_multiplier=5.0, max_epsilon=3.0
+    )
+    k = rounds_within_budget(s)
+    assert local_epsilon(5.0, k, 1e-5, "pld") <= 3.0 < local_epsilon(5.0, k + 1, 1e-5, "pld")
