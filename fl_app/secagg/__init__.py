@@ -4,7 +4,7 @@ Pure building blocks a Flower driver wires onto messages; nothing here imports t
 or flwr, so key-exchange stages stay cheap in a fresh ClientApp process.
 
 * :mod:`~fl_app.secagg.shamir`: Shamir sharing of 32-byte secrets over GF(2**521 - 1);
-* :mod:`~fl_app.secagg.crypto`: X25519, HKDF-SHA256, ChaCha20-Poly1305, ChaCha20 mask PRG;
+* :mod:`~fl_app.secagg.crypto`: X25519, HKDF-SHA256, ChaCha20-Poly1305, AES-128-CTR mask PRG;
 * :mod:`~fl_app.secagg.encoding`: fixed-point codec into Z_{2**bits} that cannot wrap;
 * :mod:`~fl_app.secagg.graph`: complete / Harary neighbour graphs and derived (k, t);
 * :mod:`~fl_app.secagg.protocol`: :class:`ClientSession` and :class:`ServerSession`.
