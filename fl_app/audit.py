@@ -98,6 +98,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fl_app.atomic import write_atomic
+from fl_app.strict_json import reject_duplicate_keys
 
 if sys.platform != "win32":
     import fcntl
@@ -356,13 +357,7 @@ class _LineError(Exception):
     """Internal: a line is malformed; the message is the reason."""
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _LineError(f"duplicate key {key!r} in a JSON object")
-        out[key] = value
-    return out
+_NO_DUPLICATES = reject_duplicate_keys(_LineError)
 
 
 def _reject_constant(name: str) -> Any:
@@ -378,7 +373,7 @@ def _parse_line(raw: bytes) -> AuditRecord:
     except UnicodeDecodeError as err:
         raise _LineError(f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_NO_DUPLICATES, parse_constant=_reject_constant)
     except _LineError:
         raise
     except (ValueError, RecursionError) as err:

@@ -63,6 +63,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 from opacus.accountants.utils import get_noise_multiplier
 
+from fl_app.strict_json import reject_duplicate_keys
+
 __all__ = [
     "HISTORY_VERSION",
     "PRV_EPS_ERROR",
@@ -271,7 +273,9 @@ class PrivacyHistory:
         if not isinstance(text, str):
             raise HistoryError(f"history: expected a JSON string, found {type(text).__name__}")
         try:
-            raw = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+            raw = json.loads(
+                text, object_pairs_hook=reject_duplicate_keys(HistoryError, "history: ")
+            )
         except HistoryError:
             raise
         except (ValueError, RecursionError) as err:  # JSONDecodeError, int digit limit
@@ -307,13 +311,7 @@ class PrivacyHistory:
         return cls(tuple(events))
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise HistoryError(f"history: duplicate key {key!r}")
-        result[key] = value
-    return result
+_NO_DUPLICATES = reject_duplicate_keys(HistoryError, "history: ")
 
 
 def _check_keys(where: str, raw: dict[str, Any], expected: set[str]) -> None:

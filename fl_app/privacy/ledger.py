@@ -67,6 +67,7 @@ from fl_app.privacy.accounting import (
     calibrate_noise_multiplier,
     epsilon,
 )
+from fl_app.strict_json import reject_duplicate_keys
 
 __all__ = [
     "LEDGER_VERSION",
@@ -324,7 +325,7 @@ class FederationLedger:
     def from_json(cls, text: str) -> FederationLedger:
         """Parse :meth:`to_json` output strictly (JSON only; unknown keys refused)."""
         try:
-            raw = json.loads(text, object_pairs_hook=_no_duplicates)
+            raw = json.loads(text, object_pairs_hook=reject_duplicate_keys(LedgerError, "ledger: "))
         except LedgerError:
             raise
         except (TypeError, ValueError) as err:
@@ -362,15 +363,6 @@ class FederationLedger:
             )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"ledger: {err}") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise LedgerError(f"ledger: duplicate key {k!r}")
-        out[k] = v
-    return out
 
 
 def local_epsilon(
