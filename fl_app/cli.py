@@ -149,30 +149,30 @@ def _run_hydra(argv: list[str]) -> None:
     )()
 
 
-def _print_config(argv: list[str]) -> None:
-    import yaml
-
-    from fl_app.config.compose import compose_config, config_hash, config_to_dict
+def _compose_or_exit(argv: list[str]) -> Any:
+    """The validated config for ``argv``, or exit 2 naming the field to fix."""
+    from fl_app.config.compose import compose_config
     from fl_app.config.validate import ConfigError
 
     try:
-        cfg = compose_config("config", argv)
+        return compose_config("config", argv)
     except ConfigError as err:
         print(f"fl-app: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _print_config(argv: list[str]) -> None:
+    import yaml
+
+    from fl_app.config.compose import config_hash, config_to_dict
+
+    cfg = _compose_or_exit(argv)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     print(f"# config hash: {config_hash(cfg)}")
 
 
 def _dry_run(argv: list[str]) -> None:
-    from fl_app.config.compose import compose_config
-    from fl_app.config.validate import ConfigError
-
-    try:
-        cfg = compose_config("config", argv)
-    except ConfigError as err:
-        print(f"fl-app: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = _compose_or_exit(argv)
     print(f"[dry run] {cfg.experiment_name}: config valid, nothing trained")
     for line in privacy_plan(cfg):
         print(f"  {line}", flush=True)

@@ -440,13 +440,9 @@ class RoundDriver:
         }
 
         if len(accepted) < self.settings.min_train_replies:
-            note = (
-                f"only {len(accepted)} valid train replies (< min_train_replies="
-                f"{self.settings.min_train_replies}): model unchanged"
+            return self._too_few(
+                rnd, arrays, stage, t0, f"only {len(accepted)} valid train replies"
             )
-            log.warning("round %d: %s", rnd, note)
-            stage.seconds = time.perf_counter() - t0
-            return arrays, stage, note, 0.0
 
         mean = self.aggregator.aggregate(rnd, accepted)
         return self._apply_mean(rnd, arrays, mean, sent_msgs[0], stage, t0)
@@ -518,13 +514,7 @@ class RoundDriver:
             return arrays, stage, outcome.note, 0.0
         n = outcome.num_contributors
         if n < self.settings.min_train_replies:
-            note = (
-                f"only {n} inputs in the secure sum (< min_train_replies="
-                f"{self.settings.min_train_replies}): model unchanged"
-            )
-            log.warning("round %d: %s", rnd, note)
-            stage.seconds = time.perf_counter() - t0
-            return arrays, stage, note, 0.0
+            return self._too_few(rnd, arrays, stage, t0, f"only {n} inputs in the secure sum")
         if decoded.weight > 0:
             stage.metrics = {
                 "train-loss": decoded.loss / decoded.weight,
@@ -534,6 +524,15 @@ class RoundDriver:
             rnd, decoded.update, decoded.weight, n, {UNCLIPPED_KEY: decoded.unclipped}
         )
         return self._apply_mean(rnd, arrays, mean, outcome.masked_input_sent[0], stage, t0)
+
+    def _too_few(
+        self, rnd: int, arrays: Arrays, stage: StageReport, t0: float, what: str
+    ) -> tuple[Arrays, StageReport, str, float]:
+        """The round's result when fewer than ``min_train_replies`` updates arrived."""
+        note = f"{what} (< min_train_replies={self.settings.min_train_replies}): model unchanged"
+        log.warning("round %d: %s", rnd, note)
+        stage.seconds = time.perf_counter() - t0
+        return arrays, stage, note, 0.0
 
     @staticmethod
     def _fill_secure_stage(stage: StageReport, outcome: SecAggOutcome) -> None:
