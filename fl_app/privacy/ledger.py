@@ -49,6 +49,7 @@ its model leaves the server, even when it turned out to have too few replies).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -384,6 +385,7 @@ def _replace_one_rdp() -> RdpAccountant:
     return RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
 
 
+@functools.lru_cache(maxsize=32)
 def calibrate_round_noise(
     target_epsilon: float,
     delta: float,
@@ -396,7 +398,8 @@ def calibrate_round_noise(
     Poisson and full participation reuse
     :func:`fl_app.privacy.accounting.calibrate_noise_multiplier` (clients as records);
     fixed-size rounds use dp-accounting's ``calibrate_dp_mechanism`` over the
-    replace-one RDP accountant. The result is checked: ε(z) <= target.
+    replace-one RDP accountant. The result is checked: ε(z) <= target. Cached: the
+    config validator and the run's builder resolve the same settings (seconds each).
     """
     target = _positive("target_epsilon", target_epsilon)
     name = AccountantName(accountant)
