@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import (
@@ -46,6 +46,7 @@ from fl_app.secagg.protocol import (
     StageOrderError,
 )
 from fl_app.secagg.vector import VectorLayout, client_weight, pack_ids, round_codec, unpack_ids
+from fl_app.secagg.wire import pack_ring, wire_packed
 from strategies.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
@@ -55,6 +56,7 @@ from strategies.protocol import (
     SECAGG_CIPHERTEXTS,
     SECAGG_COHORT,
     SECAGG_CONTEXT,
+    SECAGG_DDP,
     SECAGG_DROPOUTS,
     SECAGG_KEYS,
     SECAGG_MASKED_ARRAY,
@@ -94,6 +96,8 @@ _PARAMS = "_params"
 _BITS = "_bits"
 _LENGTH = "_vector-length"
 _COHORT = "_cohort"
+# Distributed DP: the fewest survivors whose noise shares this client counted on.
+_MIN_SURVIVORS = "_ddp-min-survivors"
 
 
 class SecAggStageError(Exception):
@@ -267,9 +271,17 @@ def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Me
 
 def _unmask(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
     rnd = _round_of(config)
-    session, _ = _load(context, rnd, Stage.unmask)
+    session, meta = _load(context, rnd, Stage.unmask)
     survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
     dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
+    need = meta.get(_MIN_SURVIVORS)
+    if need is not None and len(set(survivors)) < int(need):
+        # Unmasking fewer noise shares than calibrated would hand the server a sum
+        # with too little noise: refuse, whatever the server claims.
+        raise SecAggStageError(
+            f"distributed DP: {len(set(survivors))} survivors, this client's noise share "
+            f"assumed at least {need}; refusing to unmask"
+        )
     reply = session.unmask(survivors, dropouts)  # wipes the session
     wipe_state(context)
     b_nodes = sorted(reply.self_mask_shares)
@@ -302,6 +314,7 @@ class MaskedInputStage:
     bound: float
     weighting: str
     max_weight: float
+    ddp: Any = None  # fl_app.privacy.distributed.DdpRound under distributed DP
 
     @classmethod
     def from_instruction(cls, msg: Message, context: Context) -> MaskedInputStage:
@@ -328,10 +341,11 @@ class MaskedInputStage:
                 raise SecAggStageError(f"'{SECAGG_WEIGHTING}' must be examples or uniform")
             if not (math.isfinite(max_weight) and max_weight > 0):
                 raise SecAggStageError(f"'{SECAGG_MAX_WEIGHT}' must be finite and > 0")
+            ddp = _ddp_round(config, session, bound)
         except (ValueError, SecAggStageError):
             wipe_state(context)
             raise
-        return cls(session, meta, rnd, cts, bound, weighting, max_weight)
+        return cls(session, meta, rnd, cts, bound, weighting, max_weight, ddp)
 
     def encode(
         self,
@@ -343,6 +357,16 @@ class MaskedInputStage:
         unclipped: float,
     ) -> np.ndarray:
         layout = VectorLayout.from_arrays(update)
+        if self.ddp is not None:
+            # Distributed DP: rotate, scale, round, add this client's discrete Gaussian
+            # share (the noise stage) and reduce into the ring; no extras ride along.
+            if layout.num_params != self.ddp.dim:
+                raise SecAggStageError(
+                    f"model has {layout.num_params} parameters, the round expects {self.ddp.dim}"
+                )
+            return cast(
+                np.ndarray, self.ddp.encode(layout.flatten_params(update), self.session.context)
+            )
         if layout.length != self.session.vector_length:
             raise SecAggStageError(
                 f"model has {layout.length} masked coordinates, the round expects "
@@ -369,6 +393,8 @@ class MaskedInputStage:
         except (ClientRefusal, StageOrderError) as err:
             wipe_state(context)
             raise SecAggStageError(str(err)) from err
+        if self.ddp is not None:
+            self.meta[_MIN_SURVIVORS] = int(self.ddp.min_survivors)
         _save(context, self.session, self.meta)
         return y
 
@@ -379,5 +405,28 @@ class MaskedInputStage:
         if public and any(not k.startswith(PUBLIC_METRIC_PREFIX) for k in public):
             raise ValueError(f"only public '{PUBLIC_METRIC_PREFIX}*' metrics may ride in plaintext")
         record = ArrayRecord()
-        record[SECAGG_MASKED_ARRAY] = Array(masked)
+        bits = self.session.bits
+        record[SECAGG_MASKED_ARRAY] = Array(
+            pack_ring(masked, bits) if wire_packed(bits) else masked
+        )
         return _reply(msg, self.rnd, Stage.masked_input, record, public)
+
+
+def _ddp_round(config: Mapping[str, Any], session: ClientSession, bound: float) -> Any:
+    """The round's distributed-DP parameters, checked against the session, or ``None``."""
+    raw = config.get(SECAGG_DDP)
+    if raw is None:
+        return None
+    from fl_app.privacy.distributed import DdpRound
+
+    if not isinstance(raw, str):
+        raise SecAggStageError(f"'{SECAGG_DDP}' must be a JSON string")
+    try:
+        ddp = DdpRound.from_json(raw)
+    except (ValueError, TypeError) as err:
+        raise SecAggStageError(f"distributed-DP parameters refused: {err}") from err
+    if ddp.padded != session.vector_length or ddp.bits != session.bits:
+        raise SecAggStageError("distributed-DP parameters disagree with the round's vector")
+    if ddp.cohort != session.params.num_clients or ddp.clip != bound:
+        raise SecAggStageError("distributed-DP parameters disagree with the cohort or the clip")
+    return ddp

@@ -52,6 +52,7 @@ from fl_app.config.schema import (
 )
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.clipping import clip_l2
+from fl_app.privacy.distributed import DdpPlan
 from fl_app.privacy.ledger import (
     FederationLedger,
     RoundEvent,
@@ -70,6 +71,7 @@ __all__ = [
     "Aggregate",
     "CentralDp",
     "ClientDpSettings",
+    "DistributedDp",
     "LocalDp",
     "MeanAggregator",
     "UpdateAggregator",
@@ -206,6 +208,8 @@ class ClientDpSettings:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_std: float | None = None
+    # privacy.mode=distributed: the run's distributed discrete Gaussian parameters.
+    distributed: DdpPlan | None = None
 
     def __post_init__(self) -> None:
         if self.clipping is ClippingMode.adaptive:
@@ -231,6 +235,7 @@ class ClientDpSettings:
         return float(FixedSizeSampler(self.fraction, 0).cohort_size(population))
 
     def round_event(self, rnd: int, population: int, clip: float) -> RoundEvent:
+        ddp = self.distributed
         return RoundEvent(
             round=rnd,
             sampling=self.sampling,
@@ -245,6 +250,9 @@ class ClientDpSettings:
             clipped_count_std=self.clipped_count_std
             if self.clipping is ClippingMode.adaptive
             else None,
+            mechanism="ddg" if ddp is not None else "gaussian",
+            ddg_tau=ddp.tau if ddp is not None else None,
+            ddg_dimension=ddp.padded if ddp is not None else None,
         )
 
     def planned_events(self, start_round: int = 1) -> list[RoundEvent]:
@@ -258,7 +266,7 @@ class ClientDpSettings:
     def from_config(cls, cfg: AppConfig) -> ClientDpSettings:
         """Resolve ``cfg.privacy`` (validated) into settings; calibrates z from a target ε."""
         p = cfg.privacy
-        if p.mode not in (PrivacyMode.central, PrivacyMode.local):
+        if p.mode not in (PrivacyMode.central, PrivacyMode.local, PrivacyMode.distributed):
             raise ValueError(f"privacy.mode={p.mode.value} is not client-level DP")
         assert p.clip is not None and p.delta is not None
         population = planned_population(cfg)
@@ -291,6 +299,8 @@ class ClientDpSettings:
             common["clipped_count_std"] = (
                 float(sb) if sb is not None else probe.expected_cohort(population) / 20.0
             )
+        if p.mode is PrivacyMode.distributed:
+            return cls._distributed(cfg, probe, common)
         if p.noise_multiplier is not None:
             z = float(p.noise_multiplier)
         else:
@@ -306,6 +316,81 @@ class ClientDpSettings:
                     probe.accountant,
                 )
         return cls(noise_multiplier=z, **common)
+
+    @classmethod
+    def _distributed(
+        cls, cfg: AppConfig, probe: ClientDpSettings, common: dict[str, Any]
+    ) -> ClientDpSettings:
+        """Distributed DP: the ring plan, and ``z`` (given, or calibrated by the DDG bound)."""
+        p = cfg.privacy
+        population = probe.planned_population
+        dim = model_dimension(cfg)
+
+        def plan(z: float) -> DdpPlan:
+            return DdpPlan(
+                clip=probe.clip,
+                dim=dim,
+                bits=int(cfg.secagg.bits),
+                noise_multiplier=z,
+                max_cohort=max_cohort(probe.sampling, probe.fraction, population),
+                dropout_tolerance=float(cfg.secagg.dropout_tolerance),
+                beta=float(p.distributed.beta),
+                overflow_probability=float(p.distributed.overflow_probability),
+            )
+
+        def settings(z: float) -> ClientDpSettings:
+            return cls(noise_multiplier=z, distributed=plan(z), **common)
+
+        if p.noise_multiplier is not None:
+            return settings(float(p.noise_multiplier))
+        assert p.target_epsilon is not None
+        target = float(p.target_epsilon)
+        empty = FederationLedger(probe.delta, AccountantName.rdp)
+
+        def eps(z: float) -> float:
+            return empty.project(settings(z).planned_events())
+
+        low, high = 0.05, 1.0
+        while eps(high) > target:
+            low, high = high, high * 2.0
+            if high > 1e4:
+                raise ValueError(f"privacy.target_epsilon={target:g} is out of reach")
+        for _ in range(40):  # ε decreases in z: smallest z with ε(z) <= target
+            mid = (low + high) / 2.0
+            if eps(mid) <= target:
+                high = mid
+            else:
+                low = mid
+            if high - low < 1e-4 * high:
+                break
+        return settings(high)
+
+
+_DIMENSIONS: dict[tuple[str, tuple[int, ...], int], int] = {}
+
+
+def model_dimension(cfg: AppConfig) -> int:
+    """Number of parameters of ``cfg.model`` (builds the model once per model config)."""
+    key = (repr(cfg.model), tuple(cfg.dataset.input_shape), int(cfg.dataset.num_classes))
+    if key not in _DIMENSIONS:
+        from fl_app.models import build_model
+
+        model = build_model(cfg.model, list(key[1]), key[2], seed=0)
+        _DIMENSIONS[key] = int(sum(t.numel() for t in model.state_dict().values()))
+    return _DIMENSIONS[key]
+
+
+def max_cohort(sampling: SamplingScheme, fraction: float, population: int) -> int:
+    """The largest cohort distributed DP sizes its ring for.
+
+    Fixed-size sampling and full participation: the cohort itself. Poisson: the mean
+    plus six standard deviations (a larger cohort has probability below 1e-9 and is
+    abandoned, model unchanged, rather than wrapped around the ring).
+    """
+    if sampling is SamplingScheme.fixed:
+        return max(1, FixedSizeSampler(fraction, 0).cohort_size(population))
+    mean = fraction * population
+    return min(population, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - fraction))) + 1)
 
 
 def _calibrate_local(target: float, s: ClientDpSettings) -> float:
@@ -329,14 +414,19 @@ class CentralDp:
         Stops the run before a round that would exceed ``privacy.max_epsilon``.
     """
 
+    _MODE = PrivacyMode.central
+
     def __init__(
         self,
         settings: ClientDpSettings,
         ledger: FederationLedger | None = None,
         budget: BudgetGuard | None = None,
     ) -> None:
-        if settings.mode is not PrivacyMode.central:
-            raise ValueError(f"CentralDp needs privacy.mode=central, found {settings.mode.value}")
+        if settings.mode is not self._MODE:
+            raise ValueError(
+                f"{type(self).__name__} needs privacy.mode={self._MODE.value}, "
+                f"found {settings.mode.value}"
+            )
         self.settings = settings
         self.ledger = ledger or FederationLedger(settings.delta, settings.accountant)
         self.budget = budget
@@ -502,6 +592,65 @@ class CentralDp:
         return Aggregate(mean, float(num_contributors), metrics)
 
 
+class DistributedDp(CentralDp):
+    """Distributed DP: the unmasked sum already carries the clients' noise shares.
+
+    Runs only under secure aggregation (the validator refuses anything else): each
+    client clips to ``C``, encodes with its discrete Gaussian share
+    (:mod:`fl_app.privacy.distributed`), and the server divides the decoded sum by the
+    expected cohort, adding nothing. Ledger, budget guard and checkpoints are the same
+    as :class:`CentralDp`'s; the events are ``mechanism="ddg"``.
+    """
+
+    _MODE = PrivacyMode.distributed
+
+    def __init__(
+        self,
+        settings: ClientDpSettings,
+        ledger: FederationLedger | None = None,
+        budget: BudgetGuard | None = None,
+    ) -> None:
+        if settings.distributed is None:
+            raise ValueError("DistributedDp needs settings.distributed (a DdpPlan)")
+        super().__init__(settings, ledger, budget)
+
+    @property
+    def plan(self) -> DdpPlan:
+        assert self.settings.distributed is not None
+        return self.settings.distributed
+
+    def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
+        raise RuntimeError(
+            "distributed DP needs secure aggregation: plaintext updates must never reach "
+            "the server (the config validator refuses secagg=off)"
+        )
+
+    def aggregate_sum(
+        self,
+        rnd: int,
+        sum_update: Mapping[str, np.ndarray],
+        total_weight: float,
+        num_contributors: int,
+        extra: Mapping[str, float],
+    ) -> Aggregate:
+        """``(Σ clip(Δ_i) + Σ shares) / m`` with ``m`` the expected cohort."""
+        event = self._current(rnd)
+        m = event.cohort
+        mean = {k: np.asarray(v, dtype=np.float64) / m for k, v in sum_update.items()}
+        plan = self.plan
+        std = plan.gamma * plan.sigma
+        metrics: dict[str, float] = {
+            "dp_clip": event.clip,
+            "dp_noise_std_sum": std,
+            "dp_noise_std_mean": std / m,
+            "dp_expected_cohort": m,
+            "ddp_bits": float(plan.bits),
+            "ddp_gamma": plan.gamma,
+            "ddp_noise_inflation": plan.inflation,
+        }
+        return Aggregate(mean, float(num_contributors), metrics)
+
+
 class LocalDp:
     """Local DP: clients clip and noise; the server averages and counts releases."""
 
@@ -556,7 +705,7 @@ class LocalDp:
 
 def build_aggregator(
     cfg: AppConfig, ledger: FederationLedger | None = None
-) -> MeanAggregator | CentralDp | LocalDp:
+) -> MeanAggregator | CentralDp | DistributedDp | LocalDp:
     """The aggregator ``cfg.privacy.mode`` asks for (validated config)."""
     mode = cfg.privacy.mode
     if mode is PrivacyMode.none:
@@ -567,6 +716,9 @@ def build_aggregator(
         return CentralDp(settings, ledger, budget)
     if mode is PrivacyMode.local:
         return LocalDp(settings, ledger)
+    if mode is PrivacyMode.distributed:
+        budget = BudgetGuard(settings.max_epsilon) if settings.max_epsilon is not None else None
+        return DistributedDp(settings, ledger, budget)
     raise ValueError(f"privacy.mode={mode.value} has no aggregator in this release")
 
 
@@ -625,8 +777,31 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
         return lines
     planned = s.planned_events()
     eps = empty.project(planned)
-    cross = "rdp" if s.accountant is not AccountantName.rdp else None
+    cross = "rdp" if s.accountant is not AccountantName.rdp and s.distributed is None else None
     cross_text = f"; rdp cross-check {empty.project(planned, cross):.4g}" if cross else ""
+    if s.distributed is not None:
+        ddp = s.distributed
+        lines = [
+            f"client-level DP (distributed discrete Gaussian under secure aggregation, C={s.clip:g}): "
+            f"z={s.noise_multiplier:.4g} in rounded units, {sampling}; each client adds a share "
+            f"calibrated to {ddp.min_survivors(ddp.max_cohort)} of up to {ddp.max_cohort} "
+            f"clients surviving",
+            f"ring: secagg.bits={ddp.bits} for {ddp.dim} parameters (rotated in {ddp.padded}), "
+            f"step {ddp.gamma:.3g}, noise {ddp.inflation:.4f}x central DP's at the same z; noise "
+            f"std on the mean {ddp.gamma * ddp.sigma / m:.4g}; "
+            f"{ddp.bandwidth_bytes():,} bytes per client upload",
+            f"projection: {s.num_rounds} planned rounds -> epsilon {eps:.4g} at delta={s.delta:g} "
+            "(RDP bound of Kairouz et al. 2021 with Zhu & Wang's Poisson amplification)",
+        ]
+        if s.max_epsilon is not None:
+            k = rounds_within_budget(s)
+            verdict = (
+                "all planned rounds fit"
+                if k == s.num_rounds
+                else f"the run will stop before round {k + 1} (after {k} rounds)"
+            )
+            lines.append(f"budget: max_epsilon={s.max_epsilon:g}: {verdict}")
+        return lines
     lines = [
         f"client-level DP (central, {s.clipping.value} clipping by the {s.clip_side.value}, "
         f"C={s.clip:g}): z={s.noise_multiplier:.4g}, {sampling}, noise std on the mean "

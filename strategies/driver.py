@@ -31,6 +31,7 @@ file, progress line, ledger, audit).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -515,7 +516,7 @@ class RoundDriver:
         n = outcome.num_contributors
         if n < self.settings.min_train_replies:
             return self._too_few(rnd, arrays, stage, t0, f"only {n} inputs in the secure sum")
-        if decoded.weight > 0:
+        if decoded.weight > 0 and math.isfinite(decoded.loss):  # none under distributed DP
             stage.metrics = {
                 "train-loss": decoded.loss / decoded.weight,
                 "train-accuracy": decoded.accuracy / decoded.weight,

@@ -8,7 +8,7 @@ from typing import Any
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl_app.config.schema import AppConfig, SamplingMode, StrategyConfig, StrategyName
-from strategies.client_dp import UpdateAggregator
+from strategies.client_dp import DistributedDp, UpdateAggregator
 from strategies.driver import (
     DriverSettings,
     EvaluateFn,
@@ -114,7 +114,12 @@ def build_driver(
         listeners=listeners,
         node_config_fn=node_config_fn,
         aggregator=aggregator,
-        secagg=SecureAggregation(secagg_settings) if secagg_settings is not None else None,
+        secagg=SecureAggregation(
+            secagg_settings,
+            ddp=aggregator.plan if isinstance(aggregator, DistributedDp) else None,
+        )
+        if secagg_settings is not None
+        else None,
         round_begin_hooks=round_begin_hooks,
         release_hooks=release_hooks,
     )

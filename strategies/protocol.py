@@ -59,6 +59,7 @@ __all__ = [
     "SECAGG_CIPHERTEXTS",
     "SECAGG_COHORT",
     "SECAGG_CONTEXT",
+    "SECAGG_DDP",
     "SECAGG_DROPOUTS",
     "SECAGG_KEYS",
     "SECAGG_MASKED_ARRAY",
@@ -131,6 +132,8 @@ SECAGG_WEIGHTING = "fl-app.secagg.weighting"
 SECAGG_MAX_WEIGHT = "fl-app.secagg.max-weight"
 SECAGG_SURVIVORS = "fl-app.secagg.survivors"
 SECAGG_DROPOUTS = "fl-app.secagg.dropouts"
+# Distributed DP: the round's DdpRound as JSON (fl_app.privacy.distributed), stage 3.
+SECAGG_DDP = "fl-app.secagg.ddp"
 # Reply records: the stage payload (ConfigRecord of bytes) and the masked vector.
 SECAGG_RECORD_KEY = "secagg"
 SECAGG_MASKED_KEY = "masked"

@@ -36,10 +36,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -57,6 +58,7 @@ from fl_app.secagg.protocol import (
     round_context,
 )
 from fl_app.secagg.vector import DecodedSum, VectorLayout, pack_ids, round_codec, unpack_ids
+from fl_app.secagg.wire import payload_bytes, unpack_ring, wire_packed
 from strategies.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -67,6 +69,7 @@ from strategies.protocol import (
     SECAGG_CIPHERTEXTS,
     SECAGG_COHORT,
     SECAGG_CONTEXT,
+    SECAGG_DDP,
     SECAGG_DROPOUTS,
     SECAGG_KEYS,
     SECAGG_MASKED_ARRAY,
@@ -99,6 +102,9 @@ __all__ = [
     "StageLog",
     "parse_stage_reply",
 ]
+
+if TYPE_CHECKING:  # fl_app.privacy imports torch; the server holds a built plan
+    from fl_app.privacy.distributed import DdpPlan
 
 log = logging.getLogger("fl_app.secagg")
 
@@ -186,6 +192,11 @@ class SecAggOutcome:
     dropouts: int = 0
     # Public dp-* metrics (record-level DP-SGD) from the stage-3 replies, by node.
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Payload bytes sent to / received from the cohort over all four stages.
+    bytes_down: int = 0
+    bytes_up: int = 0
+    cohort_size: int = 0
+    bits: int = 0
 
     def metrics(self) -> dict[str, float]:
         """Public per-round metrics for the round report."""
@@ -200,6 +211,10 @@ class SecAggOutcome:
         for s in self.stages:
             out[f"secagg_stage{int(s.stage)}_accepted"] = float(s.accepted)
             out[f"secagg_stage{int(s.stage)}_seconds"] = s.seconds
+        if self.cohort_size:
+            out["secagg_bits"] = float(self.bits)
+            out["secagg_bytes_down_per_client"] = self.bytes_down / self.cohort_size
+            out["secagg_bytes_up_per_client"] = self.bytes_up / self.cohort_size
         return out
 
 
@@ -283,23 +298,27 @@ def _payload_bundle(content: RecordDict) -> dict[int, bytes]:
     return dict(zip(nodes, cts, strict=True))
 
 
-def _payload_masked(content: RecordDict, dtype: type, length: int) -> np.ndarray:
+def _payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
+    """The masked vector of a stage-3 reply (bit-packed on the wire below 32/64 bits)."""
     rec = content.array_records[SECAGG_MASKED_KEY]
     if list(rec.keys()) != [SECAGG_MASKED_ARRAY]:
         raise ValueError(f"masked record must hold exactly '{SECAGG_MASKED_ARRAY}'")
     arr = rec[SECAGG_MASKED_ARRAY]
-    want = str(np.dtype(dtype))
-    if tuple(arr.shape) != (length,) or arr.dtype != want:
+    dtype = np.dtype(np.uint8) if wire_packed(bits) else np.dtype(crypto.storage_dtype(bits))
+    size = -(-length * bits // 8) if wire_packed(bits) else length
+    if tuple(arr.shape) != (size,) or arr.dtype != str(dtype):
         raise ValueError(
-            f"masked vector declared {arr.dtype}{list(arr.shape)}, expected {want}[{length}]"
+            f"masked vector declared {arr.dtype}{list(arr.shape)}, expected {dtype}[{size}]"
         )
     try:
         y = arr.numpy()
     # Bytes from a process we do not control: any decoding failure means "malformed".
     except Exception as err:
         raise ValueError(f"masked vector does not decode: {type(err).__name__}") from None
-    if y.shape != (length,) or y.dtype != np.dtype(dtype):
+    if y.shape != (size,) or y.dtype != dtype:
         raise ValueError(f"masked vector decodes to {y.dtype}{list(y.shape)}")
+    if wire_packed(bits):
+        return unpack_ring(np.ascontiguousarray(y), length, bits)
     return np.ascontiguousarray(y)
 
 
@@ -328,8 +347,11 @@ def _params(n: int, mode: GraphMode, drop: float, corrupt: float) -> SecAggParam
 class SecureAggregation:
     """Runs the train stage of a round as the four-stage secure-aggregation protocol."""
 
-    def __init__(self, settings: SecAggSettings) -> None:
+    def __init__(self, settings: SecAggSettings, ddp: DdpPlan | None = None) -> None:
         self.settings = settings
+        # Distributed DP: clients send rotated, rounded, noised vectors of ddp.padded
+        # coordinates instead of the fixed-point layout; the server adds nothing.
+        self.ddp = ddp
 
     def encoding_bound(self, round_config: Mapping[str, Any], clip_key: str) -> float:
         """The round's L2 bound: the client-side DP clip norm, else ``secagg.clip``."""
@@ -372,12 +394,29 @@ class SecureAggregation:
             outcome.note = f"no secure-aggregation parameters for {len(cohort)} clients: {err}"
             return outcome
         outcome.params = params
+        outcome.cohort_size = len(cohort)
+        outcome.bits = s.bits
         layout = VectorLayout.from_arrays(arrays)
-        codec = round_codec(s.bits, bound, len(cohort))
+        ddp_round = None
+        if self.ddp is not None:
+            if len(cohort) > self.ddp.max_cohort:
+                outcome.note = (
+                    f"a cohort of {len(cohort)} exceeds the {self.ddp.max_cohort} clients the "
+                    "distributed-DP ring was sized for (sampling randomness only): model unchanged"
+                )
+                return outcome
+            ddp_round = self.ddp.round(len(cohort))
+            if layout.num_params != ddp_round.dim:
+                raise ValueError(
+                    f"the model has {layout.num_params} parameters, the distributed-DP plan "
+                    f"{ddp_round.dim}"
+                )
+            length = ddp_round.padded
+        else:
+            codec = round_codec(s.bits, bound, len(cohort))
+            length = layout.length
         context = round_context(int(run_id) % 2**64, rnd)
-        server = ServerSession(
-            cohort, params, vector_length=layout.length, bits=s.bits, context=context
-        )
+        server = ServerSession(cohort, params, vector_length=length, bits=s.bits, context=context)
         run = _StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
         try:
             # ---- 1: advertise keys
@@ -386,7 +425,7 @@ class SecureAggregation:
                 SECAGG_CONTEXT: context,
                 SECAGG_PARAMS: json.dumps(params.to_config(), sort_keys=True),
                 SECAGG_BITS: s.bits,
-                SECAGG_VECTOR_LENGTH: layout.length,
+                SECAGG_VECTOR_LENGTH: length,
                 SECAGG_COHORT: pack_ids(cohort),
             }
             keys = run.stage(
@@ -422,18 +461,29 @@ class SecureAggregation:
                                 SECAGG_BOUND: float(bound),
                                 SECAGG_WEIGHTING: weighting,
                                 SECAGG_MAX_WEIGHT: float(s.max_weight),
+                                **(
+                                    {SECAGG_DDP: ddp_round.to_json()}
+                                    if ddp_round is not None
+                                    else {}
+                                ),
                             }
                         ),
                     }
                 )
-            dtype = crypto.storage_dtype(s.bits)
             request = run.stage(
                 Stage.masked_input,
                 msgs,
-                lambda c: _payload_masked(c, dtype, layout.length),
+                lambda c: _payload_masked(c, s.bits, length),
                 server.collect_masked_inputs,
             )
             outcome.dropouts = len(request.dropouts)
+            if ddp_round is not None and len(request.survivors) < ddp_round.min_survivors:
+                # Fewer noise shares than calibrated: the sum must never be unmasked.
+                raise RoundAbandoned(
+                    Stage.masked_input,
+                    f"only {len(request.survivors)} masked inputs, distributed DP needs "
+                    f"{ddp_round.min_survivors} (the sum would carry too little noise)",
+                )
             # ---- 4: unmask
             lists = {
                 SERVER_ROUND: rnd,
@@ -453,8 +503,14 @@ class SecureAggregation:
             return outcome
         t0 = time.perf_counter()
         n = result.num_contributors
-        decoded = codec.decode_sum(result.total, n)
-        outcome.decoded = layout.split_sum(decoded, bound)
+        if ddp_round is not None:
+            flat = ddp_round.decode(result.total, context)
+            outcome.decoded = DecodedSum(
+                layout.split_params(flat), float(n), 0.0, math.nan, math.nan
+            )
+        else:
+            decoded = codec.decode_sum(result.total, n)
+            outcome.decoded = layout.split_sum(decoded, bound)
         outcome.num_contributors = n
         outcome.stages[-1].server_seconds += time.perf_counter() - t0
         return outcome
@@ -505,6 +561,8 @@ class _StageRunner:
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         sent_msgs, replies, sent = self.exchange(messages, self.timeout)
         t1 = time.perf_counter()
+        self.outcome.bytes_down += sum(payload_bytes(m.content) for m in sent_msgs)
+        self.outcome.bytes_up += sum(payload_bytes(m.content) for m in replies if m.has_content())
         if stage is Stage.masked_input:
             self.outcome.masked_input_sent = sent_msgs
         log_entry = StageLog(stage, sent=len(sent))

@@ -19,6 +19,8 @@ COMPANIONS = {
     # Secure aggregation needs an encoding bound (or client-side DP clipping).
     ("secagg", "secagg"): ["secagg.clip=10"],
     ("secagg", "secaggplus"): ["secagg.clip=10"],
+    # Distributed DP adds its noise shares under secure aggregation.
+    ("privacy", "distributed"): ["secagg=secaggplus"],
 }
 
 
@@ -102,7 +104,33 @@ def test_overrides_apply_and_change_hash() -> None:
         (["runtime.flower_log_level=LOUD"], "runtime.flower_log_level", "WARNING"),
         # Unsafe: asking for a protection this release cannot give must not run quietly.
         (["privacy.mode=central"], "privacy.threat_model", "needs a threat model"),
-        (["privacy.mode=distributed"], "privacy.mode", "not implemented"),
+        (["privacy.mode=distributed"], "privacy.threat_model", "go together"),
+        (["privacy=distributed"], "secagg.mode", "under secure aggregation"),
+        (
+            ["privacy=distributed", "secagg=secaggplus", "privacy.accountant=pld"],
+            "privacy.accountant",
+            "privacy.accountant=rdp",
+        ),
+        (
+            ["privacy=distributed", "secagg=secaggplus", "privacy.clipping=adaptive"],
+            "privacy.clipping",
+            "fixed",
+        ),
+        (
+            [
+                "privacy=distributed",
+                "secagg=secaggplus",
+                "strategy.fraction_train=0.5",
+                "strategy.min_train_replies=1",
+            ],
+            "strategy.sampling",
+            "poisson",
+        ),
+        (
+            ["privacy=distributed", "secagg=secaggplus", "secagg.bits=8"],
+            "secagg.bits",
+            "secagg.bits >= 10",
+        ),
         (["privacy=central", "privacy.clip=null"], "privacy.clip", "clip norm"),
         (["privacy=central", "privacy.delta=2"], "privacy.delta", "(0, 1)"),
         (["privacy=central", "privacy.target_epsilon=3"], "privacy.noise_multiplier", "exactly"),

@@ -169,10 +169,11 @@ class PrivacyMode(str, Enum):
     """The client-level mechanism (who clips and noises whole updates)."""
 
     none = "none"
-    # Modes of ARCHITECTURE §2, implemented by later issues; the validator refuses them
-    # until then rather than silently running without protection.
+    # The server adds Gaussian noise to the (possibly securely aggregated) sum.
     central = "central"
+    # Every client noises its own update.
     local = "local"
+    # Every client adds a discrete Gaussian share under secure aggregation.
     distributed = "distributed"
 
 
@@ -238,6 +239,21 @@ class ClippingMode(str, Enum):
 
 
 @dataclass
+class DistributedDpConfig:
+    """Distributed DP (privacy.mode=distributed; fl_app.privacy.distributed).
+
+    The ring size is ``secagg.bits`` (the bandwidth knob); the quantisation step is
+    derived from it, the clip norm, the model size and the largest cohort.
+    """
+
+    # Conditional randomized rounding's beta (Kairouz et al. 2021): a rounded vector is
+    # redrawn unless its norm is within the bound that holds with probability 1 - beta.
+    beta: float = 0.6065306597126334
+    # Probability that any coordinate of a round's sum wraps around the ring.
+    overflow_probability: float = 1.0e-9
+
+
+@dataclass
 class PrivacyConfig:
     mode: PrivacyMode = PrivacyMode.none
     threat_model: ThreatModel = ThreatModel.none
@@ -265,6 +281,7 @@ class PrivacyConfig:
     max_epsilon: float | None = None
     # CSPRNG (ChaCha20) for client-level DP noise instead of seeded generators.
     secure_mode: bool = False
+    distributed: DistributedDpConfig = field(default_factory=DistributedDpConfig)
 
 
 class SecAggMode(str, Enum):

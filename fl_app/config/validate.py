@@ -208,11 +208,12 @@ def _check_privacy(cfg: AppConfig) -> None:
     # Each threat model is a promise (ARCHITECTURE §2); a combination that would run but
     # not keep it is refused here, before any client starts.
     _check(
-        p.mode is not PrivacyMode.distributed and p.threat_model is not ThreatModel.distributed_dp,
-        "privacy.mode" if p.mode is PrivacyMode.distributed else "privacy.threat_model",
-        p.mode.value if p.mode is PrivacyMode.distributed else p.threat_model.value,
-        "distributed DP (noise shares under secure aggregation) is not implemented in this "
-        "release; use privacy.mode=central or local",
+        (p.mode is PrivacyMode.distributed) == (p.threat_model is ThreatModel.distributed_dp),
+        "privacy.threat_model",
+        p.threat_model.value,
+        "privacy.mode=distributed and privacy.threat_model=distributed_dp go together (each "
+        "client adds a discrete Gaussian share under secure aggregation, so the server never "
+        "sees an un-noised sum); use privacy=distributed",
     )
     if p.mode is PrivacyMode.none:
         _check(
@@ -253,8 +254,11 @@ def _check_privacy(cfg: AppConfig) -> None:
 def _check_client_level(cfg: AppConfig) -> None:
     p = cfg.privacy
     s = cfg.strategy
+    if p.mode is PrivacyMode.distributed:
+        _check_distributed(cfg)
     _check(
-        p.threat_model in (ThreatModel.trusted_server, ThreatModel.honest_but_curious),
+        p.threat_model
+        in (ThreatModel.trusted_server, ThreatModel.honest_but_curious, ThreatModel.distributed_dp),
         "privacy.threat_model",
         p.threat_model.value,
         f"privacy.mode={p.mode.value} needs a threat model: trusted_server (the server may see "
@@ -346,10 +350,13 @@ def _check_client_level(cfg: AppConfig) -> None:
     # Resolve everything (calibration from a target epsilon included) so that an
     # impossible setting fails now, not at round 1.
     from fl_app.privacy.accounting import AccountingError
+    from fl_app.privacy.distributed import DdpConfigError
     from strategies.client_dp import ClientDpSettings
 
     try:
         ClientDpSettings.from_config(cfg)
+    except DdpConfigError as err:
+        raise ConfigError("secagg.bits", cfg.secagg.bits, str(err)) from err
     except (ValueError, AccountingError) as err:
         if "clipped_count" in str(err):
             found = p.clipped_count_stddev
@@ -359,6 +366,55 @@ def _check_client_level(cfg: AppConfig) -> None:
                 str(err),
             ) from err
         raise ConfigError("privacy", p.mode.value, str(err)) from err
+
+
+def _check_distributed(cfg: AppConfig) -> None:
+    """Distributed DP: shares under secure aggregation, fixed client-side clipping, RDP."""
+    p = cfg.privacy
+    _check(
+        cfg.secagg.mode is not SecAggMode.off,
+        "secagg.mode",
+        cfg.secagg.mode.value,
+        "distributed DP adds each client's noise share under secure aggregation; set "
+        "secagg=secaggplus (or secagg=secagg)",
+    )
+    _check(
+        p.clip_side is ClipSide.client,
+        "privacy.clip_side",
+        p.clip_side.value,
+        "under distributed DP the server never sees an update; set privacy.clip_side=client",
+    )
+    _check(
+        p.clipping is ClippingMode.fixed,
+        "privacy.clipping",
+        p.clipping.value,
+        "adaptive clipping's noised count is released by the server (central DP); distributed "
+        "DP supports privacy.clipping=fixed",
+    )
+    _check(
+        p.accountant is Accountant.rdp,
+        "privacy.accountant",
+        p.accountant.value,
+        "the distributed discrete Gaussian is accounted by its RDP bound (Kairouz et al. 2021; "
+        "dp-accounting has no PLD for it); set privacy.accountant=rdp",
+    )
+    n = cfg.dataset.num_partitions
+    _check(
+        cfg.strategy.sampling is SamplingMode.poisson
+        or round(cfg.strategy.fraction_train * n) >= n,
+        "strategy.sampling",
+        cfg.strategy.sampling.value,
+        "distributed DP is accounted for Poisson sampling or full participation; set "
+        "strategy.sampling=poisson or strategy.fraction_train=1",
+    )
+    d = p.distributed
+    _check(0 <= d.beta < 1, "privacy.distributed.beta", d.beta, "must lie in [0, 1) (e.g. 0.6065)")
+    _check(
+        0 < d.overflow_probability < 1e-3,
+        "privacy.distributed.overflow_probability",
+        d.overflow_probability,
+        "must lie in (0, 1e-3) (default 1e-9: a wrap in any round is that unlikely)",
+    )
 
 
 def _check_dpsgd(cfg: AppConfig) -> None:
@@ -448,12 +504,12 @@ def _check_secagg(cfg: AppConfig) -> None:
         return
     p = cfg.privacy
     _check(
-        p.mode in (PrivacyMode.none, PrivacyMode.central),
+        p.mode in (PrivacyMode.none, PrivacyMode.central, PrivacyMode.distributed),
         "privacy.mode",
         p.mode.value,
         "secure aggregation needs bounded inputs; local DP noise is unbounded and cannot be "
         "encoded without overflow (and already hides updates from the server): use "
-        "privacy=none with secagg.clip, or privacy.mode=central with "
+        "privacy=none with secagg.clip, privacy=distributed, or privacy.mode=central with "
         "privacy.threat_model=honest_but_curious and privacy.clip_side=client",
     )
     if p.mode is PrivacyMode.none:
@@ -475,23 +531,26 @@ def _check_secagg(cfg: AppConfig) -> None:
             "with client-level DP the encoding bound is the DP clip norm (privacy.clip); "
             "remove secagg.clip",
         )
-    # Overflow is impossible by construction if the codec exists for the largest cohort
-    # the run can sample: every partition (the Poisson upper bound).
     from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
     from fl_app.secagg.graph import SecAggConfigError, derive_params
     from strategies.sampling import FixedSizeSampler
 
     n = cfg.dataset.num_partitions
-    try:
-        FixedPointCodec(bits=s.bits, max_abs=1.0, max_contributors=n)
-    except FixedPointConfigError as err:
-        raise ConfigError(
-            "secagg.bits",
-            s.bits,
-            f"the masked sum of up to {n} clients (dataset.num_partitions) cannot be encoded "
-            f"without overflow at useful resolution ({err}); use secagg.bits=64 or fewer "
-            "clients",
-        ) from err
+    # Overflow is impossible by construction if the codec exists for the largest cohort
+    # the run can sample: every partition (the Poisson upper bound). Under distributed
+    # DP the ring is sized by the distributed-DP plan instead (checked with the privacy
+    # layer, naming secagg.bits).
+    if p.mode is not PrivacyMode.distributed:
+        try:
+            FixedPointCodec(bits=s.bits, max_abs=1.0, max_contributors=n)
+        except FixedPointConfigError as err:
+            raise ConfigError(
+                "secagg.bits",
+                s.bits,
+                f"the masked sum of up to {n} clients (dataset.num_partitions) cannot be "
+                f"encoded without overflow at useful resolution ({err}); use secagg.bits=64 "
+                "or fewer clients",
+            ) from err
     if cfg.strategy.sampling is SamplingMode.fixed:
         cohorts = {FixedSizeSampler(cfg.strategy.fraction_train, 0).cohort_size(n)}
     else:

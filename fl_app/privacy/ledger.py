@@ -126,6 +126,13 @@ class RoundEvent:
         ``z_Δ``: the updates' noise std is ``z_Δ·C``. Equals ``z`` with fixed clipping.
     clipped_count_std
         ``σ_b`` of adaptive clipping's noised count, or ``None``.
+    mechanism
+        ``gaussian`` (central DP: continuous Gaussian noise added to the sum) or ``ddg``
+        (distributed DP: the sum of clients' discrete Gaussian shares,
+        :mod:`fl_app.privacy.distributed`; ``noise_multiplier`` is then in rounded
+        units, ``Δ₂/σ = 1/z``).
+    ddg_tau, ddg_dimension
+        ``ddg`` only: the bound ``τ`` and the padded dimension ``d'`` of the RDP bound.
     """
 
     round: int
@@ -137,6 +144,9 @@ class RoundEvent:
     clip: float
     update_noise_multiplier: float
     clipped_count_std: float | None = None
+    mechanism: str = "gaussian"
+    ddg_tau: float | None = None
+    ddg_dimension: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 1:
@@ -163,6 +173,27 @@ class RoundEvent:
             object.__setattr__(
                 self, "clipped_count_std", _positive("clipped_count_std", self.clipped_count_std)
             )
+        if self.mechanism not in ("gaussian", "ddg"):
+            raise ValueError(f"mechanism must be 'gaussian' or 'ddg', found {self.mechanism!r}")
+        if (self.mechanism == "ddg") != (
+            self.ddg_tau is not None and self.ddg_dimension is not None
+        ):
+            raise ValueError("ddg_tau and ddg_dimension are set exactly for mechanism='ddg'")
+        if self.mechanism == "ddg":
+            tau, dim = self.ddg_tau, self.ddg_dimension
+            if (
+                isinstance(tau, bool)
+                or not isinstance(tau, (int, float))
+                or not (math.isfinite(tau) and tau >= 0)
+            ):
+                raise ValueError(f"ddg_tau must be a finite number >= 0, found {tau!r}")
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"ddg_dimension must be an int >= 1, found {dim!r}")
+            object.__setattr__(self, "ddg_tau", float(tau))
+            if self.sampling is SamplingScheme.fixed and int(self.cohort) < self.population:
+                raise ValueError(
+                    "distributed DP is accounted for Poisson sampling or full participation only"
+                )
 
     @property
     def replace_one(self) -> bool:
@@ -179,11 +210,18 @@ class RoundEvent:
         if self.replace_one:
             return ("wor", self.population, int(self.cohort), self.noise_multiplier)
         rate = self.sample_rate if self.sampling is SamplingScheme.poisson else 1.0
+        if self.mechanism == "ddg":
+            return ("ddg", rate, self.noise_multiplier, self.ddg_tau, self.ddg_dimension)
         return ("poisson", rate, self.noise_multiplier)
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event for this round (see the module docstring)."""
         key = self.accounting_key()
+        if key[0] == "ddg":
+            raise AccountingError(
+                "dp-accounting has no event for the distributed discrete Gaussian; "
+                "its RDP bound is computed by fl_app.privacy.distributed.ddg_epsilon"
+            )
         if key[0] == "wor":
             return dp_accounting.SampledWithoutReplacementDpEvent(
                 key[1], key[2], dp_accounting.GaussianDpEvent(key[3] / 2.0)
@@ -217,6 +255,20 @@ def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: Accounta
         # A Poisson round is one DP-SGD step with clients as records.
         history = PrivacyHistory(tuple(DpSgdEvent(key[2], key[1], n) for key, n in blocks))
         return epsilon(history, delta, accountant)
+    if "ddg" in kinds:
+        if kinds != {"ddg"}:
+            raise AccountingError(
+                "the ledger mixes distributed-DP rounds with central-DP rounds; no accountant "
+                "composes the two here. Keep privacy.mode fixed within a run"
+            )
+        if accountant is not AccountantName.rdp:
+            raise AccountingError(
+                "distributed DP is accounted only by the RDP bound of Kairouz et al. "
+                f"(not {accountant.value!r}); set privacy.accountant=rdp"
+            )
+        from fl_app.privacy.distributed import ddg_epsilon
+
+        return ddg_epsilon([(k[1], k[2], k[3], k[4], n) for k, n in blocks], delta)
     if kinds != {"wor"}:
         raise AccountingError(
             "the ledger mixes fixed-size rounds (replace-one) with Poisson/full-participation "
@@ -341,9 +393,10 @@ class FederationLedger:
         if not isinstance(raw["events"], list) or not isinstance(raw["local"], dict):
             raise LedgerError("events must be a list and local an object")
         fields = set(RoundEvent.__dataclass_fields__)
+        optional = {"mechanism", "ddg_tau", "ddg_dimension"}  # absent in older ledgers
         events = []
         for i, item in enumerate(raw["events"]):
-            if not isinstance(item, dict) or set(item) != fields:
+            if not isinstance(item, dict) or not (fields - optional <= set(item) <= fields):
                 raise LedgerError(f"events[{i}]: expected an object with keys {sorted(fields)}")
             try:
                 events.append(RoundEvent(**item))

@@ -76,7 +76,7 @@ class SecureNoise:
         nonce = os.urandom(16)
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
-    def _uniform_open(self, n: int) -> np.ndarray:
+    def uniform(self, n: int) -> np.ndarray:
         """``n`` doubles uniform on (0, 1] with 53 random bits each."""
         raw = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
         return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * _INV_2_53
@@ -86,8 +86,8 @@ class SecureNoise:
         if size == 0 or std == 0:
             return np.zeros(size)
         pairs = (size + 1) // 2
-        u1 = self._uniform_open(pairs)
-        u2 = self._uniform_open(pairs)
+        u1 = self.uniform(pairs)
+        u2 = self.uniform(pairs)
         radius = np.sqrt(-2.0 * np.log(u1))
         angle = _TWO_PI * u2
         out = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:size]

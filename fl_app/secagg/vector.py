@@ -168,6 +168,32 @@ class VectorLayout:
         )
         return out
 
+    def flatten_params(self, update: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The model's arrays as one float64 vector (no extras; distributed DP)."""
+        if list(update) != list(self.names):
+            raise ValueError("update arrays differ from the model's (names or order)")
+        out = np.empty(self.num_params, dtype=np.float64)
+        pos = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            arr = np.asarray(update[name])
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"array '{name}' has shape {arr.shape}, expected {shape}")
+            out[pos : pos + arr.size] = arr.reshape(-1)
+            pos += arr.size
+        return out
+
+    def split_params(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Inverse of :meth:`flatten_params` (float64 arrays)."""
+        if flat.shape != (self.num_params,):
+            raise ValueError(f"vector has shape {flat.shape}, expected ({self.num_params},)")
+        out: dict[str, np.ndarray] = {}
+        pos = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            size = math.prod(shape)
+            out[name] = flat[pos : pos + size].reshape(shape)
+            pos += size
+        return out
+
     def split_sum(self, decoded: np.ndarray, bound: float) -> DecodedSum:
         """Split a decoded (float64) sum into ``Σ w·Δ`` arrays and the summed extras."""
         if decoded.shape != (self.length,):

@@ -1,0 +1,613 @@
+"""Distributed DP: the distributed discrete Gaussian mechanism under secure aggregation.
+
+With central DP the server sees the exact sum of the cohort's clipped updates before it
+adds noise. Here every client adds a small *discrete* Gaussian share to its own
+integer-encoded update before masking, so the sum the server unmasks is already
+differentially private (Kairouz, Liu & Steinke, ICML 2021, "The Distributed Discrete
+Gaussian Mechanism for Federated Learning with Secure Aggregation"; arXiv 2102.06387,
+cited below as [KLS] with the arXiv numbering). No maintained library ships this (TFF
+removed its ``DistributedDpSumFactory`` in January 2026), so it is written here from
+the paper; every random bit comes from the ``cryptography`` package's ChaCha20.
+
+Client, per round ([KLS] Algorithm 1), after clipping ``Δ`` to L2 norm ``c``:
+
+1. **rotate**: pad to ``d' = 2^⌈log2 d⌉`` and apply the randomized Hadamard transform
+   ``x ↦ H·D·x/√d'`` (``D`` random signs from a public per-round seed, so the server can
+   invert it). The rotation keeps the L2 norm and makes every coordinate small
+   (about ``c/√d'``), which is what lets a few bits per coordinate hold the sum;
+2. **scale** by ``1/γ`` (so the norm is at most ``A = c/γ``) and **round** each
+   coordinate to an integer with unbiased randomized rounding, *conditionally*:
+   redraw until the rounded vector's norm is at most ``Δ₂`` ([KLS] Theorem 1 with
+   ``β``; one draw succeeds with probability at least ``1 − β``);
+3. **noise**: add ``N_Z(0, σ_l²)`` per coordinate, the discrete Gaussian of Canonne,
+   Kamath & Steinke (NeurIPS 2020, Algorithm 3, in floating point as TFF did),
+   ``σ_l² = σ²/n_min`` so that any ``n_min`` survivors' shares sum to variance ``σ²``;
+4. reduce modulo ``2^bits``; secure aggregation masks the result.
+
+Server: the modular sum, mapped back to signed integers (*modular clipping*: values
+``≥ 2^(bits−1)`` are negative), times ``γ``, rotated back (``H`` is its own inverse),
+truncated to ``d``. That is ``Σ clip(Δ_i) + noise`` up to rounding.
+
+Parameters (:class:`DdpPlan`, one source of truth for server, clients and accountant):
+
+* sensitivity in integer units ([KLS] Theorem 1, as in the paper's code)
+  ``Δ₂² = min{(A + √d')², A² + d'/4 + √(2 ln(1/β))·(A + √d'/2)}``;
+* ``σ = z·Δ₂``: ``z`` is the noise multiplier *in rounded units*, so the accountant
+  sees ``Δ₂/σ = 1/z`` exactly and the rounding inflation ``Δ₂/A > 1`` costs accuracy,
+  never privacy (the noise in model units is ``z·γ·Δ₂ = z·c·(Δ₂/A)``);
+* ``γ`` is the finest step for which the sum of a full cohort cannot wrap. Per
+  coordinate the signed sum is signal + rounding error + noise. The rounding errors add
+  to at most ``n`` (each ``< 1``); the signal ``(H·D·Σ clip(Δ_i))_j/γ`` is a Rademacher
+  sum, sub-Gaussian with variance proxy ``‖Σ clip(Δ_i)‖²/(γ²d') ≤ n²A²/d'`` (worst case:
+  all updates aligned); the discrete Gaussian noise is sub-Gaussian with proxy ``σ_l²``
+  per share (Canonne et al., Proposition 19). So with
+  ``s² = n²A²/d' + σ²·n/n_min`` and ``k = √(2 ln(2d'/p))``, a wrap anywhere in the vector
+  has probability at most ``p`` (``privacy.distributed.overflow_probability``) when
+  ``n + k·s ≤ 2^(bits−1) − 1``. ``A`` is the largest value meeting this for every
+  cohort size up to ``max_cohort``; if none does, the bit width is refused at build
+  time, naming the fewest bits that work.
+
+Accounting ([KLS] Proposition 14 / Eq. (17), the L2 branch, as the paper's code): one
+round without sampling is ``(α, ε(α))``-RDP with
+``ε(α) = min{α·l²/2 + τ·d', (α/2)·(l + τ·√d')²}``, ``l = Δ₂/σ = 1/z`` and
+``τ = 10·Σ_{k=1}^{n−1} exp(−2π²σ_l²·k/(k+1))`` (the distance of a sum of ``n`` discrete
+Gaussians from one; ``τ`` grows with ``n`` and shrinks with ``σ_l``, so the ledger
+records the bound at ``max_cohort`` and the smallest share). dp-accounting has no
+event for this mechanism; Poisson subsampling amplifies it by Zhu & Wang (ICML 2019,
+"Poisson Subsampled Rényi Differential Privacy", Theorem 5, the general upper bound;
+the paper's code uses the same):
+``(α−1)·ε_q(α) ≤ log[(1−q)^{α−1}(αq−q+1) + C(α,2)q²(1−q)^{α−2}e^{ε(2)}
++ 3·Σ_{l=3}^{α} C(α,l)q^l(1−q)^{α−l}e^{(l−1)ε(l)}]`` at integer orders (and never above
+``ε(α)``). RDP adds over rounds and is converted to ``(ε, δ)`` by dp-accounting's
+``rdp.compute_epsilon``. This bound is looser than the exact subsampled-Gaussian
+analysis central DP gets, so at the same ε distributed DP needs somewhat more noise.
+
+Trust assumptions: clients run this code honestly (a client can skew but not reveal
+the sum); at least ``n_min`` of a round's shares come from honest clients (shares of
+clients colluding with the server are known to it: with ``f`` colluders the noise the
+server cannot remove is ``σ²·(n_min − f)/n_min``); the rotation seed is public and the
+rounding and noise bits are not (ChaCha20 under a fresh OS-random key per encoding).
+Floating point: the discrete Gaussian sampler uses IEEE ``exp``/``log`` (Canonne et al.
+give an exact rational sampler; it is orders of magnitude slower in Python), so its
+probabilities are exact only to ~2^-52 relative.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from fl_app.privacy.noise import SecureNoise
+
+__all__ = [
+    "DEFAULT_BETA",
+    "DEFAULT_OVERFLOW_PROBABILITY",
+    "RDP_ORDERS",
+    "DdpConfigError",
+    "DdpPlan",
+    "DdpRound",
+    "Rotation",
+    "conditional_round",
+    "ddg_epsilon",
+    "ddg_round_rdp",
+    "fwht",
+    "padded_dimension",
+    "sample_discrete_gaussian",
+    "sensitivity",
+    "subsampled_rdp",
+]
+
+#: [KLS]'s default conditional-rounding parameter (TFF used the same).
+DEFAULT_BETA = math.exp(-0.5)
+#: Probability that any coordinate of a round's sum wraps around (modular clipping).
+DEFAULT_OVERFLOW_PROBABILITY = 1e-9
+#: Integer RDP orders (Zhu & Wang's bound is stated at integer orders).
+RDP_ORDERS: tuple[int, ...] = (*range(2, 65), 80, 96, 128, 160, 192, 256)
+
+_ROTATION_LABEL = b"fl-app/ddp/rotation/v1"
+
+
+class DdpConfigError(ValueError):
+    """The distributed-DP parameters cannot work (e.g. too few bits for the cohort)."""
+
+
+# --------------------------------------------------------------------------- rotation
+def padded_dimension(d: int) -> int:
+    """``d' = 2^⌈log2 d⌉``: the Hadamard transform needs a power-of-two length."""
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"dimension must be an int >= 1, found {d!r}")
+    return 1 << (d - 1).bit_length()
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Orthonormal fast Walsh-Hadamard transform of a float64 vector, in place.
+
+    ``H/√n`` with ``H`` the Sylvester-Hadamard matrix; it is symmetric and orthogonal,
+    so applying it twice gives back ``x``. ``O(n log n)`` in ``log2 n`` numpy passes
+    (scipy only builds the dense matrix).
+    """
+    n = x.shape[0]
+    if x.ndim != 1 or n & (n - 1) or n == 0 or x.dtype != np.float64:
+        raise ValueError("fwht needs a 1-d float64 array whose length is a power of two")
+    h = 1
+    while h < n:
+        y = x.reshape(-1, 2, h)
+        a = y[:, 0, :].copy()
+        y[:, 0, :] += y[:, 1, :]
+        np.subtract(a, y[:, 1, :], out=y[:, 1, :])
+        h *= 2
+    x *= 1.0 / math.sqrt(n)
+    return x
+
+
+class Rotation:
+    """The round's randomized Hadamard rotation ``x ↦ H·D·pad(x)/√d'``.
+
+    ``D``'s signs come from a ChaCha20 keystream keyed by SHA-256 of the public round
+    seed: clients and server derive the same rotation, and no party can pick it.
+    """
+
+    def __init__(self, seed: bytes, dim: int) -> None:
+        if not isinstance(seed, bytes) or not seed:
+            raise ValueError("rotation seed must be non-empty bytes")
+        self.dim = int(dim)
+        self.padded = padded_dimension(self.dim)
+        key = hashlib.sha256(_ROTATION_LABEL + seed).digest()
+        stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        bits = np.unpackbits(np.frombuffer(stream.update(bytes(self.padded // 8 + 1)), np.uint8))
+        self.signs = 1.0 - 2.0 * bits[: self.padded].astype(np.float64)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Rotate a length-``dim`` vector into a fresh float64 vector of length ``padded``."""
+        if x.shape != (self.dim,):
+            raise ValueError(f"expected a vector of length {self.dim}, found shape {x.shape}")
+        out = np.zeros(self.padded, dtype=np.float64)
+        np.multiply(x, self.signs[: self.dim], out=out[: self.dim])
+        return fwht(out)
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        """Undo :meth:`forward` (``D·H``) and drop the padding."""
+        if y.shape != (self.padded,):
+            raise ValueError(f"expected a vector of length {self.padded}, found shape {y.shape}")
+        out = fwht(np.array(y, dtype=np.float64))
+        out *= self.signs
+        return out[: self.dim]
+
+
+# ------------------------------------------------------------------------- sampling
+Uniform = Callable[[int], np.ndarray]
+
+
+def sample_discrete_gaussian(sigma: float, size: int, uniform: Uniform) -> np.ndarray:
+    """``size`` draws of the discrete Gaussian ``N_Z(0, σ²)`` (int64).
+
+    Canonne, Kamath & Steinke (2020), Algorithm 3, vectorised: draw ``Y`` from the
+    discrete Laplace with scale ``t = ⌊σ⌋ + 1`` (a difference of two geometric
+    variables with ``P(G ≥ k) = e^{−k/t}``, each ``⌊−t·ln U⌋``), keep it with
+    probability ``exp(−(|Y| − σ²/t)²/(2σ²))``. ``uniform(n)`` must return ``n``
+    independent doubles in ``(0, 1]`` (a CSPRNG for real noise).
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be finite and > 0, found {sigma!r}")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, found {size}")
+    t = math.floor(sigma) + 1.0
+    centre = sigma * sigma / t
+    two_var = 2.0 * sigma * sigma
+    out = np.empty(size, dtype=np.int64)
+    filled = 0
+    while filled < size:
+        want = size - filled
+        m = int(want * 1.6) + 32
+        u = uniform(3 * m)
+        y = np.floor(-t * np.log(u[:m])) - np.floor(-t * np.log(u[m : 2 * m]))
+        keep = u[2 * m :] < np.exp(-np.square(np.abs(y) - centre) / two_var)
+        got = y[keep][:want]
+        out[filled : filled + got.size] = got.astype(np.int64)
+        filled += got.size
+    return out
+
+
+def conditional_round(
+    x: np.ndarray, bound: float, uniform: Uniform, max_tries: int = 1000
+) -> np.ndarray:
+    """Unbiased randomized rounding of ``x`` to int64, redrawn until ``‖·‖₂ ≤ bound``.
+
+    [KLS] §4: each draw rounds coordinate ``x_j`` up with probability ``frac(x_j)``;
+    a draw passes with probability at least ``1 − β`` when ``bound`` is the second
+    branch of :func:`sensitivity`. Raises after ``max_tries`` failures (only a vector
+    outside the promised norm can get there).
+    """
+    low = np.floor(x)
+    frac = x - low
+    base = low.astype(np.int64)
+    limit = bound * bound
+    for _ in range(max_tries):
+        rounded = base + (uniform(x.size) <= frac)
+        if float(np.dot(rounded.astype(np.float64), rounded.astype(np.float64))) <= limit:
+            return rounded
+    raise DdpConfigError(
+        f"conditional rounding failed {max_tries} times: the scaled vector's norm "
+        f"{float(np.linalg.norm(x)):.6g} is above what the bound {bound:.6g} allows "
+        "(was the update clipped?)"
+    )
+
+
+def sensitivity(scaled_norm: float, padded: int, beta: float) -> float:
+    """``Δ₂``: L2 norm bound of one client's rounded vector ([KLS] Theorem 1).
+
+    ``scaled_norm`` is ``A = c/γ``; ``beta = 0`` means unconditional rounding.
+    """
+    a, d = float(scaled_norm), float(padded)
+    plain = (a + math.sqrt(d)) ** 2
+    if beta <= 0:
+        return math.sqrt(plain)
+    conditional = a * a + d / 4.0 + math.sqrt(2.0 * math.log(1.0 / beta)) * (a + math.sqrt(d) / 2)
+    return math.sqrt(min(plain, conditional))
+
+
+# ------------------------------------------------------------------------------ plan
+def _min_survivors(n: int, dropout_tolerance: float) -> int:
+    return max(1, min(n, math.ceil((1.0 - dropout_tolerance) * n - 1e-9)))
+
+
+@dataclass(frozen=True)
+class DdpRound:
+    """What one round's clients need (sent in the masked-input instruction as JSON)."""
+
+    clip: float
+    dim: int
+    padded: int
+    bits: int
+    gamma: float
+    bound: float
+    share_std: float
+    min_survivors: int
+    cohort: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DdpRound:
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or set(raw) != set(cls.__dataclass_fields__):
+            raise ValueError(
+                f"distributed-DP round parameters need keys {sorted(cls.__dataclass_fields__)}"
+            )
+        out = cls(**raw)
+        for name in ("clip", "gamma", "bound", "share_std"):
+            v = getattr(out, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v <= 0
+            ):
+                raise ValueError(
+                    f"distributed-DP '{name}' must be a finite number > 0, found {v!r}"
+                )
+        for name in ("dim", "padded", "bits", "min_survivors", "cohort"):
+            v = getattr(out, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"distributed-DP '{name}' must be an int >= 1, found {v!r}")
+        if out.padded != padded_dimension(out.dim) or not 8 <= out.bits <= 64:
+            raise ValueError("distributed-DP dimension or bits are inconsistent")
+        if out.min_survivors > out.cohort:
+            raise ValueError("distributed-DP min_survivors exceeds the cohort")
+        return out
+
+    def encode(
+        self, update: np.ndarray, seed: bytes, source: SecureNoise | None = None
+    ) -> np.ndarray:
+        """Client: rotate, scale, round, add this client's noise share; ring vector.
+
+        ``update`` is the flat clipped update (length ``dim``, norm ``<= clip``); the
+        result is ``uint32``/``uint64`` (the storage of ``Z_{2^bits}``), length ``padded``.
+        """
+        from fl_app.secagg.crypto import storage_dtype
+
+        x = np.asarray(update, dtype=np.float64)
+        if x.shape != (self.dim,):
+            raise ValueError(f"update has {x.size} coordinates, the round expects {self.dim}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("update has a non-finite value; refuse to encode")
+        norm = float(np.linalg.norm(x))
+        if norm > self.clip * (1.0 + 1e-6):
+            raise ValueError(
+                f"update norm {norm:.6g} exceeds the clip {self.clip:g}: clip before encoding"
+            )
+        rng = source if source is not None else SecureNoise()
+        rotated = Rotation(seed, self.dim).forward(x)
+        rotated *= 1.0 / self.gamma
+        rounded = conditional_round(rotated, self.bound, rng.uniform)
+        rounded += sample_discrete_gaussian(self.share_std, self.padded, rng.uniform)
+        signed = rounded.view(np.uint64)
+        if self.bits < 64:
+            signed = signed & np.uint64((1 << self.bits) - 1)
+        return signed.astype(storage_dtype(self.bits), copy=False)
+
+    def decode(self, total: np.ndarray, seed: bytes) -> np.ndarray:
+        """Server: modular sum -> signed integers -> ``γ``·inverse rotation (float64, ``dim``)."""
+        arr = np.asarray(total)
+        if arr.shape != (self.padded,):
+            raise ValueError(f"sum has shape {arr.shape}, expected ({self.padded},)")
+        if self.bits == 64:
+            signed = arr.astype(np.uint64).view(np.int64).astype(np.float64)
+        else:
+            as_int = arr.astype(np.int64)
+            as_int[as_int >= (1 << (self.bits - 1))] -= 1 << self.bits
+            signed = as_int.astype(np.float64)
+        signed *= self.gamma
+        return Rotation(seed, self.dim).inverse(signed)
+
+    @property
+    def noise_std_sum(self) -> float:
+        """Std of the noise on the decoded sum (model units) with ``min_survivors`` shares."""
+        return self.gamma * self.share_std * math.sqrt(self.min_survivors)
+
+
+@dataclass(frozen=True)
+class DdpPlan:
+    """The run's distributed-DP parameters, derived once when the run is built.
+
+    Parameters
+    ----------
+    clip
+        ``c``: L2 bound of every client's update.
+    dim
+        ``d``: number of model parameters.
+    bits
+        Ring ``Z_{2^bits}`` of the masked sum (``secagg.bits``).
+    noise_multiplier
+        ``z`` in rounded units: the sum's noise std is ``σ = z·Δ₂``.
+    max_cohort
+        Largest cohort the ring must hold (bigger cohorts are abandoned, not wrapped).
+    dropout_tolerance
+        Shares are calibrated for ``n_min = ⌈(1 − tolerance)·n⌉`` survivors of ``n``.
+    beta, overflow_probability
+        Conditional rounding's ``β`` and the bound ``p`` on a wrap per round.
+    """
+
+    clip: float
+    dim: int
+    bits: int
+    noise_multiplier: float
+    max_cohort: int
+    dropout_tolerance: float
+    beta: float = DEFAULT_BETA
+    overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise DdpConfigError(f"clip must be finite and > 0, found {self.clip!r}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise DdpConfigError(f"noise_multiplier must be > 0, found {self.noise_multiplier!r}")
+        if not 8 <= self.bits <= 64:
+            raise DdpConfigError(f"secagg.bits must lie in [8, 64], found {self.bits}")
+        if self.max_cohort < 1 or self.dim < 1:
+            raise DdpConfigError("max_cohort and dim must be >= 1")
+        if not 0 <= self.dropout_tolerance < 1:
+            raise DdpConfigError("dropout_tolerance must lie in [0, 1)")
+        if not 0 <= self.beta < 1:
+            raise DdpConfigError(f"privacy.distributed.beta must lie in [0, 1), found {self.beta}")
+        if not 0 < self.overflow_probability < 1:
+            raise DdpConfigError("privacy.distributed.overflow_probability must lie in (0, 1)")
+        self.scaled_norm  # noqa: B018 - derive now so an impossible plan fails at build time
+
+    @property
+    def padded(self) -> int:
+        return padded_dimension(self.dim)
+
+    @property
+    def overflow_stddevs(self) -> float:
+        """``k = √(2 ln(2d'/p))``: sub-Gaussian tail multiple for a wrap anywhere."""
+        return math.sqrt(2.0 * math.log(2.0 * self.padded / self.overflow_probability))
+
+    @property
+    def noise_ratio(self) -> float:
+        """``max_n n/n_min(n)``: how much more than ``σ²`` a full cohort's shares add up to."""
+        return max(
+            n / _min_survivors(n, self.dropout_tolerance) for n in range(1, self.max_cohort + 1)
+        )
+
+    def _fits(self, a: float) -> bool:
+        n = self.max_cohort
+        sigma = self.noise_multiplier * sensitivity(a, self.padded, self.beta)
+        s = math.sqrt(n * n * a * a / self.padded + sigma * sigma * self.noise_ratio)
+        return n + self.overflow_stddevs * s <= 2.0 ** (self.bits - 1) - 1
+
+    @functools.cached_property
+    def scaled_norm(self) -> float:
+        """``A = c/γ``: the largest scaled clip whose full-cohort sum cannot wrap."""
+        if not self._fits(0.0):
+            raise DdpConfigError(
+                f"secagg.bits={self.bits} cannot hold the noised sum of {self.max_cohort} "
+                f"clients for a model of {self.dim} parameters at noise_multiplier "
+                f"{self.noise_multiplier:g}; use secagg.bits >= {self.min_bits()} "
+                "(or a smaller cohort)"
+            )
+        low, high = 0.0, 1.0
+        while self._fits(high):
+            low, high = high, high * 2.0
+            if high > 2.0**62:
+                break
+        for _ in range(200):
+            mid = (low + high) / 2
+            if self._fits(mid):
+                low = mid
+            else:
+                high = mid
+        return low
+
+    def min_bits(self) -> int:
+        """The fewest ring bits for which this plan is feasible (at most 64)."""
+        for bits in range(8, 65):
+            probe = object.__new__(DdpPlan)
+            for name, value in asdict(self).items():
+                object.__setattr__(probe, name, value)
+            object.__setattr__(probe, "bits", bits)
+            if probe._fits(0.0):
+                return bits
+        return 65
+
+    @property
+    def gamma(self) -> float:
+        """``γ``: the quantisation step in model units."""
+        return self.clip / self.scaled_norm
+
+    @property
+    def bound(self) -> float:
+        """``Δ₂`` in rounded units (the L2 sensitivity of one client's contribution)."""
+        return sensitivity(self.scaled_norm, self.padded, self.beta)
+
+    @property
+    def sigma(self) -> float:
+        """``σ = z·Δ₂``: std of the noise on the sum in rounded units (``n_min`` shares)."""
+        return self.noise_multiplier * self.bound
+
+    @property
+    def inflation(self) -> float:
+        """``Δ₂/A``: noise in model units relative to central DP at the same ``z`` and ``c``."""
+        return self.bound / self.scaled_norm
+
+    def min_survivors(self, cohort: int) -> int:
+        return _min_survivors(cohort, self.dropout_tolerance)
+
+    def round(self, cohort: int) -> DdpRound:
+        """The parameters of a round with ``cohort`` sampled clients."""
+        if not 1 <= cohort <= self.max_cohort:
+            raise DdpConfigError(
+                f"a cohort of {cohort} exceeds the {self.max_cohort} clients the ring was sized for"
+            )
+        n_min = self.min_survivors(cohort)
+        return DdpRound(
+            clip=float(self.clip),
+            dim=self.dim,
+            padded=self.padded,
+            bits=self.bits,
+            gamma=self.gamma,
+            bound=self.bound,
+            share_std=self.sigma / math.sqrt(n_min),
+            min_survivors=n_min,
+            cohort=cohort,
+        )
+
+    @property
+    def tau(self) -> float:
+        """[KLS] Theorem 1's ``τ`` for the worst round (``max_cohort`` shares, smallest σ_l)."""
+        n = self.max_cohort
+        share_var = self.sigma**2 / self.min_survivors(n)
+        return 10.0 * sum(
+            math.exp(-2.0 * math.pi**2 * share_var * k / (k + 1)) for k in range(1, n)
+        )
+
+    def bandwidth_bytes(self) -> int:
+        """Bytes of one client's masked vector on the wire (``bits`` per coordinate)."""
+        return -(-self.padded * self.bits // 8)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "clip": self.clip,
+            "dimension": self.dim,
+            "padded_dimension": self.padded,
+            "bits": self.bits,
+            "noise_multiplier": self.noise_multiplier,
+            "max_cohort": self.max_cohort,
+            "dropout_tolerance": self.dropout_tolerance,
+            "beta": self.beta,
+            "overflow_probability": self.overflow_probability,
+            "gamma": self.gamma,
+            "sensitivity_rounded": self.bound,
+            "noise_std_sum_rounded": self.sigma,
+            "noise_inflation_vs_central": self.inflation,
+            "tau": self.tau,
+        }
+
+
+# ------------------------------------------------------------------------ accounting
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def ddg_round_rdp(order: int, l2_scale: float, tau: float, dim: int) -> float:
+    """RDP of one unsampled DDG sum ([KLS] Proposition 14 / Eq. (17), L2 branch)."""
+    first = order * l2_scale**2 / 2.0 + tau * dim
+    second = (order / 2.0) * (l2_scale + math.sqrt(dim) * tau) ** 2
+    return min(first, second)
+
+
+def subsampled_rdp(order: int, q: float, eps: Callable[[int], float]) -> float:
+    """Zhu & Wang (2019) Theorem 5: RDP at integer ``order`` of a Poisson-``q`` sample."""
+    if order < 2 or int(order) != order:
+        raise ValueError(f"order must be an integer >= 2, found {order!r}")
+    if not 0 < q <= 1:
+        raise ValueError(f"q must lie in (0, 1], found {q!r}")
+    a = int(order)
+    if q == 1.0:
+        return eps(a)
+    terms = [
+        (a - 1) * math.log1p(-q) + math.log(a * q - q + 1),
+        _log_comb(a, 2) + 2 * math.log(q) + (a - 2) * math.log1p(-q) + eps(2),
+    ]
+    terms += [
+        math.log(3.0)
+        + _log_comb(a, j)
+        + j * math.log(q)
+        + (a - j) * math.log1p(-q)
+        + (j - 1) * eps(j)
+        for j in range(3, a + 1)
+    ]
+    peak = max(terms)
+    bound = (peak + math.log(sum(math.exp(t - peak) for t in terms))) / (a - 1)
+    return min(bound, eps(a))
+
+
+@functools.lru_cache(maxsize=256)
+def _round_rdp_vector(q: float, noise_multiplier: float, tau: float, dim: int) -> tuple[float, ...]:
+    l2 = 1.0 / noise_multiplier
+
+    def eps(order: int) -> float:
+        return ddg_round_rdp(order, l2, tau, dim)
+
+    return tuple(subsampled_rdp(o, q, eps) for o in RDP_ORDERS)
+
+
+def ddg_epsilon(blocks: Sequence[tuple[float, float, float, int, int]], delta: float) -> float:
+    """ε at ``delta`` of composed DDG rounds.
+
+    ``blocks`` holds ``(q, z, τ, d', rounds)``: ``rounds`` rounds sampled at rate ``q``
+    (1 = everyone) with noise multiplier ``z`` (rounded units), ``τ`` and padded
+    dimension ``d'``.
+    """
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    total = np.zeros(len(RDP_ORDERS))
+    for q, z, tau, dim, count in blocks:
+        total += count * np.asarray(_round_rdp_vector(float(q), float(z), float(tau), int(dim)))
+    if not total.any():
+        return 0.0
+    eps, _ = compute_epsilon(list(RDP_ORDERS), list(total), delta)
+    return float(eps)
+
+
+def plan_from_mapping(raw: Mapping[str, Any]) -> DdpPlan:
+    """A plan from :meth:`DdpPlan.describe`-style keys (tests, reports)."""
+    return DdpPlan(
+        clip=float(raw["clip"]),
+        dim=int(raw["dimension"]),
+        bits=int(raw["bits"]),
+        noise_multiplier=float(raw["noise_multiplier"]),
+        max_cohort=int(raw["max_cohort"]),
+        dropout_tolerance=float(raw["dropout_tolerance"]),
+        beta=float(raw.get("beta", DEFAULT_BETA)),
+        overflow_probability=float(raw.get("overflow_probability", DEFAULT_OVERFLOW_PROBABILITY)),
+    )
