@@ -517,9 +517,13 @@ def _client_level_summary(
         "client_level": {
             **base,
             "mechanism": (
-                f"central DP (DP-FedAvg), {s.clipping.value} clipping by the "
+                "distributed DP: discrete Gaussian shares under secure aggregation "
+                "(Kairouz et al. 2021), fixed clipping by the clients"
+                if s.distributed is not None
+                else f"central DP (DP-FedAvg), {s.clipping.value} clipping by the "
                 f"{s.clip_side.value}, Gaussian noise z*C on the sum of clipped updates"
             ),
+            **({"distributed": s.distributed.describe()} if s.distributed is not None else {}),
             "epsilon": eps,
             "epsilon_rdp_cross_check": rdp,
             "rounds_accounted": len(ledger.events),
@@ -624,6 +628,27 @@ def _summary(
             **_record_level_summary(cfg, result),
         },
         "secure_aggregation": cfg.secagg.mode.value,
+        "bandwidth": _bandwidth_summary(cfg, result),
+    }
+
+
+def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] | None:
+    """Mean payload bytes per client per round under secure aggregation (None without it).
+
+    Payload bytes: array data, byte strings and scalars of the four stages' messages
+    (protocol framing excluded); uploads are bit-packed at ``secagg.bits`` per coordinate.
+    """
+    rounds = [r.privacy for r in result.reports if "secagg_bytes_up_per_client" in r.privacy]
+    if not rounds:
+        return None
+    up = [r["secagg_bytes_up_per_client"] for r in rounds]
+    down = [r["secagg_bytes_down_per_client"] for r in rounds]
+    return {
+        "bits": int(cfg.secagg.bits),
+        "rounds_measured": len(rounds),
+        "upload_bytes_per_client_round": sum(up) / len(up),
+        "download_bytes_per_client_round": sum(down) / len(down),
+        "note": "payload bytes of the four secure-aggregation stages (framing excluded)",
     }
 
 
@@ -640,9 +665,22 @@ def _privacy_note(cfg: AppConfig) -> str:
             "client-level local DP: each update was clipped and noised before leaving its "
             "client; epsilon is the largest per-client value"
         )
+    elif p.mode.value == "distributed":
+        parts.append(
+            "client-level distributed DP: each client clipped, rotated and rounded its update "
+            "and added a discrete Gaussian share (CSPRNG) before masking, so the sum the server "
+            "unmasked was already DP; clients colluding with the server can subtract their own "
+            "shares (the guarantee assumes the calibrated minimum of honest survivors)"
+        )
     if p.record_level:
         parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
-    if cfg.secagg.mode.value != "off":
+    if cfg.secagg.mode.value != "off" and p.mode.value == "distributed":
+        parts.append(
+            f"secure aggregation ({cfg.secagg.mode.value}, {cfg.secagg.bits} bits per "
+            "coordinate): in plaintext the server saw protocol public keys, encrypted shares, "
+            "who dropped out and public dp-* metrics; no training metrics"
+        )
+    elif cfg.secagg.mode.value != "off":
         if not parts:
             parts.append("no differential privacy: the released model is not protected")
         parts.append(

@@ -782,10 +782,10 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
     if s.distributed is not None:
         ddp = s.distributed
         lines = [
-            f"client-level DP (distributed discrete Gaussian under secure aggregation, C={s.clip:g}): "
-            f"z={s.noise_multiplier:.4g} in rounded units, {sampling}; each client adds a share "
-            f"calibrated to {ddp.min_survivors(ddp.max_cohort)} of up to {ddp.max_cohort} "
-            f"clients surviving",
+            "client-level DP (distributed discrete Gaussian under secure aggregation, "
+            f"C={s.clip:g}): z={s.noise_multiplier:.4g} in rounded units, {sampling}; "
+            f"each client adds a share calibrated to {ddp.min_survivors(ddp.max_cohort)} "
+            f"of up to {ddp.max_cohort} clients surviving",
             f"ring: secagg.bits={ddp.bits} for {ddp.dim} parameters (rotated in {ddp.padded}), "
             f"step {ddp.gamma:.3g}, noise {ddp.inflation:.4f}x central DP's at the same z; noise "
             f"std on the mean {ddp.gamma * ddp.sigma / m:.4g}; "
