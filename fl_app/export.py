@@ -725,6 +725,13 @@ def _threat_model_text(cfg: AppConfig) -> str:
             "honest-but-curious server: each update is clipped and noised on its client "
             "before it leaves, so the guarantee holds against the server too"
         )
+    if p.mode is PrivacyMode.distributed:
+        return (
+            "distributed DP: each client added a discrete Gaussian noise share before secure "
+            "aggregation masked its update, so even the sum the server unmasked was DP; the "
+            "guarantee holds against the server too, assuming the calibrated minimum of "
+            "survivors were honest (colluders can subtract their own shares)"
+        )
     return (
         "honest-but-curious server with secure aggregation: the server sees only the sum of "
         "the cohort's clipped updates and adds the noise to it"
@@ -762,6 +769,18 @@ def _not_protected(cfg: AppConfig) -> list[str]:
                 "withheld from the public card, but small seeds are easily guessed; rerun "
                 "with privacy.secure_mode=true for a public release."
             )
+        if cfg.strategy.fraction_train < 1:
+            items.append(
+                "Client sampling was drawn from a generator seeded by the run's config; the "
+                "accountant's amplification by sampling assumes the cohorts are secret from "
+                "whoever the guarantee is stated against."
+            )
+    if p.mode is PrivacyMode.distributed:
+        items.append(
+            "Clients that colluded with the server know their own noise shares and can "
+            "subtract them: the stated epsilon assumes at least the calibrated minimum of "
+            "surviving clients were honest."
+        )
         if cfg.strategy.fraction_train < 1:
             items.append(
                 "Client sampling was drawn from a generator seeded by the run's config; the "

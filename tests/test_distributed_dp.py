@@ -474,17 +474,18 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     )
     grid = InProcessGrid(client_app, cfg.dataset.num_partitions, seed=cfg.seed)
     try:
-        summary = run_experiment(grid, cfg, tmp_path, progress=False)
+        summary = run_experiment(grid, cfg, tmp_path / "run", progress=False)
     finally:
         grid.close()
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["status"] == "completed"
     assert all(r["model_updated"] and r["secagg_contributors"] == 10 for r in lines)
     assert summary["accuracy"] > summary["initial_accuracy"] + 0.2
     # The upload is 16 bits per rotated coordinate (8,192 for 4,810 parameters).
     assert lines[0]["secagg_bytes_up_per_client"] >= 8192 * 2
     assert lines[0]["secagg_bytes_up_per_client"] < 8192 * 2 + 2048
-    ledger = FederationLedger.from_json((tmp_path / "privacy_ledger.json").read_text())
+    ledger = FederationLedger.from_json((run / "privacy_ledger.json").read_text())
     assert [e.mechanism for e in ledger.events] == ["ddg"] * 3
     assert summary["privacy"]["epsilon"] == pytest.approx(ledger.epsilon())
     bandwidth = summary["bandwidth"]
@@ -494,3 +495,9 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     )
     # No plaintext training metrics: the server learns nothing un-noised.
     assert "train_loss" not in lines[0] and "train-loss" not in json.dumps(lines[0])
+    # The release states the distributed-DP threat model and its caveat.
+    from fl_app.export import export_run
+
+    card = export_run(run, "public", tmp_path / "release").card
+    assert "distributed DP" in json.dumps(card)
+    assert "colluded" in json.dumps(card)
