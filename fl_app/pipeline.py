@@ -6,8 +6,11 @@ Order (ARCHITECTURE §3), never decided by configuration:
 2. local training (plain, or Opacus DP-SGD once record-level DP lands);
 3. update Δ = w_local − w_global;
 4. clip Δ (client-level DP);
-5. noise: local-DP noise, or this client's distributed-DP noise share;
-6. encode: optional rotation + stochastic rounding to fixed point;
+5. noise: local-DP noise;
+6. encode: fixed-point stochastic rounding, or, under distributed DP, rotation +
+   conditional rounding to integers + this client's discrete Gaussian noise share
+   (the share is integer-valued, so it is added after rounding, as in Kairouz et al.
+   2021; both happen inside the encode stage, in that fixed order);
 7. mask (secure aggregation);
 8. reply.
 

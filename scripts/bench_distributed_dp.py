@@ -82,32 +82,50 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="digits10")
     ap.add_argument("--bits", type=int, nargs="*", default=[8, 12, 16, 20])
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, default=42, help="first seed (repeats use seed+1, ...)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per setting (mean and sd)")
+    ap.add_argument("--epsilon", type=float, default=None, help="override the target epsilon")
+    ap.add_argument("--extra", nargs="*", default=[], help="extra overrides for every run")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = ap.parse_args(argv)
     s = SETTINGS[args.setting]
-    eps = s["epsilon"]
-    target = ["privacy.noise_multiplier=null", f"privacy.target_epsilon={eps}", f"seed={args.seed}"]
-    rows = [("central DP (client-side clipping, PLD)", run([*s["common"], *s["central"], *target]))]
-    print(f"central: {rows[-1][1]}", flush=True)
-    for bits in args.bits:
-        result = run([*s["common"], *s["distributed"], *target, f"secagg.bits={bits}"])
-        rows.append((f"distributed DP, {bits} bits", result))
-        print(f"{bits} bits: {result}", flush=True)
+    eps = args.epsilon if args.epsilon is not None else s["epsilon"]
+    target = ["privacy.noise_multiplier=null", f"privacy.target_epsilon={eps}", *args.extra]
+    settings = [("central DP (client-side clipping, PLD)", [*s["common"], *s["central"]])]
+    settings += [
+        (f"distributed DP, {bits} bits", [*s["common"], *s["distributed"], f"secagg.bits={bits}"])
+        for bits in args.bits
+    ]
+    rows = []
+    for name, overrides in settings:
+        runs = []
+        for i in range(args.repeats):
+            result = run([*overrides, *target, f"seed={args.seed + i}"])
+            print(f"{name} seed {args.seed + i}: {result}", flush=True)
+            runs.append(result)
+            if "error" in result:
+                break
+        rows.append((name, runs))
     lines = [
-        f"Setting `{args.setting}`, target epsilon {eps} (delta 1e-5), seed {args.seed}",
+        f"Setting `{args.setting}`, target epsilon {eps} (delta 1e-5), seeds {args.seed}.."
+        f"{args.seed + args.repeats - 1}; accuracy: mean ± sd over the seeds",
         "",
         "| mechanism | test accuracy | epsilon | z | upload bytes/client/round | run s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, r in rows:
-        if "error" in r:
-            lines.append(f"| {name} | refused: {r['error']} | | | | {r['seconds']:.0f} |")
+    for name, runs in rows:
+        if "error" in runs[0]:
+            lines.append(f"| {name} | refused: {runs[0]['error']} | | | | |")
             continue
+        acc = [r["accuracy"] for r in runs]
+        mean = sum(acc) / len(acc)
+        sd = (sum((a - mean) ** 2 for a in acc) / max(1, len(acc) - 1)) ** 0.5
+        r = runs[0]
         up = f"{r['bytes_up']:,.0f}" if r["bytes_up"] else "-"
+        seconds = sum(x["seconds"] for x in runs) / len(runs)
         lines.append(
-            f"| {name} | {r['accuracy']:.4f} | {r['epsilon']:.3f} | {r['z']:.3f} | {up} | "
-            f"{r['seconds']:.0f} |"
+            f"| {name} | {mean:.4f} ± {sd:.4f} | {r['epsilon']:.3f} | {r['z']:.3f} | {up} | "
+            f"{seconds:.0f} |"
         )
     table = "\n".join(lines)
     print(table)
