@@ -86,9 +86,10 @@ def _stage(reply: Message) -> int | None:
 
 
 # --------------------------------------------------------------- correctness
-def test_secure_round_equals_plain_clipped_weighted_mean(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bits", [32, 24])  # 24: uploads are bit-packed on the wire
+def test_secure_round_equals_plain_clipped_weighted_mean(tmp_path: Path, bits: int) -> None:
     clip = 4.9  # round-1 update norms of the default experiment lie in [4.6, 5.1]
-    cfg = _secure("num_rounds=1", f"secagg.clip={clip}")
+    cfg = _secure("num_rounds=1", f"secagg.clip={clip}", f"secagg.bits={bits}")
     plain_cfg = _cfg("num_rounds=1")
     updates: dict[int, tuple[dict[str, np.ndarray], float, dict[str, float]]] = {}
 
@@ -106,6 +107,10 @@ def test_secure_round_equals_plain_clipped_weighted_mean(tmp_path: Path) -> None
     summary, lines, _ = _run(cfg, tmp_path / "secure")
     assert summary["status"] == "completed" and lines[0]["model_updated"]
     assert lines[0]["secagg_contributors"] == N
+    # The masked upload is bits/8 bytes per coordinate (4,810 parameters + 4 extras);
+    # stages 1, 2 and 4 add ~1.8 kB (public keys, encrypted shares, unmask shares).
+    masked = (4810 + 4) * bits // 8
+    assert masked < lines[0]["secagg_bytes_up_per_client"] < masked + 2500  # + keys, shares
 
     w0 = initial_arrays(cfg)
     total = sum(n for _, n, _ in updates.values())
