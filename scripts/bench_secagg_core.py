@@ -1,8 +1,14 @@
-"""Micro-benchmark of fl_app.secagg: mask PRG, client stage 3 and server unmasking.
+"""Micro-benchmark of fl_app.secagg: mask PRG, codec, client stages 2-3 and the server.
 
-Runs whole rounds in-process (no Flower), 32-bit ring, dropouts at stage 3 (the
-costly case for the server: it must rebuild the dropouts' pairwise masks). Prints
-median wall-clock times; the machine may be shared, so compare ratios within a run.
+Runs whole rounds in-process (no Flower), 32-bit ring, the app's default parameters
+(dropout tolerance 0.2, corrupt fraction 0.1, as ``strategies.secagg.SecAggSettings``),
+with and without dropouts at stage 3 (the costly case for the server: it must rebuild
+the dropouts' pairwise masks). Prints median wall-clock times; the machine may be
+shared, so compare ratios within a run.
+
+The first lines compare the building blocks with their straightforward forms: ``k + 1``
+masks expanded one by one and added (``expand_mask``) against the fused, chunked
+``accumulate_masks``; the codec's encode and decode of one million coordinates.
 
     .venv/bin/python scripts/bench_secagg_core.py            # full table
     .venv/bin/python scripts/bench_secagg_core.py --quick    # N <= 50, d = 100k
@@ -14,26 +20,66 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from fl_app.secagg import crypto
+from fl_app.secagg.encoding import FixedPointCodec
 from fl_app.secagg.graph import derive_params
 from fl_app.secagg.protocol import ClientSession, ServerSession, round_context
 
+DROPOUT_TOLERANCE = 0.2
+CORRUPT_FRACTION = 0.1
 
-def bench_mask(reps: int = 30) -> float:
-    seed = os.urandom(32)
+
+def _median_time(fn: Callable[[], object], reps: int) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        crypto.expand_mask(seed, 1_000_000, 32, domain=crypto.MaskDomain.pairwise)
+        fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
+def bench_mask(reps: int = 30) -> float:
+    seed = os.urandom(32)
+    return _median_time(
+        lambda: crypto.expand_mask(seed, 1_000_000, 32, domain=crypto.MaskDomain.pairwise), reps
+    )
+
+
+def bench_mask_sum(num_masks: int, d: int = 1_000_000, reps: int = 5) -> tuple[float, float]:
+    """``num_masks`` masks added to a vector: one by one (expand + add) vs fused."""
+    pairs = [(os.urandom(32), crypto.MaskDomain.pairwise) for _ in range(num_masks)]
+
+    def one_by_one() -> None:
+        y = np.zeros(d, dtype=np.uint32)
+        for seed, domain in pairs:
+            np.add(y, crypto.expand_mask(seed, d, 32, domain=domain), out=y)
+
+    def fused() -> None:
+        crypto.accumulate_masks(np.zeros(d, dtype=np.uint32), 32, add=pairs)
+
+    return _median_time(one_by_one, reps), _median_time(fused, reps)
+
+
+def bench_codec(n: int = 100, d: int = 1_000_000, reps: int = 7) -> tuple[float, float]:
+    """Encode of ``d`` float64 coordinates and decode of a sum of ``n`` encodings."""
+    codec = FixedPointCodec(bits=32, max_abs=10.0, max_contributors=n)
+    x = np.random.default_rng(0).standard_normal(d) * (5.0 / np.sqrt(d))
+    rng = np.random.default_rng(1)
+    total = codec.encode(x, rng) * np.uint32(n)
+    return (
+        _median_time(lambda: codec.encode(x, rng), reps),
+        _median_time(lambda: codec.decode_sum(total, n), reps),
+    )
+
+
 def bench_round(n: int, d: int, mode: str, drop_fraction: float) -> dict[str, float]:
-    params = derive_params(n, mode=mode, dropout_tolerance=0.1, corrupt_fraction=0.1)
+    params = derive_params(
+        n, mode=mode, dropout_tolerance=DROPOUT_TOLERANCE, corrupt_fraction=CORRUPT_FRACTION
+    )
     ids = list(range(1, n + 1))
     ctx = round_context(1, 1)
     server = ServerSession(ids, params, vector_length=d, bits=32, context=ctx)
@@ -77,7 +123,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N <= 50 and d = 100k only")
     args = parser.parse_args()
     mask = bench_mask()
-    print(f"mask expansion (ChaCha20, uint32): {mask * 1e3:.2f} ms per 1M params\n")
+    print(f"mask expansion (AES-128-CTR, uint32): {mask * 1e3:.2f} ms per 1M params")
+    separate, fused = bench_mask_sum(39)
+    print(
+        f"39 masks added to 1M params: one by one {separate * 1e3:.1f} ms, "
+        f"accumulate_masks {fused * 1e3:.1f} ms"
+    )
+    enc, dec = bench_codec()
+    print(f"codec, 1M params: encode {enc * 1e3:.1f} ms, decode a sum of 100 {dec * 1e3:.1f} ms\n")
     sizes = [10, 50] if args.quick else [10, 50, 100]
     dims = [100_000] if args.quick else [100_000, 1_000_000]
     header = (
@@ -89,7 +142,7 @@ def main() -> None:
     for mode in ("secagg", "secaggplus"):
         for n in sizes:
             for d in dims:
-                for drop in (0.0, 0.1):
+                for drop in (0.0, DROPOUT_TOLERANCE / 2):
                     r = bench_round(n, d, mode, drop)
                     print(
                         f"{mode:<11}{n:>5}{d:>10}{drop:>6.0%}{r['k']:>5}{r['t']:>5}"

@@ -131,6 +131,67 @@ def test_shamir_argument_errors() -> None:
         shamir.reconstruct({1: high[1], 2: high[2]}, 2)
 
 
+def _naive_lagrange_at_zero(ids: list[int]) -> list[int]:
+    """``l_i = prod_{j != i} x_j / (x_j - x_i)`` with one inversion per term (test oracle)."""
+    p = shamir.PRIME
+    out = []
+    for i, xi in enumerate(ids):
+        num = den = 1
+        for j, xj in enumerate(ids):
+            if j != i:
+                num = num * xj % p
+                den = den * (xj - xi) % p
+        out.append(num * pow(den, -1, p) % p)
+    return out
+
+
+@FAST
+@given(data=st.data())
+def test_shamir_batched_lagrange_and_reconstruct_many_equal_one_by_one(
+    data: st.DataObject,
+) -> None:
+    """The batched path (one inversion for all sets) equals the textbook one, set by set."""
+    t = data.draw(st.integers(1, 10), label="t")
+    sets = []
+    secrets = []
+    for _ in range(data.draw(st.integers(1, 6), label="sets")):
+        m = data.draw(st.integers(t, t + 4))
+        ids = data.draw(st.lists(st.integers(1, 2**64), min_size=m, max_size=m, unique=True))
+        secret = data.draw(secrets_st)
+        secrets.append(secret)
+        sets.append(shamir.split(secret, t, ids))
+    id_sets = [tuple(sorted(s))[:t] for s in sets]
+    assert shamir._lagrange_batch(id_sets) == [
+        tuple(_naive_lagrange_at_zero(list(ids))) for ids in id_sets
+    ]
+    assert list(shamir.lagrange_coefficients_at_zero(id_sets[0])) == _naive_lagrange_at_zero(
+        list(id_sets[0])
+    )
+    assert shamir.reconstruct_many(sets, t) == [shamir.reconstruct(s, t) for s in sets]
+    assert shamir.reconstruct_many(sets, t) == secrets
+
+
+def test_shamir_reconstruct_many_raises_like_reconstruct() -> None:
+    s = bytes(range(32))
+    good = shamir.split(s, 2, [1, 2, 3])
+    high = shamir.split(s, 3, [1, 2, 3])
+    assert shamir.reconstruct_many([], 2) == []
+    # sets over the same holders (a complete graph) share one coefficient computation
+    same = [shamir.split(bytes([i]) * 32, 3, [4, 9, 2**64, 7]) for i in range(5)]
+    assert shamir.reconstruct_many(same, 3) == [bytes([i]) * 32 for i in range(5)]
+    # long sets exercise the product of differences 8 at a time
+    wide = shamir.split(s, 19, list(range(3, 60, 2)))
+    assert shamir.reconstruct_many([wide], 19) == [s]
+    with pytest.raises(shamir.ShamirError, match="inconsistent"):
+        shamir.reconstruct_many([good, {1: high[1], 2: high[2]}], 2)
+    with pytest.raises(shamir.ShamirError, match="need threshold"):
+        shamir.reconstruct_many([good, {1: good[1]}], 2)
+    with pytest.raises(shamir.ShamirError, match="0 would reveal"):
+        shamir.reconstruct_many([{0: 5, 1: good[1]}], 2)
+    with pytest.raises(shamir.ShamirError, match="threshold must be"):
+        shamir.reconstruct_many([good], 0)
+
+
 def test_shamir_share_bytes_round_trip_and_range() -> None:
     shares = shamir.split(bytes(32), 2, [1, 2])
     for y in shares.values():
@@ -248,6 +309,62 @@ def test_expand_mask_deterministic_domain_separated_and_reduced() -> None:
         crypto.expand_mask(b"short", 10, 32, domain=crypto.MaskDomain.pairwise)
 
 
+@pytest.mark.parametrize("bits", [8, 20, 32, 33, 48, 64])
+@pytest.mark.parametrize("extra", [0, 1, 5])
+def test_accumulate_masks_equals_adding_expanded_masks_one_by_one(bits: int, extra: int) -> None:
+    """The fused, chunked accumulation is exactly ``out + sum(add) - sum(subtract)`` mod 2**bits."""
+    dtype = crypto.storage_dtype(bits)
+    step = crypto._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize
+    length = 2 * step + extra  # crosses chunk boundaries, with a partial last chunk
+    rng = np.random.default_rng(bits + extra)
+    base = rng.integers(0, 2**bits, length, dtype=np.uint64, endpoint=False).astype(dtype)
+    seeds = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(5)]
+    add = [(seeds[0], crypto.MaskDomain.self_mask), (seeds[1], crypto.MaskDomain.pairwise)]
+    subtract = [(s, crypto.MaskDomain.pairwise) for s in seeds[2:]]
+    expected = base.copy()
+    for s, d in add:
+        expected = mod_add(expected, crypto.expand_mask(s, length, bits, domain=d), bits)
+    for s, d in subtract:
+        expected = mod_sub(expected, crypto.expand_mask(s, length, bits, domain=d), bits)
+    out = base.copy()
+    got = crypto.accumulate_masks(out, bits, add=add, subtract=subtract)
+    assert got is out and got.dtype == dtype
+    assert np.array_equal(got, expected)
+    if bits < 8 * got.itemsize:
+        assert int(got.max()) < 2**bits
+    # a mask added and subtracted cancels exactly
+    again = crypto.accumulate_masks(base.copy(), bits, add=add[:1], subtract=add[:1])
+    assert np.array_equal(again, base)
+    # out = base + masks in the same pass; base is left as it was
+    before = base.copy()
+    fresh = np.full(length, 7, dtype=dtype)
+    got = crypto.accumulate_masks(fresh, bits, add=add, subtract=subtract, base=base)
+    assert got is fresh and np.array_equal(got, expected) and np.array_equal(base, before)
+
+
+def test_accumulate_masks_argument_checks() -> None:
+    seed = bytes(range(32))
+    pair = [(seed, crypto.MaskDomain.pairwise)]
+    empty = np.zeros(0, dtype=np.uint32)
+    assert crypto.accumulate_masks(empty, 32, add=pair).size == 0
+    unchanged = np.arange(10, dtype=np.uint32)
+    assert np.array_equal(crypto.accumulate_masks(unchanged.copy(), 32), unchanged)
+    copied = crypto.accumulate_masks(np.zeros(10, dtype=np.uint32), 32, base=unchanged)
+    assert np.array_equal(copied, unchanged)
+    reduced = crypto.accumulate_masks(np.zeros(1, np.uint32), 4, base=np.array([18], np.uint32))
+    assert reduced[0] == 2
+    with pytest.raises(ValueError, match="base must match"):
+        crypto.accumulate_masks(np.zeros(4, dtype=np.uint32), 32, add=pair, base=unchanged)
+    with pytest.raises(ValueError, match="uint32"):
+        crypto.accumulate_masks(np.zeros(4, dtype=np.uint64), 32, add=pair)
+    with pytest.raises(ValueError, match="1-d"):
+        crypto.accumulate_masks(np.zeros((2, 2), dtype=np.uint32), 32, add=pair)
+    with pytest.raises(ValueError, match="contiguous"):
+        crypto.accumulate_masks(np.zeros(8, dtype=np.uint32)[::2], 32, add=pair)
+    with pytest.raises(ValueError, match="32 bytes"):
+        crypto.accumulate_masks(np.zeros(4, dtype=np.uint32), 32, subtract=[(b"short", pair[0][1])])
+
+
 # ---------------------------------------------------------------- encoding
 
 
@@ -293,6 +410,66 @@ def test_codec_round_trip_within_resolution_and_unbiased() -> None:
     assert abs(mean - v[0]) < 6 * codec.resolution / 2 / np.sqrt(4000)
 
 
+def _reference_encode(
+    codec: FixedPointCodec, x: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """The textbook form of the codec's stochastic rounding (whole-array temporaries)."""
+    flat = np.asarray(x).astype(np.float64).ravel()
+    scaled = flat * codec.scale
+    low = np.floor(scaled)
+    up = rng.random(low.shape) < (scaled - low)
+    signed = low.astype(np.int64) + up
+    as_u64 = signed.view(np.uint64)
+    if codec.bits < 64:
+        as_u64 = as_u64 & np.uint64((1 << codec.bits) - 1)
+    return as_u64.astype(codec.dtype)
+
+
+def _reference_decode_signed(codec: FixedPointCodec, total: np.ndarray) -> np.ndarray:
+    if codec.bits == 64:
+        return total.view(np.int64).copy()
+    signed = total.astype(np.int64)
+    signed[signed >= 2 ** (codec.bits - 1)] -= 2**codec.bits
+    return signed
+
+
+@pytest.mark.parametrize("bits", [8, 20, 32, 40, 64])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int16])
+def test_codec_chunked_encode_and_decode_equal_the_textbook_form(bits: int, dtype: type) -> None:
+    """Bit-for-bit the reference computation, the same uniform stream, any length."""
+    from fl_app.secagg import encoding
+
+    n = 5
+    max_abs = 3.0
+    codec = FixedPointCodec(bits=bits, max_abs=max_abs, max_contributors=n, min_precision_bits=2)
+    length = 2 * encoding._ENCODE_CHUNK + 7
+    data = np.random.default_rng(bits)
+    if np.dtype(dtype).kind == "f":
+        x = data.uniform(-max_abs, max_abs, length).astype(dtype)
+        x[:4] = (max_abs, -max_abs, 0.0, -0.0)
+    else:
+        x = data.integers(-3, 4, length).astype(dtype)
+    got = codec.encode(x, np.random.default_rng(7))
+    ref = _reference_encode(codec, x, np.random.default_rng(7))
+    assert got.dtype == codec.dtype and np.array_equal(got, ref)
+    # the same number of uniforms was drawn
+    rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
+    codec.encode(x, rng_a)
+    _reference_encode(codec, x, rng_b)
+    assert rng_a.random() == rng_b.random()
+    # decode: sums of n encodings, including the most negative and positive ones
+    encs = [codec.encode(x, np.random.default_rng(i)) for i in range(n)]
+    total = mod_sum(encs, bits)
+    signed = codec.decode_signed(total, n)
+    assert signed.dtype == np.int64
+    assert np.array_equal(signed, _reference_decode_signed(codec, total))
+    decoded = codec.decode_sum(total, n)
+    assert decoded.dtype == np.float64
+    assert np.array_equal(decoded, signed.astype(np.float64) / codec.scale)
+    assert np.max(np.abs(decoded - n * x.astype(np.float64))) <= n * codec.resolution
+    assert codec.encode(x[:0], np.random.default_rng(0)).shape == (0,)
+
+
 def test_codec_refuses_out_of_range_and_bad_sums() -> None:
     codec = FixedPointCodec(bits=32, max_abs=1.0, max_contributors=10)
     rng = np.random.default_rng(0)
@@ -300,6 +477,11 @@ def test_codec_refuses_out_of_range_and_bad_sums() -> None:
         codec.encode(np.array([0.5, 1.0000001]), rng)
     with pytest.raises(ValueError, match="non-finite"):
         codec.encode(np.array([np.nan]), rng)
+    for bad in (np.inf, -np.inf):
+        with pytest.raises(ValueError, match="non-finite"):
+            codec.encode(np.array([0.5, bad, np.nan]), rng)
+    with pytest.raises(ValueError, match="exceeds max_abs"):
+        codec.encode(np.array([0.5, -1.5]), rng)
     enc = codec.encode(np.array([1.0, -1.0]), rng)
     with pytest.raises(ValueError, match="max_contributors"):
         codec.decode_sum(enc, 11)

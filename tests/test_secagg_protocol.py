@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fl_app.secagg import crypto, shamir
-from fl_app.secagg.encoding import FixedPointCodec
+from fl_app.secagg.encoding import FixedPointCodec, mod_add, mod_sub
 from fl_app.secagg.graph import SecAggParams, derive_params
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
@@ -457,6 +457,73 @@ def test_client_refusal_at_stage3_becomes_a_dropout_and_round_stays_exact() -> N
     assert np.array_equal(res.total, r.expected(res.survivors))
 
 
+def test_client_masked_input_equals_textbook_mask_sum() -> None:
+    """The fused accumulation gives ``x + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv)``
+    computed mask by mask, over a length that spans several accumulation chunks."""
+    for bits in (20, 32, 64):
+        dtype = crypto.storage_dtype(bits)
+        d = 2 * (crypto._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize) + 3
+        r = Round(_params(8, "secaggplus", 0.25, 0.125), _ids(8), bits=bits, d=d, seed=5)
+        s, c = r.server, r.clients
+        req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
+        req3 = s.route_shares({u: c[u].share_keys(req2[u]) for u in r.ids})
+        for u in r.ids:
+            client = c[u]
+            assert client._b is not None and client._s_sk is not None
+            expected = mod_add(
+                r.inputs[u],
+                crypto.expand_mask(bytes(client._b), d, bits, domain=crypto.MaskDomain.self_mask),
+                bits,
+            )
+            for v in req3[u]:
+                seed = crypto.derive_key(
+                    crypto.agree(client._s_sk, req2[u][v].s_pk),
+                    purpose=crypto.KeyPurpose.pairwise_mask,
+                    context=r.context,
+                    node_a=u,
+                    node_b=v,
+                )
+                mask = crypto.expand_mask(seed, d, bits, domain=crypto.MaskDomain.pairwise)
+                op = mod_add if u < v else mod_sub
+                expected = op(expected, mask, bits)
+            before = r.inputs[u].copy()
+            y = client.masked_input(req3[u], r.inputs[u])
+            assert np.array_equal(r.inputs[u], before)  # the caller's input is not touched
+            assert y.dtype == dtype and np.array_equal(y, expected)
+
+
+@pytest.mark.parametrize("bits", [24, 32, 64])
+def test_exact_sum_with_dropouts_over_several_accumulation_chunks(bits: int) -> None:
+    dtype = crypto.storage_dtype(bits)
+    d = 2 * (crypto._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize) + 5
+    params = _params(20, "secaggplus", 0.3, 0.1)
+    r = Round(params, _ids(20), bits=bits, d=d, seed=8)
+    res = r.run({3: set(r.ids[3 : 3 + params.max_dropouts])})
+    assert len(res.dropouts) == params.max_dropouts
+    assert np.array_equal(res.total, r.expected(res.survivors))
+
+
+def test_inconsistent_self_mask_shares_abandon_naming_the_node() -> None:
+    """Batched reconstruction falls back to node-by-node so the reason names the node."""
+    r = _setup(8, "secagg")
+    s, c = r.server, r.clients
+    req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
+    req3 = s.route_shares({u: c[u].share_keys(req2[u]) for u in r.ids})
+    req4 = s.collect_masked_inputs({u: c[u].masked_input(req3[u], r.inputs[u]) for u in req3})
+    replies = {u: c[u].unmask(req4.survivors, req4.dropouts) for u in req4.survivors}
+    victim = req4.survivors[3]
+    holder = min(replies)  # the smallest share id is always among the t used
+    rep = replies[holder]
+    forged = shamir.share_to_bytes(shamir.share_from_bytes(rep.self_mask_shares[victim]) + 1)
+    replies[holder] = UnmaskReply(
+        self_mask_shares={**rep.self_mask_shares, victim: forged}, key_shares=rep.key_shares
+    )
+    with pytest.raises(RoundAbandoned) as info:
+        s.unmask(replies)
+    assert info.value.stage is Stage.unmask
+    assert f"self-mask seed of node {victim}" in info.value.reason
+
+
 def test_stage_order_is_enforced_and_wipe_is_final() -> None:
     r = _setup(8, "secagg")
     client = r.clients[r.ids[0]]
@@ -478,9 +545,42 @@ def test_unmask_wipes_client_secrets() -> None:
     r.run()
     for client in r.clients.values():
         assert client._b is None and client._c_sk is None and client._s_sk is None
-        assert client._shares == {}
+        assert client._shares == {} and client._enc_keys == {}
         with pytest.raises(StageOrderError):
             client.unmask([], [])
+
+
+def test_stage2_encryption_keys_are_reused_in_stage3_and_then_dropped() -> None:
+    """Stage 3 decrypts with the AEAD keys derived in stage 2 (kept in the state until
+    stage 3 ends); a state without them (older export) derives them again, same result."""
+    r = _setup(8, "secaggplus", seed=4)
+    s = r.server
+
+    def resume(state: Mapping[str, bytes]) -> ClientSession:
+        return ClientSession.from_state(state, r.params, vector_length=r.d, bits=32, cohort=r.ids)
+
+    req2 = s.collect_public_keys({u: r.clients[u].advertise() for u in r.ids})
+    req3 = s.route_shares({u: r.clients[u].share_keys(req2[u]) for u in r.ids})
+    ys = {}
+    for u in r.ids:
+        state = r.clients[u].to_state()
+        raw = state["enc_keys"]
+        assert len(raw) == (8 + crypto.KEY_BYTES) * len(req2[u])
+        cached = resume(state)
+        derived = resume({k: v for k, v in state.items() if k != "enc_keys"})
+        assert set(cached._enc_keys) == set(req2[u]) and not derived._enc_keys
+        ys[u] = cached.masked_input(req3[u], r.inputs[u])
+        assert np.array_equal(ys[u], derived.masked_input(req3[u], r.inputs[u]))
+        assert "enc_keys" not in cached.to_state() and cached._enc_keys == {}
+        with pytest.raises(ValueError, match="enc_keys"):
+            resume({**state, "enc_keys": raw[:-1]})
+        stranger = (2**64 - 2).to_bytes(8, "big") + bytes(crypto.KEY_BYTES)
+        with pytest.raises(ValueError, match="not a neighbour"):
+            resume({**state, "enc_keys": stranger})
+        r.clients[u] = cached
+    req4 = s.collect_masked_inputs(ys)
+    res = s.unmask({u: r.clients[u].unmask(req4.survivors, req4.dropouts) for u in r.ids})
+    assert np.array_equal(res.total, r.expected(r.ids))
 
 
 def test_client_state_survives_a_process_boundary() -> None:

@@ -60,6 +60,9 @@ __all__ = [
 
 DEFAULT_MIN_PRECISION_BITS = 12
 _MAX_EXACT = 2**53
+# Coordinates encoded per step: four float64/bool scratch buffers of 16k entries
+# (~400 KiB) stay in L2.
+_ENCODE_CHUNK = 1 << 14
 
 
 class FixedPointConfigError(ValueError):
@@ -206,30 +209,57 @@ class FixedPointCodec:
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiub":
             raise ValueError(f"encode expects a real array, got dtype {arr.dtype}")
-        flat = arr.astype(np.float64, copy=False).ravel()
+        flat = arr.ravel()
         if flat.size:
-            if not np.all(np.isfinite(flat)):
+            # max and min propagate NaN and expose +-inf: two passes, no temporaries.
+            hi, lo = float(flat.max()), float(flat.min())
+            if not (np.isfinite(hi) and np.isfinite(lo)):
                 raise ValueError("encode got a non-finite value (NaN/inf); refuse to encode")
-            peak = float(np.max(np.abs(flat)))
+            peak = max(abs(hi), abs(lo))
             if peak > self.max_abs:
                 raise ValueError(
                     f"a value of magnitude {peak:.6g} exceeds max_abs={self.max_abs}; "
                     "clip the update before encoding (values never wrap silently)"
                 )
-        scaled = flat * self.scale  # exact: scale is a power of two
-        low = np.floor(scaled)
-        up = rng.random(low.shape) < (scaled - low)
-        signed = low.astype(np.int64) + up
-        return self._to_ring(signed)
+        return self._encode_checked(flat, rng)
 
-    def _to_ring(self, signed: np.ndarray) -> np.ndarray:
-        as_u64 = signed.astype(np.int64, copy=False).view(np.uint64)
-        if self.bits < 64:
-            as_u64 = as_u64 & np.uint64((1 << self.bits) - 1)
-        return as_u64.astype(self.dtype, copy=False)
+    def _encode_checked(self, flat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Stochastic rounding of a checked 1-d array, a cache-sized chunk at a time.
 
-    def decode_signed(self, total: np.ndarray, num_contributors: int) -> np.ndarray:
-        """Signed integer value (int64) of a modular sum of ``num_contributors`` encodings."""
+        Per coordinate exactly what the textbook form computes (kept in the tests as the
+        reference): ``scaled = x * s`` (exact, ``s`` a power of two), ``low =
+        floor(scaled)``, ``up = U < scaled - low`` with ``U = rng.random()`` drawn in
+        coordinate order, result ``low + up`` mod ``2**bits``. Working in chunks of
+        :data:`_ENCODE_CHUNK` reuses a few small buffers instead of allocating about ten
+        full-length float64/int64 temporaries, and draws the same uniform stream.
+        """
+        out = np.empty(flat.size, dtype=self.dtype)
+        # Encoded values satisfy |v| <= max_encoded < 2**(bits-1): they fit the signed
+        # type of the storage width, whose two's complement bits are v mod 2**width.
+        signed_out = out.view(np.int32 if out.itemsize == 4 else np.int64)
+        step = min(_ENCODE_CHUNK, max(flat.size, 1))
+        scaled = np.empty(step)
+        low = np.empty(step)
+        uniform = np.empty(step)
+        up = np.empty(step, dtype=bool)
+        for start in range(0, flat.size, step):
+            stop = min(start + step, flat.size)
+            m = stop - start
+            sc, lo_, un, upc = scaled[:m], low[:m], uniform[:m], up[:m]
+            np.multiply(flat[start:stop], self.scale, out=sc, dtype=np.float64)
+            np.floor(sc, out=lo_)
+            np.subtract(sc, lo_, out=sc)  # frac(x*s), exact
+            rng.random(out=un)
+            np.less(un, sc, out=upc)
+            np.add(lo_, upc, out=lo_)  # an integer below 2**53: exact
+            np.copyto(signed_out[start:stop], lo_, casting="unsafe")
+        mask = _modulus_mask(self.bits, self.dtype)
+        if mask is not None:
+            np.bitwise_and(out, mask, out=out)
+        return out
+
+    def _signed_view(self, total: np.ndarray, num_contributors: int) -> np.ndarray:
+        """Checked two's-complement value of a modular sum in the storage width's signed type."""
         n = num_contributors
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_contributors:
             raise ValueError(
@@ -239,13 +269,17 @@ class FixedPointCodec:
         arr = np.asarray(total)
         if arr.dtype != self.dtype:
             raise ValueError(f"expected a {np.dtype(self.dtype)} sum, got dtype {arr.dtype}")
-        if self.bits < 8 * arr.itemsize and arr.size and int(arr.max()) >> self.bits:
+        width = 8 * arr.itemsize
+        if self.bits < width and arr.size and int(arr.max()) >> self.bits:
             raise ValueError(f"sum has elements >= 2**{self.bits}: not reduced mod 2**bits")
-        if self.bits == 64:
-            signed = arr.view(np.int64).copy()
+        signed_type = np.int32 if width == 32 else np.int64
+        if self.bits == width:
+            signed = arr.view(signed_type)
         else:
-            signed = arr.astype(np.int64)
-            signed[signed >= 2 ** (self.bits - 1)] -= 2**self.bits
+            # Sign-extend from bit bits-1: shift it to the top, arithmetic shift back.
+            shift = signed_type(width - self.bits)
+            signed = np.left_shift(arr, arr.dtype.type(shift)).view(signed_type)
+            np.right_shift(signed, shift, out=signed)
         bound = n * self.max_encoded
         if signed.size and max(int(signed.max()), -int(signed.min())) > bound:
             raise ValueError(
@@ -254,10 +288,17 @@ class FixedPointCodec:
             )
         return signed
 
+    def decode_signed(self, total: np.ndarray, num_contributors: int) -> np.ndarray:
+        """Signed integer value (int64) of a modular sum of ``num_contributors`` encodings."""
+        return self._signed_view(total, num_contributors).astype(np.int64)
+
     def decode_sum(self, total: np.ndarray, num_contributors: int) -> np.ndarray:
         """Decode a modular sum of ``num_contributors`` encodings into float64.
 
         Elements ``>= 2**(bits-1)`` are negative (two's complement). Raises if the
         magnitude exceeds what ``num_contributors`` honest encodings can produce.
         """
-        return self.decode_signed(total, num_contributors).astype(np.float64) / self.scale
+        signed = self._signed_view(total, num_contributors)
+        # One pass: the signed integers (|v| <= n * max_encoded <= 2**53) convert to
+        # float64 exactly and dividing by the power-of-two scale is exact.
+        return np.divide(signed, self.scale, dtype=np.float64)

@@ -218,16 +218,10 @@ def _vector_problem(y: object, dtype: type, length: int, bits: int) -> str | Non
     return None
 
 
-def _pairwise_mask(
-    s_sk: crypto.X25519PrivateKey,
-    peer_s_pk: bytes,
-    *,
-    me: int,
-    peer: int,
-    context: bytes,
-    length: int,
-    bits: int,
-) -> np.ndarray:
+def _pairwise_seed(
+    s_sk: crypto.X25519PrivateKey, peer_s_pk: bytes, *, me: int, peer: int, context: bytes
+) -> tuple[bytes, crypto.MaskDomain]:
+    """``(s_uv, pairwise domain)``: the PRG input of the pairwise mask of ``me`` and ``peer``."""
     seed = crypto.derive_key(
         crypto.agree(s_sk, peer_s_pk),
         purpose=crypto.KeyPurpose.pairwise_mask,
@@ -235,11 +229,7 @@ def _pairwise_mask(
         node_a=me,
         node_b=peer,
     )
-    return crypto.expand_mask(seed, length, bits, domain=crypto.MaskDomain.pairwise)
-
-
-def _self_mask(seed: bytes, length: int, bits: int) -> np.ndarray:
-    return crypto.expand_mask(seed, length, bits, domain=crypto.MaskDomain.self_mask)
+    return seed, crypto.MaskDomain.pairwise
 
 
 def _reduce(x: np.ndarray, bits: int) -> np.ndarray:
@@ -319,6 +309,9 @@ class ClientSession:
         self._neighbours: dict[int, PublicKeys] = {}
         # node -> (share of b_node, share of s_sk_node) held by this client, own included.
         self._shares: dict[int, tuple[int, int]] = {}
+        # neighbour -> AEAD key of the pair, derived in stage 2 and reused to decrypt in
+        # stage 3 (the key is symmetric in the pair); dropped once stage 3 is done.
+        self._enc_keys: dict[int, bytes] = {}
 
     @property
     def stage(self) -> int:
@@ -396,8 +389,10 @@ class ClientSession:
         b_shares = shamir.split(bytes(b), t, points, randbytes=self._entropy)
         s_shares = shamir.split(s_raw, t, points, randbytes=self._entropy)
         out: dict[int, bytes] = {}
+        enc_keys: dict[int, bytes] = {}
         for v, v_keys in neighbours.items():
             key = _encryption_key(self._c_sk, v_keys.c_pk, self.node_id, v, self.context)
+            enc_keys[v] = key
             out[v] = crypto.encrypt(
                 key,
                 _pack_plaintext(b_shares[_point(v)], s_shares[_point(v)]),
@@ -409,6 +404,7 @@ class ClientSession:
         me = _point(self.node_id)
         self._b = b
         self._neighbours = neighbours
+        self._enc_keys = enc_keys
         self._shares = {self.node_id: (b_shares[me], s_shares[me])}
         self._stage = Stage.share_keys
         return out
@@ -440,7 +436,7 @@ class ClientSession:
             v = int(raw_id) if isinstance(raw_id, (int, np.integer)) else -1
             if v not in self._neighbours:
                 raise ClientRefusal(stage, f"ciphertext from {raw_id!r}, not a neighbour")
-            key = _encryption_key(
+            key = self._enc_keys.get(v) or _encryption_key(
                 self._c_sk, self._neighbours[v].c_pk, self.node_id, v, self.context
             )
             try:
@@ -456,25 +452,25 @@ class ClientSession:
                 f"only {len(received) + 1} share holders (self included) completed stage 2; "
                 f"threshold is {self.params.threshold}",
             )
-        y = encoded.copy()
-        np.add(y, _self_mask(bytes(self._b), self.vector_length, self.bits), out=y)
+        # y = x + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv), all masks
+        # generated and accumulated chunk by chunk (crypto.accumulate_masks).
+        add = [(bytes(self._b), crypto.MaskDomain.self_mask)]
+        subtract: list[tuple[bytes, crypto.MaskDomain]] = []
         for v in sorted(received):
-            mask = _pairwise_mask(
+            pair = _pairwise_seed(
                 self._s_sk,
                 self._neighbours[v].s_pk,
                 me=self.node_id,
                 peer=v,
                 context=self.context,
-                length=self.vector_length,
-                bits=self.bits,
             )
-            if self.node_id < v:
-                np.add(y, mask, out=y)
-            else:
-                np.subtract(y, mask, out=y)
+            (add if self.node_id < v else subtract).append(pair)
+        y = np.empty_like(encoded)
+        crypto.accumulate_masks(y, self.bits, add=add, subtract=subtract, base=encoded)
         self._shares.update(received)
+        self._enc_keys.clear()
         self._stage = Stage.masked_input
-        return _reduce(y, self.bits)
+        return y
 
     def unmask(self, survivors: Iterable[int], dropouts: Iterable[int]) -> UnmaskReply:
         """Stage 4: self-mask shares of survivors, key shares of dropouts; then wipe.
@@ -529,6 +525,7 @@ class ClientSession:
         self._s_sk = None
         self._shares.clear()
         self._neighbours.clear()
+        self._enc_keys.clear()
         self._wiped = True
 
     # ---- state between processes (Flower starts a fresh ClientApp per message) ----
@@ -537,7 +534,9 @@ class ClientSession:
         """Everything needed to resume in another process, as bytes values.
 
         Contains secrets: keep it in the SuperNode's ``Context.state`` only, never in a
-        checkpoint or log, and delete it after stage 4.
+        checkpoint or log, and delete it after stage 4. Between stages 2 and 3 it also
+        holds the pairwise share-encryption keys (``enc_keys``), derived from ``c_sk``
+        which the state holds anyway, so stage 3 need not repeat those key agreements.
         """
         if self._wiped:
             raise StageOrderError("session was wiped; nothing to export")
@@ -558,6 +557,10 @@ class ClientSession:
             struct.pack(">Q", v) + shamir.share_to_bytes(bs) + shamir.share_to_bytes(ss)
             for v, (bs, ss) in sorted(self._shares.items())
         )
+        if self._enc_keys:
+            state["enc_keys"] = b"".join(
+                struct.pack(">Q", v) + key for v, key in sorted(self._enc_keys.items())
+            )
         return state
 
     @classmethod
@@ -607,6 +610,15 @@ class ClientSession:
                     shamir.share_from_bytes(raw[i + 8 : cut]),
                     shamir.share_from_bytes(raw[cut : i + item]),
                 )
+            item = 8 + crypto.KEY_BYTES
+            raw = state.get("enc_keys", b"")
+            if len(raw) % item:
+                raise ValueError(f"enc_keys holds {len(raw)} bytes, not a multiple of {item}")
+            for i in range(0, len(raw), item):
+                (v,) = struct.unpack(">Q", raw[i : i + 8])
+                if v not in session._neighbours:
+                    raise ValueError(f"enc_keys names {v}, not a neighbour")
+                session._enc_keys[v] = bytes(raw[i + 8 : i + item])
         except (KeyError, IndexError, struct.error, TypeError) as exc:
             raise ValueError(f"malformed client secagg state: {exc!r}") from exc
         needs_keys = stage >= Stage.advertise
@@ -930,11 +942,17 @@ class ServerSession:
 
         t = self.params.threshold
         total = self._total
-        for v in sorted(u3):
-            seed = self._reconstruct(stage, v, b_shares[v], t, "self-mask seed")
-            np.subtract(total, _self_mask(seed, self.vector_length, self.bits), out=total)
-        for v in sorted(dropouts):
-            raw = self._reconstruct(stage, v, s_shares[v], t, "masking key")
+        # Every mask to remove, then one pass over the sum (crypto.accumulate_masks):
+        # the survivors' self-masks, and each dropout's pairwise masks with its
+        # surviving neighbours (w added +mask if w < v, else -mask: undo it).
+        add: list[tuple[bytes, crypto.MaskDomain]] = []
+        subtract: list[tuple[bytes, crypto.MaskDomain]] = []
+        survivors = sorted(u3)
+        for seed in self._reconstruct_all(stage, survivors, b_shares, t, "self-mask seed"):
+            subtract.append((seed, crypto.MaskDomain.self_mask))
+        gone = sorted(dropouts)
+        keys = self._reconstruct_all(stage, gone, s_shares, t, "masking key")
+        for v, raw in zip(gone, keys, strict=True):
             s_sk = crypto.private_key_from_bytes(raw)
             if crypto.public_key_bytes(s_sk) != self.keys[v].s_pk:
                 raise self._abandon(
@@ -943,28 +961,36 @@ class ServerSession:
             for w in self.graph[v]:
                 if w not in u3:
                     continue
-                mask = _pairwise_mask(
-                    s_sk,
-                    self.keys[w].s_pk,
-                    me=v,
-                    peer=w,
-                    context=self.context,
-                    length=self.vector_length,
-                    bits=self.bits,
-                )
-                # survivor w added +mask if w < v, else -mask: undo it.
-                if w < v:
-                    np.subtract(total, mask, out=total)
-                else:
-                    np.add(total, mask, out=total)
+                pair = _pairwise_seed(s_sk, self.keys[w].s_pk, me=v, peer=w, context=self.context)
+                (subtract if w < v else add).append(pair)
+        crypto.accumulate_masks(total, self.bits, add=add, subtract=subtract)
         self._total = None
         self._stage = stage
         return AggregateResult(
-            total=_reduce(total, self.bits),
+            total=total,
             survivors=tuple(sorted(u3)),
             dropouts=tuple(sorted(dropouts)),
             rejections=tuple(self.rejections),
         )
+
+    def _reconstruct_all(
+        self,
+        stage: Stage,
+        nodes: list[int],
+        shares: Mapping[int, Mapping[int, int]],
+        t: int,
+        what: str,
+    ) -> list[bytes]:
+        """The secrets of ``nodes`` (in order), as :meth:`_reconstruct` would give them one by one.
+
+        All Lagrange coefficients share one modular inversion
+        (:func:`~fl_app.secagg.shamir.reconstruct_many`); on any failure the nodes are
+        retried one by one so the abandonment names the first node that failed.
+        """
+        try:
+            return shamir.reconstruct_many([shares[v] for v in nodes], t)
+        except shamir.ShamirError:
+            return [self._reconstruct(stage, v, shares[v], t, what) for v in nodes]
 
     def _reconstruct(
         self, stage: Stage, node: int, shares: Mapping[int, int], t: int, what: str

@@ -23,6 +23,7 @@ protocol's trust model is an honest-but-curious server, ARCHITECTURE §2).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -37,6 +38,7 @@ __all__ = [
     "random_field_element",
     "reconstruct",
     "reconstruct_int",
+    "reconstruct_many",
     "share_from_bytes",
     "share_to_bytes",
     "split",
@@ -132,18 +134,67 @@ def split(
     return {x: evaluate_polynomial(coefficients, x) for x in ids}
 
 
+def _batch_inverse(values: Sequence[int]) -> list[int]:
+    """Inverses mod p of non-zero field elements with one ``pow`` (Montgomery's trick)."""
+    prefix = [1] * (len(values) + 1)
+    for i, v in enumerate(values):
+        prefix[i + 1] = prefix[i] * v % PRIME
+    inv = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
+    return out
+
+
+def _product_mod(values: Sequence[int]) -> int:
+    """``prod(values) mod p``, multiplying 8 values at a time exactly (``math.prod`` in C)."""
+    acc = 1
+    for i in range(0, len(values), 8):
+        acc = acc * math.prod(values[i : i + 8]) % PRIME
+    return acc
+
+
+def _lagrange_batch(id_sets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Lagrange basis values at 0 of several point sets, sharing one modular inversion.
+
+    ``l_i = prod_{j != i} x_j / prod_{j != i} (x_j - x_i)``: numerators from prefix and
+    suffix products, denominators from a few exact products of small differences, and
+    all denominators of all distinct sets inverted together (:func:`_batch_inverse`).
+    A set listed twice (every node of a complete graph is reconstructed from the same
+    holders) is computed once. The ids must be distinct and non-zero (every caller
+    checks).
+    """
+    distinct = list(dict.fromkeys(id_sets))
+    nums: list[int] = []
+    dens: list[int] = []
+    for ids in distinct:
+        m = len(ids)
+        prefix = [1] * (m + 1)
+        for i, x in enumerate(ids):
+            prefix[i + 1] = prefix[i] * x % PRIME
+        suffix = 1
+        set_nums = [0] * m
+        for i in range(m - 1, -1, -1):
+            set_nums[i] = prefix[i] * suffix % PRIME
+            suffix = suffix * ids[i] % PRIME
+        nums.extend(set_nums)
+        dens.extend(_product_mod([xj - xi for xj in ids if xj != xi]) for xi in ids)
+    invs = _batch_inverse(dens)
+    coefficients: dict[tuple[int, ...], tuple[int, ...]] = {}
+    pos = 0
+    for ids in distinct:
+        end = pos + len(ids)
+        coefficients[ids] = tuple(
+            n * d % PRIME for n, d in zip(nums[pos:end], invs[pos:end], strict=True)
+        )
+        pos = end
+    return [coefficients[ids] for ids in id_sets]
+
+
 @lru_cache(maxsize=256)
 def _lagrange_cached(ids: tuple[int, ...]) -> tuple[int, ...]:
-    coefficients = []
-    for i, xi in enumerate(ids):
-        num = 1
-        den = 1
-        for j, xj in enumerate(ids):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        coefficients.append(num * pow(den, -1, PRIME) % PRIME)
-    return tuple(coefficients)
+    return _lagrange_batch([ids])[0]
 
 
 def lagrange_coefficients_at_zero(share_ids: Sequence[int]) -> tuple[int, ...]:
@@ -185,6 +236,15 @@ def reconstruct_int(shares: Mapping[int, int] | Iterable[tuple[int, int]], thres
     return sum(c * y for c, (_, y) in zip(coefficients, used, strict=True)) % PRIME
 
 
+def _to_secret(value: int) -> bytes:
+    if value >> (8 * SECRET_BYTES):
+        raise ShamirError(
+            "shares do not reconstruct a 32-byte secret: they are inconsistent "
+            "(corrupted, from different secrets, or split with a higher threshold)"
+        )
+    return value.to_bytes(SECRET_BYTES, "big")
+
+
 def reconstruct(shares: Mapping[int, int] | Iterable[tuple[int, int]], threshold: int) -> bytes:
     """Reconstruct a 32-byte secret split by :func:`split`.
 
@@ -194,13 +254,35 @@ def reconstruct(shares: Mapping[int, int] | Iterable[tuple[int, int]], threshold
         Fewer than ``threshold`` shares, duplicate/zero ids, or a result that is not a
         32-byte secret (the shares are inconsistent: wrong threshold or corrupted).
     """
-    value = reconstruct_int(shares, threshold)
-    if value >> (8 * SECRET_BYTES):
-        raise ShamirError(
-            "shares do not reconstruct a 32-byte secret: they are inconsistent "
-            "(corrupted, from different secrets, or split with a higher threshold)"
-        )
-    return value.to_bytes(SECRET_BYTES, "big")
+    return _to_secret(reconstruct_int(shares, threshold))
+
+
+def reconstruct_many(
+    share_sets: Sequence[Mapping[int, int] | Iterable[tuple[int, int]]], threshold: int
+) -> list[bytes]:
+    """:func:`reconstruct` of every share set, with one modular inversion for all of them.
+
+    The server of a sparse-graph round reconstructs one secret per node, each from a
+    different set of holders; computing the Lagrange coefficients of all sets together
+    replaces a ``pow`` per coefficient with one. Results and errors are those of
+    :func:`reconstruct` applied to each set in order (the first failing set raises).
+    """
+    t = _check_threshold(threshold)
+    used_sets: list[list[tuple[int, int]]] = []
+    for shares in share_sets:
+        items = _normalise(shares)
+        if len(items) < t:
+            raise ShamirError(
+                f"need threshold={t} shares to reconstruct, got {len(items)}; "
+                "collect more shares (fewer than t reveal nothing by design)"
+            )
+        items.sort()
+        used_sets.append(items[:t])
+    coefficient_sets = _lagrange_batch([tuple(x for x, _ in used) for used in used_sets])
+    return [
+        _to_secret(sum(c * y for c, (_, y) in zip(cs, used, strict=True)) % PRIME)
+        for cs, used in zip(coefficient_sets, used_sets, strict=True)
+    ]
 
 
 def share_to_bytes(share: int) -> bytes:
