@@ -3,6 +3,7 @@
 #   make test    the full test suite (what CI runs)
 VENV ?= .venv
 ARGS ?=
+BENCH_OUT ?= docs/performance.md
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-fast lint bench
@@ -23,5 +24,8 @@ lint: setup
 	$(VENV)/bin/ruff check fl_app strategies tests scripts
 	$(VENV)/bin/mypy fl_app strategies
 
+# The benchmark suite (< 15 min on 2 cores): one Markdown document, written into
+# docs/performance.md between its benchmark markers.
+# Smoke test: make bench ARGS=--quick BENCH_OUT=/tmp/bench.md
 bench: setup
-	$(VENV)/bin/python scripts/bench_rounds.py $(ARGS)
+	$(VENV)/bin/python -m benchmarks --out $(BENCH_OUT) $(ARGS)

@@ -20,9 +20,9 @@ per stage, the slowest client.
     .venv/bin/python scripts/bench_secagg.py            # N in {10, 50, 100}, P in {100k, 1M}
     .venv/bin/python scripts/bench_secagg.py --quick    # N in {10, 50}, P = 100k, 1 repeat
 
-Flower's legacy SecAgg+ workflow is not run here (see the report in the issue note:
-it needs the legacy ``Driver``/``NumPyClient`` stack and the measured 8-10x figures are
-in FLOWER_NOTES.md).
+Flower's legacy SecAgg+ workflow is not run here: ``benchmarks/legacy_secaggplus.py``
+runs it on the same in-process Grid with the same fixed updates (:func:`fixed_update`),
+and ``python -m benchmarks --only secagg`` puts the three side by side.
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ class Timer:
 _UPDATES: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
 
-def _update(arrays: dict[str, np.ndarray], node: int) -> dict[str, np.ndarray]:
-    """The client's "trained" update: drawn once per (node, size), so training costs ~0."""
+def fixed_update(arrays: dict[str, np.ndarray], node: int) -> dict[str, np.ndarray]:
+    """The client's "trained" update: drawn once per (node, size), so training costs ~0.
+
+    Also the update of the legacy SecAgg+ baseline (``benchmarks/legacy_secaggplus.py``),
+    so both protocols aggregate the same numbers.
+    """
     key = (node, sum(v.size for v in arrays.values()))
     if key not in _UPDATES:
         rng = np.random.default_rng(node % 2**32)
@@ -96,7 +100,7 @@ def make_client(timer: Timer) -> ClientApp:
             return handle_key_stage(msg, context, stage)
         arrays = from_array_record(msg.content.array_records["arrays"])
         rnd = int(msg.content.config_records["config"][SERVER_ROUND])  # type: ignore[arg-type]
-        update = _update(arrays, int(context.node_id))
+        update = fixed_update(arrays, int(context.node_id))
         if stage is None:
             metrics = MetricRecord({NUM_EXAMPLES: 100, SERVER_ROUND: rnd, "train-loss": 1.0})
             return Message(
@@ -111,6 +115,14 @@ def make_client(timer: Timer) -> ClientApp:
 
 
 def one_config(n: int, params: int, secure: bool, rounds: int) -> dict[str, float]:
+    """Medians over ``rounds`` rounds of :func:`one_config_rounds`."""
+    return {
+        k: statistics.median(v) for k, v in one_config_rounds(n, params, secure, rounds).items()
+    }
+
+
+def one_config_rounds(n: int, params: int, secure: bool, rounds: int) -> dict[str, list[float]]:
+    """Run ``rounds`` rounds of one configuration; every measure, round by round."""
     timer = Timer()
     grid = InProcessGrid(make_client(timer), n, seed=0)
     arrays = {"w": np.zeros(params, dtype=np.float32)}
@@ -154,7 +166,7 @@ def one_config(n: int, params: int, secure: bool, rounds: int) -> dict[str, floa
             out["critical"].append(wall - timer.seconds + sum(slowest.values()))
     finally:
         grid.close()
-    return {k: statistics.median(v) for k, v in out.items()}
+    return out
 
 
 def main() -> None:
