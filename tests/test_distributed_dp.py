@@ -69,9 +69,14 @@ def test_rotation_is_orthonormal_and_inverts() -> None:
     assert y.shape == (1024,)
     assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
     np.testing.assert_allclose(rot.inverse(y), x, rtol=0, atol=1e-12)
-    # The transform is its own inverse, and the seed (public) fixes the signs.
-    z = rng.normal(size=64)
-    np.testing.assert_allclose(fwht(fwht(z.copy())), z, atol=1e-12)
+    # The transform is its own inverse, equals the dense orthonormal Hadamard matrix
+    # (below and above the 64-block), and the seed (public) fixes the signs.
+    from scipy.linalg import hadamard
+
+    for n in (1, 2, 32, 64, 256):
+        z = rng.normal(size=n)
+        np.testing.assert_allclose(fwht(z.copy()), hadamard(n) @ z / math.sqrt(n), atol=1e-12)
+        np.testing.assert_allclose(fwht(fwht(z.copy())), z, atol=1e-12)
     assert np.array_equal(Rotation(b"round-1", 1000).signs, rot.signs)
     assert not np.array_equal(Rotation(b"round-2", 1000).signs, rot.signs)
     # Flattening: a spike spreads over every coordinate (|y_j| = 1/sqrt(d')).
@@ -107,9 +112,11 @@ def _discrete_gaussian_pmf(sigma: float, support: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("sigma", [0.7, 3.0, 40.0])
-def test_discrete_gaussian_sampler_matches_the_distribution(sigma: float) -> None:
+@pytest.mark.parametrize("with_words", [False, True], ids=["uniforms", "words"])
+def test_discrete_gaussian_sampler_matches_the_distribution(sigma: float, with_words: bool) -> None:
     n = 200_000
-    draws = sample_discrete_gaussian(sigma, n, SecureNoise().uniform)
+    source = SecureNoise()
+    draws = sample_discrete_gaussian(sigma, n, source.uniform, source.words if with_words else None)
     assert draws.dtype == np.int64 and draws.shape == (n,)
     grid = np.arange(-int(12 * sigma) - 1, int(12 * sigma) + 2)
     pmf = _discrete_gaussian_pmf(sigma, grid)

@@ -76,10 +76,13 @@ class SecureNoise:
         nonce = os.urandom(16)
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
+    def words(self, n: int) -> np.ndarray:
+        """``n`` uniform 64-bit words (a read-only view of fresh keystream)."""
+        return np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
+
     def uniform(self, n: int) -> np.ndarray:
         """``n`` doubles uniform on (0, 1] with 53 random bits each."""
-        raw = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
-        return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * _INV_2_53
+        return uniform_from_words(self.words(n))
 
     def normal(self, std: float, size: int) -> np.ndarray:
         _check_std(std, size)
@@ -92,6 +95,14 @@ class SecureNoise:
         angle = _TWO_PI * u2
         out = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:size]
         return out * std
+
+
+def uniform_from_words(words: np.ndarray) -> np.ndarray:
+    """Doubles uniform on (0, 1] from the top 53 bits of each 64-bit word."""
+    out = (words >> np.uint64(11)).astype(np.float64)
+    out += 1.0
+    out *= _INV_2_53
+    return out
 
 
 def noise_source(secure: bool, seed: int, stream: Sequence[int] = ()) -> NoiseSource:
