@@ -62,8 +62,12 @@ the paper's code uses the same):
 ``rdp.compute_epsilon``. This bound is looser than the exact subsampled-Gaussian
 analysis central DP gets, so at the same ε distributed DP needs somewhat more noise.
 
-Trust assumptions: clients run this code honestly (a client can skew but not reveal
-the sum); at least ``n_min`` of a round's shares come from honest clients (shares of
+Trust assumptions: the server is honest-but-curious, so the round parameters it sends
+(``z``, ``n_min``, ``γ``) are the configured ones (a client checks their consistency
+with the round, not their value; a site policy is where a client would cap them);
+clients run this code honestly (a client can skew but not reveal the sum, and one that
+aligns its update with the public rotation can make coordinates wrap, which only
+damages the model); at least ``n_min`` of a round's shares come from honest clients (shares of
 clients colluding with the server are known to it: with ``f`` colluders the noise the
 server cannot remove is ``σ²·(n_min − f)/n_min``); the rotation seed is public and the
 rounding and noise bits are not (ChaCha20 under a fresh OS-random key per encoding).
