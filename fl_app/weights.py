@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported lazily: the array-record helpers serve
     from torch import nn
 
 __all__ = [
+    "array_view",
     "flatten",
     "from_array_record",
     "l2_norm",
@@ -44,6 +45,42 @@ __all__ = [
     "unflatten",
     "weights_digest",
 ]
+
+
+def array_view(raw: bytes, dtype: np.dtype | str, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only view of the ``.npy`` bytes of a Flower ``Array`` (``Array.data``).
+
+    ``Array.numpy()`` copies every array through ``np.load``; for updates of millions of
+    values from many clients the copy is a large part of the server's ingestion. The
+    header is parsed by numpy's own ``.npy`` reader (literal-only, never pickle), the
+    declared dtype and shape must be the expected ones (C order), the data length must
+    be exact, and the data is viewed in place. ``ValueError`` on any mismatch.
+    """
+    import io
+
+    want = np.dtype(dtype)
+    buf = io.BytesIO(raw)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        found_shape, fortran, found = np.lib.format.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        found_shape, fortran, found = np.lib.format.read_array_header_2_0(buf)
+    else:
+        raise ValueError(f".npy version {version} not accepted")
+    if tuple(found_shape) != tuple(shape) or found != want:
+        raise ValueError(
+            f"array decodes to {found}{list(found_shape)}, expected {want}{list(shape)}"
+        )
+    if fortran and len(shape) > 1:
+        raise ValueError("array is stored in Fortran order; expected C order")
+    offset = buf.tell()
+    count = math.prod(shape)
+    if len(raw) - offset != count * want.itemsize:
+        raise ValueError(
+            f"array holds {len(raw) - offset} data bytes, expected {count * want.itemsize}"
+        )
+    return np.frombuffer(raw, dtype=want, count=count, offset=offset).reshape(shape)
+
 
 # numpy dtype -> safetensors dtype code (the codes safetensors.numpy can read back).
 _ST_DTYPES: dict[np.dtype, str] = {

@@ -34,7 +34,6 @@ masked input; a malicious client can skew, but not reveal, the sum).
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import math
@@ -60,6 +59,7 @@ from fl_app.secagg.protocol import (
 )
 from fl_app.secagg.vector import DecodedSum, VectorLayout, pack_ids, round_codec, unpack_ids
 from fl_app.secagg.wire import payload_bytes, unpack_ring, wire_packed
+from fl_app.weights import array_view
 from strategies.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -312,38 +312,13 @@ def _payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
             f"masked vector declared {arr.dtype}{list(arr.shape)}, expected {dtype}[{size}]"
         )
     try:
-        y = _npy_view(arr.data, dtype, size)
+        y = array_view(arr.data, dtype, (size,))
     # Bytes from a process we do not control: any decoding failure means "malformed".
     except Exception as err:
         raise ValueError(f"masked vector does not decode: {type(err).__name__}: {err}") from None
     if wire_packed(bits):
         return unpack_ring(y, length, bits)
     return y
-
-
-def _npy_view(raw: bytes, dtype: np.dtype, size: int) -> np.ndarray:
-    """A read-only view of the 1-d ``.npy`` payload in ``raw`` (Flower's Array bytes).
-
-    ``Array.numpy()`` copies every masked vector through ``np.load``; here the header
-    is parsed by numpy's own ``.npy`` reader (no pickle, literal-only header) and the
-    data is viewed in place, which matters at N vectors of millions of coordinates.
-    """
-    buf = io.BytesIO(raw)
-    version = np.lib.format.read_magic(buf)
-    if version == (1, 0):
-        shape, _, found = np.lib.format.read_array_header_1_0(buf)
-    elif version == (2, 0):
-        shape, _, found = np.lib.format.read_array_header_2_0(buf)
-    else:
-        raise ValueError(f".npy version {version} not accepted")
-    if tuple(shape) != (size,) or found != dtype:
-        raise ValueError(f"masked vector decodes to {found}{list(shape)}")
-    offset = buf.tell()
-    if len(raw) - offset != size * dtype.itemsize:
-        raise ValueError(
-            f"masked vector holds {len(raw) - offset} data bytes, expected {size * dtype.itemsize}"
-        )
-    return np.frombuffer(raw, dtype=dtype, count=size, offset=offset)
 
 
 def _payload_unmask(content: RecordDict) -> UnmaskReply:

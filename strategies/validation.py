@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fl_app.weights import array_view
 from strategies.protocol import (
     EVAL_REPLY_KEYS,
     METRICS_KEY,
@@ -197,17 +198,20 @@ def _parse_update(
                 f"expected {dtype}{list(shape)}"
             )
         try:
-            value = array.numpy()
+            # A read-only view of the reply's bytes (no np.load copy).
+            value = array_view(array.data, dtype, shape)
         # The bytes come from another process we do not control; any decoding
         # failure (numpy raises ValueError, TypeError, EOFError, ...) means "malformed".
         except Exception as err:
-            return f"array '{name}' does not decode: {type(err).__name__}"
-        if value.shape != shape or str(value.dtype) != dtype:
-            return f"array '{name}' decodes to {value.dtype}{list(value.shape)}, expected {dtype}"
-        as64 = value.astype(np.float64, copy=False)
-        if not np.all(np.isfinite(as64)):
+            return f"array '{name}' does not decode: {type(err).__name__}: {err}"
+        flat = value.reshape(-1)
+        # Σ v² accumulated in float64 without a float64 copy; a NaN or Inf anywhere makes
+        # it non-finite (float32 squares cannot overflow float64, so for them that is the
+        # only way); only then is the array scanned for the exact reason.
+        part = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+        if not math.isfinite(part) and not np.all(np.isfinite(flat)):
             return f"array '{name}' holds NaN or Inf"
-        sq += float(np.dot(as64.ravel(), as64.ravel()))
+        sq += part
         update[name] = value
     norm = math.sqrt(sq)
     if not norm <= limits.max_update_norm:

@@ -276,3 +276,34 @@ def test_weights_digest_fingerprints_content_not_order() -> None:
     assert weights_digest(a) != weights_digest({**a, "s": np.array(1.25, np.float32)})
     assert weights_digest(a) != weights_digest({**a, "w": a["w"].reshape(3, 2)})
     assert weights_digest(a) != weights_digest({**a, "w": a["w"].astype(np.float64)})
+
+
+def test_array_view_reads_flower_arrays_in_place_and_refuses_mismatches() -> None:
+    from flwr.app import Array
+
+    from fl_app.weights import array_view
+
+    rng = np.random.default_rng(0)
+    for value in (
+        rng.normal(size=(3, 4)).astype(np.float32),
+        rng.integers(0, 2**32, size=7, dtype=np.uint64).astype(np.uint32),
+        np.full((), 2.5),
+    ):
+        arr = Array(value)
+        view = array_view(arr.data, value.dtype, value.shape)
+        assert np.array_equal(view, arr.numpy()) and view.dtype == value.dtype
+        assert not view.flags.writeable  # a view of the reply's bytes, never written
+    arr = Array(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="expected float64"):
+        array_view(arr.data, "float64", (2, 3))
+    with pytest.raises(ValueError, match=r"expected float32\[3, 2\]"):
+        array_view(arr.data, "float32", (3, 2))
+    with pytest.raises(ValueError, match="data bytes"):
+        array_view(arr.data[:-1], "float32", (2, 3))
+    with pytest.raises(ValueError, match="data bytes"):
+        array_view(arr.data + b"\0", "float32", (2, 3))
+    fortran = Array(np.asfortranarray(np.zeros((2, 3), np.float32)))
+    with pytest.raises(ValueError, match="Fortran"):
+        array_view(fortran.data, "float32", (2, 3))
+    with pytest.raises(ValueError):
+        array_view(b"not an npy file at all", "float32", (2, 3))
