@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run([*overrides, *target, f"seed={args.seed + i}"])
             print(f"{name} seed {args.seed + i}: {result}", flush=True)
             runs.append(result)
-            if "error" in result:
-                break
+            if "error" in result and "config error" in result["error"]:
+                break  # refused before the run: the same for every seed
         rows.append((name, runs))
     lines = [
         f"Setting `{args.setting}`, target epsilon {eps} (delta 1e-5), seeds {args.seed}.."
@@ -117,10 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         "upload bytes/client/round | run s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, runs in rows:
-        if "error" in runs[0]:
-            lines.append(f"| {name} | refused: {runs[0]['error']} | | | | | |")
+    for name, all_runs in rows:
+        runs = [r for r in all_runs if "error" not in r]
+        if not runs:
+            lines.append(f"| {name} | refused: {all_runs[0]['error']} | | | | | |")
             continue
+        if len(runs) < len(all_runs):
+            name += f" ({len(all_runs) - len(runs)} run(s) failed)"
 
         def mean_sd(key: str, runs: list[dict[str, Any]] = runs) -> str:
             vals = [r[key] for r in runs]
