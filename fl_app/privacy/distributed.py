@@ -82,7 +82,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -386,11 +386,6 @@ class DdpRound:
         signed *= self.gamma
         return Rotation(seed, self.dim).inverse(signed)
 
-    @property
-    def noise_std_sum(self) -> float:
-        """Std of the noise on the decoded sum (model units) with ``min_survivors`` shares."""
-        return self.gamma * self.share_std * math.sqrt(self.min_survivors)
-
 
 @dataclass(frozen=True)
 class DdpPlan:
@@ -634,17 +629,3 @@ def ddg_epsilon(blocks: Sequence[tuple[float, float, float, int, int]], delta: f
         return 0.0
     eps, _ = compute_epsilon(list(RDP_ORDERS), list(total), delta)
     return float(eps)
-
-
-def plan_from_mapping(raw: Mapping[str, Any]) -> DdpPlan:
-    """A plan from :meth:`DdpPlan.describe`-style keys (tests, reports)."""
-    return DdpPlan(
-        clip=float(raw["clip"]),
-        dim=int(raw["dimension"]),
-        bits=int(raw["bits"]),
-        noise_multiplier=float(raw["noise_multiplier"]),
-        max_cohort=int(raw["max_cohort"]),
-        dropout_tolerance=float(raw["dropout_tolerance"]),
-        beta=float(raw.get("beta", DEFAULT_BETA)),
-        overflow_probability=float(raw.get("overflow_probability", DEFAULT_OVERFLOW_PROBABILITY)),
-    )
