@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from benchmarks.section import Section, fmt_spread, time_left
@@ -31,32 +31,11 @@ from benchmarks.section import Section, fmt_spread, time_left
 __all__ = ["run"]
 
 
-def _client(updates: dict[int, dict[str, np.ndarray]], timing: dict[str, float]) -> ClientApp:
-    from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
-
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        stage = secagg_stage(msg)
-        if stage != 3:
-            assert stage is not None
-            return handle_key_stage(msg, context, stage)
-        secure = MaskedInputStage.from_instruction(msg, context)
-        t0 = time.perf_counter()
-        encoded = secure.encode(
-            updates[int(context.node_id)], num_examples=1.0, loss=0.0, accuracy=0.0, unclipped=0.0
-        )
-        timing["encode"] += time.perf_counter() - t0
-        return secure.reply(msg, secure.mask(encoded, context))
-
-    return app
-
-
 def _round(n: int, p: int, ddp: bool, rnd: int) -> dict[str, float]:
     from fl_app.privacy.distributed import DdpPlan
     from fl_app.secagg.graph import GraphMode
     from fl_app.testing import InProcessGrid
+    from fl_app.testing.secagg_client import fixed_update_client
     from strategies.secagg import SecAggSettings, SecureAggregation
 
     rng = np.random.default_rng(rnd)
@@ -66,7 +45,7 @@ def _round(n: int, p: int, ddp: bool, rnd: int) -> dict[str, float]:
     for node in grid_nodes:
         u = rng.normal(size=p).astype(np.float32)
         updates[node] = {"w": u / np.float32(np.linalg.norm(u) * 1.01)}
-    grid = InProcessGrid(_client(updates, timing), n, seed=0)
+    grid = InProcessGrid(fixed_update_client(lambda node: updates[node], timing), n, seed=0)
     bits = 16 if ddp else 32
     plan = (
         DdpPlan(

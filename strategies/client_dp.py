@@ -793,15 +793,7 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
             f"projection: {s.num_rounds} planned rounds -> epsilon {eps:.4g} at delta={s.delta:g} "
             "(RDP bound of Kairouz et al. 2021 with Zhu & Wang's Poisson amplification)",
         ]
-        if s.max_epsilon is not None:
-            k = rounds_within_budget(s)
-            verdict = (
-                "all planned rounds fit"
-                if k == s.num_rounds
-                else f"the run will stop before round {k + 1} (after {k} rounds)"
-            )
-            lines.append(f"budget: max_epsilon={s.max_epsilon:g}: {verdict}")
-        return lines
+        return lines + _budget_lines(s)
     lines = [
         f"client-level DP (central, {s.clipping.value} clipping by the {s.clip_side.value}, "
         f"C={s.clip:g}): z={s.noise_multiplier:.4g}, {sampling}, noise std on the mean "
@@ -809,12 +801,17 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
         f"projection: {s.num_rounds} planned rounds -> epsilon {eps:.4g} at delta={s.delta:g} "
         f"({s.accountant.value}{cross_text})",
     ]
-    if s.max_epsilon is not None:
-        k = rounds_within_budget(s)
-        verdict = (
-            "all planned rounds fit"
-            if k == s.num_rounds
-            else f"the run will stop before round {k + 1} (after {k} rounds)"
-        )
-        lines.append(f"budget: max_epsilon={s.max_epsilon:g}: {verdict}")
-    return lines
+    return lines + _budget_lines(s)
+
+
+def _budget_lines(s: ClientDpSettings) -> list[str]:
+    """The federation budget's verdict on the planned rounds (central and distributed)."""
+    if s.max_epsilon is None:
+        return []
+    k = rounds_within_budget(s)
+    verdict = (
+        "all planned rounds fit"
+        if k == s.num_rounds
+        else f"the run will stop before round {k + 1} (after {k} rounds)"
+    )
+    return [f"budget: max_epsilon={s.max_epsilon:g}: {verdict}"]

@@ -29,7 +29,7 @@ from typing import Any
 import dp_accounting
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from scipy import stats
 
@@ -54,9 +54,10 @@ from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
 from fl_app.privacy.noise import SecureNoise
 from fl_app.secagg.graph import GraphMode
 from fl_app.secagg.wire import pack_ring, packed_bytes, unpack_ring
-from fl_app.secagg_stages import STATE_KEY, MaskedInputStage, handle_key_stage, secagg_stage
+from fl_app.secagg_stages import STATE_KEY, handle_key_stage
 from fl_app.server_app import run_experiment
 from fl_app.testing import InProcessGrid
+from fl_app.testing.secagg_client import fixed_update_client
 from strategies.secagg import SecAggSettings, SecureAggregation
 
 
@@ -214,19 +215,7 @@ UPDATES: dict[int, dict[str, np.ndarray]] = {}
 
 
 def _ddp_client() -> ClientApp:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        stage = secagg_stage(msg)
-        if stage != 3:
-            return handle_key_stage(msg, context, stage)
-        secure = MaskedInputStage.from_instruction(msg, context)
-        update = UPDATES[int(context.node_id)]
-        encoded = secure.encode(update, num_examples=1.0, loss=0.0, accuracy=0.0, unclipped=0.0)
-        return secure.reply(msg, secure.mask(encoded, context))
-
-    return app
+    return fixed_update_client(lambda node: UPDATES[node])
 
 
 def _protocol_round(

@@ -1,0 +1,53 @@
+"""A ClientApp for secure-aggregation tests and benchmarks: real stages, no training.
+
+Stages 1, 2 and 4 go through the ClientApp's real torch-free handlers
+(:mod:`fl_app.secagg_stages`); stage 3 encodes and masks a given update with the real
+:class:`~fl_app.secagg_stages.MaskedInputStage` (fixed point, or distributed-DP shares
+when the instruction carries them), so a test controls exactly what is summed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+__all__ = ["fixed_update_client"]
+
+
+def fixed_update_client(
+    update_of: Callable[[int], Mapping[str, np.ndarray]],
+    timing: dict[str, float] | None = None,
+) -> ClientApp:
+    """A ClientApp whose node ``u`` contributes ``update_of(u)`` (already clipped).
+
+    With ``timing``, the seconds spent encoding accumulate under ``timing["encode"]``.
+    """
+    from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        stage = secagg_stage(msg)
+        if stage != 3:
+            if stage is None:
+                raise ValueError("this test client only takes secure-aggregation stages")
+            return handle_key_stage(msg, context, stage)
+        secure = MaskedInputStage.from_instruction(msg, context)
+        t0 = time.perf_counter()
+        encoded = secure.encode(
+            dict(update_of(int(context.node_id))),
+            num_examples=1.0,
+            loss=0.0,
+            accuracy=0.0,
+            unclipped=0.0,
+        )
+        if timing is not None:
+            timing["encode"] = timing.get("encode", 0.0) + time.perf_counter() - t0
+        return secure.reply(msg, secure.mask(encoded, context))
+
+    return app
