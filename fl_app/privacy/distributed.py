@@ -444,7 +444,7 @@ class DdpPlan:
         """``k = √(2 ln(2d'/p))``: sub-Gaussian tail multiple for a wrap anywhere."""
         return math.sqrt(2.0 * math.log(2.0 * self.padded / self.overflow_probability))
 
-    @property
+    @functools.cached_property
     def noise_ratio(self) -> float:
         """``max_n n/n_min(n)``: how much more than ``σ²`` a full cohort's shares add up to."""
         return max(
