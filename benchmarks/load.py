@@ -17,18 +17,14 @@ import threading
 import time
 from types import TracebackType
 
+from benchmarks.reuse import load_script
+
 __all__ = ["LoadMonitor", "busy_ticks", "load_average"]
 
 
-def busy_ticks() -> int | None:
-    """CPU ticks the whole machine spent busy (``/proc/stat``), or None off Linux."""
-    try:
-        with open("/proc/stat") as fh:
-            cpu = [int(v) for v in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = cpu
-    return user + nice + system + irq + softirq + steal
+#: CPU ticks the whole machine spent busy (``/proc/stat``), or None off Linux; the
+#: same reading ``scripts/bench_rounds.py`` takes for its "other CPU %" column.
+busy_ticks = load_script("bench_rounds").busy_ticks
 
 
 def load_average() -> tuple[float, float, float] | None:

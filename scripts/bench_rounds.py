@@ -181,7 +181,7 @@ def _session_sample(
     return pss, rss, count, ticks
 
 
-def _busy_ticks() -> int | None:
+def busy_ticks() -> int | None:
     """CPU ticks the whole machine spent busy (``/proc/stat``), or None off Linux."""
     try:
         with open("/proc/stat") as fh:
@@ -221,7 +221,7 @@ def run_setting(
     # machine makes every number here suspect, so the table says how busy it was.
     foreign_ticks = 0
     per_pid: dict[int, tuple[str, int]] = {}  # last seen (name, CPU ticks) of each process
-    last_busy = _busy_ticks()
+    last_busy = busy_ticks()
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         proc = subprocess.Popen(
@@ -238,7 +238,7 @@ def run_setting(
             except subprocess.TimeoutExpired:
                 now: dict[int, tuple[str, int]] = {}
                 pss, rss, procs, _ = _session_sample(proc.pid, now)
-                busy = _busy_ticks()
+                busy = busy_ticks()
                 # The setting's CPU in this interval, process by process: a process
                 # that ended since the last sample must not subtract its history.
                 ours = sum(t - per_pid.get(pid, ("", 0))[1] for pid, (_, t) in now.items())

@@ -223,7 +223,14 @@ def reconstruct_int(shares: Mapping[int, int] | Iterable[tuple[int, int]], thres
     Raises :class:`ShamirError` with fewer than ``threshold`` shares, duplicate or zero
     ids, or values outside the field. Extra shares beyond ``threshold`` are not used.
     """
-    t = _check_threshold(threshold)
+    used = _first_shares(shares, _check_threshold(threshold))
+    return _combine(_lagrange_cached(tuple(x for x, _ in used)), used)
+
+
+def _first_shares(
+    shares: Mapping[int, int] | Iterable[tuple[int, int]], t: int
+) -> list[tuple[int, int]]:
+    """The ``t`` checked shares with the smallest ids (``ShamirError`` with fewer)."""
     items = _normalise(shares)
     if len(items) < t:
         raise ShamirError(
@@ -231,8 +238,11 @@ def reconstruct_int(shares: Mapping[int, int] | Iterable[tuple[int, int]], thres
             "collect more shares (fewer than t reveal nothing by design)"
         )
     items.sort()
-    used = items[:t]
-    coefficients = _lagrange_cached(tuple(x for x, _ in used))
+    return items[:t]
+
+
+def _combine(coefficients: Sequence[int], used: Sequence[tuple[int, int]]) -> int:
+    """``Σ c_i·y_i mod p``: the polynomial at 0 from its Lagrange coefficients."""
     return sum(c * y for c, (_, y) in zip(coefficients, used, strict=True)) % PRIME
 
 
@@ -268,20 +278,10 @@ def reconstruct_many(
     :func:`reconstruct` applied to each set in order (the first failing set raises).
     """
     t = _check_threshold(threshold)
-    used_sets: list[list[tuple[int, int]]] = []
-    for shares in share_sets:
-        items = _normalise(shares)
-        if len(items) < t:
-            raise ShamirError(
-                f"need threshold={t} shares to reconstruct, got {len(items)}; "
-                "collect more shares (fewer than t reveal nothing by design)"
-            )
-        items.sort()
-        used_sets.append(items[:t])
+    used_sets = [_first_shares(shares, t) for shares in share_sets]
     coefficient_sets = _lagrange_batch([tuple(x for x, _ in used) for used in used_sets])
     return [
-        _to_secret(sum(c * y for c, (_, y) in zip(cs, used, strict=True)) % PRIME)
-        for cs, used in zip(coefficient_sets, used_sets, strict=True)
+        _to_secret(_combine(cs, used)) for cs, used in zip(coefficient_sets, used_sets, strict=True)
     ]
 
 

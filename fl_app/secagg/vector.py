@@ -143,8 +143,6 @@ class VectorLayout:
         accuracy: float,
     ) -> np.ndarray:
         """The float64 input ``x_u`` of the module doc (before encoding)."""
-        if list(update) != list(self.names):
-            raise ValueError("update arrays differ from the model's (names or order)")
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"weight must lie in (0, 1], got {weight!r}")
         if unclipped not in (0.0, 1.0):
@@ -152,14 +150,7 @@ class VectorLayout:
         loss = float(loss) if math.isfinite(loss) else LOSS_CAP
         accuracy = float(accuracy) if math.isfinite(accuracy) else 0.0
         out = np.empty(self.length, dtype=np.float64)
-        pos = 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            arr = np.asarray(update[name])
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"array '{name}' has shape {arr.shape}, expected {shape}")
-            size = arr.size
-            np.multiply(arr.reshape(-1), weight, out=out[pos : pos + size], casting="unsafe")
-            pos += size
+        pos = self._fill(update, out, weight)
         out[pos:] = (
             weight * bound,
             unclipped * bound,
@@ -170,17 +161,23 @@ class VectorLayout:
 
     def flatten_params(self, update: Mapping[str, np.ndarray]) -> np.ndarray:
         """The model's arrays as one float64 vector (no extras; distributed DP)."""
+        out = np.empty(self.num_params, dtype=np.float64)
+        self._fill(update, out, 1.0)
+        return out
+
+    def _fill(self, update: Mapping[str, np.ndarray], out: np.ndarray, weight: float) -> int:
+        """Write ``weight·Δ`` flattened in model order into ``out``; return the end index."""
         if list(update) != list(self.names):
             raise ValueError("update arrays differ from the model's (names or order)")
-        out = np.empty(self.num_params, dtype=np.float64)
         pos = 0
         for name, shape in zip(self.names, self.shapes, strict=True):
             arr = np.asarray(update[name])
             if tuple(arr.shape) != shape:
                 raise ValueError(f"array '{name}' has shape {arr.shape}, expected {shape}")
-            out[pos : pos + arr.size] = arr.reshape(-1)
-            pos += arr.size
-        return out
+            size = arr.size
+            np.multiply(arr.reshape(-1), weight, out=out[pos : pos + size], casting="unsafe")
+            pos += size
+        return pos
 
     def split_params(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Inverse of :meth:`flatten_params` (float64 arrays)."""
@@ -198,11 +195,7 @@ class VectorLayout:
         """Split a decoded (float64) sum into ``Σ w·Δ`` arrays and the summed extras."""
         if decoded.shape != (self.length,):
             raise ValueError(f"decoded sum has shape {decoded.shape}, expected ({self.length},)")
-        update: dict[str, np.ndarray] = {}
-        pos = 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            size = math.prod(shape)
-            update[name] = decoded[pos : pos + size].reshape(shape)
-            pos += size
-        w, b, loss, acc = (float(v) / bound for v in decoded[pos:])
+        n = self.num_params
+        update = self.split_params(decoded[:n])
+        w, b, loss, acc = (float(v) / bound for v in decoded[n:])
         return DecodedSum(update, w, b, loss * LOSS_CAP, acc)
