@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from benchmarks.section import Section, fmt_spread, time_left
@@ -35,7 +34,11 @@ def _round(n: int, p: int, ddp: bool, rnd: int) -> dict[str, float]:
     from fl_app.privacy.distributed import DdpPlan
     from fl_app.secagg.graph import GraphMode
     from fl_app.testing import InProcessGrid
-    from fl_app.testing.secagg_client import fixed_update_client
+    from fl_app.testing.secagg_client import (
+        fixed_update_client,
+        grid_exchange,
+        train_instructions,
+    )
     from strategies.secagg import SecAggSettings, SecureAggregation
 
     rng = np.random.default_rng(rnd)
@@ -55,29 +58,16 @@ def _round(n: int, p: int, ddp: bool, rnd: int) -> dict[str, float]:
         else None
     )
 
-    def exchange(messages: list[Message], timeout: float) -> Any:
-        ids = list(grid.push_messages(messages))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        return messages, list(grid.pull_messages(ids)), sent
-
-    instructions = [
-        Message(
-            RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": rnd})}),
-            dst_node_id=node,
-            message_type="train",
-        )
-        for node in grid.node_ids
-    ]
     settings = SecAggSettings(mode=GraphMode.secaggplus, bits=bits, clip=1.0, stage_timeout_s=60.0)
     t0 = time.perf_counter()
     out = SecureAggregation(settings, ddp=plan).run_round(
         rnd=rnd,
         run_id=1,
-        instructions=instructions,
+        instructions=train_instructions(grid.node_ids, rnd),
         arrays={"w": np.zeros(p, np.float32)},
         weighting="uniform",
         bound=1.0,
-        exchange=exchange,
+        exchange=grid_exchange(grid),
     )
     seconds = time.perf_counter() - t0
     grid.close()

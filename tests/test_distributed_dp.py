@@ -29,7 +29,7 @@ from typing import Any
 import dp_accounting
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from scipy import stats
 
@@ -57,7 +57,11 @@ from fl_app.secagg.wire import pack_ring, packed_bytes, unpack_ring
 from fl_app.secagg_stages import STATE_KEY, handle_key_stage
 from fl_app.server_app import run_experiment
 from fl_app.testing import InProcessGrid
-from fl_app.testing.secagg_client import fixed_update_client
+from fl_app.testing.secagg_client import (
+    fixed_update_client,
+    grid_exchange,
+    train_instructions,
+)
 from strategies.secagg import SecAggSettings, SecureAggregation
 
 
@@ -239,30 +243,17 @@ def _protocol_round(
     for node in victims:
         grid.drop_at(node, message_type="train", nth=3)
 
-    def exchange(messages: list[Message], timeout: float) -> Any:
-        ids = list(grid.push_messages(messages))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        return messages, list(grid.pull_messages(ids)), sent
-
-    instructions = [
-        Message(
-            RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}),
-            dst_node_id=node,
-            message_type="train",
-        )
-        for node in grid.node_ids
-    ]
     settings = SecAggSettings(
         mode=GraphMode.secaggplus, bits=20, dropout_tolerance=tolerance, stage_timeout_s=5.0
     )
     out = SecureAggregation(settings, ddp=plan).run_round(
         rnd=1,
         run_id=seed,
-        instructions=instructions,
+        instructions=train_instructions(grid.node_ids, 1),
         arrays={"w": np.zeros(dim, np.float32)},
         weighting="uniform",
         bound=1.0,
-        exchange=exchange,
+        exchange=grid_exchange(grid),
     )
     survivors = [v for v in grid.node_ids if v not in victims]
     exact = np.sum([UPDATES[v]["w"].astype(np.float64) for v in survivors], axis=0)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-__all__ = ["fixed_update_client"]
+__all__ = ["fixed_update_client", "grid_exchange", "train_instructions"]
 
 
 def fixed_update_client(
@@ -51,3 +52,26 @@ def fixed_update_client(
         return secure.reply(msg, secure.mask(encoded, context))
 
     return app
+
+
+def grid_exchange(grid: Any) -> Callable[[list[Message], float], Any]:
+    """:data:`strategies.secagg.Exchange` over an :class:`~fl_app.testing.InProcessGrid`."""
+
+    def exchange(messages: list[Message], timeout: float) -> Any:
+        ids = list(grid.push_messages(messages))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return messages, list(grid.pull_messages(ids)), sent
+
+    return exchange
+
+
+def train_instructions(node_ids: list[int], rnd: int) -> list[Message]:
+    """Empty train instructions of round ``rnd`` (what the driver hands the protocol)."""
+    return [
+        Message(
+            RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": rnd})}),
+            dst_node_id=node,
+            message_type="train",
+        )
+        for node in node_ids
+    ]
