@@ -7,11 +7,27 @@ fresh ClientApp process per message, and key exchange must not pay for a torch i
 Stage 3 (masked input) trains through the usual pipeline in :mod:`fl_app.client_app`
 and uses :class:`MaskedInputStage` for its encode and mask stages.
 
+Key pairs ahead of time. Stage 1 asks for ``fl-app.secagg.key-rounds`` = ``h`` rounds:
+the client draws ``h`` independent pairs ``(c_sk, s_sk)``, one per round ``r, ...,
+r + h - 1``, keeps the private keys in ``Context.state[KEYS_STATE_KEY]`` and returns the
+``2h`` public keys. The server stores them, so a later round in which this client is
+sampled skips stage 1 for it (and the whole stage-1 exchange when every sampled client
+has keys): a round costs three message exchanges instead of four. Each pair is used by
+exactly one round: stage 2 of round ``r`` takes the pair of ``r`` out of the store and
+deletes it together with every pair of an earlier round, so a replayed or repeated
+stage 2 for ``r`` finds no key and is refused, and revealing one round's ``s_sk`` (the
+server reconstructs it when the client drops after sharing) tells nothing about any
+other round's keys. A new stage 1 replaces the whole store (this is how a restarted
+server, which lost the public keys, starts over). With ``secagg.key_rounds=1`` nothing
+is kept beyond the round it was drawn for.
+
 Between stages the client's :class:`~fl_app.secagg.ClientSession` lives in
 ``Context.state[STATE_KEY]`` (a ConfigRecord of bytes: keys, self-mask seed, shares).
-That state holds secrets: it is deleted after stage 4, whenever a stage-1 instruction
-of a new round arrives, and whenever a stage fails; it never reaches a log or a
-checkpoint (Flower keeps ``Context.state`` in the SuperNode's memory).
+That state holds secrets: it is deleted after stage 4, whenever stage 1 or 2 of a new
+round arrives, and whenever a stage fails. The store of future rounds' private keys is
+the only secret that outlives a round, and only for rounds that have not happened yet.
+Neither ever reaches a log or a checkpoint (Flower keeps ``Context.state`` in the
+SuperNode's memory).
 """
 
 from __future__ import annotations
@@ -58,9 +74,11 @@ from strategies.protocol import (
     SECAGG_CONTEXT,
     SECAGG_DDP,
     SECAGG_DROPOUTS,
+    SECAGG_KEY_ROUNDS,
     SECAGG_KEYS,
     SECAGG_MASKED_ARRAY,
     SECAGG_MASKED_KEY,
+    SECAGG_MAX_KEY_ROUNDS,
     SECAGG_MAX_WEIGHT,
     SECAGG_NODES,
     SECAGG_PARAMS,
@@ -81,6 +99,7 @@ from strategies.protocol import (
 )
 
 __all__ = [
+    "KEYS_STATE_KEY",
     "STATE_KEY",
     "MaskedInputStage",
     "SecAggStageError",
@@ -90,6 +109,8 @@ __all__ = [
 ]
 
 STATE_KEY = "fl-app.secagg"
+# Private key pairs drawn ahead for future rounds: ConfigRecord {"r<round>": c_sk || s_sk}.
+KEYS_STATE_KEY = "fl-app.secagg.round-keys"
 # Round metadata stored beside ClientSession.to_state() (its keys never start with "_").
 _ROUND = "_round"
 _PARAMS = "_params"
@@ -206,8 +227,60 @@ def handle_key_stage(msg: Message, context: Context, stage: int) -> Message:
 
 
 def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    """Stage 1: draw one key pair per round for ``key-rounds`` rounds from this one."""
     wipe_state(context)  # a new round: whatever the last one left is gone
     rnd = _round_of(config)
+    count = _get(config, SECAGG_KEY_ROUNDS, int)
+    if not 1 <= count <= SECAGG_MAX_KEY_ROUNDS:
+        raise SecAggStageError(
+            f"'{SECAGG_KEY_ROUNDS}'={count}: key pairs can be drawn for 1 to "
+            f"{SECAGG_MAX_KEY_ROUNDS} rounds ahead"
+        )
+    store: dict[str, bytes] = {}
+    c_pks, s_pks = [], []
+    for r in range(rnd, rnd + count):
+        c_sk, s_sk = crypto.generate_private_key(), crypto.generate_private_key()
+        store[f"r{r}"] = crypto.private_key_bytes(c_sk) + crypto.private_key_bytes(s_sk)
+        c_pks.append(crypto.public_key_bytes(c_sk))
+        s_pks.append(crypto.public_key_bytes(s_sk))
+    # Replaces every pair of an earlier batch: the server now knows only these.
+    context.state[KEYS_STATE_KEY] = ConfigRecord(cast(dict[str, Any], store))
+    payload = ConfigRecord({SECAGG_REPLY_C_PK: b"".join(c_pks), SECAGG_REPLY_S_PK: b"".join(s_pks)})
+    return _reply(msg, rnd, Stage.advertise, payload)
+
+
+def _take_round_keys(context: Context, rnd: int) -> tuple[Any, Any]:
+    """Remove and return round ``rnd``'s key pair; drop every pair of an earlier round.
+
+    A pair leaves the store before it is used, so no two protocol runs ever share one.
+    """
+    record = context.state.get(KEYS_STATE_KEY)
+    store: dict[str, Any] = dict(record) if isinstance(record, ConfigRecord) else {}
+    raw = store.pop(f"r{rnd}", None)
+    for name in list(store):
+        if not name.startswith("r") or not name[1:].isdigit() or int(name[1:]) < rnd:
+            del store[name]
+    if store:
+        context.state[KEYS_STATE_KEY] = ConfigRecord(store)
+    elif KEYS_STATE_KEY in context.state:
+        del context.state[KEYS_STATE_KEY]
+    if not isinstance(raw, bytes) or len(raw) != 2 * crypto.KEY_BYTES:
+        raise SecAggStageError(
+            f"no unused key pair for round {rnd}: this client advertised none for it, or "
+            "already used it (a replayed share-keys instruction); the server asks for new "
+            "keys (stage 1) the next time it samples this client"
+        )
+    return (
+        crypto.private_key_from_bytes(raw[: crypto.KEY_BYTES]),
+        crypto.private_key_from_bytes(raw[crypto.KEY_BYTES :]),
+    )
+
+
+def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+    """Stage 2: open the round's session with its advertised pair; share ``b_u`` and ``s_sk``."""
+    wipe_state(context)  # the round's session starts here
+    rnd = _round_of(config)
+    round_keys = _take_round_keys(context, rnd)
     params_json = _get(config, SECAGG_PARAMS, str)
     try:
         params = _params_from_json(params_json)
@@ -232,19 +305,8 @@ def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Mes
         bits=bits,
         cohort=cohort,
     )
-    keys = session.advertise()
-    _save(
-        context,
-        session,
-        {_ROUND: rnd, _PARAMS: params_json, _BITS: bits, _LENGTH: length, _COHORT: cohort_raw},
-    )
-    payload = ConfigRecord({SECAGG_REPLY_C_PK: keys.c_pk, SECAGG_REPLY_S_PK: keys.s_pk})
-    return _reply(msg, rnd, Stage.advertise, payload)
-
-
-def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
-    rnd = _round_of(config)
-    session, meta = _load(context, rnd, Stage.share_keys)
+    session.advertise(round_keys)
+    meta = {_ROUND: rnd, _PARAMS: params_json, _BITS: bits, _LENGTH: length, _COHORT: cohort_raw}
     nodes = unpack_ids(_get(config, SECAGG_NODES, bytes), "neighbours")
     raw = _get(config, SECAGG_KEYS, bytes)
     size = 2 * crypto.KEY_BYTES

@@ -4,8 +4,9 @@ One federation (1 SuperLink + 3 SuperNodes, TLS and SuperNode authentication, as
 ``fl-app deploy demo`` brings up) serves both runs, one after the other:
 
 * plain: FedAvg, ``privacy=none secagg=off``;
-* secagg: the same with ``secagg=secaggplus secagg.clip=5`` (4 message exchanges a
-  round: key advertisement, share keys, masked input, unmasking).
+* secagg: the same with ``secagg=secaggplus secagg.clip=5`` (4 message exchanges in the
+  first round: key advertisement, share keys, masked input, unmasking; 3 afterwards,
+  keys being advertised for ``secagg.key_rounds`` rounds at once).
 
 Numbers are ``round_seconds`` from each run's ``metrics.jsonl`` (the ServerApp's round
 driver: from sending instructions to aggregating), so FAB install and ServerApp start

@@ -506,6 +506,7 @@ class RoundDriver:
             weighting=self.aggregator.weighting,
             bound=self.secagg.encoding_bound(dict(config), CLIP_NORM_KEY),
             exchange=lambda msgs, timeout: self._exchange(grid, msgs, rnd, timeout),
+            last_round=self.settings.num_rounds,
         )
         self._fill_secure_stage(stage, outcome)
         self._privacy_metrics = outcome.metrics()

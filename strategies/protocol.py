@@ -62,8 +62,10 @@ __all__ = [
     "SECAGG_DDP",
     "SECAGG_DROPOUTS",
     "SECAGG_KEYS",
+    "SECAGG_KEY_ROUNDS",
     "SECAGG_MASKED_ARRAY",
     "SECAGG_MASKED_KEY",
+    "SECAGG_MAX_KEY_ROUNDS",
     "SECAGG_MAX_WEIGHT",
     "SECAGG_NODES",
     "SECAGG_PARAMS",
@@ -132,6 +134,10 @@ SECAGG_WEIGHTING = "fl-app.secagg.weighting"
 SECAGG_MAX_WEIGHT = "fl-app.secagg.max-weight"
 SECAGG_SURVIVORS = "fl-app.secagg.survivors"
 SECAGG_DROPOUTS = "fl-app.secagg.dropouts"
+# Stage 1 (advertise): how many rounds, from this one on, to draw key pairs for.
+SECAGG_KEY_ROUNDS = "fl-app.secagg.key-rounds"
+# The most rounds one stage 1 may ask key pairs for (bounds a client's work and memory).
+SECAGG_MAX_KEY_ROUNDS = 1024
 # Distributed DP: the round's DdpRound as JSON (fl_app.privacy.distributed), stage 3.
 SECAGG_DDP = "fl-app.secagg.ddp"
 # Reply records: the stage payload (ConfigRecord of bytes) and the masked vector.

@@ -7,7 +7,9 @@ Privacy-Preserving Machine Learning", §4; sparse graph of Bell et al., CCS 2020
 ``secaggplus``) over Flower messages of type ``train``, each marked with
 ``fl-app.secagg-stage`` (:mod:`strategies.protocol`):
 
-1. advertise keys; 2. share keys (the server routes the encrypted Shamir shares);
+1. advertise keys (only for clients that hold no key pair for this round: a stage-1
+reply carries fresh pairs for ``secagg.key_rounds`` rounds, so later rounds skip it);
+2. share keys with the round's parameters (the server routes the encrypted Shamir shares);
 3. masked input (the usual train instruction: global arrays, client spec, config; the
 client trains, clips, encodes and masks); 4. unmask (survivors return the shares the
 server needs, never both secrets of one node).
@@ -72,9 +74,11 @@ from strategies.protocol import (
     SECAGG_CONTEXT,
     SECAGG_DDP,
     SECAGG_DROPOUTS,
+    SECAGG_KEY_ROUNDS,
     SECAGG_KEYS,
     SECAGG_MASKED_ARRAY,
     SECAGG_MASKED_KEY,
+    SECAGG_MAX_KEY_ROUNDS,
     SECAGG_MAX_WEIGHT,
     SECAGG_NODES,
     SECAGG_PARAMS,
@@ -133,8 +137,16 @@ class SecAggSettings:
     # Encoding bound when the privacy layer sends no clip norm (privacy.mode=none).
     clip: float | None = None
     max_weight: float = 1000.0
+    # Rounds a client's stage-1 reply covers (one fresh key pair per round): a client
+    # that holds keys for the round skips stage 1. 1 = stage 1 in every round.
+    key_rounds: int = 16
 
     def __post_init__(self) -> None:
+        if not 1 <= self.key_rounds <= SECAGG_MAX_KEY_ROUNDS:
+            raise ValueError(
+                f"secagg.key_rounds must lie in [1, {SECAGG_MAX_KEY_ROUNDS}], "
+                f"found {self.key_rounds}"
+            )
         if not 8 <= self.bits <= 64:
             raise ValueError(f"secagg.bits must lie in [8, 64], found {self.bits}")
         if not self.stage_timeout_s > 0:
@@ -157,6 +169,7 @@ class SecAggSettings:
             stage_timeout_s=float(cfg.stage_timeout_s),
             clip=None if cfg.clip is None else float(cfg.clip),
             max_weight=float(cfg.max_weight),
+            key_rounds=int(cfg.key_rounds),
         )
 
 
@@ -283,9 +296,13 @@ def _split_fixed(raw: bytes, size: int, count: int, what: str) -> list[bytes]:
     return [raw[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _payload_keys(content: RecordDict) -> PublicKeys:
+def _payload_key_batch(content: RecordDict, count: int) -> list[PublicKeys]:
+    """A stage-1 reply: ``count`` public key pairs, one per round from this one on."""
     rec = content.config_records[SECAGG_RECORD_KEY]
-    return PublicKeys(_bytes_field(rec, SECAGG_REPLY_C_PK), _bytes_field(rec, SECAGG_REPLY_S_PK))
+    size = crypto.KEY_BYTES
+    c_pks = _split_fixed(_bytes_field(rec, SECAGG_REPLY_C_PK), size, count, SECAGG_REPLY_C_PK)
+    s_pks = _split_fixed(_bytes_field(rec, SECAGG_REPLY_S_PK), size, count, SECAGG_REPLY_S_PK)
+    return [PublicKeys(c, k) for c, k in zip(c_pks, s_pks, strict=True)]
 
 
 def _payload_bundle(content: RecordDict) -> dict[int, bytes]:
@@ -348,9 +365,36 @@ class SecureAggregation:
 
     def __init__(self, settings: SecAggSettings, ddp: DdpPlan | None = None) -> None:
         self.settings = settings
+        # node -> round -> public keys the node advertised ahead for that round (public
+        # values; lost with the process, after which stage 1 simply runs again).
+        self._round_keys: dict[int, dict[int, PublicKeys]] = {}
         # Distributed DP: clients send rotated, rounded, noised vectors of ddp.padded
         # coordinates instead of the fixed-point layout; the server adds nothing.
         self.ddp = ddp
+
+    def _keys_for(self, rnd: int, cohort: Sequence[int]) -> dict[int, PublicKeys]:
+        """Take the pairs advertised ahead for ``rnd``; drop every pair of a past round."""
+        ahead: dict[int, PublicKeys] = {}
+        for node in list(self._round_keys):
+            rounds = self._round_keys[node]
+            for r in [r for r in rounds if r < rnd]:
+                del rounds[r]
+            if not rounds:
+                del self._round_keys[node]
+        for u in cohort:
+            keys = self._round_keys.get(u, {}).pop(rnd, None)
+            if keys is not None:
+                ahead[u] = keys
+        return ahead
+
+    def _forget_troubled(self, outcome: SecAggOutcome) -> None:
+        """A node that failed, was rejected or went missing may have lost its key store
+        (or holds another batch): its next round starts with stage 1 again."""
+        nodes = set(outcome.missing)
+        nodes.update(r.node_id for r in outcome.rejected)
+        nodes.update(r.node_id for r in outcome.failed)
+        for node in nodes:
+            self._round_keys.pop(node, None)
 
     def encoding_bound(self, round_config: Mapping[str, Any], clip_key: str) -> float:
         """The round's L2 bound: the client-side DP clip norm, else ``secagg.clip``."""
@@ -372,11 +416,15 @@ class SecureAggregation:
         weighting: str,
         bound: float,
         exchange: Exchange,
+        last_round: int | None = None,
     ) -> SecAggOutcome:
         """Run stages 1-4 over the cohort addressed by ``instructions``.
 
         ``instructions`` are the strategy's train messages (arrays + config) for the
-        sampled cohort; they become the stage-3 instructions.
+        sampled cohort; they become the stage-3 instructions. Stage 1 goes only to the
+        nodes that hold no key pair for this round from an earlier stage 1 (none: no
+        stage-1 exchange); it asks for ``settings.key_rounds`` rounds of pairs, never
+        past ``last_round``.
         """
         s = self.settings
         by_node = {int(m.metadata.dst_node_id): m for m in instructions}
@@ -418,7 +466,27 @@ class SecureAggregation:
         server = ServerSession(cohort, params, vector_length=length, bits=s.bits, context=context)
         run = _StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
         try:
-            # ---- 1: advertise keys
+            # ---- 1: advertise keys (only nodes without a pair for this round)
+            ahead = self._keys_for(rnd, cohort)
+            horizon = s.key_rounds
+            if last_round is not None:
+                horizon = max(1, min(horizon, last_round - rnd + 1))
+            request_keys = {SERVER_ROUND: rnd, SECAGG_KEY_ROUNDS: horizon}
+
+            def collect(batches: dict[int, list[PublicKeys]]) -> Any:
+                for u, batch in batches.items():
+                    self._round_keys[u] = {rnd + i: k for i, k in enumerate(batch) if i}
+                return server.collect_public_keys(
+                    {**ahead, **{u: batch[0] for u, batch in batches.items()}}
+                )
+
+            keys = run.stage(
+                Stage.advertise,
+                {u: _config_only(request_keys) for u in cohort if u not in ahead},
+                lambda c: _payload_key_batch(c, horizon),
+                collect,
+            )
+            # ---- 2: share keys (with the round's parameters)
             base = {
                 SERVER_ROUND: rnd,
                 SECAGG_CONTEXT: context,
@@ -427,17 +495,10 @@ class SecureAggregation:
                 SECAGG_VECTOR_LENGTH: length,
                 SECAGG_COHORT: pack_ids(cohort),
             }
-            keys = run.stage(
-                Stage.advertise,
-                {u: _config_only(base) for u in cohort},
-                _payload_keys,
-                server.collect_public_keys,
-            )
-            # ---- 2: share keys
             msgs = {
                 u: _config_only(
                     {
-                        SERVER_ROUND: rnd,
+                        **base,
                         SECAGG_NODES: pack_ids(sorted(nk)),
                         SECAGG_KEYS: b"".join(nk[v].c_pk + nk[v].s_pk for v in sorted(nk)),
                     }
@@ -500,6 +561,8 @@ class SecureAggregation:
             outcome.note = f"{err}: model unchanged"
             log.warning("round %d: %s", rnd, outcome.note)
             return outcome
+        finally:
+            self._forget_troubled(outcome)
         t0 = time.perf_counter()
         n = result.num_contributors
         if ddp_round is not None:
@@ -558,7 +621,10 @@ class _StageRunner:
         for node, content in sorted(contents.items()):
             content.config_records[CONFIG_KEY][SECAGG_STAGE_KEY] = int(stage)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
-        sent_msgs, replies, sent = self.exchange(messages, self.timeout)
+        if messages:
+            sent_msgs, replies, sent = self.exchange(messages, self.timeout)
+        else:  # every node already holds what this stage would ask for
+            sent_msgs, replies, sent = [], [], {}
         t1 = time.perf_counter()
         self.outcome.bytes_down += sum(payload_bytes(m.content) for m in sent_msgs)
         self.outcome.bytes_up += sum(payload_bytes(m.content) for m in replies if m.has_content())

@@ -33,7 +33,7 @@ from fl_app.config.compose import compose_config
 from fl_app.privacy.clipping import clip_l2
 from fl_app.secagg.graph import derive_params
 from fl_app.secagg.vector import LOSS_CAP, round_codec
-from fl_app.secagg_stages import STATE_KEY
+from fl_app.secagg_stages import KEYS_STATE_KEY, STATE_KEY
 from fl_app.server_app import initial_arrays, run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import from_array_record, load_safetensors
@@ -155,8 +155,9 @@ def test_full_default_run_gives_the_plain_model(tmp_path: Path) -> None:
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
     assert secure["accuracy"] == pytest.approx(plain["accuracy"], abs=0.005)
     assert all(r["model_updated"] and r["secagg_contributors"] == N for r in lines)
-    # No secret outlives its round.
+    # No secret outlives its round, and no key pair drawn ahead outlives the run.
     assert all(STATE_KEY not in grid.context(n).state for n in grid.node_ids)
+    assert all(KEYS_STATE_KEY not in grid.context(n).state for n in grid.node_ids)
 
 
 # ------------------------------------------------------------------ dropouts
@@ -283,16 +284,23 @@ def test_malformed_stage_replies_are_rejected_with_a_reason(
     assert line["secagg_contributors"] == expect
 
 
-def test_reply_replayed_from_an_earlier_round_is_rejected(tmp_path: Path) -> None:
-    cfg = _secure("num_rounds=2", "server_eval=false")
+@pytest.mark.parametrize(
+    ("stage", "overrides"),
+    # Stage 1 runs in round 2 only when keys are not advertised ahead (key_rounds=1).
+    [(1, ["secagg.key_rounds=1"]), (2, [])],
+)
+def test_reply_replayed_from_an_earlier_round_is_rejected(
+    tmp_path: Path, stage: int, overrides: list[str]
+) -> None:
+    cfg = _secure("num_rounds=2", "server_eval=false", *overrides)
     old: dict[int, Message] = {}
 
     def hook(node: int, reply: Message) -> Message:
-        if _stage(reply) == 1:
+        if _stage(reply) == stage:
             if node not in old:
                 old[node] = reply
             elif len(old) == N and node == min(old):
-                return old[node]  # round 2: resend round 1's keys
+                return old[node]  # round 2: resend round 1's reply
         return reply
 
     summary, lines, _ = _run(cfg, tmp_path, message_hook=hook)

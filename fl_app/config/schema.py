@@ -316,6 +316,12 @@ class SecAggConfig:
     # Example-weighted aggregation sends w = min(num_examples, max_weight) / max_weight
     # as a masked coordinate: clients with more examples count as max_weight.
     max_weight: float = 1000.0
+    # Rounds one key advertisement (stage 1) covers: a client draws a fresh, independent
+    # key pair for each of the next key_rounds rounds, so a round in which every sampled
+    # client already advertised its pair skips stage 1 (3 message exchanges instead of
+    # 4). Private keys of future rounds wait in the SuperNode's memory until their round;
+    # 1 = draw and exchange keys in every round.
+    key_rounds: int = 16
 
 
 class SimulationBackend(str, Enum):

@@ -494,6 +494,15 @@ def _check_secagg(cfg: AppConfig) -> None:
     )
     _positive(s.stage_timeout_s, "secagg.stage_timeout_s")
     _positive(s.max_weight, "secagg.max_weight")
+    from strategies.protocol import SECAGG_MAX_KEY_ROUNDS  # the wire limit clients enforce
+
+    _check(
+        isinstance(s.key_rounds, int) and 1 <= s.key_rounds <= SECAGG_MAX_KEY_ROUNDS,
+        "secagg.key_rounds",
+        s.key_rounds,
+        f"must be an integer in [1, {SECAGG_MAX_KEY_ROUNDS}] (1: fresh keys exchanged in "
+        "every round)",
+    )
     if s.mode is SecAggMode.off:
         _check(
             s.clip is None,

@@ -12,7 +12,9 @@ Stages (server ``S``, client ``u``; ``N(u)`` its neighbours, ``H(u) = N(u) ∪ {
 
 1. advertise: ``u`` draws X25519 pairs ``(c_sk, c_pk)`` (share encryption) and
    ``(s_sk, s_pk)`` (pairwise masks) and sends both public keys. ``S`` validates them,
-   keeps the set ``U1`` and draws the graph over ``U1``.
+   keeps the set ``U1`` and draws the graph over ``U1``. (The pairs may have been drawn
+   and advertised in an earlier round, one fresh pair per round: see
+   :meth:`ClientSession.advertise` and :mod:`fl_app.secagg_stages`.)
 2. share keys: ``u`` draws the self-mask seed ``b_u`` and Shamir-shares ``b_u`` and
    ``s_sk`` over ``H(u)`` with threshold ``t`` (share point ``node_id + 1``), encrypts
    each neighbour's pair with ChaCha20-Poly1305 under HKDF(X25519(c_sk_u, c_pk_v))
@@ -327,11 +329,26 @@ class ClientSession:
                 f"expected stage {self._stage + 1} (stages run once, in order)"
             )
 
-    def advertise(self) -> PublicKeys:
-        """Stage 1: draw the two key pairs and return their public keys."""
+    def advertise(
+        self, keys: tuple[crypto.X25519PrivateKey, crypto.X25519PrivateKey] | None = None
+    ) -> PublicKeys:
+        """Stage 1: draw the two key pairs and return their public keys.
+
+        ``keys``: ``(c_sk, s_sk)`` drawn earlier for this round and not used by any other
+        session (the ClientApp advertises a batch of per-round pairs ahead, see
+        :mod:`fl_app.secagg_stages`); ``None`` draws them now.
+        """
         self._enter(Stage.advertise)
-        self._c_sk = crypto.generate_private_key(self._entropy)
-        self._s_sk = crypto.generate_private_key(self._entropy)
+        if keys is None:
+            self._c_sk = crypto.generate_private_key(self._entropy)
+            self._s_sk = crypto.generate_private_key(self._entropy)
+        else:
+            c_sk, s_sk = keys
+            if not all(isinstance(k, crypto.X25519PrivateKey) for k in (c_sk, s_sk)):
+                raise TypeError("keys must be two X25519PrivateKey")
+            if crypto.private_key_bytes(c_sk) == crypto.private_key_bytes(s_sk):
+                raise ValueError("c_sk and s_sk must be different keys")
+            self._c_sk, self._s_sk = c_sk, s_sk
         self._stage = Stage.advertise
         return PublicKeys(crypto.public_key_bytes(self._c_sk), crypto.public_key_bytes(self._s_sk))
 
