@@ -80,6 +80,7 @@ from strategies.protocol import (
     SECAGG_MASKED_KEY,
     SECAGG_MAX_KEY_ROUNDS,
     SECAGG_MAX_WEIGHT,
+    SECAGG_NEXT_KEY,
     SECAGG_NODES,
     SECAGG_PARAMS,
     SECAGG_RECORD_KEY,
@@ -278,6 +279,11 @@ def _take_round_keys(context: Context, rnd: int) -> tuple[Any, Any]:
 
 def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Stage 2: open the round's session with its advertised pair; share ``b_u`` and ``s_sk``."""
+    rnd = _round_of(config)
+    return _reply(msg, rnd, Stage.share_keys, _share_keys_payload(context, config))
+
+
+def _share_keys_payload(context: Context, config: Mapping[str, Any]) -> ConfigRecord:
     wipe_state(context)  # the round's session starts here
     rnd = _round_of(config)
     round_keys = _take_round_keys(context, rnd)
@@ -322,13 +328,13 @@ def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Me
     cts = session.share_keys(keys)
     _save(context, session, meta)
     order = sorted(cts)
-    payload = ConfigRecord(
+    return ConfigRecord(
         {
+            SERVER_ROUND: rnd,
             SECAGG_REPLY_NODES: pack_ids(order),
             SECAGG_REPLY_CIPHERTEXTS: b"".join(cts[v] for v in order),
         }
     )
-    return _reply(msg, rnd, Stage.share_keys, payload)
 
 
 def _unmask(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
@@ -357,7 +363,21 @@ def _unmask(msg: Message, context: Context, config: Mapping[str, Any]) -> Messag
         }
     )
     assert all(len(s) == shamir.SHARE_BYTES for s in reply.self_mask_shares.values())
-    return _reply(msg, rnd, Stage.unmask, payload)
+    out = _reply(msg, rnd, Stage.unmask, payload)
+    ahead = msg.content.config_records.get(SECAGG_NEXT_KEY)
+    if ahead is not None:
+        # Share-ahead: stage 2 of the next round rides on this exchange. This round is
+        # already answered; a refusal here only leaves the next round without us.
+        try:
+            if _round_of(ahead) != rnd + 1:
+                raise SecAggStageError(
+                    f"share-ahead instruction for round {ahead.get(SERVER_ROUND)!r}, "
+                    f"expected {rnd + 1}"
+                )
+            out.content[SECAGG_NEXT_KEY] = _share_keys_payload(context, ahead)
+        except (ClientRefusal, StageOrderError, ValueError, SecAggStageError):
+            wipe_state(context)
+    return out
 
 
 @dataclass

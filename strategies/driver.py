@@ -507,6 +507,7 @@ class RoundDriver:
             bound=self.secagg.encoding_bound(dict(config), CLIP_NORM_KEY),
             exchange=lambda msgs, timeout: self._exchange(grid, msgs, rnd, timeout),
             last_round=self.settings.num_rounds,
+            next_cohort=lambda exhausted: self._next_cohort(grid, rnd, exhausted),
         )
         self._fill_secure_stage(stage, outcome)
         self._privacy_metrics = outcome.metrics()
@@ -650,6 +651,24 @@ class RoundDriver:
         records = {k: v for k, v in content.items()}
         records[CONFIG_KEY] = ConfigRecord({**content.config_records[CONFIG_KEY], **extra})
         return RecordDict(records)
+
+    def _next_cohort(self, grid: Grid, rnd: int, exhausted_now: set[int]) -> list[int] | None:
+        """The cohort round ``rnd + 1`` will sample if no node comes or goes meanwhile.
+
+        Samplers draw from a generator of ``(seed, round)``, so sampling ahead changes
+        nothing: round ``rnd + 1`` samples again and secure aggregation uses what it
+        prepared only if both agree. ``exhausted_now``: nodes that ran out of privacy
+        budget in round ``rnd`` (the driver excludes them from then on).
+        """
+        if rnd >= self.settings.num_rounds:
+            return None
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) < self.settings.min_available_nodes:
+            return None
+        exhausted = (self._result.exhausted if self._result is not None else set()) | set(
+            exhausted_now
+        )
+        return self.train_sampler.sample([n for n in nodes if n not in exhausted], rnd + 1)
 
     def _usable_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes, minus those whose privacy budget is exhausted."""

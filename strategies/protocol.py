@@ -67,6 +67,7 @@ __all__ = [
     "SECAGG_MASKED_KEY",
     "SECAGG_MAX_KEY_ROUNDS",
     "SECAGG_MAX_WEIGHT",
+    "SECAGG_NEXT_KEY",
     "SECAGG_NODES",
     "SECAGG_PARAMS",
     "SECAGG_RECORD_KEY",
@@ -143,6 +144,9 @@ SECAGG_DDP = "fl-app.secagg.ddp"
 # Reply records: the stage payload (ConfigRecord of bytes) and the masked vector.
 SECAGG_RECORD_KEY = "secagg"
 SECAGG_MASKED_KEY = "masked"
+# Share-ahead: a stage-4 instruction may carry the next round's stage-2 instruction in
+# this ConfigRecord, and the reply then carries that stage's payload under the same key.
+SECAGG_NEXT_KEY = "secagg-next"
 # Keys inside the reply's ``secagg`` ConfigRecord.
 SECAGG_REPLY_C_PK = "c-pk"
 SECAGG_REPLY_S_PK = "s-pk"

@@ -64,6 +64,7 @@ from fl_app.secagg.wire import payload_bytes, unpack_ring, wire_packed
 from fl_app.weights import array_view
 from strategies.protocol import (
     ARRAYS_KEY,
+    BUDGET_EXHAUSTED,
     CONFIG_KEY,
     METRICS_KEY,
     PUBLIC_METRIC_PREFIX,
@@ -80,6 +81,7 @@ from strategies.protocol import (
     SECAGG_MASKED_KEY,
     SECAGG_MAX_KEY_ROUNDS,
     SECAGG_MAX_WEIGHT,
+    SECAGG_NEXT_KEY,
     SECAGG_NODES,
     SECAGG_PARAMS,
     SECAGG_RECORD_KEY,
@@ -232,7 +234,9 @@ class SecAggOutcome:
         return out
 
 
-def parse_stage_reply(msg: Message, *, server_round: int, stage: Stage) -> Rejection | RecordDict:
+def parse_stage_reply(
+    msg: Message, *, server_round: int, stage: Stage, optional: frozenset[str] = frozenset()
+) -> Rejection | RecordDict:
     """Check a screened stage reply's records and protocol metrics; return its content.
 
     The plaintext ``metrics`` of a secure-aggregation reply may hold exactly
@@ -246,7 +250,7 @@ def parse_stage_reply(msg: Message, *, server_round: int, stage: Stage) -> Rejec
     content = msg.content
     keys = set(content.keys())
     want = _STAGE_RECORDS[stage]
-    if keys != want:
+    if not want <= keys or keys - want - optional:
         return Rejection(node, f"stage {stage.name}: record keys {sorted(keys)} != {sorted(want)}")
     metrics = content.get(METRICS_KEY)
     if not isinstance(metrics, MetricRecord):
@@ -360,6 +364,28 @@ def _params(n: int, mode: GraphMode, drop: float, corrupt: float) -> SecAggParam
     return derive_params(n, mode=mode, dropout_tolerance=drop, corrupt_fraction=corrupt)
 
 
+@dataclass
+class _AheadPlan:
+    """The next round's session after stage 1, and its stage-2 instructions by node."""
+
+    rnd: int
+    cohort: tuple[int, ...]
+    server: ServerSession
+    instructions: dict[int, ConfigRecord]
+
+
+@dataclass
+class _SharedAhead:
+    """The next round's session after stage 2, with the shares to route at stage 3."""
+
+    rnd: int
+    cohort: tuple[int, ...]
+    server: ServerSession
+    routed: dict[int, dict[int, bytes]]
+    missing: set[int] = field(default_factory=set)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
 class SecureAggregation:
     """Runs the train stage of a round as the four-stage secure-aggregation protocol."""
 
@@ -368,6 +394,8 @@ class SecureAggregation:
         # node -> round -> public keys the node advertised ahead for that round (public
         # values; lost with the process, after which stage 1 simply runs again).
         self._round_keys: dict[int, dict[int, PublicKeys]] = {}
+        # Stages 1-2 of the next round, run during this round's unmask exchange.
+        self._ahead: _SharedAhead | None = None
         # Distributed DP: clients send rotated, rounded, noised vectors of ddp.padded
         # coordinates instead of the fixed-point layout; the server adds nothing.
         self.ddp = ddp
@@ -386,6 +414,155 @@ class SecureAggregation:
             if keys is not None:
                 ahead[u] = keys
         return ahead
+
+    def _key_stages(
+        self,
+        run: _StageRunner,
+        server: ServerSession,
+        rnd: int,
+        cohort: list[int],
+        pre_advertised: dict[int, PublicKeys],
+        last_round: int | None,
+    ) -> dict[int, dict[int, bytes]]:
+        """Stages 1 (only nodes without a pair for this round) and 2; the routed shares."""
+        horizon = self.settings.key_rounds
+        if last_round is not None:
+            horizon = max(1, min(horizon, last_round - rnd + 1))
+        request_keys = {SERVER_ROUND: rnd, SECAGG_KEY_ROUNDS: horizon}
+
+        def collect(batches: dict[int, list[PublicKeys]]) -> Any:
+            for u, batch in batches.items():
+                self._round_keys[u] = {rnd + i: k for i, k in enumerate(batch) if i}
+            return server.collect_public_keys(
+                {**pre_advertised, **{u: batch[0] for u, batch in batches.items()}}
+            )
+
+        keys = run.stage(
+            Stage.advertise,
+            {u: _config_only(request_keys) for u in cohort if u not in pre_advertised},
+            lambda c: _payload_key_batch(c, horizon),
+            collect,
+        )
+        msgs = {
+            u: _config_only(record)
+            for u, record in self._share_key_instructions(server, rnd, keys).items()
+        }
+        routed: dict[int, dict[int, bytes]] = run.stage(
+            Stage.share_keys, msgs, _payload_bundle, server.route_shares
+        )
+        return routed
+
+    def _share_key_instructions(
+        self, server: ServerSession, rnd: int, keys: Mapping[int, Mapping[int, PublicKeys]]
+    ) -> dict[int, dict[str, Any]]:
+        """Stage-2 instruction of each node: the round's parameters and its neighbours' keys."""
+        base = {
+            SERVER_ROUND: rnd,
+            SECAGG_CONTEXT: server.context,
+            SECAGG_PARAMS: json.dumps(server.params.to_config(), sort_keys=True),
+            SECAGG_BITS: server.bits,
+            SECAGG_VECTOR_LENGTH: server.vector_length,
+            SECAGG_COHORT: pack_ids(sorted(server.cohort)),
+        }
+        return {
+            u: {
+                **base,
+                SECAGG_NODES: pack_ids(sorted(nk)),
+                SECAGG_KEYS: b"".join(nk[v].c_pk + nk[v].s_pk for v in sorted(nk)),
+            }
+            for u, nk in keys.items()
+        }
+
+    def _plan_ahead(
+        self,
+        rnd: int,
+        cohort: Sequence[int] | None,
+        survivors: Sequence[int],
+        run_id: int,
+        length: int,
+    ) -> _AheadPlan | None:
+        """Stage 1 of round ``rnd`` from keys advertised ahead, and its stage-2 instructions.
+
+        ``None`` (the round will run its own stages) unless every node of ``cohort``
+        survived the current round and holds a key pair for ``rnd``.
+        """
+        s = self.settings
+        if cohort is None or len(cohort) < 3 or not set(cohort) <= set(survivors):
+            return None
+        nodes = sorted(int(u) for u in cohort)
+        if any(rnd not in self._round_keys.get(u, {}) for u in nodes):
+            return None
+        if self.ddp is not None and len(nodes) > self.ddp.max_cohort:
+            return None
+        try:
+            params = _params(len(nodes), s.mode, s.dropout_tolerance, s.corrupt_fraction)
+        except SecAggConfigError:
+            return None
+        context = round_context(int(run_id) % 2**64, rnd)
+        server = ServerSession(nodes, params, vector_length=length, bits=s.bits, context=context)
+        keys = {u: self._round_keys[u].pop(rnd) for u in nodes}  # each pair serves once
+        try:
+            neighbours = server.collect_public_keys(keys)
+        except RoundAbandoned as err:
+            log.info("round %d: keys advertised ahead unusable (%s); full stages then", rnd, err)
+            return None
+        records = self._share_key_instructions(server, rnd, neighbours)
+        return _AheadPlan(
+            rnd, tuple(nodes), server, {u: ConfigRecord(r) for u, r in records.items()}
+        )
+
+    def _finish_ahead(self, plan: _AheadPlan, replies: Mapping[int, Any]) -> None:
+        """Route the next round's shares that rode on this round's unmask replies."""
+        bundles: dict[int, dict[int, bytes]] = {}
+        rejected: list[Rejection] = []
+        for u in plan.instructions:
+            record = replies.get(u)
+            if record is None:
+                continue
+            try:
+                if not isinstance(record, ConfigRecord):
+                    raise ValueError(f"'{SECAGG_NEXT_KEY}' is not a ConfigRecord")
+                if record.get(SERVER_ROUND) != plan.rnd:
+                    raise ValueError(f"'{SERVER_ROUND}'={record.get(SERVER_ROUND)!r} != {plan.rnd}")
+                bundles[u] = _payload_bundle(RecordDict({SECAGG_RECORD_KEY: record}))
+            except (ValueError, KeyError, TypeError) as err:
+                rejected.append(Rejection(u, f"stage share_keys (ahead): {err}"))
+        for r in rejected:
+            log.warning("round %d secagg: rejected node %d: %s", plan.rnd, r.node_id, r.reason)
+        try:
+            routed = plan.server.route_shares(bundles)
+        except RoundAbandoned as err:
+            log.info(
+                "round %d: shares routed ahead fell short (%s); full stages then", plan.rnd, err
+            )
+            return
+        self._ahead = _SharedAhead(
+            plan.rnd,
+            plan.cohort,
+            plan.server,
+            routed,
+            missing=set(plan.instructions) - set(bundles),
+            rejected=rejected,
+        )
+
+    def _take_ahead(
+        self, rnd: int, cohort: Sequence[int], params: SecAggParams, length: int
+    ) -> _SharedAhead | None:
+        """The stages 1-2 run ahead for this round, if they match it exactly."""
+        shared, self._ahead = self._ahead, None
+        if shared is None:
+            return None
+        server = shared.server
+        if (
+            shared.rnd != rnd
+            or shared.cohort != tuple(cohort)
+            or server.params != params
+            or server.vector_length != length
+            or server.bits != self.settings.bits
+        ):
+            log.info("round %d: cohort or parameters changed; stages 1-2 run again", rnd)
+            return None
+        return shared
 
     def _forget_troubled(self, outcome: SecAggOutcome) -> None:
         """A node that failed, was rejected or went missing may have lost its key store
@@ -417,6 +594,7 @@ class SecureAggregation:
         bound: float,
         exchange: Exchange,
         last_round: int | None = None,
+        next_cohort: Callable[[set[int]], Sequence[int] | None] | None = None,
     ) -> SecAggOutcome:
         """Run stages 1-4 over the cohort addressed by ``instructions``.
 
@@ -425,6 +603,13 @@ class SecureAggregation:
         nodes that hold no key pair for this round from an earlier stage 1 (none: no
         stage-1 exchange); it asks for ``settings.key_rounds`` rounds of pairs, never
         past ``last_round``.
+
+        Share-ahead: ``next_cohort(exhausted)`` returns the cohort the driver will sample
+        for the next round (``exhausted``: nodes that ran out of privacy budget in this
+        one). If every node of it survives this round and holds a key pair for the next
+        one, the next round's stage 2 rides on this round's stage-4 exchange and the next
+        round starts at stage 3 (two exchanges a round). Otherwise, or if the next round's
+        cohort turns out different, the next round runs its stages in full.
         """
         s = self.settings
         by_node = {int(m.metadata.dst_node_id): m for m in instructions}
@@ -462,50 +647,29 @@ class SecureAggregation:
         else:
             codec = round_codec(s.bits, bound, len(cohort))
             length = layout.length
-        context = round_context(int(run_id) % 2**64, rnd)
-        server = ServerSession(cohort, params, vector_length=length, bits=s.bits, context=context)
+        pre_advertised = self._keys_for(rnd, cohort)
+        shared = self._take_ahead(rnd, cohort, params, length)
+        if shared is not None:
+            server = shared.server
+        else:
+            context = round_context(int(run_id) % 2**64, rnd)  # a fresh random nonce
+            server = ServerSession(
+                cohort, params, vector_length=length, bits=s.bits, context=context
+            )
+        # The clients' context (distributed DP's rotation is seeded from it).
+        context = server.context
         run = _StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
         try:
-            # ---- 1: advertise keys (only nodes without a pair for this round)
-            ahead = self._keys_for(rnd, cohort)
-            horizon = s.key_rounds
-            if last_round is not None:
-                horizon = max(1, min(horizon, last_round - rnd + 1))
-            request_keys = {SERVER_ROUND: rnd, SECAGG_KEY_ROUNDS: horizon}
-
-            def collect(batches: dict[int, list[PublicKeys]]) -> Any:
-                for u, batch in batches.items():
-                    self._round_keys[u] = {rnd + i: k for i, k in enumerate(batch) if i}
-                return server.collect_public_keys(
-                    {**ahead, **{u: batch[0] for u, batch in batches.items()}}
-                )
-
-            keys = run.stage(
-                Stage.advertise,
-                {u: _config_only(request_keys) for u in cohort if u not in ahead},
-                lambda c: _payload_key_batch(c, horizon),
-                collect,
-            )
-            # ---- 2: share keys (with the round's parameters)
-            base = {
-                SERVER_ROUND: rnd,
-                SECAGG_CONTEXT: context,
-                SECAGG_PARAMS: json.dumps(params.to_config(), sort_keys=True),
-                SECAGG_BITS: s.bits,
-                SECAGG_VECTOR_LENGTH: length,
-                SECAGG_COHORT: pack_ids(cohort),
-            }
-            msgs = {
-                u: _config_only(
-                    {
-                        **base,
-                        SECAGG_NODES: pack_ids(sorted(nk)),
-                        SECAGG_KEYS: b"".join(nk[v].c_pk + nk[v].s_pk for v in sorted(nk)),
-                    }
-                )
-                for u, nk in keys.items()
-            }
-            routed = run.stage(Stage.share_keys, msgs, _payload_bundle, server.route_shares)
+            if shared is not None:
+                # Stages 1-2 ran during the previous round's unmask exchange.
+                outcome.stages.append(StageLog(Stage.advertise, accepted=len(server.keys)))
+                outcome.stages.append(StageLog(Stage.share_keys, accepted=len(shared.routed)))
+                outcome.missing.update(shared.missing)
+                outcome.rejected.extend(shared.rejected)
+                run.absorb_rejections()
+                routed = shared.routed
+            else:
+                routed = self._key_stages(run, server, rnd, cohort, pre_advertised, last_round)
             # ---- 3: masked input (the train instruction)
             msgs = {}
             for u, cts in routed.items():
@@ -550,11 +714,32 @@ class SecureAggregation:
                 SECAGG_SURVIVORS: pack_ids(request.survivors),
                 SECAGG_DROPOUTS: pack_ids(request.dropouts),
             }
+            plan = None
+            if next_cohort is not None and (last_round is None or rnd < last_round):
+                exhausted = {r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED}
+                plan = self._plan_ahead(
+                    rnd + 1, next_cohort(exhausted), request.survivors, run_id, length
+                )
+            contents = {u: _config_only(lists) for u in request.survivors}
+            if plan is not None:
+                for u, record in plan.instructions.items():
+                    contents[u][SECAGG_NEXT_KEY] = record
+
+            def parse_unmask(c: RecordDict) -> tuple[UnmaskReply, Any]:
+                return _payload_unmask(c), c.get(SECAGG_NEXT_KEY)
+
+            def unmask(payloads: dict[int, tuple[UnmaskReply, Any]]) -> Any:
+                total = server.unmask({u: p[0] for u, p in payloads.items()})
+                if plan is not None:
+                    self._finish_ahead(plan, {u: p[1] for u, p in payloads.items()})
+                return total
+
             result = run.stage(
                 Stage.unmask,
-                {u: _config_only(lists) for u in request.survivors},
-                _payload_unmask,
-                server.unmask,
+                contents,
+                parse_unmask,
+                unmask,
+                optional=frozenset({SECAGG_NEXT_KEY}) if plan is not None else frozenset(),
             )
         except RoundAbandoned as err:
             run.absorb_rejections()
@@ -615,6 +800,7 @@ class _StageRunner:
         contents: Mapping[int, RecordDict],
         parse_payload: Callable[[RecordDict], Any],
         feed: Callable[[dict[int, Any]], Any],
+        optional: frozenset[str] = frozenset(),
     ) -> Any:
         t0 = time.perf_counter()
         messages = []
@@ -637,7 +823,7 @@ class _StageRunner:
         screened = screen_replies(replies, sent)
         payloads: dict[int, Any] = {}
         for msg in screened.accepted:
-            parsed = parse_stage_reply(msg, server_round=self.rnd, stage=stage)
+            parsed = parse_stage_reply(msg, server_round=self.rnd, stage=stage, optional=optional)
             if isinstance(parsed, Rejection):
                 screened.rejected.append(parsed)
                 continue

@@ -469,9 +469,10 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     assert summary["status"] == "completed"
     assert all(r["model_updated"] and r["secagg_contributors"] == 10 for r in lines)
     assert summary["accuracy"] > summary["initial_accuracy"] + 0.2
-    # The upload is 16 bits per rotated coordinate (8,192 for 4,810 parameters).
-    assert lines[0]["secagg_bytes_up_per_client"] >= 8192 * 2
-    assert lines[0]["secagg_bytes_up_per_client"] < 8192 * 2 + 2048
+    # The upload is 16 bits per rotated coordinate (8,192 for 4,810 parameters), plus
+    # keys and shares (round 1 also advertises keys ahead and shares for round 2).
+    for line in lines:
+        assert 8192 * 2 <= line["secagg_bytes_up_per_client"] < 8192 * 2 + 4096
     ledger = FederationLedger.from_json((run / "privacy_ledger.json").read_text())
     assert [e.mechanism for e in ledger.events] == ["ddg"] * 3
     assert summary["privacy"]["epsilon"] == pytest.approx(ledger.epsilon())
@@ -481,7 +482,7 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     assert bandwidth["upload_bytes_per_client_round"] == pytest.approx(
         sum(r["secagg_bytes_up_per_client"] for r in lines) / len(lines)
     )
-    assert lines[1]["secagg_bytes_up_per_client"] < lines[0]["secagg_bytes_up_per_client"]
+    assert lines[2]["secagg_bytes_up_per_client"] < lines[0]["secagg_bytes_up_per_client"]
     # No plaintext training metrics: the server learns nothing un-noised.
     assert "train_loss" not in lines[0] and "train-loss" not in json.dumps(lines[0])
     # The release states the distributed-DP threat model and its caveat.

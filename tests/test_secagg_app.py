@@ -286,8 +286,9 @@ def test_malformed_stage_replies_are_rejected_with_a_reason(
 
 @pytest.mark.parametrize(
     ("stage", "overrides"),
-    # Stage 1 runs in round 2 only when keys are not advertised ahead (key_rounds=1).
-    [(1, ["secagg.key_rounds=1"]), (2, [])],
+    # Stages 1 and 2 run in round 2 only when keys are not advertised ahead
+    # (key_rounds=1); otherwise round 2 is stage 3 and stage 4 (with round 3's stage 2).
+    [(1, ["secagg.key_rounds=1"]), (2, ["secagg.key_rounds=1"]), (3, []), (4, [])],
 )
 def test_reply_replayed_from_an_earlier_round_is_rejected(
     tmp_path: Path, stage: int, overrides: list[str]
@@ -306,7 +307,8 @@ def test_reply_replayed_from_an_earlier_round_is_rejected(
     summary, lines, _ = _run(cfg, tmp_path, message_hook=hook)
     assert summary["status"] == "completed" and lines[1]["model_updated"]
     assert any(r["node"] == min(old) and "stale" in r["reason"] for r in lines[1]["rejections"])
-    assert lines[1]["secagg_contributors"] == N - 1
+    # A node whose stage-4 reply is refused already sent its masked input: it counts.
+    assert lines[1]["secagg_contributors"] == (N if stage == 4 else N - 1)
 
 
 def test_plaintext_replies_carry_only_protocol_fields(tmp_path: Path) -> None:

@@ -10,7 +10,11 @@ ClientApp's real stage handlers on the in-process Grid):
 * each round's pair is used once: a replayed share-keys instruction is refused, and
   the store holds only pairs of rounds still to come;
 * a node that failed, and every node after a server restart, advertises again;
-* malformed stage-1 instructions and replies are refused with a reason.
+* malformed stage-1 instructions and replies are refused with a reason;
+* share-ahead: the next round's stage 2 rides on this round's unmask exchange when its
+  whole cohort survived and holds keys (two exchanges a round), sums stay exact (fixed
+  point and distributed DP), and any mismatch, dropout or malformed part falls back to
+  the full stages without losing the round.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from strategies.protocol import (
     CONFIG_KEY,
     SECAGG_KEY_ROUNDS,
     SECAGG_KEYS,
+    SECAGG_NEXT_KEY,
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_C_PK,
+    SECAGG_REPLY_NODES,
     SECAGG_STAGE_KEY,
     SERVER_ROUND,
 )
@@ -62,20 +68,29 @@ class Recorder:
         self.stages: list[int] = []
         self.sent: dict[int, list[Message]] = {}
         self.tamper: Callable[[Message], None] | None = None
+        self.edit: Callable[[Message], None] | None = None
 
     def __call__(self, messages: list[Message], timeout: float) -> Any:
         stage = int(messages[0].content.config_records[CONFIG_KEY][SECAGG_STAGE_KEY])
         self.stages.append(stage)
         self.sent[stage] = messages
+        if self.edit is not None and stage == 4:
+            for msg in messages:
+                self.edit(msg)
         sent, replies, ids = self.inner(messages, timeout)
-        if self.tamper is not None and stage == 1:
+        if self.tamper is not None and stage in (1, 4):
             for reply in replies:
                 self.tamper(reply)
         return sent, replies, ids
 
 
 def _round(
-    server: SecureAggregation, grid: InProcessGrid, rnd: int, ex: Recorder, last_round: int
+    server: SecureAggregation,
+    grid: InProcessGrid,
+    rnd: int,
+    ex: Recorder,
+    last_round: int,
+    next_cohort: Callable[[set[int]], list[int] | None] | None = None,
 ) -> SecAggOutcome:
     ex.stages = []
     return server.run_round(
@@ -87,6 +102,7 @@ def _round(
         bound=1.0,
         exchange=ex,
         last_round=last_round,
+        next_cohort=next_cohort,
     )
 
 
@@ -220,3 +236,130 @@ def test_client_refuses_an_out_of_range_key_batch(grid: InProcessGrid, count: An
 def test_settings_refuse_key_rounds_out_of_range(key_rounds: int) -> None:
     with pytest.raises(ValueError, match=r"secagg\.key_rounds"):
         _settings(key_rounds)
+
+
+# ------------------------------------------------------------------ share-ahead
+def _everyone(grid: InProcessGrid) -> Callable[[set[int]], list[int]]:
+    return lambda exhausted: [n for n in grid.node_ids if n not in exhausted]
+
+
+def _rode_along(ex: Recorder) -> list[int]:
+    """Nodes whose stage-4 instruction of the last round carried the next stage 2."""
+    return sorted(int(m.metadata.dst_node_id) for m in ex.sent[4] if SECAGG_NEXT_KEY in m.content)
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["fixed-point", "distributed-dp"])
+def test_share_ahead_runs_two_exchanges_a_round_and_stays_exact(
+    grid: InProcessGrid, ddp: bool
+) -> None:
+    from fl_app.privacy.distributed import DdpPlan
+
+    plan = None
+    if ddp:  # negligible noise, so the decoded sum must match the inputs
+        plan = DdpPlan(
+            clip=1.0, dim=DIM, bits=20, noise_multiplier=1e-4, max_cohort=N, dropout_tolerance=0.0
+        )
+    settings = SecAggSettings(
+        mode=GraphMode.secaggplus,
+        bits=20 if ddp else 32,
+        stage_timeout_s=5.0,
+        dropout_tolerance=0.0 if ddp else 0.2,
+    )
+    server, ex = SecureAggregation(settings, ddp=plan), Recorder(grid)
+    for rnd in range(1, 5):
+        out = _round(server, grid, rnd, ex, last_round=4, next_cohort=_everyone(grid))
+        assert out.decoded is not None, out.note
+        exact = np.sum([UPDATES[v]["w"].astype(np.float64) for v in grid.node_ids], axis=0)
+        atol = 2e-3 if ddp else 1e-6  # DDP: rounding to the γ grid after rotation
+        np.testing.assert_allclose(out.decoded.update["w"], exact, rtol=0, atol=atol)
+        assert ex.stages == ([1, 2, 3, 4] if rnd == 1 else [3, 4])
+        # Every stage-4 instruction carries the next round's stage 2, but the last.
+        assert _rode_along(ex) == ([] if rnd == 4 else sorted(grid.node_ids))
+        # Between rounds each client holds the next round's session, nothing older.
+        for node in grid.node_ids:
+            session = grid.context(node).state.get(STATE_KEY)
+            if rnd < 4:
+                assert session is not None and session["_round"] == rnd + 1
+            else:
+                assert session is None and KEYS_STATE_KEY not in grid.context(node).state
+
+
+def test_a_dropout_at_stage_three_stops_share_ahead_for_one_round(grid: InProcessGrid) -> None:
+    server, ex = SecureAggregation(_settings()), Recorder(grid)
+    victim = grid.node_ids[2]
+    grid.drop_at(victim, message_type="train", nth=3)  # its round-1 masked input
+    out = _round(server, grid, 1, ex, last_round=3, next_cohort=_everyone(grid))
+    _assert_exact(out, [v for v in grid.node_ids if v != victim])
+    assert _rode_along(ex) == []  # the next cohort includes a node that did not survive
+    out = _round(server, grid, 2, ex, last_round=3, next_cohort=_everyone(grid))
+    assert ex.stages == [1, 2, 3, 4]  # stage 1 for the victim only (it was forgotten)
+    assert [int(m.metadata.dst_node_id) for m in ex.sent[1]] == [victim]
+    _assert_exact(out, grid.node_ids)
+    assert _rode_along(ex) == sorted(grid.node_ids)
+
+
+def test_a_lost_unmask_reply_costs_that_node_the_next_round_only(grid: InProcessGrid) -> None:
+    server, ex = SecureAggregation(_settings()), Recorder(grid)
+    victim = grid.node_ids[5]
+    grid.drop_at(victim, message_type="train", nth=4)  # its round-1 stage 4 (+ stage 2)
+    out = _round(server, grid, 1, ex, last_round=3, next_cohort=_everyone(grid))
+    _assert_exact(out, grid.node_ids)  # its masked input arrived: it counts
+    out = _round(server, grid, 2, ex, last_round=3, next_cohort=_everyone(grid))
+    assert ex.stages == [3, 4]
+    assert victim in out.missing
+    _assert_exact(out, [v for v in grid.node_ids if v != victim])
+    out = _round(server, grid, 3, ex, last_round=3, next_cohort=_everyone(grid))
+    assert ex.stages == [1, 2, 3, 4]
+    _assert_exact(out, grid.node_ids)
+
+
+def test_a_different_cohort_than_announced_runs_the_full_stages(grid: InProcessGrid) -> None:
+    server, ex = SecureAggregation(_settings()), Recorder(grid)
+    announced = grid.node_ids[:-1]  # the round then samples all N
+    out = _round(server, grid, 1, ex, last_round=3, next_cohort=lambda exhausted: announced)
+    _assert_exact(out, grid.node_ids)
+    assert _rode_along(ex) == sorted(announced)
+    out = _round(server, grid, 2, ex, last_round=3)
+    # The announced nodes spent their round-2 pair on the discarded session: new batch.
+    assert ex.stages == [1, 2, 3, 4]
+    assert sorted(int(m.metadata.dst_node_id) for m in ex.sent[1]) == sorted(announced)
+    _assert_exact(out, grid.node_ids)
+
+
+def test_a_malformed_share_ahead_part_loses_only_the_next_round(grid: InProcessGrid) -> None:
+    server, ex = SecureAggregation(_settings()), Recorder(grid)
+    victim = grid.node_ids[1]
+
+    def cut(reply: Message) -> None:
+        if int(reply.metadata.src_node_id) == victim and SECAGG_NEXT_KEY in reply.content:
+            rec = reply.content.config_records[SECAGG_NEXT_KEY]
+            rec[SECAGG_REPLY_NODES] = bytes(rec[SECAGG_REPLY_NODES])[:-8]
+
+    ex.tamper = cut
+    out = _round(server, grid, 1, ex, last_round=3, next_cohort=_everyone(grid))
+    _assert_exact(out, grid.node_ids)
+    ex.tamper = None
+    out = _round(server, grid, 2, ex, last_round=3, next_cohort=_everyone(grid))
+    assert ex.stages == [3, 4]
+    assert any(r.node_id == victim and "(ahead)" in r.reason for r in out.rejected)
+    _assert_exact(out, [v for v in grid.node_ids if v != victim])
+
+
+def test_client_refuses_share_ahead_for_a_round_other_than_the_next(
+    grid: InProcessGrid,
+) -> None:
+    server, ex = SecureAggregation(_settings()), Recorder(grid)
+    victim = grid.node_ids[3]
+
+    def skip_a_round(msg: Message) -> None:
+        if int(msg.metadata.dst_node_id) == victim and SECAGG_NEXT_KEY in msg.content:
+            msg.content.config_records[SECAGG_NEXT_KEY][SERVER_ROUND] = 3
+
+    ex.edit = skip_a_round
+    out = _round(server, grid, 1, ex, last_round=3, next_cohort=_everyone(grid))
+    _assert_exact(out, grid.node_ids)  # round 1 itself is answered in full
+    assert STATE_KEY not in grid.context(victim).state  # refused: nothing kept
+    ex.edit = None
+    out = _round(server, grid, 2, ex, last_round=3, next_cohort=_everyone(grid))
+    assert ex.stages == [3, 4] and victim in out.missing
+    _assert_exact(out, [v for v in grid.node_ids if v != victim])
