@@ -7,6 +7,7 @@ parameter derivation. The protocol itself is tested in tests/test_secagg_protoco
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 
@@ -445,7 +446,7 @@ def test_codec_chunked_encode_and_decode_equal_the_textbook_form(bits: int, dtyp
     length = 2 * encoding._ENCODE_CHUNK + 7
     data = np.random.default_rng(bits)
     if np.dtype(dtype).kind == "f":
-        x = data.uniform(-max_abs, max_abs, length).astype(dtype)
+        x: np.ndarray = data.uniform(-max_abs, max_abs, length).astype(dtype)
         x[:4] = (max_abs, -max_abs, 0.0, -0.0)
     else:
         x = data.integers(-3, 4, length).astype(dtype)
@@ -579,3 +580,129 @@ def test_harary_graph_is_regular_symmetric_and_seeded() -> None:
     with pytest.raises(SecAggConfigError, match="even"):
         build_graph(ids, 5, seed)
     assert GraphMode("secaggplus") is GraphMode.secaggplus
+
+
+# ---------------------------------------------------------------- threaded mask accumulation
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+@pytest.mark.parametrize("length", [1, 3, 5, 1_000_003])
+def test_accumulate_masks_threaded_is_bit_identical(bits: int, length: int) -> None:
+    """Any thread count gives exactly the single-threaded result and the one-by-one sum.
+
+    Each slice's ciphers start at a counter offset (``_ctr_offset``): a wrong offset, a
+    cut off a 16-byte block or a lost partial last chunk would change the result.
+    """
+    dtype = crypto.storage_dtype(bits)
+    rng = np.random.default_rng(bits * 7 + length)
+    base = rng.integers(0, 2**bits, length, dtype=np.uint64, endpoint=False).astype(dtype)
+    seeds = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(4)]
+    add = [(seeds[0], crypto.MaskDomain.self_mask), (seeds[1], crypto.MaskDomain.pairwise)]
+    subtract = [(s, crypto.MaskDomain.pairwise) for s in seeds[2:]]
+    expected = base.copy()
+    negated = np.zeros(length, dtype=dtype)  # -sum(subtract masks)
+    for s, d in add:
+        expected = mod_add(expected, crypto.expand_mask(s, length, bits, domain=d), bits)
+    for s, d in subtract:
+        mask = crypto.expand_mask(s, length, bits, domain=d)
+        expected = mod_sub(expected, mask, bits)
+        negated = mod_sub(negated, mask, bits)
+    single = crypto.accumulate_masks(base.copy(), bits, add=add, subtract=subtract, threads=1)
+    assert np.array_equal(single, expected)
+    before = base.copy()
+    for threads in (1, 2, 3, 7, None):
+        got = crypto.accumulate_masks(
+            base.copy(), bits, add=add, subtract=subtract, threads=threads
+        )
+        assert got.dtype == dtype and np.array_equal(got, single), threads
+        # out = base + masks in the same pass, base untouched
+        fresh = np.full(length, 9, dtype=dtype)
+        got = crypto.accumulate_masks(
+            fresh, bits, add=add, subtract=subtract, base=base, threads=threads
+        )
+        assert got is fresh and np.array_equal(got, expected), threads
+        # subtraction only (the server's unmasking)
+        got = crypto.accumulate_masks(np.zeros_like(base), bits, subtract=subtract, threads=threads)
+        assert np.array_equal(got, negated), threads
+    assert np.array_equal(base, before)
+
+
+def test_accumulate_masks_thread_slices_and_argument_checks() -> None:
+    # cuts at 64-byte multiples, non-empty, covering everything, at most `parts` slices
+    for size, itemsize, parts in [(1, 4, 7), (17, 4, 2), (1_000_003, 4, 3), (1_000_003, 8, 7)]:
+        bounds = crypto._slice_bounds(size, itemsize, parts)
+        assert bounds[0][0] == 0 and bounds[-1][1] == size and len(bounds) <= parts
+        assert all(a < b for a, b in bounds)
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
+        assert all(a * itemsize % 64 == 0 for a, _ in bounds)
+    assert len(crypto._slice_bounds(1_000_003, 4, 3)) == 3
+    assert crypto._resolve_threads(None, crypto._THREAD_MIN_ELEMENTS - 1, 100) == 1
+    assert crypto._resolve_threads(None, crypto._THREAD_MIN_ELEMENTS, 1) == 1  # too little work
+    assert 1 <= crypto._resolve_threads(None, 10**6, 39) <= crypto._MAX_DEFAULT_THREADS
+    assert crypto._resolve_threads(3, 1, 1) == 3
+    seed = bytes(range(32))
+    pair = [(seed, crypto.MaskDomain.pairwise)]
+    out = np.arange(10, dtype=np.uint32)
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            crypto.accumulate_masks(out, 32, add=pair, threads=bad)  # type: ignore[arg-type]
+    assert np.array_equal(out, np.arange(10, dtype=np.uint32))  # nothing modified
+
+
+def _threaded_sum_in_child(queue: object) -> None:
+    seeds = [(bytes([i]) * 32, crypto.MaskDomain.pairwise) for i in range(3)]
+    out = crypto.accumulate_masks(np.zeros(1000, np.uint32), 32, add=seeds, threads=3)
+    queue.put(int(out.astype(np.uint64).sum()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_accumulate_masks_threads_work_in_a_forked_child() -> None:
+    """The parent's pool has no threads in a forked child: a fresh one is made there."""
+    import multiprocessing
+
+    seeds = [(bytes([i]) * 32, crypto.MaskDomain.pairwise) for i in range(3)]
+    expected = crypto.accumulate_masks(np.zeros(1000, np.uint32), 32, add=seeds, threads=3)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_threaded_sum_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=30) == int(expected.astype(np.uint64).sum())
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():  # pragma: no cover - only if the child hung
+            child.kill()
+    assert child.exitcode == 0
+
+
+@pytest.mark.parametrize(
+    "start",
+    [2**128 - 3, 2**128 - 1, 2**32 - 2, (7 << 32) | (2**32 - 1), 0],
+    ids=["wrap128", "last", "carry32", "carry-into-nonce", "zero"],
+)
+def test_ctr_offset_matches_openssl_counter(start: int) -> None:
+    """Starting at ``_ctr_offset(iv, k)`` equals block ``k`` onwards from ``iv``.
+
+    OpenSSL increments the whole 128-bit big-endian counter block (carrying out of
+    the low 32 bits and wrapping at 2**128); the helper must agree, at the wrap too.
+    """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(16, 32))
+    iv = start.to_bytes(16, "big")
+    blocks = 8
+    full = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update(bytes(16 * blocks))
+    for k in range(blocks + 1):
+        shifted = crypto._ctr_offset(iv, k)
+        assert int.from_bytes(shifted, "big") == (start + k) % 2**128
+        tail = Cipher(algorithms.AES(key), modes.CTR(shifted)).encryptor()
+        assert tail.update(bytes(16 * (blocks - k))) == full[16 * k :]
+    assert crypto._ctr_offset(iv, 2**130) == iv  # a multiple of 2**128 is the identity
+    with pytest.raises(ValueError):
+        crypto._ctr_offset(iv[:15], 1)
+    # the mask cipher at a block offset continues the mask's keystream
+    seed = bytes(range(32))
+    mask = crypto.expand_mask(seed, 64, 32, domain=crypto.MaskDomain.self_mask)
+    enc = crypto._mask_cipher(seed, crypto.MaskDomain.self_mask, 5)
+    tail_words = np.frombuffer(enc.update(bytes(4 * 64 - 16 * 5)), dtype=np.uint32)
+    assert np.array_equal(tail_words, mask[4 * 5 :])
