@@ -21,6 +21,13 @@ other round's keys. A new stage 1 replaces the whole store (this is how a restar
 server, which lost the public keys, starts over). With ``secagg.key_rounds=1`` nothing
 is kept beyond the round it was drawn for.
 
+Share-ahead. A stage-4 instruction may carry, under ``secagg-next``, the stage-2
+instruction of the next round (the server knows the next cohort ahead and every member
+holds its pair). The client answers this round's unmask first, then runs the next round's
+stage 2 and returns its payload under the same key; refusing that part (wrong round,
+missing pair) only leaves this client out of the next round. The next round then starts
+at stage 3 with the session stage 2 saved.
+
 Between stages the client's :class:`~fl_app.secagg.ClientSession` lives in
 ``Context.state[STATE_KEY]`` (a ConfigRecord of bytes: keys, self-mask seed, shares).
 That state holds secrets: it is deleted after stage 4, whenever stage 1 or 2 of a new

@@ -65,6 +65,9 @@ class Timer:
                 dt = time.perf_counter() - t0
                 self.seconds += dt
                 msg = args[0] if args and isinstance(args[0], Message) else None
+                batch = args[1] if len(args) > 1 else None  # RoundDriver._exchange(grid, msgs)
+                if msg is None and isinstance(batch, list) and batch:
+                    msg = batch[0] if isinstance(batch[0], Message) else None
                 self.calls.append((secagg_stage(msg) if msg is not None else None, dt))
 
         return timed
@@ -140,17 +143,20 @@ def one_config_rounds(n: int, params: int, secure: bool, rounds: int) -> dict[st
     )
     exchange = Timer()
     driver._exchange = exchange.wrap(driver._exchange)  # type: ignore[method-assign]
-    out: dict[str, list[float]] = {
+    out: dict[str, list[Any]] = {
         "round": [],
         "client": [],
         "ser": [],
         "server": [],
         "critical": [],
+        # Per round: {stage: {"exchange": s, "client": summed s, "slowest": s}}.
+        "stages": [],
     }
     try:
         for rnd in range(1, rounds + 1):
             timer.seconds = exchange.seconds = 0.0
             timer.calls = []
+            exchange.calls = []
             t0 = time.perf_counter()
             arrays, report = driver.run_round(grid, rnd, arrays, node_ids=grid.node_ids)
             wall = time.perf_counter() - t0
@@ -161,47 +167,118 @@ def one_config_rounds(n: int, params: int, secure: bool, rounds: int) -> dict[st
             out["server"].append(wall - exchange.seconds)
             # Clients in parallel (deployment): the slowest client of each stage.
             slowest: dict[Any, float] = {}
+            summed: dict[Any, float] = {}
             for stage, dt in timer.calls:
                 slowest[stage] = max(slowest.get(stage, 0.0), dt)
+                summed[stage] = summed.get(stage, 0.0) + dt
             out["critical"].append(wall - timer.seconds + sum(slowest.values()))
+            out["stages"].append(
+                {
+                    str(stage): {
+                        "exchange": dt,
+                        "client": summed.get(stage, 0.0),
+                        "slowest": slowest.get(stage, 0.0),
+                    }
+                    for stage, dt in exchange.calls
+                }
+            )
     finally:
         grid.close()
     return out
 
 
+def floor_seconds(n: int, params: int, repeats: int = 3) -> dict[str, float]:
+    """The issue's floor of a secure round: ``n`` mask expansions + ``n`` vector sums.
+
+    One core (``threads=1``): ``n`` AES-128-CTR masks of ``params`` uint32 added into one
+    accumulator, and ``n`` uint32 vectors of ``params`` summed. The minimum over
+    ``repeats`` runs of each.
+    """
+    import os
+
+    from fl_app.secagg.crypto import MaskDomain, accumulate_masks
+
+    seeds = [(os.urandom(32), MaskDomain.self_mask) for _ in range(n)]
+    acc = np.zeros(params, dtype=np.uint32)
+    vectors = [np.full(params, i, dtype=np.uint32) for i in range(min(n, 8))]
+    expand, add = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        accumulate_masks(acc, 32, add=seeds, threads=1)
+        expand.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            np.add(acc, vectors[i % len(vectors)], out=acc)
+        add.append(time.perf_counter() - t0)
+    return {"expand": min(expand), "sum": min(add), "floor": min(expand) + min(add)}
+
+
+def steady(values: list[Any]) -> list[Any]:
+    """Mid-run rounds: 2..R-1 (keys advertised ahead, stage 2 shared ahead, and the next
+    round's stage 2 riding on stage 4, which the last round lacks); fewer rounds: 2..R,
+    or all."""
+    if len(values) > 2:
+        return values[1:-1]
+    return values[1:] if len(values) > 1 else values
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N in {10, 50}, 100k params, 1 round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration (median)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds per configuration: round 1 runs all four stages, later rounds two "
+        "exchanges (the median of rounds 2..R-1 is reported as steady)",
+    )
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     ap.add_argument("--params", type=int, nargs="*", default=None)
     args = ap.parse_args()
     clients = args.clients or ([10, 50] if args.quick else [10, 50, 100])
     params = args.params or ([100_000] if args.quick else [100_000, 1_000_000])
-    rounds = 1 if args.quick else args.rounds
+    rounds = 2 if args.quick else args.rounds
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
     flwr_log.propagate = False
     one_config(3, 1000, True, 1)  # warm-up: imports, caches
     print(
-        "| N | params | plain round s | secagg round s | ratio | secagg client s (sum / per client)"
-        " | secagg serialization s | secagg server s | plain client / ser / server s "
-        "| clients in parallel: plain / secagg s (ratio) |"
+        "| N | params | plain round s | secagg round s (steady) | ratio | secagg client s "
+        "(sum / per client) | secagg serialization s | secagg server s | plain client / ser "
+        "/ server s | clients in parallel: plain / secagg s (ratio) | round 1: secagg s "
+        "(parallel ratio) | floor s: N masks + N sums |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in params:
         for n in clients:
-            plain = one_config(n, p, False, rounds)
-            sec = one_config(n, p, True, rounds)
+            plain_r = one_config_rounds(n, p, False, rounds)
+            sec_r = one_config_rounds(n, p, True, rounds)
+            plain = {k: statistics.median(steady(v)) for k, v in plain_r.items() if k != "stages"}
+            sec = {k: statistics.median(steady(v)) for k, v in sec_r.items() if k != "stages"}
+            first = sec_r["critical"][0] / plain_r["critical"][0]
+            fl = floor_seconds(n, p)
             print(
                 f"| {n} | {p:,} | {plain['round']:.3f} | {sec['round']:.3f} | "
                 f"{sec['round'] / plain['round']:.2f}x | {sec['client']:.3f} / "
                 f"{sec['client'] / n * 1000:.1f} ms | {sec['ser']:.3f} | {sec['server']:.3f} | "
                 f"{plain['client']:.3f} / {plain['ser']:.3f} / {plain['server']:.3f} | "
                 f"{plain['critical']:.3f} / {sec['critical']:.3f} "
-                f"({sec['critical'] / plain['critical']:.2f}x) |",
+                f"({sec['critical'] / plain['critical']:.2f}x) | {sec_r['round'][0]:.3f} "
+                f"({first:.2f}x) | {fl['floor']:.3f} |",
                 flush=True,
             )
+            for label, per_round in (
+                ("round 1", sec_r["stages"][:1]),
+                ("steady", steady(sec_r["stages"])),
+            ):
+                names = sorted({st for r in per_round for st in r})
+                parts = []
+                for st in names:
+                    vals = [r[st] for r in per_round if st in r]
+                    ex = statistics.median(v["exchange"] for v in vals)
+                    sl = statistics.median(v["slowest"] for v in vals)
+                    parts.append(f"stage {st}: {ex:.3f} s (slowest client {sl * 1000:.1f} ms)")
+                print(f"  {label}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

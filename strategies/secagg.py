@@ -717,9 +717,13 @@ class SecureAggregation:
             plan = None
             if next_cohort is not None and (last_round is None or rnd < last_round):
                 exhausted = {r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED}
-                plan = self._plan_ahead(
-                    rnd + 1, next_cohort(exhausted), request.survivors, run_id, length
-                )
+                try:
+                    upcoming = next_cohort(exhausted)
+                # Only an optimisation: whatever goes wrong asking, this round goes on.
+                except Exception as err:
+                    log.warning("round %d: next cohort unknown (%r); no share-ahead", rnd, err)
+                    upcoming = None
+                plan = self._plan_ahead(rnd + 1, upcoming, request.survivors, run_id, length)
             contents = {u: _config_only(lists) for u in request.survivors}
             if plan is not None:
                 for u, record in plan.instructions.items():

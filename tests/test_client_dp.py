@@ -72,10 +72,8 @@ def test_clipped_norm_never_exceeds_the_bound(shapes, dtype, scale, clip, seed) 
         for i, s in enumerate(shapes)
     }
     out = clip_l2(arrays, clip)
-    assert l2_norm(out.arrays) <= clip * (1 + 1e-6) or (
-        # float16 cannot represent every value: its own rounding (2^-11 relative) is the floor.
-        dtype is np.float16 and l2_norm(out.arrays) <= clip * (1 + 2e-3)
-    )
+    # Every dtype, float16 subnormals included: scaled values are rounded toward zero.
+    assert l2_norm(out.arrays) <= clip * (1 + 1e-6)
     assert list(out.arrays) == list(arrays)
     for k, v in arrays.items():
         assert out.arrays[k].shape == v.shape and out.arrays[k].dtype == v.dtype
@@ -83,6 +81,16 @@ def test_clipped_norm_never_exceeds_the_bound(shapes, dtype, scale, clip, seed) 
     if out.unclipped:
         for k, v in arrays.items():
             np.testing.assert_array_equal(out.arrays[k], v)
+
+
+def test_float16_subnormal_clipping_stays_within_the_bound() -> None:
+    # The case Hypothesis found: rounding to nearest put a float16 update 0.2 % over.
+    arrays = {
+        "a0": np.array(0.1, dtype=np.float16),
+        "a1": np.full((5, 5, 5), 1000.0, dtype=np.float16),
+    }
+    out = clip_l2(arrays, 1e-4)
+    assert not out.unclipped and l2_norm(out.arrays) <= 1e-4
 
 
 def test_clipping_handles_0d_and_empty_arrays_and_refuses_nan() -> None:

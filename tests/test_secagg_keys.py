@@ -363,3 +363,28 @@ def test_client_refuses_share_ahead_for_a_round_other_than_the_next(
     out = _round(server, grid, 2, ex, last_round=3, next_cohort=_everyone(grid))
     assert ex.stages == [3, 4] and victim in out.missing
     _assert_exact(out, [v for v in grid.node_ids if v != victim])
+
+
+def test_the_round_driver_shares_ahead_and_its_next_cohort_matches() -> None:
+    # Through the real RoundDriver: it announces round t+1's cohort (the sampler is a
+    # function of (seed, round)), so mid-run rounds are the two exchanges 3 and 4.
+    from benchmarks.reuse import load_script
+
+    bench = load_script("bench_secagg")
+    out = bench.one_config_rounds(6, 1_000, True, 4)
+    stages = [sorted(r) for r in out["stages"]]
+    assert stages == [["1", "2", "3", "4"], ["3", "4"], ["3", "4"], ["3", "4"]]
+    assert bench.steady(out["round"]) == out["round"][1:3]
+
+
+def test_a_failing_next_cohort_callback_only_turns_share_ahead_off(grid: InProcessGrid) -> None:
+    server, ex = SecureAggregation(_settings()), Recorder(grid)
+
+    def broken(exhausted: set[int]) -> list[int]:
+        raise ConnectionError("SuperLink unreachable")
+
+    out = _round(server, grid, 1, ex, last_round=3, next_cohort=broken)
+    _assert_exact(out, grid.node_ids)
+    assert _rode_along(ex) == []
+    _round(server, grid, 2, ex, last_round=3, next_cohort=_everyone(grid))
+    assert ex.stages == [2, 3, 4]  # keys were advertised ahead; stage 2 runs on its own

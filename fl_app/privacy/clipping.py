@@ -84,10 +84,24 @@ def clip_l2(arrays: Mapping[str, np.ndarray], clip_norm: float) -> ClipResult:
         raise ValueError(f"update norm is {norm}: it holds NaN or Inf and cannot be clipped")
     unclipped = norm <= bound
     factor = 1.0 if unclipped else (bound / norm) * (1.0 - _MARGIN)
-    out = {
-        k: (np.asarray(v, dtype=np.float64) * factor).astype(np.asarray(v).dtype, copy=False)
-        for k, v in arrays.items()
-    }
-    # astype(copy=False) returns the float64 product itself for float64 inputs, which is
-    # already a new array, so the caller never shares memory with ``arrays``.
+    out = {k: _scale_toward_zero(np.asarray(v), factor) for k, v in arrays.items()}
     return ClipResult(arrays=out, norm=norm, factor=factor, unclipped=unclipped)
+
+
+def _scale_toward_zero(value: np.ndarray, factor: float) -> np.ndarray:
+    """``value * factor`` in ``value``'s dtype, never larger in magnitude than the exact product.
+
+    Rounding to nearest in a narrow dtype can round up (float16 subnormals by up to half
+    of 2^-24, i.e. percent of a value near 1e-5), which would let a clipped update exceed
+    its bound; stepping those elements one ulp toward zero keeps every element, and so the
+    norm, at or below the float64 product. Always a new array, never a view of ``value``.
+    """
+    scaled = np.array(value, dtype=np.float64)  # a copy; 0-d stays an array
+    scaled *= factor
+    if value.dtype == np.float64:
+        return scaled
+    cast = scaled.astype(value.dtype)
+    over = np.abs(cast.astype(np.float64)) > np.abs(scaled)
+    if over.any():
+        cast[over] = np.nextafter(cast[over], value.dtype.type(0))
+    return cast
