@@ -12,7 +12,8 @@ the client draws ``h`` independent pairs ``(c_sk, s_sk)``, one per round ``r, ..
 r + h - 1``, keeps the private keys in ``Context.state[KEYS_STATE_KEY]`` and returns the
 ``2h`` public keys. The server stores them, so a later round in which this client is
 sampled skips stage 1 for it (and the whole stage-1 exchange when every sampled client
-has keys): a round costs three message exchanges instead of four. Each pair is used by
+has keys): a round costs three message exchanges instead of four (two with share-ahead,
+below). Each pair is used by
 exactly one round: stage 2 of round ``r`` takes the pair of ``r`` out of the store and
 deletes it together with every pair of an earlier round, so a replayed or repeated
 stage 2 for ``r`` finds no key and is refused, and revealing one round's ``s_sk`` (the
@@ -31,10 +32,10 @@ at stage 3 with the session stage 2 saved.
 Between stages the client's :class:`~fl_app.secagg.ClientSession` lives in
 ``Context.state[STATE_KEY]`` (a ConfigRecord of bytes: keys, self-mask seed, shares).
 That state holds secrets: it is deleted after stage 4, whenever stage 1 or 2 of a new
-round arrives, and whenever a stage fails. The store of future rounds' private keys is
-the only secret that outlives a round, and only for rounds that have not happened yet.
-Neither ever reaches a log or a checkpoint (Flower keeps ``Context.state`` in the
-SuperNode's memory).
+round arrives, and whenever a stage fails. Only secrets of rounds that have not happened
+yet outlive a round: the store of future rounds' private keys and, under share-ahead,
+the next round's session from its stage 2 on. None ever reaches a log or a checkpoint
+(Flower keeps ``Context.state`` in the SuperNode's memory).
 """
 
 from __future__ import annotations
