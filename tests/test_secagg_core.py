@@ -706,3 +706,16 @@ def test_ctr_offset_matches_openssl_counter(start: int) -> None:
     enc = crypto._mask_cipher(seed, crypto.MaskDomain.self_mask, 5)
     tail_words = np.frombuffer(enc.update(bytes(4 * 64 - 16 * 5)), dtype=np.uint32)
     assert np.array_equal(tail_words, mask[4 * 5 :])
+
+
+def test_default_threads_honour_a_cpu_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray sets OMP_NUM_THREADS to an actor's num_cpus: one simulated client per CPU must
+    # not start a thread per core. Unset or malformed values fall back to the affinity.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert crypto._resolve_threads(None, 10**6, 39) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
+    assert crypto._usable_cores() >= 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = crypto._usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 5))
+    assert crypto._usable_cores() == cores

@@ -539,10 +539,18 @@ def _accumulate_slice(
 
 
 def _usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    """Cores this process may run on: its CPU affinity (where the OS reports it), capped
+    by ``OMP_NUM_THREADS`` when that is a positive integer. A process handed a CPU share
+    is told so there (Ray sets it to an actor's ``num_cpus``; torch and BLAS honour it),
+    so several simulated clients on one machine do not each start a thread per core."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cores = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cores = max(1, os.cpu_count() or 1)
+    share = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if share.isdigit() and int(share) >= 1:
+        cores = min(cores, int(share))
+    return cores
 
 
 def _resolve_threads(threads: object, size: int, num_masks: int) -> int:
