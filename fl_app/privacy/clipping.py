@@ -96,6 +96,8 @@ def _scale_toward_zero(value: np.ndarray, factor: float) -> np.ndarray:
     its bound; stepping those elements one ulp toward zero keeps every element, and so the
     norm, at or below the float64 product. Always a new array, never a view of ``value``.
     """
+    if factor == 1.0:  # unclipped: the product is exact, a copy is all it takes
+        return np.array(value, copy=True)
     scaled = np.array(value, dtype=np.float64)  # a copy; 0-d stays an array
     scaled *= factor
     if value.dtype == np.float64:
