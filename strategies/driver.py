@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -665,16 +666,18 @@ class RoundDriver:
         nodes = sorted(int(n) for n in grid.get_node_ids())
         if len(nodes) < self.settings.min_available_nodes:
             return None
-        exhausted = (self._result.exhausted if self._result is not None else set()) | set(
-            exhausted_now
-        )
-        return self.train_sampler.sample([n for n in nodes if n not in exhausted], rnd + 1)
+        return self.train_sampler.sample(self._with_budget(nodes, exhausted_now), rnd + 1)
 
     def _usable_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes, minus those whose privacy budget is exhausted."""
-        nodes = self._wait_for_nodes(grid)
+        return self._with_budget(self._wait_for_nodes(grid))
+
+    def _with_budget(
+        self, nodes: list[int], also_exhausted: AbstractSet[int] = frozenset()
+    ) -> list[int]:
+        """``nodes`` minus the run's exhausted ones (and ``also_exhausted``)."""
         exhausted = self._result.exhausted if self._result is not None else set()
-        return [n for n in nodes if n not in exhausted]
+        return [n for n in nodes if n not in exhausted and n not in also_exhausted]
 
     @staticmethod
     def _fill_stage(

@@ -310,7 +310,11 @@ def _payload_key_batch(content: RecordDict, count: int) -> list[PublicKeys]:
 
 
 def _payload_bundle(content: RecordDict) -> dict[int, bytes]:
-    rec = content.config_records[SECAGG_RECORD_KEY]
+    return _bundle(content.config_records[SECAGG_RECORD_KEY])
+
+
+def _bundle(rec: ConfigRecord) -> dict[int, bytes]:
+    """Stage-2 payload (own reply or share-ahead part): recipient -> ciphertext."""
     nodes = unpack_ids(_bytes_field(rec, SECAGG_REPLY_NODES), "recipients")
     cts = _split_fixed(
         _bytes_field(rec, SECAGG_REPLY_CIPHERTEXTS), CIPHERTEXT_BYTES, len(nodes), "ciphertexts"
@@ -524,7 +528,7 @@ class SecureAggregation:
                     raise ValueError(f"'{SECAGG_NEXT_KEY}' is not a ConfigRecord")
                 if record.get(SERVER_ROUND) != plan.rnd:
                     raise ValueError(f"'{SERVER_ROUND}'={record.get(SERVER_ROUND)!r} != {plan.rnd}")
-                bundles[u] = _payload_bundle(RecordDict({SECAGG_RECORD_KEY: record}))
+                bundles[u] = _bundle(record)
             except (ValueError, KeyError, TypeError) as err:
                 rejected.append(Rejection(u, f"stage share_keys (ahead): {err}"))
         for r in rejected:
