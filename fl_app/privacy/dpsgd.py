@@ -24,15 +24,21 @@ Trust assumptions and what this module does *not* do:
   which floating point makes one less for some ``(N, k)`` and 0 for ``N=49, B=1``
   (a division by zero: NaN weights); we set the value it intends. This scales
   signal and noise together, so z, q and the guarantee are unchanged.
-* With ``secure_mode=False`` every random draw (Poisson sampling, noise, dropout)
-  comes from streams seeded by the caller's :class:`torch.Generator`: two runs with
-  equally seeded generators give bit-identical weights. That is for experiments;
-  the noise is then predictable by whoever knows the seed. With ``secure_mode=True``
-  no seed is passed: Opacus draws sampling and noise from ``torchcsprng``'s
-  ``/dev/urandom`` generator and uses its floating-point-attack-resistant noise
-  (sum of four Gaussians; Holohan & Braghin 2021). ``torchcsprng`` is an optional
-  dependency that must be installed for that; without it the call fails before
-  touching the model, never silently falling back to a seeded generator.
+* Who holds the randomness (ARCHITECTURE §2a). With ``secure_mode=True`` (the
+  default) the Gaussian noise and the Poisson batches come from two ChaCha20
+  keystreams (:class:`fl_app.privacy.noise.SecureNoise`) under keys this process
+  draws from ``os.urandom`` at each call: nothing the server sends (seed, round,
+  node id, the caller's generator) enters them, so the server cannot regenerate
+  and subtract a client's noise, nor learn which records a step used. Opacus still
+  clips, sums, scales and counts: only its two random draws are replaced, the noise
+  by :class:`_KeystreamNoise` (a subclass of the optimizer class Opacus picked,
+  overriding ``add_noise``) and the batches by :class:`KeystreamPoissonSampler`.
+  Opacus' own ``secure_mode`` is not used: it needs ``torchcsprng``, which is not
+  published for current torch. The caller's generator then seeds only dropout,
+  which no guarantee rests on. With ``secure_mode=False`` (an explicit opt-in for
+  experiments, "not for release") every draw comes from streams seeded by the
+  caller's :class:`torch.Generator`: equally seeded runs give bit-identical
+  weights, and whoever knows the seed can remove the noise.
 * Empty Poisson batches (probability ``(1 - q)^N`` per step) still take a step
   that adds pure noise: skipping it would reveal that the batch was empty, which the
   accountant does not cover. The step is taken without a forward pass (zero clipped
@@ -59,13 +65,16 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleHooksFastGradientClipping
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.module_utils import trainable_modules
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_app.config.schema import ClientTrainConfig
 from fl_app.models import opacus_incompatibilities
+from fl_app.privacy.noise import SecureNoise
 from fl_app.rng import seeded_global_rng
 from fl_app.training import TrainStats, as_tensors, make_optimizer
 
@@ -73,6 +82,7 @@ __all__ = [
     "DpSgdResult",
     "DpSgdSettings",
     "GradSampleMode",
+    "KeystreamPoissonSampler",
     "ghost_clipping_layers",
     "planned_steps",
     "resolve_grad_sample_mode",
@@ -117,8 +127,9 @@ class DpSgdSettings:
     grad_sample_mode : GradSampleMode
         Per-sample gradient engine (a member or its string value).
     secure_mode : bool
-        Draw sampling and noise from a CSPRNG (needs ``torchcsprng``); the caller's
-        generator then only seeds dropout.
+        Draw Poisson sampling and noise from ChaCha20 keystreams under keys from
+        ``os.urandom`` (default); ``False`` draws them from the caller's seeded
+        generator (reproducible, predictable by whoever knows the seed).
 
     Raises
     ------
@@ -129,7 +140,7 @@ class DpSgdSettings:
     noise_multiplier: float
     max_grad_norm: float
     grad_sample_mode: GradSampleMode = GradSampleMode.auto
-    secure_mode: bool = False
+    secure_mode: bool = True
 
     def __post_init__(self) -> None:
         z = float(self.noise_multiplier)
@@ -364,24 +375,91 @@ def _device_of(model: nn.Module) -> torch.device:
 def _expected_opacus_warnings() -> Iterator[None]:
     """Silence the two warnings every DP-SGD call triggers by design."""
     with warnings.catch_warnings():
-        # The caller chose secure_mode=False explicitly; Opacus warns on every engine.
+        # Opacus' secure_mode (torchcsprng) is never used: our keystreams replace it.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         # Opacus' backward hooks on the first layer, whose input needs no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         yield
 
 
-def _new_privacy_engine(secure_mode: bool) -> PrivacyEngine:
-    try:
-        with _expected_opacus_warnings():
-            return PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-    except ImportError as exc:
-        raise ImportError(
-            "DP-SGD with secure_mode=True needs Opacus' CSPRNG backend, the optional "
-            "package 'torchcsprng', which is not installed; refusing to fall back to a "
-            "seeded generator. Install torchcsprng, or set privacy secure_mode=false "
-            f"for experiments ({exc})"
-        ) from exc
+def _new_privacy_engine() -> PrivacyEngine:
+    with _expected_opacus_warnings():
+        return PrivacyEngine(accountant="rdp", secure_mode=False)
+
+
+class KeystreamPoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler with its coin flips from a ChaCha20 keystream.
+
+    Each of ``steps`` batches keeps record ``i`` iff ``u_i < q`` for a fresh uniform
+    ``u_i`` on ``[0, 1)`` with 53 random bits (probability ``q`` to within ``2**-53``;
+    every record when ``q = 1``), exactly the
+    sampling :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`
+    does and Opacus' accountant assumes, but from ``source`` instead of a
+    ``torch.Generator`` (which a seed reproduces).
+    """
+
+    def __init__(
+        self, *, num_samples: int, sample_rate: float, steps: int, source: SecureNoise
+    ) -> None:
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
+        self.source = source
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            # Uniform on [0, 1) like torch.rand, so q = 1 keeps every record.
+            u = (self.source.words(self.num_samples) >> np.uint64(11)).astype(np.float64)
+            u *= _INV_2_53
+            yield np.flatnonzero(u < self.sample_rate).tolist()
+
+
+class _KeystreamNoise(DPOptimizer):
+    """Mixin put in front of the DP optimizer class Opacus chose (see
+    :func:`_use_keystream_noise`): ``add_noise`` draws from a ChaCha20 keystream.
+
+    Same contract as Opacus' ``add_noise`` (both ``DPOptimizer`` and the ghost-clipping
+    optimizer): ``p.grad = p.summed_grad + N(0, (z·C)²)`` per coordinate, the adaptive
+    clipping multiplier honoured, the processed flags checked and set. One keystream
+    draw covers every parameter (vectorised: no per-tensor overhead).
+    """
+
+    keystream: SecureNoise
+
+    def add_noise(self) -> None:
+        z = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = float(z) * float(self.max_grad_norm)
+        sums = [p.summed_grad for p in self.params]
+        for g in sums:
+            _check_processed_flag(g)
+        flat = None
+        if std > 0:
+            total = sum(g.numel() for g in sums)
+            flat = torch.from_numpy(self.keystream.standard_normal_f32(total))
+        offset = 0
+        for p, g in zip(self.params, sums, strict=True):
+            if flat is None:
+                noised = g.clone()
+            else:
+                part = flat[offset : offset + g.numel()].view(g.shape)
+                offset += g.numel()
+                noised = g + part.to(device=g.device, dtype=g.dtype).mul_(std)
+            p.grad = noised.view_as(p)
+            _mark_as_processed(g)
+
+
+_KEYSTREAM_CLASSES: dict[type, type] = {}
+_INV_2_53 = 1.0 / float(1 << 53)
+
+
+def _use_keystream_noise(optimizer: DPOptimizer, source: SecureNoise) -> None:
+    """Make ``optimizer`` (of whatever DPOptimizer class Opacus picked) draw its noise
+    from ``source``: its class becomes a subclass with :class:`_KeystreamNoise` first."""
+    cls = type(optimizer)
+    sub = _KEYSTREAM_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Keystream{cls.__name__}", (_KeystreamNoise, cls), {})
+        _KEYSTREAM_CLASSES[cls] = sub
+    optimizer.__class__ = sub
+    optimizer.keystream = source  # type: ignore[attr-defined]
 
 
 class _PrivateTrainer:
@@ -404,10 +482,12 @@ class _PrivateTrainer:
         noise_generator: torch.Generator | None,
         proximal_mu: float = 0.0,
         engine: PrivacyEngine | None = None,
+        keystreams: tuple[SecureNoise, SecureNoise] | None = None,
     ) -> None:
+        """``keystreams=(sampling, noise)`` replaces both generators (secure mode)."""
         self.model = model
         self.mode = mode
-        self.engine = engine if engine is not None else _new_privacy_engine(dp.secure_mode)
+        self.engine = engine if engine is not None else _new_privacy_engine()
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
         self.mu = float(proximal_mu)
@@ -438,13 +518,23 @@ class _PrivateTrainer:
             self.criterion = None
         n = int(yt.shape[0])
         self.optimizer.expected_batch_size = _expected_batch_size(n, int(cfg.batch_size))
+        self._sampler: Iterable[list[int]] = self.loader.batch_sampler
+        if keystreams is not None:
+            sampling, noise = keystreams
+            opacus_sampler = self.loader.batch_sampler
+            self._sampler = KeystreamPoissonSampler(
+                num_samples=opacus_sampler.num_samples,
+                sample_rate=opacus_sampler.sample_rate,
+                steps=opacus_sampler.steps,
+                source=sampling,
+            )
+            _use_keystream_noise(self.optimizer, noise)
         self.closed = False
 
     @property
     def batch_sampler(self) -> Iterable[list[int]]:
-        """Opacus' Poisson batch sampler: one list of indices per step."""
-        sampler: Iterable[list[int]] = self.loader.batch_sampler
-        return sampler
+        """The Poisson batch sampler (Opacus', or its keystream twin): indices per step."""
+        return self._sampler
 
     def _noise_only_gradients(self) -> None:
         # A zero clipped sum: the DP optimizer then adds noise and counts the step.
@@ -550,8 +640,9 @@ def train_dpsgd(
         ``z``, ``C``, per-sample gradient mode, ``secure_mode``.
     generator : torch.Generator
         CPU generator; three seeds are drawn from it (Poisson sampling, noise,
-        dropout) when ``secure_mode`` is off, only the dropout seed when it is on.
-        The global RNG is neither read nor changed.
+        dropout) when ``secure_mode`` is off, only the dropout seed when it is on
+        (sampling and noise then come from fresh OS-keyed keystreams, so equal
+        generators give different runs). The global RNG is neither read nor changed.
     proximal_mu : float, optional
         FedProx weight; its gradient is added after the noise (module docstring).
 
@@ -566,8 +657,6 @@ def train_dpsgd(
     ValueError
         If Opacus cannot train the model (naming each offending layer), on malformed
         data or invalid hyper-parameters, or an unusable ``grad_sample_mode``.
-    ImportError
-        If ``secure_mode`` is on and ``torchcsprng`` is not installed.
     RuntimeError
         If the steps taken disagree with :func:`planned_steps` (an Opacus change).
     """
@@ -587,8 +676,7 @@ def train_dpsgd(
     xt, yt = as_tensors(x, y, device)
     n = int(yt.shape[0])
     steps_planned, sample_rate = planned_steps(n, cfg.batch_size, cfg.local_epochs)
-    # Built first: with secure_mode and no CSPRNG this fails before anything is consumed.
-    engine = _new_privacy_engine(dp.secure_mode)
+    engine = _new_privacy_engine()
     if steps_planned == 0:
         stats = TrainStats(loss=0.0, accuracy=0.0, num_examples=n, steps=0)
         return model, DpSgdResult(stats, 0, sample_rate, mode, 0)
@@ -615,7 +703,10 @@ def _train(
     n = int(yt.shape[0])
     sampling_gen: torch.Generator | None = None
     noise_gen: torch.Generator | None = None
+    keystreams: tuple[SecureNoise, SecureNoise] | None = None
     if dp.secure_mode:
+        # Fresh OS-random keys in this process: nothing the caller passed enters them.
+        keystreams = (SecureNoise(), SecureNoise())
         layer_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     else:
         seeds = torch.randint(0, 2**62, (3,), generator=generator).tolist()
@@ -634,6 +725,7 @@ def _train(
         noise_generator=noise_gen,
         proximal_mu=mu,
         engine=engine,
+        keystreams=keystreams,
     )
     loss_sum = 0.0
     correct = 0

@@ -84,6 +84,37 @@ class SecureNoise:
         """``n`` doubles uniform on (0, 1] with 53 random bits each."""
         return uniform_from_words(self.words(n))
 
+    def standard_normal_f32(self, size: int) -> np.ndarray:
+        """``size`` independent ``N(0, 1)`` samples as float32, for float32 tensors.
+
+        Box-Muller with the radius ``sqrt(-2 ln u1)`` computed in float64 from 53-bit
+        uniforms, so the tails reach ``8.57`` standard deviations as with
+        :meth:`normal`, and the angle from 24-bit uniforms in float32 (the output's
+        own precision). numpy's float64 ``cos``/``sin`` dominated the float64 path
+        (about 8 ms per million samples against 0.6 ms in float32): this is what
+        keeps DP-SGD's per-step noise at or below the cost of ``torch.normal``.
+        """
+        if size < 0:
+            raise ValueError(f"size must be >= 0, found {size}")
+        pairs = (size + 1) // 2
+        radius = self.uniform(pairs)
+        np.log(radius, out=radius)
+        radius *= -2.0
+        np.sqrt(radius, out=radius)
+        r32 = radius.astype(np.float32)
+        angle = (self.words32(pairs) >> np.uint32(8)).astype(np.float32)
+        angle *= np.float32(_TWO_PI / float(1 << 24))
+        out = np.empty(2 * pairs, dtype=np.float32)
+        np.cos(angle, out=out[:pairs])
+        np.sin(angle, out=out[pairs:])
+        out[:pairs] *= r32
+        out[pairs:] *= r32
+        return out[:size]
+
+    def words32(self, n: int) -> np.ndarray:
+        """``n`` uniform 32-bit words (a read-only view of fresh keystream)."""
+        return np.frombuffer(self._stream.update(bytes(4 * n)), dtype=np.uint32)
+
     def normal(self, std: float, size: int) -> np.ndarray:
         _check_std(std, size)
         if size == 0 or std == 0:

@@ -18,6 +18,14 @@ Rules, checked before every round (:meth:`ClientPrivacyState.load`):
 
 The new state is written *before* training, so a crash mid-round over-counts at
 worst, never under-counts. JSON only: the file is an artifact an auditor may read.
+
+Local DP (``privacy.mode=local``) keeps its release count the same way
+(:class:`LocalDpStore`, ``localdp-<run key>-partition-<id>.json`` in the same state
+directory, ``fl-app.local-dp`` in ``Context.state``), under the same rules, with the
+server's count of the releases it received from this site (``fl-app.local-releases-seen``)
+in place of the DP-SGD steps it saw. Kept in ``Context.state`` alone, the count was reset
+by a restarted SuperNode, a resumed run or a rollback (4 releases were made against a
+budget that allowed 2).
 """
 
 from __future__ import annotations
@@ -35,17 +43,25 @@ from fl_app.atomic import write_atomic
 from fl_app.privacy.accounting import PrivacyHistory
 
 __all__ = [
+    "LOCAL_DP_RECORD",
+    "LOCAL_RELEASES_SEEN_KEY",
     "STATE_RECORD",
     "STEPS_SEEN_KEY",
     "ClientPrivacyState",
     "DpSgdState",
+    "LocalDpState",
+    "LocalDpStore",
     "PrivacyStateError",
 ]
 
 STATE_RECORD = "fl-app.dpsgd"
 # Per-node instruction config: DP-SGD steps the server has seen this node report.
 STEPS_SEEN_KEY = "fl-app.dp-steps-seen"
+LOCAL_DP_RECORD = "fl-app.local-dp"
+# Per-node instruction config: local-DP releases the server has received from this site.
+LOCAL_RELEASES_SEEN_KEY = "fl-app.local-releases-seen"
 _VERSION = 1
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class PrivacyStateError(Exception):
@@ -94,7 +110,7 @@ class ClientPrivacyState:
     def __init__(
         self, context: Context, state_dir: str | os.PathLike[str], run_key: str, partition_id: int
     ) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_key or ""):
+        if not _SAFE_KEY.fullmatch(run_key or ""):
             raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
         self.context = context
         self.path = Path(state_dir) / f"dpsgd-{run_key}-partition-{int(partition_id)}.json"
@@ -134,3 +150,109 @@ class ClientPrivacyState:
         text = state.to_json()
         write_atomic(self.path, text.encode())
         self.context.state[STATE_RECORD] = ConfigRecord({"state": text})
+
+
+@dataclass(frozen=True)
+class LocalDpState:
+    """A local-DP client's releases in one run, and the ``z`` they were noised with.
+
+    ``z`` is stored so that a run whose noise changes under the same run key (which a
+    resumed run must not do) is refused instead of composed with the wrong events.
+    """
+
+    releases: int
+    noise_multiplier: float
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": _VERSION,
+                "kind": "local-dp",
+                "releases": self.releases,
+                "noise_multiplier": self.noise_multiplier,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> LocalDpState:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PrivacyStateError(f"local DP state is not valid JSON: {err}") from err
+        if (
+            not isinstance(raw, dict)
+            or raw.get("version") != _VERSION
+            or raw.get("kind") != "local-dp"
+        ):
+            raise PrivacyStateError(f"local DP state has an unknown format: {raw!r:.80}")
+        n, z = raw.get("releases"), raw.get("noise_multiplier")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PrivacyStateError(f"local DP state field releases is invalid: {n!r}")
+        if (
+            isinstance(z, bool)
+            or not isinstance(z, (int, float))
+            or not math.isfinite(z)
+            or z <= 0
+        ):
+            raise PrivacyStateError(f"local DP state field noise_multiplier is invalid: {z!r}")
+        return cls(releases=n, noise_multiplier=float(z))
+
+
+class LocalDpStore:
+    """Load and save one local-DP client's :class:`LocalDpState` for one run.
+
+    The same rules as :class:`ClientPrivacyState` (module docstring): the file is the
+    truth, memory must agree with it, a missing file after a release refuses, and so
+    does a file that records fewer releases than the server received from this site.
+    """
+
+    def __init__(
+        self, context: Context, state_dir: str | os.PathLike[str], run_key: str, partition_id: int
+    ) -> None:
+        if not _SAFE_KEY.fullmatch(run_key or ""):
+            raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
+        self.context = context
+        self.path = Path(state_dir) / f"localdp-{run_key}-partition-{int(partition_id)}.json"
+
+    def _memory(self) -> str | None:
+        record = self.context.state.config_records.get(LOCAL_DP_RECORD)
+        if record is None:
+            return None
+        value = record.get("state")
+        return value if isinstance(value, str) else None
+
+    def load(self, noise_multiplier: float, releases_seen_by_server: int = 0) -> LocalDpState:
+        memory = self._memory()
+        if self.path.is_file():
+            state = LocalDpState.from_json(self.path.read_text())
+            if memory is not None and LocalDpState.from_json(memory) != state:
+                raise PrivacyStateError(
+                    f"local DP state file {self.path} disagrees with this node's in-memory "
+                    "state: refusing to release until an operator resolves it"
+                )
+            if state.noise_multiplier != noise_multiplier:
+                raise PrivacyStateError(
+                    f"local DP state file {self.path} was written for noise multiplier "
+                    f"{state.noise_multiplier:g}, this run asks for {noise_multiplier:g}: the "
+                    "releases would be accounted with the wrong noise; refusing"
+                )
+        elif memory is not None:
+            raise PrivacyStateError(
+                f"local DP state file {self.path} is missing although this node has released "
+                "updates in this run: refusing to restart accounting from zero"
+            )
+        else:
+            state = LocalDpState(releases=0, noise_multiplier=noise_multiplier)
+        if state.releases < releases_seen_by_server:
+            raise PrivacyStateError(
+                f"the server received {releases_seen_by_server} local-DP releases from this "
+                f"site but the state at {self.path} records {state.releases}: the state file "
+                "was lost or replaced; refusing to release"
+            )
+        return state
+
+    def save(self, state: LocalDpState) -> None:
+        text = state.to_json()
+        write_atomic(self.path, text.encode())
+        self.context.state[LOCAL_DP_RECORD] = ConfigRecord({"state": text})
