@@ -83,10 +83,55 @@ def over_budget(cfg: Any) -> str | None:
     k = rounds_within_budget(settings)
     if k >= settings.num_rounds:
         return None
+    if k == 0:
+        return (
+            f"round 1 alone exceeds privacy.max_epsilon={settings.max_epsilon:g}; raise the "
+            "noise (privacy.noise_multiplier) or the budget"
+        )
     return (
         f"its {settings.num_rounds} planned rounds exceed privacy.max_epsilon="
         f"{settings.max_epsilon:g} after round {k}; lower num_rounds, raise the noise or the budget"
     )
+
+
+class JobFailed(Exception):
+    """A sweep job failed or was refused.
+
+    Raised (not ``SystemExit``) inside a Hydra multirun so the launcher records the job
+    as failed, runs the sweep's other jobs, and the multirun exits non-zero at the end.
+    """
+
+
+def _write_refusal(run_dir: Any, cfg: Any, reason: str) -> None:
+    """Leave a refused job's verdict in its directory, for ``fl-app report``."""
+    import json
+    from pathlib import Path
+
+    from fl_app.rundir import STATUS_REFUSED
+
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    verdict = {
+        "status": STATUS_REFUSED,
+        "status_reason": reason,
+        "experiment_name": cfg.experiment_name,
+        "rounds": 0,
+        "rounds_planned": cfg.num_rounds,
+    }
+    for name in ("summary.json", "run.json"):
+        (path / name).write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
+
+
+def _job_failed(message: str) -> None:
+    """End this job with a non-zero exit: at once for a single run, at the sweep's end in
+    a multirun (the other jobs still run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    print(f"fl-app: {message}", file=sys.stderr, flush=True)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(message)
+    raise SystemExit(1)
 
 
 def _simulate_task(raw: Any) -> float | None:
@@ -95,6 +140,7 @@ def _simulate_task(raw: Any) -> float | None:
     from fl_app.checkpoint import CheckpointError, check_resume
     from fl_app.config.compose import to_app_config
     from fl_app.config.validate import ConfigError
+    from fl_app.data.errors import DataError
     from fl_app.simulation import run_simulation_experiment
 
     try:
@@ -115,15 +161,24 @@ def _simulate_task(raw: Any) -> float | None:
         refusal = over_budget(cfg)
         if refusal:
             # A sweep job that cannot finish its planned rounds within the budget is
-            # refused before it trains (a single run would stop early instead).
-            print(f"fl-app: job {HydraConfig.get().job.num} refused: {refusal}", flush=True)
-            return None
+            # refused before it trains (a single run would stop early instead); its
+            # directory says so and the multirun exits non-zero once the others ran.
+            _write_refusal(HydraConfig.get().runtime.output_dir, cfg, refusal)
+            _job_failed(f"job {HydraConfig.get().job.num} refused: {refusal}")
     run_dir = cfg.resume or HydraConfig.get().runtime.output_dir
     try:
         summary = run_simulation_experiment(cfg, run_dir)
     except CheckpointError as err:
         print(f"fl-app: cannot resume: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except DataError as err:
+        # A local data file failed its check before round 1 (fl_app.data.sites).
+        print(f"fl-app: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if summary.get("status") == "failed":
+        _job_failed(
+            f"run FAILED in {run_dir}: {summary.get('status_reason') or 'see its summary.json'}"
+        )
     acc = summary.get("accuracy")
     return float(acc) if acc is not None else None
 

@@ -50,8 +50,20 @@ def backend_config(cfg: AppConfig) -> dict[str, Any]:
 
 
 def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run ``cfg`` with its configured backend; return the run's summary."""
+    """Run ``cfg`` with its configured backend; return the run's summary.
+
+    The summary's ``status`` may be ``failed`` (no round updated the model) or
+    ``degraded``: check it. Raises :class:`SimulationFailed` only when the ServerApp
+    wrote no summary at all.
+
+    Local data files are read and checked first (:func:`fl_app.data.check_local_data`):
+    a bad file raises :class:`~fl_app.data.DataError` before round 1 and before Ray
+    starts, instead of every client refusing in round 1.
+    """
     from fl_app.client_app import app as client_app
+    from fl_app.data import check_local_data
+
+    check_local_data(cfg.dataset, cfg.seed)
     from fl_app.server_app import configure_logging, run_experiment
 
     configure_logging(cfg)
@@ -81,6 +93,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     if not summary_path.is_file():
         raise SimulationFailed(f"the ServerApp wrote no summary in {run_dir}")
     summary: dict[str, Any] = json.loads(summary_path.read_text())
-    if summary.get("status") != "completed":
-        raise SimulationFailed(f"run did not complete: {summary}")
+    # A run that ended (completed, degraded or failed: its summary's ``status`` and
+    # ``status_reason`` say which) is returned like the in-process backend's; the
+    # caller (``fl-app simulate``) turns a failed status into a non-zero exit.
     return summary

@@ -95,6 +95,28 @@ def test_overrides_apply_and_change_hash() -> None:
         (["strategy.proximal_mu=0.1"], "strategy.proximal_mu", "fedprox"),
         (["dataset=mnist", "dataset.hub_path=null"], "dataset.hub_path", "hub"),
         (["dataset=local"], "server_eval", "server_eval=false"),
+        (
+            ["dataset=local", "server_eval=false", "dataset.site_files=[a.npz,b.npz]"],
+            "dataset.num_partitions",
+            "dataset.num_partitions=2",
+        ),
+        (
+            [
+                "dataset=local",
+                "server_eval=false",
+                "dataset.local_path=all.npz",
+                "dataset.site_files=[a.npz,b.npz,c.npz]",
+            ],
+            "dataset.site_files",
+            "not both",
+        ),
+        (
+            ["dataset=local", "server_eval=false", "dataset.site_files=[a.npz,a.npz,c.npz]"],
+            "dataset.site_files",
+            "twice",
+        ),
+        (["dataset.site_files=[a.npz]", "dataset.num_partitions=1"], "dataset.site_files", "local"),
+        (["dataset.input_range=[1.0,0.0]"], "dataset.input_range", "low < high"),
         (["dataset.partitioner=natural"], "dataset.natural_id_key", "natural"),
         (
             ["runtime.client_num_cpus=4", "runtime.ray_num_cpus=2"],
@@ -176,7 +198,6 @@ def test_overrides_apply_and_change_hash() -> None:
             "(0, 1)",
         ),
         (["privacy=local", "privacy.clipping=adaptive"], "privacy.clipping", "mode=central"),
-        (["privacy.secure_mode=true"], "privacy.secure_mode", "no DP noise"),
         (["privacy.mode=dpsgd"], "privacy.mode", "expected one of"),
         (
             ["privacy.threat_model=trusted_server"],
@@ -271,13 +292,9 @@ def test_configs_dir_resolved_from_package_not_cwd(
     assert compose_config().num_rounds == 5
 
 
-def test_secure_mode_dpsgd_needs_a_csprng_backend() -> None:
-    import importlib.util
-
-    overrides = ["privacy=dpsgd", "privacy.secure_mode=true"]
-    if importlib.util.find_spec("torchcsprng") is None:
-        with pytest.raises(ConfigError) as info:
-            compose_config("config", overrides)
-        assert info.value.field == "privacy.secure_mode" and "torchcsprng" in str(info.value)
-    else:
-        assert compose_config("config", overrides).privacy.secure_mode
+@pytest.mark.parametrize("privacy", sorted(p.stem for p in (CONFIGS / "privacy").glob("*.yaml")))
+def test_secure_mode_is_the_default_of_every_privacy_config(privacy: str) -> None:
+    """CSPRNG randomness by default (seeded noise is an explicit opt-in), and DP-SGD's
+    keystream needs no optional backend (Opacus' torchcsprng is not published)."""
+    extra = {"distributed": ["secagg=secaggplus"]}.get(privacy, [])
+    assert compose_config("config", [f"privacy={privacy}", *extra]).privacy.secure_mode is True

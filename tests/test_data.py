@@ -555,3 +555,201 @@ def test_array_dataset_validates_dtypes():
 def test_digits_input_shape_mismatch_is_reported():
     with pytest.raises(DataError, match=r"dataset\.input_shape"):
         load_server_test_set(digits_cfg(input_shape=[1, 28, 28]), SEED)
+
+
+# ---- input range, per-site files, checks before round 1 ------------------------------
+
+
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data.reshape(-1, 1, 8, 8), bunch.target
+
+
+def test_local_yaml_refuses_raw_digits_and_names_the_scale(tmp_path):
+    """configs/dataset/local.yaml (pixel_scale 1) once trained raw 0..16 digits to 0.08
+    accuracy without a word; the file is now refused with the scale that fits."""
+    from fl_app.config.compose import compose_config
+
+    x, y = _digits_raw()
+    path = tmp_path / "raw.npz"
+    np.savez(path, x=x[:200], y=y[:200])
+    shipped = compose_config("config", ["dataset=local", "server_eval=false"]).dataset
+    assert shipped.pixel_scale == 1.0 and list(shipped.input_range) == [0.0, 1.0]
+    cfg = dataclasses.replace(shipped, local_path=str(path))
+    with pytest.raises(DataError) as err:
+        load_client_data(cfg, 0, 1, SEED)
+    message = str(err.value)
+    assert "raw.npz" in message and "dataset.pixel_scale=16" in message
+    assert "above dataset.input_range" in message
+    # The boundary is inclusive: 16 / 16 = 1.0 is in range.
+    data = joined(load_client_data(dataclasses.replace(cfg, pixel_scale=16.0), 0, 1, SEED))
+    assert len(data) == 200 and float(data.x.max()) == 1.0 and float(data.x.min()) == 0.0
+
+
+def test_input_range_hints_8bit_and_negative_values(tmp_path):
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 10, 20)
+    bytes_ = tmp_path / "bytes.npz"
+    np.savez(bytes_, x=np.full((20, 1, 8, 8), 200.0), y=y)
+    with pytest.raises(DataError, match=r"dataset\.pixel_scale=255"):
+        load_client_data(local_cfg(bytes_), 0, 1, SEED)
+    signed = tmp_path / "signed.npz"
+    np.savez(signed, x=np.full((20, 1, 8, 8), -0.5), y=y)
+    with pytest.raises(DataError, match=r"below dataset\.input_range") as err:
+        load_client_data(local_cfg(signed, pixel_scale=1.0), 0, 1, SEED)
+    assert "-0.5" not in str(err.value)  # the data's own extremes never leave the site
+    # A widened range accepts standardised features.
+    ok = load_client_data(local_cfg(signed, pixel_scale=1.0, input_range=[-1.0, 1.0]), 0, 1, SEED)
+    assert float(joined(ok).x.min()) == -0.5
+
+
+def _site_files(tmp_path: Path, sizes: tuple[int, ...] = (30, 40, 50)) -> list[Path]:
+    x, y = _digits_raw()
+    paths, start = [], 0
+    for k, n in enumerate(sizes):
+        path = tmp_path / f"site-{k}.npz"
+        np.savez(path, x=x[start : start + n], y=y[start : start + n])
+        paths.append(path)
+        start += n
+    return paths
+
+
+@pytest.mark.parametrize("form", ["list", "directory"])
+def test_per_site_files_one_client_each_read_whole(tmp_path, form):
+    paths = _site_files(tmp_path)
+    x, y = _digits_raw()
+    if form == "list":
+        cfg = local_cfg(None, site_files=[str(p) for p in paths], val_fraction=0.0)
+    else:
+        cfg = local_cfg(tmp_path, val_fraction=0.0)  # local_path names the folder
+    assert partition_sizes(cfg, SEED) == [30, 40, 50]
+    starts = [0, 30, 70]
+    for k, n in enumerate((30, 40, 50)):
+        node = {"partition-id": k, "num-partitions": 3}
+        got = load_client_data(cfg, k, 3, SEED, node_config=node).train
+        expected = ArrayDataset(
+            x=(x[starts[k] : starts[k] + n] / 16).astype(np.float32),
+            y=y[starts[k] : starts[k] + n].astype(np.int64),
+        )
+        assert sorted(row_hashes(got)) == sorted(row_hashes(expected))
+
+
+def test_check_local_data_lists_every_bad_site_file(tmp_path):
+    from fl_app.data import check_local_data
+
+    paths = _site_files(tmp_path, sizes=(30, 30, 30, 30, 30))
+    x, y = _digits_raw()
+    np.savez(paths[1], x=x[:30], y=y[:30] + 10)  # labels out of range
+    paths[3].write_bytes(b"not a zip")
+    paths[4].unlink()
+    cfg = local_cfg(None, site_files=[str(p) for p in paths], num_partitions=5)
+    with pytest.raises(DataError) as err:
+        check_local_data(cfg, SEED)
+    lines = str(err.value).splitlines()
+    assert "before round 1 (3 of 5 site files)" in lines[0]
+    assert lines[1].startswith("  client 1:") and "site-1.npz" in lines[1]
+    assert "dataset.num_classes" in lines[1]
+    assert lines[2].startswith("  client 3:") and "is not an .npz (zip) archive" in lines[2]
+    assert lines[3].startswith("  client 4:") and "does not exist" in lines[3]
+    good = check_local_data(
+        local_cfg(
+            None,
+            site_files=[str(p) for p in paths[:1]] + [str(paths[2])],
+            num_partitions=2,
+            val_fraction=0.0,
+        ),
+        SEED,
+    )
+    assert [(s.site, s.train) for s in good] == [(str(paths[0]), 30), (str(paths[2]), 30)]
+    # A directory with a different number of files than clients is refused up front.
+    with pytest.raises(DataError, match=r"set dataset\.num_partitions=4"):
+        check_local_data(local_cfg(tmp_path), SEED)
+
+
+def test_check_local_data_shared_file_and_other_kinds(tmp_path):
+    from fl_app.data import check_local_data
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("label,p0\n1,2,3\n")
+    with pytest.raises(DataError, match=r"\(the data file\):\n  client 0: .*bad\.csv' line 2"):
+        check_local_data(local_cfg(bad, local_format=LocalFormat.csv, input_shape=[1, 1, 1]), SEED)
+    assert check_local_data(digits_cfg(), SEED) == []
+
+
+def test_check_site_data_for_a_supernode(tmp_path):
+    from fl_app.data import check_site_data
+
+    path = _site_files(tmp_path, sizes=(40,))[0]
+    cfg = local_cfg(None, pixel_scale=16.0, val_fraction=0.25)
+    site = check_site_data({"data-path": str(path)}, cfg)
+    assert (site.site, site.train, site.val) == (str(path), 30, 10)
+    assert site.line().endswith("ok (30 training, 10 validation examples)")
+    with pytest.raises(DataError, match=r'"data-format=csv".*dataset\.local_format=npz'):
+        check_site_data({"data-path": str(path), "data-format": "csv"}, cfg)
+    with pytest.raises(DataError, match="does not exist"):
+        check_site_data({"data-path": str(tmp_path / "gone.npz")}, cfg)
+    # Without the experiment's config the shipped dataset=local defaults apply, whose
+    # pixel_scale of 1 refuses raw 0..16 digits.
+    with pytest.raises(DataError, match=r"dataset\.pixel_scale=16"):
+        check_site_data({"data-path": str(path), "data-format": "npz"})
+
+
+def test_simulation_rehearses_a_consortium_one_client_per_site_file(tmp_path, monkeypatch):
+    """In-process simulation with dataset.site_files: client k loads exactly site k's file."""
+    import fl_app.data as data_pkg
+    from fl_app.config.compose import compose_config
+    from fl_app.simulation import run_simulation_experiment
+
+    paths = _site_files(tmp_path, sizes=(60, 80, 100))
+    seen: dict[int, int] = {}
+    real = data_pkg.load_client_data
+
+    def recording(cfg, partition_id, num_partitions, seed, node_config=None):
+        part = real(cfg, partition_id, num_partitions, seed, node_config)
+        seen[int(partition_id)] = len(part.train) + len(part.val)
+        return part
+
+    monkeypatch.setattr(data_pkg, "load_client_data", recording)
+    cfg = compose_config(
+        "config",
+        [
+            "dataset=local",
+            "server_eval=false",
+            "runtime=inprocess",
+            "num_rounds=1",
+            "dataset.pixel_scale=16",
+            f"dataset.site_files=[{','.join(str(p) for p in paths)}]",
+        ],
+    )
+    summary = run_simulation_experiment(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["clients"] == 3
+    assert seen == {0: 60, 1: 80, 2: 100}
+
+
+def test_simulate_with_a_bad_local_file_fails_before_round_1(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "site.npz"
+    bad.write_bytes(b"not a zip")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("fl-app")),
+            "simulate",
+            "dataset=local",
+            f"dataset.local_path={bad}",
+            "server_eval=false",
+            "runtime=inprocess",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "local data check failed before round 1" in proc.stderr
+    assert "site.npz' is not an .npz (zip) archive" in proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists()

@@ -42,6 +42,8 @@ __all__ = [
     "StrategyName",
     "ThreatModel",
     "ValidationConfig",
+    "federated_eval_interval",
+    "metrics_hidden_from_server",
 ]
 
 
@@ -92,9 +94,18 @@ class DatasetConfig:
     # kind=local: file format; the path itself comes from the SuperNode's --node-config
     # (key "data-path"), or from local_path for simulations on one machine.
     local_format: LocalFormat = LocalFormat.npz
+    # A file (shared by the simulated clients, partitioned among them) or a directory
+    # whose *.<local_format> files are one site each (sorted by name; client k reads
+    # the k-th file whole, as SuperNode k would in deployment).
     local_path: str | None = None
+    # kind=local, rehearsing a consortium: one file per site, client k reads the k-th
+    # whole. Exclusive with local_path; needs num_partitions == len(site_files).
+    site_files: list[str] = field(default_factory=list)
     # Divide pixel values by this (digits: 16, 8-bit images: 255).
     pixel_scale: float = 16.0
+    # Range every feature must lie in after dividing by pixel_scale; a file outside it
+    # is refused (raw 0..16 digits with pixel_scale 1 train to chance otherwise).
+    input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 class ModelName(str, Enum):
@@ -279,8 +290,12 @@ class PrivacyConfig:
     # The federation's budget: the run stops before a round that would take epsilon
     # past it (saving the DP-released model and the ledger). null = no budget.
     max_epsilon: float | None = None
-    # CSPRNG (ChaCha20) for client-level DP noise instead of seeded generators.
-    secure_mode: bool = False
+    # Every random draw a guarantee rests on (central/local/distributed noise, DP-SGD
+    # noise and Poisson batches, client sampling) from ChaCha20 keystreams under keys
+    # from os.urandom, held by the party that adds the noise. false = seeded from the
+    # config: reproducible experiments only, marked "not for release" in summary.json
+    # and the model card, and refused by `fl-app export --tier public`.
+    secure_mode: bool = True
     distributed: DistributedDpConfig = field(default_factory=DistributedDpConfig)
 
 
@@ -376,7 +391,9 @@ class AppConfig:
     # Centralised evaluation of the global model on the server's held-out split.
     server_eval: bool = True
     # Federated evaluation on clients' local validation splits (every N rounds; 0 = off).
-    federated_eval_every: int = 1
+    # null: every round where the threat model lets the server see per-client metrics
+    # (none, trusted_server), off where it does not (see federated_eval_interval).
+    federated_eval_every: int | None = None
     experiment_name: str = "default"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -397,3 +414,24 @@ class AppConfig:
     # passphrase of an encrypted key comes from $FL_APP_AUDIT_KEY_PASSPHRASE. Loaded
     # before the run starts. Not part of the config hash.
     audit_signing_key: str | None = None
+
+
+def metrics_hidden_from_server(cfg: AppConfig) -> bool:
+    """Whether the run's threat model keeps every un-noised per-client number from the
+    server: ``honest_but_curious``, ``distributed_dp``, and local DP under any name.
+
+    Federated evaluation replies carry a client's loss, accuracy and example count in
+    plaintext (they cannot ride in the masked sum yet), so such runs do not evaluate
+    on clients; train metrics ride in the masked vector or are left out.
+    """
+    return cfg.privacy.mode is PrivacyMode.local or cfg.privacy.threat_model in (
+        ThreatModel.honest_but_curious,
+        ThreatModel.distributed_dp,
+    )
+
+
+def federated_eval_interval(cfg: AppConfig) -> int:
+    """Rounds between federated evaluations (0: off); resolves ``federated_eval_every=null``."""
+    if cfg.federated_eval_every is not None:
+        return cfg.federated_eval_every
+    return 0 if metrics_hidden_from_server(cfg) else 1

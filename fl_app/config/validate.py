@@ -25,6 +25,7 @@ from fl_app.config.schema import (
     SecAggMode,
     StrategyName,
     ThreatModel,
+    metrics_hidden_from_server,
 )
 
 __all__ = ["ConfigError", "validate_config"]
@@ -60,6 +61,36 @@ def _fraction(value: float, field: str, *, allow_zero: bool) -> None:
     _check(math.isfinite(value) and low_ok and value <= 1, field, value, f"must lie in {bound}")
 
 
+def _check_site_files(cfg: AppConfig) -> None:
+    """One simulated client per site file: the list is the federation's roster."""
+    d = cfg.dataset
+    _check(
+        d.kind is DatasetKind.local,
+        "dataset.site_files",
+        list(d.site_files),
+        f"per-site files need dataset.kind=local (found {d.kind.value}): use dataset=local",
+    )
+    _check(
+        not d.local_path,
+        "dataset.site_files",
+        list(d.site_files),
+        f"set either dataset.site_files or dataset.local_path={d.local_path!r}, not both",
+    )
+    _check(
+        len(set(d.site_files)) == len(d.site_files),
+        "dataset.site_files",
+        list(d.site_files),
+        "names a file twice; every site needs its own file",
+    )
+    _check(
+        d.num_partitions == len(d.site_files),
+        "dataset.num_partitions",
+        d.num_partitions,
+        f"dataset.site_files lists {len(d.site_files)} sites, one client each: set "
+        f"dataset.num_partitions={len(d.site_files)}",
+    )
+
+
 def _check_dataset(cfg: AppConfig) -> None:
     d = cfg.dataset
     _check(d.num_partitions >= 1, "dataset.num_partitions", d.num_partitions, "must be >= 1")
@@ -75,6 +106,16 @@ def _check_dataset(cfg: AppConfig) -> None:
     _fraction(d.val_fraction, "dataset.val_fraction", allow_zero=True)
     _check(d.val_fraction < 1, "dataset.val_fraction", d.val_fraction, "must be < 1")
     _positive(d.pixel_scale, "dataset.pixel_scale")
+    _check(
+        len(d.input_range) == 2
+        and all(math.isfinite(float(v)) for v in d.input_range)
+        and float(d.input_range[0]) < float(d.input_range[1]),
+        "dataset.input_range",
+        list(d.input_range),
+        "must be [low, high] with low < high (features after dividing by dataset.pixel_scale)",
+    )
+    if d.site_files:
+        _check_site_files(cfg)
     if d.partitioner is PartitionerName.dirichlet:
         _positive(d.dirichlet_alpha, "dataset.dirichlet_alpha")
     if d.partitioner is PartitionerName.shard:
@@ -238,12 +279,6 @@ def _check_privacy(cfg: AppConfig) -> None:
             "privacy.clipping",
             p.clipping.value,
             "adaptive clipping is part of client-level DP; set privacy.mode=central",
-        )
-        _check(
-            p.record_level or not p.secure_mode,
-            "privacy.secure_mode",
-            p.secure_mode,
-            "there is no DP noise to draw with privacy.mode=none and record_level=false; remove it",
         )
     else:
         _check_client_level(cfg)
@@ -417,6 +452,31 @@ def _check_distributed(cfg: AppConfig) -> None:
     )
 
 
+def _check_metrics_stay_hidden(cfg: AppConfig) -> None:
+    """Nothing un-noised per client reaches a server the threat model does not trust.
+
+    A federated evaluation reply is one client's loss, accuracy and example count in
+    plaintext; under these threat models it would leak what the masked sum (or the
+    local noise) hides, so asking for it explicitly is an error.
+    """
+    if not metrics_hidden_from_server(cfg):
+        return
+    every = cfg.federated_eval_every
+    why = (
+        "privacy.mode=local"
+        if cfg.privacy.mode is PrivacyMode.local
+        else f"privacy.threat_model={cfg.privacy.threat_model.value}"
+    )
+    _check(
+        every is None or every == 0 or cfg.strategy.fraction_evaluate == 0,
+        "federated_eval_every",
+        every,
+        f"under {why} the server must not see any client's un-noised numbers, and federated "
+        "evaluation sends each client's loss, accuracy and example count in plaintext; set "
+        "federated_eval_every=0 (or null: off under this threat model) and rely on server_eval",
+    )
+
+
 def _check_dpsgd(cfg: AppConfig) -> None:
     d = cfg.privacy.dpsgd
     _check(
@@ -453,17 +513,6 @@ def _check_dpsgd(cfg: AppConfig) -> None:
         "FedProx's proximal term is not supported with DP-SGD yet; use strategy=fedavg "
         "or strategy=fedadam",
     )
-    if cfg.privacy.secure_mode:
-        import importlib.util
-
-        _check(
-            importlib.util.find_spec("torchcsprng") is not None,
-            "privacy.secure_mode",
-            True,
-            "DP-SGD noise from a CSPRNG needs Opacus' torchcsprng backend, which is not "
-            "installed; install it on every client or set privacy.secure_mode=false "
-            "(seeded, reproducible noise)",
-        )
     # Opacus must accept the model: checked here, before any client starts.
     from fl_app.models import build_model, opacus_incompatibilities
 
@@ -663,6 +712,7 @@ _CHECKS: tuple[Callable[[AppConfig], None], ...] = (
     _check_train,
     _check_strategy,
     _check_privacy,
+    _check_metrics_stay_hidden,
     _check_secagg,
     _check_runtime,
     _check_resume,
@@ -681,10 +731,10 @@ def validate_config(cfg: AppConfig) -> AppConfig:
     _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "must be >= 1")
     _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     _check(
-        cfg.federated_eval_every >= 0,
+        cfg.federated_eval_every is None or cfg.federated_eval_every >= 0,
         "federated_eval_every",
         cfg.federated_eval_every,
-        "must be >= 0 (0 turns federated evaluation off)",
+        "must be >= 0 (0 turns federated evaluation off) or null (the threat model decides)",
     )
     for check in _CHECKS:
         check(cfg)

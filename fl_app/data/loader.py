@@ -121,6 +121,9 @@ def load_client_data(
 
     * path from ``"data-path"``: the file is this site's data; it is used whole and
       ``partition_id`` / ``num_partitions`` are only range-checked;
+    * ``dataset.site_files`` (or a ``dataset.local_path`` directory): a rehearsed
+      consortium, client ``partition_id`` reads the ``partition_id``-th site file
+      whole, exactly as that site's SuperNode would;
     * path from ``dataset.local_path`` *and* the node config carries Flower's
       simulation keys ``"partition-id"`` and ``"num-partitions"``: the simulated
       clients share one file, so it is partitioned like ``digits`` (no server test
@@ -156,7 +159,7 @@ def load_client_data(
     check_partition_args(partition_id, num_partitions)
     partition_id, num_partitions, seed = int(partition_id), int(num_partitions), int(seed)
     if cfg.kind == DatasetKind.local:
-        path, from_node = sources.resolve_local_path(cfg, node_config)
+        path, from_node = sources.resolve_local_path(cfg, node_config, partition_id)
         request = _request(cfg, path)
         split = _split(request, seed)
         keys = node_config or {}
@@ -188,10 +191,18 @@ def load_client_data(
 def partition_sizes(cfg: DatasetConfig, seed: int) -> list[int]:
     """Training-pool size (train + val) of each of ``dataset.num_partitions`` partitions.
 
-    For ``kind=local`` this is the simulation view: ``dataset.local_path`` shared by
-    ``dataset.num_partitions`` simulated clients.
+    For ``kind=local`` this is the simulation view: each per-site file's size
+    (``dataset.site_files`` or a ``dataset.local_path`` directory), else
+    ``dataset.local_path`` shared by ``dataset.num_partitions`` simulated clients.
     """
     _check_seed(seed)
+    per_site = sources.site_paths(cfg) if cfg.kind == DatasetKind.local else None
+    if per_site is not None:
+        sizes = []
+        for k in range(len(per_site)):
+            site = sources.resolve_local_path(cfg, None, k)[0]
+            sizes.append(int(_split(_request(cfg, site), int(seed)).pool_rows.size))
+        return sizes
     path = sources.resolve_local_path(cfg, None)[0] if cfg.kind == DatasetKind.local else None
     parts = _partitions(_request(cfg, path), int(seed), int(cfg.num_partitions))
     return [int(rows.size) for rows in parts]
@@ -206,7 +217,8 @@ def clear_caches() -> None:
 # ---- cached stages -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
+# 16: a simulated consortium reads one file per site in the same process.
+@functools.lru_cache(maxsize=16)
 def _split(request: _Request, seed: int) -> _Split:
     cfg = request.cfg
     test: sources.Source | None = None

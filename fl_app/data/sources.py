@@ -34,18 +34,22 @@ __all__ = [
     "HubSource",
     "InMemorySource",
     "Source",
+    "check_input_range",
     "fetch_hub_dataset",
     "hub_sources",
     "images_to_array",
     "load_digits_source",
     "load_local_source",
     "resolve_local_path",
+    "site_paths",
 ]
 
 # SuperNode --node-config key naming the site's data file (deployment).
 NODE_DATA_PATH_KEY = "data-path"
 # Rows decoded per batch when converting hub images: bounds peak memory of PIL objects.
 _IMAGE_BATCH = 1024
+# Raw intensity ranges a pixel_scale hint may name (4-bit digits, 8-bit, 16-bit images).
+_STANDARD_SCALES = (16.0, 255.0, 65535.0)
 
 
 class Source(Protocol):
@@ -138,6 +142,7 @@ def load_digits_source(cfg: DatasetConfig) -> InMemorySource:
     data = ArrayDataset(x=x, y=bunch.target.astype(np.int64))
     try:
         check_data_shape(data, cfg)
+        check_input_range(bunch.data, cfg, "sklearn digits (raw intensities 0..16)")
     except DataError as err:
         raise DataError(f"dataset.kind=digits (1x8x8 images, 10 classes): {err}") from None
     return InMemorySource(x=data.x, y=data.y, natural_ids=None, description="sklearn digits")
@@ -309,31 +314,50 @@ def images_to_array(
 
 
 def resolve_local_path(
-    cfg: DatasetConfig, node_config: Mapping[str, bool | int | float | str] | None
+    cfg: DatasetConfig,
+    node_config: Mapping[str, bool | int | float | str] | None,
+    partition_id: int | None = None,
 ) -> tuple[Path, bool]:
     """Find a site's data file.
 
     Parameters
     ----------
     cfg : DatasetConfig
-        ``local_path`` is the fallback for simulations on one machine.
+        ``site_files`` (or ``local_path``, a file or a directory of site files) is the
+        fallback for simulations on one machine.
     node_config : mapping or None
         The SuperNode's ``--node-config``; its ``"data-path"`` wins.
+    partition_id : int, optional
+        Which site file a simulated client reads (see :func:`site_paths`); needed
+        only when the config lists one file per site.
 
     Returns
     -------
     (Path, bool)
-        The path, and whether it came from the node config (the site's own file).
+        The path, and whether it is this site's own file, used whole (a node-config
+        ``"data-path"`` or one of the per-site files) rather than a file the
+        simulated clients share.
 
     Raises
     ------
     DataError
-        If neither names a path, or the file does not exist.
+        If nothing names a path, or the file does not exist.
     """
     node_path = (node_config or {}).get(NODE_DATA_PATH_KEY)
+    per_site = site_paths(cfg) if node_path in (None, "") else None
     if node_path not in (None, ""):
         path, from_node = Path(str(node_path)).expanduser(), True
         origin = f'node-config "{NODE_DATA_PATH_KEY}"'
+    elif per_site is not None:
+        field_name = "dataset.site_files" if cfg.site_files else "dataset.local_path"
+        if partition_id is None or not 0 <= partition_id < len(per_site):
+            raise DataError(
+                f"{field_name} names {len(per_site)} site file(s), one client each, but "
+                f"client {partition_id} asked for one; set dataset.num_partitions="
+                f"{len(per_site)}"
+            )
+        path, from_node = per_site[partition_id], True
+        origin = f"{field_name} (site {partition_id})"
     elif cfg.local_path:
         path, from_node = Path(cfg.local_path).expanduser(), False
         origin = "dataset.local_path"
@@ -341,13 +365,96 @@ def resolve_local_path(
         raise DataError(
             "dataset.kind=local needs a data file: start the SuperNode with "
             f'--node-config "{NODE_DATA_PATH_KEY}=/path/to/site.{cfg.local_format.value}" '
-            "(deployment) or set dataset.local_path (simulation on one machine)"
+            "(deployment) or set dataset.local_path / dataset.site_files (simulation on "
+            "one machine)"
         )
     if not path.is_file():
         raise DataError(
             f"data file {str(path)!r} from {origin} does not exist or is not a file; fix {origin}"
         )
     return path, from_node
+
+
+def check_input_range(raw: np.ndarray, cfg: DatasetConfig, where: str) -> None:
+    """Refuse features that ``dataset.pixel_scale`` does not map into ``dataset.input_range``.
+
+    Why: a wrong scale is not an error anywhere else. Raw 0..16 digits divided by a
+    ``pixel_scale`` of 1 train to chance accuracy (0.08 instead of 0.92), and the run
+    reports success. The scale is never inferred from the data: a divisor computed
+    from a site's own maximum would make every record's features depend on the other
+    records (record-level DP assumes per-record preprocessing) and would scale sites
+    differently.
+
+    The message says which bound is crossed and suggests a standard scale (16, 255,
+    65535) when one fits, but never states the data's own extremes: a client's refusal
+    travels to the server, and a feature's maximum can be a private statistic.
+
+    Parameters
+    ----------
+    raw : np.ndarray
+        Features before scaling (finite; checked by the caller).
+    cfg : DatasetConfig
+        Supplies ``pixel_scale`` and ``input_range``.
+    where : str
+        Names the data in the message (e.g. the file).
+
+    Raises
+    ------
+    DataError
+        If ``raw / pixel_scale`` leaves ``[input_range[0], input_range[1]]``.
+    """
+    if raw.size == 0:
+        return
+    scale = float(cfg.pixel_scale)
+    low, high = (float(v) for v in cfg.input_range)
+    raw_min, raw_max = float(np.min(raw)), float(np.max(raw))
+    # Compare in the raw domain (bounds times scale) so float rounding of the division
+    # cannot refuse data that sits exactly on a bound, such as 16 / 16 = 1.
+    if raw_min >= low * scale and raw_max <= high * scale:
+        return
+    crossed = "above" if raw_max > high * scale else "below"
+    fits = [s for s in _STANDARD_SCALES if raw_min >= low * s and raw_max <= high * s]
+    if fits:
+        hint = f"set dataset.pixel_scale={fits[0]:g} if the raw values run 0..{fits[0]:g}"
+    else:
+        hint = "set dataset.pixel_scale to the raw values' full range"
+    raise DataError(
+        f"{where}: features divided by dataset.pixel_scale={scale:g} fall {crossed} "
+        f"dataset.input_range={[low, high]}, so the model would train on mis-scaled "
+        f"inputs; {hint}, rescale the file, or widen dataset.input_range"
+    )
+
+
+def site_paths(cfg: DatasetConfig) -> list[Path] | None:
+    """Per-site files of a simulated consortium, one client each, or None.
+
+    ``dataset.site_files`` lists them; a ``dataset.local_path`` that is a directory
+    stands for every ``*.<local_format>`` file in it, sorted by name (hidden files
+    skipped). Client ``k`` (``partition-id`` ``k``) reads the ``k``-th file whole, as
+    SuperNode ``k`` would read its ``data-path`` in deployment. Existence is not
+    checked here (see :func:`fl_app.data.sites.check_local_data`).
+
+    Raises
+    ------
+    DataError
+        If the directory holds no file of the configured format.
+    """
+    if cfg.site_files:
+        return [Path(p).expanduser() for p in cfg.site_files]
+    if cfg.local_path and Path(cfg.local_path).expanduser().is_dir():
+        folder = Path(cfg.local_path).expanduser()
+        suffix = f".{cfg.local_format.value}"
+        found = sorted(
+            p for p in folder.iterdir() if p.suffix == suffix and not p.name.startswith(".")
+        )
+        if not found:
+            raise DataError(
+                f"dataset.local_path={cfg.local_path!r} is a directory without any "
+                f"*{suffix} file (dataset.local_format={cfg.local_format.value}); put one "
+                "file per site there or point dataset.local_path at a file"
+            )
+        return found
+    return None
 
 
 def load_local_source(path: Path, cfg: DatasetConfig) -> InMemorySource:
@@ -396,6 +503,7 @@ def load_local_source(path: Path, cfg: DatasetConfig) -> InMemorySource:
         raise DataError(f"{where}: features contain NaN or infinite values")
     labels = _integer_labels(y, cfg, where)
     _check_labels(labels, cfg, where)
+    check_input_range(images, cfg, where)
     scaled = (images / float(cfg.pixel_scale)).astype(np.float32)
     return InMemorySource(x=scaled, y=labels, natural_ids=natural_ids, description=where)
 
