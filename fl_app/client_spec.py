@@ -58,6 +58,10 @@ class ClientDpSpec:
     accountant: Accountant = Accountant.pld
     # Local DP budget of this client: it refuses a round that would take it past this.
     max_epsilon: float | None = None
+    # Where a local-DP client keeps its release count (fl_app.privacy.state.LocalDpStore).
+    # A SuperNode's --node-config "dp-state-dir=..." wins; the server fills in the run
+    # directory's client-state/ in simulation.
+    state_dir: str | None = None
 
 
 @dataclass
@@ -74,8 +78,9 @@ class ClientSpec:
     run_key: str = ""
     # Record-level DP-SGD settings; None = train without DP-SGD.
     dpsgd: DpSgdConfig | None = None
-    # CSPRNG for DP noise instead of seeded generators.
-    secure_mode: bool = False
+    # CSPRNG (client-held keystreams) for DP-SGD noise and batches; false = seeded from
+    # the run's seed: an explicit opt-in, "not for release". A spec without it is secure.
+    secure_mode: bool = True
     # Client-level DP stages (clip, local noise); None = send the raw update.
     client_dp: ClientDpSpec | None = None
 
