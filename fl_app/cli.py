@@ -186,8 +186,16 @@ def _simulate_task(raw: Any) -> float | None:
 def _run_hydra(argv: list[str]) -> None:
     import hydra
 
-    from fl_app.config.compose import config_dir, register_schemas
+    from fl_app.config.compose import config_dir, preflight, register_schemas
+    from fl_app.config.validate import ConfigError
+    from fl_app.data.errors import DataError
 
+    try:
+        # Typos, bad values and bad local files end here, before Hydra makes a run dir.
+        preflight(argv)
+    except (ConfigError, DataError) as err:
+        print(f"fl-app: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     register_schemas()
     resume = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if resume and not any(a.startswith("hydra.run.dir=") for a in argv):

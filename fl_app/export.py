@@ -18,14 +18,15 @@ client-state directory or anything else a run leaves. What is never written: cli
 updates, pre-noise aggregates, per-client metrics, node ids, the run key, key material.
 
 An export is refused (:class:`ExportRefused`, naming the reason and the fix) when the
-run did not complete, its summary is missing or invalid, the model file is not the one
-the run released (file SHA-256 or content digest differs from ``summary.json``), the
-config does not hash to the run's config hash, the audit log is broken or truncated
-behind the summary's anchor, the run claims DP but its evidence is missing or
-inconsistent (client-level: ledger missing, unparsable, or its ε differs from the
-summary's; record-level: no ε reported), or the output directory is not empty (without
-``overwrite``). A run without any DP exports, but its card says prominently that the
-model carries no differential-privacy guarantee.
+run did not end as ``completed`` or ``degraded`` (a ``failed`` run's model is not one its
+clients trained), no round of ``metrics.jsonl`` updated the model, its summary is
+missing or invalid, the model file is not the one the run released (file SHA-256 or
+content digest differs from ``summary.json``), the config does not hash to the run's
+config hash, the audit log is broken or truncated behind the summary's anchor, the run
+claims DP but its evidence is missing or inconsistent (client-level: ledger missing,
+unparsable, or its ε differs from the summary's; record-level: no ε reported), or the
+output directory is not empty (without ``overwrite``). A run without any DP exports,
+but its card says prominently that the model carries no differential-privacy guarantee.
 
 Trust assumptions: the run directory was written by fl-app and is checked for internal
 consistency (hashes, ledger, audit chain), not against an attacker who can rewrite all
@@ -206,6 +207,43 @@ _SUMMARY_FIX = (
     "export only a run that completed and wrote its summary (rerun it, or resume it to "
     "completion); summary.json must not be edited"
 )
+_RUN_FIX = (
+    "run.json is the run's manifest written by fl-app: restore it from the run (or rerun "
+    "the run); run.json must not be edited"
+)
+# Statuses whose model some client trained: ``degraded`` lost rounds but released a
+# trained model (its card states the lost rounds); ``failed`` released the initial model.
+_RELEASABLE = ("completed", "degraded")
+
+
+def _check_status(status: Any, where: str, reason: Any) -> None:
+    """Refuse a run whose status says no client trained its model (or it never ended)."""
+    if status in _RELEASABLE:
+        return
+    why = f": {reason}" if isinstance(reason, str) and reason else ""
+    if status == "failed":
+        fix = (
+            "a failed run's model is not one its clients trained (it may be the random "
+            "initial model); fix the cause it names and rerun, then export that run"
+        )
+    else:
+        fix = "only a run that ended released a model: resume or rerun it to completion"
+    raise ExportRefused(
+        f"the run's status is {status!r} ({where}), not 'completed' or 'degraded'{why}", fix
+    )
+
+
+def _check_trained(metrics: Iterable[Mapping[str, Any]]) -> None:
+    """Refuse a model no round updated, whatever the status claims (metrics.jsonl)."""
+    if not any(rec.get("model_updated") is True for rec in metrics):
+        raise ExportRefused(
+            "metrics.jsonl records no round that updated the model: no client trained it "
+            "(it is the initial model)",
+            "export a run in which clients' updates were aggregated; its summary.json "
+            "status_reason says why this one's were not",
+        )
+
+
 _SUMMARY_KEYS = {
     "status": str,
     "config_hash": str,
@@ -227,11 +265,7 @@ def _check_summary(summary: dict[str, Any]) -> None:
             raise ExportRefused(
                 f"summary.json: {key!r} is {value!r}, expected a {kind.__name__}", _SUMMARY_FIX
             )
-    if summary["status"] != "completed":
-        raise ExportRefused(
-            f"summary.json: the run's status is {summary['status']!r}, not 'completed'",
-            _SUMMARY_FIX,
-        )
+    _check_status(summary["status"], "summary.json", summary.get("status_reason"))
     if summary["model_file"] != MODEL_FILE:
         raise ExportRefused(
             f"summary.json names model file {summary['model_file']!r}, expected {MODEL_FILE!r}",
@@ -1100,22 +1134,31 @@ def export_run(
             f"--out {dst} lies inside the run directory", "export to a directory outside the run"
         )
 
-    manifest_run = _json_object(_read(src, "run.json"), "run.json", _SUMMARY_FIX)
-    if manifest_run.get("status") != "completed":
-        raise ExportRefused(
-            f"the run's status is {manifest_run.get('status')!r} (run.json), not 'completed'",
-            "only a completed run released a model: resume or rerun it to completion",
-        )
-    summary = _json_object(_read(src, "summary.json"), "summary.json", _SUMMARY_FIX)
+    manifest_run = _json_object(_read(src, "run.json"), "run.json", _RUN_FIX)
+    summary_data = _read(src, "summary.json")
+    reason = None
+    if summary_data is not None and manifest_run.get("status") not in _RELEASABLE:
+        # The summary says why the run failed; quote it in the refusal when it parses.
+        try:
+            reason = json.loads(summary_data).get("status_reason")
+        except (ValueError, AttributeError):
+            reason = None
+    _check_status(manifest_run.get("status"), "run.json", reason)
+    summary = _json_object(summary_data, "summary.json", _SUMMARY_FIX)
     _check_summary(summary)
     if manifest_run.get("config_hash") != summary["config_hash"]:
-        raise ExportRefused("run.json and summary.json name different configs", _SUMMARY_FIX)
+        raise ExportRefused(
+            f"run.json names config {str(manifest_run.get('config_hash'))[:16]}…, summary.json "
+            f"{summary['config_hash'][:16]}…",
+            "the two files come from different runs: restore both from the same run directory",
+        )
     cfg = _load_config(_read(src, "config.yaml"), summary)
     model_bytes = _read(src, MODEL_FILE)
     arrays, n_params = _load_model(model_bytes, summary, cfg)
     ledger_data = _read(src, LEDGER_FILE)
     evidence = _check_privacy(cfg, summary, ledger_data)
     metrics = _parse_metrics(_read(src, "metrics.jsonl"))
+    _check_trained(metrics)
     has_audit, anchor = _check_audit(src, summary, summary["model_sha256"], evidence.ledger_sha256)
     node_ids = _node_ids(
         metrics, summary, ledger_data.decode("utf-8", "replace") if ledger_data else None

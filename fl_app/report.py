@@ -13,7 +13,9 @@ privacy.clip=0.5,1``) leaves one job directory per setting, each with Hydra's
 * ``accuracy_vs_rounds.png``: test accuracy per round, one curve per job.
 
 Jobs that did not finish (no ``summary.json``) are listed with their status, never
-silently dropped. Only aggregate numbers are read: nothing per client.
+silently dropped; jobs that failed or were refused (``fl-app simulate -m`` refuses a job
+whose budget its planned rounds would exceed) are listed after the table with the
+reason their ``summary.json`` gives. Only aggregate numbers are read: nothing per client.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["JobResult", "collect_jobs", "curves_by_clip", "main", "write_report"]
+__all__ = [
+    "JobResult",
+    "collect_jobs",
+    "curves_by_clip",
+    "main",
+    "unsuccessful_jobs",
+    "write_report",
+]
 
 _CLIP_KEYS = ("privacy.clip", "privacy.dpsgd.max_grad_norm")
 
@@ -51,6 +60,8 @@ class JobResult:
     rounds_planned: int | None = None
     seconds: float | None = None
     stopped_early: str | None = None
+    # Why the job failed, was refused or lost rounds (summary.json ``status_reason``).
+    status_reason: str | None = None
     accuracy_per_round: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -111,6 +122,7 @@ def _job(job: Path) -> JobResult:
         rounds_planned=s.get("rounds_planned"),
         seconds=_float(s.get("seconds")),
         stopped_early=s.get("stopped_early"),
+        status_reason=s.get("status_reason"),
     )
     metrics = job / "metrics.jsonl"
     if metrics.is_file():
@@ -153,7 +165,21 @@ _COLUMNS = (
     "seconds",
     "status",
     "stopped_early",
+    "status_reason",
 )
+
+# Jobs whose model some client trained; any other status is listed with its reason.
+_SUCCEEDED = ("completed", "degraded")
+
+
+def unsuccessful_jobs(jobs: Sequence[JobResult]) -> list[str]:
+    """One line per job that failed, was refused or never finished, with its reason."""
+    lines = []
+    for j in jobs:
+        if j.status not in _SUCCEEDED:
+            reason = j.status_reason or "no reason recorded (see the job's directory)"
+            lines.append(f"{j.path.name} ({j.label()}): {j.status}: {reason}")
+    return lines
 
 
 def write_report(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
@@ -262,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = write_report(jobs, args.out or args.multirun_dir)
     print((args.out or args.multirun_dir).joinpath("report.md").read_text(), end="")
+    bad = unsuccessful_jobs(jobs)
+    if bad:
+        print(f"\n{len(bad)} of {len(jobs)} jobs did not succeed:")
+        for line in bad:
+            print(f"  {line}")
     for p in paths:
         print(f"wrote {p}")
     return 0

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,102 @@ from fl_app.config.compose import config_to_dict
 from fl_app.config.schema import AppConfig
 from strategies.driver import RoundReport
 
-__all__ = ["MetricsWriter", "ProgressPrinter", "RunDirectory", "code_version"]
+__all__ = [
+    "MetricsWriter",
+    "ProgressPrinter",
+    "RunDirectory",
+    "code_version",
+    "read_round_records",
+    "run_outcome",
+]
+
+# A run's status in summary.json and run.json (and the audit log's run.end):
+# ``completed``: every round that sampled clients updated the model;
+# ``degraded``: some rounds that sampled clients left the model unchanged (lost rounds);
+# ``failed``: no round updated the model (the model is the initial one), or the run crashed.
+STATUS_COMPLETED = "completed"
+STATUS_DEGRADED = "degraded"
+STATUS_FAILED = "failed"
+# A sweep job refused before it trained (``fl-app simulate -m``); nothing ran.
+STATUS_REFUSED = "refused"
+
+
+def read_round_records(path: Path) -> list[dict[str, Any]]:
+    """The complete per-round records of ``metrics.jsonl`` (a torn last line is skipped)."""
+    records: list[dict[str, Any]] = []
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "round" in rec:
+            records.append(rec)
+    return records
+
+
+def _top_reasons(reasons: Sequence[str], limit: int = 3) -> str:
+    """The most frequent reasons, grouped when they differ only in numbers (norms, ids)."""
+    groups: dict[str, list[str]] = {}
+    for reason in reasons:
+        groups.setdefault(re.sub(r"\d+(?:\.\d+)?", "#", reason), []).append(reason)
+    ranked = sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    shown = "; ".join(f"{g[0]!r} x{len(g)}" for g in ranked[:limit])
+    more = len(ranked) - limit
+    return shown + (f"; and {more} other reason(s)" if more > 0 else "")
+
+
+def run_outcome(records: Sequence[Mapping[str, Any]], stopped_early: str | None) -> dict[str, Any]:
+    """What a run achieved, from its per-round records (``metrics.jsonl``, resumed rounds included).
+
+    A run whose rounds all left the model unchanged released the initial (random) model:
+    it must not read as a success, so it is ``failed`` with the clients' own reasons
+    (every client refused for budget, every client's data failed to load, ...). A run that
+    lost some rounds is ``degraded``. Rounds whose sampled cohort was empty (Poisson
+    sampling drawing nobody: part of the accounted mechanism) are not counted as lost.
+
+    Returns ``status``, ``status_reason`` (``None`` when completed), ``rounds_run``,
+    ``rounds_model_updated`` and ``rounds_lost``.
+    """
+    updated = sum(bool(r.get("model_updated")) for r in records)
+    lost = [
+        r for r in records if not r.get("model_updated") and int(r.get("clients_sampled", 0)) > 0
+    ]
+    out: dict[str, Any] = {
+        "rounds_run": len(records),
+        "rounds_model_updated": updated,
+        "rounds_lost": len(lost),
+    }
+    if updated == 0:
+        failures = [str(i.get("reason", "?")) for r in records for i in r.get("failures") or []]
+        rejections = [str(i.get("reason", "?")) for r in records for i in r.get("rejections") or []]
+        notes = [str(r["note"]) for r in records if r.get("note")]
+        parts = [f"no round updated the model ({len(records)} rounds run)"]
+        if stopped_early:
+            parts.append(f"stopped: {stopped_early}")
+        if failures:
+            parts.append(f"client failures: {_top_reasons(failures)}")
+        if rejections:
+            parts.append(f"rejected replies: {_top_reasons(rejections)}")
+        if notes and not (failures or rejections):
+            parts.append(f"rounds: {_top_reasons(notes)}")
+        out.update(status=STATUS_FAILED, status_reason="; ".join(parts))
+    elif lost:
+        out.update(
+            status=STATUS_DEGRADED,
+            status_reason=(
+                f"{len(lost)} of {len(records)} rounds left the model unchanged (rounds "
+                + ", ".join(str(r["round"]) for r in lost[:10])
+                + (", ..." if len(lost) > 10 else "")
+                + "); see metrics.jsonl"
+            ),
+        )
+    else:
+        out.update(status=STATUS_COMPLETED, status_reason=None)
+    return out
 
 
 def code_version() -> str:

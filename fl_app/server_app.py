@@ -44,7 +44,14 @@ from fl_app.config.compose import compose_config, parse_overrides
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
 from fl_app.privacy.ledger import FederationLedger
-from fl_app.rundir import AuditTrail, MetricsWriter, ProgressPrinter, RunDirectory
+from fl_app.rundir import (
+    AuditTrail,
+    MetricsWriter,
+    ProgressPrinter,
+    RunDirectory,
+    read_round_records,
+    run_outcome,
+)
 from strategies.client_dp import (
     CentralDp,
     LocalDp,
@@ -276,11 +283,16 @@ def run_experiment(
     checkpoints.driver = driver
     try:
         result = driver.run(grid, arrays, start_round=start_round)
-    except BaseException:
+    except BaseException as err:
         if ledger_writer is not None:
             ledger_writer.write()
         audit.run_end("failed", _file_hashes(rd.path, [LEDGER_FILE]))
-        rd.finish({"status": "failed", "seconds": time.perf_counter() - t0}, status="failed")
+        crashed = {
+            "status": "failed",
+            "status_reason": f"the server stopped: {type(err).__name__}: {err}",
+            "seconds": time.perf_counter() - t0,
+        }
+        rd.finish(crashed, status="failed")
         raise
     if ledger_writer is not None:
         ledger_writer.write()
@@ -301,14 +313,21 @@ def run_experiment(
             summary["loss"] = restored_metrics.get("loss")
         summary["resumed"] = rd.manifest.get("resumed", [])
     summary["weights_sha256"] = weights_digest(result.arrays)
-    seq, head = audit.run_end("completed", _file_hashes(rd.path, [rd.model_path.name, LEDGER_FILE]))
+    # The status says what the run achieved over all its rounds (resumed ones included):
+    # a run no round of which updated the model is a failure, whatever the loop did.
+    summary.update(run_outcome(read_round_records(rd.metrics_path), result.stopped_early))
+    seq, head = audit.run_end(
+        summary["status"], _file_hashes(rd.path, [rd.model_path.name, LEDGER_FILE])
+    )
     summary["audit"] = {"file": AuditTrail.FILE, "seq": seq, "head": head}
-    rd.finish(summary)
+    rd.finish(summary, status=summary["status"])
     if progress:
         acc = summary.get("accuracy")
         shown = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
         if result.stopped_early:
             print(f"stopped early: {result.stopped_early}", flush=True)
+        if summary["status_reason"]:
+            print(f"run {summary['status'].upper()}: {summary['status_reason']}", flush=True)
         eps = summary["privacy"].get("record_level_epsilon_max")
         spent = f", max record-level epsilon {eps:.3f}" if eps is not None else ""
         fed_eps = summary["privacy"].get("epsilon")

@@ -203,8 +203,10 @@ def test_too_many_dropouts_abandon_the_round_and_the_run_goes_on(
     first, second = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert not first["model_updated"] and "abandoned" in first["note"]
     assert first["mean_update_norm"] == 0.0
-    assert second["model_updated"] and summary["status"] == "completed"
-    assert summary["rounds_model_unchanged"] == 1
+    # The abandoned round is a lost round: the run says so (issue 17).
+    assert second["model_updated"] and summary["status"] == "degraded"
+    assert summary["rounds_model_unchanged"] == 1 and summary["rounds_lost"] == 1
+    assert "1 of 2 rounds left the model unchanged (rounds 1)" in summary["status_reason"]
 
 
 # ---------------------------------------------------------------- rejections
