@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fl_app.config.schema import AppConfig, SamplingMode, StrategyConfig, StrategyName
+from fl_app.config.schema import (
+    AppConfig,
+    SamplingMode,
+    StrategyConfig,
+    StrategyName,
+    federated_eval_interval,
+)
 from strategies.client_dp import DistributedDp, UpdateAggregator
 from strategies.driver import (
     DriverSettings,
@@ -80,15 +87,18 @@ def build_driver(
     """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
     ``secagg.mode != off``) secure aggregation in ``cfg``."""
     s = cfg.strategy
+    # Amplification by sampling needs cohorts nobody can recompute: a keystream under
+    # a key only this server process holds (privacy.secure_mode=false: seeded).
+    key = os.urandom(32) if cfg.privacy.secure_mode else None
     if s.sampling is SamplingMode.poisson:
         train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
-            s.fraction_train, cfg.seed
+            s.fraction_train, cfg.seed, key=key
         )
     else:
-        train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed)
+        train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed, key=key)
     evaluate_sampler = (
-        FixedSizeSampler(s.fraction_evaluate, cfg.seed, stream=EVALUATE_STREAM)
-        if s.fraction_evaluate > 0 and cfg.federated_eval_every > 0
+        FixedSizeSampler(s.fraction_evaluate, cfg.seed, stream=EVALUATE_STREAM, key=key)
+        if s.fraction_evaluate > 0 and federated_eval_interval(cfg) > 0
         else None
     )
     r = cfg.runtime
@@ -98,7 +108,7 @@ def build_driver(
         evaluate_timeout_s=r.evaluate_timeout_s,
         min_available_nodes=s.min_available_nodes,
         min_train_replies=s.min_train_replies,
-        federated_eval_every=cfg.federated_eval_every,
+        federated_eval_every=federated_eval_interval(cfg),
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
     )
