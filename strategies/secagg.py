@@ -59,7 +59,14 @@ from fl_app.secagg.protocol import (
     UnmaskReply,
     round_context,
 )
-from fl_app.secagg.vector import DecodedSum, VectorLayout, pack_ids, round_codec, unpack_ids
+from fl_app.secagg.vector import (
+    BOUND_SLACK,
+    DecodedSum,
+    VectorLayout,
+    pack_ids,
+    round_codec,
+    unpack_ids,
+)
 from fl_app.secagg.wire import payload_bytes, unpack_ring, wire_packed
 from fl_app.weights import array_view
 from strategies.protocol import (
@@ -758,17 +765,57 @@ class SecureAggregation:
             self._forget_troubled(outcome)
         t0 = time.perf_counter()
         n = result.num_contributors
-        if ddp_round is not None:
-            flat = ddp_round.decode(result.total, context)
-            outcome.decoded = DecodedSum(
-                layout.split_params(flat), float(n), 0.0, math.nan, math.nan
+        try:
+            if ddp_round is not None:
+                flat = ddp_round.decode(result.total, context, num_contributors=n)
+                decoded_sum = DecodedSum(
+                    layout.split_params(flat), float(n), 0.0, math.nan, math.nan
+                )
+            else:
+                decoded_sum = _decode_checked(codec, layout, result.total, n, bound)
+        # The sum is what the clients' vectors add up to: one faulty or malicious client
+        # can make it undecodable, and that must end the round, never the run.
+        except (ValueError, ArithmeticError) as err:
+            outcome.note = (
+                f"secure aggregation abandoned after unmasking: the sum of {n} inputs is not "
+                f"one honest clients can produce ({err}): model unchanged"
             )
-        else:
-            decoded = codec.decode_sum(result.total, n)
-            outcome.decoded = layout.split_sum(decoded, bound)
+            log.warning("round %d: %s", rnd, outcome.note)
+            return outcome
+        finally:
+            outcome.stages[-1].server_seconds += time.perf_counter() - t0
+        outcome.decoded = decoded_sum
         outcome.num_contributors = n
-        outcome.stages[-1].server_seconds += time.perf_counter() - t0
         return outcome
+
+
+def _decode_checked(
+    codec: Any, layout: VectorLayout, total: np.ndarray, n: int, bound: float
+) -> DecodedSum:
+    """Decode the unmasked sum and check it against what ``n`` honest inputs can give.
+
+    ``codec.decode_sum`` refuses magnitudes above ``n`` maximal encodings (a wrapped or
+    shifted sum). Beyond that, honest inputs have weights in ``(0, 1]`` and
+    ``||w·Δ|| <= C``, so ``Σ w > 0`` and ``||Σ w·Δ|| <= n·C`` up to the codec's slack and
+    the stochastic rounding (``< 1/scale`` per coordinate and input). A sum outside these
+    bounds raises ``ValueError`` (the round is abandoned): a client that did not clip, or
+    that shifted its weight to zero or below, cannot skew the model past its bound nor
+    make the mean divide by a non-positive weight.
+    """
+    decoded = codec.decode_sum(total, n)
+    out: DecodedSum = layout.split_sum(decoded, bound)
+    if not out.weight > 0:
+        raise ValueError(f"decoded total weight {out.weight:.6g} is not > 0")
+    flat = [v.reshape(-1) for v in out.update.values()]
+    sq = math.fsum(float(np.dot(v, v)) for v in flat)
+    rounding = n * math.sqrt(layout.num_params) / codec.scale
+    limit = n * bound * BOUND_SLACK + rounding
+    if not math.sqrt(sq) <= limit:
+        raise ValueError(
+            f"decoded update sum has L2 norm {math.sqrt(sq):.6g}, above {limit:.6g} = "
+            f"{n} inputs x clip {bound:g} (an input was not clipped)"
+        )
+    return out
 
 
 def _config_only(config: Mapping[str, Any]) -> RecordDict:

@@ -372,8 +372,32 @@ class DdpRound:
             signed = signed & np.uint64((1 << self.bits) - 1)
         return signed.astype(storage_dtype(self.bits), copy=False)
 
-    def decode(self, total: np.ndarray, seed: bytes) -> np.ndarray:
-        """Server: modular sum -> signed integers -> ``γ``·inverse rotation (float64, ``dim``)."""
+    def sum_norm_limit(self, num_contributors: int) -> float:
+        """L2 bound on an honest sum of ``num_contributors`` vectors (rounded units).
+
+        Each client's rounded vector has norm ``<= bound`` (conditional rounding redraws
+        until it does), so the signal part is at most ``n·bound``. The noise is the sum
+        of ``n`` discrete Gaussian shares of parameter ``share_std``, each
+        ``share_std``-sub-Gaussian (Canonne, Kamath & Steinke 2020), so the sum is
+        sub-Gaussian with ``s² = n·share_std²`` per coordinate and Hsu, Kakade & Zhang
+        (2012, Thm. 1 with A = I) give ``P[‖noise‖² > s²(d' + 2√(d'τ) + 2τ)] <= e^-τ``;
+        ``τ = 40 ln 2`` makes an honest round fail this check with probability ``<= 2^-40``.
+        """
+        n = int(num_contributors)
+        tau = 40.0 * math.log(2.0)
+        d = float(self.padded)
+        noise_sq = n * self.share_std**2 * (d + 2.0 * math.sqrt(d * tau) + 2.0 * tau)
+        return n * self.bound + math.sqrt(noise_sq)
+
+    def decode(
+        self, total: np.ndarray, seed: bytes, *, num_contributors: int | None = None
+    ) -> np.ndarray:
+        """Server: modular sum -> signed integers -> ``γ``·inverse rotation (float64, ``dim``).
+
+        With ``num_contributors``, a sum whose norm exceeds :meth:`sum_norm_limit`
+        raises ``ValueError``: it wrapped, or a client sent a vector no honest encoding
+        produces. The caller abandons the round instead of releasing it.
+        """
         arr = np.asarray(total)
         if arr.shape != (self.padded,):
             raise ValueError(f"sum has shape {arr.shape}, expected ({self.padded},)")
@@ -383,6 +407,14 @@ class DdpRound:
             as_int = arr.astype(np.int64)
             as_int[as_int >= (1 << (self.bits - 1))] -= 1 << self.bits
             signed = as_int.astype(np.float64)
+        if num_contributors is not None:
+            norm = math.sqrt(float(np.dot(signed, signed)))
+            limit = self.sum_norm_limit(num_contributors)
+            if not norm <= limit:
+                raise ValueError(
+                    f"distributed-DP sum has norm {norm:.6g} (rounded units), above the "
+                    f"{limit:.6g} that {num_contributors} honest clients can reach"
+                )
         signed *= self.gamma
         return Rotation(seed, self.dim).inverse(signed)
 
