@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["main"]
@@ -47,8 +48,9 @@ Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=..
 _DRY_RUN = False
 
 
-def privacy_plan(cfg: Any) -> list[str]:
-    """Human lines describing what ``cfg`` will spend, before anything trains."""
+def privacy_plan(cfg: Any, projection: RecordLevelProjection | None = None) -> list[str]:
+    """Human lines describing what ``cfg`` will spend, before anything trains
+    (``projection``: :func:`record_level_projection`'s, for DP-SGD)."""
     from fl_app.config.schema import PrivacyMode
     from strategies.client_dp import ClientDpSettings, projection_lines
 
@@ -67,9 +69,99 @@ def privacy_plan(cfg: Any) -> list[str]:
             f"record-level DP-SGD in every client ({target}, C={d.max_grad_norm:g}, "
             f"delta={d.delta:g}{budget}): each client projects its own epsilon before each round"
         )
+        if projection is not None:
+            lo, hi = min(projection.train_sizes), max(projection.train_sizes)
+            verdict = ""
+            if d.max_epsilon is not None:
+                if projection.first_round_epsilon > d.max_epsilon:
+                    verdict = "; round 1 alone exceeds the budget: refused"
+                elif projection.planned_epsilon > d.max_epsilon:
+                    verdict = "; the budget runs out before the last round (clients stop then)"
+                else:
+                    verdict = "; within the budget"
+            lines.append(
+                f"record-level projection ({len(projection.train_sizes)} institutions, "
+                f"{lo}..{hi} training records): largest epsilon "
+                f"{projection.first_round_epsilon:.3f} after round 1, "
+                f"{projection.planned_epsilon:.3f} after {cfg.num_rounds} planned rounds"
+                f"{verdict}"
+            )
     if not lines:
         lines.append("no differential privacy: nothing to project (privacy=none)")
     return lines
+
+
+@dataclass(frozen=True)
+class RecordLevelProjection:
+    """What DP-SGD will spend in each simulated institution, computed before round 1.
+
+    Each client accounts its own ε (its training-set size fixes the Poisson rate ``q``
+    and the steps per round, exactly as :func:`fl_app.privacy.dpsgd.planned_steps`
+    gives them to Opacus); this is the same arithmetic done by the server for every
+    partition of the simulated federation, so a budget that round 1 alone exceeds is
+    refused before anything trains instead of by every client in round 1.
+    """
+
+    train_sizes: tuple[int, ...]
+    noise_multiplier: float
+    first_round_epsilon: float  # the largest over institutions
+    planned_epsilon: float  # after every planned round, the largest over institutions
+
+
+def record_level_projection(cfg: Any) -> RecordLevelProjection | None:
+    """Per-institution record-level ε of ``cfg`` (``None`` when it cannot be projected:
+    no DP-SGD, a noise multiplier calibrated by each client to ``target_epsilon``, or
+    data the server cannot size, whose clients then say why themselves)."""
+    from fl_app.data import DataError, partition_sizes
+    from fl_app.data.partition import train_val_split
+    from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon
+    from fl_app.privacy.dpsgd import planned_steps
+
+    d = cfg.privacy.dpsgd
+    if not cfg.privacy.record_level or d.noise_multiplier is None:
+        return None
+    try:
+        pools = partition_sizes(cfg.dataset, cfg.seed)
+    except (DataError, OSError):
+        return None
+    sizes = tuple(
+        len(train_val_split(n, cfg.dataset.val_fraction, cfg.seed, pid)[0])
+        for pid, n in enumerate(pools)
+    )
+    accountant = AccountantName(d.accountant.value)
+    z = float(d.noise_multiplier)
+    first = planned = 0.0
+    for size in sorted(set(sizes)):  # equal sizes spend equally: account each once
+        steps, q = planned_steps(size, cfg.train.batch_size, cfg.train.local_epochs)
+        if steps == 0:
+            continue
+        one = PrivacyHistory().add(DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps))
+        first = max(first, epsilon(one, d.delta, accountant))
+        every = PrivacyHistory().add(
+            DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps * cfg.num_rounds)
+        )
+        planned = max(planned, epsilon(every, d.delta, accountant))
+    return RecordLevelProjection(sizes, z, first, planned)
+
+
+def check_record_level_budget(cfg: Any, projection: RecordLevelProjection | None) -> None:
+    """Raise :class:`~fl_app.config.validate.ConfigError` when round 1 alone would take
+    some institution past ``privacy.dpsgd.max_epsilon`` (every client would refuse it)."""
+    from fl_app.config.validate import ConfigError
+
+    d = cfg.privacy.dpsgd
+    if projection is None or d.max_epsilon is None:
+        return
+    if projection.first_round_epsilon > d.max_epsilon:
+        raise ConfigError(
+            "privacy.dpsgd.max_epsilon",
+            d.max_epsilon,
+            f"round 1 alone takes the largest institution to record-level epsilon "
+            f"{projection.first_round_epsilon:.3g} (z={projection.noise_multiplier:g}, "
+            f"delta={d.delta:g}, {d.accountant.value}), so every client would refuse to "
+            "train; raise privacy.dpsgd.noise_multiplier, lower train.local_epochs, or "
+            "raise privacy.dpsgd.max_epsilon",
+        )
 
 
 def over_budget(cfg: Any) -> str | None:
@@ -147,13 +239,17 @@ def _simulate_task(raw: Any) -> float | None:
         cfg = to_app_config(raw)
         if cfg.resume is not None:
             check_resume(cfg)
+        projection = record_level_projection(cfg)
+        if _DRY_RUN or projection is not None:
+            print(f"[{'dry run' if _DRY_RUN else 'plan'}] {cfg.experiment_name}:")
+            for line in privacy_plan(cfg, projection):
+                print(f"  {line}", flush=True)
+        if cfg.resume is None:
+            check_record_level_budget(cfg, projection)
     except ConfigError as err:
         print(f"fl-app: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if _DRY_RUN:
-        print(f"[dry run] {cfg.experiment_name}:")
-        for line in privacy_plan(cfg):
-            print(f"  {line}", flush=True)
         return None
     from hydra.types import RunMode
 
@@ -235,10 +331,18 @@ def _print_config(argv: list[str]) -> None:
 
 
 def _dry_run(argv: list[str]) -> None:
+    from fl_app.config.validate import ConfigError
+
     cfg = _compose_or_exit(argv)
+    projection = record_level_projection(cfg)
     print(f"[dry run] {cfg.experiment_name}: config valid, nothing trained")
-    for line in privacy_plan(cfg):
+    for line in privacy_plan(cfg, projection):
         print(f"  {line}", flush=True)
+    try:
+        check_record_level_budget(cfg, projection)
+    except ConfigError as err:
+        print(f"fl-app: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -298,3 +298,51 @@ def test_secure_mode_is_the_default_of_every_privacy_config(privacy: str) -> Non
     keystream needs no optional backend (Opacus' torchcsprng is not published)."""
     extra = {"distributed": ["secagg=secaggplus"]}.get(privacy, [])
     assert compose_config("config", [f"privacy={privacy}", *extra]).privacy.secure_mode is True
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("privcy=central", "`privacy=central`"),
+        ("privacy.noise_multipler=1", "`privacy.noise_multiplier=1`"),
+        ("privacy.max_grad_norm=2", "`privacy.dpsgd.max_grad_norm=2`"),
+        ("strategy.fraction_trian=0.5", "`strategy.fraction_train=0.5`"),
+    ],
+)
+def test_typos_get_did_you_mean_from_the_schema_never_plus_key(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        compose_config("config", [override])
+    message = str(err.value)
+    assert f"did you mean {suggestion}" in message
+    assert "+" not in message  # Hydra's "+key=" advice would only add a stray key
+
+
+def test_valid_overrides_pass_the_key_check():
+    from fl_app.config.compose import check_override_keys
+
+    check_override_keys(
+        [
+            "privacy=central",
+            "strategy.fraction_train=0.5,1.0",
+            "dataset.input_shape.0=1",
+            "hydra.run.dir=/tmp/x",
+            "~checkpoint",
+            "experiment=digits_iid",
+        ]
+    )
+
+
+def test_simulate_typo_exits_2_with_suggestion_and_leaves_no_run_directory(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("fl-app")), "simulate", "privcy=central"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "did you mean `privacy=central`" in proc.stderr and "+privcy" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time> with only cli.log

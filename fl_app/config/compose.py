@@ -9,9 +9,14 @@ whichever path started the run.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import hashlib
 import json
 import shlex
+import typing
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -27,12 +32,16 @@ from fl_app.config.validate import ConfigError, validate_config
 
 __all__ = [
     "SCHEMA_NAME",
+    "check_override_keys",
     "compose_config",
     "config_dir",
     "config_hash",
     "config_to_dict",
     "parse_overrides",
+    "preflight",
     "register_schemas",
+    "schema_keys",
+    "suggest_key",
     "to_app_config",
 ]
 
@@ -59,6 +68,120 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=AppConfig)
 
 
+@functools.lru_cache(maxsize=1)
+def _schema_tree() -> tuple[frozenset[str], frozenset[str]]:
+    """(every dotted key of :class:`AppConfig`, the keys that are sections)."""
+    keys: set[str] = set()
+    sections: set[str] = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            keys.add(key)
+            sub = hints[f.name]
+            if dataclasses.is_dataclass(sub) and isinstance(sub, type):
+                sections.add(key)
+                walk(sub, f"{key}.")
+
+    walk(AppConfig, "")
+    return frozenset(keys), frozenset(sections)
+
+
+def schema_keys() -> frozenset[str]:
+    """Every dotted key of :class:`AppConfig` (``privacy.dpsgd.noise_multiplier``, ...)."""
+    return _schema_tree()[0]
+
+
+def _config_groups() -> frozenset[str]:
+    """The Hydra groups of ``configs/`` (``privacy``, ``dataset``...), chosen as ``group=name``."""
+    return frozenset(
+        p.name for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+    )
+
+
+def suggest_key(key: str) -> str | None:
+    """The schema key or config group closest to a misspelt ``key``, or None.
+
+    Tries the whole dotted key first (``privacy.noise_multipler``), then the last
+    part alone, so a key given at the wrong depth (``privacy.max_grad_norm``) still
+    finds ``privacy.dpsgd.max_grad_norm``.
+    """
+    known = sorted(schema_keys() | _config_groups())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf: dict[str, list[str]] = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    close = difflib.get_close_matches(leaf, sorted(by_leaf), n=1, cutoff=0.75)
+    if close:
+        # Prefer a candidate under the same top-level section as the key typed.
+        head = key.split(".", 1)[0]
+        options = by_leaf[close[0]]
+        return next((k for k in options if k.split(".", 1)[0] == head), options[0])
+    return None
+
+
+def _unknown_key_fix(key: str, value: str | None) -> str:
+    """The fix for an unknown key: a "did you mean" from the schema, never ``+key=``.
+
+    Hydra's own hint (``To append to your config use +key=value``) fails again, one
+    step later, against the structured schema; it would only ever add a stray key.
+    """
+    guess = suggest_key(key)
+    where = "(keys: fl_app/config/schema.py; groups: the folders of configs/)"
+    if guess is None:
+        return f"no such key or config group {where}"
+    shown = f"{guess}={value}" if value is not None else guess
+    return f"no such key or config group; did you mean `{shown}`? {where}"
+
+
+def check_override_keys(overrides: Iterable[str]) -> None:
+    """Refuse an override whose key is neither a schema key nor a config group.
+
+    Runs before Hydra composes (and before ``@hydra.main`` makes a run directory), so a
+    typo such as ``privcy=central`` or ``privacy.noise_multipler=1`` gets a "did you
+    mean" instead of Hydra's ``+privcy=`` advice. Hydra's own keys (``hydra.*``,
+    ``hydra/...``), deletions (``~key``), packaged group overrides (``group@pkg=``)
+    and the elements of list or dict values are left to Hydra.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the override and the closest known key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    known, sections = _schema_tree()
+    groups = _config_groups()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException:
+            continue  # a syntax error: Hydra's own message names it
+        key = override.key_or_group
+        if (
+            override.type is OverrideType.DEL
+            or override.package is not None
+            or key.split(".", 1)[0].split("/", 1)[0] == "hydra"
+            or key in known
+            or key in groups
+            or key.split("/", 1)[0] in groups
+        ):
+            continue
+        parts = key.split(".")
+        heads = (".".join(parts[:i]) for i in range(1, len(parts)))
+        if any(h in known and h not in sections for h in heads):
+            continue  # an element of a list or dict value, e.g. dataset.input_shape.0
+        value = text.split("=", 1)[1] if "=" in text else None
+        raise ConfigError(key, text, _unknown_key_fix(key, value))
+
+
 def _translate(err: BaseException) -> ConfigError | None:
     """Turn an OmegaConf error (possibly wrapped by Hydra) into a ConfigError."""
     seen: set[int] = set()
@@ -69,7 +192,8 @@ def _translate(err: BaseException) -> ConfigError | None:
             key = getattr(cur, "full_key", None) or "<config>"
             msg = str(cur).split("\n")[0]
             if "not in" in msg or "not in struct" in msg or "Key '" in msg:
-                fix = f"unknown key ({msg}); check the spelling against fl_app/config/schema.py"
+                # A typo inside a YAML file (overrides were checked before composing).
+                fix = _unknown_key_fix(str(key), None)
             else:
                 fix = f"{msg}; use a value of the type declared in fl_app/config/schema.py"
             return ConfigError(str(key), getattr(cur, "value", None), fix)
@@ -113,6 +237,7 @@ def compose_config(config_name: str = "config", overrides: list[str] | None = No
     """
     from hydra import compose, initialize_config_dir
 
+    check_override_keys(overrides or [])
     register_schemas()
     GlobalHydra.instance().clear()
     try:
@@ -126,6 +251,37 @@ def compose_config(config_name: str = "config", overrides: list[str] | None = No
     finally:
         GlobalHydra.instance().clear()
     return to_app_config(raw)
+
+
+def preflight(argv: list[str]) -> AppConfig | None:
+    """Check ``fl-app simulate`` arguments before ``@hydra.main`` makes a run directory.
+
+    Every override's key is checked against the schema (a sweep's too). A single run
+    without Hydra flags is also composed and validated, and its local data files are
+    read (:func:`fl_app.data.check_local_data`), so a config or data error ends the
+    command with no run directory left behind. A sweep's jobs are validated one by
+    one when they run.
+
+    Returns
+    -------
+    AppConfig or None
+        The validated config of a single run; None for a sweep or Hydra flags.
+
+    Raises
+    ------
+    ConfigError, DataError
+        The first problem found.
+    """
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    check_override_keys(overrides)
+    if any(a.startswith("-") for a in argv):
+        return None  # -m, --cfg, --help...: Hydra's own modes
+    from fl_app.data import check_local_data
+
+    own = [a for a in overrides if a.split("=", 1)[0].lstrip("+").split(".")[0] != "hydra"]
+    cfg = compose_config("config", own)
+    check_local_data(cfg.dataset, cfg.seed)
+    return cfg
 
 
 def _jsonable(value: Any) -> Any:
