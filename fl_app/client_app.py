@@ -211,6 +211,12 @@ def _prepare(
     from fl_app.models import build_model
 
     spec, rnd, arrays, config = _read_instruction(msg)
+    local_dp = spec.client_dp is not None and spec.client_dp.local_noise_multiplier is not None
+    if message_type == "evaluate" and local_dp:
+        raise ClientRefusal(
+            "local DP: federated evaluation would send un-noised per-client metrics to the "
+            "server; this client does not evaluate under privacy.mode=local"
+        )
     _enforce_request(policy, spec, message_type, config)
     torch.set_num_threads(max(1, spec.torch_threads))
     pid, nparts = _partition(context)
@@ -334,15 +340,18 @@ def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | Non
     )
     dp_metrics.update(client_dp_metrics)
     stats = result.stats
-    metrics = MetricRecord(
-        {
+    if noise_stage is not None:
+        # Local DP: the server is not trusted with anything un-noised from this client,
+        # and nothing can hide a number from it here (no secure aggregation). The loss,
+        # accuracy and example count are left out; every client weighs the same (1).
+        plain: dict[str, float] = {NUM_EXAMPLES: 1}
+    else:
+        plain = {
             NUM_EXAMPLES: int(stats.num_examples),
-            SERVER_ROUND: rnd,
             "train-loss": float(stats.loss),
             "train-accuracy": float(stats.accuracy),
-            **dp_metrics,
         }
-    )
+    metrics = MetricRecord({**plain, SERVER_ROUND: rnd, **dp_metrics})
     content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
 
@@ -425,9 +434,6 @@ def _secure_train(
     return cast(Message, secure.reply(msg, result.update["masked"], public))
 
 
-LOCAL_DP_STATE = "fl-app.local-dp"
-
-
 def _client_dp_stages(
     spec: ClientSpec,
     rnd: int,
@@ -439,8 +445,11 @@ def _client_dp_stages(
     """The clip and local-noise stages this round asks for, and their metrics.
 
     The returned metrics dict is filled in when the stages run. Local DP checks this
-    client's own budget (the server's ``max_epsilon`` and the site policy's) and counts
-    the release in ``Context.state`` *before* training, so a crash can only over-count.
+    client's own budget (the server's ``max_epsilon`` and the site policy's) and
+    persists the release in its state file (:class:`fl_app.privacy.state.LocalDpStore`,
+    in node-config ``dp-state-dir`` or the spec's state directory) *before* training,
+    so neither a crash nor a restarted SuperNode, a resumed run or a rollback can
+    rewind the count: a crash can only over-count.
     """
     dp = spec.client_dp
     if dp is None:
@@ -465,10 +474,29 @@ def _client_dp_stages(
     from fl_app.config.schema import Accountant
     from fl_app.privacy.ledger import local_epsilon
     from fl_app.privacy.noise import SecureNoise
+    from fl_app.privacy.state import (
+        LOCAL_RELEASES_SEEN_KEY,
+        LocalDpState,
+        LocalDpStore,
+        PrivacyStateError,
+    )
 
     z = float(dp.local_noise_multiplier)
-    record = context.state.get(LOCAL_DP_STATE, MetricRecord({"releases": 0}))
-    releases = int(cast(int, record["releases"])) + 1
+    state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
+    if not state_dir:
+        raise ClientRefusal(
+            "local DP needs a state directory for its release count: start the SuperNode "
+            'with --node-config "dp-state-dir=/path"'
+        )
+    seen = config.get(LOCAL_RELEASES_SEEN_KEY, 0)
+    if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
+        raise ClientRefusal(f"'{LOCAL_RELEASES_SEEN_KEY}' must be an integer >= 0, got {seen!r}")
+    try:
+        store = LocalDpStore(context, str(state_dir), spec.run_key, pid)
+        state = store.load(z, releases_seen_by_server=seen)
+    except PrivacyStateError as err:
+        raise ClientRefusal(f"local DP state: {err}") from err
+    releases = state.releases + 1
     try:
         eps_after = local_epsilon(z, releases, dp.delta, Accountant(dp.accountant).value)
     except (ValueError, RuntimeError) as err:
@@ -479,7 +507,9 @@ def _client_dp_stages(
             f"round (budget {dp.max_epsilon:g}, delta {dp.delta:g}, {releases - 1} releases)"
         )
     _enforce_epsilon(policy, "local DP", eps_after)
-    context.state[LOCAL_DP_STATE] = MetricRecord({"releases": releases})
+    store.save(LocalDpState(releases=releases, noise_multiplier=z))  # before any release
+    # Public by design (README, model card): ε and the release count follow from the
+    # rounds the server sent and received; the partition id keys the server's guard.
     metrics.update(
         {"dp-local-epsilon": eps_after, "dp-local-releases": releases, "dp-partition-id": pid}
     )
@@ -596,7 +626,12 @@ def _prepare_dpsgd(
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on the local validation split."""
+    """Evaluate the global model on the local validation split.
+
+    Refused under local DP: the loss, accuracy and example count would reach a server
+    that this client trusts only with noised updates (the server turns federated
+    evaluation off there; this is the client's own check, before any data is read).
+    """
     from fl_app.training import evaluate
     from fl_app.weights import load_ndarrays
 

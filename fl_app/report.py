@@ -8,9 +8,15 @@ privacy.clip=0.5,1``) leaves one job directory per setting, each with Hydra's
 * ``report.csv`` and ``report.md``: one row per job: its overrides, client-level ε
   and δ, the largest record-level ε, test accuracy and loss, rounds run and planned,
   seconds, status, and why it stopped early if it did;
-* ``accuracy_vs_epsilon.png``: final accuracy against client-level ε (or, for
-  record-level sweeps, the largest institution's ε), one curve per clipping norm;
-* ``accuracy_vs_rounds.png``: test accuracy per round, one curve per job.
+* ``accuracy_vs_epsilon.png``: final accuracy against ε, one panel per kind of ε
+  (client-level for the federation; record-level, the largest institution's): the two
+  are different guarantees and never share an axis; one curve per clipping norm;
+* ``accuracy_vs_rounds.png``: test accuracy per round from round 0 (the initial
+  model), one curve per job, integer round ticks.
+
+Plots name only the swept parameters (those whose value differs between jobs) in
+their legends; the settings every job shares go in the title. Legends sit outside
+the axes so they never cover a curve.
 
 Jobs that did not finish (no ``summary.json``) are listed with their status, never
 silently dropped; jobs that failed or were refused (``fl-app simulate -m`` refuses a job
@@ -36,12 +42,19 @@ __all__ = [
     "JobResult",
     "collect_jobs",
     "curves_by_clip",
+    "epsilon_curves",
     "main",
+    "plot_figures",
+    "swept_keys",
     "unsuccessful_jobs",
     "write_report",
 ]
 
 _CLIP_KEYS = ("privacy.clip", "privacy.dpsgd.max_grad_norm")
+# Which override is "the clipping norm" on each ε panel.
+_LEVEL_CLIP_KEY = {"client": "privacy.clip", "record": "privacy.dpsgd.max_grad_norm"}
+# Beyond this many jobs a per-job legend is unreadable: it is left out and the title says so.
+_MAX_LEGEND_ENTRIES = 24
 
 
 @dataclass
@@ -63,6 +76,8 @@ class JobResult:
     # Why the job failed, was refused or lost rounds (summary.json ``status_reason``).
     status_reason: str | None = None
     accuracy_per_round: list[tuple[int, float]] = field(default_factory=list)
+    # Test accuracy of the initial model (round 0), when the server evaluated it.
+    initial_accuracy: float | None = None
 
     @property
     def privacy_epsilon(self) -> float | None:
@@ -123,6 +138,7 @@ def _job(job: Path) -> JobResult:
         seconds=_float(s.get("seconds")),
         stopped_early=s.get("stopped_early"),
         status_reason=s.get("status_reason"),
+        initial_accuracy=_float(s.get("initial_accuracy")),
     )
     metrics = job / "metrics.jsonl"
     if metrics.is_file():
@@ -225,49 +241,145 @@ def curves_by_clip(jobs: Sequence[JobResult]) -> dict[str, list[tuple[float, flo
     return {clip: sorted(points) for clip, points in sorted(by_clip.items())}
 
 
-def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
+def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
+    """Overrides whose value differs between jobs (a key some jobs lack counts as swept).
+
+    A setting passed to every job alike (``num_rounds=2``) is a constant of the sweep,
+    not a parameter of it: legends that list it make every label look different
+    only in its tail.
+    """
+    keys = sorted({k for j in jobs for k in j.overrides})
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+
+
+def _constants(jobs: Sequence[JobResult]) -> str:
+    swept = set(swept_keys(jobs))
+    shared = sorted({k for j in jobs for k in j.overrides} - swept)
+    return ", ".join(f"{k}={jobs[0].overrides[k]}" for k in shared) if jobs else ""
+
+
+def _label(job: JobResult, keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={job.overrides.get(k, '(default)')}" for k in keys) or "(one job)"
+
+
+def epsilon_curves(jobs: Sequence[JobResult], level: str) -> dict[str, list[tuple[float, float]]]:
+    """Accuracy against one kind of ε: one curve (sorted by ε) per clipping norm.
+
+    Parameters
+    ----------
+    jobs : sequence of JobResult
+        The sweep.
+    level : {"client", "record"}
+        ``client``: the federation's client-level ε, curves by ``privacy.clip``;
+        ``record``: the largest institution's record-level ε, curves by
+        ``privacy.dpsgd.max_grad_norm``. A job with both appears on both panels.
+
+    Returns
+    -------
+    dict
+        Curve label (``"C = <norm>"``, or ``"all jobs"`` when the norm is not swept)
+        to ``(epsilon, accuracy)`` points.
+    """
+    clip_key = _LEVEL_CLIP_KEY[level]
+    clip_swept = clip_key in swept_keys(jobs)
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for j in jobs:
+        eps = j.epsilon if level == "client" else j.record_level_epsilon
+        if eps is None or j.accuracy is None:
+            continue
+        name = f"C = {j.overrides.get(clip_key, '(default)')}" if clip_swept else "all jobs"
+        curves.setdefault(name, []).append((eps, j.accuracy))
+    return {name: sorted(points) for name, points in sorted(curves.items())}
+
+
+def plot_figures(jobs: Sequence[JobResult]) -> dict[str, Any]:
+    """Build the report's figures (matplotlib ``Figure`` by file name), unsaved."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+
+    constants = _constants(jobs)
+    subtitle = "\n".join(textwrap.wrap(f"fixed: {constants}", 90)) if constants else ""
+    figures: dict[str, Any] = {}
+
+    levels = [
+        (level, epsilon_curves(jobs, level), axis)
+        for level, axis in (
+            ("client", "client-level epsilon (federation)"),
+            ("record", "record-level epsilon (largest institution)"),
+        )
+    ]
+    panels = [p for p in levels if p[1]] or levels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    baseline = [j.accuracy for j in jobs if j.privacy_epsilon is None and j.accuracy is not None]
+    for ax, (level, curves, axis) in zip(axes[0], panels, strict=True):
+        for name, points in curves.items():
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+        if baseline:
+            ax.axhline(max(baseline), color="grey", linestyle="--", label="no DP")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("test accuracy")
+        if curves:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(plain)
+            low, high = ax.get_xlim()
+            # Label minor ticks only when there are too few major ones (under a decade).
+            ax.xaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
+        else:
+            ax.text(0.5, 0.5, "no job with DP", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{level}-level DP: accuracy vs epsilon", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            # Below the panel: each panel's own curves, never over them.
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
+    if subtitle:
+        fig.suptitle(subtitle, fontsize=8)
+    figures["accuracy_vs_epsilon.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    keys = swept_keys(jobs)
+    plotted = 0
+    for j in jobs:
+        points = list(j.accuracy_per_round)
+        if j.initial_accuracy is not None and not any(r == 0 for r, _ in points):
+            points.insert(0, (0, j.initial_accuracy))
+        if points:
+            rounds, acc = zip(*points, strict=True)
+            ax.plot(rounds, acc, label=_label(j, keys), linewidth=1, marker=".")
+            plotted += 1
+    ax.set_xlabel("round (0 = initial model)")
+    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(left=0)
+    title = "test accuracy per round"
+    if plotted > _MAX_LEGEND_ENTRIES:
+        title += f" ({plotted} jobs: legend left out, see report.md)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if 0 < plotted <= _MAX_LEGEND_ENTRIES:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
+    if subtitle:
+        fig.suptitle(subtitle, fontsize=8)
+    figures["accuracy_vs_rounds.png"] = fig
+    return figures
+
+
+def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    by_clip = curves_by_clip(jobs)
-    for clip, points in by_clip.items():
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"C = {clip}")
-    baseline = [j.accuracy for j in jobs if j.privacy_epsilon is None and j.accuracy is not None]
-    if baseline:
-        ax.axhline(max(baseline), color="grey", linestyle="--", label="no DP")
-    ax.set_xlabel("epsilon (client-level, else max record-level)")
-    ax.set_ylabel("test accuracy")
-    ax.set_xscale("log")
-    ax.set_title("privacy vs utility")
-    ax.grid(True, alpha=0.3)
-    if by_clip or baseline:
-        ax.legend()
-    path = out_dir / "accuracy_vs_epsilon.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j in jobs:
-        if j.accuracy_per_round:
-            rounds, acc = zip(*j.accuracy_per_round, strict=True)
-            ax.plot(rounds, acc, label=j.label(), linewidth=1)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy per round")
-    ax.grid(True, alpha=0.3)
-    if any(j.accuracy_per_round for j in jobs) and len(jobs) <= 12:
-        ax.legend(fontsize=6)
-    path = out_dir / "accuracy_vs_rounds.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    for name, fig in plot_figures(jobs).items():
+        path = out_dir / name
+        # bbox_inches="tight" grows the image to hold the legend outside the axes.
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 

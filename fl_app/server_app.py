@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,11 @@ def run_experiment(
         client_spec.dpsgd = dataclasses.replace(
             client_spec.dpsgd, state_dir=str(Path(rd.path).resolve() / "client-state")
         )
+    if client_spec.client_dp is not None and client_spec.client_dp.local_noise_multiplier:
+        # Local DP's release counts live there too (LocalDpStore), across restarts.
+        client_spec.client_dp = dataclasses.replace(
+            client_spec.client_dp, state_dir=str(Path(rd.path).resolve() / "client-state")
+        )
     spec = encode_spec(client_spec)
     steps_seen = StepsSeen()
     if plan is not None:
@@ -267,7 +272,10 @@ def run_experiment(
         evaluate_config={SPEC_KEY: spec},
         evaluate_fn=_server_evaluator(cfg),
         listeners=listeners,
-        node_config_fn=steps_seen.node_config if cfg.privacy.record_level else None,
+        node_config_fn=_node_config_fn(
+            steps_seen if cfg.privacy.record_level else None,
+            aggregator if isinstance(aggregator, LocalDp) else None,
+        ),
         aggregator=aggregator,
         round_begin_hooks=begin_hooks,
         release_hooks=[checkpoints.write_files],
@@ -579,6 +587,17 @@ class StepsSeen:
         from fl_app.privacy.state import STEPS_SEEN_KEY
 
         return {STEPS_SEEN_KEY: self.steps.get(node_id, 0)}
+
+
+def _node_config_fn(
+    steps_seen: StepsSeen | None, local_dp: LocalDp | None
+) -> Callable[[int], dict[str, int]] | None:
+    """Per-node instruction scalars: what the server has seen each site spend (DP-SGD
+    steps, local-DP releases), so a client whose state was lost refuses to restart."""
+    parts = [p.node_config for p in (steps_seen, local_dp) if p is not None]
+    if not parts:
+        return None
+    return lambda node_id: {k: v for part in parts for k, v in part(node_id).items()}
 
 
 def _record_level_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any]:

@@ -652,7 +652,17 @@ class DistributedDp(CentralDp):
 
 
 class LocalDp:
-    """Local DP: clients clip and noise; the server averages and counts releases."""
+    """Local DP: clients clip and noise; the server averages and counts releases.
+
+    The server's own guard is keyed by each site's stable identity, the partition id it
+    reports (``dp-partition-id``), never by the node id, which changes when a SuperNode
+    restarts (and between Ray actors): keyed by node id, a restarted client's releases
+    were split over two keys and ε under-reported. Every local-DP reply the server
+    receives is a release to it and is counted, also one it then rejects; it rejects a
+    reply whose own release count is below the server's (the site's state was lost or
+    reset) and one past the budget, and tells each node in its instruction how many
+    releases it has received from it, so a client whose state was lost refuses.
+    """
 
     def __init__(self, settings: ClientDpSettings, ledger: FederationLedger | None = None) -> None:
         if settings.mode is not PrivacyMode.local:
@@ -661,9 +671,20 @@ class LocalDp:
         self.ledger = ledger or FederationLedger(
             settings.delta, settings.accountant, local_noise_multiplier=settings.noise_multiplier
         )
+        # node id -> site key, learned from replies (a node's first reply of a run, or
+        # after a restart gave it a new id, finds the site's count under its key).
+        self.sites: dict[int, str] = {}
+        self._allowed = rounds_within_budget(settings) if settings.max_epsilon is not None else None
 
     def round_config(self, rnd: int) -> Mapping[str, Any]:
         return {CLIP_NORM_KEY: float(self.settings.clip)}
+
+    def node_config(self, node_id: int) -> dict[str, int]:
+        """The releases the server has received from ``node_id``'s site (0 if unknown)."""
+        from fl_app.privacy.state import LOCAL_RELEASES_SEEN_KEY
+
+        site = self.sites.get(node_id)
+        return {LOCAL_RELEASES_SEEN_KEY: dict(self.ledger.local).get(site, 0) if site else 0}
 
     def begin_round(self, rnd: int, population: int) -> str | None:
         return None
@@ -672,14 +693,52 @@ class LocalDp:
         eps = self.ledger.local_epsilons()
         return {"dp_local_epsilon_max": max(eps.values(), default=0.0)}
 
+    @staticmethod
+    def site_key(reply: TrainReply) -> str | None:
+        """The site's stable key: ``partition-<id>`` from its ``dp-partition-id``."""
+        pid = reply.metrics.get("dp-partition-id")
+        if pid is None or not math.isfinite(pid) or pid < 0 or pid != int(pid):
+            return None
+        return f"partition-{int(pid)}"
+
     def check_reply(self, reply: TrainReply) -> str | None:
-        # Nothing to check: the noise makes the norm unbounded, and the client's own
-        # ledger (its ``dp-local-epsilon`` metric) is what protects it.
+        # The noise makes the norm unbounded, so no norm check; the release is counted
+        # here, before any reason to reject it, because the server has received it.
+        site = self.site_key(reply)
+        if site is None:
+            self.ledger = self.ledger.add_local([f"node-{reply.node_id}"])
+            return "local DP reply without a valid dp-partition-id: its releases cannot be counted"
+        self.sites[reply.node_id] = site
+        before = dict(self.ledger.local).get(site, 0)
+        self.ledger = self.ledger.add_local([site])
+        claimed = reply.metrics.get("dp-local-releases", 0.0)
+        if claimed < before + 1:
+            return (
+                f"local DP: {site} counts {claimed:g} releases, the server has received "
+                f"{before + 1}: its privacy state was lost or reset"
+            )
+        if self._allowed is not None and before + 1 > self._allowed:
+            return (
+                f"local DP: {site} is past its budget (release {before + 1}, "
+                f"max_epsilon={self.settings.max_epsilon:g} allows {self._allowed})"
+            )
         return None
 
     @property
     def weighting(self) -> str:
         return "examples"
+
+    # Each reply is its client's own noised release, counted by the client and by
+    # check_reply: what the server then does with it is post-processing.
+    @property
+    def releases_every_round(self) -> bool:
+        return False
+
+    def note_cohort(self, rnd: int, cohort: Sequence[int]) -> None:
+        return None
+
+    def release_without_sum(self, rnd: int, like: Mapping[str, np.ndarray]) -> Aggregate | None:
+        return None
 
     def aggregate_sum(
         self,
@@ -696,9 +755,8 @@ class LocalDp:
         )
 
     def aggregate(self, rnd: int, replies: Sequence[TrainReply]) -> Aggregate:
-        # The server's count covers the replies it accepted; a client counts every
-        # release it sends (before sending), so its own dp-local-epsilon is authoritative.
-        self.ledger = self.ledger.add_local([str(r.node_id) for r in replies])
+        # Releases were counted by check_reply (accepted or not). Clients weigh 1 each:
+        # a local-DP client sends no example count (it would not be noised).
         mean = weighted_mean_update(replies)
         return Aggregate(mean.update, mean.total_weight, {"dp_local_releases": len(replies)})
 

@@ -237,8 +237,13 @@ def _aggregators() -> list[Any]:
 @pytest.mark.parametrize("agg", _aggregators(), ids=lambda a: type(a).__name__)
 def test_every_aggregator_keeps_the_contract(agg: Any) -> None:
     update = {"w": np.ones((2, 3), np.float32), "s": np.array(0.5, np.float32)}
-    replies = [_reply(n, update, **{UNCLIPPED_KEY: 1.0}) for n in range(3)]
     for rnd in (1, 2):
+        # Local DP's guard is keyed by the site's partition id and checks its count.
+        local = {"dp-local-releases": float(rnd)} if isinstance(agg, LocalDp) else {}
+        replies = [
+            _reply(n, update, **{UNCLIPPED_KEY: 1.0, "dp-partition-id": float(n), **local})
+            for n in range(3)
+        ]
         assert isinstance(agg.round_config(rnd), dict)
         assert agg.begin_round(rnd, 1000) is None
         assert all(agg.check_reply(r) is None for r in replies)

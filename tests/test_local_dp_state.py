@@ -1,0 +1,228 @@
+"""Local DP's budget does not rewind: the release count is persisted per site before the
+release (fl_app.privacy.state.LocalDpStore), survives a restarted client and a resumed
+server, and the server counts releases per site (partition id), not per node id.
+
+ε is recomputed here from a count of the releases that reached the server, with
+dp-accounting directly: one local-DP release is a Gaussian mechanism of sensitivity 2C
+with noise z*C, i.e. GaussianDpEvent(z / 2), composed over the site's releases.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from flwr.app import Context, Message, RecordDict
+
+from fl_app.client_app import app as client_app
+from fl_app.config.compose import compose_config
+from fl_app.privacy.state import LocalDpState, LocalDpStore, PrivacyStateError
+from fl_app.server_app import run_experiment
+from fl_app.testing import InProcessGrid
+from strategies.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
+
+Z = 4.0
+DELTA = 1e-5
+# With z = 4: 3 releases give epsilon ~3.71, 4 give ~4.38 (checked below, independently).
+BUDGET = 3.8
+ALLOWED = 3
+
+
+def _pld_epsilon(releases: int) -> float:
+    ref = PLDAccountant()
+    ref.compose(dp_accounting.GaussianDpEvent(Z / 2), releases)
+    return float(ref.get_epsilon(DELTA))
+
+
+def test_budget_allows_exactly_three_releases() -> None:
+    assert _pld_epsilon(ALLOWED) <= BUDGET < _pld_epsilon(ALLOWED + 1)
+
+
+# ------------------------------------------------------------------ the state file
+def _context(partition: int = 0) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def test_store_survives_a_restart_and_refuses_a_rewind(tmp_path: Path) -> None:
+    ctx = _context()
+    store = LocalDpStore(ctx, tmp_path, "run1", 0)
+    assert store.load(Z) == LocalDpState(0, Z)  # fresh: nothing released yet
+    store.save(LocalDpState(2, Z))
+    assert json.loads(store.path.read_text())["releases"] == 2
+    # A restarted SuperNode: empty Context.state, the file on disk is the truth.
+    restarted = LocalDpStore(_context(), tmp_path, "run1", 0)
+    assert restarted.load(Z, releases_seen_by_server=2).releases == 2
+    # The server has received more releases from this site than the file records.
+    with pytest.raises(PrivacyStateError, match="lost or replaced"):
+        restarted.load(Z, releases_seen_by_server=3)
+    # Same run key, other noise: the count cannot be composed with the new z.
+    with pytest.raises(PrivacyStateError, match="noise multiplier"):
+        restarted.load(Z / 2)
+    # The file vanishes while this node remembers releasing: refuse, never restart at 0.
+    store.path.unlink()
+    with pytest.raises(PrivacyStateError, match="missing"):
+        store.load(Z)
+    # A file that disagrees with the node's memory, or is not a local-DP state.
+    store.path.write_text(LocalDpState(1, Z).to_json())
+    with pytest.raises(PrivacyStateError, match="disagrees"):
+        store.load(Z)
+    bad = {"version": 1, "kind": "local-dp", "releases": -1, "noise_multiplier": 4}
+    store.path.write_text(json.dumps(bad))
+    with pytest.raises(PrivacyStateError, match="releases"):
+        LocalDpStore(_context(), tmp_path, "run1", 0).load(Z)
+    with pytest.raises(PrivacyStateError, match="safe"):
+        LocalDpStore(ctx, tmp_path, "../x", 0)
+
+
+# ------------------------------------------------- restart + resume, end to end
+def _cfg(*extra: str):
+    return compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "privacy=local",
+            f"privacy.noise_multiplier={Z}",
+            f"privacy.max_epsilon={BUDGET}",
+            "num_rounds=6",
+            "dataset.num_partitions=3",
+            "train.local_epochs=1",
+            "server_eval=false",
+            *extra,
+        ],
+    )
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfter:
+    """Listener that stops the server after a round (its checkpoint is sealed)."""
+
+    def __init__(self, rnd: int) -> None:
+        self.rnd = rnd
+
+    def on_round_end(self, report: Any, arrays: Any) -> None:
+        if report.server_round == self.rnd:
+            raise _Killed(f"server killed after round {self.rnd}")
+
+
+def _counting_grid(seed: int, releases: Counter[int], refusals: list[tuple[int, int]]):
+    """A fresh fleet (new node ids, empty Context.state: restarted SuperNodes) whose
+    released updates are counted per partition as they leave the clients."""
+    grid: InProcessGrid
+
+    def hook(node: int, reply: Message) -> Message:
+        pid = int(grid.context(node).node_config["partition-id"])
+        if reply.has_error():
+            refusals.append((pid, int(reply.error.code)))
+        elif UPDATE_KEY in reply.content:
+            releases[pid] += 1
+        return reply
+
+    grid = InProcessGrid(client_app, 3, seed=seed, message_hook=hook)
+    return grid
+
+
+def _resume(
+    run_dir: Path, releases: Counter[int], refusals: list[tuple[int, int]]
+) -> tuple[dict, list[int]]:
+    grid = _counting_grid(1, releases, refusals)
+    try:
+        summary = run_experiment(grid, _cfg(f"resume={run_dir}"), run_dir, progress=False)
+        return summary, grid.node_ids
+    finally:
+        grid.close()
+
+
+def _first_two_rounds(run_dir: Path, releases: Counter[int], refusals: list[tuple[int, int]]):
+    grid = _counting_grid(0, releases, refusals)
+    try:
+        with pytest.raises(_Killed):
+            run_experiment(grid, _cfg(), run_dir, extra_listeners=(_KillAfter(2),), progress=False)
+        return grid.node_ids
+    finally:
+        grid.close()
+
+
+def test_restarted_clients_and_resumed_server_never_pass_the_budget(tmp_path: Path) -> None:
+    releases: Counter[int] = Counter()
+    refusals: list[tuple[int, int]] = []
+    first_nodes = _first_two_rounds(tmp_path, releases, refusals)
+    assert releases == {0: 2, 1: 2, 2: 2}
+    # Restarted SuperNodes (new node ids, nothing in memory) and a resumed server.
+    summary, second_nodes = _resume(tmp_path, releases, refusals)
+    assert not set(first_nodes) & set(second_nodes)
+    # Each site released exactly its budget's worth, then refused on its own state.
+    assert releases == {0: ALLOWED, 1: ALLOWED, 2: ALLOWED}
+    assert sorted(refusals) == [(p, BUDGET_EXHAUSTED) for p in range(3)]
+    assert "budget" in (summary["stopped_early"] or "")
+    # summary.json's epsilon is the independent recount's, within the budget.
+    want = max(_pld_epsilon(n) for n in releases.values())
+    assert summary["privacy"]["epsilon"] == pytest.approx(want, rel=1e-3)
+    assert summary["privacy"]["epsilon"] <= BUDGET
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["privacy"]["epsilon"] == pytest.approx(want, rel=1e-3)
+    # The server's own count is per site, whatever node id served it.
+    assert on_disk["privacy"]["client_level"]["releases"] == {
+        f"partition-{p}": ALLOWED for p in range(3)
+    }
+
+
+def test_a_site_that_lost_its_state_is_counted_and_then_stopped(tmp_path: Path) -> None:
+    releases: Counter[int] = Counter()
+    refusals: list[tuple[int, int]] = []
+    _first_two_rounds(tmp_path, releases, refusals)
+    lost = next((tmp_path / "client-state").glob("localdp-*-partition-2.json"))
+    lost.unlink()  # site 2 loses its disk while restarting: its own count starts at 0
+    summary, _ = _resume(tmp_path, releases, refusals)
+    # Its next update is a release the server receives and counts (3rd for site 2),
+    # rejected as a reset; the next instruction carries the server's count, and the
+    # site refuses instead of releasing a 4th time.
+    assert releases == {0: ALLOWED, 1: ALLOWED, 2: ALLOWED}
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    round3 = next(line for line in lines if line["round"] == 3)
+    assert any("lost or reset" in r["reason"] for r in round3["rejections"])
+    assert any(p == 2 and code != BUDGET_EXHAUSTED for p, code in refusals)
+    want = max(_pld_epsilon(n) for n in releases.values())
+    assert summary["privacy"]["epsilon"] == pytest.approx(want, rel=1e-3)
+    assert summary["privacy"]["client_level"]["releases"]["partition-2"] == ALLOWED
+
+
+def test_client_without_a_state_directory_refuses() -> None:
+    from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
+    from fl_app.server_app import initial_arrays
+    from fl_app.weights import to_array_record
+
+    cfg = _cfg()
+    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=Z))
+    grid = InProcessGrid(client_app, 3, seed=0)
+    try:
+        content = RecordDict(
+            {
+                "arrays": to_array_record(initial_arrays(cfg)),
+                "config": _config_record(encode_spec(spec)),
+            }
+        )
+        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="train")
+        reply = next(iter(grid.send_and_receive([msg])))
+    finally:
+        grid.close()
+    assert reply.has_error() and "dp-state-dir" in reply.error.reason
+
+
+def _config_record(spec: str):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"fl-app.spec": spec, "server-round": 1, "fl-app.clip-norm": 1.0})
