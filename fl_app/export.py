@@ -6,7 +6,9 @@
     mechanism and threat model, z, C, sampling, rounds, ε, δ, accountant, seed, config
     hash, code version, and what the release does *not* protect), and ``MANIFEST.json``
     (each file's SHA-256, the tier, the source run's config hash, export time, code
-    version).
+    version). The config hash published (card, manifest, model metadata) is keyed by
+    the run's secret salt (:func:`fl_app.rundir.published_config_hash`): an unsalted
+    hash of a config whose other fields are on the card lets anyone search for its seed.
 ``restricted``
     Adds ``metrics.jsonl`` reduced to per-round aggregate scalars (no per-client entry,
     nothing keyed by or naming a node), ``privacy_ledger.json`` (client-level DP; local-DP
@@ -27,6 +29,9 @@ claims DP but its evidence is missing or inconsistent (client-level: ledger miss
 unparsable, or its ε differs from the summary's; record-level: no ε reported), or the
 output directory is not empty (without ``overwrite``). A run without any DP exports,
 but its card says prominently that the model carries no differential-privacy guarantee.
+A public export of a run marked "not for release" (DP noise or the sampling its ε
+relies on drawn from generators seeded by the config, ``privacy.secure_mode=false``)
+is refused; its restricted export says "not for release" and why on the card.
 
 Trust assumptions: the run directory was written by fl-app and is checked for internal
 consistency (hashes, ledger, audit chain), not against an attacker who can rewrite all
@@ -652,6 +657,20 @@ def _training_section(cfg: AppConfig, summary: Mapping[str, Any]) -> dict[str, A
     }
 
 
+def _sampling_caveat(cfg: AppConfig) -> str:
+    if not cfg.privacy.secure_mode:
+        return (
+            "Client sampling was drawn from a generator seeded by the run's config; the "
+            "accountant's amplification by sampling assumes the cohorts are secret from "
+            "whoever the guarantee is stated against."
+        )
+    return (
+        "Client sampling was drawn by the server from a keystream under its own secret "
+        "key: the cohorts are secret from outsiders, not from the server, which picks and "
+        "messages them; the amplification by sampling in epsilon holds against outsiders."
+    )
+
+
 def _central_noise_seeded(cfg: AppConfig) -> bool:
     return cfg.privacy.mode is PrivacyMode.central and not cfg.privacy.secure_mode
 
@@ -804,11 +823,7 @@ def _not_protected(cfg: AppConfig) -> list[str]:
                 "with privacy.secure_mode=true for a public release."
             )
         if cfg.strategy.fraction_train < 1:
-            items.append(
-                "Client sampling was drawn from a generator seeded by the run's config; the "
-                "accountant's amplification by sampling assumes the cohorts are secret from "
-                "whoever the guarantee is stated against."
-            )
+            items.append(_sampling_caveat(cfg))
     if p.mode is PrivacyMode.distributed:
         items.append(
             "Clients that colluded with the server know their own noise shares and can "
@@ -816,11 +831,7 @@ def _not_protected(cfg: AppConfig) -> list[str]:
             "surviving clients were honest."
         )
         if cfg.strategy.fraction_train < 1:
-            items.append(
-                "Client sampling was drawn from a generator seeded by the run's config; the "
-                "accountant's amplification by sampling assumes the cohorts are secret from "
-                "whoever the guarantee is stated against."
-            )
+            items.append(_sampling_caveat(cfg))
     if p.mode is PrivacyMode.local:
         items.append(
             "Who took part in which round is visible to the server (local DP has no "
@@ -868,7 +879,10 @@ def _build_card(
     tier: Tier,
     parameter_count: int,
     exporter_version: str,
+    published_hash: str | None,
 ) -> dict[str, Any]:
+    from fl_app.privacy.noise import release_status
+
     p = cfg.privacy
     dp = evidence.client_level or evidence.record_level
     privacy: dict[str, Any] = {
@@ -891,7 +905,11 @@ def _build_card(
     }
     seeded = _central_noise_seeded(cfg) or _record_noise_seeded(cfg)
     reproducibility: dict[str, Any] = {
-        "config_hash": summary["config_hash"],
+        "config_hash": published_hash,
+        "config_hash_is": _PUBLISHED_HASH_NOTE
+        if published_hash is not None
+        else "withheld: the run directory holds no config-hash salt (a run from before "
+        "salted hashes); an unsalted hash would let anyone search for the seed",
         "code_version": summary["code_version"],
         "exported_with": exporter_version,
     }
@@ -915,6 +933,7 @@ def _build_card(
     return {
         "card_version": CARD_VERSION,
         "tier": tier.value,
+        "release": release_status(cfg),
         "experiment_name": summary.get("experiment_name"),
         "task": {
             "type": "image classification",
@@ -931,6 +950,28 @@ def _build_card(
         "not_protected": _not_protected(cfg),
         "reproducibility": reproducibility,
     }
+
+
+_PUBLISHED_HASH_NOTE = (
+    "HMAC-SHA256 of the run's config hash under a secret per-run salt kept in the run "
+    "directory (run.json): whoever holds the run can show which config produced this "
+    "model; nobody else can test guessed configs (e.g. seeds) against it"
+)
+
+
+def _published_hash(manifest_run: Mapping[str, Any], config_hash: str) -> str | None:
+    """The salted config hash to publish, or None when the run has no salt."""
+    from fl_app.rundir import CONFIG_HASH_SALT, published_config_hash
+
+    salt = manifest_run.get(CONFIG_HASH_SALT)
+    if not isinstance(salt, str):
+        return None
+    try:
+        return published_config_hash(config_hash, salt)
+    except ValueError:
+        raise ExportRefused(
+            f"run.json: {CONFIG_HASH_SALT} is not 64 hex digits", _RUN_FIX
+        ) from None
 
 
 def _fmt(value: Any) -> str:
@@ -957,6 +998,10 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
     priv = card["privacy"]
     title = card.get("experiment_name") or "fl-app model"
     out = [f"# Model card: {title}", ""]
+    release = card.get("release") or {}
+    if release.get("for_release") is False:
+        why = "; ".join(release.get("reasons") or [])
+        out += [f"> **{str(release.get('status', '')).upper()}: {why}**", ""]
     if not priv["differential_privacy"]:
         out += [f"> **WARNING: {priv['guarantee']}**", ""]
     else:
@@ -1079,6 +1124,18 @@ def _leak_guard(outputs: Mapping[str, bytes], node_ids: set[str]) -> None:
                 )
 
 
+def _secret_guard(outputs: Mapping[str, bytes], config_hash: str, salt: Any) -> None:
+    """Refuse output holding the unsalted config hash or the salt (an export bug)."""
+    secrets = [config_hash, *([salt] if isinstance(salt, str) and salt else [])]
+    for name, data in outputs.items():
+        for secret in secrets:
+            if secret[:16].encode() in data:
+                raise RuntimeError(
+                    f"export bug: {name} would contain the unsalted config hash or its "
+                    "salt; nothing was written"
+                )
+
+
 def _jsonb(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
@@ -1118,7 +1175,8 @@ def export_run(
         For an unknown ``tier``.
     """
     from fl_app.audit import AuditError, AuditLog
-    from fl_app.rundir import code_version
+    from fl_app.privacy.noise import release_status
+    from fl_app.rundir import CONFIG_HASH_SALT, code_version
     from fl_app.weights import load_safetensors, save_safetensors, weights_digest
 
     try:
@@ -1175,15 +1233,21 @@ def export_run(
                 else ""
             )
         )
-    if tier is Tier.public and (_central_noise_seeded(cfg) or _record_noise_seeded(cfg)):
-        warnings.append(
-            "the DP noise was seeded from the run's config (privacy.secure_mode=false): the "
-            "seed is withheld from the public card, but rerun with privacy.secure_mode=true "
-            "for a public release"
+    release = release_status(cfg)
+    if tier is Tier.public and not release["for_release"]:
+        reasons = list(release["reasons"])
+        raise ExportRefused(
+            "the run is marked 'not for release' (privacy.secure_mode=false): "
+            + "; ".join(reasons[:-1]),
+            "rerun with privacy.secure_mode=true (the default) for a public release; "
+            "`--tier restricted` exports this run for internal use, marked not for release",
         )
+    if not release["for_release"]:
+        warnings.append("the run is marked NOT FOR RELEASE (seeded randomness); see its card")
+    published_hash = _published_hash(manifest_run, summary["config_hash"])
 
     exporter_version = code_version()
-    card = _build_card(cfg, summary, evidence, tier, n_params, exporter_version)
+    card = _build_card(cfg, summary, evidence, tier, n_params, exporter_version, published_hash)
     outputs: dict[str, bytes] = {
         CARD_JSON: _jsonb(card),
         CARD_MD: render_card_markdown(card).encode(),
@@ -1195,6 +1259,7 @@ def export_run(
         if evidence.record_level:
             outputs[RECORD_LEVEL_FILE] = _record_level_table(summary)
     _leak_guard(outputs, node_ids)
+    _secret_guard(outputs, summary["config_hash"], manifest_run.get(CONFIG_HASH_SALT))
 
     # Open (verify + lock) the audit log before touching --out, so a log that cannot take
     # the export record stops the export before any file is replaced or written.
@@ -1214,7 +1279,7 @@ def export_run(
         meta = {
             "format": "fl-app-export",
             "tier": tier.value,
-            "config_hash": summary["config_hash"],
+            "config_hash": published_hash or "withheld",
             "code_version": summary["code_version"],
             "rounds": str(summary["rounds"]),
             "weights_sha256": summary["weights_sha256"],
@@ -1232,7 +1297,7 @@ def export_run(
             "tier": tier.value,
             "files": dict(sorted(files.items())),
             "source": {
-                "config_hash": summary["config_hash"],
+                "config_hash": published_hash,
                 "code_version": summary["code_version"],
                 "model_sha256": summary["model_sha256"],
                 "weights_sha256": summary["weights_sha256"],

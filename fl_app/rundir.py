@@ -1,7 +1,8 @@
 """What a run leaves in its directory, written as the run goes.
 
 ``config.yaml``      the resolved, validated config
-``run.json``         manifest: config hash, seed, code version, start time, status
+``run.json``         manifest: config hash, seed, code version, start time, status, and
+                     the secret salt of the published config hash (never exported)
 ``metrics.jsonl``    one JSON object per round (appended and flushed every round)
 ``model.safetensors`` the final global model (safetensors, never pickle)
 ``summary.json``     final centralised test accuracy/loss, rounds, seconds, privacy spent
@@ -16,6 +17,8 @@ the resume in ``run.json``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -42,6 +45,7 @@ __all__ = [
     "ProgressPrinter",
     "RunDirectory",
     "code_version",
+    "published_config_hash",
     "read_round_records",
     "run_outcome",
 ]
@@ -135,6 +139,27 @@ def run_outcome(records: Sequence[Mapping[str, Any]], stopped_early: str | None)
     return out
 
 
+# run.json key of the per-run secret that keys the published config hash.
+CONFIG_HASH_SALT = "config_hash_salt"
+
+
+def published_config_hash(config_hash: str, salt_hex: str) -> str:
+    """The config hash a model card and export manifest publish: HMAC-SHA256 of the
+    run's config hash under the run's secret salt (``run.json``).
+
+    The plain SHA-256 of the config is a test for guesses: with the rest of the config
+    on the card, anyone could try seeds until one hashes to it (done in under a minute
+    by a review), then regenerate seeded noise. Keyed by 256 secret bits, the published
+    value matches no guessed config, while the run's holder can still show which
+    config produced a model (config.yaml + run.json recompute it).
+    """
+    salt = bytes.fromhex(salt_hex)
+    if len(salt) != 32:
+        raise ValueError(f"{CONFIG_HASH_SALT} must be 32 bytes (64 hex digits)")
+    msg = b"fl-app published config hash v1\x00" + config_hash.encode()
+    return hmac.new(salt, msg, hashlib.sha256).hexdigest()
+
+
 def code_version() -> str:
     """Package version plus the git commit of the source tree when there is one."""
     from importlib.metadata import PackageNotFoundError, version
@@ -190,6 +215,8 @@ class RunDirectory:
             "python": sys.version.split()[0],
             "started_at": datetime.now(timezone.utc).isoformat(),
             "status": "running",
+            # Secret: keys the published config hash (kept by resume; never exported).
+            CONFIG_HASH_SALT: os.urandom(32).hex(),
         }
 
     @property

@@ -44,6 +44,7 @@ from fl_app.config.compose import compose_config, parse_overrides
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
 from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.noise import release_status
 from fl_app.rundir import (
     AuditTrail,
     MetricsWriter,
@@ -667,6 +668,8 @@ def _summary(
         },
         "secure_aggregation": cfg.secagg.mode.value,
         "bandwidth": _bandwidth_summary(cfg, result),
+        # "not for release" (and why) when a guarantee rests on seeded randomness.
+        "release": release_status(cfg),
     }
 
 

@@ -37,6 +37,7 @@ from fl_app.export import (
 )
 from fl_app.models import build_model
 from fl_app.privacy.ledger import FederationLedger
+from fl_app.rundir import published_config_hash
 from fl_app.server_app import run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.training import evaluate
@@ -164,7 +165,12 @@ def test_public_export_round_trip_reproduces_the_reported_accuracy(
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     assert manifest["tier"] == "public"
-    assert manifest["source"]["config_hash"] == run.summary["config_hash"]
+    # Published: keyed by the run's secret salt, never the searchable plain hash.
+    published = published_config_hash(
+        run.summary["config_hash"],
+        json.loads((run.path / "run.json").read_text())["config_hash_salt"],
+    )
+    assert manifest["source"]["config_hash"] == published != run.summary["config_hash"]
     assert manifest["code_version"] and manifest["exported_at"]
 
     card = json.loads((out / "model_card.json").read_text())
@@ -175,10 +181,12 @@ def test_public_export_round_trip_reproduces_the_reported_accuracy(
     assert (cl["noise_multiplier_z"], cl["clip_C"], cl["accountant"]) == (1.0, 1.0, "pld")
     assert cl["rounds_accounted"] == 2 and cl["sample_rate_q"] == 1.0
     assert card["evaluation"]["test_accuracy"] == run.summary["accuracy"]
-    assert card["reproducibility"]["config_hash"] == run.summary["config_hash"]
-    # Seeded central noise: the public card withholds the seed that would remove it.
-    assert card["reproducibility"]["seed"] is None
-    assert any("seeded" in item for item in card["not_protected"])
+    assert card["reproducibility"]["config_hash"] == published
+    assert meta["config_hash"] == published
+    # CSPRNG central noise (the default): releasable, and the seed removes nothing.
+    assert card["release"] == {"for_release": True, "status": "for release", "reasons": []}
+    assert card["reproducibility"]["seed"] == 42
+    assert not any("seeded" in item for item in card["not_protected"])
     assert any("server saw every client" in item for item in card["not_protected"])
     md = (out / "model_card.md").read_text()
     assert "What is NOT protected" in md and f"{priv['epsilon']:.6g}" in md

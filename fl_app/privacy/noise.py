@@ -26,12 +26,25 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-__all__ = ["NoiseSource", "SecureNoise", "SeededNoise", "noise_source"]
+if TYPE_CHECKING:
+    from fl_app.config.schema import AppConfig
+
+__all__ = [
+    "NOT_FOR_RELEASE",
+    "NoiseSource",
+    "SecureNoise",
+    "SeededNoise",
+    "noise_source",
+    "release_status",
+    "seeded_randomness",
+]
+
+NOT_FOR_RELEASE = "not for release"
 
 _TWO_PI = 2.0 * math.pi
 _INV_2_53 = 1.0 / float(1 << 53)
@@ -139,3 +152,56 @@ def uniform_from_words(words: np.ndarray) -> np.ndarray:
 def noise_source(secure: bool, seed: int, stream: Sequence[int] = ()) -> NoiseSource:
     """A :class:`SecureNoise` if ``secure`` else a :class:`SeededNoise` for ``(seed, *stream)``."""
     return SecureNoise() if secure else SeededNoise(seed, stream)
+
+
+def seeded_randomness(cfg: AppConfig) -> list[str]:
+    """Why a run's DP guarantee fails against whoever knows the seed (empty: it does not).
+
+    With ``privacy.secure_mode=false`` (the opt-in for reproducible experiments) the
+    draws below come from generators seeded by the config; a run with any of them is
+    "not for release": ``summary.json`` and the model card say so, and a public export
+    is refused. Local DP's and distributed DP's noise and the rounding under secure
+    aggregation are drawn in the clients from OS-keyed keystreams in every mode.
+    """
+    p = cfg.privacy
+    if p.secure_mode:
+        return []
+    mode = p.mode.value
+    reasons: list[str] = []
+    if mode == "central":
+        reasons.append(
+            "central DP noise was drawn from a generator seeded by the config: whoever "
+            "knows or guesses the seed can regenerate and subtract it"
+        )
+    if p.record_level:
+        reasons.append(
+            "DP-SGD noise and record batches were drawn from generators seeded by the "
+            "config, round and partition: the server can regenerate every client's noise"
+        )
+    sampled = cfg.strategy.sampling.value == "poisson" or cfg.strategy.fraction_train < 1
+    if mode in ("central", "distributed") and sampled:
+        reasons.append(
+            "client sampling was seeded by the config: epsilon's amplification by sampling "
+            "assumes cohorts nobody can recompute"
+        )
+    return reasons
+
+
+def release_status(cfg: AppConfig) -> dict[str, Any]:
+    """The ``release`` entry of ``summary.json`` and the model card.
+
+    ``{"for_release": bool, "status": "for release" | "not for release", "reasons":
+    [...]}``: ``reasons`` lists :func:`seeded_randomness` and the fix.
+    """
+    reasons = seeded_randomness(cfg)
+    if not reasons:
+        return {"for_release": True, "status": "for release", "reasons": []}
+    return {
+        "for_release": False,
+        "status": NOT_FOR_RELEASE,
+        "reasons": [
+            *reasons,
+            "privacy.secure_mode=false (seeded, reproducible randomness) was chosen for "
+            "this run; rerun with privacy.secure_mode=true (the default) to release a model",
+        ],
+    }
