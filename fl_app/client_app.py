@@ -63,7 +63,6 @@ from strategies.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
     PROXIMAL_MU,
-    PUBLIC_METRIC_PREFIX,
     SECAGG_STAGE_KEY,
     SERVER_ROUND,
     SPEC_KEY,
@@ -249,14 +248,15 @@ def handle_train(msg: Message, context: Context) -> Message:
     try:
         stage = secagg_stage(msg)
         if stage is not None and stage != 3:
-            return handle_key_stage(msg, context, stage)
+            # The site's policy also sets its secure-aggregation floor (safe defaults).
+            return handle_key_stage(msg, context, stage, _site_policy(context))
     except SecAggStageError as err:
-        raise ClientRefusal(f"secure aggregation: {err}") from err
+        raise _secagg_refusal(err) from err
     try:
         policy = _site_policy(context)
-        secure = MaskedInputStage.from_instruction(msg, context) if stage == 3 else None
+        secure = MaskedInputStage.from_instruction(msg, context, policy) if stage == 3 else None
     except SecAggStageError as err:
-        raise ClientRefusal(f"secure aggregation: {err}") from err
+        raise _secagg_refusal(err) from err
     except ClientRefusal:
         if stage == 3:
             wipe_state(context)
@@ -271,6 +271,14 @@ def handle_train(msg: Message, context: Context) -> Message:
     except BaseException:
         wipe_state(context)  # the round is over for this client: no secret outlives it
         raise
+
+
+def _secagg_refusal(err: Exception) -> ClientRefusal:
+    """A secure-aggregation refusal; one resting on a site-policy field names it."""
+    field = getattr(err, "field", None)
+    if field is not None:
+        return PolicyRefusal(PolicyViolation(field, f"secure aggregation: {err}"))
+    return ClientRefusal(f"secure aggregation: {err}")
 
 
 def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None) -> Message:
@@ -345,6 +353,7 @@ def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | Non
         # and nothing can hide a number from it here (no secure aggregation). The loss,
         # accuracy and example count are left out; every client weighs the same (1).
         plain: dict[str, float] = {NUM_EXAMPLES: 1}
+        dp_metrics = _hidden_mode_public(dp_metrics)
     else:
         plain = {
             NUM_EXAMPLES: int(stats.num_examples),
@@ -429,8 +438,8 @@ def _secure_train(
             mask=mask,
         ),
     )
-    # Record-level DP-SGD's public metrics (ε spent, steps, q, z) stay in plaintext.
-    public = {k: v for k, v in dp_metrics.items() if k.startswith(PUBLIC_METRIC_PREFIX)}
+    # Only the public numbers the protocol needs stay in plaintext (record-level ε, rounds).
+    public = _hidden_mode_public(dp_metrics)
     return cast(Message, secure.reply(msg, result.update["masked"], public))
 
 
@@ -552,6 +561,7 @@ def _prepare_dpsgd(
     )
     from fl_app.privacy.dpsgd import DpSgdSettings, GradSampleMode, planned_steps, train_dpsgd
     from fl_app.privacy.state import (
+        ROUNDS_SEEN_KEY,
         STEPS_SEEN_KEY,
         ClientPrivacyState,
         DpSgdState,
@@ -566,14 +576,21 @@ def _prepare_dpsgd(
             "DP-SGD needs a state directory: start the SuperNode with --node-config "
             '"dp-state-dir=/path" (or set privacy.dpsgd.state_dir)'
         )
+    steps, q = planned_steps(len(data.train), spec.train.batch_size, spec.train.local_epochs)
+    # What the server saw this client spend: steps (where it may see them) or rounds
+    # trained (under secure aggregation and local DP, which hide the steps); every round
+    # takes the same planned steps, so rounds * steps is a lower bound on the history.
     seen = config.get(STEPS_SEEN_KEY, 0)
+    rounds_seen = config.get(ROUNDS_SEEN_KEY, 0)
+    for key, value in ((STEPS_SEEN_KEY, seen), (ROUNDS_SEEN_KEY, rounds_seen)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ClientRefusal(f"'{key}' must be an integer >= 0, got {value!r}")
     try:
         store = ClientPrivacyState(context, str(state_dir), spec.run_key, pid)
-        state = store.load(steps_seen_by_server=int(seen))
+        state = store.load(steps_seen_by_server=max(seen, rounds_seen * steps))
     except PrivacyStateError as err:
         raise ClientRefusal(f"privacy state: {err}") from err
     accountant = AccountantName(dp.accountant.value)
-    steps, q = planned_steps(len(data.train), spec.train.batch_size, spec.train.local_epochs)
     z = state.noise_multiplier
     try:
         if z is None:
@@ -618,11 +635,33 @@ def _prepare_dpsgd(
         "dp-epsilon": float(eps_after),
         "dp-delta": float(dp.delta),
         "dp-steps": int(new_state.history.total_steps),
+        "dp-rounds": int(new_state.history.total_steps // steps),
         "dp-sample-rate": float(q),
         "dp-noise-multiplier": float(z),
         "dp-partition-id": int(pid),
     }
     return run, metrics
+
+
+# What a client tells a server that the threat model keeps from its data (secure
+# aggregation, local DP): numbers the protocol needs, listed as public in the README and
+# the model card. DP-SGD's steps, sample rate and calibrated z are left out: each gives
+# the site's record count to within a batch. ε is kept (the per-institution guarantee
+# the run reports); it too is a function of the record count, which the README says.
+HIDDEN_MODE_PUBLIC_METRICS = frozenset(
+    {
+        "dp-epsilon",
+        "dp-delta",
+        "dp-rounds",
+        "dp-partition-id",
+        "dp-local-epsilon",
+        "dp-local-releases",
+    }
+)
+
+
+def _hidden_mode_public(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in HIDDEN_MODE_PUBLIC_METRICS}
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

@@ -31,11 +31,27 @@ at stage 3 with the session stage 2 saved.
 
 Between stages the client's :class:`~fl_app.secagg.ClientSession` lives in
 ``Context.state[STATE_KEY]`` (a ConfigRecord of bytes: keys, self-mask seed, shares).
-That state holds secrets: it is deleted after stage 4, whenever stage 1 or 2 of a new
-round arrives, and whenever a stage fails. Only secrets of rounds that have not happened
-yet outlive a round: the store of future rounds' private keys and, under share-ahead,
-the next round's session from its stage 2 on. None ever reaches a log or a checkpoint
-(Flower keeps ``Context.state`` in the SuperNode's memory).
+That state holds secrets: ``b_u``, ``s_sk_u`` and ``c_sk_u`` leave it as soon as the
+masked input is built (stage 3), the shares it holds for its neighbours after stage 4;
+the whole state is deleted whenever stage 1 or 2 of a new round arrives and whenever a
+stage fails. Only secrets of rounds that have not happened yet outlive a round: the
+store of future rounds' private keys and, under share-ahead, the next round's session
+from its stage 2 on. None ever reaches a log or a checkpoint (Flower keeps
+``Context.state`` in the SuperNode's memory).
+
+The client decides its own safety parameters (ARCHITECTURE §2a): the round's
+``(k, t)``, fractions and bits are checked at stage 2 against the site's floor
+(:class:`~fl_app.site_policy.SitePolicy`, safe defaults without a policy file),
+distributed DP's ``n_min`` and noise at stage 3, and at stage 4 the survivor and
+dropout lists against the cohort received at stage 2 (ids outside it, duplicates and
+neighbours that never shared are refused) and the survivors counted against the
+client's own floor. A refusal by the policy carries the field it names
+(:attr:`SecAggStageError.field`).
+
+Round monotonicity: ``Context.state[PROGRESS_STATE_KEY]`` records the latest round
+this client took part in and the latest round it sent a masked input for. A stage for
+an earlier round is refused, and so is stage 1, 2 or 3 of a round whose masked input
+already left (a server cannot run one round twice, with and without a target client).
 """
 
 from __future__ import annotations
@@ -71,6 +87,7 @@ from fl_app.secagg.protocol import (
 )
 from fl_app.secagg.vector import VectorLayout, client_weight, pack_ids, round_codec, unpack_ids
 from fl_app.secagg.wire import pack_ring, wire_packed
+from fl_app.site_policy import PolicyViolation, SitePolicy
 from strategies.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
@@ -109,6 +126,7 @@ from strategies.protocol import (
 
 __all__ = [
     "KEYS_STATE_KEY",
+    "PROGRESS_STATE_KEY",
     "STATE_KEY",
     "MaskedInputStage",
     "SecAggStageError",
@@ -128,10 +146,56 @@ _LENGTH = "_vector-length"
 _COHORT = "_cohort"
 # Distributed DP: the fewest survivors whose noise shares this client counted on.
 _MIN_SURVIVORS = "_ddp-min-survivors"
+# The fewest survivors this client unmasks for (its site policy, from the cohort size).
+_FLOOR = "_survivor-floor"
+# Round monotonicity (not secret; survives wipes): {"seen": r, "masked": r}.
+PROGRESS_STATE_KEY = "fl-app.secagg.progress"
 
 
 class SecAggStageError(Exception):
-    """This client refuses a secure-aggregation stage; the reason goes to the server."""
+    """This client refuses a secure-aggregation stage; the reason goes to the server.
+
+    ``field`` names the site-policy field a refusal rests on (``None`` otherwise), so the
+    ClientApp can send it as a structured policy refusal.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    @classmethod
+    def from_violation(cls, err: PolicyViolation) -> SecAggStageError:
+        return cls(err.message, err.field)
+
+
+def _progress(context: Context) -> tuple[int, int]:
+    record = context.state.get(PROGRESS_STATE_KEY)
+    if not isinstance(record, ConfigRecord):
+        return 0, 0
+    seen, masked = record.get("seen", 0), record.get("masked", 0)
+    return (seen if isinstance(seen, int) else 0), (masked if isinstance(masked, int) else 0)
+
+
+def _check_round(context: Context, rnd: int, stage: Stage) -> None:
+    """Refuse a stage for a round this client moved past or already sent an input for."""
+    seen, masked = _progress(context)
+    if rnd < seen:
+        raise SecAggStageError(
+            f"stage {stage.name} for round {rnd}, but this client has moved on to round "
+            f"{seen} (replayed or out-of-order instruction)"
+        )
+    if stage is not Stage.unmask and rnd <= masked:
+        raise SecAggStageError(
+            f"stage {stage.name} for round {rnd}: this client already sent its masked "
+            f"input for round {masked} and takes part in each round once"
+        )
+
+
+def _advance(context: Context, rnd: int, *, masked: bool = False) -> None:
+    seen, last_masked = _progress(context)
+    context.state[PROGRESS_STATE_KEY] = ConfigRecord(
+        {"seen": max(seen, rnd), "masked": max(last_masked, rnd) if masked else last_masked}
+    )
 
 
 def secagg_stage(msg: Message) -> int | None:
@@ -213,20 +277,32 @@ def _load(context: Context, rnd: int, stage: Stage) -> tuple[ClientSession, dict
     return session, meta
 
 
-def handle_key_stage(msg: Message, context: Context, stage: int) -> Message:
-    """Stages 1, 2 and 4 (torch-free). Any failure wipes the state and refuses."""
+def handle_key_stage(
+    msg: Message, context: Context, stage: int, policy: SitePolicy | None = None
+) -> Message:
+    """Stages 1, 2 and 4 (torch-free). Any failure wipes the state and refuses.
+
+    ``policy``: the site's policy (its secure-aggregation floor); ``None`` applies the
+    safe defaults of :class:`~fl_app.site_policy.SitePolicy`.
+    """
     config = msg.content.config_records.get(CONFIG_KEY)
     if config is None:
         wipe_state(context)
         raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
+    site = policy if policy is not None else SitePolicy()
     try:
+        if stage in (Stage.advertise, Stage.unmask):  # stage 2 checks in its payload
+            _check_round(context, _round_of(config), Stage(stage))
         if stage == Stage.advertise:
             return _advertise(msg, context, config)
         if stage == Stage.share_keys:
-            return _share_keys(msg, context, config)
+            return _share_keys(msg, context, config, site)
         if stage == Stage.unmask:
-            return _unmask(msg, context, config)
+            return _unmask(msg, context, config, site)
         raise SecAggStageError(f"stage {stage} is not a key-exchange stage")
+    except PolicyViolation as err:
+        wipe_state(context)
+        raise SecAggStageError.from_violation(err) from err
     except (ClientRefusal, StageOrderError, ValueError) as err:
         wipe_state(context)
         raise SecAggStageError(str(err)) from err
@@ -254,6 +330,7 @@ def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Mes
         s_pks.append(crypto.public_key_bytes(s_sk))
     # Replaces every pair of an earlier batch: the server now knows only these.
     context.state[KEYS_STATE_KEY] = ConfigRecord(cast(dict[str, Any], store))
+    _advance(context, rnd)
     payload = ConfigRecord({SECAGG_REPLY_C_PK: b"".join(c_pks), SECAGG_REPLY_S_PK: b"".join(s_pks)})
     return _reply(msg, rnd, Stage.advertise, payload)
 
@@ -285,21 +362,30 @@ def _take_round_keys(context: Context, rnd: int) -> tuple[Any, Any]:
     )
 
 
-def _share_keys(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+def _share_keys(
+    msg: Message, context: Context, config: Mapping[str, Any], policy: SitePolicy
+) -> Message:
     """Stage 2: open the round's session with its advertised pair; share ``b_u`` and ``s_sk``."""
     rnd = _round_of(config)
-    return _reply(msg, rnd, Stage.share_keys, _share_keys_payload(context, config))
+    return _reply(msg, rnd, Stage.share_keys, _share_keys_payload(context, config, policy))
 
 
-def _share_keys_payload(context: Context, config: Mapping[str, Any]) -> ConfigRecord:
+def _share_keys_payload(
+    context: Context, config: Mapping[str, Any], policy: SitePolicy
+) -> ConfigRecord:
     wipe_state(context)  # the round's session starts here
     rnd = _round_of(config)
+    _check_round(context, rnd, Stage.share_keys)
     round_keys = _take_round_keys(context, rnd)
     params_json = _get(config, SECAGG_PARAMS, str)
     try:
         params = _params_from_json(params_json)
     except (SecAggConfigError, ValueError) as err:
         raise SecAggStageError(f"secure-aggregation parameters refused: {err}") from err
+    try:
+        policy.check_secagg_params(params)
+    except PolicyViolation as err:
+        raise SecAggStageError.from_violation(err) from err
     bits = _get(config, SECAGG_BITS, int)
     length = _get(config, SECAGG_VECTOR_LENGTH, int)
     cohort_raw = _get(config, SECAGG_COHORT, bytes)
@@ -320,7 +406,14 @@ def _share_keys_payload(context: Context, config: Mapping[str, Any]) -> ConfigRe
         cohort=cohort,
     )
     session.advertise(round_keys)
-    meta = {_ROUND: rnd, _PARAMS: params_json, _BITS: bits, _LENGTH: length, _COHORT: cohort_raw}
+    meta = {
+        _ROUND: rnd,
+        _PARAMS: params_json,
+        _BITS: bits,
+        _LENGTH: length,
+        _COHORT: cohort_raw,
+        _FLOOR: policy.survivor_floor(len(cohort)),
+    }
     nodes = unpack_ids(_get(config, SECAGG_NODES, bytes), "neighbours")
     raw = _get(config, SECAGG_KEYS, bytes)
     size = 2 * crypto.KEY_BYTES
@@ -335,6 +428,7 @@ def _share_keys_payload(context: Context, config: Mapping[str, Any]) -> ConfigRe
     }
     cts = session.share_keys(keys)
     _save(context, session, meta)
+    _advance(context, rnd)
     order = sorted(cts)
     return ConfigRecord(
         {
@@ -345,20 +439,27 @@ def _share_keys_payload(context: Context, config: Mapping[str, Any]) -> ConfigRe
     )
 
 
-def _unmask(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
+def _unmask(
+    msg: Message, context: Context, config: Mapping[str, Any], policy: SitePolicy
+) -> Message:
     rnd = _round_of(config)
     session, meta = _load(context, rnd, Stage.unmask)
     survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
     dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
     need = meta.get(_MIN_SURVIVORS)
-    if need is not None and len(set(survivors)) < int(need):
+    cohort = set(session.cohort or ())
+    valid = len(set(survivors) & cohort)
+    if need is not None and valid < int(need):
         # Unmasking fewer noise shares than calibrated would hand the server a sum
-        # with too little noise: refuse, whatever the server claims.
+        # with too little noise: refuse, whatever the server claims. Only distinct
+        # members of the cohort received at stage 2 count.
         raise SecAggStageError(
-            f"distributed DP: {len(set(survivors))} survivors, this client's noise share "
+            f"distributed DP: {valid} survivors in the cohort, this client's noise share "
             f"assumed at least {need}; refusing to unmask"
         )
-    reply = session.unmask(survivors, dropouts)  # wipes the session
+    # The client's own floor; the session also refuses ids outside the cohort.
+    floor = int(meta.get(_FLOOR, 0))
+    reply = session.unmask(survivors, dropouts, min_survivors=floor)  # wipes the session
     wipe_state(context)
     b_nodes = sorted(reply.self_mask_shares)
     s_nodes = sorted(reply.key_shares)
@@ -382,7 +483,7 @@ def _unmask(msg: Message, context: Context, config: Mapping[str, Any]) -> Messag
                     f"share-ahead instruction for round {ahead.get(SERVER_ROUND)!r}, "
                     f"expected {rnd + 1}"
                 )
-            out.content[SECAGG_NEXT_KEY] = _share_keys_payload(context, ahead)
+            out.content[SECAGG_NEXT_KEY] = _share_keys_payload(context, ahead, policy)
         except (ClientRefusal, StageOrderError, ValueError, SecAggStageError):
             wipe_state(context)
     return out
@@ -407,12 +508,17 @@ class MaskedInputStage:
     ddp: Any = None  # fl_app.privacy.distributed.DdpRound under distributed DP
 
     @classmethod
-    def from_instruction(cls, msg: Message, context: Context) -> MaskedInputStage:
+    def from_instruction(
+        cls, msg: Message, context: Context, policy: SitePolicy | None = None
+    ) -> MaskedInputStage:
+        """Check the stage-3 instruction against the saved session and the site's floor."""
         config = msg.content.config_records.get(CONFIG_KEY)
         if config is None:
             raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
+        site = policy if policy is not None else SitePolicy()
         try:
             rnd = _round_of(config)
+            _check_round(context, rnd, Stage.masked_input)
             session, meta = _load(context, rnd, Stage.masked_input)
             senders = unpack_ids(_get(config, SECAGG_NODES, bytes), "senders")
             raw = _get(config, SECAGG_CIPHERTEXTS, bytes)
@@ -431,7 +537,7 @@ class MaskedInputStage:
                 raise SecAggStageError(f"'{SECAGG_WEIGHTING}' must be examples or uniform")
             if not (math.isfinite(max_weight) and max_weight > 0):
                 raise SecAggStageError(f"'{SECAGG_MAX_WEIGHT}' must be finite and > 0")
-            ddp = _ddp_round(config, session, bound)
+            ddp = _ddp_round(config, session, bound, site)
         except (ValueError, SecAggStageError):
             wipe_state(context)
             raise
@@ -485,7 +591,8 @@ class MaskedInputStage:
             raise SecAggStageError(str(err)) from err
         if self.ddp is not None:
             self.meta[_MIN_SURVIVORS] = int(self.ddp.min_survivors)
-        _save(context, self.session, self.meta)
+        _save(context, self.session, self.meta)  # b_u, s_sk_u, c_sk_u already dropped
+        _advance(context, self.rnd, masked=True)
         return y
 
     def reply(
@@ -502,8 +609,11 @@ class MaskedInputStage:
         return _reply(msg, self.rnd, Stage.masked_input, record, public)
 
 
-def _ddp_round(config: Mapping[str, Any], session: ClientSession, bound: float) -> Any:
-    """The round's distributed-DP parameters, checked against the session, or ``None``."""
+def _ddp_round(
+    config: Mapping[str, Any], session: ClientSession, bound: float, policy: SitePolicy
+) -> Any:
+    """The round's distributed-DP parameters, checked against the session and the site's
+    floor (``n_min`` and the noise multiplier), or ``None``."""
     raw = config.get(SECAGG_DDP)
     if raw is None:
         return None
@@ -519,4 +629,13 @@ def _ddp_round(config: Mapping[str, Any], session: ClientSession, bound: float) 
         raise SecAggStageError("distributed-DP parameters disagree with the round's vector")
     if ddp.cohort != session.params.num_clients or ddp.clip != bound:
         raise SecAggStageError("distributed-DP parameters disagree with the cohort or the clip")
+    try:
+        policy.check_ddp(
+            cohort=ddp.cohort,
+            min_survivors=ddp.min_survivors,
+            share_std=ddp.share_std,
+            bound=ddp.bound,
+        )
+    except PolicyViolation as err:
+        raise SecAggStageError.from_violation(err) from err
     return ddp

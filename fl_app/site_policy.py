@@ -13,6 +13,20 @@ Policy file (YAML or JSON; every field optional, unknown keys refused)::
     max_epsilon: 8.0                  # ε this site accounts itself, after this round
     require_secure_aggregation: true  # train only as secure-aggregation stage 3
     require_record_level_dp: true     # train only with DP-SGD (spec.dpsgd)
+    # Secure aggregation: what the server's parameters may be at weakest (defaults shown).
+    secagg_max_dropout_tolerance: 0.5 # fewer survivors than ceil((1 - this) * cohort): refuse
+    secagg_min_corrupt_fraction: 0.1  # thresholds derived for fewer colluders: refuse
+    secagg_min_security_bits: 40      # sparse graph's security failure <= 2^-bits
+    secagg_min_correctness_bits: 20
+    secagg_allow_custom_params: false # hand-picked (k, t), no probabilistic guarantee
+    ddp_min_noise_multiplier: 0.5     # distributed DP: z of the unmasked sum (default: none)
+
+The ``secagg_*`` and ``ddp_*`` fields are the site's own safety parameters for secure
+aggregation (ARCHITECTURE §2a, "clients decide their own safety parameters"): they
+apply with safe defaults even without a policy file, and a round whose parameters
+are weaker is refused at stage 2 or 3 (:mod:`fl_app.secagg_stages`) with the field
+named. The server chooses the parameters; the client only checks that they are at
+least as strong as its floor, and counts survivors itself against that floor.
 
 ``max_epsilon`` bounds the ε the client accounts itself: record-level DP-SGD's
 (``dp-epsilon``, its persistent accountant) and local DP's (``dp-local-epsilon``),
@@ -57,7 +71,19 @@ POLICY_FIELDS = (
     "max_epsilon",
     "require_secure_aggregation",
     "require_record_level_dp",
+    "secagg_max_dropout_tolerance",
+    "secagg_min_corrupt_fraction",
+    "secagg_min_security_bits",
+    "secagg_min_correctness_bits",
+    "secagg_allow_custom_params",
+    "ddp_min_noise_multiplier",
 )
+
+#: Safe defaults of the secure-aggregation floor (the project's own defaults pass).
+DEFAULT_MAX_DROPOUT_TOLERANCE = 0.5
+DEFAULT_MIN_CORRUPT_FRACTION = 0.1
+DEFAULT_MIN_SECURITY_BITS = 40
+DEFAULT_MIN_CORRECTNESS_BITS = 20
 
 
 class PolicyError(ValueError):
@@ -70,6 +96,7 @@ class PolicyViolation(Exception):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"site policy `{field}`: {message}")
         self.field = field
+        self.message = message
 
 
 def released_artifact(
@@ -97,6 +124,98 @@ class SitePolicy:
     max_epsilon: float | None = None
     require_secure_aggregation: bool = False
     require_record_level_dp: bool = False
+    secagg_max_dropout_tolerance: float = DEFAULT_MAX_DROPOUT_TOLERANCE
+    secagg_min_corrupt_fraction: float = DEFAULT_MIN_CORRUPT_FRACTION
+    secagg_min_security_bits: int = DEFAULT_MIN_SECURITY_BITS
+    secagg_min_correctness_bits: int = DEFAULT_MIN_CORRECTNESS_BITS
+    secagg_allow_custom_params: bool = False
+    ddp_min_noise_multiplier: float | None = None
+
+    def survivor_floor(self, cohort_size: int) -> int:
+        """The fewest survivors this site unmasks for in a cohort of ``cohort_size``.
+
+        ``ceil((1 - secagg_max_dropout_tolerance) * n)``, and never below 2 (a sum of
+        one input is that input).
+        """
+        n = int(cohort_size)
+        return max(2, math.ceil((1.0 - self.secagg_max_dropout_tolerance) * n - 1e-9))
+
+    def check_secagg_params(self, params: Any) -> None:
+        """Raise :class:`PolicyViolation` if ``params`` are weaker than this site allows.
+
+        ``params`` is a :class:`fl_app.secagg.graph.SecAggParams` already re-derived by
+        the client (so ``(k, t)`` match the fractions and bits it states). Custom
+        parameters (``security_bits = correctness_bits = 0``) need
+        ``secagg_allow_custom_params`` and then ``2t > k + 1`` exactly: with ``2t = k + 1``
+        two disjoint sets of ``t`` honest holders exist, one answering for the self-mask
+        seed and one for the masking key, and the server learns the input.
+        """
+        n, k, t = params.num_clients, params.degree, params.threshold
+        custom = params.security_bits == 0 and params.correctness_bits == 0
+        if custom:
+            if not self.secagg_allow_custom_params:
+                raise PolicyViolation(
+                    "secagg_allow_custom_params",
+                    f"the server sent hand-picked parameters (k={k}, t={t}) with no "
+                    "probabilistic guarantee; the site accepts only derived ones",
+                )
+            if not 2 * t > k + 1:
+                raise PolicyViolation(
+                    "secagg_allow_custom_params",
+                    f"custom threshold t={t} with degree k={k}: 2t={2 * t} <= k+1={k + 1} "
+                    "lets two disjoint sets of honest holders reveal both secrets of a node",
+                )
+        else:
+            if params.security_bits < self.secagg_min_security_bits:
+                raise PolicyViolation(
+                    "secagg_min_security_bits",
+                    f"security_bits={params.security_bits} is below the site's "
+                    f"{self.secagg_min_security_bits}",
+                )
+            if params.correctness_bits < self.secagg_min_correctness_bits:
+                raise PolicyViolation(
+                    "secagg_min_correctness_bits",
+                    f"correctness_bits={params.correctness_bits} is below the site's "
+                    f"{self.secagg_min_correctness_bits}",
+                )
+        if params.max_dropouts / n > self.secagg_max_dropout_tolerance + 1e-12:
+            raise PolicyViolation(
+                "secagg_max_dropout_tolerance",
+                f"the round tolerates {params.max_dropouts} of {n} dropouts (a sum of "
+                f"{params.min_survivors}); the site allows at most "
+                f"{self.secagg_max_dropout_tolerance:g} of the cohort",
+            )
+        if params.corrupt_fraction < self.secagg_min_corrupt_fraction - 1e-12:
+            raise PolicyViolation(
+                "secagg_min_corrupt_fraction",
+                f"the round's thresholds assume corrupt_fraction="
+                f"{params.corrupt_fraction:g}; the site requires at least "
+                f"{self.secagg_min_corrupt_fraction:g}",
+            )
+
+    def check_ddp(self, *, cohort: int, min_survivors: int, share_std: float, bound: float) -> None:
+        """Raise :class:`PolicyViolation` if a distributed-DP round's noise is too weak.
+
+        ``min_survivors`` (``n_min``) is the number of noise shares the server says make
+        up the target noise: it must reach :meth:`survivor_floor`. The sum's noise
+        multiplier is ``share_std·√n_min / bound`` (``bound`` is the L2 sensitivity the
+        client's own conditional rounding enforces); it must reach
+        ``ddp_min_noise_multiplier`` when the site sets one.
+        """
+        floor = self.survivor_floor(cohort)
+        if min_survivors < floor:
+            raise PolicyViolation(
+                "secagg_max_dropout_tolerance",
+                f"distributed DP calibrated for {min_survivors} of {cohort} survivors; "
+                f"the site's noise share assumes at least {floor}",
+            )
+        z = share_std * math.sqrt(min_survivors) / bound
+        if self.ddp_min_noise_multiplier is not None and z < self.ddp_min_noise_multiplier:
+            raise PolicyViolation(
+                "ddp_min_noise_multiplier",
+                f"the round's noise multiplier is {z:.4g}, below the site's "
+                f"{self.ddp_min_noise_multiplier:g}",
+            )
 
     def check_request(
         self,
@@ -199,12 +318,66 @@ def parse_policy(raw: Any, source: str = "policy") -> SitePolicy:
                 "number > 0 (or omitted for no bound)"
             )
         max_eps = float(max_eps)
+    z_min = raw.get("ddp_min_noise_multiplier")
+    if z_min is not None:
+        z_min = _number(raw, "ddp_min_noise_multiplier", source, 0.0, math.inf, low_open=True)
     return SitePolicy(
         allowed_artifacts=allowed,
         max_epsilon=max_eps,
         require_secure_aggregation=_bool(raw, "require_secure_aggregation"),
         require_record_level_dp=_bool(raw, "require_record_level_dp"),
+        secagg_max_dropout_tolerance=_number(
+            raw, "secagg_max_dropout_tolerance", source, 0.0, 1.0, DEFAULT_MAX_DROPOUT_TOLERANCE
+        ),
+        secagg_min_corrupt_fraction=_number(
+            raw, "secagg_min_corrupt_fraction", source, 0.0, 1.0, DEFAULT_MIN_CORRUPT_FRACTION
+        ),
+        secagg_min_security_bits=_count(
+            raw, "secagg_min_security_bits", source, DEFAULT_MIN_SECURITY_BITS
+        ),
+        secagg_min_correctness_bits=_count(
+            raw, "secagg_min_correctness_bits", source, DEFAULT_MIN_CORRECTNESS_BITS
+        ),
+        secagg_allow_custom_params=_bool(raw, "secagg_allow_custom_params"),
+        ddp_min_noise_multiplier=z_min,
     )
+
+
+def _number(
+    raw: Mapping[str, Any],
+    key: str,
+    source: str,
+    low: float,
+    high: float,
+    default: float = math.nan,
+    *,
+    low_open: bool = False,
+) -> float:
+    """A number in ``[low, high)`` (``(low, high)`` with ``low_open``), or ``default``."""
+    if key not in raw:
+        return default
+    value = raw[key]
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value < high
+    )
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise PolicyError(
+            f"{source}: policy field `{key}` is {value!r}; it must be a number in "
+            f"{bracket}{low:g}, {high:g})"
+        )
+    return float(value)
+
+
+def _count(raw: Mapping[str, Any], key: str, source: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PolicyError(f"{source}: policy field `{key}` is {value!r}; it must be an int >= 0")
+    return value
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -364,7 +364,9 @@ def test_key_exchange_stages_do_not_import_torch() -> None:
                     for j, v in enumerate(unpack_ids(config["fl-app.secagg.nodes"]))
                 }
                 session, meta = _load(grid.context(node), 1, Stage.masked_input)
-                y = session.masked_input(cts, np.zeros(session.vector_length, np.uint32))
+                x = np.zeros(session.vector_length, np.uint32)
+                x[3] = 1  # the weight slot: an honest input has a weight > 0
+                y = session.masked_input(cts, x)
                 _save(grid.context(node), session, meta)
                 record = ArrayRecord()
                 record["y"] = Array(y)

@@ -27,7 +27,13 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fl_app.secagg.graph import GraphMode
-from fl_app.secagg_stages import KEYS_STATE_KEY, STATE_KEY, SecAggStageError, handle_key_stage
+from fl_app.secagg_stages import (
+    KEYS_STATE_KEY,
+    PROGRESS_STATE_KEY,
+    STATE_KEY,
+    SecAggStageError,
+    handle_key_stage,
+)
 from fl_app.testing import InProcessGrid
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange, train_instructions
 from strategies.protocol import (
@@ -168,8 +174,15 @@ def test_a_replayed_share_keys_instruction_finds_no_key(grid: InProcessGrid) -> 
     _assert_exact(_round(server, grid, 2, ex, last_round=3), grid.node_ids)
     replay = ex.sent[2][0]
     node = int(replay.metadata.dst_node_id)
+    # Two independent refusals: the round is over for this client (monotonicity), and
+    # even without that record the pair of round 2 is gone.
+    with pytest.raises(SecAggStageError, match="already sent its masked input for round 2"):
+        handle_key_stage(replay, grid.context(node), 2)
+    progress = grid.context(node).state[PROGRESS_STATE_KEY]
+    del grid.context(node).state[PROGRESS_STATE_KEY]
     with pytest.raises(SecAggStageError, match="no unused key pair for round 2"):
         handle_key_stage(replay, grid.context(node), 2)
+    grid.context(node).state[PROGRESS_STATE_KEY] = progress
     # The refusal used up nothing else: round 3 still runs on the pairs advertised ahead.
     assert _stored_rounds(grid, node) == [3]
     _assert_exact(_round(server, grid, 3, ex, last_round=3), grid.node_ids)

@@ -420,7 +420,7 @@ def custom_params(
 
     For experiments and tests with small cohorts: no probabilistic guarantee is
     claimed (``security_bits = correctness_bits = 0``). Checks: ``k`` even or
-    ``n - 1``; ``k//2 + 1 <= t <= k + 1`` (``2t > k + 1``); ``t > max_corrupt``;
+    ``n - 1``; ``2t > k + 1`` and ``t <= k + 1``; ``t > max_corrupt``;
     ``n - max_dropouts - max_corrupt >= 2``; complete graph: ``t <= n - max_dropouts``.
     """
     n = _check_int("num_clients", num_clients, 3)
@@ -434,10 +434,13 @@ def custom_params(
             f"degree={k} invalid for num_clients={n} in mode {graph_mode.value}: use an even "
             f"degree below {n - 1} (Harary graph) or {n - 1} (complete graph)"
         )
-    if not k // 2 + 1 <= t <= k + 1:
+    # 2t > k + 1 exactly: for odd k (the complete graph on an even n) k//2 + 1 would
+    # admit 2t = k + 1, i.e. two disjoint sets of t honest holders.
+    t_min = (k + 1) // 2 + 1
+    if not t_min <= t <= k + 1:
         raise SecAggConfigError(
             f"threshold={t} must satisfy 2t > degree+1 and t <= degree+1, i.e. "
-            f"{k // 2 + 1} <= t <= {k + 1}"
+            f"{t_min} <= t <= {k + 1}"
         )
     if t <= c:
         raise SecAggConfigError(f"threshold={t} must exceed max_corrupt={c}")

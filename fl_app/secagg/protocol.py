@@ -314,6 +314,8 @@ class ClientSession:
         # neighbour -> AEAD key of the pair, derived in stage 2 and reused to decrypt in
         # stage 3 (the key is symmetric in the pair); dropped once stage 3 is done.
         self._enc_keys: dict[int, bytes] = {}
+        # Neighbours whose shares arrived at stage 3 (they completed stage 2).
+        self._senders: frozenset[int] = frozenset()
 
     @property
     def stage(self) -> int:
@@ -485,17 +487,26 @@ class ClientSession:
         y = np.empty_like(encoded)
         crypto.accumulate_masks(y, self.bits, add=add, subtract=subtract, base=encoded)
         self._shares.update(received)
+        self._senders = frozenset(received)
         self._enc_keys.clear()
+        # The masked input is built: b_u, s_sk_u and c_sk_u are never needed again by
+        # this client (the server rebuilds b_u or s_sk_u from the holders' shares), so
+        # they go now, not at stage 4 (which may never come).
+        self._drop_secrets()
         self._stage = Stage.masked_input
         return y
 
-    def unmask(self, survivors: Iterable[int], dropouts: Iterable[int]) -> UnmaskReply:
+    def unmask(
+        self, survivors: Iterable[int], dropouts: Iterable[int], *, min_survivors: int = 0
+    ) -> UnmaskReply:
         """Stage 4: self-mask shares of survivors, key shares of dropouts; then wipe.
 
         Refuses if a node is listed twice or in both lists (that would give the server
-        both secrets of one node), if this node is not a survivor, or if fewer than
-        ``max(t, params.min_survivors)`` survivors are listed. Nodes this client holds
-        no share of are ignored.
+        both secrets of one node), if this node is not a survivor, if a listed node is
+        outside ``cohort`` or is a neighbour that never sent its shares at stage 2, or
+        if fewer than ``max(t, params.min_survivors, min_survivors)`` distinct cohort
+        members are listed as survivors (``min_survivors``: the client's own floor).
+        Nodes this client holds no share of are ignored.
         """
         stage = Stage.unmask
         self._enter(stage)
@@ -514,7 +525,22 @@ class ClientSession:
             )
         if self.node_id not in alive_set:
             raise ClientRefusal(stage, "this node is not listed as a survivor")
-        floor = max(self.params.threshold, self.params.min_survivors)
+        if self.cohort is not None:
+            outside = sorted((alive_set | gone_set) - self.cohort)
+            if outside:
+                raise ClientRefusal(
+                    stage, f"nodes {outside[:5]} are not in the cohort this client received"
+                )
+        # A neighbour in either list must have completed stage 2 (it sent this client
+        # its shares): U3 and the dropouts lie in U2, and this client saw U2 ∩ N(u).
+        unseen = sorted(((alive_set | gone_set) & set(self._neighbours)) - self._senders)
+        if unseen:
+            raise ClientRefusal(
+                stage,
+                f"neighbours {unseen[:5]} are listed but never sent this client their "
+                "shares at stage 2",
+            )
+        floor = max(self.params.threshold, self.params.min_survivors, min_survivors)
         if len(alive_set) < floor:
             raise ClientRefusal(stage, f"{len(alive_set)} survivors listed, fewer than {floor}")
         b_out = {
@@ -529,17 +555,20 @@ class ClientSession:
         self.wipe()
         return UnmaskReply(self_mask_shares=b_out, key_shares=s_out)
 
+    def _drop_secrets(self) -> None:
+        if self._b is not None:
+            self._b[:] = bytes(len(self._b))
+        self._b = None
+        self._c_sk = None
+        self._s_sk = None
+
     def wipe(self) -> None:
         """Zero the self-mask seed, drop keys and shares; every later stage call raises.
 
         Python cannot overwrite immutable ``int``/``bytes`` copies; dropping the last
         reference is the best available (OpenSSL cleanses the X25519 key on free).
         """
-        if self._b is not None:
-            self._b[:] = bytes(len(self._b))
-        self._b = None
-        self._c_sk = None
-        self._s_sk = None
+        self._drop_secrets()
         self._shares.clear()
         self._neighbours.clear()
         self._enc_keys.clear()
@@ -578,6 +607,8 @@ class ClientSession:
             state["enc_keys"] = b"".join(
                 struct.pack(">Q", v) + key for v, key in sorted(self._enc_keys.items())
             )
+        if self._stage >= Stage.masked_input:
+            state["senders"] = b"".join(struct.pack(">Q", v) for v in sorted(self._senders))
         return state
 
     @classmethod
@@ -636,13 +667,22 @@ class ClientSession:
                 if v not in session._neighbours:
                     raise ValueError(f"enc_keys names {v}, not a neighbour")
                 session._enc_keys[v] = bytes(raw[i + 8 : i + item])
+            raw = state.get("senders", b"")
+            if len(raw) % 8:
+                raise ValueError(f"senders holds {len(raw)} bytes, not a multiple of 8")
+            session._senders = frozenset(
+                struct.unpack(">Q", raw[i : i + 8])[0] for i in range(0, len(raw), 8)
+            )
         except (KeyError, IndexError, struct.error, TypeError) as exc:
             raise ValueError(f"malformed client secagg state: {exc!r}") from exc
-        needs_keys = stage >= Stage.advertise
-        if needs_keys != (session._c_sk is not None) or (stage >= Stage.share_keys) != (
-            session._b is not None
-        ):
-            raise ValueError(f"client secagg state for stage {stage} lacks its secrets")
+        # Keys from stage 1 until the masked input is built; b_u from stage 2 until then.
+        needs_keys = Stage.advertise <= stage < Stage.masked_input
+        needs_b = Stage.share_keys <= stage < Stage.masked_input
+        if needs_keys != (session._c_sk is not None) or needs_b != (session._b is not None):
+            raise ValueError(
+                f"client secagg state for stage {stage} lacks its secrets or keeps ones "
+                "it must have dropped"
+            )
         session._stage = stage
         return session
 

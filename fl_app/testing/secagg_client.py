@@ -22,10 +22,13 @@ __all__ = ["fixed_update_client", "grid_exchange", "train_instructions"]
 def fixed_update_client(
     update_of: Callable[[int], Mapping[str, np.ndarray]],
     timing: dict[str, float] | None = None,
+    policy: Any = None,
 ) -> ClientApp:
     """A ClientApp whose node ``u`` contributes ``update_of(u)`` (already clipped).
 
     With ``timing``, the seconds spent encoding accumulate under ``timing["encode"]``.
+    ``policy``: the sites' :class:`~fl_app.site_policy.SitePolicy` (safe defaults when
+    ``None``), as the ClientApp reads it from ``policy-path``.
     """
     from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
 
@@ -37,8 +40,8 @@ def fixed_update_client(
         if stage != 3:
             if stage is None:
                 raise ValueError("this test client only takes secure-aggregation stages")
-            return handle_key_stage(msg, context, stage)
-        secure = MaskedInputStage.from_instruction(msg, context)
+            return handle_key_stage(msg, context, stage, policy)
+        secure = MaskedInputStage.from_instruction(msg, context, policy)
         t0 = time.perf_counter()
         encoded = secure.encode(
             dict(update_of(int(context.node_id))),

@@ -1,0 +1,286 @@
+"""A deviating secure-aggregation server, for tests: honest rounds with chosen lies.
+
+:class:`AdversarialServer` runs the real server side (:class:`strategies.secagg.
+SecureAggregation`) over an :class:`~fl_app.testing.InProcessGrid` whose nodes run a
+real ClientApp (the project's, or :func:`~fl_app.testing.secagg_client.
+fixed_update_client`, which calls the same stage handlers). Before each instruction
+leaves, every installed :data:`Lie` may rewrite it: this is what a server that deviates
+from the protocol can send, from a client's point of view. The replies are kept, so a
+test can assert which clients refused what, and why.
+
+The lies (Bonawitz et al., CCS 2017, §4 and §6; Bell et al., CCS 2020, §4):
+
+* :func:`pad_survivors` — a stage-4 survivor list padded with ids outside the cohort
+  (or repeated ids), to pass a client's "too few survivors" count;
+* :func:`split_view` — tell some holders that a node dropped and the others that it
+  survived, to collect shares of both its self-mask seed and its masking key;
+* :func:`claim_dropout` — list a node whose masked input arrived as a dropout;
+* :func:`weaker_params` — stage-2 parameters weaker than the client's floor (fewer
+  security bits, a larger dropout tolerance, fewer assumed colluders, hand-picked
+  ``(k, t)``);
+* :meth:`AdversarialServer.replay` — an instruction sent again, later (a replayed or
+  out-of-order round).
+
+Nothing here is used outside tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fl_app.secagg.graph import SecAggParams, custom_params, derive_params
+from fl_app.secagg.vector import pack_ids, unpack_ids
+from strategies.protocol import (
+    CONFIG_KEY,
+    SECAGG_DROPOUTS,
+    SECAGG_PARAMS,
+    SECAGG_STAGE_KEY,
+    SECAGG_SURVIVORS,
+    SERVER_ROUND,
+)
+from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
+
+__all__ = [
+    "AdversarialServer",
+    "Lie",
+    "Sent",
+    "claim_dropout",
+    "pad_survivors",
+    "split_view",
+    "weaker_params",
+]
+
+#: ``lie(stage, node, config) -> config``: rewrite the config record of the instruction
+#: of ``stage`` to ``node`` (a plain dict of its values; return it, changed or not).
+Lie = Callable[[int, int, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class Sent:
+    """One instruction that left the server, and the reply it got (``None``: none)."""
+
+    rnd: int
+    stage: int
+    node: int
+    message: Message
+    reply: Message | None = None
+
+    @property
+    def refusal(self) -> str | None:
+        """The client's error reason, or ``None`` if it answered normally."""
+        if self.reply is None or not self.reply.has_error():
+            return None
+        return str(self.reply.error.reason)
+
+
+@dataclass
+class AdversarialServer:
+    """Secure-aggregation rounds over ``grid`` with :data:`Lie` s applied to instructions."""
+
+    grid: Any
+    settings: SecAggSettings
+    ddp: Any = None
+    log: list[Sent] = field(default_factory=list)
+    #: ``(round, stage, node) -> keys`` of the node's secure-aggregation state
+    #: (``Context.state``) right after it handled that instruction (empty: none left).
+    state_after: dict[tuple[int, int, int], frozenset[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.secagg = SecureAggregation(self.settings, ddp=self.ddp)
+
+    def run_round(
+        self,
+        rnd: int,
+        arrays: Mapping[str, np.ndarray],
+        lies: Sequence[Lie] = (),
+        *,
+        bound: float = 1.0,
+        last_round: int | None = None,
+        cohort: Sequence[int] | None = None,
+        next_cohort: Callable[[set[int]], Sequence[int] | None] | None = None,
+    ) -> SecAggOutcome:
+        """One round over ``cohort`` (every node by default); ``lies`` rewrite instructions."""
+        from fl_app.testing.secagg_client import train_instructions
+
+        nodes = list(self.grid.node_ids if cohort is None else cohort)
+        return self.secagg.run_round(
+            rnd=rnd,
+            run_id=1,
+            instructions=train_instructions(nodes, rnd),
+            arrays=arrays,
+            weighting="uniform",
+            bound=bound,
+            exchange=self._exchange(rnd, lies),
+            last_round=last_round,
+            next_cohort=next_cohort,
+        )
+
+    def _exchange(self, rnd: int, lies: Sequence[Lie]) -> Any:
+        def exchange(messages: list[Message], timeout: float) -> Any:
+            for msg in messages:
+                config = msg.content.config_records[CONFIG_KEY]
+                stage = int(config[SECAGG_STAGE_KEY])  # type: ignore[arg-type]
+                node = int(msg.metadata.dst_node_id)
+                values = dict(config)
+                for lie in lies:
+                    values = lie(stage, node, values)
+                msg.content[CONFIG_KEY] = ConfigRecord(values)
+            return self._deliver(rnd, messages)
+
+        return exchange
+
+    def _deliver(self, rnd: int, messages: list[Message]) -> Any:
+        entries = {}
+        for msg in messages:
+            config = msg.content.config_records[CONFIG_KEY]
+            entry = Sent(
+                rnd,
+                int(config[SECAGG_STAGE_KEY]),  # type: ignore[arg-type]
+                int(msg.metadata.dst_node_id),
+                msg,
+            )
+            self.log.append(entry)
+            entries[id(msg)] = entry
+        ids = list(self.grid.push_messages(messages))
+        by_id = {mid: entries[id(m)] for mid, m in zip(ids, messages, strict=True)}
+        replies = list(self.grid.pull_messages(ids))
+        for reply in replies:
+            entry_of = by_id.get(reply.metadata.reply_to_message_id)
+            if entry_of is not None:
+                entry_of.reply = reply
+        from fl_app.secagg_stages import STATE_KEY
+
+        for entry in by_id.values():
+            record = self.grid.context(entry.node).state.get(STATE_KEY)
+            keys = frozenset(record.keys()) if record is not None else frozenset()
+            self.state_after[(entry.rnd, entry.stage, entry.node)] = keys
+        sent = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        return messages, replies, sent
+
+    def replay(self, entry: Sent, changes: Mapping[str, Any] | None = None) -> Sent:
+        """Send ``entry``'s instruction again (optionally with changed config values)."""
+        content = entry.message.content
+        config = {**dict(content.config_records[CONFIG_KEY]), **(changes or {})}
+        records = {k: v for k, v in content.items() if k != CONFIG_KEY}
+        msg = Message(
+            RecordDict({**records, CONFIG_KEY: ConfigRecord(config)}),
+            dst_node_id=entry.node,
+            message_type=entry.message.metadata.message_type,
+        )
+        rnd = int(config.get(SERVER_ROUND, entry.rnd))
+        self._deliver(rnd, [msg])
+        return self.log[-1]
+
+    def sent(self, rnd: int | None = None, stage: int | None = None) -> list[Sent]:
+        """The instructions sent, filtered by round and stage."""
+        return [
+            e
+            for e in self.log
+            if (rnd is None or e.rnd == rnd) and (stage is None or e.stage == stage)
+        ]
+
+    def refusals(self, rnd: int, stage: int) -> dict[int, str]:
+        """``node -> reason`` of the clients that refused ``stage`` of ``rnd``."""
+        return {e.node: e.refusal for e in self.sent(rnd, stage) if e.refusal is not None}
+
+
+# ------------------------------------------------------------------------ the lies
+def _ids(config: Mapping[str, Any], key: str) -> list[int]:
+    return unpack_ids(config[key], key)
+
+
+def pad_survivors(fakes: Iterable[int], keep: int | None = None) -> Lie:
+    """Stage 4: keep the first ``keep`` real survivors (all by default), append ``fakes``."""
+    extra = [int(x) for x in fakes]
+
+    def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
+        if stage != 4:
+            return config
+        real = _ids(config, SECAGG_SURVIVORS)
+        if keep is not None:
+            real = [v for v in real if v == node][:1] + [v for v in real if v != node]
+            real = real[:keep]
+        config[SECAGG_SURVIVORS] = pack_ids(real + extra)
+        return config
+
+    return lie
+
+
+def split_view(target: int, told_dropped: Iterable[int]) -> Lie:
+    """Stage 4: the nodes in ``told_dropped`` hear that ``target`` dropped; others not."""
+    group = {int(x) for x in told_dropped}
+
+    def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
+        if stage != 4 or node not in group:
+            return config
+        survivors = [v for v in _ids(config, SECAGG_SURVIVORS) if v != target]
+        dropouts = sorted({*_ids(config, SECAGG_DROPOUTS), target})
+        config[SECAGG_SURVIVORS] = pack_ids(survivors)
+        config[SECAGG_DROPOUTS] = pack_ids(dropouts)
+        return config
+
+    return lie
+
+
+def claim_dropout(target: int) -> Lie:
+    """Stage 4: every client hears that ``target`` dropped (its masked input arrived)."""
+
+    def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
+        return split_view(target, [node])(stage, node, config)
+
+    return lie
+
+
+def weaker_params(
+    *,
+    custom: tuple[int, int] | None = None,
+    dropout_tolerance: float | None = None,
+    corrupt_fraction: float | None = None,
+    security_bits: int | None = None,
+) -> Lie:
+    """Stage 2: parameters re-derived with weaker inputs, or hand-picked ``(k, t)``.
+
+    ``custom=(k, t)`` builds :func:`~fl_app.secagg.graph.custom_params` when they pass
+    its checks, else writes the values raw (what a deviating server can send anyway).
+    """
+
+    def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
+        if stage != 2:
+            return config
+        honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        if custom is not None:
+            k, t = custom
+            try:
+                raw = custom_params(
+                    honest.num_clients, k, t, max_dropouts=honest.max_dropouts, mode=honest.mode
+                ).to_config()
+            except ValueError:
+                raw = {
+                    **honest.to_config(),
+                    "degree": k,
+                    "threshold": t,
+                    "security_bits": 0,
+                    "correctness_bits": 0,
+                }
+        else:
+            raw = derive_params(
+                honest.num_clients,
+                mode=honest.mode,
+                dropout_tolerance=honest.dropout_tolerance
+                if dropout_tolerance is None
+                else dropout_tolerance,
+                corrupt_fraction=honest.corrupt_fraction
+                if corrupt_fraction is None
+                else corrupt_fraction,
+                security_bits=honest.security_bits if security_bits is None else security_bits,
+            ).to_config()
+        config[SECAGG_PARAMS] = json.dumps(raw, sort_keys=True)
+        return config
+
+    return lie
