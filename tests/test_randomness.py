@@ -1,0 +1,218 @@
+"""Who holds the randomness (ARCHITECTURE §2a): guarantees that fail if a party other
+than the one adding the noise can predict it.
+
+* DP-SGD: from the server's view (seed, round, partition, everything it sent), neither
+  the noise nor the Poisson batches can be reproduced: two runs on identical inputs
+  differ, and a seeded replica built from that view does not match (the same replica
+  *does* match a run that opted into seeded noise, so the replica is faithful).
+* ``privacy.secure_mode=false`` (seeded) marks a run "not for release": summary.json
+  and the card say why, a public export is refused.
+* The published config hash matches no config obtained by trying seeds.
+* The keystream sources have the right statistics (each check states its
+  false-failure rate; none is seeded, since the sources cannot be).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from sklearn.datasets import load_digits
+
+from fl_app.config.schema import ClientTrainConfig, ModelConfig, ModelName
+from fl_app.models import build_model
+from fl_app.privacy import dpsgd
+from fl_app.privacy.dpsgd import DpSgdSettings, train_dpsgd
+from fl_app.weights import flatten, model_to_ndarrays
+
+# ------------------------------------------------------------------- DP-SGD, unit level
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return x, d.target.astype(np.int64)
+
+
+def _mlp() -> torch.nn.Module:
+    return build_model(ModelConfig(name=ModelName.mlp), [1, 8, 8], 10, seed=0)
+
+
+def _flat(model: torch.nn.Module) -> np.ndarray:
+    return flatten(model_to_ndarrays(model)).astype(np.float64)
+
+
+def _server_view_generator() -> torch.Generator:
+    """What the server can rebuild: the client's generator from (seed, round, partition)."""
+    from fl_app.client_app import _training_seed
+
+    return torch.Generator().manual_seed(_training_seed(42, 3, 1))
+
+
+def _train_recording(
+    digits: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    secure: bool,
+    z: float,
+    n: int,
+    batch: int,
+) -> tuple[np.ndarray, list[list[int]]]:
+    """One DP-SGD call; returns the update and the record indices of every batch."""
+    batches: list[list[int]] = []
+    original = dpsgd._PrivateTrainer.batch_sampler
+
+    def spy(self: Any) -> Any:
+        for b in original.fget(self):  # type: ignore[attr-defined]
+            batches.append(list(b))
+            yield b
+
+    monkeypatch.setattr(dpsgd._PrivateTrainer, "batch_sampler", property(spy))
+    x, y = digits
+    model = _mlp()
+    w0 = _flat(model)
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=batch, lr=1.0, momentum=0.0)
+    dp = DpSgdSettings(noise_multiplier=z, max_grad_norm=0.5, secure_mode=secure)
+    train_dpsgd(model, x[:n], y[:n], cfg, dp, generator=_server_view_generator())
+    monkeypatch.undo()
+    return _flat(model) - w0, batches
+
+
+def test_dpsgd_batches_are_not_reproducible_from_the_servers_view(digits, monkeypatch) -> None:
+    """N=300, B=30 (q=1/10, 10 steps): two runs from identical server inputs, and the
+    seeded replica the server can compute, draw different batches. Two independent
+    Poisson draws of 300 records agree with probability < 0.9^300 per step."""
+    _, a = _train_recording(digits, monkeypatch, secure=True, z=1.0, n=300, batch=30)
+    _, b = _train_recording(digits, monkeypatch, secure=True, z=1.0, n=300, batch=30)
+    _, replica = _train_recording(digits, monkeypatch, secure=False, z=1.0, n=300, batch=30)
+    _, replica2 = _train_recording(digits, monkeypatch, secure=False, z=1.0, n=300, batch=30)
+    assert len(a) == len(b) == len(replica) == 10
+    assert replica == replica2  # the seeded path is what the server's view reproduces
+    assert a != b and a != replica and b != replica
+    # ...and the keystream batches are still Poisson(q=1/10): 3000 coin flips in all,
+    # mean 300, sd 16.4; 6 sd (false failure < 2e-9).
+    assert abs(sum(len(s) for s in a) - 300) < 6 * math.sqrt(3000 * 0.1 * 0.9)
+
+
+def test_dpsgd_noise_is_not_reproducible_from_the_servers_view(digits, monkeypatch) -> None:
+    """q = 1 (B >= N): every batch holds every record, so the z > 0 update minus the
+    z = 0 update is exactly -lr·noise/B. The noise of two runs from identical server
+    inputs, and of the server's seeded replica, are uncorrelated: |corr| < 6/sqrt(n)
+    over n = 4,810 coordinates (false failure < 2e-9 per pair)."""
+    base, _ = _train_recording(digits, monkeypatch, secure=True, z=0.0, n=50, batch=50)
+    base_seeded, _ = _train_recording(digits, monkeypatch, secure=False, z=0.0, n=50, batch=50)
+    np.testing.assert_array_equal(base, base_seeded)  # z = 0: nothing random
+    noise = [
+        _train_recording(digits, monkeypatch, secure=True, z=2.0, n=50, batch=50)[0] - base
+        for _ in range(2)
+    ]
+    replica = _train_recording(digits, monkeypatch, secure=False, z=2.0, n=50, batch=50)[0]
+    replica -= base
+    again = _train_recording(digits, monkeypatch, secure=False, z=2.0, n=50, batch=50)[0] - base
+    np.testing.assert_array_equal(replica, again)  # the server's replica is exact
+    bound = 6 / math.sqrt(base.size)
+    for u, v in [(noise[0], noise[1]), (noise[0], replica), (noise[1], replica)]:
+        assert abs(np.corrcoef(u, v)[0, 1]) < bound
+
+
+# ------------------------------------------------------------ DP-SGD through the ClientApp
+
+
+def _dpsgd_cfg(tmp: Path, *overrides: str) -> Any:
+    from fl_app.config.compose import compose_config
+
+    return compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "privacy=dpsgd",
+            "dataset.num_partitions=3",
+            "train.local_epochs=1",
+            f"privacy.dpsgd.state_dir={tmp}",
+            *overrides,
+        ],
+    )
+
+
+def _client_reply(cfg: Any, run_key: str) -> dict[str, np.ndarray]:
+    """The update a fresh client (partition 0) returns for round 1 of ``cfg``."""
+    from fl_app.client_app import app as client_app
+    from fl_app.client_spec import encode_spec, spec_from_config
+    from fl_app.privacy.state import STEPS_SEEN_KEY
+    from fl_app.server_app import initial_arrays
+    from fl_app.testing import InProcessGrid
+    from fl_app.weights import to_array_record
+    from strategies.protocol import SPEC_KEY, UPDATE_KEY
+
+    grid = InProcessGrid(client_app, 3, seed=0)
+    spec = spec_from_config(cfg, run_key)
+    content = RecordDict(
+        {
+            "arrays": to_array_record(initial_arrays(cfg)),
+            "config": ConfigRecord(
+                {SPEC_KEY: encode_spec(spec), "server-round": 1, STEPS_SEEN_KEY: 0}
+            ),
+        }
+    )
+    msg = Message(content, dst_node_id=grid.node_ids[0], message_type="train")
+    context = Context(
+        run_id=1,
+        node_id=grid.node_ids[0],
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = client_app(msg, context)
+    assert not reply.has_error(), reply.error
+    return {k: v.numpy() for k, v in reply.content[UPDATE_KEY].items()}
+
+
+def _server_replica(cfg: Any) -> dict[str, np.ndarray]:
+    """What the server computes from its view: same code, data, seed, round, partition,
+    global weights and noise multiplier, seeded DP-SGD."""
+    from fl_app.client_app import _training_seed
+    from fl_app.data import load_client_data
+    from fl_app.server_app import initial_arrays
+    from fl_app.weights import load_ndarrays
+
+    data = load_client_data(cfg.dataset, 0, 3, cfg.seed, {})
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    load_ndarrays(model, initial_arrays(cfg))
+    d = cfg.privacy.dpsgd
+    assert d.noise_multiplier is not None
+    dp = DpSgdSettings(
+        noise_multiplier=d.noise_multiplier,
+        max_grad_norm=d.max_grad_norm,
+        grad_sample_mode=d.grad_sample_mode.value,
+        secure_mode=False,
+    )
+    gen = torch.Generator().manual_seed(_training_seed(cfg.seed, 1, 0))
+    train_dpsgd(model, data.train.x, data.train.y, cfg.train, dp, generator=gen)
+    global_ = initial_arrays(cfg)
+    return {  # the client's update, computed as its pipeline does
+        k: (v.astype(np.float64) - global_[k].astype(np.float64)).astype(global_[k].dtype)
+        for k, v in model_to_ndarrays(model).items()
+    }
+
+
+def test_client_app_dpsgd_is_not_reproducible_by_the_server(tmp_path: Path) -> None:
+    seeded = _dpsgd_cfg(tmp_path / "s", "privacy.secure_mode=false")
+    replica = _server_replica(seeded)
+    got = _client_reply(seeded, "seeded")
+    # Control: with the opt-in, the server's replica is the client's reply, bit for bit.
+    assert all(np.array_equal(got[k], replica[k]) for k in replica)
+
+    default = _dpsgd_cfg(tmp_path / "d")
+    assert default.privacy.secure_mode
+    assert _server_replica(default).keys() == replica.keys()
+    first = _client_reply(default, "first")
+    second = _client_reply(default, "second")
+    for k in replica:
+        assert not np.array_equal(first[k], replica[k]), k
+        assert not np.array_equal(first[k], second[k]), k
