@@ -254,6 +254,9 @@ def run_experiment(
         steps_seen.steps = {
             int(k): int(v) for k, v in plan.checkpoint.server_state["steps_seen"].items()
         }
+        steps_seen.rounds = {
+            int(k): int(v) for k, v in plan.checkpoint.server_state.get("rounds_seen", {}).items()
+        }
     listeners: list[RoundListener] = [MetricsWriter(rd.metrics_path), steps_seen, audit]
     ledger_writer = None
     begin_hooks = []
@@ -420,9 +423,12 @@ class CheckpointWriter:
 
     def server_state(self, rnd: int, train: StageReport) -> dict[str, Any]:
         steps = dict(self.steps_seen.steps)
+        rounds = dict(self.steps_seen.rounds)
         for node, metrics in train.client_metrics.items():
             if "dp-steps" in metrics:
                 steps[node] = max(steps.get(node, 0), int(metrics["dp-steps"]))
+            if "dp-rounds" in metrics:
+                rounds[node] = max(rounds.get(node, 0), int(metrics["dp-rounds"]))
         initial = self.initial_server_metrics
         if initial is None:
             result = self.driver.result if self.driver is not None else None
@@ -449,6 +455,7 @@ class CheckpointWriter:
             "aggregator": aggregator_state,
             "ledger_releases": 0 if isinstance(agg, MeanAggregator) else len(agg.ledger.events),
             "steps_seen": {str(k): v for k, v in sorted(steps.items())},
+            "rounds_seen": {str(k): v for k, v in sorted(rounds.items())},
             "initial_server_metrics": initial,
         }
 
@@ -578,16 +585,23 @@ class StepsSeen:
 
     def __init__(self) -> None:
         self.steps: dict[int, int] = {}
+        # Rounds trained, where clients hide their steps (they give the record count).
+        self.rounds: dict[int, int] = {}
 
     def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
         for node, metrics in report.train.client_metrics.items():
             if "dp-steps" in metrics:
                 self.steps[node] = max(self.steps.get(node, 0), int(metrics["dp-steps"]))
+            if "dp-rounds" in metrics:
+                self.rounds[node] = max(self.rounds.get(node, 0), int(metrics["dp-rounds"]))
 
     def node_config(self, node_id: int) -> dict[str, int]:
-        from fl_app.privacy.state import STEPS_SEEN_KEY
+        from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY
 
-        return {STEPS_SEEN_KEY: self.steps.get(node_id, 0)}
+        return {
+            STEPS_SEEN_KEY: self.steps.get(node_id, 0),
+            ROUNDS_SEEN_KEY: self.rounds.get(node_id, 0),
+        }
 
 
 def _node_config_fn(

@@ -45,6 +45,7 @@ from fl_app.privacy.accounting import PrivacyHistory
 __all__ = [
     "LOCAL_DP_RECORD",
     "LOCAL_RELEASES_SEEN_KEY",
+    "ROUNDS_SEEN_KEY",
     "STATE_RECORD",
     "STEPS_SEEN_KEY",
     "ClientPrivacyState",
@@ -57,6 +58,9 @@ __all__ = [
 STATE_RECORD = "fl-app.dpsgd"
 # Per-node instruction config: DP-SGD steps the server has seen this node report.
 STEPS_SEEN_KEY = "fl-app.dp-steps-seen"
+# Per-node instruction config: DP-SGD rounds the server has seen this node train, where it
+# must not see the steps (they reveal the record count): secure aggregation, local DP.
+ROUNDS_SEEN_KEY = "fl-app.dp-rounds-seen"
 LOCAL_DP_RECORD = "fl-app.local-dp"
 # Per-node instruction config: local-DP releases the server has received from this site.
 LOCAL_RELEASES_SEEN_KEY = "fl-app.local-releases-seen"
@@ -189,12 +193,7 @@ class LocalDpState:
         n, z = raw.get("releases"), raw.get("noise_multiplier")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise PrivacyStateError(f"local DP state field releases is invalid: {n!r}")
-        if (
-            isinstance(z, bool)
-            or not isinstance(z, (int, float))
-            or not math.isfinite(z)
-            or z <= 0
-        ):
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
             raise PrivacyStateError(f"local DP state field noise_multiplier is invalid: {z!r}")
         return cls(releases=n, noise_multiplier=float(z))
 

@@ -1,0 +1,131 @@
+"""Nothing un-noised per client reaches a server that the threat model does not trust.
+
+Under ``honest_but_curious`` (secure aggregation), ``distributed_dp`` and local DP, every
+message the server receives is inspected as it arrives (the in-process grid's reply
+hook): no evaluation reply, no per-client loss, accuracy or example count, and of the
+per-client numbers only those listed as public in the README (record-level ε and δ,
+rounds trained, partition id, local DP's ε and release count). DP-SGD's steps, sample
+rate and z are not among them: each gives the site's record count to within a batch.
+A config that asks for federated evaluation under these threat models is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fl_app.client_app import app as client_app
+from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
+from fl_app.config.compose import compose_config
+from fl_app.config.validate import ConfigError
+from fl_app.server_app import initial_arrays, run_experiment
+from fl_app.testing import InProcessGrid
+from fl_app.weights import to_array_record
+
+# Written out here, not imported: the README's list of what the server may see.
+PUBLIC = {
+    "dp-epsilon",
+    "dp-delta",
+    "dp-rounds",
+    "dp-partition-id",
+    "dp-local-epsilon",
+    "dp-local-releases",
+}
+PROTOCOL = {"server-round", "fl-app.secagg-stage"}
+
+COMMON = [
+    "runtime=inprocess",
+    "dataset.num_partitions=4",
+    "num_rounds=1",
+    "train.local_epochs=1",
+    "server_eval=false",
+]
+THREAT_MODELS = {
+    "honest_but_curious+dpsgd": [
+        "privacy=central",
+        "privacy.threat_model=honest_but_curious",
+        "privacy.clip_side=client",
+        "secagg=secaggplus",
+        "privacy.record_level=true",
+        "privacy.dpsgd.noise_multiplier=1.0",
+    ],
+    "distributed_dp": ["privacy=distributed", "secagg=secaggplus", "secagg.bits=16"],
+    "local": ["privacy=local", "privacy.record_level=true", "privacy.dpsgd.noise_multiplier=1.0"],
+}
+
+
+def _records(msg: Message) -> dict[str, Any]:
+    return dict(msg.content.items()) if msg.has_content() else {}
+
+
+@pytest.mark.parametrize("name", list(THREAT_MODELS))
+def test_server_receives_no_per_client_plaintext_metric(name: str, tmp_path: Path) -> None:
+    cfg = compose_config("config", [*COMMON, *THREAT_MODELS[name]])
+    received: list[Message] = []
+
+    def hook(node: int, reply: Message) -> Message:
+        received.append(reply)
+        return reply
+
+    grid = InProcessGrid(client_app, 4, seed=cfg.seed, message_hook=hook)
+    try:
+        summary = run_experiment(grid, cfg, tmp_path, progress=False)
+    finally:
+        grid.close()
+    assert summary["rounds"] == 1
+    sent_types = {d.message_type for d in grid.sent}
+    assert sent_types == {"train"}  # federated evaluation is off under this threat model
+    updates = 0
+    for reply in received:
+        assert reply.metadata.message_type == "train"
+        assert not reply.has_error(), reply.error.reason
+        for key, record in _records(reply).items():
+            if isinstance(record, MetricRecord):
+                extra = set(record) - PUBLIC - PROTOCOL - {"num-examples"}
+                assert not extra, f"{name}: per-client plaintext metrics {sorted(extra)}"
+                if "num-examples" in record:  # local DP: every client weighs 1
+                    assert record["num-examples"] == 1
+            elif isinstance(record, ConfigRecord):
+                words = ("loss", "accurac", "example", "steps", "sample")
+                assert not [k for k in record if any(w in k for w in words)], (key, list(record))
+            else:  # arrays: the masked vector, or local DP's noised update
+                assert key in ("masked", "update"), key
+                updates += 1
+    assert updates == 4
+    # Nor does anything per client reach the run directory's metrics beyond that list.
+    text = (tmp_path / "metrics.jsonl").read_text()
+    for leak in ("dp_steps", "dp_sample_rate", "dp_noise_multiplier", "fed_eval"):
+        assert leak not in text
+
+
+@pytest.mark.parametrize("name", list(THREAT_MODELS))
+def test_asking_for_federated_evaluation_there_is_a_config_error(name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config("config", [*COMMON, *THREAT_MODELS[name], "federated_eval_every=1"])
+    assert err.value.field == "federated_eval_every"
+    assert "federated_eval_every=0" in str(err.value)
+    # Off by default there, and still allowed where the server may see the metrics.
+    assert compose_config("config", [*COMMON, *THREAT_MODELS[name], "federated_eval_every=0"])
+    trusted = compose_config("config", [*COMMON, "privacy=central", "federated_eval_every=1"])
+    assert trusted.federated_eval_every == 1
+
+
+def test_local_dp_client_refuses_to_evaluate() -> None:
+    cfg = compose_config("config", [*COMMON, "privacy=local"])
+    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=5.0))
+    content = RecordDict(
+        {
+            "arrays": to_array_record(initial_arrays(cfg)),
+            "config": ConfigRecord({"fl-app.spec": encode_spec(spec), "server-round": 1}),
+        }
+    )
+    grid = InProcessGrid(client_app, 4, seed=0)
+    try:
+        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="evaluate")
+        reply = next(iter(grid.send_and_receive([msg])))
+    finally:
+        grid.close()
+    assert reply.has_error() and "un-noised" in reply.error.reason
