@@ -129,3 +129,52 @@ def test_local_dp_client_refuses_to_evaluate() -> None:
     finally:
         grid.close()
     assert reply.has_error() and "un-noised" in reply.error.reason
+
+
+def test_dpsgd_lost_state_guard_works_on_rounds_where_steps_are_hidden(tmp_path: Path) -> None:
+    """The server sees rounds trained, not steps; a client whose state holds fewer
+    rounds than the server saw it train refuses (as with steps where they are public)."""
+    from flwr.app import Context
+
+    from fl_app.privacy.state import ROUNDS_SEEN_KEY
+
+    cfg = compose_config(
+        "config",
+        [
+            *COMMON,
+            "privacy=dpsgd",
+            f"privacy.dpsgd.state_dir={tmp_path}",
+            "dataset.num_partitions=3",
+        ],
+    )
+    spec = encode_spec(spec_from_config(cfg, "run1"))
+    arrays = to_array_record(initial_arrays(cfg))
+
+    def train(rnd: int, rounds_seen: int) -> Message:
+        context = Context(  # a fresh process every time: only the state file persists
+            run_id=1,
+            node_id=5,
+            node_config={"partition-id": 0, "num-partitions": 3},
+            state=RecordDict(),
+            run_config={},
+        )
+        config = {"fl-app.spec": spec, "server-round": rnd, ROUNDS_SEEN_KEY: rounds_seen}
+        msg = Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+            dst_node_id=5,
+            message_type="train",
+        )
+        msg.metadata.__dict__["_message_id"] = f"m{rnd}-{rounds_seen}"
+        return client_app(msg, context)
+
+    grid = InProcessGrid(client_app, 3, seed=0)  # the server-side task identity
+    try:
+        lost = train(1, 1)  # the server saw a round this site has no record of
+        assert lost.has_error() and "lost or replaced" in lost.error.reason
+        first = train(1, 0)
+        assert not first.has_error() and first.content["metrics"]["dp-rounds"] == 1
+        assert not train(2, 1).has_error()  # restarted, state file on disk: continues
+        rewound = train(3, 3)
+        assert rewound.has_error() and "lost or replaced" in rewound.error.reason
+    finally:
+        grid.close()
