@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fl_app.privacy.ledger import FederationLedger, RoundEvent
+from fl_app.privacy.ledger import FederationLedger, RoundEvent, unsampled_epsilon
 
 __all__ = ["BudgetGuard", "BudgetVerdict"]
 
@@ -26,9 +26,18 @@ class BudgetVerdict:
 
 @dataclass(frozen=True)
 class BudgetGuard:
-    """Refuses a round whose projected ε exceeds ``max_epsilon``."""
+    """Refuses a round whose projected ε exceeds ``max_epsilon``.
+
+    ``against_server`` (``privacy.threat_model=distributed_dp``): the party the
+    guarantee is stated against is the server, which picks the cohort, so the guard
+    projects the against-server ε of the client that has taken part most often so far,
+    were it in this round too (composition without amplification,
+    :meth:`FederationLedger.server_epsilons`). Otherwise it projects the ε against
+    outsiders (sampling amplification), the figure the released model carries.
+    """
 
     max_epsilon: float
+    against_server: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -37,13 +46,23 @@ class BudgetGuard:
             )
 
     def check(self, ledger: FederationLedger, planned: RoundEvent) -> BudgetVerdict:
-        after = ledger.project([planned])
+        if self.against_server:
+            most = max((n for _, n in ledger.participation), default=0)
+            after = unsampled_epsilon(planned, most + 1, ledger.delta, ledger.accountant)
+            now = unsampled_epsilon(planned, most, ledger.delta, ledger.accountant)
+            party = (
+                f"against the server (a client already in {most} cohorts, in this one too; "
+                "no sampling amplification)"
+            )
+        else:
+            after = ledger.project([planned])
+            now = ledger.epsilon()
+            party = "against outsiders"
         if after <= self.max_epsilon:
             return BudgetVerdict(True, after)
-        now = ledger.epsilon()
         reason = (
-            f"privacy budget: round {planned.round} would take epsilon from {now:.4g} to "
-            f"{after:.4g} > privacy.max_epsilon={self.max_epsilon:g} (delta="
+            f"privacy budget: round {planned.round} would take epsilon {party} from "
+            f"{now:.4g} to {after:.4g} > privacy.max_epsilon={self.max_epsilon:g} (delta="
             f"{ledger.delta:g}, {ledger.accountant.value}); stopping with the DP-released "
             "model of the last completed round"
         )

@@ -36,6 +36,8 @@ modular sum of the same clipped values.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ from fl_app.config.schema import (
     ClipSide,
     PrivacyMode,
     SamplingMode,
+    SecAggMode,
+    ThreatModel,
 )
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.clipping import clip_l2
@@ -60,6 +64,7 @@ from fl_app.privacy.ledger import (
     calibrate_round_noise,
     local_epsilon,
 )
+from fl_app.privacy.mechanisms import CentralGaussian, cohort_gate_delta, encoding_slack
 from fl_app.privacy.noise import noise_source
 from strategies.aggregation import weighted_mean_update
 from strategies.budget import BudgetGuard
@@ -123,6 +128,22 @@ class UpdateAggregator(Protocol):
         """``"examples"`` (clients weight Δ by their example count) or ``"uniform"``."""
         ...
 
+    @property
+    def releases_every_round(self) -> bool:
+        """Whether the round releases its (noised) sum however few updates arrived.
+
+        ``False``: fewer than ``min_train_replies`` leave the model unchanged."""
+        ...
+
+    def note_cohort(self, rnd: int, cohort: Sequence[int]) -> None:
+        """The round's sampled cohort, before any instruction is sent."""
+        ...
+
+    def release_without_sum(self, rnd: int, like: Mapping[str, np.ndarray]) -> Aggregate | None:
+        """The release of a round with no sum (empty cohort, secure round abandoned):
+        an aggregate shaped like ``like``, or ``None`` for the unchanged model."""
+        ...
+
     def aggregate_sum(
         self,
         rnd: int,
@@ -158,6 +179,16 @@ class MeanAggregator:
     @property
     def weighting(self) -> str:
         return "examples"
+
+    @property
+    def releases_every_round(self) -> bool:
+        return False
+
+    def note_cohort(self, rnd: int, cohort: Sequence[int]) -> None:
+        return None
+
+    def release_without_sum(self, rnd: int, like: Mapping[str, np.ndarray]) -> Aggregate | None:
+        return None
 
     def aggregate_sum(
         self,
@@ -210,6 +241,13 @@ class ClientDpSettings:
     clipped_count_std: float | None = None
     # privacy.mode=distributed: the run's distributed discrete Gaussian parameters.
     distributed: DdpPlan | None = None
+    # Secure aggregation: the cohort sizes ``(low, high)`` a round can release (it is
+    # abandoned outside them; ``high=None``: no upper limit). Under Poisson sampling the
+    # gate is a data-dependent branch accounted as ``branch_delta`` (fl_app.privacy.mechanisms).
+    cohort_gate: tuple[int, int | None] | None = None
+    # Central DP under secure aggregation: ``(secagg.bits, model dimension)`` of the
+    # fixed-point encoding, whose rounding the noise is calibrated to (encoding_slack).
+    encoding: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.clipping is ClippingMode.adaptive:
@@ -234,6 +272,25 @@ class ClientDpSettings:
             return self.fraction * population
         return float(FixedSizeSampler(self.fraction, 0).cohort_size(population))
 
+    def branch_delta(self, population: int) -> float:
+        """``η`` of a round at ``population`` (0 without a sampling-dependent gate)."""
+        if self.cohort_gate is None or self.sampling is not SamplingScheme.poisson:
+            return 0.0
+        low, high = self.cohort_gate
+        return cohort_gate_delta(self.fraction, population, low, high)
+
+    def encoding_slack(self, population: int, clip: float) -> float:
+        """How far SecAgg's encoding can move one clipped update (0 without encoding)."""
+        if self.encoding is None:
+            return 0.0
+        bits, dim = self.encoding
+        largest = population
+        if self.sampling is SamplingScheme.fixed:
+            largest = int(self.expected_cohort(population))
+        elif self.cohort_gate is not None and self.cohort_gate[1] is not None:
+            largest = min(population, self.cohort_gate[1])
+        return encoding_slack(bits, clip, dim, max(1, largest))
+
     def round_event(self, rnd: int, population: int, clip: float) -> RoundEvent:
         ddp = self.distributed
         return RoundEvent(
@@ -253,6 +310,8 @@ class ClientDpSettings:
             mechanism="ddg" if ddp is not None else "gaussian",
             ddg_tau=ddp.tau if ddp is not None else None,
             ddg_dimension=ddp.padded if ddp is not None else None,
+            branch_delta=self.branch_delta(population),
+            encoding_slack=self.encoding_slack(population, clip),
         )
 
     def planned_events(self, start_round: int = 1) -> list[RoundEvent]:
@@ -292,8 +351,21 @@ class ClientDpSettings:
             target_quantile=float(p.target_quantile),
             clip_learning_rate=float(p.clip_learning_rate),
         )
+        common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
+        if cfg.secagg.mode is not SecAggMode.off and p.mode is PrivacyMode.central:
+            common["encoding"] = (int(cfg.secagg.bits), model_dimension(cfg))
         # A fixed-clipping, z=1 probe of the same sampling: expected cohort and calibration.
         probe = cls(noise_multiplier=1.0, **{**common, "clipping": ClippingMode.fixed})
+        eta = probe.num_rounds * probe.branch_delta(population)
+        if eta >= probe.delta / 2:
+            raise ValueError(
+                f"privacy.delta={probe.delta:g}: with strategy.sampling=poisson at "
+                f"strategy.fraction_train={probe.fraction:g} of {population} clients, the "
+                f"chance that one client decides whether a secure round is abandoned (cohort "
+                f"outside {probe.cohort_gate}) adds {eta:.3g} to delta over {probe.num_rounds} "
+                "rounds (docs/privacy-branches.md); raise strategy.fraction_train or "
+                "dataset.num_partitions, or use strategy.sampling=fixed"
+            )
         if p.clipping is ClippingMode.adaptive:
             sb = p.clipped_count_stddev
             common["clipped_count_std"] = (
@@ -308,10 +380,13 @@ class ClientDpSettings:
             if p.mode is PrivacyMode.local:
                 z = _calibrate_local(float(p.target_epsilon), probe)
             else:
+                # The branches take eta of delta; the mechanism gets the rest.
                 z = calibrate_round_noise(
                     float(p.target_epsilon),
-                    probe.delta,
-                    probe.round_event(1, population, probe.clip),
+                    probe.delta - eta,
+                    dataclasses.replace(
+                        probe.round_event(1, population, probe.clip), branch_delta=0.0
+                    ),
                     probe.num_rounds,
                     probe.accountant,
                 )
@@ -378,6 +453,45 @@ def model_dimension(cfg: AppConfig) -> int:
         model = build_model(cfg.model, list(key[1]), key[2], seed=0)
         _DIMENSIONS[key] = int(sum(t.numel() for t in model.state_dict().values()))
     return _DIMENSIONS[key]
+
+
+@functools.lru_cache(maxsize=32)
+def smallest_secure_cohort(mode: str, dropout_tolerance: float, corrupt_fraction: float) -> int:
+    """The smallest cohort secure aggregation has parameters for (smaller: abandoned)."""
+    from fl_app.secagg.graph import SecAggConfigError, derive_params
+
+    for n in range(3, 100_000):
+        try:
+            derive_params(
+                n, mode=mode, dropout_tolerance=dropout_tolerance, corrupt_fraction=corrupt_fraction
+            )
+        except SecAggConfigError:
+            continue
+        return n
+    raise ValueError(
+        f"secagg.dropout_tolerance={dropout_tolerance:g} with secagg.corrupt_fraction="
+        f"{corrupt_fraction:g}: no cohort size has secure-aggregation parameters"
+    )
+
+
+def secure_cohort_gate(
+    cfg: AppConfig, sampling: SamplingScheme, population: int
+) -> tuple[int, int | None] | None:
+    """The cohort sizes a secure round can release, ``(low, high)``; ``None`` without SecAgg.
+
+    ``low``: secure aggregation's smallest cohort; ``high``: distributed DP's
+    :func:`max_cohort` (``None``: no upper limit).
+    """
+    if cfg.secagg.mode is SecAggMode.off:
+        return None
+    sa = cfg.secagg
+    low = smallest_secure_cohort(
+        sa.mode.value, float(sa.dropout_tolerance), float(sa.corrupt_fraction)
+    )
+    high = None
+    if cfg.privacy.mode is PrivacyMode.distributed:
+        high = max_cohort(sampling, float(cfg.strategy.fraction_train), population)
+    return (low, high)
 
 
 def max_cohort(sampling: SamplingScheme, fraction: float, population: int) -> int:
@@ -486,9 +600,7 @@ class CentralDp:
             verdict = self.budget.check(self.ledger, event)
             if not verdict.allowed:
                 return verdict.reason
-            after = verdict.epsilon_after
-        else:
-            after = self.ledger.project([event])
+        after = self.ledger.project([event])
         # Recorded before any instruction leaves: a crash over-counts, never under-counts.
         self.ledger = self.ledger.add(event)
         self._event = event
@@ -496,8 +608,33 @@ class CentralDp:
         self._epsilon = after
         return None
 
+    def note_cohort(self, rnd: int, cohort: Sequence[int]) -> None:
+        """Count the sampled cohort's participation (ε against the server) before sending."""
+        self._current(rnd)
+        self.ledger = self.ledger.add_participation([str(n) for n in cohort])
+
+    @property
+    def releases_every_round(self) -> bool:
+        """The ledger accounted this round before it ran: the round releases its noised sum
+        over whatever arrived, however few (a ``min_train_replies`` gate would be a
+        data-dependent branch the ledger does not describe)."""
+        return True
+
+    def release_without_sum(self, rnd: int, like: Mapping[str, np.ndarray]) -> Aggregate | None:
+        """No sum exists (empty cohort, secure round abandoned): noise on a zero sum.
+
+        The release is the same mechanism over an empty set of contributions, so the
+        round still looks like every other round and its ledger event describes it.
+        """
+        zeros = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in like.items()}
+        return self.aggregate_sum(rnd, zeros, 0.0, 0, {})
+
     def status(self) -> dict[str, float]:
-        return {"dp_epsilon": self._epsilon, "dp_delta": self.ledger.delta}
+        out = {"dp_epsilon": self._epsilon, "dp_delta": self.ledger.delta}
+        if self.settings.distributed is not None:
+            against = self.ledger.server_epsilons()
+            out["dp_epsilon_server_max"] = max(against.values(), default=0.0)
+        return out
 
     def check_reply(self, reply: TrainReply) -> str | None:
         if (
@@ -556,8 +693,6 @@ class CentralDp:
         """
         event = self._current(rnd)
         s = self.settings
-        total = {k: np.array(v, dtype=np.float64) for k, v in sum_update.items()}
-        names = list(total)
         unclipped = float(extra.get(UNCLIPPED_KEY, 0.0))
         # Keyed by the server round, so a resumed run redoes an interrupted round with
         # the noise it drew first (that sum never left the server: checkpoints are
@@ -567,16 +702,16 @@ class CentralDp:
             stream = (*stream, self.noise_generation)
         noise = noise_source(s.secure_mode, s.seed, stream)
         std = event.noise_std
-        for k in names:
-            total[k] += noise.normal(std, total[k].size).reshape(total[k].shape)
         m = event.cohort
-        mean = {k: v / m for k, v in total.items()}
+        mean = CentralGaussian(std, m).release(sum_update, noise.normal)
         metrics: dict[str, float] = {
             "dp_clip": event.clip,
             "dp_noise_std_sum": std,
             "dp_noise_std_mean": std / m,
             "dp_expected_cohort": m,
         }
+        if event.encoding_slack:
+            metrics["dp_encoding_slack"] = event.encoding_slack
         if s.clipping is ClippingMode.adaptive:
             assert s.clipped_count_std is not None
             # Σ(b_i − ½) has add/remove sensitivity ½ (Andrew et al. §3.2).
@@ -624,6 +759,14 @@ class DistributedDp(CentralDp):
             "distributed DP needs secure aggregation: plaintext updates must never reach "
             "the server (the config validator refuses secagg=off)"
         )
+
+    def release_without_sum(self, rnd: int, like: Mapping[str, np.ndarray]) -> Aggregate | None:
+        """An abandoned round leaves the model unchanged: the noise is the clients', and
+        noise the server drew would protect nothing against the server. The release does
+        not depend on any client's update; the chance that one client's presence decides
+        the abandonment (the cohort gate) is the event's ``branch_delta``."""
+        self._current(rnd)
+        return None
 
     def aggregate_sum(
         self,
@@ -775,7 +918,16 @@ def build_aggregator(
     if mode is PrivacyMode.local:
         return LocalDp(settings, ledger)
     if mode is PrivacyMode.distributed:
-        budget = BudgetGuard(settings.max_epsilon) if settings.max_epsilon is not None else None
+        # threat_model=distributed_dp (the validator pairs them): the budget is against
+        # the server, which knows the cohort (no amplification).
+        budget = (
+            BudgetGuard(
+                settings.max_epsilon,
+                against_server=cfg.privacy.threat_model is ThreatModel.distributed_dp,
+            )
+            if settings.max_epsilon is not None
+            else None
+        )
         return DistributedDp(settings, ledger, budget)
     raise ValueError(f"privacy.mode={mode.value} has no aggregator in this release")
 

@@ -18,10 +18,15 @@ strategy is *wrapped and delegated to*:
   (Krum, median) are deliberately not supported: they cannot work under secure
   aggregation or clipping-based DP;
 * a round with fewer than ``min_train_replies`` valid replies leaves the model
-  unchanged and says so in its :class:`RoundReport`.
+  unchanged and says so in its :class:`RoundReport`, except under client-level DP
+  whose ledger recorded the round before it ran: such a round always releases the
+  mechanism over what arrived, noise on an empty sum included (the aggregator's
+  ``releases_every_round`` / ``release_without_sum``; every branch is tabled in
+  docs/privacy-branches.md).
 
-One round (``run`` + ``run_round``): aggregator's ``begin_round`` (ledger) →
-``round_begin_hooks`` (persist the ledger before anything is sent) → sample → train
+One round (``run`` + ``run_round``): aggregator's ``begin_round`` (ledger) → sample →
+aggregator's ``note_cohort`` → ``round_begin_hooks`` (persist the ledger before anything
+is sent) → train
 exchange → screen/parse → aggregate → strategy step → ``release_hooks`` (checkpoint
 files: the new model is saved before it first leaves the server) → federated evaluation
 (every ``federated_eval_every`` rounds) → centralised evaluation → listeners (metrics
@@ -39,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -354,8 +359,6 @@ class RoundDriver:
                 result.stopped_early = f"before round {rnd}: {stop}"
                 log.warning("%s", result.stopped_early)
                 break
-            for hook in self.round_begin_hooks:
-                hook(rnd)
             arrays, report = self.run_round(grid, rnd, arrays, node_ids=usable)
             result.reports.append(report)
             result.exhausted.update(report.train.exhausted)
@@ -407,9 +410,13 @@ class RoundDriver:
         self._privacy_metrics = {}
         cohort = self.train_sampler.sample(node_ids, rnd)
         stage = StageReport(sampled=len(cohort))
+        # The cohort counts towards ε against the server, and the ledger is persisted,
+        # before any instruction leaves.
+        self.aggregator.note_cohort(rnd, cohort)
+        for hook in self.round_begin_hooks:
+            hook(rnd)
         if not cohort:
-            stage.seconds = time.perf_counter() - t0
-            return arrays, stage, "empty cohort sampled: model unchanged", 0.0
+            return self._without_sum(rnd, arrays, stage, t0, "empty cohort sampled", None)
         config = ConfigRecord(
             {**self.train_config, **self.aggregator.round_config(rnd), SERVER_ROUND: rnd}
         )
@@ -441,36 +448,82 @@ class RoundDriver:
             if any(k.startswith(PUBLIC_METRIC_PREFIX) for k in r.metrics)
         }
 
+        too_few = f"only {len(accepted)} valid train replies"
         if len(accepted) < self.settings.min_train_replies:
-            return self._too_few(
-                rnd, arrays, stage, t0, f"only {len(accepted)} valid train replies"
-            )
-
+            if not self.aggregator.releases_every_round:
+                return self._too_few(rnd, arrays, stage, t0, too_few)
+            if not accepted:
+                first = sent_msgs[0] if sent_msgs else None
+                return self._without_sum(rnd, arrays, stage, t0, too_few, first)
         mean = self.aggregator.aggregate(rnd, accepted)
-        return self._apply_mean(rnd, arrays, mean, sent_msgs[0], stage, t0)
+        out = self._apply_mean(rnd, arrays, mean, sent_msgs[0], stage, t0)
+        return self._noted_few(out, len(accepted), too_few)
+
+    def _noted_few(
+        self, out: tuple[Arrays, StageReport, str, float], n: int, what: str
+    ) -> tuple[Arrays, StageReport, str, float]:
+        """Say so when a DP round released its noised sum over fewer than the minimum."""
+        new_arrays, stage, note, norm = out
+        if n < self.settings.min_train_replies and not note:
+            note = (
+                f"{what} (< min_train_replies={self.settings.min_train_replies}): released "
+                "the noised sum of what arrived, as the ledger accounts"
+            )
+        return new_arrays, stage, note, norm
+
+    def _without_sum(
+        self,
+        rnd: int,
+        arrays: Arrays,
+        stage: StageReport,
+        t0: float,
+        what: str,
+        answered: Message | None,
+    ) -> tuple[Arrays, StageReport, str, float]:
+        """A round with no sum to release (empty cohort, no reply, secure round abandoned).
+
+        The aggregator decides (docs/privacy-branches.md): central DP releases its noise on
+        a zero sum, the same mechanism the ledger recorded; otherwise the model stays.
+        """
+        release = self.aggregator.release_without_sum(rnd, arrays)
+        if release is None:
+            note = f"{what}: model unchanged"
+            log.warning("round %d: %s", rnd, note)
+            stage.seconds = time.perf_counter() - t0
+            return arrays, stage, note, 0.0
+        new_arrays, stage, note, norm = self._apply_mean(rnd, arrays, release, answered, stage, t0)
+        if not note:
+            note = f"{what}: released the mechanism's noise on an empty sum, as the ledger accounts"
+            log.warning("round %d: %s", rnd, note)
+        return new_arrays, stage, note, norm
 
     def _apply_mean(
         self,
         rnd: int,
         arrays: Arrays,
         mean: Aggregate,
-        answered: Message,
+        answered: Message | None,
         stage: StageReport,
         t0: float,
     ) -> tuple[Arrays, StageReport, str, float]:
-        """Hand ``w + mean`` to the strategy as one pre-aggregated reply to ``answered``."""
+        """Hand ``w + mean`` to the strategy as one pre-aggregated reply to ``answered``
+        (``None``: nothing was sent this round; a message addressed to no node)."""
         self._privacy_metrics.update(mean.metrics)
         norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in mean.update.values())))
         candidate = apply_update(arrays, mean.update)
-        # The strategy receives the cohort as one pre-aggregated reply (see module doc).
-        synthetic = Message(
-            RecordDict(
-                {
-                    ARRAYS_KEY: to_array_record(candidate),
-                    METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(mean.total_weight)}),
-                }
-            ),
-            reply_to=answered,
+        # The strategy receives the cohort as one pre-aggregated reply (see module doc);
+        # its weight only matters relative to other replies, and there are none (a zero
+        # weight, noise over an empty cohort, would make the strategy divide by zero).
+        content = RecordDict(
+            {
+                ARRAYS_KEY: to_array_record(candidate),
+                METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(mean.total_weight) or 1.0}),
+            }
+        )
+        synthetic = (
+            Message(content, reply_to=answered)
+            if answered is not None
+            else Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
         )
         agg_arrays, _ = self.strategy.aggregate_train(rnd, [synthetic])
         stage.seconds = time.perf_counter() - t0
@@ -513,12 +566,14 @@ class RoundDriver:
         self._fill_secure_stage(stage, outcome)
         self._privacy_metrics = outcome.metrics()
         decoded = outcome.decoded
+        answered = outcome.masked_input_sent[0] if outcome.masked_input_sent else None
         if decoded is None:
-            stage.seconds = time.perf_counter() - t0
-            return arrays, stage, outcome.note, 0.0
+            what = outcome.note.removesuffix(": model unchanged") or "secure round abandoned"
+            return self._without_sum(rnd, arrays, stage, t0, what, answered)
         n = outcome.num_contributors
-        if n < self.settings.min_train_replies:
-            return self._too_few(rnd, arrays, stage, t0, f"only {n} inputs in the secure sum")
+        too_few = f"only {n} inputs in the secure sum"
+        if n < self.settings.min_train_replies and not self.aggregator.releases_every_round:
+            return self._too_few(rnd, arrays, stage, t0, too_few)
         if decoded.weight > 0 and math.isfinite(decoded.loss):  # none under distributed DP
             stage.metrics = {
                 "train-loss": decoded.loss / decoded.weight,
@@ -527,7 +582,8 @@ class RoundDriver:
         mean = self.aggregator.aggregate_sum(
             rnd, decoded.update, decoded.weight, n, {UNCLIPPED_KEY: decoded.unclipped}
         )
-        return self._apply_mean(rnd, arrays, mean, outcome.masked_input_sent[0], stage, t0)
+        out = self._apply_mean(rnd, arrays, mean, answered, stage, t0)
+        return self._noted_few(out, n, too_few)
 
     def _too_few(
         self, rnd: int, arrays: Arrays, stage: StageReport, t0: float, what: str

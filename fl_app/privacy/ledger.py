@@ -76,8 +76,10 @@ __all__ = [
     "LedgerError",
     "RoundEvent",
     "SamplingScheme",
+    "branch_delta_total",
     "calibrate_round_noise",
     "local_epsilon",
+    "unsampled_epsilon",
 ]
 
 LEDGER_VERSION = 1
@@ -133,6 +135,17 @@ class RoundEvent:
         units, ``Δ₂/σ = 1/z``).
     ddg_tau, ddg_dimension
         ``ddg`` only: the bound ``τ`` and the padded dimension ``d'`` of the RDP bound.
+    branch_delta
+        ``η``: probability that one client's presence flips the round between released
+        and abandoned (a cohort-size gate under Poisson sampling, e.g. secure
+        aggregation's minimum cohort or distributed DP's largest ring). When the gate
+        flips, the two neighbouring runs differ by more than one clipped update, so the
+        round is ``(ε, δ_r + η)``-DP against outsiders: the ledger reports ε at
+        ``δ − Σ η`` (docs/privacy-branches.md). 0 when no gate depends on sampling.
+    encoding_slack
+        How far secure aggregation's fixed-point encoding can move one clipped update
+        (``√d`` quantisation steps): the sum's sensitivity is ``clip + encoding_slack``
+        and central noise is calibrated to it. 0 without fixed-point encoding.
     """
 
     round: int
@@ -147,6 +160,8 @@ class RoundEvent:
     mechanism: str = "gaussian"
     ddg_tau: float | None = None
     ddg_dimension: int | None = None
+    branch_delta: float = 0.0
+    encoding_slack: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 1:
@@ -173,6 +188,14 @@ class RoundEvent:
             object.__setattr__(
                 self, "clipped_count_std", _positive("clipped_count_std", self.clipped_count_std)
             )
+        for name in ("branch_delta", "encoding_slack"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, found {v!r}")
+            if v < 0 or (name == "branch_delta" and v > 1):
+                bound = "lie in [0, 1]" if name == "branch_delta" else "be >= 0"
+                raise ValueError(f"{name} must {bound}, found {v!r}")
+            object.__setattr__(self, name, float(v))
         if self.mechanism not in ("gaussian", "ddg"):
             raise ValueError(f"mechanism must be 'gaussian' or 'ddg', found {self.mechanism!r}")
         if (self.mechanism == "ddg") != (
@@ -201,9 +224,14 @@ class RoundEvent:
         return self.sampling is SamplingScheme.fixed and int(self.cohort) < self.population
 
     @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of the sum the noise protects: ``clip + encoding_slack``."""
+        return self.clip + self.encoding_slack
+
+    @property
     def noise_std(self) -> float:
         """Standard deviation of the noise added to the *sum* of clipped updates."""
-        return self.update_noise_multiplier * self.clip
+        return self.update_noise_multiplier * self.sensitivity
 
     def accounting_key(self) -> tuple[Any, ...]:
         """What the accountant sees; equal keys compose as one self-composed block."""
@@ -234,22 +262,44 @@ class RoundEvent:
         return out
 
 
-def _blocks(events: Sequence[RoundEvent]) -> list[tuple[tuple[Any, ...], int]]:
-    """Consecutive events with the same accounting key, as ``(key, count)``."""
-    blocks: list[tuple[tuple[Any, ...], int]] = []
+def _blocks(events: Sequence[RoundEvent]) -> list[tuple[tuple[Any, ...], int, RoundEvent]]:
+    """Consecutive events with the same accounting key, as ``(key, count, first event)``."""
+    blocks: list[tuple[tuple[Any, ...], int, RoundEvent]] = []
     for e in events:
         key = e.accounting_key()
         if blocks and blocks[-1][0] == key:
-            blocks[-1] = (key, blocks[-1][1] + 1)
+            blocks[-1] = (key, blocks[-1][1] + 1, blocks[-1][2])
         else:
-            blocks.append((key, 1))
+            blocks.append((key, 1, e))
     return blocks
 
 
+def branch_delta_total(events: Sequence[RoundEvent]) -> float:
+    """``Σ η``: the part of δ the rounds' sampling-dependent branches take (see RoundEvent)."""
+    return math.fsum(e.branch_delta for e in events)
+
+
 def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: AccountantName) -> float:
+    """ε at ``delta`` of ``events`` against outsiders.
+
+    A round whose release/abandon decision depends on the Poisson cohort's size is
+    ``(ε_r, δ_r + η_r)``-DP (docs/privacy-branches.md), so the mechanisms are composed at
+    ``δ − Σ η``; ``inf`` when the branches alone use up ``δ``.
+    """
     if not events:
         return 0.0
-    blocks = _blocks(events)
+    eta = branch_delta_total(events)
+    if eta >= delta:
+        return math.inf
+    return _mechanism_epsilon(events, delta - eta, accountant)
+
+
+def _mechanism_epsilon(
+    events: Sequence[RoundEvent], delta: float, accountant: AccountantName
+) -> float:
+    grouped = _blocks(events)
+    blocks = [(key, n) for key, n, _ in grouped]
+    firsts = [first for _, _, first in grouped]
     kinds = {key[0] for key, _ in blocks}
     if kinds == {"poisson"}:
         # A Poisson round is one DP-SGD step with clients as records.
@@ -282,13 +332,8 @@ def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: Accounta
             "strategy.sampling=poisson"
         )
     acc = _replace_one_rdp()
-    for key, n in blocks:
-        acc.compose(
-            dp_accounting.SampledWithoutReplacementDpEvent(
-                key[1], key[2], dp_accounting.GaussianDpEvent(key[3] / 2.0)
-            ),
-            n,
-        )
+    for (_, n), first in zip(blocks, firsts, strict=True):
+        acc.compose(first.dp_event(), n)
     value = float(acc.get_epsilon(delta))
     if not math.isfinite(value) or value < 0:
         raise AccountingError(f"rdp accountant returned epsilon={value!r} for this ledger")
@@ -301,6 +346,9 @@ class FederationLedger:
 
     ``local`` maps a client key (its partition id or node id, as a string) to the
     number of rounds it released a local-DP update with ``local_noise_multiplier``.
+    ``participation`` maps a client key to the number of rounds it was in the cohort:
+    against the server, which picks and messages the cohort, a client's rounds are not
+    amplified by sampling (:meth:`server_epsilons`).
     """
 
     delta: float
@@ -308,6 +356,7 @@ class FederationLedger:
     events: tuple[RoundEvent, ...] = ()
     local_noise_multiplier: float | None = None
     local: tuple[tuple[str, int], ...] = ()
+    participation: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         _positive("delta", self.delta, upper=1.0)
@@ -320,6 +369,7 @@ class FederationLedger:
                 raise TypeError(f"events[{i}]: expected a RoundEvent, found {type(e).__name__}")
         object.__setattr__(self, "events", events)
         object.__setattr__(self, "local", tuple(sorted(dict(self.local).items())))
+        object.__setattr__(self, "participation", tuple(sorted(dict(self.participation).items())))
 
     # ------------------------------------------------------------- building
     def add(self, event: RoundEvent) -> FederationLedger:
@@ -340,7 +390,29 @@ class FederationLedger:
             counts[str(c)] = counts.get(str(c), 0) + 1
         return replace(self, local=tuple(counts.items()))
 
+    def add_participation(self, clients: Sequence[str]) -> FederationLedger:
+        """A new ledger counting one more round in the cohort for each of ``clients``."""
+        counts = dict(self.participation)
+        for c in clients:
+            counts[str(c)] = counts.get(str(c), 0) + 1
+        return replace(self, participation=tuple(counts.items()))
+
     # ------------------------------------------------------------ accounting
+    def server_epsilons(self) -> dict[str, float]:
+        """Each client's ε against a party that knows the cohort (the server), by key.
+
+        No amplification: the composition of the rounds the client was in the cohort
+        of, each at sampling rate 1 (:func:`unsampled_epsilon` of the ledger's last
+        event). Empty before any round.
+        """
+        if not self.events:
+            return {}
+        last = self.events[-1]
+        return {
+            c: unsampled_epsilon(last, n, self.delta, self.accountant)
+            for c, n in self.participation
+        }
+
     def epsilon(self, accountant: AccountantName | str | None = None) -> float:
         """ε of the whole federation (central events) at this ledger's δ."""
         name = AccountantName(accountant) if accountant is not None else self.accountant
@@ -371,6 +443,7 @@ class FederationLedger:
             "events": [e.to_dict() for e in self.events],
             "local_noise_multiplier": self.local_noise_multiplier,
             "local": dict(self.local),
+            "participation": dict(self.participation),
         }
         return json.dumps(payload, sort_keys=True, indent=1, allow_nan=False)
 
@@ -386,14 +459,22 @@ class FederationLedger:
         if not isinstance(raw, dict):
             raise LedgerError("ledger: expected a JSON object")
         keys = {"version", "delta", "accountant", "events", "local_noise_multiplier", "local"}
-        if set(raw) != keys:
+        # "participation" is absent in older ledgers (read as: nobody counted yet).
+        if not keys <= set(raw) <= keys | {"participation"}:
             raise LedgerError(f"ledger: expected keys {sorted(keys)}, found {sorted(raw)}")
+        participation = raw.get("participation", {})
+        if not isinstance(participation, dict):
+            raise LedgerError("participation must be an object")
+        for k, v in participation.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise LedgerError(f"participation[{k!r}]: expected a count >= 0, found {v!r}")
         if raw["version"] != LEDGER_VERSION:
             raise LedgerError(f"version: unsupported ledger version {raw['version']!r}")
         if not isinstance(raw["events"], list) or not isinstance(raw["local"], dict):
             raise LedgerError("events must be a list and local an object")
         fields = set(RoundEvent.__dataclass_fields__)
-        optional = {"mechanism", "ddg_tau", "ddg_dimension"}  # absent in older ledgers
+        # Absent in older ledgers.
+        optional = {"mechanism", "ddg_tau", "ddg_dimension", "branch_delta", "encoding_slack"}
         events = []
         for i, item in enumerate(raw["events"]):
             if not isinstance(item, dict) or not (fields - optional <= set(item) <= fields):
@@ -414,6 +495,7 @@ class FederationLedger:
                 events=tuple(events),
                 local_noise_multiplier=raw["local_noise_multiplier"],
                 local=tuple(local),
+                participation=tuple(participation.items()),
             )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"ledger: {err}") from None
@@ -432,6 +514,31 @@ def local_epsilon(
     z = _positive("noise_multiplier", noise_multiplier)
     history = PrivacyHistory((DpSgdEvent(z / 2.0, 1.0, int(releases)),))
     return epsilon(history, delta, accountant)
+
+
+def unsampled_epsilon(
+    template: RoundEvent, rounds: int, delta: float, accountant: AccountantName | str
+) -> float:
+    """ε of ``rounds`` rounds like ``template`` for a client known to be in each cohort.
+
+    This is the guarantee against the party that samples the cohort (the server): it
+    knows who took part, so sampling amplifies nothing and each round is the bare
+    mechanism, ``GaussianDpEvent(z)`` (``z/2`` under replace-one) or the unsampled
+    distributed discrete Gaussian (q = 1 in [KLS] Proposition 14). Sampling-dependent
+    branches do not apply either (``branch_delta`` is an outsider's uncertainty).
+    """
+    if rounds <= 0:
+        return 0.0
+    if template.mechanism == "ddg":
+        from fl_app.privacy.distributed import ddg_epsilon
+
+        assert template.ddg_tau is not None and template.ddg_dimension is not None
+        return ddg_epsilon(
+            [(1.0, template.noise_multiplier, template.ddg_tau, template.ddg_dimension, rounds)],
+            delta,
+        )
+    z = template.noise_multiplier / (2.0 if template.replace_one else 1.0)
+    return epsilon(PrivacyHistory((DpSgdEvent(z, 1.0, int(rounds)),)), delta, accountant)
 
 
 def _replace_one_rdp() -> RdpAccountant:

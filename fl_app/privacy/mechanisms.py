@@ -1,0 +1,125 @@
+"""Client-level mechanisms as small units, free of Flower: what a round releases and its cost.
+
+The round driver (:mod:`strategies.driver`) and the aggregators
+(:mod:`strategies.client_dp`) call these; each is pure math, tested against values
+worked out by hand (``tests/test_privacy_branches.py``).
+
+:func:`cohort_gate_delta`
+    A round that is abandoned when its Poisson cohort is too small (secure aggregation
+    needs a minimum cohort) or too large (distributed DP's ring) makes a data-dependent
+    branch: with client ``x``, the cohort ``S_{-x} ∪ {x}`` may pass the gate where
+    ``S_{-x}`` alone does not, and the two neighbouring releases then differ by a whole
+    cohort's updates, not by one clipped update. Conditioning on ``S_{-x}`` (whose law
+    is the same with or without ``x``), the round is the subsampled mechanism except on
+    the event "``x`` sampled and ``|S_{-x}|`` at the gate's edge", whose probability
+    ``η = q·(P[Bin(N−1, q) = low − 1] + P[Bin(N−1, q) = high])`` bounds the rest: by
+    joint convexity of the hockey-stick divergence the round is ``(ε, δ(ε) + η)``-DP.
+    When both neighbours abandon, both release the same thing (it does not depend on
+    ``x``). Fixed-size sampling has a cohort size that no client changes: ``η = 0``.
+:func:`encoding_slack`
+    Secure aggregation's fixed-point encoding rounds each coordinate stochastically to
+    a multiple of the step ``1/s`` (:class:`fl_app.secagg.encoding.FixedPointCodec`):
+    the error is below one step per coordinate, so an encoded clipped update has norm
+    below ``C + √d/s``. Central noise added to the decoded sum is calibrated to that
+    post-encoding bound (the slack is this function's value).
+:class:`CentralGaussian`
+    Central DP's release of one round (McMahan et al. 2018): ``(Σ clip(Δ_i) + N(0, σ²))/m``
+    over whatever arrived, an empty sum included, with ``σ = z_Δ·(C + slack)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CentralGaussian", "cohort_gate_delta", "encoding_slack"]
+
+
+def _binomial_pmf(n: int, q: float, k: int) -> float:
+    if k < 0 or k > n:
+        return 0.0
+    if q >= 1.0:
+        return 1.0 if k == n else 0.0
+    log_pmf = (
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(q)
+        + (n - k) * math.log1p(-q)
+    )
+    return math.exp(log_pmf)
+
+
+def cohort_gate_delta(q: float, population: int, low: int, high: int | None) -> float:
+    """``η`` of a round released only when ``low <= |cohort| <= high`` (Poisson rate ``q``).
+
+    ``high=None``: no upper gate. See the module docstring for the argument.
+    """
+    if not 0 < q <= 1:
+        raise ValueError(f"q must lie in (0, 1], found {q!r}")
+    if population < 1:
+        raise ValueError(f"population must be >= 1, found {population!r}")
+    others = population - 1
+    eta = _binomial_pmf(others, q, low - 1) if low >= 1 else 0.0
+    if high is not None:
+        eta += _binomial_pmf(others, q, high)
+    return min(1.0, q * eta)
+
+
+def encoding_slack(bits: int, clip: float, dimension: int, max_contributors: int) -> float:
+    """``√d/s``: how far stochastic fixed-point rounding can move a clipped update.
+
+    ``s`` is the scale of the round codec for coordinates bounded by ``clip`` and sums
+    of up to ``max_contributors`` (the codec's step grows with the cohort, so pass the
+    largest cohort the round can have).
+    """
+    from fl_app.secagg.vector import round_codec
+
+    if dimension < 0:
+        raise ValueError(f"dimension must be >= 0, found {dimension!r}")
+    codec = round_codec(int(bits), float(clip), int(max_contributors))
+    return math.sqrt(dimension) * codec.resolution
+
+
+NormalSource = Callable[[float, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class CentralGaussian:
+    """One round of central Gaussian noise on a sum of clipped updates.
+
+    Parameters
+    ----------
+    noise_std
+        ``σ`` of the noise on the *sum* (``z_Δ`` times the sum's sensitivity).
+    divisor
+        ``m``: the expected cohort (the mean's divisor, independent of who arrived).
+    """
+
+    noise_std: float
+    divisor: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_std) and self.noise_std > 0):
+            raise ValueError(f"noise_std must be finite and > 0, found {self.noise_std!r}")
+        if not (math.isfinite(self.divisor) and self.divisor > 0):
+            raise ValueError(f"divisor must be finite and > 0, found {self.divisor!r}")
+
+    def release(
+        self, total: Mapping[str, np.ndarray], normal: NormalSource
+    ) -> dict[str, np.ndarray]:
+        """``(total + N(0, σ²))/m`` per array, noise drawn in the arrays' order.
+
+        ``total`` is ``Σ clip(Δ_i)`` over the updates that arrived; zeros when none did
+        (the noise is released all the same: skipping it would be a branch the ledger
+        does not describe).
+        """
+        out: dict[str, np.ndarray] = {}
+        for k, v in total.items():
+            noised = np.array(v, dtype=np.float64)
+            noised += normal(self.noise_std, noised.size).reshape(noised.shape)
+            out[k] = noised / self.divisor
+        return out

@@ -1,0 +1,447 @@
+"""Every branch of a server round releases exactly what the privacy ledger accounts.
+
+docs/privacy-branches.md tables the branches; each test below drives one through the
+real round driver on the in-process grid (or a stub secure aggregation whose outcome
+is that branch) and checks the model that left the round against the mechanism the
+ledger's event for that round describes: ``w + (Σ clip(Δ_i) + N(0, σ²))/m`` with ``σ``
+and ``m`` read from the event and the seeded noise replayed, or the unchanged model
+where the mechanism releases nothing. Expected values (clipping, the cohort-gate ``η``,
+the encoding slack, ε against the server) are worked out here by hand or with
+dp-accounting directly, never taken from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import compute_epsilon
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl_app.config.schema import ClipSide, PrivacyMode
+from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.distributed import DdpPlan, sensitivity
+from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
+from fl_app.privacy.mechanisms import CentralGaussian, cohort_gate_delta, encoding_slack
+from fl_app.privacy.noise import SeededNoise
+from fl_app.secagg.encoding import FixedPointCodec
+from fl_app.secagg.vector import DecodedSum
+from fl_app.testing import InProcessGrid
+from fl_app.weights import to_array_record
+from strategies.budget import BudgetGuard
+from strategies.client_dp import (
+    CENTRAL_NOISE_STREAM,
+    CentralDp,
+    ClientDpSettings,
+    DistributedDp,
+)
+from strategies.driver import DriverSettings, RoundDriver
+from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
+from strategies.sampling import FixedSizeSampler, PoissonSampler
+from strategies.secagg import SecAggOutcome
+
+GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+SIZE = 8  # parameters in GLOBAL
+SEED = 7
+
+
+def _settings(**kw: Any) -> ClientDpSettings:
+    base: dict[str, Any] = dict(
+        mode=PrivacyMode.central,
+        clip_side=ClipSide.server,
+        clipping="fixed",
+        noise_multiplier=1.3,
+        clip=1.0,
+        delta=1e-5,
+        accountant=AccountantName.pld,
+        sampling=SamplingScheme.fixed,
+        fraction=1.0,
+        num_rounds=3,
+        planned_population=4,
+        seed=SEED,
+        secure_mode=False,
+    )
+    base.update(kw)
+    return ClientDpSettings(**base)
+
+
+def _app(fail: frozenset[int] | set[int] = frozenset()) -> ClientApp:
+    """Client ``pid`` replies Δ = (pid + 1) everywhere; those in ``fail`` reply an error."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        if pid in fail:
+            return Message(Error(code=1, reason="boom"), reply_to=msg)
+        rnd = int(msg.content["config"][SERVER_ROUND])
+        update = {k: np.full(v.shape, float(pid + 1), np.float32) for k, v in GLOBAL.items()}
+        content = RecordDict(
+            {
+                UPDATE_KEY: to_array_record(update),
+                METRICS_KEY: MetricRecord({NUM_EXAMPLES: 10, SERVER_ROUND: rnd}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _driver(agg: Any, sampler: Any, *, rounds: int = 1, min_replies: int = 1, secagg: Any = None):
+    return RoundDriver(
+        FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
+        train_sampler=sampler,
+        evaluate_sampler=None,
+        settings=DriverSettings(
+            num_rounds=rounds, min_train_replies=min_replies, train_timeout_s=0.5
+        ),
+        aggregator=agg,
+        secagg=secagg,
+    )
+
+
+def _clipped_sum(values: list[float], clip: float) -> float:
+    """Σ clip(Δ_i) per coordinate for constant updates Δ_i = v_i·1 of SIZE coordinates:
+    ‖Δ_i‖ = v_i·√SIZE, scaled by min(1, C/‖Δ_i‖)."""
+    return sum(v * min(1.0, clip / (v * math.sqrt(SIZE))) for v in values)
+
+
+def _expected_release(
+    event: RoundEvent, per_coordinate_sum: float, stream: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """``w + (Σ + N(0, σ²))/m`` with σ and m from the ledger event, noise replayed."""
+    noise = SeededNoise(SEED, stream)
+    out = {}
+    for k, v in GLOBAL.items():
+        z = noise.normal(event.noise_std, v.size).reshape(v.shape)
+        out[k] = (v.astype(np.float64) + (per_coordinate_sum + z) / event.cohort).astype(v.dtype)
+    return out
+
+
+def _check_central_release(agg: CentralDp, arrays: dict[str, np.ndarray], summed: float) -> None:
+    (event,) = agg.ledger.events  # exactly one release recorded for the one round
+    expected = _expected_release(event, summed, (1, CENTRAL_NOISE_STREAM))
+    for k in GLOBAL:
+        np.testing.assert_allclose(arrays[k], expected[k], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(arrays["w"], GLOBAL["w"])  # noise was released
+
+
+# ------------------------------------------------------------- central DP, plaintext
+@pytest.mark.parametrize(
+    ("fail", "min_replies", "note"),
+    [
+        (set(), 1, ""),  # success
+        ({1, 2}, 3, "only 1 valid train replies"),  # too few replies: released anyway
+        ({0, 1, 2}, 1, "only 0 valid train replies"),  # nothing arrived: noise on zero
+    ],
+    ids=["success", "too-few-replies", "no-replies"],
+)
+def test_central_round_releases_the_noised_sum_of_what_arrived(
+    fail: set[int], min_replies: int, note: str
+) -> None:
+    agg = CentralDp(_settings(planned_population=3))
+    with InProcessGrid(_app(fail), 3, seed=1) as grid:
+        result = _driver(agg, FixedSizeSampler(1.0, seed=0), min_replies=min_replies).run(
+            grid, GLOBAL
+        )
+    report = result.reports[0]
+    assert report.model_updated and note in report.note
+    arrived = [float(p + 1) for p in range(3) if p not in fail]
+    _check_central_release(agg, result.arrays, _clipped_sum(arrived, 1.0))
+
+
+def test_empty_poisson_cohort_releases_noise_on_a_zero_sum() -> None:
+    with InProcessGrid(_app(), 4, seed=1) as grid:
+        nodes = list(grid.node_ids)
+        # A sampler seed whose round-1 Poisson cohort is empty (probability 0.7^4 each).
+        seed = next(s for s in range(500) if not PoissonSampler(0.3, s).sample(nodes, 1))
+        agg = CentralDp(_settings(sampling=SamplingScheme.poisson, fraction=0.3))
+        result = _driver(agg, PoissonSampler(0.3, seed)).run(grid, GLOBAL)
+        assert not grid.sent  # nothing left the server
+    report = result.reports[0]
+    assert report.train.sampled == 0 and report.model_updated
+    assert "empty cohort" in report.note and "noise" in report.note
+    # m = q·N = 1.2 (expected cohort), as for every other Poisson round.
+    assert agg.ledger.events[0].cohort == pytest.approx(1.2)
+    _check_central_release(agg, result.arrays, 0.0)
+
+
+# ------------------------------------------------------------- under secure aggregation
+class _StubSecAgg:
+    """A secure aggregation whose every round ends with ``outcome``."""
+
+    def __init__(self, outcome: SecAggOutcome) -> None:
+        self.outcome = outcome
+
+    def encoding_bound(self, config: dict[str, Any], key: str) -> float:
+        return 1.0
+
+    def run_round(self, **_: Any) -> SecAggOutcome:
+        return self.outcome
+
+
+def test_abandoned_secure_round_releases_central_noise_on_a_zero_sum() -> None:
+    outcome = SecAggOutcome(decoded=None, note="only 1 masked inputs: model unchanged")
+    agg = CentralDp(_settings(clip_side=ClipSide.client, planned_population=3))
+    with InProcessGrid(_app(), 3, seed=1) as grid:
+        result = _driver(agg, FixedSizeSampler(1.0, seed=0), secagg=_StubSecAgg(outcome)).run(
+            grid, GLOBAL
+        )
+    report = result.reports[0]
+    assert report.model_updated and "model unchanged" not in report.note
+    assert "only 1 masked inputs" in report.note
+    _check_central_release(agg, result.arrays, 0.0)
+
+
+def test_secure_sum_below_min_replies_is_released_with_its_noise() -> None:
+    summed = {k: np.full(v.shape, 0.25) for k, v in GLOBAL.items()}
+    outcome = SecAggOutcome(
+        decoded=DecodedSum(summed, 1.0, 0.0, math.nan, math.nan), num_contributors=1
+    )
+    agg = CentralDp(_settings(clip_side=ClipSide.client, planned_population=3))
+    with InProcessGrid(_app(), 3, seed=1) as grid:
+        driver = _driver(
+            agg, FixedSizeSampler(1.0, seed=0), min_replies=2, secagg=_StubSecAgg(outcome)
+        )
+        result = driver.run(grid, GLOBAL)
+    assert "released the noised sum" in result.reports[0].note
+    _check_central_release(agg, result.arrays, 0.25)
+
+
+def _ddp_settings(
+    population: int, q: float, gate: tuple[int, int] | None = (3, 4)
+) -> ClientDpSettings:
+    plan = DdpPlan(
+        clip=1.0, dim=SIZE, bits=20, noise_multiplier=1.0, max_cohort=4, dropout_tolerance=0.1
+    )
+    return _settings(
+        mode=PrivacyMode.distributed,
+        noise_multiplier=1.0,
+        clip_side=ClipSide.client,
+        accountant=AccountantName.rdp,
+        sampling=SamplingScheme.poisson,
+        fraction=q,
+        planned_population=population,
+        distributed=plan,
+        cohort_gate=gate,
+    )
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        "a cohort of 5 exceeds the 4 clients the distributed-DP ring was sized for",
+        "only 2 masked inputs, distributed DP needs 3",
+    ],
+    ids=["ring-too-small", "abandoned"],
+)
+def test_distributed_dp_abandoned_round_leaves_the_model_and_accounts_the_gate(
+    note: str,
+) -> None:
+    outcome = SecAggOutcome(decoded=None, note=f"{note}: model unchanged")
+    agg = DistributedDp(_ddp_settings(population=6, q=0.5))
+    with InProcessGrid(_app(), 6, seed=1) as grid:
+        result = _driver(agg, PoissonSampler(0.5, seed=2), secagg=_StubSecAgg(outcome)).run(
+            grid, GLOBAL
+        )
+    report = result.reports[0]
+    assert not report.model_updated and note in report.note
+    for k in GLOBAL:
+        np.testing.assert_array_equal(result.arrays[k], GLOBAL[k])
+    (event,) = agg.ledger.events
+    # η = q·(P[Bin(5, q) = 2] + P[Bin(5, q) = 4]) at q = 1/2: (10 + 5)/32 · 1/2.
+    assert event.branch_delta == pytest.approx(15 / 64)
+
+
+# ------------------------------------------------------------- budget stop, resume, rollback
+def test_budget_stop_releases_nothing_after_the_last_accounted_round() -> None:
+    s = _settings(planned_population=3, noise_multiplier=1.0, num_rounds=10)
+    one_round = FederationLedger(1e-5).add(s.round_event(1, 3, 1.0)).epsilon()
+    two_rounds = (
+        FederationLedger(1e-5).add(s.round_event(1, 3, 1.0)).project([s.round_event(2, 3, 1.0)])
+    )
+    agg = CentralDp(s, budget=BudgetGuard((one_round + two_rounds) / 2))
+    with InProcessGrid(_app(), 3, seed=1) as grid:
+        result = _driver(agg, FixedSizeSampler(1.0, seed=0), rounds=10).run(grid, GLOBAL)
+        sent_rounds = {int(d.group_id) for d in grid.sent}
+    assert len(result.reports) == 1 and "before round 2" in result.stopped_early
+    assert sent_rounds == {1} and len(agg.ledger.events) == 1
+    _check_central_release(agg, result.arrays, _clipped_sum([1.0, 2.0, 3.0], 1.0))
+
+
+@pytest.mark.parametrize("generation", [0, 1], ids=["resume", "rollback"])
+def test_redone_round_is_a_new_release_in_the_ledger(generation: int) -> None:
+    s = _settings(planned_population=3)
+    first = CentralDp(s)
+    for rnd in (1, 2):  # rounds 1-2 accounted; the run stopped inside round 2
+        first.begin_round(rnd, 3)
+    agg = CentralDp(s, ledger=first.ledger)
+    # Checkpoint of round 1; a rollback redraws the noise of rounds it redoes.
+    agg.restore_state({"clip": 1.0, "release_offset": 0, "noise_generation": generation}, 1)
+    agg.noise_generation = generation
+    with InProcessGrid(_app(), 3, seed=1) as grid:
+        result = _driver(agg, FixedSizeSampler(1.0, seed=0), rounds=2).run(
+            grid, GLOBAL, start_round=2
+        )
+    assert [e.round for e in agg.ledger.events] == [1, 2, 3]  # never rewound
+    event = agg.ledger.events[-1]
+    stream = (2, CENTRAL_NOISE_STREAM) + ((generation,) if generation else ())
+    expected = _expected_release(event, _clipped_sum([1.0, 2.0, 3.0], 1.0), stream)
+    assert len(result.reports) == 1
+    for k in GLOBAL:
+        np.testing.assert_allclose(result.arrays[k], expected[k], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------- units, by hand
+def test_cohort_gate_delta_by_hand() -> None:
+    # N = 10, q = 0.3, secure aggregation needs 3: x flips the round when the other
+    # nine give exactly 2: q·C(9,2)·q²·(1−q)^7.
+    assert cohort_gate_delta(0.3, 10, 3, None) == pytest.approx(0.3 * 36 * 0.09 * 0.7**7, rel=1e-12)
+    # An upper gate adds q·P[Bin(N−1, q) = high].
+    assert cohort_gate_delta(0.5, 6, 3, 4) == pytest.approx(15 / 64, rel=1e-12)
+    assert cohort_gate_delta(0.5, 6, 0, None) == 0.0
+
+
+def test_epsilon_is_composed_at_delta_minus_the_branches() -> None:
+    q, z, n, rounds = 0.3, 1.5, 10, 4
+    eta = cohort_gate_delta(q, n, 3, None)
+    events = [
+        RoundEvent(r, "poisson", n, q, q * n, z, 1.0, z, branch_delta=eta)
+        for r in range(1, rounds + 1)
+    ]
+    delta = 0.5  # η ≈ 0.08 a round: δ must cover it
+    ledger = FederationLedger(delta, AccountantName.pld, tuple(events))
+    acc = PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    independent = acc.get_epsilon(delta - rounds * eta)
+    assert ledger.epsilon() == pytest.approx(independent, rel=2e-3)
+    # Branches that take all of δ leave no finite guarantee.
+    assert FederationLedger(rounds * eta, AccountantName.pld, tuple(events)).epsilon() == math.inf
+
+
+def test_central_gaussian_release_by_hand() -> None:
+    fixed = np.array([0.5, -1.0, 2.0])
+    out = CentralGaussian(noise_std=2.0, divisor=4.0).release(
+        {"a": np.array([1.0, 1.0, 1.0])}, lambda std, n: std * fixed[:n]
+    )
+    np.testing.assert_allclose(out["a"], [(1 + 1.0) / 4, (1 - 2.0) / 4, (1 + 4.0) / 4])
+    with pytest.raises(ValueError, match="noise_std"):
+        CentralGaussian(0.0, 1.0)
+
+
+def test_ddp_sensitivity_matches_kairouz_theorem_1_by_hand() -> None:
+    # A = 100, d' = 1024, β = e^{-1/2} so √(2 ln 1/β) = 1:
+    # min{(A + √d')², A² + d'/4 + 1·(A + √d'/2)} = min{132², 10000 + 256 + 116} = 10372.
+    assert sensitivity(100.0, 1024, math.exp(-0.5)) == pytest.approx(math.sqrt(10372.0))
+    # β = 0: unconditional rounding, A + √d'.
+    assert sensitivity(100.0, 1024, 0.0) == pytest.approx(132.0)
+
+
+# ------------------------------------------------------------- encoding in the sensitivity
+def test_encoding_slack_bounds_the_worst_rounding_at_the_edge() -> None:
+    # bits=16, C=1 (codec bound B = 1 + 2^-10), n = 4: M = (2^15 − 1) // 4 = 8191 and s
+    # is the largest power of two with B·s <= M − 1 = 8190: 4096 (8192·B > 8190).
+    d = 256
+    codec = FixedPointCodec(bits=16, max_abs=1.0 + 2.0**-10, max_contributors=4)
+    assert codec.scale == 4096.0
+    slack = math.sqrt(d) / 4096.0  # 1/256
+    assert encoding_slack(16, 1.0, d, 4) == pytest.approx(slack)
+    # Worst case at the edge: a norm-C vector whose coordinates sit just above grid
+    # points (255/4096 + tiny), one coordinate completing the norm to exactly C; every
+    # coordinate rounded up (a possible outcome of stochastic rounding).
+    x = np.full(d, (255.0 + 1e-6) / 4096.0)
+    x[0] = math.sqrt(1.0 - float(np.sum(x[1:] ** 2)))
+    assert np.linalg.norm(x) == pytest.approx(1.0, abs=1e-12)
+    worst = np.ceil(x * 4096.0) / 4096.0
+    # 255 coordinates at 256/4096 and one at 443/4096: sqrt(255·256² + 443²)/4096.
+    assert np.linalg.norm(worst) == pytest.approx(math.sqrt(255 * 256**2 + 443**2) / 4096)
+    assert 1.0 + 0.9 * slack < np.linalg.norm(worst) <= 1.0 + slack  # C alone is too small
+    # Any actual encoding of it stays within the post-encoding bound too.
+    for seed in range(5):
+        enc = codec.decode_sum(codec.encode(x, np.random.default_rng(seed)), 1)
+        assert np.linalg.norm(enc) <= 1.0 + slack
+    # The central noise under SecAgg is calibrated to C + slack (fixed cohort of 4).
+    s = _settings(clip_side=ClipSide.client, planned_population=4, encoding=(16, d))
+    event = s.round_event(1, 4, 1.0)
+    assert event.encoding_slack == pytest.approx(slack)
+    assert event.noise_std == pytest.approx(1.3 * (1.0 + 1.0 / 256))
+    agg = CentralDp(s)
+    agg.begin_round(1, 4)
+    out = agg.aggregate_sum(1, {"w": np.zeros(3)}, 4.0, 4, {})
+    assert out.metrics["dp_noise_std_sum"] == pytest.approx(1.3 * (1.0 + 1.0 / 256))
+
+
+# ------------------------------------------------------------- ε against the server
+# The RDP orders at which the bound is evaluated (integer orders: Zhu & Wang's bound
+# holds there); a grid, not a parameter of the mechanism.
+ORDERS = [*range(2, 65), 80, 96, 128, 160, 192, 256]
+
+
+def _ddg_rdp_by_hand(order: int, z: float, tau: float, dim: int) -> float:
+    """[KLS] Proposition 14 (L2 branch), one unsampled round: l = 1/z."""
+    ell = 1.0 / z
+    return min(order * ell**2 / 2 + tau * dim, order / 2 * (ell + math.sqrt(dim) * tau) ** 2)
+
+
+def test_against_server_epsilon_composes_the_rounds_each_client_took_part_in() -> None:
+    s = _ddp_settings(population=6, q=0.5, gate=None)
+    agg = DistributedDp(s)
+    rng = np.random.default_rng(5)
+    counts: dict[str, int] = {}
+    for rnd in range(1, 7):
+        agg.begin_round(rnd, 6)
+        cohort = [n for n in range(6) if rng.random() < 0.5]
+        agg.note_cohort(rnd, cohort)
+        for n in cohort:
+            counts[str(n)] = counts.get(str(n), 0) + 1
+    against = agg.ledger.server_epsilons()
+    assert set(against) == set(counts)
+    plan = s.distributed
+    assert plan is not None
+    orders = ORDERS
+    for client, k in counts.items():
+        rdp = [k * _ddg_rdp_by_hand(a, 1.0, plan.tau, plan.padded) for a in orders]
+        independent, _ = compute_epsilon(orders, rdp, 1e-5)
+        assert against[client] == pytest.approx(independent, rel=1e-3)
+    # Outsiders get amplification: strictly less than the most-sampled client's figure.
+    assert agg.ledger.epsilon() < max(against.values())
+    assert agg.status()["dp_epsilon_server_max"] == pytest.approx(max(against.values()))
+
+
+def test_central_unsampled_epsilon_is_a_composed_gaussian() -> None:
+    s = _settings(planned_population=3)
+    agg = CentralDp(s)
+    for rnd in (1, 2, 3):
+        agg.begin_round(rnd, 3)
+        agg.note_cohort(rnd, [0, 1] if rnd < 3 else [1])
+    acc = PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.GaussianDpEvent(1.3), 2)
+    assert agg.ledger.server_epsilons()["0"] == pytest.approx(acc.get_epsilon(1e-5), rel=2e-3)
+
+
+def test_budget_guard_against_the_server_counts_the_most_sampled_client() -> None:
+    s = _ddp_settings(population=6, q=0.5, gate=None)
+    plan = s.distributed
+    assert plan is not None
+    orders = ORDERS
+
+    def by_hand(k: int) -> float:
+        rdp = [k * _ddg_rdp_by_hand(a, 1.0, plan.tau, plan.padded) for a in orders]
+        return float(compute_epsilon(orders, rdp, 1e-5)[0])
+
+    budget = (by_hand(2) + by_hand(3)) / 2  # room for 2 rounds of one client, not 3
+    agg = DistributedDp(s, budget=BudgetGuard(budget, against_server=True))
+    for rnd in (1, 2):
+        assert agg.begin_round(rnd, 6) is None
+        agg.note_cohort(rnd, [4])
+    reason = agg.begin_round(3, 6)
+    assert reason and "against the server" in reason and "in 2 cohorts" in reason
+    # The same budget against outsiders (amplified) lets round 3 run.
+    outsider = DistributedDp(s, ledger=agg.ledger, budget=BudgetGuard(budget))
+    assert outsider.begin_round(3, 6) is None
