@@ -67,6 +67,7 @@ from fl_app.config.schema import (
     PrivacyMode,
     SecAggMode,
     ThreatModel,
+    metrics_hidden_from_server,
 )
 
 __all__ = [
@@ -854,7 +855,22 @@ def _not_protected(cfg: AppConfig) -> list[str]:
             "Per-institution epsilons differ; the stated record-level epsilon is the largest "
             "reported, and an institution that reported none is not covered."
         )
-    if cfg.secagg.mode is SecAggMode.off:
+    if metrics_hidden_from_server(cfg):
+        public = ["who took part and who dropped out"]
+        if p.mode is PrivacyMode.local:
+            public.append("its partition id, local-DP epsilon and release count")
+        if p.record_level:
+            public.append(
+                "its partition id, record-level epsilon, delta and rounds trained (epsilon is "
+                "a function of the institution's record count)"
+            )
+        items.append(
+            "Per client, the server saw in plaintext only what the protocol needs: "
+            + "; ".join(public)
+            + ". No client's loss, accuracy or example count reached it (no federated "
+            "evaluation under this threat model)."
+        )
+    elif cfg.secagg.mode is SecAggMode.off:
         items.append(
             "Each client's example count (its aggregation weight) and training metrics were "
             "sent to the server in the clear."
