@@ -14,6 +14,8 @@ than the one adding the noise can predict it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -216,3 +218,95 @@ def test_client_app_dpsgd_is_not_reproducible_by_the_server(tmp_path: Path) -> N
     for k in replica:
         assert not np.array_equal(first[k], replica[k]), k
         assert not np.array_equal(first[k], second[k]), k
+
+
+# ------------------------------------------------------------- release and published hash
+
+
+def _finished_run(path: Path, *overrides: str) -> dict[str, Any]:
+    from fl_app.client_app import app as client_app
+    from fl_app.config.compose import compose_config
+    from fl_app.server_app import run_experiment
+    from fl_app.testing import InProcessGrid
+
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "privacy=central",
+            "dataset.num_partitions=3",
+            "num_rounds=1",
+            "train.local_epochs=1",
+            "federated_eval_every=0",
+            *overrides,
+        ],
+    )
+    with InProcessGrid(client_app, 3, seed=cfg.seed) as grid:
+        return run_experiment(grid, cfg, path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def central_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("randomness-runs")
+    _finished_run(base / "default")
+    _finished_run(base / "seeded", "privacy.secure_mode=false")
+    return {"default": base / "default", "seeded": base / "seeded"}
+
+
+def test_seeded_run_is_not_for_release_and_public_export_refuses_it(
+    central_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    from fl_app.export import ExportRefused, export_run
+
+    run = central_runs["seeded"]
+    release = json.loads((run / "summary.json").read_text())["release"]
+    assert release["for_release"] is False and release["status"] == "not for release"
+    assert any("central DP noise" in r and "seed" in r for r in release["reasons"])
+    with pytest.raises(ExportRefused) as info:
+        export_run(run, "public", tmp_path / "pub")
+    assert "not for release" in info.value.reason and "secure_mode=true" in info.value.fix
+    assert not (tmp_path / "pub").exists()
+    # Internal use: the restricted export says so on the card.
+    res = export_run(run, "restricted", tmp_path / "res")
+    assert res.card["release"] == release
+    md = (res.out_dir / "model_card.md").read_text()
+    assert md.startswith("# Model card") and "NOT FOR RELEASE: central DP noise" in md
+    # The default run is releasable, and says so.
+    default = json.loads((central_runs["default"] / "summary.json").read_text())["release"]
+    assert default == {"for_release": True, "status": "for release", "reasons": []}
+
+
+def test_published_config_hash_matches_no_seed_search(
+    central_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The attack of the review: hash the card's config with every seed until one
+    matches. The search finds the run's seed against the unsalted hash (the old card),
+    but nothing matches the published one."""
+    import hashlib
+
+    import yaml
+
+    from fl_app.config.compose import config_to_dict, to_app_config
+    from fl_app.export import export_run
+
+    run = central_runs["default"]
+    summary = json.loads((run / "summary.json").read_text())
+    card = export_run(run, "public", tmp_path / "pub").card
+    manifest = json.loads((tmp_path / "pub" / "MANIFEST.json").read_text())
+    published = card["reproducibility"]["config_hash"]
+    assert published == manifest["source"]["config_hash"]
+    cfg = to_app_config(yaml.safe_load((run / "config.yaml").read_text()))
+    plain = config_to_dict(
+        dataclasses.replace(cfg, resume=None, rollback_to=None, audit_signing_key=None)
+    )
+
+    def hash_with_seed(seed: int) -> str:
+        canonical = json.dumps({**plain, "seed": seed}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    assert hash_with_seed(cfg.seed) == summary["config_hash"]  # the search works...
+    found = {hash_with_seed(s) for s in range(20_000)}
+    assert summary["config_hash"] in found
+    assert published not in found  # ...but not against what is published
+    for f in (tmp_path / "pub").iterdir():
+        assert summary["config_hash"][:16].encode() not in f.read_bytes(), f.name
