@@ -24,13 +24,16 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from scipy import stats
 from sklearn.datasets import load_digits
 
 from fl_app.config.schema import ClientTrainConfig, ModelConfig, ModelName
 from fl_app.models import build_model
 from fl_app.privacy import dpsgd
-from fl_app.privacy.dpsgd import DpSgdSettings, train_dpsgd
+from fl_app.privacy.dpsgd import DpSgdSettings, KeystreamPoissonSampler, train_dpsgd
+from fl_app.privacy.noise import SecureNoise
 from fl_app.weights import flatten, model_to_ndarrays
+from strategies.sampling import FixedSizeSampler, PoissonSampler
 
 # ------------------------------------------------------------------- DP-SGD, unit level
 
@@ -310,3 +313,83 @@ def test_published_config_hash_matches_no_seed_search(
     assert published not in found  # ...but not against what is published
     for f in (tmp_path / "pub").iterdir():
         assert summary["config_hash"][:16].encode() not in f.read_bytes(), f.name
+
+
+# ------------------------------------------------------------------- statistics (d)
+# Unseeded by construction (the sources take no seed), so every bound below is set for
+# a stated false-failure rate; together they fail spuriously less than once in 1e6 runs.
+
+
+def test_keystream_float32_gaussian_has_the_right_moments_and_shape() -> None:
+    """n = 1,000,001 samples (odd: Box-Muller pairs are trimmed). Mean within 6 SE
+    (1/sqrt(n)); std within 6 SE of 1 (SE of the std ~ 1/sqrt(2n)); P(|x| > 3) =
+    0.0026998 (erfc(3/sqrt 2)) within 6 binomial sd; KS against N(0, 1) on 100,000
+    samples, p > 1e-7. Each check's false-failure rate < 2e-9 (KS: 1e-7)."""
+    x = SecureNoise().standard_normal_f32(1_000_001)
+    assert x.dtype == np.float32 and x.shape == (1_000_001,)
+    n = x.size
+    xd = x.astype(np.float64)
+    assert abs(xd.mean()) < 6 / math.sqrt(n)
+    assert abs(xd.std() - 1) < 6 / math.sqrt(2 * n)
+    p3 = math.erfc(3 / math.sqrt(2))
+    tail = float(np.mean(np.abs(xd) > 3))
+    assert abs(tail - p3) < 6 * math.sqrt(p3 * (1 - p3) / n)
+    assert stats.kstest(xd[:100_000], "norm").pvalue > 1e-7
+    # The two halves (cos and sin branches) are uncorrelated: |corr| < 6/sqrt(n/2).
+    h = n // 2
+    assert abs(np.corrcoef(xd[:h], xd[h : 2 * h])[0, 1]) < 6 / math.sqrt(h)
+    assert SecureNoise().standard_normal_f32(0).shape == (0,)
+
+
+def test_keystream_poisson_sampler_keeps_each_record_with_probability_q() -> None:
+    """5 steps over 100,000 records at q = 0.03: per record and step a Bernoulli(q),
+    so the 500,000 flips total Binomial(5e5, 0.03) (mean 15,000, sd 120.6): within 6 sd
+    (false failure < 2e-9); every batch is sorted, distinct and in range; q = 1 keeps
+    every record (like torch.rand's [0, 1))."""
+    s = KeystreamPoissonSampler(
+        num_samples=100_000, sample_rate=0.03, steps=5, source=SecureNoise()
+    )
+    batches = list(s)
+    assert len(batches) == len(s) == 5
+    for b in batches:
+        assert b == sorted(set(b)) and b[0] >= 0 and b[-1] < 100_000
+    total = sum(len(b) for b in batches)
+    assert abs(total - 15_000) < 6 * math.sqrt(5e5 * 0.03 * 0.97)
+    full = KeystreamPoissonSampler(num_samples=1000, sample_rate=1.0, steps=2, source=SecureNoise())
+    assert all(b == list(range(1000)) for b in full)
+
+
+def test_keyed_client_sampling_is_secret_per_run_and_uniform() -> None:
+    """Same key and round: the same cohort (the driver samples the next round ahead);
+    another key, or the seeded sampler with the run's seed: another cohort. Inclusion
+    over 400 rounds of 50-of-200 is Binomial(400, 1/4) per node (sd 8.66): every node
+    within 6 sd (union bound over 200 nodes: false failure < 4e-7). Poisson at 0.3 over
+    400 rounds of 200 nodes: Binomial(80,000, 0.3) within 6 sd (< 2e-9)."""
+    import os
+
+    ids = [2**64 - 1 - 7 * i for i in range(200)]
+    key = os.urandom(32)
+    fixed = FixedSizeSampler(0.25, seed=42, key=key)
+    assert fixed.sample(ids, 5) == fixed.sample(list(reversed(ids)), 5)
+    assert FixedSizeSampler(0.25, seed=42, key=key).sample(ids, 5) == fixed.sample(ids, 5)
+    assert fixed.sample(ids, 5) != FixedSizeSampler(0.25, seed=42, key=os.urandom(32)).sample(
+        ids, 5
+    )
+    assert fixed.sample(ids, 5) != FixedSizeSampler(0.25, seed=42).sample(ids, 5)
+    assert key.hex() not in repr(fixed)
+    counts = dict.fromkeys(ids, 0)
+    for rnd in range(1, 401):
+        cohort = fixed.sample(ids, rnd)
+        assert len(cohort) == 50 == len(set(cohort)) and set(cohort) <= set(ids)
+        for n in cohort:
+            counts[n] += 1
+    assert all(abs(c - 100) < 6 * math.sqrt(400 * 0.25 * 0.75) for c in counts.values())
+    poisson = PoissonSampler(0.3, seed=42, key=key)
+    assert poisson.sample(ids, 9) == poisson.sample(ids, 9)
+    assert poisson.sample(ids, 9) != PoissonSampler(0.3, seed=42).sample(ids, 9)
+    total = sum(len(poisson.sample(ids, r)) for r in range(1, 401))
+    assert abs(total - 24_000) < 6 * math.sqrt(80_000 * 0.3 * 0.7)
+    # Train and evaluate streams under one key are independent draws.
+    assert fixed.sample(ids, 3) != FixedSizeSampler(0.25, 42, stream=1, key=key).sample(ids, 3)
+    with pytest.raises(ValueError, match="32 bytes"):
+        PoissonSampler(0.3, seed=1, key=b"short")
