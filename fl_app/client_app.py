@@ -23,7 +23,8 @@ Two node-config keys are the site's own controls:
                  policy field (``BUDGET_EXHAUSTED`` for ``max_epsilon``, so the server
                  stops asking, else ``CLIENT_REFUSED``).
 ``audit-dir``    the site's hash-chained audit log (:mod:`fl_app.audit`), one file per
-                 run and partition, ``audit-<run key>-partition-<id>.jsonl``. Opened,
+                 run and site, ``audit-<run key>-<site identity>.jsonl`` (``site-<name>``
+                 from node-config ``site-name``, see :func:`site_identity`). Opened,
                  verified, appended and closed per message (deployment starts a process
                  per message). Each train/evaluate instruction that carries a spec leaves
                  ``client.round`` (round, message type, the artifact released, ε,
@@ -73,6 +74,7 @@ from strategies.protocol import (
 __all__ = [
     "AUDIT_DIR_KEY",
     "POLICY_PATH_KEY",
+    "SITE_NAME_KEY",
     "BudgetExhausted",
     "ClientRefusal",
     "PolicyRefusal",
@@ -80,12 +82,16 @@ __all__ = [
     "client_audit_path",
     "handle_evaluate",
     "handle_train",
+    "site_identity",
 ]
 
 log = logging.getLogger("fl_app.client")
 
 AUDIT_DIR_KEY = "audit-dir"
 POLICY_PATH_KEY = "policy-path"
+# The site's stable name (the site YAML's ``name``): names its per-site files.
+SITE_NAME_KEY = "site-name"
+_SAFE_SITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 # A run key becomes part of a file name: anything else (a hostile server's "../x") is
 # logged under "unknown".
 _SAFE_RUN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -277,7 +283,8 @@ def _secagg_refusal(err: Exception) -> ClientRefusal:
     """A secure-aggregation refusal; one resting on a site-policy field names it."""
     field = getattr(err, "field", None)
     if field is not None:
-        return PolicyRefusal(PolicyViolation(field, f"secure aggregation: {err}"))
+        detail = getattr(err, "detail", str(err))
+        return PolicyRefusal(PolicyViolation(field, f"secure aggregation: {detail}"))
     return ClientRefusal(f"secure aggregation: {err}")
 
 
@@ -701,9 +708,51 @@ def _audit_names(run_key: str, partition_id: object) -> tuple[str, str]:
     return key, pid
 
 
-def client_audit_path(directory: str | Path, run_key: str, partition_id: object) -> Path:
-    """``<directory>/audit-<run key>-partition-<id>.jsonl`` (unsafe parts become "unknown")."""
-    key, pid = _audit_names(run_key, partition_id)
+def site_identity(node_config: Any) -> str:
+    """The stable name of this site for its own files (audit log), from its node config.
+
+    ``site-<name>`` from ``site-name`` (the site YAML's ``name``, set by ``fl-app deploy
+    node-config``); else, for a site training on its own file (``data-path``),
+    ``data-<hash of the file's absolute path>``; else the simulated partition,
+    ``partition-<id>``. Deployed sites all have partition id 0, so naming their files by
+    partition made sites that share a directory collide (issue 17).
+    """
+    import hashlib
+
+    name = node_config.get(SITE_NAME_KEY)
+    if name is not None and name != "":
+        if not _SAFE_SITE_NAME.fullmatch(str(name)):
+            raise ClientRefusal(
+                f"node-config {SITE_NAME_KEY}={name!r} must be 1-64 letters, digits, '_', "
+                "'-' or '.' (not starting with '.'): it names this site's files"
+            )
+        return f"site-{name}"
+    data_path = node_config.get("data-path")
+    if data_path:
+        digest = hashlib.sha256(str(Path(str(data_path)).resolve()).encode()).hexdigest()
+        return f"data-{digest[:16]}"
+    try:
+        pid = int(node_config.get("partition-id", 0))
+    except (TypeError, ValueError) as err:
+        raise ClientRefusal(
+            f"node-config partition-id must be an integer, got {node_config.get('partition-id')!r}"
+        ) from err
+    return f"partition-{pid}"
+
+
+def client_audit_path(directory: str | Path, run_key: str, site: object) -> Path:
+    """``<directory>/audit-<run key>-<site identity>.jsonl``.
+
+    ``site`` is a :func:`site_identity` string, or a simulated partition id (an int:
+    ``partition-<id>``). Unsafe parts become "unknown".
+    """
+    if isinstance(site, str) and (
+        site.startswith(("site-", "data-", "partition-"))
+        and _SAFE_SITE_NAME.fullmatch(site.split("-", 1)[1])
+    ):
+        key = run_key if _SAFE_RUN_KEY.fullmatch(run_key) else "unknown"
+        return Path(directory) / f"audit-{key}-{site}.jsonl"
+    key, pid = _audit_names(run_key, site)
     return Path(directory) / f"audit-{key}-partition-{pid}.jsonl"
 
 
@@ -735,7 +784,8 @@ class _ClientAudit:
             spec = None  # the handler refuses it; the refusal is still logged
         run_key = spec.run_key if spec is not None else ""
         key, pid = _audit_names(run_key, context.node_config.get("partition-id", 0))
-        path = client_audit_path(str(directory), key, pid)
+        site = site_identity(context.node_config)
+        path = client_audit_path(str(directory), key, site)
         try:
             audit_log = AuditLog(path)
         except (AuditError, OSError) as err:
@@ -747,7 +797,7 @@ class _ClientAudit:
             if audit_log.records == 0:
                 audit_log.append(
                     "run.start",
-                    {"role": "client", "run_key": key, "partition": pid},
+                    {"role": "client", "run_key": key, "partition": pid, "site": site},
                 )
             artifact = None
             if spec is not None:

@@ -159,13 +159,14 @@ class SecAggStageError(Exception):
     ClientApp can send it as a structured policy refusal.
     """
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.field = field
+        self.detail = detail or message
 
     @classmethod
     def from_violation(cls, err: PolicyViolation) -> SecAggStageError:
-        return cls(err.message, err.field)
+        return cls(str(err), err.field, err.message)
 
 
 def _progress(context: Context) -> tuple[int, int]:

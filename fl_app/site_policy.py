@@ -185,12 +185,13 @@ class SitePolicy:
                 f"{params.min_survivors}); the site allows at most "
                 f"{self.secagg_max_dropout_tolerance:g} of the cohort",
             )
-        if params.corrupt_fraction < self.secagg_min_corrupt_fraction - 1e-12:
+        # What the thresholds rest on is the count C, not the fraction stated.
+        if params.max_corrupt < math.floor(self.secagg_min_corrupt_fraction * n + 1e-12):
             raise PolicyViolation(
                 "secagg_min_corrupt_fraction",
-                f"the round's thresholds assume corrupt_fraction="
-                f"{params.corrupt_fraction:g}; the site requires at least "
-                f"{self.secagg_min_corrupt_fraction:g}",
+                f"the round's thresholds assume {params.max_corrupt} of {n} clients collude "
+                f"with the server; the site requires at least "
+                f"floor({self.secagg_min_corrupt_fraction:g} * {n})",
             )
 
     def check_ddp(self, *, cohort: int, min_survivors: int, share_std: float, bound: float) -> None:

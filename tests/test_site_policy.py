@@ -240,3 +240,94 @@ def test_max_epsilon_policy_refuses_a_round_without_client_side_accounting(tmp_p
         refusal["policy_field"] == "max_epsilon"
         and "no client-side accounting" in refusal["reason"]
     )
+
+
+# ----------------------------------------------------- secure-aggregation floor
+def test_secagg_floor_parses_and_refuses_bad_values(tmp_path: Path) -> None:
+    p = parse_policy(
+        {
+            "secagg_max_dropout_tolerance": 0.25,
+            "secagg_min_corrupt_fraction": 0.2,
+            "secagg_min_security_bits": 60,
+            "secagg_min_correctness_bits": 30,
+            "secagg_allow_custom_params": True,
+            "ddp_min_noise_multiplier": 0.7,
+        }
+    )
+    assert (p.secagg_max_dropout_tolerance, p.secagg_min_corrupt_fraction) == (0.25, 0.2)
+    assert (p.secagg_min_security_bits, p.secagg_min_correctness_bits) == (60, 30)
+    assert p.secagg_allow_custom_params and p.ddp_min_noise_multiplier == 0.7
+    # Safe defaults without any file: the project's own secagg defaults pass them.
+    d = SitePolicy()
+    assert (d.secagg_max_dropout_tolerance, d.secagg_min_corrupt_fraction) == (0.5, 0.1)
+    assert (d.secagg_min_security_bits, d.secagg_min_correctness_bits) == (40, 20)
+    assert not d.secagg_allow_custom_params and d.ddp_min_noise_multiplier is None
+    for bad in (
+        {"secagg_max_dropout_tolerance": 1.0},
+        {"secagg_min_corrupt_fraction": -0.1},
+        {"secagg_min_security_bits": 1.5},
+        {"secagg_allow_custom_params": "yes"},
+        {"ddp_min_noise_multiplier": 0},
+    ):
+        with pytest.raises(PolicyError, match=f"`{next(iter(bad))}`"):
+            parse_policy(bad)
+
+
+def test_secagg_floor_decisions_on_worked_examples() -> None:
+    from fl_app.secagg.graph import custom_params, derive_params
+
+    site = SitePolicy()
+    # ceil((1 - 0.5) * 10) = 5; ceil(0.5 * 3) = 2; never below 2.
+    assert [site.survivor_floor(n) for n in (10, 3, 2, 1)] == [5, 2, 2, 2]
+    site.check_secagg_params(derive_params(10, mode="secaggplus"))  # the project default
+    with pytest.raises(PolicyViolation) as info:
+        site.check_secagg_params(derive_params(10, mode="secagg", corrupt_fraction=0.0))
+    assert info.value.field == "secagg_min_corrupt_fraction"
+    with pytest.raises(PolicyViolation) as info:
+        site.check_secagg_params(derive_params(100, security_bits=20))
+    assert info.value.field == "secagg_min_security_bits"
+    # A custom (k, t) only with the opt-in, and then 2t > k + 1 exactly: n = 6, k = 5 is
+    # the complete graph; t = 3 gives 2t = 6 = k + 1 (refused by custom_params itself
+    # now, and by the site a second time), t = 4 is the smallest valid threshold.
+    opted = SitePolicy(secagg_allow_custom_params=True)
+    with pytest.raises(PolicyViolation) as info:
+        site.check_secagg_params(custom_params(6, 5, 4, max_dropouts=1))
+    assert info.value.field == "secagg_allow_custom_params"
+    opted.check_secagg_params(custom_params(6, 5, 4, max_dropouts=1))
+    from fl_app.secagg.graph import SecAggConfigError
+
+    with pytest.raises(SecAggConfigError, match="4 <= t <= 6"):
+        custom_params(6, 5, 3, max_dropouts=1)
+    # Distributed DP: n_min = 4 of 10 is below ceil(0.5 * 10) = 5; z = 0.4 * sqrt(9) / 1.0.
+    with pytest.raises(PolicyViolation, match="4 of 10"):
+        site.check_ddp(cohort=10, min_survivors=4, share_std=1.0, bound=1.0)
+    strict = SitePolicy(ddp_min_noise_multiplier=1.3)
+    with pytest.raises(PolicyViolation) as info:
+        strict.check_ddp(cohort=10, min_survivors=9, share_std=0.4, bound=1.0)  # z = 1.2
+    assert info.value.field == "ddp_min_noise_multiplier"
+    strict.check_ddp(cohort=10, min_survivors=9, share_std=0.5, bound=1.0)  # z = 1.5
+
+
+def test_secagg_policy_refusal_reaches_the_server_as_a_structured_error(tmp_path: Path) -> None:
+    # Every site demands 60 security bits; the server derives 40-bit parameters. (Key
+    # exchange stages carry no run key, so they are not in the site's own audit log.)
+    cfg = _cfg("secagg=secaggplus", "secagg.clip=2.0", "secagg.stage_timeout_s=5", "num_rounds=1")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("secagg_min_security_bits: 60\n")
+
+    def node_config(pid: int, num: int) -> dict[str, Any]:
+        return {"partition-id": pid, "num-partitions": num, POLICY_PATH_KEY: str(policy)}
+
+    grid = InProcessGrid(client_app, 3, seed=cfg.seed, node_config_fn=node_config)
+    try:
+        run_experiment(grid, cfg, tmp_path / "run", progress=False)
+    finally:
+        grid.close()
+    (line,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not line["model_updated"] and "abandoned" in line["note"]
+    assert len(line["failures"]) == 3
+    assert all(
+        f"client error (code {CLIENT_REFUSED}): site policy `secagg_min_security_bits`"
+        in f["reason"]
+        for f in line["failures"]
+    ), line["failures"]

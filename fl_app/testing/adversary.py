@@ -258,7 +258,12 @@ def weaker_params(
             k, t = custom
             try:
                 raw = custom_params(
-                    honest.num_clients, k, t, max_dropouts=honest.max_dropouts, mode=honest.mode
+                    honest.num_clients,
+                    k,
+                    t,
+                    max_dropouts=honest.max_dropouts,
+                    max_corrupt=honest.max_corrupt,
+                    mode=honest.mode,
                 ).to_config()
             except ValueError:
                 raw = {

@@ -1,0 +1,299 @@
+"""A deviating server against real secure-aggregation clients: every lie is refused.
+
+The server side is the real :class:`~strategies.secagg.SecureAggregation`; each lie
+(:mod:`fl_app.testing.adversary`) rewrites its instructions before they reach clients
+that run the ClientApp's own stage handlers (:func:`fixed_update_client`: the same
+``handle_key_stage`` and ``MaskedInputStage`` the ClientApp calls). Guarantees:
+
+* stage-4 lists are checked against the cohort received at stage 2: padded ids,
+  repeated ids and neighbours that never shared are refused, and survivors are
+  counted against the client's own floor, not the server's word;
+* parameters weaker than the site's floor (security bits, dropout tolerance, assumed
+  colluders, hand-picked ``(k, t)``, distributed DP's ``n_min``) are refused at the
+  stage that carries them, with the policy field named;
+* a split view of who dropped never yields ``t`` shares of both secrets of a node;
+* a replayed or out-of-order round is refused;
+* ``b_u``, ``s_sk_u`` and ``c_sk_u`` leave ``Context.state`` when the masked input is
+  built, everything after stage 4, and nothing of a round outlives an abandoned round
+  but the shares its unmask would have needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from fl_app.secagg.graph import GraphMode, derive_params
+from fl_app.secagg.vector import unpack_ids
+from fl_app.site_policy import SitePolicy
+from fl_app.testing import InProcessGrid
+from fl_app.testing.adversary import (
+    AdversarialServer,
+    claim_dropout,
+    pad_survivors,
+    split_view,
+    weaker_params,
+)
+from fl_app.testing.secagg_client import fixed_update_client
+from strategies.protocol import (
+    SECAGG_DDP,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_KEY_NODES,
+    SECAGG_REPLY_SELF_MASK_NODES,
+)
+from strategies.secagg import SecAggSettings
+
+N = 10
+DIM = 16
+RNG = np.random.default_rng(16)
+UPDATES = {}
+
+
+def _update(node: int) -> dict[str, np.ndarray]:
+    if node not in UPDATES:
+        u = RNG.normal(size=DIM)
+        UPDATES[node] = {"w": (0.9 * u / np.linalg.norm(u)).astype(np.float32)}
+    return UPDATES[node]
+
+
+def _server(policy: SitePolicy | None = None, n: int = N, **settings: object) -> Iterator:
+    grid = InProcessGrid(fixed_update_client(_update, policy=policy), n, seed=n)
+    kw: dict = {"mode": GraphMode.secaggplus, "clip": 1.0, "stage_timeout_s": 5.0}
+    kw.update(settings)
+    server = AdversarialServer(grid, SecAggSettings(**kw))
+    try:
+        yield server
+    finally:
+        grid.close()
+
+
+@pytest.fixture
+def server() -> Iterator[AdversarialServer]:
+    yield from _server()
+
+
+ARRAYS = {"w": np.zeros(DIM, np.float32)}
+
+
+def _exact(server: AdversarialServer, nodes: list[int]) -> np.ndarray:
+    return np.sum([_update(v)["w"].astype(np.float64) for v in nodes], axis=0)
+
+
+def test_honest_rounds_through_the_harness_are_exact(server: AdversarialServer) -> None:
+    for rnd in (1, 2):
+        out = server.run_round(rnd, ARRAYS, last_round=3)
+        assert out.decoded is not None, out.note
+        got = out.decoded.update["w"]
+        assert np.allclose(got, _exact(server, server.grid.node_ids), atol=1e-5)
+
+
+# ------------------------------------------------------------- stage-4 lists
+def test_survivor_list_padded_with_outside_ids_is_refused(server: AdversarialServer) -> None:
+    params = derive_params(N, mode="secaggplus", dropout_tolerance=0.2)
+    floor = params.min_survivors  # 8 of 10
+    fakes = [2**40 + i for i in range(floor)]  # enough to pass any count
+    out = server.run_round(1, ARRAYS, [pad_survivors(fakes, keep=floor - 1)])
+    assert out.decoded is None
+    refusals = server.refusals(1, 4)
+    assert len(refusals) == len(server.sent(1, 4)) > 0
+    assert all("not in the cohort" in r for r in refusals.values()), refusals
+
+
+def test_survivor_list_with_repeated_ids_is_refused(server: AdversarialServer) -> None:
+    def repeat(stage: int, node: int, config: dict) -> dict:
+        if stage == 4:
+            ids = unpack_ids(config["fl-app.secagg.survivors"])
+            config["fl-app.secagg.survivors"] = np.asarray(ids + ids[:3], ">u8").tobytes()
+        return config
+
+    out = server.run_round(1, ARRAYS, [repeat])
+    assert out.decoded is None
+    assert all("listed twice" in r for r in server.refusals(1, 4).values())
+
+
+def test_a_client_listed_as_dropout_after_its_input_arrived_reveals_nothing(
+    server: AdversarialServer,
+) -> None:
+    target = server.grid.node_ids[0]
+    out = server.run_round(1, ARRAYS, [claim_dropout(target)])
+    assert out.decoded is None  # the target refuses; nobody returns its b-shares
+    assert "not listed as a survivor" in server.refusals(1, 4)[target]
+    b_holders = _share_senders(server, 1, target, SECAGG_REPLY_SELF_MASK_NODES)
+    assert b_holders == set()
+
+
+def _share_senders(server: AdversarialServer, rnd: int, node: int, key: str) -> set[int]:
+    """Clients whose stage-4 reply handed the server a share of ``node``'s secret."""
+    out = set()
+    for e in server.sent(rnd, 4):
+        if e.reply is None or e.reply.has_error():
+            continue
+        rec = e.reply.content.config_records[SECAGG_RECORD_KEY]
+        if node in unpack_ids(rec[key]):
+            out.add(e.node)
+    return out
+
+
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_split_view_never_yields_both_secrets_of_a_node(split: int) -> None:
+    # Complete graph on 10 (k = 9, t = 8): tell `split` holders that the target dropped.
+    for server in _server(mode=GraphMode.secagg):
+        target = server.grid.node_ids[0]
+        others = [v for v in server.grid.node_ids if v != target]
+        server.run_round(1, ARRAYS, [split_view(target, others[:split])])
+        params = derive_params(N, mode="secagg", dropout_tolerance=0.2)
+        b = _share_senders(server, 1, target, SECAGG_REPLY_SELF_MASK_NODES)
+        s = _share_senders(server, 1, target, SECAGG_REPLY_KEY_NODES)
+        assert not b & s  # an honest client answers for one secret of a node only
+        assert len(b) + len(s) <= params.degree + 1 < 2 * params.threshold
+        assert min(len(b), len(s)) < params.threshold
+
+
+def test_neighbour_that_never_shared_cannot_be_listed(server: AdversarialServer) -> None:
+    # The server drops node 0's stage-2 shares on their way to everyone but lists 0 as
+    # a survivor at stage 4: its neighbours never got its shares, so 0 is not in U2.
+    target = server.grid.node_ids[0]
+
+    def withhold(stage: int, node: int, config: dict) -> dict:
+        if stage != 3:
+            return config
+        senders = unpack_ids(config["fl-app.secagg.nodes"])
+        if target in senders:
+            i = senders.index(target)
+            raw = config["fl-app.secagg.ciphertexts"]
+            size = len(raw) // len(senders)
+            config["fl-app.secagg.nodes"] = np.asarray(
+                senders[:i] + senders[i + 1 :], ">u8"
+            ).tobytes()
+            config["fl-app.secagg.ciphertexts"] = raw[: i * size] + raw[(i + 1) * size :]
+        return config
+
+    server.run_round(1, ARRAYS, [withhold])
+    refusals = server.refusals(1, 4)
+    assert refusals and all("never sent this client their shares" in r for r in refusals.values())
+
+
+# ------------------------------------------------------------ weaker parameters
+STRICT = SitePolicy(secagg_max_dropout_tolerance=0.2)
+
+
+@pytest.mark.parametrize(
+    ("lie", "field", "policy"),
+    [
+        (weaker_params(security_bits=10), "secagg_min_security_bits", None),
+        (weaker_params(corrupt_fraction=0.0), "secagg_min_corrupt_fraction", None),
+        (weaker_params(dropout_tolerance=0.3), "secagg_max_dropout_tolerance", STRICT),
+        (weaker_params(custom=(4, 3)), "secagg_allow_custom_params", None),
+    ],
+    ids=["security-bits", "corrupt-fraction", "dropout-tolerance", "custom"],
+)
+def test_weaker_parameters_are_refused_at_stage_2(
+    lie: object, field: str, policy: SitePolicy | None
+) -> None:
+    for server in _server(policy):
+        # The honest parameters pass the same site's policy.
+        assert server.run_round(1, ARRAYS, last_round=3).decoded is not None
+        out = server.run_round(2, ARRAYS, [lie], last_round=3)  # type: ignore[list-item]
+        assert out.decoded is None
+        refusals = server.refusals(2, 2)
+        assert len(refusals) == N
+        assert all(f"site policy `{field}`" in r for r in refusals.values()), refusals
+
+
+def test_custom_threshold_with_2t_equal_k_plus_1_is_refused_even_when_opted_in() -> None:
+    # n = 6, complete graph k = 5, t = 3: 2t = k + 1, two disjoint sets of 3 honest
+    # holders (one per secret) would hand the server a client's input.
+    for server in _server(SitePolicy(secagg_allow_custom_params=True), n=6, mode=GraphMode.secagg):
+        out = server.run_round(1, ARRAYS, [weaker_params(custom=(5, 3))])
+        assert out.decoded is None
+        assert all("2t > degree+1" in r for r in server.refusals(1, 2).values())
+    # Opted in, valid custom parameters (k = 5, t = 4) run.
+    for server in _server(SitePolicy(secagg_allow_custom_params=True), n=6, mode=GraphMode.secagg):
+        out = server.run_round(1, ARRAYS, [weaker_params(custom=(5, 4))])
+        assert out.decoded is not None, out.note
+
+
+def test_distributed_dp_n_min_below_the_site_floor_is_refused_at_stage_3() -> None:
+    from fl_app.privacy.distributed import DdpPlan
+
+    plan = DdpPlan(
+        clip=1.0, dim=DIM, bits=32, noise_multiplier=1.0, max_cohort=N, dropout_tolerance=0.2
+    )
+
+    def fewer(stage: int, node: int, config: dict) -> dict:
+        if stage == 3:
+            raw = json.loads(config[SECAGG_DDP])
+            # 4 of 10 survivors, shares scaled up to keep the stated sigma: a server
+            # that would unmask a sum of 4 inputs (more than half may drop).
+            raw["share_std"] *= math.sqrt(raw["min_survivors"] / 4)
+            raw["min_survivors"] = 4
+            config[SECAGG_DDP] = json.dumps(raw, sort_keys=True)
+        return config
+
+    for server in _server(bits=32):
+        server.ddp = plan
+        server.__post_init__()
+        out = server.run_round(1, ARRAYS, [fewer])
+        assert out.decoded is None
+        refusals = server.refusals(1, 3)
+        assert len(refusals) == N
+        assert all("secagg_max_dropout_tolerance" in r for r in refusals.values())
+    for server in _server(SitePolicy(ddp_min_noise_multiplier=2.0), bits=32):
+        server.ddp = plan  # z = 1 < 2
+        server.__post_init__()
+        server.run_round(1, ARRAYS)
+        assert all("ddp_min_noise_multiplier" in r for r in server.refusals(1, 3).values())
+
+
+# -------------------------------------------------------------- round order
+def test_replayed_and_out_of_order_rounds_are_refused(server: AdversarialServer) -> None:
+    for rnd in (1, 2):
+        assert server.run_round(rnd, ARRAYS, last_round=4).decoded is not None
+    stage1 = server.sent(1, 1)[0]
+    stage3 = server.sent(2, 3)[0]
+    stage4 = server.sent(2, 4)[0]
+    assert "moved on to round" in str(server.replay(stage1).refusal)
+    assert "already sent its masked input for round 2" in str(server.replay(stage3).refusal)
+    assert server.replay(stage4).refusal is not None
+    # Re-running round 2 from stage 1 (fresh keys, a new cohort) is refused too.
+    rerun = server.replay(stage1, {"server-round": 2})
+    assert "already sent its masked input for round 2" in str(rerun.refusal)
+    # The run goes on: round 3 still works for everyone.
+    out = server.run_round(3, ARRAYS, last_round=4)
+    assert out.decoded is not None and out.num_contributors == N, out.note
+
+
+# ---------------------------------------------------------------- secrets
+SECRETS = {"b", "c_sk", "s_sk", "enc_keys"}
+
+
+def test_round_secrets_leave_the_state_as_soon_as_they_are_used() -> None:
+    for server in _server(key_rounds=1):
+        out = server.run_round(1, ARRAYS, last_round=2)
+        assert out.decoded is not None
+        for node in server.grid.node_ids:
+            assert server.state_after[(1, 1, node)] == frozenset()  # keys in the key store
+            after2 = server.state_after[(1, 2, node)]
+            assert SECRETS - {"enc_keys"} <= after2  # needed to mask
+            after3 = server.state_after[(1, 3, node)]
+            assert not after3 & SECRETS and "shares" in after3  # shares kept for stage 4
+            assert server.state_after[(1, 4, node)] == frozenset()
+
+
+def test_an_abandoned_round_leaves_no_key_or_seed(server: AdversarialServer) -> None:
+    # Stage 4 never reaches anyone (the server abandons after stage 3).
+    victims = server.grid.node_ids[:3]
+    for v in victims:  # too many stage-3 dropouts: abandoned before unmasking
+        server.grid.drop_at(v, message_type="train", nth=3)
+    out = server.run_round(1, ARRAYS, last_round=3)
+    assert out.decoded is None and "abandoned" in out.note
+    from fl_app.secagg_stages import STATE_KEY
+
+    for node in server.grid.node_ids:
+        record = server.grid.context(node).state.get(STATE_KEY)
+        keys = set(record.keys()) if record is not None else set()
+        assert not keys & SECRETS, (node, keys)
