@@ -43,7 +43,7 @@ from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, parse_overrides
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
-from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.ledger import FederationLedger, branch_delta_total, unsampled_epsilon
 from fl_app.privacy.noise import release_status
 from fl_app.rundir import (
     AuditTrail,
@@ -546,10 +546,16 @@ def _client_level_summary(
         rdp = ledger.epsilon(Accountant.rdp.value) if s.accountant.value != "rdp" else eps
     except (AccountingError, ValueError):  # a cross-check never fails the run
         rdp = None
+    against = _against_server_summary(aggregator)
     return {
         "epsilon": eps,
         "delta": s.delta,
+        "epsilon_against_server": against["epsilon_max_over_clients"],
         "client_level": {
+            "epsilon_against_outsiders": eps,
+            "against_server": against,
+            # δ taken by sampling-dependent branches (docs/privacy-branches.md).
+            "delta_branches": branch_delta_total(ledger.events),
             **base,
             "mechanism": (
                 "distributed DP: discrete Gaussian shares under secure aggregation "
@@ -573,6 +579,37 @@ def _client_level_summary(
                 else "add or remove one client"
             ),
         },
+    }
+
+
+def _against_server_summary(aggregator: CentralDp) -> dict[str, Any]:
+    """ε against the server: no sampling amplification, the server picks the cohort.
+
+    Distributed DP: each client's rounds in the cohort composed (the maximum over
+    clients, and the planned worst case of a client in every round). Central DP: none,
+    the server adds the noise after seeing the clipped updates (or their sum).
+    """
+    s = aggregator.settings
+    ledger = aggregator.ledger
+    if s.distributed is None:
+        return {
+            "epsilon_max_over_clients": None,
+            "note": "central DP: the server adds the noise after seeing the clipped updates "
+            "(or, under secure aggregation, their exact sum), so the guarantee holds against "
+            "outsiders only",
+        }
+    template = s.round_event(1, s.planned_population, s.clip)
+    per_client = ledger.server_epsilons()
+    counts = dict(ledger.participation)
+    return {
+        "epsilon_max_over_clients": max(per_client.values(), default=0.0),
+        "rounds_max_over_clients": max(counts.values(), default=0),
+        "epsilon_planned_worst_case": unsampled_epsilon(
+            template, s.num_rounds, s.delta, s.accountant
+        ),
+        "clients_counted": len(counts),
+        "note": "composition of the rounds each client was in the cohort of, without "
+        "amplification: the server samples and messages the cohort",
     }
 
 
@@ -725,7 +762,10 @@ def _privacy_note(cfg: AppConfig) -> str:
             "client-level distributed DP: each client clipped, rotated and rounded its update "
             "and added a discrete Gaussian share (CSPRNG) before masking, so the sum the server "
             "unmasked was already DP; clients colluding with the server can subtract their own "
-            "shares (the guarantee assumes the calibrated minimum of honest survivors)"
+            "shares (the guarantee assumes the calibrated minimum of honest survivors); "
+            "'epsilon' is against outsiders, who do not know the cohorts (Poisson "
+            "amplification); against the server, which picks them, it is "
+            "'epsilon_against_server' (each client's rounds composed without amplification)"
         )
     if p.record_level:
         parts.append("record-level DP-SGD per institution (record_level epsilon per client)")

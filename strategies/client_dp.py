@@ -63,6 +63,7 @@ from fl_app.privacy.ledger import (
     SamplingScheme,
     calibrate_round_noise,
     local_epsilon,
+    unsampled_epsilon,
 )
 from fl_app.privacy.mechanisms import CentralGaussian, cohort_gate_delta, encoding_slack
 from fl_app.privacy.noise import noise_source
@@ -1001,7 +1002,9 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
             f"std on the mean {ddp.gamma * ddp.sigma / m:.4g}; "
             f"{ddp.bandwidth_bytes():,} bytes per client upload",
             f"projection: {s.num_rounds} planned rounds -> epsilon {eps:.4g} at delta={s.delta:g} "
-            "(RDP bound of Kairouz et al. 2021 with Zhu & Wang's Poisson amplification)",
+            "against outsiders (RDP bound of Kairouz et al. 2021 with Zhu & Wang's Poisson "
+            "amplification; the cohorts are secret from them)",
+            *against_server_lines(s),
         ]
         return lines + _budget_lines(s)
     lines = [
@@ -1014,10 +1017,54 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
     return lines + _budget_lines(s)
 
 
+def server_rounds_within_budget(s: ClientDpSettings) -> int:
+    """How many cohorts one client may join before its ε against the server passes
+    ``max_epsilon`` (all planned rounds without a budget)."""
+    template = s.round_event(1, s.planned_population, s.clip)
+    if s.max_epsilon is None:
+        return s.num_rounds
+    low, high = 0, s.num_rounds
+    while low < high:
+        mid = (low + high + 1) // 2
+        if unsampled_epsilon(template, mid, s.delta, s.accountant) <= s.max_epsilon:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def against_server_lines(s: ClientDpSettings) -> list[str]:
+    """ε against the server, which picks and messages each cohort (no amplification)."""
+    template = s.round_event(1, s.planned_population, s.clip)
+    expected = max(1, math.ceil(s.fraction * s.num_rounds))
+
+    def eps(k: int) -> float:
+        return unsampled_epsilon(template, k, s.delta, s.accountant)
+
+    return [
+        "against the server (it picks the cohort, so sampling amplifies nothing): a client "
+        f"in 1 cohort reaches epsilon {eps(1):.4g}, in {expected} (q*rounds, the expected "
+        f"count) {eps(expected):.4g}; planned worst case, a client in all {s.num_rounds} "
+        f"rounds: {eps(s.num_rounds):.4g}"
+    ]
+
+
 def _budget_lines(s: ClientDpSettings) -> list[str]:
     """The federation budget's verdict on the planned rounds (central and distributed)."""
     if s.max_epsilon is None:
         return []
+    if s.distributed is not None:
+        k = server_rounds_within_budget(s)
+        return [
+            f"budget: max_epsilon={s.max_epsilon:g} against the server (privacy.threat_model="
+            f"distributed_dp) allows one client {k} cohorts: "
+            + (
+                "all planned rounds fit"
+                if k >= s.num_rounds
+                else f"the run stops before a round in which a client already in {k} cohorts "
+                "could be sampled again"
+            )
+        ]
     k = rounds_within_budget(s)
     verdict = (
         "all planned rounds fit"

@@ -29,6 +29,7 @@ from typing import Any
 import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.rdp import compute_epsilon
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from scipy import stats
@@ -481,6 +482,22 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     ledger = FederationLedger.from_json((run / "privacy_ledger.json").read_text())
     assert [e.mechanism for e in ledger.events] == ["ddg"] * 3
     assert summary["privacy"]["epsilon"] == pytest.approx(ledger.epsilon())
+    # Against the server: every client was in all 3 cohorts; 3 unsampled rounds of
+    # [KLS] Proposition 14 (L2 branch) composed by hand and converted by dp-accounting.
+    assert dict(ledger.participation) == {str(n): 3 for n in grid.node_ids}
+    event = ledger.events[-1]
+    tau, dim, ell = event.ddg_tau, event.ddg_dimension, 1.0 / event.noise_multiplier
+    assert tau is not None and dim is not None
+    orders = [*range(2, 65), 80, 96, 128, 160, 192, 256]
+    rdp = [
+        3 * min(a * ell**2 / 2 + tau * dim, a / 2 * (ell + math.sqrt(dim) * tau) ** 2)
+        for a in orders
+    ]
+    by_hand = compute_epsilon(orders, rdp, cfg.privacy.delta)[0]
+    assert summary["privacy"]["epsilon_against_server"] == pytest.approx(by_hand, rel=1e-6)
+    against = summary["privacy"]["client_level"]["against_server"]
+    assert against["rounds_max_over_clients"] == 3
+    assert against["epsilon_planned_worst_case"] == pytest.approx(by_hand, rel=1e-6)
     bandwidth = summary["bandwidth"]
     assert bandwidth["bits"] == 16
     # The mean over rounds (round 1 also carries the key pairs advertised ahead).

@@ -40,6 +40,7 @@ from strategies.client_dp import (
     CentralDp,
     ClientDpSettings,
     DistributedDp,
+    projection_lines,
 )
 from strategies.driver import DriverSettings, RoundDriver
 from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
@@ -445,3 +446,15 @@ def test_budget_guard_against_the_server_counts_the_most_sampled_client() -> Non
     # The same budget against outsiders (amplified) lets round 3 run.
     outsider = DistributedDp(s, ledger=agg.ledger, budget=BudgetGuard(budget))
     assert outsider.begin_round(3, 6) is None
+
+
+def test_dry_run_projection_states_both_parties() -> None:
+    s = _ddp_settings(population=6, q=0.5, gate=None)
+    plan = s.distributed
+    assert plan is not None
+    lines = "\n".join(projection_lines(s))
+    assert "against outsiders" in lines and "against the server" in lines
+    # Planned worst case: a client in all 3 rounds, unamplified, by hand.
+    rdp = [3 * _ddg_rdp_by_hand(a, 1.0, plan.tau, plan.padded) for a in ORDERS]
+    worst = compute_epsilon(ORDERS, rdp, 1e-5)[0]
+    assert f"a client in all 3 rounds: {worst:.4g}" in lines
