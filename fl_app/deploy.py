@@ -316,6 +316,11 @@ def create_node_key(
 
 _SITE_KEYS = {"name", "data", "partition", "dp_state_dir", "extra"}
 _FORMATS = ("npz", "csv")
+# Node-config keys whose values are paths (resolved against the site YAML's folder, in
+# ``extra:`` too), and the suffixes that mark any other key as one.
+_PATH_KEYS = ("audit-dir", "policy-path", "dp-state-dir", "data-path")
+_PATH_SUFFIXES = ("-dir", "-path", "-file")
+_SITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 def _literal(value: str, what: str) -> str:
@@ -342,9 +347,15 @@ def node_config_from_site(site: Mapping[str, Any], base_dir: Path | None = None)
           id: 0
           num: 3
         dp_state_dir: /var/lib/fl-app/dp-state   # required for DP-SGD (privacy budgets)
-        extra: {}                   # any other node-config keys, passed through
+        extra:                      # any other node-config keys, passed through
+          audit-dir: audit          # the site's audit log folder
+          policy-path: policy.yaml  # the site's data-use policy
 
-    Relative paths are resolved against ``base_dir`` (the YAML's folder).
+    Relative paths, ``extra:`` ones included (``audit-dir``, ``policy-path`` and any key
+    ending in ``-dir``, ``-path`` or ``-file``), are resolved against ``base_dir`` (the
+    YAML's folder), so a site's folder can be moved or started from anywhere. ``name``
+    becomes node-config ``site-name``: the stable identity that names the site's own
+    files (``audit-<run>-site-<name>.jsonl``), so sites sharing a folder never collide.
     """
     unknown = set(site) - _SITE_KEYS
     if unknown:
@@ -358,6 +369,14 @@ def node_config_from_site(site: Mapping[str, Any], base_dir: Path | None = None)
         return str(p if p.is_absolute() else (base / p).resolve())
 
     out: dict[str, Any] = {}
+    name = site.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not _SITE_NAME.fullmatch(name):
+            raise DeployError(
+                f"name must be 1-64 letters, digits, '_', '-' or '.' (not starting with "
+                f"'.'), got {name!r}: it names the site's audit log and state files"
+            )
+        out["site-name"] = name
     part = site.get("partition")
     if part is not None:
         if not isinstance(part, Mapping) or set(part) - {"id", "num"} or "id" not in part:
@@ -389,6 +408,8 @@ def node_config_from_site(site: Mapping[str, Any], base_dir: Path | None = None)
             raise DeployError(f"extra.{key} clashes with a key set by the site's other fields")
         if not isinstance(value, str | int | float | bool):
             raise DeployError(f"extra.{key} must be a scalar, got {value!r}")
+        if str(key) in _PATH_KEYS or str(key).endswith(_PATH_SUFFIXES):
+            value = _path(value, f"extra.{key}")
         out[str(key)] = value
     return out
 

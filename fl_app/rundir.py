@@ -96,14 +96,21 @@ def run_outcome(records: Sequence[Mapping[str, Any]], stopped_early: str | None)
     it must not read as a success, so it is ``failed`` with the clients' own reasons
     (every client refused for budget, every client's data failed to load, ...). A run that
     lost some rounds is ``degraded``. Rounds whose sampled cohort was empty (Poisson
-    sampling drawing nobody: part of the accounted mechanism) are not counted as lost.
+    sampling drawing nobody: part of the accounted mechanism) and rounds every sampled
+    client refused for its privacy budget are not counted as lost.
 
     Returns ``status``, ``status_reason`` (``None`` when completed), ``rounds_run``,
     ``rounds_model_updated`` and ``rounds_lost``.
     """
     updated = sum(bool(r.get("model_updated")) for r in records)
+    # A round every sampled client refused for its privacy budget is the budget doing
+    # its job (the run stops after it), not a lost round.
     lost = [
-        r for r in records if not r.get("model_updated") and int(r.get("clients_sampled", 0)) > 0
+        r
+        for r in records
+        if not r.get("model_updated")
+        and int(r.get("clients_sampled", 0)) > 0
+        and int(r.get("clients_budget_exhausted", 0)) < int(r.get("clients_sampled", 0))
     ]
     out: dict[str, Any] = {
         "rounds_run": len(records),

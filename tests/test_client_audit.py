@@ -82,6 +82,7 @@ def test_plain_run_leaves_a_verified_chain_per_node_with_updates_and_eval(
             "role": "client",
             "run_key": path.name.split("-")[1],
             "partition": str(pid),
+            "site": f"partition-{pid}",  # simulated: the site identity is the partition
         }
         rounds = [r["data"] for r in recs[1:]]
         assert all(r["event"] == "client.round" for r in recs[1:])

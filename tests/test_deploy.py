@@ -39,6 +39,7 @@ from fl_app.deploy import (
     deploy_main,
     format_node_config,
     list_nodes,
+    load_site,
     node_config_from_site,
     register_node,
     run_logs,
@@ -180,6 +181,7 @@ def test_site_yaml_becomes_a_node_config_flower_parses(tmp_path: Path, capsys) -
     line = capsys.readouterr().out.strip()
     parsed = parse_config_args([line])  # exactly what flower-supernode does
     assert parsed == {
+        "site-name": "hospital-a",
         "partition-id": 1,
         "num-partitions": 3,
         "data-path": str(tmp_path / "data" / "hospital a.npz"),
@@ -205,6 +207,64 @@ def test_site_yaml_becomes_a_node_config_flower_parses(tmp_path: Path, capsys) -
 def test_bad_site_settings_name_the_field(site: dict, match: str) -> None:
     with pytest.raises(DeployError, match=match):
         format_node_config(node_config_from_site(site))
+
+
+def test_every_relative_path_in_a_site_yaml_resolves_against_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/deployment.md: relative paths resolve against the YAML's folder, extra: too."""
+    site_dir = tmp_path / "sites" / "hospital-a"
+    site_dir.mkdir(parents=True)
+    (site_dir / "site.yaml").write_text(
+        "name: hospital-a\n"
+        "data: {path: data/a.npz}\n"
+        "dp_state_dir: state\n"
+        "extra:\n"
+        "  audit-dir: audit\n"
+        "  policy-path: ../policy.yaml\n"
+        "  key-file: keys/k\n"
+        "  site-label: north\n"
+        "  rounds-hint: 3\n"
+    )
+    monkeypatch.chdir(tmp_path)  # started from elsewhere: cwd must not matter
+    cfg = load_site(site_dir / "site.yaml")
+    assert cfg["audit-dir"] == str(site_dir / "audit")
+    assert cfg["policy-path"] == str(tmp_path / "sites" / "policy.yaml")
+    assert cfg["key-file"] == str(site_dir / "keys" / "k")
+    assert cfg["data-path"] == str(site_dir / "data" / "a.npz")
+    assert cfg["dp-state-dir"] == str(site_dir / "state")
+    # Non-path values pass through untouched.
+    assert (cfg["site-label"], cfg["rounds-hint"]) == ("north", 3)
+    # Absolute paths stay as written.
+    absolute = node_config_from_site({"extra": {"audit-dir": "/var/audit"}}, site_dir)
+    assert absolute["audit-dir"] == "/var/audit"
+
+
+def test_sites_sharing_an_audit_folder_never_share_a_log(tmp_path: Path) -> None:
+    """Deployed sites all have partition id 0: their logs are named by site identity."""
+    from fl_app.client_app import client_audit_path, site_identity
+
+    shared = tmp_path / "audit"
+    configs = [
+        node_config_from_site(
+            {"name": f"hospital-{x}", "data": {"path": f"{x}.npz"}, "extra": {"audit-dir": "a"}},
+            tmp_path,
+        )
+        for x in "abc"
+    ]
+    names = [site_identity(c) for c in configs]
+    assert names == ["site-hospital-a", "site-hospital-b", "site-hospital-c"]
+    paths = {client_audit_path(shared, "run1", n) for n in names}
+    assert len(paths) == 3 and all("partition" not in p.name for p in paths)
+    assert client_audit_path(shared, "run1", names[0]).name == "audit-run1-site-hospital-a.jsonl"
+    # Without a name, a site on its own file is named by that file, never partition-0.
+    anon = [{"data-path": str(tmp_path / f"{x}.npz")} for x in "ab"]
+    ids = [site_identity(c) for c in anon]
+    assert ids[0] != ids[1] and all(i.startswith("data-") for i in ids)
+    # Simulated partitions keep their partition ids.
+    assert site_identity({"partition-id": 4, "num-partitions": 5}) == "partition-4"
+    with pytest.raises(DeployError, match="name must be"):
+        node_config_from_site({"name": "../evil"})
 
 
 # ---- CLI connection and process commands ----------------------------------------------

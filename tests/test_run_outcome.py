@@ -55,9 +55,14 @@ def test_outcome_with_lost_rounds_is_degraded_with_counts() -> None:
     assert "1 of 3 rounds left the model unchanged (rounds 2)" in out["status_reason"]
 
 
-def test_empty_poisson_cohort_is_not_a_lost_round() -> None:
+def test_empty_poisson_cohort_or_budget_stop_is_not_a_lost_round() -> None:
     out = run_outcome([_round(1, True), _round(2, False, sampled=0)], None)
     assert out["status"] == "completed" and out["rounds_lost"] == 0
+    out = run_outcome([_round(1, True), _round(2, False, clients_budget_exhausted=2)], None)
+    assert out["status"] == "completed" and out["rounds_lost"] == 0
+    # One client out of budget, the other failing: the round is lost.
+    out = run_outcome([_round(1, True), _round(2, False, clients_budget_exhausted=1)], None)
+    assert out["status"] == "degraded" and out["rounds_lost"] == 1
 
 
 def test_no_round_updated_is_failed_naming_the_clients_reasons() -> None:
