@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -62,6 +62,7 @@ __all__ = [
     "node_config_from_site",
     "register_node",
     "run_demo",
+    "run_verdict",
     "submit_run",
     "superlink_command",
     "supernode_command",
@@ -739,12 +740,16 @@ def submit_run(
     poll: float = 2.0,
     config_file_dir: Path | None = None,
     log_file: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[int, str]:
     """``flwr run`` the bundle, follow its log until it ends, then ask ``flwr ls``.
 
     ``flwr run --stream`` exits 0 even when the ServerApp fails, so the status comes
-    from the SuperLink. Returns (run id, final status, e.g. ``"finished:completed"``).
-    Run config goes through a TOML file: overrides hold spaces and quotes.
+    from the SuperLink (the ServerApp raises when no round updated the model, so such a
+    run ends ``finished:failed``). Returns (run id, final status, e.g.
+    ``"finished:completed"``). Run config goes through a TOML file: overrides hold
+    spaces and quotes. ``progress`` receives the ServerApp's progress lines as they
+    arrive (one per round: clients accepted, ε, accuracy, seconds; then its verdict).
     """
     lines = [
         f"hydra-config-name = {_toml_str(config_name)}",
@@ -774,14 +779,10 @@ def submit_run(
     deadline = time.monotonic() + timeout
     # Follow the run with one idle `flwr log --stream` (it returns when the run ends)
     # rather than polling: every `flwr` call costs ~1-2 s of CPU that the run needs.
-    with (
-        open(log_file, "ab") if log_file is not None else open(os.devnull, "wb") as sink,
-        contextlib.suppress(subprocess.TimeoutExpired),  # then report the status we see
-    ):
-        subprocess.run(
+    with open(log_file, "ab") if log_file is not None else open(os.devnull, "wb") as sink:
+        _follow_log(
             [_bin("flwr"), "log", str(run_id), connection, "--stream"],
-            env=dict(env), stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-            timeout=max(1.0, deadline - time.monotonic()), check=False,
+            env, sink, deadline, progress,
         )  # fmt: skip
     status = "pending"
     while True:
@@ -792,6 +793,66 @@ def submit_run(
             break
         time.sleep(poll)
     raise DeployError(f"run {run_id} still {status!r} after {timeout:.0f}s")
+
+
+# The ServerApp's own progress lines (fl_app.rundir.ProgressPrinter and the run's end),
+# which Flower mirrors from its stdout into the run log.
+_PROGRESS = re.compile(r"(\[round \d+/\d+\]|run (FAILED|DEGRADED):|done: |stopped early: )")
+
+
+def _follow_log(
+    cmd: list[str],
+    env: Mapping[str, str],
+    sink: Any,
+    deadline: float,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Copy ``flwr log --stream`` into ``sink`` until the run ends (or ``deadline``),
+    handing the ServerApp's progress lines to ``progress`` as they arrive."""
+    import threading
+
+    proc = subprocess.Popen(
+        cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    timer = threading.Timer(max(1.0, deadline - time.monotonic()), proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            sink.write(raw)
+            if progress is not None:
+                line = raw.decode("utf-8", "replace").rstrip()
+                found = _PROGRESS.search(line)
+                if found:
+                    progress(line[found.start() :])
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_verdict(status: str, run_dir: Path | None) -> str:
+    """One line saying how a deployed run ended: the SuperLink's status, and, where the
+    run directory is on this machine, its summary's status and reason."""
+    summary_path = run_dir / "summary.json" if run_dir is not None else None
+    if summary_path is not None and summary_path.is_file():
+        try:
+            s = json.loads(summary_path.read_text())
+        except ValueError:
+            s = {}
+        acc = s.get("accuracy")
+        shown = f", accuracy {acc:.4f}" if isinstance(acc, float) else ""
+        reason = f": {s['status_reason']}" if s.get("status_reason") else ""
+        return (
+            f"verdict: {str(s.get('status', '?')).upper()} ({status}; "
+            f"{s.get('rounds_model_updated', '?')} of {s.get('rounds_planned', '?')} rounds "
+            f"updated the model{shown}){reason}"
+        )
+    ok = status == "finished:completed"
+    return f"verdict: {'COMPLETED' if ok else 'FAILED'} ({status})"
 
 
 def run_logs(run_id: int, connection: str, env: Mapping[str, str]) -> str:
@@ -1005,8 +1066,14 @@ def run_demo(
         up = time.perf_counter() - t0
         print(f"SuperLink {fed.address} (pid {pid}); {fed.num_nodes} SuperNodes online after "
               f"{up:.1f}s", file=out)  # fmt: skip
-        run_id, status = fed.submit(app_dir or app_root(), overrides, run_dir)
+        run_id, status = fed.submit(
+            app_dir or app_root(),
+            overrides,
+            run_dir,
+            progress=lambda line: print(f"  {line}", file=out, flush=True),
+        )
         print(f"run {run_id}: {status}; run directory {run_dir}", file=out)
+        print(run_verdict(status, run_dir), file=out, flush=True)
         if status != "finished:completed":
             print(run_logs(run_id, fed.connection, fed.env)[-4000:], file=out)
             return 1
@@ -1167,8 +1234,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             overrides=args.overrides,
             run_dir=args.run_dir,
             timeout=args.timeout,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
         print(json.dumps({"run-id": run_id, "status": status}))
+        print(
+            run_verdict(status, Path(args.run_dir) if args.run_dir else None),
+            file=sys.stderr,
+            flush=True,
+        )
         if status != "finished:completed":
             print(run_logs(run_id, args.connection, deploy_env())[-4000:], file=sys.stderr)
             return 1

@@ -821,4 +821,8 @@ def main(grid: Grid, context: Context) -> None:
         base = Path(os.environ.get("FL_APP_RUNS_DIR", "outputs"))
         run_dir = str(base / "flwr" / f"run-{context.run_id}")
     log.warning("fl-app run %s writes to %s", context.run_id, Path(run_dir).resolve())
-    run_experiment(grid, cfg, run_dir)
+    summary = run_experiment(grid, cfg, run_dir)
+    if summary["status"] == "failed":
+        # Flower then records the run as finished:failed (what `flwr ls` and
+        # `fl-app deploy submit` report) instead of a success that trained nothing.
+        raise RuntimeError(f"fl-app run failed: {summary['status_reason']}")

@@ -171,3 +171,72 @@ def test_sweep_job_refused_for_budget_is_reported_and_fails_the_multirun(
     (line,) = [x for x in out.splitlines() if ": refused: round 1 alone exceeds" in x]
     assert line.strip().startswith(f"{refused.path.name} (") and "noise_multiplier=0.3" in line
     assert "privacy.max_epsilon=5" in (sweep / "report.md").read_text()
+
+
+def test_deployed_serverapp_fails_the_flower_run_when_no_round_updated(tmp_path: Path) -> None:
+    """Under `flwr run` the ServerApp raises, so the SuperLink records finished:failed
+    (what `fl-app deploy submit` reports and exits 1 on) instead of a success."""
+    from flwr.app import Context, RecordDict
+
+    from fl_app.client_app import app as client_app
+    from fl_app.server_app import main as deployed_main
+    from fl_app.testing import InProcessGrid
+
+    overrides = " ".join(
+        [*_FAST, "num_rounds=1", "runtime.validation.max_update_norm=1e-6", "seed=3"]
+    )
+    context = Context(
+        run_id=7,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={
+            "hydra-config-name": "config",
+            "hydra-overrides": overrides,
+            "run-dir": str(tmp_path / "run"),
+        },
+    )
+    grid = InProcessGrid(client_app, 2, seed=3)
+    try:
+        with pytest.raises(RuntimeError, match="fl-app run failed: no round updated"):
+            deployed_main(grid, context)
+    finally:
+        grid.close()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_deploy_streams_progress_lines_and_states_a_verdict(tmp_path: Path) -> None:
+    import io
+    import sys
+    import time
+
+    from fl_app.deploy import _follow_log, run_verdict
+
+    script = (
+        "print('INFO : starting'); "
+        "print('INFO : [round 1/2] | clients 3/3 ok | record-level eps max 1.2 | 4.1s'); "
+        "print('INFO : run FAILED: no round updated the model (2 rounds run)')"
+    )
+    sink, lines = io.BytesIO(), []
+    _follow_log([sys.executable, "-c", script], {}, sink, time.monotonic() + 60, lines.append)
+    assert lines == [
+        "[round 1/2] | clients 3/3 ok | record-level eps max 1.2 | 4.1s",
+        "run FAILED: no round updated the model (2 rounds run)",
+    ]
+    assert sink.getvalue().count(b"\n") == 3  # the whole log is kept
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "status": "failed",
+                "status_reason": "no round updated the model",
+                "rounds_model_updated": 0,
+                "rounds_planned": 2,
+            }
+        )
+    )
+    verdict = run_verdict("finished:failed", run)
+    assert verdict.startswith("verdict: FAILED (finished:failed; 0 of 2 rounds updated")
+    assert verdict.endswith(": no round updated the model")
+    assert run_verdict("finished:completed", None) == "verdict: COMPLETED (finished:completed)"
