@@ -446,7 +446,8 @@ def test_secure_aggregation_reaches_the_plain_accuracy(tmp_path: Path) -> None:
 
 def test_record_level_dpsgd_with_secagg_keeps_per_institution_epsilon(tmp_path: Path) -> None:
     """DP-SGD's public dp-* metrics ride in plaintext beside the masked vector: the server
-    still sees each institution's ε and steps (for the steps-seen guard), nothing else."""
+    still sees each institution's ε and rounds trained (for the lost-state guard), not its
+    steps, sample rate or z (they give its record count), nothing else."""
     cfg = _secure("privacy=dpsgd", "num_rounds=2", "train.local_epochs=1", "server_eval=false")
     seen: list[set[str]] = []
 
@@ -459,6 +460,8 @@ def test_record_level_dpsgd_with_secagg_keeps_per_institution_epsilon(tmp_path: 
     assert summary["status"] == "completed" and all(r["model_updated"] for r in lines)
     per_client = summary["privacy"]["record_level"]["per_client"]
     assert len(per_client) == N and all(c["epsilon"] > 0 for c in per_client.values())
-    assert all(c["steps"] > 0 for c in per_client.values())
+    assert all(c["rounds"] == 2 for c in per_client.values())
+    hidden = {"steps", "sample-rate", "noise-multiplier"}
+    assert not any(hidden & set(c) for c in per_client.values())
     extra = set().union(*seen) - {SERVER_ROUND, SECAGG_STAGE_KEY}
     assert extra and all(k.startswith("dp-") for k in extra)  # no num-examples, no loss
