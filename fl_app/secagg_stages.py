@@ -59,7 +59,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -111,6 +110,7 @@ from strategies.protocol import (
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_C_PK,
     SECAGG_REPLY_CIPHERTEXTS,
+    SECAGG_REPLY_COMMITMENT,
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_KEY_SHARES,
     SECAGG_REPLY_NODES,
@@ -431,11 +431,13 @@ def _share_keys_payload(
     _save(context, session, meta)
     _advance(context, rnd)
     order = sorted(cts)
+    assert session.commitment is not None
     return ConfigRecord(
         {
             SERVER_ROUND: rnd,
             SECAGG_REPLY_NODES: pack_ids(order),
             SECAGG_REPLY_CIPHERTEXTS: b"".join(cts[v] for v in order),
+            SECAGG_REPLY_COMMITMENT: session.commitment,
         }
     )
 
@@ -579,10 +581,12 @@ class MaskedInputStage:
             accuracy=accuracy,
         )
         codec = round_codec(self.session.bits, self.bound, self.session.params.num_clients)
-        # Rounding randomness from the OS CSPRNG: it must not depend on anything the
-        # server knows (a seeded rounding could be partly undone).
-        rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "big")))
-        return codec.encode(x, rng)
+        # Rounding randomness from a ChaCha20 keystream under an OS-random key: it must
+        # not depend on anything the server knows (a seeded rounding could be partly
+        # undone). Imported here: key-exchange stages never load the privacy package.
+        from fl_app.privacy.noise import SecureNoise
+
+        return codec.encode(x, SecureNoise())  # type: ignore[arg-type]
 
     def mask(self, encoded: np.ndarray, context: Context) -> np.ndarray:
         try:

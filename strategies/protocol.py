@@ -72,6 +72,7 @@ __all__ = [
     "SECAGG_PARAMS",
     "SECAGG_RECORD_KEY",
     "SECAGG_REPLY_CIPHERTEXTS",
+    "SECAGG_REPLY_COMMITMENT",
     "SECAGG_REPLY_C_PK",
     "SECAGG_REPLY_KEY_NODES",
     "SECAGG_REPLY_KEY_SHARES",
@@ -152,6 +153,8 @@ SECAGG_REPLY_C_PK = "c-pk"
 SECAGG_REPLY_S_PK = "s-pk"
 SECAGG_REPLY_NODES = "nodes"
 SECAGG_REPLY_CIPHERTEXTS = "ciphertexts"
+# Stage 2: the sender's SHA-256 commitment to its self-mask seed (fl_app.secagg.crypto).
+SECAGG_REPLY_COMMITMENT = "commitment"
 SECAGG_REPLY_SELF_MASK_NODES = "self-mask-nodes"
 SECAGG_REPLY_SELF_MASK_SHARES = "self-mask-shares"
 SECAGG_REPLY_KEY_NODES = "key-nodes"

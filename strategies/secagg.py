@@ -94,6 +94,7 @@ from strategies.protocol import (
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_C_PK,
     SECAGG_REPLY_CIPHERTEXTS,
+    SECAGG_REPLY_COMMITMENT,
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_KEY_SHARES,
     SECAGG_REPLY_NODES,
@@ -316,19 +317,31 @@ def _payload_key_batch(content: RecordDict, count: int) -> list[PublicKeys]:
     return [PublicKeys(c, k) for c, k in zip(c_pks, s_pks, strict=True)]
 
 
-def _payload_bundle(content: RecordDict) -> dict[int, bytes]:
+def _payload_bundle(content: RecordDict) -> tuple[dict[int, bytes], bytes]:
     return _bundle(content.config_records[SECAGG_RECORD_KEY])
 
 
-def _bundle(rec: ConfigRecord) -> dict[int, bytes]:
-    """Stage-2 payload (own reply or share-ahead part): recipient -> ciphertext."""
+def _bundle(rec: ConfigRecord) -> tuple[dict[int, bytes], bytes]:
+    """Stage-2 payload (own reply or share-ahead part): ``(recipient -> ciphertext,
+    commitment to the sender's self-mask seed)``."""
     nodes = unpack_ids(_bytes_field(rec, SECAGG_REPLY_NODES), "recipients")
     cts = _split_fixed(
         _bytes_field(rec, SECAGG_REPLY_CIPHERTEXTS), CIPHERTEXT_BYTES, len(nodes), "ciphertexts"
     )
     if len(set(nodes)) != len(nodes):
         raise ValueError("a recipient is listed twice")
-    return dict(zip(nodes, cts, strict=True))
+    commitment = _bytes_field(rec, SECAGG_REPLY_COMMITMENT)
+    if len(commitment) != crypto.COMMITMENT_BYTES:
+        raise ValueError(f"'{SECAGG_REPLY_COMMITMENT}' must be {crypto.COMMITMENT_BYTES} bytes")
+    return dict(zip(nodes, cts, strict=True)), commitment
+
+
+def _route(server: ServerSession, payloads: Mapping[int, tuple[dict[int, bytes], bytes]]) -> Any:
+    """Feed parsed stage-2 payloads to the session: bundles, and commitments to check."""
+    return server.route_shares(
+        {u: p[0] for u, p in payloads.items()},
+        commitments={u: p[1] for u, p in payloads.items()},
+    )
 
 
 def _payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
@@ -459,7 +472,7 @@ class SecureAggregation:
             for u, record in self._share_key_instructions(server, rnd, keys).items()
         }
         routed: dict[int, dict[int, bytes]] = run.stage(
-            Stage.share_keys, msgs, _payload_bundle, server.route_shares
+            Stage.share_keys, msgs, _payload_bundle, functools.partial(_route, server)
         )
         return routed
 
@@ -524,7 +537,7 @@ class SecureAggregation:
 
     def _finish_ahead(self, plan: _AheadPlan, replies: Mapping[int, Any]) -> None:
         """Route the next round's shares that rode on this round's unmask replies."""
-        bundles: dict[int, dict[int, bytes]] = {}
+        bundles: dict[int, tuple[dict[int, bytes], bytes]] = {}
         rejected: list[Rejection] = []
         for u in plan.instructions:
             record = replies.get(u)
@@ -541,7 +554,7 @@ class SecureAggregation:
         for r in rejected:
             log.warning("round %d secagg: rejected node %d: %s", plan.rnd, r.node_id, r.reason)
         try:
-            routed = plan.server.route_shares(bundles)
+            routed = _route(plan.server, bundles)
         except RoundAbandoned as err:
             log.info(
                 "round %d: shares routed ahead fell short (%s); full stages then", plan.rnd, err

@@ -503,8 +503,17 @@ def test_exact_sum_with_dropouts_over_several_accumulation_chunks(bits: int) -> 
     assert np.array_equal(res.total, r.expected(res.survivors))
 
 
-def test_inconsistent_self_mask_shares_abandon_naming_the_node() -> None:
-    """Batched reconstruction falls back to node-by-node so the reason names the node."""
+def _forge(replies: dict, holders: list[int], victim: int) -> None:
+    for holder in holders:
+        rep = replies[holder]
+        forged = shamir.share_to_bytes(shamir.share_from_bytes(rep.self_mask_shares[victim]) + 1)
+        replies[holder] = UnmaskReply(
+            self_mask_shares={**rep.self_mask_shares, victim: forged}, key_shares=rep.key_shares
+        )
+
+
+def test_an_inconsistent_share_is_routed_around() -> None:
+    """n = 8, D = 2: t = 6 of 8 holders; one bad share among the first t is skipped."""
     r = _setup(8, "secagg")
     s, c = r.server, r.clients
     req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
@@ -512,12 +521,24 @@ def test_inconsistent_self_mask_shares_abandon_naming_the_node() -> None:
     req4 = s.collect_masked_inputs({u: c[u].masked_input(req3[u], r.inputs[u]) for u in req3})
     replies = {u: c[u].unmask(req4.survivors, req4.dropouts) for u in req4.survivors}
     victim = req4.survivors[3]
-    holder = min(replies)  # the smallest share id is always among the t used
-    rep = replies[holder]
-    forged = shamir.share_to_bytes(shamir.share_from_bytes(rep.self_mask_shares[victim]) + 1)
-    replies[holder] = UnmaskReply(
-        self_mask_shares={**rep.self_mask_shares, victim: forged}, key_shares=rep.key_shares
-    )
+    holder = min(replies)  # the smallest share id is always among the first t
+    _forge(replies, [holder], victim)
+    result = s.unmask(replies)
+    exact = np.sum([r.inputs[u].astype(np.uint64) for u in r.ids], axis=0) % 2**32
+    assert np.array_equal(result.total.astype(np.uint64), exact)
+    # 8 holders < 2t - 2 = 10: naming the holder would not be sound, so nobody is named.
+    assert not any("inconsistent share" in rej.reason for rej in result.rejections)
+
+
+def test_more_bad_shares_than_spares_abandon_naming_the_node() -> None:
+    r = _setup(8, "secagg")
+    s, c = r.server, r.clients
+    req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
+    req3 = s.route_shares({u: c[u].share_keys(req2[u]) for u in r.ids})
+    req4 = s.collect_masked_inputs({u: c[u].masked_input(req3[u], r.inputs[u]) for u in req3})
+    replies = {u: c[u].unmask(req4.survivors, req4.dropouts) for u in req4.survivors}
+    victim = req4.survivors[3]
+    _forge(replies, sorted(replies)[:3], victim)  # 3 bad of 8, t = 6: no clean 6-subset
     with pytest.raises(RoundAbandoned) as info:
         s.unmask(replies)
     assert info.value.stage is Stage.unmask

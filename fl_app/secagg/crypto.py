@@ -46,6 +46,7 @@ __all__ = [
     "AEAD_NONCE_BYTES",
     "AEAD_OVERHEAD",
     "AEAD_TAG_BYTES",
+    "COMMITMENT_BYTES",
     "KEY_BYTES",
     "MAX_CONTEXT_BYTES",
     "MAX_NODE_ID",
@@ -58,6 +59,7 @@ __all__ = [
     "associated_data",
     "check_context",
     "check_node_id",
+    "commit_seed",
     "decrypt",
     "derive_key",
     "encrypt",
@@ -265,6 +267,31 @@ def derive_key(
     )
     hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_PROTOCOL_LABEL, info=info)
     return hkdf.derive(shared_secret)
+
+
+COMMITMENT_BYTES = 32
+_COMMIT_LABEL = b"fl-app/secagg/self-mask-commitment/v1"
+
+
+def commit_seed(seed: bytes, *, context: bytes, node: int) -> bytes:
+    """SHA-256 commitment to a node's self-mask seed ``b_u``, bound to round and node.
+
+    ``H(label || len(context) || context || node || b_u)``: sent at stage 2, checked by
+    the server against the seed it rebuilds from shares, so a crafted share cannot
+    shift the seed unnoticed (binding: SHA-256 collision resistance). The seed is 32
+    uniform bytes, so the hash reveals nothing usable about it (hiding by entropy).
+    """
+    ctx = check_context(context)
+    raw = _check_seed(seed)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(
+        _COMMIT_LABEL
+        + struct.pack(">H", len(ctx))
+        + ctx
+        + struct.pack(">Q", check_node_id("node", node))
+        + raw
+    )
+    return digest.finalize()
 
 
 def associated_data(context: bytes, sender: int, recipient: int) -> bytes:

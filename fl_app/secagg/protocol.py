@@ -47,6 +47,7 @@ client) and are wiped after stage 4 or on :meth:`ClientSession.wipe`.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections import Counter
@@ -316,6 +317,8 @@ class ClientSession:
         self._enc_keys: dict[int, bytes] = {}
         # Neighbours whose shares arrived at stage 3 (they completed stage 2).
         self._senders: frozenset[int] = frozenset()
+        # Stage 2's commitment to b_u (crypto.commit_seed), sent with the ciphertexts.
+        self.commitment: bytes | None = None
 
     @property
     def stage(self) -> int:
@@ -363,7 +366,8 @@ class ClientSession:
         Returns
         -------
         dict
-            ``recipient -> ciphertext`` (:data:`CIPHERTEXT_BYTES` each).
+            ``recipient -> ciphertext`` (:data:`CIPHERTEXT_BYTES` each). The commitment
+            to ``b_u`` the server checks after reconstruction is then :attr:`commitment`.
         """
         stage = Stage.share_keys
         self._enter(stage)
@@ -421,6 +425,7 @@ class ClientSession:
                 entropy=self._entropy,
             )
         me = _point(self.node_id)
+        self.commitment = crypto.commit_seed(bytes(b), context=self.context, node=self.node_id)
         self._b = b
         self._neighbours = neighbours
         self._enc_keys = enc_keys
@@ -753,6 +758,7 @@ class ServerSession:
         self.u2: frozenset[int] = frozenset()
         self.u3: frozenset[int] = frozenset()
         self._total: np.ndarray | None = None
+        self._commitments: dict[int, bytes] = {}
 
     # ---- helpers ----
     @property
@@ -853,14 +859,19 @@ class ServerSession:
 
     # ---- stage 2 ----
     def route_shares(
-        self, replies: Mapping[int, Mapping[int, bytes]] | Iterable[tuple[int, Mapping[int, bytes]]]
+        self,
+        replies: Mapping[int, Mapping[int, bytes]] | Iterable[tuple[int, Mapping[int, bytes]]],
+        commitments: Mapping[int, bytes] | None = None,
     ) -> dict[int, dict[int, bytes]]:
         """Validate stage-2 ciphertext bundles and route them: ``recipient -> {sender: ct}``.
 
         A bundle must hold exactly one ciphertext of :data:`CIPHERTEXT_BYTES` for each
         neighbour in ``U1``; otherwise the sender is rejected and none of its
         ciphertexts is delivered (so nobody masks with it). Nodes left with fewer than
-        ``t`` holders are dropped as well.
+        ``t`` holders are dropped as well. ``commitments`` (node -> the
+        :attr:`ClientSession.commitment` it sent): when given, a node without a
+        :data:`~fl_app.secagg.crypto.COMMITMENT_BYTES` commitment is rejected, and the
+        self-mask seed rebuilt at stage 4 must match it.
         """
         stage = Stage.share_keys
         self._enter(stage)
@@ -868,6 +879,12 @@ class ServerSession:
         accepted = self._unique(replies, stage, u1, "node did not complete stage 1")
         bundles: dict[int, dict[int, bytes]] = {}
         for node, bundle in accepted.items():
+            if commitments is not None:
+                commitment = commitments.get(node)
+                if not isinstance(commitment, bytes) or len(commitment) != 32:
+                    self._reject(node, stage, "no 32-byte commitment to its self-mask seed")
+                    continue
+                self._commitments[node] = commitment
             if not isinstance(bundle, Mapping):
                 self._reject(node, stage, f"expected a mapping, got {type(bundle).__name__}")
                 continue
@@ -1005,16 +1022,14 @@ class ServerSession:
         add: list[tuple[bytes, crypto.MaskDomain]] = []
         subtract: list[tuple[bytes, crypto.MaskDomain]] = []
         survivors = sorted(u3)
-        for seed in self._reconstruct_all(stage, survivors, b_shares, t, "self-mask seed"):
+        for seed in self._reconstruct_all(
+            stage, survivors, b_shares, t, "self-mask seed", self._seed_matches
+        ):
             subtract.append((seed, crypto.MaskDomain.self_mask))
         gone = sorted(dropouts)
-        keys = self._reconstruct_all(stage, gone, s_shares, t, "masking key")
+        keys = self._reconstruct_all(stage, gone, s_shares, t, "masking key", self._key_matches)
         for v, raw in zip(gone, keys, strict=True):
             s_sk = crypto.private_key_from_bytes(raw)
-            if crypto.public_key_bytes(s_sk) != self.keys[v].s_pk:
-                raise self._abandon(
-                    stage, f"reconstructed masking key of dropout {v} does not match its s_pk"
-                )
             for w in self.graph[v]:
                 if w not in u3:
                     continue
@@ -1030,6 +1045,18 @@ class ServerSession:
             rejections=tuple(self.rejections),
         )
 
+    def _seed_matches(self, node: int, seed: bytes) -> bool:
+        """The rebuilt ``b_node`` is the one committed to at stage 2 (if commitments came)."""
+        expected = self._commitments.get(node)
+        if expected is None:
+            return True
+        return crypto.commit_seed(seed, context=self.context, node=node) == expected
+
+    def _key_matches(self, node: int, raw: bytes) -> bool:
+        """The rebuilt ``s_sk_node`` belongs to the ``s_pk`` the node advertised."""
+        key = crypto.private_key_from_bytes(raw)
+        return crypto.public_key_bytes(key) == self.keys[node].s_pk
+
     def _reconstruct_all(
         self,
         stage: Stage,
@@ -1037,26 +1064,34 @@ class ServerSession:
         shares: Mapping[int, Mapping[int, int]],
         t: int,
         what: str,
+        matches: Callable[[int, bytes], bool],
     ) -> list[bytes]:
-        """The secrets of ``nodes`` (in order), as :meth:`_reconstruct` would give them one by one.
+        """The secrets of ``nodes`` (in order), each checked by ``matches(node, secret)``.
 
-        All Lagrange coefficients share one modular inversion
-        (:func:`~fl_app.secagg.shamir.reconstruct_many`); on any failure the nodes are
-        retried one by one so the abandonment names the first node that failed.
+        All Lagrange coefficients of the first ``t`` shares of every node share one
+        modular inversion (:func:`~fl_app.secagg.shamir.reconstruct_candidates`). A node
+        whose candidate fails (an inconsistent or crafted share among its first ``t``)
+        is rebuilt from other subsets of its shares
+        (:func:`~fl_app.secagg.shamir.reconstruct_verified`); the holders whose shares
+        disagree with the secret found are rejected. No subset passing: abandoned.
         """
-        try:
-            return shamir.reconstruct_many([shares[v] for v in nodes], t)
-        except shamir.ShamirError:
-            return [self._reconstruct(stage, v, shares[v], t, what) for v in nodes]
-
-    def _reconstruct(
-        self, stage: Stage, node: int, shares: Mapping[int, int], t: int, what: str
-    ) -> bytes:
-        if len(shares) < t:
-            raise self._abandon(
-                stage, f"{len(shares)} shares of the {what} of node {node}, threshold t={t}"
-            )
-        try:
-            return shamir.reconstruct(shares, t)
-        except shamir.ShamirError as exc:
-            raise self._abandon(stage, f"{what} of node {node}: {exc}") from None
+        candidates = shamir.reconstruct_candidates([shares[v] for v in nodes], t)
+        out: list[bytes] = []
+        for v, secret in zip(nodes, candidates, strict=True):
+            if secret is not None and matches(v, secret):
+                out.append(secret)
+                continue
+            if len(shares[v]) < t:
+                raise self._abandon(
+                    stage, f"{len(shares[v])} shares of the {what} of node {v}, threshold t={t}"
+                )
+            try:
+                secret, bad = shamir.reconstruct_verified(
+                    shares[v], t, functools.partial(matches, v)
+                )
+            except shamir.ShamirError as exc:
+                raise self._abandon(stage, f"{what} of node {v}: {exc}") from None
+            for point in bad:
+                self._reject(point - 1, stage, f"inconsistent share of the {what} of node {v}")
+            out.append(secret)
+        return out

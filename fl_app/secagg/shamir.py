@@ -17,12 +17,19 @@ Security: the ``t - 1`` random coefficients are drawn uniformly from the field w
 rejection sampling from a CSPRNG (``os.urandom`` unless a test injects bytes), so any
 ``t - 1`` shares are independent of the secret (information-theoretic hiding); ``t``
 shares determine it. This module trusts nothing about the shares it is given beyond
-their range; integrity against a malicious share holder is not provided (the
-protocol's trust model is an honest-but-curious server, ARCHITECTURE §2).
+their range. Against a faulty or malicious share holder, :func:`reconstruct_verified`
+takes a check the true secret passes (a commitment, a public key) and, when the first
+``t`` shares fail it, tries other ``t``-subsets of the shares it has, fewest shares
+left out first, and names the shares inconsistent with the secret it finds: with
+``m`` shares of which at most ``m - t`` are bad, some subset succeeds. A holder who
+knows its Lagrange coefficient can shift a reconstructed secret by any amount it
+chooses (Shamir shares are linear), so without such a check a crafted share would
+go unnoticed.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,8 +44,10 @@ __all__ = [
     "lagrange_coefficients_at_zero",
     "random_field_element",
     "reconstruct",
+    "reconstruct_candidates",
     "reconstruct_int",
     "reconstruct_many",
+    "reconstruct_verified",
     "share_from_bytes",
     "share_to_bytes",
     "split",
@@ -283,6 +292,98 @@ def reconstruct_many(
     return [
         _to_secret(_combine(cs, used)) for cs, used in zip(coefficient_sets, used_sets, strict=True)
     ]
+
+
+def reconstruct_candidates(
+    share_sets: Sequence[Mapping[int, int]], threshold: int
+) -> list[bytes | None]:
+    """:func:`reconstruct_many` without raising on a bad set: ``None`` where a set has
+    fewer than ``threshold`` shares or its ``threshold`` smallest ids do not reconstruct
+    a 32-byte secret (the caller then checks and falls back to :func:`reconstruct_verified`).
+    """
+    t = _check_threshold(threshold)
+    used_sets = [_first_shares(s, t) if len(s) >= t else None for s in share_sets]
+    full = [u for u in used_sets if u is not None]
+    coefficient_sets = iter(_lagrange_batch([tuple(x for x, _ in used) for used in full]))
+    out: list[bytes | None] = []
+    for used in used_sets:
+        if used is None:
+            out.append(None)
+            continue
+        value = _combine(next(coefficient_sets), used)
+        out.append(None if value >> (8 * SECRET_BYTES) else value.to_bytes(SECRET_BYTES, "big"))
+    return out
+
+
+def _value_at(used: Sequence[tuple[int, int]], x: int) -> int:
+    """The polynomial through the points ``used`` evaluated at ``x`` (Lagrange form)."""
+    xs = [xi for xi, _ in used]
+    nums = [_product_mod([x - xj for xj in xs if xj != xi]) for xi in xs]
+    dens = _batch_inverse([_product_mod([xi - xj for xj in xs if xj != xi]) for xi in xs])
+    return sum(y * n * d for (_, y), n, d in zip(used, nums, dens, strict=True)) % PRIME
+
+
+def reconstruct_verified(
+    shares: Mapping[int, int],
+    threshold: int,
+    accept: Callable[[bytes], bool],
+    *,
+    max_subsets: int = 4096,
+) -> tuple[bytes, tuple[int, ...]]:
+    """The secret whose ``accept(secret)`` holds, from some ``threshold`` of ``shares``.
+
+    Tries the ``threshold`` smallest ids first (what :func:`reconstruct` uses), then
+    leaves out 1, 2, ... shares at a time, so ``e`` bad shares cost at most
+    ``sum_{j<=e} C(m, j)`` interpolations (capped at ``max_subsets``).
+
+    Returns
+    -------
+    tuple
+        ``(secret, bad_ids)``: the ids whose shares disagree with the polynomial found,
+        named only when that is sound (see the comment in the code); empty when the
+        first subset passed (the rest are then not examined).
+
+    Raises
+    ------
+    ShamirError
+        Fewer than ``threshold`` shares, or no subset tried passes ``accept``.
+    """
+    t = _check_threshold(threshold)
+    items = sorted(_normalise(shares))
+    m = len(items)
+    if m < t:
+        raise ShamirError(f"need threshold={t} shares to reconstruct, got {m}")
+    tries = 0
+    for left_out in range(m - t + 1):
+        for skip in itertools.combinations(range(m), left_out):
+            tries += 1
+            if tries > max_subsets:
+                raise ShamirError(
+                    f"no {t} of the {m} shares reconstruct an accepted secret within "
+                    f"{max_subsets} subsets (too many inconsistent shares)"
+                )
+            dropped = set(skip)
+            used = [item for i, item in enumerate(items) if i not in dropped][:t]
+            value = _combine(_lagrange_cached(tuple(x for x, _ in used)), used)
+            if value >> (8 * SECRET_BYTES):
+                continue
+            secret = value.to_bytes(SECRET_BYTES, "big")
+            if not accept(secret):
+                continue
+            if not left_out:
+                return secret, ()
+            # Name the shares off the polynomial found only when that polynomial is
+            # surely the dealer's: it passes through >= 2t - 2 of the shares, and a wrong
+            # one that still gives the right f(0) meets at most t - 2 honest shares, so it
+            # would need >= t corrupted holders (who could then rebuild secrets anyway).
+            # Otherwise colluding holders could frame honest ones; name nobody.
+            chosen = {x for x, _ in used}
+            off = [x for x, y in items if x not in chosen and _value_at(used, x) != y]
+            return secret, tuple(off) if m - len(off) >= 2 * t - 2 else ()
+    raise ShamirError(
+        f"no {t} of the {m} shares reconstruct an accepted secret (more than {m - t} "
+        "inconsistent shares)"
+    )
 
 
 def share_to_bytes(share: int) -> bytes:
