@@ -393,3 +393,21 @@ def test_keyed_client_sampling_is_secret_per_run_and_uniform() -> None:
     assert fixed.sample(ids, 3) != FixedSizeSampler(0.25, 42, stream=1, key=key).sample(ids, 3)
     with pytest.raises(ValueError, match="32 bytes"):
         PoissonSampler(0.3, seed=1, key=b"short")
+
+
+def test_stochastic_rounding_from_the_keystream_is_unbiased_with_the_right_variance() -> None:
+    """Secure-aggregation encoding with the clients' keystream source: rounding x·s to
+    floor or floor + 1 with P(up) = frac(x·s). Over n = 400,000 coordinates of one
+    value with frac = 0.3: the share rounded up is Binomial(n, 0.3)/n, within 6 sd of
+    0.3 (false failure < 2e-9); every coordinate decodes to floor or floor + 1."""
+    from fl_app.secagg.vector import round_codec
+
+    codec = round_codec(32, 1.0, 10)
+    s = codec.scale
+    x = np.full(400_000, (np.floor(0.25 * s) + 0.3) / s)
+    encoded = codec.encode(x, SecureNoise())  # type: ignore[arg-type]
+    decoded = codec.decode_signed(encoded, 1)
+    low = int(np.floor(0.25 * s))
+    assert set(np.unique(decoded).tolist()) == {low, low + 1}
+    up = float(np.mean(decoded == low + 1))
+    assert abs(up - 0.3) < 6 * math.sqrt(0.3 * 0.7 / x.size)

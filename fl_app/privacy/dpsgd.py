@@ -426,7 +426,7 @@ class _KeystreamNoise(DPOptimizer):
 
     def add_noise(self) -> None:
         z = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        std = float(z) * float(self.max_grad_norm)
+        std = float(z) * float(self.max_grad_norm)  # type: ignore[arg-type]
         sums = [p.summed_grad for p in self.params]
         for g in sums:
             _check_processed_flag(g)
@@ -459,7 +459,7 @@ def _use_keystream_noise(optimizer: DPOptimizer, source: SecureNoise) -> None:
         sub = type(f"Keystream{cls.__name__}", (_KeystreamNoise, cls), {})
         _KEYSTREAM_CLASSES[cls] = sub
     optimizer.__class__ = sub
-    optimizer.keystream = source  # type: ignore[attr-defined]
+    optimizer.keystream = source
 
 
 class _PrivateTrainer:

@@ -93,6 +93,18 @@ class SecureNoise:
         """``n`` uniform 64-bit words (a read-only view of fresh keystream)."""
         return np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
 
+    def random(self, size: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Doubles uniform on ``[0, 1)`` with 53 random bits, like
+        ``numpy.random.Generator.random`` (``size`` or a float64 ``out`` to fill), so
+        code written for a numpy generator (stochastic rounding) can take this source."""
+        n = int(out.size if out is not None else (size or 0))
+        u = (self.words(n) >> np.uint64(11)).astype(np.float64)
+        u *= _INV_2_53
+        if out is None:
+            return u
+        out[...] = u.reshape(out.shape)
+        return out
+
     def uniform(self, n: int) -> np.ndarray:
         """``n`` doubles uniform on (0, 1] with 53 random bits each."""
         return uniform_from_words(self.words(n))

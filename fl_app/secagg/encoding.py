@@ -204,7 +204,9 @@ class FixedPointCodec:
         ``frac(x*s)``, else ``floor(x*s)``. Values outside ``[-max_abs, max_abs]`` or
         non-finite values raise ``ValueError`` (clip first); they never wrap.
         """
-        if not isinstance(rng, np.random.Generator):
+        # A numpy Generator, or a keystream source with the same random(out=...)
+        # (fl_app.privacy.noise.SecureNoise: what clients use).
+        if not isinstance(rng, np.random.Generator) and not callable(getattr(rng, "random", None)):
             raise TypeError(f"rng must be a numpy Generator, got {type(rng).__name__}")
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiub":
