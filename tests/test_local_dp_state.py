@@ -178,6 +178,18 @@ def test_restarted_clients_and_resumed_server_never_pass_the_budget(tmp_path: Pa
     assert on_disk["privacy"]["client_level"]["releases"] == {
         f"partition-{p}": ALLOWED for p in range(3)
     }
+    # A rollback to round 1 redoes rounds with fresh SuperNodes again: nothing rewinds,
+    # every site refuses, and the reported epsilon stays the recount's.
+    grid = _counting_grid(2, releases, refusals)
+    try:
+        rolled = run_experiment(
+            grid, _cfg(f"resume={tmp_path}", "rollback_to=1"), tmp_path, progress=False
+        )
+    finally:
+        grid.close()
+    assert releases == {0: ALLOWED, 1: ALLOWED, 2: ALLOWED}
+    assert refusals.count((0, BUDGET_EXHAUSTED)) == 2
+    assert rolled["privacy"]["epsilon"] == pytest.approx(want, rel=1e-3)
 
 
 def test_a_site_that_lost_its_state_is_counted_and_then_stopped(tmp_path: Path) -> None:
