@@ -42,7 +42,14 @@ Trust assumptions: honest-but-curious server and at most ``params.max_corrupt``
 colluding clients (see :mod:`fl_app.secagg.graph`); authenticated channels between
 each client and the server (Flower's TLS/node auth); client secrets live only in the
 session (and in the state it exports between processes, which must stay on the
-client) and are wiped after stage 4 or on :meth:`ClientSession.wipe`.
+client): ``b_u``, ``s_sk_u`` and ``c_sk_u`` are dropped as soon as the masked input is
+built, the shares held for neighbours after stage 4 or on :meth:`ClientSession.wipe`.
+Against faulty holders and a deviating server: each client commits to ``b_u`` at
+stage 2 (:func:`~fl_app.secagg.crypto.commit_seed`) and the server checks every
+rebuilt seed and key, trying other share subsets when one fails
+(:func:`~fl_app.secagg.shamir.reconstruct_verified`); a client checks the stage-4
+lists against its cohort and the neighbours that shared with it, and counts survivors
+against its own floor.
 """
 
 from __future__ import annotations
