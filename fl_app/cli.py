@@ -8,6 +8,7 @@
 ``fl-app export <run dir> --tier ...``    release a model with its model card
 ``fl-app audit-privacy <run dir>``        empirical attacks on a release (MIA, inversion)
 ``fl-app deploy ...``                     certificates, keys, SuperLink/SuperNodes, submit, demo
+``fl-app site check --node-config ...``   a SuperNode's start-up checks, by hand
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ commands:
              run's release, next to its theoretical epsilon
   deploy     ca | server-cert | node-key | node-config | connection | register |
              superlink | supernode | submit | demo  (see docs/deployment.md)
+  site       check --node-config "..." | --site site.yaml [--key K] [--ca C]: a
+             SuperNode's start-up checks (data, policy, folders, keys) by hand
 
 Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=...).
 """
@@ -378,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
         from fl_app.deploy import deploy_main
 
         raise SystemExit(deploy_main(rest))
+    elif command == "site":
+        from fl_app.site_check import site_check_main
+
+        raise SystemExit(site_check_main(rest))
     elif command == "audit":
         from fl_app.audit import audit_main
 

@@ -1223,6 +1223,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.print:
             print(shlex.join(cmd))
             return 0
+        # The SuperNode's start-up checks (`fl-app site check`): a bad data file, policy
+        # or key stops it here, not as a refusal in every round of every run.
+        from fl_app.site_check import check_site, parse_node_config
+
+        checks = check_site(parse_node_config(node_config), key=args.key, ca=args.ca)
+        failed = [c for c in checks if not c.ok]
+        for check in checks:
+            print(check.line(), file=sys.stderr if failed else sys.stdout, flush=True)
+        if failed:
+            print(
+                f"fl-app deploy supernode: {len(failed)} start-up check(s) failed; "
+                "the SuperNode was not started",
+                file=sys.stderr,
+            )
+            return 1
         return _exec(cmd)
     elif args.cmd == "submit":
         app = Path(args.app) if args.app else app_root()

@@ -1,0 +1,237 @@
+"""``fl-app site check``: a SuperNode's start-up checks, run by hand or before it starts.
+
+A site's mistakes (a mis-typed data path, a malformed policy, a key with the wrong
+permissions, two sites naming their audit logs the same way) used to show only as
+every round's refusal once a run was under way. :func:`check_site` reads the site's
+node config the way its ClientApp will and reports each problem before the SuperNode
+joins the federation:
+
+* ``site``: the stable identity naming the site's own files
+  (:func:`fl_app.client_app.site_identity`);
+* ``data``: the site's file (``data-path``) or simulated partition, loaded exactly as
+  the ClientApp loads it (:func:`fl_app.data.sites.check_site_data`);
+* ``policy``: the data-use policy (``policy-path``), parsed strictly
+  (:func:`fl_app.site_policy.load_policy`);
+* ``audit-dir`` and ``dp-state-dir``: folders the ClientApp must be able to write,
+  and any audit log of this site already there must verify;
+* ``key``: the SuperNode's private key (OpenSSH ECDSA P-384, readable only by its
+  owner) and ``ca``: the CA certificate it pins.
+
+``fl-app deploy supernode`` runs the same checks and refuses to start the SuperNode
+when one fails. Only sizes, names and verdicts are printed: nothing about the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SiteCheck", "check_site", "site_check_main"]
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """One check's verdict: ``name`` (what was checked), ``ok``, and a human ``detail``."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+def _writable_dir(path: str, key: str) -> SiteCheck:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return SiteCheck(key, False, f"{p} exists and is not a folder")
+    probe = p if p.exists() else next((a for a in p.parents if a.exists()), None)
+    if probe is None or not os.access(probe, os.W_OK | os.X_OK):
+        return SiteCheck(key, False, f"{p} cannot be created or written by this user")
+    return SiteCheck(key, True, f"{p} {'writable' if p.exists() else 'will be created'}")
+
+
+def _audit_logs(directory: str, site: str) -> SiteCheck | None:
+    """Verify this site's audit logs already in ``directory`` (a broken one stops it)."""
+    from fl_app.audit import verify
+
+    p = Path(directory)
+    if not p.is_dir():
+        return None
+    logs = sorted(p.glob(f"audit-*-{site}.jsonl"))
+    broken = []
+    for log in logs:
+        try:
+            result = verify(log)
+            if not result.ok:
+                broken.append(f"{log.name} (line {result.first_broken}: {result.reason})")
+        except (OSError, ValueError) as err:
+            broken.append(f"{log.name} ({err})")
+    if broken:
+        return SiteCheck(
+            "audit logs",
+            False,
+            "broken: " + "; ".join(broken) + " (move it aside, kept as evidence; the site "
+            "refuses every instruction while it is there)",
+        )
+    return SiteCheck("audit logs", True, f"{len(logs)} earlier log(s) of this site verify")
+
+
+def _check_key(path: str) -> SiteCheck:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+        mode = p.stat().st_mode
+    except OSError as err:
+        return SiteCheck("key", False, f"cannot read {p}: {err}")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return SiteCheck(
+            "key", False, f"{p} is readable by others (mode {oct(mode & 0o777)}); chmod 600 {p}"
+        )
+    try:
+        key = load_ssh_private_key(data, None)
+    except (ValueError, TypeError) as err:
+        return SiteCheck(
+            "key", False, f"{p} is not an unencrypted OpenSSH private key ({err}); make one "
+            "with `fl-app deploy node-key`",
+        )  # fmt: skip
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        return SiteCheck(
+            "key", False, f"{p} is not an ECDSA P-384 key (Flower's SuperNode authentication "
+            "needs one: `fl-app deploy node-key`)",
+        )  # fmt: skip
+    return SiteCheck("key", True, f"{p}: ECDSA P-384, mode {oct(mode & 0o777)}")
+
+
+def _check_ca(path: str) -> SiteCheck:
+    from cryptography import x509
+
+    p = Path(path)
+    try:
+        cert = x509.load_pem_x509_certificate(p.read_bytes())
+    except (OSError, ValueError) as err:
+        return SiteCheck("ca", False, f"{p} is not a readable PEM certificate ({err})")
+    return SiteCheck("ca", True, f"{p}: {cert.subject.rfc4514_string()}")
+
+
+def check_site(
+    node_config: Mapping[str, Any],
+    *,
+    key: str | None = None,
+    ca: str | None = None,
+    dataset: Any = None,
+) -> list[SiteCheck]:
+    """Every start-up check of one SuperNode (see the module doc); never raises for a
+    problem of the site's: each becomes a failed :class:`SiteCheck`.
+
+    ``dataset``: the experiment's ``DatasetConfig`` when known (default: the site file
+    is read with ``configs/dataset/local.yaml``'s settings, as the SuperNode's check).
+    """
+    from fl_app.client_app import (
+        AUDIT_DIR_KEY,
+        POLICY_PATH_KEY,
+        ClientRefusal,
+        site_identity,
+    )
+    from fl_app.data import DataError
+    from fl_app.data.sites import check_site_data
+    from fl_app.site_policy import PolicyError, load_policy
+
+    checks: list[SiteCheck] = []
+    try:
+        site = site_identity(node_config)
+        checks.append(SiteCheck("site", True, f"{site} (names this site's audit log)"))
+    except ClientRefusal as err:
+        site = None
+        checks.append(SiteCheck("site", False, str(err)))
+    if any(k in node_config for k in ("data-path", "partition-id")):
+        try:
+            checks.append(SiteCheck("data", True, check_site_data(node_config, dataset).line()))
+        except DataError as err:
+            checks.append(SiteCheck("data", False, str(err)))
+    else:
+        checks.append(
+            SiteCheck(
+                "data",
+                False,
+                'node config names no data: set "data-path" (the site\'s file) '
+                'or "partition-id"/"num-partitions" (a simulated partition)',
+            )
+        )
+    policy = node_config.get(POLICY_PATH_KEY)
+    if policy:
+        try:
+            load_policy(str(policy))
+            checks.append(SiteCheck("policy", True, f"{policy} parses"))
+        except PolicyError as err:
+            checks.append(SiteCheck("policy", False, f"{policy}: {err}"))
+    audit_dir = node_config.get(AUDIT_DIR_KEY)
+    if audit_dir:
+        checks.append(_writable_dir(str(audit_dir), AUDIT_DIR_KEY))
+        logs = _audit_logs(str(audit_dir), site) if site is not None else None
+        if logs is not None:
+            checks.append(logs)
+    state_dir = node_config.get("dp-state-dir")
+    if state_dir:
+        checks.append(_writable_dir(str(state_dir), "dp-state-dir"))
+    if key:
+        checks.append(_check_key(key))
+    if ca:
+        checks.append(_check_ca(ca))
+    return checks
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-app site check",
+        description="Run a SuperNode's start-up checks (site data, policy, folders, keys).",
+    )
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--node-config", help='as given to flower-supernode: "data-path=... ..."')
+    g.add_argument("--site", help="site YAML (as for `fl-app deploy supernode --site`)")
+    p.add_argument("--key", help="the SuperNode's private key (fl-app deploy node-key)")
+    p.add_argument("--ca", help="the CA certificate the SuperNode pins")
+    return p
+
+
+def parse_node_config(text: str) -> dict[str, Any]:
+    """A ``--node-config`` string, parsed exactly as ``flower-supernode`` parses it."""
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args([text])) if text.strip() else {}
+
+
+def site_check_main(argv: Sequence[str]) -> int:
+    """``fl-app site check ...``: exit 0 when every check passes, 1 otherwise."""
+    args = list(argv)
+    if not args or args[0] != "check":
+        print("usage: fl-app site check (--node-config STR | --site YAML) [--key K] [--ca C]",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    ns = _parser().parse_args(args[1:])
+    from fl_app.deploy import DeployError, load_site
+
+    try:
+        node_config = load_site(ns.site) if ns.site else parse_node_config(ns.node_config)
+    except (DeployError, ValueError) as err:
+        print(f"fl-app site check: {err}", file=sys.stderr)
+        return 2
+    checks = check_site(node_config, key=ns.key, ca=ns.ca)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    print(
+        f"{len(failed)} of {len(checks)} checks failed: fix them before starting the SuperNode"
+        if failed
+        else f"all {len(checks)} checks passed"
+    )
+    return 1 if failed else 0
