@@ -393,8 +393,9 @@ def _node_ids(
         ids.update(str(k) for k in cl.get("releases", {}) or {})
     if ledger_text is not None:
         try:
-            local = json.loads(ledger_text).get("local", {})
-            ids.update(str(k) for k in local or {})
+            raw = json.loads(ledger_text)
+            ids.update(str(k) for k in raw.get("local", {}) or {})
+            ids.update(str(k) for k in raw.get("participation", {}) or {})
         except (ValueError, AttributeError):
             pass
     return ids
@@ -728,6 +729,25 @@ def _client_level_card(cfg: AppConfig, summary: Mapping[str, Any], ledger: Any) 
             ),
         }
     )
+    # epsilon per party (docs/privacy-branches.md): amplification by sampling holds only
+    # against whoever does not know the cohorts.
+    against = cl.get("against_server")
+    if isinstance(against, dict):
+        out["epsilon_is"] = (
+            "against outsiders, who do not know the cohorts (amplification by sampling); "
+            "part of delta covers sampling-dependent round branches (delta_branches)"
+        )
+        out["delta_branches"] = cl.get("delta_branches")
+        out["epsilon_against_server"] = {
+            k: against.get(k)
+            for k in (
+                "epsilon_max_over_clients",
+                "epsilon_planned_worst_case",
+                "rounds_max_over_clients",
+                "note",
+            )
+            if k in against
+        }
     return out
 
 
@@ -1073,12 +1093,17 @@ def _aggregate_metrics(records: list[dict[str, Any]], node_ids: set[str]) -> byt
 
 
 def _anonymous_ledger(ledger: Any) -> bytes:
-    """The ledger with local-DP clients re-keyed ``client-1``, ``client-2``, ... ."""
+    """The ledger with local-DP clients (and per-client cohort counts, keyed by node id)
+    re-keyed ``client-1``, ``client-2``, ... ."""
     from dataclasses import replace
 
-    ordered = sorted(ledger.local, key=lambda kv: (-kv[1], kv[0]))
-    local = tuple((f"client-{i}", n) for i, (_, n) in enumerate(ordered, start=1))
-    return (replace(ledger, local=local).to_json() + "\n").encode()
+    def anonymous(counts: Any) -> tuple[tuple[str, int], ...]:
+        ordered = sorted(counts, key=lambda kv: (-kv[1], kv[0]))
+        return tuple((f"client-{i}", n) for i, (_, n) in enumerate(ordered, start=1))
+
+    participation = anonymous(getattr(ledger, "participation", ()))
+    out = replace(ledger, local=anonymous(ledger.local), participation=participation)
+    return (out.to_json() + "\n").encode()
 
 
 def _record_level_table(summary: Mapping[str, Any]) -> bytes:

@@ -30,8 +30,11 @@ and :class:`~strategies.budget.BudgetGuard` stops the run before a round that wo
 exceed ``privacy.max_epsilon``.
 
 Condition (as in TFF's DP factories): whatever sits between clipping and noise must not
-increase sensitivity. Here that is a plain float64 sum; secure aggregation will be a
-modular sum of the same clipped values.
+increase sensitivity, or the noise must be calibrated to what it makes. In plaintext that
+is a float64 sum; under secure aggregation the fixed-point encoding can move a clipped
+update by ``√d`` rounding steps, and the noise is calibrated to ``C`` plus that slack
+(:func:`fl_app.privacy.mechanisms.encoding_slack`). Every branch of a round releases the
+mechanism its ledger event describes (docs/privacy-branches.md).
 """
 
 from __future__ import annotations
@@ -839,7 +842,12 @@ class LocalDp:
 
     @staticmethod
     def site_key(reply: TrainReply) -> str | None:
-        """The site's stable key: ``partition-<id>`` from its ``dp-partition-id``."""
+        """The site's stable key: ``site-<digest>`` from a deployed site's ``dp-site-hash``
+        (deployed sites share partition id 0), else ``partition-<id>``."""
+        digest = reply.metrics.get("dp-site-hash")
+        if digest is not None:
+            ok = math.isfinite(digest) and 0 <= digest < 2**48 and digest == int(digest)
+            return f"site-{int(digest):012x}" if ok else None
         pid = reply.metrics.get("dp-partition-id")
         if pid is None or not math.isfinite(pid) or pid < 0 or pid != int(pid):
             return None

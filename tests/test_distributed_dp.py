@@ -512,4 +512,7 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
 
     card = export_run(run, "public", tmp_path / "release").card
     assert "distributed DP" in json.dumps(card)
+    # The card states both parties' epsilon.
+    assert "against outsiders" in json.dumps(card)
+    assert f"{summary['privacy']['epsilon_against_server']}" in json.dumps(card)
     assert "colluded" in json.dumps(card)

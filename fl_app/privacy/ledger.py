@@ -44,7 +44,11 @@ with no sampling amplification (the server knows who took part).
 Trust assumptions: the clipping, noise and sampling happened as recorded (the server
 runs them under ``trusted_server``); the sampling randomness is hidden from whoever
 the guarantee is stated against; the ledger is complete (a round is recorded before
-its model leaves the server, even when it turned out to have too few replies).
+its model leaves the server, even when it turned out to have too few replies); every
+branch of a round releases what its event describes (docs/privacy-branches.md), a
+cohort-size gate under Poisson sampling being accounted as the event's ``branch_delta``.
+Against the server, which knows the cohorts, ε is the unamplified composition of each
+client's rounds (``participation``, :func:`unsampled_epsilon`).
 """
 
 from __future__ import annotations
