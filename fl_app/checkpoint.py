@@ -508,13 +508,47 @@ class ResumePlan:
         return self.rollback or self.released_unfinished
 
 
+def _check_ledger_against_audit(run_dir: Path, ledger: Any, disk: Path) -> None:
+    """Refuse a ledger holding less spend than the audit log recorded before a round's
+    instructions went out (``ledger.spend``, :meth:`fl_app.rundir.AuditTrail.ledger_spend`).
+
+    The checkpoint comparison alone cannot see the interrupted round: its event is in
+    the ledger but in no checkpoint, so deleting it would let the resumed run
+    under-count ε. The audit log's chain is verified when the run reopens it.
+    """
+    path = run_dir / "audit.jsonl"
+    if not path.is_file():
+        return
+    last: dict[str, Any] | None = None
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line; the reopen repairs and records it
+        if isinstance(rec, dict) and rec.get("event") == "ledger.spend":
+            last = rec.get("data")
+    if not isinstance(last, dict):
+        return
+    events = len(ledger.events)
+    releases = sum(n for _, n in ledger.local)
+    want_events = int(last.get("events", 0))
+    want_releases = int(last.get("local_releases", 0))
+    if events < want_events or releases < want_releases:
+        raise CheckpointError(
+            f"{disk} holds {events} rounds and {releases} local releases, but the audit log "
+            f"recorded {want_events} rounds and {want_releases} releases spent before round "
+            f"{last.get('round')}'s instructions went out: the ledger lost spend; refusing "
+            "to under-count epsilon (restore the ledger file the run wrote)"
+        )
+
+
 def plan_resume(cfg: AppConfig) -> ResumePlan:
     """Choose and verify the checkpoint ``cfg.resume`` / ``cfg.rollback_to`` ask for."""
     from fl_app.privacy.ledger import FederationLedger, LedgerError
 
     run_dir = check_resume(cfg)
     manifest = json.loads((run_dir / "run.json").read_text())
-    if manifest.get("status") == "completed" and cfg.rollback_to is None:
+    if manifest.get("status") in ("completed", "degraded") and cfg.rollback_to is None:
         raise CheckpointError(
             f"run {run_dir} already completed; nothing to resume (rollback_to=<round> redoes "
             "rounds after a checkpoint)"
@@ -566,6 +600,7 @@ def plan_resume(cfg: AppConfig) -> ResumePlan:
                 f"{disk} does not extend the checkpoint's ledger (it was rewound or "
                 "replaced); refusing to under-count epsilon"
             )
+        _check_ledger_against_audit(run_dir, latest, disk)
     return ResumePlan(
         run_dir=run_dir,
         checkpoint=ck,

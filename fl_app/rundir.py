@@ -410,6 +410,22 @@ class AuditTrail:
             out[reason] = out.get(reason, 0) + 1
         return out
 
+    def ledger_spend(self, rnd: int, ledger: Any, ledger_path: Path) -> None:
+        """``ledger.spend``: the privacy ledger as written for round ``rnd``, recorded
+        *before* the round's instructions go out (a round begin hook, after the ledger
+        file is written). A resume refuses a ledger holding fewer rounds or releases
+        than the last such record (:func:`fl_app.checkpoint.plan_resume`), so deleting
+        an interrupted round's spend from ``privacy_ledger.json`` is detected."""
+        self.log.append(
+            "ledger.spend",
+            {
+                "round": int(rnd),
+                "events": len(ledger.events),
+                "local_releases": int(sum(n for _, n in ledger.local)),
+                "ledger_sha256": hashlib.sha256(ledger_path.read_bytes()).hexdigest(),
+            },
+        )
+
     def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
         rnd = int(report.server_round)
         t = report.train

@@ -237,6 +237,17 @@ def run_experiment(
     if progress and not isinstance(aggregator, MeanAggregator):
         for line in projection_lines(aggregator.settings):
             print(line, flush=True)
+        if plan is not None and isinstance(aggregator, CentralDp):
+            # The plan above counts num_rounds releases; a resumed ledger already holds
+            # those before the checkpoint and any interrupted round's (it stays spent),
+            # so the run ends at the ledger plus the rounds left, not at the plan.
+            rest = aggregator.settings.planned_events(plan.round + 1)
+            print(
+                f"resume projection: the ledger holds {len(aggregator.ledger.events)} "
+                f"releases (an interrupted round's included); after the {len(rest)} "
+                f"rounds left the run ends at epsilon {aggregator.ledger.project(rest):.4f}",
+                flush=True,
+            )
     client_spec = spec_from_config(cfg, run_key, _client_dp_spec(aggregator))
     if client_spec.dpsgd is not None and client_spec.dpsgd.state_dir is None:
         # Simulation default; real SuperNodes pass --node-config "dp-state-dir=...".
@@ -264,6 +275,10 @@ def run_experiment(
         ledger_writer = LedgerWriter(rd.path / LEDGER_FILE, aggregator)
         listeners.insert(0, ledger_writer)
         begin_hooks.append(ledger_writer.on_round_begin)
+        # The audit log records the spend just written, before instructions go out.
+        begin_hooks.append(
+            lambda rnd: audit.ledger_spend(rnd, aggregator.ledger, rd.path / LEDGER_FILE)
+        )
     if progress:
         listeners.append(ProgressPrinter(cfg.num_rounds))
     checkpoints = CheckpointWriter(cfg, rd, run_key, audit, aggregator, steps_seen)

@@ -30,8 +30,12 @@ def test_a_run_leaves_a_verifiable_audit_log(
     events = [r["event"] for r in records]
     assert events[0] == "run.start" and events[-1] == "run.end"
     assert records[0]["data"]["config_hash"] == summary["config_hash"]
-    per_round = ["round.start", "stage.outcome", "stage.outcome", "aggregation.done"]
-    assert events[1:-1] == [*per_round, "privacy.epsilon", "checkpoint.saved"] * 2
+    # ledger.spend: the round's spend, recorded before its instructions go out.
+    per_round = ["ledger.spend", "round.start", "stage.outcome", "stage.outcome"]
+    per_round += ["aggregation.done", "privacy.epsilon", "checkpoint.saved"]
+    assert events[1:-1] == per_round * 2
+    spends = [r["data"] for r in records if r["event"] == "ledger.spend"]
+    assert [(d["round"], d["events"]) for d in spends] == [(1, 1), (2, 2)]
     eps = [r["data"]["epsilon"] for r in records if r["event"] == "privacy.epsilon"]
     assert eps[-1] == pytest.approx(summary["privacy"]["epsilon"])
     files = records[-1]["data"]["files"]

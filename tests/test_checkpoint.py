@@ -269,6 +269,44 @@ def test_rewound_ledger_is_refused(tmp_path: Path, reference: tuple[Path, dict[s
         plan_resume(_cfg(f"resume={run_dir}"))
 
 
+def test_deleting_the_interrupted_rounds_ledger_event_is_detected_on_resume(
+    tmp_path: Path, reference: tuple[Path, dict[str, Any]]
+) -> None:
+    """Killed mid-round 4: round 4 is in the ledger and the audit log (ledger.spend,
+    written before its instructions went out), in no checkpoint. Deleting its event
+    makes the ledger match checkpoint 3 exactly; only the audit log can tell."""
+    run_dir = _interrupted_copy(reference[0], tmp_path / "run")
+    shutil.rmtree(run_dir / "checkpoints" / "round-0004")
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    intact = json.dumps(ledger)
+    assert [e["round"] for e in ledger["events"]] == [1, 2, 3, 4]
+    ledger["events"] = ledger["events"][:3]
+    (run_dir / "privacy_ledger.json").write_text(json.dumps(ledger))
+    with pytest.raises(CheckpointError, match="audit log recorded 4 rounds") as err:
+        plan_resume(_cfg(f"resume={run_dir}"))
+    assert "under-count" in str(err.value)
+    # With the ledger the run wrote, the same resume is accepted.
+    (run_dir / "privacy_ledger.json").write_text(intact)
+    assert plan_resume(_cfg(f"resume={run_dir}")).round == 3
+
+
+def test_resume_projection_is_the_epsilon_the_run_ends_at(
+    tmp_path: Path, reference: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed mid-round 4 (its release in the ledger, no checkpoint): the resumed run
+    redoes round 4 with fresh noise, so it ends with 5 releases, above the plan's 4."""
+    run_dir = _interrupted_copy(reference[0], tmp_path / "run")
+    shutil.rmtree(run_dir / "checkpoints" / "round-0004")
+    capsys.readouterr()
+    summary = run_simulation_experiment(_cfg(f"resume={run_dir}"), run_dir)
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("resume projection:")]
+    assert "the ledger holds 4 releases" in line and "after the 1 rounds left" in line
+    projected = float(line.rsplit("epsilon ", 1)[1])
+    assert projected == pytest.approx(summary["privacy"]["epsilon"], abs=1e-4)
+    assert summary["privacy"]["epsilon"] > reference[1]["privacy"]["epsilon"]
+
+
 def test_config_mismatch_and_bad_resume_settings_are_refused(
     tmp_path: Path, reference: tuple[Path, dict[str, Any]]
 ) -> None:
