@@ -507,8 +507,9 @@ def _client_dp_stages(
     seen = config.get(LOCAL_RELEASES_SEEN_KEY, 0)
     if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
         raise ClientRefusal(f"'{LOCAL_RELEASES_SEEN_KEY}' must be an integer >= 0, got {seen!r}")
+    site = site_identity(context.node_config)
     try:
-        store = LocalDpStore(context, str(state_dir), spec.run_key, pid)
+        store = LocalDpStore(context, str(state_dir), spec.run_key, site)
         state = store.load(z, releases_seen_by_server=seen)
     except PrivacyStateError as err:
         raise ClientRefusal(f"local DP state: {err}") from err
@@ -525,10 +526,14 @@ def _client_dp_stages(
     _enforce_epsilon(policy, "local DP", eps_after)
     store.save(LocalDpState(releases=releases, noise_multiplier=z))  # before any release
     # Public by design (README, model card): ε and the release count follow from the
-    # rounds the server sent and received; the partition id keys the server's guard.
+    # rounds the server sent and received; the site's identity keys the server's guard
+    # (its partition id, or for a deployed site a 48-bit digest of its identity, since
+    # deployed sites all have partition id 0 and a metric cannot carry a name).
     metrics.update(
         {"dp-local-epsilon": eps_after, "dp-local-releases": releases, "dp-partition-id": pid}
     )
+    if not site.startswith("partition-"):
+        metrics["dp-site-hash"] = site_hash(site)
     # Always a CSPRNG: noise from a seed the server knows would protect nothing from it.
     source = SecureNoise()
 
@@ -577,6 +582,16 @@ def _prepare_dpsgd(
 
     dp = spec.dpsgd
     assert dp is not None
+    if not spec.secure_mode and policy is not None and not policy.allow_seeded_noise:
+        # Seeded DP-SGD noise is noise the server can regenerate and subtract.
+        raise PolicyRefusal(
+            PolicyViolation(
+                "allow_seeded_noise",
+                "the server asks for DP-SGD noise and batches seeded from the run's seed "
+                "(privacy.secure_mode=false), which it could regenerate; this site draws "
+                "them only from its own keys unless its policy sets allow_seeded_noise: true",
+            )
+        )
     state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
     if not state_dir:
         raise ClientRefusal(
@@ -661,6 +676,7 @@ HIDDEN_MODE_PUBLIC_METRICS = frozenset(
         "dp-delta",
         "dp-rounds",
         "dp-partition-id",
+        "dp-site-hash",
         "dp-local-epsilon",
         "dp-local-releases",
     }
@@ -706,6 +722,13 @@ def _audit_names(run_key: str, partition_id: object) -> tuple[str, str]:
     except (TypeError, ValueError):
         pid = "unknown"
     return key, pid
+
+
+def site_hash(site: str) -> int:
+    """48 bits of SHA-256 of a site identity: exact as a float64 metric value."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(site.encode()).digest()[:6], "big")
 
 
 def site_identity(node_config: Any) -> str:

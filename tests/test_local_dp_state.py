@@ -56,12 +56,12 @@ def _context(partition: int = 0) -> Context:
 
 def test_store_survives_a_restart_and_refuses_a_rewind(tmp_path: Path) -> None:
     ctx = _context()
-    store = LocalDpStore(ctx, tmp_path, "run1", 0)
+    store = LocalDpStore(ctx, tmp_path, "run1", "partition-0")
     assert store.load(Z) == LocalDpState(0, Z)  # fresh: nothing released yet
     store.save(LocalDpState(2, Z))
     assert json.loads(store.path.read_text())["releases"] == 2
     # A restarted SuperNode: empty Context.state, the file on disk is the truth.
-    restarted = LocalDpStore(_context(), tmp_path, "run1", 0)
+    restarted = LocalDpStore(_context(), tmp_path, "run1", "partition-0")
     assert restarted.load(Z, releases_seen_by_server=2).releases == 2
     # The server has received more releases from this site than the file records.
     with pytest.raises(PrivacyStateError, match="lost or replaced"):
@@ -80,9 +80,9 @@ def test_store_survives_a_restart_and_refuses_a_rewind(tmp_path: Path) -> None:
     bad = {"version": 1, "kind": "local-dp", "releases": -1, "noise_multiplier": 4}
     store.path.write_text(json.dumps(bad))
     with pytest.raises(PrivacyStateError, match="releases"):
-        LocalDpStore(_context(), tmp_path, "run1", 0).load(Z)
+        LocalDpStore(_context(), tmp_path, "run1", "partition-0").load(Z)
     with pytest.raises(PrivacyStateError, match="safe"):
-        LocalDpStore(ctx, tmp_path, "../x", 0)
+        LocalDpStore(ctx, tmp_path, "../x", "partition-0")
 
 
 # ------------------------------------------------- restart + resume, end to end
@@ -238,3 +238,27 @@ def _config_record(spec: str):
     from flwr.app import ConfigRecord
 
     return ConfigRecord({"fl-app.spec": spec, "server-round": 1, "fl-app.clip-norm": 1.0})
+
+
+def test_deployed_sites_sharing_partition_id_0_are_counted_apart(tmp_path: Path) -> None:
+    """Deployed sites all have partition id 0: the server keys them by a digest of their
+    site name, and their state files (in one shared directory) do not collide."""
+    import hashlib
+
+    names = ["hospital-a", "hospital-b", "lab.c"]
+    state = tmp_path / "shared-state"
+
+    def node_config(i: int, n: int) -> dict[str, Any]:
+        return {"site-name": names[i], "dp-state-dir": str(state), "num-partitions": 3}
+
+    grid = InProcessGrid(client_app, 3, seed=0, node_config_fn=node_config)
+    try:
+        summary = run_experiment(grid, _cfg("num_rounds=2"), tmp_path / "run", progress=False)
+    finally:
+        grid.close()
+    want = {f"site-{hashlib.sha256(f'site-{n}'.encode()).hexdigest()[:12]}": 2 for n in names}
+    assert summary["privacy"]["client_level"]["releases"] == want
+    files = sorted(p.name.split("-", 2)[2] for p in state.glob("localdp-*.json"))
+    assert files == [f"site-{n}.json" for n in names]
+    assert all(json.loads(p.read_text())["releases"] == 2 for p in state.glob("localdp-*"))
+    assert summary["privacy"]["epsilon"] == pytest.approx(_pld_epsilon(2), rel=1e-3)

@@ -20,7 +20,7 @@ The new state is written *before* training, so a crash mid-round over-counts at
 worst, never under-counts. JSON only: the file is an artifact an auditor may read.
 
 Local DP (``privacy.mode=local``) keeps its release count the same way
-(:class:`LocalDpStore`, ``localdp-<run key>-partition-<id>.json`` in the same state
+(:class:`LocalDpStore`, ``localdp-<run key>-<site identity>.json`` in the same state
 directory, ``fl-app.local-dp`` in ``Context.state``), under the same rules, with the
 server's count of the releases it received from this site (``fl-app.local-releases-seen``)
 in place of the DP-SGD steps it saw. Kept in ``Context.state`` alone, the count was reset
@@ -66,6 +66,7 @@ LOCAL_DP_RECORD = "fl-app.local-dp"
 LOCAL_RELEASES_SEEN_KEY = "fl-app.local-releases-seen"
 _VERSION = 1
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SAFE_SITE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}")
 
 
 class PrivacyStateError(Exception):
@@ -207,12 +208,16 @@ class LocalDpStore:
     """
 
     def __init__(
-        self, context: Context, state_dir: str | os.PathLike[str], run_key: str, partition_id: int
+        self, context: Context, state_dir: str | os.PathLike[str], run_key: str, site: str
     ) -> None:
         if not _SAFE_KEY.fullmatch(run_key or ""):
             raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
+        if not _SAFE_SITE.fullmatch(site or ""):
+            raise PrivacyStateError(f"site identity {site!r} is not a safe file-name component")
         self.context = context
-        self.path = Path(state_dir) / f"localdp-{run_key}-partition-{int(partition_id)}.json"
+        # Named by the site identity (``site-<name>``, ``data-<hash>``, ``partition-<id>``):
+        # deployed sites all have partition id 0 and may share a state directory.
+        self.path = Path(state_dir) / f"localdp-{run_key}-{site}.json"
 
     def _memory(self) -> str | None:
         record = self.context.state.config_records.get(LOCAL_DP_RECORD)
