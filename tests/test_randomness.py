@@ -33,6 +33,7 @@ from fl_app.privacy import dpsgd
 from fl_app.privacy.dpsgd import DpSgdSettings, KeystreamPoissonSampler, train_dpsgd
 from fl_app.privacy.noise import SecureNoise
 from fl_app.weights import flatten, model_to_ndarrays
+from strategies.protocol import UPDATE_KEY
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 
 # ------------------------------------------------------------------- DP-SGD, unit level
@@ -145,15 +146,21 @@ def _dpsgd_cfg(tmp: Path, *overrides: str) -> Any:
     )
 
 
-def _client_reply(cfg: Any, run_key: str) -> dict[str, np.ndarray]:
+def _client_reply(cfg: Any, run_key: str, **node_config: Any) -> dict[str, np.ndarray]:
     """The update a fresh client (partition 0) returns for round 1 of ``cfg``."""
+    reply = _client_message(cfg, run_key, **node_config)
+    assert not reply.has_error(), reply.error
+    return {k: v.numpy() for k, v in reply.content[UPDATE_KEY].items()}
+
+
+def _client_message(cfg: Any, run_key: str, **node_config: Any) -> Message:
     from fl_app.client_app import app as client_app
     from fl_app.client_spec import encode_spec, spec_from_config
     from fl_app.privacy.state import STEPS_SEEN_KEY
     from fl_app.server_app import initial_arrays
     from fl_app.testing import InProcessGrid
     from fl_app.weights import to_array_record
-    from strategies.protocol import SPEC_KEY, UPDATE_KEY
+    from strategies.protocol import SPEC_KEY
 
     grid = InProcessGrid(client_app, 3, seed=0)
     spec = spec_from_config(cfg, run_key)
@@ -169,13 +176,11 @@ def _client_reply(cfg: Any, run_key: str) -> dict[str, np.ndarray]:
     context = Context(
         run_id=1,
         node_id=grid.node_ids[0],
-        node_config={"partition-id": 0, "num-partitions": 3},
+        node_config={"partition-id": 0, "num-partitions": 3, **node_config},
         state=RecordDict(),
         run_config={},
     )
-    reply = client_app(msg, context)
-    assert not reply.has_error(), reply.error
-    return {k: v.numpy() for k, v in reply.content[UPDATE_KEY].items()}
+    return client_app(msg, context)
 
 
 def _server_replica(cfg: Any) -> dict[str, np.ndarray]:
@@ -411,3 +416,20 @@ def test_stochastic_rounding_from_the_keystream_is_unbiased_with_the_right_varia
     assert set(np.unique(decoded).tolist()) == {low, low + 1}
     up = float(np.mean(decoded == low + 1))
     assert abs(up - 0.3) < 6 * math.sqrt(0.3 * 0.7 / x.size)
+
+
+def test_a_site_with_a_policy_refuses_seeded_dpsgd_unless_it_opts_in(tmp_path: Path) -> None:
+    """The server cannot switch a site's DP-SGD to noise it can regenerate: with a
+    policy file in force, secure_mode=false is refused (naming the policy field)
+    before training, and runs only if the site itself sets allow_seeded_noise."""
+    seeded = _dpsgd_cfg(tmp_path / "s", "privacy.secure_mode=false")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("max_epsilon: 100.0\n")
+    reply = _client_message(seeded, "strict", **{"policy-path": str(strict)})
+    assert reply.has_error() and "allow_seeded_noise" in reply.error.reason
+    assert not list((tmp_path / "s").glob("*strict*"))  # nothing spent or recorded
+    opted = tmp_path / "opted.yaml"
+    opted.write_text("max_epsilon: 100.0\nallow_seeded_noise: true\n")
+    assert not _client_message(seeded, "opted", **{"policy-path": str(opted)}).has_error()
+    default = _dpsgd_cfg(tmp_path / "d")
+    assert not _client_message(default, "d", **{"policy-path": str(strict)}).has_error()
