@@ -26,10 +26,13 @@ Before the manifest is written a ``checkpoint.saved`` audit record (round, file
 hashes) is appended, and the manifest carries the log's ``(seq, head)`` after it: the
 anchor that :func:`fl_app.audit.verify` checks (``fl-app audit verify --head --seq``).
 
-RNG state: every random draw of the server is derived from ``(seed, round, stream)``
-(samplers, seeded DP noise) and every client's from ``(seed, round, partition)``, so
-there is no generator state to save: ``server_state.json`` records the scheme and the
-seed. ``privacy.secure_mode`` noise comes from a CSPRNG and is never reproduced.
+RNG state: with ``privacy.secure_mode=true`` (the default) noise and sampling come from
+keystreams under keys drawn from ``os.urandom`` by the process that uses them (never
+saved: a resumed server samples under a new key, and CSPRNG noise is never
+reproduced); with ``secure_mode=false`` every random draw of the server is derived
+from ``(seed, round, stream)`` (samplers, seeded DP noise) and every client's from
+``(seed, round, partition)``. Either way there is no generator state to save:
+``server_state.json`` records the scheme and the seed.
 
 Resume (``resume=<run dir>``) continues the same run directory from its newest
 complete checkpoint; ``rollback_to=<r>`` from round ``r``'s. In both cases:

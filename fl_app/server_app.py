@@ -463,7 +463,12 @@ class CheckpointWriter:
             "code_version": self.rd.manifest["code_version"],
             "strategy": self.cfg.strategy.name.value,
             "rng": {
-                "scheme": "derived: every draw from (seed, round, stream); no generator state",
+                "scheme": (
+                    "keystreams under OS-random keys (never saved): sampling and DP noise "
+                    "are not reproduced; no generator state"
+                    if self.cfg.privacy.secure_mode
+                    else "derived: every draw from (seed, round, stream); no generator state"
+                ),
                 "seed": self.cfg.seed,
                 "secure_mode_noise": bool(self.cfg.privacy.secure_mode),
             },
