@@ -646,6 +646,12 @@ def _training_section(cfg: AppConfig, summary: Mapping[str, Any]) -> dict[str, A
         "rounds_run": summary["rounds"],
         "rounds_planned": summary["rounds_planned"],
         "stopped_early": summary.get("stopped_early"),
+        # A degraded run's card says how many rounds updated the model and which were
+        # lost (summary.json status and status_reason; absent in older run directories).
+        "run_status": summary["status"],
+        "rounds_model_updated": summary.get("rounds_model_updated"),
+        "rounds_lost": summary.get("rounds_lost"),
+        "status_reason": summary.get("status_reason"),
         "strategy": s.name.value,
         "client_sampling": s.sampling.value,
         "sample_rate": s.fraction_train,

@@ -240,3 +240,24 @@ def test_deploy_streams_progress_lines_and_states_a_verdict(tmp_path: Path) -> N
     assert verdict.startswith("verdict: FAILED (finished:failed; 0 of 2 rounds updated")
     assert verdict.endswith(": no round updated the model")
     assert run_verdict("finished:completed", None) == "verdict: COMPLETED (finished:completed)"
+
+
+def test_a_degraded_run_exports_and_its_card_states_the_lost_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    rc = _simulate(monkeypatch, tmp_path, *_FAST, "num_rounds=1", f"hydra.run.dir={run}")
+    assert rc == 0
+    # As a run that lost a round would have written it (run_outcome's fields).
+    reason = "1 of 2 rounds left the model unchanged (rounds 1); see metrics.jsonl"
+    for name in ("summary.json", "run.json"):
+        doc = json.loads((run / name).read_text())
+        doc["status"] = "degraded"
+        if name == "summary.json":
+            doc.update(rounds_lost=1, rounds_model_updated=1, status_reason=reason)
+        (run / name).write_text(json.dumps(doc))
+    card = export_run(run, "restricted", tmp_path / "out").card
+    training = card["training"]
+    assert training["run_status"] == "degraded" and training["rounds_lost"] == 1
+    assert training["status_reason"] == reason
+    assert "rounds_lost" in (tmp_path / "out" / "model_card.md").read_text()
