@@ -68,7 +68,13 @@ from fl_app.privacy.ledger import (
     local_epsilon,
     unsampled_epsilon,
 )
-from fl_app.privacy.mechanisms import CentralGaussian, cohort_gate_delta, encoding_slack
+from fl_app.privacy.mechanisms import (
+    AdaptiveClip,
+    CentralGaussian,
+    cohort_gate_delta,
+    encoding_slack,
+    update_noise_multiplier,
+)
 from fl_app.privacy.noise import noise_source
 from strategies.aggregation import weighted_mean_update
 from strategies.budget import BudgetGuard
@@ -267,8 +273,7 @@ class ClientDpSettings:
     def update_noise_multiplier(self) -> float:
         if self.clipping is ClippingMode.fixed or self.clipped_count_std is None:
             return self.noise_multiplier
-        z, sb = self.noise_multiplier, self.clipped_count_std
-        return (z**-2 - (2 * sb) ** -2) ** -0.5
+        return update_noise_multiplier(self.noise_multiplier, self.clipped_count_std)
 
     def expected_cohort(self, population: int) -> float:
         """The divisor ``m``: ``q·N`` (Poisson) or the fixed cohort size."""
@@ -719,12 +724,13 @@ class CentralDp:
         if s.clipping is ClippingMode.adaptive:
             assert s.clipped_count_std is not None
             # Σ(b_i − ½) has add/remove sensitivity ½ (Andrew et al. §3.2).
-            noised = (
-                unclipped - num_contributors / 2.0 + float(noise.normal(s.clipped_count_std, 1)[0])
-            ) + m / 2.0
-            fraction = noised / m
-            self.clip = float(
-                event.clip * math.exp(-s.clip_learning_rate * (fraction - s.target_quantile))
+            step = AdaptiveClip(s.clipped_count_std, s.clip_learning_rate, s.target_quantile)
+            fraction, self.clip = step.step(
+                event.clip,
+                unclipped,
+                num_contributors,
+                m,
+                float(noise.normal(s.clipped_count_std, 1)[0]),
             )
             metrics["dp_unclipped_fraction_noised"] = fraction
             metrics["dp_next_clip"] = self.clip

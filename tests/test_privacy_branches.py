@@ -28,7 +28,13 @@ from fl_app.config.schema import ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan, sensitivity
 from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
-from fl_app.privacy.mechanisms import CentralGaussian, cohort_gate_delta, encoding_slack
+from fl_app.privacy.mechanisms import (
+    AdaptiveClip,
+    CentralGaussian,
+    cohort_gate_delta,
+    encoding_slack,
+    update_noise_multiplier,
+)
 from fl_app.privacy.noise import SeededNoise
 from fl_app.secagg.encoding import FixedPointCodec
 from fl_app.secagg.vector import DecodedSum
@@ -458,3 +464,38 @@ def test_dry_run_projection_states_both_parties() -> None:
     rdp = [3 * _ddg_rdp_by_hand(a, 1.0, plan.tau, plan.padded) for a in ORDERS]
     worst = compute_epsilon(ORDERS, rdp, 1e-5)[0]
     assert f"a client in all 3 rounds: {worst:.4g}" in lines
+
+
+def test_adaptive_clip_step_and_noise_split_by_hand() -> None:
+    step = AdaptiveClip(clipped_count_std=2.5, learning_rate=0.2, target_quantile=0.5)
+    # 30 of 50 unclipped, no count noise, m = 50: b̃ = (30 − 25 + 0 + 25)/50 = 0.6 and
+    # C' = 1·exp(−0.2·(0.6 − 0.5)) = e^{-0.02}.
+    fraction, nxt = step.step(1.0, 30.0, 50, 50.0, 0.0)
+    assert fraction == pytest.approx(0.6) and nxt == pytest.approx(math.exp(-0.02))
+    # The count's noise moves b̃ by noise/m: +5 → 0.7, C' = e^{-0.04}.
+    assert step.step(1.0, 30.0, 50, 50.0, 5.0)[1] == pytest.approx(math.exp(-0.04))
+    # z = 1, σ_b = 2.5: z_Δ = (1 − 1/25)^{-1/2} = 0.96^{-1/2}.
+    assert update_noise_multiplier(1.0, 2.5) == pytest.approx(0.96**-0.5)
+    with pytest.raises(ValueError, match="clipped_count_stddev"):
+        update_noise_multiplier(1.0, 0.5)
+
+
+def test_config_whose_branches_use_up_delta_is_refused_naming_the_fields() -> None:
+    from fl_app.config.compose import compose_config
+    from fl_app.config.validate import ConfigError
+
+    # The validator resolves the privacy settings, so the config fails when composed.
+    with pytest.raises(ConfigError, match=r"strategy\.fraction_train.*strategy\.sampling=fixed"):
+        compose_config(
+            "config",
+            [
+                "privacy=central",
+                "privacy.threat_model=honest_but_curious",
+                "privacy.clip_side=client",
+                "secagg=secaggplus",
+                "strategy.sampling=poisson",
+                "strategy.fraction_train=0.3",
+                "dataset.num_partitions=10",
+                "num_rounds=5",
+            ],
+        )

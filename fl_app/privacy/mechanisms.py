@@ -25,6 +25,12 @@ worked out by hand (``tests/test_privacy_branches.py``).
 :class:`CentralGaussian`
     Central DP's release of one round (McMahan et al. 2018): ``(Σ clip(Δ_i) + N(0, σ²))/m``
     over whatever arrived, an empty sum included, with ``σ = z_Δ·(C + slack)``.
+:class:`AdaptiveClip`
+    Adaptive clipping's norm update (Andrew, Thakkar, McMahan & Ramaswamy 2021,
+    Algorithm 1): the noised fraction of unclipped updates
+    ``b̃ = (Σ(b_i − ½) + N(0, σ_b²))/m + ½`` and ``C_{t+1} = C_t·exp(−η(b̃ − γ))``;
+    :func:`update_noise_multiplier` splits the round's ``z`` between the updates and the
+    count (§3.2: ``z^{-2} = z_Δ^{-2} + (2σ_b)^{-2}``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CentralGaussian", "cohort_gate_delta", "encoding_slack"]
+__all__ = [
+    "AdaptiveClip",
+    "CentralGaussian",
+    "cohort_gate_delta",
+    "encoding_slack",
+    "update_noise_multiplier",
+]
 
 
 def _binomial_pmf(n: int, q: float, k: int) -> float:
@@ -123,3 +135,48 @@ class CentralGaussian:
             noised += normal(self.noise_std, noised.size).reshape(noised.shape)
             out[k] = noised / self.divisor
         return out
+
+
+def update_noise_multiplier(z: float, clipped_count_std: float) -> float:
+    """``z_Δ = (z^{-2} − (2σ_b)^{-2})^{-1/2}``: the updates' part of the round's ``z``.
+
+    The count of unclipped clients (sensitivity ½, noise ``σ_b``) is a Gaussian mechanism
+    of multiplier ``2σ_b``; composed with the updates' it must give ``z``, which needs
+    ``2σ_b > z``.
+    """
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"noise_multiplier must be finite and > 0, found {z!r}")
+    if not 2 * clipped_count_std > z:
+        raise ValueError(
+            f"privacy.clipped_count_stddev={clipped_count_std}: adaptive clipping needs "
+            f"2*clipped_count_stddev > noise_multiplier={z:g}"
+        )
+    return float((z**-2 - (2 * clipped_count_std) ** -2) ** -0.5)
+
+
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """Adaptive clipping's noised quantile step (Andrew et al. 2021, Algorithm 1)."""
+
+    clipped_count_std: float
+    learning_rate: float
+    target_quantile: float
+
+    def step(
+        self,
+        clip: float,
+        unclipped: float,
+        contributors: int,
+        expected_cohort: float,
+        count_noise: float,
+    ) -> tuple[float, float]:
+        """``(b̃, C_{t+1})`` from ``Σ b_i`` over the ``contributors`` that arrived.
+
+        ``count_noise`` is the ``N(0, σ_b²)`` draw; each client contributes ``b_i − ½``
+        (sensitivity ½), and ``m/2`` re-centres the noised sum on the expected cohort.
+        """
+        noised = unclipped - contributors / 2.0 + count_noise + expected_cohort / 2.0
+        fraction = noised / expected_cohort
+        return fraction, float(
+            clip * math.exp(-self.learning_rate * (fraction - self.target_quantile))
+        )
