@@ -412,10 +412,12 @@ class FederationLedger:
         if not self.events:
             return {}
         last = self.events[-1]
-        return {
-            c: unsampled_epsilon(last, n, self.delta, self.accountant)
-            for c, n in self.participation
+        # Counts repeat (thousands of clients, a few distinct counts): one ε per count.
+        by_count = {
+            n: unsampled_epsilon(last, n, self.delta, self.accountant)
+            for n in {n for _, n in self.participation}
         }
+        return {c: by_count[n] for c, n in self.participation}
 
     def epsilon(self, accountant: AccountantName | str | None = None) -> float:
         """ε of the whole federation (central events) at this ledger's δ."""
