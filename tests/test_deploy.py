@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.common.config import parse_config_args
 
+from fl_app.audit import verify
 from fl_app.deploy import (
     INSECURE_WARNING,
     DeployError,
@@ -353,11 +354,19 @@ def test_tls_node_auth_federation_runs_dpsgd_under_secagg(tmp_path: Path, capsys
         fed.prepare()
         pids.append(fed.start_superlink())
         registered = set(fed.register_all())
-        # Site 0 takes its settings from a site YAML through the helper.
-        site = tmp_path / "site-0.yaml"
-        site.write_text(f"partition: {{id: 0, num: 3}}\ndp_state_dir: {tmp_path / 'state-0'}\n")
-        assert deploy_main(["node-config", str(site)]) == 0
-        configs = [capsys.readouterr().out.strip(), fed.node_config(1), fed.node_config(2)]
+        # Every site as docs/deployment.md sets it up: a site YAML in the site's own
+        # folder, relative paths (extra: included), and one audit folder all three
+        # share (their logs collided on partition-0 before logs were named by site).
+        configs = []
+        for i, name in enumerate(("hospital-a", "hospital-b", "hospital-c")):
+            folder = tmp_path / "sites" / name
+            folder.mkdir(parents=True)
+            (folder / "site.yaml").write_text(
+                f"name: {name}\npartition: {{id: {i}, num: 3}}\ndp_state_dir: state\n"
+                "extra:\n  audit-dir: ../shared-audit\n"
+            )
+            assert deploy_main(["node-config", str(folder / "site.yaml")]) == 0
+            configs.append(capsys.readouterr().out.strip())
         pids += fed.start_supernodes(configs)
         # Two that must never join: a valid key the SuperLink never registered, and a
         # SuperNode without TLS (no key: TLS is what it lacks).
@@ -390,8 +399,18 @@ def test_tls_node_auth_federation_runs_dpsgd_under_secagg(tmp_path: Path, capsys
         eps = summary["privacy"]["record_level_epsilon_max"]
         assert isinstance(eps, float) and 0 < eps < float("inf")
         assert len(summary["privacy"]["record_level"]["per_client"]) == 3
-        # Site 0's DP-SGD ledger is in the directory its site YAML named.
-        assert list((tmp_path / "state-0").glob("dpsgd-*-partition-0.json"))
+        # 3 of 3 updates accepted in every round.
+        rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["clients_accepted"] for r in rounds] == [3, 3], rounds
+        # Each site's DP-SGD ledger is in the folder its site YAML named (relative).
+        for i, name in enumerate(("hospital-a", "hospital-b", "hospital-c")):
+            state = tmp_path / "sites" / name / "state"
+            assert list(state.glob(f"dpsgd-*-partition-{i}.json")), name
+        # One intact audit log per site in the shared folder, named by the site.
+        run_key = json.loads((run_dir / "run.json").read_text())["run_key"]
+        logs = sorted((tmp_path / "sites" / "shared-audit").glob("audit-*.jsonl"))
+        assert [p.name for p in logs] == [f"audit-{run_key}-site-hospital-{x}.jsonl" for x in "abc"]
+        assert all(verify(p).ok for p in logs)
 
         # The intruders never joined: only the three registered nodes were ever online.
         nodes = list_nodes(fed.connection, fed.env)
