@@ -819,8 +819,9 @@ def _decode_checked(
     out: DecodedSum = layout.split_sum(decoded, bound)
     if not out.weight > 0:
         raise ValueError(f"decoded total weight {out.weight:.6g} is not > 0")
+    # einsum, not np.dot: BLAS threads contend with the clients' on a shared machine.
     flat = [v.reshape(-1) for v in out.update.values()]
-    sq = math.fsum(float(np.dot(v, v)) for v in flat)
+    sq = math.fsum(float(np.einsum("i,i->", v, v)) for v in flat)
     rounding = n * math.sqrt(layout.num_params) / codec.scale
     limit = n * bound * BOUND_SLACK + rounding
     if not math.sqrt(sq) <= limit:

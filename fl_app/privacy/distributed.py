@@ -408,7 +408,7 @@ class DdpRound:
             as_int[as_int >= (1 << (self.bits - 1))] -= 1 << self.bits
             signed = as_int.astype(np.float64)
         if num_contributors is not None:
-            norm = math.sqrt(float(np.dot(signed, signed)))
+            norm = math.sqrt(float(np.einsum("i,i->", signed, signed)))
             limit = self.sum_norm_limit(num_contributors)
             if not norm <= limit:
                 raise ValueError(
