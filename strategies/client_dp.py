@@ -361,8 +361,6 @@ class ClientDpSettings:
             clip_learning_rate=float(p.clip_learning_rate),
         )
         common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
-        if cfg.secagg.mode is not SecAggMode.off and p.mode is PrivacyMode.central:
-            common["encoding"] = (int(cfg.secagg.bits), model_dimension(cfg))
         # A fixed-clipping, z=1 probe of the same sampling: expected cohort and calibration.
         probe = cls(noise_multiplier=1.0, **{**common, "clipping": ClippingMode.fixed})
         eta = probe.num_rounds * probe.branch_delta(population)
@@ -375,6 +373,8 @@ class ClientDpSettings:
                 "rounds (docs/privacy-branches.md); raise strategy.fraction_train or "
                 "dataset.num_partitions, or use strategy.sampling=fixed"
             )
+        if cfg.secagg.mode is not SecAggMode.off and p.mode is PrivacyMode.central:
+            common["encoding"] = (int(cfg.secagg.bits), model_dimension(cfg))
         if p.clipping is ClippingMode.adaptive:
             sb = p.clipped_count_stddev
             common["clipped_count_std"] = (
@@ -491,7 +491,8 @@ def secure_cohort_gate(
     ``low``: secure aggregation's smallest cohort; ``high``: distributed DP's
     :func:`max_cohort` (``None``: no upper limit).
     """
-    if cfg.secagg.mode is SecAggMode.off:
+    # Local DP: each release is its client's own, whatever the server then abandons.
+    if cfg.secagg.mode is SecAggMode.off or cfg.privacy.mode is PrivacyMode.local:
         return None
     sa = cfg.secagg
     low = smallest_secure_cohort(
