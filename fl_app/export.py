@@ -306,8 +306,45 @@ def _load_config(data: bytes | None, summary: Mapping[str, Any]) -> AppConfig:
     return cfg
 
 
+def _audited_hashes(run_dir: Path, summary: Mapping[str, Any]) -> dict[str, str]:
+    """File SHA-256s the audit log's ``run.end`` (the summary's anchor) recorded.
+
+    Only to name the right file in a refusal: when a file still hashes to what the
+    audit log recorded at the run's end, the summary is what changed since. The
+    log's integrity is checked by :func:`_check_audit`; nothing here is trusted more.
+    """
+    anchor = summary.get("audit")
+    data = _read(run_dir, AUDIT_FILE)
+    if not isinstance(anchor, dict) or data is None or type(anchor.get("seq")) is not int:
+        return {}
+    lines = data.splitlines()
+    try:
+        record = json.loads(lines[anchor["seq"]])
+    except (IndexError, ValueError):
+        return {}
+    if not isinstance(record, dict) or not isinstance(record.get("data"), dict):
+        return {}
+    files = record["data"].get("files")
+    if record.get("event") != "run.end" or not isinstance(files, dict):
+        return {}
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def _summary_edited(name: str, data: bytes, audited: Mapping[str, str]) -> str | None:
+    """The fix when ``name`` is the file the audit log recorded: summary.json changed."""
+    if audited.get(name) == _sha256(data):
+        return (
+            f"{name} is the file the audit log recorded at the run's end, so summary.json "
+            "was edited after the run: restore summary.json from the run (or rerun it)"
+        )
+    return None
+
+
 def _load_model(
-    data: bytes | None, summary: Mapping[str, Any], cfg: AppConfig
+    data: bytes | None,
+    summary: Mapping[str, Any],
+    cfg: AppConfig,
+    audited: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """The released arrays (checked against the summary and the config's model)."""
     import safetensors.numpy
@@ -323,11 +360,12 @@ def _load_model(
         raise ExportRefused(f"{MODEL_FILE} is missing from the run directory", fix)
     found = _sha256(data)
     if found != summary["model_sha256"]:
+        edited = _summary_edited(MODEL_FILE, data, audited or {})
         raise ExportRefused(
-            f"{MODEL_FILE} has SHA-256 {found[:16]}…, but the run released "
-            f"{summary['model_sha256'][:16]}… (summary.json model_sha256): this is not the "
-            "model the run released",
-            fix,
+            f"{MODEL_FILE} has SHA-256 {found[:16]}…, but summary.json's model_sha256 is "
+            f"{summary['model_sha256'][:16]}…"
+            + ("" if edited else ": this is not the model the run released"),
+            edited or fix,
         )
     try:
         tensors = safetensors.numpy.load(data)
@@ -415,7 +453,10 @@ class _Evidence:
 
 
 def _check_privacy(
-    cfg: AppConfig, summary: Mapping[str, Any], ledger_data: bytes | None
+    cfg: AppConfig,
+    summary: Mapping[str, Any],
+    ledger_data: bytes | None,
+    audited: Mapping[str, str] | None = None,
 ) -> _Evidence:
     from fl_app.privacy.ledger import FederationLedger, LedgerError
 
@@ -443,6 +484,9 @@ def _check_privacy(
             ledger = FederationLedger.from_json(ledger_data.decode("utf-8"))
         except (LedgerError, UnicodeDecodeError) as err:
             raise ExportRefused(f"{LEDGER_FILE} is invalid ({err})", fix) from None
+        # From here the ledger parses: a disagreement with summary.json is the summary's
+        # fault when the ledger is the one the audit log recorded at the run's end.
+        fix = _summary_edited(LEDGER_FILE, ledger_data, audited or {}) or fix
         eps = privacy.get("epsilon")
         if not _finite(eps):
             raise ExportRefused(f"summary.json has no client-level epsilon (found {eps!r})", fix)
@@ -1259,9 +1303,10 @@ def export_run(
         )
     cfg = _load_config(_read(src, "config.yaml"), summary)
     model_bytes = _read(src, MODEL_FILE)
-    arrays, n_params = _load_model(model_bytes, summary, cfg)
+    audited = _audited_hashes(src, summary)
+    arrays, n_params = _load_model(model_bytes, summary, cfg, audited)
     ledger_data = _read(src, LEDGER_FILE)
-    evidence = _check_privacy(cfg, summary, ledger_data)
+    evidence = _check_privacy(cfg, summary, ledger_data, audited)
     metrics = _parse_metrics(_read(src, "metrics.jsonl"))
     _check_trained(metrics)
     has_audit, anchor = _check_audit(src, summary, summary["model_sha256"], evidence.ledger_sha256)

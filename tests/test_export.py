@@ -322,7 +322,11 @@ def _set_status(run_dir: Path) -> None:
 
 def _break_audit(run_dir: Path) -> None:
     lines = (run_dir / "audit.jsonl").read_bytes().splitlines(keepends=True)
-    lines[2] = lines[2].replace(b'"accepted":4', b'"accepted":3')
+    # The first stage.outcome record (line 4: after run.start, round 1's ledger.spend
+    # and round.start).
+    i = next(i for i, line in enumerate(lines) if b'"accepted":4' in line)
+    assert i == 3
+    lines[i] = lines[i].replace(b'"accepted":4', b'"accepted":3')
     (run_dir / "audit.jsonl").write_bytes(b"".join(lines))
 
 
@@ -333,7 +337,7 @@ def _break_audit(run_dir: Path) -> None:
         (_swap_model_and_edit_summary, "audit.jsonl run.end records model.safetensors"),
         (lambda d, o: (d / "privacy_ledger.json").unlink(), "privacy_ledger.json is missing"),
         (lambda d, o: _set_status(d), "not 'completed'"),
-        (lambda d, o: _break_audit(d), "audit.jsonl is broken at line 3"),
+        (lambda d, o: _break_audit(d), "audit.jsonl is broken at line 4"),
     ],
     ids=["tampered-model", "swapped-model", "ledger-deleted", "not-completed", "broken-audit"],
 )
@@ -350,6 +354,35 @@ def test_refuses_and_writes_nothing(
     assert (run_dir / "audit.jsonl").read_bytes() == audit_before
     rc = export_main([str(run_dir), "--tier", "public", "--out", str(tmp_path / "out")])
     assert rc == 1
+
+
+def _edit_summary(run_dir: Path, **changes: Any) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key, value in changes.items():
+        target = summary["privacy"] if key == "epsilon" else summary
+        target[key] = value
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        ({"model_sha256": "0" * 64}, "model.safetensors has SHA-256"),
+        ({"epsilon": 0.01}, "privacy_ledger.json accounts epsilon"),
+    ],
+    ids=["model-hash", "epsilon"],
+)
+def test_an_edited_summary_is_blamed_not_the_intact_file(
+    runs: dict[str, Run], tmp_path: Path, edit: dict[str, Any], reason: str
+) -> None:
+    """The model and ledger still hash to what the audit log recorded at the run's end:
+    the refusal's fix names summary.json, not the file it was compared with (issue 17)."""
+    run_dir = _copy(runs["central"], tmp_path)
+    _edit_summary(run_dir, **edit)
+    with pytest.raises(ExportRefused, match=reason) as info:
+        export_run(run_dir, "restricted", tmp_path / "out")
+    assert "summary.json was edited after the run" in info.value.fix
+    assert "restore summary.json" in info.value.fix
 
 
 def test_refuses_a_non_empty_out_dir_and_overwrites_only_an_earlier_export(
