@@ -85,6 +85,26 @@ def test_colluding_holders_cannot_frame_an_honest_one() -> None:
     assert got == secret and named == ()
 
 
+@pytest.mark.parametrize(("m", "t"), [(7, 4), (12, 5), (39, 20), (100, 51)])
+def test_reed_solomon_decoding_corrects_up_to_half_the_spare_shares(m: int, t: int) -> None:
+    # (39, 20): a sparse round of 100 (k + 1 = 39 holders, t = 20) corrects 9 bad
+    # shares, where leaving shares out one subset at a time would give up.
+    rng = random.Random(m)
+    secret = rng.randbytes(32)
+    shares = shamir.split(secret, t, rng.sample(range(1, 10**6), m), randbytes=rng.randbytes)
+    bad = rng.sample(sorted(shares), (m - t) // 2)
+    for x in bad:
+        shares[x] = (shares[x] + rng.randrange(1, P)) % P
+    poly = shamir.decode_polynomial(shares, t)
+    assert poly is not None and poly[0] == int.from_bytes(secret, "big") and len(poly) <= t
+    got, named = shamir.reconstruct_verified(shares, t, lambda s: s == secret)
+    assert got == secret
+    # Bad shares are named when the t smallest ids hold one (else the first subset
+    # passes and nothing more is examined) and >= 2t - 2 shares agree (naming is sound).
+    hit = bool(set(bad) & set(sorted(shares)[:t]))
+    assert set(named) == (set(bad) if hit and m - len(bad) >= 2 * t - 2 else set())
+
+
 def test_verified_reconstruction_gives_up_beyond_m_minus_t_bad_shares() -> None:
     rng = random.Random(3)
     secret = rng.randbytes(32)

@@ -19,9 +19,9 @@ rejection sampling from a CSPRNG (``os.urandom`` unless a test injects bytes), s
 shares determine it. This module trusts nothing about the shares it is given beyond
 their range. Against a faulty or malicious share holder, :func:`reconstruct_verified`
 takes a check the true secret passes (a commitment, a public key) and, when the first
-``t`` shares fail it, tries other ``t``-subsets of the shares it has, fewest shares
-left out first, and names the shares inconsistent with the secret it finds: with
-``m`` shares of which at most ``m - t`` are bad, some subset succeeds. A holder who
+``t`` shares fail it, decodes the shares as a Reed-Solomon codeword (Gao 2003: up to
+``(m - t) / 2`` bad shares in polynomial time), then tries other ``t``-subsets, fewest
+shares left out first (with at most ``m - t`` bad shares some subset succeeds; capped). A holder who
 knows its Lagrange coefficient can shift a reconstructed secret by any amount it
 chooses (Shamir shares are linear), so without such a check a crafted share would
 go unnoticed.
@@ -40,6 +40,7 @@ __all__ = [
     "SECRET_BYTES",
     "SHARE_BYTES",
     "ShamirError",
+    "decode_polynomial",
     "evaluate_polynomial",
     "lagrange_coefficients_at_zero",
     "random_field_element",
@@ -323,18 +324,103 @@ def _value_at(used: Sequence[tuple[int, int]], x: int) -> int:
     return sum(y * n * d for (_, y), n, d in zip(used, nums, dens, strict=True)) % PRIME
 
 
+def _trim(poly: list[int]) -> list[int]:
+    while len(poly) > 1 and poly[-1] == 0:
+        poly.pop()
+    return poly
+
+
+def _poly_eval(poly: Sequence[int], x: int) -> int:
+    return evaluate_polynomial(poly, x)
+
+
+def _poly_divmod(num: Sequence[int], den: Sequence[int]) -> tuple[list[int], list[int]]:
+    """``(q, r)`` with ``num = q·den + r`` over GF(p); coefficients lowest degree first."""
+    rem = [c % PRIME for c in num]
+    d = len(den) - 1
+    if len(rem) - 1 < d:
+        return [0], _trim(rem)
+    inv_lead = pow(den[-1], -1, PRIME)
+    quot = [0] * (len(rem) - d)
+    for i in range(len(rem) - 1, d - 1, -1):
+        c = rem[i] * inv_lead % PRIME
+        quot[i - d] = c
+        if c:
+            for j in range(d + 1):
+                rem[i - d + j] = (rem[i - d + j] - c * den[j]) % PRIME
+    return _trim(quot), _trim(rem[:d] if d else [0])
+
+
+def _poly_sub_mul(a: Sequence[int], q: Sequence[int], b: Sequence[int]) -> list[int]:
+    """``a - q·b`` over GF(p)."""
+    out = list(a) + [0] * max(0, len(q) + len(b) - 1 - len(a))
+    for i, qi in enumerate(q):
+        if qi:
+            for j, bj in enumerate(b):
+                out[i + j] = (out[i + j] - qi * bj) % PRIME
+    return _trim(out)
+
+
+def decode_polynomial(
+    shares: Mapping[int, int] | Iterable[tuple[int, int]], threshold: int
+) -> list[int] | None:
+    """The degree ``< threshold`` polynomial within ``floor((m - t) / 2)`` of the shares.
+
+    Gao's Reed-Solomon decoder (S. Gao, "A New Algorithm for Decoding Reed-Solomon
+    Codes", 2003): interpolate ``g1`` through all ``m`` points, run the extended
+    Euclidean algorithm on ``(prod (X - x_i), g1)`` until the remainder's degree drops
+    below ``(m + t) / 2``, and divide. Unique decoding: if at most ``(m - t) / 2`` shares
+    are wrong, the dealer's polynomial comes back (coefficients lowest degree first);
+    ``None`` when no polynomial is that close. O(m²) field operations.
+    """
+    t = _check_threshold(threshold)
+    items = sorted(_normalise(shares))
+    m = len(items)
+    if m < t:
+        return None
+    xs = [x for x, _ in items]
+    g0 = [1]
+    for x in xs:  # g0 = prod (X - x_i)
+        g0 = [(-x * g0[0]) % PRIME] + [
+            (g0[i - 1] - x * (g0[i] if i < len(g0) else 0)) % PRIME for i in range(1, len(g0) + 1)
+        ]
+    weights = _batch_inverse([_product_mod([xi - xj for xj in xs if xj != xi]) for xi in xs])
+    g1 = [0] * m
+    for (xi, yi), wi in zip(items, weights, strict=True):
+        c = yi * wi % PRIME
+        if not c:
+            continue
+        q = 0  # synthetic division of g0 by (X - xi), highest coefficient first
+        for j in range(m, 0, -1):
+            q = (g0[j] + xi * q) % PRIME if j < m else g0[m]
+            g1[j - 1] = (g1[j - 1] + c * q) % PRIME
+    r0, r1 = g0, _trim(g1)
+    v0, v1 = [0], [1]
+    while len(r1) - 1 >= (m + t) / 2 and any(r1):
+        quot, rem = _poly_divmod(r0, r1)
+        r0, r1 = r1, rem
+        v0, v1 = v1, _poly_sub_mul(v0, quot, v1)
+    if not any(v1):
+        return None
+    f, rem = _poly_divmod(r1, v1)
+    if any(rem) or len(f) > t:
+        return None
+    return f
+
+
 def reconstruct_verified(
     shares: Mapping[int, int],
     threshold: int,
     accept: Callable[[bytes], bool],
     *,
-    max_subsets: int = 4096,
+    max_subsets: int = 1024,
 ) -> tuple[bytes, tuple[int, ...]]:
     """The secret whose ``accept(secret)`` holds, from some ``threshold`` of ``shares``.
 
     Tries the ``threshold`` smallest ids first (what :func:`reconstruct` uses), then
-    leaves out 1, 2, ... shares at a time, so ``e`` bad shares cost at most
-    ``sum_{j<=e} C(m, j)`` interpolations (capped at ``max_subsets``).
+    Reed-Solomon decoding (:func:`decode_polynomial`, up to ``(m - t) / 2`` bad shares),
+    then leaves out 1, 2, ... shares at a time (``e`` bad shares cost at most
+    ``sum_{j<=e} C(m, j)`` interpolations, capped at ``max_subsets``).
 
     Returns
     -------
@@ -353,6 +439,18 @@ def reconstruct_verified(
     m = len(items)
     if m < t:
         raise ShamirError(f"need threshold={t} shares to reconstruct, got {m}")
+    first = items[:t]
+    value = _combine(_lagrange_cached(tuple(x for x, _ in first)), first)
+    if not value >> (8 * SECRET_BYTES) and accept(value.to_bytes(SECRET_BYTES, "big")):
+        return value.to_bytes(SECRET_BYTES, "big"), ()
+    # Up to (m - t) / 2 bad shares: decode directly (polynomial time).
+    poly = decode_polynomial(items, t) if m > t else None
+    if poly is not None and not poly[0] >> (8 * SECRET_BYTES):
+        secret = poly[0].to_bytes(SECRET_BYTES, "big")
+        if accept(secret):
+            off = [x for x, y in items if evaluate_polynomial(poly, x) != y]
+            return secret, tuple(off) if m - len(off) >= 2 * t - 2 else ()
+    # More: subsets, fewest shares left out first (exponential: capped).
     tries = 0
     for left_out in range(m - t + 1):
         for skip in itertools.combinations(range(m), left_out):
