@@ -64,6 +64,7 @@ from fl_app.privacy.ledger import (
     FederationLedger,
     RoundEvent,
     SamplingScheme,
+    branch_delta_total,
     calibrate_round_noise,
     local_epsilon,
     unsampled_epsilon,
@@ -641,6 +642,9 @@ class CentralDp:
 
     def status(self) -> dict[str, float]:
         out = {"dp_epsilon": self._epsilon, "dp_delta": self.ledger.delta}
+        eta = branch_delta_total(self.ledger.events)
+        if eta > 0:  # the part of δ the cohort-size gate takes (docs/privacy-branches.md)
+            out["dp_delta_branches"] = eta
         if self.settings.distributed is not None:
             against = self.ledger.server_epsilons()
             out["dp_epsilon_server_max"] = max(against.values(), default=0.0)

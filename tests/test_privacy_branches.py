@@ -263,6 +263,7 @@ def test_distributed_dp_abandoned_round_leaves_the_model_and_accounts_the_gate(
     (event,) = agg.ledger.events
     # η = q·(P[Bin(5, q) = 2] + P[Bin(5, q) = 4]) at q = 1/2: (10 + 5)/32 · 1/2.
     assert event.branch_delta == pytest.approx(15 / 64)
+    assert report.privacy["dp_delta_branches"] == pytest.approx(15 / 64)
 
 
 # ------------------------------------------------------------- budget stop, resume, rollback
