@@ -10,6 +10,7 @@ with noise z*C, i.e. GaussianDpEvent(z / 2), composed over the site's releases.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def _cfg(*extra: str):
             "privacy=local",
             f"privacy.noise_multiplier={Z}",
             f"privacy.max_epsilon={BUDGET}",
-            "num_rounds=6",
+            "num_rounds=5",
             "dataset.num_partitions=3",
             "train.local_epochs=1",
             "server_eval=false",
@@ -156,10 +157,29 @@ def _first_two_rounds(run_dir: Path, releases: Counter[int], refusals: list[tupl
         grid.close()
 
 
-def test_restarted_clients_and_resumed_server_never_pass_the_budget(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Counter[int], list[int]]:
+    """A run whose server was killed after round 2 (shared; each test works on a copy)."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
     releases: Counter[int] = Counter()
     refusals: list[tuple[int, int]] = []
-    first_nodes = _first_two_rounds(tmp_path, releases, refusals)
+    nodes = _first_two_rounds(run_dir, releases, refusals)
+    assert not refusals
+    return run_dir, releases, nodes
+
+
+def _copy(killed: tuple[Path, Counter[int], list[int]], dest: Path) -> Counter[int]:
+    shutil.copytree(killed[0], dest)
+    return Counter(killed[1])
+
+
+def test_restarted_clients_and_resumed_server_never_pass_the_budget(
+    killed_run: tuple[Path, Counter[int], list[int]], tmp_path: Path
+) -> None:
+    first_nodes = killed_run[2]
+    tmp_path = tmp_path / "run"
+    releases = _copy(killed_run, tmp_path)
+    refusals: list[tuple[int, int]] = []
     assert releases == {0: 2, 1: 2, 2: 2}
     # Restarted SuperNodes (new node ids, nothing in memory) and a resumed server.
     summary, second_nodes = _resume(tmp_path, releases, refusals)
@@ -192,10 +212,12 @@ def test_restarted_clients_and_resumed_server_never_pass_the_budget(tmp_path: Pa
     assert rolled["privacy"]["epsilon"] == pytest.approx(want, rel=1e-3)
 
 
-def test_a_site_that_lost_its_state_is_counted_and_then_stopped(tmp_path: Path) -> None:
-    releases: Counter[int] = Counter()
+def test_a_site_that_lost_its_state_is_counted_and_then_stopped(
+    killed_run: tuple[Path, Counter[int], list[int]], tmp_path: Path
+) -> None:
+    tmp_path = tmp_path / "run"
+    releases = _copy(killed_run, tmp_path)
     refusals: list[tuple[int, int]] = []
-    _first_two_rounds(tmp_path, releases, refusals)
     lost = next((tmp_path / "client-state").glob("localdp-*-partition-2.json"))
     lost.unlink()  # site 2 loses its disk while restarting: its own count starts at 0
     summary, _ = _resume(tmp_path, releases, refusals)
