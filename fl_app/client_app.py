@@ -217,10 +217,12 @@ def _prepare(
 
     spec, rnd, arrays, config = _read_instruction(msg)
     local_dp = spec.client_dp is not None and spec.client_dp.local_noise_multiplier is not None
-    if message_type == "evaluate" and local_dp:
+    if message_type == "evaluate" and (local_dp or spec.hide_client_metrics):
+        # The client's own check (the server turns federated evaluation off there too).
         raise ClientRefusal(
-            "local DP: federated evaluation would send un-noised per-client metrics to the "
-            "server; this client does not evaluate under privacy.mode=local"
+            "federated evaluation would send this client's un-noised loss, accuracy and "
+            "example count to a server the run's threat model does not trust with them "
+            "(honest_but_curious, distributed_dp, local DP); this client does not evaluate"
         )
     _enforce_request(policy, spec, message_type, config)
     torch.set_num_threads(max(1, spec.torch_threads))

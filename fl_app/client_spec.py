@@ -25,6 +25,7 @@ from fl_app.config.schema import (
     DatasetConfig,
     DpSgdConfig,
     ModelConfig,
+    metrics_hidden_from_server,
 )
 
 __all__ = [
@@ -83,6 +84,9 @@ class ClientSpec:
     secure_mode: bool = True
     # Client-level DP stages (clip, local noise); None = send the raw update.
     client_dp: ClientDpSpec | None = None
+    # The threat model keeps every un-noised per-client number from the server
+    # (honest_but_curious, distributed_dp, local DP): the client refuses to evaluate.
+    hide_client_metrics: bool = False
 
 
 def spec_from_config(
@@ -99,6 +103,7 @@ def spec_from_config(
         dpsgd=cfg.privacy.dpsgd if cfg.privacy.record_level else None,
         secure_mode=cfg.privacy.secure_mode,
         client_dp=client_dp,
+        hide_client_metrics=metrics_hidden_from_server(cfg),
     )
 
 

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fl_app.client_app import app as client_app
-from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
+from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
 from fl_app.config.validate import ConfigError
 from fl_app.server_app import initial_arrays, run_experiment
@@ -113,9 +113,14 @@ def test_asking_for_federated_evaluation_there_is_a_config_error(name: str) -> N
     assert trusted.federated_eval_every == 1
 
 
-def test_local_dp_client_refuses_to_evaluate() -> None:
-    cfg = compose_config("config", [*COMMON, "privacy=local"])
-    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=5.0))
+@pytest.mark.parametrize("name", [*THREAT_MODELS, "trusted_server"])
+def test_client_refuses_to_evaluate_where_the_server_must_not_see_its_metrics(
+    name: str,
+) -> None:
+    """The client's own check, should a server ask anyway."""
+    overrides = THREAT_MODELS.get(name, ["privacy=central"])
+    cfg = compose_config("config", [*COMMON, *overrides])
+    spec = spec_from_config(cfg, "run1")
     content = RecordDict(
         {
             "arrays": to_array_record(initial_arrays(cfg)),
@@ -128,7 +133,10 @@ def test_local_dp_client_refuses_to_evaluate() -> None:
         reply = next(iter(grid.send_and_receive([msg])))
     finally:
         grid.close()
-    assert reply.has_error() and "un-noised" in reply.error.reason
+    if name == "trusted_server":  # the server may see them: the client evaluates
+        assert not reply.has_error() and "eval-loss" in reply.content["metrics"]
+    else:
+        assert reply.has_error() and "un-noised" in reply.error.reason
 
 
 def test_dpsgd_lost_state_guard_works_on_rounds_where_steps_are_hidden(tmp_path: Path) -> None:
