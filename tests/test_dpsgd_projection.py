@@ -33,7 +33,7 @@ def _absl_handler_off_the_capture() -> None:
 def _pld_epsilon(q: float, z: float, steps: int, delta: float) -> float:
     """dp-accounting's PLD ε for ``steps`` Poisson-sampled Gaussian steps (independent
     of Opacus' PRV accountant the clients use)."""
-    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
     acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
     return float(acc.get_epsilon(delta))
