@@ -170,11 +170,12 @@ class SecAggStageError(Exception):
 
 
 def _progress(context: Context) -> tuple[int, int]:
+    """``(latest round taken part in, latest round a masked input left)``; -1: none."""
     record = context.state.get(PROGRESS_STATE_KEY)
     if not isinstance(record, ConfigRecord):
-        return 0, 0
-    seen, masked = record.get("seen", 0), record.get("masked", 0)
-    return (seen if isinstance(seen, int) else 0), (masked if isinstance(masked, int) else 0)
+        return -1, -1
+    seen, masked = record.get("seen", -1), record.get("masked", -1)
+    return (seen if isinstance(seen, int) else -1), (masked if isinstance(masked, int) else -1)
 
 
 def _check_round(context: Context, rnd: int, stage: Stage) -> None:

@@ -221,6 +221,10 @@ class SecAggOutcome:
     bytes_up: int = 0
     cohort_size: int = 0
     bits: int = 0
+    # The sum was unmasked (the server saw it) and then refused at decoding: the round is
+    # abandoned, but under distributed DP the noised sum was released to the server, so
+    # the mechanism ran and must be accounted.
+    unmasked: bool = False
 
     def metrics(self) -> dict[str, float]:
         """Public per-round metrics for the round report."""
@@ -235,6 +239,8 @@ class SecAggOutcome:
         for s in self.stages:
             out[f"secagg_stage{int(s.stage)}_accepted"] = float(s.accepted)
             out[f"secagg_stage{int(s.stage)}_seconds"] = s.seconds
+        if self.unmasked and self.decoded is None:
+            out["secagg_abandoned_after_unmask"] = 1.0
         if self.cohort_size:
             out["secagg_bits"] = float(self.bits)
             out["secagg_bytes_down_per_client"] = self.bytes_down / self.cohort_size
@@ -778,6 +784,7 @@ class SecureAggregation:
             self._forget_troubled(outcome)
         t0 = time.perf_counter()
         n = result.num_contributors
+        outcome.unmasked = True
         try:
             if ddp_round is not None:
                 flat = ddp_round.decode(result.total, context, num_contributors=n)

@@ -137,6 +137,9 @@ def test_faulty_sums_abandon_their_round_and_the_run_goes_on(tmp_path: Path) -> 
     assert "after unmasking" in lines[1]["note"] and "weight" in lines[1]["note"]
     assert "after unmasking" in lines[2]["note"] and "not clipped" in lines[2]["note"]
     assert "abandoned at stage unmask" in lines[3]["note"]
+    # Rounds 1-3 were unmasked before they were refused (the server saw their sums),
+    # round 4 never was: the flag lets the accounting tell the two apart.
+    assert [r.get("secagg_abandoned_after_unmask") for r in lines] == [1.0] * 3 + [None] * 2
     assert lines[4]["secagg_contributors"] == N
     notes = _audit_notes(tmp_path)
     assert all(notes[i + 1] == lines[i]["note"] for i in range(4)) and notes[5] == ""
@@ -171,6 +174,7 @@ def test_distributed_dp_sum_outside_its_sanity_bound_abandons_the_round(tmp_path
     )
     assert [r["model_updated"] for r in lines] == [False, True]
     assert "distributed-DP sum has norm" in lines[0]["note"]
+    assert lines[0]["secagg_abandoned_after_unmask"] == 1.0
     assert _audit_notes(tmp_path)[1] == lines[0]["note"]
 
 
