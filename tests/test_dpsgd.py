@@ -430,3 +430,30 @@ def test_secure_mode_noise_std(digits, mode: str) -> None:
     sigma = 2.0 * 0.5 / 50
     assert abs(noise.std() / sigma - 1) < 0.06
     assert abs(noise.mean()) < 6 * sigma / math.sqrt(noise.size)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_keystream_optimizer_changes_only_where_the_noise_comes_from(mode: str) -> None:
+    """The keystream subclass overrides add_noise and nothing else: clipping, scaling
+    and step counting stay Opacus' own (for the optimizer class each mode picks), and
+    the sampler keeps Opacus' q and steps."""
+    model = _model("mlp")
+    xt, yt = torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=4, lr=0.1)
+    dp = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+    with dpsgd._expected_opacus_warnings():
+        trainer = dpsgd._PrivateTrainer(
+            model, xt, yt, cfg, dp, mode, sampling_generator=None, noise_generator=None,
+            keystreams=(dpsgd.SecureNoise(), dpsgd.SecureNoise()),
+        )  # fmt: skip
+    try:
+        opt = trainer.optimizer
+        opacus_cls = type(opt).__mro__[2]
+        assert type(opt).__mro__[1] is dpsgd._KeystreamNoise
+        for name in ("pre_step", "clip_and_accumulate", "scale_grad", "step", "zero_grad"):
+            assert getattr(type(opt), name) is getattr(opacus_cls, name), name
+        sampler = trainer.batch_sampler
+        assert isinstance(sampler, dpsgd.KeystreamPoissonSampler)
+        assert (sampler.sample_rate, sampler.steps) == (trainer.loader.sample_rate, 2)
+    finally:
+        trainer.close()
