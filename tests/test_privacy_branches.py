@@ -12,6 +12,8 @@ dp-accounting directly, never taken from the code under test.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from typing import Any
 
@@ -26,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_app.config.schema import ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan, sensitivity
-from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
+from fl_app.privacy.ledger import FederationLedger, LedgerError, RoundEvent, SamplingScheme
 from fl_app.privacy.mechanisms import (
     AdaptiveClip,
     CentralGaussian,
@@ -501,3 +503,26 @@ def test_config_whose_branches_use_up_delta_is_refused_naming_the_fields() -> No
                 "num_rounds=5",
             ],
         )
+
+
+def test_ledger_round_trips_branches_slack_and_participation() -> None:
+    event = RoundEvent(1, "poisson", 10, 0.3, 3.0, 1.0, 1.0, 1.0, branch_delta=1e-9)
+    event = dataclasses.replace(event, encoding_slack=0.25)
+    assert event.noise_std == pytest.approx(1.25)  # z_Δ·(C + slack)
+    ledger = FederationLedger(1e-5, AccountantName.rdp, (event,)).add_participation(["7", "9"])
+    ledger = ledger.add_participation(["7"])
+    again = FederationLedger.from_json(ledger.to_json())
+    assert again == ledger and dict(again.participation) == {"7": 2, "9": 1}
+    # A ledger written before these fields existed still parses (nothing counted).
+    old = json.loads(ledger.to_json())
+    del old["participation"]
+    for e in old["events"]:
+        del e["branch_delta"], e["encoding_slack"]
+    parsed = FederationLedger.from_json(json.dumps(old))
+    assert parsed.participation == () and parsed.events[0].branch_delta == 0.0
+    bad = json.loads(ledger.to_json())
+    bad["participation"]["7"] = -1
+    with pytest.raises(LedgerError, match="participation"):
+        FederationLedger.from_json(json.dumps(bad))
+    with pytest.raises(ValueError, match="branch_delta"):
+        dataclasses.replace(event, branch_delta=1.5)
