@@ -694,6 +694,11 @@ def test_check_site_data_for_a_supernode(tmp_path):
     # pixel_scale of 1 refuses raw 0..16 digits.
     with pytest.raises(DataError, match=r"dataset\.pixel_scale=16"):
         check_site_data({"data-path": str(path), "data-format": "npz"})
+    # A node without a file serves a partition of the default (built-in) dataset.
+    digits = check_site_data({"partition-id": 2, "num-partitions": 3})
+    assert digits.site == "digits partition 2 of 3" and digits.train > 0
+    with pytest.raises(DataError, match="partition-id"):
+        check_site_data({"partition-id": 3, "num-partitions": 3})
 
 
 def test_simulation_rehearses_a_consortium_one_client_per_site_file(tmp_path, monkeypatch):

@@ -76,9 +76,11 @@ def check_site_data(
         partition of a built-in dataset.
     cfg : DatasetConfig, optional
         The experiment's dataset section, when known. A SuperNode starts before any
-        experiment is submitted, so by default the site's file is checked against
-        ``configs/dataset/local.yaml`` (input shape, classes, pixel scale, input
-        range), with ``dataset.local_format`` taken from ``"data-format"``.
+        experiment is submitted, so by default a site's file (``"data-path"``) is
+        checked against ``configs/dataset/local.yaml`` (input shape, classes, pixel
+        scale, input range), with ``dataset.local_format`` taken from
+        ``"data-format"``; a node without a file (a simulated partition) against the
+        default dataset of ``configs/config.yaml``.
     seed : int
         Seed of the train/validation split (sizes do not depend on it).
 
@@ -96,7 +98,8 @@ def check_site_data(
     """
     node_format = node_config.get(NODE_DATA_FORMAT_KEY)
     if cfg is None:
-        cfg = _site_defaults(node_format)
+        has_file = node_config.get(sources.NODE_DATA_PATH_KEY) not in (None, "")
+        cfg = _site_defaults(node_format, has_file)
     elif node_format not in (None, "") and str(node_format) != cfg.local_format.value:
         raise DataError(
             f'node-config "{NODE_DATA_FORMAT_KEY}={node_format}" but the experiment reads '
@@ -178,10 +181,15 @@ def check_local_data(cfg: DatasetConfig, seed: int) -> list[SiteData]:
     return found
 
 
-def _site_defaults(node_format: object) -> DatasetConfig:
-    """``configs/dataset/local.yaml`` as a :class:`DatasetConfig` (no experiment yet)."""
+def _site_defaults(node_format: object, has_file: bool) -> DatasetConfig:
+    """The shipped dataset settings a node is checked against before any experiment.
+
+    ``configs/dataset/local.yaml`` for a site's own file, else the default dataset.
+    """
     from fl_app.config.compose import compose_config
 
+    if not has_file:
+        return compose_config("config", []).dataset
     overrides = ["dataset=local", "server_eval=false"]
     if node_format not in (None, ""):
         if str(node_format) not in {f.value for f in LocalFormat}:
