@@ -610,7 +610,9 @@ def _prepare_dpsgd(
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ClientRefusal(f"'{key}' must be an integer >= 0, got {value!r}")
     try:
-        store = ClientPrivacyState(context, str(state_dir), spec.run_key, pid)
+        store = ClientPrivacyState(
+            context, str(state_dir), spec.run_key, site_identity(context.node_config)
+        )
         state = store.load(steps_seen_by_server=max(seen, rounds_seen * steps))
     except PrivacyStateError as err:
         raise ClientRefusal(f"privacy state: {err}") from err

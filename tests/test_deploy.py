@@ -402,10 +402,11 @@ def test_tls_node_auth_federation_runs_dpsgd_under_secagg(tmp_path: Path, capsys
         # 3 of 3 updates accepted in every round.
         rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["clients_accepted"] for r in rounds] == [3, 3], rounds
-        # Each site's DP-SGD ledger is in the folder its site YAML named (relative).
-        for i, name in enumerate(("hospital-a", "hospital-b", "hospital-c")):
+        # Each site's DP-SGD ledger is in the folder its site YAML named (relative),
+        # named by the site (never partition-0).
+        for name in ("hospital-a", "hospital-b", "hospital-c"):
             state = tmp_path / "sites" / name / "state"
-            assert list(state.glob(f"dpsgd-*-partition-{i}.json")), name
+            assert list(state.glob(f"dpsgd-*-site-{name}.json")), name
         # One intact audit log per site in the shared folder, named by the site.
         run_key = json.loads((run_dir / "run.json").read_text())["run_key"]
         logs = sorted((tmp_path / "sites" / "shared-audit").glob("audit-*.jsonl"))

@@ -113,12 +113,23 @@ class ClientPrivacyState:
     """Load and save one client's :class:`DpSgdState` for one run."""
 
     def __init__(
-        self, context: Context, state_dir: str | os.PathLike[str], run_key: str, partition_id: int
+        self,
+        context: Context,
+        state_dir: str | os.PathLike[str],
+        run_key: str,
+        site: str | int,
     ) -> None:
+        """``site``: the site identity (:func:`fl_app.client_app.site_identity`:
+        ``site-<name>``, ``data-<hash>``, ``partition-<id>``), or a simulated partition
+        id. Deployed sites all have partition id 0 and may share a state directory, so
+        the file is named by the identity: ``dpsgd-<run key>-<site>.json``."""
         if not _SAFE_KEY.fullmatch(run_key or ""):
             raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
+        name = f"partition-{int(site)}" if isinstance(site, int) else site
+        if not _SAFE_SITE.fullmatch(name or ""):
+            raise PrivacyStateError(f"site identity {site!r} is not a safe file-name component")
         self.context = context
-        self.path = Path(state_dir) / f"dpsgd-{run_key}-partition-{int(partition_id)}.json"
+        self.path = Path(state_dir) / f"dpsgd-{run_key}-{name}.json"
 
     def _memory(self) -> str | None:
         record = self.context.state.config_records.get(STATE_RECORD)
