@@ -14,6 +14,7 @@ import difflib
 import functools
 import hashlib
 import json
+import re
 import shlex
 import typing
 from collections.abc import Iterable
@@ -278,7 +279,9 @@ def preflight(argv: list[str]) -> AppConfig | None:
         return None  # -m, --cfg, --help...: Hydra's own modes
     from fl_app.data import check_local_data
 
-    own = [a for a in overrides if a.split("=", 1)[0].lstrip("+").split(".")[0] != "hydra"]
+    own = [
+        a for a in overrides if re.split(r"[./@]", a.split("=", 1)[0].lstrip("+~"))[0] != "hydra"
+    ]
     cfg = compose_config("config", own)
     check_local_data(cfg.dataset, cfg.seed)
     return cfg
