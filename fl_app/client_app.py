@@ -666,6 +666,9 @@ def _prepare_dpsgd(
         "dp-noise-multiplier": float(z),
         "dp-partition-id": int(pid),
     }
+    site = site_identity(context.node_config)
+    if not site.startswith("partition-"):  # deployed sites all have partition id 0
+        metrics["dp-site-hash"] = site_hash(site)
     return run, metrics
 
 

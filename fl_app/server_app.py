@@ -332,6 +332,10 @@ def run_experiment(
         restored_metrics = result.initial_server_metrics
         result.initial_server_metrics = dict(checkpoints.initial_server_metrics or {})
     model_sha = rd.save_model(result.arrays, last_round)
+    # Every site's latest public DP metrics over the whole run, resumed parts included:
+    # a site that spent its budget before a restart and only refused afterwards (under
+    # a new node id) still counts in the reported epsilon.
+    result.client_metrics = clients_over_run(rd.metrics_path, result.client_metrics)
     summary = _summary(cfg, result, time.perf_counter() - t0, rd, model_sha, aggregator)
     summary["rounds"] = last_round
     if plan is not None:
@@ -670,6 +674,44 @@ def _node_config_fn(
     if not parts:
         return None
     return lambda node_id: {k: v for part in parts for k, v in part(node_id).items()}
+
+
+def _site_key(node: int, metrics: Mapping[str, float]) -> str:
+    """A site's stable key from its public metrics (as :meth:`LocalDp.site_key`)."""
+    digest, pid = metrics.get("dp-site-hash"), metrics.get("dp-partition-id")
+    if digest is not None:
+        return f"site-{int(digest):012x}"
+    if pid is not None:
+        return f"partition-{int(pid)}"
+    return f"node-{node}"
+
+
+def clients_over_run(
+    metrics_path: Path, current: Mapping[int, Mapping[str, float]]
+) -> dict[int, dict[str, float]]:
+    """Each site's public DP metrics with the largest epsilon it reported in the run.
+
+    ``current`` holds this server process's latest report per node; ``metrics.jsonl``
+    holds every round's, across resumes and rollbacks (node ids change when SuperNodes
+    restart, so sites are matched by :func:`_site_key`). Keyed by the node id that
+    reported it.
+    """
+    best: dict[str, tuple[int, dict[str, float], float]] = {}
+
+    def offer(node: int, metrics: Mapping[str, float]) -> None:
+        eps = max(
+            float(metrics.get("dp-epsilon", 0.0)), float(metrics.get("dp-local-epsilon", 0.0))
+        )
+        site = _site_key(node, metrics)
+        if site not in best or eps >= best[site][2]:
+            best[site] = (node, dict(metrics), eps)
+
+    for record in read_round_records(metrics_path):
+        for node, metrics in (record.get("client_metrics") or {}).items():
+            offer(int(node), {k.replace("_", "-"): v for k, v in metrics.items()})
+    for node, metrics in current.items():
+        offer(node, metrics)
+    return {node: metrics for node, metrics, _ in best.values()}
 
 
 def _record_level_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any]:

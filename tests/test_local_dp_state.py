@@ -284,3 +284,52 @@ def test_deployed_sites_sharing_partition_id_0_are_counted_apart(tmp_path: Path)
     assert files == [f"site-{n}.json" for n in names]
     assert all(json.loads(p.read_text())["releases"] == 2 for p in state.glob("localdp-*"))
     assert summary["privacy"]["epsilon"] == pytest.approx(_pld_epsilon(2), rel=1e-3)
+
+
+DPSGD = [
+    "runtime=inprocess",
+    "privacy=dpsgd",
+    "privacy.dpsgd.noise_multiplier=1.0",
+    "privacy.dpsgd.max_epsilon=2.2",  # two rounds fit, a third does not (checked below)
+    "num_rounds=4",
+    "dataset.num_partitions=3",
+    "train.local_epochs=1",
+    "server_eval=false",
+    "federated_eval_every=0",
+]
+
+
+def test_dpsgd_summary_keeps_sites_that_only_refused_after_a_restart(tmp_path: Path) -> None:
+    """Record-level epsilon in summary.json covers every site's releases in the run: a
+    site that spent its budget before the server was killed, and only refused after the
+    resume (its SuperNode restarted under a new node id), is still reported."""
+    reported: list[float] = []
+
+    def hook(node: int, reply: Message) -> Message:
+        if not reply.has_error() and UPDATE_KEY in reply.content:
+            reported.append(float(reply.content["metrics"]["dp-epsilon"]))
+        return reply
+
+    grid = InProcessGrid(client_app, 3, seed=0, message_hook=hook)
+    try:
+        with pytest.raises(_Killed):
+            run_experiment(
+                grid,
+                compose_config("config", DPSGD),
+                tmp_path,
+                extra_listeners=(_KillAfter(2),),
+                progress=False,
+            )
+    finally:
+        grid.close()
+    assert len(reported) == 6 and max(reported) <= 2.2
+    grid = InProcessGrid(client_app, 3, seed=1, message_hook=hook)  # restarted SuperNodes
+    try:
+        resumed = compose_config("config", [*DPSGD, f"resume={tmp_path}"])
+        summary = run_experiment(grid, resumed, tmp_path, progress=False)
+    finally:
+        grid.close()
+    assert len(reported) == 6  # after the restart every site refused (budget)
+    assert "budget" in (summary["stopped_early"] or "")
+    assert summary["privacy"]["record_level_epsilon_max"] == pytest.approx(max(reported))
+    assert len(summary["privacy"]["record_level"]["per_client"]) == 3
