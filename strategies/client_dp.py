@@ -382,7 +382,26 @@ class ClientDpSettings:
                 float(sb) if sb is not None else probe.expected_cohort(population) / 20.0
             )
         if p.mode is PrivacyMode.distributed:
-            return cls._distributed(cfg, probe, common)
+            resolved = cls._distributed(cfg, probe, common)
+            if (
+                resolved.max_epsilon is not None
+                and p.threat_model is ThreatModel.distributed_dp
+                and server_rounds_within_budget(resolved) == 0
+            ):
+                one = unsampled_epsilon(
+                    resolved.round_event(1, population, resolved.clip),
+                    1,
+                    resolved.delta,
+                    resolved.accountant,
+                )
+                raise ValueError(
+                    f"privacy.max_epsilon={resolved.max_epsilon:g}: one cohort alone costs a "
+                    f"client epsilon {one:.4g} against the server (no amplification: it picks "
+                    "the cohort), so every run would stop before round 1; raise "
+                    "privacy.max_epsilon, or the noise (privacy.noise_multiplier, or a lower "
+                    "privacy.target_epsilon)"
+                )
+            return resolved
         if p.noise_multiplier is not None:
             z = float(p.noise_multiplier)
         else:

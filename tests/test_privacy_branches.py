@@ -526,3 +526,21 @@ def test_ledger_round_trips_branches_slack_and_participation() -> None:
         FederationLedger.from_json(json.dumps(bad))
     with pytest.raises(ValueError, match="branch_delta"):
         dataclasses.replace(event, branch_delta=1.5)
+
+
+def test_distributed_budget_below_one_cohort_against_the_server_is_refused() -> None:
+    from fl_app.config.compose import compose_config
+    from fl_app.config.validate import ConfigError
+
+    # z = 0.5: one unamplified round alone is far above epsilon 1 against the server.
+    with pytest.raises(ConfigError, match=r"privacy\.max_epsilon=1.*against the server"):
+        compose_config(
+            "config",
+            [
+                "privacy=distributed",
+                "secagg=secaggplus",
+                "secagg.bits=16",
+                "privacy.noise_multiplier=0.5",
+                "privacy.max_epsilon=1",
+            ],
+        )
