@@ -91,19 +91,19 @@ def _train_recording(
 
 
 def test_dpsgd_batches_are_not_reproducible_from_the_servers_view(digits, monkeypatch) -> None:
-    """N=300, B=30 (q=1/10, 10 steps): two runs from identical server inputs, and the
+    """N=200, B=20 (q=1/10, 10 steps): two runs from identical server inputs, and the
     seeded replica the server can compute, draw different batches. Two independent
-    Poisson draws of 300 records agree with probability < 0.9^300 per step."""
-    _, a = _train_recording(digits, monkeypatch, secure=True, z=1.0, n=300, batch=30)
-    _, b = _train_recording(digits, monkeypatch, secure=True, z=1.0, n=300, batch=30)
-    _, replica = _train_recording(digits, monkeypatch, secure=False, z=1.0, n=300, batch=30)
-    _, replica2 = _train_recording(digits, monkeypatch, secure=False, z=1.0, n=300, batch=30)
+    Poisson draws of 200 records agree with probability < 0.82^200 per step."""
+    _, a = _train_recording(digits, monkeypatch, secure=True, z=1.0, n=200, batch=20)
+    _, b = _train_recording(digits, monkeypatch, secure=True, z=1.0, n=200, batch=20)
+    _, replica = _train_recording(digits, monkeypatch, secure=False, z=1.0, n=200, batch=20)
+    _, replica2 = _train_recording(digits, monkeypatch, secure=False, z=1.0, n=200, batch=20)
     assert len(a) == len(b) == len(replica) == 10
     assert replica == replica2  # the seeded path is what the server's view reproduces
     assert a != b and a != replica and b != replica
-    # ...and the keystream batches are still Poisson(q=1/10): 3000 coin flips in all,
-    # mean 300, sd 16.4; 6 sd (false failure < 2e-9).
-    assert abs(sum(len(s) for s in a) - 300) < 6 * math.sqrt(3000 * 0.1 * 0.9)
+    # ...and the keystream batches are still Poisson(q=1/10): 2000 coin flips in all,
+    # mean 200, sd 13.4; 6 sd (false failure < 2e-9).
+    assert abs(sum(len(s) for s in a) - 200) < 6 * math.sqrt(2000 * 0.1 * 0.9)
 
 
 def test_dpsgd_noise_is_not_reproducible_from_the_servers_view(digits, monkeypatch) -> None:
@@ -141,6 +141,7 @@ def _dpsgd_cfg(tmp: Path, *overrides: str) -> Any:
             "dataset.num_partitions=3",
             "train.local_epochs=1",
             f"privacy.dpsgd.state_dir={tmp}",
+            "privacy.dpsgd.accountant=rdp",  # the fastest; accounting is not tested here
             *overrides,
         ],
     )
@@ -220,7 +221,7 @@ def test_client_app_dpsgd_is_not_reproducible_by_the_server(tmp_path: Path) -> N
 
     default = _dpsgd_cfg(tmp_path / "d")
     assert default.privacy.secure_mode
-    assert _server_replica(default).keys() == replica.keys()
+    # The server's replica does not depend on secure_mode: it is `replica` again.
     first = _client_reply(default, "first")
     second = _client_reply(default, "second")
     for k in replica:
