@@ -254,16 +254,26 @@ def _simulate_task(raw: Any) -> float | None:
             print(f"[{'dry run' if _DRY_RUN else 'plan'}] {cfg.experiment_name}:")
             for line in privacy_plan(cfg, projection):
                 print(f"  {line}", flush=True)
-        if cfg.resume is None:
-            check_record_level_budget(cfg, projection)
     except ConfigError as err:
         print(f"fl-app: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if _DRY_RUN:
-        return None
     from hydra.types import RunMode
 
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if cfg.resume is None:
+        try:
+            check_record_level_budget(cfg, projection)
+        except ConfigError as err:
+            if not multirun:
+                print(f"fl-app: {err}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            # One sweep job's impossible budget must not stop the others.
+            if not _DRY_RUN:
+                _write_refusal(HydraConfig.get().runtime.output_dir, cfg, str(err))
+            _job_failed(f"job {HydraConfig.get().job.num} refused: {err}")
+    if _DRY_RUN:
+        return None
+    if multirun:
         refusal = over_budget(cfg)
         if refusal:
             # A sweep job that cannot finish its planned rounds within the budget is

@@ -97,3 +97,27 @@ def test_impossible_first_round_budget_is_refused_before_the_run(
     assert "round 1 alone" in out.err
     assert "largest epsilon 4.4" in out.out  # the projection was printed
     assert not (run / "metrics.jsonl").exists() and not (run / "summary.json").exists()
+
+
+def test_a_sweep_job_with_an_impossible_budget_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        cli_main(
+            [
+                "simulate",
+                "--dry-run",
+                "-m",
+                "privacy=dpsgd",
+                "privacy.dpsgd.max_epsilon=3,6",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            ]
+        )
+    assert done.value.code != 0  # the multirun fails because job 0 was refused...
+    out = capsys.readouterr()
+    # ... after job 1 (max_epsilon=6, within budget for round 1) was still planned.
+    assert out.out.count("record-level projection") == 2
+    assert "round 1 alone exceeds the budget: refused" in out.out
+    assert "within the budget" in out.out or "clients stop then" in out.out
+    assert "job 0 refused" in out.err and "privacy.dpsgd.max_epsilon" in out.err
