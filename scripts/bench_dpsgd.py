@@ -50,6 +50,7 @@ from fl_app.privacy.dpsgd import (
     _PrivateTrainer,
     resolve_grad_sample_mode,
 )
+from fl_app.privacy.noise import SecureNoise
 from fl_app.training import make_optimizer
 
 MODES = [GradSampleMode.hooks.value, GradSampleMode.functorch.value, GradSampleMode.ghost.value]
@@ -106,8 +107,10 @@ def _dp_variant(
         cfg,
         dp,
         mode,
-        sampling_generator=torch.Generator().manual_seed(1),
-        noise_generator=torch.Generator().manual_seed(2),
+        sampling_generator=None,
+        noise_generator=None,
+        # The default (secure_mode) noise source: a client-held ChaCha20 keystream.
+        keystreams=(SecureNoise(), SecureNoise()),
     )
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
