@@ -9,7 +9,11 @@ needs an optimizer and an iterable of ``(x, y)`` batches per epoch.
 All randomness comes from an explicit :class:`torch.Generator`: shuffling draws
 from it directly, and stochastic layers (dropout) run inside
 :func:`torch.random.fork_rng` seeded from it, so torch's global RNG is neither
-read nor changed and two runs with equally seeded generators are bit-identical.
+read nor changed and two runs with equally seeded generators are bit-identical. That
+generator is derived from what the server knows (seed, round, partition), which is fine
+for plain training but not for anything a privacy guarantee rests on: DP-SGD
+(:mod:`fl_app.privacy.dpsgd`) draws its noise and Poisson batches from client-held
+keystreams by default, and uses the generator only for dropout.
 
 Everything is built for tiny clients too: no ``DataLoader`` or worker processes,
 no copies of the data, one optimizer per call (a few milliseconds in all for a
