@@ -62,6 +62,7 @@ from strategies.client_dp import (
 )
 from strategies.driver import (
     DriverResult,
+    ReleaseHook,
     RoundDriver,
     RoundListener,
     RoundReport,
@@ -248,6 +249,9 @@ def run_experiment(
                 f"rounds left the run ends at epsilon {aggregator.ledger.project(rest):.4f}",
                 flush=True,
             )
+    release = release_status(cfg)
+    if progress and not release["for_release"]:
+        print("NOT FOR RELEASE: " + "; ".join(release["reasons"]), flush=True)
     client_spec = spec_from_config(cfg, run_key, _client_dp_spec(aggregator))
     if client_spec.dpsgd is not None and client_spec.dpsgd.state_dir is None:
         # Simulation default; real SuperNodes pass --node-config "dp-state-dir=...".
@@ -279,6 +283,11 @@ def run_experiment(
         begin_hooks.append(
             lambda rnd: audit.ledger_spend(rnd, aggregator.ledger, rd.path / LEDGER_FILE)
         )
+    release_first: list[ReleaseHook] = []
+    if ledger_writer is not None and isinstance(aggregator, LocalDp):
+        # Local DP counts releases as replies arrive: on disk before anything else.
+        writer = ledger_writer
+        release_first.append(lambda rnd, arrays, train: writer.write())
     if progress:
         listeners.append(ProgressPrinter(cfg.num_rounds))
     checkpoints = CheckpointWriter(cfg, rd, run_key, audit, aggregator, steps_seen)
@@ -297,7 +306,7 @@ def run_experiment(
         ),
         aggregator=aggregator,
         round_begin_hooks=begin_hooks,
-        release_hooks=[checkpoints.write_files],
+        release_hooks=[*release_first, checkpoints.write_files],
     )
     checkpoints.strategy = driver.strategy
     start_round = 1
