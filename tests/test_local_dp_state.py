@@ -333,3 +333,31 @@ def test_dpsgd_summary_keeps_sites_that_only_refused_after_a_restart(tmp_path: P
     assert "budget" in (summary["stopped_early"] or "")
     assert summary["privacy"]["record_level_epsilon_max"] == pytest.approx(max(reported))
     assert len(summary["privacy"]["record_level"]["per_client"]) == 3
+
+
+def test_local_dp_releases_are_on_disk_before_the_round_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILL after the replies arrived must not lose them from privacy_ledger.json:
+    by the time the server evaluates the new model, the round's releases are on disk."""
+    import fl_app.server_app as server_app
+
+    on_disk: list[dict[str, int]] = []
+
+    def evaluator(cfg: Any) -> Any:
+        def evaluate(rnd: int, arrays: Any) -> dict[str, float]:
+            if rnd >= 1:  # round 0 is the initial model
+                ledger = json.loads((tmp_path / "privacy_ledger.json").read_text())
+                on_disk.append(dict(ledger["local"]))
+            return {}
+
+        return evaluate
+
+    monkeypatch.setattr(server_app, "_server_evaluator", evaluator)
+    grid = InProcessGrid(client_app, 3, seed=0)
+    try:
+        run_experiment(grid, _cfg("num_rounds=2", "server_eval=true"), tmp_path, progress=False)
+    finally:
+        grid.close()
+    # rounds 1 and 2: each round's releases already counted when its model is evaluated
+    assert on_disk == [{f"partition-{p}": r for p in range(3)} for r in (1, 2)]
