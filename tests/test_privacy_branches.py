@@ -544,3 +544,41 @@ def test_distributed_budget_below_one_cohort_against_the_server_is_refused() -> 
                 "privacy.max_epsilon=1",
             ],
         )
+
+
+def test_gate_bound_holds_for_the_exact_privacy_profile_of_a_small_federation() -> None:
+    """N = 4 clients with update +C (1-D, C = 1), Poisson q = 1/2, a secure round needs 3:
+    the exact hockey-stick divergence of the released mixtures (abandoned rounds release
+    noise on a zero sum) stays within δ_PSG(ε) + η, and exceeds δ_PSG(ε) alone."""
+    from dp_accounting.pld import PLDAccountant
+    from scipy import stats as st
+
+    q, z, low, others = 0.5, 1.0, 3, 3
+    y = np.linspace(-15.0, 20.0, 70_001)
+    dy = y[1] - y[0]
+
+    def density(with_x: bool) -> np.ndarray:
+        out = np.zeros_like(y)
+        for k in range(others + 1):
+            p_k = math.comb(others, k) * q**k * (1 - q) ** (others - k)
+            for joined, p_x in ((False, 1.0 - q), (True, q)) if with_x else ((False, 1.0),):
+                n = k + int(joined)
+                mean = float(n) if n >= low else 0.0  # abandoned: noise on a zero sum
+                out += p_k * p_x * st.norm.pdf(y, loc=mean, scale=z)
+        return out
+
+    without, with_x = density(False), density(True)
+    eta = cohort_gate_delta(q, others + 1, low, None)
+    assert eta == pytest.approx(q * 3 / 8)  # q·P[Bin(3, 1/2) = 2]
+    pld = PLDAccountant(value_discretization_interval=1e-3)
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    exceeded = False
+    for eps in (0.5, 1.0, 2.0, 3.0):
+        exact = max(
+            float(np.sum(np.maximum(a - math.exp(eps) * b, 0.0)) * dy)
+            for a, b in ((with_x, without), (without, with_x))
+        )
+        psg = pld.get_delta(eps)
+        assert exact <= psg + eta + 1e-6
+        exceeded |= exact > psg + 1e-6
+    assert exceeded  # the gate is a real cost, not an artefact of the bound
