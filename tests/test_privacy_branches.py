@@ -242,17 +242,18 @@ def _ddp_settings(
 
 
 @pytest.mark.parametrize(
-    "note",
+    ("note", "unmasked"),
     [
-        "a cohort of 5 exceeds the 4 clients the distributed-DP ring was sized for",
-        "only 2 masked inputs, distributed DP needs 3",
+        ("a cohort of 5 exceeds the 4 clients the distributed-DP ring was sized for", False),
+        ("only 2 masked inputs, distributed DP needs 3", False),
+        ("the decoded sum is out of range", True),  # the server saw the noised sum
     ],
-    ids=["ring-too-small", "abandoned"],
+    ids=["ring-too-small", "abandoned", "refused-after-unmask"],
 )
 def test_distributed_dp_abandoned_round_leaves_the_model_and_accounts_the_gate(
-    note: str,
+    note: str, unmasked: bool
 ) -> None:
-    outcome = SecAggOutcome(decoded=None, note=f"{note}: model unchanged")
+    outcome = SecAggOutcome(decoded=None, note=f"{note}: model unchanged", unmasked=unmasked)
     agg = DistributedDp(_ddp_settings(population=6, q=0.5))
     with InProcessGrid(_app(), 6, seed=1) as grid:
         result = _driver(agg, PoissonSampler(0.5, seed=2), secagg=_StubSecAgg(outcome)).run(
@@ -266,6 +267,9 @@ def test_distributed_dp_abandoned_round_leaves_the_model_and_accounts_the_gate(
     # η = q·(P[Bin(5, q) = 2] + P[Bin(5, q) = 4]) at q = 1/2: (10 + 5)/32 · 1/2.
     assert event.branch_delta == pytest.approx(15 / 64)
     assert report.privacy["dp_delta_branches"] == pytest.approx(15 / 64)
+    # Whatever the server saw of this round is in its against-server count: every
+    # sampled client has one round in the cohort.
+    assert sum(n for _, n in agg.ledger.participation) == report.train.sampled > 0
 
 
 # ------------------------------------------------------------- budget stop, resume, rollback
