@@ -30,7 +30,9 @@ def _cfg(*overrides: str):
 
 
 def test_dpsgd_run_accounts_epsilon_per_client_across_rounds(tmp_path: Path) -> None:
-    cfg = _cfg("num_rounds=3", "federated_eval_every=0")
+    # Seeded (the opt-in) so the accuracy sanity check below does not depend on the draw
+    # (CSPRNG runs measured 0.69-0.84); the default path is covered by test_randomness.
+    cfg = _cfg("num_rounds=3", "federated_eval_every=0", "privacy.secure_mode=false")
     summary = run_simulation_experiment(cfg, tmp_path)
     assert summary["status"] == "completed" and summary["rounds"] == 3
     rl = summary["privacy"]["record_level"]
