@@ -251,6 +251,16 @@ def test_every_aggregator_keeps_the_contract(index: int) -> None:
         ]
         assert isinstance(agg.round_config(rnd), dict)
         assert agg.begin_round(rnd, 1000) is None
+        agg.note_cohort(rnd, [0, 1, 2])
+        assert isinstance(agg.releases_every_round, bool)
+        # A round with no sum: the unchanged model (None), or a release shaped like it
+        # (central DP: its noise on a zero sum; only a mechanism that releases every round).
+        empty = agg.release_without_sum(rnd, update)
+        assert empty is None or agg.releases_every_round
+        assert (empty is None) == (not isinstance(agg, CentralDp))
+        if empty is not None:
+            assert all(empty.update[k].shape == update[k].shape for k in update)
+            assert all(np.all(np.isfinite(v)) for v in empty.update.values())
         assert all(agg.check_reply(r) is None for r in replies)
         out = agg.aggregate(rnd, replies)
         assert list(out.update) == list(update)
