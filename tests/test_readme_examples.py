@@ -28,6 +28,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,18 +346,12 @@ def _dpsgd_defaults(result: Result) -> None:
     assert (d["noise_multiplier"], d["max_grad_norm"], d["delta"]) == (1.0, 1.0, 1e-5)
 
 
-def _three_sites_eps8(result: Result) -> None:
-    # "3 institutions, epsilon = 8 each": z calibrated to end at 8 for every site.
-    completed(0.3)(result)
-    assert _config(result)["dataset"]["num_partitions"] == 3
-    eps = _summary(result)["privacy"]["record_level_epsilon_max"]
-    assert 7.5 <= eps <= 8.0, eps
-
-
 def _dpsgd_budget_stop(result: Result) -> None:
-    # "each institution's budget: stops after round 2".
+    # "each institution's budget: stops after round 2": two rounds update the model,
+    # then every client refuses (its next round would pass 6) and the run ends early.
     s = _summary(result)
-    assert s["rounds"] == 2 and s["rounds_planned"] == 5, s
+    assert s["status"] in {"completed", "degraded"} and s["rounds_planned"] == 5, s
+    assert s["rounds_model_updated"] == 2 and s["rounds"] < 5, s
     assert s["privacy"]["record_level_epsilon_max"] <= 6.0
 
 
@@ -431,7 +426,7 @@ _OUTCOMES: dict[str, Outcome] = {
     ),
     "fl-app config strategy=fedprox": Outcome(_config_printed),
     # README: client-level DP.
-    "fl-app simulate privacy=central": Outcome(_central_defaults, ("num_rounds=5",)),
+    "fl-app simulate privacy=central": Outcome(_central_defaults, ("num_rounds=2",)),
     "fl-app simulate experiment=digits_1000_clients_dp": Outcome(_thousand_clients),
     "fl-app simulate --dry-run experiment=digits_1000_clients_dp": Outcome(_dry_run),
     "fl-app simulate privacy=central privacy.noise_multiplier=null privacy.target_epsilon=3": (
@@ -446,7 +441,7 @@ _OUTCOMES: dict[str, Outcome] = {
     # README: record-level DP-SGD.
     "fl-app simulate privacy=dpsgd": Outcome(_dpsgd_defaults),
     "fl-app simulate experiment=digits_dpsgd_3sites": Outcome(
-        _three_sites_eps8, ("train.local_epochs=1",)
+        covered_by="tests/test_dpsgd_app.py::test_utility_at_epsilon_8_within_8_points_of_non_private"
     ),
     "fl-app simulate privacy=dpsgd privacy.dpsgd.max_epsilon=6": Outcome(
         _dpsgd_budget_stop, ("num_rounds=5",)
@@ -458,9 +453,9 @@ _OUTCOMES: dict[str, Outcome] = {
     "fl-app simulate privacy=distributed secagg=secaggplus secagg.bits=16": Outcome(
         client_dp(0.1, 20.0), ("num_rounds=2",)
     ),
-    "fl-app simulate experiment=digits_1000_clients_ddp": Outcome(
-        _target_epsilon(4.77), ("num_rounds=2",)
-    ),
+    # One round, so z is calibrated to reach the target in it (with more rounds cut
+    # short, the experiment's server-side budget of 10 would stop it after round 1).
+    "fl-app simulate experiment=digits_1000_clients_ddp": Outcome(_target_epsilon(4.77)),
     "fl-app simulate privacy=distributed secagg=secaggplus --dry-run": Outcome(_dry_run),
     # README: audit log and release (on the last client-level DP run above).
     "fl-app audit verify outputs/.../audit.jsonl --head <hex> --seq <n>": Outcome(_audit_verified),
@@ -557,11 +552,14 @@ def test_every_command_block_of_readme_and_docs(tmp_path: Path) -> None:
                 outcome = _outcome(cmd)
                 if outcome.covered_by is not None:
                     continue
+                started = time.perf_counter()
                 try:
                     result = run_command(cmd, ctx, list(outcome.extra))
                     assert outcome.check is not None
                     outcome.check(result)
                 except AssertionError as err:
                     raise AssertionError(f"{block.where}: `{cmd.text}`: {err}") from err
+                # Shown with -s (or on failure): where the test's minutes go.
+                print(f"{time.perf_counter() - started:6.1f} s  {block.where}  {cmd.text}")
                 ran.append(cmd.text)
     assert len(ran) >= 20
