@@ -87,9 +87,12 @@ def build_driver(
     """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
     ``secagg.mode != off``) secure aggregation in ``cfg``."""
     s = cfg.strategy
-    # Amplification by sampling needs cohorts nobody can recompute: a keystream under
-    # a key only this server process holds (privacy.secure_mode=false: seeded).
-    key = os.urandom(32) if cfg.privacy.secure_mode else None
+    # Amplification by sampling (central and distributed DP's epsilon) needs cohorts
+    # nobody can recompute: a keystream under a key only this server process holds.
+    # Without it (no DP, local DP, DP-SGD only, or secure_mode=false) sampling stays
+    # seeded, so such experiments reproduce.
+    amplified = cfg.privacy.mode.value in ("central", "distributed")
+    key = os.urandom(32) if cfg.privacy.secure_mode and amplified else None
     if s.sampling is SamplingMode.poisson:
         train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
             s.fraction_train, cfg.seed, key=key

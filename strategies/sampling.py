@@ -5,16 +5,18 @@ from a per-round stream the sampler derives explicitly, so the cohort of any rou
 be drawn again (the secure-aggregation driver samples the next round's cohort ahead)
 with no RNG state to checkpoint:
 
-* keyed (``key`` given, the default through ``privacy.secure_mode=true``): the ChaCha20
+* keyed (``key`` given: central and distributed DP with ``privacy.secure_mode=true``,
+  the default, see :func:`strategies.factory.build_driver`): the ChaCha20
   keystream of ``cryptography`` under a 256-bit key from ``os.urandom`` that only the
   server process holds, with the nonce ``(stream, round)``. Amplification by sampling
   (Poisson or without replacement) assumes the cohort is secret from whoever the
   guarantee is stated against; a seeded generator lets anyone who knows or guesses the
   seed recompute every cohort. A resumed server draws a new key, so rounds after a
   resume are sampled afresh (independently of the data, as the accountant assumes).
-* seeded (``key=None``, ``privacy.secure_mode=false``): numpy's PCG64 from ``(seed,
-  round, stream)``; reproducible, a resumed run samples what the interrupted one would
-  have. For experiments only ("not for release").
+* seeded (``key=None``: ``privacy.secure_mode=false``, or a run whose ε uses no
+  amplification by sampling): numpy's PCG64 from ``(seed, round, stream)``;
+  reproducible, a resumed run samples what the interrupted one would have. Under central
+  or distributed DP it is for experiments only ("not for release").
 
 * :class:`FixedSizeSampler`: exactly ``max(1, round(fraction * N))`` clients without
   replacement (accounted as sampling without replacement).

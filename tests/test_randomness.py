@@ -434,3 +434,24 @@ def test_a_site_with_a_policy_refuses_seeded_dpsgd_unless_it_opts_in(tmp_path: P
     assert not _client_message(seeded, "opted", **{"policy-path": str(opted)}).has_error()
     default = _dpsgd_cfg(tmp_path / "d")
     assert not _client_message(default, "d", **{"policy-path": str(strict)}).has_error()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keyed"),
+    [
+        (["privacy=central"], True),
+        (["privacy=distributed", "secagg=secaggplus"], True),
+        (["privacy=central", "privacy.secure_mode=false"], False),
+        (["privacy=local"], False),  # no amplification by sampling in local DP's epsilon
+        ([], False),  # no DP: experiments reproduce
+    ],
+)
+def test_driver_samples_from_a_secret_key_where_epsilon_uses_amplification(
+    overrides: list[str], keyed: bool
+) -> None:
+    from fl_app.config.compose import compose_config
+    from strategies.factory import build_driver
+
+    cfg = compose_config("config", ["runtime=inprocess", *overrides])
+    driver = build_driver(cfg, train_config={}, evaluate_config={}, evaluate_fn=None)
+    assert (driver.train_sampler.key is not None) is keyed  # type: ignore[attr-defined]
