@@ -332,17 +332,20 @@ def test_valid_overrides_pass_the_key_check():
     )
 
 
-def test_simulate_typo_exits_2_with_suggestion_and_leaves_no_run_directory(tmp_path):
-    import subprocess
-    import sys
+def test_simulate_typo_exits_2_with_suggestion_and_leaves_no_run_directory(
+    tmp_path, monkeypatch, capsys
+):
+    from fl_app.cli import main
 
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("fl-app")), "simulate", "privcy=central"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert "did you mean `privacy=central`" in proc.stderr and "+privcy" not in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["simulate", "privcy=central"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "did you mean `privacy=central`" in err and "+privcy" not in err
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time> with only cli.log
+    # A bad value (found only once the config is composed) leaves none either.
+    with pytest.raises(SystemExit) as stop:
+        main(["simulate", "num_rounds=0"])
+    assert stop.value.code == 2 and "`num_rounds`" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -733,28 +733,26 @@ def test_simulation_rehearses_a_consortium_one_client_per_site_file(tmp_path, mo
     assert seen == {0: 60, 1: 80, 2: 100}
 
 
-def test_simulate_with_a_bad_local_file_fails_before_round_1(tmp_path):
-    import subprocess
-    import sys
+def test_simulate_with_a_bad_local_file_fails_before_round_1(tmp_path, capsys):
+    """``fl-app simulate`` (its main, in this process: the check ends it before Hydra
+    or Ray start) exits 2 naming the file, and leaves no run directory."""
+    from fl_app.cli import main
 
     bad = tmp_path / "site.npz"
     bad.write_bytes(b"not a zip")
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("fl-app")),
-            "simulate",
-            "dataset=local",
-            f"dataset.local_path={bad}",
-            "server_eval=false",
-            "runtime=inprocess",
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "local data check failed before round 1" in proc.stderr
-    assert "site.npz' is not an .npz (zip) archive" in proc.stderr
+    args = [
+        "simulate",
+        "dataset=local",
+        f"dataset.local_path={bad}",
+        "server_eval=false",
+        "runtime=inprocess",
+        f"hydra.run.dir={run_dir}",
+    ]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "local data check failed before round 1" in err
+    assert "site.npz' is not an .npz (zip) archive" in err
     assert not run_dir.exists()  # checked before Hydra makes the run directory
