@@ -33,8 +33,9 @@ Trust assumptions (what the reported ε relies on):
   included independently with probability ``q``); fixed-size batches, shuffling or
   sampling without replacement are *not* what these events describe;
 * per-example clipping to ``C`` and Gaussian noise ``N(0, (z·C)²)`` on the sum, drawn
-  from a generator the adversary cannot predict (Opacus ``secure_mode`` for a
-  CSPRNG and protection against floating-point attacks);
+  from a generator the adversary cannot predict (by default a ChaCha20 keystream
+  under a key the client draws itself, :mod:`fl_app.privacy.dpsgd`; no protection
+  against floating-point attacks, see :mod:`fl_app.privacy.noise`);
 * the ledger is complete: every step that touched data was recorded before its
   result left the client, and the ledger was restored, not restarted, after a crash;
 * neighbouring datasets differ by adding or removing one record of *this client's*

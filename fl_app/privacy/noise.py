@@ -1,4 +1,4 @@
-"""Gaussian noise sources for client-level DP: seeded for reproducibility, or a CSPRNG.
+"""Noise and uniform sources for every DP mechanism: a CSPRNG by default, or seeded.
 
 Every draw goes through a :class:`NoiseSource` the caller built explicitly; nothing
 reads a global RNG (Flower's DP wrappers draw from ``np.random``'s global state).
@@ -6,14 +6,19 @@ reads a global RNG (Flower's DP wrappers draw from ``np.random``'s global state)
 :class:`SeededNoise`
     numpy's PCG64 seeded from ``(seed, *stream)`` via ``SeedSequence``: the same
     config gives the same noise, so runs reproduce and tests are exact. An adversary
-    who knows the seed can subtract the noise, so this is for research runs only.
+    who knows the seed can subtract the noise, so this is for research runs only
+    (``privacy.secure_mode=false``: the run is "not for release", see
+    :func:`release_status`).
 :class:`SecureNoise`
-    ``privacy.secure_mode=true``: uniform bits from the ChaCha20 keystream of the
-    ``cryptography`` package under a fresh 256-bit key from ``os.urandom``, turned
-    into standard normals by the Box-Muller transform. No maintained library offers a
-    CSPRNG-backed vectorised Gaussian for numpy (Opacus relies on ``torchcsprng``,
-    which is not published for current torch), so the transform is written here; the
-    bits come from the library cipher, never from a hand-rolled generator.
+    ``privacy.secure_mode=true`` (the default), and always for local and distributed
+    DP and stochastic rounding; also DP-SGD's noise (:meth:`~SecureNoise.standard_normal_f32`)
+    and Poisson batches (:meth:`~SecureNoise.words`) in each client. Uniform bits
+    from the ChaCha20 keystream of the ``cryptography`` package under a fresh
+    256-bit key from ``os.urandom``, turned into standard normals by the Box-Muller
+    transform. No maintained library offers a CSPRNG-backed vectorised Gaussian for
+    numpy (Opacus relies on ``torchcsprng``, which is not published for current
+    torch), so the transform is written here; the bits come from the library cipher,
+    never from a hand-rolled generator.
 
 Trust assumptions: both sources produce IEEE doubles, so neither defends against the
 floating-point attacks on the Gaussian mechanism of Mironov (2012, "On Significance
@@ -86,7 +91,12 @@ class SecureNoise:
 
     def __init__(self) -> None:
         key = os.urandom(32)
-        nonce = os.urandom(16)
+        # cryptography's 16-byte ChaCha20 nonce is a 4-byte little-endian block counter
+        # followed by the 12-byte nonce. The counter starts at 0: a random start would
+        # make OpenSSL refuse the stream once the counter reaches 2**32, after a random
+        # (possibly small) number of bytes. From 0 a stream holds 2**32 blocks (256 GiB),
+        # and the key is fresh per instance, so the nonce itself may be fixed.
+        nonce = b"\x00" * 4 + os.urandom(12)
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
 
     def words(self, n: int) -> np.ndarray:
