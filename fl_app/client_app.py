@@ -584,8 +584,13 @@ def _prepare_dpsgd(
 
     dp = spec.dpsgd
     assert dp is not None
-    if not spec.secure_mode and policy is not None and not policy.allow_seeded_noise:
-        # Seeded DP-SGD noise is noise the server can regenerate and subtract.
+    own_data = not site_identity(context.node_config).startswith("partition-")
+    allowed = policy.allow_seeded_noise if policy is not None else not own_data
+    if not spec.secure_mode and not allowed:
+        # Seeded DP-SGD noise is noise the server can regenerate and subtract. Only the
+        # site may opt in (its policy). A node without a policy that serves a simulated
+        # partition (no site-name, no data-path: a rehearsal on shared data) keeps the
+        # reproducible opt-in; a site training on its own data without a policy refuses.
         raise PolicyRefusal(
             PolicyViolation(
                 "allow_seeded_noise",

@@ -436,6 +436,16 @@ def test_a_site_with_a_policy_refuses_seeded_dpsgd_unless_it_opts_in(tmp_path: P
     assert not _client_message(default, "d", **{"policy-path": str(strict)}).has_error()
 
 
+def test_a_site_with_its_own_data_and_no_policy_refuses_seeded_dpsgd(tmp_path: Path) -> None:
+    """No policy file is no consent: a deployed site (site-name in its node config)
+    refuses the server's secure_mode=false; a simulated partition keeps the opt-in
+    (found by the red-team review: the check was skipped whenever no policy existed)."""
+    seeded = _dpsgd_cfg(tmp_path / "s", "privacy.secure_mode=false")
+    reply = _client_message(seeded, "named", **{"site-name": "hospital-a"})
+    assert reply.has_error() and "allow_seeded_noise" in reply.error.reason
+    assert not _client_message(seeded, "simulated").has_error()
+
+
 @pytest.mark.parametrize(
     ("overrides", "keyed"),
     [
