@@ -330,6 +330,14 @@ def _target_epsilon(eps: float) -> Callable[[Result], None]:
     return check
 
 
+def _budget_stop_after_4(result: Result) -> None:
+    # "stops after round 4": round 5 would pass the client-level budget of 5.
+    s = _summary(result)
+    assert s["status"] == "completed" and s["rounds"] == 4 and s["rounds_planned"] == 5, s
+    assert "before round 5" in s["stopped_early"] and "max_epsilon=5" in s["stopped_early"]
+    assert s["privacy"]["epsilon"] <= 5.0
+
+
 def _local_dp_chance(result: Result) -> None:
     # Documented failure mode: with 10 clients each adding N(0, (5C)^2) to its own
     # update the noise swamps the signal and the model stays at chance; the budget holds.
@@ -433,8 +441,9 @@ _OUTCOMES: dict[str, Outcome] = {
         Outcome(_target_epsilon(3.0), ("num_rounds=3",))
     ),
     "fl-app simulate privacy=central strategy.sampling=poisson strategy.fraction_train=0.3 "
-    "privacy.max_epsilon=5": Outcome(client_dp(0.1, 5.0), ("num_rounds=2",)),
-    "fl-app simulate privacy=central_adaptive": Outcome(client_dp(0.1, 20.0), ("num_rounds=2",)),
+    "privacy.max_epsilon=5": Outcome(_budget_stop_after_4, ("num_rounds=5",)),
+    # README: "mechanics, not utility" on 10 clients; only the accounting is asserted.
+    "fl-app simulate privacy=central_adaptive": Outcome(client_dp(0.0, 20.0), ("num_rounds=2",)),
     "fl-app simulate privacy=local privacy.max_epsilon=10": Outcome(
         _local_dp_chance, ("num_rounds=2",)
     ),
