@@ -284,6 +284,13 @@ def parse_stage_reply(
         value = metrics[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return Rejection(node, f"stage {stage.name}: public metric {key!r} is not a number")
+        # Finite and exactly representable: the summary turns some into ints (an inf
+        # 'dp-rounds' ended the run with an OverflowError).
+        if not (math.isfinite(float(value)) and abs(float(value)) <= 2.0**53):
+            return Rejection(
+                node, f"stage {stage.name}: public metric {key!r}={value!r} is not a finite "
+                "number of magnitude <= 2**53"
+            )
     got_round = metrics[SERVER_ROUND]
     if got_round != server_round:
         return Rejection(node, f"stale reply: '{SERVER_ROUND}'={got_round!r} != {server_round}")

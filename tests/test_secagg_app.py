@@ -260,9 +260,17 @@ def _leaky_metrics(reply: Message) -> Message:
     return reply
 
 
+def _infinite_public_metric(reply: Message) -> Message:
+    m = dict(reply.content.metric_records[METRICS_KEY])
+    m["dp-rounds"] = float("inf")  # a public DP-SGD metric; int(inf) ended the run
+    reply.content[METRICS_KEY] = MetricRecord(m)  # type: ignore[arg-type]
+    return reply
+
+
 @pytest.mark.parametrize(
     ("stage", "change", "words"),
     [
+        (3, _infinite_public_metric, "is not a finite number"),
         (2, _set_stage, "wrong stage"),
         (1, _bad_key, "invalid public key"),
         (3, _short_vector, "expected uint32"),
