@@ -285,8 +285,16 @@ class RunDirectory:
     def save_model(self, arrays: Mapping[str, np.ndarray], rounds: int) -> str:
         from fl_app.weights import save_safetensors
 
+        # The salted hash, never the plain one: the export manifest publishes this file's
+        # SHA-256 and the weights are public, so a plain config hash in here would let
+        # anyone rebuild the file for each guessed seed and compare (a seed oracle).
+        salt = self.manifest.get(CONFIG_HASH_SALT)
         meta = {
-            "config_hash": self.config_hash,
+            "config_hash": (
+                published_config_hash(self.config_hash, salt)
+                if isinstance(salt, str) and salt
+                else "withheld"
+            ),
             "rounds": str(rounds),
             "code_version": self.manifest["code_version"],
         }

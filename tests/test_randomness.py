@@ -319,6 +319,13 @@ def test_published_config_hash_matches_no_seed_search(
     assert published not in found  # ...but not against what is published
     for f in (tmp_path / "pub").iterdir():
         assert summary["config_hash"][:16].encode() not in f.read_bytes(), f.name
+    # The manifest publishes the run's model file SHA-256 (source.model_sha256) and the
+    # weights are public: had that file kept the plain hash in its metadata, rebuilding it
+    # per guessed seed would be the same oracle (red-team finding). It keeps the salted one.
+    source_model = (run / "model.safetensors").read_bytes()
+    assert manifest["source"]["model_sha256"] == hashlib.sha256(source_model).hexdigest()
+    assert summary["config_hash"].encode() not in source_model
+    assert published.encode() in source_model
 
 
 # ------------------------------------------------------------------- statistics (d)
