@@ -288,8 +288,9 @@ def parse_stage_reply(
         # 'dp-rounds' ended the run with an OverflowError).
         if not (math.isfinite(float(value)) and abs(float(value)) <= 2.0**53):
             return Rejection(
-                node, f"stage {stage.name}: public metric {key!r}={value!r} is not a finite "
-                "number of magnitude <= 2**53"
+                node,
+                f"stage {stage.name}: public metric {key!r}={value!r} is not a finite "
+                "number of magnitude <= 2**53",
             )
     got_round = metrics[SERVER_ROUND]
     if got_round != server_round:
