@@ -297,3 +297,49 @@ def test_an_abandoned_round_leaves_no_key_or_seed(server: AdversarialServer) -> 
         record = server.grid.context(node).state.get(STATE_KEY)
         keys = set(record.keys()) if record is not None else set()
         assert not keys & SECRETS, (node, keys)
+
+
+# ------------------------------------------------- through the real driver and app
+def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
+    # Round 1: padded survivor list; round 2: weaker parameters; round 3: honest.
+    from fl_app.client_app import app as client_app
+    from fl_app.config.compose import compose_config
+    from fl_app.server_app import run_experiment
+    from fl_app.testing.adversary import LyingGrid
+
+    pad = pad_survivors([2**40 + i for i in range(N)], keep=3)
+    weak = weaker_params(security_bits=10)
+
+    def lie(rnd: int, stage: int, node: int, config: dict) -> dict:
+        if rnd == 1:
+            return pad(stage, node, config)
+        if rnd == 2:
+            return weak(stage, node, config)
+        return config
+
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "federated_eval_every=0",
+            "server_eval=false",
+            "secagg=secaggplus",
+            "secagg.clip=2.0",
+            "secagg.stage_timeout_s=5",
+            "secagg.key_rounds=1",  # stage 2 in every round (no share-ahead)
+            "num_rounds=3",
+        ],
+    )
+    grid = InProcessGrid(client_app, N, seed=cfg.seed)
+    try:
+        run_experiment(LyingGrid(grid, lie), cfg, tmp_path, progress=False)
+    finally:
+        grid.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["model_updated"] for r in lines] == [False, False, True]
+    assert len(lines[0]["failures"]) == N
+    assert all("not in the cohort" in f["reason"] for f in lines[0]["failures"])
+    assert len(lines[1]["failures"]) == N
+    field = "site policy `secagg_min_security_bits`"
+    assert all(field in f["reason"] for f in lines[1]["failures"])
+    assert lines[2]["secagg_contributors"] == N

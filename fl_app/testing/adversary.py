@@ -6,7 +6,8 @@ real ClientApp (the project's, or :func:`~fl_app.testing.secagg_client.
 fixed_update_client`, which calls the same stage handlers). Before each instruction
 leaves, every installed :data:`Lie` may rewrite it: this is what a server that deviates
 from the protocol can send, from a client's point of view. The replies are kept, so a
-test can assert which clients refused what, and why.
+test can assert which clients refused what, and why. :class:`LyingGrid` applies the
+same lies under the real driver (``run_experiment``) and the project's ClientApp.
 
 The lies (Bonawitz et al., CCS 2017, §4 and §6; Bell et al., CCS 2020, §4):
 
@@ -49,6 +50,7 @@ from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
 __all__ = [
     "AdversarialServer",
     "Lie",
+    "LyingGrid",
     "Sent",
     "claim_dropout",
     "pad_survivors",
@@ -188,6 +190,38 @@ class AdversarialServer:
     def refusals(self, rnd: int, stage: int) -> dict[int, str]:
         """``node -> reason`` of the clients that refused ``stage`` of ``rnd``."""
         return {e.node: e.refusal for e in self.sent(rnd, stage) if e.refusal is not None}
+
+
+class LyingGrid:
+    """A Grid whose secure-aggregation instructions pass through :data:`Lie` s.
+
+    Wraps an :class:`~fl_app.testing.InProcessGrid` for the real driver
+    (``run_experiment``): every pushed ``train`` message with a stage marker is
+    rewritten by ``lies(round, stage, node, config)`` first; ``lies`` returns the
+    config (changed or not). Everything else is the wrapped grid's.
+    """
+
+    def __init__(
+        self, grid: Any, lie: Callable[[int, int, int, dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        self._grid = grid
+        self._lie = lie
+
+    def push_messages(self, messages: Iterable[Message]) -> Any:
+        batch = list(messages)
+        for msg in batch:
+            config = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
+            if config is None or SECAGG_STAGE_KEY not in config:
+                continue
+            values = dict(config)
+            rnd = int(values.get(SERVER_ROUND, 0))  # type: ignore[arg-type]
+            stage = int(values[SECAGG_STAGE_KEY])  # type: ignore[arg-type]
+            changed = self._lie(rnd, stage, int(msg.metadata.dst_node_id), values)
+            msg.content[CONFIG_KEY] = ConfigRecord(changed)
+        return self._grid.push_messages(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 # ------------------------------------------------------------------------ the lies
