@@ -134,9 +134,9 @@ def _unknown_key_fix(key: str, value: str | None) -> str:
     guess = suggest_key(key)
     where = "(keys: fl_app/config/schema.py; groups: the folders of configs/)"
     if guess is None:
-        return f"no such key or config group {where}"
+        return f"unknown key or config group {where}"
     shown = f"{guess}={value}" if value is not None else guess
-    return f"no such key or config group; did you mean `{shown}`? {where}"
+    return f"unknown key or config group; did you mean `{shown}`? {where}"
 
 
 def check_override_keys(overrides: Iterable[str]) -> None:
