@@ -179,22 +179,25 @@ def test_neighbour_that_never_shared_cannot_be_listed(server: AdversarialServer)
 
 # ------------------------------------------------------------ weaker parameters
 STRICT = SitePolicy(secagg_max_dropout_tolerance=0.2)
+# The site assumes >= 2 of 10 collude; the honest server derives for 0.2 (C = 2).
+COLLUDERS = SitePolicy(secagg_min_corrupt_fraction=0.2)
 
 
 @pytest.mark.parametrize(
     ("lie", "field", "policy"),
     [
         (weaker_params(security_bits=10), "secagg_min_security_bits", None),
-        (weaker_params(corrupt_fraction=0.0), "secagg_min_corrupt_fraction", None),
+        (weaker_params(corrupt_fraction=0.0), "secagg_min_corrupt_fraction", COLLUDERS),
         (weaker_params(dropout_tolerance=0.3), "secagg_max_dropout_tolerance", STRICT),
-        (weaker_params(custom=(4, 3)), "secagg_allow_custom_params", None),
+        (weaker_params(custom=(4, 4)), "secagg_allow_custom_params", None),
     ],
     ids=["security-bits", "corrupt-fraction", "dropout-tolerance", "custom"],
 )
 def test_weaker_parameters_are_refused_at_stage_2(
     lie: object, field: str, policy: SitePolicy | None
 ) -> None:
-    for server in _server(policy):
+    extra = {"corrupt_fraction": 0.2} if policy is COLLUDERS else {}
+    for server in _server(policy, **extra):
         # The honest parameters pass the same site's policy.
         assert server.run_round(1, ARRAYS, last_round=3).decoded is not None
         out = server.run_round(2, ARRAYS, [lie], last_round=3)  # type: ignore[list-item]

@@ -280,8 +280,10 @@ def test_secagg_floor_decisions_on_worked_examples() -> None:
     # ceil((1 - 0.5) * 10) = 5; ceil(0.5 * 3) = 2; never below 2.
     assert [site.survivor_floor(n) for n in (10, 3, 2, 1)] == [5, 2, 2, 2]
     site.check_secagg_params(derive_params(10, mode="secaggplus"))  # the project default
+    # 20 clients: the site wants C >= floor(0.1 * 20) = 2 colluders assumed; 0.0 gives
+    # fewer (0, or a derivation's floor of 1).
     with pytest.raises(PolicyViolation) as info:
-        site.check_secagg_params(derive_params(10, mode="secagg", corrupt_fraction=0.0))
+        site.check_secagg_params(derive_params(20, mode="secagg", corrupt_fraction=0.0))
     assert info.value.field == "secagg_min_corrupt_fraction"
     with pytest.raises(PolicyViolation) as info:
         site.check_secagg_params(derive_params(100, security_bits=20))
@@ -290,10 +292,11 @@ def test_secagg_floor_decisions_on_worked_examples() -> None:
     # the complete graph; t = 3 gives 2t = 6 = k + 1 (refused by custom_params itself
     # now, and by the site a second time), t = 4 is the smallest valid threshold.
     opted = SitePolicy(secagg_allow_custom_params=True)
+    valid = custom_params(6, 5, 4, max_dropouts=1, max_corrupt=1)
     with pytest.raises(PolicyViolation) as info:
-        site.check_secagg_params(custom_params(6, 5, 4, max_dropouts=1))
+        site.check_secagg_params(valid)
     assert info.value.field == "secagg_allow_custom_params"
-    opted.check_secagg_params(custom_params(6, 5, 4, max_dropouts=1))
+    opted.check_secagg_params(valid)
     from fl_app.secagg.graph import SecAggConfigError
 
     with pytest.raises(SecAggConfigError, match="4 <= t <= 6"):
