@@ -162,13 +162,94 @@ def _enforce_request(
         raise PolicyRefusal(err) from err
 
 
-def _enforce_epsilon(policy: SitePolicy | None, kind: str, epsilon: float) -> None:
+def _enforce_epsilon(
+    policy: SitePolicy | None, kind: str, epsilon: float, site_epsilon: float | None = None
+) -> None:
+    """The site policy's ``max_epsilon`` against this run's ``epsilon`` and against
+    ``site_epsilon``, the site's total over every run on its data (its budget ledger):
+    a server that renames the run starts a fresh per-run count, never a fresh site budget.
+    The total refusal quotes no number: it would tell this server the site's spend in
+    runs of other federations."""
     if policy is None:
         return
     try:
         policy.check_epsilon(kind, epsilon)
     except PolicyViolation as err:
         raise PolicyRefusal(err) from err
+    if (
+        site_epsilon is not None
+        and policy.max_epsilon is not None
+        and not site_epsilon <= policy.max_epsilon
+    ):
+        log.warning(
+            "site budget: %s epsilon %.4g this run, %.4g over every run on this site's "
+            "data, above max_epsilon %g",
+            kind,
+            epsilon,
+            site_epsilon,
+            policy.max_epsilon,
+        )
+        raise PolicyRefusal(
+            PolicyViolation(
+                "max_epsilon",
+                f"this round would take the site's total epsilon over every run on its "
+                f"data (its budget ledger) past its max_epsilon {policy.max_epsilon:g}",
+            )
+        )
+
+
+def _account_site_release(
+    policy: SitePolicy | None,
+    context: Context,
+    state_dir: str,
+    run_key: str,
+    kind: str,
+    epsilon: float,
+    delta: float,
+    spent_before: bool,
+) -> None:
+    """Check this release against the site policy (this run and the site's total) and
+    append it to the site's budget ledger (:class:`fl_app.privacy.state.SiteBudgetLedger`)
+    *before* it is made. Called after the per-run budget checks, before the per-run
+    state is saved."""
+    from fl_app.privacy.state import PrivacyStateError, SiteBudgetLedger, SiteSpend
+
+    site = site_identity(context.node_config)
+    if (
+        policy is not None
+        and policy.max_epsilon is not None
+        and not site.startswith("partition-")
+        and not context.node_config.get("dp-state-dir")
+    ):
+        # Without it the ledger would live in a directory the server's spec names, and a
+        # server that names a fresh one resets the site's budget.
+        raise PolicyRefusal(
+            PolicyViolation(
+                "max_epsilon",
+                "the site bounds its epsilon but keeps no state directory of its own: start "
+                'the SuperNode with --node-config "dp-state-dir=/path" (the server\'s '
+                "state_dir is not trusted with the site's budget ledger)",
+            )
+        )
+    try:
+        ledger = SiteBudgetLedger(state_dir, site)
+        ledger.check_recorded(run_key, kind, spent_before)
+        site_epsilon, site_delta = ledger.total(run_key, kind, epsilon, delta)
+    except PrivacyStateError as err:
+        raise ClientRefusal(f"site budget ledger: {err}") from err
+    _enforce_epsilon(policy, kind, epsilon, site_epsilon)
+    try:
+        ledger.record(SiteSpend(run_key=run_key, kind=kind, epsilon=epsilon, delta=delta))
+    except (OSError, PrivacyStateError) as err:
+        raise ClientRefusal(f"site budget ledger: {err}") from err
+    log.info(
+        "site budget: %s epsilon %.4g this run; over every run on this site's data "
+        "epsilon %.4g, delta %.3g (basic composition)",
+        kind,
+        epsilon,
+        site_epsilon,
+        site_delta,
+    )
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -217,12 +298,15 @@ def _prepare(
 
     spec, rnd, arrays, config = _read_instruction(msg)
     local_dp = spec.client_dp is not None and spec.client_dp.local_noise_multiplier is not None
-    if message_type == "evaluate" and (local_dp or spec.hide_client_metrics):
+    if message_type == "evaluate" and (
+        local_dp or spec.hide_client_metrics or spec.dpsgd is not None
+    ):
         # The client's own check (the server turns federated evaluation off there too).
         raise ClientRefusal(
             "federated evaluation would send this client's un-noised loss, accuracy and "
             "example count to a server the run's threat model does not trust with them "
-            "(honest_but_curious, distributed_dp, local DP); this client does not evaluate"
+            "(honest_but_curious, distributed_dp, local DP, record-level DP-SGD, whose "
+            "epsilon covers only the noised update); this client does not evaluate"
         )
     _enforce_request(policy, spec, message_type, config)
     torch.set_num_threads(max(1, spec.torch_threads))
@@ -363,6 +447,11 @@ def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | Non
         # accuracy and example count are left out; every client weighs the same (1).
         plain: dict[str, float] = {NUM_EXAMPLES: 1}
         dp_metrics = _hidden_mode_public(dp_metrics)
+    elif spec.dpsgd is not None:
+        # Record-level DP: the loss and accuracy on this site's records are un-noised
+        # functions of them, outside DP-SGD's epsilon. The example count stays: it is
+        # FedAvg's weight and public here anyway (the sample rate and steps give it).
+        plain = {NUM_EXAMPLES: int(stats.num_examples)}
     else:
         plain = {
             NUM_EXAMPLES: int(stats.num_examples),
@@ -525,7 +614,16 @@ def _client_dp_stages(
             f"local DP budget exhausted: epsilon would reach {eps_after:.4g} after this "
             f"round (budget {dp.max_epsilon:g}, delta {dp.delta:g}, {releases - 1} releases)"
         )
-    _enforce_epsilon(policy, "local DP", eps_after)
+    _account_site_release(
+        policy,
+        context,
+        str(state_dir),
+        spec.run_key,
+        "local DP",
+        eps_after,
+        dp.delta,
+        spent_before=state.releases > 0,
+    )
     store.save(LocalDpState(releases=releases, noise_multiplier=z))  # before any release
     # Public by design (README, model card): ε and the release count follow from the
     # rounds the server sent and received; the site's identity keys the server's guard
@@ -639,12 +737,27 @@ def _prepare_dpsgd(
         # No trustworthy epsilon means no training: never run unaccounted steps.
         raise ClientRefusal(f"privacy accounting: {err}") from err
     if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
+        # The steps stay in the site's own log: with the public batch size and epochs
+        # they give the record count, which the threat model may hide from the server.
+        log.warning(
+            "DP-SGD budget exhausted: %d steps spent, epsilon would reach %.4g",
+            state.history.total_steps,
+            eps_after,
+        )
         raise BudgetExhausted(
             f"privacy budget exhausted: epsilon would reach {eps_after:.4g} after this round "
-            f"(budget {dp.max_epsilon:g}, delta {dp.delta:g}, "
-            f"{state.history.total_steps} steps spent)"
+            f"(budget {dp.max_epsilon:g}, delta {dp.delta:g})"
         )
-    _enforce_epsilon(policy, "record-level", eps_after)
+    _account_site_release(
+        policy,
+        context,
+        str(state_dir),
+        spec.run_key,
+        "record-level",
+        eps_after,
+        dp.delta,
+        spent_before=state.history.total_steps > 0,
+    )
     new_state = DpSgdState(history=state.history.add(planned), noise_multiplier=z)
     store.save(new_state)  # before training: a crash mid-round never under-counts
     settings = DpSgdSettings(

@@ -186,3 +186,44 @@ def test_dpsgd_lost_state_guard_works_on_rounds_where_steps_are_hidden(tmp_path:
         assert rewound.has_error() and "lost or replaced" in rewound.error.reason
     finally:
         grid.close()
+
+
+def test_record_level_dpsgd_sends_no_unnoised_loss_or_accuracy(tmp_path: Path) -> None:
+    """DP-SGD's epsilon covers the noised update only: a client's train loss/accuracy
+    and any evaluation on its records are un-noised functions of them. With record-level
+    DP on its own (no secure aggregation) the server gets the update, the example count
+    (FedAvg's weight, public there) and the DP-SGD numbers, and nothing else; federated
+    evaluation is off by default, an error when asked for, and refused by the client."""
+    overrides = [*COMMON, "privacy=dpsgd", f"privacy.dpsgd.state_dir={tmp_path / 'state'}"]
+    cfg = compose_config("config", overrides)
+    received: list[Message] = []
+
+    def hook(node: int, reply: Message) -> Message:
+        received.append(reply)
+        return reply
+
+    grid = InProcessGrid(client_app, 4, seed=cfg.seed, message_hook=hook)
+    try:
+        summary = run_experiment(grid, cfg, tmp_path / "run", progress=False)
+        assert {d.message_type for d in grid.sent} == {"train"}
+        spec = spec_from_config(cfg, "run1")
+        content = RecordDict(
+            {
+                "arrays": to_array_record(initial_arrays(cfg)),
+                "config": ConfigRecord({"fl-app.spec": encode_spec(spec), "server-round": 1}),
+            }
+        )
+        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="evaluate")
+        refused = next(iter(grid.send_and_receive([msg])))
+    finally:
+        grid.close()
+    train = [r for r in received if r.metadata.message_type == "train"]
+    assert summary["rounds"] == 1 and len(train) == 4
+    for reply in train:
+        metrics = reply.content["metrics"]
+        assert not [k for k in metrics if "loss" in k or "accurac" in k], list(metrics)
+        assert metrics["num-examples"] > 1
+    assert refused.has_error() and "record-level DP-SGD" in refused.error.reason
+    with pytest.raises(ConfigError) as err:
+        compose_config("config", [*overrides, "federated_eval_every=1"])
+    assert err.value.field == "federated_eval_every" and "record_level" in str(err.value)

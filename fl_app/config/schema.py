@@ -430,8 +430,18 @@ def metrics_hidden_from_server(cfg: AppConfig) -> bool:
     )
 
 
+def evaluation_hidden_from_server(cfg: AppConfig) -> bool:
+    """Whether no client may send federated-evaluation numbers to the server.
+
+    Every threat model of :func:`metrics_hidden_from_server`, and record-level DP-SGD:
+    its ε covers the noised update only, while a client's loss and accuracy on its own
+    records are un-noised functions of those records, released outside the accounting.
+    """
+    return metrics_hidden_from_server(cfg) or cfg.privacy.record_level
+
+
 def federated_eval_interval(cfg: AppConfig) -> int:
     """Rounds between federated evaluations (0: off); resolves ``federated_eval_every=null``."""
     if cfg.federated_eval_every is not None:
         return cfg.federated_eval_every
-    return 0 if metrics_hidden_from_server(cfg) else 1
+    return 0 if evaluation_hidden_from_server(cfg) else 1

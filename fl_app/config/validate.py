@@ -25,6 +25,7 @@ from fl_app.config.schema import (
     SecAggMode,
     StrategyName,
     ThreatModel,
+    evaluation_hidden_from_server,
     metrics_hidden_from_server,
 )
 
@@ -459,14 +460,15 @@ def _check_metrics_stay_hidden(cfg: AppConfig) -> None:
     plaintext; under these threat models it would leak what the masked sum (or the
     local noise) hides, so asking for it explicitly is an error.
     """
-    if not metrics_hidden_from_server(cfg):
+    if not evaluation_hidden_from_server(cfg):
         return
     every = cfg.federated_eval_every
-    why = (
-        "privacy.mode=local"
-        if cfg.privacy.mode is PrivacyMode.local
-        else f"privacy.threat_model={cfg.privacy.threat_model.value}"
-    )
+    if cfg.privacy.mode is PrivacyMode.local:
+        why = "privacy.mode=local"
+    elif metrics_hidden_from_server(cfg):
+        why = f"privacy.threat_model={cfg.privacy.threat_model.value}"
+    else:
+        why = "privacy.record_level=true (DP-SGD's epsilon does not cover evaluation numbers)"
     _check(
         every is None or every == 0 or cfg.strategy.fraction_evaluate == 0,
         "federated_eval_every",
