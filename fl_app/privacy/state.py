@@ -26,6 +26,15 @@ server's count of the releases it received from this site (``fl-app.local-releas
 in place of the DP-SGD steps it saw. Kept in ``Context.state`` alone, the count was reset
 by a restarted SuperNode, a resumed run or a rollback (4 releases were made against a
 budget that allowed 2).
+
+Both are per run: their files are named by the run key from the server's spec, so a
+server that renames the run gets a fresh count. The site's own cap (policy
+``max_epsilon``) must not rewind with it, so every release is also appended, before it
+is made, to the site's budget ledger (:class:`SiteBudgetLedger`,
+``site-budget-<site identity>.jsonl`` in the same state directory): one line per release
+with the run key, the kind and the run's epsilon and delta after it. The site's total is
+the sum over (run key, kind) of each run's latest epsilon (and delta): basic
+composition, a valid upper bound whatever the runs were (Dwork and Roth 2014, Thm 3.16).
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ __all__ = [
     "LocalDpState",
     "LocalDpStore",
     "PrivacyStateError",
+    "SiteBudgetLedger",
+    "SiteSpend",
 ]
 
 STATE_RECORD = "fl-app.dpsgd"
@@ -271,3 +282,129 @@ class LocalDpStore:
         text = state.to_json()
         write_atomic(self.path, text.encode())
         self.context.state[LOCAL_DP_RECORD] = ConfigRecord({"state": text})
+
+
+# The kinds of epsilon a site's ledger composes: DP-SGD's record-level epsilon and local
+# DP's (an update-level epsilon, which also bounds every record in the update).
+SITE_SPEND_KINDS = ("record-level", "local DP")
+
+
+@dataclass(frozen=True)
+class SiteSpend:
+    """One line of the site's budget ledger: a run's epsilon and delta after a release."""
+
+    run_key: str
+    kind: str
+    epsilon: float
+    delta: float
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": _VERSION,
+                "run_key": self.run_key,
+                "kind": self.kind,
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteSpend:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PrivacyStateError(f"not valid JSON: {err}") from err
+        if not isinstance(raw, dict) or raw.get("version") != _VERSION:
+            raise PrivacyStateError(f"unknown format: {raw!r:.80}")
+        run_key, kind = raw.get("run_key"), raw.get("kind")
+        eps, delta = raw.get("epsilon"), raw.get("delta")
+        if not isinstance(run_key, str) or not _SAFE_KEY.fullmatch(run_key):
+            raise PrivacyStateError(f"field run_key is invalid: {run_key!r}")
+        if kind not in SITE_SPEND_KINDS:
+            raise PrivacyStateError(f"field kind is {kind!r}, not one of {SITE_SPEND_KINDS}")
+        for name, value in (("epsilon", eps), ("delta", delta)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise PrivacyStateError(f"field {name} is invalid: {value!r}")
+        assert isinstance(eps, (int, float)) and isinstance(delta, (int, float))
+        return cls(run_key=run_key, kind=str(kind), epsilon=float(eps), delta=float(delta))
+
+
+class SiteBudgetLedger:
+    """The site's append-only record of every release it made on its data, all runs.
+
+    The per-run files (:class:`ClientPrivacyState`, :class:`LocalDpStore`) are named by
+    the server's run key; this one is named by the site identity alone (``site-<name>``
+    from the site's own node config, ``data-<hash of its data file>``, or
+    ``partition-<id>``), which the server does not choose, so a renamed run composes with
+    the runs before it instead of starting the site's budget from zero. It is keyed by the
+    site identity rather than by a hash of the loaded arrays on purpose: what the client
+    loads depends on server-chosen spec fields (seed, split), and a key the server can
+    change is a budget it can reset.
+
+    Written before each release (after the per-run checks, before the per-run state), so
+    a crash can only over-count. A line that does not parse refuses: the ledger is the
+    only memory of earlier runs' spend.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], site: str) -> None:
+        if not _SAFE_SITE.fullmatch(site or ""):
+            raise PrivacyStateError(f"site identity {site!r} is not a safe file-name component")
+        self.path = Path(state_dir) / f"site-budget-{site}.jsonl"
+
+    def entries(self) -> list[SiteSpend]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            try:
+                out.append(SiteSpend.from_json(line))
+            except PrivacyStateError as err:
+                raise PrivacyStateError(
+                    f"site budget ledger {self.path} line {number}: {err}; it is the only "
+                    "record of this site's spend in earlier runs: refusing until an operator "
+                    "repairs it"
+                ) from err
+        return out
+
+    def total(self, run_key: str, kind: str, epsilon: float, delta: float) -> tuple[float, float]:
+        """The site's epsilon and delta if this run's ``kind`` reaches ``epsilon``/``delta``:
+        the sum over (run key, kind) of each one's largest recorded epsilon (and delta),
+        with this run's replaced by the new values (a run's epsilon only grows)."""
+        latest: dict[tuple[str, str], tuple[float, float]] = {}
+        for entry in self.entries():
+            key = (entry.run_key, entry.kind)
+            eps0, delta0 = latest.get(key, (0.0, 0.0))
+            latest[key] = (max(eps0, entry.epsilon), max(delta0, entry.delta))
+        eps0, delta0 = latest.get((run_key, kind), (0.0, 0.0))
+        latest[(run_key, kind)] = (max(eps0, epsilon), max(delta0, delta))
+        return (
+            math.fsum(e for e, _ in latest.values()),
+            math.fsum(d for _, d in latest.values()),
+        )
+
+    def check_recorded(self, run_key: str, kind: str, spent: bool) -> None:
+        """Refuse when this run's state records a release the ledger does not (it was
+        deleted or replaced): the earlier runs' spend it held would be forgotten too."""
+        if spent and not any(e.run_key == run_key and e.kind == kind for e in self.entries()):
+            raise PrivacyStateError(
+                f"this run's {kind} state records releases but the site budget ledger "
+                f"{self.path} has none for run {run_key!r}: the ledger was lost or replaced; "
+                "refusing to release until an operator restores it"
+            )
+
+    def record(self, spend: SiteSpend) -> None:
+        """Append one line, fsynced before the release it accounts is made."""
+        if spend.kind not in SITE_SPEND_KINDS:
+            raise PrivacyStateError(f"kind {spend.kind!r} is not one of {SITE_SPEND_KINDS}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(spend.to_json() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
