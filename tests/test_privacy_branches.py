@@ -321,6 +321,110 @@ def test_cohort_gate_delta_by_hand() -> None:
     assert cohort_gate_delta(0.5, 6, 0, None) == 0.0
 
 
+def test_cohort_gate_delta_with_holes_by_hand() -> None:
+    # N = 6, q = 1/2, gate [3, 5] with size 4 abandoned: x flips the round when the
+    # other five give s with "s released" != "s + 1 released": s = 2 (2 -> 3),
+    # 3 (3 -> 4), 4 (4 -> 5), 5 (5 -> 6 is above the gate): C(5, s)/32 each.
+    assert cohort_gate_delta(0.5, 6, 3, 5, holes=(4,)) == pytest.approx(
+        0.5 * (10 + 10 + 5 + 1) / 32, rel=1e-12
+    )
+    # Only sizes 3..4 checked: whether 5 is released is unknown, so s = 4 and s = 5 are
+    # counted as flips (4: 4 -> 5 unknown; 5: 5 itself unknown).
+    assert cohort_gate_delta(0.5, 6, 3, 5, holes=(), checked=(3, 4)) == pytest.approx(
+        0.5 * (10 + 5 + 1) / 32, rel=1e-12
+    )
+    # Only 4..5 checked: size 3 unknown, so s = 2 and s = 3 count; s = 5 flips (5 -> 6).
+    assert cohort_gate_delta(0.5, 6, 3, 5, holes=(), checked=(4, 5)) == pytest.approx(
+        0.5 * (10 + 10 + 1) / 32, rel=1e-12
+    )
+
+
+def _odd_sizes_only(n: int, mode: str, drop: float, corrupt: float) -> bool:
+    return n >= 3 and n % 2 == 1
+
+
+def test_gate_with_holes_is_accounted_and_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red-team finding: with secure-aggregation parameters for odd cohorts only (as
+    ``dropout_tolerance=0.5`` gave), a client decides between release and abandonment
+    whenever it is sampled; the accounted η was q·P[Bin(N−1, q) = 2] ≈ 6e-29 a round."""
+    import strategies.client_dp as client_dp
+    from fl_app.config.compose import compose_config
+
+    n, q = 203, 0.3
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "privacy=central",
+            "secagg=secagg",
+            "secagg.dropout_tolerance=0.2",
+            "strategy.sampling=poisson",
+            f"strategy.fraction_train={q}",
+            f"dataset.num_partitions={n}",
+            "num_rounds=5",
+            "privacy.clip_side=client",
+        ],
+    )
+
+    def clear() -> None:
+        for fn in (client_dp._cohort_holes, client_dp._gate_delta):
+            fn.cache_clear()
+        client_dp.smallest_secure_cohort.cache_clear()
+
+    clear()
+    monkeypatch.setattr(client_dp, "_has_secure_params", _odd_sizes_only)
+    try:
+        # Every s >= 3 is an edge, and s = 2 (2 -> 3): η = q·P[Bin(202, 0.3) >= 2].
+        expected = q * (
+            1.0 - sum(math.comb(n - 1, k) * q**k * (1 - q) ** (n - 1 - k) for k in (0, 1))
+        )
+        settings = _settings(
+            sampling=SamplingScheme.poisson,
+            fraction=q,
+            planned_population=n,
+            cohort_gate=(3, None),
+            cohort_secagg=("secagg", 0.2, 0.1),
+        )
+        assert settings.branch_delta(n) == pytest.approx(expected, rel=1e-9)
+        with pytest.raises(ValueError, match=r"secagg\.dropout_tolerance") as err:
+            ClientDpSettings.from_config(cfg)
+        assert "sizes 4, 6, 8, 10, ..." in str(err.value)
+    finally:
+        monkeypatch.undo()
+        clear()
+
+
+def test_gate_delta_matches_the_real_parameter_derivation() -> None:
+    """η from every size ``derive_params`` accepts, enumerated here directly: whatever
+    sizes it refuses inside the gate, the accounted η covers each flip."""
+    from fl_app.secagg.graph import SecAggConfigError, derive_params
+
+    n, q, mode, drop, corrupt = 40, 0.3, "secagg", 0.45, 0.1
+
+    def ok(size: int) -> bool:
+        if size < 3:
+            return False
+        try:
+            derive_params(size, mode=mode, dropout_tolerance=drop, corrupt_fraction=corrupt)
+        except SecAggConfigError:
+            return False
+        return True
+
+    low = next(size for size in range(3, n + 1) if ok(size))
+    expected = q * sum(
+        math.comb(n - 1, s) * q**s * (1 - q) ** (n - 1 - s) for s in range(n) if ok(s) != ok(s + 1)
+    )
+    settings = _settings(
+        sampling=SamplingScheme.poisson,
+        fraction=q,
+        planned_population=n,
+        cohort_gate=(low, None),
+        cohort_secagg=(mode, drop, corrupt),
+    )
+    assert settings.branch_delta(n) == pytest.approx(expected, rel=1e-9)
+    assert expected > 0
+
+
 def test_epsilon_is_composed_at_delta_minus_the_branches() -> None:
     q, z, n, rounds = 0.3, 1.5, 10, 4
     eta = cohort_gate_delta(q, n, 3, None)

@@ -16,6 +16,9 @@ worked out by hand (``tests/test_privacy_branches.py``).
     joint convexity of the hockey-stick divergence the round is ``(ε, δ(ε) + η)``-DP.
     When both neighbours abandon, both release the same thing (it does not depend on
     ``x``). Fixed-size sampling has a cohort size that no client changes: ``η = 0``.
+    The released sizes need not be an interval (secure aggregation may have no
+    parameters for some sizes inside it): in general ``η = q·Σ P[Bin(N−1, q) = s]`` over
+    every ``s`` where "``s`` released" and "``s + 1`` released" differ.
 :func:`encoding_slack`
     Secure aggregation's fixed-point encoding rounds each coordinate stochastically to
     a multiple of the step ``1/s`` (:class:`fl_app.secagg.encoding.FixedPointCodec`):
@@ -36,7 +39,7 @@ worked out by hand (``tests/test_privacy_branches.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,20 +68,66 @@ def _binomial_pmf(n: int, q: float, k: int) -> float:
     return math.exp(log_pmf)
 
 
-def cohort_gate_delta(q: float, population: int, low: int, high: int | None) -> float:
-    """``η`` of a round released only when ``low <= |cohort| <= high`` (Poisson rate ``q``).
+def cohort_gate_delta(
+    q: float,
+    population: int,
+    low: int,
+    high: int | None,
+    *,
+    holes: Collection[int] = (),
+    checked: tuple[int, int] | None = None,
+) -> float:
+    """``η`` of a round released only for cohort sizes in ``[low, high]`` minus ``holes``.
 
-    ``high=None``: no upper gate. See the module docstring for the argument.
+    ``high=None``: no upper gate. ``holes``: sizes inside the gate that are abandoned
+    all the same (secure aggregation has no parameters for every size: with
+    ``dropout_tolerance=0.5`` none for even cohorts), each one two more places where
+    ``x`` flips the round. ``checked=(a, b)``: ``holes`` lists the abandoned sizes in
+    ``[a, b]`` only, so whether a size of the gate outside it is released is unknown;
+    each count ``s`` of the other clients with ``s`` or ``s + 1`` of unknown status is
+    counted as a flip (a bound, negligible for a window many standard deviations wide).
+    See the module docstring for the argument.
     """
     if not 0 < q <= 1:
         raise ValueError(f"q must lie in (0, 1], found {q!r}")
     if population < 1:
         raise ValueError(f"population must be >= 1, found {population!r}")
     others = population - 1
-    eta = _binomial_pmf(others, q, low - 1) if low >= 1 else 0.0
-    if high is not None:
-        eta += _binomial_pmf(others, q, high)
+    missing = frozenset(holes)
+    top = others + 1 if high is None else min(high, others + 1)
+    a, b = checked if checked is not None else (low, top)
+
+    def released(n: int) -> bool:
+        return low <= n <= top and n not in missing
+
+    def unknown(n: int) -> bool:
+        return low <= n <= top and not a <= n <= b
+
+    eta = 0.0
+    edges = {low - 1, top} | {h - 1 for h in missing} | set(missing)
+    for s in edges:
+        known = 0 <= s <= others and not (unknown(s) or unknown(s + 1))
+        if known and released(s) != released(s + 1):
+            eta += _binomial_pmf(others, q, s)
+    if checked is not None:
+        # Counts next to a size of unknown status: [low - 1, a - 1] and [b, top].
+        if a > low:
+            eta += sum(_binomial_pmf(others, q, s) for s in range(max(low - 1, 0), a))
+        if b < top:
+            eta += _binomial_upper_tail(others, q, b)
     return min(1.0, q * eta)
+
+
+def _binomial_upper_tail(n: int, q: float, k: int) -> float:
+    """``P[Bin(n, q) >= k]``, summed term by term (stops once the terms underflow)."""
+    total = 0.0
+    mode = math.floor((n + 1) * q)
+    for s in range(max(k, 0), n + 1):
+        term = _binomial_pmf(n, q, s)
+        total += term
+        if s > mode and term < 1e-300:
+            break
+    return total
 
 
 def encoding_slack(bits: int, clip: float, dimension: int, max_contributors: int) -> float:
