@@ -485,3 +485,18 @@ def test_secure_noise_stream_never_starts_near_the_chacha20_counter_limit(monkey
     source = noise_mod.SecureNoise()
     assert source.standard_normal_f32(50_000).shape == (50_000,)  # 200 kB of keystream
     assert source.words(10_000).shape == (10_000,)
+
+
+def test_secure_noise_random_in_place_matches_the_general_path(monkeypatch) -> None:
+    """Stochastic rounding's in-place fast path (reused buffers) yields exactly the
+    53-bit doubles of the plain path for the same keystream, call after call."""
+    import fl_app.privacy.noise as noise_mod
+
+    key_bytes = iter([b"k" * 32, b"n" * 12, b"k" * 32, b"n" * 12])
+    monkeypatch.setattr(noise_mod.os, "urandom", lambda n: next(key_bytes))
+    fast, plain = noise_mod.SecureNoise(), noise_mod.SecureNoise()
+    for size in (5, 16_384, 3, 20_000):
+        out = np.empty((size,))
+        assert fast.random(out=out) is out
+        np.testing.assert_array_equal(out, plain.random(size))
+        assert out.min() >= 0.0 and out.max() < 1.0

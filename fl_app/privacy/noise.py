@@ -98,6 +98,8 @@ class SecureNoise:
         # and the key is fresh per instance, so the nonce itself may be fixed.
         nonce = b"\x00" * 4 + os.urandom(12)
         self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+        self._zeros = b""  # reused input/output buffers of random(out=...)
+        self._buf = bytearray()
 
     def words(self, n: int) -> np.ndarray:
         """``n`` uniform 64-bit words (a read-only view of fresh keystream)."""
@@ -108,12 +110,34 @@ class SecureNoise:
         ``numpy.random.Generator.random`` (``size`` or a float64 ``out`` to fill), so
         code written for a numpy generator (stochastic rounding) can take this source."""
         n = int(out.size if out is not None else (size or 0))
-        u = (self.words(n) >> np.uint64(11)).astype(np.float64)
-        u *= _INV_2_53
-        if out is None:
-            return u
-        out[...] = u.reshape(out.shape)
+        if out is None or out.dtype != np.float64 or not out.flags.c_contiguous or n == 0:
+            u = (self.words(n) >> np.uint64(11)).astype(np.float64)
+            u *= _INV_2_53
+            if out is None:
+                return u
+            out[...] = u.reshape(out.shape)
+            return out
+        # The hot path of stochastic rounding (a 16k-coordinate chunk at a time): the
+        # same 53-bit values, with the keystream written into a reused buffer
+        # (update_into) and converted in place, no temporaries per call.
+        words = self._words_into(n)
+        np.right_shift(words, np.uint64(11), out=words)
+        flat = out.reshape(-1)
+        np.copyto(flat, words, casting="unsafe")  # < 2**53: exact
+        flat *= _INV_2_53
         return out
+
+    def _words_into(self, n: int) -> np.ndarray:
+        """``n`` fresh keystream words in a buffer this instance reuses (writable)."""
+        need = 8 * n
+        if len(self._zeros) < need:
+            self._zeros = bytes(need)
+            # update_into wants room for one block beyond the input.
+            self._buf = bytearray(need + 64)
+        view = memoryview(self._zeros)[:need]
+        written = self._stream.update_into(view, self._buf)
+        assert written == need
+        return np.frombuffer(self._buf, dtype=np.uint64, count=n)
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` doubles uniform on (0, 1] with 53 random bits each."""
