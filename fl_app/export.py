@@ -932,7 +932,9 @@ def _not_protected(cfg: AppConfig) -> list[str]:
         if p.record_level:
             public.append(
                 "its partition id, record-level epsilon, delta and rounds trained (epsilon is "
-                "a function of the institution's record count)"
+                "a function of the institution's record count: with the run's public noise "
+                "settings, batch size, epochs and delta it gives that count to within about "
+                "a batch, so the record count is not secret)"
             )
         items.append(
             "Per client, the server saw in plaintext only what the protocol needs: "

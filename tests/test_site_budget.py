@@ -216,3 +216,23 @@ def test_renaming_the_run_does_not_rewind_the_sites_local_dp_budget(tmp_path: Pa
     assert [(json.loads(x)["run_key"], json.loads(x)["kind"]) for x in lines] == [
         ("k1", "local DP")
     ]
+
+
+def test_model_card_says_the_record_count_is_public_within_what_epsilon_reveals() -> None:
+    """Record-level epsilon is sent in plaintext even where the threat model hides the
+    steps (it pins the count to within about a batch, red-team r5): the model card says
+    the count is not secret instead of implying it is."""
+    from fl_app.export import _not_protected
+
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "privacy=local",
+            "privacy.record_level=true",
+            "privacy.dpsgd.noise_multiplier=1.0",
+        ],
+    )
+    text = " ".join(_not_protected(cfg))
+    assert "record-level epsilon" in text
+    assert "within about a batch, so the record count is not secret" in text
