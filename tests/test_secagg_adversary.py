@@ -40,7 +40,9 @@ from fl_app.testing.adversary import (
 )
 from fl_app.testing.secagg_client import fixed_update_client
 from strategies.protocol import (
+    CONFIG_KEY,
     SECAGG_DDP,
+    SECAGG_NODES,
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_SELF_MASK_NODES,
@@ -346,3 +348,105 @@ def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
     field = "site policy `secagg_min_security_bits`"
     assert all(field in f["reason"] for f in lines[1]["failures"])
     assert lines[2]["secagg_contributors"] == N
+
+
+# ------------------------------------------- split view plus colluding neighbours
+def test_split_view_plus_one_colluding_neighbour_never_reaches_t_of_both() -> None:
+    # SecAgg+ on 10 clients (D = 2, C = 1). The server splits the target's honest
+    # holders (the target itself and its neighbours but one) as evenly as it can between
+    # "target survived" (b-shares) and "target dropped" (s_sk-shares); the remaining
+    # neighbour colludes and hands the server its shares of both. Honest holders answer
+    # for one pile only (checked), so the server holds |pile| + 1 of each secret. Safe iff
+    # 2t > k + 1 + 1; before the bound, k = 6 and t = 4 here: 3 + 1 = 4 = t of both.
+    for server in _server(n=10, mode=GraphMode.secaggplus):
+        target = server.grid.node_ids[0]
+        colluder = _split_view_with_a_colluder(server, target)
+        params = derive_params(10, mode="secaggplus", dropout_tolerance=0.2)
+        b = _share_senders(server, 1, target, SECAGG_REPLY_SELF_MASK_NODES) - {colluder}
+        s = _share_senders(server, 1, target, SECAGG_REPLY_KEY_NODES) - {colluder}
+        assert not b & s and len(b) >= 1 and len(s) >= 1  # the split view was delivered
+        assert min(len(b) + 1, len(s) + 1) < params.threshold
+        assert 2 * params.threshold > params.degree + 1 + 1
+
+
+def _split_view_with_a_colluder(server: AdversarialServer, target: int) -> int:
+    """Round 1 with the target's honest holders split in halves; returns the colluder."""
+    split: dict[str, set[int]] = {}
+
+    def lie(stage: int, node: int, config: dict) -> dict:
+        if stage == 4 and not split:
+            first = next(e for e in server.sent(1, 2) if e.node == target)
+            rec = first.message.content.config_records[CONFIG_KEY]
+            neighbours = sorted(unpack_ids(rec[SECAGG_NODES]))
+            honest = [target, *neighbours[1:]]  # neighbours[0] colludes
+            split["colluder"] = {neighbours[0]}
+            split["dropped"] = set(honest[len(honest) // 2 + len(honest) % 2 :])
+        if node in split.get("dropped", ()):
+            return split_view(target, split["dropped"])(stage, node, config)
+        return config
+
+    server.run_round(1, ARRAYS, [lie])
+    return next(iter(split["colluder"]))
+
+
+# ------------------------------------------------ tiny cohorts, switched-off noise
+def _fewer_colluders(stage: int, node: int, config: dict) -> dict:
+    """Stage 2: parameters re-derived for C = 0 (what floor(0.1 * n) gives below 10)."""
+    from strategies.protocol import SECAGG_PARAMS
+
+    if stage == 2:
+        raw = json.loads(config[SECAGG_PARAMS])
+        weak = derive_params(
+            raw["num_clients"],
+            mode=raw["mode"],
+            dropout_tolerance=raw["dropout_tolerance"],
+            corrupt_fraction=0.0,
+            min_corrupt=0,
+        )
+        config[SECAGG_PARAMS] = json.dumps(weak.to_config(), sort_keys=True)
+    return config
+
+
+def test_a_tiny_cohort_assuming_no_colluder_is_refused_by_default() -> None:
+    # 5 clients: floor(0.1 * 5) = 0 colluders passed the default floor, so a server
+    # running [target, sybil, ...] with C = 0 thresholds was accepted. The default site
+    # assumes at least 1; the honest derivation (C = 1) runs.
+    for server in _server(n=5):
+        assert server.run_round(1, ARRAYS, last_round=3).decoded is not None
+        out = server.run_round(2, ARRAYS, [_fewer_colluders], last_round=3)
+        assert out.decoded is None
+        refusals = server.refusals(2, 2)
+        assert len(refusals) == 5
+        assert all("site policy `secagg_min_corrupt_clients`" in r for r in refusals.values())
+    # A site that sets a minimum cohort size refuses smaller cohorts, field named.
+    for server in _server(SitePolicy(secagg_min_cohort_size=8), n=5):
+        assert server.run_round(1, ARRAYS).decoded is None
+        refusals = server.refusals(1, 2)
+        assert len(refusals) == 5
+        assert all("site policy `secagg_min_cohort_size`" in r for r in refusals.values())
+
+
+def test_distributed_dp_noise_switched_off_is_refused_without_a_policy_file() -> None:
+    # share_std = 1e-12 (z ~ 1e-12): accepted when the default floor was unset.
+    from fl_app.privacy.distributed import DdpPlan
+
+    plan = DdpPlan(
+        clip=1.0, dim=DIM, bits=32, noise_multiplier=1.0, max_cohort=N, dropout_tolerance=0.2
+    )
+
+    def silent(stage: int, node: int, config: dict) -> dict:
+        if stage == 3:
+            raw = json.loads(config[SECAGG_DDP])
+            raw["share_std"] = 1e-12
+            config[SECAGG_DDP] = json.dumps(raw, sort_keys=True)
+        return config
+
+    for server in _server(bits=32):  # policy None: the ClientApp's defaults
+        server.ddp = plan
+        server.__post_init__()
+        assert server.run_round(1, ARRAYS, last_round=3).decoded is not None  # z = 1 runs
+        out = server.run_round(2, ARRAYS, [silent], last_round=3)
+        assert out.decoded is None
+        refusals = server.refusals(2, 3)
+        assert len(refusals) == N
+        assert all("site policy `ddp_min_noise_multiplier`" in r for r in refusals.values())

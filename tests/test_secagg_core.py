@@ -529,7 +529,9 @@ def test_sparse_mode_degree_is_logarithmic_and_conditions_hold() -> None:
         assert p.log2_security_failure <= -40 and p.log2_correctness_failure <= -20
         assert "Harary" in p.explanation
     degrees = [derive_params(n).degree for n in (1_000, 10_000, 100_000)]
-    assert degrees == sorted(degrees) and degrees[-1] - degrees[0] < 30
+    # O(log n): 100x the clients grows k by at most log2(1e5)/log2(1e3) = 5/3 (the
+    # split-view-with-colluders bound 2t > k+1+Y made k larger, not faster-growing).
+    assert degrees == sorted(degrees) and degrees[-1] / degrees[0] < np.log2(1e5) / np.log2(1e3)
 
 
 def test_sparse_mode_falls_back_to_complete_graph_for_tiny_cohorts() -> None:
@@ -719,3 +721,55 @@ def test_default_threads_honour_a_cpu_share(monkeypatch: pytest.MonkeyPatch) -> 
     cores = crypto._usable_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 5))
     assert crypto._usable_cores() == cores
+
+
+@pytest.mark.parametrize("n", [10, 20, 100, 300, 1000])
+def test_derived_thresholds_survive_a_split_view_plus_colluding_neighbours(n: int) -> None:
+    # A split view hands the server t shares of both secrets of u iff u's k + 1 - Y honest
+    # holders plus its Y corrupt neighbours (in both piles) fill two piles of t:
+    # 2t <= k + 1 + Y. Before this bound every size had 2t - k = 2 (two colluders
+    # sufficed). Y ~ Hypergeometric(n - D - 1 others, C corrupt, k drawn), bounded here
+    # with scipy, independently of the code's own tail: n * P[Y >= 2t - k - 1] <= 2^-41.
+    from scipy.stats import hypergeom
+
+    p = derive_params(n, mode="secaggplus", dropout_tolerance=0.2, corrupt_fraction=0.1)
+    d, c = int(0.2 * n), max(int(0.1 * n), 1)
+    assert (p.max_dropouts, p.max_corrupt) == (d, c)
+    k, t = p.degree, p.threshold
+    assert 2 * t - k - 1 >= 2  # two colluding neighbours are not enough at any size
+    if p.is_complete:
+        assert 2 * t > n + c
+    elif k > n - d - 1:  # too few others for the hypergeometric: Y <= C decides
+        assert 2 * t > k + 1 + c
+    else:
+        tail = hypergeom.sf(2 * t - k - 2, n - d - 1, c, k)  # P[Y >= 2t - k - 1]
+        assert n * tail <= 2.0**-41
+        # Correctness kept: n * P[dropped neighbours > k - t] <= 2^-20.
+        assert n * hypergeom.sf(k - t, n - 1, d, k) <= 2.0**-20
+
+
+def test_the_complete_graph_needs_2t_above_n_plus_c() -> None:
+    # n = 10, D = 2, C = 1: t = n - D = 8 and 2t = 16 > 11. With D = 4, C = 3 no threshold:
+    # t <= 6 for correctness, 2t > 13 for the split view (t >= 7).
+    p = derive_params(10, mode="secagg", dropout_tolerance=0.2, corrupt_fraction=0.1)
+    assert (p.threshold, p.max_corrupt) == (8, 1)
+    with pytest.raises(SecAggConfigError, match="2t > n \\+ C"):
+        derive_params(10, mode="secagg", dropout_tolerance=0.4, corrupt_fraction=0.3)
+    # Custom parameters: 2t > k + 1 + min(C, k) exactly (n = 6, k = 5, C = 1: t >= 4).
+    with pytest.raises(SecAggConfigError, match="4 <= t <= 6"):
+        custom_params(6, 5, 3, max_dropouts=1, max_corrupt=1)
+    with pytest.raises(SecAggConfigError, match="5 <= t <= 6"):
+        custom_params(6, 5, 4, max_dropouts=1, max_corrupt=2)
+
+
+def test_at_least_one_colluder_is_assumed_in_tiny_cohorts() -> None:
+    # floor(0.1 * n) = 0 below 10 clients; the derivation assumes C >= 1 regardless, and a
+    # server that states fewer colluders than it derived for is caught on re-derivation.
+    for n in (3, 5, 9):
+        assert derive_params(n, dropout_tolerance=0.2).max_corrupt == 1
+    assert derive_params(5, corrupt_fraction=0.0, min_corrupt=0).max_corrupt == 0
+    cfg = derive_params(9, dropout_tolerance=0.2).to_config()
+    assert SecAggParams.from_config(cfg).max_corrupt == 1
+    cfg = derive_params(20).to_config()  # C = 2
+    with pytest.raises(SecAggConfigError, match="differ"):
+        SecAggParams.from_config({**cfg, "max_corrupt": 1})

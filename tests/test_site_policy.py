@@ -261,7 +261,11 @@ def test_secagg_floor_parses_and_refuses_bad_values(tmp_path: Path) -> None:
     d = SitePolicy()
     assert (d.secagg_max_dropout_tolerance, d.secagg_min_corrupt_fraction) == (0.5, 0.1)
     assert (d.secagg_min_security_bits, d.secagg_min_correctness_bits) == (40, 20)
-    assert not d.secagg_allow_custom_params and d.ddp_min_noise_multiplier is None
+    assert not d.secagg_allow_custom_params and d.ddp_min_noise_multiplier == 0.25
+    assert (d.secagg_min_corrupt_clients, d.secagg_min_cohort_size) == (1, 3)
+    # An explicit null opts out of the distributed-DP floor; absent keeps the default.
+    assert parse_policy({"ddp_min_noise_multiplier": None}).ddp_min_noise_multiplier is None
+    assert parse_policy({}).ddp_min_noise_multiplier == 0.25
     for bad in (
         {"secagg_max_dropout_tolerance": 1.0},
         {"secagg_min_corrupt_fraction": -0.1},

@@ -18,8 +18,11 @@ Who holds shares: a node ``u``'s secrets are shared among its *holders*
 ``H(u) = N(u) ∪ {u}`` (``k + 1`` nodes); ``t`` shares reconstruct a secret.
 
 Parameter derivation (:func:`derive_params`), with ``D = floor(dropout_tolerance*n)``
-clients that may drop at any point of the round and ``C = floor(corrupt_fraction*n)``
-clients colluding with the server, both fixed independently of the graph:
+clients that may drop at any point of the round and
+``C = max(floor(corrupt_fraction*n), min_corrupt)`` clients colluding with the server
+(``min_corrupt`` defaults to :data:`MIN_CORRUPT_CLIENTS` = 1: ``floor(0.1 * n)`` is 0
+below 10 clients, and thresholds that assume no colluder at all let a single sybil
+next to the server's split view reveal an input), both fixed independently of the graph:
 
 * correctness: every node that needs reconstruction keeps ``>= t`` surviving holders.
   Complete graph: ``t <= n - D``. Sparse: the number ``X`` of dropped neighbours of a
@@ -28,11 +31,19 @@ clients colluding with the server, both fixed independently of the graph:
   and ``n * P[X > k - t] <= 2**-correctness_bits`` (union bound over nodes);
 * security, corrupt holders: the adversary's own shares never reach ``t``.
   Complete: ``t > C``. Sparse: ``Y`` corrupt neighbours, hypergeometric over the
-  ``n - D - 1`` others left after the worst stage-1 dropout (conservative), and
-  ``n * P[Y >= t] <= 2**-(security_bits + 1)``;
-* security, no two disjoint share sets: ``2t > k + 1``, so the server cannot collect
-  ``t`` self-mask shares *and* ``t`` key shares of one node from disjoint honest
-  holders (an honest client never returns both for one node);
+  ``n - D - 1`` others left after the worst stage-1 dropout (conservative); the
+  split-view condition below (``2t > k + 1 + Y``) implies ``t > Y``;
+* security, split view with colluders: a server that tells some honest holders of a
+  node ``u`` "u survived" (they return b_u shares) and the others "u dropped" (they
+  return s_sk_u shares) gets ``t`` shares of *both* secrets, hence u's input, iff the
+  holders suffice for both piles. Of u's ``k + 1`` holders, ``Y`` are corrupt and give
+  a share to *both* piles; each honest holder gives to one pile only. Both piles reach
+  ``t`` iff ``2(t - Y) <= k + 1 - Y``, i.e. ``2t <= k + 1 + Y``. So the condition is
+  ``2t > k + 1 + Y`` for the corrupt neighbours ``Y`` of every node (``2t > k + 1``
+  alone is the case ``Y = 0``, and it gave ``2t - k = 2`` at every sparse size, so two
+  colluding neighbours sufficed). Complete graph: ``Y <= C``, so ``2t > n + C``
+  deterministically. Sparse: ``n * P[Y >= 2t - k - 1] <= 2**-(security_bits + 1)``,
+  ``Y`` hypergeometric as below; this implies ``t > Y`` (corrupt shares alone) too;
 * security, connectivity (sparse only; Bell et al. §3): the honest survivors'
   subgraph must stay connected, otherwise the server learns partial sums of its
   components. Removing bad (dropped or corrupt, ``D + C``) nodes disconnects a Harary
@@ -73,6 +84,7 @@ __all__ = [
     "DEFAULT_CORRECTNESS_BITS",
     "DEFAULT_SECURITY_BITS",
     "GRAPH_SEED_BYTES",
+    "MIN_CORRUPT_CLIENTS",
     "GraphMode",
     "SecAggConfigError",
     "SecAggParams",
@@ -84,6 +96,8 @@ __all__ = [
 DEFAULT_SECURITY_BITS = 40
 DEFAULT_CORRECTNESS_BITS = 20
 GRAPH_SEED_BYTES = 32
+#: Colluding clients assumed at least, whatever ``corrupt_fraction * n`` rounds down to.
+MIN_CORRUPT_CLIENTS = 1
 _EPS = 1e-12  # keeps floor(fraction * n) from losing one to float rounding
 
 
@@ -179,6 +193,8 @@ class SecAggParams:
         if sec == 0 and cor == 0:
             params = custom_params(n, k, t, max_dropouts=d, max_corrupt=c, mode=mode)
         else:
+            # The server may assume more colluders than the fraction gives, never fewer:
+            # re-deriving with min_corrupt=c yields C=c only when c >= floor(corrupt*n).
             params = derive_params(
                 n,
                 mode=mode,
@@ -186,6 +202,7 @@ class SecAggParams:
                 corrupt_fraction=corrupt,
                 security_bits=sec,
                 correctness_bits=cor,
+                min_corrupt=c,
             )
         if (params.degree, params.threshold, params.max_dropouts, params.max_corrupt) != (
             k,
@@ -255,21 +272,23 @@ def _complete(
     reason: str,
 ) -> SecAggParams:
     t_max = n - d
-    t_min = max(c + 1, n // 2 + 1)
+    # Split view with C colluders among a node's n holders: 2t > n + C (module docstring).
+    t_min = (n + c) // 2 + 1
     if t_min > t_max:
         raise SecAggConfigError(
             f"no threshold for the complete graph with num_clients={n}, "
             f"dropout_tolerance={drop} (D={d}) and corrupt_fraction={corrupt} (C={c}): "
-            f"correctness needs t <= n - D = {t_max}, security needs t > C and 2t > n, "
-            f"i.e. t >= {t_min}; lower dropout_tolerance or corrupt_fraction "
-            "(roughly D + max(C, n/2) < n)"
+            f"correctness needs t <= n - D = {t_max}, security needs 2t > n + C "
+            f"(a split view plus C colluders), i.e. t >= {t_min}; lower dropout_tolerance "
+            "or corrupt_fraction (n > 2D + C)"
         )
     explanation = (
         f"{reason}complete graph over n={n} clients (degree {n - 1}); D=floor({drop}*{n})={d} "
         f"may drop, C=floor({corrupt}*{n})={c} may collude with the server. "
         f"t={t_max}=n-D so any {t_max} survivors reconstruct (correctness, deterministic); "
-        f"t>C={c} and 2t>{n} so neither the corrupt clients nor two disjoint honest "
-        f"sets can yield both secrets of a node (security, deterministic). "
+        f"2t>n+C={n + c} so neither the corrupt clients nor a split view of the honest "
+        f"holders plus the C colluders can yield both secrets of a node (security, "
+        f"deterministic). "
         f"Rounds with fewer than {n - d} survivors are abandoned."
     )
     return SecAggParams(
@@ -298,6 +317,7 @@ def derive_params(
     corrupt_fraction: float = 0.1,
     security_bits: int = DEFAULT_SECURITY_BITS,
     correctness_bits: int = DEFAULT_CORRECTNESS_BITS,
+    min_corrupt: int = MIN_CORRUPT_CLIENTS,
 ) -> SecAggParams:
     """Derive degree ``k`` and threshold ``t`` for a cohort (see the module docstring).
 
@@ -314,6 +334,8 @@ def derive_params(
     security_bits, correctness_bits
         Sparse mode only: failure probabilities ``2**-bits`` of security and
         correctness over the random graph.
+    min_corrupt
+        Colluders assumed at least: ``C = max(floor(corrupt_fraction * n), min_corrupt)``.
 
     Raises
     ------
@@ -332,7 +354,7 @@ def derive_params(
     sec = _check_int("security_bits", security_bits, 1)
     cor = _check_int("correctness_bits", correctness_bits, 1)
     d = math.floor(drop * n + _EPS)
-    c = math.floor(corrupt * n + _EPS)
+    c = max(math.floor(corrupt * n + _EPS), _check_int("min_corrupt", min_corrupt, 0))
     if n - d - c < 2:
         raise SecAggConfigError(
             f"num_clients={n} with D={d} dropouts and C={c} corrupt clients leaves "
@@ -366,10 +388,15 @@ def derive_params(
             if tail <= -cor:
                 t_cor, log2_cor = t, tail
                 break
-        t_low = k // 2 + 1  # 2t > k + 1
-        if t_cor < t_low:
-            continue
-        log2_corrupt = log2_n + lf.log2_sf(n - d - 1, c, k, t_cor)
+        # Split view plus Y corrupt neighbours: safe iff 2t > k + 1 + Y, so bound
+        # P[Y >= 2t - k - 1] (probability 1 when 2t <= k + 1); implies t > Y.
+        at_least = 2 * t_cor - k - 1
+        if at_least > min(c, k):
+            log2_corrupt = -math.inf  # Y <= C always: deterministic
+        elif k > n - d - 1:
+            log2_corrupt = 0.0  # no hypergeometric over fewer others than k: no bound
+        else:
+            log2_corrupt = log2_n + lf.log2_sf(n - d - 1, c, k, at_least)
         if log2_corrupt > -(sec + 1):
             continue
         log2_sec = (
@@ -383,8 +410,9 @@ def derive_params(
             f"k is the smallest even degree with: P[honest survivors disconnected] "
             f"<= 2^{log2_disconnect:.1f}; t={t_cor} is the largest threshold with "
             f"P[some node keeps < t surviving holders] <= 2^{log2_cor:.1f} "
-            f"(target 2^-{cor}); P[some node has >= t corrupt neighbours] <= "
-            f"2^{log2_corrupt:.1f}; 2t > k+1. Total security failure <= 2^{log2_sec:.1f} "
+            f"(target 2^-{cor}); P[some node has >= 2t-k-1 = {2 * t_cor - k - 1} corrupt "
+            f"neighbours (a split view plus them reveals its input)] <= "
+            f"2^{log2_corrupt:.1f}. Total security failure <= 2^{log2_sec:.1f} "
             f"(target 2^-{sec}). Rounds with fewer than {n - d} survivors are abandoned."
         )
         return SecAggParams(
@@ -420,7 +448,8 @@ def custom_params(
 
     For experiments and tests with small cohorts: no probabilistic guarantee is
     claimed (``security_bits = correctness_bits = 0``). Checks: ``k`` even or
-    ``n - 1``; ``2t > k + 1`` and ``t <= k + 1``; ``t > max_corrupt``;
+    ``n - 1``; ``2t > k + 1 + min(max_corrupt, k)`` (a split view plus every colluder
+    among a node's holders, module docstring) and ``t <= k + 1``; ``t > max_corrupt``;
     ``n - max_dropouts - max_corrupt >= 2``; complete graph: ``t <= n - max_dropouts``.
     """
     n = _check_int("num_clients", num_clients, 3)
@@ -434,13 +463,14 @@ def custom_params(
             f"degree={k} invalid for num_clients={n} in mode {graph_mode.value}: use an even "
             f"degree below {n - 1} (Harary graph) or {n - 1} (complete graph)"
         )
-    # 2t > k + 1 exactly: for odd k (the complete graph on an even n) k//2 + 1 would
-    # admit 2t = k + 1, i.e. two disjoint sets of t honest holders.
-    t_min = (k + 1) // 2 + 1
+    # 2t > k + 1 + Y exactly, Y = min(C, k) corrupt holders that answer both piles of a
+    # split view (for odd k, k//2 + 1 would admit 2t = k + 1 even with Y = 0).
+    y = min(c, k)
+    t_min = (k + 1 + y) // 2 + 1
     if not t_min <= t <= k + 1:
         raise SecAggConfigError(
-            f"threshold={t} must satisfy 2t > degree+1 and t <= degree+1, i.e. "
-            f"{t_min} <= t <= {k + 1}"
+            f"threshold={t} must satisfy 2t > degree+1+min(max_corrupt, degree) and "
+            f"t <= degree+1, i.e. {t_min} <= t <= {k + 1}"
         )
     if t <= c:
         raise SecAggConfigError(f"threshold={t} must exceed max_corrupt={c}")
