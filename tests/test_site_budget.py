@@ -69,7 +69,13 @@ def test_ledger_refuses_a_torn_line_and_a_lost_ledger(tmp_path: Path) -> None:
 # ------------------------------------------------------------- through the client
 
 
-def _train_message(cfg: Any, run_key: str, client_dp: Any = None, **node_config: Any) -> Message:
+def _train_message(
+    cfg: Any,
+    run_key: str,
+    client_dp: Any = None,
+    extra: dict[str, Any] | None = None,
+    **node_config: Any,
+) -> Message:
     """A fresh node's reply to round 1 of ``cfg`` under ``run_key`` (partition 0)."""
     from fl_app.client_app import app as client_app
     from fl_app.client_spec import encode_spec, spec_from_config
@@ -82,6 +88,7 @@ def _train_message(cfg: Any, run_key: str, client_dp: Any = None, **node_config:
     config: dict[str, Any] = {SPEC_KEY: encode_spec(spec), "server-round": 1}
     if client_dp is not None:
         config[CLIP_NORM_KEY] = 1.0
+    config.update(extra or {})
     content = RecordDict(
         {"arrays": to_array_record(initial_arrays(cfg)), "config": ConfigRecord(config)}
     )
@@ -153,6 +160,21 @@ def test_renaming_the_run_does_not_rewind_the_sites_dpsgd_budget(
     state = json.loads(next((tmp_path / "b").glob("dpsgd-r-*.json")).read_text())
     steps = sum(event["steps"] for event in state["history"]["events"])
     assert steps > 0 and f"{steps} steps spent" in caplog.text
+
+
+def test_the_lost_state_refusal_quotes_no_steps(tmp_path: Path) -> None:
+    """Under secure aggregation and local DP the server sends the rounds it saw, not
+    steps; a site whose state is lost refuses without telling it the step count (rounds
+    x steps per round gives the record count to within a batch)."""
+    from fl_app.privacy.state import ROUNDS_SEEN_KEY
+
+    assert not _train_message(_dpsgd_cfg(tmp_path / "probe"), "p").has_error()
+    state = json.loads(next((tmp_path / "probe").glob("dpsgd-p-*.json")).read_text())
+    per_round = sum(event["steps"] for event in state["history"]["events"])
+    reply = _train_message(_dpsgd_cfg(tmp_path / "lost"), "l", extra={ROUNDS_SEEN_KEY: 3})
+    assert reply.has_error() and "lost or replaced" in reply.error.reason
+    text = reply.error.reason.replace(str(tmp_path), "")  # the tmp path may hold digits
+    assert str(3 * per_round) not in text and str(per_round) not in text
 
 
 def test_a_deployed_site_with_a_cap_keeps_its_ledger_in_its_own_directory(

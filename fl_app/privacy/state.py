@@ -167,9 +167,10 @@ class ClientPrivacyState:
             state = DpSgdState(history=PrivacyHistory())
         if state.history.total_steps < steps_seen_by_server:
             raise PrivacyStateError(
-                f"the server saw this client take {steps_seen_by_server} DP-SGD steps but the "
-                f"state at {self.path} records {state.history.total_steps}: the state file was "
-                "lost or replaced; refusing to train"
+                # No step counts: this text goes to the server, and steps give the site's
+                # record count (hidden under secure aggregation and local DP).
+                f"the server saw this client take more DP-SGD steps than the state at "
+                f"{self.path} records: the state file was lost or replaced; refusing to train"
             )
         return state
 
