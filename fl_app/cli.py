@@ -177,11 +177,19 @@ def check_record_level_budget(cfg: Any, projection: RecordLevelProjection | None
 def over_budget(cfg: Any) -> str | None:
     """Why the planned rounds would exceed ``privacy.max_epsilon``, or ``None``."""
     from fl_app.config.schema import PrivacyMode
-    from strategies.client_dp import ClientDpSettings, rounds_within_budget
+    from strategies.client_dp import (
+        ClientDpSettings,
+        rounds_within_budget,
+        server_budget_refusal,
+    )
 
     if cfg.privacy.mode is PrivacyMode.none or cfg.privacy.max_epsilon is None:
         return None
     settings = ClientDpSettings.from_config(cfg)
+    if settings.distributed is not None:
+        # privacy.threat_model=distributed_dp: the budget (and the guard) is against the
+        # server, which knows the cohorts; the outsider figure would pass such jobs.
+        return server_budget_refusal(settings)
     k = rounds_within_budget(settings)
     if k >= settings.num_rounds:
         return None

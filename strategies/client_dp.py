@@ -92,9 +92,11 @@ __all__ = [
     "MeanAggregator",
     "UpdateAggregator",
     "build_aggregator",
+    "likely_server_stop_round",
     "planned_population",
     "projection_lines",
     "rounds_within_budget",
+    "server_budget_refusal",
 ]
 
 # Noise stream ids (independent of the samplers' streams 0 and 1).
@@ -1156,6 +1158,75 @@ def server_rounds_within_budget(s: ClientDpSettings) -> int:
     return low
 
 
+def likely_server_stop_round(s: ClientDpSettings) -> int | None:
+    """The round before which the against-server budget guard stops the run in half the
+    draws of cohorts, or ``None`` when no draw can stop it within the planned rounds.
+
+    The guard (:class:`strategies.budget.BudgetGuard` with ``against_server``) stops
+    before round ``r + 1`` once some client has been in ``k`` cohorts
+    (:func:`server_rounds_within_budget`). Each client's count after ``r`` rounds is
+    ``Bin(r, p)`` (``p`` its chance to be in a cohort); the median stop is the smallest
+    ``r`` with ``1 − (1 − P[Bin(r, p) >= k])^N >= ½`` (clients taken as independent, exact
+    under Poisson sampling). A sweep must not take the worst case (a client in every
+    round) for its refusal: almost every distributed-DP config would be refused.
+    """
+    k = server_rounds_within_budget(s)
+    if k >= s.num_rounds:
+        return None
+    if k == 0:
+        return 1
+    n = s.planned_population
+    p = min(1.0, s.expected_cohort(n) / n)
+
+    def some_client_reached(r: int) -> float:
+        if r < k:
+            return 0.0
+        if p >= 1.0:
+            return 1.0
+        below = sum(
+            math.exp(
+                math.lgamma(r + 1)
+                - math.lgamma(j + 1)
+                - math.lgamma(r - j + 1)
+                + j * math.log(p)
+                + (r - j) * math.log1p(-p)
+            )
+            for j in range(k)
+        )
+        one = min(1.0, max(0.0, 1.0 - below))
+        return 1.0 - (1.0 - one) ** n
+
+    # Round r + 1 runs only while no client has k cohorts after r rounds.
+    if some_client_reached(s.num_rounds - 1) < 0.5:
+        return None
+    low, high = k, s.num_rounds - 1
+    while low < high:
+        mid = (low + high) // 2
+        if some_client_reached(mid) >= 0.5:
+            high = mid
+        else:
+            low = mid + 1
+    return low + 1
+
+
+def server_budget_refusal(s: ClientDpSettings) -> str | None:
+    """Why a distributed-DP sweep job would likely not finish its planned rounds within
+    ``max_epsilon`` against the server (``privacy.threat_model=distributed_dp``)."""
+    if s.max_epsilon is None:
+        return None
+    stop = likely_server_stop_round(s)
+    if stop is None:
+        return None
+    k = server_rounds_within_budget(s)
+    return (
+        f"privacy.max_epsilon={s.max_epsilon:g} against the server allows one client {k} "
+        f"cohorts, so the run likely stops before round {stop} of {s.num_rounds} (once some "
+        f"client of {s.planned_population} has been in {k}); raise the noise "
+        "(privacy.noise_multiplier, or a lower privacy.target_epsilon), lower num_rounds or "
+        "strategy.fraction_train, or raise privacy.max_epsilon"
+    )
+
+
 def against_server_lines(s: ClientDpSettings) -> list[str]:
     """ε against the server, which picks and messages each cohort (no amplification)."""
     template = s.round_event(1, s.planned_population, s.clip)
@@ -1185,7 +1256,7 @@ def _budget_lines(s: ClientDpSettings) -> list[str]:
                 "all planned rounds fit"
                 if k >= s.num_rounds
                 else f"the run stops before a round in which a client already in {k} cohorts "
-                "could be sampled again"
+                "could be sampled again" + _likely_stop_text(s)
             )
         ]
     k = rounds_within_budget(s)
@@ -1195,3 +1266,10 @@ def _budget_lines(s: ClientDpSettings) -> list[str]:
         else f"the run will stop before round {k + 1} (after {k} rounds)"
     )
     return [f"budget: max_epsilon={s.max_epsilon:g}: {verdict}"]
+
+
+def _likely_stop_text(s: ClientDpSettings) -> str:
+    stop = likely_server_stop_round(s)
+    if stop is None:
+        return " (unlikely within the planned rounds)"
+    return f" (likely before round {stop} of {s.num_rounds}, the median over cohort draws)"

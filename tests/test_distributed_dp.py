@@ -518,3 +518,27 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     assert "against outsiders" in json.dumps(card)
     assert f"{summary['privacy']['epsilon_against_server']}" in json.dumps(card)
     assert "colluded" in json.dumps(card)
+
+
+def test_sweep_refusal_uses_the_budget_against_the_server() -> None:
+    """``over_budget`` (a sweep job refused before it trains) must use the figure the
+    guard uses under ``threat_model=distributed_dp``: the preset at max_epsilon=10 passes
+    against outsiders (4.77) but stops early against the server. The round is the median
+    stop over cohort draws, worked out here with scipy's binomial: the guard stops before
+    round r + 1 once some client of N has been in k cohorts after r rounds."""
+    from fl_app.cli import over_budget
+    from fl_app.privacy.ledger import unsampled_epsilon
+    from strategies.client_dp import ClientDpSettings
+
+    cfg = compose_config("config", ["experiment=digits_1000_clients_ddp", "privacy.max_epsilon=10"])
+    s = ClientDpSettings.from_config(cfg)
+    event = s.round_event(1, 1000, s.clip)
+    k = max(j for j in range(1, 50) if unsampled_epsilon(event, j, s.delta, s.accountant) <= 10)
+    # P[some client in >= k cohorts after r rounds] = 1 - P[Bin(r, q) <= k - 1]^N.
+    r = next(r for r in range(1, 200) if 1 - stats.binom.cdf(k - 1, r, 0.05) ** 1000 >= 0.5)
+    reason = over_budget(cfg)
+    assert reason is not None and "against the server" in reason
+    assert f"allows one client {k} cohorts" in reason
+    assert f"before round {r + 1} of 200" in reason
+    # The preset itself (max_epsilon=30) fits its planned rounds: no refusal.
+    assert over_budget(compose_config("config", ["experiment=digits_1000_clients_ddp"])) is None
