@@ -40,6 +40,12 @@ def test_ledger_sums_each_runs_latest_epsilon_and_delta(tmp_path: Path) -> None:
     eps, delta = ledger.total("k3", "record-level", 0.5, 1e-5)
     assert eps == pytest.approx(2.75, abs=1e-12)
     assert delta == pytest.approx(2.1e-5, rel=1e-12)
+    # k2 also DP-SGD-trained the updates it noised: the same releases, the larger epsilon
+    # (0.75) and delta (1e-5) count once, not 0.75 + 0.5.
+    ledger.record(SiteSpend("k2", "record-level", 0.5, 1e-5))
+    eps, delta = ledger.total("k3", "record-level", 0.5, 1e-5)
+    assert eps == pytest.approx(2.75, abs=1e-12)
+    assert delta == pytest.approx(3e-5, rel=1e-12)
     # k1 going on to 2.0 replaces its 1.5 (a run's epsilon includes its earlier rounds).
     assert ledger.total("k1", "record-level", 2.0, 1e-5)[0] == pytest.approx(2.75, abs=1e-12)
     # Another site sharing the directory has its own ledger.

@@ -33,8 +33,11 @@ server that renames the run gets a fresh count. The site's own cap (policy
 is made, to the site's budget ledger (:class:`SiteBudgetLedger`,
 ``site-budget-<site identity>.jsonl`` in the same state directory): one line per release
 with the run key, the kind and the run's epsilon and delta after it. The site's total is
-the sum over (run key, kind) of each run's latest epsilon (and delta): basic
-composition, a valid upper bound whatever the runs were (Dwork and Roth 2014, Thm 3.16).
+the sum over runs of each run's latest epsilon (and delta): basic composition, a valid
+upper bound whatever the runs were (Dwork and Roth 2014, Thm 3.16). A run with both
+kinds (DP-SGD updates then locally noised) counts the larger: its releases are single
+updates, each covered by either guarantee (the local noise is post-processing of the
+DP-SGD output, and an update-level bound covers every record in it).
 """
 
 from __future__ import annotations
@@ -376,8 +379,8 @@ class SiteBudgetLedger:
 
     def total(self, run_key: str, kind: str, epsilon: float, delta: float) -> tuple[float, float]:
         """The site's epsilon and delta if this run's ``kind`` reaches ``epsilon``/``delta``:
-        the sum over (run key, kind) of each one's largest recorded epsilon (and delta),
-        with this run's replaced by the new values (a run's epsilon only grows)."""
+        the sum over run keys of each run's largest recorded epsilon (and delta) over its
+        kinds, with this run's replaced by the new values (a run's epsilon only grows)."""
         latest: dict[tuple[str, str], tuple[float, float]] = {}
         for entry in self.entries():
             key = (entry.run_key, entry.kind)
@@ -385,9 +388,13 @@ class SiteBudgetLedger:
             latest[key] = (max(eps0, entry.epsilon), max(delta0, entry.delta))
         eps0, delta0 = latest.get((run_key, kind), (0.0, 0.0))
         latest[(run_key, kind)] = (max(eps0, epsilon), max(delta0, delta))
+        per_run: dict[str, tuple[float, float]] = {}
+        for (key, _kind), (eps_k, delta_k) in latest.items():
+            eps0, delta0 = per_run.get(key, (0.0, 0.0))
+            per_run[key] = (max(eps0, eps_k), max(delta0, delta_k))
         return (
-            math.fsum(e for e, _ in latest.values()),
-            math.fsum(d for _, d in latest.values()),
+            math.fsum(e for e, _ in per_run.values()),
+            math.fsum(d for _, d in per_run.values()),
         )
 
     def check_recorded(self, run_key: str, kind: str, spent: bool) -> None:
