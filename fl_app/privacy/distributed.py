@@ -62,15 +62,24 @@ the paper's code uses the same):
 ``rdp.compute_epsilon``. This bound is looser than the exact subsampled-Gaussian
 analysis central DP gets, so at the same ε distributed DP needs somewhat more noise.
 
-Trust assumptions: the server is honest-but-curious, so the round parameters it sends
-(``z``, ``n_min``, ``γ``) are the configured ones (a client checks their consistency
-with the round, not their value; a site policy is where a client would cap them);
-clients run this code honestly (a client can skew but not reveal the sum, and one that
-aligns its update with the public rotation can make coordinates wrap, which only
-damages the model); at least ``n_min`` of a round's shares come from honest clients (shares of
-clients colluding with the server are known to it: with ``f`` colluders the noise the
-server cannot remove is ``σ²·(n_min − f)/n_min``); the rotation seed is public and the
-rounding and noise bits are not (ChaCha20 under a fresh OS-random key per encoding).
+Trust assumptions. The ε the server's ledger reports holds for the configured ``z`` and
+``n_min``; the server sends them (with ``γ``) each round. A client checks them against
+the round (vector, cohort, clip) and against its own floor, which applies with safe
+defaults even without a policy file (:meth:`fl_app.site_policy.SitePolicy.check_ddp`,
+at stage 3): ``n_min >= ⌈(1 − secagg_max_dropout_tolerance)·n⌉`` (default tolerance
+0.5: half the cohort) and the sum's multiplier ``share_std·√n_min/Δ₂ >=
+ddp_min_noise_multiplier`` (default 0.25). The floor stops a server from switching the
+noise off; it does not make a server that sends a ``z`` between the floor and the
+configured one keep the reported ε (a site that wants its ε sets the ``z`` it means as
+its floor; the client does not account ε itself under distributed DP). Clients run this
+code honestly (a client can skew but not reveal the sum, and one that aligns its update
+with the public rotation can make coordinates wrap, which only damages the model). The
+noise is not calibrated for colluders: the reported ε assumes all ``n_min`` shares of a
+round come from honest clients; with ``f`` survivors colluding with the server (which
+knows their shares) the noise it cannot remove is ``σ²·(n_min − f)/n_min``
+(``secagg.corrupt_fraction`` sizes the masking thresholds, not the noise). The rotation
+seed is public and the rounding and noise bits are not (ChaCha20 under a fresh
+OS-random key per encoding).
 Floating point: the discrete Gaussian sampler uses IEEE ``exp``/``log`` (Canonne et al.
 give an exact rational sampler; it is orders of magnitude slower in Python), so its
 probabilities are exact only to ~2^-52 relative.
