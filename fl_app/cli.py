@@ -244,6 +244,31 @@ def _job_failed(message: str) -> None:
     raise SystemExit(1)
 
 
+def _config_failed(reason: str) -> None:
+    """End a job whose config (or local data) is unusable: exit 2 for a single run (the
+    pre-flight check normally catches it before Hydra makes a directory); in a sweep,
+    mark the job's directory failed with the reason, for ``fl-app report``, and let the
+    other jobs run (the multirun exits non-zero at the end). Never returns."""
+    import json
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from fl_app.rundir import STATUS_FAILED
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        print(f"fl-app: {reason}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    if not _DRY_RUN:
+        job = Path(HydraConfig.get().runtime.output_dir)
+        job.mkdir(parents=True, exist_ok=True)
+        verdict = {"status": STATUS_FAILED, "status_reason": reason, "rounds": 0}
+        for name in ("summary.json", "run.json"):
+            (job / name).write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
+    _job_failed(f"job {HydraConfig.get().job.num} failed: {reason}")
+
+
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -263,8 +288,7 @@ def _simulate_task(raw: Any) -> float | None:
             for line in privacy_plan(cfg, projection):
                 print(f"  {line}", flush=True)
     except ConfigError as err:
-        print(f"fl-app: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        _config_failed(str(err))
     from hydra.types import RunMode
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -297,8 +321,7 @@ def _simulate_task(raw: Any) -> float | None:
         raise SystemExit(2) from None
     except DataError as err:
         # A local data file failed its check before round 1 (fl_app.data.sites).
-        print(f"fl-app: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        _config_failed(str(err))
     if summary.get("status") == "failed":
         _job_failed(
             f"run FAILED in {run_dir}: {summary.get('status_reason') or 'see its summary.json'}"

@@ -349,3 +349,33 @@ def test_simulate_typo_exits_2_with_suggestion_and_leaves_no_run_directory(
         main(["simulate", "num_rounds=0"])
     assert stop.value.code == 2 and "`num_rounds`" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_jobs_with_bad_values_are_marked_failed_and_the_sweep_exits_non_zero(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from fl_app.report import collect_jobs
+
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("fl-app")),
+            "simulate",
+            "-m",
+            "strategy.fraction_train=1.5,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "job 0 failed: config error in `strategy.fraction_train`" in done.stderr
+    assert "job 1 failed" in done.stderr  # the first failure did not stop the sweep
+    for job in ("0", "1"):
+        verdict = json.loads((sweep / job / "summary.json").read_text())
+        assert verdict["status"] == "failed" and "(0, 1]" in verdict["status_reason"]
+    assert [j.status for j in collect_jobs(sweep)] == ["failed", "failed"]
