@@ -636,7 +636,8 @@ def _against_server_summary(aggregator: CentralDp) -> dict[str, Any]:
     counts = dict(ledger.participation)
     return {
         "epsilon_max_over_clients": max(per_client.values(), default=0.0),
-        "rounds_max_over_clients": max(counts.values(), default=0),
+        # Includes the bound carried over from earlier server processes (a resume).
+        "rounds_max_over_clients": ledger.most_participation(),
         "epsilon_planned_worst_case": unsampled_epsilon(
             template, s.num_rounds, s.delta, s.accountant
         ),

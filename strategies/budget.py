@@ -47,7 +47,7 @@ class BudgetGuard:
 
     def check(self, ledger: FederationLedger, planned: RoundEvent) -> BudgetVerdict:
         if self.against_server:
-            most = max((n for _, n in ledger.participation), default=0)
+            most = ledger.most_participation()
             after = unsampled_epsilon(planned, most + 1, ledger.delta, ledger.accountant)
             now = unsampled_epsilon(planned, most, ledger.delta, ledger.accountant)
             party = (

@@ -1044,6 +1044,10 @@ def build_aggregator(
     if mode is PrivacyMode.local:
         return LocalDp(settings, ledger)
     if mode is PrivacyMode.distributed:
+        if ledger is not None:
+            # A resumed run is a new server process: its node ids cannot be matched to
+            # the ledger's, so the participation counted so far becomes a bound.
+            ledger = ledger.new_participation_session()
         # threat_model=distributed_dp (the validator pairs them): the budget is against
         # the server, which knows the cohort (no amplification).
         budget = (

@@ -690,3 +690,64 @@ def test_gate_bound_holds_for_the_exact_privacy_profile_of_a_small_federation() 
         assert exact <= psg + eta + 1e-6
         exceeded |= exact > psg + 1e-6
     assert exceeded  # the gate is a real cost, not an artefact of the bound
+
+
+def _unsampled_gaussian_epsilon(z: float, rounds: int, delta: float) -> float:
+    acc = RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    return float(acc.get_epsilon(delta))
+
+
+def test_participation_of_an_earlier_server_process_is_carried_as_a_bound() -> None:
+    """Node ids change when the server process restarts (a Ray restart): counts keyed by
+    the old ids cannot be matched, so every client is taken to have been in as many
+    cohorts as the most-counted old key. Without the carry a client in 2 cohorts before
+    a restart and 1 after was accounted as 1 (ε of one cohort against the server)."""
+    event = RoundEvent(1, "poisson", 10, 0.3, 3.0, 1.0, 1.0, 1.0)
+    ledger = FederationLedger(1e-5, AccountantName.rdp, (event,))
+    ledger = ledger.add_participation(["1", "2"]).add_participation(["1"])
+    resumed = ledger.new_participation_session()
+    assert resumed.participation == () and resumed.participation_carried == 2
+    assert resumed.most_participation() == 2
+    (only,) = resumed.server_epsilons().values()
+    assert only == pytest.approx(_unsampled_gaussian_epsilon(1.0, 2, 1e-5), rel=1e-6)
+    after = resumed.add_participation(["91"])
+    assert after.server_epsilons()["91"] == pytest.approx(
+        _unsampled_gaussian_epsilon(1.0, 3, 1e-5), rel=1e-6
+    )
+    # A second restart adds the new process's maximum to the bound.
+    assert after.new_participation_session().participation_carried == 3
+    # Persisted, and read back; older ledgers (no key) carry nothing; negatives refused.
+    again = FederationLedger.from_json(after.to_json())
+    assert again == after and again.participation_carried == 2
+    assert "participation_carried" not in json.loads(ledger.to_json())
+    bad = json.loads(after.to_json())
+    bad["participation_carried"] = -1
+    with pytest.raises(LedgerError, match="participation_carried"):
+        FederationLedger.from_json(json.dumps(bad))
+
+
+def test_guard_against_the_server_counts_the_carried_participation() -> None:
+    event = RoundEvent(5, "poisson", 10, 0.3, 3.0, 1.0, 1.0, 1.0)
+    two, three = (_unsampled_gaussian_epsilon(1.0, k, 1e-5) for k in (2, 3))
+    guard = BudgetGuard((two + three) / 2, against_server=True)
+    ledger = FederationLedger(1e-5, AccountantName.rdp, (dataclasses.replace(event, round=1),))
+    ledger = ledger.add_participation(["1"]).add_participation(["1"])
+    resumed = ledger.new_participation_session()  # no key counted yet in this process
+    verdict = guard.check(resumed, event)
+    assert not verdict.allowed and verdict.epsilon_after == pytest.approx(three, rel=1e-6)
+    assert guard.check(ledger.add_participation(["2"]), event).allowed is False
+    assert guard.check(
+        FederationLedger(1e-5, AccountantName.rdp).add_participation(["1"]), event
+    ).allowed
+
+
+def test_resumed_distributed_run_starts_a_participation_session() -> None:
+    from fl_app.config.compose import compose_config
+    from strategies.client_dp import build_aggregator
+
+    cfg = compose_config("config", ["privacy=distributed", "secagg=secaggplus", "secagg.bits=16"])
+    event = RoundEvent(1, "poisson", 10, 0.3, 3.0, 1.0, 1.0, 1.0)
+    ledger = FederationLedger(1e-5, AccountantName.rdp, (event,)).add_participation(["4", "4"])
+    agg = build_aggregator(cfg, ledger)
+    assert agg.ledger.participation == () and agg.ledger.participation_carried == 2

@@ -352,7 +352,13 @@ class FederationLedger:
     number of rounds it released a local-DP update with ``local_noise_multiplier``.
     ``participation`` maps a client key to the number of rounds it was in the cohort:
     against the server, which picks and messages the cohort, a client's rounds are not
-    amplified by sampling (:meth:`server_epsilons`).
+    amplified by sampling (:meth:`server_epsilons`). Keys are node ids, which a restarted
+    server process (a Ray restart, a SuperNode that reconnects) may not see again, and
+    the server cannot key them by site (distributed-DP clients hide their metrics, site
+    hash included): ``participation_carried`` is the most cohorts any client was in
+    under keys of earlier server processes, added to every client's count now
+    (:meth:`new_participation_session`): sound whatever the ids become, loose when they
+    stay the same.
     """
 
     delta: float
@@ -361,6 +367,7 @@ class FederationLedger:
     local_noise_multiplier: float | None = None
     local: tuple[tuple[str, int], ...] = ()
     participation: tuple[tuple[str, int], ...] = ()
+    participation_carried: int = 0
 
     def __post_init__(self) -> None:
         _positive("delta", self.delta, upper=1.0)
@@ -374,6 +381,9 @@ class FederationLedger:
         object.__setattr__(self, "events", events)
         object.__setattr__(self, "local", tuple(sorted(dict(self.local).items())))
         object.__setattr__(self, "participation", tuple(sorted(dict(self.participation).items())))
+        carried = self.participation_carried
+        if isinstance(carried, bool) or not isinstance(carried, int) or carried < 0:
+            raise ValueError(f"participation_carried must be an integer >= 0, found {carried!r}")
 
     # ------------------------------------------------------------- building
     def add(self, event: RoundEvent) -> FederationLedger:
@@ -401,6 +411,22 @@ class FederationLedger:
             counts[str(c)] = counts.get(str(c), 0) + 1
         return replace(self, participation=tuple(counts.items()))
 
+    def new_participation_session(self) -> FederationLedger:
+        """The ledger for a new server process: the counts so far become a bound.
+
+        Node ids of the earlier process cannot be matched to the new one's, so every
+        client is taken to have been in as many cohorts as the most-counted key
+        (``participation_carried`` grows by that maximum) and counting restarts.
+        """
+        most = max((n for _, n in self.participation), default=0)
+        return replace(
+            self, participation=(), participation_carried=self.participation_carried + most
+        )
+
+    def most_participation(self) -> int:
+        """The most cohorts any one client may have been in (carried bound included)."""
+        return self.participation_carried + max((n for _, n in self.participation), default=0)
+
     # ------------------------------------------------------------ accounting
     def server_epsilons(self) -> dict[str, float]:
         """Each client's ε against a party that knows the cohort (the server), by key.
@@ -413,11 +439,18 @@ class FederationLedger:
             return {}
         last = self.events[-1]
         # Counts repeat (thousands of clients, a few distinct counts): one ε per count.
+        carried = self.participation_carried
         by_count = {
-            n: unsampled_epsilon(last, n, self.delta, self.accountant)
+            n: unsampled_epsilon(last, carried + n, self.delta, self.accountant)
             for n in {n for _, n in self.participation}
         }
-        return {c: by_count[n] for c, n in self.participation}
+        out = {c: by_count[n] for c, n in self.participation}
+        if carried and not out:
+            # A new process before its first cohort: the earlier processes' bound.
+            out["(earlier processes)"] = unsampled_epsilon(
+                last, carried, self.delta, self.accountant
+            )
+        return out
 
     def epsilon(self, accountant: AccountantName | str | None = None) -> float:
         """ε of the whole federation (central events) at this ledger's δ."""
@@ -451,6 +484,8 @@ class FederationLedger:
             "local": dict(self.local),
             "participation": dict(self.participation),
         }
+        if self.participation_carried:
+            payload["participation_carried"] = self.participation_carried
         return json.dumps(payload, sort_keys=True, indent=1, allow_nan=False)
 
     @classmethod
@@ -466,7 +501,7 @@ class FederationLedger:
             raise LedgerError("ledger: expected a JSON object")
         keys = {"version", "delta", "accountant", "events", "local_noise_multiplier", "local"}
         # "participation" is absent in older ledgers (read as: nobody counted yet).
-        if not keys <= set(raw) <= keys | {"participation"}:
+        if not keys <= set(raw) <= keys | {"participation", "participation_carried"}:
             raise LedgerError(f"ledger: expected keys {sorted(keys)}, found {sorted(raw)}")
         participation = raw.get("participation", {})
         if not isinstance(participation, dict):
@@ -502,6 +537,7 @@ class FederationLedger:
                 local_noise_multiplier=raw["local_noise_multiplier"],
                 local=tuple(local),
                 participation=tuple(participation.items()),
+                participation_carried=raw.get("participation_carried", 0),
             )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"ledger: {err}") from None
