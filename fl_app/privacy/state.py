@@ -389,9 +389,9 @@ class SiteBudgetLedger:
         eps0, delta0 = latest.get((run_key, kind), (0.0, 0.0))
         latest[(run_key, kind)] = (max(eps0, epsilon), max(delta0, delta))
         per_run: dict[str, tuple[float, float]] = {}
-        for (key, _kind), (eps_k, delta_k) in latest.items():
-            eps0, delta0 = per_run.get(key, (0.0, 0.0))
-            per_run[key] = (max(eps0, eps_k), max(delta0, delta_k))
+        for (run, _kind), (eps_k, delta_k) in latest.items():
+            eps0, delta0 = per_run.get(run, (0.0, 0.0))
+            per_run[run] = (max(eps0, eps_k), max(delta0, delta_k))
         return (
             math.fsum(e for e, _ in per_run.values()),
             math.fsum(d for _, d in per_run.values()),
