@@ -286,11 +286,79 @@ def _training_seed(seed: int, rnd: int, partition_id: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+#: Context.state record: run key -> the protections this client has used in that run.
+PROTECTED_RUNS_KEY = "fl-app.protected-runs"
+
+
+def _refuse_downgrade(
+    context: Context, spec: ClientSpec, message_type: str, secure: Any, local_dp: bool
+) -> None:
+    """Refuse an instruction weaker than what this client already used in the run.
+
+    The spec does not carry the run's threat model, and a deviating server can simply
+    send a plain train instruction (no secure-aggregation stage) to a distributed-DP
+    client and get its raw update and plaintext loss/accuracy/example count, or drop
+    local DP's noise, or ask for federated evaluation. So once a run key has trained
+    under secure aggregation (``secagg``; with distributed DP, ``ddp``) or local DP
+    (``local-dp``), the client remembers it in ``Context.state`` and refuses, for that
+    run key, plain train instructions, a secure round without the distributed-DP noise,
+    a train without local noise, and (where the protected instruction hid per-client
+    metrics, ``hide-metrics``) federated evaluation. A server that renames the run
+    starts unmarked: ``require_secure_aggregation: true`` in the site policy is the
+    guard from the first message on.
+    """
+    record = context.state.config_records.get(PROTECTED_RUNS_KEY)
+    key = f"run:{spec.run_key}"
+    raw = record.get(key) if record is not None else None
+    marks = set(str(raw).split(",")) if raw else set()
+    if message_type == "train":
+        ddp = secure is not None and getattr(secure, "ddp", None) is not None
+        if ("secagg" in marks and secure is None) or ("ddp" in marks and not ddp):
+            raise PolicyRefusal(
+                PolicyViolation(
+                    "require_secure_aggregation",
+                    "this run already trained under secure aggregation"
+                    + (" with distributed DP" if "ddp" in marks else "")
+                    + "; this train instruction "
+                    + ("is a plain one" if secure is None else "has no distributed-DP noise")
+                    + " (a downgrade: the server would see this client's update), refused",
+                )
+            )
+        if "local-dp" in marks and not local_dp:
+            raise ClientRefusal(
+                "this run already trained under local DP; this train instruction has no "
+                "local noise (a downgrade: the server would see the un-noised update), refused"
+            )
+        new = set(marks)
+        if secure is not None:
+            new |= {"secagg", "ddp"} if ddp else {"secagg"}
+        if local_dp:
+            new.add("local-dp")
+        if new - marks and spec.hide_client_metrics:
+            new.add("hide-metrics")
+        if new != marks:
+            from flwr.app import ConfigRecord
+
+            values = dict(record) if record is not None else {}
+            values[key] = ",".join(sorted(new))
+            context.state[PROTECTED_RUNS_KEY] = ConfigRecord(values)
+    elif "hide-metrics" in marks or "local-dp" in marks:
+        raise ClientRefusal(
+            "federated evaluation: this run trained under a threat model that hides "
+            "per-client numbers from the server; this client does not evaluate in it"
+        )
+
+
 def _prepare(
-    msg: Message, context: Context, policy: SitePolicy | None, message_type: str
+    msg: Message,
+    context: Context,
+    policy: SitePolicy | None,
+    message_type: str,
+    secure: Any = None,
 ) -> tuple[Any, ...]:
     """Shared set-up of both handlers: spec, the site policy's verdict on the request
-    (before any data is read), data, model loaded with global weights."""
+    (before any data is read), data, model loaded with global weights. ``secure``: the
+    train instruction's secure-aggregation stage-3 state (``None``: a plain one)."""
     import torch
 
     from fl_app.data import DataError, check_data_shape, load_client_data
@@ -308,6 +376,7 @@ def _prepare(
             "(honest_but_curious, distributed_dp, local DP, record-level DP-SGD, whose "
             "epsilon covers only the noised update); this client does not evaluate"
         )
+    _refuse_downgrade(context, spec, message_type, secure, local_dp)
     _enforce_request(policy, spec, message_type, config)
     torch.set_num_threads(max(1, spec.torch_threads))
     pid, nparts = _partition(context)
@@ -381,7 +450,7 @@ def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | Non
     from fl_app.training import train_local
     from fl_app.weights import load_ndarrays, model_to_ndarrays, to_array_record
 
-    spec, rnd, arrays, config, pid, data, model = _prepare(msg, context, policy, "train")
+    spec, rnd, arrays, config, pid, data, model = _prepare(msg, context, policy, "train", secure)
     if len(data.train) == 0:
         raise ClientRefusal("no local training examples in this partition")
     mu = config.get(PROXIMAL_MU, 0.0)
