@@ -756,3 +756,64 @@ def test_simulate_with_a_bad_local_file_fails_before_round_1(tmp_path, capsys):
     assert "local data check failed before round 1" in err
     assert "site.npz' is not an .npz (zip) archive" in err
     assert not run_dir.exists()  # checked before Hydra makes the run directory
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "pattern"),
+    [
+        (
+            "shape.npz",
+            lambda p: np.savez(p, x=np.zeros((5, 1, 4, 4)), y=np.zeros(5, int)),
+            "input_shape",
+        ),
+        (
+            "nan.npz",
+            lambda p: np.savez(p, x=np.full((5, 1, 8, 8), np.nan), y=np.zeros(5, int)),
+            "NaN",
+        ),
+        (
+            "labels.npz",
+            lambda p: np.savez(p, x=np.zeros((5, 1, 8, 8)), y=np.full(5, 10)),
+            "num_classes",
+        ),
+        ("notzip.npz", lambda p: p.write_bytes(b"plain text"), r"not an \.npz \(zip\)"),
+        ("missing.npz", lambda p: None, "does not exist"),
+        (
+            "scale.npz",
+            lambda p: np.savez(p, x=np.full((5, 1, 8, 8), 200.0), y=np.zeros(5, int)),
+            "pixel_scale=255",
+        ),
+    ],
+)
+def test_every_kind_of_bad_site_file_fails_the_pre_round_check(tmp_path, name, write, pattern):
+    """Each malformed file (the kinds that once ran to a "completed" random model) fails
+    check_local_data, which simulation runs before round 1, naming the file."""
+    from fl_app.data import check_local_data
+
+    good = _site_files(tmp_path, sizes=(30,))[0]
+    bad = tmp_path / name
+    write(bad)
+    cfg = local_cfg(None, site_files=[str(good), str(bad)], num_partitions=2, pixel_scale=16.0)
+    with pytest.raises(DataError, match=pattern) as err:
+        check_local_data(cfg, SEED)
+    message = str(err.value)
+    assert "(1 of 2 site files)" in message and f"client 1: data file '{bad}" in message
+
+
+def test_bad_csv_site_file_fails_the_pre_round_check(tmp_path):
+    from fl_app.data import check_local_data
+
+    good, bad = tmp_path / "a.csv", tmp_path / "b.csv"
+    good.write_text("label,p0\n1,0.5\n2,0.25\n")
+    bad.write_text("label,p0\n1,0.5,7\n")
+    cfg = local_cfg(
+        None,
+        site_files=[str(good), str(bad)],
+        num_partitions=2,
+        input_shape=[1, 1, 1],
+        local_format=LocalFormat.csv,
+        pixel_scale=1.0,
+        val_fraction=0.0,
+    )
+    with pytest.raises(DataError, match=r"client 1: data file '.*b\.csv' line 2 has 3 fields"):
+        check_local_data(cfg, SEED)
