@@ -312,6 +312,19 @@ def _refuse_downgrade(
     raw = record.get(key) if record is not None else None
     marks = set(str(raw).split(",")) if raw else set()
     if message_type == "train":
+        if secure is None and not local_dp and spec.hide_client_metrics:
+            # The spec itself says the server is not trusted with per-client numbers
+            # (honest_but_curious, distributed_dp): a plain train contradicts it. (A server
+            # that also clears the flag is caught from the run's second round on, or from
+            # the first by require_secure_aggregation.)
+            raise PolicyRefusal(
+                PolicyViolation(
+                    "require_secure_aggregation",
+                    "this run's threat model hides per-client numbers from the server, but "
+                    "this train instruction is a plain one (no secure aggregation, no local "
+                    "noise: the server would see the update), refused",
+                )
+            )
         ddp = secure is not None and getattr(secure, "ddp", None) is not None
         if ("secagg" in marks and secure is None) or ("ddp" in marks and not ddp):
             raise PolicyRefusal(

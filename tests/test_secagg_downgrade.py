@@ -87,11 +87,30 @@ def _fresh(context: Context) -> Context:
     )
 
 
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    """The stage-3 instruction as a plain one: same spec and round, no secagg keys."""
+def _plain(config: dict[str, Any], *, hide_metrics: bool = False) -> dict[str, Any]:
+    """The stage-3 instruction as a plain one: same spec and round, no secagg keys, and
+    (unless ``hide_metrics``) the spec's hide_client_metrics cleared, as a server that
+    knows the client checks it would."""
     out = {k: v for k, v in config.items() if not k.startswith("fl-app.secagg")}
     assert SPEC_KEY in out and SECAGG_STAGE_KEY not in out
+    spec = decode_spec(out[SPEC_KEY])
+    assert spec.hide_client_metrics  # distributed_dp
+    if not hide_metrics:
+        out[SPEC_KEY] = encode_spec(dataclasses.replace(spec, hide_client_metrics=False))
     return out
+
+
+def test_a_plain_train_contradicting_the_spec_is_refused_from_the_first_message(
+    after_secure_round: Any,
+) -> None:
+    # The red-team repro: the spec still says distributed_dp (per-client numbers hidden
+    # from the server), the instruction is plain; a node that never trained refuses too.
+    cfg, grid, stage3, _ = after_secure_round
+    node = grid.node_ids[0]
+    reply = _send(cfg, _fresh(grid.context(node)), _plain(stage3[node], hide_metrics=True), "train")
+    assert reply.has_error()
+    assert "site policy `require_secure_aggregation`" in reply.error.reason
+    assert "threat model hides per-client numbers" in reply.error.reason
 
 
 def test_a_plain_train_after_a_secure_round_is_refused(after_secure_round: Any) -> None:
@@ -112,10 +131,7 @@ def test_a_plain_train_after_a_secure_round_is_refused(after_secure_round: Any) 
 def test_federated_evaluation_after_a_secure_round_is_refused(after_secure_round: Any) -> None:
     cfg, grid, stage3, _ = after_secure_round
     node = grid.node_ids[1]
-    # The server also clears the spec's hide_client_metrics, which the client checks.
-    config = _plain(stage3[node])
-    spec = decode_spec(config[SPEC_KEY])
-    config[SPEC_KEY] = encode_spec(dataclasses.replace(spec, hide_client_metrics=False))
+    config = _plain(stage3[node])  # hide_client_metrics cleared: checked by the client
     reply = _send(cfg, grid.context(node), config, "evaluate")
     assert reply.has_error()
     assert "does not evaluate in it" in reply.error.reason
