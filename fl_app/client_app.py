@@ -305,12 +305,16 @@ def _refuse_downgrade(
     a train without local noise, and (where the protected instruction hid per-client
     metrics, ``hide-metrics``) federated evaluation. A server that renames the run
     starts unmarked: ``require_secure_aggregation: true`` in the site policy is the
-    guard from the first message on.
+    guard from the first message on. Where the node keeps ``dp-state-dir``, the marks
+    are also kept there (``protected-runs-<site>.json``), so a restarted SuperNode
+    (fresh ``Context.state``) remembers them.
     """
     record = context.state.config_records.get(PROTECTED_RUNS_KEY)
     key = f"run:{spec.run_key}"
     raw = record.get(key) if record is not None else None
     marks = set(str(raw).split(",")) if raw else set()
+    stored = _stored_protections(context)
+    marks |= set(stored.get(spec.run_key, []))
     if message_type == "train":
         if secure is None and not local_dp and spec.hide_client_metrics:
             # The spec itself says the server is not trusted with per-client numbers
@@ -355,11 +359,55 @@ def _refuse_downgrade(
             values = dict(record) if record is not None else {}
             values[key] = ",".join(sorted(new))
             context.state[PROTECTED_RUNS_KEY] = ConfigRecord(values)
+            _store_protections(context, {**stored, spec.run_key: sorted(new)})
     elif "hide-metrics" in marks or "local-dp" in marks:
         raise ClientRefusal(
             "federated evaluation: this run trained under a threat model that hides "
             "per-client numbers from the server; this client does not evaluate in it"
         )
+
+
+def _protections_path(context: Context) -> Path | None:
+    directory = context.node_config.get("dp-state-dir")
+    if not directory:
+        return None
+    return Path(str(directory)) / f"protected-runs-{site_identity(context.node_config)}.json"
+
+
+def _stored_protections(context: Context) -> dict[str, list[str]]:
+    """The run keys' marks kept beside the site's DP state (``{}``: none or no directory)."""
+    import json
+
+    path = _protections_path(context)
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ClientRefusal(
+            f"protected-runs file {path}: unreadable ({err}); restore or delete it"
+        ) from err
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values()
+    ):
+        raise ClientRefusal(f"protected-runs file {path}: not a run-key -> marks mapping")
+    return data
+
+
+def _store_protections(context: Context, data: dict[str, list[str]]) -> None:
+    import json
+    import os
+
+    path = _protections_path(context)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise ClientRefusal(f"protected-runs file {path}: cannot write it ({err})") from err
 
 
 def _prepare(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,7 +61,12 @@ def after_secure_round(tmp_path_factory: pytest.TempPathFactory) -> Any:
             config.pop(SECAGG_DDP, None)  # a secure round with the noise switched off
         return config
 
-    grid = InProcessGrid(client_app, N, seed=cfg.seed)
+    state = tmp_path_factory.mktemp("site-state")
+
+    def node_config(i: int, n: int) -> dict[str, Any]:
+        return {"partition-id": i, "num-partitions": n, "dp-state-dir": str(state)}
+
+    grid = InProcessGrid(client_app, N, seed=cfg.seed, node_config_fn=node_config)
     run = tmp_path_factory.mktemp("ddp")
     run_experiment(LyingGrid(grid, keep), cfg, run, progress=False)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -77,11 +83,16 @@ def _send(cfg: Any, context: Context, config: dict[str, Any], message_type: str)
     return client_app(msg, context)
 
 
-def _fresh(context: Context) -> Context:
+def _fresh(context: Context, *, keep_state_dir: bool = False) -> Context:
+    """The node with an empty ``Context.state`` (a restarted SuperNode); without
+    ``keep_state_dir`` also without its dp-state-dir (a node that never trained)."""
+    node_config = dict(context.node_config)
+    if not keep_state_dir:
+        node_config.pop("dp-state-dir")
     return Context(
         run_id=context.run_id,
         node_id=context.node_id,
-        node_config=dict(context.node_config),
+        node_config=node_config,
         state=RecordDict(),
         run_config={},
     )
@@ -126,6 +137,20 @@ def test_a_plain_train_after_a_secure_round_is_refused(after_secure_round: Any) 
     control = _send(cfg, _fresh(grid.context(node)), plain, "train")
     assert not control.has_error(), control.error.reason
     assert "update" in control.content.array_records
+
+
+def test_a_restarted_node_remembers_the_run_was_secure(after_secure_round: Any) -> None:
+    # Context.state is gone after a SuperNode restart; the marks kept beside the site's
+    # DP state (dp-state-dir) are not.
+    cfg, grid, stage3, _ = after_secure_round
+    node = grid.node_ids[0]
+    restarted = _fresh(grid.context(node), keep_state_dir=True)
+    reply = _send(cfg, restarted, _plain(stage3[node]), "train")
+    assert reply.has_error()
+    assert "site policy `require_secure_aggregation`" in reply.error.reason
+    state_dir = Path(str(restarted.node_config["dp-state-dir"]))
+    kept = json.loads((state_dir / "protected-runs-partition-0.json").read_text())
+    assert kept == {decode_spec(stage3[node][SPEC_KEY]).run_key: ["ddp", "hide-metrics", "secagg"]}
 
 
 def test_federated_evaluation_after_a_secure_round_is_refused(after_secure_round: Any) -> None:
