@@ -65,7 +65,8 @@ Trust assumptions: the server is honest-but-curious (follows the protocol, draws
 graph honestly from a CSPRNG seed); dropouts and corruptions do not depend on the
 graph; there is no consistency-check round with signatures (Bonawitz et al.'s
 active-security variant), so a server that lies about who dropped is out of scope
-beyond what ``2t > k + 1`` and the clients' local checks prevent.
+beyond what ``2t > k + 1 + Y`` (a split view with up to the assumed colluders) and
+the clients' local checks prevent.
 """
 
 from __future__ import annotations
