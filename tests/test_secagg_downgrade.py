@@ -172,3 +172,46 @@ def test_a_secure_round_without_the_distributed_dp_noise_is_refused(
     assert len(reasons) == N
     assert all("site policy `require_secure_aggregation`" in r for r in reasons), reasons
     assert all("no distributed-DP noise" in r for r in reasons)
+
+
+def test_local_dp_noise_cannot_be_dropped_later_in_the_run(
+    after_secure_round: Any, tmp_path: Path
+) -> None:
+    # Local DP (honest_but_curious): after one noised train, the same run key's train
+    # without local noise (spec flag cleared too) and its federated evaluation are
+    # refused; a node that never trained in the run answers the same plain train.
+    from fl_app.client_spec import ClientDpSpec, spec_from_config
+    from fl_app.config.schema import Accountant
+    from strategies.protocol import CLIP_NORM_KEY
+
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "privacy=local",
+            "privacy.accountant=prv",
+            f"dataset.num_partitions={N}",
+            "train.local_epochs=1",
+            "server_eval=false",
+        ],
+    )
+    local = ClientDpSpec(local_noise_multiplier=5.0, delta=1e-5, accountant=Accountant.prv)
+    noised = spec_from_config(cfg, "ldp", local)
+    plain = dataclasses.replace(spec_from_config(cfg, "ldp", None), hide_client_metrics=False)
+    _, grid, _, _ = after_secure_round  # its node ids (the in-process run's identity)
+    context = Context(
+        run_id=1,
+        node_id=grid.node_ids[0],
+        node_config={"partition-id": 0, "num-partitions": N, "dp-state-dir": str(tmp_path)},
+        state=RecordDict(),
+        run_config={},
+    )
+    first = {SPEC_KEY: encode_spec(noised), "server-round": 1, CLIP_NORM_KEY: 1.0}
+    assert not _send(cfg, context, first, "train").has_error()
+    later = {SPEC_KEY: encode_spec(plain), "server-round": 2}
+    reply = _send(cfg, context, later, "train")
+    assert reply.has_error() and "no local noise" in reply.error.reason
+    reply = _send(cfg, context, later, "evaluate")
+    assert reply.has_error() and "does not evaluate in it" in reply.error.reason
+    control = _send(cfg, _fresh(context), later, "train")
+    assert not control.has_error(), control.error.reason
