@@ -139,7 +139,8 @@ def released_artifact(
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """A parsed policy (see the module docstring); the defaults allow everything."""
+    """A parsed policy (see the module docstring). The defaults allow every artifact and
+    keep the secure-aggregation and distributed-DP floor at its safe values."""
 
     allowed_artifacts: frozenset[str] = frozenset(ARTIFACTS)
     max_epsilon: float | None = None
@@ -255,7 +256,7 @@ class SitePolicy:
         up the target noise: it must reach :meth:`survivor_floor`. The sum's noise
         multiplier is ``share_std·√n_min / bound`` (``bound`` is the L2 sensitivity the
         client's own conditional rounding enforces); it must reach
-        ``ddp_min_noise_multiplier`` when the site sets one.
+        ``ddp_min_noise_multiplier`` (0.25 by default; a policy's explicit null: no floor).
         """
         floor = self.survivor_floor(cohort)
         if min_survivors < floor:
