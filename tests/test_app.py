@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
@@ -50,9 +52,13 @@ def test_default_experiment_reaches_90_percent_and_writes_run_dir(tmp_path: Path
     assert lines[-1]["server_accuracy"] == pytest.approx(summary["accuracy"])
 
     arrays, meta = load_safetensors(tmp_path / "model.safetensors")
-    assert meta["config_hash"] == config_hash(cfg)
-    assert set(arrays) == set(initial_arrays(cfg))
     manifest = json.loads((tmp_path / "run.json").read_text())
+    # The model file carries the config hash keyed by the run's secret salt (HMAC-SHA256,
+    # worked here with hmac directly), never the plain hash: its SHA-256 is published.
+    salt = bytes.fromhex(manifest["config_hash_salt"])
+    message = b"fl-app published config hash v1\x00" + config_hash(cfg).encode()
+    assert meta["config_hash"] == hmac.new(salt, message, hashlib.sha256).hexdigest()
+    assert set(arrays) == set(initial_arrays(cfg))
     assert manifest["status"] == "completed"
     assert (tmp_path / "config.yaml").is_file()
 

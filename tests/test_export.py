@@ -320,12 +320,12 @@ def _set_status(run_dir: Path) -> None:
     (run_dir / "run.json").write_text(json.dumps(manifest))
 
 
-def _break_audit(run_dir: Path) -> None:
+def _break_audit(run_dir: Path, line: int = 4) -> None:
     lines = (run_dir / "audit.jsonl").read_bytes().splitlines(keepends=True)
-    # The first stage.outcome record (line 4: after run.start, round 1's ledger.spend
-    # and round.start).
+    # The first stage.outcome record: line 4 after run.start, round 1's ledger.spend and
+    # round.start; line 3 in a run without client-level DP (no ledger.spend).
     i = next(i for i, line in enumerate(lines) if b'"accepted":4' in line)
-    assert i == 3
+    assert i == line - 1
     lines[i] = lines[i].replace(b'"accepted":4', b'"accepted":3')
     (run_dir / "audit.jsonl").write_bytes(b"".join(lines))
 
@@ -449,8 +449,8 @@ def test_a_log_the_summary_does_not_anchor_is_verified_and_appended_to(
     (run_dir / "summary.json").write_text(json.dumps(summary))
     result = export_run(run_dir, "public", tmp_path / "out")
     assert result.audit_seq is not None and verify(run_dir / "audit.jsonl").ok
-    _break_audit(run_dir)
-    with pytest.raises(ExportRefused, match=r"audit\.jsonl is broken"):
+    _break_audit(run_dir, line=3)
+    with pytest.raises(ExportRefused, match=r"audit\.jsonl is broken at line 3"):
         export_run(run_dir, "public", tmp_path / "out2")
 
 
