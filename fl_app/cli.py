@@ -403,12 +403,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command == "simulate":
+        global _DRY_RUN
+        # Set for this call only: a dry-run sweep must not leave a later in-process
+        # call (tests, notebooks) printing projections instead of training.
+        _DRY_RUN = False
         if "--dry-run" in rest:
             rest = [a for a in rest if a != "--dry-run"]
             if "-m" in rest or "--multirun" in rest:
-                global _DRY_RUN
                 _DRY_RUN = True  # every job of the sweep prints its own projection
-                _run_hydra(rest)
+                try:
+                    _run_hydra(rest)
+                finally:
+                    _DRY_RUN = False
             else:
                 _dry_run(rest)
             return

@@ -121,3 +121,7 @@ def test_a_sweep_job_with_an_impossible_budget_does_not_stop_the_others(
     assert "round 1 alone exceeds the budget: refused" in out.out
     assert "within the budget" in out.out or "clients stop then" in out.out
     assert "job 0 refused" in out.err and "privacy.dpsgd.max_epsilon" in out.err
+    # The sweep's dry-run flag ended with it: a later in-process call trains again.
+    from fl_app import cli
+
+    assert cli._DRY_RUN is False
