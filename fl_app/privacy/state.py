@@ -123,6 +123,24 @@ class DpSgdState:
         return cls(history=history, noise_multiplier=None if z is None else float(z))
 
 
+def _state_path(state_dir: str | os.PathLike[str], kind: str, run_key: str, site: str) -> Path:
+    """``<state_dir>/<kind>-<run key>-<site>.json``, both parts checked as safe names."""
+    if not _SAFE_KEY.fullmatch(run_key or ""):
+        raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
+    if not _SAFE_SITE.fullmatch(site or ""):
+        raise PrivacyStateError(f"site identity {site!r} is not a safe file-name component")
+    return Path(state_dir) / f"{kind}-{run_key}-{site}.json"
+
+
+def _memory_of(context: Context, record_name: str) -> str | None:
+    """The in-memory copy of a state file kept in ``Context.state`` (None if absent)."""
+    record = context.state.config_records.get(record_name)
+    if record is None:
+        return None
+    value = record.get("state")
+    return value if isinstance(value, str) else None
+
+
 class ClientPrivacyState:
     """Load and save one client's :class:`DpSgdState` for one run."""
 
@@ -137,20 +155,12 @@ class ClientPrivacyState:
         ``site-<name>``, ``data-<hash>``, ``partition-<id>``), or a simulated partition
         id. Deployed sites all have partition id 0 and may share a state directory, so
         the file is named by the identity: ``dpsgd-<run key>-<site>.json``."""
-        if not _SAFE_KEY.fullmatch(run_key or ""):
-            raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
         name = f"partition-{int(site)}" if isinstance(site, int) else site
-        if not _SAFE_SITE.fullmatch(name or ""):
-            raise PrivacyStateError(f"site identity {site!r} is not a safe file-name component")
         self.context = context
-        self.path = Path(state_dir) / f"dpsgd-{run_key}-{name}.json"
+        self.path = _state_path(state_dir, "dpsgd", run_key, name)
 
     def _memory(self) -> str | None:
-        record = self.context.state.config_records.get(STATE_RECORD)
-        if record is None:
-            return None
-        value = record.get("state")
-        return value if isinstance(value, str) else None
+        return _memory_of(self.context, STATE_RECORD)
 
     def load(self, steps_seen_by_server: int = 0) -> DpSgdState:
         memory = self._memory()
@@ -236,21 +246,13 @@ class LocalDpStore:
     def __init__(
         self, context: Context, state_dir: str | os.PathLike[str], run_key: str, site: str
     ) -> None:
-        if not _SAFE_KEY.fullmatch(run_key or ""):
-            raise PrivacyStateError(f"run key {run_key!r} is not a safe file-name component")
-        if not _SAFE_SITE.fullmatch(site or ""):
-            raise PrivacyStateError(f"site identity {site!r} is not a safe file-name component")
         self.context = context
         # Named by the site identity (``site-<name>``, ``data-<hash>``, ``partition-<id>``):
         # deployed sites all have partition id 0 and may share a state directory.
-        self.path = Path(state_dir) / f"localdp-{run_key}-{site}.json"
+        self.path = _state_path(state_dir, "localdp", run_key, site)
 
     def _memory(self) -> str | None:
-        record = self.context.state.config_records.get(LOCAL_DP_RECORD)
-        if record is None:
-            return None
-        value = record.get("state")
-        return value if isinstance(value, str) else None
+        return _memory_of(self.context, LOCAL_DP_RECORD)
 
     def load(self, noise_multiplier: float, releases_seen_by_server: int = 0) -> LocalDpState:
         memory = self._memory()
