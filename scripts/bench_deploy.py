@@ -13,10 +13,11 @@ One federation (1 SuperLink + 3 SuperNodes, TLS and SuperNode authentication, as
 
 Numbers are ``round_seconds`` from each run's ``metrics.jsonl`` (the ServerApp's round
 driver: from sending instructions to aggregating), so FAB install and ServerApp start
-are excluded; "steady" is the median of rounds 2..R-1, what a long run pays per round. Flower's deployment runtime starts a fresh ClientApp process for every
-message, so a round costs at least one process start per client per exchange: the
-secagg/plain ratio is dominated by that, not by the cryptography (see
-``scripts/bench_secagg.py`` for protocol cost without process starts).
+are excluded; "steady" is the median of rounds 2..R-1, what a long run pays per round.
+Flower's deployment runtime starts a fresh ClientApp process for every message, so a
+round costs at least one process start per client per exchange: the secagg/plain ratio
+is dominated by that, not by the cryptography (see ``scripts/bench_secagg.py`` for
+protocol cost without process starts).
 
     .venv/bin/python scripts/bench_deploy.py               # 4 rounds each
     .venv/bin/python scripts/bench_deploy.py --rounds 3 --json out.json
