@@ -817,12 +817,25 @@ def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] |
 
 
 def _privacy_note(cfg: AppConfig) -> str:
+    """summary.json's one-line account of what was protected, true of this combination.
+
+    What the server saw depends on secure aggregation, not on the DP mode: with it, only
+    the masked sum (said once, in the secure-aggregation part); without it, each update.
+    """
     p = cfg.privacy
+    secure = cfg.secagg.mode.value != "off"
     parts = []
-    if p.mode.value == "central":
+    if p.mode.value == "central" and secure:
         parts.append(
             "client-level central DP: the released model is DP at the stated (epsilon, "
-            "delta); the server saw every client's (clipped) update"
+            "delta); each client clipped its update before masking and the server added "
+            "the Gaussian noise to the unmasked sum"
+        )
+    elif p.mode.value == "central":
+        seen = "clipped by its client" if p.clip_side.value == "client" else "unclipped"
+        parts.append(
+            "client-level central DP: the released model is DP at the stated (epsilon, "
+            f"delta); the server saw every client's update ({seen}) and noised their clipped sum"
         )
     elif p.mode.value == "local":
         parts.append(

@@ -196,3 +196,25 @@ def _copy_for_client(grid: InProcessGrid, config: dict) -> Message:
     msg = _instruction(grid, config)
     msg.metadata.__dict__["_message_id"] = "m-1"
     return msg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "server_saw"),
+    [
+        # Under secure aggregation the server unmasks only the sum: the note must not
+        # claim it saw any client's update (claims audit, item 5).
+        (["privacy=central", "privacy.clip_side=client", "secagg=secaggplus"], "masked sum"),
+        (["privacy=central", "privacy.clip_side=client"], "every client's update"),
+        (["privacy=central"], "every client's update (unclipped)"),
+    ],
+)
+def test_summary_privacy_note_says_what_the_server_saw(
+    overrides: list[str], server_saw: str
+) -> None:
+    from fl_app.server_app import _privacy_note
+
+    note = _privacy_note(_inprocess(*overrides))
+    assert server_saw in note
+    if "secagg=secaggplus" in overrides:
+        assert "saw every" not in note and "saw each" not in note
+        assert "server saw only the masked sum" in note
