@@ -292,6 +292,15 @@ class SitePolicy:
                 f"this {message_type} instruction would release `{artifact}`, which the site "
                 f"does not allow (allowed: {sorted(self.allowed_artifacts)})",
             )
+        if message_type == "evaluate" and self.require_secure_aggregation:
+            # An evaluation reply is this client's loss, accuracy and example count in
+            # plaintext: exactly what secure aggregation is there to hide.
+            raise PolicyViolation(
+                "require_secure_aggregation",
+                "the site sends nothing per client in plaintext (it trains only under "
+                "secure aggregation); federated evaluation replies are plaintext, so this "
+                "site does not evaluate (set federated_eval_every=0)",
+            )
         if message_type != "train":
             return
         if self.require_secure_aggregation and not secure:

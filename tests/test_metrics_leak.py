@@ -54,6 +54,9 @@ THREAT_MODELS = {
     ],
     "distributed_dp": ["privacy=distributed", "secagg=secaggplus", "secagg.bits=16"],
     "local": ["privacy=local", "privacy.record_level=true", "privacy.dpsgd.noise_multiplier=1.0"],
+    # Secure aggregation without client-level DP: it hides each update, so a plaintext
+    # evaluation reply beside the masked sum would undo it (claims audit).
+    "secagg_only": ["secagg=secaggplus", "secagg.clip=5.0"],
 }
 
 

@@ -172,7 +172,9 @@ def test_policies_refuse_before_training_and_the_run_goes_on(tmp_path: Path) -> 
         assert any("`require_secure_aggregation`" in r for r in by_node)
         assert any("`allowed_artifacts`" in r and "`update`" in r for r in by_node)
         assert any("unknown policy field `max_epsilonn`" in r for r in by_node)
-        assert line["eval_clients_rejected"] == 2  # node 3 (bad file), node 4 (policy)
+        # node 1 (plaintext evaluation under require_secure_aggregation), node 3 (bad
+        # file), node 4 (policy)
+        assert line["eval_clients_rejected"] == 3
     # The site's own log: one refusal per refused instruction, naming the policy field.
     refused = {
         pid: [
@@ -183,14 +185,20 @@ def test_policies_refuse_before_training_and_the_run_goes_on(tmp_path: Path) -> 
         for pid, p in enumerate(paths)
     }
     assert refused[0] == []
-    assert refused[1] == [("train", "require_secure_aggregation", CLIENT_REFUSED)] * 2
+    assert refused[1] == [
+        ("train", "require_secure_aggregation", CLIENT_REFUSED),
+        ("evaluate", "require_secure_aggregation", CLIENT_REFUSED),
+    ] * 2
     assert refused[2] == [("train", "allowed_artifacts", CLIENT_REFUSED)] * 2
     assert refused[3] == [("train", None, CLIENT_REFUSED), ("evaluate", None, CLIENT_REFUSED)] * 2
     assert refused[4] == [("evaluate", "allowed_artifacts", CLIENT_REFUSED)] * 2
     trains = [d for e, d in _events(paths[4]) if e == "client.round"]
     assert [(d["artifact"], d["policy"]) for d in trains] == [("update", "ok")] * 2
-    evals = [d["artifact"] for e, d in _events(paths[1]) if e == "client.round"]
-    assert evals == ["evaluation_metrics"] * 2  # node 1 refuses to train, not to evaluate
+    # A site that requires secure aggregation sends nothing per client in plaintext:
+    # no evaluation reply either (an evaluation is its un-noised loss and accuracy).
+    assert [d for e, d in _events(paths[1]) if e == "client.round"] == []
+    evals = [d["artifact"] for e, d in _events(paths[2]) if e == "client.round"]
+    assert evals == ["evaluation_metrics"] * 2  # node 2 refuses to train, not to evaluate
 
 
 def test_max_epsilon_policy_refuses_the_dpsgd_round_past_it(tmp_path: Path) -> None:

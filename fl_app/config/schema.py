@@ -418,15 +418,18 @@ class AppConfig:
 
 def metrics_hidden_from_server(cfg: AppConfig) -> bool:
     """Whether the run's threat model keeps every un-noised per-client number from the
-    server: ``honest_but_curious``, ``distributed_dp``, and local DP under any name.
+    server: ``honest_but_curious``, ``distributed_dp``, local DP under any name, and any
+    run with secure aggregation (it exists to hide each client's contribution, so a
+    plaintext evaluation reply beside the masked sum would defeat it).
 
     Federated evaluation replies carry a client's loss, accuracy and example count in
     plaintext (they cannot ride in the masked sum yet), so such runs do not evaluate
     on clients; train metrics ride in the masked vector or are left out.
     """
-    return cfg.privacy.mode is PrivacyMode.local or cfg.privacy.threat_model in (
-        ThreatModel.honest_but_curious,
-        ThreatModel.distributed_dp,
+    return (
+        cfg.privacy.mode is PrivacyMode.local
+        or cfg.secagg.mode is not SecAggMode.off
+        or cfg.privacy.threat_model in (ThreatModel.honest_but_curious, ThreatModel.distributed_dp)
     )
 
 

@@ -465,6 +465,11 @@ def _check_metrics_stay_hidden(cfg: AppConfig) -> None:
     every = cfg.federated_eval_every
     if cfg.privacy.mode is PrivacyMode.local:
         why = "privacy.mode=local"
+    elif cfg.secagg.mode is not SecAggMode.off and cfg.privacy.threat_model in (
+        ThreatModel.none,
+        ThreatModel.trusted_server,
+    ):
+        why = f"secagg={cfg.secagg.mode.value} (secure aggregation hides each client's numbers)"
     elif metrics_hidden_from_server(cfg):
         why = f"privacy.threat_model={cfg.privacy.threat_model.value}"
     else:
