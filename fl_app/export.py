@@ -61,12 +61,14 @@ import yaml
 from fl_app.atomic import write_atomic
 from fl_app.config.schema import (
     AppConfig,
+    ClippingMode,
     DatasetKind,
     ModelName,
     PartitionerName,
     PrivacyMode,
     SecAggMode,
     ThreatModel,
+    federated_eval_interval,
     metrics_hidden_from_server,
 )
 
@@ -731,6 +733,24 @@ def _record_noise_seeded(cfg: AppConfig) -> bool:
     return cfg.privacy.record_level and not cfg.privacy.secure_mode
 
 
+def _client_level_noise_source(cfg: AppConfig) -> str:
+    """Where the client-level noise came from, for the card's ``noise_source``.
+
+    Distributed DP's noise shares and randomised rounding are drawn in each client from
+    SecureNoise (a ChaCha20 keystream under an OS-random key) whatever
+    ``privacy.secure_mode`` says: a seed the server could know would let it subtract
+    them. Only central DP's server-side noise follows ``privacy.secure_mode``.
+    """
+    if cfg.privacy.mode is PrivacyMode.distributed:
+        return (
+            "CSPRNG in each client (discrete Gaussian shares and rounding; "
+            "privacy.secure_mode does not apply to them)"
+        )
+    if cfg.privacy.secure_mode:
+        return "CSPRNG (privacy.secure_mode=true)"
+    return "generator seeded by the run's config (privacy.secure_mode=false)"
+
+
 def _client_level_card(cfg: AppConfig, summary: Mapping[str, Any], ledger: Any) -> dict[str, Any]:
     p = cfg.privacy
     priv = summary["privacy"]
@@ -772,11 +792,7 @@ def _client_level_card(cfg: AppConfig, summary: Mapping[str, Any], ledger: Any) 
             "neighbouring": cl.get("neighbouring"),
             "rounds_accounted": len(ledger.events),
             "epsilon_rdp_cross_check": cl.get("epsilon_rdp_cross_check"),
-            "noise_source": (
-                "CSPRNG (privacy.secure_mode=true)"
-                if p.secure_mode
-                else "generator seeded by the run's config (privacy.secure_mode=false)"
-            ),
+            "noise_source": _client_level_noise_source(cfg),
         }
     )
     # epsilon per party (docs/privacy-branches.md): amplification by sampling holds only
@@ -833,6 +849,12 @@ def _record_level_card(cfg: AppConfig, summary: Mapping[str, Any]) -> dict[str, 
 def _threat_model_text(cfg: AppConfig) -> str:
     p = cfg.privacy
     if p.mode is PrivacyMode.none:
+        if p.record_level and cfg.secagg.mode is not SecAggMode.off:
+            return (
+                "none at the client level; secure aggregation: the server sees only the "
+                "masked sum of the cohort's updates (exact, with no client-level noise); "
+                "DP-SGD bounds what the sum and the model reveal about any one record"
+            )
         if p.record_level:
             return (
                 "none at the client level: the server sees every institution's update; "
@@ -866,6 +888,7 @@ def _not_protected(cfg: AppConfig) -> list[str]:
     """What the release does not protect, honestly, for this configuration."""
     p = cfg.privacy
     items: list[str] = []
+    evaluated = federated_eval_interval(cfg) > 0 and cfg.strategy.fraction_evaluate > 0
     if p.mode is PrivacyMode.none and not p.record_level:
         return [
             "Nothing: no differential privacy was applied. The model may memorise and reveal "
@@ -909,7 +932,15 @@ def _not_protected(cfg: AppConfig) -> list[str]:
             "amplification by sampling; epsilon is each client's own)."
         )
     if p.record_level:
-        if p.mode is PrivacyMode.none:
+        if p.mode is PrivacyMode.none and cfg.secagg.mode is not SecAggMode.off:
+            items.append(
+                "Record-level DP only: secure aggregation showed the server only the exact "
+                "sum of each round's cohort of (DP-SGD-trained) updates, not each "
+                "institution's; no client-level noise was added to that sum, so an "
+                "institution's participation and data distribution are not hidden, only its "
+                "individual records are bounded."
+            )
+        elif p.mode is PrivacyMode.none:
             items.append(
                 "Record-level DP only: the server saw each institution's whole (DP-SGD-trained) "
                 "update; an institution's participation and data distribution are not hidden, "
@@ -942,17 +973,64 @@ def _not_protected(cfg: AppConfig) -> list[str]:
             + ". No client's loss, accuracy or example count reached it (no federated "
             "evaluation under this threat model)."
         )
+    elif cfg.secagg.mode is SecAggMode.off and p.record_level:
+        unclipped = (
+            " whether its update exceeded the clip norm (adaptive clipping),"
+            if p.mode is PrivacyMode.central and p.clipping is ClippingMode.adaptive
+            else ""
+        )
+        # client_app: a DP-SGD client leaves its loss and accuracy out (un-noised
+        # functions of its records) and never evaluates for the server.
+        items.append(
+            "Per institution, the server saw in plaintext its example count (its "
+            "aggregation weight), partition id, record-level epsilon, delta, DP-SGD steps, "
+            "rounds trained, sample rate and noise multiplier,"
+            + unclipped
+            + " and, for a deployed site, a "
+            "48-bit hash of its site identity (stable across runs). The example count and "
+            "the sample rate each give the record count. No loss or accuracy was sent (no "
+            "federated evaluation with DP-SGD)."
+        )
     elif cfg.secagg.mode is SecAggMode.off:
         items.append(
-            "Each client's example count (its aggregation weight) and training metrics were "
-            "sent to the server in the clear."
+            "Each client's example count (its aggregation weight), training loss and "
+            "accuracy"
+            + (
+                ", whether its update exceeded the clip norm (adaptive clipping)"
+                if p.mode is PrivacyMode.central and p.clipping is ClippingMode.adaptive
+                else ""
+            )
+            + (
+                ", and its federated evaluation loss, accuracy and example count,"
+                if evaluated
+                else ""
+            )
+            + " were sent to the server in the clear."
         )
+    # client_app/secagg_stages: local-DP and distributed-DP clients, and DP-SGD clients
+    # without secure aggregation, send no loss or accuracy; under other secure
+    # aggregation they ride in the masked sum.
+    trained = p.mode not in (PrivacyMode.local, PrivacyMode.distributed) and not (
+        p.record_level and cfg.secagg.mode is SecAggMode.off
+    )
+    reported = [
+        what
+        for what, ran in (
+            ("per-round training loss/accuracy averages", trained),
+            ("federated evaluation results", evaluated),
+        )
+        if ran
+    ]
     items.extend(
         [
-            "Per-round training loss/accuracy averages and federated evaluation results "
-            "(metrics.jsonl, restricted tier) were computed from the clients' reports without "
-            "DP; the reported test accuracy uses the server's held-out split and is not DP "
-            "either.",
+            (
+                " and ".join(reported).capitalize()
+                + " (metrics.jsonl, restricted tier) were computed from the clients' reports "
+                "without DP; the reported test accuracy uses the server's held-out split and "
+                "is not DP either."
+                if reported
+                else "The reported test accuracy uses the server's held-out split and is not DP."
+            ),
             "Hyper-parameter tuning, earlier runs and any other use of the same data are not "
             "accounted: epsilon covers this run's training only.",
         ]
@@ -1072,9 +1150,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(rows: Mapping[str, Any]) -> list[str]:
+def _table(rows: Mapping[str, Any], nested: bool = False) -> list[str]:
+    """A two-column Markdown table of ``rows``.
+
+    Dict values are skipped unless ``nested``, then flattened to ``key.sub`` rows: the
+    Privacy table's dicts have sections of their own, but a DP section's dicts are
+    part of the guarantee (distributed DP's epsilon against the server) and must not
+    vanish from the Markdown card while the JSON card has them.
+    """
     lines = ["| field | value |", "|---|---|"]
     for key, value in rows.items():
+        if isinstance(value, dict) and nested:
+            lines += _table({f"{key}.{k}": v for k, v in value.items()}, nested=True)[2:]
+            continue
         if value is None or isinstance(value, dict):
             continue
         lines.append(f"| {key} | {_fmt(value).replace('|', '/')} |")
@@ -1106,9 +1194,14 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
         out += [f"## {heading}", "", *_table(rows), ""]
     out += ["## Privacy", "", *_table(priv), ""]
     if priv.get("client_level"):
-        out += ["### Client-level DP", "", *_table(priv["client_level"]), ""]
+        out += ["### Client-level DP", "", *_table(priv["client_level"], nested=True), ""]
     if priv.get("record_level_dp"):
-        out += ["### Record-level DP-SGD", "", *_table(priv["record_level_dp"]), ""]
+        out += [
+            "### Record-level DP-SGD",
+            "",
+            *_table(priv["record_level_dp"], nested=True),
+            "",
+        ]
     out += ["## What is NOT protected", ""]
     out += [f"- {item}" for item in card["not_protected"]]
     out += ["", "## Reproducibility", "", *_table(card["reproducibility"]), ""]
