@@ -719,6 +719,12 @@ def _client_dp_stages(
     )
 
     z = float(dp.local_noise_multiplier)
+    try:
+        # The client adds the noise, so the client decides how little (claims audit:
+        # z = 0.05 from the server was accepted, epsilon ~ 970 a release).
+        (policy or SitePolicy()).check_local_noise(z)
+    except PolicyViolation as err:
+        raise PolicyRefusal(err) from err
     state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
     if not state_dir:
         raise ClientRefusal(

@@ -24,6 +24,7 @@ from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.state import LocalDpState, LocalDpStore, PrivacyStateError
 from fl_app.server_app import run_experiment
+from fl_app.site_policy import PolicyViolation
 from fl_app.testing import InProcessGrid
 from strategies.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
 
@@ -369,3 +370,45 @@ def test_local_dp_releases_are_on_disk_before_the_round_goes_on(
         grid.close()
     # the round's releases are already counted when its model is evaluated
     assert on_disk == [{f"partition-{p}": 1 for p in range(3)}]
+
+
+def test_local_noise_below_the_site_floor_is_refused_before_anything_is_spent(
+    tmp_path: Path,
+) -> None:
+    """The client adds local DP's noise, so it decides how little: a server instruction
+    with z = 0.05 (epsilon ~ 970 a release) is refused by the default floor (z >= 1) even
+    without a policy file, naming the field, and nothing is recorded; a policy's
+    explicit null opts out (claims audit)."""
+    from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
+    from fl_app.server_app import initial_arrays
+    from fl_app.site_policy import load_policy
+    from fl_app.weights import to_array_record
+
+    cfg = _cfg()
+    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=0.05))
+    state = tmp_path / "state"
+    grid = InProcessGrid(
+        client_app, 3, seed=0, node_config_fn=lambda i, n: {"dp-state-dir": str(state)}
+    )
+    try:
+        content = RecordDict(
+            {
+                "arrays": to_array_record(initial_arrays(cfg)),
+                "config": _config_record(encode_spec(spec)),
+            }
+        )
+        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="train")
+        reply = next(iter(grid.send_and_receive([msg])))
+    finally:
+        grid.close()
+    assert reply.has_error() and "`local_min_noise_multiplier`" in reply.error.reason
+    # Nothing spent or recorded (no release count, no site-budget line).
+    assert not list(state.glob("localdp-*")) and not list(state.glob("site-budget-*"))
+    opted_out = tmp_path / "p.yaml"
+    opted_out.write_text("local_min_noise_multiplier: null\n")
+    assert load_policy(str(opted_out)).local_min_noise_multiplier is None
+    strict = tmp_path / "q.yaml"
+    strict.write_text("local_min_noise_multiplier: 4\n")
+    with pytest.raises(PolicyViolation, match="below the site's floor 4"):
+        load_policy(str(strict)).check_local_noise(3.9)
+    load_policy(str(strict)).check_local_noise(4.0)
