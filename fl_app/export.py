@@ -860,6 +860,11 @@ def _threat_model_text(cfg: AppConfig) -> str:
                 "none at the client level: the server sees every institution's update; "
                 "DP-SGD bounds what the update and the model reveal about any one record"
             )
+        if cfg.secagg.mode is not SecAggMode.off:
+            return (
+                "none: secure aggregation shows the server only the exact sum of each "
+                "round's cohort of updates, with no noise"
+            )
         return "none: the server sees every client's update in the clear"
     if p.threat_model is ThreatModel.trusted_server:
         return (
@@ -892,9 +897,16 @@ def _not_protected(cfg: AppConfig) -> list[str]:
     if p.mode is PrivacyMode.none and not p.record_level:
         return [
             "Nothing: no differential privacy was applied. The model may memorise and reveal "
-            "individual training records, and the server saw every client's update in the clear.",
-            "Per-round training loss/accuracy averages, federated evaluation results and the "
-            "reported test accuracy were computed without DP.",
+            "individual training records, and the server saw "
+            + (
+                "every client's update in the clear."
+                if cfg.secagg.mode is SecAggMode.off
+                else "the exact sum of each round's cohort of updates (secure aggregation "
+                "hid each client's own)."
+            ),
+            "Per-round training loss/accuracy averages, "
+            + ("federated evaluation results " if evaluated else "")
+            + "and the reported test accuracy were computed without DP.",
         ]
     if p.mode is PrivacyMode.central:
         if cfg.secagg.mode is SecAggMode.off:

@@ -272,8 +272,22 @@ def test_exported_dpsgd_card_names_every_plaintext_metric_its_clients_sent(
     c = cards["dpsgd"]
     sent = c.keys - _PROTOCOL_KEYS
     assert "train-loss" not in sent and "train-accuracy" not in sent
+    assert {"num-examples", "dp-epsilon", "dp-steps", "dp-sample-rate"} <= sent
     assert sent <= set(_CARD_NAME), f"card does not name {sent - set(_CARD_NAME)}"
     (text,) = [x for x in c.card["not_protected"] if "in plaintext" in x]
     for key in sent:
         assert _CARD_NAME[key] in text, key
     assert not any("training metrics" in x or "training loss" in x for x in c.card["not_protected"])
+
+
+def test_no_dp_secagg_card_does_not_say_the_server_saw_each_update() -> None:
+    cfg = _cfg("privacy=none", "secagg=secaggplus", "secagg.clip=10.0")
+    assert "in the clear" not in _threat_model_text(cfg)
+    items = _not_protected(cfg)
+    assert not any("every client's update" in x for x in items)
+    assert any("exact sum" in x for x in items)
+    # secure aggregation turns federated evaluation off by default
+    assert not any("federated evaluation" in x for x in items)
+    plain = _cfg("privacy=none", "secagg=off")
+    assert "in the clear" in _threat_model_text(plain)
+    assert any("every client's update in the clear" in x for x in _not_protected(plain))
