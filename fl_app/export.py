@@ -979,6 +979,12 @@ def _not_protected(cfg: AppConfig) -> list[str]:
                 "settings, batch size, epochs and delta it gives that count to within about "
                 "a batch, so the record count is not secret)"
             )
+        if p.mode is PrivacyMode.local or p.record_level:
+            # client_app: dp-site-hash rides with the dp-* metrics of a deployed site.
+            public.append(
+                "for a deployed site, a 48-bit hash of its site identity (the same in every "
+                "run, so its runs can be linked)"
+            )
         items.append(
             "Per client, the server saw in plaintext only what the protocol needs: "
             + "; ".join(public)

@@ -8,6 +8,8 @@ Guarantees tested, each against the code path the statement describes:
   from SecureNoise in each client whatever ``privacy.secure_mode`` is;
 * DP-SGD under secure aggregation: neither the threat model nor the not-protected
   list says the server saw each institution's update (it saw the masked sum);
+* no DP, or DP-SGD, under secure aggregation: no statement that the server saw each
+  update; a deployed site's public site hash is named;
 * DP-SGD without secure aggregation: the card names what a DP-SGD client sends in
   plaintext (the ``dp-*`` metrics and example count) and does not say it sent
   training metrics, which it leaves out.
@@ -249,6 +251,9 @@ def test_exported_dpsgd_secagg_card_does_not_say_the_server_saw_each_update(
     assert "every institution's update" not in c.card["privacy"]["threat_model_description"]
     assert "masked sum" in c.card["privacy"]["threat_model_description"]
     assert not any("saw each institution's whole" in x for x in c.card["not_protected"])
+    # a deployed site's dp-site-hash is forwarded in the clear beside the masked vector
+    (public,) = [x for x in c.card["not_protected"] if "in plaintext only" in x]
+    assert "hash of its site identity" in public
 
 
 # What each plaintext key a DP-SGD client sends is called on the card.
