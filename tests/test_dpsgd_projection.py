@@ -16,20 +16,6 @@ from fl_app.config.validate import ConfigError
 from fl_app.data import load_client_data
 
 
-@pytest.fixture(autouse=True)
-def _absl_handler_off_the_capture() -> None:
-    """dp-accounting imports absl, whose logging handler keeps the stream that was
-    ``sys.stderr`` at import (pytest's capture). Hydra's logging set-up closes every
-    handler ever created, and absl's closes that stream unless it is a standard one:
-    point it at the real stderr so the in-process CLI runs below leave pytest's capture
-    intact (an artefact of running ``fl-app`` inside pytest, not of ``fl-app``)."""
-    import sys
-
-    from absl import logging as absl_logging
-
-    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
-
-
 def _pld_epsilon(q: float, z: float, steps: int, delta: float) -> float:
     """dp-accounting's PLD ε for ``steps`` Poisson-sampled Gaussian steps (independent
     of Opacus' PRV accountant the clients use)."""

@@ -243,14 +243,16 @@ def test_a_site_that_lost_its_state_is_counted_and_then_stopped(
     assert summary["privacy"]["client_level"]["releases"]["partition-2"] == ALLOWED
 
 
-def test_client_without_a_state_directory_refuses() -> None:
+def _local_train_reply(z: float, node_config: dict[str, Any] | None = None) -> Message:
+    """One local-DP train instruction with noise multiplier ``z`` to a fresh client."""
     from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
     from fl_app.server_app import initial_arrays
     from fl_app.weights import to_array_record
 
     cfg = _cfg()
-    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=Z))
-    grid = InProcessGrid(client_app, 3, seed=0)
+    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=z))
+    node_config_fn = None if node_config is None else (lambda i, n: dict(node_config))
+    grid = InProcessGrid(client_app, 3, seed=0, node_config_fn=node_config_fn)
     try:
         content = RecordDict(
             {
@@ -259,9 +261,13 @@ def test_client_without_a_state_directory_refuses() -> None:
             }
         )
         msg = Message(content, dst_node_id=grid.node_ids[0], message_type="train")
-        reply = next(iter(grid.send_and_receive([msg])))
+        return next(iter(grid.send_and_receive([msg])))
     finally:
         grid.close()
+
+
+def test_client_without_a_state_directory_refuses() -> None:
+    reply = _local_train_reply(Z)
     assert reply.has_error() and "dp-state-dir" in reply.error.reason
 
 
@@ -379,28 +385,10 @@ def test_local_noise_below_the_site_floor_is_refused_before_anything_is_spent(
     with z = 0.05 (epsilon ~ 970 a release) is refused by the default floor (z >= 1) even
     without a policy file, naming the field, and nothing is recorded; a policy's
     explicit null opts out (claims audit)."""
-    from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
-    from fl_app.server_app import initial_arrays
     from fl_app.site_policy import load_policy
-    from fl_app.weights import to_array_record
 
-    cfg = _cfg()
-    spec = spec_from_config(cfg, "run1", ClientDpSpec(local_noise_multiplier=0.05))
     state = tmp_path / "state"
-    grid = InProcessGrid(
-        client_app, 3, seed=0, node_config_fn=lambda i, n: {"dp-state-dir": str(state)}
-    )
-    try:
-        content = RecordDict(
-            {
-                "arrays": to_array_record(initial_arrays(cfg)),
-                "config": _config_record(encode_spec(spec)),
-            }
-        )
-        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="train")
-        reply = next(iter(grid.send_and_receive([msg])))
-    finally:
-        grid.close()
+    reply = _local_train_reply(0.05, {"dp-state-dir": str(state)})
     assert reply.has_error() and "`local_min_noise_multiplier`" in reply.error.reason
     # Nothing spent or recorded (no release count, no site-budget line).
     assert not list(state.glob("localdp-*")) and not list(state.glob("site-budget-*"))

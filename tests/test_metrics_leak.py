@@ -64,9 +64,9 @@ def _records(msg: Message) -> dict[str, Any]:
     return dict(msg.content.items()) if msg.has_content() else {}
 
 
-@pytest.mark.parametrize("name", list(THREAT_MODELS))
-def test_server_receives_no_per_client_plaintext_metric(name: str, tmp_path: Path) -> None:
-    cfg = compose_config("config", [*COMMON, *THREAT_MODELS[name]])
+def _recorded_run(cfg: Any, out: Path) -> tuple[dict[str, Any], list[Message], set[str]]:
+    """Run ``cfg`` on 4 in-process clients: the summary, every reply the server received
+    (as it arrived) and the types of the messages it sent."""
     received: list[Message] = []
 
     def hook(node: int, reply: Message) -> Message:
@@ -75,11 +75,34 @@ def test_server_receives_no_per_client_plaintext_metric(name: str, tmp_path: Pat
 
     grid = InProcessGrid(client_app, 4, seed=cfg.seed, message_hook=hook)
     try:
-        summary = run_experiment(grid, cfg, tmp_path, progress=False)
+        summary = run_experiment(grid, cfg, out, progress=False)
     finally:
         grid.close()
+    return summary, received, {d.message_type for d in grid.sent}
+
+
+def _evaluate_reply(cfg: Any) -> Message:
+    """A fresh client's reply to an evaluate instruction for ``cfg``'s spec."""
+    spec = spec_from_config(cfg, "run1")
+    content = RecordDict(
+        {
+            "arrays": to_array_record(initial_arrays(cfg)),
+            "config": ConfigRecord({"fl-app.spec": encode_spec(spec), "server-round": 1}),
+        }
+    )
+    grid = InProcessGrid(client_app, 4, seed=0)
+    try:
+        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="evaluate")
+        return next(iter(grid.send_and_receive([msg])))
+    finally:
+        grid.close()
+
+
+@pytest.mark.parametrize("name", list(THREAT_MODELS))
+def test_server_receives_no_per_client_plaintext_metric(name: str, tmp_path: Path) -> None:
+    cfg = compose_config("config", [*COMMON, *THREAT_MODELS[name]])
+    summary, received, sent_types = _recorded_run(cfg, tmp_path)
     assert summary["rounds"] == 1
-    sent_types = {d.message_type for d in grid.sent}
     assert sent_types == {"train"}  # federated evaluation is off under this threat model
     updates = 0
     for reply in received:
@@ -122,20 +145,7 @@ def test_client_refuses_to_evaluate_where_the_server_must_not_see_its_metrics(
 ) -> None:
     """The client's own check, should a server ask anyway."""
     overrides = THREAT_MODELS.get(name, ["privacy=central"])
-    cfg = compose_config("config", [*COMMON, *overrides])
-    spec = spec_from_config(cfg, "run1")
-    content = RecordDict(
-        {
-            "arrays": to_array_record(initial_arrays(cfg)),
-            "config": ConfigRecord({"fl-app.spec": encode_spec(spec), "server-round": 1}),
-        }
-    )
-    grid = InProcessGrid(client_app, 4, seed=0)
-    try:
-        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="evaluate")
-        reply = next(iter(grid.send_and_receive([msg])))
-    finally:
-        grid.close()
+    reply = _evaluate_reply(compose_config("config", [*COMMON, *overrides]))
     if name == "trusted_server":  # the server may see them: the client evaluates
         assert not reply.has_error() and "eval-loss" in reply.content["metrics"]
     else:
@@ -199,30 +209,12 @@ def test_record_level_dpsgd_sends_no_unnoised_loss_or_accuracy(tmp_path: Path) -
     evaluation is off by default, an error when asked for, and refused by the client."""
     overrides = [*COMMON, "privacy=dpsgd", f"privacy.dpsgd.state_dir={tmp_path / 'state'}"]
     cfg = compose_config("config", overrides)
-    received: list[Message] = []
-
-    def hook(node: int, reply: Message) -> Message:
-        received.append(reply)
-        return reply
-
-    grid = InProcessGrid(client_app, 4, seed=cfg.seed, message_hook=hook)
-    try:
-        summary = run_experiment(grid, cfg, tmp_path / "run", progress=False)
-        assert {d.message_type for d in grid.sent} == {"train"}
-        spec = spec_from_config(cfg, "run1")
-        content = RecordDict(
-            {
-                "arrays": to_array_record(initial_arrays(cfg)),
-                "config": ConfigRecord({"fl-app.spec": encode_spec(spec), "server-round": 1}),
-            }
-        )
-        msg = Message(content, dst_node_id=grid.node_ids[0], message_type="evaluate")
-        refused = next(iter(grid.send_and_receive([msg])))
-    finally:
-        grid.close()
-    train = [r for r in received if r.metadata.message_type == "train"]
-    assert summary["rounds"] == 1 and len(train) == 4
-    for reply in train:
+    summary, received, sent_types = _recorded_run(cfg, tmp_path / "run")
+    assert sent_types == {"train"}
+    refused = _evaluate_reply(cfg)
+    assert summary["rounds"] == 1 and len(received) == 4
+    assert all(r.metadata.message_type == "train" for r in received)
+    for reply in received:
         metrics = reply.content["metrics"]
         assert not [k for k in metrics if "loss" in k or "accurac" in k], list(metrics)
         assert metrics["num-examples"] > 1
