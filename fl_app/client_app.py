@@ -48,14 +48,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_app.client_spec import ClientSpec, SpecError, decode_spec
-from fl_app.site_policy import (
-    PolicyError,
-    PolicyViolation,
-    SitePolicy,
-    load_policy,
-    released_artifact,
-)
-from strategies.protocol import (
+from fl_app.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     CLIENT_REFUSED,
@@ -69,6 +62,13 @@ from strategies.protocol import (
     SPEC_KEY,
     UNCLIPPED_KEY,
     UPDATE_KEY,
+)
+from fl_app.site_policy import (
+    PolicyError,
+    PolicyViolation,
+    SitePolicy,
+    load_policy,
+    released_artifact,
 )
 
 __all__ = [

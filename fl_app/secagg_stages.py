@@ -74,20 +74,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fl_app.secagg import crypto, shamir
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams
-from fl_app.secagg.protocol import (
-    CIPHERTEXT_BYTES,
-    ClientRefusal,
-    ClientSession,
-    PublicKeys,
-    Stage,
-    StageOrderError,
-)
-from fl_app.secagg.vector import VectorLayout, client_weight, pack_ids, round_codec, unpack_ids
-from fl_app.secagg.wire import pack_ring, wire_packed
-from fl_app.site_policy import PolicyViolation, SitePolicy
-from strategies.protocol import (
+from fl_app.protocol import (
     CONFIG_KEY,
     METRICS_KEY,
     PUBLIC_METRIC_PREFIX,
@@ -123,6 +110,19 @@ from strategies.protocol import (
     SECAGG_WEIGHTING,
     SERVER_ROUND,
 )
+from fl_app.secagg import crypto, shamir
+from fl_app.secagg.graph import SecAggConfigError, SecAggParams
+from fl_app.secagg.protocol import (
+    CIPHERTEXT_BYTES,
+    ClientRefusal,
+    ClientSession,
+    PublicKeys,
+    Stage,
+    StageOrderError,
+)
+from fl_app.secagg.vector import VectorLayout, client_weight, pack_ids, round_codec, unpack_ids
+from fl_app.secagg.wire import pack_ring, wire_packed
+from fl_app.site_policy import PolicyViolation, SitePolicy
 
 __all__ = [
     "KEYS_STATE_KEY",

@@ -45,6 +45,7 @@ from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
 from fl_app.privacy.ledger import FederationLedger, branch_delta_total, unsampled_epsilon
 from fl_app.privacy.noise import release_status
+from fl_app.protocol import SPEC_KEY
 from fl_app.rundir import (
     AuditTrail,
     MetricsWriter,
@@ -69,7 +70,6 @@ from strategies.driver import (
     StageReport,
 )
 from strategies.factory import build_driver
-from strategies.protocol import SPEC_KEY
 
 __all__ = [
     "AUDIT_KEY_PASSPHRASE_ENV",

@@ -39,12 +39,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
+from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.secagg.graph import GraphMode
 from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
 from fl_app.testing import InProcessGrid
 from fl_app.weights import from_array_record, to_array_record
 from strategies.driver import DriverSettings, RoundDriver
-from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from strategies.sampling import FixedSizeSampler
 from strategies.secagg import SecAggSettings, SecureAggregation
 

@@ -77,9 +77,9 @@ from fl_app.privacy.mechanisms import (
     update_noise_multiplier,
 )
 from fl_app.privacy.noise import noise_source
+from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregation import weighted_mean_update
 from strategies.budget import BudgetGuard
-from strategies.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.sampling import FixedSizeSampler
 from strategies.validation import TrainReply
 

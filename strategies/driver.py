@@ -48,9 +48,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_app.weights import from_array_record, to_array_record
-from strategies.aggregation import apply_update, weighted_mean_metrics
-from strategies.protocol import (
+from fl_app.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     CLIP_NORM_KEY,
@@ -61,6 +59,8 @@ from strategies.protocol import (
     SERVER_ROUND,
     UNCLIPPED_KEY,
 )
+from fl_app.weights import from_array_record, to_array_record
+from strategies.aggregation import apply_update, weighted_mean_metrics
 from strategies.sampling import CohortSampler
 from strategies.validation import (
     EvalReply,

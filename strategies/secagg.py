@@ -5,7 +5,7 @@ train stage of every round to :meth:`SecureAggregation.run_round`, which runs th
 four-stage protocol of Bonawitz et al. (CCS 2017, "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning", §4; sparse graph of Bell et al., CCS 2020, for
 ``secaggplus``) over Flower messages of type ``train``, each marked with
-``fl-app.secagg-stage`` (:mod:`strategies.protocol`):
+``fl-app.secagg-stage`` (:mod:`fl_app.protocol`):
 
 1. advertise keys (only for clients that hold no key pair for this round: a stage-1
 reply carries fresh pairs for ``secagg.key_rounds`` rounds, so later rounds skip it);
@@ -48,28 +48,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fl_app.config.schema import SecAggConfig, SecAggMode
-from fl_app.secagg import crypto, shamir
-from fl_app.secagg.graph import GraphMode, SecAggConfigError, SecAggParams, derive_params
-from fl_app.secagg.protocol import (
-    CIPHERTEXT_BYTES,
-    PublicKeys,
-    RoundAbandoned,
-    ServerSession,
-    Stage,
-    UnmaskReply,
-    round_context,
-)
-from fl_app.secagg.vector import (
-    BOUND_SLACK,
-    DecodedSum,
-    VectorLayout,
-    pack_ids,
-    round_codec,
-    unpack_ids,
-)
-from fl_app.secagg.wire import payload_bytes, unpack_ring, wire_packed
-from fl_app.weights import array_view
-from strategies.protocol import (
+from fl_app.protocol import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     CONFIG_KEY,
@@ -107,6 +86,27 @@ from strategies.protocol import (
     SECAGG_WEIGHTING,
     SERVER_ROUND,
 )
+from fl_app.secagg import crypto, shamir
+from fl_app.secagg.graph import GraphMode, SecAggConfigError, SecAggParams, derive_params
+from fl_app.secagg.protocol import (
+    CIPHERTEXT_BYTES,
+    PublicKeys,
+    RoundAbandoned,
+    ServerSession,
+    Stage,
+    UnmaskReply,
+    round_context,
+)
+from fl_app.secagg.vector import (
+    BOUND_SLACK,
+    DecodedSum,
+    VectorLayout,
+    pack_ids,
+    round_codec,
+    unpack_ids,
+)
+from fl_app.secagg.wire import payload_bytes, unpack_ring, wire_packed
+from fl_app.weights import array_view
 from strategies.validation import Rejection, screen_replies
 
 __all__ = [

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fl_app.weights import array_view
-from strategies.protocol import (
+from fl_app.protocol import (
     EVAL_REPLY_KEYS,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -29,6 +28,7 @@ from strategies.protocol import (
     TRAIN_REPLY_KEYS,
     UPDATE_KEY,
 )
+from fl_app.weights import array_view
 
 __all__ = [
     "ArraySpec",

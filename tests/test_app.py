@@ -14,11 +14,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config, config_hash
 from fl_app.pipeline import STAGE_ORDER, PipelineStages, run_train_pipeline
+from fl_app.protocol import CLIENT_REFUSED, SPEC_KEY
 from fl_app.server_app import initial_arrays, run_experiment
 from fl_app.simulation import run_simulation_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors, to_array_record
-from strategies.protocol import CLIENT_REFUSED, SPEC_KEY
 
 
 def _inprocess(*overrides: str):

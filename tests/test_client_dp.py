@@ -34,6 +34,7 @@ from fl_app.privacy.ledger import (
     local_epsilon,
 )
 from fl_app.privacy.noise import SecureNoise, SeededNoise
+from fl_app.protocol import METRICS_KEY, UNCLIPPED_KEY, UPDATE_KEY
 from fl_app.server_app import run_experiment
 from fl_app.simulation import run_simulation_experiment
 from fl_app.testing import InProcessGrid
@@ -47,7 +48,6 @@ from strategies.client_dp import (
     MeanAggregator,
     rounds_within_budget,
 )
-from strategies.protocol import METRICS_KEY, UNCLIPPED_KEY, UPDATE_KEY
 from strategies.validation import TrainReply
 
 # ----------------------------------------------------------------------- clipping

@@ -10,10 +10,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 from strategies.driver import DriverSettings, RoundDriver
-from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 from strategies.validation import ReplyLimits
 

@@ -25,10 +25,10 @@ from flwr.serverapp.strategy import FedAvg
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 from strategies.driver import DriverSettings, RoundDriver
-from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from strategies.sampling import FixedSizeSampler
 
 GLOBAL = {

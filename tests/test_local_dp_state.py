@@ -23,10 +23,10 @@ from flwr.app import Context, Message, RecordDict
 from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.state import LocalDpState, LocalDpStore, PrivacyStateError
+from fl_app.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
 from fl_app.server_app import run_experiment
 from fl_app.site_policy import PolicyViolation
 from fl_app.testing import InProcessGrid
-from strategies.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
 
 Z = 4.0
 DELTA = 1e-5

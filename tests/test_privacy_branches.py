@@ -37,6 +37,7 @@ from fl_app.privacy.mechanisms import (
     update_noise_multiplier,
 )
 from fl_app.privacy.noise import SeededNoise
+from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.secagg.encoding import FixedPointCodec
 from fl_app.secagg.vector import DecodedSum
 from fl_app.testing import InProcessGrid
@@ -50,7 +51,6 @@ from strategies.client_dp import (
     projection_lines,
 )
 from strategies.driver import DriverSettings, RoundDriver
-from strategies.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecAggOutcome
 

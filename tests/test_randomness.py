@@ -32,8 +32,8 @@ from fl_app.models import build_model
 from fl_app.privacy import dpsgd
 from fl_app.privacy.dpsgd import DpSgdSettings, KeystreamPoissonSampler, train_dpsgd
 from fl_app.privacy.noise import SecureNoise
+from fl_app.protocol import UPDATE_KEY
 from fl_app.weights import flatten, model_to_ndarrays
-from strategies.protocol import UPDATE_KEY
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 
 # ------------------------------------------------------------------- DP-SGD, unit level
@@ -158,10 +158,10 @@ def _client_message(cfg: Any, run_key: str, **node_config: Any) -> Message:
     from fl_app.client_app import app as client_app
     from fl_app.client_spec import encode_spec, spec_from_config
     from fl_app.privacy.state import STEPS_SEEN_KEY
+    from fl_app.protocol import SPEC_KEY
     from fl_app.server_app import initial_arrays
     from fl_app.testing import InProcessGrid
     from fl_app.weights import to_array_record
-    from strategies.protocol import SPEC_KEY
 
     grid = InProcessGrid(client_app, 3, seed=0)
     spec = spec_from_config(cfg, run_key)

@@ -27,6 +27,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from fl_app.protocol import (
+    CONFIG_KEY,
+    SECAGG_DDP,
+    SECAGG_NODES,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_KEY_NODES,
+    SECAGG_REPLY_SELF_MASK_NODES,
+)
 from fl_app.secagg.graph import GraphMode, derive_params
 from fl_app.secagg.vector import unpack_ids
 from fl_app.site_policy import SitePolicy
@@ -39,14 +47,6 @@ from fl_app.testing.adversary import (
     weaker_params,
 )
 from fl_app.testing.secagg_client import fixed_update_client
-from strategies.protocol import (
-    CONFIG_KEY,
-    SECAGG_DDP,
-    SECAGG_NODES,
-    SECAGG_RECORD_KEY,
-    SECAGG_REPLY_KEY_NODES,
-    SECAGG_REPLY_SELF_MASK_NODES,
-)
 from strategies.secagg import SecAggSettings
 
 N = 10
@@ -392,7 +392,7 @@ def _split_view_with_a_colluder(server: AdversarialServer, target: int) -> int:
 # ------------------------------------------------ tiny cohorts, switched-off noise
 def _fewer_colluders(stage: int, node: int, config: dict) -> dict:
     """Stage 2: parameters re-derived for C = 0 (what floor(0.1 * n) gives below 10)."""
-    from strategies.protocol import SECAGG_PARAMS
+    from fl_app.protocol import SECAGG_PARAMS
 
     if stage == 2:
         raw = json.loads(config[SECAGG_PARAMS])

@@ -31,13 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.clipping import clip_l2
-from fl_app.secagg.graph import derive_params
-from fl_app.secagg.vector import LOSS_CAP, round_codec
-from fl_app.secagg_stages import KEYS_STATE_KEY, STATE_KEY
-from fl_app.server_app import initial_arrays, run_experiment
-from fl_app.testing import InProcessGrid
-from fl_app.weights import from_array_record, load_safetensors
-from strategies.protocol import (
+from fl_app.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
     SECAGG_MASKED_ARRAY,
@@ -49,6 +43,12 @@ from strategies.protocol import (
     SERVER_ROUND,
     UPDATE_KEY,
 )
+from fl_app.secagg.graph import derive_params
+from fl_app.secagg.vector import LOSS_CAP, round_codec
+from fl_app.secagg_stages import KEYS_STATE_KEY, STATE_KEY
+from fl_app.server_app import initial_arrays, run_experiment
+from fl_app.testing import InProcessGrid
+from fl_app.weights import from_array_record, load_safetensors
 
 N = 10  # the default experiment's clients
 

@@ -22,11 +22,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fl_app.client_app import app as client_app
 from fl_app.client_spec import decode_spec, encode_spec
 from fl_app.config.compose import compose_config
+from fl_app.protocol import SECAGG_DDP, SECAGG_STAGE_KEY, SPEC_KEY
 from fl_app.server_app import initial_arrays, run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.testing.adversary import LyingGrid
 from fl_app.weights import to_array_record
-from strategies.protocol import SECAGG_DDP, SECAGG_STAGE_KEY, SPEC_KEY
 
 N = 3
 
@@ -182,7 +182,7 @@ def test_local_dp_noise_cannot_be_dropped_later_in_the_run(
     # refused; a node that never trained in the run answers the same plain train.
     from fl_app.client_spec import ClientDpSpec, spec_from_config
     from fl_app.config.schema import Accountant
-    from strategies.protocol import CLIP_NORM_KEY
+    from fl_app.protocol import CLIP_NORM_KEY
 
     cfg = compose_config(
         "config",

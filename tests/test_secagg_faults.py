@@ -22,11 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
-from fl_app.secagg.vector import round_codec
-from fl_app.server_app import run_experiment
-from fl_app.testing import InProcessGrid
-from fl_app.weights import load_safetensors
-from strategies.protocol import (
+from fl_app.protocol import (
     METRICS_KEY,
     SECAGG_MASKED_ARRAY,
     SECAGG_MASKED_KEY,
@@ -35,6 +31,10 @@ from strategies.protocol import (
     SECAGG_STAGE_KEY,
     SERVER_ROUND,
 )
+from fl_app.secagg.vector import round_codec
+from fl_app.server_app import run_experiment
+from fl_app.testing import InProcessGrid
+from fl_app.weights import load_safetensors
 
 N = 10
 CLIP = 2.0

@@ -26,6 +26,17 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fl_app.protocol import (
+    CONFIG_KEY,
+    SECAGG_KEY_ROUNDS,
+    SECAGG_KEYS,
+    SECAGG_NEXT_KEY,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_C_PK,
+    SECAGG_REPLY_NODES,
+    SECAGG_STAGE_KEY,
+    SERVER_ROUND,
+)
 from fl_app.secagg.graph import GraphMode
 from fl_app.secagg_stages import (
     KEYS_STATE_KEY,
@@ -37,17 +48,6 @@ from fl_app.secagg_stages import (
 from fl_app.site_policy import SitePolicy
 from fl_app.testing import InProcessGrid
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange, train_instructions
-from strategies.protocol import (
-    CONFIG_KEY,
-    SECAGG_KEY_ROUNDS,
-    SECAGG_KEYS,
-    SECAGG_NEXT_KEY,
-    SECAGG_RECORD_KEY,
-    SECAGG_REPLY_C_PK,
-    SECAGG_REPLY_NODES,
-    SECAGG_STAGE_KEY,
-    SERVER_ROUND,
-)
 from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
 
 N = 10

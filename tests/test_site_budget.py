@@ -24,7 +24,7 @@ from fl_app.client_spec import ClientDpSpec
 from fl_app.config.compose import compose_config
 from fl_app.config.schema import Accountant
 from fl_app.privacy.state import PrivacyStateError, SiteBudgetLedger, SiteSpend
-from strategies.protocol import BUDGET_EXHAUSTED, CLIP_NORM_KEY, SPEC_KEY
+from fl_app.protocol import BUDGET_EXHAUSTED, CLIP_NORM_KEY, SPEC_KEY
 
 # ---------------------------------------------------------------- the ledger alone
 

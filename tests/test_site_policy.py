@@ -14,6 +14,7 @@ from fl_app.audit import verify
 from fl_app.client_app import AUDIT_DIR_KEY, POLICY_PATH_KEY, client_audit_path
 from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
+from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
 from fl_app.server_app import run_experiment
 from fl_app.site_policy import (
     ARTIFACTS,
@@ -25,7 +26,6 @@ from fl_app.site_policy import (
     released_artifact,
 )
 from fl_app.testing import InProcessGrid
-from strategies.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
 
 
 # ------------------------------------------------------------------ parsing

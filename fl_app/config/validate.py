@@ -550,7 +550,7 @@ def _check_secagg(cfg: AppConfig) -> None:
     )
     _positive(s.stage_timeout_s, "secagg.stage_timeout_s")
     _positive(s.max_weight, "secagg.max_weight")
-    from strategies.protocol import SECAGG_MAX_KEY_ROUNDS  # the wire limit clients enforce
+    from fl_app.protocol import SECAGG_MAX_KEY_ROUNDS  # the wire limit clients enforce
 
     _check(
         isinstance(s.key_rounds, int) and 1 <= s.key_rounds <= SECAGG_MAX_KEY_ROUNDS,
@@ -633,6 +633,7 @@ def _check_secagg(cfg: AppConfig) -> None:
                 mode=s.mode.value,
                 dropout_tolerance=s.dropout_tolerance,
                 corrupt_fraction=s.corrupt_fraction,
+                server_model=s.server_model.value,
             )
         except SecAggConfigError as err:
             raise ConfigError("secagg.dropout_tolerance", s.dropout_tolerance, str(err)) from err

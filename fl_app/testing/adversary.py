@@ -35,9 +35,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fl_app.secagg.graph import SecAggParams, custom_params, derive_params
-from fl_app.secagg.vector import pack_ids, unpack_ids
-from strategies.protocol import (
+from fl_app.protocol import (
     CONFIG_KEY,
     SECAGG_DROPOUTS,
     SECAGG_PARAMS,
@@ -45,6 +43,8 @@ from strategies.protocol import (
     SECAGG_SURVIVORS,
     SERVER_ROUND,
 )
+from fl_app.secagg.graph import SecAggParams, custom_params, derive_params
+from fl_app.secagg.vector import pack_ids, unpack_ids
 from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
 
 __all__ = [
