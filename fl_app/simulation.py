@@ -8,7 +8,7 @@ Backends (``runtime.backend``):
   the only in-Python entry point to the simulation runtime; its replacement (``flwr
   run`` against a local SuperLink) is documented in the README and works with this
   same app.
-* ``inprocess``: fl-app's :class:`~fl_app.testing.InProcessGrid` runs the real
+* ``inprocess``: fl-app's :class:`~fl_app.inprocess.InProcessGrid` runs the real
   ClientApp handlers in this process; no Ray start-up, the fastest way to simulate
   many small clients.
 """
@@ -69,7 +69,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     configure_logging(cfg)
     num_nodes = cfg.dataset.num_partitions
     if cfg.runtime.backend is SimulationBackend.inprocess:
-        from fl_app.testing import InProcessGrid
+        from fl_app.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, num_nodes, seed=cfg.seed, copy_messages=True)
         return run_experiment(grid, cfg, run_dir)

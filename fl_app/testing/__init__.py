@@ -1,9 +1,11 @@
-"""Test utilities: an in-process Flower Grid that runs a real ClientApp.
+"""Test utilities: adversarial servers and a SecAgg test client over the in-process grid.
 
-See :mod:`fl_app.testing.harness`.
+The grid itself is production code (the ``runtime.backend=inprocess`` simulation
+backend) and lives in :mod:`fl_app.inprocess`; it is re-exported here because tests use
+its fault injection (drop rules, message hooks) through this package.
 """
 
-from fl_app.testing.harness import (
+from fl_app.inprocess import (
     Delivery,
     DropFn,
     InProcessGrid,
