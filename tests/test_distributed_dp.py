@@ -526,7 +526,7 @@ def test_sweep_refusal_uses_the_budget_against_the_server() -> None:
     against outsiders (4.77) but stops early against the server. The round is the median
     stop over cohort draws, worked out here with scipy's binomial: the guard stops before
     round r + 1 once some client of N has been in k cohorts after r rounds."""
-    from fl_app.cli import over_budget
+    from fl_app.cli.simulate import over_budget
     from fl_app.privacy.ledger import unsampled_epsilon
     from strategies.client_dp import ClientDpSettings
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import dp_accounting
 import pytest
 
-from fl_app.cli import check_record_level_budget, record_level_projection
 from fl_app.cli import main as cli_main
+from fl_app.cli.simulate import check_record_level_budget, record_level_projection
 from fl_app.config.compose import compose_config
 from fl_app.config.validate import ConfigError
 from fl_app.data import load_client_data
@@ -108,6 +108,6 @@ def test_a_sweep_job_with_an_impossible_budget_does_not_stop_the_others(
     assert "within the budget" in out.out or "clients stop then" in out.out
     assert "job 0 refused" in out.err and "privacy.dpsgd.max_epsilon" in out.err
     # The sweep's dry-run flag ended with it: a later in-process call trains again.
-    from fl_app import cli
+    from fl_app.cli import simulate
 
-    assert cli._DRY_RUN is False
+    assert simulate._DRY_RUN is False

@@ -1,14 +1,9 @@
-"""The ``fl-app`` command.
+"""``fl-app simulate`` and ``fl-app config``: run (or sweep, or dry-run) an experiment
+from Hydra overrides, and print the composed config.
 
 ``fl-app simulate [hydra overrides...]``  run an experiment (Hydra main; ``-m`` sweeps)
 ``fl-app simulate --dry-run [...]``       validate and print the privacy projection only
 ``fl-app config [hydra overrides...]``    print the composed, validated config
-``fl-app audit verify <log> ...``         check a hash-chained audit log
-``fl-app report <multirun dir>``          a sweep's table (CSV/Markdown) and plots
-``fl-app export <run dir> --tier ...``    release a model with its model card
-``fl-app audit-privacy <run dir>``        empirical attacks on a release (MIA, inversion)
-``fl-app deploy ...``                     certificates, keys, SuperLink/SuperNodes, submit, demo
-``fl-app site check --node-config ...``   a SuperNode's start-up checks, by hand
 """
 
 from __future__ import annotations
@@ -18,36 +13,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["main"]
-
-USAGE = """usage: fl-app <command> [hydra overrides...]
-
-commands:
-  simulate   run an experiment in simulation (default: digits, 10 IID clients, 5 rounds)
-             e.g. fl-app simulate strategy=fedadam dataset.partitioner=dirichlet
-                  fl-app simulate experiment=digits_dirichlet
-                  fl-app simulate -m strategy=fedavg,fedadam seed=1,2
-             --dry-run: validate, print the planned privacy spend (epsilon the planned
-             rounds would reach, rounds that fit the budget) and exit without training
-             resume=<run dir> [rollback_to=<round>]: continue a run from its last
-             checkpoint (same overrides as the original run), or redo rounds after one
-  config     print the composed and validated config for the given overrides
-  audit      verify | repair | sign | keygen: the tamper-evident audit log
-             e.g. fl-app audit verify outputs/.../audit.jsonl
-  report     collect a multirun (fl-app simulate -m ...) into report.csv/.md and plots
-             e.g. fl-app report multirun/2026-11-23/12-00-00
-  export     release a run's model: --tier public|restricted --out DIR
-  audit-privacy
-             membership inference (loss threshold, LiRA) and gradient inversion on a
-             run's release, next to its theoretical epsilon
-  deploy     ca | server-cert | node-key | node-config | connection | register |
-             superlink | supernode | submit | demo  (see docs/deployment.md)
-  site       check --node-config "..." | --site site.yaml [--key K] [--ca C]: a
-             SuperNode's start-up checks (data, policy, folders, keys) by hand
-
-Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=...).
-"""
-
+__all__ = [
+    "JobFailed",
+    "RecordLevelProjection",
+    "check_record_level_budget",
+    "over_budget",
+    "print_config",
+    "privacy_plan",
+    "record_level_projection",
+    "simulate_main",
+]
 
 _DRY_RUN = False
 
@@ -371,7 +346,7 @@ def _compose_or_exit(argv: list[str]) -> Any:
         raise SystemExit(2) from None
 
 
-def _print_config(argv: list[str]) -> None:
+def print_config(argv: list[str]) -> None:
     import yaml
 
     from fl_app.config.compose import config_hash, config_to_dict
@@ -396,59 +371,22 @@ def _dry_run(argv: list[str]) -> None:
         raise SystemExit(2) from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in {"-h", "--help", "help"}:
-        print(USAGE)
+def simulate_main(argv: list[str]) -> None:
+    """``fl-app simulate [--dry-run] [hydra overrides...]``; exits through Hydra or
+    ``SystemExit`` (2 for a config error)."""
+    global _DRY_RUN
+    # Set for this call only: a dry-run sweep must not leave a later in-process
+    # call (tests, notebooks) printing projections instead of training.
+    _DRY_RUN = False
+    if "--dry-run" in argv:
+        rest = [a for a in argv if a != "--dry-run"]
+        if "-m" in rest or "--multirun" in rest:
+            _DRY_RUN = True  # every job of the sweep prints its own projection
+            try:
+                _run_hydra(rest)
+            finally:
+                _DRY_RUN = False
+        else:
+            _dry_run(rest)
         return
-    command, rest = args[0], args[1:]
-    if command == "simulate":
-        global _DRY_RUN
-        # Set for this call only: a dry-run sweep must not leave a later in-process
-        # call (tests, notebooks) printing projections instead of training.
-        _DRY_RUN = False
-        if "--dry-run" in rest:
-            rest = [a for a in rest if a != "--dry-run"]
-            if "-m" in rest or "--multirun" in rest:
-                _DRY_RUN = True  # every job of the sweep prints its own projection
-                try:
-                    _run_hydra(rest)
-                finally:
-                    _DRY_RUN = False
-            else:
-                _dry_run(rest)
-            return
-        _run_hydra(rest)
-    elif command == "report":
-        from fl_app.report import main as report_main
-
-        raise SystemExit(report_main(rest))
-    elif command == "export":
-        from fl_app.export import export_main
-
-        raise SystemExit(export_main(rest))
-    elif command == "audit-privacy":
-        from fl_app.privacy_audit import audit_privacy_main
-
-        raise SystemExit(audit_privacy_main(rest))
-    elif command == "deploy":
-        from fl_app.deploy import deploy_main
-
-        raise SystemExit(deploy_main(rest))
-    elif command == "site":
-        from fl_app.site_check import site_check_main
-
-        raise SystemExit(site_check_main(rest))
-    elif command == "audit":
-        from fl_app.audit import audit_main
-
-        raise SystemExit(audit_main(rest))
-    elif command == "config":
-        _print_config(rest)
-    else:
-        print(f"fl-app: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-if __name__ == "__main__":
-    main()
+    _run_hydra(argv)
