@@ -8,10 +8,11 @@ directory, are fsynced, and are renamed over the target.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["fsync_dir", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -28,3 +29,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Fsync a directory, so a file just created in it survives a crash (POSIX; a no-op
+    on Windows, which cannot open a directory)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -35,7 +35,6 @@ from fl_app.audit import (
     AuditLogBrokenError,
     AuditRecord,
     TornTailError,
-    audit_main,
     canonical_json,
     generate_signing_key,
     load_signing_key,
@@ -46,6 +45,7 @@ from fl_app.audit import (
     verify,
     verify_head_signature,
 )
+from fl_app.cli.audit import audit_main
 
 N = 5  # records in the standard test log
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -229,7 +229,7 @@ def test_failed_write_blocks_further_appends(
     def failing_fsync(fd: int) -> None:
         raise OSError(5, "EIO")
 
-    monkeypatch.setattr("fl_app.audit.os.fsync", failing_fsync)
+    monkeypatch.setattr("fl_app.audit.log.os.fsync", failing_fsync)
     with pytest.raises(AuditError, match="failed"):
         log.append("run.start", {})
     monkeypatch.undo()

@@ -18,12 +18,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fl_app.audit import (
     KNOWN_EVENTS,
-    audit_main,
     generate_signing_key,
     load_verify_key,
     verify,
     verify_head_signature,
 )
+from fl_app.cli.audit import audit_main
 from fl_app.client_app import AUDIT_DIR_KEY, client_audit_path
 from fl_app.client_app import app as client_app
 from fl_app.client_spec import encode_spec, spec_from_config

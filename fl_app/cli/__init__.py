@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(site_check_main(rest))
     elif command == "audit":
-        from fl_app.audit import audit_main
+        from fl_app.cli.audit import audit_main
 
         raise SystemExit(audit_main(rest))
     elif command == "config":
