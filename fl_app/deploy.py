@@ -78,9 +78,6 @@ INSECURE_WARNING = (
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 DEFAULT_SANS = ("127.0.0.1", "::1", "localhost")
-TERMINAL_STATUSES = ("finished:completed", "finished:failed", "finished:stopped")
-# Run-config keys the bundle declares in [tool.flwr.app.config].
-RUN_CONFIG_KEYS = ("hydra-config-name", "hydra-overrides", "run-dir")
 
 
 class DeployError(Exception):

@@ -761,7 +761,6 @@ class ServerSession:
         self._abandoned: RoundAbandoned | None = None
         self.keys: dict[int, PublicKeys] = {}
         self.graph: dict[int, tuple[int, ...]] = {}
-        self._ciphertexts: dict[int, Mapping[int, bytes]] = {}
         self.u2: frozenset[int] = frozenset()
         self.u3: frozenset[int] = frozenset()
         self._total: np.ndarray | None = None

@@ -330,10 +330,6 @@ def _trim(poly: list[int]) -> list[int]:
     return poly
 
 
-def _poly_eval(poly: Sequence[int], x: int) -> int:
-    return evaluate_polynomial(poly, x)
-
-
 def _poly_divmod(num: Sequence[int], den: Sequence[int]) -> tuple[list[int], list[int]]:
     """``(q, r)`` with ``num = q·den + r`` over GF(p); coefficients lowest degree first."""
     rem = [c % PRIME for c in num]
