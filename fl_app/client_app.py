@@ -709,14 +709,9 @@ def _client_dp_stages(
         return clip, None, metrics
 
     from fl_app.config.schema import Accountant
-    from fl_app.privacy.ledger import local_epsilon
-    from fl_app.privacy.noise import SecureNoise
-    from fl_app.privacy.state import (
-        LOCAL_RELEASES_SEEN_KEY,
-        LocalDpState,
-        LocalDpStore,
-        PrivacyStateError,
-    )
+    from fl_app.privacy.local import begin_release, releases_seen
+    from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
+    from fl_app.privacy.state import LOCAL_RELEASES_SEEN_KEY, LocalDpStore
 
     z = float(dp.local_noise_multiplier)
     try:
@@ -731,56 +726,45 @@ def _client_dp_stages(
             "local DP needs a state directory for its release count: start the SuperNode "
             'with --node-config "dp-state-dir=/path"'
         )
-    seen = config.get(LOCAL_RELEASES_SEEN_KEY, 0)
-    if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
-        raise ClientRefusal(f"'{LOCAL_RELEASES_SEEN_KEY}' must be an integer >= 0, got {seen!r}")
+    try:
+        seen = releases_seen(config.get(LOCAL_RELEASES_SEEN_KEY, 0), LOCAL_RELEASES_SEEN_KEY)
+    except PrivacyRefusal as err:
+        raise ClientRefusal(str(err)) from err
     site = site_identity(context.node_config)
-    try:
-        store = LocalDpStore(context, str(state_dir), spec.run_key, site)
-        state = store.load(z, releases_seen_by_server=seen)
-    except PrivacyStateError as err:
-        raise ClientRefusal(f"local DP state: {err}") from err
-    releases = state.releases + 1
-    try:
-        eps_after = local_epsilon(z, releases, dp.delta, Accountant(dp.accountant).value)
-    except (ValueError, RuntimeError) as err:
-        raise ClientRefusal(f"local DP accounting: {err}") from err
-    if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
-        raise BudgetExhausted(
-            f"local DP budget exhausted: epsilon would reach {eps_after:.4g} after this "
-            f"round (budget {dp.max_epsilon:g}, delta {dp.delta:g}, {releases - 1} releases)"
+
+    def account_site(epsilon: float, spent_before: bool) -> None:
+        _account_site_release(
+            policy,
+            context,
+            str(state_dir),
+            spec.run_key,
+            "local DP",
+            epsilon,
+            dp.delta,
+            spent_before=spent_before,
         )
-    _account_site_release(
-        policy,
-        context,
-        str(state_dir),
-        spec.run_key,
-        "local DP",
-        eps_after,
-        dp.delta,
-        spent_before=state.releases > 0,
-    )
-    store.save(LocalDpState(releases=releases, noise_multiplier=z))  # before any release
-    # Public by design (README, model card): ε and the release count follow from the
-    # rounds the server sent and received; the site's identity keys the server's guard
-    # (its partition id, or for a deployed site a 48-bit digest of its identity, since
-    # deployed sites all have partition id 0 and a metric cannot carry a name).
-    metrics.update(
-        {"dp-local-epsilon": eps_after, "dp-local-releases": releases, "dp-partition-id": pid}
-    )
+
+    try:
+        release = begin_release(
+            lambda: LocalDpStore(context, str(state_dir), spec.run_key, site),
+            noise_multiplier=z,
+            clip_norm=clip_norm,
+            delta=dp.delta,
+            accountant=Accountant(dp.accountant).value,
+            max_epsilon=dp.max_epsilon,
+            seen_by_server=seen,
+            account_site=account_site,
+        )
+    except BudgetRefusal as err:
+        raise BudgetExhausted(str(err)) from err
+    except PrivacyRefusal as err:
+        raise ClientRefusal(str(err)) from err
+    metrics.update(release.public_metrics(pid))
     if not site.startswith("partition-"):
+        # Deployed sites all have partition id 0 and a metric cannot carry a name: a
+        # 48-bit digest of the site's identity keys the server's guard.
         metrics["dp-site-hash"] = site_hash(site)
-    # Always a CSPRNG: noise from a seed the server knows would protect nothing from it.
-    source = SecureNoise()
-
-    def noise(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        std = z * clip_norm
-        return {
-            k: (v.astype(np.float64) + source.normal(std, v.size).reshape(v.shape)).astype(v.dtype)
-            for k, v in update.items()
-        }
-
-    return clip, noise, metrics
+    return clip, release.noise_stage(), metrics
 
 
 def _prepare_dpsgd(
@@ -800,21 +784,9 @@ def _prepare_dpsgd(
     Returns the training thunk and the public metrics of this round (epsilon spent
     so far including this round, steps, sample rate, z).
     """
-    from fl_app.privacy.accounting import (
-        AccountantName,
-        AccountingError,
-        DpSgdEvent,
-        calibrate_noise_multiplier,
-        project_epsilon,
-    )
-    from fl_app.privacy.dpsgd import DpSgdSettings, GradSampleMode, planned_steps, train_dpsgd
-    from fl_app.privacy.state import (
-        ROUNDS_SEEN_KEY,
-        STEPS_SEEN_KEY,
-        ClientPrivacyState,
-        DpSgdState,
-        PrivacyStateError,
-    )
+    from fl_app.privacy.dpsgd_plan import plan_round, train_round
+    from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
+    from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY, ClientPrivacyState
 
     dp = spec.dpsgd
     assert dp is not None
@@ -839,90 +811,42 @@ def _prepare_dpsgd(
             "DP-SGD needs a state directory: start the SuperNode with --node-config "
             '"dp-state-dir=/path" (or set privacy.dpsgd.state_dir)'
         )
-    steps, q = planned_steps(len(data.train), spec.train.batch_size, spec.train.local_epochs)
-    # What the server saw this client spend: steps (where it may see them) or rounds
-    # trained (under secure aggregation and local DP, which hide the steps); every round
-    # takes the same planned steps, so rounds * steps is a lower bound on the history.
-    seen = config.get(STEPS_SEEN_KEY, 0)
-    rounds_seen = config.get(ROUNDS_SEEN_KEY, 0)
-    for key, value in ((STEPS_SEEN_KEY, seen), (ROUNDS_SEEN_KEY, rounds_seen)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ClientRefusal(f"'{key}' must be an integer >= 0, got {value!r}")
+    site = site_identity(context.node_config)
+
+    def account_site(epsilon: float, spent_before: bool) -> None:
+        _account_site_release(
+            policy,
+            context,
+            str(state_dir),
+            spec.run_key,
+            "record-level",
+            epsilon,
+            dp.delta,
+            spent_before=spent_before,
+        )
+
     try:
-        store = ClientPrivacyState(
-            context, str(state_dir), spec.run_key, site_identity(context.node_config)
+        plan = plan_round(
+            dp,
+            lambda: ClientPrivacyState(context, str(state_dir), spec.run_key, site),
+            num_examples=len(data.train),
+            batch_size=spec.train.batch_size,
+            local_epochs=spec.train.local_epochs,
+            num_rounds=spec.num_rounds,
+            secure_mode=spec.secure_mode,
+            steps_seen=config.get(STEPS_SEEN_KEY, 0),
+            rounds_seen=config.get(ROUNDS_SEEN_KEY, 0),
+            account_site=account_site,
         )
-        state = store.load(steps_seen_by_server=max(seen, rounds_seen * steps))
-    except PrivacyStateError as err:
-        raise ClientRefusal(f"privacy state: {err}") from err
-    accountant = AccountantName(dp.accountant.value)
-    z = state.noise_multiplier
-    try:
-        if z is None:
-            if dp.noise_multiplier is not None:
-                z = float(dp.noise_multiplier)
-            else:
-                assert dp.target_epsilon is not None
-                # Calibrated once for every planned round, then kept fixed (stored in state).
-                z = calibrate_noise_multiplier(
-                    dp.target_epsilon, dp.delta, q, steps * spec.num_rounds, accountant
-                )
-        planned = DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps)
-        eps_after = project_epsilon(state.history, planned, dp.delta, accountant)
-    except (AccountingError, ValueError) as err:
-        # No trustworthy epsilon means no training: never run unaccounted steps.
-        raise ClientRefusal(f"privacy accounting: {err}") from err
-    if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
-        # The steps stay in the site's own log: with the public batch size and epochs
-        # they give the record count, which the threat model may hide from the server.
-        log.warning(
-            "DP-SGD budget exhausted: %d steps spent, epsilon would reach %.4g",
-            state.history.total_steps,
-            eps_after,
-        )
-        raise BudgetExhausted(
-            f"privacy budget exhausted: epsilon would reach {eps_after:.4g} after this round "
-            f"(budget {dp.max_epsilon:g}, delta {dp.delta:g})"
-        )
-    _account_site_release(
-        policy,
-        context,
-        str(state_dir),
-        spec.run_key,
-        "record-level",
-        eps_after,
-        dp.delta,
-        spent_before=state.history.total_steps > 0,
-    )
-    new_state = DpSgdState(history=state.history.add(planned), noise_multiplier=z)
-    store.save(new_state)  # before training: a crash mid-round never under-counts
-    settings = DpSgdSettings(
-        noise_multiplier=z,
-        max_grad_norm=dp.max_grad_norm,
-        grad_sample_mode=GradSampleMode(dp.grad_sample_mode.value),
-        secure_mode=spec.secure_mode,
-    )
+    except BudgetRefusal as err:
+        raise BudgetExhausted(str(err)) from err
+    except PrivacyRefusal as err:
+        raise ClientRefusal(str(err)) from err
 
     def run() -> Any:
-        _, result = train_dpsgd(
-            model, data.train.x, data.train.y, spec.train, settings, generator=generator
-        )
-        if result.steps != steps:
-            # The counts stay in the site's log: an error text may reach the server.
-            log.error("DP-SGD took %d steps, accounted %d", result.steps, steps)
-            raise RuntimeError("DP-SGD took a different number of steps than it accounted")
-        return result.stats
+        return train_round(plan, model, data.train.x, data.train.y, spec.train, generator)
 
-    metrics = {
-        "dp-epsilon": float(eps_after),
-        "dp-delta": float(dp.delta),
-        "dp-steps": int(new_state.history.total_steps),
-        "dp-rounds": int(new_state.history.total_steps // steps),
-        "dp-sample-rate": float(q),
-        "dp-noise-multiplier": float(z),
-        "dp-partition-id": int(pid),
-    }
-    site = site_identity(context.node_config)
+    metrics = plan.public_metrics(pid)
     if not site.startswith("partition-"):  # deployed sites all have partition id 0
         metrics["dp-site-hash"] = site_hash(site)
     return run, metrics
