@@ -67,6 +67,7 @@ from fl_app.config.schema import (
     PartitionerName,
     PrivacyMode,
     SecAggMode,
+    SecAggServerModel,
     ThreatModel,
     federated_eval_interval,
     metrics_hidden_from_server,
@@ -889,6 +890,24 @@ def _threat_model_text(cfg: AppConfig) -> str:
     )
 
 
+def _secagg_server_model_caveat(cfg: AppConfig) -> str:
+    """What secure aggregation's server model (secagg.server_model) does not cover."""
+    if cfg.secagg.server_model is SecAggServerModel.malicious:
+        return (
+            "Secure aggregation assumed a possibly deviating server (secagg.server_model="
+            "malicious: signed keys from the federation roster, a signed survivor set, "
+            "thresholds that survive a split view with up to the assumed colluders); more "
+            "colluding clients than secagg.corrupt_fraction assumes are not covered."
+        )
+    return (
+        "Secure aggregation assumed a server that follows the protocol (secagg.server_model="
+        "honest_but_curious): a server that tells clients different stories about who "
+        "dropped out, or substitutes keys, together with a colluding client could recover "
+        "one client's update; run with secagg.server_model=malicious where the server is "
+        "not trusted to follow it."
+    )
+
+
 def _not_protected(cfg: AppConfig) -> list[str]:
     """What the release does not protect, honestly, for this configuration."""
     p = cfg.privacy
@@ -1025,6 +1044,8 @@ def _not_protected(cfg: AppConfig) -> list[str]:
             )
             + " were sent to the server in the clear."
         )
+    if cfg.secagg.mode is not SecAggMode.off:
+        items.append(_secagg_server_model_caveat(cfg))
     # client_app/secagg_stages: local-DP and distributed-DP clients, and DP-SGD clients
     # without secure aggregation, send no loss or accuracy; under other secure
     # aggregation they ride in the masked sum.
@@ -1081,6 +1102,9 @@ def _build_card(
         "threat_model": p.threat_model.value,
         "threat_model_description": _threat_model_text(cfg),
         "secure_aggregation": cfg.secagg.mode.value,
+        "secure_aggregation_server_model": (
+            None if cfg.secagg.mode is SecAggMode.off else cfg.secagg.server_model.value
+        ),
         "record_level": p.record_level,
         "client_level": (
             _client_level_card(cfg, summary, evidence.ledger) if evidence.client_level else None

@@ -790,6 +790,10 @@ def _summary(
             **_record_level_summary(cfg, result),
         },
         "secure_aggregation": cfg.secagg.mode.value,
+        # What the secure-aggregation thresholds (and protocol) assumed of the server.
+        "secure_aggregation_server_model": (
+            None if cfg.secagg.mode.value == "off" else cfg.secagg.server_model.value
+        ),
         "bandwidth": _bandwidth_summary(cfg, result),
         # "not for release" (and why) when a guarantee rests on seeded randomness.
         "release": release_status(cfg),

@@ -21,12 +21,14 @@ Policy file (YAML or JSON; every field optional, unknown keys refused)::
     secagg_min_security_bits: 40      # sparse graph's security failure <= 2^-bits
     secagg_min_correctness_bits: 20
     secagg_allow_custom_params: false # hand-picked (k, t), no probabilistic guarantee
+    secagg_min_server_model: honest_but_curious  # or malicious: refuse rounds whose
+                                      # thresholds assume a server following the protocol
     ddp_min_noise_multiplier: 0.25    # distributed DP: z of the unmasked sum (null: no floor)
     local_min_noise_multiplier: 1.0   # local DP: z of this site's own noise (null: no floor)
     allow_seeded_noise: false         # DP-SGD with noise/batches seeded by the server's spec
 
 The ``secagg_*`` and ``ddp_*`` fields are the site's own safety parameters for secure
-aggregation (ARCHITECTURE §2a, "clients decide their own safety parameters"): they
+aggregation (docs/architecture.md, Rules: "clients decide their own safety parameters"): they
 apply with safe defaults even without a policy file, and a round whose parameters
 are weaker is refused at stage 2 or 3 (:mod:`fl_app.secagg_stages`) with the field
 named. The server chooses the parameters; the client only checks that they are at
@@ -42,6 +44,12 @@ cost the server more real-looking clients. ``ddp_min_noise_multiplier: 0.25`` ke
 server from switching distributed DP's noise off (a share_std of 1e-12 was accepted
 when the floor was unset); it is a floor against that, not a budget (``max_epsilon``
 and the server's accountant are), and a site should set the z it actually wants.
+``secagg_min_server_model: honest_but_curious`` accepts both server models (the run's
+``secagg.server_model`` decides); a site that does not trust the coordinator to follow
+the protocol sets ``malicious`` and then refuses, at stage 2 before it shares anything,
+a round whose thresholds were derived for an honest-but-curious server (they do not
+survive a split view of who dropped). The default is the one the project's default run
+uses (README, threat table): the cheaper thresholds, under the documented assumption.
 
 ``max_epsilon`` bounds the ε the client accounts itself: record-level DP-SGD's
 (``dp-epsilon``, its persistent accountant) and local DP's (``dp-local-epsilon``),
@@ -93,6 +101,7 @@ POLICY_FIELDS = (
     "secagg_min_security_bits",
     "secagg_min_correctness_bits",
     "secagg_allow_custom_params",
+    "secagg_min_server_model",
     "ddp_min_noise_multiplier",
     "local_min_noise_multiplier",
     "allow_seeded_noise",
@@ -105,6 +114,9 @@ DEFAULT_MIN_SECURITY_BITS = 40
 DEFAULT_MIN_CORRECTNESS_BITS = 20
 DEFAULT_MIN_CORRUPT_CLIENTS = 1
 DEFAULT_MIN_COHORT_SIZE = 3
+#: Server models, weakest assumption last: a site accepts its minimum and stronger ones.
+SERVER_MODELS = ("honest_but_curious", "malicious")
+DEFAULT_MIN_SERVER_MODEL = "honest_but_curious"
 #: Distributed DP's z floor without a policy file: against a server that turns noise off.
 DEFAULT_DDP_MIN_NOISE_MULTIPLIER = 0.25
 #: Local DP's z floor without a policy file: a server sending z = 0.05 would buy a
@@ -159,6 +171,7 @@ class SitePolicy:
     secagg_min_security_bits: int = DEFAULT_MIN_SECURITY_BITS
     secagg_min_correctness_bits: int = DEFAULT_MIN_CORRECTNESS_BITS
     secagg_allow_custom_params: bool = False
+    secagg_min_server_model: str = DEFAULT_MIN_SERVER_MODEL
     ddp_min_noise_multiplier: float | None = DEFAULT_DDP_MIN_NOISE_MULTIPLIER
     local_min_noise_multiplier: float | None = DEFAULT_LOCAL_MIN_NOISE_MULTIPLIER
     # DP-SGD's noise and batches seeded from the run's seed, round and partition (the
@@ -200,9 +213,22 @@ class SitePolicy:
         honest holders plus the ``Y`` corrupt ones, who answer both, fill two piles of
         ``t``: ``2(t - Y) <= k + 1 - Y``, i.e. ``2t <= k + 1 + Y``
         (:mod:`fl_app.secagg.graph`; derived sparse parameters bound ``Y`` with
-        probability ``1 - 2^-security_bits``, re-derived by the client).
+        probability ``1 - 2^-security_bits``, re-derived by the client). That bound is
+        the ``malicious`` server model's; parameters for an ``honest_but_curious``
+        server need only ``2t > k + 1`` and ``t > C`` and are refused outright when
+        ``secagg_min_server_model`` is ``malicious``.
         """
         n, k, t = params.num_clients, params.degree, params.threshold
+        model = getattr(params.server_model, "value", params.server_model)
+        if SERVER_MODELS.index(model) < SERVER_MODELS.index(self.secagg_min_server_model):
+            raise PolicyViolation(
+                "secagg_min_server_model",
+                f"the round's thresholds assume a {model} server; the site requires "
+                f"{self.secagg_min_server_model} (run with "
+                f"secagg.server_model={self.secagg_min_server_model})",
+            )
+        malicious = model == "malicious"
+        y = min(params.max_corrupt, k) if malicious else 0
         if n < self.secagg_min_cohort_size:
             raise PolicyViolation(
                 "secagg_min_cohort_size",
@@ -211,13 +237,22 @@ class SitePolicy:
                 "cohort cheaply, and sum minus their inputs is the site's input)",
             )
         custom = params.security_bits == 0 and params.correctness_bits == 0
-        if (custom or params.is_complete) and not 2 * t > k + 1 + min(params.max_corrupt, k):
+        if (custom or params.is_complete) and not 2 * t > k + 1 + y:
             field = "secagg_allow_custom_params" if custom else "secagg_min_corrupt_clients"
             raise PolicyViolation(
                 field,
                 f"threshold t={t} with degree k={k} and C={params.max_corrupt} colluders: "
-                f"2t={2 * t} <= k+1+C={k + 1 + min(params.max_corrupt, k)}, so a split view "
-                "of who dropped plus the colluders reveals both secrets of a node",
+                f"2t={2 * t} <= k+1+C={k + 1 + y}, so a split view "
+                "of who dropped plus the colluders reveals both secrets of a node"
+                if malicious
+                else f"threshold t={t} with degree k={k}: 2t={2 * t} <= k+1={k + 1}, so two "
+                "disjoint sets of holders reveal both secrets of a node",
+            )
+        if (custom or params.is_complete) and not t > params.max_corrupt:
+            raise PolicyViolation(
+                "secagg_min_corrupt_clients",
+                f"threshold t={t} does not exceed the C={params.max_corrupt} colluders: "
+                "their own shares rebuild a node's secrets",
             )
         if custom:
             if not self.secagg_allow_custom_params:
@@ -439,6 +474,7 @@ def parse_policy(raw: Any, source: str = "policy") -> SitePolicy:
             raw, "secagg_min_correctness_bits", source, DEFAULT_MIN_CORRECTNESS_BITS
         ),
         secagg_allow_custom_params=_bool(raw, "secagg_allow_custom_params"),
+        secagg_min_server_model=_server_model(raw, source),
         ddp_min_noise_multiplier=z_min,
         local_min_noise_multiplier=local_min,
         allow_seeded_noise=_bool(raw, "allow_seeded_noise"),
@@ -473,6 +509,16 @@ def _number(
             f"{bracket}{low:g}, {high:g})"
         )
     return float(value)
+
+
+def _server_model(raw: Mapping[str, Any], source: str) -> str:
+    value = raw.get("secagg_min_server_model", DEFAULT_MIN_SERVER_MODEL)
+    if value not in SERVER_MODELS:
+        raise PolicyError(
+            f"{source}: policy field `secagg_min_server_model` is {value!r}; it must be one "
+            f"of {list(SERVER_MODELS)}"
+        )
+    return str(value)
 
 
 def _count(raw: Mapping[str, Any], key: str, source: str, default: int) -> int:

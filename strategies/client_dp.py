@@ -261,7 +261,9 @@ class ClientDpSettings:
     # ``(secagg.mode, dropout_tolerance, corrupt_fraction)``: the sizes inside the gate
     # that secure aggregation has no parameters for are abandoned too (holes, each one
     # more flip a client can cause); ``None``: every size in the gate is released.
-    cohort_secagg: tuple[str, float, float] | None = None
+    # (secagg.mode, dropout_tolerance, corrupt_fraction[, server_model]): which sizes
+    # have secure-aggregation parameters (the server model changes the thresholds).
+    cohort_secagg: tuple[str, float, float] | tuple[str, float, float, str] | None = None
     # Central DP under secure aggregation: ``(secagg.bits, model dimension)`` of the
     # fixed-point encoding, whose rounding the noise is calibrated to (encoding_slack).
     encoding: tuple[int, int] | None = None
@@ -307,7 +309,7 @@ class ClientDpSettings:
         if not holes:
             return ""
         shown = ", ".join(str(h) for h in holes[:4]) + (", ..." if len(holes) > 4 else "")
-        mode, drop, corrupt = self.cohort_secagg
+        mode, drop, corrupt = self.cohort_secagg[:3]
         return (
             f", and sizes {shown} that secagg.mode={mode} has no parameters for at "
             f"secagg.dropout_tolerance={drop:g}, secagg.corrupt_fraction={corrupt:g}"
@@ -392,6 +394,7 @@ class ClientDpSettings:
                 sa.mode.value,
                 float(sa.dropout_tolerance),
                 float(sa.corrupt_fraction),
+                sa.server_model.value,
             )
         # A fixed-clipping, z=1 probe of the same sampling: expected cohort and calibration.
         probe = cls(noise_multiplier=1.0, **{**common, "clipping": ClippingMode.fixed})
@@ -523,10 +526,12 @@ def model_dimension(cfg: AppConfig) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def smallest_secure_cohort(mode: str, dropout_tolerance: float, corrupt_fraction: float) -> int:
+def smallest_secure_cohort(
+    mode: str, dropout_tolerance: float, corrupt_fraction: float, server_model: str = "malicious"
+) -> int:
     """The smallest cohort secure aggregation has parameters for (smaller: abandoned)."""
     for n in range(3, 100_000):
-        if _has_secure_params(n, mode, dropout_tolerance, corrupt_fraction):
+        if _has_secure_params(n, mode, dropout_tolerance, corrupt_fraction, server_model):
             return n
     raise ValueError(
         f"secagg.dropout_tolerance={dropout_tolerance:g} with secagg.corrupt_fraction="
@@ -536,13 +541,21 @@ def smallest_secure_cohort(mode: str, dropout_tolerance: float, corrupt_fraction
 
 @functools.lru_cache(maxsize=4096)
 def _has_secure_params(
-    n: int, mode: str, dropout_tolerance: float, corrupt_fraction: float
+    n: int,
+    mode: str,
+    dropout_tolerance: float,
+    corrupt_fraction: float,
+    server_model: str = "malicious",
 ) -> bool:
     from fl_app.secagg.graph import SecAggConfigError, derive_params
 
     try:
         derive_params(
-            n, mode=mode, dropout_tolerance=dropout_tolerance, corrupt_fraction=corrupt_fraction
+            n,
+            mode=mode,
+            dropout_tolerance=dropout_tolerance,
+            corrupt_fraction=corrupt_fraction,
+            server_model=server_model,
         )
     except SecAggConfigError:
         return False
@@ -565,18 +578,27 @@ def _gate_window(q: float, population: int, low: int, high: int | None) -> tuple
 
 @functools.lru_cache(maxsize=64)
 def _cohort_holes(
-    a: int, b: int, mode: str, dropout_tolerance: float, corrupt_fraction: float
+    a: int,
+    b: int,
+    mode: str,
+    dropout_tolerance: float,
+    corrupt_fraction: float,
+    server_model: str = "malicious",
 ) -> tuple[int, ...]:
     return tuple(
         n
         for n in range(a, b + 1)
-        if not _has_secure_params(n, mode, dropout_tolerance, corrupt_fraction)
+        if not _has_secure_params(n, mode, dropout_tolerance, corrupt_fraction, server_model)
     )
 
 
 @functools.lru_cache(maxsize=256)
 def _gate_delta(
-    q: float, population: int, low: int, high: int | None, secagg: tuple[str, float, float]
+    q: float,
+    population: int,
+    low: int,
+    high: int | None,
+    secagg: tuple[str, float, float] | tuple[str, float, float, str],
 ) -> float:
     """``η`` of the gate with the sizes secure aggregation has no parameters for.
 
@@ -603,7 +625,10 @@ def secure_cohort_gate(
         return None
     sa = cfg.secagg
     low = smallest_secure_cohort(
-        sa.mode.value, float(sa.dropout_tolerance), float(sa.corrupt_fraction)
+        sa.mode.value,
+        float(sa.dropout_tolerance),
+        float(sa.corrupt_fraction),
+        sa.server_model.value,
     )
     high = None
     if cfg.privacy.mode is PrivacyMode.distributed:

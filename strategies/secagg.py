@@ -87,7 +87,13 @@ from fl_app.protocol import (
     SERVER_ROUND,
 )
 from fl_app.secagg import crypto, shamir
-from fl_app.secagg.graph import GraphMode, SecAggConfigError, SecAggParams, derive_params
+from fl_app.secagg.graph import (
+    GraphMode,
+    SecAggConfigError,
+    SecAggParams,
+    ServerModel,
+    derive_params,
+)
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
     PublicKeys,
@@ -150,6 +156,8 @@ class SecAggSettings:
     # Rounds a client's stage-1 reply covers (one fresh key pair per round): a client
     # that holds keys for the round skips stage 1. 1 = stage 1 in every round.
     key_rounds: int = 16
+    # What the thresholds (and, when malicious, the protocol) assume of the server.
+    server_model: ServerModel = ServerModel.honest_but_curious
 
     def __post_init__(self) -> None:
         if not 1 <= self.key_rounds <= SECAGG_MAX_KEY_ROUNDS:
@@ -180,6 +188,7 @@ class SecAggSettings:
             clip=None if cfg.clip is None else float(cfg.clip),
             max_weight=float(cfg.max_weight),
             key_rounds=int(cfg.key_rounds),
+            server_model=ServerModel(cfg.server_model.value),
         )
 
 
@@ -398,8 +407,12 @@ def _payload_unmask(content: RecordDict) -> UnmaskReply:
 
 
 @functools.lru_cache(maxsize=64)
-def _params(n: int, mode: GraphMode, drop: float, corrupt: float) -> SecAggParams:
-    return derive_params(n, mode=mode, dropout_tolerance=drop, corrupt_fraction=corrupt)
+def _params(
+    n: int, mode: GraphMode, drop: float, corrupt: float, model: ServerModel
+) -> SecAggParams:
+    return derive_params(
+        n, mode=mode, dropout_tolerance=drop, corrupt_fraction=corrupt, server_model=model
+    )
 
 
 @dataclass
@@ -533,7 +546,9 @@ class SecureAggregation:
         if self.ddp is not None and len(nodes) > self.ddp.max_cohort:
             return None
         try:
-            params = _params(len(nodes), s.mode, s.dropout_tolerance, s.corrupt_fraction)
+            params = _params(
+                len(nodes), s.mode, s.dropout_tolerance, s.corrupt_fraction, s.server_model
+            )
         except SecAggConfigError:
             return None
         context = round_context(int(run_id) % 2**64, rnd)
@@ -659,7 +674,9 @@ class SecureAggregation:
             )
             return outcome
         try:
-            params = _params(len(cohort), s.mode, s.dropout_tolerance, s.corrupt_fraction)
+            params = _params(
+                len(cohort), s.mode, s.dropout_tolerance, s.corrupt_fraction, s.server_model
+            )
         except SecAggConfigError as err:
             outcome.note = f"no secure-aggregation parameters for {len(cohort)} clients: {err}"
             return outcome

@@ -339,7 +339,7 @@ def test_cohort_gate_delta_with_holes_by_hand() -> None:
     )
 
 
-def _odd_sizes_only(n: int, mode: str, drop: float, corrupt: float) -> bool:
+def _odd_sizes_only(n: int, mode: str, drop: float, corrupt: float, *model: str) -> bool:
     return n >= 3 and n % 2 == 1
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "SamplingMode",
     "SecAggConfig",
     "SecAggMode",
+    "SecAggServerModel",
     "SimulationBackend",
     "StrategyConfig",
     "StrategyName",
@@ -305,6 +306,13 @@ class SecAggMode(str, Enum):
     secaggplus = "secaggplus"
 
 
+class SecAggServerModel(str, Enum):
+    """What secure aggregation assumes of the server (README, threat table)."""
+
+    honest_but_curious = "honest_but_curious"  # follows the protocol; semi-honest thresholds
+    malicious = "malicious"  # may deviate: signed keys, consistency check, 2t > k+1+Y
+
+
 @dataclass
 class SecAggConfig:
     """Mask-based secure aggregation (Bonawitz et al. 2017; Bell et al. 2020 for secaggplus).
@@ -337,6 +345,12 @@ class SecAggConfig:
     # 4). Private keys of future rounds wait in the SuperNode's memory until their round;
     # 1 = draw and exchange keys in every round.
     key_rounds: int = 16
+    # honest_but_curious: the server follows the protocol and only learns from what it
+    # receives (Bell et al.'s semi-honest thresholds: k=38, t=20 at 100 clients).
+    # malicious: the server may lie about who dropped or substitute keys; thresholds
+    # survive a split view plus colluders (k=52, t=32 at 100 clients), clients sign their
+    # keys and the survivor set (consistency-check round). A site policy may require it.
+    server_model: SecAggServerModel = SecAggServerModel.honest_but_curious
 
 
 class SimulationBackend(str, Enum):

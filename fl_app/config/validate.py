@@ -247,8 +247,8 @@ _CLIENT_LEVEL_FIELDS = ("noise_multiplier", "clip", "target_epsilon", "delta", "
 
 def _check_privacy(cfg: AppConfig) -> None:
     p = cfg.privacy
-    # Each threat model is a promise (ARCHITECTURE §2); a combination that would run but
-    # not keep it is refused here, before any client starts.
+    # Each threat model is a promise (docs/architecture.md, Threat models); a combination
+    # that would run but not keep it is refused here, before any client starts.
     _check(
         (p.mode is PrivacyMode.distributed) == (p.threat_model is ThreatModel.distributed_dp),
         "privacy.threat_model",

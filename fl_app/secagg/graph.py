@@ -61,12 +61,22 @@ no ``k < n - 1`` qualifies (small cohorts), ``secaggplus`` falls back to the
 complete graph and its deterministic conditions. No valid ``(k, t)`` raises
 :class:`SecAggConfigError` naming the parameters and the fix.
 
-Trust assumptions: the server is honest-but-curious (follows the protocol, draws the
-graph honestly from a CSPRNG seed); dropouts and corruptions do not depend on the
-graph; there is no consistency-check round with signatures (Bonawitz et al.'s
-active-security variant), so a server that lies about who dropped is out of scope
-beyond what ``2t > k + 1 + Y`` (a split view with up to the assumed colluders) and
-the clients' local checks prevent.
+Server models (:class:`ServerModel`, ``secagg.server_model``). The split-view
+conditions above are the ``malicious`` derivation. ``honest_but_curious`` assumes a
+server that follows the protocol (it never tells holders different stories about who
+dropped), so only the colluders' own shares matter: ``t > Y`` (sparse:
+``n * P[Y >= t] <= 2**-(security_bits + 1)``; complete: ``t > C``) plus ``2t > k + 1``,
+the semi-honest parameters of Bell et al. (2020), which give a smaller degree (at
+``n = 100``, 20 % dropouts, 10 % colluders: ``k = 38, t = 20`` instead of ``k = 52,
+t = 32``). The client re-derives ``(k, t)`` for the model the server names and its site
+policy decides which models it accepts (:mod:`fl_app.site_policy`).
+
+Trust assumptions: the graph is drawn honestly from a CSPRNG seed; dropouts and
+corruptions do not depend on the graph. Under ``honest_but_curious`` a server that
+lies about who dropped is out of scope beyond the clients' local checks; under
+``malicious`` the thresholds survive a split view with up to the assumed colluders and
+the protocol adds signed keys and the consistency-check round
+(:mod:`fl_app.secagg.protocol`).
 """
 
 from __future__ import annotations
@@ -89,6 +99,7 @@ __all__ = [
     "GraphMode",
     "SecAggConfigError",
     "SecAggParams",
+    "ServerModel",
     "build_graph",
     "custom_params",
     "derive_params",
@@ -111,6 +122,21 @@ class GraphMode(str, Enum):
 
     secagg = "secagg"
     secaggplus = "secaggplus"
+
+
+class ServerModel(str, Enum):
+    """What the thresholds assume of the server (``secagg.server_model``).
+
+    ``honest_but_curious``: the server follows the protocol and only tries to learn from
+    what it legitimately receives (Bonawitz et al. 2017 §6.1; Bell et al. 2020's
+    semi-honest parameters): corrupt holders alone never reach ``t`` (``t > Y``) and
+    ``2t > k + 1``. ``malicious``: the server may deviate (split views of who dropped,
+    substituted keys): ``2t > k + 1 + Y`` (module docstring), with signed keys and the
+    consistency-check round in the protocol.
+    """
+
+    honest_but_curious = "honest_but_curious"
+    malicious = "malicious"
 
 
 @dataclass(frozen=True)
@@ -153,6 +179,7 @@ class SecAggParams:
     log2_security_failure: float
     log2_correctness_failure: float
     explanation: str
+    server_model: ServerModel = ServerModel.malicious
 
     @property
     def holders(self) -> int:
@@ -168,7 +195,7 @@ class SecAggParams:
         """Scalars for a Flower ConfigRecord (``explanation`` included for logs)."""
         out: dict[str, int | float | str] = {}
         for key, value in asdict(self).items():
-            out[key] = value.value if isinstance(value, GraphMode) else value
+            out[key] = value.value if isinstance(value, Enum) else value
         return out
 
     @classmethod
@@ -189,10 +216,14 @@ class SecAggParams:
             corrupt = float(config["corrupt_fraction"])  # type: ignore[arg-type]
             sec = int(config["security_bits"])  # type: ignore[call-overload]
             cor = int(config["correctness_bits"])  # type: ignore[call-overload]
+            # No default: a client re-derives the thresholds for the model it was told.
+            model = ServerModel(str(config["server_model"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise SecAggConfigError(f"malformed secagg params config: {exc!r}") from exc
         if sec == 0 and cor == 0:
-            params = custom_params(n, k, t, max_dropouts=d, max_corrupt=c, mode=mode)
+            params = custom_params(
+                n, k, t, max_dropouts=d, max_corrupt=c, mode=mode, server_model=model
+            )
         else:
             # The server may assume more colluders than the fraction gives, never fewer:
             # re-deriving with min_corrupt=c yields C=c only when c >= floor(corrupt*n).
@@ -204,6 +235,7 @@ class SecAggParams:
                 security_bits=sec,
                 correctness_bits=cor,
                 min_corrupt=c,
+                server_model=model,
             )
         if (params.degree, params.threshold, params.max_dropouts, params.max_corrupt) != (
             k,
@@ -271,25 +303,39 @@ def _complete(
     sec: int,
     cor: int,
     reason: str,
+    model: ServerModel,
 ) -> SecAggParams:
     t_max = n - d
-    # Split view with C colluders among a node's n holders: 2t > n + C (module docstring).
-    t_min = (n + c) // 2 + 1
+    if model is ServerModel.malicious:
+        # Split view with C colluders among a node's n holders: 2t > n + C (module docstring).
+        t_min = (n + c) // 2 + 1
+        need = f"2t > n + C (a split view plus C colluders), i.e. t >= {t_min}"
+        fix = "(n > 2D + C)"
+        why = (
+            f"2t>n+C={n + c} so neither the corrupt clients nor a split view of the honest "
+            f"holders plus the C colluders can yield both secrets of a node"
+        )
+    else:
+        # Semi-honest server: the C colluders alone stay below t, and 2t > n.
+        t_min = max(c + 1, n // 2 + 1)
+        need = f"t > C and 2t > n, i.e. t >= {t_min}"
+        fix = "(roughly D + max(C, n/2) < n)"
+        why = (
+            f"t>C={c} and 2t>{n} so neither the corrupt clients nor two disjoint honest "
+            "sets can yield both secrets of a node (server following the protocol)"
+        )
     if t_min > t_max:
         raise SecAggConfigError(
             f"no threshold for the complete graph with num_clients={n}, "
             f"dropout_tolerance={drop} (D={d}) and corrupt_fraction={corrupt} (C={c}): "
-            f"correctness needs t <= n - D = {t_max}, security needs 2t > n + C "
-            f"(a split view plus C colluders), i.e. t >= {t_min}; lower dropout_tolerance "
-            "or corrupt_fraction (n > 2D + C)"
+            f"correctness needs t <= n - D = {t_max}, security ({model.value} server) "
+            f"needs {need}; lower dropout_tolerance or corrupt_fraction {fix}"
         )
     explanation = (
         f"{reason}complete graph over n={n} clients (degree {n - 1}); D=floor({drop}*{n})={d} "
         f"may drop, C=floor({corrupt}*{n})={c} may collude with the server. "
         f"t={t_max}=n-D so any {t_max} survivors reconstruct (correctness, deterministic); "
-        f"2t>n+C={n + c} so neither the corrupt clients nor a split view of the honest "
-        f"holders plus the C colluders can yield both secrets of a node (security, "
-        f"deterministic). "
+        f"{why} (security, deterministic). "
         f"Rounds with fewer than {n - d} survivors are abandoned."
     )
     return SecAggParams(
@@ -307,6 +353,7 @@ def _complete(
         log2_security_failure=-math.inf,
         log2_correctness_failure=-math.inf,
         explanation=explanation,
+        server_model=model,
     )
 
 
@@ -319,6 +366,7 @@ def derive_params(
     security_bits: int = DEFAULT_SECURITY_BITS,
     correctness_bits: int = DEFAULT_CORRECTNESS_BITS,
     min_corrupt: int = MIN_CORRUPT_CLIENTS,
+    server_model: ServerModel | str = ServerModel.malicious,
 ) -> SecAggParams:
     """Derive degree ``k`` and threshold ``t`` for a cohort (see the module docstring).
 
@@ -337,6 +385,11 @@ def derive_params(
         correctness over the random graph.
     min_corrupt
         Colluders assumed at least: ``C = max(floor(corrupt_fraction * n), min_corrupt)``.
+    server_model
+        :class:`ServerModel`. ``malicious`` (the default of this function, the stronger
+        assumption) bounds a split view plus colluders: ``2t > k + 1 + Y``.
+        ``honest_but_curious`` uses the semi-honest conditions ``t > Y`` and
+        ``2t > k + 1`` (Bell et al. 2020's semi-honest parameters), a smaller degree.
 
     Raises
     ------
@@ -350,6 +403,7 @@ def derive_params(
         raise SecAggConfigError(
             f"mode must be one of {[m.value for m in GraphMode]}, got {mode!r}"
         ) from exc
+    model = _server_model(server_model)
     drop = _check_fraction("dropout_tolerance", dropout_tolerance)
     corrupt = _check_fraction("corrupt_fraction", corrupt_fraction)
     sec = _check_int("security_bits", security_bits, 1)
@@ -363,7 +417,7 @@ def derive_params(
             "Lower dropout_tolerance or corrupt_fraction, or enlarge the cohort"
         )
     if graph_mode is GraphMode.secagg:
-        return _complete(graph_mode, n, d, c, drop, corrupt, sec, cor, "")
+        return _complete(graph_mode, n, d, c, drop, corrupt, sec, cor, "", model)
 
     lf = _LogFactorials(n)
     log2_n = math.log2(n)
@@ -389,9 +443,16 @@ def derive_params(
             if tail <= -cor:
                 t_cor, log2_cor = t, tail
                 break
-        # Split view plus Y corrupt neighbours: safe iff 2t > k + 1 + Y, so bound
-        # P[Y >= 2t - k - 1] (probability 1 when 2t <= k + 1); implies t > Y.
-        at_least = 2 * t_cor - k - 1
+        if model is ServerModel.malicious:
+            # Split view plus Y corrupt neighbours: safe iff 2t > k + 1 + Y, so bound
+            # P[Y >= 2t - k - 1] (probability 1 when 2t <= k + 1); implies t > Y.
+            at_least = 2 * t_cor - k - 1
+        else:
+            # Semi-honest: the corrupt neighbours alone must stay below t (P[Y >= t]),
+            # and 2t > k + 1 so two disjoint honest sets cannot both reach t.
+            if 2 * t_cor <= k + 1:
+                continue
+            at_least = t_cor
         if at_least > min(c, k):
             log2_corrupt = -math.inf  # Y <= C always: deterministic
         elif k > n - d - 1:
@@ -411,8 +472,8 @@ def derive_params(
             f"k is the smallest even degree with: P[honest survivors disconnected] "
             f"<= 2^{log2_disconnect:.1f}; t={t_cor} is the largest threshold with "
             f"P[some node keeps < t surviving holders] <= 2^{log2_cor:.1f} "
-            f"(target 2^-{cor}); P[some node has >= 2t-k-1 = {2 * t_cor - k - 1} corrupt "
-            f"neighbours (a split view plus them reveals its input)] <= "
+            f"(target 2^-{cor}); P[some node has >= {at_least} corrupt neighbours "
+            f"({_CORRUPT_WHY[model]})] <= "
             f"2^{log2_corrupt:.1f}. Total security failure <= 2^{log2_sec:.1f} "
             f"(target 2^-{sec}). Rounds with fewer than {n - d} survivors are abandoned."
         )
@@ -431,9 +492,25 @@ def derive_params(
             log2_security_failure=log2_sec,
             log2_correctness_failure=log2_cor,
             explanation=explanation,
+            server_model=model,
         )
     reason = f"no sparse degree k < n-1={n - 1} meets 2^-{sec}/2^-{cor} for n={n}; "
-    return _complete(graph_mode, n, d, c, drop, corrupt, sec, cor, reason)
+    return _complete(graph_mode, n, d, c, drop, corrupt, sec, cor, reason, model)
+
+
+_CORRUPT_WHY = {
+    ServerModel.malicious: "2t-k-1: a split view plus them reveals its input",
+    ServerModel.honest_but_curious: "t: their shares alone rebuild its secrets; 2t > k+1",
+}
+
+
+def _server_model(value: object) -> ServerModel:
+    try:
+        return ServerModel(value)
+    except ValueError as exc:
+        raise SecAggConfigError(
+            f"server_model must be one of {[m.value for m in ServerModel]}, got {value!r}"
+        ) from exc
 
 
 def custom_params(
@@ -444,13 +521,15 @@ def custom_params(
     max_dropouts: int,
     max_corrupt: int = 0,
     mode: GraphMode | str = GraphMode.secaggplus,
+    server_model: ServerModel | str = ServerModel.malicious,
 ) -> SecAggParams:
     """Hand-picked ``(k, t)``, checked only against the deterministic conditions.
 
     For experiments and tests with small cohorts: no probabilistic guarantee is
     claimed (``security_bits = correctness_bits = 0``). Checks: ``k`` even or
-    ``n - 1``; ``2t > k + 1 + min(max_corrupt, k)`` (a split view plus every colluder
-    among a node's holders, module docstring) and ``t <= k + 1``; ``t > max_corrupt``;
+    ``n - 1``; ``2t > k + 1 + min(max_corrupt, k)`` for a ``malicious`` server (a split
+    view plus every colluder among a node's holders, module docstring), ``2t > k + 1``
+    for an ``honest_but_curious`` one, and ``t <= k + 1``; ``t > max_corrupt``;
     ``n - max_dropouts - max_corrupt >= 2``; complete graph: ``t <= n - max_dropouts``.
     """
     n = _check_int("num_clients", num_clients, 3)
@@ -459,18 +538,25 @@ def custom_params(
     t = _check_int("threshold", threshold, 2)
     d = _check_int("max_dropouts", max_dropouts, 0)
     c = _check_int("max_corrupt", max_corrupt, 0)
+    model = _server_model(server_model)
     if k > n - 1 or (k % 2 and k != n - 1) or (graph_mode is GraphMode.secagg and k != n - 1):
         raise SecAggConfigError(
             f"degree={k} invalid for num_clients={n} in mode {graph_mode.value}: use an even "
             f"degree below {n - 1} (Harary graph) or {n - 1} (complete graph)"
         )
     # 2t > k + 1 + Y exactly, Y = min(C, k) corrupt holders that answer both piles of a
-    # split view (for odd k, k//2 + 1 would admit 2t = k + 1 even with Y = 0).
-    y = min(c, k)
+    # split view (for odd k, k//2 + 1 would admit 2t = k + 1 even with Y = 0); a server
+    # following the protocol shows no split view: 2t > k + 1 (Y = 0 here, t > C below).
+    y = min(c, k) if model is ServerModel.malicious else 0
     t_min = (k + 1 + y) // 2 + 1
     if not t_min <= t <= k + 1:
+        rule = (
+            "2t > degree+1+min(max_corrupt, degree)"
+            if model is ServerModel.malicious
+            else "2t > degree+1"
+        )
         raise SecAggConfigError(
-            f"threshold={t} must satisfy 2t > degree+1+min(max_corrupt, degree) and "
+            f"threshold={t} must satisfy {rule} ({model.value} server) and "
             f"t <= degree+1, i.e. {t_min} <= t <= {k + 1}"
         )
     if t <= c:
@@ -500,8 +586,9 @@ def custom_params(
         log2_correctness_failure=0.0,
         explanation=(
             f"custom parameters: n={n}, k={k}, t={t}, D={d}, C={c}; only deterministic "
-            "checks, no probabilistic guarantee"
+            f"checks ({model.value} server), no probabilistic guarantee"
         ),
+        server_model=model,
     )
 
 

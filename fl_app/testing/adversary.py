@@ -277,17 +277,21 @@ def weaker_params(
     dropout_tolerance: float | None = None,
     corrupt_fraction: float | None = None,
     security_bits: int | None = None,
+    server_model: str | None = None,
 ) -> Lie:
     """Stage 2: parameters re-derived with weaker inputs, or hand-picked ``(k, t)``.
 
     ``custom=(k, t)`` builds :func:`~fl_app.secagg.graph.custom_params` when they pass
     its checks, else writes the values raw (what a deviating server can send anyway).
+    ``server_model``: re-derive for another server model (``"honest_but_curious"``: the
+    cheaper thresholds a malicious server would like its clients to accept).
     """
 
     def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
         if stage != 2:
             return config
         honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        model = honest.server_model if server_model is None else server_model
         if custom is not None:
             k, t = custom
             try:
@@ -298,6 +302,7 @@ def weaker_params(
                     max_dropouts=honest.max_dropouts,
                     max_corrupt=honest.max_corrupt,
                     mode=honest.mode,
+                    server_model=model,
                 ).to_config()
             except ValueError:
                 raw = {
@@ -318,6 +323,7 @@ def weaker_params(
                 if corrupt_fraction is None
                 else corrupt_fraction,
                 security_bits=honest.security_bits if security_bits is None else security_bits,
+                server_model=model,
             ).to_config()
         config[SECAGG_PARAMS] = json.dumps(raw, sort_keys=True)
         return config
