@@ -211,8 +211,8 @@ def run(quick: bool) -> Section:
         notes.append(
             "Legacy SecAgg+ not run (would not fit in the section's share of the time budget) at: "
             + "; ".join(skipped)
-            + ". The last measured Flower figure (FLOWER_NOTES): N=100, 1M: 19.6 s vs 2.45 s "
-            "plain (share count not recorded)."
+            + ". The last measured Flower figure (Flower 1.41, by hand): N=100, 1M: 19.6 s vs "
+            "2.45 s plain (share count not recorded)."
         )
     if errors:
         notes.append(

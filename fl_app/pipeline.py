@@ -1,6 +1,6 @@
 """The client's train pipeline: the one place that fixes the order of privacy stages.
 
-Order (ARCHITECTURE §3), never decided by configuration:
+Order (docs/architecture.md, The privacy stage order), never decided by configuration:
 
 1. load the global weights;
 2. local training (plain, or Opacus DP-SGD once record-level DP lands);

@@ -39,7 +39,7 @@ store of future rounds' private keys and, under share-ahead, the next round's se
 from its stage 2 on. None ever reaches a log or a checkpoint (Flower keeps
 ``Context.state`` in the SuperNode's memory).
 
-The client decides its own safety parameters (ARCHITECTURE §2a): the round's
+The client decides its own safety parameters (docs/architecture.md, Rules): the round's
 ``(k, t)``, fractions and bits are checked at stage 2 against the site's floor
 (:class:`~fl_app.site_policy.SitePolicy`, safe defaults without a policy file),
 distributed DP's ``n_min`` and noise at stage 3, and at stage 4 the survivor and

@@ -1,7 +1,7 @@
 """Server side of fl-app: the round driver and the strategies it wraps.
 
 Privacy layers (client-level DP, secure aggregation, budget guards) plug in here as
-wrappers and driver stages; see ``ARCHITECTURE.md`` §3.
+wrappers and driver stages; see docs/architecture.md (One round, as data flows).
 """
 
 from strategies.driver import (

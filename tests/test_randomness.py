@@ -1,4 +1,4 @@
-"""Who holds the randomness (ARCHITECTURE §2a): guarantees that fail if a party other
+"""Who holds the randomness (docs/architecture.md, Rules): guarantees that fail if a party other
 than the one adding the noise can predict it.
 
 * DP-SGD: from the server's view (seed, round, partition, everything it sent), neither

@@ -5,9 +5,10 @@ step Poisson-samples the client's local records with rate ``q``, clips every
 per-example gradient to norm ``C`` and adds Gaussian noise of standard deviation
 ``z·C`` to their sum. A :class:`DpSgdEvent` describes one such block and a
 :class:`PrivacyHistory` is the client's ledger of them. The ledger, not an accountant
-object, is what persists across rounds and restarts (ARCHITECTURE §5, STYLE habit 5):
-ε is always recomputed from the *whole* ledger, so an accountant is never rebuilt
-from scratch mid-run and a round can never forget the rounds before it.
+object, is what persists across rounds and restarts (docs/architecture.md, Privacy
+accounting; house rule 5): ε is always recomputed from the *whole* ledger, so an
+accountant is never rebuilt from scratch mid-run and a round can never forget the
+rounds before it.
 
 Three accountants turn a ledger into ε at a given δ (:class:`AccountantName`):
 

@@ -4,13 +4,14 @@ Implements DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS
 2016) through Opacus' :class:`~opacus.PrivacyEngine`: each step draws a Poisson
 sample of the local records, clips every per-sample gradient to ``max_grad_norm``
 ``C``, sums them, adds Gaussian noise of standard deviation ``z·C`` and divides by
-the expected batch size. The guarantee is record level, per institution (ARCHITECTURE
-§2, ``record_level``), against anyone who sees the model after any step.
+the expected batch size. The guarantee is record level, per institution
+(docs/architecture.md, Threat models: ``record_level``), against anyone who sees the
+model after any step.
 
 Trust assumptions and what this module does *not* do:
 
 * It does not account. The caller owns the privacy history (one ledger per run,
-  persisted across rounds, STYLE habit 5); this module returns the number of steps
+  persisted across rounds, house rule 5); this module returns the number of steps
   actually taken and the sampling rate they used, and :func:`planned_steps` gives
   both *before* training so the server can project ε and refuse a round that would
   exceed the budget. Opacus' own accountant is attached by ``make_private`` and
@@ -24,7 +25,7 @@ Trust assumptions and what this module does *not* do:
   which floating point makes one less for some ``(N, k)`` and 0 for ``N=49, B=1``
   (a division by zero: NaN weights); we set the value it intends. This scales
   signal and noise together, so z, q and the guarantee are unchanged.
-* Who holds the randomness (ARCHITECTURE §2a). With ``secure_mode=True`` (the
+* Who holds the randomness (docs/architecture.md, Rules). With ``secure_mode=True`` (the
   default) the Gaussian noise and the Poisson batches come from two ChaCha20
   keystreams (:class:`fl_app.privacy.noise.SecureNoise`) under keys this process
   draws from ``os.urandom`` at each call: nothing the server sends (seed, round,

@@ -7,7 +7,7 @@ clipped to L2 norm ``C``, adds ``N(0, (z·C)²)`` to the sum and divides by the
 expected cohort size. A :class:`RoundEvent` records one such round exactly as it ran
 (sampling, population, cohort, effective ``z``, the clip norm used); the ledger is
 the immutable tuple of them, persisted every round, and ε is always recomputed from
-the whole ledger (STYLE habit 5).
+the whole ledger (house rule 5, docs/architecture.md).
 
 Which dp-accounting event a round is (the accountant must describe the sampling that
 actually happened):

@@ -1,7 +1,7 @@
 """Where a DP-SGD client keeps its privacy state between rounds and across restarts.
 
 The accountant history is the only thing standing between an institution and an
-under-counted epsilon, so it lives in two places (ARCHITECTURE §5, STYLE habit 5):
+under-counted epsilon, so it lives in two places (docs/architecture.md, Privacy accounting):
 
 * ``Context.state`` (``fl-app.dpsgd`` record): survives rounds while the SuperNode
   (or simulation) process lives;

@@ -8,10 +8,10 @@ Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
 Aggregation", §4) with unbiased stochastic rounding, and derives its scale so the
 sum can never wrap around.
 
-Derivation (one source of truth; STYLE habit 7). With per-coordinate bound ``B``
-(``max_abs``; a clipped update of L2 norm ``<= C`` has every coordinate in
-``[-C, C]``, so ``B = C`` is always safe), ``n`` = ``max_contributors`` and a
-power-of-two scale ``s``:
+Derivation (one source of truth; house rule 7 in docs/architecture.md). With
+per-coordinate bound ``B`` (``max_abs``; a clipped update of L2 norm ``<= C`` has
+every coordinate in ``[-C, C]``, so ``B = C`` is always safe), ``n`` =
+``max_contributors`` and a power-of-two scale ``s``:
 
 * one encoded coordinate is ``floor(x*s) + Bernoulli(frac(x*s))`` in
   ``[-(B*s + 1), B*s + 1]``;

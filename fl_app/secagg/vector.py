@@ -3,8 +3,8 @@
 Secure aggregation (Bonawitz et al., CCS 2017) reveals only ``Σ_u x_u`` of the clients'
 ring vectors. To let the server compute a *weighted* mean and the round's training
 metrics without learning any client's weight or metrics, every client appends them to
-its update as extra coordinates (ARCHITECTURE §4, "weighted averaging without leaking
-weights"); the server learns only their sums.
+its update as extra coordinates (docs/architecture.md, Secure aggregation: "weighted
+averaging without leaking weights"); the server learns only their sums.
 
 Layout of ``x_u`` (length ``num_params + len(EXTRAS)``), before fixed-point encoding:
 
