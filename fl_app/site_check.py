@@ -123,6 +123,34 @@ def _check_ca(path: str) -> SiteCheck:
     return SiteCheck("ca", True, f"{p}: {cert.subject.rfc4514_string()}")
 
 
+def site_dataset_defaults(node_config: Mapping[str, Any]) -> Any:
+    """The shipped dataset settings a node is checked against before any experiment.
+
+    ``configs/dataset/local.yaml`` for a site's own file (``"data-path"``, with
+    ``dataset.local_format`` from ``"data-format"``), else the default dataset of
+    ``configs/config.yaml`` (a simulated partition). Raises ``DataError`` for a
+    ``"data-format"`` that names no format.
+    """
+    from fl_app.config.compose import compose_config
+    from fl_app.config.schema import LocalFormat
+    from fl_app.data import DataError
+    from fl_app.data.sites import NODE_DATA_FORMAT_KEY
+    from fl_app.data.sources import NODE_DATA_PATH_KEY
+
+    if node_config.get(NODE_DATA_PATH_KEY) in (None, ""):
+        return compose_config("config", []).dataset
+    overrides = ["dataset=local", "server_eval=false"]
+    node_format = node_config.get(NODE_DATA_FORMAT_KEY)
+    if node_format not in (None, ""):
+        if str(node_format) not in {f.value for f in LocalFormat}:
+            raise DataError(
+                f'node-config "{NODE_DATA_FORMAT_KEY}" is {node_format!r}; use one of '
+                f"{sorted(f.value for f in LocalFormat)}"
+            )
+        overrides.append(f"dataset.local_format={node_format}")
+    return compose_config("config", overrides).dataset
+
+
 def check_site(
     node_config: Mapping[str, Any],
     *,
@@ -155,6 +183,8 @@ def check_site(
         checks.append(SiteCheck("site", False, str(err)))
     if any(k in node_config for k in ("data-path", "partition-id")):
         try:
+            if dataset is None:
+                dataset = site_dataset_defaults(node_config)
             checks.append(SiteCheck("data", True, check_site_data(node_config, dataset).line()))
         except DataError as err:
             checks.append(SiteCheck("data", False, str(err)))

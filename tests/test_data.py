@@ -690,15 +690,23 @@ def test_check_site_data_for_a_supernode(tmp_path):
         check_site_data({"data-path": str(path), "data-format": "csv"}, cfg)
     with pytest.raises(DataError, match="does not exist"):
         check_site_data({"data-path": str(tmp_path / "gone.npz")}, cfg)
-    # Without the experiment's config the shipped dataset=local defaults apply, whose
-    # pixel_scale of 1 refuses raw 0..16 digits.
+    # Without the experiment's config the shipped dataset=local defaults apply
+    # (fl_app.site_check composes them), whose pixel_scale of 1 refuses raw 0..16 digits.
+    from fl_app.data import SiteData
+    from fl_app.site_check import site_dataset_defaults
+
+    def check(node: dict[str, object]) -> SiteData:
+        return check_site_data(node, site_dataset_defaults(node))
+
     with pytest.raises(DataError, match=r"dataset\.pixel_scale=16"):
-        check_site_data({"data-path": str(path), "data-format": "npz"})
+        check({"data-path": str(path), "data-format": "npz"})
+    with pytest.raises(DataError, match=r'"data-format" is \'xml\'; use one of'):
+        check({"data-path": str(path), "data-format": "xml"})
     # A node without a file serves a partition of the default (built-in) dataset.
-    digits = check_site_data({"partition-id": 2, "num-partitions": 3})
+    digits = check({"partition-id": 2, "num-partitions": 3})
     assert digits.site == "digits partition 2 of 3" and digits.train > 0
     with pytest.raises(DataError, match="partition-id"):
-        check_site_data({"partition-id": 3, "num-partitions": 3})
+        check({"partition-id": 3, "num-partitions": 3})
 
 
 def test_simulation_rehearses_a_consortium_one_client_per_site_file(tmp_path, monkeypatch):

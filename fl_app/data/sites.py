@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fl_app.config.schema import DatasetConfig, DatasetKind, LocalFormat
+from fl_app.config.schema import DatasetConfig, DatasetKind
 from fl_app.data import sources
 from fl_app.data.errors import DataError
 from fl_app.data.loader import load_client_data
@@ -61,9 +61,7 @@ class SiteData:
         return f"{self.site}: ok ({self.train} training, {self.val} validation examples)"
 
 
-def check_site_data(
-    node_config: NodeConfig, cfg: DatasetConfig | None = None, seed: int = 0
-) -> SiteData:
+def check_site_data(node_config: NodeConfig, cfg: DatasetConfig, seed: int = 0) -> SiteData:
     """Check one SuperNode's data as its ClientApp would load it, before any round.
 
     For the SuperNode start-up check and ``fl-app site check --node-config ...``.
@@ -74,13 +72,11 @@ def check_site_data(
         The SuperNode's ``--node-config``: ``"data-path"`` (and ``"data-format"``) for
         a site's own file; ``"partition-id"``/``"num-partitions"`` for a simulated
         partition of a built-in dataset.
-    cfg : DatasetConfig, optional
-        The experiment's dataset section, when known. A SuperNode starts before any
-        experiment is submitted, so by default a site's file (``"data-path"``) is
-        checked against ``configs/dataset/local.yaml`` (input shape, classes, pixel
-        scale, input range), with ``dataset.local_format`` taken from
-        ``"data-format"``; a node without a file (a simulated partition) against the
-        default dataset of ``configs/config.yaml``.
+    cfg : DatasetConfig
+        The experiment's dataset section. A SuperNode starts before any experiment
+        is submitted, so its start-up check passes the shipped defaults instead
+        (:func:`fl_app.site_check.site_dataset_defaults`; this package composes no
+        Hydra config).
     seed : int
         Seed of the train/validation split (sizes do not depend on it).
 
@@ -97,10 +93,7 @@ def check_site_data(
         out of range, mis-scaled features, or partition keys out of range.
     """
     node_format = node_config.get(NODE_DATA_FORMAT_KEY)
-    if cfg is None:
-        has_file = node_config.get(sources.NODE_DATA_PATH_KEY) not in (None, "")
-        cfg = _site_defaults(node_format, has_file)
-    elif node_format not in (None, "") and str(node_format) != cfg.local_format.value:
+    if node_format not in (None, "") and str(node_format) != cfg.local_format.value:
         raise DataError(
             f'node-config "{NODE_DATA_FORMAT_KEY}={node_format}" but the experiment reads '
             f"dataset.local_format={cfg.local_format.value}; convert the site's file or "
@@ -179,23 +172,3 @@ def check_local_data(cfg: DatasetConfig, seed: int) -> list[SiteData]:
             f"local data check failed before round 1 ({total}):\n  " + "\n  ".join(failures)
         )
     return found
-
-
-def _site_defaults(node_format: object, has_file: bool) -> DatasetConfig:
-    """The shipped dataset settings a node is checked against before any experiment.
-
-    ``configs/dataset/local.yaml`` for a site's own file, else the default dataset.
-    """
-    from fl_app.config.compose import compose_config
-
-    if not has_file:
-        return compose_config("config", []).dataset
-    overrides = ["dataset=local", "server_eval=false"]
-    if node_format not in (None, ""):
-        if str(node_format) not in {f.value for f in LocalFormat}:
-            raise DataError(
-                f'node-config "{NODE_DATA_FORMAT_KEY}" is {node_format!r}; use one of '
-                f"{sorted(f.value for f in LocalFormat)}"
-            )
-        overrides.append(f"dataset.local_format={node_format}")
-    return compose_config("config", overrides).dataset
