@@ -33,13 +33,8 @@ _one_torch_thread
 _.fit
 
 # Read reflectively: fl_app.checkpoint.strategy_state walks a strategy's attributes
-# (tests/test_checkpoint_units.py feeds it these), and fl_app.report writes each
+# (tests/test_checkpoint_units.py feeds it these), and fl_app.release.report writes each
 # column of its row by name (the `rounds_planned` column).
 _.mixed
 _.int_keys
 rounds_planned
-
-# Dead write, left to the audit package move (issue 18): the chain scan records the
-# torn tail's size but nothing reads it (fl_app/audit/chain.py: _Scan.torn_bytes).
-torn_bytes
-_.torn_bytes

@@ -30,13 +30,9 @@ from flwr.app import Message
 
 from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
-from fl_app.export import (
-    _client_level_noise_source,
-    _not_protected,
-    _threat_model_text,
-    export_run,
-    render_card_markdown,
-)
+from fl_app.release import export_run, render_card_markdown
+from fl_app.release.card import client_level_noise_source
+from fl_app.release.caveats import not_protected, threat_model_text
 from fl_app.server_app import run_experiment
 from fl_app.testing import InProcessGrid
 
@@ -146,17 +142,17 @@ def test_markdown_card_shows_the_epsilon_against_the_server() -> None:
 @pytest.mark.parametrize("secure_mode", ["true", "false"])
 def test_distributed_dp_noise_source_is_the_clients_csprng(secure_mode: str) -> None:
     cfg = _cfg("privacy=distributed", "secagg=secaggplus", f"privacy.secure_mode={secure_mode}")
-    source = _client_level_noise_source(cfg)
+    source = client_level_noise_source(cfg)
     assert "seeded" not in source
     assert "CSPRNG in each client" in source
-    assert not any("seeded" in item for item in _not_protected(cfg))
+    assert not any("seeded" in item for item in not_protected(cfg))
 
 
 def test_central_dp_noise_source_still_follows_secure_mode() -> None:
-    assert "seeded" in _client_level_noise_source(
+    assert "seeded" in client_level_noise_source(
         _cfg("privacy=central", "privacy.secure_mode=false")
     )
-    assert "seeded" not in _client_level_noise_source(
+    assert "seeded" not in client_level_noise_source(
         _cfg("privacy=central", "privacy.secure_mode=true")
     )
 
@@ -166,18 +162,18 @@ def test_central_dp_noise_source_still_follows_secure_mode() -> None:
 
 def test_dpsgd_with_secagg_card_says_the_server_saw_only_the_masked_sum() -> None:
     cfg = _cfg("privacy=dpsgd", "secagg=secaggplus", "secagg.clip=10.0")
-    threat = _threat_model_text(cfg)
+    threat = threat_model_text(cfg)
     assert "every institution's update" not in threat
     assert "masked sum" in threat
-    items = _not_protected(cfg)
+    items = not_protected(cfg)
     assert not any("saw each institution's whole" in item for item in items)
     assert any("only the exact sum" in item for item in items)
 
 
 def test_dpsgd_without_secagg_card_still_says_the_server_saw_each_update() -> None:
     cfg = _cfg("privacy=dpsgd", "secagg=off")
-    assert "every institution's update" in _threat_model_text(cfg)
-    assert any("saw each institution's whole" in item for item in _not_protected(cfg))
+    assert "every institution's update" in threat_model_text(cfg)
+    assert any("saw each institution's whole" in item for item in not_protected(cfg))
 
 
 # ---- item 7: what a DP-SGD client sends in the clear --------------------------------
@@ -185,7 +181,7 @@ def test_dpsgd_without_secagg_card_still_says_the_server_saw_each_update() -> No
 
 def test_dpsgd_without_secagg_card_names_the_plaintext_dp_metrics() -> None:
     cfg = _cfg("privacy=dpsgd", "secagg=off")
-    items = _not_protected(cfg)
+    items = not_protected(cfg)
     sent = [item for item in items if "in plaintext" in item]
     assert len(sent) == 1, items
     text = sent[0]
@@ -210,7 +206,7 @@ def test_dpsgd_without_secagg_card_names_the_plaintext_dp_metrics() -> None:
 
 def test_central_dp_without_secagg_card_names_training_and_evaluation_replies() -> None:
     cfg = _cfg("privacy=central", "secagg=off")
-    items = _not_protected(cfg)
+    items = not_protected(cfg)
     (sent,) = [item for item in items if "in the clear" in item and "example count" in item]
     assert "training loss and accuracy" in sent
     assert "federated evaluation loss, accuracy and example count" in sent
@@ -287,12 +283,12 @@ def test_exported_dpsgd_card_names_every_plaintext_metric_its_clients_sent(
 
 def test_no_dp_secagg_card_does_not_say_the_server_saw_each_update() -> None:
     cfg = _cfg("privacy=none", "secagg=secaggplus", "secagg.clip=10.0")
-    assert "in the clear" not in _threat_model_text(cfg)
-    items = _not_protected(cfg)
+    assert "in the clear" not in threat_model_text(cfg)
+    items = not_protected(cfg)
     assert not any("every client's update" in x for x in items)
     assert any("exact sum" in x for x in items)
     # secure aggregation turns federated evaluation off by default
     assert not any("federated evaluation" in x for x in items)
     plain = _cfg("privacy=none", "secagg=off")
-    assert "in the clear" in _threat_model_text(plain)
-    assert any("every client's update in the clear" in x for x in _not_protected(plain))
+    assert "in the clear" in threat_model_text(plain)
+    assert any("every client's update in the clear" in x for x in not_protected(plain))

@@ -356,7 +356,7 @@ def test_sweep_jobs_with_bad_values_are_marked_failed_and_the_sweep_exits_non_ze
     import subprocess
     import sys
 
-    from fl_app.report import collect_jobs
+    from fl_app.release.report import collect_jobs
 
     sweep = tmp_path / "sweep"
     done = subprocess.run(

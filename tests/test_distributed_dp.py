@@ -510,7 +510,7 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     # No plaintext training metrics: the server learns nothing un-noised.
     assert "train_loss" not in lines[0] and "train-loss" not in json.dumps(lines[0])
     # The release states the distributed-DP threat model and its caveat.
-    from fl_app.export import export_run
+    from fl_app.release import export_run
 
     card = export_run(run, "public", tmp_path / "release").card
     assert "distributed DP" in json.dumps(card)

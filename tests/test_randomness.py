@@ -265,7 +265,7 @@ def central_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_seeded_run_is_not_for_release_and_public_export_refuses_it(
     central_runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    from fl_app.export import ExportRefused, export_run
+    from fl_app.release import ExportRefused, export_run
 
     run = central_runs["seeded"]
     release = json.loads((run / "summary.json").read_text())["release"]
@@ -296,7 +296,7 @@ def test_published_config_hash_matches_no_seed_search(
     import yaml
 
     from fl_app.config.compose import config_to_dict, to_app_config
-    from fl_app.export import export_run
+    from fl_app.release import export_run
 
     run = central_runs["default"]
     summary = json.loads((run / "summary.json").read_text())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.report import JobResult, collect_jobs, curves_by_clip
-from fl_app.report import main as report_main
+from fl_app.cli.report import report_main
+from fl_app.release.report import JobResult, collect_jobs, curves_by_clip
 
 
 def test_report_collects_a_six_job_privacy_sweep(
@@ -80,7 +80,7 @@ def _job(n: int, overrides: dict[str, str], **values: object) -> JobResult:
 def test_plots_are_readable() -> None:
     """Legends outside the axes, only swept parameters named, integer rounds from 0,
     client- and record-level epsilon on separate panels."""
-    from fl_app.report import epsilon_curves, plot_figures, swept_keys
+    from fl_app.release.report import epsilon_curves, plot_figures, swept_keys
 
     common = {"num_rounds": "3", "runtime": "inprocess"}
     jobs = [

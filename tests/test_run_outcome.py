@@ -13,9 +13,9 @@ import pytest
 
 from fl_app.audit import verify
 from fl_app.cli import main as cli_main
-from fl_app.export import ExportRefused, export_run
-from fl_app.report import collect_jobs
-from fl_app.report import main as report_main
+from fl_app.cli.report import report_main
+from fl_app.release import ExportRefused, export_run
+from fl_app.release.report import collect_jobs
 from fl_app.rundir import run_outcome
 
 

@@ -250,7 +250,7 @@ def test_model_card_says_the_record_count_is_public_within_what_epsilon_reveals(
     """Record-level epsilon is sent in plaintext even where the threat model hides the
     steps (it pins the count to within about a batch, red-team r5): the model card says
     the count is not secret instead of implying it is."""
-    from fl_app.export import _not_protected
+    from fl_app.release.caveats import not_protected
 
     cfg = compose_config(
         "config",
@@ -261,6 +261,6 @@ def test_model_card_says_the_record_count_is_public_within_what_epsilon_reveals(
             "privacy.dpsgd.noise_multiplier=1.0",
         ],
     )
-    text = " ".join(_not_protected(cfg))
+    text = " ".join(not_protected(cfg))
     assert "record-level epsilon" in text
     assert "within about a batch, so the record count is not secret" in text

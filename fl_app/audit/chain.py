@@ -161,7 +161,6 @@ class _Scan:
     first_broken: int | None = None
     reason: str = "ok"
     torn: bool = False
-    torn_bytes: int = 0
     wanted: dict[int, str] = field(default_factory=dict)
 
 
@@ -173,7 +172,6 @@ def _scan(fh: BinaryIO, wanted_seqs: Iterable[int] = ()) -> _Scan:
         if not raw.endswith(b"\n"):
             scan.first_broken = line_no
             scan.torn = True
-            scan.torn_bytes = len(raw)
             scan.reason = (
                 f"torn tail: line {line_no} is incomplete ({len(raw)} bytes, no newline); "
                 "a crash during an append, not a broken link"

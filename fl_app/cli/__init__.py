@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
 
         simulate_main(rest)
     elif command == "report":
-        from fl_app.report import main as report_main
+        from fl_app.cli.report import report_main
 
         raise SystemExit(report_main(rest))
     elif command == "export":
-        from fl_app.export import export_main
+        from fl_app.cli.export import export_main
 
         raise SystemExit(export_main(rest))
     elif command == "audit-privacy":

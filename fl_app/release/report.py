@@ -1,4 +1,5 @@
-"""``fl-app report <multirun dir>``: one table and the privacy-utility plots of a sweep.
+"""One table and the privacy-utility plots of a sweep (``fl-app report <multirun dir>``,
+:mod:`fl_app.cli.report`).
 
 A Hydra multirun (``fl-app simulate -m privacy.noise_multiplier=0.5,1,2
 privacy.clip=0.5,1``) leaves one job directory per setting, each with Hydra's
@@ -26,11 +27,9 @@ reason their ``summary.json`` gives. Only aggregate numbers are read: nothing pe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ __all__ = [
     "collect_jobs",
     "curves_by_clip",
     "epsilon_curves",
-    "main",
     "plot_figures",
     "swept_keys",
     "unsuccessful_jobs",
@@ -299,15 +297,25 @@ def plot_figures(jobs: Sequence[JobResult]) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
-
-    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
 
     constants = _constants(jobs)
     subtitle = "\n".join(textwrap.wrap(f"fixed: {constants}", 90)) if constants else ""
-    figures: dict[str, Any] = {}
+    figures = {
+        "accuracy_vs_epsilon.png": _epsilon_figure(jobs),
+        "accuracy_vs_rounds.png": _rounds_figure(jobs),
+    }
+    if subtitle:
+        for fig in figures.values():
+            fig.suptitle(subtitle, fontsize=8)
+    return figures
 
+
+def _epsilon_figure(jobs: Sequence[JobResult]) -> Any:
+    """Accuracy against ε: one panel per kind of ε that some job has (client first)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
     levels = [
         (level, epsilon_curves(jobs, level), axis)
         for level, axis in (
@@ -338,9 +346,13 @@ def plot_figures(jobs: Sequence[JobResult]) -> dict[str, Any]:
         if ax.get_legend_handles_labels()[0]:
             # Below the panel: each panel's own curves, never over them.
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8)
-    if subtitle:
-        fig.suptitle(subtitle, fontsize=8)
-    figures["accuracy_vs_epsilon.png"] = fig
+    return fig
+
+
+def _rounds_figure(jobs: Sequence[JobResult]) -> Any:
+    """Test accuracy per round from round 0, one curve per job."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     keys = swept_keys(jobs)
@@ -364,10 +376,7 @@ def plot_figures(jobs: Sequence[JobResult]) -> dict[str, Any]:
     ax.grid(True, alpha=0.3)
     if 0 < plotted <= _MAX_LEGEND_ENTRIES:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
-    if subtitle:
-        fig.suptitle(subtitle, fontsize=8)
-    figures["accuracy_vs_rounds.png"] = fig
-    return figures
+    return fig
 
 
 def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
@@ -381,30 +390,3 @@ def _plots(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="fl-app report", description="Collect a Hydra multirun into a table and plots."
-    )
-    parser.add_argument("multirun_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default: the multirun dir")
-    args = parser.parse_args(argv)
-    try:
-        jobs = collect_jobs(args.multirun_dir)
-    except FileNotFoundError as err:
-        print(f"fl-app report: {err}", file=sys.stderr)
-        return 2
-    if not jobs:
-        print(f"fl-app report: no job directories under {args.multirun_dir}", file=sys.stderr)
-        return 2
-    paths = write_report(jobs, args.out or args.multirun_dir)
-    print((args.out or args.multirun_dir).joinpath("report.md").read_text(), end="")
-    bad = unsuccessful_jobs(jobs)
-    if bad:
-        print(f"\n{len(bad)} of {len(jobs)} jobs did not succeed:")
-        for line in bad:
-            print(f"  {line}")
-    for p in paths:
-        print(f"wrote {p}")
-    return 0
