@@ -24,7 +24,7 @@ from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
-from fl_app.privacy.clipping import clip_l2
+from fl_app.privacy.clipping import clip_l2, l2_norm
 from fl_app.privacy.ledger import (
     FederationLedger,
     LedgerError,
@@ -38,7 +38,7 @@ from fl_app.protocol import METRICS_KEY, UNCLIPPED_KEY, UPDATE_KEY
 from fl_app.server_app import run_experiment
 from fl_app.simulation import run_simulation_experiment
 from fl_app.testing import InProcessGrid
-from fl_app.weights import l2_norm, load_safetensors
+from fl_app.weights import load_safetensors
 from strategies.budget import BudgetGuard
 from strategies.client_dp import (
     CENTRAL_NOISE_STREAM,

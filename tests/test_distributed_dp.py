@@ -476,6 +476,9 @@ def test_distributed_dp_run_through_the_real_client_app(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["status"] == "completed"
     assert all(r["model_updated"] and r["secagg_contributors"] == 10 for r in lines)
+    # The noise shares are client-keyed CSPRNG draws (secure_mode cannot seed them): over
+    # 15 runs accuracy was 0.69-0.83 (mean 0.76, sd 0.033) against this floor of 0.32,
+    # 13 sd below: false failure < 1e-30 if Gaussian.
     assert summary["accuracy"] > summary["initial_accuracy"] + 0.2
     # The upload is 16 bits per rotated coordinate (8,192 for 4,810 parameters), plus
     # keys and shares (round 1 also advertises keys ahead and shares for round 2).
