@@ -36,7 +36,6 @@ __all__ = [
     "array_view",
     "flatten",
     "from_array_record",
-    "l2_norm",
     "load_ndarrays",
     "load_safetensors",
     "model_to_ndarrays",
@@ -406,30 +405,3 @@ def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.n
         else:
             out[key] = chunk.astype(t.dtype, copy=True)
     return out
-
-
-def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
-    """Return the Euclidean norm of all arrays taken together, computed in ``float64``.
-
-    Parameters
-    ----------
-    arrays : Mapping[str, numpy.ndarray]
-        Named arrays (0-d included).
-
-    Returns
-    -------
-    float
-        ``sqrt(sum of squares of every element)``; ``0.0`` for no arrays,
-        ``inf``/``nan`` if an element is non-finite.
-    """
-    vectors = [_as_float64_vector(a) for a in arrays.values()]
-    with np.errstate(over="ignore"):
-        total = math.fsum(float(np.dot(v, v)) for v in vectors)
-    if math.isfinite(total) or math.isnan(total):
-        return math.sqrt(total)
-    # Infinite: either an element is infinite, or the squares overflowed float64.
-    scale = max(float(np.max(np.abs(v))) for v in vectors if v.size)
-    if math.isinf(scale):
-        return math.inf
-    total = math.fsum(float(np.dot(v / scale, v / scale)) for v in vectors)
-    return scale * math.sqrt(total)

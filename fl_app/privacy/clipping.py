@@ -9,6 +9,10 @@ Unlike Flower's ``compute_clip_model_update``, every array is clipped, including
 0-d arrays and empty ones, and the norm is computed in float64. The result is scaled
 by a factor a hair below ``C/‖Δ‖`` so that casting back to float32 cannot push the
 norm above ``C``: the guarantee tested is ``‖clip(Δ)‖ ≤ C·(1 + 1e-6)`` for any shapes.
+
+:func:`l2_norm` lives here, beside the bound it measures, rather than with the weight
+conversions of :mod:`fl_app.weights` (which import Flower): this package stays free of
+Flower (docs/architecture.md, Layers).
 """
 
 from __future__ import annotations
@@ -19,9 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_app.weights import l2_norm
-
-__all__ = ["ClipResult", "check_clip_norm", "clip_l2"]
+__all__ = ["ClipResult", "check_clip_norm", "clip_l2", "l2_norm"]
 
 # Relative safety margin: float32 rounding moves a norm by at most ~6e-8 relative.
 _MARGIN = 1e-7
@@ -107,3 +109,30 @@ def _scale_toward_zero(value: np.ndarray, factor: float) -> np.ndarray:
     if over.any():
         cast[over] = np.nextafter(cast[over], value.dtype.type(0))
     return cast
+
+
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """Return the Euclidean norm of all arrays taken together, computed in ``float64``.
+
+    Parameters
+    ----------
+    arrays : Mapping[str, numpy.ndarray]
+        Named arrays (0-d included).
+
+    Returns
+    -------
+    float
+        ``sqrt(sum of squares of every element)``; ``0.0`` for no arrays,
+        ``inf``/``nan`` if an element is non-finite.
+    """
+    vectors = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays.values()]
+    with np.errstate(over="ignore"):
+        total = math.fsum(float(np.dot(v, v)) for v in vectors)
+    if math.isfinite(total) or math.isnan(total):
+        return math.sqrt(total)
+    # Infinite: either an element is infinite, or the squares overflowed float64.
+    scale = max(float(np.max(np.abs(v))) for v in vectors if v.size)
+    if math.isinf(scale):
+        return math.inf
+    total = math.fsum(float(np.dot(v / scale, v / scale)) for v in vectors)
+    return scale * math.sqrt(total)
