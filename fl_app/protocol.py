@@ -61,6 +61,7 @@ __all__ = [
     "SECAGG_CONTEXT",
     "SECAGG_DDP",
     "SECAGG_DROPOUTS",
+    "SECAGG_IDENTITIES",
     "SECAGG_KEYS",
     "SECAGG_KEY_ROUNDS",
     "SECAGG_MASKED_ARRAY",
@@ -74,12 +75,18 @@ __all__ = [
     "SECAGG_REPLY_CIPHERTEXTS",
     "SECAGG_REPLY_COMMITMENT",
     "SECAGG_REPLY_C_PK",
+    "SECAGG_REPLY_IDENTITY",
     "SECAGG_REPLY_KEY_NODES",
     "SECAGG_REPLY_KEY_SHARES",
     "SECAGG_REPLY_NODES",
     "SECAGG_REPLY_SELF_MASK_NODES",
     "SECAGG_REPLY_SELF_MASK_SHARES",
+    "SECAGG_REPLY_SIGNATURES",
+    "SECAGG_REPLY_SIGNING_KEY",
     "SECAGG_REPLY_S_PK",
+    "SECAGG_RUN_ID",
+    "SECAGG_SIGNATURES",
+    "SECAGG_SIGNERS",
     "SECAGG_STAGE_KEY",
     "SECAGG_SURVIVORS",
     "SECAGG_VECTOR_LENGTH",
@@ -161,3 +168,16 @@ SECAGG_REPLY_KEY_NODES = "key-nodes"
 SECAGG_REPLY_KEY_SHARES = "key-shares"
 # The masked vector's name inside the ``masked`` ArrayRecord.
 SECAGG_MASKED_ARRAY = "y"
+# Malicious server model (fl_app.secagg.signing). Stage 1: the run id the client binds
+# its signed key pairs to (present only in malicious rounds); the reply's roster
+# identity, Ed25519 signatures (64 bytes each, one per pair; one at the consistency
+# stage) and signing public key (lets the server drop bad signatures before forwarding).
+SECAGG_RUN_ID = "fl-app.secagg.run-id"
+SECAGG_REPLY_IDENTITY = "identity"
+SECAGG_REPLY_SIGNATURES = "signatures"
+SECAGG_REPLY_SIGNING_KEY = "signing-key"
+# Stage 2: neighbours' identities (JSON list, neighbour order) and key signatures;
+# stage 4: the consistency-check signers (packed ids), their identities and signatures.
+SECAGG_IDENTITIES = "fl-app.secagg.identities"
+SECAGG_SIGNATURES = "fl-app.secagg.signatures"
+SECAGG_SIGNERS = "fl-app.secagg.signers"

@@ -85,6 +85,7 @@ from fl_app.protocol import (
     SECAGG_CONTEXT,
     SECAGG_DDP,
     SECAGG_DROPOUTS,
+    SECAGG_IDENTITIES,
     SECAGG_KEY_ROUNDS,
     SECAGG_KEYS,
     SECAGG_MASKED_ARRAY,
@@ -98,20 +99,26 @@ from fl_app.protocol import (
     SECAGG_REPLY_C_PK,
     SECAGG_REPLY_CIPHERTEXTS,
     SECAGG_REPLY_COMMITMENT,
+    SECAGG_REPLY_IDENTITY,
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_KEY_SHARES,
     SECAGG_REPLY_NODES,
     SECAGG_REPLY_S_PK,
     SECAGG_REPLY_SELF_MASK_NODES,
     SECAGG_REPLY_SELF_MASK_SHARES,
+    SECAGG_REPLY_SIGNATURES,
+    SECAGG_REPLY_SIGNING_KEY,
+    SECAGG_RUN_ID,
+    SECAGG_SIGNATURES,
+    SECAGG_SIGNERS,
     SECAGG_STAGE_KEY,
     SECAGG_SURVIVORS,
     SECAGG_VECTOR_LENGTH,
     SECAGG_WEIGHTING,
     SERVER_ROUND,
 )
-from fl_app.secagg import crypto, shamir
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams
+from fl_app.secagg import crypto, shamir, signing
+from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
     ClientRefusal,
@@ -150,6 +157,13 @@ _MIN_SURVIVORS = "_ddp-min-survivors"
 _FLOOR = "_survivor-floor"
 # Round monotonicity (not secret; survives wipes): {"seen": r, "masked": r}.
 PROGRESS_STATE_KEY = "fl-app.secagg.progress"
+# Malicious server model: neighbours' roster identities (JSON node -> identity, this
+# client's own included) and the survivor set U3 this client signed (packed ids).
+_IDENTITIES = "_identities"
+_SIGNED_U3 = "_signed-u3"
+#: Node-config keys of a deployed site's signing identity (fl_app.secagg.signing).
+SIGNING_KEY_PATH = "signing-key-path"
+ROSTER_PATH = "roster-path"
 
 
 class SecAggStageError(Exception):
@@ -186,7 +200,7 @@ def _check_round(context: Context, rnd: int, stage: Stage) -> None:
             f"stage {stage.name} for round {rnd}, but this client has moved on to round "
             f"{seen} (replayed or out-of-order instruction)"
         )
-    if stage is not Stage.unmask and rnd <= masked:
+    if stage not in (Stage.unmask, Stage.consistency) and rnd <= masked:
         raise SecAggStageError(
             f"stage {stage.name} for round {rnd}: this client already sent its masked "
             f"input for round {masked} and takes part in each round once"
@@ -206,8 +220,8 @@ def secagg_stage(msg: Message) -> int | None:
     if config is None or SECAGG_STAGE_KEY not in config:
         return None
     value = config[SECAGG_STAGE_KEY]
-    if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2, 3, 4):
-        raise SecAggStageError(f"'{SECAGG_STAGE_KEY}' must be 1, 2, 3 or 4, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2, 3, 4, 5):
+        raise SecAggStageError(f"'{SECAGG_STAGE_KEY}' must be 1, 2, 3, 4 or 5, got {value!r}")
     return value
 
 
@@ -293,12 +307,14 @@ def handle_key_stage(
         raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
     site = policy if policy is not None else SitePolicy()
     try:
-        if stage in (Stage.advertise, Stage.unmask):  # stage 2 checks in its payload
-            _check_round(context, _round_of(config), Stage(stage))
+        if stage in (Stage.advertise, Stage.unmask, Stage.consistency):
+            _check_round(context, _round_of(config), Stage(stage))  # stage 2: in its payload
         if stage == Stage.advertise:
             return _advertise(msg, context, config)
         if stage == Stage.share_keys:
             return _share_keys(msg, context, config, site)
+        if stage == Stage.consistency:
+            return _consistency(msg, context, config, site)
         if stage == Stage.unmask:
             return _unmask(msg, context, config, site)
         raise SecAggStageError(f"stage {stage} is not a key-exchange stage")
@@ -313,6 +329,108 @@ def handle_key_stage(
         raise
 
 
+@dataclass(frozen=True)
+class SiteIdentity:
+    """This client's roster identity and signing key, and the roster it trusts."""
+
+    signer: signing.Signer
+    roster: signing.Roster
+
+
+_SIMULATION_ROSTER: signing.SimulationRoster | None = None
+
+
+def site_identity_for_secagg(context: Context) -> SiteIdentity:
+    """The signing identity of this client (malicious server model).
+
+    A deployed site: node config ``signing-key-path`` (``fl-app deploy node-key``),
+    ``roster-path`` (the federation roster, distributed out of band) and ``site-name``
+    (its roster identity). A simulated partition (no ``site-name`` or ``data-path``):
+    ``partition-<id>`` in the :class:`~fl_app.secagg.signing.SimulationRoster` of the
+    simulating process. Anything else is refused with the missing key named.
+    """
+    global _SIMULATION_ROSTER
+    cfg = context.node_config
+    key_path, roster_path = cfg.get(SIGNING_KEY_PATH), cfg.get(ROSTER_PATH)
+    try:
+        if key_path or roster_path:
+            name = cfg.get("site-name")
+            if not key_path or not roster_path or not name:
+                raise SecAggStageError(
+                    f"malicious server model: node config needs '{SIGNING_KEY_PATH}', "
+                    f"'{ROSTER_PATH}' and 'site-name' together (found {SIGNING_KEY_PATH}="
+                    f"{key_path!r}, {ROSTER_PATH}={roster_path!r}, site-name={name!r})"
+                )
+            signer = signing.Signer(str(name), signing.load_signing_key(str(key_path)))
+            return SiteIdentity(signer, signing.load_roster(str(roster_path)))
+        if cfg.get("site-name") or cfg.get("data-path"):
+            raise SecAggStageError(
+                "the round runs under secagg.server_model=malicious, which needs this site's "
+                f"signing key and the federation roster: set node config '{SIGNING_KEY_PATH}' "
+                f"(fl-app deploy node-key writes it) and '{ROSTER_PATH}'"
+            )
+        if _SIMULATION_ROSTER is None:
+            _SIMULATION_ROSTER = signing.SimulationRoster()
+        pid = int(cfg.get("partition-id", 0))
+        return SiteIdentity(_SIMULATION_ROSTER.signer(f"partition-{pid}"), _SIMULATION_ROSTER)
+    except (signing.RosterError, TypeError, ValueError) as err:
+        raise SecAggStageError(f"malicious server model: {err}") from err
+
+
+def _split_signatures(raw: object, count: int, what: str) -> list[bytes]:
+    size = signing.SIGNATURE_BYTES
+    if not isinstance(raw, bytes) or len(raw) != size * count:
+        raise SecAggStageError(f"{what}: expected {count} signatures of {size} bytes")
+    return [raw[i * size : (i + 1) * size] for i in range(count)]
+
+
+def _identity_list(config: Mapping[str, Any], count: int) -> list[str]:
+    try:
+        names = json.loads(_get(config, SECAGG_IDENTITIES, str))
+    except json.JSONDecodeError as err:
+        raise SecAggStageError(f"'{SECAGG_IDENTITIES}' is not JSON: {err}") from err
+    if not isinstance(names, list) or len(names) != count:
+        raise SecAggStageError(f"'{SECAGG_IDENTITIES}' must list {count} identities")
+    if not all(isinstance(x, str) for x in names):
+        raise SecAggStageError(f"'{SECAGG_IDENTITIES}' must list strings")
+    return names
+
+
+def _verify_neighbour_keys(
+    ident: SiteIdentity,
+    context_bytes: bytes,
+    rnd: int,
+    nodes: list[int],
+    keys: Mapping[int, PublicKeys],
+    config: Mapping[str, Any],
+) -> dict[int, str]:
+    """Malicious server model, stage 2: every neighbour's key pair is signed by a distinct
+    roster identity for this run, round and node (Bonawitz et al.'s signed
+    advertisement); returns ``node -> identity``. The server cannot substitute keys."""
+    run_id, ctx_round = signing.parse_context(context_bytes)
+    if ctx_round != rnd:
+        raise SecAggStageError(f"round context names round {ctx_round}, instruction {rnd}")
+    names = _identity_list(config, len(nodes))
+    sigs = _split_signatures(config.get(SECAGG_SIGNATURES), len(nodes), SECAGG_SIGNATURES)
+    seen = {ident.signer.identity}
+    out: dict[int, str] = {}
+    for v, name, sig in zip(nodes, names, sigs, strict=True):
+        if name in seen:
+            raise SecAggStageError(
+                f"roster identity {name!r} is used twice in this round's neighbourhood "
+                f"(neighbour {v}): each site takes part once"
+            )
+        seen.add(name)
+        message = signing.key_advert_message(run_id, rnd, v, name, keys[v].c_pk, keys[v].s_pk)
+        if not ident.roster.verify(name, message, sig):
+            raise SecAggStageError(
+                f"the key pair of neighbour {v} is not signed by roster identity {name!r} "
+                "for this run and round (substituted keys, or a site not on the roster)"
+            )
+        out[v] = name
+    return out
+
+
 def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Message:
     """Stage 1: draw one key pair per round for ``key-rounds`` rounds from this one."""
     wipe_state(context)  # a new round: whatever the last one left is gone
@@ -323,17 +441,35 @@ def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Mes
             f"'{SECAGG_KEY_ROUNDS}'={count}: key pairs can be drawn for 1 to "
             f"{SECAGG_MAX_KEY_ROUNDS} rounds ahead"
         )
+    # Malicious server model: each pair is signed for (run, round, node, identity).
+    run_raw = config.get(SECAGG_RUN_ID)
+    ident = None
+    if run_raw is not None:
+        if not isinstance(run_raw, bytes) or len(run_raw) != 8:
+            raise SecAggStageError(f"'{SECAGG_RUN_ID}' must be 8 bytes")
+        ident = site_identity_for_secagg(context)
+    node = int(context.node_id)
     store: dict[str, bytes] = {}
-    c_pks, s_pks = [], []
+    c_pks, s_pks, sigs = [], [], []
     for r in range(rnd, rnd + count):
         c_sk, s_sk = crypto.generate_private_key(), crypto.generate_private_key()
         store[f"r{r}"] = crypto.private_key_bytes(c_sk) + crypto.private_key_bytes(s_sk)
         c_pks.append(crypto.public_key_bytes(c_sk))
         s_pks.append(crypto.public_key_bytes(s_sk))
+        if ident is not None:
+            assert isinstance(run_raw, bytes)
+            message = signing.key_advert_message(
+                int.from_bytes(run_raw, "big"), r, node, ident.signer.identity, c_pks[-1], s_pks[-1]
+            )
+            sigs.append(ident.signer.sign(message))
     # Replaces every pair of an earlier batch: the server now knows only these.
     context.state[KEYS_STATE_KEY] = ConfigRecord(cast(dict[str, Any], store))
     _advance(context, rnd)
     payload = ConfigRecord({SECAGG_REPLY_C_PK: b"".join(c_pks), SECAGG_REPLY_S_PK: b"".join(s_pks)})
+    if ident is not None:
+        payload[SECAGG_REPLY_SIGNATURES] = b"".join(sigs)
+        payload[SECAGG_REPLY_IDENTITY] = ident.signer.identity
+        payload[SECAGG_REPLY_SIGNING_KEY] = ident.signer.public_bytes()
     return _reply(msg, rnd, Stage.advertise, payload)
 
 
@@ -428,6 +564,12 @@ def _share_keys_payload(
         )
         for i, v in enumerate(nodes)
     }
+    if params.server_model is ServerModel.malicious:
+        # Before any share is encrypted: every key must be signed on the roster.
+        ident = site_identity_for_secagg(context)
+        names = _verify_neighbour_keys(ident, session.context, rnd, nodes, keys, config)
+        names[node] = ident.signer.identity
+        meta[_IDENTITIES] = json.dumps({str(v): n for v, n in sorted(names.items())})
     cts = session.share_keys(keys)
     _save(context, session, meta)
     _advance(context, rnd)
@@ -443,13 +585,39 @@ def _share_keys_payload(
     )
 
 
-def _unmask(
+def _consistency(
     msg: Message, context: Context, config: Mapping[str, Any], policy: SitePolicy
 ) -> Message:
+    """Consistency check (malicious server model): sign the survivor set ``U3``, once.
+
+    The set passes the stage-4 checks first (ids in the cohort, no repeats, this client
+    and its neighbours that shared, the survivor floor); the client signs one set per
+    round only, so a server cannot collect its signature on two different sets.
+    """
     rnd = _round_of(config)
-    session, meta = _load(context, rnd, Stage.unmask)
+    session, meta = _load(context, rnd, Stage.consistency)
+    if session.params.server_model is not ServerModel.malicious:
+        raise SecAggStageError("a consistency check in a round without the malicious model")
+    if _SIGNED_U3 in meta:
+        raise SecAggStageError(f"this client already signed a survivor set for round {rnd}")
     survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
-    dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
+    _check_ddp_survivors(session, meta, survivors)
+    session.check_lists(survivors, (), int(meta.get(_FLOOR, 0)), Stage.consistency)
+    ident = site_identity_for_secagg(context)
+    node = int(context.node_id)
+    message = signing.survivors_message(session.context, node, ident.signer.identity, survivors)
+    meta[_SIGNED_U3] = pack_ids(sorted(set(survivors)))
+    _save(context, session, meta)
+    payload = ConfigRecord(
+        {
+            SECAGG_REPLY_SIGNATURES: ident.signer.sign(message),
+            SECAGG_REPLY_IDENTITY: ident.signer.identity,
+        }
+    )
+    return _reply(msg, rnd, Stage.consistency, payload)
+
+
+def _check_ddp_survivors(session: ClientSession, meta: Mapping[str, Any], survivors: Any) -> None:
     need = meta.get(_MIN_SURVIVORS)
     cohort = set(session.cohort or ())
     valid = len(set(survivors) & cohort)
@@ -461,6 +629,75 @@ def _unmask(
             f"distributed DP: {valid} survivors in the cohort, this client's noise share "
             f"assumed at least {need}; refusing to unmask"
         )
+
+
+def _check_consistency(
+    context: Context,
+    session: ClientSession,
+    meta: Mapping[str, Any],
+    config: Mapping[str, Any],
+    survivors: list[int],
+) -> None:
+    """Malicious server model, before any share leaves: the survivor list is exactly the
+    ``U3`` this client signed, and at least ``t`` distinct roster identities of members
+    of ``U3`` signed that same set (Bonawitz et al., consistency check)."""
+    signed = meta.get(_SIGNED_U3)
+    if not isinstance(signed, bytes):
+        raise SecAggStageError(
+            "no consistency check preceded this unmask (malicious server model): refusing"
+        )
+    u3 = unpack_ids(signed, "signed survivors")
+    if len(survivors) != len(set(survivors)) or sorted(set(survivors)) != u3:
+        raise SecAggStageError(
+            "the unmask survivor list differs from the survivor set this client signed at "
+            "the consistency check (a split view of who dropped): refusing"
+        )
+    signers = unpack_ids(_get(config, SECAGG_SIGNERS, bytes), "signers")
+    names = _identity_list(config, len(signers))
+    sigs = _split_signatures(config.get(SECAGG_SIGNATURES), len(signers), SECAGG_SIGNATURES)
+    known = {int(k): v for k, v in json.loads(str(meta.get(_IDENTITIES, "{}"))).items()}
+    ident = site_identity_for_secagg(context)
+    members = set(u3)
+    used_nodes: set[int] = set()
+    used_names: set[str] = set()
+    for v, name, sig in zip(signers, names, sigs, strict=True):
+        if v not in members:
+            raise SecAggStageError(f"consistency signature from {v}, not a survivor")
+        if v in used_nodes or name in used_names:
+            raise SecAggStageError(
+                f"consistency signatures: node {v} or roster identity {name!r} counted twice"
+            )
+        if v in known and known[v] != name:
+            raise SecAggStageError(
+                f"consistency signature of neighbour {v} under identity {name!r}, but it "
+                f"shared keys as {known[v]!r}"
+            )
+        used_nodes.add(v)
+        used_names.add(name)
+        message = signing.survivors_message(session.context, v, name, u3)
+        if not ident.roster.verify(name, message, sig):
+            raise SecAggStageError(
+                f"the consistency signature of node {v} ({name!r}) does not verify on this "
+                "client's survivor set (forged, or signed on a different set)"
+            )
+    t = session.params.threshold
+    if len(used_nodes) < t:
+        raise SecAggStageError(
+            f"{len(used_nodes)} valid consistency signatures on the survivor set, fewer than "
+            f"t={t}: refusing to unmask"
+        )
+
+
+def _unmask(
+    msg: Message, context: Context, config: Mapping[str, Any], policy: SitePolicy
+) -> Message:
+    rnd = _round_of(config)
+    session, meta = _load(context, rnd, Stage.unmask)
+    survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
+    dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
+    if session.params.server_model is ServerModel.malicious:
+        _check_consistency(context, session, meta, config, survivors)
+    _check_ddp_survivors(session, meta, survivors)
     # The client's own floor; the session also refuses ids outside the cohort.
     floor = int(meta.get(_FLOOR, 0))
     reply = session.unmask(survivors, dropouts, min_survivors=floor)  # wipes the session

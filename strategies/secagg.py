@@ -39,6 +39,7 @@ import functools
 import json
 import logging
 import math
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from fl_app.protocol import (
     SECAGG_CONTEXT,
     SECAGG_DDP,
     SECAGG_DROPOUTS,
+    SECAGG_IDENTITIES,
     SECAGG_KEY_ROUNDS,
     SECAGG_KEYS,
     SECAGG_MASKED_ARRAY,
@@ -74,19 +76,25 @@ from fl_app.protocol import (
     SECAGG_REPLY_C_PK,
     SECAGG_REPLY_CIPHERTEXTS,
     SECAGG_REPLY_COMMITMENT,
+    SECAGG_REPLY_IDENTITY,
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_KEY_SHARES,
     SECAGG_REPLY_NODES,
     SECAGG_REPLY_S_PK,
     SECAGG_REPLY_SELF_MASK_NODES,
     SECAGG_REPLY_SELF_MASK_SHARES,
+    SECAGG_REPLY_SIGNATURES,
+    SECAGG_REPLY_SIGNING_KEY,
+    SECAGG_RUN_ID,
+    SECAGG_SIGNATURES,
+    SECAGG_SIGNERS,
     SECAGG_STAGE_KEY,
     SECAGG_SURVIVORS,
     SECAGG_VECTOR_LENGTH,
     SECAGG_WEIGHTING,
     SERVER_ROUND,
 )
-from fl_app.secagg import crypto, shamir
+from fl_app.secagg import crypto, shamir, signing
 from fl_app.secagg.graph import (
     GraphMode,
     SecAggConfigError,
@@ -103,6 +111,7 @@ from fl_app.secagg.protocol import (
     UnmaskReply,
     round_context,
 )
+from fl_app.secagg.protocol import Rejection as ProtocolRejection
 from fl_app.secagg.vector import (
     BOUND_SLACK,
     DecodedSum,
@@ -138,6 +147,7 @@ _STAGE_RECORDS = {
     Stage.share_keys: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
     Stage.masked_input: frozenset({METRICS_KEY, SECAGG_MASKED_KEY}),
     Stage.unmask: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
+    Stage.consistency: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
 }
 
 
@@ -340,6 +350,40 @@ def _payload_key_batch(content: RecordDict, count: int) -> list[PublicKeys]:
     return [PublicKeys(c, k) for c, k in zip(c_pks, s_pks, strict=True)]
 
 
+def _payload_signed_key_batch(
+    content: RecordDict, count: int
+) -> tuple[list[PublicKeys], tuple[str, bytes]]:
+    """A malicious-model stage-1 reply: the pairs with their signatures, and the
+    sender's ``(roster identity, Ed25519 public key)`` (the server pre-checks
+    consistency signatures with it; the clients trust only their roster)."""
+    rec = content.config_records[SECAGG_RECORD_KEY]
+    plain = _payload_key_batch(content, count)
+    sigs = _split_fixed(
+        _bytes_field(rec, SECAGG_REPLY_SIGNATURES),
+        signing.SIGNATURE_BYTES,
+        count,
+        SECAGG_REPLY_SIGNATURES,
+    )
+    identity = rec.get(SECAGG_REPLY_IDENTITY)
+    if not isinstance(identity, str) or not identity:
+        raise ValueError(f"'{SECAGG_REPLY_IDENTITY}' must be a non-empty string")
+    key = _bytes_field(rec, SECAGG_REPLY_SIGNING_KEY)
+    if len(key) != signing.PUBLIC_KEY_BYTES:
+        raise ValueError(f"'{SECAGG_REPLY_SIGNING_KEY}' must be {signing.PUBLIC_KEY_BYTES} bytes")
+    keys = [PublicKeys(k.c_pk, k.s_pk, identity, sig) for k, sig in zip(plain, sigs, strict=True)]
+    return keys, (identity, key)
+
+
+def _payload_signature(content: RecordDict) -> tuple[str, bytes]:
+    """A consistency-stage reply: ``(roster identity, signature on U3)``."""
+    rec = content.config_records[SECAGG_RECORD_KEY]
+    sig = _bytes_field(rec, SECAGG_REPLY_SIGNATURES)
+    identity = rec.get(SECAGG_REPLY_IDENTITY)
+    if len(sig) != signing.SIGNATURE_BYTES or not isinstance(identity, str):
+        raise ValueError("consistency reply needs one 64-byte signature and an identity")
+    return identity, sig
+
+
 def _payload_bundle(content: RecordDict) -> tuple[dict[int, bytes], bytes]:
     return _bundle(content.config_records[SECAGG_RECORD_KEY])
 
@@ -450,6 +494,14 @@ class SecureAggregation:
         # Distributed DP: clients send rotated, rounded, noised vectors of ddp.padded
         # coordinates instead of the fixed-point layout; the server adds nothing.
         self.ddp = ddp
+        # Malicious server model: node -> (roster identity, Ed25519 public key) it
+        # advertised at stage 1 (public; used to drop bad consistency signatures).
+        self._signers: dict[int, tuple[str, bytes]] = {}
+
+    @property
+    def malicious(self) -> bool:
+        """Signed keys and the consistency-check round (secagg.server_model=malicious)."""
+        return self.settings.server_model is ServerModel.malicious
 
     def _keys_for(self, rnd: int, cohort: Sequence[int]) -> dict[int, PublicKeys]:
         """Take the pairs advertised ahead for ``rnd``; drop every pair of a past round."""
@@ -474,14 +526,29 @@ class SecureAggregation:
         cohort: list[int],
         pre_advertised: dict[int, PublicKeys],
         last_round: int | None,
+        run_id: int,
     ) -> dict[int, dict[int, bytes]]:
         """Stages 1 (only nodes without a pair for this round) and 2; the routed shares."""
         horizon = self.settings.key_rounds
         if last_round is not None:
             horizon = max(1, min(horizon, last_round - rnd + 1))
-        request_keys = {SERVER_ROUND: rnd, SECAGG_KEY_ROUNDS: horizon}
+        request_keys: dict[str, Any] = {SERVER_ROUND: rnd, SECAGG_KEY_ROUNDS: horizon}
+        if self.malicious:
+            # The run id the clients bind their signed pairs to (the round context's).
+            request_keys[SECAGG_RUN_ID] = struct.pack(">Q", int(run_id) % 2**64)
 
-        def collect(batches: dict[int, list[PublicKeys]]) -> Any:
+        def parse(c: RecordDict) -> Any:
+            if self.malicious:
+                return _payload_signed_key_batch(c, horizon)
+            return _payload_key_batch(c, horizon)
+
+        def collect(raw: dict[int, Any]) -> Any:
+            batches: dict[int, list[PublicKeys]] = {}
+            for u, got in raw.items():
+                if self.malicious:
+                    batches[u], self._signers[u] = got
+                else:
+                    batches[u] = got
             for u, batch in batches.items():
                 self._round_keys[u] = {rnd + i: k for i, k in enumerate(batch) if i}
             return server.collect_public_keys(
@@ -491,7 +558,7 @@ class SecureAggregation:
         keys = run.stage(
             Stage.advertise,
             {u: _config_only(request_keys) for u in cohort if u not in pre_advertised},
-            lambda c: _payload_key_batch(c, horizon),
+            parse,
             collect,
         )
         msgs = {
@@ -515,7 +582,7 @@ class SecureAggregation:
             SECAGG_VECTOR_LENGTH: server.vector_length,
             SECAGG_COHORT: pack_ids(sorted(server.cohort)),
         }
-        return {
+        out: dict[int, dict[str, Any]] = {
             u: {
                 **base,
                 SECAGG_NODES: pack_ids(sorted(nk)),
@@ -523,6 +590,11 @@ class SecureAggregation:
             }
             for u, nk in keys.items()
         }
+        if self.malicious:  # each client verifies these against its roster
+            for u, nk in keys.items():
+                out[u][SECAGG_IDENTITIES] = json.dumps([nk[v].identity for v in sorted(nk)])
+                out[u][SECAGG_SIGNATURES] = b"".join(nk[v].signature for v in sorted(nk))
+        return out
 
     def _plan_ahead(
         self,
@@ -626,6 +698,37 @@ class SecureAggregation:
         for node in nodes:
             self._round_keys.pop(node, None)
 
+    def _check_signatures(
+        self, server: ServerSession, survivors: Sequence[int], replies: dict[int, Any]
+    ) -> dict[int, tuple[str, bytes]]:
+        """Keep the consistency signatures that verify under the key each node advertised
+        (a faulty client's bad one would make every honest client refuse); abandon the
+        round below ``t`` of them."""
+        good: dict[int, tuple[str, bytes]] = {}
+        names: set[str] = set()
+        for node, (identity, sig) in sorted(replies.items()):
+            advertised = self._signers.get(node)
+            ok = advertised is not None and advertised[0] == identity and identity not in names
+            if ok:
+                assert advertised is not None
+                message = signing.survivors_message(server.context, node, identity, survivors)
+                ok = signing.verify_raw(advertised[1], message, sig)
+            if not ok:
+                server.rejections.append(
+                    ProtocolRejection(node, Stage.consistency, "consistency signature invalid")
+                )
+                continue
+            names.add(identity)
+            good[node] = (identity, sig)
+        t = server.params.threshold
+        if len(good) < t:
+            raise RoundAbandoned(
+                Stage.consistency,
+                f"{len(good)} valid consistency signatures on the survivor set, fewer than t={t}",
+                server.rejections,
+            )
+        return good
+
     def encoding_bound(self, round_config: Mapping[str, Any], clip_key: str) -> float:
         """The round's L2 bound: the client-side DP clip norm, else ``secagg.clip``."""
         value = round_config.get(clip_key, self.settings.clip)
@@ -724,7 +827,9 @@ class SecureAggregation:
                 run.absorb_rejections()
                 routed = shared.routed
             else:
-                routed = self._key_stages(run, server, rnd, cohort, pre_advertised, last_round)
+                routed = self._key_stages(
+                    run, server, rnd, cohort, pre_advertised, last_round, run_id
+                )
             # ---- 3: masked input (the train instruction)
             msgs = {}
             for u, cts in routed.items():
@@ -764,11 +869,26 @@ class SecureAggregation:
                     f"{ddp_round.min_survivors} (the sum would carry too little noise)",
                 )
             # ---- 4: unmask
-            lists = {
+            lists: dict[str, Any] = {
                 SERVER_ROUND: rnd,
                 SECAGG_SURVIVORS: pack_ids(request.survivors),
                 SECAGG_DROPOUTS: pack_ids(request.dropouts),
             }
+            revealers = list(request.survivors)
+            if self.malicious:
+                # ---- consistency check: every survivor signs U3; >= t signatures go
+                # to the signers, who verify them before revealing anything.
+                check = {SERVER_ROUND: rnd, SECAGG_SURVIVORS: pack_ids(request.survivors)}
+                signed: dict[int, tuple[str, bytes]] = run.stage(
+                    Stage.consistency,
+                    {u: _config_only(check) for u in request.survivors},
+                    _payload_signature,
+                    functools.partial(self._check_signatures, server, request.survivors),
+                )
+                revealers = sorted(signed)
+                lists[SECAGG_SIGNERS] = pack_ids(revealers)
+                lists[SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in revealers])
+                lists[SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in revealers)
             plan = None
             if next_cohort is not None and (last_round is None or rnd < last_round):
                 exhausted = {r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED}
@@ -779,10 +899,11 @@ class SecureAggregation:
                     log.warning("round %d: next cohort unknown (%r); no share-ahead", rnd, err)
                     upcoming = None
                 plan = self._plan_ahead(rnd + 1, upcoming, request.survivors, run_id, length)
-            contents = {u: _config_only(lists) for u in request.survivors}
+            contents = {u: _config_only(lists) for u in revealers}
             if plan is not None:
                 for u, record in plan.instructions.items():
-                    contents[u][SECAGG_NEXT_KEY] = record
+                    if u in contents:
+                        contents[u][SECAGG_NEXT_KEY] = record
 
             def parse_unmask(c: RecordDict) -> tuple[UnmaskReply, Any]:
                 return _payload_unmask(c), c.get(SECAGG_NEXT_KEY)

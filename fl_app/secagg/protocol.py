@@ -91,12 +91,18 @@ _CONTEXT_LABEL = b"fl-app/secagg/round/v1"
 
 
 class Stage(IntEnum):
-    """Protocol stages, in order."""
+    """Protocol stages (wire numbers).
+
+    ``consistency`` runs between ``masked_input`` and ``unmask``, only under the
+    malicious server model (Bonawitz et al.'s consistency check,
+    :mod:`fl_app.secagg.signing`); it is numbered 5 so the other stages keep theirs.
+    """
 
     advertise = 1
     share_keys = 2
     masked_input = 3
     unmask = 4
+    consistency = 5
 
 
 class StageOrderError(RuntimeError):
@@ -147,10 +153,17 @@ class RoundAbandoned(Exception):
 
 @dataclass(frozen=True)
 class PublicKeys:
-    """Stage-1 message: two raw 32-byte X25519 public keys (validated by the receiver)."""
+    """Stage-1 message: two raw 32-byte X25519 public keys (validated by the receiver).
+
+    Under the malicious server model also the advertiser's roster ``identity`` and its
+    Ed25519 ``signature`` over the pair (:func:`fl_app.secagg.signing.key_advert_message`);
+    empty otherwise. The server only carries them; each client verifies them.
+    """
 
     c_pk: bytes
     s_pk: bytes
+    identity: str = ""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -522,6 +535,30 @@ class ClientSession:
         """
         stage = Stage.unmask
         self._enter(stage)
+        alive_set, gone_set = self.check_lists(survivors, dropouts, min_survivors, stage)
+        b_out = {
+            v: shamir.share_to_bytes(self._shares[v][0])
+            for v in sorted(alive_set & self._shares.keys())
+        }
+        s_out = {
+            v: shamir.share_to_bytes(self._shares[v][1])
+            for v in sorted(gone_set & self._shares.keys())
+        }
+        self._stage = Stage.unmask
+        self.wipe()
+        return UnmaskReply(self_mask_shares=b_out, key_shares=s_out)
+
+    def check_lists(
+        self,
+        survivors: Iterable[int],
+        dropouts: Iterable[int],
+        min_survivors: int = 0,
+        stage: Stage = Stage.unmask,
+    ) -> tuple[set[int], set[int]]:
+        """The stage-4 checks of :meth:`unmask` (also what a client checks of the
+        survivor set it signs at the consistency stage); raises :class:`ClientRefusal`."""
+        if self._wiped or self._stage != Stage.masked_input:
+            raise StageOrderError(f"stage {stage.name} needs a session after its masked input")
         try:
             alive = [crypto.check_node_id("survivor", x) for x in survivors]
             gone = [crypto.check_node_id("dropout", x) for x in dropouts]
@@ -555,17 +592,7 @@ class ClientSession:
         floor = max(self.params.threshold, self.params.min_survivors, min_survivors)
         if len(alive_set) < floor:
             raise ClientRefusal(stage, f"{len(alive_set)} survivors listed, fewer than {floor}")
-        b_out = {
-            v: shamir.share_to_bytes(self._shares[v][0])
-            for v in sorted(alive_set & self._shares.keys())
-        }
-        s_out = {
-            v: shamir.share_to_bytes(self._shares[v][1])
-            for v in sorted(gone_set & self._shares.keys())
-        }
-        self._stage = Stage.unmask
-        self.wipe()
-        return UnmaskReply(self_mask_shares=b_out, key_shares=s_out)
+        return alive_set, gone_set
 
     def _drop_secrets(self) -> None:
         if self._b is not None:
@@ -848,7 +875,9 @@ class ServerSession:
             if keys.c_pk == keys.s_pk:
                 self._reject(node, stage, "c_pk and s_pk are the same key")
                 continue
-            valid[node] = PublicKeys(bytes(keys.c_pk), bytes(keys.s_pk))
+            valid[node] = PublicKeys(
+                bytes(keys.c_pk), bytes(keys.s_pk), keys.identity, bytes(keys.signature)
+            )
         owners = Counter(pk for keys in valid.values() for pk in (keys.c_pk, keys.s_pk))
         for node in sorted(valid):
             if owners[valid[node].c_pk] > 1 or owners[valid[node].s_pk] > 1:

@@ -106,8 +106,13 @@ class AdversarialServer:
         last_round: int | None = None,
         cohort: Sequence[int] | None = None,
         next_cohort: Callable[[set[int]], Sequence[int] | None] | None = None,
+        lost: Mapping[int, Iterable[int]] | None = None,
     ) -> SecAggOutcome:
-        """One round over ``cohort`` (every node by default); ``lies`` rewrite instructions."""
+        """One round over ``cohort`` (every node by default); ``lies`` rewrite instructions.
+
+        ``lost``: ``stage -> nodes`` whose reply to that stage never reaches the server
+        (a dropout after the client acted, the hardest case for the protocol).
+        """
         from fl_app.testing.secagg_client import train_instructions
 
         nodes = list(self.grid.node_ids if cohort is None else cohort)
@@ -118,13 +123,16 @@ class AdversarialServer:
             arrays=arrays,
             weighting="uniform",
             bound=bound,
-            exchange=self._exchange(rnd, lies),
+            exchange=self._exchange(rnd, lies, lost or {}),
             last_round=last_round,
             next_cohort=next_cohort,
         )
 
-    def _exchange(self, rnd: int, lies: Sequence[Lie]) -> Any:
+    def _exchange(self, rnd: int, lies: Sequence[Lie], lost: Mapping[int, Iterable[int]]) -> Any:
+        gone = {int(stage): {int(x) for x in nodes} for stage, nodes in lost.items()}
+
         def exchange(messages: list[Message], timeout: float) -> Any:
+            stage = 0
             for msg in messages:
                 config = msg.content.config_records[CONFIG_KEY]
                 stage = int(config[SECAGG_STAGE_KEY])  # type: ignore[arg-type]
@@ -133,7 +141,10 @@ class AdversarialServer:
                 for lie in lies:
                     values = lie(stage, node, values)
                 msg.content[CONFIG_KEY] = ConfigRecord(values)
-            return self._deliver(rnd, messages)
+            sent_msgs, replies, sent = self._deliver(rnd, messages)
+            drop = gone.get(stage, set())
+            kept = [r for r in replies if int(r.metadata.src_node_id) not in drop]
+            return sent_msgs, kept, sent
 
         return exchange
 

@@ -1,0 +1,329 @@
+"""``secagg.server_model=malicious``: signed keys and the consistency check, through the
+real client stage handlers (:func:`~fl_app.testing.secagg_client.fixed_update_client`:
+the ClientApp's own ``handle_key_stage`` and ``MaskedInputStage``).
+
+Each attack is a lie of :class:`~fl_app.testing.adversary.AdversarialServer` rewriting
+real instructions; the test names the client check it exercises, and fails when that
+check is removed (the refusal it asserts would not happen, or a secret would leave):
+
+* substituted keys at share-keys (the server's own X25519 pair for a neighbour);
+* a split view of who dropped at unmask, after the survivors signed ``U3``;
+* consistency signatures that are forged, too few, made on a different ``U3``, or a
+  roster identity counted twice (at unmask, and among neighbours at share-keys).
+
+Simulated clients sign with the in-process :class:`~fl_app.secagg.signing.SimulationRoster`;
+the test plays a colluding client with that roster's key of one partition.
+``honest_but_curious`` runs no such checks: the substituted key is used (the server
+reads the shares it was sent), which the README's threat table states.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from fl_app.protocol import (
+    CONFIG_KEY,
+    SECAGG_CIPHERTEXTS,
+    SECAGG_CONTEXT,
+    SECAGG_IDENTITIES,
+    SECAGG_KEYS,
+    SECAGG_NODES,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_CIPHERTEXTS,
+    SECAGG_REPLY_IDENTITY,
+    SECAGG_REPLY_KEY_NODES,
+    SECAGG_REPLY_NODES,
+    SECAGG_REPLY_SIGNATURES,
+    SECAGG_SIGNATURES,
+    SECAGG_SIGNERS,
+    SECAGG_SURVIVORS,
+)
+from fl_app.secagg import crypto, signing
+from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
+from fl_app.secagg.protocol import CIPHERTEXT_BYTES, _encryption_key
+from fl_app.secagg.vector import pack_ids, unpack_ids
+from fl_app.testing import InProcessGrid
+from fl_app.testing.adversary import AdversarialServer, split_view
+from fl_app.testing.secagg_client import fixed_update_client
+from strategies.secagg import SecAggSettings
+from tests.test_secagg_robust import _oracle
+
+N = 10
+DIM = 8
+ARRAYS = {"w": np.zeros(DIM, np.float32)}
+SIGNATURE = signing.SIGNATURE_BYTES
+
+
+def _update(node: int) -> dict[str, np.ndarray]:
+    u = np.random.default_rng(node % 2**32).normal(size=DIM)
+    return {"w": (0.9 * u / np.linalg.norm(u)).astype(np.float32)}
+
+
+def _server(
+    model: ServerModel = ServerModel.malicious,
+    mode: GraphMode = GraphMode.secaggplus,
+    **settings: object,
+) -> Iterator[AdversarialServer]:
+    grid = InProcessGrid(fixed_update_client(_update), N, seed=N)
+    kw: dict = {"mode": mode, "clip": 1.0, "stage_timeout_s": 5.0, "server_model": model}
+    kw.update(settings)
+    try:
+        yield AdversarialServer(grid, SecAggSettings(**kw))
+    finally:
+        grid.close()
+
+
+def _exact(nodes: list[int] | set[int]) -> np.ndarray:
+    return np.sum([_update(v)["w"].astype(np.float64) for v in nodes], axis=0)
+
+
+def _config(server: AdversarialServer, rnd: int, stage: int, node: int) -> dict:
+    entry = next(e for e in server.sent(rnd, stage) if e.node == node)
+    return dict(entry.message.content.config_records[CONFIG_KEY])
+
+
+def _reply_record(server: AdversarialServer, rnd: int, stage: int, node: int) -> dict:
+    entry = next(e for e in server.sent(rnd, stage) if e.node == node)
+    assert entry.reply is not None and not entry.reply.has_error()
+    return dict(entry.reply.content.config_records[SECAGG_RECORD_KEY])
+
+
+def _neighbours(server: AdversarialServer, rnd: int, node: int) -> list[int]:
+    return list(unpack_ids(_config(server, rnd, 2, node)[SECAGG_NODES]))
+
+
+# -------------------------------------------------------------- honest rounds, dropouts
+def test_malicious_rounds_stay_exact_under_random_dropouts() -> None:
+    """Replies lost at any stage, consistency check included: the sum is exactly the
+    one the property test's oracle (tests/test_secagg_robust.py) names, or the round is
+    abandoned where the oracle says so (or the consistency check has fewer than t
+    signers)."""
+    rng = random.Random(2017)
+    rnd = 0
+    for mode in (GraphMode.secaggplus, GraphMode.secagg):
+        for server in _server(mode=mode, key_rounds=1, dropout_tolerance=0.3):
+            params = derive_params(N, mode=mode.value, dropout_tolerance=0.3)
+            ids = list(server.grid.node_ids)
+            outcomes = set()
+            for _ in range(4):
+                rnd += 1
+                rate = rng.choice([0.0, 0.08, 0.15])
+                live: dict[int, set[int]] = {}
+                alive = set(ids)
+                lost: dict[int, set[int]] = {}
+                for stage in (1, 2, 3, 5, 4):
+                    gone = {u for u in alive if rng.random() < rate}
+                    lost[stage], alive = gone, alive - gone
+                    live[stage] = set(alive)
+                out = server.run_round(rnd, ARRAYS, lost=lost)
+                graph = {u: _neighbours(server, rnd, u) for u in live[1]}
+                oracle_live = {1: live[1], 2: live[2], 3: live[3], 4: live[4]}
+                expected = _oracle(ids, oracle_live, graph, params.threshold, params.min_survivors)
+                if expected is not None and len(set(expected) & live[5]) < params.threshold:
+                    expected = None
+                if expected is None:
+                    assert out.decoded is None, out.note
+                    outcomes.add("abandoned")
+                    continue
+                assert out.decoded is not None, out.note
+                assert out.num_contributors == len(expected)
+                assert np.allclose(out.decoded.update["w"], _exact(expected), atol=1e-5)
+                outcomes.add("exact with dropouts" if len(expected) < N else "exact")
+            assert "exact with dropouts" in outcomes
+
+
+# ------------------------------------------------------------------- substituted keys
+@pytest.mark.parametrize("model", ["malicious", "honest_but_curious"])
+def test_substituted_neighbour_keys(model: str) -> None:
+    fake_c, fake_s = crypto.generate_private_key(), crypto.generate_private_key()
+    swapped: dict[str, int] = {}
+
+    def substitute(stage: int, node: int, config: dict) -> dict:
+        if stage != 2 or swapped:
+            return config
+        first = unpack_ids(config[SECAGG_NODES])[0]
+        keys = bytearray(config[SECAGG_KEYS])
+        keys[: 2 * crypto.KEY_BYTES] = crypto.public_key_bytes(fake_c) + crypto.public_key_bytes(
+            fake_s
+        )
+        config[SECAGG_KEYS] = bytes(keys)
+        swapped.update(target=node, victim=first)
+        return config
+
+    for server in _server(ServerModel(model)):
+        server.run_round(1, ARRAYS, [substitute])
+        target, victim = swapped["target"], swapped["victim"]
+        refusal = server.refusals(1, 2).get(target)
+        if model == "malicious":
+            # Checked before any share is encrypted: nothing for the fake key left.
+            assert refusal is not None and "not signed by roster identity" in refusal
+            return
+        # honest_but_curious: the target encrypted its shares for the server's key, and
+        # the server opens them (what this model does not protect against).
+        assert refusal is None
+        record = _reply_record(server, 1, 2, target)
+        order = list(unpack_ids(record[SECAGG_REPLY_NODES]))
+        i = order.index(victim)
+        ct = record[SECAGG_REPLY_CIPHERTEXTS][i * CIPHERTEXT_BYTES : (i + 1) * CIPHERTEXT_BYTES]
+        target_c_pk = next(
+            e.reply.content.config_records[SECAGG_RECORD_KEY]["c-pk"][: crypto.KEY_BYTES]
+            for e in server.sent(1, 1)
+            if e.node == target and e.reply is not None
+        )
+        ctx = _config(server, 1, 2, target)[SECAGG_CONTEXT]
+        key = _encryption_key(fake_c, target_c_pk, victim, target, ctx)
+        plain = crypto.decrypt(key, ct, context=ctx, sender=target, recipient=victim)
+        assert len(plain) > 0  # both of the target's shares held for the victim
+
+
+# --------------------------------------------------------------------- split view
+def test_a_split_view_after_the_consistency_check_is_refused() -> None:
+    # Every survivor signed U3 (the target survived); at unmask half of them hear that
+    # the target dropped. They refuse before revealing: no key share of the target.
+    for server in _server():
+        target = server.grid.node_ids[0]
+        group = [v for v in server.grid.node_ids if v != target][:4]
+        out = server.run_round(1, ARRAYS, [split_view(target, group)])
+        assert out.decoded is None
+        refusals = server.refusals(1, 4)
+        assert set(group) <= set(refusals)
+        assert all("differs from the survivor set" in refusals[v] for v in group)
+        for e in server.sent(1, 4):
+            if e.reply is not None and not e.reply.has_error():
+                rec = e.reply.content.config_records[SECAGG_RECORD_KEY]
+                assert target not in unpack_ids(rec[SECAGG_REPLY_KEY_NODES])
+
+
+# -------------------------------------------------------- consistency signatures
+def _signed(server: AdversarialServer, rnd: int) -> dict[int, tuple[str, bytes]]:
+    """Consistency replies of round ``rnd``: node -> (identity, signature)."""
+    out = {}
+    for e in server.sent(rnd, 5):
+        if e.reply is not None and not e.reply.has_error():
+            rec = e.reply.content.config_records[SECAGG_RECORD_KEY]
+            out[e.node] = (str(rec[SECAGG_REPLY_IDENTITY]), bytes(rec[SECAGG_REPLY_SIGNATURES]))
+    return out
+
+
+def _with_signers(config: dict, entries: list[tuple[int, str, bytes]]) -> dict:
+    config[SECAGG_SIGNERS] = pack_ids([v for v, _, _ in entries])
+    config[SECAGG_IDENTITIES] = json.dumps([name for _, name, _ in entries])
+    config[SECAGG_SIGNATURES] = b"".join(sig for _, _, sig in entries)
+    return config
+
+
+ATTACKS = ["forged", "too_few", "other_set", "identity_reused"]
+REASONS = {
+    "forged": "does not verify",
+    "too_few": "fewer than t=",
+    "other_set": "does not verify",
+    "identity_reused": "counted twice",
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_bad_consistency_signatures_are_refused(attack: str) -> None:
+    for server in _server():
+        _attack_consistency(server, attack)
+
+
+def _attack_consistency(server: AdversarialServer, attack: str) -> None:
+    t = derive_params(N, dropout_tolerance=0.2).threshold  # 6 (k = 8)
+    ids = list(server.grid.node_ids)
+    target = ids[0]
+    told_dropped = set(ids[6:])  # "other_set": these 4 sign U3 without the target
+
+    def at_check(stage: int, node: int, config: dict) -> dict:
+        if attack == "other_set" and stage == 5 and node in told_dropped:
+            u3 = [v for v in unpack_ids(config[SECAGG_SURVIVORS]) if v != target]
+            config[SECAGG_SURVIVORS] = pack_ids(u3)
+        return config
+
+    def at_unmask(stage: int, node: int, config: dict) -> dict:
+        if stage != 4:
+            return config
+        signers = list(unpack_ids(config[SECAGG_SIGNERS]))
+        names = json.loads(config[SECAGG_IDENTITIES])
+        sigs = config[SECAGG_SIGNATURES]
+        entries = [
+            (v, names[i], sigs[i * SIGNATURE : (i + 1) * SIGNATURE]) for i, v in enumerate(signers)
+        ]
+        if attack == "forged":
+            v, name, sig = entries[0]
+            entries[0] = (v, name, bytes([sig[0] ^ 1]) + sig[1:])
+        elif attack == "too_few":
+            entries = entries[: t - 1]
+        elif attack == "other_set":
+            # t signatures: the other group's honest ones, made on U3 without the
+            # target, topped up with valid ones on this client's U3.
+            other = [(v, *_signed(server, 1)[v]) for v in sorted(told_dropped)]
+            valid = [e for e in entries if e[0] not in told_dropped]
+            entries = other + valid[: t - len(other)]
+        elif attack == "identity_reused":
+            # A colluder c signs for a second node d under its own identity: t valid
+            # signatures, t - 1 roster identities. d is the one non-neighbour of
+            # this client (no identity known for it here: only the count catches it).
+            near = _neighbours(server, 1, node)
+            outsider = next(v for v in ids if v != node and v not in near)
+            c_entry = next(e for e in entries if e[0] not in (node, outsider))
+            c_name = c_entry[1]
+            ctx = _config(server, 1, 2, node)[SECAGG_CONTEXT]
+            u3 = unpack_ids(config[SECAGG_SURVIVORS])
+            colluder = signing.SimulationRoster().signer(c_name)
+            forged = colluder.sign(signing.survivors_message(ctx, outsider, c_name, u3))
+            rest = [e for e in entries if e[0] not in (outsider, c_entry[0])]
+            entries = [c_entry, *rest[: t - 2], (outsider, c_name, forged)]
+        return _with_signers(config, entries)
+
+    out = server.run_round(1, ARRAYS, [at_check, at_unmask])
+    assert out.decoded is None
+    refusals = server.refusals(1, 4)
+    sent = server.sent(1, 4)
+    assert sent and len(refusals) == len(sent), refusals
+    assert all(REASONS[attack] in r for r in refusals.values()), refusals
+
+
+def test_a_roster_identity_reused_among_neighbours_is_refused() -> None:
+    # The server shows a client two neighbours under one roster identity; the colluder
+    # owning it signed the second node's real keys for it, so every signature verifies.
+    hit: dict[str, int] = {}
+
+    def reuse(stage: int, node: int, config: dict) -> dict:
+        if stage != 2 or hit:
+            return config
+        nodes = list(unpack_ids(config[SECAGG_NODES]))
+        names = json.loads(config[SECAGG_IDENTITIES])
+        size = 2 * crypto.KEY_BYTES
+        c_pk = config[SECAGG_KEYS][size : size + crypto.KEY_BYTES]
+        s_pk = config[SECAGG_KEYS][size + crypto.KEY_BYTES : 2 * size]
+        colluder = signing.SimulationRoster().signer(names[0])
+        run_id, rnd = signing.parse_context(config[SECAGG_CONTEXT])
+        sig = colluder.sign(signing.key_advert_message(run_id, rnd, nodes[1], names[0], c_pk, s_pk))
+        names[1] = names[0]
+        sigs = bytearray(config[SECAGG_SIGNATURES])
+        sigs[SIGNATURE : 2 * SIGNATURE] = sig
+        config[SECAGG_IDENTITIES] = json.dumps(names)
+        config[SECAGG_SIGNATURES] = bytes(sigs)
+        hit["node"] = node
+        return config
+
+    for server in _server():
+        server.run_round(1, ARRAYS, [reuse])
+        refusal = server.refusals(1, 2).get(hit["node"])
+        assert refusal is not None and "used twice" in refusal, refusal
+
+
+def test_ciphertexts_are_only_ever_sent_for_signed_keys() -> None:
+    # Guard for the substituted-key test: an honest malicious-model round delivers every
+    # share (the refusal above is the signature check's, not a broken round).
+    for server in _server():
+        out = server.run_round(1, ARRAYS)
+        assert out.decoded is not None, out.note
+        assert np.allclose(out.decoded.update["w"], _exact(server.grid.node_ids), atol=1e-5)
+        cfg = _config(server, 1, 3, server.grid.node_ids[0])
+        assert len(cfg[SECAGG_CIPHERTEXTS]) == CIPHERTEXT_BYTES * len(unpack_ids(cfg[SECAGG_NODES]))
