@@ -58,6 +58,7 @@ __all__ = [
     "create_ca",
     "create_node_key",
     "create_server_cert",
+    "create_signing_key",
     "deploy_main",
     "node_config_from_site",
     "register_node",
@@ -67,6 +68,7 @@ __all__ = [
     "superlink_command",
     "supernode_command",
     "write_connection",
+    "write_roster",
 ]
 
 INSECURE_WARNING = (
@@ -308,6 +310,58 @@ def create_node_key(
     )
     _write_public(pub_path, pub + f" {name}\n".encode())
     return priv_path, pub_path
+
+
+def create_signing_key(
+    out_dir: str | os.PathLike[str], name: str, force: bool = False
+) -> tuple[Path, Path]:
+    """Create a site's long-term Ed25519 signing pair for malicious-model secure aggregation.
+
+    ``<name>.sign`` (PEM PKCS#8, mode 0600: the node config's ``signing-key-path``) and
+    ``<name>.sign.pub`` (the public key as 64 hex digits: the site's roster entry, sent
+    to the consortium out of band, never through the server). See
+    :mod:`fl_app.secagg.signing`.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fl_app.secagg.signing import signing_key_pem
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise DeployError(f"key name {name!r} must be letters, digits, '.', '_' or '-'")
+    out = Path(out_dir)
+    priv_path, pub_path = out / f"{name}.sign", out / f"{name}.sign.pub"
+    _refuse_overwrite([priv_path, pub_path], force)
+    key = Ed25519PrivateKey.generate()
+    _write_private(priv_path, signing_key_pem(key))
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    _write_public(pub_path, raw.hex().encode() + b"\n")
+    return priv_path, pub_path
+
+
+def write_roster(
+    out: str | os.PathLike[str], entries: Mapping[str, str | os.PathLike[str]]
+) -> Path:
+    """Write the federation roster: ``{site name: public key hex}`` from ``.sign.pub`` files.
+
+    Every site needs the same file (``roster-path`` in its node config); the roster is
+    what lets a client refuse keys the server substituted, so it is distributed out of
+    band and checked by each site, not fetched from the coordinator.
+    """
+    from fl_app.secagg.signing import RosterError, load_roster
+
+    roster = {
+        name: Path(path).read_text(encoding="utf-8").strip() for name, path in entries.items()
+    }
+    path = Path(out)
+    _write_public(path, (json.dumps(roster, indent=2, sort_keys=True) + "\n").encode())
+    try:
+        load_roster(path)
+    except RosterError as err:
+        path.unlink()
+        raise DeployError(str(err)) from None
+    return path
 
 
 # ---- site YAML -> --node-config -------------------------------------------------------
@@ -1105,10 +1159,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--days", type=int, default=365)
     s.add_argument("--force", action="store_true")
 
-    s = sub.add_parser("node-key", help="create a SuperNode's auth key pair (site)")
+    s = sub.add_parser(
+        "node-key", help="create a SuperNode's auth key pair and its Ed25519 signing pair (site)"
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--name", required=True)
     s.add_argument("--force", action="store_true")
+
+    s = sub.add_parser("roster", help="write the federation roster from sites' .sign.pub files")
+    s.add_argument("--out", required=True)
+    s.add_argument("entries", nargs="+", metavar="SITE=PUBFILE")
 
     s = sub.add_parser("node-config", help="print the --node-config for a site YAML")
     s.add_argument("site")
@@ -1188,6 +1248,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.cmd == "node-key":
         priv, pub = create_node_key(args.out, args.name, args.force)
         print(f"{priv}  (secret: this site only)\n{pub}  (send to the coordinator)")
+        sign, sign_pub = create_signing_key(args.out, args.name, args.force)
+        print(
+            f"{sign}  (secret: this site only; node config signing-key-path)\n"
+            f"{sign_pub}  (the site's roster entry: share with every site out of band)"
+        )
+    elif args.cmd == "roster":
+        entries = {}
+        for item in args.entries:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise DeployError(f"roster entry {item!r} must be SITE=PUBFILE")
+            entries[name] = path
+        print(write_roster(args.out, entries))
     elif args.cmd == "node-config":
         cfg = load_site(args.site)
         print(json.dumps(cfg, indent=2) if args.json else format_node_config(cfg))

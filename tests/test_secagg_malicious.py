@@ -327,3 +327,77 @@ def test_ciphertexts_are_only_ever_sent_for_signed_keys() -> None:
         assert np.allclose(out.decoded.update["w"], _exact(server.grid.node_ids), atol=1e-5)
         cfg = _config(server, 1, 3, server.grid.node_ids[0])
         assert len(cfg[SECAGG_CIPHERTEXTS]) == CIPHERTEXT_BYTES * len(unpack_ids(cfg[SECAGG_NODES]))
+
+
+# ------------------------------------------------------------ deployed identities
+def test_deployed_sites_sign_with_node_key_files_and_the_roster(tmp_path) -> None:
+    """``fl-app deploy node-key`` signing pairs, a roster file from ``deploy roster``,
+    node configs naming them: a malicious-model round completes exactly; a site left off
+    the roster makes its neighbours refuse (its keys verify against nothing), and a
+    deployed site without its key files refuses, naming the node-config keys."""
+    from fl_app.deploy import create_signing_key, write_roster
+
+    pubs = {}
+    for i in range(N):
+        _, pubs[f"site{i}"] = create_signing_key(tmp_path, f"site{i}")
+    roster = write_roster(tmp_path / "roster.json", pubs)
+    partial = write_roster(
+        tmp_path / "partial.json", {k: v for k, v in pubs.items() if k != "site0"}
+    )
+
+    def deployed(roster_path: object, keys: bool = True):
+        def node_config(i: int, n: int) -> dict:
+            cfg = {"partition-id": 0, "num-partitions": 1, "site-name": f"site{i}"}
+            if keys:
+                cfg["signing-key-path"] = str(tmp_path / f"site{i}.sign")
+                cfg["roster-path"] = str(roster_path)
+            return cfg
+
+        return node_config
+
+    settings = SecAggSettings(
+        mode=GraphMode.secaggplus, clip=1.0, stage_timeout_s=5.0, server_model=ServerModel.malicious
+    )
+    for case in ("roster", "partial", "no keys"):
+        grid = InProcessGrid(
+            fixed_update_client(_update),
+            N,
+            seed=N,
+            node_config_fn=deployed(roster if case == "roster" else partial, case != "no keys"),
+        )
+        try:
+            server = AdversarialServer(grid, settings)
+            out = server.run_round(1, ARRAYS)
+            if case == "roster":
+                assert out.decoded is not None, out.note
+                assert np.allclose(out.decoded.update["w"], _exact(grid.node_ids), atol=1e-5)
+            elif case == "partial":
+                site0 = grid.node_ids[0]  # partition order: node i is site{i}
+                refusals = server.refusals(1, 2)
+                assert refusals and all("not signed by roster identity 'site0'" in r
+                                        for r in refusals.values()), refusals  # fmt: skip
+                assert site0 not in refusals
+            else:
+                assert out.decoded is None
+                refusals = server.refusals(1, 1)
+                assert len(refusals) == N
+                assert all("signing-key-path" in r for r in refusals.values())
+        finally:
+            grid.close()
+
+
+def test_deploy_node_key_writes_the_signing_pair(tmp_path, capsys) -> None:
+    import os
+
+    from fl_app.deploy import deploy_main
+
+    deploy_main(["node-key", "--out", str(tmp_path), "--name", "clinic"])
+    key = signing.load_signing_key(tmp_path / "clinic.sign")
+    assert os.stat(tmp_path / "clinic.sign").st_mode & 0o077 == 0  # secret: owner only
+    pub = (tmp_path / "clinic.sign.pub").read_text().strip()
+    assert bytes.fromhex(pub) == signing.Signer("clinic", key).public_bytes()
+    deploy_main(["roster", "--out", str(tmp_path / "r.json"), f"clinic={tmp_path}/clinic.sign.pub"])
+    roster = signing.load_roster(tmp_path / "r.json")
+    message = b"any message"
+    assert roster.verify("clinic", message, key.sign(message))
+    assert not roster.verify("other", message, key.sign(message))
