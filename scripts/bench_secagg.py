@@ -19,6 +19,7 @@ per stage, the slowest client.
 
     .venv/bin/python scripts/bench_secagg.py            # N in {10, 50, 100}, P in {100k, 1M}
     .venv/bin/python scripts/bench_secagg.py --quick    # N in {10, 50}, P = 100k, 1 repeat
+    .venv/bin/python scripts/bench_secagg.py --server-model malicious  # signed keys + check
 
 Flower's legacy SecAgg+ workflow is not run here: ``benchmarks/legacy_secaggplus.py``
 runs it on the same in-process Grid with the same fixed updates (:func:`fixed_update`),
@@ -40,7 +41,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
-from fl_app.secagg.graph import GraphMode
+from fl_app.secagg.graph import GraphMode, ServerModel
 from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
 from fl_app.testing import InProcessGrid
 from fl_app.weights import from_array_record, to_array_record
@@ -99,7 +100,7 @@ def make_client(timer: Timer) -> ClientApp:
     @timer.wrap
     def train(msg: Message, context: Context) -> Message:
         stage = secagg_stage(msg)
-        if stage in (1, 2, 4):
+        if stage is not None and stage != 3:  # key stages, consistency check, unmask
             return handle_key_stage(msg, context, stage)
         arrays = from_array_record(msg.content.array_records["arrays"])
         rnd = int(msg.content.config_records["config"][SERVER_ROUND])  # type: ignore[arg-type]
@@ -117,20 +118,32 @@ def make_client(timer: Timer) -> ClientApp:
     return app
 
 
-def one_config(n: int, params: int, secure: bool, rounds: int) -> dict[str, float]:
+def one_config(
+    n: int, params: int, secure: bool, rounds: int, server_model: str = "honest_but_curious"
+) -> dict[str, float]:
     """Medians over ``rounds`` rounds of :func:`one_config_rounds`."""
     return {
-        k: statistics.median(v) for k, v in one_config_rounds(n, params, secure, rounds).items()
+        k: statistics.median(v)
+        for k, v in one_config_rounds(n, params, secure, rounds, server_model).items()
     }
 
 
-def one_config_rounds(n: int, params: int, secure: bool, rounds: int) -> dict[str, list[float]]:
-    """Run ``rounds`` rounds of one configuration; every measure, round by round."""
+def one_config_rounds(
+    n: int, params: int, secure: bool, rounds: int, server_model: str = "honest_but_curious"
+) -> dict[str, list[float]]:
+    """Run ``rounds`` rounds of one configuration; every measure, round by round.
+
+    ``server_model``: ``secagg.server_model`` of the secure runs (``malicious`` adds the
+    signed keys and the consistency-check exchange, with its larger thresholds).
+    """
     timer = Timer()
     grid = InProcessGrid(make_client(timer), n, seed=0)
     arrays = {"w": np.zeros(params, dtype=np.float32)}
+    model = ServerModel(server_model)
     secagg = (
-        SecureAggregation(SecAggSettings(mode=GraphMode.secaggplus, clip=CLIP, bits=32))
+        SecureAggregation(
+            SecAggSettings(mode=GraphMode.secaggplus, clip=CLIP, bits=32, server_model=model)
+        )
         if secure
         else None
     )
@@ -234,6 +247,12 @@ def main() -> None:
     )
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     ap.add_argument("--params", type=int, nargs="*", default=None)
+    ap.add_argument(
+        "--server-model",
+        choices=[m.value for m in ServerModel],
+        default=ServerModel.honest_but_curious.value,
+        help="secagg.server_model of the secure runs",
+    )
     args = ap.parse_args()
     clients = args.clients or ([10, 50] if args.quick else [10, 50, 100])
     params = args.params or ([100_000] if args.quick else [100_000, 1_000_000])
@@ -252,7 +271,7 @@ def main() -> None:
     for p in params:
         for n in clients:
             plain_r = one_config_rounds(n, p, False, rounds)
-            sec_r = one_config_rounds(n, p, True, rounds)
+            sec_r = one_config_rounds(n, p, True, rounds, args.server_model)
             plain = {k: statistics.median(steady(v)) for k, v in plain_r.items() if k != "stages"}
             sec = {k: statistics.median(steady(v)) for k, v in sec_r.items() if k != "stages"}
             first = sec_r["critical"][0] / plain_r["critical"][0]
