@@ -48,6 +48,15 @@ neighbours that never shared are refused) and the survivors counted against the
 client's own floor. A refusal by the policy carries the field it names
 (:attr:`SecAggStageError.field`).
 
+Malicious server model (``params.server_model``, :mod:`fl_app.secagg.signing`): stage
+1 signs every advertised pair for the run id the instruction names; stage 2 verifies
+each neighbour's signature against this site's roster (each identity once) before any
+share is encrypted; the consistency stage (5) checks and signs the survivor set once per
+round; stage 4 reveals only for exactly that set and ``t`` valid signatures on it from
+distinct roster identities of its members. The site's key and roster come from node
+config ``signing-key-path`` / ``roster-path`` (simulated partitions: the in-process
+:class:`~fl_app.secagg.signing.SimulationRoster`).
+
 Round monotonicity: ``Context.state[PROGRESS_STATE_KEY]`` records the latest round
 this client took part in and the latest round it sent a masked input for. A stage for
 an earlier round is refused, and so is stage 1, 2 or 3 of a round whose masked input

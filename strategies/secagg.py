@@ -27,7 +27,16 @@ stage, and the sums ``Σ w·Δ``, ``Σ w``, ``Σ unclipped``, ``Σ w·loss``, ``
 Below the threshold at any stage the round is abandoned (:class:`SecAggOutcome` with
 ``decoded=None`` and a note): the model stays unchanged and the run goes on.
 
-Trust assumptions: honest-but-curious server, at most ``corrupt_fraction`` of the
+Server models (``secagg.server_model``): ``honest_but_curious`` runs the stages above;
+``malicious`` adds a run id to stage 1 (clients sign their key pairs for it), the
+neighbours' roster identities and signatures to stage 2, and a consistency-check
+exchange (:data:`~fl_app.secagg.protocol.Stage.consistency`) between stages 3 and 4:
+survivors sign ``U3``, the server keeps the signatures that verify under the key each
+node advertised (so one faulty client cannot make everyone refuse), abandons the round
+below ``t`` of them, and sends them with stage 4 to the signers only
+(:mod:`fl_app.secagg.signing`).
+
+Trust assumptions: a server of the configured model, at most ``corrupt_fraction`` of the
 cohort colluding with it, authenticated client-server channels (Flower's TLS and node
 authentication), and clients that clip honestly (the server cannot check a bound on a
 masked input; a malicious client can skew, but not reveal, the sum).

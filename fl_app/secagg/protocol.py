@@ -38,7 +38,10 @@ and the node counts as dropped from that stage on. A client refuses (raises
 :class:`ClientRefusal`) on anything inconsistent and never runs a stage twice or out
 of order (:class:`StageOrderError`).
 
-Trust assumptions: honest-but-curious server and at most ``params.max_corrupt``
+Trust assumptions: a server following the protocol (``params.server_model`` says which
+thresholds were derived; the malicious model's signed keys and consistency check run in
+:mod:`fl_app.secagg_stages` and :mod:`strategies.secagg` around these sessions, with
+:meth:`ClientSession.check_lists` shared by both) and at most ``params.max_corrupt``
 colluding clients (see :mod:`fl_app.secagg.graph`); authenticated channels between
 each client and the server (Flower's TLS/node auth); client secrets live only in the
 session (and in the state it exports between processes, which must stay on the
