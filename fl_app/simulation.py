@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fl_app.config.schema import AppConfig, SimulationBackend
+from fl_app.config.schema import AppConfig, SecAggMode, SimulationBackend
 
 __all__ = ["SimulationFailed", "backend_config", "run_simulation_experiment"]
 
@@ -78,6 +78,13 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     # unless the user asked otherwise, and keep Ray's own chatter out of the way.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if cfg.secagg.mode is not SecAggMode.off and cfg.secagg.server_model.value == "malicious":
+        # Simulated sites sign with keys derived from this process's roster secret
+        # (fl_app.secagg.signing.SimulationRoster): drawn here, before Ray starts, so
+        # every worker inherits the same one.
+        from fl_app.secagg.signing import simulation_secret
+
+        simulation_secret()
     from flwr.simulation import run_simulation
 
     from fl_app.server_app import make_server_app
