@@ -46,7 +46,7 @@ complete checkpoint; ``rollback_to=<r>`` from round ``r``'s. In both cases:
 * the ledger is append-only, so a round redone after a crash or a rollback is a new
   release: the ledger's event ``round`` is a *release index*, ``server round +
   release_offset``, and the offset is the number of releases counted beyond the
-  checkpoint's round (:meth:`strategies.client_dp.CentralDp.restore_state`). ε after
+  checkpoint's round (:meth:`strategies.dp_aggregators.AccountedDp.restore_state`). ε after
   a resume is therefore never below an uninterrupted run's, and equal when no round
   was interrupted;
 * seeded central DP noise is keyed by the server round, so a resumed run redoes an

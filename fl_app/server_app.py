@@ -54,13 +54,9 @@ from fl_app.rundir import (
     read_round_records,
     run_outcome,
 )
-from strategies.client_dp import (
-    CentralDp,
-    LocalDp,
-    MeanAggregator,
-    build_aggregator,
-    projection_lines,
-)
+from strategies.aggregators import MeanAggregator
+from strategies.dp_aggregators import AccountedDp
+from strategies.dp_projection import projection_lines
 from strategies.driver import (
     DriverResult,
     ReleaseHook,
@@ -69,7 +65,8 @@ from strategies.driver import (
     RoundReport,
     StageReport,
 )
-from strategies.factory import build_driver
+from strategies.factory import build_aggregator, build_driver
+from strategies.local_dp import LocalDp
 
 __all__ = [
     "AUDIT_KEY_PASSPHRASE_ENV",
@@ -213,7 +210,7 @@ def run_experiment(
             FederationLedger.from_json(plan.ledger_json) if plan.ledger_json is not None else None
         )
     aggregator = build_aggregator(cfg, ledger)
-    if plan is not None and isinstance(aggregator, CentralDp):
+    if plan is not None and isinstance(aggregator, AccountedDp):
         aggregator.restore_state(plan.checkpoint.server_state["aggregator"], plan.round)
         aggregator.noise_generation = noise_generation
     if plan is not None:
@@ -238,7 +235,7 @@ def run_experiment(
     if progress and not isinstance(aggregator, MeanAggregator):
         for line in projection_lines(aggregator.settings):
             print(line, flush=True)
-        if plan is not None and isinstance(aggregator, CentralDp):
+        if plan is not None and isinstance(aggregator, AccountedDp):
             # The plan above counts num_rounds releases; a resumed ledger already holds
             # those before the checkpoint and any interrupted round's (it stays spent),
             # so the run ends at the ledger plus the rounds left, not at the plan.
@@ -407,7 +404,7 @@ class LedgerWriter:
     Atomic writes: the file on disk is never behind the model.
     """
 
-    def __init__(self, path: Path, aggregator: CentralDp | LocalDp) -> None:
+    def __init__(self, path: Path, aggregator: AccountedDp | LocalDp) -> None:
         self.path = path
         self.aggregator = aggregator
 
@@ -434,7 +431,7 @@ class CheckpointWriter:
         rd: RunDirectory,
         run_key: str,
         audit: AuditTrail,
-        aggregator: MeanAggregator | CentralDp | LocalDp,
+        aggregator: MeanAggregator | AccountedDp | LocalDp,
         steps_seen: StepsSeen,
     ) -> None:
         self.cfg = cfg
@@ -465,7 +462,7 @@ class CheckpointWriter:
         aggregator_state: dict[str, Any] = {
             "kind": "none" if isinstance(agg, MeanAggregator) else agg.settings.mode.value
         }
-        if isinstance(agg, CentralDp):
+        if isinstance(agg, AccountedDp):
             aggregator_state.update(agg.export_state())
         return {
             "format": 1,
@@ -523,7 +520,7 @@ class CheckpointWriter:
         prune_checkpoints(self.rd.path, self.cfg.checkpoint.keep)
 
 
-def _client_dp_spec(aggregator: MeanAggregator | CentralDp | LocalDp) -> ClientDpSpec | None:
+def _client_dp_spec(aggregator: MeanAggregator | AccountedDp | LocalDp) -> ClientDpSpec | None:
     """What clients must do for client-level DP (None: send raw updates)."""
     if isinstance(aggregator, MeanAggregator):
         return None
@@ -545,7 +542,7 @@ def _client_dp_spec(aggregator: MeanAggregator | CentralDp | LocalDp) -> ClientD
 
 
 def _client_level_summary(
-    aggregator: MeanAggregator | CentralDp | LocalDp, result: DriverResult
+    aggregator: MeanAggregator | AccountedDp | LocalDp, result: DriverResult
 ) -> dict[str, Any]:
     if isinstance(aggregator, MeanAggregator):
         return {"epsilon": None, "delta": None}
@@ -615,7 +612,7 @@ def _client_level_summary(
     }
 
 
-def _against_server_summary(aggregator: CentralDp) -> dict[str, Any]:
+def _against_server_summary(aggregator: AccountedDp) -> dict[str, Any]:
     """ε against the server: no sampling amplification, the server picks the cohort.
 
     Distributed DP: each client's rounds in the cohort composed (the maximum over
@@ -754,7 +751,7 @@ def _summary(
     seconds: float,
     rd: RunDirectory,
     model_sha: str,
-    aggregator: MeanAggregator | CentralDp | LocalDp,
+    aggregator: MeanAggregator | AccountedDp | LocalDp,
 ) -> dict[str, Any]:
     last = result.reports[-1] if result.reports else None
     fed = None

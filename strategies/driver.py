@@ -73,9 +73,9 @@ from strategies.validation import (
     screen_replies,
 )
 
-if TYPE_CHECKING:  # client_dp pulls in the accountants (and torch through Opacus); the
-    # driver module itself stays importable by torch-free ClientApp processes.
-    from strategies.client_dp import Aggregate, UpdateAggregator
+if TYPE_CHECKING:  # the DP aggregators pull in the accountants (and torch through
+    # Opacus); the driver module itself stays importable by torch-free ClientApp processes.
+    from strategies.aggregators import Aggregate, UpdateAggregator
     from strategies.secagg import SecAggOutcome, SecureAggregation
 
 __all__ = [
@@ -275,8 +275,9 @@ class RoundDriver:
         lost cannot restart its accounting from zero).
     aggregator
         Turns the accepted replies into the update to apply (default: the exact
-        weighted mean; :mod:`strategies.client_dp` adds clipping, noise, a ledger and
-        a budget that can stop the run before a round).
+        weighted mean; :mod:`strategies.dp_aggregators` and :mod:`strategies.local_dp`
+        compose clipping, noise, a ledger and a budget that can stop the run before a
+        round).
     secagg
         Secure aggregation (:mod:`strategies.secagg`): the train stage becomes the
         four-stage masked-sum protocol and the aggregator sees only sums
@@ -309,7 +310,7 @@ class RoundDriver:
         release_hooks: Sequence[ReleaseHook] = (),
     ) -> None:
         if aggregator is None:
-            from strategies.client_dp import MeanAggregator
+            from strategies.aggregators import MeanAggregator
 
             aggregator = MeanAggregator()
         self.strategy = strategy

@@ -10,12 +10,18 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl_app.config.schema import (
     AppConfig,
+    PrivacyMode,
     SamplingMode,
     StrategyConfig,
     StrategyName,
+    ThreatModel,
     federated_eval_interval,
 )
-from strategies.client_dp import DistributedDp, UpdateAggregator
+from fl_app.privacy.ledger import FederationLedger
+from strategies.aggregators import MeanAggregator, UpdateAggregator
+from strategies.budget import BudgetGuard
+from strategies.client_dp import ClientDpSettings
+from strategies.dp_aggregators import CentralDp, DistributedDp
 from strategies.driver import (
     DriverSettings,
     EvaluateFn,
@@ -24,11 +30,12 @@ from strategies.driver import (
     RoundDriver,
     RoundListener,
 )
+from strategies.local_dp import LocalDp
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecAggSettings, SecureAggregation
 from strategies.validation import ReplyLimits
 
-__all__ = ["STRATEGIES", "build_driver", "build_strategy"]
+__all__ = ["STRATEGIES", "build_aggregator", "build_driver", "build_strategy"]
 
 # Sampling and node minimums belong to the driver; the wrapped strategy sees only the
 # cohort and must take all of it (see strategies.driver.CohortGrid).
@@ -136,3 +143,35 @@ def build_driver(
         round_begin_hooks=round_begin_hooks,
         release_hooks=release_hooks,
     )
+
+
+def build_aggregator(
+    cfg: AppConfig, ledger: FederationLedger | None = None
+) -> MeanAggregator | CentralDp | DistributedDp | LocalDp:
+    """The aggregator ``cfg.privacy.mode`` asks for (validated config)."""
+    mode = cfg.privacy.mode
+    if mode is PrivacyMode.none:
+        return MeanAggregator()
+    settings = ClientDpSettings.from_config(cfg)
+    if mode is PrivacyMode.central:
+        budget = BudgetGuard(settings.max_epsilon) if settings.max_epsilon is not None else None
+        return CentralDp(settings, ledger, budget)
+    if mode is PrivacyMode.local:
+        return LocalDp(settings, ledger)
+    if mode is PrivacyMode.distributed:
+        if ledger is not None:
+            # A resumed run is a new server process: its node ids cannot be matched to
+            # the ledger's, so the participation counted so far becomes a bound.
+            ledger = ledger.new_participation_session()
+        # threat_model=distributed_dp (the validator pairs them): the budget is against
+        # the server, which knows the cohort (no amplification).
+        budget = (
+            BudgetGuard(
+                settings.max_epsilon,
+                against_server=cfg.privacy.threat_model is ThreatModel.distributed_dp,
+            )
+            if settings.max_epsilon is not None
+            else None
+        )
+        return DistributedDp(settings, ledger, budget)
+    raise ValueError(f"privacy.mode={mode.value} has no aggregator in this release")

@@ -39,15 +39,12 @@ from fl_app.server_app import run_experiment
 from fl_app.simulation import run_simulation_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors
+from strategies.aggregators import MeanAggregator
 from strategies.budget import BudgetGuard
-from strategies.client_dp import (
-    CENTRAL_NOISE_STREAM,
-    CentralDp,
-    ClientDpSettings,
-    LocalDp,
-    MeanAggregator,
-    rounds_within_budget,
-)
+from strategies.client_dp import ClientDpSettings
+from strategies.dp_aggregators import CENTRAL_NOISE_STREAM, CentralDp
+from strategies.dp_projection import rounds_within_budget
+from strategies.local_dp import LocalDp
 from strategies.validation import TrainReply
 
 # ----------------------------------------------------------------------- clipping

@@ -43,13 +43,9 @@ from fl_app.secagg.vector import DecodedSum
 from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 from strategies.budget import BudgetGuard
-from strategies.client_dp import (
-    CENTRAL_NOISE_STREAM,
-    CentralDp,
-    ClientDpSettings,
-    DistributedDp,
-    projection_lines,
-)
+from strategies.client_dp import ClientDpSettings
+from strategies.dp_aggregators import CENTRAL_NOISE_STREAM, CentralDp, DistributedDp
+from strategies.dp_projection import projection_lines
 from strategies.driver import DriverSettings, RoundDriver
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecAggOutcome
@@ -744,7 +740,7 @@ def test_guard_against_the_server_counts_the_carried_participation() -> None:
 
 def test_resumed_distributed_run_starts_a_participation_session() -> None:
     from fl_app.config.compose import compose_config
-    from strategies.client_dp import build_aggregator
+    from strategies.factory import build_aggregator
 
     cfg = compose_config("config", ["privacy=distributed", "secagg=secaggplus", "secagg.bits=16"])
     event = RoundEvent(1, "poisson", 10, 0.3, 3.0, 1.0, 1.0, 1.0)

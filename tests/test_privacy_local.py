@@ -137,7 +137,10 @@ def test_releases_seen_passes_a_valid_count() -> None:
 
 
 def test_noise_is_added_in_float64_and_cast_back() -> None:
-    update = {"w": np.ones((2, 3), dtype=np.float32), "b": np.zeros(0, dtype=np.float64)}
+    update: dict[str, np.ndarray] = {
+        "w": np.ones((2, 3), dtype=np.float32),
+        "b": np.zeros(0, dtype=np.float64),
+    }
     asked: list[tuple[float, int]] = []
 
     def normal(std: float, n: int) -> np.ndarray:

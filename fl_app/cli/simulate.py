@@ -31,7 +31,8 @@ def privacy_plan(cfg: Any, projection: RecordLevelProjection | None = None) -> l
     """Human lines describing what ``cfg`` will spend, before anything trains
     (``projection``: :func:`record_level_projection`'s, for DP-SGD)."""
     from fl_app.config.schema import PrivacyMode
-    from strategies.client_dp import ClientDpSettings, projection_lines
+    from strategies.client_dp import ClientDpSettings
+    from strategies.dp_projection import projection_lines
 
     lines: list[str] = []
     if cfg.privacy.mode is not PrivacyMode.none:
@@ -152,11 +153,8 @@ def check_record_level_budget(cfg: Any, projection: RecordLevelProjection | None
 def over_budget(cfg: Any) -> str | None:
     """Why the planned rounds would exceed ``privacy.max_epsilon``, or ``None``."""
     from fl_app.config.schema import PrivacyMode
-    from strategies.client_dp import (
-        ClientDpSettings,
-        rounds_within_budget,
-        server_budget_refusal,
-    )
+    from strategies.client_dp import ClientDpSettings
+    from strategies.dp_projection import rounds_within_budget, server_budget_refusal
 
     if cfg.privacy.mode is PrivacyMode.none or cfg.privacy.max_epsilon is None:
         return None

@@ -1,7 +1,7 @@
 """Client-level mechanisms as small units, free of Flower: what a round releases and its cost.
 
 The round driver (:mod:`strategies.driver`) and the aggregators
-(:mod:`strategies.client_dp`) call these; each is pure math, tested against values
+(:mod:`strategies.dp_aggregators`) call these; each is pure math, tested against values
 worked out by hand (``tests/test_privacy_branches.py``).
 
 :func:`cohort_gate_delta`

@@ -1,0 +1,156 @@
+"""The parts a server-side aggregator is composed of (strategies.aggregators,
+strategies.dp_aggregators), each as a unit with values worked out by hand.
+
+The assembled mechanisms (CentralDp, DistributedDp, LocalDp) are checked end to end in
+test_client_dp.py, test_privacy_branches.py and test_distributed_dp.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from fl_app.config.schema import ClipSide
+from fl_app.privacy.mechanisms import AdaptiveClip
+from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
+from strategies.aggregators import (
+    ComposedAggregator,
+    ExactMean,
+    MeanAggregator,
+    Unaccounted,
+    WeightedMeanInput,
+)
+from strategies.dp_aggregators import ClientLevelClipping, NoPlaintextInput
+from strategies.validation import TrainReply
+
+
+def _reply(node: int, value: float, n: float = 1.0, **metrics: float) -> TrainReply:
+    update = {"w": np.array([value], dtype=np.float32)}
+    return TrainReply(node, update, n, dict(metrics), abs(value))
+
+
+class _Noise:
+    """A noise source double: returns queued values and records each draw."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+        self.draws: list[tuple[float, int]] = []
+
+    def normal(self, std: float, size: int) -> np.ndarray:
+        self.draws.append((std, size))
+        return np.array([self.values.pop(0) for _ in range(size)])
+
+
+def test_exact_mean_divides_the_sum_by_the_total_weight() -> None:
+    out = ExactMean().from_sum(1, {"w": np.array([2.0, 4.0])}, 2.0, 2, {})
+    np.testing.assert_array_equal(out.update["w"], [1.0, 2.0])
+    assert (out.total_weight, out.metrics) == (2.0, {})
+    with pytest.raises(ValueError, match="total_weight must be > 0, found 0"):
+        ExactMean().from_sum(1, {"w": np.array([2.0])}, 0.0, 0, {})
+    assert ExactMean().without_sum(1, {"w": np.zeros(1)}) is None
+
+
+def test_weighted_mean_input_and_its_count_metric() -> None:
+    # (1 * 0 + 3 * 4) / 4 = 3
+    replies = [_reply(1, 0.0, n=1.0), _reply(2, 4.0, n=3.0)]
+    out = WeightedMeanInput("releases").combine(1, replies, ExactMean())
+    assert float(out.update["w"][0]) == 3.0
+    assert out.total_weight == 4.0
+    assert out.metrics == {"releases": 2} and isinstance(out.metrics["releases"], int)
+    assert WeightedMeanInput().combine(1, replies, ExactMean()).metrics == {}
+
+
+def test_mean_aggregator_is_the_composition_of_the_defaults() -> None:
+    agg = MeanAggregator()
+    assert agg.round_config(1) == {} and agg.begin_round(1, 10) is None
+    assert agg.status() == {} and agg.check_reply(_reply(1, 1.0)) is None
+    assert (agg.weighting, agg.releases_every_round) == ("examples", False)
+    assert agg.release_without_sum(1, {"w": np.zeros(1)}) is None
+    out = agg.aggregate_sum(1, {"w": np.array([6.0])}, 3.0, 2, {})
+    assert float(out.update["w"][0]) == 2.0
+
+
+class _Account(Unaccounted):
+    def __init__(self, reason: str | None) -> None:
+        self.reason = reason
+        self.seen: list[int] = []
+
+    def check_reply(self, reply: TrainReply) -> str | None:
+        self.seen.append(reply.node_id)
+        return self.reason
+
+
+class _Clip:
+    norm = 1.0
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def round_config(self) -> dict[str, float]:
+        return {"c": self.norm}
+
+    def check_reply(self, reply: TrainReply) -> str | None:
+        self.seen.append(reply.node_id)
+        return "clip says no"
+
+
+def test_the_account_sees_every_reply_before_the_clipping_does() -> None:
+    # Local DP counts every release it received, also one another part rejects.
+    account, clip = _Account("account says no"), _Clip()
+    agg = ComposedAggregator(account, ExactMean(), clipping=clip)
+    assert agg.check_reply(_reply(5, 1.0)) == "account says no"
+    assert (account.seen, clip.seen) == ([5], [])
+    account.reason = None
+    assert agg.check_reply(_reply(6, 1.0)) == "clip says no"
+    assert (account.seen, clip.seen) == ([5, 6], [6])
+    assert agg.round_config(1) == {"c": 1.0}
+
+
+def test_fixed_clipping_never_adapts_or_draws_noise() -> None:
+    noise = _Noise()
+    clip = ClientLevelClipping(0.7, ClipSide.server)
+    assert clip.adapt(0.7, 3.0, 4, 4.0, noise) == {}
+    assert noise.draws == [] and clip.norm == 0.7
+    assert clip.round_config() == {}
+    assert clip.check_reply(_reply(1, 1.0)) is None
+    assert ClientLevelClipping(0.7, ClipSide.client).round_config() == {CLIP_NORM_KEY: 0.7}
+
+
+def test_adaptive_clipping_step_by_hand() -> None:
+    # Andrew et al. Alg. 1 with sigma_b = 2, eta = 0.2, gamma = 0.5: 3 of 4 unclipped,
+    # count noise 0.5, expected cohort 4: b~ = (3 - 4/2 + 0.5 + 4/2) / 4 = 0.875 and
+    # C' = 1.0 * exp(-0.2 * (0.875 - 0.5)) = exp(-0.075).
+    noise = _Noise(0.5)
+    clip = ClientLevelClipping(1.0, ClipSide.client, AdaptiveClip(2.0, 0.2, 0.5))
+    metrics = clip.adapt(1.0, 3.0, 4, 4.0, noise)
+    assert noise.draws == [(2.0, 1)]
+    assert metrics["dp_unclipped_fraction_noised"] == pytest.approx(0.875)
+    assert metrics["dp_next_clip"] == pytest.approx(math.exp(-0.075))
+    assert clip.norm == metrics["dp_next_clip"]
+    assert clip.round_config() == {CLIP_NORM_KEY: clip.norm}
+
+
+_BITS: Sequence[float | None] = [0.0, 1.0, 0.5, None]
+
+
+@pytest.mark.parametrize("i", range(len(_BITS)))
+def test_adaptive_client_clipping_needs_a_zero_or_one_bit(i: int) -> None:
+    bit = _BITS[i]
+    metrics = {} if bit is None else {UNCLIPPED_KEY: bit}
+    reply = _reply(1, 1.0, **metrics)
+    clip = ClientLevelClipping(1.0, ClipSide.client, AdaptiveClip(2.0, 0.2, 0.5))
+    reason = clip.check_reply(reply)
+    assert (reason is None) == (bit in (0.0, 1.0))
+    # Server-side clipping counts the bits itself: it asks nothing of the reply.
+    assert (
+        ClientLevelClipping(1.0, ClipSide.server, AdaptiveClip(2.0, 0.2, 0.5)).check_reply(reply)
+        is None
+    )
+
+
+def test_no_plaintext_input_refuses_every_plaintext_round() -> None:
+    with pytest.raises(RuntimeError, match="distributed DP needs secure aggregation"):
+        NoPlaintextInput().combine(1, [_reply(1, 1.0)], ExactMean())
