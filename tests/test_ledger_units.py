@@ -1,0 +1,101 @@
+"""Unit tests for fl_app.privacy.ledger written against its surviving mutants.
+
+``make mutate`` over ``ledger.py`` left mutants that the branch and end-to-end tests do
+not see: the against-the-server ε of fixed-size (replace-one) rounds, the bound carried
+across server processes when nothing was counted yet, and the ledger's argument checks
+and messages. Expected values come from outside the code under test: dp-accounting's
+RDP accountant composing the events written here, and the analytic Gaussian mechanism
+(Balle & Wang 2018, Theorem 8) solved with scipy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.ledger import (
+    FederationLedger,
+    LedgerError,
+    RoundEvent,
+    local_epsilon,
+    unsampled_epsilon,
+)
+
+DELTA = 1e-5
+
+
+def _gaussian_rdp_epsilon(z: float, rounds: int, delta: float = DELTA) -> float:
+    """dp-accounting's RDP ε of ``rounds`` Gaussian mechanisms with σ/Δ = z."""
+    acc = RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    return float(acc.get_epsilon(delta))
+
+
+def _fixed(round_: int = 1, z: float = 4.0) -> RoundEvent:
+    # 3 of 10 clients without replacement: replace-one, sensitivity 2C.
+    return RoundEvent(round_, "fixed", 10, 0.3, 3.0, z, 1.0, z)
+
+
+def _poisson(round_: int = 1, z: float = 2.0) -> RoundEvent:
+    return RoundEvent(round_, "poisson", 10, 0.3, 3.0, z, 1.0, z)
+
+
+# ---- ε against the server ---------------------------------------------------------------
+
+
+def test_against_the_server_a_fixed_size_round_is_a_gaussian_of_sensitivity_2c() -> None:
+    # Replace-one: two clipped updates differ by up to 2C, so σ/Δ = z/2 per round.
+    value = unsampled_epsilon(_fixed(z=4.0), 3, DELTA, "rdp")
+    assert value == pytest.approx(_gaussian_rdp_epsilon(2.0, 3), rel=2e-2)
+
+
+def test_against_the_server_a_poisson_round_is_a_gaussian_of_sensitivity_c() -> None:
+    value = unsampled_epsilon(_poisson(z=2.0), 3, DELTA, "rdp")
+    assert value == pytest.approx(_gaussian_rdp_epsilon(2.0, 3), rel=2e-2)
+
+
+@pytest.mark.parametrize("rounds", [0, -1])
+def test_no_rounds_spend_nothing(rounds: int) -> None:
+    assert unsampled_epsilon(_poisson(), rounds, DELTA, "rdp") == 0.0
+    assert local_epsilon(2.0, rounds, DELTA, "rdp") == 0.0
+
+
+def test_server_epsilons_before_any_cohort_is_counted_are_empty() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp, (_poisson(),))
+    assert ledger.server_epsilons() == {}
+    assert FederationLedger(DELTA, AccountantName.rdp).server_epsilons() == {}
+
+
+def test_a_new_process_reports_the_earlier_processes_bound_under_its_own_key() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp, (_poisson(z=2.0),))
+    resumed = ledger.add_participation(["7"]).add_participation(["7"]).new_participation_session()
+    assert resumed.server_epsilons() == {
+        "(earlier processes)": pytest.approx(_gaussian_rdp_epsilon(2.0, 2), rel=2e-2)
+    }
+
+
+def test_a_new_session_of_a_ledger_without_cohorts_carries_nothing() -> None:
+    fresh = FederationLedger(DELTA, AccountantName.rdp).new_participation_session()
+    assert fresh.participation_carried == 0
+    assert fresh.most_participation() == 0
+
+
+# ---- persistence ------------------------------------------------------------------------
+
+
+def test_duplicate_keys_are_refused_naming_the_ledger() -> None:
+    text = FederationLedger(DELTA, AccountantName.rdp).to_json()
+    doubled = text.replace('"delta":', '"delta": 0.1, "delta":', 1)
+    with pytest.raises(LedgerError) as info:
+        FederationLedger.from_json(doubled)
+    assert str(info.value) == "ledger: duplicate key 'delta'"
+
+
+def test_ledger_json_round_trips_a_fixed_round() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp, (_fixed(),))
+    assert FederationLedger.from_json(ledger.to_json()) == ledger
+    assert json.loads(ledger.to_json())["events"][0]["sampling"] == "fixed"
