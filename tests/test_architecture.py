@@ -121,3 +121,25 @@ def test_no_source_points_to_documents_outside_the_repository() -> None:
         if _OUTSIDE.search(line)
     ]
     assert not hits, "point these to docs/architecture.md instead:\n" + "\n".join(hits)
+
+
+def test_every_import_linter_exception_says_why() -> None:
+    """Each ignore_imports entry (or group of entries) sits under a comment giving the
+    reason and what removes it, so an exception cannot slip in unexplained."""
+    lines = (ROOT / "pyproject.toml").read_text(encoding="utf-8").splitlines()
+    entry = re.compile(r'^\s+"[\w.*]+ -> [\w.*]+",$')
+    inside, entries, unexplained = False, 0, []
+    for n, line in enumerate(lines):
+        if line.startswith("ignore_imports = ["):
+            inside = True
+        elif inside and line.startswith("]"):
+            inside = False
+        elif inside and entry.match(line):
+            entries += 1
+            above = n - 1
+            while entry.match(lines[above]):
+                above -= 1
+            if not lines[above].strip().startswith("#"):
+                unexplained.append(line.strip())
+    assert entries >= 3, "no import-linter exceptions found: did the format change?"
+    assert not unexplained, f"ignore_imports entries without a comment: {unexplained}"
