@@ -3,6 +3,7 @@
 * An import that breaks a layer fails ``lint-imports`` (run by ``make lint``, which
   ``make test`` runs first): checked on a scratch copy of the packages with one
   offending import per contract.
+* Every import-linter exception (``ignore_imports``) carries a comment saying why.
 * Every ``fl_app/...`` or ``strategies/...`` path that docs/architecture.md names exists.
 * No source file points a reader at a document outside the repository (the design
   notes the code was written from are not shipped; docs/architecture.md is).
