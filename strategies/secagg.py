@@ -895,9 +895,12 @@ class SecureAggregation:
                     functools.partial(self._check_signatures, server, request.survivors),
                 )
                 revealers = sorted(signed)
-                lists[SECAGG_SIGNERS] = pack_ids(revealers)
-                lists[SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in revealers])
-                lists[SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in revealers)
+                # t signatures are what a client needs (and checks, every one): sending
+                # all |U4| would make each client verify up to n instead of t.
+                proof = revealers[: server.params.threshold]
+                lists[SECAGG_SIGNERS] = pack_ids(proof)
+                lists[SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in proof])
+                lists[SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in proof)
             plan = None
             if next_cohort is not None and (last_round is None or rnd < last_round):
                 exhausted = {r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED}

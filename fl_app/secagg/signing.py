@@ -265,6 +265,7 @@ class SimulationRoster(Roster):
             secret = simulation_secret()
         self._secret = secret
         self._cache: dict[str, Ed25519PrivateKey] = {}
+        self._public: dict[str, Ed25519PublicKey] = {}
 
     def signer(self, identity: str) -> Signer:
         if not self._NAME.fullmatch(identity):
@@ -280,7 +281,10 @@ class SimulationRoster(Roster):
     def public_key(self, identity: str) -> Ed25519PublicKey | None:
         if not self._NAME.fullmatch(identity):
             return None
-        return self.signer(identity).key.public_key()
+        key = self._public.get(identity)
+        if key is None:
+            key = self._public[identity] = self.signer(identity).key.public_key()
+        return key
 
 
 def simulation_secret() -> bytes:
