@@ -114,7 +114,13 @@ def test_keep_matrix_balanced_and_lira_separates_planted_shift() -> None:
 
 PLAIN = ClientTrainConfig(local_epochs=100, batch_size=16, lr=0.1, momentum=0.9)
 DP_TRAIN = ClientTrainConfig(local_epochs=30, batch_size=16, lr=0.5, momentum=0.0)
-DP = DpSgdSettings(noise_multiplier=2.0, max_grad_norm=1.0)
+# Seeded noise and batches (secure_mode=False), like every other draw here: the test
+# checks the directions the audit shows, not the release guarantee (the keystream's noise
+# is checked in tests/test_dpsgd.py::test_secure_mode_noise_std). With keystream noise
+# the DP target's loss-attack AUC was 0.57-0.66 over 20 runs (mean 0.62, sd 0.028), only
+# 3.8 sd below the non-private 0.732 it must stay under (~1e-4 a run); seeded it is 0.634.
+# (LiRA at 1 % FPR: 0-0.031 vs 0.134, |AUC - 0.5| <= 0.076 vs 0.337: far in every run.)
+DP = DpSgdSettings(noise_multiplier=2.0, max_grad_norm=1.0, secure_mode=False)
 
 
 def _attacks(
@@ -162,7 +168,12 @@ def test_mia_beats_chance_on_overfit_model_and_dpsgd_pushes_it_to_chance(
 def test_inversion_of_unprotected_single_record_beats_dpsgd(
     digits: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    """Seeds: record rng 1, model init 0, attack seed 0; C=1, z=1; 200 iterations."""
+    """Seeds: record rng 1, model init 0, attack seed 0; C=1, z=1; 200 iterations.
+
+    The DP-SGD noise is the default keystream (secure_mode, unseeded): over 20 runs the
+    noisy reconstruction's MSE was 0.21-0.38 (over 1e5 x the plain 2e-6) and its PSNR
+    50-53 dB below the plain one, so the 10x and 10 dB margins are never near: noise of
+    std z*C = 1 per coordinate swamps a single-record gradient of norm <= C."""
     x, y = digits
     i = np.random.default_rng(1).integers(len(y))
     xb, yb = x[i : i + 1], y[i : i + 1]
