@@ -9,17 +9,26 @@ differ slightly (measured 7e-5 relative here), hence rel=1e-3.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 import dp_accounting
+import numpy as np
 import pytest
+import torch
 from dp_accounting.rdp import RdpAccountant
 
-from fl_app.config.schema import Accountant, DpSgdConfig
+from fl_app.config.schema import Accountant, ClientTrainConfig, DpSgdConfig
 from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory
-from fl_app.privacy.dpsgd_plan import plan_round
+from fl_app.privacy.dpsgd_plan import plan_round, train_round
 from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
-from fl_app.privacy.state import DpSgdState, PrivacyStateError
+from fl_app.privacy.state import (
+    ROUNDS_SEEN_KEY,
+    STEPS_SEEN_KEY,
+    DpSgdState,
+    PrivacyStateError,
+)
 
 DELTA = 1e-5
 # 1,000 records, batch 100, 2 local epochs: q = 0.1 and 2 * 10 = 20 steps a round.
@@ -39,6 +48,7 @@ class _Store:
         self.fail = fail
         self.calls: list[str] = []
         self.seen_arg: int | None = None
+        self.site_epsilon: float | None = None
 
     def load(self, steps_seen_by_server: int = 0) -> DpSgdState:
         self.calls.append("load")
@@ -55,6 +65,7 @@ class _Store:
 def _plan(store: _Store, dp: DpSgdConfig, **kw: Any) -> Any:
     def account_site(eps: float, spent_before: bool) -> None:
         store.calls.append(f"site:{spent_before}")
+        store.site_epsilon = eps
 
     args: dict[str, Any] = dict(
         num_examples=N,
@@ -86,6 +97,7 @@ def test_first_round_is_planned_from_the_record_count_and_saved_before_training(
     assert plan.epsilon == pytest.approx(_rdp_epsilon(1.1, STEPS), rel=1e-3)
     assert plan.settings.noise_multiplier == 1.1 and plan.settings.secure_mode is True
     assert store.calls == ["load", "site:False", "save"]
+    assert store.site_epsilon == plan.epsilon
     assert store.state.history.events == (DpSgdEvent(1.1, Q, STEPS),)
     assert store.state.noise_multiplier == 1.1
     assert plan.public_metrics(4) == {
@@ -133,14 +145,29 @@ def test_target_epsilon_calibrates_z_for_every_planned_round() -> None:
     assert store.state.noise_multiplier == z
 
 
-def test_budget_refusal_spends_nothing() -> None:
+def test_one_step_spent_before_counts_as_spent() -> None:
+    # The site's ledger must learn the run already spent, even one step.
+    store = _Store(DpSgdState(history=PrivacyHistory((DpSgdEvent(1.1, Q, 1),))))
+    _plan(store, _dp())
+    assert store.calls == ["load", "site:True", "save"]
+
+
+def test_budget_refusal_spends_nothing(caplog: pytest.LogCaptureFixture) -> None:
     after = _rdp_epsilon(1.1, STEPS)
     store = _Store()
-    with pytest.raises(BudgetRefusal, match="privacy budget exhausted: epsilon would reach"):
+    with (
+        caplog.at_level(logging.WARNING, logger="fl_app.client"),
+        pytest.raises(BudgetRefusal, match="privacy budget exhausted: epsilon would reach"),
+    ):
         _plan(store, _dp(max_epsilon=after * 0.99))
     assert store.calls == ["load"]
     assert store.state.history.total_steps == 0
+    # The steps stay in the site's own log (they give the record count), not the refusal.
+    assert "DP-SGD budget exhausted: 0 steps spent" in caplog.text
     assert _plan(_Store(), _dp(max_epsilon=after * 1.01)).total_steps == STEPS
+    # The budget is inclusive: reaching it exactly is allowed.
+    exact = _plan(_Store(), _dp()).epsilon
+    assert _plan(_Store(), _dp(max_epsilon=exact)).epsilon == exact
 
 
 def test_lost_state_and_bad_accounting_are_refusals() -> None:
@@ -153,18 +180,45 @@ def test_lost_state_and_bad_accounting_are_refusals() -> None:
     assert store.calls == ["load"]
 
 
-_BAD: list[tuple[str, object]] = [
-    ("steps_seen", -1),
-    ("steps_seen", True),
-    ("rounds_seen", 1.5),
-    ("rounds_seen", None),
+_BAD: list[tuple[str, str, object]] = [
+    ("steps_seen", STEPS_SEEN_KEY, -1),
+    ("steps_seen", STEPS_SEEN_KEY, True),
+    ("rounds_seen", ROUNDS_SEEN_KEY, 1.5),
+    ("rounds_seen", ROUNDS_SEEN_KEY, None),
 ]
 
 
 @pytest.mark.parametrize("i", range(len(_BAD)))
 def test_server_counts_must_be_non_negative_ints(i: int) -> None:
-    key, value = _BAD[i]
+    arg, key, value = _BAD[i]
     store = _Store()
-    with pytest.raises(PrivacyRefusal, match="must be an integer >= 0"):
-        _plan(store, _dp(), **{key: value})
+    with pytest.raises(PrivacyRefusal, match="must be an integer >= 0") as err:
+        _plan(store, _dp(), **{arg: value})
+    assert str(err.value).startswith(f"'{key}' ")
     assert store.calls == []
+
+
+def _tiny_data() -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 2)), x, y
+
+
+def test_train_round_takes_exactly_the_planned_steps(caplog: pytest.LogCaptureFixture) -> None:
+    # 40 records, batch 10, 1 epoch: q = 0.25 and 4 steps.
+    model, x, y = _tiny_data()
+    train = ClientTrainConfig(local_epochs=1, batch_size=10, lr=0.1, momentum=0.0)
+    plan = _plan(_Store(), _dp(), num_examples=40, batch_size=10, local_epochs=1)
+    assert (plan.steps, plan.sample_rate) == (4, 0.25)
+    stats = train_round(plan, model, x, y, train, torch.Generator().manual_seed(0))
+    assert stats.steps == 4 and stats.num_examples == 40
+    # A step count other than the one accounted is refused, and only the site logs it.
+    wrong = dataclasses.replace(plan, steps=5)
+    with (
+        caplog.at_level(logging.ERROR, logger="fl_app.client"),
+        pytest.raises(RuntimeError, match="different number of steps than it accounted"),
+    ):
+        train_round(wrong, model, x, y, train, torch.Generator().manual_seed(0))
+    assert "DP-SGD took 4 steps, accounted 5" in caplog.text

@@ -36,10 +36,13 @@ class _Store:
         self.calls = calls if calls is not None else []
         self.fail = fail
         self.seen_arg: int | None = None
+        self.z_arg: float | None = None
+        self.site_epsilon: float | None = None
 
     def load(self, noise_multiplier: float, releases_seen_by_server: int = 0) -> LocalDpState:
         self.calls.append("load")
         self.seen_arg = releases_seen_by_server
+        self.z_arg = noise_multiplier
         if self.fail:
             raise PrivacyStateError("the state file was lost")
         return self.state or LocalDpState(releases=0, noise_multiplier=noise_multiplier)
@@ -52,6 +55,7 @@ class _Store:
 def _release(store: _Store, **kw: Any) -> Any:
     def account_site(eps: float, spent_before: bool) -> None:
         store.calls.append(f"site:{spent_before}")
+        store.site_epsilon = eps
 
     args: dict[str, Any] = dict(
         noise_multiplier=2.0,
@@ -72,6 +76,9 @@ def test_epsilon_is_the_composition_of_gaussian_releases_at_half_z() -> None:
     assert release.releases == 3
     assert release.epsilon == pytest.approx(_rdp_epsilon(2.0, 3), rel=1e-9)
     assert store.seen_arg == 2
+    # The store checks the z its file was written for; the site ledger gets this ε.
+    assert store.z_arg == 2.0
+    assert store.site_epsilon == release.epsilon
     assert store.state == LocalDpState(releases=3, noise_multiplier=2.0)
     # The site's ledger learns the run already spent before this release.
     assert store.calls == ["load", "site:True", "save"]
@@ -91,6 +98,19 @@ def test_first_release_tells_the_site_nothing_was_spent_before() -> None:
     assert store.calls == ["load", "site:False", "save"]
 
 
+def test_one_release_before_counts_as_spent() -> None:
+    store = _Store(releases=1)
+    assert _release(store, seen_by_server=1).releases == 2
+    assert store.calls == ["load", "site:True", "save"]
+
+
+def test_an_accountant_failure_is_a_refusal_naming_it() -> None:
+    store = _Store()
+    with pytest.raises(PrivacyRefusal, match=r"^local DP accounting: "):
+        _release(store, accountant="no-such-accountant")
+    assert store.calls == ["load"]
+
+
 def test_budget_refusal_saves_nothing_and_skips_the_site_ledger() -> None:
     after = _rdp_epsilon(2.0, 3)
     store = _Store(releases=2)
@@ -99,8 +119,10 @@ def test_budget_refusal_saves_nothing_and_skips_the_site_ledger() -> None:
     assert "2 releases" in str(err.value)
     assert store.calls == ["load"]
     assert store.state == LocalDpState(releases=2, noise_multiplier=2.0)
-    # Just above ε after the release: allowed (the check is ε_after > max_epsilon).
+    # Just above ε after the release, and exactly at it: allowed (the budget is inclusive).
     assert _release(_Store(releases=2), max_epsilon=after * 1.001).releases == 3
+    exact = _release(_Store(releases=2)).epsilon
+    assert _release(_Store(releases=2), max_epsilon=exact).releases == 3
 
 
 def test_lost_state_is_a_refusal_before_anything_is_spent() -> None:
