@@ -21,7 +21,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from fl_app.config.schema import Accountant, ClientTrainConfig, DpSgdConfig
 from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory
-from fl_app.privacy.dpsgd_plan import plan_round, train_round
+from fl_app.privacy.dpsgd_plan import plan_round, project_sizes, train_round
 from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
 from fl_app.privacy.state import (
     ROUNDS_SEEN_KEY,
@@ -222,3 +222,31 @@ def test_train_round_takes_exactly_the_planned_steps(caplog: pytest.LogCaptureFi
     ):
         train_round(wrong, model, x, y, train, torch.Generator().manual_seed(0))
     assert "DP-SGD took 4 steps, accounted 5" in caplog.text
+
+
+def test_projection_over_institutions_takes_the_largest_epsilon() -> None:
+    # 1,000 records: q = 0.1, 20 steps a round; 200 records: q = 0.5, 2 * 2 = 4 steps.
+    first, planned = project_sizes(
+        [1000, 200, 1000],
+        noise_multiplier=1.1,
+        batch_size=100,
+        local_epochs=2,
+        num_rounds=3,
+        delta=DELTA,
+        accountant="rdp",
+    )
+    big_first, small_first = _rdp_epsilon(1.1, 20), _rdp_epsilon(1.1, 4, q=0.5)
+    big_all, small_all = _rdp_epsilon(1.1, 60), _rdp_epsilon(1.1, 12, q=0.5)
+    assert first == pytest.approx(max(big_first, small_first), rel=1e-3)
+    assert planned == pytest.approx(max(big_all, small_all), rel=1e-3)
+    # A partition with no training record takes no step and spends nothing.
+    none = project_sizes(
+        [0],
+        noise_multiplier=1.1,
+        batch_size=100,
+        local_epochs=2,
+        num_rounds=3,
+        delta=DELTA,
+        accountant="rdp",
+    )
+    assert none == (0.0, 0.0)

@@ -8,7 +8,6 @@ from Hydra overrides, and print the composed config.
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -88,23 +87,13 @@ class RecordLevelProjection:
     planned_epsilon: float  # after every planned round, the largest over institutions
 
 
-@functools.lru_cache(maxsize=64)
-def _dpsgd_epsilon(z: float, q: float, steps: int, delta: float, accountant: str) -> float:
-    """ε of ``steps`` DP-SGD steps from an empty history (cached: a sweep's jobs and
-    equal-sized institutions ask for the same numbers)."""
-    from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon
-
-    history = PrivacyHistory().add(DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps))
-    return epsilon(history, delta, AccountantName(accountant))
-
-
 def record_level_projection(cfg: Any) -> RecordLevelProjection | None:
     """Per-institution record-level ε of ``cfg`` (``None`` when it cannot be projected:
     no DP-SGD, a noise multiplier calibrated by each client to ``target_epsilon``, or
     data the server cannot size, whose clients then say why themselves)."""
     from fl_app.data import DataError, partition_sizes
     from fl_app.data.partition import train_val_split
-    from fl_app.privacy.dpsgd import planned_steps
+    from fl_app.privacy.dpsgd_plan import project_sizes
 
     d = cfg.privacy.dpsgd
     if not cfg.privacy.record_level or d.noise_multiplier is None:
@@ -117,16 +106,16 @@ def record_level_projection(cfg: Any) -> RecordLevelProjection | None:
         len(train_val_split(n, cfg.dataset.val_fraction, cfg.seed, pid)[0])
         for pid, n in enumerate(pools)
     )
-    accountant = d.accountant.value
     z = float(d.noise_multiplier)
-    first = planned = 0.0
-    for size in sorted(set(sizes)):  # equal sizes spend equally: account each once
-        steps, q = planned_steps(size, cfg.train.batch_size, cfg.train.local_epochs)
-        if steps == 0:
-            continue
-        first = max(first, _dpsgd_epsilon(z, q, steps, d.delta, accountant))
-        every = steps * cfg.num_rounds
-        planned = max(planned, _dpsgd_epsilon(z, q, every, d.delta, accountant))
+    first, planned = project_sizes(
+        sizes,
+        noise_multiplier=z,
+        batch_size=cfg.train.batch_size,
+        local_epochs=cfg.train.local_epochs,
+        num_rounds=cfg.num_rounds,
+        delta=d.delta,
+        accountant=d.accountant.value,
+    )
     return RecordLevelProjection(sizes, z, first, planned)
 
 

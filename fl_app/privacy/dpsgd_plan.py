@@ -20,13 +20,15 @@ Trust assumptions: the history lives on the site's disk
 client's own keys unless the site opted in to seeded noise (checked by the handler,
 which owns the site policy). No Flower imports: the ClientApp handler
 (:mod:`fl_app.client_app`) opens the store and calls :func:`plan_round`, then
-:func:`train_round`.
+:func:`train_round`. :func:`project_sizes` does the same arithmetic before round 1 for
+every institution whose data the simulation can size (the dry run and budget check).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,7 +42,14 @@ if TYPE_CHECKING:
     from fl_app.privacy.state import DpSgdState
     from fl_app.training import TrainStats
 
-__all__ = ["DpSgdRound", "HistoryStore", "plan_round", "train_round"]
+__all__ = [
+    "DpSgdRound",
+    "HistoryStore",
+    "fresh_epsilon",
+    "plan_round",
+    "project_sizes",
+    "train_round",
+]
 
 log = logging.getLogger("fl_app.client")
 
@@ -219,3 +228,41 @@ def train_round(
         log.error("DP-SGD took %d steps, accounted %d", result.steps, plan.steps)
         raise RuntimeError("DP-SGD took a different number of steps than it accounted")
     return result.stats
+
+
+@functools.lru_cache(maxsize=64)
+def fresh_epsilon(z: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    """ε of ``steps`` DP-SGD steps from an empty history (cached: a sweep's jobs and
+    equal-sized institutions ask for the same numbers)."""
+    from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon
+
+    history = PrivacyHistory().add(DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps))
+    return epsilon(history, delta, AccountantName(accountant))
+
+
+def project_sizes(
+    sizes: Iterable[int],
+    *,
+    noise_multiplier: float,
+    batch_size: int,
+    local_epochs: int,
+    num_rounds: int,
+    delta: float,
+    accountant: str,
+) -> tuple[float, float]:
+    """The largest ε over institutions with these training-set sizes, after round 1 and
+    after every planned round: the arithmetic of :func:`plan_round` (each client's own
+    ``q`` and steps from its record count), done before round 1 by whoever can size the
+    data (the simulation's dry run and budget check). A size that takes no step spends
+    nothing."""
+    from fl_app.privacy.dpsgd import planned_steps
+
+    z = float(noise_multiplier)
+    first = planned = 0.0
+    for size in sorted(set(sizes)):  # equal sizes spend equally: account each once
+        steps, q = planned_steps(size, batch_size, local_epochs)
+        if steps == 0:
+            continue
+        first = max(first, fresh_epsilon(z, q, steps, delta, accountant))
+        planned = max(planned, fresh_epsilon(z, q, steps * num_rounds, delta, accountant))
+    return first, planned
