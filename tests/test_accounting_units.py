@@ -245,14 +245,18 @@ def test_a_failing_accountant_is_named_with_the_ledger_and_the_alternatives(
     )
 
 
-def test_three_blocks_are_described_without_a_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("blocks", "tail"), [(3, "] at delta"), (4, " and 1 more blocks] at")])
+def test_three_blocks_are_described_then_a_count(
+    monkeypatch: pytest.MonkeyPatch, blocks: int, tail: str
+) -> None:
     def failing(*_args: object) -> float:
         raise ValueError("x")
 
     monkeypatch.setitem(accounting._BACKENDS, accounting.AccountantName.rdp, failing)
-    history = PrivacyHistory(tuple(DpSgdEvent(1.0 + i, 0.5, 1) for i in range(3)))
-    with pytest.raises(AccountingError, match=r"steps=1\)\] at delta"):
+    history = PrivacyHistory(tuple(DpSgdEvent(1.0 + i, 0.5, 1) for i in range(blocks)))
+    with pytest.raises(AccountingError) as info:
         epsilon(history, DELTA, "rdp")
+    assert f"(z=3, q=0.5, steps=1){tail}" in str(info.value)
 
 
 def test_epsilon_refuses_a_non_history_naming_its_type() -> None:

@@ -16,7 +16,7 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.accounting import AccountantName, AccountingError
 from fl_app.privacy.ledger import (
     FederationLedger,
     LedgerError,
@@ -99,3 +99,64 @@ def test_ledger_json_round_trips_a_fixed_round() -> None:
     ledger = FederationLedger(DELTA, AccountantName.rdp, (_fixed(),))
     assert FederationLedger.from_json(ledger.to_json()) == ledger
     assert json.loads(ledger.to_json())["events"][0]["sampling"] == "fixed"
+
+
+# ---- dp-accounting events ---------------------------------------------------------------
+
+
+def test_dp_events_are_the_documented_dp_accounting_events() -> None:
+    assert _poisson(z=2.0).dp_event() == dp_accounting.PoissonSampledDpEvent(
+        0.3, dp_accounting.GaussianDpEvent(2.0)
+    )
+    everyone = RoundEvent(1, "fixed", 10, 1.0, 10.0, 2.5, 1.0, 2.5)
+    assert everyone.dp_event() == dp_accounting.PoissonSampledDpEvent(
+        1.0, dp_accounting.GaussianDpEvent(2.5)
+    )
+    assert _fixed(z=4.0).dp_event() == dp_accounting.SampledWithoutReplacementDpEvent(
+        10, 3, dp_accounting.GaussianDpEvent(2.0)
+    )
+
+
+def test_a_distributed_round_has_no_dp_accounting_event() -> None:
+    ddg = RoundEvent(
+        1, "poisson", 10, 0.3, 3.0, 2.0, 1.0, 2.0, mechanism="ddg", ddg_tau=0.0, ddg_dimension=8
+    )
+    with pytest.raises(AccountingError) as info:
+        ddg.dp_event()
+    assert str(info.value) == (
+        "dp-accounting has no event for the distributed discrete Gaussian; "
+        "its RDP bound is computed by fl_app.privacy.distributed.ddg_epsilon"
+    )
+
+
+# ---- local DP ---------------------------------------------------------------------------
+
+
+def test_local_releases_are_counted_per_client() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp, local_noise_multiplier=2.0)
+    ledger = ledger.add_local(["a", "b"]).add_local(["a", 3])  # type: ignore[list-item]
+    assert ledger.local == (("3", 1), ("a", 2), ("b", 1))
+    assert ledger.delta == DELTA and ledger.local_noise_multiplier == 2.0
+
+
+def test_local_releases_need_a_local_noise_multiplier() -> None:
+    with pytest.raises(ValueError) as info:
+        FederationLedger(DELTA, AccountantName.rdp).add_local(["a"])
+    assert str(info.value) == ("this ledger has no local_noise_multiplier (privacy.mode!=local)")
+    assert FederationLedger(DELTA, AccountantName.rdp, local=(("a", 1),)).local_epsilons() == {}
+
+
+def test_local_epsilons_are_gaussians_of_sensitivity_2c_per_client() -> None:
+    # Any two clipped updates differ by up to 2C: σ/Δ = z/2 per release, no amplification.
+    ledger = FederationLedger(1e-6, AccountantName.rdp, local_noise_multiplier=4.0)
+    ledger = ledger.add_local(["a", "b"]).add_local(["a"])
+    values = ledger.local_epsilons()
+    assert set(values) == {"a", "b"}
+    assert values["a"] == pytest.approx(_gaussian_rdp_epsilon(2.0, 2, 1e-6), rel=2e-2)
+    assert values["b"] == pytest.approx(_gaussian_rdp_epsilon(2.0, 1, 1e-6), rel=2e-2)
+    assert local_epsilon(4.0, 1, 1e-6, "rdp") == values["b"]
+
+
+def test_local_epsilon_names_a_bad_noise_multiplier() -> None:
+    with pytest.raises(ValueError, match=r"^noise_multiplier must be finite, > 0; found -1\.0$"):
+        local_epsilon(-1.0, 2, DELTA, "rdp")
