@@ -11,6 +11,7 @@ RDP accountant composing the events written here, and the analytic Gaussian mech
 from __future__ import annotations
 
 import json
+import math
 
 import dp_accounting
 import pytest
@@ -160,3 +161,98 @@ def test_local_epsilons_are_gaussians_of_sensitivity_2c_per_client() -> None:
 def test_local_epsilon_names_a_bad_noise_multiplier() -> None:
     with pytest.raises(ValueError, match=r"^noise_multiplier must be finite, > 0; found -1\.0$"):
         local_epsilon(-1.0, 2, DELTA, "rdp")
+
+
+# ---- the persisted ledger, field by field -------------------------------------------------
+
+
+def test_ledger_json_is_canonical() -> None:
+    ledger = FederationLedger(
+        1e-5,
+        AccountantName.rdp,
+        local_noise_multiplier=2.0,
+        local=(("b", 1), ("a", 2)),
+        participation=(("1", 3),),
+    )
+    assert ledger.to_json() == (
+        '{\n "accountant": "rdp",\n "delta": 1e-05,\n "events": [],\n "local": {\n  "a": 2,\n'
+        '  "b": 1\n },\n "local_noise_multiplier": 2.0,\n "participation": {\n  "1": 3\n },\n'
+        ' "version": 1\n}'
+    )
+
+
+def test_ledger_json_never_writes_a_non_finite_number() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp, local_noise_multiplier=math.inf)
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        ledger.to_json()
+
+
+def test_a_resumed_local_dp_ledger_keeps_its_noise_and_counts() -> None:
+    # Losing local_noise_multiplier on read would make local_epsilons() empty: a budget
+    # that rewinds on every resume.
+    ledger = FederationLedger(DELTA, AccountantName.rdp, local_noise_multiplier=4.0)
+    ledger = ledger.add_local(["a", "b"]).add_local(["a"])
+    again = FederationLedger.from_json(ledger.to_json())
+    assert again == ledger
+    assert again.local_noise_multiplier == 4.0 and again.local == (("a", 2), ("b", 1))
+
+
+def _ledger_dict() -> dict[str, object]:
+    return json.loads(FederationLedger(DELTA, AccountantName.rdp, (_poisson(),)).to_json())
+
+
+def test_zero_counts_and_events_without_the_optional_fields_are_read() -> None:
+    raw = _ledger_dict()
+    raw["participation"] = {"1": 0}
+    raw["local"] = {"a": 0}
+    event = raw["events"][0]  # type: ignore[index]
+    for name in ("mechanism", "ddg_tau", "ddg_dimension", "branch_delta", "encoding_slack"):
+        del event[name]
+    ledger = FederationLedger.from_json(json.dumps(raw))
+    assert ledger.participation == (("1", 0),) and ledger.local == (("a", 0),)
+    assert ledger.events == (_poisson(),)
+
+
+_BAD_FIELDS: list[tuple[str, object, str]] = [
+    ("participation", [], "participation must be an object"),
+    ("participation", {"1": -1}, "participation['1']: expected a count >= 0, found -1"),
+    ("participation", {"1": True}, "participation['1']: expected a count >= 0, found True"),
+    ("participation", {"1": 1.0}, "participation['1']: expected a count >= 0, found 1.0"),
+    ("version", 2, "version: unsupported ledger version 2"),
+    ("events", {}, "events must be a list and local an object"),
+    ("local", [], "events must be a list and local an object"),
+    ("local", {"a": -1}, "local['a']: expected a count >= 0, found -1"),
+    ("local", {"a": False}, "local['a']: expected a count >= 0, found False"),
+    ("local", {"a": "1"}, "local['a']: expected a count >= 0, found '1'"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(_BAD_FIELDS)))
+def test_a_bad_field_is_refused_naming_it(index: int) -> None:
+    field, value, message = _BAD_FIELDS[index]
+    raw = _ledger_dict()
+    raw[field] = value
+    with pytest.raises(LedgerError) as info:
+        FederationLedger.from_json(json.dumps(raw))
+    assert str(info.value) == message
+
+
+def test_malformed_ledgers_are_refused_with_the_reason() -> None:
+    with pytest.raises(LedgerError, match=r"^ledger: not valid JSON \(Expecting property name"):
+        FederationLedger.from_json("{")
+    with pytest.raises(LedgerError) as info:
+        FederationLedger.from_json("[]")
+    assert str(info.value) == "ledger: expected a JSON object"
+    with pytest.raises(LedgerError) as info:
+        FederationLedger.from_json('{"version": 1}')
+    assert str(info.value) == (
+        "ledger: expected keys ['accountant', 'delta', 'events', 'local', "
+        "'local_noise_multiplier', 'version'], found ['version']"
+    )
+    fields = sorted(RoundEvent.__dataclass_fields__)
+    for item in (3, {"round": 1}):
+        raw = _ledger_dict()
+        raw["events"] = [item]
+        with pytest.raises(LedgerError) as info:
+            FederationLedger.from_json(json.dumps(raw))
+        assert str(info.value) == f"events[0]: expected an object with keys {fields}"
