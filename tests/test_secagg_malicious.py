@@ -401,3 +401,51 @@ def test_deploy_node_key_writes_the_signing_pair(tmp_path, capsys) -> None:
     message = b"any message"
     assert roster.verify("clinic", message, key.sign(message))
     assert not roster.verify("other", message, key.sign(message))
+
+
+# ------------------------------------------------------------------- signing units
+def test_roster_files_are_checked_and_messages_bind_what_they_name(tmp_path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    a, b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pub = {n: signing.Signer(n, k).public_bytes().hex() for n, k in (("a", a), ("b", b))}
+    bad = {
+        "not json": "{",
+        "empty": "{}",
+        "short key": json.dumps({"a": pub["a"][:-2]}),
+        "not hex": json.dumps({"a": "zz" * 32}),
+        "shared key": json.dumps({"a": pub["a"], "b": pub["a"]}),
+        "bad name": json.dumps({".hidden": pub["a"]}),
+    }
+    for why, text in bad.items():
+        path = tmp_path / "roster.json"
+        path.write_text(text)
+        with pytest.raises(signing.RosterError, match="roster"):
+            signing.load_roster(path)
+            pytest.fail(f"roster accepted: {why}")
+    path = tmp_path / "roster.json"
+    path.write_text(json.dumps(pub))
+    roster = signing.load_roster(path)
+    msg = signing.survivors_message(b"ctx-bytes", 7, "a", [3, 1, 2])
+    # The set, not the order the server listed it in; other node, set or round differ.
+    assert msg == signing.survivors_message(b"ctx-bytes", 7, "a", [2, 3, 1])
+    for other in (
+        signing.survivors_message(b"ctx-bytes", 8, "a", [1, 2, 3]),
+        signing.survivors_message(b"ctx-bytes", 7, "a", [1, 2]),
+        signing.survivors_message(b"ctx-bytez", 7, "a", [1, 2, 3]),
+    ):
+        assert other != msg
+    sig = a.sign(msg)
+    assert roster.verify("a", msg, sig)
+    assert not roster.verify("b", msg, sig)  # a's signature is not b's
+    assert not roster.verify("c", msg, sig)  # not on the roster
+    assert not roster.verify("a", msg, sig[:-1])
+    keys = signing.key_advert_message(1, 2, 3, "a", b"\x01" * 32, b"\x02" * 32)
+    assert keys != signing.key_advert_message(1, 3, 3, "a", b"\x01" * 32, b"\x02" * 32)
+    assert keys != signing.key_advert_message(2, 2, 3, "a", b"\x01" * 32, b"\x02" * 32)
+    assert keys != signing.key_advert_message(1, 2, 3, "a", b"\x02" * 32, b"\x01" * 32)
+    from fl_app.secagg.protocol import round_context
+
+    assert signing.parse_context(round_context(5, 9)) == (5, 9)
+    with pytest.raises(signing.RosterError):
+        signing.parse_context(b"not a context at all")
