@@ -256,3 +256,33 @@ def test_malformed_ledgers_are_refused_with_the_reason() -> None:
         with pytest.raises(LedgerError) as info:
             FederationLedger.from_json(json.dumps(raw))
         assert str(info.value) == f"events[0]: expected an object with keys {fields}"
+
+
+def test_full_participation_is_never_amplified_by_the_informational_rate() -> None:
+    # Fixed-size sampling of all 10 clients: q = 1 whatever sample_rate says.
+    everyone = RoundEvent(1, "fixed", 10, 0.5, 10.0, 2.5, 1.0, 2.5)
+    assert everyone.dp_event() == dp_accounting.PoissonSampledDpEvent(
+        1.0, dp_accounting.GaussianDpEvent(2.5)
+    )
+
+
+def test_the_ledger_refuses_a_round_it_already_has() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp)
+    for round_ in (1, 2, 5):
+        ledger = ledger.add(_poisson(round_))
+    for again in (5, 4):
+        with pytest.raises(ValueError) as info:
+            ledger.add(_poisson(again))
+        assert str(info.value) == (
+            f"round {again} is not after the ledger's last round 5: the ledger is append-only"
+        )
+
+
+def test_projection_uses_the_accountant_asked_for() -> None:
+    pld_ledger = FederationLedger(DELTA, AccountantName.pld, (_poisson(1),))
+    value = pld_ledger.project([_poisson(2)], "rdp")
+    acc = RdpAccountant()
+    acc.compose(_poisson().dp_event(), 2)
+    assert value == pytest.approx(acc.get_epsilon(DELTA), rel=2e-2)
+    rdp_ledger = FederationLedger(DELTA, AccountantName.rdp, (_poisson(1),))
+    assert value == rdp_ledger.project([_poisson(2)])
