@@ -704,9 +704,9 @@ def _unmask(
     session, meta = _load(context, rnd, Stage.unmask)
     survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
     dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
+    _check_ddp_survivors(session, meta, survivors)  # the cheap check first
     if session.params.server_model is ServerModel.malicious:
         _check_consistency(context, session, meta, config, survivors)
-    _check_ddp_survivors(session, meta, survivors)
     # The client's own floor; the session also refuses ids outside the cohort.
     floor = int(meta.get(_FLOOR, 0))
     reply = session.unmask(survivors, dropouts, min_survivors=floor)  # wipes the session
