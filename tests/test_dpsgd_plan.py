@@ -19,8 +19,9 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from fl_app.config.schema import Accountant, ClientTrainConfig, DpSgdConfig
+from fl_app.config.schema import Accountant, ClientTrainConfig, DpSgdConfig, GradSampleModeName
 from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory
+from fl_app.privacy.dpsgd import GradSampleMode
 from fl_app.privacy.dpsgd_plan import plan_round, project_sizes, train_round
 from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
 from fl_app.privacy.state import (
@@ -109,6 +110,16 @@ def test_first_round_is_planned_from_the_record_count_and_saved_before_training(
         "dp-noise-multiplier": 1.1,
         "dp-partition-id": 4,
     }
+
+
+def test_the_training_settings_are_the_specs() -> None:
+    # The site's opt-in to seeded noise, the clip norm and the per-sample engine reach
+    # the trainer as asked (nothing silently replaced by a default).
+    dp = _dp(max_grad_norm=0.7, grad_sample_mode=GradSampleModeName.ghost)
+    plan = _plan(_Store(), dp, secure_mode=False)
+    assert plan.settings.secure_mode is False
+    assert plan.settings.max_grad_norm == 0.7
+    assert plan.settings.grad_sample_mode is GradSampleMode.ghost
 
 
 def test_later_round_composes_the_history_and_keeps_the_stored_z() -> None:
@@ -239,7 +250,18 @@ def test_projection_over_institutions_takes_the_largest_epsilon() -> None:
     big_all, small_all = _rdp_epsilon(1.1, 60), _rdp_epsilon(1.1, 12, q=0.5)
     assert first == pytest.approx(max(big_first, small_first), rel=1e-3)
     assert planned == pytest.approx(max(big_all, small_all), rel=1e-3)
-    # A partition with no training record takes no step and spends nothing.
+    # A partition with no training record takes no step and spends nothing; the others
+    # still count.
+    with_empty = project_sizes(
+        [0, 1000],
+        noise_multiplier=1.1,
+        batch_size=100,
+        local_epochs=2,
+        num_rounds=3,
+        delta=DELTA,
+        accountant="rdp",
+    )
+    assert with_empty[0] == pytest.approx(big_first, rel=1e-3)
     none = project_sizes(
         [0],
         noise_multiplier=1.1,
