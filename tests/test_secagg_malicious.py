@@ -19,6 +19,7 @@ reads the shares it was sent), which the README's threat table states.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Iterator
@@ -449,3 +450,20 @@ def test_roster_files_are_checked_and_messages_bind_what_they_name(tmp_path) -> 
     assert signing.parse_context(round_context(5, 9)) == (5, 9)
     with pytest.raises(signing.RosterError):
         signing.parse_context(b"not a context at all")
+
+
+def test_keys_ahead_and_share_ahead_keep_their_signatures() -> None:
+    # Round 1 advertises signed pairs for rounds 1-3; rounds 2 and 3 get their share-keys
+    # stage on the previous unmask exchange (no stage 1 or 2 of their own), and every
+    # client still verifies the pairs' signatures before sharing.
+    for server in _server():
+        ids = list(server.grid.node_ids)
+        upcoming = functools.partial(lambda cohort, _: cohort, ids)
+        for rnd in (1, 2, 3):
+            out = server.run_round(rnd, ARRAYS, last_round=3, next_cohort=upcoming)
+            assert out.decoded is not None, out.note
+            assert np.allclose(out.decoded.update["w"], _exact(ids), atol=1e-5)
+        assert not server.sent(2, 1) and not server.sent(2, 2) and not server.sent(3, 2)
+        ahead = next(e for e in server.sent(2, 4))
+        record = ahead.message.content.config_records["secagg-next"]
+        assert len(record[SECAGG_SIGNATURES]) == SIGNATURE * len(unpack_ids(record[SECAGG_NODES]))
