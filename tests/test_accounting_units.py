@@ -16,6 +16,7 @@ import enum
 import json
 import math
 
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
@@ -367,3 +368,15 @@ def test_from_json_reads_what_to_json_wrote_by_hand() -> None:
         {"version": 1, "events": [{"noise_multiplier": 1.5, "sample_rate": 1, "steps": 2}]}
     )
     assert PrivacyHistory.from_json(text) == PrivacyHistory((DpSgdEvent(1.5, 1.0, 2),))
+
+
+def test_events_and_histories_are_normalised_for_exact_equality_and_json() -> None:
+    event = DpSgdEvent(np.float32(2.0), np.int64(1), np.int64(3))  # type: ignore[arg-type]
+    assert [type(v) for v in (event.noise_multiplier, event.sample_rate, event.steps)] == [
+        float,
+        float,
+        int,
+    ]
+    history = PrivacyHistory([event])  # type: ignore[arg-type]
+    assert type(history.events) is tuple and history == PrivacyHistory((event,))
+    assert '"sample_rate": 1.0' in history.to_json()
