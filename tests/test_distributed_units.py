@@ -1,0 +1,199 @@
+"""Unit tests for fl_app.privacy.distributed written against its surviving mutants.
+
+``make mutate`` over ``distributed.py`` left mutants that the statistical and
+end-to-end tests in ``tests/test_distributed_dp.py`` cannot pin down. Expected values
+are worked out here from the paper and the standard libraries: the rotation's signs
+from the ``cryptography`` ChaCha20 keystream under SHA-256 of the label and seed, the
+Hadamard matrix from scipy, [KLS] (Kairouz, Liu & Steinke 2021) Theorem 1's τ and
+Proposition 14's RDP by hand, Zhu & Wang (2019) Theorem 5 term by term, the wrap
+mapping of a two's-complement ring by hand, and Hsu, Kakade & Zhang's tail bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from scipy.linalg import hadamard
+
+from fl_app.privacy.distributed import (
+    DdpConfigError,
+    DdpPlan,
+    DdpRound,
+    Rotation,
+    conditional_round,
+    fwht,
+    padded_dimension,
+    sensitivity,
+)
+
+
+def _plan(**kw: object) -> DdpPlan:
+    base: dict[str, object] = dict(
+        clip=1.0, dim=100, bits=32, noise_multiplier=1.0, max_cohort=10, dropout_tolerance=0.2
+    )
+    return DdpPlan(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# ---- rotation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("d", "padded"), [(1, 1), (2, 2), (3, 4), (5, 8), (64, 64), (65, 128)])
+def test_padded_dimension_is_the_next_power_of_two(d: int, padded: int) -> None:
+    assert padded_dimension(d) == padded
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_padded_dimension_refuses_non_dimensions(index: int) -> None:
+    bad = [0, True, 4.0][index]
+    with pytest.raises(ValueError, match=rf"^dimension must be an int >= 1, found {bad!r}$"):
+        padded_dimension(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [4, 128, 512])
+def test_fwht_is_the_orthonormal_hadamard_matrix(n: int) -> None:
+    x = np.random.default_rng(n).normal(size=n)
+    np.testing.assert_allclose(fwht(x.copy()), hadamard(n) @ x / math.sqrt(n), atol=1e-12)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_fwht_refuses_what_it_cannot_transform(index: int) -> None:
+    bad = [np.zeros(3), np.zeros((2, 2)), np.zeros(4, dtype=np.float32), np.zeros(0)][index]
+    with pytest.raises(ValueError, match="power of two"):
+        fwht(bad)
+
+
+def test_rotation_signs_are_the_chacha20_keystream_bits_under_the_seed_hash() -> None:
+    key = hashlib.sha256(b"fl-app/ddp/rotation/v1" + b"round-7").digest()
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    raw = stream.update(bytes(128 // 8 + 1))
+    bits = [(byte >> (7 - j)) & 1 for byte in raw for j in range(8)][:128]
+    rot = Rotation(b"round-7", 100)
+    assert rot.padded == 128
+    np.testing.assert_array_equal(rot.signs, [1.0 - 2.0 * b for b in bits])
+    x = np.random.default_rng(7).normal(size=100)
+    dense = hadamard(128) / math.sqrt(128)
+    padded = np.concatenate([x, np.zeros(28)])
+    np.testing.assert_allclose(rot.forward(x), dense @ (rot.signs * padded), atol=1e-12)
+    np.testing.assert_allclose(rot.inverse(rot.forward(x)), x, atol=1e-12)
+
+
+def test_rotation_refuses_bad_seeds_and_shapes() -> None:
+    for seed in (b"", "round-1"):
+        with pytest.raises(ValueError, match=r"^rotation seed must be non-empty bytes$"):
+            Rotation(seed, 8)  # type: ignore[arg-type]
+    rot = Rotation(b"s", 5)
+    with pytest.raises(ValueError, match=r"^expected a vector of length 5, found shape \(8,\)$"):
+        rot.forward(np.zeros(8))
+    with pytest.raises(ValueError, match=r"^expected a vector of length 8, found shape \(5,\)$"):
+        rot.inverse(np.zeros(5))
+
+
+# ---- rounding and sensitivity ------------------------------------------------------------
+
+
+def test_conditional_rounding_rounds_up_exactly_when_the_uniform_is_at_most_the_fraction() -> None:
+    x = np.array([0.25, -1.75, 2.0, 3.5])
+    draws = iter([np.array([0.25, 0.3, 0.9, 0.6])])
+    # frac = [0.25, 0.25, 0, 0.5]: up, down, down, down.
+    out = conditional_round(x, 100.0, lambda n: next(draws))
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, [1, -2, 2, 3])
+
+
+def test_conditional_rounding_redraws_until_the_norm_fits() -> None:
+    x = np.array([0.5, 0.5])
+    draws = iter([np.array([0.1, 0.1]), np.array([0.1, 0.9]), np.array([0.9, 0.9])])
+    # Bound 1: [1, 1] has norm √2 > 1 and is redrawn; [1, 0] has norm exactly 1.
+    np.testing.assert_array_equal(conditional_round(x, 1.0, lambda n: next(draws)), [1, 0])
+
+
+def test_conditional_rounding_gives_up_after_max_tries() -> None:
+    calls = []
+
+    def always_up(n: int) -> np.ndarray:
+        calls.append(n)
+        return np.zeros(n)
+
+    with pytest.raises(DdpConfigError, match=r"^conditional rounding failed 3 times"):
+        conditional_round(np.array([0.5, 0.5]), 1.0, always_up, max_tries=3)
+    assert calls == [2, 2, 2]
+
+
+def test_sensitivity_takes_the_smaller_branch_of_theorem_1() -> None:
+    # A = 1, d' = 4, β = e^{-1/2}: (A + √d')² = 9 < A² + d'/4 + 1·(A + √d'/2) = 4.
+    # Here the conditional branch is smaller: √4 = 2. With A = 0, d' = 1: plain 1 < 0.25 + 0.5.
+    assert sensitivity(1.0, 4, math.exp(-0.5)) == pytest.approx(2.0, rel=1e-12)
+    assert sensitivity(0.0, 1, math.exp(-0.5)) == pytest.approx(math.sqrt(0.75), rel=1e-12)
+    assert sensitivity(0.0, 16, math.exp(-2.0)) == pytest.approx(math.sqrt(4 + 2 * 2), rel=1e-12)
+    assert sensitivity(3.0, 16, 0.0) == pytest.approx(7.0, rel=1e-12)
+
+
+# ---- the plan ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "cohort", "n_min"),
+    [(0.0, 10, 10), (0.2, 10, 8), (0.25, 10, 8), (0.5, 7, 4), (0.99, 10, 1), (0.5, 1, 1)],
+)
+def test_min_survivors_is_the_ceiling_of_the_kept_fraction(
+    tolerance: float, cohort: int, n_min: int
+) -> None:
+    assert _plan(dropout_tolerance=tolerance).min_survivors(cohort) == n_min
+
+
+def test_tau_by_hand() -> None:
+    # [KLS] Thm 1: τ = 10·Σ_{k=1}^{n−1} exp(−2π²σ_l²·k/(k+1)) at n = max_cohort and
+    # σ_l² = σ²/n_min(n).
+    plan = _plan(max_cohort=3, dropout_tolerance=0.5, noise_multiplier=0.02, bits=10, dim=1)
+    share_var = plan.sigma**2 / 2  # n_min(3) = ⌈1.5⌉ = 2
+    expected = 10 * (
+        math.exp(-2 * math.pi**2 * share_var / 2) + math.exp(-2 * math.pi**2 * share_var * 2 / 3)
+    )
+    assert plan.tau == pytest.approx(expected, rel=1e-12)
+    assert 1.0 < plan.tau < 10.0  # σ_l of order 1: τ far from 0 and from 10·(n − 1)
+
+
+def test_round_parameters_by_hand() -> None:
+    plan = _plan(max_cohort=10, dropout_tolerance=0.5)
+    rnd = plan.round(7)
+    assert rnd.cohort == 7 and rnd.min_survivors == 4
+    assert rnd.share_std == pytest.approx(plan.sigma / 2.0, rel=1e-12)
+    assert rnd.gamma == pytest.approx(1.0 / plan.scaled_norm, rel=1e-12)
+    assert rnd.bound == pytest.approx(sensitivity(plan.scaled_norm, 128, math.exp(-0.5)), rel=1e-12)
+    assert (rnd.dim, rnd.padded, rnd.bits, rnd.clip) == (100, 128, 32, 1.0)
+    for cohort in (0, 11):
+        with pytest.raises(DdpConfigError, match=f"^a cohort of {cohort} exceeds the 10"):
+            plan.round(cohort)
+
+
+def test_bandwidth_is_bits_per_padded_coordinate_rounded_up_to_bytes() -> None:
+    assert _plan(dim=100, bits=32).bandwidth_bytes() == 128 * 4
+    assert _plan(dim=3, bits=20, max_cohort=2).bandwidth_bytes() == 10  # 4·20 = 80 bits
+    assert _plan(dim=1, bits=20, max_cohort=2).bandwidth_bytes() == 3  # 20 bits -> 3 bytes
+
+
+def test_round_json_round_trips_and_refuses_bad_fields() -> None:
+    rnd = _plan().round(5)
+    assert DdpRound.from_json(rnd.to_json()) == rnd
+    raw = json.loads(rnd.to_json())
+    assert list(raw) == sorted(raw)
+    for field, value in [("gamma", 0), ("bound", -1.0), ("share_std", True), ("clip", "1")]:
+        with pytest.raises(ValueError, match=f"^distributed-DP '{field}' must be a finite number"):
+            DdpRound.from_json(json.dumps({**raw, field: value}))
+    for field, value in [("dim", 0), ("cohort", 1.0), ("bits", True)]:
+        with pytest.raises(ValueError, match=f"^distributed-DP '{field}' must be an int >= 1"):
+            DdpRound.from_json(json.dumps({**raw, field: value}))
+    for field, value in [("padded", 256), ("bits", 7), ("bits", 65)]:
+        with pytest.raises(ValueError, match=r"^distributed-DP dimension or bits are inconsistent"):
+            DdpRound.from_json(json.dumps({**raw, field: value}))
+    with pytest.raises(ValueError, match=r"^distributed-DP min_survivors exceeds the cohort$"):
+        DdpRound.from_json(json.dumps({**raw, "min_survivors": 6}))
+    DdpRound.from_json(json.dumps({**raw, "min_survivors": 5, "bits": 64}))
+    DdpRound.from_json(json.dumps({**raw, "bits": 8}))
+    with pytest.raises(ValueError, match="need keys"):
+        DdpRound.from_json(json.dumps({k: v for k, v in raw.items() if k != "gamma"}))
