@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 
-from fl_app.config.schema import ClipSide
+from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
+from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.distributed import DdpPlan
+from fl_app.privacy.ledger import SamplingScheme
 from fl_app.privacy.mechanisms import AdaptiveClip
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import (
@@ -23,7 +27,13 @@ from strategies.aggregators import (
     Unaccounted,
     WeightedMeanInput,
 )
-from strategies.dp_aggregators import ClientLevelClipping, NoPlaintextInput
+from strategies.client_dp import ClientDpSettings
+from strategies.dp_aggregators import (
+    CentralDp,
+    ClientLevelClipping,
+    DistributedDp,
+    NoPlaintextInput,
+)
 from strategies.validation import TrainReply
 
 
@@ -50,6 +60,9 @@ def test_exact_mean_divides_the_sum_by_the_total_weight() -> None:
     assert (out.total_weight, out.metrics) == (2.0, {})
     with pytest.raises(ValueError, match="total_weight must be > 0, found 0"):
         ExactMean().from_sum(1, {"w": np.array([2.0])}, 0.0, 0, {})
+    # Any positive total, also below 1 (fractional weights); divided in float64.
+    half = ExactMean().from_sum(1, {"w": np.array([1.5], dtype=np.float32)}, 0.5, 1, {})
+    assert half.update["w"].dtype == np.float64 and float(half.update["w"][0]) == 3.0
     assert ExactMean().without_sum(1, {"w": np.zeros(1)}) is None
 
 
@@ -151,6 +164,134 @@ def test_adaptive_client_clipping_needs_a_zero_or_one_bit(i: int) -> None:
     )
 
 
+NO_PLAINTEXT = (
+    "distributed DP needs secure aggregation: plaintext updates must never reach the "
+    "server (the config validator refuses secagg=off)"
+)
+
+
 def test_no_plaintext_input_refuses_every_plaintext_round() -> None:
-    with pytest.raises(RuntimeError, match="distributed DP needs secure aggregation"):
+    with pytest.raises(RuntimeError) as err:
         NoPlaintextInput().combine(1, [_reply(1, 1.0)], ExactMean())
+    assert str(err.value) == NO_PLAINTEXT
+
+
+def _settings(**kw: Any) -> ClientDpSettings:
+    base: dict[str, Any] = dict(
+        mode=PrivacyMode.central,
+        clip_side=ClipSide.server,
+        clipping=ClippingMode.fixed,
+        noise_multiplier=1.3,
+        clip=1.0,
+        delta=1e-5,
+        accountant=AccountantName.rdp,
+        sampling=SamplingScheme.fixed,
+        fraction=1.0,
+        num_rounds=5,
+        planned_population=4,
+        seed=3,
+        secure_mode=False,
+    )
+    base.update(kw)
+    return ClientDpSettings(**base)
+
+
+def _after_rounds(n: int) -> CentralDp:
+    agg = CentralDp(_settings())
+    for rnd in range(1, n + 1):
+        assert agg.begin_round(rnd, 4) is None
+    return agg
+
+
+def test_restore_continues_after_the_ledgers_last_release() -> None:
+    # 3 releases on disk, checkpoint after round 2 (round 3 was interrupted): the next
+    # release index follows the ledger, so the offset is 3 - 2 = 1.
+    first = _after_rounds(3)
+    agg = CentralDp(first.settings, first.ledger)
+    agg.restore_state({"clip": 0.5, "release_offset": 0, "noise_generation": 2}, 2)
+    assert (agg.release_offset, agg.clip, agg.noise_generation) == (1, 0.5, 2)
+    assert agg.export_state() == {"clip": 0.5, "release_offset": 1, "noise_generation": 2}
+    # The ε reported is the restored ledger's: the run's ε after its 3 releases.
+    assert agg.status()["dp_epsilon"] == pytest.approx(first.status()["dp_epsilon"])
+    assert agg.round_config(3) == {}
+    assert agg.begin_round(3, 4) is None
+    assert agg.ledger.events[-1].round == 4  # release index = server round + offset
+    # The boundary: a checkpoint exactly at the ledger's last release is not rewound.
+    CentralDp(first.settings, first.ledger).restore_state(
+        {"clip": 1.0, "release_offset": 1, "noise_generation": 0}, 2
+    )
+    # A run with no release yet restores from round 0.
+    fresh = CentralDp(_settings())
+    fresh.restore_state({"clip": 1.0, "release_offset": 0, "noise_generation": 0}, 0)
+    assert fresh.release_offset == 0
+
+
+def test_a_rewound_ledger_is_refused() -> None:
+    first = _after_rounds(2)
+    agg = CentralDp(first.settings, first.ledger)
+    with pytest.raises(ValueError) as err:
+        agg.restore_state({"clip": 1.0, "release_offset": 1, "noise_generation": 0}, 2)
+    assert str(err.value) == (
+        "the ledger's last release 2 is behind the checkpoint (round 2, release offset 1): "
+        "the ledger on disk was rewound; refusing to under-count epsilon"
+    )
+
+
+_BAD_STATE: list[tuple[object, object, str]] = [
+    (0.0, 0, "checkpoint clip must be a finite number > 0, found 0.0"),
+    (-1.0, 0, "checkpoint clip must be a finite number > 0, found -1.0"),
+    (math.inf, 0, "checkpoint clip must be a finite number > 0, found inf"),
+    ("1", 0, "checkpoint clip must be a finite number > 0, found '1'"),
+    (1.0, -1, "checkpoint noise_generation must be an int >= 0, found -1"),
+    (1.0, True, "checkpoint noise_generation must be an int >= 0, found True"),
+    (1.0, 1.5, "checkpoint noise_generation must be an int >= 0, found 1.5"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(_BAD_STATE)))
+def test_a_checkpoint_state_out_of_range_is_refused(i: int) -> None:
+    clip, gen, message = _BAD_STATE[i]
+    agg = _after_rounds(1)
+    with pytest.raises(ValueError) as err:
+        agg.restore_state({"clip": clip, "release_offset": 0, "noise_generation": gen}, 1)
+    assert str(err.value) == message
+    assert (agg.clip, agg.noise_generation) == (1.0, 0)
+
+
+def _ddp_plan() -> DdpPlan:
+    return DdpPlan(
+        clip=1.0, dim=8, bits=20, noise_multiplier=1.0, max_cohort=4, dropout_tolerance=0.1
+    )
+
+
+def test_distributed_dp_is_assembled_from_its_parts() -> None:
+    plan = _ddp_plan()
+    s = _settings(mode=PrivacyMode.distributed, clip_side=ClipSide.client, distributed=plan)
+    agg = DistributedDp(s)
+    assert agg.plan is plan
+    assert (agg.weighting, agg.releases_every_round) == ("uniform", True)
+    assert agg.round_config(1) == {CLIP_NORM_KEY: 1.0}
+    assert agg.begin_round(1, 4) is None
+    with pytest.raises(RuntimeError) as err:
+        agg.aggregate(1, [_reply(1, 1.0)])
+    assert str(err.value) == NO_PLAINTEXT
+    # Fixed-size cohort of all 4: the decoded sum divided by m = 4, nothing added.
+    out = agg.aggregate_sum(1, {"w": np.array([2.0, -6.0])}, 3.0, 3, {})
+    np.testing.assert_array_equal(out.update["w"], [0.5, -1.5])
+    assert out.total_weight == 3.0
+    assert out.metrics["ddp_bits"] == 20.0
+    assert out.metrics["dp_expected_cohort"] == 4.0
+    assert out.metrics["dp_noise_std_mean"] == pytest.approx(plan.gamma * plan.sigma / 4)
+    assert agg.release_without_sum(1, {"w": np.zeros(2)}) is None
+
+
+def test_distributed_dp_needs_its_plan_and_its_mode() -> None:
+    with pytest.raises(ValueError) as err:
+        DistributedDp(_settings(mode=PrivacyMode.distributed))
+    assert str(err.value) == "DistributedDp needs settings.distributed (a DdpPlan)"
+    with pytest.raises(ValueError) as err:
+        DistributedDp(_settings(distributed=_ddp_plan()))
+    assert str(err.value) == "DistributedDp needs privacy.mode=distributed, found central"
+    with pytest.raises(ValueError) as err:
+        CentralDp(_settings(mode=PrivacyMode.local))
+    assert str(err.value) == "CentralDp needs privacy.mode=central, found local"
