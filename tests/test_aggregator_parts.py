@@ -11,8 +11,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.rdp import RdpAccountant
 
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
@@ -34,6 +36,7 @@ from strategies.dp_aggregators import (
     DistributedDp,
     NoPlaintextInput,
 )
+from strategies.local_dp import LocalDp, LocalReleaseCount
 from strategies.validation import TrainReply
 
 
@@ -295,3 +298,72 @@ def test_distributed_dp_needs_its_plan_and_its_mode() -> None:
     with pytest.raises(ValueError) as err:
         CentralDp(_settings(mode=PrivacyMode.local))
     assert str(err.value) == "CentralDp needs privacy.mode=central, found local"
+
+
+def test_status_reports_exactly_the_public_numbers() -> None:
+    # Central DP, fixed-size sampling: no cohort gate, so no branch delta reported.
+    agg = _after_rounds(1)
+    assert set(agg.status()) == {"dp_epsilon", "dp_delta"}
+    assert agg.status()["dp_delta"] == 1e-5
+    # Distributed DP adds ε against the server: 0 before any cohort was noted.
+    s = _settings(mode=PrivacyMode.distributed, clip_side=ClipSide.client, distributed=_ddp_plan())
+    ddp = DistributedDp(s)
+    assert ddp.begin_round(1, 4) is None
+    assert ddp.status()["dp_epsilon_server_max"] == 0.0
+    assert set(ddp.status()) == {"dp_epsilon", "dp_delta", "dp_epsilon_server_max"}
+
+
+def test_a_round_without_a_sum_releases_noise_on_nothing() -> None:
+    # No contributor: the release's weight is 0 (the driver applies no weight to it).
+    agg = _after_rounds(1)
+    out = agg.release_without_sum(1, {"w": np.zeros((2, 2), dtype=np.float32)})
+    assert out is not None
+    assert out.total_weight == 0.0
+    assert out.update["w"].shape == (2, 2) and out.update["w"].dtype == np.float64
+
+
+def _local(**kw: Any) -> LocalDp:
+    return LocalDp(
+        _settings(mode=PrivacyMode.local, clip_side=ClipSide.client, noise_multiplier=2.0, **kw)
+    )
+
+
+def test_local_status_starts_at_zero_and_follows_the_releases() -> None:
+    agg = _local()
+    assert agg.status() == {"dp_local_epsilon_max": 0.0}
+    first = _reply(9, 1.0, **{"dp-partition-id": 2.0, "dp-local-releases": 1.0})
+    assert agg.check_reply(first) is None
+    assert agg.sites == {9: "partition-2"}
+    # One release of z = 2: GaussianDpEvent(1), composed by dp-accounting's RDP.
+    ref = RdpAccountant()
+    ref.compose(dp_accounting.GaussianDpEvent(1.0))
+    assert agg.status()["dp_local_epsilon_max"] == pytest.approx(ref.get_epsilon(1e-5))
+    # The same count again: the site's state was reset; still counted as received.
+    assert agg.check_reply(first) == (
+        "local DP: partition-2 counts 1 releases, the server has received 2: its privacy "
+        "state was lost or reset"
+    )
+    assert agg.node_config(9) == {"fl-app.local-releases-seen": 2}
+
+
+_SITE_KEYS: list[tuple[dict[str, float], str | None]] = [
+    ({"dp-site-hash": float(0xABC)}, "site-000000000abc"),
+    ({"dp-site-hash": float(2**48 - 1), "dp-partition-id": 0.0}, "site-ffffffffffff"),
+    ({"dp-site-hash": float(2**48)}, None),
+    ({"dp-site-hash": -1.0}, None),
+    ({"dp-site-hash": 1.5}, None),
+    ({"dp-site-hash": math.nan}, None),
+    ({"dp-partition-id": 7.0}, "partition-7"),
+    ({"dp-partition-id": -1.0}, None),
+    ({"dp-partition-id": 0.5}, None),
+    ({"dp-partition-id": math.inf}, None),
+    ({}, None),
+]
+
+
+@pytest.mark.parametrize("i", range(len(_SITE_KEYS)))
+def test_site_key_is_the_sites_stable_identity(i: int) -> None:
+    metrics, expected = _SITE_KEYS[i]
+    reply = TrainReply(3, {"w": np.zeros(1)}, 1.0, dict(metrics), 0.0)
+    assert LocalReleaseCount.site_key(reply) == expected
+    assert LocalDp.site_key(reply) == expected
