@@ -286,3 +286,105 @@ def test_projection_uses_the_accountant_asked_for() -> None:
     assert value == pytest.approx(acc.get_epsilon(DELTA), rel=2e-2)
     rdp_ledger = FederationLedger(DELTA, AccountantName.rdp, (_poisson(1),))
     assert value == rdp_ledger.project([_poisson(2)])
+
+
+# ---- composing the ledger -------------------------------------------------------------------
+
+
+def test_rounds_with_different_noise_are_composed_each_with_its_own() -> None:
+    # z = 5 then z = 1: merging the second into the first block would account 2 rounds
+    # at z = 5 (far less than the truth).
+    ledger = FederationLedger(DELTA, AccountantName.rdp, (_poisson(1, 5.0), _poisson(2, 1.0)))
+    acc = RdpAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.3, dp_accounting.GaussianDpEvent(5.0)))
+    acc.compose(dp_accounting.PoissonSampledDpEvent(0.3, dp_accounting.GaussianDpEvent(1.0)))
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(DELTA), rel=2e-2)
+
+
+def _ddg(round_: int = 1) -> RoundEvent:
+    return RoundEvent(
+        round_,
+        "poisson",
+        10,
+        0.3,
+        3.0,
+        2.0,
+        1.0,
+        2.0,
+        mechanism="ddg",
+        ddg_tau=0.0,
+        ddg_dimension=8,
+    )
+
+
+_UNCOMPOSABLE: list[tuple[tuple[RoundEvent, ...], AccountantName, str]] = [
+    (
+        (_ddg(1), _poisson(2)),
+        AccountantName.rdp,
+        "the ledger mixes distributed-DP rounds with central-DP rounds; no accountant "
+        "composes the two here. Keep privacy.mode fixed within a run",
+    ),
+    (
+        (_ddg(1),),
+        AccountantName.pld,
+        "distributed DP is accounted only by the RDP bound of Kairouz et al. (not 'pld'); "
+        "set privacy.accountant=rdp",
+    ),
+    (
+        (_fixed(1), _poisson(2)),
+        AccountantName.rdp,
+        "the ledger mixes fixed-size rounds (replace-one) with Poisson/full-participation "
+        "rounds (add/remove); no accountant composes the two relations. Keep "
+        "strategy.sampling and strategy.fraction_train fixed within a run",
+    ),
+    (
+        (_fixed(1),),
+        AccountantName.prv,
+        "fixed-size sampling without replacement is supported only by dp-accounting's RDP "
+        "accountant, not 'prv'; set privacy.accountant=rdp or strategy.sampling=poisson",
+    ),
+]
+
+
+@pytest.mark.parametrize("index", range(len(_UNCOMPOSABLE)))
+def test_ledgers_no_accountant_composes_are_refused_saying_what_to_fix(index: int) -> None:
+    events, accountant, message = _UNCOMPOSABLE[index]
+    with pytest.raises(AccountingError) as info:
+        FederationLedger(DELTA, accountant, events).epsilon()
+    assert str(info.value) == message
+
+
+class _FixedRdp:
+    """Stands in for dp-accounting's replace-one RDP accountant, returning ``value``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def compose(self, event: object, count: int = 1) -> None:
+        pass
+
+    def get_epsilon(self, delta: float) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_an_unusable_replace_one_epsilon_is_refused(
+    monkeypatch: pytest.MonkeyPatch, index: int
+) -> None:
+    from fl_app.privacy import ledger as ledger_module
+
+    value = [math.inf, math.nan, -1.0][index]
+    monkeypatch.setattr(ledger_module, "_replace_one_rdp", lambda: _FixedRdp(value))
+    with pytest.raises(AccountingError) as info:
+        FederationLedger(DELTA, AccountantName.rdp, (_fixed(),)).epsilon()
+    assert str(info.value) == f"rdp accountant returned epsilon={value!r} for this ledger"
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_a_small_replace_one_epsilon_is_reported_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, value: float
+) -> None:
+    from fl_app.privacy import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_replace_one_rdp", lambda: _FixedRdp(value))
+    assert FederationLedger(DELTA, AccountantName.rdp, (_fixed(),)).epsilon() == value
