@@ -348,6 +348,7 @@ def test_local_status_starts_at_zero_and_follows_the_releases() -> None:
 
 _SITE_KEYS: list[tuple[dict[str, float], str | None]] = [
     ({"dp-site-hash": float(0xABC)}, "site-000000000abc"),
+    ({"dp-site-hash": 0.0}, "site-000000000000"),
     ({"dp-site-hash": float(2**48 - 1), "dp-partition-id": 0.0}, "site-ffffffffffff"),
     ({"dp-site-hash": float(2**48)}, None),
     ({"dp-site-hash": -1.0}, None),
