@@ -174,7 +174,8 @@ def test_budget_refusal_spends_nothing(caplog: pytest.LogCaptureFixture) -> None
     assert store.calls == ["load"]
     assert store.state.history.total_steps == 0
     # The steps stay in the site's own log (they give the record count), not the refusal.
-    assert "DP-SGD budget exhausted: 0 steps spent" in caplog.text
+    site_log = [r.getMessage() for r in caplog.records if r.name == "fl_app.client"]
+    assert [m[:38] for m in site_log] == ["DP-SGD budget exhausted: 0 steps spent"]
     assert _plan(_Store(), _dp(max_epsilon=after * 1.01)).total_steps == STEPS
     # The budget is inclusive: reaching it exactly is allowed.
     exact = _plan(_Store(), _dp()).epsilon
@@ -232,7 +233,8 @@ def test_train_round_takes_exactly_the_planned_steps(caplog: pytest.LogCaptureFi
         pytest.raises(RuntimeError, match="different number of steps than it accounted"),
     ):
         train_round(wrong, model, x, y, train, torch.Generator().manual_seed(0))
-    assert "DP-SGD took 4 steps, accounted 5" in caplog.text
+    site_log = [r.getMessage() for r in caplog.records if r.name == "fl_app.client"]
+    assert site_log == ["DP-SGD took 4 steps, accounted 5"]
 
 
 def test_projection_over_institutions_takes_the_largest_epsilon() -> None:
