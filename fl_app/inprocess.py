@@ -471,6 +471,11 @@ class InProcessGrid(Grid):
         run.override_config = dict(config)
         self._run = run
 
+        # Every ClientApp here is a simulated site: mark the process so that the
+        # malicious server model may use the simulation roster (fl_app.secagg.signing).
+        from fl_app.secagg.signing import start_simulation_roster
+
+        start_simulation_roster()
         self._node_ids = _make_node_ids(num_nodes, seed)
         self._contexts: dict[int, Context] = {}
         for partition_id, node_id in enumerate(self._node_ids):

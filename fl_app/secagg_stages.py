@@ -65,6 +65,7 @@ already left (a server cannot run one round twice, with and without a target cli
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -127,7 +128,7 @@ from fl_app.protocol import (
     SERVER_ROUND,
 )
 from fl_app.secagg import crypto, shamir, signing
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
+from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel, consistency_quorum
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
     ClientRefusal,
@@ -170,6 +171,10 @@ PROGRESS_STATE_KEY = "fl-app.secagg.progress"
 # client's own included) and the survivor set U3 this client signed (packed ids).
 _IDENTITIES = "_identities"
 _SIGNED_U3 = "_signed-u3"
+# ... this client's own round keys c_pk || s_pk (its consistency signature binds them)
+# and the colluders C it assumes (the larger of the round's and its policy's bound).
+_OWN_KEYS = "_own-keys"
+_CORRUPT = "_corrupt"
 #: Node-config keys of a deployed site's signing identity (fl_app.secagg.signing).
 SIGNING_KEY_PATH = "signing-key-path"
 ROSTER_PATH = "roster-path"
@@ -314,7 +319,7 @@ def handle_key_stage(
     if config is None:
         wipe_state(context)
         raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
-    site = policy if policy is not None else SitePolicy()
+    site = _site_floor(context, policy if policy is not None else SitePolicy())
     try:
         if stage in (Stage.advertise, Stage.unmask, Stage.consistency):
             _check_round(context, _round_of(config), Stage(stage))  # stage 2: in its payload
@@ -336,6 +341,22 @@ def handle_key_stage(
     except SecAggStageError:
         wipe_state(context)
         raise
+
+
+def _site_floor(context: Context, policy: SitePolicy) -> SitePolicy:
+    """The policy this client applies: a site configured with a signing key or roster
+    and no explicit ``secagg_min_server_model`` accepts only ``malicious`` rounds.
+
+    Such a site has been set up for a server it does not trust; accepting an
+    ``honest_but_curious`` round would let that server downgrade it to thresholds that
+    do not survive a split view and skip every signature check. A site that wants both
+    says so in its policy (``secagg_min_server_model: honest_but_curious``).
+    """
+    cfg = context.node_config
+    has_identity = bool(cfg.get(SIGNING_KEY_PATH) or cfg.get(ROSTER_PATH))
+    if has_identity and not policy.secagg_min_server_model_explicit:
+        return dataclasses.replace(policy, secagg_min_server_model="malicious")
+    return policy
 
 
 @dataclass(frozen=True)
@@ -371,15 +392,28 @@ def site_identity_for_secagg(context: Context) -> SiteIdentity:
                     f"{key_path!r}, {ROSTER_PATH}={roster_path!r}, site-name={name!r})"
                 )
             signer = signing.Signer(str(name), signing.load_signing_key(str(key_path)))
-            return SiteIdentity(signer, signing.load_roster(str(roster_path)))
-        if cfg.get("site-name") or cfg.get("data-path"):
+            roster = signing.load_roster(str(roster_path))
+            listed = roster.public_key(signer.identity)
+            if listed is None or listed.public_bytes_raw() != signer.public_bytes():
+                raise SecAggStageError(
+                    f"malicious server model: this site's key {key_path} does not match the "
+                    f"roster entry of site-name {name!r} in {roster_path} "
+                    f"({'no such entry' if listed is None else 'another public key'}): its "
+                    "signatures would verify nowhere; fix node config 'site-name' or "
+                    f"'{SIGNING_KEY_PATH}', or the roster"
+                )
+            return SiteIdentity(signer, roster)
+        if cfg.get("site-name") or cfg.get("data-path") or not signing.in_simulation():
+            # Only a process a simulation entry point marked has simulated identities: a
+            # deployed SuperNode (even one with only partition-id) must bring its own.
             raise SecAggStageError(
                 "the round runs under secagg.server_model=malicious, which needs this site's "
                 f"signing key and the federation roster: set node config '{SIGNING_KEY_PATH}' "
-                f"(fl-app deploy node-key writes it) and '{ROSTER_PATH}'"
+                f"(fl-app deploy node-key writes it), '{ROSTER_PATH}' and 'site-name'"
             )
-        if _SIMULATION_ROSTER is None:
-            _SIMULATION_ROSTER = signing.SimulationRoster()
+        secret = signing.simulation_secret()
+        if _SIMULATION_ROSTER is None or _SIMULATION_ROSTER.secret != secret:
+            _SIMULATION_ROSTER = signing.SimulationRoster(secret)
         pid = int(cfg.get("partition-id", 0))
         return SiteIdentity(_SIMULATION_ROSTER.signer(f"partition-{pid}"), _SIMULATION_ROSTER)
     except (signing.RosterError, TypeError, ValueError) as err:
@@ -552,7 +586,7 @@ def _share_keys_payload(
         bits=bits,
         cohort=cohort,
     )
-    session.advertise(round_keys)
+    own_keys = session.advertise(round_keys)
     meta = {
         _ROUND: rnd,
         _PARAMS: params_json,
@@ -574,11 +608,14 @@ def _share_keys_payload(
         for i, v in enumerate(nodes)
     }
     if params.server_model is ServerModel.malicious:
-        # Before any share is encrypted: every key must be signed on the roster.
+        # Before any share is encrypted: the complete graph over the cohort, thresholds
+        # that survive this client's own colluder bound, every key signed on the roster.
+        meta[_CORRUPT] = _check_malicious_round(params, cohort, node, nodes, policy)
         ident = site_identity_for_secagg(context)
         names = _verify_neighbour_keys(ident, session.context, rnd, nodes, keys, config)
         names[node] = ident.signer.identity
         meta[_IDENTITIES] = json.dumps({str(v): n for v, n in sorted(names.items())})
+        meta[_OWN_KEYS] = own_keys.c_pk + own_keys.s_pk
     cts = session.share_keys(keys)
     _save(context, session, meta)
     _advance(context, rnd)
@@ -592,6 +629,47 @@ def _share_keys_payload(
             SECAGG_REPLY_COMMITMENT: session.commitment,
         }
     )
+
+
+def _check_malicious_round(
+    params: SecAggParams, cohort: list[int], node: int, nodes: list[int], policy: SitePolicy
+) -> int:
+    """Malicious server model, stage 2: refuse a round whose shape this client cannot trust.
+
+    * The neighbourhood must be the whole cohort but this client (complete graph). A
+      sparse graph is the server's choice and no client can check it was drawn fairly:
+      a server that builds it (colluders next to a victim, or disjoint cliques) defeats
+      the thresholds and learns inputs or partial sums. With the complete graph every
+      cohort member's signed key reaches every client, so each one counted below is a
+      verified, distinct roster identity, not an id the server made up.
+    * ``C`` = the larger of the round's and this site's colluder bound
+      (``max(floor(secagg_min_corrupt_fraction * n), secagg_min_corrupt_clients)``);
+      ``t > C`` (the colluders' own shares stay below ``t``) and ``2t > n + C`` (a
+      split view plus the colluders cannot fill both piles).
+
+    Returns ``C``, which sizes the consistency quorum at unmask.
+    """
+    n, t = len(cohort), params.threshold
+    expected = set(cohort) - {node}
+    if set(nodes) != expected or not params.is_complete:
+        raise SecAggStageError(
+            f"malicious server model: {len(set(nodes) & expected)} of this client's "
+            f"{len(expected)} cohort peers listed as neighbours ({len(set(nodes) - expected)} "
+            "others): only the complete graph over the cohort is accepted, since a sparse "
+            "graph is picked by the server and no client can verify it (run with "
+            "secagg=secagg, the complete graph)"
+        )
+    policy_c = max(
+        math.floor(policy.secagg_min_corrupt_fraction * n + 1e-12),
+        policy.secagg_min_corrupt_clients,
+    )
+    c = max(params.max_corrupt, policy_c)
+    if t <= c or 2 * t <= n + c:
+        raise SecAggStageError(
+            f"malicious server model: threshold t={t} with n={n} and C={c} colluders "
+            f"(this site's bound {policy_c}) needs t > C and 2t > n + C: refusing to share"
+        )
+    return c
 
 
 def _consistency(
@@ -614,7 +692,12 @@ def _consistency(
     session.check_lists(survivors, (), int(meta.get(_FLOOR, 0)), Stage.consistency)
     ident = site_identity_for_secagg(context)
     node = int(context.node_id)
-    message = signing.survivors_message(session.context, node, ident.signer.identity, survivors)
+    own_keys = meta.get(_OWN_KEYS)
+    if not isinstance(own_keys, bytes):
+        raise SecAggStageError("no round keys saved for the consistency signature")
+    message = signing.survivors_message(
+        session.context, node, ident.signer.identity, own_keys, survivors
+    )
     meta[_SIGNED_U3] = pack_ids(sorted(set(survivors)))
     _save(context, session, meta)
     payload = ConfigRecord(
@@ -648,8 +731,10 @@ def _check_consistency(
     survivors: list[int],
 ) -> None:
     """Malicious server model, before any share leaves: the survivor list is exactly the
-    ``U3`` this client signed, and at least ``t`` distinct roster identities of members
-    of ``U3`` signed that same set (Bonawitz et al., consistency check)."""
+    ``U3`` this client signed, and :func:`~fl_app.secagg.graph.consistency_quorum`
+    distinct roster identities of members of ``U3`` (more than ``(n + C) / 2``, at least
+    ``t``) signed that same set, each bound to the round keys it shared with at stage 2
+    (Bonawitz et al., consistency check)."""
     signed = meta.get(_SIGNED_U3)
     if not isinstance(signed, bytes):
         raise SecAggStageError(
@@ -665,6 +750,10 @@ def _check_consistency(
     names = _identity_list(config, len(signers))
     sigs = _split_signatures(config.get(SECAGG_SIGNATURES), len(signers), SECAGG_SIGNATURES)
     known = {int(k): v for k, v in json.loads(str(meta.get(_IDENTITIES, "{}"))).items()}
+    round_keys = {v: pk.c_pk + pk.s_pk for v, pk in session.neighbour_keys.items()}
+    own_keys = meta.get(_OWN_KEYS)
+    if isinstance(own_keys, bytes):
+        round_keys[session.node_id] = own_keys
     ident = site_identity_for_secagg(context)
     members = set(u3)
     used_nodes: set[int] = set()
@@ -676,24 +765,25 @@ def _check_consistency(
             raise SecAggStageError(
                 f"consistency signatures: node {v} or roster identity {name!r} counted twice"
             )
-        if v in known and known[v] != name:
+        if v not in known or v not in round_keys or known[v] != name:
             raise SecAggStageError(
-                f"consistency signature of neighbour {v} under identity {name!r}, but it "
-                f"shared keys as {known[v]!r}"
+                f"consistency signature of node {v} under identity {name!r}, but it shared "
+                f"keys as {known.get(v)!r} at stage 2 (only verified cohort members count)"
             )
         used_nodes.add(v)
         used_names.add(name)
-        message = signing.survivors_message(session.context, v, name, u3)
+        message = signing.survivors_message(session.context, v, name, round_keys[v], u3)
         if not ident.roster.verify(name, message, sig):
             raise SecAggStageError(
                 f"the consistency signature of node {v} ({name!r}) does not verify on this "
                 "client's survivor set (forged, or signed on a different set)"
             )
-    t = session.params.threshold
-    if len(used_nodes) < t:
+    need = consistency_quorum(session.params, int(meta.get(_CORRUPT, 0)))
+    if len(used_nodes) < need:
         raise SecAggStageError(
             f"{len(used_nodes)} valid consistency signatures on the survivor set, fewer than "
-            f"t={t}: refusing to unmask"
+            f"the {need} needed (t={session.params.threshold}, and more than (n + C)/2 so no "
+            "other survivor set can also be unmasked): refusing to unmask"
         )
 
 

@@ -68,6 +68,14 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
 
     configure_logging(cfg)
     num_nodes = cfg.dataset.num_partitions
+    if cfg.secagg.mode is not SecAggMode.off and cfg.secagg.server_model.value == "malicious":
+        # Simulated sites sign with keys derived from this process's roster secret
+        # (fl_app.secagg.signing.SimulationRoster). Drawing it marks the process tree as
+        # a simulation (a deployed SuperNode has no such mark and must bring its own
+        # key and roster); drawn before Ray starts, so every worker inherits it.
+        from fl_app.secagg.signing import start_simulation_roster
+
+        start_simulation_roster()
     if cfg.runtime.backend is SimulationBackend.inprocess:
         from fl_app.inprocess import InProcessGrid
 
@@ -78,13 +86,6 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     # unless the user asked otherwise, and keep Ray's own chatter out of the way.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if cfg.secagg.mode is not SecAggMode.off and cfg.secagg.server_model.value == "malicious":
-        # Simulated sites sign with keys derived from this process's roster secret
-        # (fl_app.secagg.signing.SimulationRoster): drawn here, before Ray starts, so
-        # every worker inherits the same one.
-        from fl_app.secagg.signing import simulation_secret
-
-        simulation_secret()
     from flwr.simulation import run_simulation
 
     from fl_app.server_app import make_server_app

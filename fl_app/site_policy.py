@@ -48,7 +48,10 @@ and the server's accountant are), and a site should set the z it actually wants.
 ``secagg.server_model`` decides); a site that does not trust the coordinator to follow
 the protocol sets ``malicious`` and then refuses, at stage 2 before it shares anything,
 a round whose thresholds were derived for an honest-but-curious server (they do not
-survive a split view of who dropped). The default is the one the project's default run
+survive a split view of who dropped). A site whose node config names a signing key or
+roster (``signing-key-path`` / ``roster-path``) was set up for an untrusted server: unless
+its policy names ``secagg_min_server_model`` explicitly, its minimum is ``malicious`` (a
+server cannot downgrade it to the cheaper model). The default is the one the project's default run
 uses (README, threat table): the cheaper thresholds, under the documented assumption.
 
 ``max_epsilon`` bounds the ε the client accounts itself: record-level DP-SGD's
@@ -172,6 +175,9 @@ class SitePolicy:
     secagg_min_correctness_bits: int = DEFAULT_MIN_CORRECTNESS_BITS
     secagg_allow_custom_params: bool = False
     secagg_min_server_model: str = DEFAULT_MIN_SERVER_MODEL
+    # Whether the policy file named secagg_min_server_model: a site with a signing key or
+    # roster and no explicit choice accepts only malicious rounds (fl_app.secagg_stages).
+    secagg_min_server_model_explicit: bool = False
     ddp_min_noise_multiplier: float | None = DEFAULT_DDP_MIN_NOISE_MULTIPLIER
     local_min_noise_multiplier: float | None = DEFAULT_LOCAL_MIN_NOISE_MULTIPLIER
     # DP-SGD's noise and batches seeded from the run's seed, round and partition (the
@@ -475,6 +481,7 @@ def parse_policy(raw: Any, source: str = "policy") -> SitePolicy:
         ),
         secagg_allow_custom_params=_bool(raw, "secagg_allow_custom_params"),
         secagg_min_server_model=_server_model(raw, source),
+        secagg_min_server_model_explicit="secagg_min_server_model" in raw,
         ddp_min_noise_multiplier=z_min,
         local_min_noise_multiplier=local_min,
         allow_seeded_noise=_bool(raw, "allow_seeded_noise"),

@@ -109,6 +109,7 @@ from fl_app.secagg.graph import (
     SecAggConfigError,
     SecAggParams,
     ServerModel,
+    consistency_quorum,
     derive_params,
 )
 from fl_app.secagg.protocol import (
@@ -192,6 +193,15 @@ class SecAggSettings:
             raise ValueError(f"secagg.clip must be > 0, found {self.clip}")
         if not self.max_weight > 0:
             raise ValueError(f"secagg.max_weight must be > 0, found {self.max_weight}")
+        if self.server_model is ServerModel.malicious and self.mode is not GraphMode.secagg:
+            # The sparse graph is the server's choice and no client can verify it; the
+            # clients refuse it under this model (fl_app.secagg_stages), so say so here.
+            raise ValueError(
+                "secagg.server_model=malicious needs the complete graph: the SecAgg+ "
+                "neighbour graph is drawn by the server and clients cannot check it (a "
+                "server that builds it learns inputs or partial sums). Run with "
+                "secagg=secagg (complete graph) or secagg.server_model=honest_but_curious"
+            )
 
     @classmethod
     def from_config(cls, cfg: SecAggConfig) -> SecAggSettings | None:
@@ -560,9 +570,20 @@ class SecureAggregation:
                     batches[u] = got
             for u, batch in batches.items():
                 self._round_keys[u] = {rnd + i: k for i, k in enumerate(batch) if i}
-            return server.collect_public_keys(
+            neighbours = server.collect_public_keys(
                 {**pre_advertised, **{u: batch[0] for u, batch in batches.items()}}
             )
+            if self.malicious and len(neighbours) != len(cohort):
+                # Clients accept only the complete graph over the cohort they are told
+                # (they cannot verify a server's claim of who dropped at stage 1).
+                raise RoundAbandoned(
+                    Stage.advertise,
+                    f"{len(cohort) - len(neighbours)} of {len(cohort)} sampled clients gave "
+                    "no valid signed keys; the malicious server model runs only with the "
+                    "whole cohort at stage 2 (complete graph), so the round is abandoned",
+                    server.rejections,
+                )
+            return neighbours
 
         keys = run.stage(
             Stage.advertise,
@@ -640,6 +661,8 @@ class SecureAggregation:
         except RoundAbandoned as err:
             log.info("round %d: keys advertised ahead unusable (%s); full stages then", rnd, err)
             return None
+        if self.malicious and len(neighbours) != len(nodes):
+            return None  # the complete graph over the whole cohort only (see _key_stages)
         records = self._share_key_instructions(server, rnd, neighbours)
         return _AheadPlan(
             rnd, tuple(nodes), server, {u: ConfigRecord(r) for u, r in records.items()}
@@ -712,16 +735,21 @@ class SecureAggregation:
     ) -> dict[int, tuple[str, bytes]]:
         """Keep the consistency signatures that verify under the key each node advertised
         (a faulty client's bad one would make every honest client refuse); abandon the
-        round below ``t`` of them."""
+        round below the quorum the clients check (:func:`consistency_quorum`)."""
         good: dict[int, tuple[str, bytes]] = {}
         names: set[str] = set()
         for node, (identity, sig) in sorted(replies.items()):
             advertised = self._signers.get(node)
+            keys = server.keys.get(node)
             ok = advertised is not None and advertised[0] == identity and identity not in names
-            if ok:
+            if ok and keys is not None:
                 assert advertised is not None
-                message = signing.survivors_message(server.context, node, identity, survivors)
+                message = signing.survivors_message(
+                    server.context, node, identity, keys.c_pk + keys.s_pk, survivors
+                )
                 ok = signing.verify_raw(advertised[1], message, sig)
+            else:
+                ok = False
             if not ok:
                 server.rejections.append(
                     ProtocolRejection(node, Stage.consistency, "consistency signature invalid")
@@ -729,11 +757,12 @@ class SecureAggregation:
                 continue
             names.add(identity)
             good[node] = (identity, sig)
-        t = server.params.threshold
-        if len(good) < t:
+        need = consistency_quorum(server.params)
+        if len(good) < need:
             raise RoundAbandoned(
                 Stage.consistency,
-                f"{len(good)} valid consistency signatures on the survivor set, fewer than t={t}",
+                f"{len(good)} valid consistency signatures on the survivor set, fewer than "
+                f"the {need} clients need (t={server.params.threshold}, > (n + C)/2)",
                 server.rejections,
             )
         return good
@@ -895,9 +924,9 @@ class SecureAggregation:
                     functools.partial(self._check_signatures, server, request.survivors),
                 )
                 revealers = sorted(signed)
-                # t signatures are what a client needs (and checks, every one): sending
-                # all |U4| would make each client verify up to n instead of t.
-                proof = revealers[: server.params.threshold]
+                # The quorum is what a client needs (and checks, every one): sending
+                # all |U4| would make each client verify up to n instead.
+                proof = revealers[: consistency_quorum(server.params)]
                 lists[SECAGG_SIGNERS] = pack_ids(proof)
                 lists[SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in proof])
                 lists[SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in proof)

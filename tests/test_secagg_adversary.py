@@ -43,6 +43,7 @@ from fl_app.testing.adversary import (
     AdversarialServer,
     claim_dropout,
     pad_survivors,
+    sparse_graph,
     split_view,
     weaker_params,
 )
@@ -351,23 +352,20 @@ def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
 
 
 # ------------------------------------------- split view plus colluding neighbours
-def test_split_view_plus_one_colluding_neighbour_never_reaches_t_of_both() -> None:
-    # SecAgg+ on 10 clients (D = 2, C = 1), malicious server model. The server splits
-    # the target's honest holders (the target itself and its neighbours but one) as
-    # evenly as it can between "target survived" (b-shares) and "target dropped" (s_sk-
-    # shares); the remaining neighbour colludes and hands the server its shares of both.
-    # Honest holders answer for one pile only (checked), so the server holds |pile| + 1
-    # of each secret. Safe iff 2t > k + 1 + 1: k = 8, t = 6 here.
-    for server in _server(n=10, mode=GraphMode.secaggplus, server_model=ServerModel.malicious):
-        target = server.grid.node_ids[0]
-        colluder = _split_view_with_a_colluder(server, target)
+def test_a_sparse_graph_under_the_malicious_model_is_refused_before_any_share() -> None:
+    # SecAgg+ on 10 clients under the malicious model: the graph is the server's choice
+    # and a client cannot tell an honestly drawn Harary graph from one built around a
+    # victim (colluders next to it, or disjoint cliques: red-team report, breaks 1).
+    # Every client refuses at stage 2, before it encrypts a share; nothing is masked.
+    for server in _server(n=10, mode=GraphMode.secagg, server_model=ServerModel.malicious):
         params = derive_params(10, mode="secaggplus", dropout_tolerance=0.2)
-        assert (params.degree, params.threshold) == (8, 6)
-        b = _share_senders(server, 1, target, SECAGG_REPLY_SELF_MASK_NODES) - {colluder}
-        s = _share_senders(server, 1, target, SECAGG_REPLY_KEY_NODES) - {colluder}
-        assert not b & s  # an honest client answers for one secret of a node only
-        assert min(len(b) + 1, len(s) + 1) < params.threshold
-        assert 2 * params.threshold > params.degree + 1 + 1
+        assert (params.degree, params.threshold) == (8, 6)  # what the lie sends
+        out = server.run_round(1, ARRAYS, [sparse_graph()])
+        assert out.decoded is None
+        refusals = server.refusals(1, 2)
+        assert len(refusals) == 10, refusals
+        assert all("only the complete graph over the cohort" in r for r in refusals.values())
+        assert not server.sent(1, 3)
 
 
 def test_honest_but_curious_thresholds_do_not_survive_a_split_view_with_a_colluder() -> None:

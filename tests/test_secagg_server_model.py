@@ -137,9 +137,9 @@ def _update(node: int) -> dict[str, np.ndarray]:
 
 def _server(policy: SitePolicy | None, model: ServerModel) -> Iterator[AdversarialServer]:
     grid = InProcessGrid(fixed_update_client(_update, policy=policy), N, seed=N)
-    settings = SecAggSettings(
-        mode=GraphMode.secaggplus, clip=1.0, stage_timeout_s=5.0, server_model=model
-    )
+    # The malicious model runs on the complete graph only (clients refuse SecAgg+'s).
+    mode = GraphMode.secagg if model is ServerModel.malicious else GraphMode.secaggplus
+    settings = SecAggSettings(mode=mode, clip=1.0, stage_timeout_s=5.0, server_model=model)
     try:
         yield AdversarialServer(grid, settings)
     finally:
@@ -160,7 +160,7 @@ def test_a_site_requiring_malicious_refuses_an_honest_but_curious_round() -> Non
         assert not server.sent(1, 3)  # nothing masked, nothing revealed
     # A malicious server relabelling its round's cheaper thresholds: refused as well.
     for server in _server(strict, ServerModel.malicious):
-        lie = weaker_params(server_model="honest_but_curious")
+        lie = weaker_params(server_model="honest_but_curious", mode="secaggplus")
         out = server.run_round(1, ARRAYS, [lie])
         assert out.decoded is None
         sent = json.loads(

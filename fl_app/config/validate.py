@@ -596,6 +596,15 @@ def _check_secagg(cfg: AppConfig) -> None:
             "with client-level DP the encoding bound is the DP clip norm (privacy.clip); "
             "remove secagg.clip",
         )
+    _check(
+        s.server_model.value != "malicious" or s.mode.value == "secagg",
+        "secagg.server_model",
+        s.server_model.value,
+        "the malicious server model needs the complete graph: the SecAgg+ neighbour graph "
+        "is drawn by the server and clients cannot verify it (a server that builds it "
+        "learns inputs or partial sums), so clients refuse it. Use secagg=secagg with "
+        "secagg.server_model=malicious, or secagg.server_model=honest_but_curious",
+    )
     from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
     from fl_app.secagg.graph import SecAggConfigError, derive_params
     from strategies.sampling import FixedSizeSampler

@@ -101,6 +101,7 @@ __all__ = [
     "SecAggParams",
     "ServerModel",
     "build_graph",
+    "consistency_quorum",
     "custom_params",
     "derive_params",
 ]
@@ -590,6 +591,20 @@ def custom_params(
         ),
         server_model=model,
     )
+
+
+def consistency_quorum(params: SecAggParams, corrupt: int | None = None) -> int:
+    """Consistency signatures a client needs before it unmasks (malicious server model).
+
+    ``max(t, floor((n + C) / 2) + 1)`` distinct roster identities of the ``n``-member
+    cohort on one survivor set ``U3``: two sets that each gathered more than
+    ``(n + C) / 2`` signers share more than ``C`` of them, so at least one honest client
+    would have signed both, which it never does (one set per round). Hence at most one
+    ``U3`` per round can be unmasked, whatever the server tells whom. ``corrupt``: the
+    colluders the client assumes (its own policy's bound when larger than ``params``').
+    """
+    c = max(params.max_corrupt, corrupt or 0)
+    return max(params.threshold, (params.num_clients + c) // 2 + 1)
 
 
 def build_graph(

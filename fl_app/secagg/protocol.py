@@ -348,6 +348,12 @@ class ClientSession:
         """Last completed stage (0 before advertise)."""
         return self._stage
 
+    @property
+    def neighbour_keys(self) -> dict[int, PublicKeys]:
+        """The neighbours' public keys this client shared with at stage 2 (public data;
+        the consistency check binds each signer's signature to its own round keys)."""
+        return dict(self._neighbours)
+
     def _enter(self, stage: Stage) -> None:
         if self._wiped:
             raise StageOrderError(f"stage {stage.name} called after the session was wiped")

@@ -11,10 +11,12 @@ keep the same mechanism for SecAgg+. Under ``secagg.server_model=malicious``:
   against the **roster** before it encrypts a share to them, so the server cannot
   substitute its own keys (and read the shares) nor invent clients;
 * consistency check (between masked input and unmask): each survivor signs the
-  survivor set ``U3`` it was told, bound to the round context
-  (:func:`survivors_message`); a client reveals shares only after verifying at least
-  ``t`` valid signatures on exactly its ``U3`` from distinct roster identities of
-  members of ``U3``.
+  survivor set ``U3`` it was told, bound to the round context and to its own round
+  keys (:func:`survivors_message`); a client reveals shares only after verifying more
+  than ``(n + C) / 2`` (and at least ``t``) valid signatures on exactly its ``U3`` from
+  distinct roster identities of cohort members: two quorums on different sets would
+  share more than ``C`` signers, so some honest client would have signed both, which
+  it never does.
 
 Each roster identity counts once: a server (or colluder) cannot present one site as
 two neighbours, or its signature as two.
@@ -27,7 +29,9 @@ consortium agrees on), never by the server. A site's private key is written by
 
 Simulation (no deployment): :class:`SimulationRoster` derives partition ``i``'s key
 from a secret of the simulating process (``FL_APP_SIMULATION_ROSTER_SECRET``, drawn from
-``os.urandom`` when unset and inherited by Ray workers). Every simulated client and the
+``os.urandom`` by the simulation entry point, :func:`start_simulation_roster`, and
+inherited by Ray workers; a process without it is not a simulation and gets no
+simulated identity). Every simulated client and the
 simulated server live in that process tree, so this shows the mechanism, not a trust
 boundary: a real deployment uses per-site keys and a roster file.
 
@@ -62,11 +66,13 @@ __all__ = [
     "RosterError",
     "Signer",
     "SimulationRoster",
+    "in_simulation",
     "key_advert_message",
     "load_roster",
     "load_signing_key",
     "parse_context",
     "signing_key_pem",
+    "start_simulation_roster",
     "survivors_message",
     "verify_raw",
 ]
@@ -108,15 +114,25 @@ def key_advert_message(
     )
 
 
-def survivors_message(context: bytes, node: int, identity: str, survivors: Iterable[int]) -> bytes:
-    """What survivor ``node`` signs at the consistency check: the round and ``U3``."""
+def survivors_message(
+    context: bytes, node: int, identity: str, round_keys: bytes, survivors: Iterable[int]
+) -> bytes:
+    """What survivor ``node`` signs at the consistency check: the round and ``U3``.
+
+    ``round_keys`` is the signer's own ``c_pk || s_pk`` advertised for this round: fresh
+    key material of the signer, so a signature cannot be replayed into another run even
+    where the server chose the round context (run id and nonce) to match an old one.
+    """
     ids = sorted({int(v) for v in survivors})
+    if len(round_keys) != 2 * PUBLIC_KEY_BYTES:
+        raise RosterError(f"round_keys must be c_pk || s_pk ({2 * PUBLIC_KEY_BYTES} bytes)")
     return (
         _SURVIVORS_LABEL
         + struct.pack(">H", len(context))
         + bytes(context)
         + struct.pack(">Q", node)
         + _identity_bytes(identity)
+        + bytes(round_keys)
         + struct.pack(">I", len(ids))
         + b"".join(struct.pack(">Q", v) for v in ids)
     )
@@ -241,7 +257,21 @@ def signing_key_pem(key: Ed25519PrivateKey) -> bytes:
 
 
 def load_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """Read a PEM PKCS#8 Ed25519 private key; :class:`RosterError` if it is not one."""
+    """Read a PEM PKCS#8 Ed25519 private key; :class:`RosterError` if it is not one.
+
+    A key file that group or others may read is refused (as ssh refuses such a private
+    key): whoever reads it can sign as this site, i.e. vouch for substituted keys and
+    survivor sets in its name.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise RosterError(f"signing key {path}: cannot load it ({err})") from None
+    if os.name == "posix" and mode & 0o077:
+        raise RosterError(
+            f"signing key {path} is readable or writable by group/others (mode "
+            f"{mode & 0o777:o}); it must be private to this site's user: chmod 600 {path}"
+        )
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as err:
@@ -263,7 +293,7 @@ class SimulationRoster(Roster):
     def __init__(self, secret: bytes | None = None) -> None:
         if secret is None:
             secret = simulation_secret()
-        self._secret = secret
+        self.secret = secret
         self._cache: dict[str, Ed25519PrivateKey] = {}
         self._public: dict[str, Ed25519PublicKey] = {}
 
@@ -274,7 +304,7 @@ class SimulationRoster(Roster):
         if key is None:
             seed = HKDF(
                 algorithm=hashes.SHA256(), length=32, salt=_SIM_LABEL, info=identity.encode()
-            ).derive(self._secret)
+            ).derive(self.secret)
             key = self._cache[identity] = Ed25519PrivateKey.from_private_bytes(seed)
         return Signer(identity, key)
 
@@ -287,12 +317,35 @@ class SimulationRoster(Roster):
         return key
 
 
+def start_simulation_roster() -> bytes:
+    """Mark this process tree as a simulation: draw its roster secret (once; children
+    such as Ray workers inherit it through the environment).
+
+    Called only by the simulation entry points (:func:`fl_app.simulation.run_simulated`
+    for both backends, :class:`fl_app.inprocess.InProcessGrid`). A ClientApp uses the
+    :class:`SimulationRoster` only where this mark exists; a deployed SuperNode never
+    has it and refuses the malicious model without its own key and roster.
+    """
+    if os.environ.get(SIMULATION_SECRET_ENV) is None:
+        os.environ[SIMULATION_SECRET_ENV] = os.urandom(32).hex()
+    return simulation_secret()
+
+
+def in_simulation() -> bool:
+    """True iff a simulation entry point marked this process (:func:`start_simulation_roster`)."""
+    return os.environ.get(SIMULATION_SECRET_ENV) is not None
+
+
 def simulation_secret() -> bytes:
-    """The process tree's simulation roster secret (drawn once, inherited by children)."""
+    """The process tree's simulation roster secret; :class:`RosterError` if no simulation
+    entry point drew one (a secret drawn here, per process, would make each process's
+    simulated sites unverifiable by the others, and silently)."""
     value = os.environ.get(SIMULATION_SECRET_ENV)
     if value is None:
-        value = os.urandom(32).hex()
-        os.environ[SIMULATION_SECRET_ENV] = value
+        raise RosterError(
+            f"no simulation roster secret ({SIMULATION_SECRET_ENV}): this process was not "
+            "started by a simulation entry point"
+        )
     try:
         secret = bytes.fromhex(value)
     except ValueError:

@@ -19,6 +19,9 @@ The lies (Bonawitz et al., CCS 2017, §4 and §6; Bell et al., CCS 2020, §4):
 * :func:`weaker_params` — stage-2 parameters weaker than the client's floor (fewer
   security bits, a larger dropout tolerance, fewer assumed colluders, hand-picked
   ``(k, t)``);
+* :func:`sparse_graph` — under the malicious model, a neighbour graph of the server's
+  choosing (each client shown only part of the cohort) with SecAgg+ thresholds;
+* :func:`made_up_cohort` — a stage-2 cohort padded with ids nobody verified;
 * :meth:`AdversarialServer.replay` — an instruction sent again, later (a replayed or
   out-of-order round).
 
@@ -37,8 +40,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fl_app.protocol import (
     CONFIG_KEY,
+    SECAGG_COHORT,
     SECAGG_DROPOUTS,
+    SECAGG_IDENTITIES,
+    SECAGG_KEYS,
+    SECAGG_NODES,
     SECAGG_PARAMS,
+    SECAGG_SIGNATURES,
     SECAGG_STAGE_KEY,
     SECAGG_SURVIVORS,
     SERVER_ROUND,
@@ -53,7 +61,9 @@ __all__ = [
     "LyingGrid",
     "Sent",
     "claim_dropout",
+    "made_up_cohort",
     "pad_survivors",
+    "sparse_graph",
     "split_view",
     "weaker_params",
 ]
@@ -289,13 +299,15 @@ def weaker_params(
     corrupt_fraction: float | None = None,
     security_bits: int | None = None,
     server_model: str | None = None,
+    mode: str | None = None,
 ) -> Lie:
     """Stage 2: parameters re-derived with weaker inputs, or hand-picked ``(k, t)``.
 
     ``custom=(k, t)`` builds :func:`~fl_app.secagg.graph.custom_params` when they pass
     its checks, else writes the values raw (what a deviating server can send anyway).
     ``server_model``: re-derive for another server model (``"honest_but_curious"``: the
-    cheaper thresholds a malicious server would like its clients to accept).
+    cheaper thresholds a malicious server would like its clients to accept); ``mode``:
+    for another graph mode (``"secaggplus"``: a sparse graph's thresholds).
     """
 
     def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -326,7 +338,7 @@ def weaker_params(
         else:
             raw = derive_params(
                 honest.num_clients,
-                mode=honest.mode,
+                mode=honest.mode if mode is None else mode,
                 dropout_tolerance=honest.dropout_tolerance
                 if dropout_tolerance is None
                 else dropout_tolerance,
@@ -337,6 +349,88 @@ def weaker_params(
                 server_model=model,
             ).to_config()
         config[SECAGG_PARAMS] = json.dumps(raw, sort_keys=True)
+        return config
+
+    return lie
+
+
+def _keep_neighbours(config: dict[str, Any], keep: Sequence[int]) -> None:
+    """Cut a stage-2 instruction's neighbour list (and its keys, identities and
+    signatures, kept consistent) down to ``keep``."""
+    from fl_app.secagg.crypto import KEY_BYTES
+    from fl_app.secagg.signing import SIGNATURE_BYTES
+
+    nodes = _ids(config, SECAGG_NODES)
+    rows = [nodes.index(v) for v in sorted(keep)]
+    size = 2 * KEY_BYTES
+    config[SECAGG_NODES] = pack_ids(sorted(keep))
+    config[SECAGG_KEYS] = b"".join(config[SECAGG_KEYS][i * size : (i + 1) * size] for i in rows)
+    if SECAGG_IDENTITIES in config:
+        names = json.loads(config[SECAGG_IDENTITIES])
+        sig = SIGNATURE_BYTES
+        config[SECAGG_IDENTITIES] = json.dumps([names[i] for i in rows])
+        config[SECAGG_SIGNATURES] = b"".join(
+            config[SECAGG_SIGNATURES][i * sig : (i + 1) * sig] for i in rows
+        )
+
+
+def sparse_graph(groups: Sequence[Iterable[int]] | None = None) -> Lie:
+    """Stage 2: SecAgg+ thresholds for the cohort and a graph the server built.
+
+    ``groups``: disjoint cliques (each client is shown only the members of its own group,
+    the partial-sums attack); ``None``: a Harary graph of the SecAgg+ degree drawn by
+    :func:`~fl_app.secagg.graph.build_graph` (an honestly drawn sparse graph, which a
+    client cannot tell from a crafted one).
+    """
+    from fl_app.secagg.graph import build_graph
+
+    cliques = [set(g) for g in groups] if groups is not None else None
+    graphs: dict[bytes, dict[int, tuple[int, ...]]] = {}
+
+    def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
+        if stage != 2:
+            return config
+        honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        sparse = derive_params(
+            honest.num_clients,
+            mode="secaggplus",
+            dropout_tolerance=honest.dropout_tolerance,
+            corrupt_fraction=honest.corrupt_fraction,
+            server_model=honest.server_model,
+        )
+        config[SECAGG_PARAMS] = json.dumps(sparse.to_config(), sort_keys=True)
+        if cliques is not None:
+            keep = next(g for g in cliques if node in g) - {node}
+        else:
+            cohort = bytes(config[SECAGG_COHORT])
+            if cohort not in graphs:
+                graphs[cohort] = build_graph(unpack_ids(cohort), sparse.degree, b"\x07" * 32)
+            keep = set(graphs[cohort][node])
+        _keep_neighbours(config, sorted(keep))
+        return config
+
+    return lie
+
+
+def made_up_cohort(fakes: Iterable[int]) -> Lie:
+    """Stage 2: a cohort padded with ``fakes`` (ids no client verified), parameters
+    re-derived for the padded size; the neighbour list stays the real clients."""
+    extra = sorted(int(v) for v in fakes)
+
+    def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
+        if stage != 2:
+            return config
+        honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        cohort = sorted(set(_ids(config, SECAGG_COHORT)) | set(extra))
+        padded = derive_params(
+            len(cohort),
+            mode=honest.mode,
+            dropout_tolerance=honest.dropout_tolerance,
+            corrupt_fraction=honest.corrupt_fraction,
+            server_model=honest.server_model,
+        )
+        config[SECAGG_COHORT] = pack_ids(cohort)
+        config[SECAGG_PARAMS] = json.dumps(padded.to_config(), sort_keys=True)
         return config
 
     return lie
