@@ -388,3 +388,41 @@ def test_a_small_replace_one_epsilon_is_reported_as_it_is(
 
     monkeypatch.setattr(ledger_module, "_replace_one_rdp", lambda: _FixedRdp(value))
     assert FederationLedger(DELTA, AccountantName.rdp, (_fixed(),)).epsilon() == value
+
+
+# ---- the ledger's own fields ------------------------------------------------------------------
+
+
+def test_an_empty_ledger_has_spent_nothing() -> None:
+    ledger = FederationLedger(DELTA, AccountantName.rdp)
+    assert ledger.epsilon() == 0.0 and ledger.project([]) == 0.0
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_delta_outside_the_open_unit_interval_is_refused(index: int) -> None:
+    delta, message = [
+        (1.0, "delta must lie in (0, 1), found 1.0"),
+        (1.5, "delta must be finite, > 0 and <= 1.0; found 1.5"),
+        (0.0, "delta must be finite, > 0 and <= 1.0; found 0.0"),
+        ("1e-5", "delta must be a number, found '1e-5'"),
+    ][index]
+    with pytest.raises(ValueError) as info:
+        FederationLedger(delta, AccountantName.rdp)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_the_ledger_normalises_its_fields() -> None:
+    ledger = FederationLedger(
+        DELTA,
+        "rdp",  # type: ignore[arg-type]
+        [_poisson(1)],  # type: ignore[arg-type]
+        local=(("b", 1), ("a", 2)),
+        participation=(("9", 1), ("10", 2)),
+    )
+    assert ledger.accountant is AccountantName.rdp
+    assert type(ledger.events) is tuple and ledger.events == (_poisson(1),)
+    assert ledger.local == (("a", 2), ("b", 1))
+    assert ledger.participation == (("10", 2), ("9", 1))
+    with pytest.raises(TypeError) as info:
+        FederationLedger(DELTA, AccountantName.rdp, (_poisson(1), "round 2"))  # type: ignore[arg-type]
+    assert str(info.value) == "events[1]: expected a RoundEvent, found str"
