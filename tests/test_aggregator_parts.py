@@ -19,7 +19,7 @@ from dp_accounting.rdp import RdpAccountant
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan
-from fl_app.privacy.ledger import SamplingScheme
+from fl_app.privacy.ledger import FederationLedger, SamplingScheme
 from fl_app.privacy.mechanisms import AdaptiveClip
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import (
@@ -368,3 +368,64 @@ def test_site_key_is_the_sites_stable_identity(i: int) -> None:
     reply = TrainReply(3, {"w": np.zeros(1)}, 1.0, dict(metrics), 0.0)
     assert LocalReleaseCount.site_key(reply) == expected
     assert LocalDp.site_key(reply) == expected
+
+
+def _rdp_local(releases: int) -> float:
+    # One local-DP release at z = 2 is GaussianDpEvent(z / 2 = 1).
+    ref = RdpAccountant()
+    ref.compose(dp_accounting.GaussianDpEvent(1.0), releases)
+    return float(ref.get_epsilon(1e-5))
+
+
+def _site_reply(node: int, pid: float, claimed: float | None) -> TrainReply:
+    metrics = {"dp-partition-id": pid}
+    if claimed is not None:
+        metrics["dp-local-releases"] = claimed
+    return TrainReply(node, {"w": np.array([1.0])}, 1.0, metrics, 1.0)
+
+
+def test_local_dp_server_refuses_past_the_budget_counted_per_site() -> None:
+    # A budget between the ε of 2 and of 3 releases allows each site 2.
+    budget = (_rdp_local(2) + _rdp_local(3)) / 2
+    agg = _local(max_epsilon=budget)
+    # Node 9 restarts as node 10: the partition keys the count, not the node id.
+    assert agg.check_reply(_site_reply(9, 2.0, 1.0)) is None
+    assert agg.check_reply(_site_reply(10, 2.0, 2.0)) is None
+    assert agg.node_config(9) == agg.node_config(10) == {"fl-app.local-releases-seen": 2}
+    assert agg.node_config(11) == {"fl-app.local-releases-seen": 0}
+    assert agg.check_reply(_site_reply(10, 2.0, 3.0)) == (
+        f"local DP: partition-2 is past its budget (release 3, max_epsilon={budget:g} allows 2)"
+    )
+    # Counted although refused: the server received it.
+    assert dict(agg.ledger.local) == {"partition-2": 3}
+    assert agg.ledger.accountant is AccountantName.rdp
+    assert agg.ledger.local_noise_multiplier == 2.0
+
+
+def test_local_dp_counts_a_reply_it_cannot_attribute() -> None:
+    agg = _local()
+    assert agg.check_reply(_site_reply(4, -1.0, 1.0)) == (
+        "local DP reply without a valid dp-partition-id: its releases cannot be counted"
+    )
+    assert dict(agg.ledger.local) == {"node-4": 1}
+    # A reply that claims no count is one whose state was lost (0 < 1 received).
+    assert agg.check_reply(_site_reply(5, 1.0, None)) == (
+        "local DP: partition-1 counts 0 releases, the server has received 1: its privacy "
+        "state was lost or reset"
+    )
+
+
+def test_local_dp_is_assembled_from_its_parts() -> None:
+    s = _settings(mode=PrivacyMode.local, clip_side=ClipSide.client, noise_multiplier=2.0)
+    ledger = FederationLedger(1e-5, AccountantName.rdp, local_noise_multiplier=2.0).add_local(
+        ["partition-0"]
+    )
+    agg = LocalDp(s, ledger)
+    assert agg.settings is s and agg.ledger is ledger
+    assert agg.round_config(1) == {CLIP_NORM_KEY: 1.0}
+    assert (agg.weighting, agg.releases_every_round) == ("examples", False)
+    out = agg.aggregate(1, [_reply(1, 2.0), _reply(2, 4.0)])
+    assert float(out.update["w"][0]) == 3.0 and out.metrics == {"dp_local_releases": 2}
+    with pytest.raises(ValueError) as err:
+        LocalDp(_settings())
+    assert str(err.value) == "LocalDp needs privacy.mode=local, found central"
