@@ -403,3 +403,84 @@ def test_a_module_with_its_own_parameter_and_a_child_is_not_tied() -> None:
             self.inner = nn.Linear(2, 2)
 
     assert not dpsgd._has_tied_parameters(Scaled())
+
+
+def test_statistics_sum_over_every_step() -> None:
+    """lr = 0 and z = 0 keep the model fixed: two full-batch epochs (q = 1) see every
+    record twice, so the mean loss and accuracy are those of the initial model."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = _mlp()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+        loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(y)))
+        accuracy = float((logits.argmax(1) == torch.from_numpy(y)).float().mean())
+    cfg = ClientTrainConfig(local_epochs=2, batch_size=8, lr=0.0, momentum=0.0)
+    dp = DpSgdSettings(0.0, 1.0, "hooks")
+    _, res = train_dpsgd(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(1))
+    assert (res.steps, res.stats.steps, res.stats.num_examples) == (2, 2, 6)
+    assert res.stats.loss == pytest.approx(loss, rel=1e-5)
+    assert res.stats.accuracy == pytest.approx(accuracy, abs=1e-12)
+
+
+def test_seeded_mode_depends_on_the_callers_generator_only() -> None:
+    """secure_mode=False: equal generators give bit-identical weights whatever the global
+    RNG holds (every draw comes from the three seeds taken from the generator)."""
+    x, y = _data()
+    cfg = ClientTrainConfig(local_epochs=2, batch_size=2, lr=0.5, momentum=0.0)
+    dp = DpSgdSettings(1.0, 1.0, "hooks", secure_mode=False)
+
+    def weights(global_seed: int, seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = _mlp()
+        torch.manual_seed(global_seed)
+        train_dpsgd(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(seed))
+        return [p.detach().clone() for p in model.parameters()]
+
+    a, b, other = weights(1, 5), weights(2, 5), weights(1, 6)
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a, other, strict=True))
+
+
+def test_empty_poisson_batches_are_indexed_as_empty_long_tensors() -> None:
+    """B = 1 over 6 records: q = 1/6, 6 steps an epoch, each batch empty with probability
+    (5/6)**6 = 0.33; over 3 epochs (18 steps) at least one is empty except with
+    probability 0.67**18 < 7e-4 (an empty index list must still index as long)."""
+    x, y = _data()
+    cfg = ClientTrainConfig(local_epochs=3, batch_size=1, lr=0.1, momentum=0.0)
+    model, res = train_dpsgd(
+        _mlp(), x, y, cfg, DpSgdSettings(1.0, 1.0, "hooks"), generator=torch.Generator()
+    )
+    assert res.steps == 18 and res.sample_rate == 1 / 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_step_count_opacus_disagrees_with_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dpsgd._PrivateTrainer, "steps_counted_by_opacus", lambda self: 99)
+    x, y = _data()
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=8, lr=0.1, momentum=0.0)
+    with pytest.raises(RuntimeError) as err:
+        train_dpsgd(
+            _mlp(), x, y, cfg, DpSgdSettings(1.0, 1.0, "hooks"), generator=torch.Generator()
+        )
+    assert str(err.value) == "DP-SGD took 1 steps (Opacus counted 99), planned_steps says 1"
+
+
+class _NeverSample(dpsgd.SecureNoise):
+    """Every uniform is (2**53 - 1) / 2**53: no record is ever below q < 1."""
+
+    def words(self, n: int) -> np.ndarray:
+        return np.full(n, np.uint64(2**64 - 1), dtype=np.uint64)
+
+
+def test_a_round_of_empty_batches_reports_zero_loss_and_accuracy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dpsgd, "SecureNoise", _NeverSample)
+    x, y = _data()
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=1, lr=0.1, momentum=0.0)
+    _, res = train_dpsgd(
+        _mlp(), x, y, cfg, DpSgdSettings(1.0, 1.0, "hooks"), generator=torch.Generator()
+    )
+    assert (res.steps, res.stats.steps, res.stats.num_examples) == (6, 6, 6)
+    assert (res.stats.loss, res.stats.accuracy) == (0.0, 0.0)
