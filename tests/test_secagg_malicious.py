@@ -68,9 +68,10 @@ def _update(node: int) -> dict[str, np.ndarray]:
 def _server(
     model: ServerModel = ServerModel.malicious,
     mode: GraphMode = GraphMode.secagg,
+    n: int = N,
     **settings: object,
 ) -> Iterator[AdversarialServer]:
-    grid = InProcessGrid(fixed_update_client(_update), N, seed=N)
+    grid = InProcessGrid(fixed_update_client(_update), n, seed=N)
     kw: dict = {"mode": mode, "clip": 1.0, "stage_timeout_s": 5.0, "server_model": model}
     kw.update(settings)
     try:
@@ -487,3 +488,165 @@ def test_keys_ahead_and_share_ahead_keep_their_signatures() -> None:
         ahead = next(e for e in server.sent(2, 4))
         record = ahead.message.content.config_records["secagg-next"]
         assert len(record[SECAGG_SIGNATURES]) == SIGNATURE * len(unpack_ids(record[SECAGG_NODES]))
+
+
+# ----------------------------------------------- red-team breaks (issue 16, review 2)
+MALICIOUS = SecAggSettings(mode=GraphMode.secagg, clip=1.0, server_model=ServerModel.malicious)
+
+
+def test_the_consistency_quorum_is_more_than_half_of_n_plus_c() -> None:
+    # By hand: complete graph n=10, D=2, C=1 gives t=8 and floor(11/2)+1 = 6: quorum 8.
+    # A client assuming more colluders than the round (C=9): floor(19/2)+1 = 10.
+    # A threshold below half (t=3 at n=10, C=1, as SecAgg+'s t ~ k/2 was): 6.
+    import dataclasses
+
+    from fl_app.secagg.graph import consistency_quorum
+
+    p = derive_params(N, mode="secagg", dropout_tolerance=0.2)
+    assert (p.threshold, p.max_corrupt) == (8, 1)
+    assert consistency_quorum(p) == 8
+    assert consistency_quorum(p, 9) == 10
+    assert consistency_quorum(dataclasses.replace(p, threshold=3)) == 6
+
+
+def test_disjoint_cliques_are_refused_at_share_keys() -> None:
+    # a1b: disjoint cliques, each shown only itself as its graph, under SecAgg+'s
+    # thresholds for n=12 (k=8, t=6: a clique of 6 gives each member t-1 neighbours,
+    # and t signers): the server would learn each clique's sum. Every client refuses
+    # before encrypting a share.
+    from fl_app.testing.adversary import sparse_graph
+
+    for server in _server(n=12):
+        ids = list(server.grid.node_ids)
+        out = server.run_round(1, ARRAYS, [sparse_graph([ids[:6], ids[6:]])])
+        assert out.decoded is None
+        refusals = server.refusals(1, 2)
+        assert len(refusals) == 12, refusals
+        assert all("only the complete graph over the cohort" in r for r in refusals.values())
+        assert not server.sent(1, 3)
+
+
+def test_a_made_up_cohort_is_refused_at_share_keys() -> None:
+    # a2: the server announces 14 members where 10 exist, with SecAgg+ parameters for 14
+    # (k=12, t=8, floor 10: the 9 real neighbours fit them), so floors, survivor counts
+    # and n_min would count 14; no client has a signed key for the 4 made-up ids, so
+    # its neighbourhood is not the cohort: refused before any share leaves.
+    from fl_app.testing.adversary import made_up_cohort
+
+    for server in _server():
+        fakes = [2**40 + i for i in range(4)]
+        lie = made_up_cohort(fakes, mode="secaggplus", dropout_tolerance=0.3)
+        out = server.run_round(1, ARRAYS, [lie])
+        assert out.decoded is None
+        refusals = server.refusals(1, 2)
+        assert len(refusals) == N, refusals
+        assert all("9 of this client's 13 cohort peers" in r for r in refusals.values())
+        assert not server.sent(1, 3)
+
+
+def test_consistency_signatures_do_not_replay_into_another_run(monkeypatch) -> None:
+    # The server reuses run 1's round context for run 2 (same run id, round and nodes:
+    # restarted clients) and presents run 1's consistency signatures on the same U3.
+    # Each signature binds its signer's round keys, fresh in run 2: none verifies.
+    first = InProcessGrid(fixed_update_client(_update), N, seed=N)
+    try:
+        server = AdversarialServer(first, MALICIOUS)
+        assert server.run_round(1, ARRAYS).decoded is not None
+        node = first.node_ids[0]
+        ctx = _config(server, 1, 2, node)[SECAGG_CONTEXT]
+        old = _config(server, 1, 4, node)
+    finally:
+        first.close()
+    monkeypatch.setattr("strategies.secagg.round_context", lambda run_id, rnd: ctx)
+
+    def replay(stage: int, node: int, config: dict) -> dict:
+        if stage == 4:
+            for key in (SECAGG_SIGNERS, SECAGG_IDENTITIES, SECAGG_SIGNATURES):
+                config[key] = old[key]
+        return config
+
+    for server in _server():
+        out = server.run_round(1, ARRAYS, [replay])
+        assert _config(server, 1, 2, node)[SECAGG_CONTEXT] == ctx  # the context reused
+        assert out.decoded is None
+        refusals = server.refusals(1, 4)
+        assert len(refusals) == N, refusals
+        assert all("does not verify" in r for r in refusals.values()), refusals
+
+
+def test_an_unmarked_process_never_uses_the_simulation_roster(monkeypatch) -> None:
+    # a3: a deployed SuperNode with only partition-id in its node config. Without the
+    # simulation entry point's mark it refuses at its first signature, naming the keys.
+    for server in _server():
+        monkeypatch.delenv(signing.SIMULATION_SECRET_ENV)
+        out = server.run_round(1, ARRAYS)
+        assert out.decoded is None
+        refusals = server.refusals(1, 1)
+        assert len(refusals) == N, refusals
+        assert all("'signing-key-path'" in r and "'roster-path'" in r for r in refusals.values())
+        with pytest.raises(signing.RosterError, match="not started by a simulation"):
+            signing.SimulationRoster()
+
+
+def _deployed_grid(tmp_path, policy=None) -> InProcessGrid:
+    from fl_app.deploy import create_signing_key, write_roster
+
+    pubs = {}
+    for i in range(N):
+        _, pubs[f"site{i}"] = create_signing_key(tmp_path, f"site{i}")
+    roster = write_roster(tmp_path / "roster.json", pubs)
+
+    def node_config(i: int, n: int) -> dict:
+        return {
+            "partition-id": 0,
+            "num-partitions": 1,
+            "site-name": f"site{i}",
+            "signing-key-path": str(tmp_path / f"site{i}.sign"),
+            "roster-path": str(roster),
+        }
+
+    client = fixed_update_client(_update, policy=policy)
+    return InProcessGrid(client, N, seed=N, node_config_fn=node_config)
+
+
+def test_a_signing_key_readable_by_others_is_refused(tmp_path) -> None:
+    # a4 (a): site3's key file is 0644; it refuses at its first use (stage 1), naming
+    # the file and the fix. Without it there is no complete graph: nothing is shared.
+    import os
+
+    grid = _deployed_grid(tmp_path)
+    os.chmod(tmp_path / "site3.sign", 0o644)
+    try:
+        server = AdversarialServer(grid, MALICIOUS)
+        out = server.run_round(1, ARRAYS)
+        refusals = server.refusals(1, 1)
+        site3 = grid.node_ids[3]
+        assert list(refusals) == [site3], refusals
+        assert f"chmod 600 {tmp_path / 'site3.sign'}" in refusals[site3]
+        assert out.decoded is None and not server.sent(1, 2)
+    finally:
+        grid.close()
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_roster_site_refuses_honest_but_curious_unless_its_policy_says_so(
+    tmp_path, explicit: bool
+) -> None:
+    # a4 (c): a site with a key and roster and no explicit secagg_min_server_model would
+    # otherwise accept the cheaper thresholds a server downgrades it to.
+    from fl_app.site_policy import parse_policy
+
+    policy = parse_policy({"secagg_min_server_model": "honest_but_curious"}) if explicit else None
+    grid = _deployed_grid(tmp_path, policy)
+    try:
+        server = AdversarialServer(grid, SecAggSettings(mode=GraphMode.secaggplus, clip=1.0))
+        out = server.run_round(1, ARRAYS)
+        refusals = server.refusals(1, 2)
+        if explicit:
+            assert not refusals and out.decoded is not None, refusals
+            return
+        assert len(refusals) == N and out.decoded is None
+        assert all("secagg_min_server_model" in r for r in refusals.values()), refusals
+        assert not server.sent(1, 3)
+    finally:
+        grid.close()

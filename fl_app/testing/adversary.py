@@ -412,9 +412,13 @@ def sparse_graph(groups: Sequence[Iterable[int]] | None = None) -> Lie:
     return lie
 
 
-def made_up_cohort(fakes: Iterable[int]) -> Lie:
+def made_up_cohort(
+    fakes: Iterable[int], *, mode: str | None = None, dropout_tolerance: float | None = None
+) -> Lie:
     """Stage 2: a cohort padded with ``fakes`` (ids no client verified), parameters
-    re-derived for the padded size; the neighbour list stays the real clients."""
+    re-derived for the padded size (with ``mode`` / ``dropout_tolerance`` if given, so
+    the real clients' neighbour count fits them); the neighbour list stays the real
+    clients."""
     extra = sorted(int(v) for v in fakes)
 
     def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
@@ -424,8 +428,10 @@ def made_up_cohort(fakes: Iterable[int]) -> Lie:
         cohort = sorted(set(_ids(config, SECAGG_COHORT)) | set(extra))
         padded = derive_params(
             len(cohort),
-            mode=honest.mode,
-            dropout_tolerance=honest.dropout_tolerance,
+            mode=honest.mode if mode is None else mode,
+            dropout_tolerance=honest.dropout_tolerance
+            if dropout_tolerance is None
+            else dropout_tolerance,
             corrupt_fraction=honest.corrupt_fraction,
             server_model=honest.server_model,
         )
