@@ -23,6 +23,7 @@ from fl_app.privacy.ledger import FederationLedger, SamplingScheme
 from fl_app.privacy.mechanisms import AdaptiveClip
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import (
+    Aggregate,
     ComposedAggregator,
     ExactMean,
     MeanAggregator,
@@ -33,7 +34,9 @@ from strategies.client_dp import ClientDpSettings
 from strategies.dp_aggregators import (
     CentralDp,
     ClientLevelClipping,
+    ClippedSumInput,
     DistributedDp,
+    FederationAccount,
     NoPlaintextInput,
 )
 from strategies.local_dp import LocalDp, LocalReleaseCount
@@ -429,3 +432,54 @@ def test_local_dp_is_assembled_from_its_parts() -> None:
     with pytest.raises(ValueError) as err:
         LocalDp(_settings())
     assert str(err.value) == "LocalDp needs privacy.mode=local, found central"
+
+
+class _RecordingRelease(ExactMean):
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, np.ndarray], float, int, dict[str, float]]] = []
+
+    def from_sum(
+        self,
+        rnd: int,
+        sum_update: Any,
+        total_weight: float,
+        num_contributors: int,
+        extra: Any,
+    ) -> Aggregate:
+        self.calls.append((dict(sum_update), total_weight, num_contributors, dict(extra)))
+        return Aggregate(dict(sum_update), total_weight, {})
+
+
+def _clipped_sum(side: ClipSide, replies: list[TrainReply]) -> tuple[Aggregate, tuple[Any, ...]]:
+    account = FederationAccount(_settings())
+    assert account.begin_round(1, 4, 1.0) is None  # C = 1 this round
+    release = _RecordingRelease()
+    out = ClippedSumInput(account, side).combine(1, replies, release)
+    (call,) = release.calls
+    return out, call
+
+
+def test_server_clipping_sums_clipped_updates_and_counts_the_unclipped() -> None:
+    # C = 1: 0.5 stays, 2.0 -> 1.0, -3.0 -> -1.0; sum 0.5, one update was within C.
+    out, (total, weight, n, extra) = _clipped_sum(
+        ClipSide.server, [_reply(1, 0.5), _reply(2, 2.0), _reply(3, -3.0)]
+    )
+    assert float(total["w"][0]) == pytest.approx(0.5)
+    assert total["w"].dtype == np.float64
+    assert (weight, n, extra) == (3.0, 3, {UNCLIPPED_KEY: 1.0})
+    assert "dp_server_reclipped" not in out.metrics
+
+
+def test_client_clipping_is_reclipped_and_the_clients_bits_summed() -> None:
+    replies = [
+        _reply(1, 2.0, **{UNCLIPPED_KEY: 1.0}),  # a client that did not clip: reclipped
+        _reply(2, -4.0, **{UNCLIPPED_KEY: 0.0}),  # reclipped
+        _reply(3, 0.25, **{UNCLIPPED_KEY: 1.0}),  # within C
+    ]
+    out, (total, weight, n, extra) = _clipped_sum(ClipSide.client, replies)
+    assert float(total["w"][0]) == pytest.approx(1.0 - 1.0 + 0.25)
+    assert (weight, n, extra) == (3.0, 3, {UNCLIPPED_KEY: 2.0})
+    assert out.metrics == {"dp_server_reclipped": 2.0}
+    # Honest clients (all within C): nothing reclipped, no metric.
+    out, (_, _, _, extra) = _clipped_sum(ClipSide.client, [_reply(1, 0.5)])
+    assert out.metrics == {} and extra == {UNCLIPPED_KEY: 0.0}
