@@ -154,7 +154,11 @@ def test_invalid_json_and_edited_records_name_what_is_wrong(tmp_path: Path) -> N
 def test_verify_refuses_half_an_anchor_or_half_a_signature(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"give both \(the checkpoint manifest's audit head"):
+    with pytest.raises(
+        ValueError,
+        match=r"^expected_head='0{64}' and expected_seq=None: give both \(the checkpoint "
+        r"manifest's audit head and seq\) or neither$",
+    ):
         verify(path, expected_head=GENESIS_HASH)
     key = Ed25519PrivateKey.generate().public_key()
     with pytest.raises(
@@ -306,9 +310,16 @@ def test_key_loading_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     locked.write_bytes(_pem_private(Ed25519PrivateKey.generate(), b"pw"))
     monkeypatch.setenv("AUDIT_PW", "pw")
     assert isinstance(load_signing_key(locked, passphrase_env="AUDIT_PW"), Ed25519PrivateKey)
-    with pytest.raises(AuditKeyError, match="the key is encrypted: set passphrase_env to the name"):
+    with pytest.raises(
+        AuditKeyError,
+        match=rf"^signing key {locked}: the key is encrypted: set passphrase_env to the name of "
+        r"the environment variable holding its passphrase \(",
+    ):
         load_signing_key(locked)
-    with pytest.raises(AuditKeyError, match="the key is not encrypted: drop passphrase_env"):
+    with pytest.raises(
+        AuditKeyError,
+        match=rf"^signing key {plain}: the key is not encrypted: drop passphrase_env \(",
+    ):
         load_signing_key(plain, passphrase_env="AUDIT_PW")
     monkeypatch.setenv("AUDIT_EMPTY", "")
     with pytest.raises(AuditKeyError, match=r"or empty; export it with the key's passphrase$"):
@@ -520,6 +531,19 @@ def test_an_empty_log_anchor_and_truncation_reasons(tmp_path: Path) -> None:
         f"truncated behind checkpoint head: it anchors seq 4 ({head[:16]}…) but the "
         "log has only 3 intact records"
     )
+    # Two anchors past the end: the earlier one is named, whatever its kind.
+    key = Ed25519PrivateKey.generate()
+    signed = sign_head(key, records[3]["hash"], 3)
+    assert verify(
+        path,
+        expected_head=head,
+        expected_seq=4,
+        public_key=key.public_key(),
+        signed_head=signed,
+    ).reason == (
+        f"truncated behind signed head: it anchors seq 3 ({records[3]['hash'][:16]}…) but the "
+        "log has only 3 intact records"
+    )
     path.write_bytes(b"".join(lines[:3]) + b'{"seq":3')
     assert verify(path, expected_head=head, expected_seq=4).reason == (
         f"truncated behind checkpoint head: it anchors seq 4 ({head[:16]}…) but the "
@@ -574,9 +598,17 @@ def test_writer_refusals_name_the_log_and_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     with AuditLog(path) as log:
         log.append("run.start", {})
-        with pytest.raises(AuditError, match=rf"^audit log {path} is open by another writer"):
+        with pytest.raises(
+            AuditError,
+            match=rf"^audit log {path} is open by another writer \(flock held\); a log has one "
+            "writer: close the other AuditLog or use a separate log per process$",
+        ):
             AuditLog(path)
-    with pytest.raises(ValueError, match=r"give both \(the anchor the log must contain\) or"):
+    with pytest.raises(
+        ValueError,
+        match=r"^expected_head=None and expected_seq=0: give both \(the anchor the log must "
+        r"contain\) or neither$",
+    ):
         AuditLog(path, expected_seq=0)
     with open(path, "ab") as fh:
         fh.write(b'{"seq"')
@@ -636,3 +668,39 @@ def test_timestamps_are_utc_whatever_the_clock_and_local_zone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_of_two_anchors_past_the_end_the_earlier_seq_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = _chain(path, n=8)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]))
+    # A pair whose later record has the smaller hash: neither the anchors' kind nor
+    # their head may decide which one is named, only the seq.
+    i, j = next(
+        (i, j)
+        for i in range(3, 8)
+        for j in range(i + 1, 8)
+        if records[i]["hash"] > records[j]["hash"]
+    )
+    key = Ed25519PrivateKey.generate()
+    result = verify(
+        path,
+        expected_head=records[j]["hash"],
+        expected_seq=j,
+        public_key=key.public_key(),
+        signed_head=sign_head(key, records[i]["hash"], i),
+    )
+    assert result.reason.startswith(f"truncated behind signed head: it anchors seq {i} ")
+
+
+def test_a_short_write_still_appends_the_whole_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    real_write = os.write
+    with AuditLog(path, clock=_fixed_clock()) as log, monkeypatch.context() as patch:
+        patch.setattr("fl_app.audit.log.os.write", lambda fd, data: real_write(fd, bytes(data[:7])))
+        record = log.append("round.start", {"round": 1})
+    assert path.read_bytes() == record.to_line()
+    assert verify(path).ok
