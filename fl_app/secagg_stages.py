@@ -49,13 +49,19 @@ client's own floor. A refusal by the policy carries the field it names
 (:attr:`SecAggStageError.field`).
 
 Malicious server model (``params.server_model``, :mod:`fl_app.secagg.signing`): stage
-1 signs every advertised pair for the run id the instruction names; stage 2 verifies
-each neighbour's signature against this site's roster (each identity once) before any
-share is encrypted; the consistency stage (5) checks and signs the survivor set once per
-round; stage 4 reveals only for exactly that set and ``t`` valid signatures on it from
-distinct roster identities of its members. The site's key and roster come from node
-config ``signing-key-path`` / ``roster-path`` (simulated partitions: the in-process
-:class:`~fl_app.secagg.signing.SimulationRoster`).
+1 signs every advertised pair for the run id the instruction names; stage 2 requires
+the complete graph (neighbours = the cohort less this client), thresholds with
+``t > C`` and ``2t > n + C`` for this site's own colluder bound, and verifies each
+neighbour's signature against this site's roster (each identity once) before any share
+is encrypted; the consistency stage (5) checks and signs the survivor set once per
+round, bound to this client's round keys; stage 4 reveals only for exactly that set
+and :func:`~fl_app.secagg.graph.consistency_quorum` valid signatures on it from distinct
+roster identities of the cohort. The site's key and roster come from node config
+``signing-key-path`` / ``roster-path`` (its key file private to its user and equal to
+its roster entry; with either set, the site's minimum server model is ``malicious``
+unless its policy names one); simulated partitions use the
+:class:`~fl_app.secagg.signing.SimulationRoster`, only in a process a simulation entry
+point marked.
 
 Round monotonicity: ``Context.state[PROGRESS_STATE_KEY]`` records the latest round
 this client took part in and the latest round it sent a masked input for. A stage for

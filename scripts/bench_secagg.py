@@ -134,16 +134,16 @@ def one_config_rounds(
     """Run ``rounds`` rounds of one configuration; every measure, round by round.
 
     ``server_model``: ``secagg.server_model`` of the secure runs (``malicious`` adds the
-    signed keys and the consistency-check exchange, with its larger thresholds).
+    signed keys and the consistency-check exchange, on the complete graph).
     """
     timer = Timer()
     grid = InProcessGrid(make_client(timer), n, seed=0)
     arrays = {"w": np.zeros(params, dtype=np.float32)}
     model = ServerModel(server_model)
+    # The malicious model runs on the complete graph only (clients refuse SecAgg+'s).
+    mode = GraphMode.secagg if model is ServerModel.malicious else GraphMode.secaggplus
     secagg = (
-        SecureAggregation(
-            SecAggSettings(mode=GraphMode.secaggplus, clip=CLIP, bits=32, server_model=model)
-        )
+        SecureAggregation(SecAggSettings(mode=mode, clip=CLIP, bits=32, server_model=model))
         if secure
         else None
     )

@@ -28,13 +28,16 @@ Below the threshold at any stage the round is abandoned (:class:`SecAggOutcome` 
 ``decoded=None`` and a note): the model stays unchanged and the run goes on.
 
 Server models (``secagg.server_model``): ``honest_but_curious`` runs the stages above;
-``malicious`` adds a run id to stage 1 (clients sign their key pairs for it), the
-neighbours' roster identities and signatures to stage 2, and a consistency-check
-exchange (:data:`~fl_app.secagg.protocol.Stage.consistency`) between stages 3 and 4:
-survivors sign ``U3``, the server keeps the signatures that verify under the key each
-node advertised (so one faulty client cannot make everyone refuse), abandons the round
-below ``t`` of them, and sends them with stage 4 to the signers only
-(:mod:`fl_app.secagg.signing`).
+``malicious`` runs on the complete graph only (``secagg=secagg``; the clients refuse any
+neighbourhood but the whole cohort, since they cannot verify a graph the server drew),
+adds a run id to stage 1 (clients sign their key pairs for it) and abandons the round
+when a sampled client's signed keys are missing, adds the neighbours' roster identities
+and signatures to stage 2, and a consistency-check exchange
+(:data:`~fl_app.secagg.protocol.Stage.consistency`) between stages 3 and 4: survivors
+sign ``U3`` bound to their round keys, the server keeps the signatures that verify
+under the key each node advertised (so one faulty client cannot make everyone refuse),
+abandons the round below :func:`~fl_app.secagg.graph.consistency_quorum` of them, and
+sends that many with stage 4 to the signers only (:mod:`fl_app.secagg.signing`).
 
 Trust assumptions: a server of the configured model, at most ``corrupt_fraction`` of the
 cohort colluding with it, authenticated client-server channels (Flower's TLS and node

@@ -76,7 +76,12 @@ corruptions do not depend on the graph. Under ``honest_but_curious`` a server th
 lies about who dropped is out of scope beyond the clients' local checks; under
 ``malicious`` the thresholds survive a split view with up to the assumed colluders and
 the protocol adds signed keys and the consistency-check round
-(:mod:`fl_app.secagg.protocol`).
+(:mod:`fl_app.secagg.protocol`). A malicious server draws the sparse graph itself and
+no client can check it, so the sparse malicious derivation holds only for an honestly
+drawn graph: the app runs the malicious model on the complete graph alone (clients
+refuse any other neighbourhood, :mod:`fl_app.secagg_stages`; ``secaggplus`` with
+``malicious`` is a config error), where the conditions are deterministic, and a client
+unmasks only after :func:`consistency_quorum` signatures.
 """
 
 from __future__ import annotations
