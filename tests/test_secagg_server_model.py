@@ -7,7 +7,9 @@ hypergeometric distribution (not with the code under test): correctness
 2^-41`` (``Y`` corrupt neighbours; ``a = t`` semi-honest, ``a = 2t - k - 1`` malicious),
 ``2t > k + 1``; the smallest even ``k`` and the largest such ``t``. At ``n = 100`` with the
 default 0.2/0.1 the semi-honest pair is ``(38, 20)``, the pair base commit 402619b derived
-before the split-view bound, and the malicious pair ``(52, 32)`` (README, threat table).
+before the split-view bound, and the malicious pair ``(52, 32)`` (the sparse derivation,
+valid for an honestly drawn graph; the app runs the malicious model on the complete
+graph only).
 """
 
 from __future__ import annotations
