@@ -650,3 +650,21 @@ def test_a_roster_site_refuses_honest_but_curious_unless_its_policy_says_so(
         assert not server.sent(1, 3)
     finally:
         grid.close()
+
+
+def test_secaggplus_with_the_malicious_model_is_a_config_error() -> None:
+    # Explicit rather than a silent switch to the complete graph: the user asked for
+    # SecAgg+'s O(log n) cost, which this model cannot give safely.
+    from fl_app.config.compose import compose_config
+    from fl_app.config.validate import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        compose_config("config", ["secagg=secaggplus", "secagg.clip=1",
+                                  "secagg.server_model=malicious"])  # fmt: skip
+    assert info.value.field == "secagg.server_model"
+    assert "Use secagg=secagg with secagg.server_model=malicious" in str(info.value)
+    cfg = compose_config("config", ["secagg=secagg", "secagg.clip=1",
+                                    "secagg.server_model=malicious"])  # fmt: skip
+    assert cfg.secagg.server_model.value == "malicious"
+    with pytest.raises(ValueError, match="Run with secagg=secagg"):
+        SecAggSettings(mode=GraphMode.secaggplus, server_model=ServerModel.malicious)
