@@ -484,3 +484,50 @@ def test_a_round_of_empty_batches_reports_zero_loss_and_accuracy(
     )
     assert (res.steps, res.stats.steps, res.stats.num_examples) == (6, 6, 6)
     assert (res.stats.loss, res.stats.accuracy) == (0.0, 0.0)
+
+
+def test_an_opacus_incompatible_model_is_refused_naming_each_layer() -> None:
+    x, y = _data()
+    bad = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError) as err:
+        train_dpsgd(
+            bad, x, y, ClientTrainConfig(), DpSgdSettings(1.0, 1.0), generator=torch.Generator()
+        )
+    assert str(err.value) == (
+        "model is not compatible with Opacus DP-SGD:\n"
+        "  - layer '1' (BatchNorm1d): BatchNorm cannot support training with differential "
+        "privacy.\n"
+        "  - layer '3' (BatchNorm1d): BatchNorm cannot support training with differential "
+        "privacy."
+    )
+
+
+def test_auto_mode_sees_the_batch_the_data_allows() -> None:
+    """``auto`` is resolved with ``min(B, max(1, N))``: 6 records of the 67-parameter MLP
+    give 402 per-sample entries (hooks); one record of a 300,300-parameter layer gives
+    300,300 (hooks), where two would reach GHOST_MIN_ENTRIES (ghost)."""
+    cfg = ClientTrainConfig(local_epochs=0, batch_size=16)
+    x, y = _data()
+    _, res = train_dpsgd(_mlp(), x, y, cfg, DpSgdSettings(1.0, 1.0), generator=torch.Generator())
+    assert res.grad_sample_mode == "hooks"
+    wide = nn.Linear(1000, 300)
+    one = np.zeros((1, 1000), dtype=np.float32)
+    _, res = train_dpsgd(
+        wide, one, np.array([0]), cfg, DpSgdSettings(1.0, 1.0), generator=torch.Generator()
+    )
+    assert res.grad_sample_mode == "hooks"
+    assert resolve_grad_sample_mode(wide, "auto", batch_size=2) == "ghost"
+
+
+def test_proximal_mu_defaults_to_zero() -> None:
+    """Seeded mode, equal generators: leaving proximal_mu out equals passing 0."""
+    x, y = _data()
+    cfg = ClientTrainConfig(local_epochs=3, batch_size=8, lr=0.5, momentum=0.0)
+    dp = DpSgdSettings(0.5, 1.0, "hooks", secure_mode=False)
+    runs = []
+    for kwargs in ({}, {"proximal_mu": 0.0}, {"proximal_mu": 1.0}):
+        torch.manual_seed(0)
+        model = _mlp()
+        train_dpsgd(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(3), **kwargs)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
