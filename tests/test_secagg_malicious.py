@@ -668,3 +668,59 @@ def test_secaggplus_with_the_malicious_model_is_a_config_error() -> None:
     assert cfg.secagg.server_model.value == "malicious"
     with pytest.raises(ValueError, match="Run with secagg=secagg"):
         SecAggSettings(mode=GraphMode.secaggplus, server_model=ServerModel.malicious)
+
+
+def test_signing_units_key_mode_round_keys_and_the_simulation_mark(tmp_path, monkeypatch) -> None:
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = tmp_path / "k.sign"
+    path.write_bytes(signing.signing_key_pem(Ed25519PrivateKey.generate()))
+    for mode, ok in ((0o600, True), (0o400, True), (0o700, True), (0o640, False),
+                     (0o604, False), (0o620, False), (0o602, False)):  # fmt: skip
+        os.chmod(path, mode)
+        if ok:
+            signing.load_signing_key(path)
+        else:
+            with pytest.raises(signing.RosterError, match=f"mode {mode:o}.*chmod 600"):
+                signing.load_signing_key(path)
+    with pytest.raises(signing.RosterError, match="cannot load it"):
+        signing.load_signing_key(tmp_path / "absent.sign")
+    with pytest.raises(signing.RosterError, match="c_pk"):
+        signing.survivors_message(b"ctx", 1, "a", b"\x01" * 63, [1])
+    monkeypatch.delenv(signing.SIMULATION_SECRET_ENV, raising=False)
+    assert not signing.in_simulation()
+    first = signing.start_simulation_roster()
+    assert signing.in_simulation() and len(first) == 32
+    assert signing.start_simulation_roster() == first  # drawn once, then inherited
+    assert signing.SimulationRoster().secret == first
+
+
+def test_share_keys_round_shape_checks_with_the_sites_own_colluder_bound() -> None:
+    # Complete graph n=10, D=2: t=8. With the site assuming C colluders: 2t > n + C
+    # holds for C=5 (16 > 15), not for C=6 (16 = 16); the returned C sizes the quorum.
+    from fl_app.secagg_stages import SecAggStageError, _check_malicious_round
+    from fl_app.site_policy import SitePolicy
+
+    p = derive_params(N, mode="secagg", dropout_tolerance=0.2)
+    cohort = list(range(1, N + 1))
+    peers = cohort[1:]
+    assert _check_malicious_round(p, cohort, 1, peers, SitePolicy()) == 1
+    assert (
+        _check_malicious_round(p, cohort, 1, peers, SitePolicy(secagg_min_corrupt_clients=5)) == 5
+    )
+    assert (
+        _check_malicious_round(p, cohort, 1, peers, SitePolicy(secagg_min_corrupt_fraction=0.5))
+        == 5
+    )
+    with pytest.raises(SecAggStageError, match="t=8 with n=10 and C=6"):
+        _check_malicious_round(p, cohort, 1, peers, SitePolicy(secagg_min_corrupt_clients=6))
+    with pytest.raises(
+        SecAggStageError, match=r"9 of this client's 9 cohort peers .* \(1 others\)"
+    ):
+        _check_malicious_round(p, cohort, 1, [*peers, 99], SitePolicy())
+    with pytest.raises(
+        SecAggStageError, match=r"8 of this client's 9 cohort peers .* \(0 others\)"
+    ):
+        _check_malicious_round(p, cohort, 1, peers[1:], SitePolicy())
