@@ -531,3 +531,22 @@ def test_proximal_mu_defaults_to_zero() -> None:
         train_dpsgd(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(3), **kwargs)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_ghost_clipping_takes_the_step_hooks_takes() -> None:
+    """z = 0, q = 1, one step: both engines clip the same per-sample gradients to C = 0.1
+    and average them over the 6 records, so the updated weights agree (float32)."""
+    x, y = _data()
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=8, lr=1.0, momentum=0.0)
+    out = {}
+    for mode in ("hooks", "ghost"):
+        torch.manual_seed(0)
+        model = _mlp()
+        dp = DpSgdSettings(0.0, 0.1, mode, secure_mode=False)
+        _, res = train_dpsgd(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(0))
+        assert res.grad_sample_mode == mode
+        out[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.manual_seed(0)
+    before = torch.cat([p.detach().flatten() for p in _mlp().parameters()])
+    assert not torch.allclose(out["hooks"], before)
+    assert torch.allclose(out["hooks"], out["ghost"], rtol=0, atol=1e-6)
