@@ -483,3 +483,57 @@ def test_client_clipping_is_reclipped_and_the_clients_bits_summed() -> None:
     # Honest clients (all within C): nothing reclipped, no metric.
     out, (_, _, _, extra) = _clipped_sum(ClipSide.client, [_reply(1, 0.5)])
     assert out.metrics == {} and extra == {UNCLIPPED_KEY: 0.0}
+
+
+def test_round_bookkeeping_of_the_ledger_account() -> None:
+    # Before any round (a resumed run whose first round the budget stops): the ε of the
+    # ledger it was given, 0 for a fresh one.
+    assert CentralDp(_settings()).status()["dp_epsilon"] == 0.0
+    # A round of one client is accounted at population 1 (fixed fraction 1: cohort 1).
+    agg = CentralDp(_settings())
+    assert agg.begin_round(1, 1) is None
+    event = agg.ledger.events[-1]
+    assert (event.population, event.cohort) == (1, 1.0)
+    # Only the round begun may aggregate.
+    with pytest.raises(RuntimeError) as err:
+        agg.aggregate_sum(2, {"w": np.zeros(1)}, 1.0, 1, {})
+    assert str(err.value) == "aggregate(2) without begin_round(2)"
+
+
+def test_central_noise_is_from_a_csprng_unless_seeded() -> None:
+    # secure_mode: two servers with the same seed draw different noise; seeded: the same.
+    def noised(secure: bool) -> np.ndarray:
+        agg = CentralDp(_settings(secure_mode=secure))
+        assert agg.begin_round(1, 4) is None
+        out = agg.release_without_sum(1, {"w": np.zeros(64)})
+        assert out is not None
+        return out.update["w"]
+
+    assert not np.array_equal(noised(True), noised(True))
+    np.testing.assert_array_equal(noised(False), noised(False))
+
+
+def test_central_release_metrics_name_the_mechanism() -> None:
+    agg = CentralDp(_settings())
+    assert agg.begin_round(1, 4) is None
+    out = agg.aggregate_sum(1, {"w": np.zeros(8)}, 4.0, 4, {})
+    assert set(out.metrics) == {
+        "dp_clip",
+        "dp_noise_std_sum",
+        "dp_noise_std_mean",
+        "dp_expected_cohort",
+    }
+    assert out.metrics["dp_expected_cohort"] == 4.0
+    # Under secure aggregation the noise covers the encoding's slack, and says so.
+    enc = CentralDp(_settings(encoding=(16, 8)))
+    assert enc.begin_round(1, 4) is None
+    slack = enc.ledger.events[-1].encoding_slack
+    assert slack > 0
+    out = enc.aggregate_sum(1, {"w": np.zeros(8)}, 4.0, 4, {})
+    assert out.metrics["dp_encoding_slack"] == slack
+
+
+def test_local_dp_without_a_budget_never_refuses_for_budget() -> None:
+    agg = _local()
+    for k in range(1, 8):  # past num_rounds = 5: no budget, no cap
+        assert agg.check_reply(_site_reply(1, 0.0, float(k))) is None
