@@ -28,6 +28,7 @@ from fl_app.privacy.distributed import (
     conditional_round,
     fwht,
     padded_dimension,
+    sample_discrete_gaussian,
     sensitivity,
 )
 
@@ -197,3 +198,177 @@ def test_round_json_round_trips_and_refuses_bad_fields() -> None:
     DdpRound.from_json(json.dumps({**raw, "bits": 8}))
     with pytest.raises(ValueError, match="need keys"):
         DdpRound.from_json(json.dumps({k: v for k, v in raw.items() if k != "gamma"}))
+
+
+# ---- encoding, the ring and decoding -------------------------------------------------------
+
+
+class _ScriptedSource:
+    """A stand-in for SecureNoise with reproducible uniforms in (0, 1) and 64-bit words."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.uniform_calls: list[np.ndarray] = []
+
+    def uniform(self, n: int) -> np.ndarray:
+        out = self.rng.uniform(0.01, 0.99, size=n)
+        self.uniform_calls.append(out.copy())
+        return out
+
+    def words(self, n: int) -> np.ndarray:
+        return self.rng.integers(0, 2**64, size=n, dtype=np.uint64)
+
+
+def _round(bits: int = 12, share_std: float = 1e-6) -> DdpRound:
+    # d = 5 -> d' = 8; a noise share this small is exactly 0: only Y = 0 survives
+    # the acceptance exp(−Y²/(2σ²)).
+    return DdpRound(
+        clip=1.0, dim=5, padded=8, bits=bits, gamma=0.01, bound=1000.0,
+        share_std=share_std, min_survivors=1, cohort=1,
+    )  # fmt: skip
+
+
+def test_encode_rotates_scales_rounds_and_reduces_mod_2_to_the_bits() -> None:
+    rnd = _round(bits=12)
+    x = np.array([0.3, -0.5, 0.1, 0.2, -0.4])
+    source = _ScriptedSource(3)
+    out = rnd.encode(x, b"seed", source)  # type: ignore[arg-type]
+    signs = Rotation(b"seed", 5).signs
+    rotated = hadamard(8) @ (signs * np.concatenate([x, np.zeros(3)])) / math.sqrt(8) / 0.01
+    low = np.floor(rotated)
+    up = source.uniform_calls[0] <= rotated - low  # the first draw is the rounding's
+    expected = (low + up).astype(np.int64) % (1 << 12)
+    assert out.dtype == np.uint32
+    np.testing.assert_array_equal(out, expected)
+    assert (expected % 2).any() and (expected > 2048).any()  # odd and wrapped values
+
+
+def test_decode_maps_the_ring_to_signed_values_then_rotates_back() -> None:
+    rnd = _round(bits=12)
+    total = np.array([2047, 2048, 4095, 0, 1, 3000, 5, 2049], dtype=np.uint32)
+    signed = np.array([2047, -2048, -1, 0, 1, 3000 - 4096, 5, 2049 - 4096], dtype=np.float64)
+    signs = Rotation(b"seed", 5).signs
+    expected = (signs * (hadamard(8) @ (signed * 0.01)) / math.sqrt(8))[:5]
+    np.testing.assert_allclose(rnd.decode(total, b"seed"), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_of_a_64_bit_ring_reads_twos_complement() -> None:
+    rnd = _round(bits=64)
+    total = np.array([2**64 - 1, 3, 2**63, 0, 0, 0, 0, 0], dtype=np.uint64)
+    signed = np.array([-1.0, 3.0, -(2.0**63), 0, 0, 0, 0, 0])
+    signs = Rotation(b"s", 5).signs
+    expected = (signs * (hadamard(8) @ (signed * 0.01)) / math.sqrt(8))[:5]
+    np.testing.assert_allclose(rnd.decode(total, b"s"), expected, rtol=1e-12)
+
+
+def test_sum_norm_limit_by_hand() -> None:
+    # n·Δ₂ + sqrt(n·σ_l²·(d' + 2√(d'τ) + 2τ)) with τ = 40 ln 2 (Hsu, Kakade & Zhang).
+    rnd = _round(share_std=2.0)
+    tau = 40 * math.log(2)
+    expected = 3 * 1000.0 + math.sqrt(3 * 4.0 * (8 + 2 * math.sqrt(8 * tau) + 2 * tau))
+    assert rnd.sum_norm_limit(3) == pytest.approx(expected, rel=1e-12)
+
+
+def test_decode_refuses_a_sum_no_honest_cohort_reaches() -> None:
+    rnd = DdpRound(
+        clip=1.0, dim=5, padded=8, bits=32, gamma=0.01, bound=10.0,
+        share_std=1.0, min_survivors=1, cohort=2,
+    )  # fmt: skip
+    limit = rnd.sum_norm_limit(2)
+    inside = np.zeros(8, dtype=np.uint32)
+    inside[0] = int(limit)
+    rnd.decode(inside, b"s", num_contributors=2)
+    outside = np.zeros(8, dtype=np.uint32)
+    outside[0] = int(limit) + 1
+    with pytest.raises(ValueError) as info:
+        rnd.decode(outside, b"s", num_contributors=2)
+    assert str(info.value) == (
+        f"distributed-DP sum has norm {int(limit) + 1:.6g} (rounded units), above the "
+        f"{limit:.6g} that 2 honest clients can reach"
+    )
+    with pytest.raises(ValueError, match=r"^sum has shape \(5,\), expected \(8,\)$"):
+        rnd.decode(np.zeros(5, dtype=np.uint32), b"s")
+
+
+def test_encode_refuses_what_it_must_not_encode() -> None:
+    rnd = _round()
+    with pytest.raises(ValueError, match=r"^update has 4 coordinates, the round expects 5$"):
+        rnd.encode(np.zeros(4), b"s")
+    with pytest.raises(ValueError, match=r"^update has a non-finite value; refuse to encode$"):
+        rnd.encode(np.array([0.0, math.nan, 0, 0, 0]), b"s")
+    with pytest.raises(ValueError) as info:
+        rnd.encode(np.array([1.5, 0, 0, 0, 0]), b"s")
+    assert str(info.value) == "update norm 1.5 exceeds the clip 1: clip before encoding"
+    rnd.encode(np.array([1.0, 0, 0, 0, 0]), b"s")
+
+
+# ---- the discrete Gaussian sampler's arguments ---------------------------------------------
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, math.inf, math.nan])
+def test_sampler_refuses_a_non_positive_or_non_finite_sigma(sigma: float) -> None:
+    with pytest.raises(ValueError, match=r"^sigma must be finite and > 0, found"):
+        sample_discrete_gaussian(sigma, 4, np.random.default_rng(0).random)
+
+
+def test_sampler_sizes() -> None:
+    uniform = np.random.default_rng(0).random
+    assert sample_discrete_gaussian(2.0, 0, uniform).shape == (0,)
+    assert sample_discrete_gaussian(2.0, 1, uniform).shape == (1,)
+    with pytest.raises(ValueError, match=r"^size must be >= 0, found -1$"):
+        sample_discrete_gaussian(2.0, -1, uniform)
+
+
+# ---- the plan's ring size and description ----------------------------------------------------
+
+
+def test_min_bits_by_hand_on_a_one_coordinate_plan() -> None:
+    # d' = 1, A = 0: Δ₂ = √min{1, 1/4 + 1·1/2} = √0.75; tolerance 0: n_min = n, ratio 1.
+    # Smallest bits with n + k·z·Δ₂ <= 2^(bits−1) − 1, k = √(2 ln(2/p)), at least 8.
+    n, z = 40, 200.0
+    k = math.sqrt(2 * math.log(2 / 1e-9))
+    need = n + k * z * math.sqrt(0.75)
+    expected = next(b for b in range(8, 65) if need <= 2.0 ** (b - 1) - 1)
+    plan = _plan(dim=1, max_cohort=n, noise_multiplier=z, dropout_tolerance=0.0)
+    assert plan.min_bits() == expected == 12  # 13 if A = 1 were assumed
+    small = _plan(dim=1, max_cohort=1, noise_multiplier=0.5, dropout_tolerance=0.0)
+    assert small.min_bits() == 8  # fits in fewer bits, but the ring has at least 8
+
+
+def test_an_impossible_plan_names_no_bit_width() -> None:
+    with pytest.raises(DdpConfigError, match=r"use secagg.bits >= 65 \(or a smaller cohort\)$"):
+        _plan(dim=1, max_cohort=1, noise_multiplier=1e19, bits=64, dropout_tolerance=0.0)
+
+
+def test_a_cohort_of_one_gets_its_round() -> None:
+    rnd = _plan(max_cohort=3).round(1)
+    assert rnd.cohort == 1 and rnd.min_survivors == 1
+    assert DdpRound.from_json(json.dumps({**json.loads(rnd.to_json()), "dim": 1, "padded": 1}))
+
+
+def test_describe_reports_every_parameter_under_its_name() -> None:
+    plan = _plan()
+    assert plan.describe() == {
+        "clip": 1.0,
+        "dimension": 100,
+        "padded_dimension": 128,
+        "bits": 32,
+        "noise_multiplier": 1.0,
+        "max_cohort": 10,
+        "dropout_tolerance": 0.2,
+        "beta": math.exp(-0.5),
+        "overflow_probability": 1e-9,
+        "gamma": plan.gamma,
+        "sensitivity_rounded": plan.bound,
+        "noise_std_sum_rounded": plan.sigma,
+        "noise_inflation_vs_central": plan.inflation,
+        "tau": plan.tau,
+    }
+    assert plan.sigma == pytest.approx(1.0 * plan.bound, rel=1e-12)
+    assert plan.inflation == pytest.approx(plan.bound / plan.scaled_norm, rel=1e-12)
+
+
+def test_inverse_rotation_accepts_integer_sums() -> None:
+    rot = Rotation(b"s", 5)
+    y = np.arange(8, dtype=np.int64)
+    np.testing.assert_allclose(rot.inverse(y), rot.inverse(y.astype(np.float64)), rtol=0)
