@@ -123,12 +123,16 @@ class PolicyRefusal(ClientRefusal):
 
 
 def _site_policy(context: Context) -> SitePolicy | None:
-    """The site's policy from node-config ``policy-path`` (None when there is none)."""
+    """The policy every handler applies: node-config ``policy-path`` with the floor of a
+    site holding a signing key or roster (:func:`fl_app.secagg_stages.effective_policy`;
+    None when there is neither)."""
+    from fl_app.secagg_stages import effective_policy
+
     path = context.node_config.get(POLICY_PATH_KEY)
     if path is None or path == "":
-        return None
+        return effective_policy(context, None)
     try:
-        return load_policy(str(path))
+        return effective_policy(context, load_policy(str(path)))
     except PolicyError as err:
         raise ClientRefusal(f"site policy: {err}") from err
 

@@ -325,7 +325,7 @@ def handle_key_stage(
     if config is None:
         wipe_state(context)
         raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
-    site = _site_floor(context, policy if policy is not None else SitePolicy())
+    site = effective_policy(context, policy) or SitePolicy()
     try:
         if stage in (Stage.advertise, Stage.unmask, Stage.consistency):
             _check_round(context, _round_of(config), Stage(stage))  # stage 2: in its payload
@@ -349,20 +349,31 @@ def handle_key_stage(
         raise
 
 
-def _site_floor(context: Context, policy: SitePolicy) -> SitePolicy:
-    """The policy this client applies: a site configured with a signing key or roster
-    and no explicit ``secagg_min_server_model`` accepts only ``malicious`` rounds.
+def effective_policy(context: Context, policy: SitePolicy | None) -> SitePolicy | None:
+    """The policy this client applies to EVERY instruction (train, evaluate, each
+    secure-aggregation stage): the site's policy file, with the floor of a site that
+    holds a signing key or roster. ``None``: no policy file and no identity.
 
-    Such a site has been set up for a server it does not trust; accepting an
-    ``honest_but_curious`` round would let that server downgrade it to thresholds that
-    do not survive a split view and skip every signature check. A site that wants both
-    says so in its policy (``secagg_min_server_model: honest_but_curious``).
+    A site with ``signing-key-path`` or ``roster-path`` has been set up for a server it
+    does not trust. Unless its policy file says otherwise, it accepts only ``malicious``
+    rounds (an ``honest_but_curious`` round would let that server downgrade it to
+    thresholds that do not survive a split view and skip every signature check) and
+    ``require_secure_aggregation`` is on: a plain train or a federated evaluation would
+    hand that server the update or the per-client metrics without any secure
+    aggregation at all, a bigger downgrade still. A site that wants either says so
+    (``secagg_min_server_model: honest_but_curious``, ``require_secure_aggregation:
+    false``).
     """
     cfg = context.node_config
     has_identity = bool(cfg.get(SIGNING_KEY_PATH) or cfg.get(ROSTER_PATH))
-    if has_identity and not policy.secagg_min_server_model_explicit:
-        return dataclasses.replace(policy, secagg_min_server_model="malicious")
-    return policy
+    if not has_identity:
+        return policy
+    site = policy if policy is not None else SitePolicy()
+    if not site.secagg_min_server_model_explicit:
+        site = dataclasses.replace(site, secagg_min_server_model="malicious")
+    if not site.require_secure_aggregation_explicit:
+        site = dataclasses.replace(site, require_secure_aggregation=True)
+    return site
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,10 @@ class SitePolicy:
     # Whether the policy file named secagg_min_server_model: a site with a signing key or
     # roster and no explicit choice accepts only malicious rounds (fl_app.secagg_stages).
     secagg_min_server_model_explicit: bool = False
+    # Whether the policy file named require_secure_aggregation: a site with a signing key
+    # or roster and no explicit choice trains only under secure aggregation and does not
+    # evaluate (fl_app.secagg_stages.effective_policy).
+    require_secure_aggregation_explicit: bool = False
     ddp_min_noise_multiplier: float | None = DEFAULT_DDP_MIN_NOISE_MULTIPLIER
     local_min_noise_multiplier: float | None = DEFAULT_LOCAL_MIN_NOISE_MULTIPLIER
     # DP-SGD's noise and batches seeded from the run's seed, round and partition (the
@@ -460,6 +464,7 @@ def parse_policy(raw: Any, source: str = "policy") -> SitePolicy:
         allowed_artifacts=allowed,
         max_epsilon=max_eps,
         require_secure_aggregation=_bool(raw, "require_secure_aggregation"),
+        require_secure_aggregation_explicit="require_secure_aggregation" in raw,
         require_record_level_dp=_bool(raw, "require_record_level_dp"),
         secagg_max_dropout_tolerance=_number(
             raw, "secagg_max_dropout_tolerance", source, 0.0, 1.0, DEFAULT_MAX_DROPOUT_TOLERANCE
