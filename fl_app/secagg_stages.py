@@ -627,8 +627,10 @@ def _share_keys_payload(
     if params.server_model is ServerModel.malicious:
         # Before any share is encrypted: the complete graph over the cohort, thresholds
         # that survive this client's own colluder bound, every key signed on the roster.
-        meta[_CORRUPT] = _check_malicious_round(params, cohort, node, nodes, policy)
         ident = site_identity_for_secagg(context)
+        meta[_CORRUPT] = _check_malicious_round(
+            params, cohort, node, nodes, policy, _federation_size(context, ident)
+        )
         names = _verify_neighbour_keys(ident, session.context, rnd, nodes, keys, config)
         names[node] = ident.signer.identity
         meta[_IDENTITIES] = json.dumps({str(v): n for v, n in sorted(names.items())})
@@ -648,8 +650,22 @@ def _share_keys_payload(
     )
 
 
+def _federation_size(context: Context, ident: SiteIdentity) -> int:
+    """How many sites the colluder fraction is taken over: the roster's entries for a
+    deployed site, ``num-partitions`` for a simulated one (0: unknown, the cohort then)."""
+    if isinstance(ident.roster, signing.FileRoster):
+        return len(ident.roster)
+    raw = context.node_config.get("num-partitions", 0)
+    return int(raw) if isinstance(raw, int) and not isinstance(raw, bool) else 0
+
+
 def _check_malicious_round(
-    params: SecAggParams, cohort: list[int], node: int, nodes: list[int], policy: SitePolicy
+    params: SecAggParams,
+    cohort: list[int],
+    node: int,
+    nodes: list[int],
+    policy: SitePolicy,
+    federation: int = 0,
 ) -> int:
     """Malicious server model, stage 2: refuse a round whose shape this client cannot trust.
 
@@ -660,9 +676,15 @@ def _check_malicious_round(
       cohort member's signed key reaches every client, so each one counted below is a
       verified, distinct roster identity, not an id the server made up.
     * ``C`` = the larger of the round's and this site's colluder bound
-      (``max(floor(secagg_min_corrupt_fraction * n), secagg_min_corrupt_clients)``);
-      ``t > C`` (the colluders' own shares stay below ``t``) and ``2t > n + C`` (a
-      split view plus the colluders cannot fill both piles).
+      ``max(floor(secagg_min_corrupt_fraction * N), secagg_min_corrupt_clients)``, with
+      ``N`` the FEDERATION (roster entries, ``federation``; at least the cohort ``n``),
+      not the cohort: the server picks the cohort, and a small one packed with the
+      colluders it has would otherwise assume fewer of them than it holds (2 colluders
+      of 20 sites in a 12-cohort whose fraction allowed 1 recovered a victim's input).
+      Floor, because "at most a fraction f of the N sites collude" means at most
+      ``floor(f*N)`` of them. ``t > C`` (the colluders' own shares stay below ``t``) and
+      ``2t > n + C`` (a split view plus the colluders cannot fill both piles); a cohort
+      too small for the federation's ``C`` is refused.
 
     Returns ``C``, which sizes the consistency quorum at unmask.
     """
@@ -676,15 +698,22 @@ def _check_malicious_round(
             "graph is picked by the server and no client can verify it (run with "
             "secagg=secagg, the complete graph)"
         )
+    size = max(n, int(federation))
     policy_c = max(
-        math.floor(policy.secagg_min_corrupt_fraction * n + 1e-12),
+        math.floor(policy.secagg_min_corrupt_fraction * size + 1e-12),
         policy.secagg_min_corrupt_clients,
     )
     c = max(params.max_corrupt, policy_c)
     if t <= c or 2 * t <= n + c:
-        raise SecAggStageError(
-            f"malicious server model: threshold t={t} with n={n} and C={c} colluders "
-            f"(this site's bound {policy_c}) needs t > C and 2t > n + C: refusing to share"
+        raise SecAggStageError.from_violation(
+            PolicyViolation(
+                "secagg_min_corrupt_fraction",
+                f"malicious server model: threshold t={t} with n={n} and C={c} "
+                f"colluders (this site's bound: max(floor({policy.secagg_min_corrupt_fraction:g}"
+                f" * {size} sites in the federation), {policy.secagg_min_corrupt_clients})) needs "
+                "t > C and 2t > n + C: refusing to share (the fraction is over the roster, not "
+                "the cohort; run with a larger cohort or a higher secagg.corrupt_fraction)",
+            )
         )
     return c
 

@@ -78,3 +78,60 @@ def test_a_roster_site_that_opts_out_explicitly_is_not_refused_for_it(tmp_path: 
     for context in _identity_site(tmp_path, "require_secure_aggregation: false\n"):
         reply = _plain(context, "evaluate")
         assert not reply.has_error() or "require_secure_aggregation" not in reply.error.reason
+
+
+# B2: the colluder bound C was a fraction of the cohort, which the server picks: in a
+# federation of 20 with 2 colluders (the policy's 0.1), a 12-cohort holding both passed
+# with C = max(floor(0.1 * 12), 1) = 1, t = 7 (2t = 14 > n + C = 13), and a split view
+# plus the 2 colluders' signatures recovered a victim's input. C is now taken over the
+# federation: max(floor(0.1 * 20), 1) = 2, so 2t = 14 <= n + C = 14 and every client
+# refuses at share-keys, before any share is encrypted.
+def _packed_round(corrupt_fraction: float, dropout_tolerance: float) -> tuple[Any, Any]:
+    import numpy as np
+
+    from fl_app.secagg.graph import GraphMode, ServerModel
+    from fl_app.site_policy import SitePolicy
+    from fl_app.testing import InProcessGrid
+    from fl_app.testing.adversary import AdversarialServer
+    from fl_app.testing.secagg_client import fixed_update_client
+    from strategies.secagg import SecAggSettings
+
+    def update(node: int) -> dict[str, Any]:
+        return {"w": np.full(4, 0.25, np.float32)}
+
+    client = fixed_update_client(update, policy=SitePolicy(secagg_min_server_model="malicious"))
+    grid = InProcessGrid(client, 20, seed=11)
+    try:
+        settings = SecAggSettings(
+            mode=GraphMode.secagg,
+            dropout_tolerance=dropout_tolerance,
+            corrupt_fraction=corrupt_fraction,
+            clip=1.0,
+            stage_timeout_s=10.0,
+            server_model=ServerModel.malicious,
+        )
+        server = AdversarialServer(grid, settings)
+        out = server.run_round(1, {"w": np.zeros(4, np.float32)}, cohort=grid.node_ids[:12])
+        return out, server.refusals(1, 2)
+    finally:
+        grid.close()
+
+
+def test_the_colluder_bound_is_over_the_federation_not_the_packed_cohort() -> None:
+    out, refusals = _packed_round(0.1, 0.45)
+    assert (out.params.num_clients, out.params.threshold, out.params.max_corrupt) == (12, 7, 1)
+    assert out.decoded is None and len(refusals) == 12, refusals
+    assert all("`secagg_min_corrupt_fraction`" in r for r in refusals.values()), refusals
+    assert all("t=7 with n=12 and C=2" in r for r in refusals.values()), refusals
+    assert all("floor(0.1 * 20 sites in the federation)" in r for r in refusals.values())
+
+
+def test_a_cohort_whose_thresholds_cover_the_federations_colluders_is_accepted() -> None:
+    # Control: C = floor(0.2 * 12) = 2 on the server, D = floor(0.3 * 12) = 3, t = 9:
+    # 2t = 18 > n + C = 14 and t > C: accepted, and the sum of 12 inputs of 0.25 is 3.
+    import numpy as np
+
+    out, refusals = _packed_round(0.2, 0.3)
+    assert not refusals and out.decoded is not None, refusals
+    assert (out.params.threshold, out.params.max_corrupt) == (9, 2)
+    np.testing.assert_allclose(out.decoded.update["w"], np.full(4, 3.0), atol=1e-3)
