@@ -568,13 +568,28 @@ def _bin(name: str) -> str:
 
 
 def deploy_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
-    """Environment for Flower processes: venv bin on PATH, no runtime installs."""
+    """Environment for Flower processes: venv bin on PATH, no runtime installs, and never
+    the simulation mark (:func:`_child_env`)."""
     env = dict(os.environ if base is None else base)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
-    return env
+    return _child_env(env)
+
+
+def _child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the simulation roster secret, for every process fl-app starts for a
+    deployment. The secret marks a process a simulation entry point started (its
+    simulated sites sign with keys derived from it, :mod:`fl_app.secagg.signing`); a
+    SuperNode or ClientApp that inherited it from a process that once simulated (a
+    notebook, a CI job, LocalFederation's parent) would accept partition-<i> identities
+    forged by whoever holds that secret, instead of refusing without a roster."""
+    from fl_app.secagg.signing import SIMULATION_SECRET_ENV
+
+    out = dict(env)
+    out.pop(SIMULATION_SECRET_ENV, None)
+    return out
 
 
 def superlink_command(
@@ -652,7 +667,7 @@ class ProcessGroup:
             # share a process group whose id is its PID, so teardown reaches them all.
             proc = subprocess.Popen(
                 list(cmd),
-                env=dict(env),
+                env=_child_env(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -713,7 +728,7 @@ def _flwr(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [_bin("flwr"), *args],
-        env=dict(env),
+        env=_child_env(env),
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -863,7 +878,7 @@ def _follow_log(
     import threading
 
     proc = subprocess.Popen(
-        cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        cmd, env=_child_env(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     timer = threading.Timer(max(1.0, deadline - time.monotonic()), proc.kill)

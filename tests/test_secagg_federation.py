@@ -135,3 +135,33 @@ def test_a_cohort_whose_thresholds_cover_the_federations_colluders_is_accepted()
     assert not refusals and out.decoded is not None, refusals
     assert (out.params.threshold, out.params.max_corrupt) == (9, 2)
     np.testing.assert_allclose(out.decoded.update["w"], np.full(4, 3.0), atol=1e-3)
+
+
+# W1: the simulation mark is an environment variable; a deployed SuperNode or ClientApp
+# started by a process that once simulated must not inherit it (it would accept
+# partition-<i> identities derived from that secret instead of refusing without a roster).
+def test_processes_started_for_a_deployment_never_inherit_the_simulation_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import time
+
+    from fl_app.deploy import ProcessGroup, deploy_env
+    from fl_app.secagg import signing
+
+    monkeypatch.setenv(signing.SIMULATION_SECRET_ENV, "ab" * 32)
+    assert signing.in_simulation()
+    env = deploy_env()
+    assert signing.SIMULATION_SECRET_ENV not in env and env["PYTHONUNBUFFERED"] == "1"
+    # Even an environment handed over with the mark in it (not built by deploy_env).
+    group = ProcessGroup(tmp_path / "logs")
+    probe = "import os; print('mark=' + repr(os.environ.get('FL_APP_SIMULATION_ROSTER_SECRET')))"
+    group.start("probe", [sys.executable, "-c", probe], dict(env, **{
+        signing.SIMULATION_SECRET_ENV: "cd" * 32}), tmp_path)  # fmt: skip
+    proc = group.procs["probe"]
+    proc.wait(timeout=30)
+    for _ in range(50):
+        if "mark=" in group.log("probe"):
+            break
+        time.sleep(0.1)
+    assert "mark=None" in group.log("probe"), group.log("probe")
