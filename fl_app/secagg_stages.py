@@ -181,6 +181,7 @@ _SIGNED_U3 = "_signed-u3"
 # and the colluders C it assumes (the larger of the round's and its policy's bound).
 _OWN_KEYS = "_own-keys"
 _CORRUPT = "_corrupt"
+_ROSTER = "_roster-digest"  # the roster pinned at share-keys (malicious, deployed sites)
 #: Node-config keys of a deployed site's signing identity (fl_app.secagg.signing).
 SIGNING_KEY_PATH = "signing-key-path"
 ROSTER_PATH = "roster-path"
@@ -633,6 +634,8 @@ def _share_keys_payload(
         )
         names = _verify_neighbour_keys(ident, session.context, rnd, nodes, keys, config)
         names[node] = ident.signer.identity
+        if isinstance(ident.roster, signing.FileRoster):
+            meta[_ROSTER] = ident.roster.digest()
         meta[_IDENTITIES] = json.dumps({str(v): n for v, n in sorted(names.items())})
         meta[_OWN_KEYS] = own_keys.c_pk + own_keys.s_pk
     cts = session.share_keys(keys)
@@ -648,6 +651,24 @@ def _share_keys_payload(
             SECAGG_REPLY_COMMITMENT: session.commitment,
         }
     )
+
+
+def _pinned_identity(context: Context, meta: Mapping[str, Any]) -> SiteIdentity:
+    """This client's identity, with the roster it verified the round's keys against at
+    share-keys: a roster file changed since (identities added or swapped mid-round, so
+    that new keys would vouch for survivor sets) is refused."""
+    ident = site_identity_for_secagg(context)
+    pinned = meta.get(_ROSTER)
+    if isinstance(ident.roster, signing.FileRoster) or pinned is not None:
+        now = ident.roster.digest() if isinstance(ident.roster, signing.FileRoster) else b""
+        if now != pinned:
+            raise SecAggStageError(
+                "malicious server model: the roster "
+                f"{context.node_config.get(ROSTER_PATH)} changed since this round's "
+                "share-keys stage (its entries no longer match the ones the round's keys "
+                "were verified against): refusing; change the roster only between rounds"
+            )
+    return ident
 
 
 def _federation_size(context: Context, ident: SiteIdentity) -> int:
@@ -736,7 +757,7 @@ def _consistency(
     survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
     _check_ddp_survivors(session, meta, survivors)
     session.check_lists(survivors, (), int(meta.get(_FLOOR, 0)), Stage.consistency)
-    ident = site_identity_for_secagg(context)
+    ident = _pinned_identity(context, meta)
     node = int(context.node_id)
     own_keys = meta.get(_OWN_KEYS)
     if not isinstance(own_keys, bytes):
@@ -800,7 +821,7 @@ def _check_consistency(
     own_keys = meta.get(_OWN_KEYS)
     if isinstance(own_keys, bytes):
         round_keys[session.node_id] = own_keys
-    ident = site_identity_for_secagg(context)
+    ident = _pinned_identity(context, meta)
     members = set(u3)
     used_nodes: set[int] = set()
     used_names: set[str] = set()

@@ -165,3 +165,90 @@ def test_processes_started_for_a_deployment_never_inherit_the_simulation_mark(
             break
         time.sleep(0.1)
     assert "mark=None" in group.log("probe"), group.log("probe")
+
+
+# W2: the roster is the trust anchor. A group/world-writable one is refused, naming the
+# file and the fix; one that changes between share-keys and the consistency check
+# (an identity added: its key could then vouch for a survivor set) is refused.
+def _roster_grid(tmp_path: Path, n: int = 5) -> Any:
+    import numpy as np
+
+    from fl_app.deploy import create_signing_key, write_roster
+    from fl_app.testing import InProcessGrid
+    from fl_app.testing.secagg_client import fixed_update_client
+
+    pubs = {}
+    for i in range(n):
+        _, pubs[f"site{i}"] = create_signing_key(tmp_path, f"site{i}")
+    roster = write_roster(tmp_path / "roster.json", pubs)
+
+    def node_config(i: int, m: int) -> dict[str, Any]:
+        return {
+            "partition-id": 0,
+            "num-partitions": 1,
+            "site-name": f"site{i}",
+            "signing-key-path": str(tmp_path / f"site{i}.sign"),
+            "roster-path": str(roster),
+        }
+
+    client = fixed_update_client(lambda node: {"w": np.full(4, 0.25, np.float32)})
+    return InProcessGrid(client, n, seed=5, node_config_fn=node_config), roster
+
+
+def _malicious_server(grid: Any) -> Any:
+    from fl_app.secagg.graph import GraphMode, ServerModel
+    from fl_app.testing.adversary import AdversarialServer
+    from strategies.secagg import SecAggSettings
+
+    settings = SecAggSettings(
+        mode=GraphMode.secagg, clip=1.0, stage_timeout_s=10.0, server_model=ServerModel.malicious
+    )
+    return AdversarialServer(grid, settings)
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646])
+def test_a_roster_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    import os
+
+    import numpy as np
+
+    grid, roster = _roster_grid(tmp_path)
+    os.chmod(roster, mode)
+    try:
+        server = _malicious_server(grid)
+        out = server.run_round(1, {"w": np.zeros(4, np.float32)})
+        refusals = server.refusals(1, 1)
+        assert out.decoded is None and len(refusals) == 5, refusals
+        assert all(f"chmod 644 {roster}" in r for r in refusals.values()), refusals
+        assert all(f"mode {mode:o}" in r for r in refusals.values()), refusals
+    finally:
+        grid.close()
+
+
+def test_a_roster_changed_mid_round_is_refused(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    grid, roster = _roster_grid(tmp_path)
+    try:
+        server = _malicious_server(grid)
+        out = server.run_round(1, {"w": np.zeros(4, np.float32)})
+        assert out.decoded is not None, out.note  # control: an unchanged roster works
+        np.testing.assert_allclose(out.decoded.update["w"], np.full(4, 1.25), atol=1e-3)
+
+        def swap(stage: int, node: int, cfg: dict[str, Any]) -> dict[str, Any]:
+            if stage == 5:  # before the consistency check reaches the clients
+                entries = json.loads(roster.read_text())
+                extra = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+                entries["intruder"] = extra
+                roster.write_text(json.dumps(entries))
+            return cfg
+
+        out = server.run_round(2, {"w": np.zeros(4, np.float32)}, lies=[swap])
+        refusals = server.refusals(2, 5)
+        assert out.decoded is None and len(refusals) == 5, (out.note, refusals)
+        assert all("changed since this round's share-keys" in r for r in refusals.values())
+    finally:
+        grid.close()

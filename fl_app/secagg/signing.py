@@ -41,6 +41,7 @@ machine; colluding clients (at most the assumed ``C``) sign whatever the server 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -217,12 +218,33 @@ class FileRoster(Roster):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def digest(self) -> bytes:
+        """SHA-256 over the sorted entries (length-prefixed identity, raw public key): what
+        a client pins at share-keys so a roster swapped mid-round is refused."""
+        h = hashlib.sha256(b"fl-app/secagg/roster/v1")
+        for identity in sorted(self._keys):
+            name = identity.encode("utf-8")
+            h.update(len(name).to_bytes(4, "big") + name)
+            h.update(self._keys[identity].public_bytes_raw())
+        return h.digest()
+
 
 def load_roster(path: str | os.PathLike[str]) -> FileRoster:
     """Read a roster: JSON ``{"<site name>": "<64 hex digits of the Ed25519 public key>"}``.
 
     Raises :class:`RosterError` naming the file and the entry at fault.
     """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise RosterError(f"roster {path}: cannot read it as JSON ({err})") from None
+    if os.name == "posix" and mode & 0o022:
+        # The roster is the trust anchor: whoever may write it adds or swaps identities
+        # and then signs key adverts and survivor sets for any site.
+        raise RosterError(
+            f"roster {path} is writable by group/others (mode {mode & 0o777:o}); only its "
+            f"owner may write it: chmod 644 {path} (or 600)"
+        )
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
