@@ -508,6 +508,7 @@ def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Mes
     if run_raw is not None:
         if not isinstance(run_raw, bytes) or len(run_raw) != 8:
             raise SecAggStageError(f"'{SECAGG_RUN_ID}' must be 8 bytes")
+        _check_run_id(context, int.from_bytes(run_raw, "big"), SECAGG_RUN_ID)
         ident = site_identity_for_secagg(context)
     node = int(context.node_id)
     store: dict[str, bytes] = {}
@@ -628,6 +629,7 @@ def _share_keys_payload(
     if params.server_model is ServerModel.malicious:
         # Before any share is encrypted: the complete graph over the cohort, thresholds
         # that survive this client's own colluder bound, every key signed on the roster.
+        _check_run_id(context, signing.parse_context(session.context)[0], "round context")
         ident = site_identity_for_secagg(context)
         meta[_CORRUPT] = _check_malicious_round(
             params, cohort, node, nodes, policy, _federation_size(context, ident)
@@ -651,6 +653,18 @@ def _share_keys_payload(
             SECAGG_REPLY_COMMITMENT: session.commitment,
         }
     )
+
+
+def _check_run_id(context: Context, run_id: int, where: str) -> None:
+    """The run id this client signs for (key adverts, survivor sets) must be Flower's run
+    id of the Context it runs in (mod 2^64, as the server packs it): a server cannot make
+    it sign for a run it names (defence in depth; signatures stay bound to round keys)."""
+    own = int(context.run_id) % 2**64
+    if run_id != own:
+        raise SecAggStageError(
+            f"malicious server model: the {where} names run {run_id}, but this client "
+            f"runs in Flower run {own}: refusing to sign for another run"
+        )
 
 
 def _pinned_identity(context: Context, meta: Mapping[str, Any]) -> SiteIdentity:

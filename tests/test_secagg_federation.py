@@ -252,3 +252,39 @@ def test_a_roster_changed_mid_round_is_refused(tmp_path: Path) -> None:
         assert all("changed since this round's share-keys" in r for r in refusals.values())
     finally:
         grid.close()
+
+
+# W3: the run id a client signs for is Flower's run id of its Context. A server naming
+# another one at stage 1 (key adverts) or in the stage-2 round context is refused.
+@pytest.mark.parametrize("where", [1, 2])
+def test_a_run_id_other_than_flowers_is_refused(where: int) -> None:
+    import struct
+
+    import numpy as np
+
+    from fl_app.protocol import SECAGG_CONTEXT, SECAGG_RUN_ID
+    from fl_app.secagg.signing import parse_context
+    from fl_app.testing import InProcessGrid
+    from fl_app.testing.secagg_client import fixed_update_client
+
+    grid = InProcessGrid(fixed_update_client(lambda node: {"w": np.ones(4, np.float32)}), 4)
+    try:
+        server = _malicious_server(grid)
+
+        def other_run(stage: int, node: int, cfg: dict[str, Any]) -> dict[str, Any]:
+            if where == 1 and stage == 1:
+                cfg[SECAGG_RUN_ID] = struct.pack(">Q", 2)  # the grid's run is 1
+            if where == 2 and stage == 2:
+                raw = cfg[SECAGG_CONTEXT]
+                assert parse_context(raw)[0] == 1
+                cfg[SECAGG_CONTEXT] = raw.replace(struct.pack(">Q", 1), struct.pack(">Q", 2), 1)
+                assert parse_context(cfg[SECAGG_CONTEXT])[0] == 2
+            return cfg
+
+        out = server.run_round(1, {"w": np.zeros(4, np.float32)}, lies=[other_run])
+        refusals = server.refusals(1, where)
+        assert out.decoded is None and len(refusals) == 4, (out.note, refusals)
+        assert all("names run 2, but this client runs in Flower run 1" in r
+                   for r in refusals.values()), refusals  # fmt: skip
+    finally:
+        grid.close()
