@@ -285,6 +285,15 @@ def test_distributed_dp_is_assembled_from_its_parts() -> None:
     out = agg.aggregate_sum(1, {"w": np.array([2.0, -6.0])}, 3.0, 3, {})
     np.testing.assert_array_equal(out.update["w"], [0.5, -1.5])
     assert out.total_weight == 3.0
+    assert set(out.metrics) == {
+        "dp_clip",
+        "dp_noise_std_sum",
+        "dp_noise_std_mean",
+        "dp_expected_cohort",
+        "ddp_bits",
+        "ddp_gamma",
+        "ddp_noise_inflation",
+    }
     assert out.metrics["ddp_bits"] == 20.0
     assert out.metrics["dp_expected_cohort"] == 4.0
     assert out.metrics["dp_noise_std_mean"] == pytest.approx(plan.gamma * plan.sigma / 4)
