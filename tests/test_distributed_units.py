@@ -18,18 +18,23 @@ import math
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from dp_accounting.rdp import compute_epsilon
 from scipy.linalg import hadamard
 
 from fl_app.privacy.distributed import (
+    RDP_ORDERS,
     DdpConfigError,
     DdpPlan,
     DdpRound,
     Rotation,
     conditional_round,
+    ddg_epsilon,
+    ddg_round_rdp,
     fwht,
     padded_dimension,
     sample_discrete_gaussian,
     sensitivity,
+    subsampled_rdp,
 )
 
 
@@ -372,3 +377,116 @@ def test_inverse_rotation_accepts_integer_sums() -> None:
     rot = Rotation(b"s", 5)
     y = np.arange(8, dtype=np.int64)
     np.testing.assert_allclose(rot.inverse(y), rot.inverse(y.astype(np.float64)), rtol=0)
+
+
+# ---- accounting ([KLS] Proposition 14, Zhu & Wang Theorem 5) ----------------------------------
+
+
+def test_ddg_round_rdp_by_hand_in_both_branches() -> None:
+    # l = 0.5, τ = 0.01, d' = 16: first = α·l²/2 + τ·d', second = (α/2)·(l + √d'·τ)².
+    # α = 3: first = 0.375 + 0.16 = 0.535 > second = 1.5·0.54² = 0.4374.
+    assert ddg_round_rdp(3, 0.5, 0.01, 16) == pytest.approx(0.4374, rel=1e-12)
+    # α = 64: first = 8 + 0.16 = 8.16 < second = 32·0.54² = 9.3312.
+    assert ddg_round_rdp(64, 0.5, 0.01, 16) == pytest.approx(8.16, rel=1e-12)
+
+
+def test_subsampled_rdp_without_sampling_is_the_mechanism() -> None:
+    assert subsampled_rdp(2, 1.0, lambda a: 0.25 * a) == 0.5
+    assert subsampled_rdp(5, 1.0, lambda a: 0.25 * a) == 1.25
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4, 5])
+def test_subsampled_rdp_refuses_bad_orders_and_rates(index: int) -> None:
+    order, q, message = [
+        (1, 0.5, "order must be an integer >= 2, found 1"),
+        (2.5, 0.5, "order must be an integer >= 2, found 2.5"),
+        (3, 0.0, "q must lie in (0, 1], found 0.0"),
+        (3, 1.5, "q must lie in (0, 1], found 1.5"),
+        (3, -0.1, "q must lie in (0, 1], found -0.1"),
+        (1.5, 0.5, "order must be an integer >= 2, found 1.5"),
+    ][index]
+    with pytest.raises(ValueError) as info:
+        subsampled_rdp(order, q, lambda a: 0.1 * a)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_ddg_epsilon_composes_every_block() -> None:
+    # Unsampled blocks: RDP is the sum of count·ρ(α) over blocks, converted by
+    # dp-accounting's compute_epsilon.
+    orders = list(RDP_ORDERS)
+    rdp = [
+        2 * ddg_round_rdp(a, 1 / 2.0, 1e-3, 64) + 3 * ddg_round_rdp(a, 1 / 4.0, 2e-3, 128)
+        for a in orders
+    ]
+    expected, _ = compute_epsilon(orders, rdp, 1e-5)
+    value = ddg_epsilon([(1.0, 2.0, 1e-3, 64, 2), (1.0, 4.0, 2e-3, 128, 3)], 1e-5)
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert ddg_epsilon([], 1e-5) == 0.0
+
+
+# ---- the plan's own checks -------------------------------------------------------------------
+
+
+_BAD_PLANS: list[tuple[dict[str, object], str]] = [
+    ({"clip": 0.0}, "clip must be finite and > 0, found 0.0"),
+    ({"clip": math.inf}, "clip must be finite and > 0, found inf"),
+    ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0, found 0.0"),
+    ({"noise_multiplier": math.inf}, "noise_multiplier must be > 0, found inf"),
+    ({"bits": 7}, "secagg.bits must lie in [8, 64], found 7"),
+    ({"bits": 65}, "secagg.bits must lie in [8, 64], found 65"),
+    ({"max_cohort": 0}, "max_cohort and dim must be >= 1"),
+    ({"dim": 0}, "max_cohort and dim must be >= 1"),
+    ({"dropout_tolerance": 1.0}, "dropout_tolerance must lie in [0, 1)"),
+    ({"dropout_tolerance": -0.1}, "dropout_tolerance must lie in [0, 1)"),
+    ({"beta": 1.0}, "privacy.distributed.beta must lie in [0, 1), found 1.0"),
+    ({"beta": -0.1}, "privacy.distributed.beta must lie in [0, 1), found -0.1"),
+    ({"overflow_probability": 0.0}, "privacy.distributed.overflow_probability must lie in (0, 1)"),
+    ({"overflow_probability": 1.0}, "privacy.distributed.overflow_probability must lie in (0, 1)"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(_BAD_PLANS)))
+def test_a_bad_plan_is_refused_naming_the_field(index: int) -> None:
+    change, message = _BAD_PLANS[index]
+    with pytest.raises(DdpConfigError) as info:
+        _plan(**change)
+    assert str(info.value) == message
+
+
+def test_plans_at_the_edges_of_their_ranges_are_accepted() -> None:
+    tiny = {"dim": 1, "max_cohort": 1, "noise_multiplier": 0.5}
+    for change in (
+        {"bits": 8},
+        {"bits": 64},
+        {"dropout_tolerance": 0.0},
+        {"beta": 0.0},
+        {"overflow_probability": 0.999},
+    ):
+        _plan(**{**tiny, **change})
+
+
+def test_the_ring_is_sized_exactly_to_its_limit() -> None:
+    # At the scaled norm A the plan picks, n + k·s = 2^(bits−1) − 1 with
+    # s² = n²A²/d' + σ(A)²·max_n n/n_min(n) and σ(A) = z·Δ₂(A) (module docstring).
+    plan = _plan(dim=4, bits=10, max_cohort=3, noise_multiplier=2.0, dropout_tolerance=0.5)
+    a = plan.scaled_norm
+    ratio = max(3 / 2, 2 / 1, 1 / 1)  # n_min(3) = 2, n_min(2) = 1, n_min(1) = 1
+    sigma = 2.0 * sensitivity(a, 4, math.exp(-0.5))
+    s = math.sqrt(9 * a * a / 4 + sigma * sigma * ratio)
+    k = math.sqrt(2 * math.log(2 * 4 / 1e-9))
+    assert 3 + k * s == pytest.approx(2.0**9 - 1, rel=1e-9)
+
+
+def test_the_sampler_fills_in_several_batches() -> None:
+    # σ = 0.3 accepts about a third of the candidates: 1.4·n + 64 per batch is not enough.
+    sigma = 0.3
+    draws = sample_discrete_gaussian(sigma, 20_000, np.random.default_rng(5).random)
+    support = np.arange(-5, 6)
+    pmf = np.exp(-(support**2) / (2 * sigma**2))
+    pmf /= pmf.sum()
+    var = float(np.sum(pmf * support**2))
+    fourth = float(np.sum(pmf * support**4))
+    assert np.all(np.abs(draws) <= 5)
+    assert abs(float(np.mean(draws.astype(float) ** 2)) - var) < 6 * math.sqrt(
+        (fourth - var**2) / 20_000
+    )
