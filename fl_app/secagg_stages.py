@@ -958,7 +958,7 @@ class MaskedInputStage:
                 raise SecAggStageError(f"'{SECAGG_WEIGHTING}' must be examples or uniform")
             if not (math.isfinite(max_weight) and max_weight > 0):
                 raise SecAggStageError(f"'{SECAGG_MAX_WEIGHT}' must be finite and > 0")
-            ddp = _ddp_round(config, session, bound, site)
+            ddp = _ddp_round(config, session, bound, site, int(meta.get(_CORRUPT, 0)))
         except (ValueError, SecAggStageError):
             wipe_state(context)
             raise
@@ -1033,10 +1033,16 @@ class MaskedInputStage:
 
 
 def _ddp_round(
-    config: Mapping[str, Any], session: ClientSession, bound: float, policy: SitePolicy
+    config: Mapping[str, Any],
+    session: ClientSession,
+    bound: float,
+    policy: SitePolicy,
+    colluders: int = 0,
 ) -> Any:
     """The round's distributed-DP parameters, checked against the session and the site's
-    floor (``n_min`` and the noise multiplier), or ``None``."""
+    floor (``n_min`` and the noise multiplier), or ``None``. ``colluders``: the ``C`` of
+    the malicious model's share-keys check (0 otherwise); the server knows their noise
+    shares, so the floor counts only ``n_min - C`` honest ones."""
     raw = config.get(SECAGG_DDP)
     if raw is None:
         return None
@@ -1058,6 +1064,7 @@ def _ddp_round(
             min_survivors=ddp.min_survivors,
             share_std=ddp.share_std,
             bound=ddp.bound,
+            colluders=colluders,
         )
     except PolicyViolation as err:
         raise SecAggStageError.from_violation(err) from err

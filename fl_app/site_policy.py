@@ -71,7 +71,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +180,9 @@ class SitePolicy:
     secagg_min_server_model_explicit: bool = False
     # Whether the policy file named require_secure_aggregation: a site with a signing key
     # or roster and no explicit choice trains only under secure aggregation and does not
-    # evaluate (fl_app.secagg_stages.effective_policy).
-    require_secure_aggregation_explicit: bool = False
+    # evaluate (fl_app.secagg_stages.effective_policy). Not compared: it records where the
+    # value came from, not what the policy allows.
+    require_secure_aggregation_explicit: bool = field(default=False, compare=False)
     ddp_min_noise_multiplier: float | None = DEFAULT_DDP_MIN_NOISE_MULTIPLIER
     local_min_noise_multiplier: float | None = DEFAULT_LOCAL_MIN_NOISE_MULTIPLIER
     # DP-SGD's noise and batches seeded from the run's seed, round and partition (the
@@ -313,7 +314,15 @@ class SitePolicy:
                 "(whatever the fraction rounds down to in a small cohort)",
             )
 
-    def check_ddp(self, *, cohort: int, min_survivors: int, share_std: float, bound: float) -> None:
+    def check_ddp(
+        self,
+        *,
+        cohort: int,
+        min_survivors: int,
+        share_std: float,
+        bound: float,
+        colluders: int = 0,
+    ) -> None:
         """Raise :class:`PolicyViolation` if a distributed-DP round's noise is too weak.
 
         ``min_survivors`` (``n_min``) is the number of noise shares the server says make
@@ -321,6 +330,9 @@ class SitePolicy:
         multiplier is ``share_std·√n_min / bound`` (``bound`` is the L2 sensitivity the
         client's own conditional rounding enforces); it must reach
         ``ddp_min_noise_multiplier`` (0.25 by default; a policy's explicit null: no floor).
+        ``colluders`` (``C``, malicious server model): survivors whose noise shares the
+        server knows, so the floor counts ``share_std·√(n_min − C)/bound``, the noise it
+        cannot remove (``n_min <= C``: none, refused).
         """
         floor = self.survivor_floor(cohort)
         if min_survivors < floor:
@@ -329,12 +341,20 @@ class SitePolicy:
                 f"distributed DP calibrated for {min_survivors} of {cohort} survivors; "
                 f"the site's noise share assumes at least {floor}",
             )
-        z = share_std * math.sqrt(min_survivors) / bound
-        if self.ddp_min_noise_multiplier is not None and z < self.ddp_min_noise_multiplier:
+        honest = min_survivors - max(0, int(colluders))
+        z = share_std * math.sqrt(max(0, honest)) / bound
+        if self.ddp_min_noise_multiplier is not None and (
+            honest < 1 or z < self.ddp_min_noise_multiplier
+        ):
             raise PolicyViolation(
                 "ddp_min_noise_multiplier",
-                f"the round's noise multiplier is {z:.4g}, below the site's "
-                f"{self.ddp_min_noise_multiplier:g}",
+                f"the round's noise multiplier is {z:.4g}"
+                + (
+                    f" from the {honest} noise shares beyond C={colluders} colluders"
+                    if colluders
+                    else ""
+                )
+                + f", below the site's {self.ddp_min_noise_multiplier:g}",
             )
 
     def check_request(

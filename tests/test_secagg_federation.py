@@ -288,3 +288,19 @@ def test_a_run_id_other_than_flowers_is_refused(where: int) -> None:
                    for r in refusals.values()), refusals  # fmt: skip
     finally:
         grid.close()
+
+
+# B2 for distributed DP: under the malicious model the server knows the noise shares of
+# the C colluders among the survivors, so the client's floor counts n_min - C shares.
+def test_the_distributed_dp_floor_counts_only_shares_beyond_the_colluders() -> None:
+    from fl_app.site_policy import PolicyViolation, SitePolicy
+
+    # share_std 0.5, bound 1, n_min 5: z = 0.5*sqrt(5) = 1.118 with no colluders,
+    # 0.5*sqrt(5 - 1) = 1.0 with C = 1 (by hand).
+    kw = {"cohort": 6, "min_survivors": 5, "share_std": 0.5, "bound": 1.0}
+    SitePolicy(ddp_min_noise_multiplier=1.1).check_ddp(**kw)
+    with pytest.raises(PolicyViolation, match=r"is 1 from the 4 noise shares beyond C=1"):
+        SitePolicy(ddp_min_noise_multiplier=1.1).check_ddp(**kw, colluders=1)
+    SitePolicy(ddp_min_noise_multiplier=1.0).check_ddp(**kw, colluders=1)
+    with pytest.raises(PolicyViolation, match="is 0 from the 0 noise shares beyond C=5"):
+        SitePolicy(ddp_min_noise_multiplier=0.01).check_ddp(**kw, colluders=5)
