@@ -426,3 +426,73 @@ def test_the_ledger_normalises_its_fields() -> None:
     with pytest.raises(TypeError) as info:
         FederationLedger(DELTA, AccountantName.rdp, (_poisson(1), "round 2"))  # type: ignore[arg-type]
     assert str(info.value) == "events[1]: expected a RoundEvent, found str"
+
+
+# ---- RoundEvent's checks, field by field ---------------------------------------------------------
+
+_GOOD = dict(
+    round=1, sampling="poisson", population=10, sample_rate=0.3, cohort=3.0,
+    noise_multiplier=2.0, clip=1.0, update_noise_multiplier=2.0,
+)  # fmt: skip
+_DDG = dict(mechanism="ddg", ddg_tau=0.0, ddg_dimension=8)
+
+_BAD_EVENTS: list[tuple[dict[str, object], str]] = [
+    ({"round": True}, "round must be an integer >= 1, found True"),
+    ({"round": 0}, "round must be an integer >= 1, found 0"),
+    ({"round": 1.0}, "round must be an integer >= 1, found 1.0"),
+    ({"population": True}, "population must be an integer >= 1, found True"),
+    ({"population": 0}, "population must be an integer >= 1, found 0"),
+    ({"population": 10.0}, "population must be an integer >= 1, found 10.0"),
+    ({"sample_rate": "0.3"}, "sample_rate must be a number, found '0.3'"),
+    ({"sample_rate": 0}, "sample_rate must be finite, > 0 and <= 1; found 0"),
+    ({"sample_rate": 1.5}, "sample_rate must be finite, > 0 and <= 1; found 1.5"),
+    ({"cohort": 0.0}, "cohort must be finite, > 0; found 0.0"),
+    ({"clip": -1.0}, "clip must be finite, > 0; found -1.0"),
+    ({"clipped_count_std": 0.0}, "clipped_count_std must be finite, > 0; found 0.0"),
+    (
+        {"sampling": "fixed", "cohort": 2.5},
+        "fixed-size cohort must be an integer <= population 10, found 2.5",
+    ),
+    (
+        {"sampling": "fixed", "cohort": 11.0},
+        "fixed-size cohort must be an integer <= population 10, found 11.0",
+    ),
+    ({"branch_delta": True}, "branch_delta must be a finite number, found True"),
+    ({"branch_delta": math.nan}, "branch_delta must be a finite number, found nan"),
+    ({"branch_delta": 1.5}, "branch_delta must lie in [0, 1], found 1.5"),
+    ({"branch_delta": -0.1}, "branch_delta must lie in [0, 1], found -0.1"),
+    ({"encoding_slack": -1.0}, "encoding_slack must be >= 0, found -1.0"),
+    ({"mechanism": "ddg", "ddg_tau": 0.0}, "ddg_tau and ddg_dimension are set exactly for "
+     "mechanism='ddg'"),
+    ({"ddg_tau": 0.0, "ddg_dimension": 8}, "ddg_tau and ddg_dimension are set exactly for "
+     "mechanism='ddg'"),
+    ({**_DDG, "ddg_tau": -1.0}, "ddg_tau must be a finite number >= 0, found -1.0"),
+    ({**_DDG, "ddg_tau": math.inf}, "ddg_tau must be a finite number >= 0, found inf"),
+    ({**_DDG, "ddg_tau": True}, "ddg_tau must be a finite number >= 0, found True"),
+    ({**_DDG, "ddg_dimension": 0}, "ddg_dimension must be an int >= 1, found 0"),
+    ({**_DDG, "ddg_dimension": True}, "ddg_dimension must be an int >= 1, found True"),
+    ({**_DDG, "ddg_dimension": 8.0}, "ddg_dimension must be an int >= 1, found 8.0"),
+    (
+        {**_DDG, "sampling": "fixed"},
+        "distributed DP is accounted for Poisson sampling or full participation only",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(len(_BAD_EVENTS)))
+def test_a_bad_round_event_is_refused_naming_the_field(index: int) -> None:
+    change, message = _BAD_EVENTS[index]
+    with pytest.raises(ValueError) as info:
+        RoundEvent(**{**_GOOD, **change})  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_round_events_at_the_edges_are_accepted_and_normalised() -> None:
+    one = RoundEvent(**{**_GOOD, "population": 1, "cohort": 1, "sample_rate": 1})  # type: ignore[arg-type]
+    assert type(one.cohort) is float and type(one.sample_rate) is float
+    edge = RoundEvent(**{**_GOOD, **_DDG, "ddg_tau": 0, "ddg_dimension": 1, "branch_delta": 1})  # type: ignore[arg-type]
+    assert type(edge.ddg_tau) is float and edge.branch_delta == 1.0
+    adaptive = RoundEvent(**{**_GOOD, "clipped_count_std": 2})  # type: ignore[arg-type]
+    assert adaptive.clipped_count_std == 2.0 and type(adaptive.clipped_count_std) is float
+    with pytest.raises(ValueError, match="participation_carried"):
+        FederationLedger(DELTA, AccountantName.rdp, participation_carried=True)  # type: ignore[arg-type]
