@@ -550,3 +550,25 @@ def test_ghost_clipping_takes_the_step_hooks_takes() -> None:
     before = torch.cat([p.detach().flatten() for p in _mlp().parameters()])
     assert not torch.allclose(out["hooks"], before)
     assert torch.allclose(out["hooks"], out["ghost"], rtol=0, atol=1e-6)
+
+
+def test_each_parameter_gets_its_own_slice_of_noise() -> None:
+    """Three tensors (2, 3 and 1 coordinates): normals 1..6 in order, never reused."""
+    params = [
+        nn.Parameter(torch.zeros(2)),
+        nn.Parameter(torch.zeros(3)),
+        nn.Parameter(torch.zeros(1)),
+    ]
+    opt = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1,
+    )
+    for p in params:
+        p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
+    dpsgd._use_keystream_noise(opt, _Normals())  # type: ignore[arg-type]
+    opt.add_noise()
+    grads = [p.grad for p in params]
+    assert all(g is not None for g in grads)
+    assert [g.tolist() for g in grads if g is not None] == [[1.0, 2.0], [3.0, 4.0, 5.0], [6.0]]
