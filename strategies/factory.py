@@ -122,7 +122,7 @@ def build_driver(
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
     )
-    secagg_settings = SecAggSettings.from_config(cfg.secagg)
+    secagg_settings = SecAggSettings.from_config(cfg.secagg, cfg.dataset.num_partitions)
     return RoundDriver(
         build_strategy(s),
         train_sampler=train_sampler,

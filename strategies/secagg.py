@@ -108,12 +108,14 @@ from fl_app.protocol import (
 )
 from fl_app.secagg import crypto, shamir, signing
 from fl_app.secagg.graph import (
+    MIN_CORRUPT_CLIENTS,
     GraphMode,
     SecAggConfigError,
     SecAggParams,
     ServerModel,
     consistency_quorum,
     derive_params,
+    federation_min_corrupt,
 )
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
@@ -181,6 +183,11 @@ class SecAggSettings:
     key_rounds: int = 16
     # What the thresholds (and, when malicious, the protocol) assume of the server.
     server_model: ServerModel = ServerModel.honest_but_curious
+    # Sites in the federation (dataset.num_partitions; 0 = unknown, the cohort then).
+    # Under ``malicious`` the colluder bound C is a fraction of it, not of the cohort,
+    # because the clients count it so (fl_app.secagg_stages._check_malicious_round) and
+    # refuse thresholds derived for fewer colluders.
+    federation_size: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.key_rounds <= SECAGG_MAX_KEY_ROUNDS:
@@ -196,6 +203,10 @@ class SecAggSettings:
             raise ValueError(f"secagg.clip must be > 0, found {self.clip}")
         if not self.max_weight > 0:
             raise ValueError(f"secagg.max_weight must be > 0, found {self.max_weight}")
+        if self.federation_size < 0:
+            raise ValueError(
+                f"federation size must be >= 0 (0: the cohort), found {self.federation_size}"
+            )
         if self.server_model is ServerModel.malicious and self.mode is not GraphMode.secagg:
             # The sparse graph is the server's choice and no client can verify it; the
             # clients refuse it under this model (fl_app.secagg_stages), so say so here.
@@ -207,8 +218,8 @@ class SecAggSettings:
             )
 
     @classmethod
-    def from_config(cls, cfg: SecAggConfig) -> SecAggSettings | None:
-        """``None`` for ``secagg.mode=off``."""
+    def from_config(cls, cfg: SecAggConfig, federation_size: int = 0) -> SecAggSettings | None:
+        """``None`` for ``secagg.mode=off``; ``federation_size``: dataset.num_partitions."""
         if cfg.mode is SecAggMode.off:
             return None
         return cls(
@@ -221,7 +232,21 @@ class SecAggSettings:
             max_weight=float(cfg.max_weight),
             key_rounds=int(cfg.key_rounds),
             server_model=ServerModel(cfg.server_model.value),
+            federation_size=int(federation_size),
         )
+
+    def min_corrupt(self) -> int:
+        """Colluders the thresholds assume at least, whatever the cohort.
+
+        Under ``malicious``: ``max(floor(corrupt_fraction * N), 1)`` over the federation's
+        ``N`` sites, the bound every client checks at share-keys (a server that picks the
+        cohort could pack it with the colluders it has; the fraction of a small cohort
+        would assume fewer). Under ``honest_but_curious`` the server follows the protocol
+        and samples fairly, so the cohort's fraction stands (:data:`MIN_CORRUPT_CLIENTS`).
+        """
+        if self.server_model is not ServerModel.malicious:
+            return MIN_CORRUPT_CLIENTS
+        return federation_min_corrupt(self.corrupt_fraction, self.federation_size)
 
 
 @dataclass
@@ -474,10 +499,20 @@ def _payload_unmask(content: RecordDict) -> UnmaskReply:
 
 @functools.lru_cache(maxsize=64)
 def _params(
-    n: int, mode: GraphMode, drop: float, corrupt: float, model: ServerModel
+    n: int,
+    mode: GraphMode,
+    drop: float,
+    corrupt: float,
+    model: ServerModel,
+    min_corrupt: int = MIN_CORRUPT_CLIENTS,
 ) -> SecAggParams:
     return derive_params(
-        n, mode=mode, dropout_tolerance=drop, corrupt_fraction=corrupt, server_model=model
+        n,
+        mode=mode,
+        dropout_tolerance=drop,
+        corrupt_fraction=corrupt,
+        server_model=model,
+        min_corrupt=min_corrupt,
     )
 
 
@@ -652,7 +687,12 @@ class SecureAggregation:
             return None
         try:
             params = _params(
-                len(nodes), s.mode, s.dropout_tolerance, s.corrupt_fraction, s.server_model
+                len(nodes),
+                s.mode,
+                s.dropout_tolerance,
+                s.corrupt_fraction,
+                s.server_model,
+                s.min_corrupt(),
             )
         except SecAggConfigError:
             return None
@@ -819,7 +859,12 @@ class SecureAggregation:
             return outcome
         try:
             params = _params(
-                len(cohort), s.mode, s.dropout_tolerance, s.corrupt_fraction, s.server_model
+                len(cohort),
+                s.mode,
+                s.dropout_tolerance,
+                s.corrupt_fraction,
+                s.server_model,
+                s.min_corrupt(),
             )
         except SecAggConfigError as err:
             outcome.note = f"no secure-aggregation parameters for {len(cohort)} clients: {err}"

@@ -9,6 +9,7 @@ client starts, with the field's dotted name, the value found and the fix.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -606,7 +607,12 @@ def _check_secagg(cfg: AppConfig) -> None:
         "secagg.server_model=malicious, or secagg.server_model=honest_but_curious",
     )
     from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
-    from fl_app.secagg.graph import SecAggConfigError, derive_params
+    from fl_app.secagg.graph import (
+        MIN_CORRUPT_CLIENTS,
+        SecAggConfigError,
+        derive_params,
+        federation_min_corrupt,
+    )
     from strategies.sampling import FixedSizeSampler
 
     n = cfg.dataset.num_partitions
@@ -629,6 +635,13 @@ def _check_secagg(cfg: AppConfig) -> None:
         cohorts = {FixedSizeSampler(cfg.strategy.fraction_train, 0).cohort_size(n)}
     else:
         cohorts = {n, max(3, round(cfg.strategy.fraction_train * n))}
+    # Under the malicious model the colluder bound is a fraction of the federation (the
+    # clients count it so at share-keys and refuse a cohort too small for it); the server
+    # derives its thresholds with the same C (strategies.secagg.SecAggSettings).
+    malicious = s.server_model.value == "malicious"
+    min_corrupt = (
+        federation_min_corrupt(s.corrupt_fraction, n) if malicious else MIN_CORRUPT_CLIENTS
+    )
     for m in sorted(cohorts):
         _check(
             m >= 3,
@@ -636,16 +649,36 @@ def _check_secagg(cfg: AppConfig) -> None:
             cfg.strategy.fraction_train,
             f"secure aggregation needs cohorts of >= 3 clients; this samples {m} of {n}",
         )
+        derive = functools.partial(
+            derive_params,
+            m,
+            mode=s.mode.value,
+            dropout_tolerance=s.dropout_tolerance,
+            corrupt_fraction=s.corrupt_fraction,
+            server_model=s.server_model.value,
+        )
         try:
-            derive_params(
-                m,
-                mode=s.mode.value,
-                dropout_tolerance=s.dropout_tolerance,
-                corrupt_fraction=s.corrupt_fraction,
-                server_model=s.server_model.value,
-            )
+            derive()
         except SecAggConfigError as err:
             raise ConfigError("secagg.dropout_tolerance", s.dropout_tolerance, str(err)) from err
+        if not malicious:
+            continue
+        try:
+            derive(min_corrupt=min_corrupt)
+        except SecAggConfigError as err:
+            d = math.floor(s.dropout_tolerance * m + 1e-12)
+            raise ConfigError(
+                "secagg.server_model",
+                s.server_model.value,
+                f"under the malicious server model the colluder bound is over the federation: "
+                f"C = max(floor(secagg.corrupt_fraction={s.corrupt_fraction:g} * {n} sites), "
+                f"{MIN_CORRUPT_CLIENTS}) = {min_corrupt}, and a cohort of {m} "
+                f"(strategy.fraction_train={cfg.strategy.fraction_train:g}) with D={d} "
+                f"dropouts has no threshold t with t > C, 2t > n + C and t <= n - D "
+                f"({err}); the clients would refuse every round. Use a larger cohort "
+                "(raise strategy.fraction_train), a smaller secagg.corrupt_fraction or "
+                "secagg.dropout_tolerance, or secagg.server_model=honest_but_curious",
+            ) from err
 
 
 def _check_runtime(cfg: AppConfig) -> None:

@@ -109,6 +109,7 @@ __all__ = [
     "consistency_quorum",
     "custom_params",
     "derive_params",
+    "federation_min_corrupt",
 ]
 
 DEFAULT_SECURITY_BITS = 40
@@ -255,6 +256,20 @@ class SecAggParams:
                 f"D={params.max_dropouts}, C={params.max_corrupt})"
             )
         return params
+
+
+def federation_min_corrupt(corrupt_fraction: float, federation_size: int) -> int:
+    """Colluders assumed over a federation of ``federation_size`` sites under the
+    malicious server model: ``max(floor(corrupt_fraction * N), MIN_CORRUPT_CLIENTS)``.
+
+    A site's own check at share-keys counts the same bound (fraction of the roster, not
+    of the cohort the server picked); passed as ``min_corrupt`` to :func:`derive_params`
+    it makes the server's thresholds satisfy it. ``federation_size=0``: unknown, the
+    cohort's fraction then (only ``MIN_CORRUPT_CLIENTS`` here).
+    """
+    corrupt = _check_fraction("corrupt_fraction", corrupt_fraction)
+    size = _check_int("federation_size", federation_size, 0)
+    return max(math.floor(corrupt * size + _EPS), MIN_CORRUPT_CLIENTS)
 
 
 def _check_fraction(name: str, value: object) -> float:
