@@ -354,7 +354,8 @@ def _complete(
         )
     explanation = (
         f"{reason}complete graph over n={n} clients (degree {n - 1}); D=floor({drop}*{n})={d} "
-        f"may drop, C=floor({corrupt}*{n})={c} may collude with the server. "
+        f"may drop, C={c} (floor({corrupt}*{n}) or the assumed minimum) may collude with "
+        "the server. "
         f"t={t_max}=n-D so any {t_max} survivors reconstruct (correctness, deterministic); "
         f"{why} (security, deterministic). "
         f"Rounds with fewer than {n - d} survivors are abandoned."
@@ -489,7 +490,8 @@ def derive_params(
         )
         explanation = (
             f"Harary graph H(k={k}, n={n}) on a random permutation (Bell et al. 2020); "
-            f"D=floor({drop}*{n})={d} dropouts, C=floor({corrupt}*{n})={c} corrupt. "
+            f"D=floor({drop}*{n})={d} dropouts, C={c} (floor({corrupt}*{n}) or the assumed "
+            "minimum) corrupt. "
             f"k is the smallest even degree with: P[honest survivors disconnected] "
             f"<= 2^{log2_disconnect:.1f}; t={t_cor} is the largest threshold with "
             f"P[some node keeps < t surviving holders] <= 2^{log2_cor:.1f} "
