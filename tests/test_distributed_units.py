@@ -490,3 +490,14 @@ def test_the_sampler_fills_in_several_batches() -> None:
     assert abs(float(np.mean(draws.astype(float) ** 2)) - var) < 6 * math.sqrt(
         (fourth - var**2) / 20_000
     )
+
+
+def test_decode_of_a_wide_ring_wraps_in_exact_integers() -> None:
+    # bits = 60: 2^60 − 1 is −1. Converting to float64 before wrapping would round it to
+    # 2^60 and read 0.
+    rnd = _round(bits=60)
+    total = np.array([2**60 - 1, 0, 0, 0, 0, 0, 0, 0], dtype=np.uint64)
+    signed = np.array([-1.0, 0, 0, 0, 0, 0, 0, 0])
+    signs = Rotation(b"s", 5).signs
+    expected = (signs * (hadamard(8) @ (signed * 0.01)) / math.sqrt(8))[:5]
+    np.testing.assert_allclose(rnd.decode(total, b"s"), expected, rtol=1e-12)
