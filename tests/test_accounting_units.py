@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def test_rdp_calibration_stops_within_one_percent_of_a_small_target() -> None:
     assert 0.99 * target <= rdp.get_epsilon(DELTA) <= target
 
 
-def _fixed_start(value: float):  # type: ignore[no-untyped-def]
+def _fixed_start(value: float) -> Callable[..., float]:
     def start(*_args: object) -> float:
         return value
 
@@ -273,7 +274,7 @@ class _PlainEnum(enum.Enum):
 
 def test_accountant_may_be_any_enum_whose_value_names_one() -> None:
     history = PrivacyHistory((DpSgdEvent(1.5, 0.01, 20),))
-    assert epsilon(history, DELTA, _PlainEnum.rdp) == epsilon(history, DELTA, "rdp")
+    assert epsilon(history, DELTA, _PlainEnum.rdp) == epsilon(history, DELTA, "rdp")  # type: ignore[arg-type]
 
 
 def test_unknown_accountant_lists_the_choices() -> None:

@@ -68,7 +68,13 @@ def test_fwht_is_the_orthonormal_hadamard_matrix(n: int) -> None:
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_fwht_refuses_what_it_cannot_transform(index: int) -> None:
-    bad = [np.zeros(3), np.zeros((2, 2)), np.zeros(4, dtype=np.float32), np.zeros(0)][index]
+    candidates: list[np.ndarray] = [
+        np.zeros(3),
+        np.zeros((2, 2)),
+        np.zeros(4, dtype=np.float32),
+        np.zeros(0),
+    ]
+    bad = candidates[index]
     with pytest.raises(ValueError, match="power of two"):
         fwht(bad)
 

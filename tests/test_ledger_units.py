@@ -22,6 +22,7 @@ from fl_app.privacy.ledger import (
     FederationLedger,
     LedgerError,
     RoundEvent,
+    SamplingScheme,
     local_epsilon,
     unsampled_epsilon,
 )
@@ -38,11 +39,11 @@ def _gaussian_rdp_epsilon(z: float, rounds: int, delta: float = DELTA) -> float:
 
 def _fixed(round_: int = 1, z: float = 4.0) -> RoundEvent:
     # 3 of 10 clients without replacement: replace-one, sensitivity 2C.
-    return RoundEvent(round_, "fixed", 10, 0.3, 3.0, z, 1.0, z)
+    return RoundEvent(round_, SamplingScheme.fixed, 10, 0.3, 3.0, z, 1.0, z)
 
 
 def _poisson(round_: int = 1, z: float = 2.0) -> RoundEvent:
-    return RoundEvent(round_, "poisson", 10, 0.3, 3.0, z, 1.0, z)
+    return RoundEvent(round_, SamplingScheme.poisson, 10, 0.3, 3.0, z, 1.0, z)
 
 
 # ---- ε against the server ---------------------------------------------------------------
@@ -109,7 +110,7 @@ def test_dp_events_are_the_documented_dp_accounting_events() -> None:
     assert _poisson(z=2.0).dp_event() == dp_accounting.PoissonSampledDpEvent(
         0.3, dp_accounting.GaussianDpEvent(2.0)
     )
-    everyone = RoundEvent(1, "fixed", 10, 1.0, 10.0, 2.5, 1.0, 2.5)
+    everyone = RoundEvent(1, SamplingScheme.fixed, 10, 1.0, 10.0, 2.5, 1.0, 2.5)
     assert everyone.dp_event() == dp_accounting.PoissonSampledDpEvent(
         1.0, dp_accounting.GaussianDpEvent(2.5)
     )
@@ -120,7 +121,17 @@ def test_dp_events_are_the_documented_dp_accounting_events() -> None:
 
 def test_a_distributed_round_has_no_dp_accounting_event() -> None:
     ddg = RoundEvent(
-        1, "poisson", 10, 0.3, 3.0, 2.0, 1.0, 2.0, mechanism="ddg", ddg_tau=0.0, ddg_dimension=8
+        1,
+        SamplingScheme.poisson,
+        10,
+        0.3,
+        3.0,
+        2.0,
+        1.0,
+        2.0,
+        mechanism="ddg",
+        ddg_tau=0.0,
+        ddg_dimension=8,
     )
     with pytest.raises(AccountingError) as info:
         ddg.dp_event()
@@ -260,7 +271,7 @@ def test_malformed_ledgers_are_refused_with_the_reason() -> None:
 
 def test_full_participation_is_never_amplified_by_the_informational_rate() -> None:
     # Fixed-size sampling of all 10 clients: q = 1 whatever sample_rate says.
-    everyone = RoundEvent(1, "fixed", 10, 0.5, 10.0, 2.5, 1.0, 2.5)
+    everyone = RoundEvent(1, SamplingScheme.fixed, 10, 0.5, 10.0, 2.5, 1.0, 2.5)
     assert everyone.dp_event() == dp_accounting.PoissonSampledDpEvent(
         1.0, dp_accounting.GaussianDpEvent(2.5)
     )
@@ -304,7 +315,7 @@ def test_rounds_with_different_noise_are_composed_each_with_its_own() -> None:
 def _ddg(round_: int = 1) -> RoundEvent:
     return RoundEvent(
         round_,
-        "poisson",
+        SamplingScheme.poisson,
         10,
         0.3,
         3.0,
@@ -496,4 +507,4 @@ def test_round_events_at_the_edges_are_accepted_and_normalised() -> None:
     adaptive = RoundEvent(**{**_GOOD, "clipped_count_std": 2})  # type: ignore[arg-type]
     assert adaptive.clipped_count_std == 2.0 and type(adaptive.clipped_count_std) is float
     with pytest.raises(ValueError, match="participation_carried"):
-        FederationLedger(DELTA, AccountantName.rdp, participation_carried=True)  # type: ignore[arg-type]
+        FederationLedger(DELTA, AccountantName.rdp, participation_carried=True)
