@@ -125,6 +125,11 @@ def run(quick: bool) -> Section:
             "legacy": None,
             "floor": bench.floor_seconds(n, p),
         }
+    # The malicious server model (signed keys, consistency check, complete graph: clients
+    # refuse SecAgg+'s server-chosen graph) beside it; 3 rounds, so one steady round.
+    mal_rounds = min(rounds, 3)
+    for n, p in cells:
+        measured[(n, p)]["malicious"] = bench.one_config_rounds(n, p, True, mal_rounds, "malicious")
     # Then legacy SecAgg+, cheapest first, as long as the section's time lasts.
     skipped: list[str] = []
     single: list[str] = []
@@ -155,6 +160,8 @@ def run(quick: bool) -> Section:
             fmt_spread(our_ratio, 2, "x"),
             f"{_med(our_par):.2f}x",
             f"{ours['round'][0]:.3f} ({first_par:.2f}x)",
+            fmt_spread(steady(m["malicious"]["round"]), 3),
+            f"{_med(steady(m['malicious']['round'])) / _med(steady(ours['round'])):.2f}x",
             f"{m['floor']['floor']:.3f}",
             fmt_spread(legacy_plain["round"], 3),
         ]
@@ -179,6 +186,7 @@ def run(quick: bool) -> Section:
                 "params": p,
                 "plain": plain,
                 "fl_app_secagg": ours,
+                "fl_app_secagg_malicious": m["malicious"],
                 "legacy_plain": {k: v for k, v in legacy_plain.items() if k != "model"},
                 "legacy_secaggplus": None
                 if legacy is None
@@ -195,7 +203,11 @@ def run(quick: bool) -> Section:
         "stage 2 rode on the previous round's unmask exchange, so a steady secure round is "
         "two message exchanges (masked input; unmask + next round's share keys) against "
         "plain FedAvg's one. 'round 1' is the first round (all four stages, plus the key "
-        "batch), with its parallel-clients ratio. Legacy columns: median over its rounds.",
+        "batch), with its parallel-clients ratio. Legacy columns: median over its rounds. "
+        "fl-app SecAgg is secagg.server_model=honest_but_curious (the default, SecAgg+ "
+        f"graph); the malicious columns ran {mal_rounds} rounds (steady = rounds "
+        "2..R-1) with secagg.server_model=malicious: Ed25519-signed keys, the "
+        "consistency-check exchange and the complete graph (k = N-1).",
         "Floor: N mask expansions + N vector sums on one core (AES-128-CTR into one uint32 "
         "accumulator, then N uint32 additions), the least any masked sum of N inputs costs "
         "the server (it regenerates every survivor's self-mask).",
@@ -243,6 +255,8 @@ def run(quick: bool) -> Section:
             "fl-app ratio",
             "fl-app ratio, clients in parallel",
             "fl-app round 1 s (parallel ratio)",
+            "fl-app SecAgg malicious s",
+            "malicious / honest-but-curious",
             "floor s",
             "legacy plain s",
             "legacy SecAgg+ s",
