@@ -202,6 +202,26 @@ def _enforce_epsilon(
         )
 
 
+def _site_accountant(
+    policy: SitePolicy | None,
+    context: Context,
+    state_dir: str,
+    run_key: str,
+    kind: str,
+    delta: float,
+) -> Callable[[float, bool], None]:
+    """The ``account_site(epsilon, spent_before)`` callback the privacy units call
+    (:func:`fl_app.privacy.local.begin_release`, :func:`fl_app.privacy.dpsgd_plan.plan_round`)
+    for one kind of release of this site in this run."""
+
+    def account_site(epsilon: float, spent_before: bool) -> None:
+        _account_site_release(
+            policy, context, state_dir, run_key, kind, epsilon, delta, spent_before=spent_before
+        )
+
+    return account_site
+
+
 def _account_site_release(
     policy: SitePolicy | None,
     context: Context,
@@ -736,17 +756,9 @@ def _client_dp_stages(
         raise ClientRefusal(str(err)) from err
     site = site_identity(context.node_config)
 
-    def account_site(epsilon: float, spent_before: bool) -> None:
-        _account_site_release(
-            policy,
-            context,
-            str(state_dir),
-            spec.run_key,
-            "local DP",
-            epsilon,
-            dp.delta,
-            spent_before=spent_before,
-        )
+    account_site = _site_accountant(
+        policy, context, str(state_dir), spec.run_key, "local DP", dp.delta
+    )
 
     try:
         release = begin_release(
@@ -817,17 +829,9 @@ def _prepare_dpsgd(
         )
     site = site_identity(context.node_config)
 
-    def account_site(epsilon: float, spent_before: bool) -> None:
-        _account_site_release(
-            policy,
-            context,
-            str(state_dir),
-            spec.run_key,
-            "record-level",
-            epsilon,
-            dp.delta,
-            spent_before=spent_before,
-        )
+    account_site = _site_accountant(
+        policy, context, str(state_dir), spec.run_key, "record-level", dp.delta
+    )
 
     try:
         plan = plan_round(
