@@ -120,19 +120,7 @@ def test_dp_events_are_the_documented_dp_accounting_events() -> None:
 
 
 def test_a_distributed_round_has_no_dp_accounting_event() -> None:
-    ddg = RoundEvent(
-        1,
-        SamplingScheme.poisson,
-        10,
-        0.3,
-        3.0,
-        2.0,
-        1.0,
-        2.0,
-        mechanism="ddg",
-        ddg_tau=0.0,
-        ddg_dimension=8,
-    )
+    ddg = _ddg()
     with pytest.raises(AccountingError) as info:
         ddg.dp_event()
     assert str(info.value) == (
