@@ -2,8 +2,9 @@
 
 Reuses ``scripts/bench_rounds.py``: each setting is the default experiment (embedded
 digits, default MLP, FedAvg, all N clients every round, 3 local epochs of batch 16,
-no federated evaluation) run through :func:`fl_app.simulation.run_simulation_experiment`
-in a fresh subprocess in its own session, so its peak RSS and Ray state are its own;
+no federated evaluation) run through
+:func:`fl_app.runtime.simulation.run_simulation_experiment` in a fresh subprocess in
+its own session, so its peak RSS and Ray state are its own;
 per-round seconds come from the run's ``metrics.jsonl``. In-process backend at every
 N; Ray at the N that fit the time left. Goal: 1,000 sampled clients a round in
 ≤ 10 s after start-up, memory flat in N.

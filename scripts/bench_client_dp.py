@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from fl_app.config.compose import compose_config
-from fl_app.simulation import run_simulation_experiment
+from fl_app.runtime.simulation import run_simulation_experiment
 
 
 def run(overrides: list[str]) -> dict[str, float | None]:

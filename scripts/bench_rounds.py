@@ -4,7 +4,7 @@
 A benchmark, not a test. Every setting is the default experiment (embedded ``digits``,
 default MLP, FedAvg, 3 local SGD epochs of batch 16, all clients every round) composed
 with ``compose_config("config", [...])`` and run through
-:func:`fl_app.simulation.run_simulation_experiment` into a temporary run directory.
+:func:`fl_app.runtime.simulation.run_simulation_experiment` into a temporary run directory.
 Per-round ``round_seconds`` come from that directory's ``metrics.jsonl``; the accuracy
 from its ``summary.json``.
 
@@ -82,7 +82,7 @@ def run_one(backend: str, num_clients: int, rounds: int) -> dict[str, Any]:
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     t_import = time.perf_counter()
     from fl_app.config.compose import compose_config
-    from fl_app.simulation import run_simulation_experiment
+    from fl_app.runtime.simulation import run_simulation_experiment
 
     import_s = time.perf_counter() - t_import
     cfg = compose_config("config", overrides_for(backend, num_clients, rounds))

@@ -8,7 +8,7 @@ with its reason).
 """
 
 # Flower calls the function a ServerApp registers with @server.main()
-# (fl_app/server_app.py: make_server_app).
+# (fl_app/server/app.py: make_server_app).
 _main
 
 # Opacus' DPOptimizer.step() calls add_noise(); _KeystreamNoise overrides it so the
@@ -18,7 +18,7 @@ _.add_noise
 # subclass in place (fl_app/privacy/dpsgd.py: _use_keystream_noise).
 _.__class__
 
-# The context-manager protocol fixes __exit__'s signature (fl_app/inprocess.py).
+# The context-manager protocol fixes __exit__'s signature (fl_app/runtime/inprocess.py).
 exc_type
 tb
 
@@ -32,7 +32,7 @@ _one_torch_thread
 # (benchmarks/legacy_secaggplus.py).
 _.fit
 
-# Read reflectively: fl_app.checkpoint.strategy_state walks a strategy's attributes
+# Read reflectively: fl_app.server.checkpoint.strategy_state walks a strategy's attributes
 # (tests/test_checkpoint_units.py feeds it these), and fl_app.release.report writes each
 # column of its row by name (the `rounds_planned` column).
 _.mixed

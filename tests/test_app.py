@@ -15,8 +15,8 @@ from fl_app.client_app import app as client_app
 from fl_app.config.compose import compose_config, config_hash
 from fl_app.pipeline import STAGE_ORDER, PipelineStages, run_train_pipeline
 from fl_app.protocol import CLIENT_REFUSED, SPEC_KEY
-from fl_app.server_app import initial_arrays, run_experiment
-from fl_app.simulation import run_simulation_experiment
+from fl_app.runtime.simulation import run_simulation_experiment
+from fl_app.server.app import initial_arrays, run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors, to_array_record
 
@@ -211,7 +211,7 @@ def _copy_for_client(grid: InProcessGrid, config: dict) -> Message:
 def test_summary_privacy_note_says_what_the_server_saw(
     overrides: list[str], server_saw: str
 ) -> None:
-    from fl_app.server_app import _privacy_note
+    from fl_app.server.app import _privacy_note
 
     note = _privacy_note(_inprocess(*overrides))
     assert server_saw in note

@@ -11,7 +11,7 @@ import pytest
 from fl_app.audit import verify
 from fl_app.cli import main as cli_main
 from fl_app.config.compose import compose_config
-from fl_app.simulation import run_simulation_experiment
+from fl_app.runtime.simulation import run_simulation_experiment
 
 
 def test_a_run_leaves_a_verifiable_audit_log(

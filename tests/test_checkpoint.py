@@ -1,4 +1,4 @@
-"""Server checkpoints, resume after SIGKILL, rollback (fl_app.checkpoint).
+"""Server checkpoints, resume after SIGKILL, rollback (fl_app.server.checkpoint).
 
 Guarantees checked:
 
@@ -36,7 +36,11 @@ from typing import Any
 import pytest
 
 from fl_app.audit import verify
-from fl_app.checkpoint import (
+from fl_app.config.compose import compose_config
+from fl_app.config.validate import ConfigError
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.runtime.simulation import run_simulation_experiment
+from fl_app.server.checkpoint import (
     CheckpointError,
     check_resume,
     list_checkpoints,
@@ -44,10 +48,6 @@ from fl_app.checkpoint import (
     plan_resume,
     prune_checkpoints,
 )
-from fl_app.config.compose import compose_config
-from fl_app.config.validate import ConfigError
-from fl_app.privacy.ledger import FederationLedger
-from fl_app.simulation import run_simulation_experiment
 from fl_app.weights import load_safetensors, weights_digest
 
 OVERRIDES = [
@@ -79,7 +79,7 @@ def exchange(self, grid, messages, rnd, timeout):
 
 driver.RoundDriver._exchange = exchange
 from fl_app.config.compose import compose_config
-from fl_app.simulation import run_simulation_experiment
+from fl_app.runtime.simulation import run_simulation_experiment
 run_simulation_experiment(compose_config("config", overrides), run_dir)
 """
 

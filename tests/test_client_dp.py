@@ -35,8 +35,8 @@ from fl_app.privacy.ledger import (
 )
 from fl_app.privacy.noise import SecureNoise, SeededNoise
 from fl_app.protocol import METRICS_KEY, UNCLIPPED_KEY, UPDATE_KEY
-from fl_app.server_app import run_experiment
-from fl_app.simulation import run_simulation_experiment
+from fl_app.runtime.simulation import run_simulation_experiment
+from fl_app.server.app import run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors
 from strategies.aggregators import MeanAggregator

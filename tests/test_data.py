@@ -713,7 +713,7 @@ def test_simulation_rehearses_a_consortium_one_client_per_site_file(tmp_path, mo
     """In-process simulation with dataset.site_files: client k loads exactly site k's file."""
     import fl_app.data as data_pkg
     from fl_app.config.compose import compose_config
-    from fl_app.simulation import run_simulation_experiment
+    from fl_app.runtime.simulation import run_simulation_experiment
 
     paths = _site_files(tmp_path, sizes=(60, 80, 100))
     seen: dict[int, int] = {}

@@ -194,7 +194,7 @@ def test_inversion_of_unprotected_single_record_beats_dpsgd(
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fl_app.config.compose import compose_config
-    from fl_app.simulation import run_simulation_experiment
+    from fl_app.runtime.simulation import run_simulation_experiment
 
     run_dir = tmp_path_factory.mktemp("audit_run") / "run"
     cfg = compose_config(

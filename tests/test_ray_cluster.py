@@ -134,7 +134,7 @@ _SIMULATE = textwrap.dedent(
     import json, os, sys, tempfile
     from pathlib import Path
     from fl_app.config.compose import compose_config
-    from fl_app.simulation import run_simulation_experiment
+    from fl_app.runtime.simulation import run_simulation_experiment
 
     cfg = compose_config("config", sys.argv[2:])
     summary = run_simulation_experiment(cfg, Path(sys.argv[1]))

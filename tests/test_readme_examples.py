@@ -198,7 +198,7 @@ def _simulate(args: list[str], ctx: Context) -> Result:
     from fl_app.config.compose import preflight
     from fl_app.config.validate import ConfigError
     from fl_app.data import DataError
-    from fl_app.simulation import run_simulation_experiment
+    from fl_app.runtime.simulation import run_simulation_experiment
 
     try:
         cfg = preflight(args)

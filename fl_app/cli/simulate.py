@@ -179,7 +179,7 @@ def _write_refusal(run_dir: Any, cfg: Any, reason: str) -> None:
     import json
     from pathlib import Path
 
-    from fl_app.rundir import STATUS_REFUSED
+    from fl_app.server.rundir import STATUS_REFUSED
 
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def _config_failed(reason: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from fl_app.rundir import STATUS_FAILED
+    from fl_app.server.rundir import STATUS_FAILED
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         print(f"fl-app: {reason}", file=sys.stderr, flush=True)
@@ -234,11 +234,11 @@ def _config_failed(reason: str) -> None:
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fl_app.checkpoint import CheckpointError, check_resume
+    from fl_app.server.checkpoint import CheckpointError, check_resume
     from fl_app.config.compose import to_app_config
     from fl_app.config.validate import ConfigError
     from fl_app.data.errors import DataError
-    from fl_app.simulation import run_simulation_experiment
+    from fl_app.runtime.simulation import run_simulation_experiment
 
     try:
         cfg = to_app_config(raw)

@@ -343,8 +343,9 @@ def start_simulation_roster() -> bytes:
     """Mark this process tree as a simulation: draw its roster secret (once; children
     such as Ray workers inherit it through the environment).
 
-    Called only by the simulation entry points (:func:`fl_app.simulation.run_simulated`
-    for both backends, :class:`fl_app.inprocess.InProcessGrid`). A ClientApp uses the
+    Called only by the simulation entry points
+    (:func:`fl_app.runtime.simulation.run_simulation_experiment` for both backends,
+    :class:`fl_app.runtime.inprocess.InProcessGrid`). A ClientApp uses the
     :class:`SimulationRoster` only where this mark exists; a deployed SuperNode never
     has it and refuses the malicious model without its own key and roster.
     """

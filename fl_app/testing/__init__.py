@@ -1,11 +1,11 @@
 """Test utilities: adversarial servers and a SecAgg test client over the in-process grid.
 
 The grid itself is production code (the ``runtime.backend=inprocess`` simulation
-backend) and lives in :mod:`fl_app.inprocess`; it is re-exported here because tests use
-its fault injection (drop rules, message hooks) through this package.
+backend) and lives in :mod:`fl_app.runtime.inprocess`; it is re-exported here because
+tests use its fault injection (drop rules, message hooks) through this package.
 """
 
-from fl_app.inprocess import (
+from fl_app.runtime.inprocess import (
     Delivery,
     DropFn,
     InProcessGrid,

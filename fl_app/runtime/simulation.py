@@ -8,7 +8,7 @@ Backends (``runtime.backend``):
   the only in-Python entry point to the simulation runtime; its replacement (``flwr
   run`` against a local SuperLink) is documented in the README and works with this
   same app.
-* ``inprocess``: fl-app's :class:`~fl_app.inprocess.InProcessGrid` runs the real
+* ``inprocess``: fl-app's :class:`~fl_app.runtime.inprocess.InProcessGrid` runs the real
   ClientApp handlers in this process; no Ray start-up, the fastest way to simulate
   many small clients.
 """
@@ -64,7 +64,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     from fl_app.data import check_local_data
 
     check_local_data(cfg.dataset, cfg.seed)
-    from fl_app.server_app import configure_logging, run_experiment
+    from fl_app.server.app import configure_logging, run_experiment
 
     configure_logging(cfg)
     num_nodes = cfg.dataset.num_partitions
@@ -77,7 +77,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
 
         start_simulation_roster()
     if cfg.runtime.backend is SimulationBackend.inprocess:
-        from fl_app.inprocess import InProcessGrid
+        from fl_app.runtime.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, num_nodes, seed=cfg.seed, copy_messages=True)
         return run_experiment(grid, cfg, run_dir)
@@ -88,7 +88,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
-    from fl_app.server_app import make_server_app
+    from fl_app.server.app import make_server_app
 
     run_simulation(
         server_app=make_server_app(cfg, run_dir),
