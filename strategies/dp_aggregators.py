@@ -76,7 +76,7 @@ CENTRAL_NOISE_STREAM = 0xD1
 class FederationAccount:
     """The federation's ledger of rounds and its budget guard (central, distributed DP).
 
-    Resume/rollback (fl_app.checkpoint): the ledger's event ``round`` is a release
+    Resume/rollback (fl_app.server.checkpoint): the ledger's event ``round`` is a release
     index, ``server round + release_offset``; the offset grows when a resumed run
     redoes rounds the ledger already counted (an interrupted round, or the rounds after
     a rollback), because the ledger only appends and ε is never rewound. Rounds redone

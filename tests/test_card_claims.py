@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 from flwr.app import Message
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.release import export_run, render_card_markdown
 from fl_app.release.card import client_level_noise_source
 from fl_app.release.caveats import not_protected, threat_model_text
-from fl_app.server_app import run_experiment
+from fl_app.server.app import run_experiment
 from fl_app.testing import InProcessGrid
 
 

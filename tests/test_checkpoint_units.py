@@ -1,4 +1,4 @@
-"""fl_app/checkpoint.py as a unit: writing, verifying and choosing a checkpoint.
+"""fl_app/server/checkpoint.py as a unit: writing, verifying and choosing a checkpoint.
 
 tests/test_checkpoint.py drives whole runs (kill, resume, rollback); this file pins each
 function on run directories built by hand, with expected hashes from ``hashlib`` over
@@ -22,7 +22,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fl_app.audit import verify_head_signature
-from fl_app.checkpoint import (
+from fl_app.config.compose import compose_config, config_hash, config_to_dict
+from fl_app.config.schema import AppConfig
+from fl_app.config.validate import ConfigError
+from fl_app.privacy.ledger import AccountantName, FederationLedger, RoundEvent
+from fl_app.server.checkpoint import (
     CheckpointError,
     ResumePlan,
     check_resume,
@@ -39,10 +43,6 @@ from fl_app.checkpoint import (
     strategy_state,
     write_checkpoint_files,
 )
-from fl_app.config.compose import compose_config, config_hash, config_to_dict
-from fl_app.config.schema import AppConfig
-from fl_app.config.validate import ConfigError
-from fl_app.privacy.ledger import AccountantName, FederationLedger, RoundEvent
 
 MODEL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5], np.float32)}
 
@@ -566,7 +566,7 @@ def test_rolled_back_checkpoints_are_skipped_and_interrupted_ones_logged(
     set_aside_abandoned(tmp_path, [2], 1)  # a complete checkpoint under another name
     interrupted = tmp_path / "checkpoints" / "round-0003"
     interrupted.mkdir()
-    with caplog.at_level("WARNING", logger="fl_app.checkpoint"):
+    with caplog.at_level("WARNING", logger="fl_app.server.checkpoint"):
         assert list_checkpoints(tmp_path) == [(1, tmp_path / "checkpoints" / "round-0001")]
     assert [r.getMessage() for r in caplog.records] == [
         f"checkpoint {interrupted} has no manifest (interrupted write): ignored"

@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from fl_app.cli import main as cli_main
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName

@@ -34,7 +34,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from scipy import stats
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.accounting import AccountantName, AccountingError
 from fl_app.privacy.distributed import (
@@ -56,7 +56,7 @@ from fl_app.privacy.noise import SecureNoise
 from fl_app.secagg.graph import GraphMode
 from fl_app.secagg.wire import pack_ring, packed_bytes, unpack_ring
 from fl_app.secagg_stages import STATE_KEY, handle_key_stage
-from fl_app.server_app import run_experiment
+from fl_app.server.app import run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.testing.secagg_client import (
     fixed_update_client,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
 from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon

@@ -27,14 +27,14 @@ from flwr.app import Message
 
 from fl_app.audit import AuditLog, verify
 from fl_app.cli.export import export_main
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config, to_app_config
 from fl_app.data import load_server_test_set
 from fl_app.models import build_model
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.release import EXPORT_FILES, ExportRefused, export_run
-from fl_app.rundir import published_config_hash
-from fl_app.server_app import run_experiment
+from fl_app.server.app import run_experiment
+from fl_app.server.rundir import published_config_hash
 from fl_app.testing import InProcessGrid
 from fl_app.training import evaluate
 from fl_app.weights import load_ndarrays, load_safetensors, weights_digest

@@ -20,12 +20,12 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from flwr.app import Context, Message, RecordDict
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.state import LocalDpState, LocalDpStore, PrivacyStateError
 from fl_app.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
-from fl_app.server_app import run_experiment
-from fl_app.site_policy import PolicyViolation
+from fl_app.server.app import run_experiment
+from fl_app.client.policy import PolicyViolation
 from fl_app.testing import InProcessGrid
 
 Z = 4.0
@@ -246,7 +246,7 @@ def test_a_site_that_lost_its_state_is_counted_and_then_stopped(
 def _local_train_reply(z: float, node_config: dict[str, Any] | None = None) -> Message:
     """One local-DP train instruction with noise multiplier ``z`` to a fresh client."""
     from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
-    from fl_app.server_app import initial_arrays
+    from fl_app.server.app import initial_arrays
     from fl_app.weights import to_array_record
 
     cfg = _cfg()
@@ -355,7 +355,7 @@ def test_local_dp_releases_are_on_disk_before_the_round_goes_on(
 ) -> None:
     """A SIGKILL after the replies arrived must not lose them from privacy_ledger.json:
     by the time the server evaluates the new model, the round's releases are on disk."""
-    import fl_app.server_app as server_app
+    import fl_app.server.app as server_app
 
     on_disk: list[dict[str, int]] = []
 
@@ -385,7 +385,7 @@ def test_local_noise_below_the_site_floor_is_refused_before_anything_is_spent(
     with z = 0.05 (epsilon ~ 970 a release) is refused by the default floor (z >= 1) even
     without a policy file, naming the field, and nothing is recorded; a policy's
     explicit null opts out (claims audit)."""
-    from fl_app.site_policy import load_policy
+    from fl_app.client.policy import load_policy
 
     state = tmp_path / "state"
     reply = _local_train_reply(0.05, {"dp-state-dir": str(state)})

@@ -56,7 +56,7 @@ def _flat(model: torch.nn.Module) -> np.ndarray:
 
 def _server_view_generator() -> torch.Generator:
     """What the server can rebuild: the client's generator from (seed, round, partition)."""
-    from fl_app.client_app import _training_seed
+    from fl_app.client.app import _training_seed
 
     return torch.Generator().manual_seed(_training_seed(42, 3, 1))
 
@@ -155,11 +155,11 @@ def _client_reply(cfg: Any, run_key: str, **node_config: Any) -> dict[str, np.nd
 
 
 def _client_message(cfg: Any, run_key: str, **node_config: Any) -> Message:
-    from fl_app.client_app import app as client_app
+    from fl_app.client.app import app as client_app
     from fl_app.client_spec import encode_spec, spec_from_config
     from fl_app.privacy.state import STEPS_SEEN_KEY
     from fl_app.protocol import SPEC_KEY
-    from fl_app.server_app import initial_arrays
+    from fl_app.server.app import initial_arrays
     from fl_app.testing import InProcessGrid
     from fl_app.weights import to_array_record
 
@@ -187,9 +187,9 @@ def _client_message(cfg: Any, run_key: str, **node_config: Any) -> Message:
 def _server_replica(cfg: Any) -> dict[str, np.ndarray]:
     """What the server computes from its view: same code, data, seed, round, partition,
     global weights and noise multiplier, seeded DP-SGD."""
-    from fl_app.client_app import _training_seed
+    from fl_app.client.app import _training_seed
     from fl_app.data import load_client_data
-    from fl_app.server_app import initial_arrays
+    from fl_app.server.app import initial_arrays
     from fl_app.weights import load_ndarrays
 
     data = load_client_data(cfg.dataset, 0, 3, cfg.seed, {})
@@ -233,9 +233,9 @@ def test_client_app_dpsgd_is_not_reproducible_by_the_server(tmp_path: Path) -> N
 
 
 def _finished_run(path: Path, *overrides: str) -> dict[str, Any]:
-    from fl_app.client_app import app as client_app
+    from fl_app.client.app import app as client_app
     from fl_app.config.compose import compose_config
-    from fl_app.server_app import run_experiment
+    from fl_app.server.app import run_experiment
     from fl_app.testing import InProcessGrid
 
     cfg = compose_config(

@@ -16,7 +16,7 @@ from fl_app.cli import main as cli_main
 from fl_app.cli.report import report_main
 from fl_app.release import ExportRefused, export_run
 from fl_app.release.report import collect_jobs
-from fl_app.rundir import run_outcome
+from fl_app.server.rundir import run_outcome
 
 
 def _round(rnd: int, updated: bool, sampled: int = 2, **extra: Any) -> dict[str, Any]:
@@ -164,8 +164,8 @@ def test_deployed_serverapp_fails_the_flower_run_when_no_round_updated(tmp_path:
     (what `fl-app deploy submit` reports and exits 1 on) instead of a success."""
     from flwr.app import Context, RecordDict
 
-    from fl_app.client_app import app as client_app
-    from fl_app.server_app import main as deployed_main
+    from fl_app.client.app import app as client_app
+    from fl_app.server.app import main as deployed_main
     from fl_app.testing import InProcessGrid
 
     overrides = " ".join(

@@ -37,7 +37,7 @@ from fl_app.protocol import (
 )
 from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
 from fl_app.secagg.vector import unpack_ids
-from fl_app.site_policy import SitePolicy
+from fl_app.client.policy import SitePolicy
 from fl_app.testing import InProcessGrid
 from fl_app.testing.adversary import (
     AdversarialServer,
@@ -308,9 +308,9 @@ def test_an_abandoned_round_leaves_no_key_or_seed(server: AdversarialServer) -> 
 # ------------------------------------------------- through the real driver and app
 def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
     # Round 1: padded survivor list; round 2: weaker parameters; round 3: honest.
-    from fl_app.client_app import app as client_app
+    from fl_app.client.app import app as client_app
     from fl_app.config.compose import compose_config
-    from fl_app.server_app import run_experiment
+    from fl_app.server.app import run_experiment
     from fl_app.testing.adversary import LyingGrid
 
     pad = pad_survivors([2**40 + i for i in range(N)], keep=3)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.clipping import clip_l2
 from fl_app.protocol import (
@@ -46,7 +46,7 @@ from fl_app.protocol import (
 from fl_app.secagg.graph import derive_params
 from fl_app.secagg.vector import LOSS_CAP, round_codec
 from fl_app.secagg_stages import KEYS_STATE_KEY, STATE_KEY
-from fl_app.server_app import initial_arrays, run_experiment
+from fl_app.server.app import initial_arrays, run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import from_array_record, load_safetensors
 
@@ -344,7 +344,7 @@ def test_key_exchange_stages_do_not_import_torch() -> None:
         import sys
         import numpy as np
         from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-        from fl_app.client_app import app
+        from fl_app.client.app import app
         from fl_app.secagg.graph import GraphMode
         from fl_app.secagg.protocol import CIPHERTEXT_BYTES, Stage
         from fl_app.secagg.vector import unpack_ids

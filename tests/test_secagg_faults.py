@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.protocol import (
     METRICS_KEY,
@@ -32,7 +32,7 @@ from fl_app.protocol import (
     SERVER_ROUND,
 )
 from fl_app.secagg.vector import round_codec
-from fl_app.server_app import run_experiment
+from fl_app.server.app import run_experiment
 from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors
 
@@ -180,7 +180,7 @@ def test_distributed_dp_sum_outside_its_sanity_bound_abandons_the_round(tmp_path
 
 def test_the_model_is_unchanged_by_an_abandoned_round(tmp_path: Path) -> None:
     # num_rounds=1 with a faulty sum: the saved model is the initial one, bit for bit.
-    from fl_app.server_app import initial_arrays
+    from fl_app.server.app import initial_arrays
 
     done: list[int] = []
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fl_app.client_app import app as client_app
+from fl_app.client.app import app as client_app
 from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
 from fl_app.protocol import CONFIG_KEY, SERVER_ROUND, SPEC_KEY
-from fl_app.server_app import initial_arrays
+from fl_app.server.app import initial_arrays
 from fl_app.weights import to_array_record
 
 
@@ -90,7 +90,7 @@ def _packed_round(corrupt_fraction: float, dropout_tolerance: float) -> tuple[An
     import numpy as np
 
     from fl_app.secagg.graph import GraphMode, ServerModel
-    from fl_app.site_policy import SitePolicy
+    from fl_app.client.policy import SitePolicy
     from fl_app.testing import InProcessGrid
     from fl_app.testing.adversary import AdversarialServer
     from fl_app.testing.secagg_client import fixed_update_client
@@ -293,7 +293,7 @@ def test_a_run_id_other_than_flowers_is_refused(where: int) -> None:
 # B2 for distributed DP: under the malicious model the server knows the noise shares of
 # the C colluders among the survivors, so the client's floor counts n_min - C shares.
 def test_the_distributed_dp_floor_counts_only_shares_beyond_the_colluders() -> None:
-    from fl_app.site_policy import PolicyViolation, SitePolicy
+    from fl_app.client.policy import PolicyViolation, SitePolicy
 
     # share_std 0.5, bound 1, n_min 5: z = 0.5*sqrt(5) = 1.118 with no colluders,
     # 0.5*sqrt(5 - 1) = 1.0 with C = 1 (by hand).

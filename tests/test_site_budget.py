@@ -83,9 +83,9 @@ def _train_message(
     **node_config: Any,
 ) -> Message:
     """A fresh node's reply to round 1 of ``cfg`` under ``run_key`` (partition 0)."""
-    from fl_app.client_app import app as client_app
+    from fl_app.client.app import app as client_app
     from fl_app.client_spec import encode_spec, spec_from_config
-    from fl_app.server_app import initial_arrays
+    from fl_app.server.app import initial_arrays
     from fl_app.testing import InProcessGrid
     from fl_app.weights import to_array_record
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from fl_app.audit import verify
-from fl_app.client_app import AUDIT_DIR_KEY, POLICY_PATH_KEY, client_audit_path
-from fl_app.client_app import app as client_app
+from fl_app.client.app import AUDIT_DIR_KEY, POLICY_PATH_KEY, client_audit_path
+from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
-from fl_app.server_app import run_experiment
-from fl_app.site_policy import (
+from fl_app.server.app import run_experiment
+from fl_app.client.policy import (
     ARTIFACTS,
     PolicyError,
     PolicyViolation,

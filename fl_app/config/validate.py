@@ -719,7 +719,7 @@ def _check_runtime(cfg: AppConfig) -> None:
 
 def _check_resume(cfg: AppConfig) -> None:
     """Static checks only; the run directory itself is checked by
-    :func:`fl_app.checkpoint.check_resume` (config hash, checkpoints)."""
+    :func:`fl_app.server.checkpoint.check_resume` (config hash, checkpoints)."""
     keep = cfg.checkpoint.keep
     _check(keep >= 0, "checkpoint.keep", keep, "must be >= 0 (0 keeps all)")
     if cfg.resume is not None:
@@ -746,7 +746,7 @@ def _check_resume(cfg: AppConfig) -> None:
 
 def _check_audit(cfg: AppConfig) -> None:
     """Static check only: the key itself is loaded when the run starts
-    (:func:`fl_app.server_app.load_audit_signing_key`), on the server's machine."""
+    (:func:`fl_app.server.app.load_audit_signing_key`), on the server's machine."""
     if cfg.audit_signing_key is not None:
         _check(
             bool(cfg.audit_signing_key.strip()),

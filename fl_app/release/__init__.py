@@ -9,7 +9,7 @@
     hash, code version, and what the release does *not* protect), and ``MANIFEST.json``
     (each file's SHA-256, the tier, the source run's config hash, export time, code
     version). The config hash published (card, manifest, model metadata) is keyed by
-    the run's secret salt (:func:`fl_app.rundir.published_config_hash`): an unsalted
+    the run's secret salt (:func:`fl_app.server.rundir.published_config_hash`): an unsalted
     hash of a config whose other fields are on the card lets anyone search for its seed.
 ``restricted``
     Adds ``metrics.jsonl`` reduced to per-round aggregate scalars (no per-client entry,

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 MODEL_FILE = "model.safetensors"
-LEDGER_FILE = "privacy_ledger.json"  # == fl_app.server_app.LEDGER_FILE (no server import here)
+LEDGER_FILE = "privacy_ledger.json"  # == fl_app.server.app.LEDGER_FILE (no server import here)
 AUDIT_FILE = "audit.jsonl"
 METRICS_FILE = "metrics.jsonl"
 #: The only run-directory files an export reads.

@@ -199,7 +199,7 @@ def _release_warnings(run: _CheckedRun, tier: Tier) -> list[str]:
 
 def _published_hash(manifest_run: dict[str, Any], config_hash: str) -> str | None:
     """The salted config hash to publish, or None when the run has no salt."""
-    from fl_app.rundir import CONFIG_HASH_SALT, published_config_hash
+    from fl_app.server.rundir import CONFIG_HASH_SALT, published_config_hash
 
     salt = manifest_run.get(CONFIG_HASH_SALT)
     if not isinstance(salt, str):
@@ -212,7 +212,7 @@ def _published_hash(manifest_run: dict[str, Any], config_hash: str) -> str | Non
 
 def _outputs(run: _CheckedRun, tier: Tier, card: dict[str, Any]) -> dict[str, bytes]:
     """The card and, for the restricted tier, the redacted files; guarded for leaks."""
-    from fl_app.rundir import CONFIG_HASH_SALT
+    from fl_app.server.rundir import CONFIG_HASH_SALT
 
     outputs: dict[str, bytes] = {
         CARD_JSON: _jsonb(card),
@@ -342,7 +342,7 @@ def export_run(
     Parameters
     ----------
     run_dir
-        A run directory written by :func:`fl_app.server_app.run_experiment`.
+        A run directory written by :func:`fl_app.server.app.run_experiment`.
     tier
         ``public`` (weights + card + manifest) or ``restricted`` (adds aggregate
         per-round metrics, the client-level ledger and per-institution record-level ε).
@@ -364,7 +364,7 @@ def export_run(
     ValueError
         For an unknown ``tier``.
     """
-    from fl_app.rundir import code_version
+    from fl_app.server.rundir import code_version
 
     try:
         tier = Tier(tier)

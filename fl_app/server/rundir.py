@@ -6,7 +6,7 @@
 ``metrics.jsonl``    one JSON object per round (appended and flushed every round)
 ``model.safetensors`` the final global model (safetensors, never pickle)
 ``summary.json``     final centralised test accuracy/loss, rounds, seconds, privacy spent
-``checkpoints/``     one checkpoint per round (:mod:`fl_app.checkpoint`)
+``checkpoints/``     one checkpoint per round (:mod:`fl_app.server.checkpoint`)
 ``audit.jsonl``      the server's hash-chained audit log
 
 A resumed run (``resume=<run dir>``) writes into the same directory:
@@ -35,9 +35,9 @@ import numpy as np
 import yaml
 
 from fl_app.atomic import write_atomic
-from fl_app.checkpoint import run_config_hash
 from fl_app.config.compose import config_to_dict
 from fl_app.config.schema import AppConfig
+from fl_app.server.checkpoint import run_config_hash
 from strategies.driver import RoundReport
 
 __all__ = [
@@ -422,7 +422,7 @@ class AuditTrail:
         """``ledger.spend``: the privacy ledger as written for round ``rnd``, recorded
         *before* the round's instructions go out (a round begin hook, after the ledger
         file is written). A resume refuses a ledger holding fewer rounds or releases
-        than the last such record (:func:`fl_app.checkpoint.plan_resume`), so deleting
+        than the last such record (:func:`fl_app.server.checkpoint.plan_resume`), so deleting
         an interrupted round's spend from ``privacy_ledger.json`` is detected."""
         self.log.append(
             "ledger.spend",
@@ -479,7 +479,7 @@ class AuditTrail:
         With a signing key, the head is signed into ``audit_head.sig.json`` beside
         the log (``fl-app audit verify --public-key PUB --signed-head ...``)."""
         from fl_app.audit import sign_head
-        from fl_app.checkpoint import SIGNED_HEAD
+        from fl_app.server.checkpoint import SIGNED_HEAD
 
         self.log.append("run.end", {"status": status, "files": dict(files)})
         seq, head = self.log.seq, self.log.head

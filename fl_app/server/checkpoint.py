@@ -110,7 +110,7 @@ __all__ = [
     "write_checkpoint_files",
 ]
 
-log = logging.getLogger("fl_app.checkpoint")
+log = logging.getLogger("fl_app.server.checkpoint")
 
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -513,7 +513,7 @@ class ResumePlan:
 
 def _check_ledger_against_audit(run_dir: Path, ledger: Any, disk: Path) -> None:
     """Refuse a ledger holding less spend than the audit log recorded before a round's
-    instructions went out (``ledger.spend``, :meth:`fl_app.rundir.AuditTrail.ledger_spend`).
+    instructions went out (``ledger.spend``, :meth:`fl_app.server.rundir.AuditTrail.ledger_spend`).
 
     The checkpoint comparison alone cannot see the interrupted round: its event is in
     the ledger but in no checkpoint, so deleting it would let the resumed run

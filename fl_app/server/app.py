@@ -29,7 +29,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.atomic import write_atomic
-from fl_app.checkpoint import (
+from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
+from fl_app.config.compose import compose_config, parse_overrides
+from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
+from fl_app.privacy.accounting import AccountingError
+from fl_app.privacy.ledger import FederationLedger, branch_delta_total, unsampled_epsilon
+from fl_app.privacy.noise import release_status
+from fl_app.protocol import SPEC_KEY
+from fl_app.server.checkpoint import (
     in_model_order,
     plan_resume,
     prune_checkpoints,
@@ -39,14 +46,7 @@ from fl_app.checkpoint import (
     strategy_state,
     write_checkpoint_files,
 )
-from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
-from fl_app.config.compose import compose_config, parse_overrides
-from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
-from fl_app.privacy.accounting import AccountingError
-from fl_app.privacy.ledger import FederationLedger, branch_delta_total, unsampled_epsilon
-from fl_app.privacy.noise import release_status
-from fl_app.protocol import SPEC_KEY
-from fl_app.rundir import (
+from fl_app.server.rundir import (
     AuditTrail,
     MetricsWriter,
     ProgressPrinter,
@@ -162,7 +162,7 @@ def run_experiment(
     """Run ``cfg.num_rounds`` rounds on ``grid`` and write the run directory.
 
     With ``cfg.resume`` the run continues in that directory (``run_dir`` is ignored)
-    from its newest checkpoint, or from ``cfg.rollback_to``'s (:mod:`fl_app.checkpoint`).
+    from its newest checkpoint, or from ``cfg.rollback_to``'s (:mod:`fl_app.server.checkpoint`).
 
     Returns the summary (also written to ``summary.json``).
     """
@@ -422,7 +422,7 @@ class CheckpointWriter:
     """One checkpoint per round: files before the round's model leaves the server
     (release hook :meth:`write_files`), manifest when the round has ended (listener).
 
-    See :mod:`fl_app.checkpoint` for the layout and guarantees.
+    See :mod:`fl_app.server.checkpoint` for the layout and guarantees.
     """
 
     def __init__(
