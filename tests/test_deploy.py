@@ -243,7 +243,7 @@ def test_every_relative_path_in_a_site_yaml_resolves_against_its_folder(
 
 def test_sites_sharing_an_audit_folder_never_share_a_log(tmp_path: Path) -> None:
     """Deployed sites all have partition id 0: their logs are named by site identity."""
-    from fl_app.client_app import client_audit_path, site_identity
+    from fl_app.client.app import client_audit_path, site_identity
 
     shared = tmp_path / "audit"
     configs = [

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from fl_app.client.policy import SitePolicy
 from fl_app.protocol import (
     CONFIG_KEY,
     SECAGG_DDP,
@@ -37,7 +38,6 @@ from fl_app.protocol import (
 )
 from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
 from fl_app.secagg.vector import unpack_ids
-from fl_app.client.policy import SitePolicy
 from fl_app.testing import InProcessGrid
 from fl_app.testing.adversary import (
     AdversarialServer,

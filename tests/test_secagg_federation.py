@@ -89,8 +89,8 @@ def test_a_roster_site_that_opts_out_explicitly_is_not_refused_for_it(tmp_path: 
 def _packed_round(corrupt_fraction: float, dropout_tolerance: float) -> tuple[Any, Any]:
     import numpy as np
 
-    from fl_app.secagg.graph import GraphMode, ServerModel
     from fl_app.client.policy import SitePolicy
+    from fl_app.secagg.graph import GraphMode, ServerModel
     from fl_app.testing import InProcessGrid
     from fl_app.testing.adversary import AdversarialServer
     from fl_app.testing.secagg_client import fixed_update_client

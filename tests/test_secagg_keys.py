@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fl_app.client.policy import SitePolicy
 from fl_app.protocol import (
     CONFIG_KEY,
     SECAGG_KEY_ROUNDS,
@@ -45,7 +46,6 @@ from fl_app.secagg_stages import (
     SecAggStageError,
     handle_key_stage,
 )
-from fl_app.site_policy import SitePolicy
 from fl_app.testing import InProcessGrid
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange, train_instructions
 from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation

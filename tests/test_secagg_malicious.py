@@ -634,7 +634,7 @@ def test_a_roster_site_refuses_honest_but_curious_unless_its_policy_says_so(
 ) -> None:
     # a4 (c): a site with a key and roster and no explicit secagg_min_server_model would
     # otherwise accept the cheaper thresholds a server downgrades it to.
-    from fl_app.site_policy import parse_policy
+    from fl_app.client.policy import parse_policy
 
     policy = parse_policy({"secagg_min_server_model": "honest_but_curious"}) if explicit else None
     grid = _deployed_grid(tmp_path, policy)
@@ -700,8 +700,8 @@ def test_signing_units_key_mode_round_keys_and_the_simulation_mark(tmp_path, mon
 def test_share_keys_round_shape_checks_with_the_sites_own_colluder_bound() -> None:
     # Complete graph n=10, D=2: t=8. With the site assuming C colluders: 2t > n + C
     # holds for C=5 (16 > 15), not for C=6 (16 = 16); the returned C sizes the quorum.
+    from fl_app.client.policy import SitePolicy
     from fl_app.secagg_stages import SecAggStageError, _check_malicious_round
-    from fl_app.site_policy import SitePolicy
 
     p = derive_params(N, mode="secagg", dropout_tolerance=0.2)
     cohort = list(range(1, N + 1))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from scipy.stats import hypergeom
 
+from fl_app.client.policy import PolicyError, PolicyViolation, SitePolicy, parse_policy
 from fl_app.protocol import SECAGG_PARAMS
 from fl_app.secagg.graph import (
     GraphMode,
@@ -31,7 +32,6 @@ from fl_app.secagg.graph import (
     custom_params,
     derive_params,
 )
-from fl_app.site_policy import PolicyError, PolicyViolation, SitePolicy, parse_policy
 from fl_app.testing import InProcessGrid
 from fl_app.testing.adversary import AdversarialServer, weaker_params
 from fl_app.testing.secagg_client import fixed_update_client

@@ -13,9 +13,6 @@ import pytest
 from fl_app.audit import verify
 from fl_app.client.app import AUDIT_DIR_KEY, POLICY_PATH_KEY, client_audit_path
 from fl_app.client.app import app as client_app
-from fl_app.config.compose import compose_config
-from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
-from fl_app.server.app import run_experiment
 from fl_app.client.policy import (
     ARTIFACTS,
     PolicyError,
@@ -25,6 +22,9 @@ from fl_app.client.policy import (
     parse_policy,
     released_artifact,
 )
+from fl_app.config.compose import compose_config
+from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
+from fl_app.server.app import run_experiment
 from fl_app.testing import InProcessGrid
 
 

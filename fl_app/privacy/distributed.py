@@ -65,7 +65,7 @@ analysis central DP gets, so at the same ε distributed DP needs somewhat more n
 Trust assumptions. The ε the server's ledger reports holds for the configured ``z`` and
 ``n_min``; the server sends them (with ``γ``) each round. A client checks them against
 the round (vector, cohort, clip) and against its own floor, which applies with safe
-defaults even without a policy file (:meth:`fl_app.site_policy.SitePolicy.check_ddp`,
+defaults even without a policy file (:meth:`fl_app.client.policy.SitePolicy.check_ddp`,
 at stage 3): ``n_min >= ⌈(1 − secagg_max_dropout_tolerance)·n⌉`` (default tolerance
 0.5: half the cohort) and the sum's multiplier ``share_std·√n_min/Δ₂ >=
 ddp_min_noise_multiplier`` (default 0.25). The floor stops a server from switching the

@@ -151,7 +151,7 @@ class ClientPrivacyState:
         run_key: str,
         site: str | int,
     ) -> None:
-        """``site``: the site identity (:func:`fl_app.client_app.site_identity`:
+        """``site``: the site identity (:func:`fl_app.client.app.site_identity`:
         ``site-<name>``, ``data-<hash>``, ``partition-<id>``), or a simulated partition
         id. Deployed sites all have partition id 0 and may share a state directory, so
         the file is named by the identity: ``dpsgd-<run key>-<site>.json``."""

@@ -69,7 +69,7 @@ dropped), so only the colluders' own shares matter: ``t > Y`` (sparse:
 the semi-honest parameters of Bell et al. (2020), which give a smaller degree (at
 ``n = 100``, 20 % dropouts, 10 % colluders: ``k = 38, t = 20`` instead of ``k = 52,
 t = 32``). The client re-derives ``(k, t)`` for the model the server names and its site
-policy decides which models it accepts (:mod:`fl_app.site_policy`).
+policy decides which models it accepts (:mod:`fl_app.client.policy`).
 
 Trust assumptions: the graph is drawn honestly from a CSPRNG seed; dropouts and
 corruptions do not depend on the graph. Under ``honest_but_curious`` a server that

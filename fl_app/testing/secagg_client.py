@@ -27,7 +27,7 @@ def fixed_update_client(
     """A ClientApp whose node ``u`` contributes ``update_of(u)`` (already clipped).
 
     With ``timing``, the seconds spent encoding accumulate under ``timing["encode"]``.
-    ``policy``: the sites' :class:`~fl_app.site_policy.SitePolicy` (safe defaults when
+    ``policy``: the sites' :class:`~fl_app.client.policy.SitePolicy` (safe defaults when
     ``None``), as the ClientApp reads it from ``policy-path``.
     """
     from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage

@@ -16,7 +16,7 @@ that raises is turned into an error reply by Flower's runtime.
 
 Two node-config keys are the site's own controls:
 
-``policy-path``  the site's data-use policy (:mod:`fl_app.site_policy`), checked for
+``policy-path``  the site's data-use policy (:mod:`fl_app.client.policy`), checked for
                  every train (plain or secure-aggregation stage 3) and evaluate
                  instruction before data is loaded; projected ε is checked against it
                  before any privacy state is saved. A violation is a refusal naming the
@@ -47,6 +47,13 @@ import numpy as np
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_app.client.policy import (
+    PolicyError,
+    PolicyViolation,
+    SitePolicy,
+    load_policy,
+    released_artifact,
+)
 from fl_app.client_spec import ClientSpec, SpecError, decode_spec
 from fl_app.protocol import (
     ARRAYS_KEY,
@@ -62,13 +69,6 @@ from fl_app.protocol import (
     SPEC_KEY,
     UNCLIPPED_KEY,
     UPDATE_KEY,
-)
-from fl_app.site_policy import (
-    PolicyError,
-    PolicyViolation,
-    SitePolicy,
-    load_policy,
-    released_artifact,
 )
 
 __all__ = [
@@ -138,7 +138,7 @@ def _site_policy(context: Context) -> SitePolicy | None:
 
 
 def _artifact(spec: ClientSpec, message_type: str, config: Any) -> str:
-    """What a reply to this instruction releases (see :data:`fl_app.site_policy.ARTIFACTS`)."""
+    """What a reply to this instruction releases (see :data:`fl_app.client.policy.ARTIFACTS`)."""
     dp = spec.client_dp
     return released_artifact(
         message_type,
@@ -477,7 +477,7 @@ def _prepare(
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train on local data and reply with the update Δ (see :mod:`fl_app.pipeline`).
+    """Train on local data and reply with the update Δ (see :mod:`fl_app.client.pipeline`).
 
     Under secure aggregation the instruction carries a stage marker: stages 1, 2 and 4
     (key exchange, unmasking) are handled without torch by :mod:`fl_app.secagg_stages`;
@@ -531,7 +531,7 @@ def _secagg_refusal(err: Exception) -> ClientRefusal:
 def _train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None) -> Message:
     import torch
 
-    from fl_app.pipeline import PipelineStages, run_train_pipeline
+    from fl_app.client.pipeline import PipelineStages, run_train_pipeline
     from fl_app.training import train_local
     from fl_app.weights import load_ndarrays, model_to_ndarrays, to_array_record
 
@@ -638,7 +638,7 @@ def _secure_train(
     Weight, the unclipped bit and the training metrics ride inside the masked vector;
     the plaintext reply carries only the round and the stage.
     """
-    from fl_app.pipeline import PipelineStages, run_train_pipeline
+    from fl_app.client.pipeline import PipelineStages, run_train_pipeline
     from fl_app.privacy.clipping import clip_l2
     from fl_app.weights import load_ndarrays
 
