@@ -1,7 +1,7 @@
 """Distributed-DP overhead: secure aggregation with discrete Gaussian shares vs without.
 
-Side by side in one process, on :class:`fl_app.testing.InProcessGrid` with the real
-client stage handlers (:mod:`fl_app.secagg_stages`) and trivial training (a fixed
+Side by side in one process, on :class:`fl_app.runtime.inprocess.InProcessGrid` with the real
+client stage handlers (:mod:`fl_app.secagg.client`) and trivial training (a fixed
 clipped update per client), SecAgg+ graph:
 
 * SecAgg: the fixed-point layout in a 32-bit ring (``secagg.bits=32``);
@@ -32,8 +32,8 @@ __all__ = ["run"]
 
 def _round(n: int, p: int, ddp: bool, rnd: int) -> dict[str, float]:
     from fl_app.privacy.distributed import DdpPlan
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.secagg.graph import GraphMode
-    from fl_app.testing import InProcessGrid
     from fl_app.testing.secagg_client import (
         fixed_update_client,
         grid_exchange,

@@ -8,7 +8,7 @@ against, never part of the app.
 Harness, chosen so the comparison with ``scripts/bench_secagg.py`` is apples to
 apples:
 
-* the same :class:`fl_app.testing.InProcessGrid` (clients run one after another in
+* the same :class:`fl_app.runtime.inprocess.InProcessGrid` (clients run one after another in
   this process, every message copied through Flower's record serialization), instead
   of ``run_simulation`` on Ray, whose start-up and actor scheduling would dominate;
 * the same update: each client's ``fit`` returns
@@ -54,8 +54,8 @@ from flwr.server.workflow.default_workflows import (
 )
 
 from benchmarks.reuse import load_script
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.graph import GraphMode, SecAggParams, derive_params
-from fl_app.testing import InProcessGrid
 
 __all__ = ["legacy_graph", "legacy_rounds"]
 

@@ -1,7 +1,7 @@
 """Secure aggregation round vs plain round: fl-app's protocol and Flower's legacy SecAgg+.
 
 For N ∈ {10, 50, 100} clients and P ∈ {100k, 1M} float32 parameters, four runs side by
-side in one process, all on :class:`fl_app.testing.InProcessGrid` (clients one after
+side in one process, all on :class:`fl_app.runtime.inprocess.InProcessGrid` (clients one after
 another, messages copied through Flower's record serialization) with trivial training
 (a fixed update per client):
 

@@ -1,14 +1,14 @@
 """Round time of fl-app's secure aggregation vs plain FedAvg on the same in-process Grid.
 
 Both runs use the real :class:`~strategies.driver.RoundDriver` (FedAvg, example-weighted
-mean) and :class:`~fl_app.testing.InProcessGrid` with Flower's record serialization;
+mean) and :class:`~fl_app.runtime.inprocess.InProcessGrid` with Flower's record serialization;
 clients do trivial training (a fixed random update of ``P`` float32 parameters, norm
 below the clip bound) so the table shows the protocol's cost, not torch's:
 
 * plain: the client replies with its update;
 * secagg: stages 1, 2, 4 run the ClientApp's real torch-free handlers
-  (:mod:`fl_app.secagg_stages`); stage 3 runs the real encode and mask stages
-  (:class:`~fl_app.secagg_stages.MaskedInputStage`) on the same update.
+  (:mod:`fl_app.secagg.client`); stage 3 runs the real encode and mask stages
+  (:class:`~fl_app.secagg.client.MaskedInputStage`) on the same update.
 
 Columns: median round seconds; client compute (sum over clients of handler time: the
 in-process Grid runs clients one after another), serialization (exchange time minus
@@ -41,9 +41,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stage
 from fl_app.secagg.graph import GraphMode, ServerModel
-from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
-from fl_app.testing import InProcessGrid
 from fl_app.weights import from_array_record, to_array_record
 from strategies.driver import DriverSettings, RoundDriver
 from strategies.sampling import FixedSizeSampler

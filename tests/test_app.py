@@ -15,9 +15,9 @@ from fl_app.client.app import app as client_app
 from fl_app.client.pipeline import STAGE_ORDER, PipelineStages, run_train_pipeline
 from fl_app.config.compose import compose_config, config_hash
 from fl_app.protocol import CLIENT_REFUSED, SPEC_KEY
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.runtime.simulation import run_simulation_experiment
 from fl_app.server.app import initial_arrays, run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors, to_array_record
 
 

@@ -33,8 +33,8 @@ from fl_app.config.compose import compose_config
 from fl_app.release import export_run, render_card_markdown
 from fl_app.release.card import client_level_noise_source
 from fl_app.release.caveats import not_protected, threat_model_text
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
-from fl_app.testing import InProcessGrid
 
 
 def _cfg(*overrides: str) -> Any:

@@ -28,10 +28,10 @@ from fl_app.client.app import AUDIT_DIR_KEY, client_audit_path
 from fl_app.client.app import app as client_app
 from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
-from fl_app.config.validate import ConfigError
+from fl_app.config.errors import ConfigError
 from fl_app.protocol import CLIENT_REFUSED, SPEC_KEY
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import initial_arrays, run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 
 

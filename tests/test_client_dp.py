@@ -21,6 +21,7 @@ from scipy import stats
 
 from fl_app.cli import main as cli_main
 from fl_app.client.app import app as client_app
+from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.compose import compose_config
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
@@ -35,13 +36,12 @@ from fl_app.privacy.ledger import (
 )
 from fl_app.privacy.noise import SecureNoise, SeededNoise
 from fl_app.protocol import METRICS_KEY, UNCLIPPED_KEY, UPDATE_KEY
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.runtime.simulation import run_simulation_experiment
 from fl_app.server.app import run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors
 from strategies.aggregators import MeanAggregator
 from strategies.budget import BudgetGuard
-from strategies.client_dp import ClientDpSettings
 from strategies.dp_aggregators import CENTRAL_NOISE_STREAM, CentralDp
 from strategies.dp_projection import rounds_within_budget
 from strategies.local_dp import LocalDp

@@ -53,11 +53,11 @@ from fl_app.privacy.distributed import (
 )
 from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
 from fl_app.privacy.noise import SecureNoise
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.client import STATE_KEY, handle_key_stage
 from fl_app.secagg.graph import GraphMode
 from fl_app.secagg.wire import pack_ring, packed_bytes, unpack_ring
-from fl_app.secagg_stages import STATE_KEY, handle_key_stage
 from fl_app.server.app import run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.testing.secagg_client import (
     fixed_update_client,
     grid_exchange,
@@ -316,8 +316,8 @@ def test_too_few_survivors_abandon_the_round_before_unmasking() -> None:
 
 
 def test_client_refuses_to_unmask_fewer_shares_than_calibrated() -> None:
+    from fl_app.secagg.client.state import _MIN_SURVIVORS, SecAggStageError, _load, _save
     from fl_app.secagg.protocol import Stage
-    from fl_app.secagg_stages import _MIN_SURVIVORS, SecAggStageError, _load, _save
 
     app = _ddp_client()
     grid = InProcessGrid(app, 4, seed=0)
@@ -535,8 +535,9 @@ def test_sweep_refusal_uses_the_budget_against_the_server() -> None:
     stop over cohort draws, worked out here with scipy's binomial: the guard stops before
     round r + 1 once some client of N has been in k cohorts after r rounds."""
     from fl_app.cli.simulate import over_budget
+    from fl_app.config.client_dp import ClientDpSettings
+    from fl_app.config.plan import resolve
     from fl_app.privacy.ledger import unsampled_epsilon
-    from strategies.client_dp import ClientDpSettings
 
     cfg = compose_config("config", ["experiment=digits_1000_clients_ddp", "privacy.max_epsilon=10"])
     s = ClientDpSettings.from_config(cfg)
@@ -544,9 +545,10 @@ def test_sweep_refusal_uses_the_budget_against_the_server() -> None:
     k = max(j for j in range(1, 50) if unsampled_epsilon(event, j, s.delta, s.accountant) <= 10)
     # P[some client in >= k cohorts after r rounds] = 1 - P[Bin(r, q) <= k - 1]^N.
     r = next(r for r in range(1, 200) if 1 - stats.binom.cdf(k - 1, r, 0.05) ** 1000 >= 0.5)
-    reason = over_budget(cfg)
+    reason = over_budget(resolve(cfg))
     assert reason is not None and "against the server" in reason
     assert f"allows one client {k} cohorts" in reason
     assert f"before round {r + 1} of 200" in reason
     # The preset itself (max_epsilon=30) fits its planned rounds: no refusal.
-    assert over_budget(compose_config("config", ["experiment=digits_1000_clients_ddp"])) is None
+    preset = compose_config("config", ["experiment=digits_1000_clients_ddp"])
+    assert over_budget(resolve(preset)) is None

@@ -16,9 +16,9 @@ from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory
 from fl_app.privacy.dpsgd import planned_steps
 from fl_app.privacy.state import STEPS_SEEN_KEY, DpSgdState
 from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED, SPEC_KEY
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.runtime.simulation import run_simulation_experiment
 from fl_app.server.app import initial_arrays
-from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 
 

@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
-from fl_app.testing import InProcessGrid
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.weights import to_array_record
 from strategies.driver import DriverSettings, RoundDriver
 from strategies.sampling import FixedSizeSampler, PoissonSampler

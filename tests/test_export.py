@@ -33,9 +33,9 @@ from fl_app.data import load_server_test_set
 from fl_app.models import build_model
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.release import EXPORT_FILES, ExportRefused, export_run
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
 from fl_app.server.rundir import published_config_hash
-from fl_app.testing import InProcessGrid
 from fl_app.training import evaluate
 from fl_app.weights import load_ndarrays, load_safetensors, weights_digest
 

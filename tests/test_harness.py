@@ -1,4 +1,4 @@
-"""Tests for :class:`fl_app.testing.InProcessGrid`, the in-process Flower Grid."""
+"""Tests for :class:`fl_app.runtime.inprocess.InProcessGrid`, the in-process Flower Grid."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_app.testing import Delivery, InProcessGrid, records_copy, wire_copy
+from fl_app.runtime.copies import records_copy, wire_copy
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.runtime.link import Delivery
 
 MODES = ["records", "wire"]
 GridFactory = Callable[..., InProcessGrid]

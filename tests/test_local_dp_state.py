@@ -25,8 +25,8 @@ from fl_app.client.policy import PolicyViolation
 from fl_app.config.compose import compose_config
 from fl_app.privacy.state import LocalDpState, LocalDpStore, PrivacyStateError
 from fl_app.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
-from fl_app.testing import InProcessGrid
 
 Z = 4.0
 DELTA = 1e-5

@@ -20,9 +20,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fl_app.client.app import app as client_app
 from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
-from fl_app.config.validate import ConfigError
+from fl_app.config.errors import ConfigError
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import initial_arrays, run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 
 # Written out here, not imported: the README's list of what the server may see.

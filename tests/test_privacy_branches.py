@@ -25,6 +25,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
+from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan, sensitivity
@@ -38,12 +39,11 @@ from fl_app.privacy.mechanisms import (
 )
 from fl_app.privacy.noise import SeededNoise
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.encoding import FixedPointCodec
 from fl_app.secagg.vector import DecodedSum
-from fl_app.testing import InProcessGrid
 from fl_app.weights import to_array_record
 from strategies.budget import BudgetGuard
-from strategies.client_dp import ClientDpSettings
 from strategies.dp_aggregators import CENTRAL_NOISE_STREAM, CentralDp, DistributedDp
 from strategies.dp_projection import projection_lines
 from strategies.driver import DriverSettings, RoundDriver
@@ -343,7 +343,7 @@ def test_gate_with_holes_is_accounted_and_refused(monkeypatch: pytest.MonkeyPatc
     """Red-team finding: with secure-aggregation parameters for odd cohorts only (as
     ``dropout_tolerance=0.5`` gave), a client decides between release and abandonment
     whenever it is sampled; the accounted η was q·P[Bin(N−1, q) = 2] ≈ 6e-29 a round."""
-    import strategies.client_dp as client_dp
+    import fl_app.config.client_dp as client_dp
     from fl_app.config.compose import compose_config
 
     n, q = 203, 0.3
@@ -590,7 +590,7 @@ def test_adaptive_clip_step_and_noise_split_by_hand() -> None:
 
 def test_config_whose_branches_use_up_delta_is_refused_naming_the_fields() -> None:
     from fl_app.config.compose import compose_config
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     # The validator resolves the privacy settings, so the config fails when composed.
     with pytest.raises(ConfigError, match=r"strategy\.fraction_train.*strategy\.sampling=fixed"):
@@ -634,7 +634,7 @@ def test_ledger_round_trips_branches_slack_and_participation() -> None:
 
 def test_distributed_budget_below_one_cohort_against_the_server_is_refused() -> None:
     from fl_app.config.compose import compose_config
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     # z = 0.5: one unamplified round alone is far above epsilon 1 against the server.
     with pytest.raises(ConfigError, match=r"privacy\.max_epsilon=1.*against the server"):
@@ -740,10 +740,11 @@ def test_guard_against_the_server_counts_the_carried_participation() -> None:
 
 def test_resumed_distributed_run_starts_a_participation_session() -> None:
     from fl_app.config.compose import compose_config
+    from fl_app.config.plan import resolve
     from strategies.factory import build_aggregator
 
     cfg = compose_config("config", ["privacy=distributed", "secagg=secaggplus", "secagg.bits=16"])
     event = RoundEvent(1, "poisson", 10, 0.3, 3.0, 1.0, 1.0, 1.0)
     ledger = FederationLedger(1e-5, AccountantName.rdp, (event,)).add_participation(["4", "4"])
-    agg = build_aggregator(cfg, ledger)
+    agg = build_aggregator(resolve(cfg), ledger)
     assert agg.ledger.participation == () and agg.ledger.participation_carried == 2

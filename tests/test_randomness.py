@@ -159,8 +159,8 @@ def _client_message(cfg: Any, run_key: str, **node_config: Any) -> Message:
     from fl_app.client_spec import encode_spec, spec_from_config
     from fl_app.privacy.state import STEPS_SEEN_KEY
     from fl_app.protocol import SPEC_KEY
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.server.app import initial_arrays
-    from fl_app.testing import InProcessGrid
     from fl_app.weights import to_array_record
 
     grid = InProcessGrid(client_app, 3, seed=0)
@@ -235,8 +235,8 @@ def test_client_app_dpsgd_is_not_reproducible_by_the_server(tmp_path: Path) -> N
 def _finished_run(path: Path, *overrides: str) -> dict[str, Any]:
     from fl_app.client.app import app as client_app
     from fl_app.config.compose import compose_config
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.server.app import run_experiment
-    from fl_app.testing import InProcessGrid
 
     cfg = compose_config(
         "config",

@@ -165,8 +165,8 @@ def test_deployed_serverapp_fails_the_flower_run_when_no_round_updated(tmp_path:
     from flwr.app import Context, RecordDict
 
     from fl_app.client.app import app as client_app
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.server.app import main as deployed_main
-    from fl_app.testing import InProcessGrid
 
     overrides = " ".join(
         [*_FAST, "num_rounds=1", "runtime.validation.max_update_norm=1e-6", "seed=3"]
@@ -196,7 +196,7 @@ def test_deploy_streams_progress_lines_and_states_a_verdict(tmp_path: Path) -> N
     import sys
     import time
 
-    from fl_app.deploy import _follow_log, run_verdict
+    from fl_app.deploy.flwr_cli import _follow_log, run_verdict
 
     script = (
         "print('INFO : starting'); "

@@ -36,9 +36,9 @@ from fl_app.protocol import (
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_SELF_MASK_NODES,
 )
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
 from fl_app.secagg.vector import unpack_ids
-from fl_app.testing import InProcessGrid
 from fl_app.testing.adversary import (
     AdversarialServer,
     claim_dropout,
@@ -297,7 +297,7 @@ def test_an_abandoned_round_leaves_no_key_or_seed(server: AdversarialServer) -> 
         server.grid.drop_at(v, message_type="train", nth=3)
     out = server.run_round(1, ARRAYS, last_round=3)
     assert out.decoded is None and "abandoned" in out.note
-    from fl_app.secagg_stages import STATE_KEY
+    from fl_app.secagg.client import STATE_KEY
 
     for node in server.grid.node_ids:
         record = server.grid.context(node).state.get(STATE_KEY)

@@ -43,11 +43,11 @@ from fl_app.protocol import (
     SERVER_ROUND,
     UPDATE_KEY,
 )
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.client import KEYS_STATE_KEY, STATE_KEY
 from fl_app.secagg.graph import derive_params
 from fl_app.secagg.vector import LOSS_CAP, round_codec
-from fl_app.secagg_stages import KEYS_STATE_KEY, STATE_KEY
 from fl_app.server.app import initial_arrays, run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.weights import from_array_record, load_safetensors
 
 N = 10  # the default experiment's clients
@@ -348,8 +348,8 @@ def test_key_exchange_stages_do_not_import_torch() -> None:
         from fl_app.secagg.graph import GraphMode
         from fl_app.secagg.protocol import CIPHERTEXT_BYTES, Stage
         from fl_app.secagg.vector import unpack_ids
-        from fl_app.secagg_stages import STATE_KEY, _load, _reply, _save
-        from fl_app.testing import InProcessGrid
+        from fl_app.secagg.client.state import STATE_KEY, _load, _reply, _save
+        from fl_app.runtime.inprocess import InProcessGrid
         from strategies.secagg import SecAggSettings, SecureAggregation
 
         grid = InProcessGrid(app, 4, seed=0)

@@ -31,9 +31,9 @@ from fl_app.protocol import (
     SECAGG_STAGE_KEY,
     SERVER_ROUND,
 )
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.vector import round_codec
 from fl_app.server.app import run_experiment
-from fl_app.testing import InProcessGrid
 from fl_app.weights import load_safetensors
 
 N = 10

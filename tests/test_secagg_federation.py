@@ -26,8 +26,8 @@ from fl_app.weights import to_array_record
 def _identity_site(tmp_path: Path, policy: str | None) -> Iterator[Context]:
     """A deployed site's context (key, roster, site-name, optional policy file), inside
     an in-process grid (which sets Flower's task identity for Message)."""
-    from fl_app.deploy import create_signing_key, write_roster
-    from fl_app.testing import InProcessGrid
+    from fl_app.deploy.pki import create_signing_key, write_roster
+    from fl_app.runtime.inprocess import InProcessGrid
 
     _, pub = create_signing_key(tmp_path, "site0")
     roster = write_roster(tmp_path / "roster.json", {"site0": pub})
@@ -90,8 +90,8 @@ def _packed_round(corrupt_fraction: float, dropout_tolerance: float) -> tuple[An
     import numpy as np
 
     from fl_app.client.policy import SitePolicy
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.secagg.graph import GraphMode, ServerModel
-    from fl_app.testing import InProcessGrid
     from fl_app.testing.adversary import AdversarialServer
     from fl_app.testing.secagg_client import fixed_update_client
     from strategies.secagg import SecAggSettings
@@ -146,7 +146,7 @@ def test_processes_started_for_a_deployment_never_inherit_the_simulation_mark(
     import sys
     import time
 
-    from fl_app.deploy import ProcessGroup, deploy_env
+    from fl_app.deploy.procs import ProcessGroup, deploy_env
     from fl_app.secagg import signing
 
     monkeypatch.setenv(signing.SIMULATION_SECRET_ENV, "ab" * 32)
@@ -173,8 +173,8 @@ def test_processes_started_for_a_deployment_never_inherit_the_simulation_mark(
 def _roster_grid(tmp_path: Path, n: int = 5) -> Any:
     import numpy as np
 
-    from fl_app.deploy import create_signing_key, write_roster
-    from fl_app.testing import InProcessGrid
+    from fl_app.deploy.pki import create_signing_key, write_roster
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.testing.secagg_client import fixed_update_client
 
     pubs = {}
@@ -263,8 +263,8 @@ def test_a_run_id_other_than_flowers_is_refused(where: int) -> None:
     import numpy as np
 
     from fl_app.protocol import SECAGG_CONTEXT, SECAGG_RUN_ID
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.secagg.signing import parse_context
-    from fl_app.testing import InProcessGrid
     from fl_app.testing.secagg_client import fixed_update_client
 
     grid = InProcessGrid(fixed_update_client(lambda node: {"w": np.ones(4, np.float32)}), 4)

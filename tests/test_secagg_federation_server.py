@@ -34,7 +34,7 @@ def _settings(**kw: Any) -> SecAggSettings:
 def _round(settings: SecAggSettings, nodes: int, cohort: int) -> tuple[Any, Any, Any]:
     """One real secure round (no lies) over ``cohort`` of ``nodes`` simulated clients,
     each contributing 0.25 per coordinate; the clients see num-partitions = ``nodes``."""
-    from fl_app.testing import InProcessGrid
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.testing.adversary import AdversarialServer
     from fl_app.testing.secagg_client import fixed_update_client
 
@@ -115,7 +115,7 @@ def _compose(*overrides: str) -> Any:
 
 
 def test_an_infeasible_sampled_malicious_config_is_refused_naming_the_fields() -> None:
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     bad = (
         "secagg.server_model=malicious",

@@ -38,15 +38,15 @@ from fl_app.protocol import (
     SECAGG_STAGE_KEY,
     SERVER_ROUND,
 )
-from fl_app.secagg.graph import GraphMode
-from fl_app.secagg_stages import (
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.client import (
     KEYS_STATE_KEY,
     PROGRESS_STATE_KEY,
     STATE_KEY,
     SecAggStageError,
     handle_key_stage,
 )
-from fl_app.testing import InProcessGrid
+from fl_app.secagg.graph import GraphMode
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange, train_instructions
 from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
 

@@ -44,11 +44,11 @@ from fl_app.protocol import (
     SECAGG_SIGNERS,
     SECAGG_SURVIVORS,
 )
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg import crypto, signing
 from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
 from fl_app.secagg.protocol import CIPHERTEXT_BYTES, _encryption_key
 from fl_app.secagg.vector import pack_ids, unpack_ids
-from fl_app.testing import InProcessGrid
 from fl_app.testing.adversary import AdversarialServer, split_view
 from fl_app.testing.secagg_client import fixed_update_client
 from strategies.secagg import SecAggSettings
@@ -351,7 +351,7 @@ def test_deployed_sites_sign_with_node_key_files_and_the_roster(tmp_path) -> Non
     node configs naming them: a malicious-model round completes exactly; a site left off
     the roster makes its neighbours refuse (its keys verify against nothing), and a
     deployed site without its key files refuses, naming the node-config keys."""
-    from fl_app.deploy import create_signing_key, write_roster
+    from fl_app.deploy.pki import create_signing_key, write_roster
 
     pubs = {}
     for i in range(N):
@@ -408,7 +408,7 @@ def test_deployed_sites_sign_with_node_key_files_and_the_roster(tmp_path) -> Non
 def test_deploy_node_key_writes_the_signing_pair(tmp_path, capsys) -> None:
     import os
 
-    from fl_app.deploy import deploy_main
+    from fl_app.cli.deploy import deploy_main
 
     deploy_main(["node-key", "--out", str(tmp_path), "--name", "clinic"])
     key = signing.load_signing_key(tmp_path / "clinic.sign")
@@ -589,7 +589,7 @@ def test_an_unmarked_process_never_uses_the_simulation_roster(monkeypatch) -> No
 
 
 def _deployed_grid(tmp_path, policy=None) -> InProcessGrid:
-    from fl_app.deploy import create_signing_key, write_roster
+    from fl_app.deploy.pki import create_signing_key, write_roster
 
     pubs = {}
     for i in range(N):
@@ -656,7 +656,7 @@ def test_secaggplus_with_the_malicious_model_is_a_config_error() -> None:
     # Explicit rather than a silent switch to the complete graph: the user asked for
     # SecAgg+'s O(log n) cost, which this model cannot give safely.
     from fl_app.config.compose import compose_config
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         compose_config("config", ["secagg=secaggplus", "secagg.clip=1",
@@ -701,7 +701,8 @@ def test_share_keys_round_shape_checks_with_the_sites_own_colluder_bound() -> No
     # Complete graph n=10, D=2: t=8. With the site assuming C colluders: 2t > n + C
     # holds for C=5 (16 > 15), not for C=6 (16 = 16); the returned C sizes the quorum.
     from fl_app.client.policy import SitePolicy
-    from fl_app.secagg_stages import SecAggStageError, _check_malicious_round
+    from fl_app.secagg.client import SecAggStageError
+    from fl_app.secagg.client.checks import _check_malicious_round
 
     p = derive_params(N, mode="secagg", dropout_tolerance=0.2)
     cohort = list(range(1, N + 1))

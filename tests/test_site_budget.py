@@ -85,8 +85,8 @@ def _train_message(
     """A fresh node's reply to round 1 of ``cfg`` under ``run_key`` (partition 0)."""
     from fl_app.client.app import app as client_app
     from fl_app.client_spec import encode_spec, spec_from_config
+    from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.server.app import initial_arrays
-    from fl_app.testing import InProcessGrid
     from fl_app.weights import to_array_record
 
     grid = InProcessGrid(client_app, 3, seed=0)

@@ -24,8 +24,8 @@ from fl_app.client.policy import (
 )
 from fl_app.config.compose import compose_config
 from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
+from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
-from fl_app.testing import InProcessGrid
 
 
 # ------------------------------------------------------------------ parsing

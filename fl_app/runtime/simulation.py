@@ -60,7 +60,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     a bad file raises :class:`~fl_app.data.DataError` before round 1 and before Ray
     starts, instead of every client refusing in round 1.
     """
-    from fl_app.client_app import app as client_app
+    from fl_app.client.app import app as client_app
     from fl_app.data import check_local_data
 
     check_local_data(cfg.dataset, cfg.seed)

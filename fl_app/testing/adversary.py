@@ -1,7 +1,7 @@
 """A deviating secure-aggregation server, for tests: honest rounds with chosen lies.
 
 :class:`AdversarialServer` runs the real server side (:class:`strategies.secagg.
-SecureAggregation`) over an :class:`~fl_app.testing.InProcessGrid` whose nodes run a
+SecureAggregation`) over an :class:`~fl_app.runtime.inprocess.InProcessGrid` whose nodes run a
 real ClientApp (the project's, or :func:`~fl_app.testing.secagg_client.
 fixed_update_client`, which calls the same stage handlers). Before each instruction
 leaves, every installed :data:`Lie` may rewrite it: this is what a server that deviates
@@ -177,7 +177,7 @@ class AdversarialServer:
             entry_of = by_id.get(reply.metadata.reply_to_message_id)
             if entry_of is not None:
                 entry_of.reply = reply
-        from fl_app.secagg_stages import STATE_KEY
+        from fl_app.secagg.client import STATE_KEY
 
         for entry in by_id.values():
             record = self.grid.context(entry.node).state.get(STATE_KEY)
@@ -216,7 +216,7 @@ class AdversarialServer:
 class LyingGrid:
     """A Grid whose secure-aggregation instructions pass through :data:`Lie` s.
 
-    Wraps an :class:`~fl_app.testing.InProcessGrid` for the real driver
+    Wraps an :class:`~fl_app.runtime.inprocess.InProcessGrid` for the real driver
     (``run_experiment``): every pushed ``train`` message with a stage marker is
     rewritten by ``lies(round, stage, node, config)`` first; ``lies`` returns the
     config (changed or not). Everything else is the wrapped grid's.

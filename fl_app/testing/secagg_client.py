@@ -1,8 +1,8 @@
 """A ClientApp for secure-aggregation tests and benchmarks: real stages, no training.
 
 Stages 1, 2 and 4 go through the ClientApp's real torch-free handlers
-(:mod:`fl_app.secagg_stages`); stage 3 encodes and masks a given update with the real
-:class:`~fl_app.secagg_stages.MaskedInputStage` (fixed point, or distributed-DP shares
+(:mod:`fl_app.secagg.client`); stage 3 encodes and masks a given update with the real
+:class:`~fl_app.secagg.client.MaskedInputStage` (fixed point, or distributed-DP shares
 when the instruction carries them), so a test controls exactly what is summed.
 """
 
@@ -30,7 +30,7 @@ def fixed_update_client(
     ``policy``: the sites' :class:`~fl_app.client.policy.SitePolicy` (safe defaults when
     ``None``), as the ClientApp reads it from ``policy-path``.
     """
-    from fl_app.secagg_stages import MaskedInputStage, handle_key_stage, secagg_stage
+    from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stage
 
     app = ClientApp()
 
@@ -58,7 +58,10 @@ def fixed_update_client(
 
 
 def grid_exchange(grid: Any) -> Callable[[list[Message], float], Any]:
-    """:data:`strategies.secagg.Exchange` over an :class:`~fl_app.testing.InProcessGrid`."""
+    """:data:`strategies.secagg.Exchange` over an in-process grid.
+
+    The grid is a :class:`~fl_app.runtime.inprocess.InProcessGrid`.
+    """
 
     def exchange(messages: list[Message], timeout: float) -> Any:
         ids = list(grid.push_messages(messages))
