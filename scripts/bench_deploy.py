@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fl_app.deploy import Federation, app_root, run_logs
+from fl_app.deploy.federation import Federation, app_root
+from fl_app.deploy.flwr_cli import run_logs
 
 COMMON = [
     "dataset.num_partitions=3",

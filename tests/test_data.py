@@ -691,9 +691,9 @@ def test_check_site_data_for_a_supernode(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         check_site_data({"data-path": str(tmp_path / "gone.npz")}, cfg)
     # Without the experiment's config the shipped dataset=local defaults apply
-    # (fl_app.site_check composes them), whose pixel_scale of 1 refuses raw 0..16 digits.
+    # (fl_app.deploy.site_check composes them), whose pixel_scale of 1 refuses raw 0..16 digits.
     from fl_app.data import SiteData
-    from fl_app.site_check import site_dataset_defaults
+    from fl_app.deploy.site_check import site_dataset_defaults
 
     def check(node: dict[str, object]) -> SiteData:
         return check_site_data(node, site_dataset_defaults(node))

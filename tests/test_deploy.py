@@ -29,25 +29,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.common.config import parse_config_args
 
 from fl_app.audit import verify
-from fl_app.deploy import (
-    INSECURE_WARNING,
-    DeployError,
-    Federation,
-    app_root,
-    create_ca,
-    create_node_key,
-    create_server_cert,
-    deploy_main,
-    format_node_config,
-    list_nodes,
-    load_site,
-    node_config_from_site,
-    register_node,
-    run_logs,
-    superlink_command,
-    supernode_command,
-    write_connection,
-)
+from fl_app.cli.deploy import deploy_main
+from fl_app.deploy import DeployError
+from fl_app.deploy.federation import Federation, app_root
+from fl_app.deploy.flwr_cli import list_nodes, register_node, run_logs, write_connection
+from fl_app.deploy.pki import create_ca, create_node_key, create_server_cert
+from fl_app.deploy.procs import INSECURE_WARNING, superlink_command, supernode_command
+from fl_app.deploy.site import format_node_config, load_site, node_config_from_site
 
 # ---- certificates ---------------------------------------------------------------------
 
@@ -243,7 +231,8 @@ def test_every_relative_path_in_a_site_yaml_resolves_against_its_folder(
 
 def test_sites_sharing_an_audit_folder_never_share_a_log(tmp_path: Path) -> None:
     """Deployed sites all have partition id 0: their logs are named by site identity."""
-    from fl_app.client.app import client_audit_path, site_identity
+    from fl_app.client.audit import client_audit_path
+    from fl_app.client.identity import site_identity
 
     shared = tmp_path / "audit"
     configs = [

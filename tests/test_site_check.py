@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_app.deploy import create_ca, create_node_key, deploy_main
-from fl_app.site_check import check_site, site_check_main
+from fl_app.cli.deploy import deploy_main
+from fl_app.cli.site import site_main
+from fl_app.deploy.pki import create_ca, create_node_key
+from fl_app.deploy.site_check import check_site
 
 
 def _site_file(path: Path, n: int = 40) -> None:
@@ -33,7 +35,7 @@ def test_a_good_site_passes_every_check(tmp_path: Path, capsys: pytest.CaptureFi
         "dp_state_dir: state\n"
         "extra: {audit-dir: audit, policy-path: policy.yaml}\n"
     )
-    rc = site_check_main(["check", "--site", str(tmp_path / "site.yaml"), "--key", str(priv)])
+    rc = site_main(["check", "--site", str(tmp_path / "site.yaml"), "--key", str(priv)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "ok   site: site-hospital-a" in out and "all 6 checks passed" in out

@@ -10,9 +10,9 @@
 ``fl-app deploy ...``                     certificates, keys, SuperLink/SuperNodes, submit, demo
 ``fl-app site check --node-config ...``   a SuperNode's start-up checks, by hand
 Each verb has its module here (:mod:`fl_app.cli.simulate`, :mod:`fl_app.cli.audit`,
-:mod:`fl_app.cli.export`, :mod:`fl_app.cli.report`); the library modules hold no
-argparse code. ``deploy``, ``site`` and ``audit-privacy`` still parse their arguments
-in :mod:`fl_app.deploy`, :mod:`fl_app.site_check` and :mod:`fl_app.privacy_audit`.
+:mod:`fl_app.cli.export`, :mod:`fl_app.cli.report`, :mod:`fl_app.cli.audit_privacy`,
+:mod:`fl_app.cli.deploy`, :mod:`fl_app.cli.site`); the library modules hold no
+argparse code.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ commands:
   audit-privacy
              membership inference (loss threshold, LiRA) and gradient inversion on a
              run's release, next to its theoretical epsilon
-  deploy     ca | server-cert | node-key | node-config | connection | register |
+  deploy     ca | server-cert | node-key | roster | node-config | connection | register |
              superlink | supernode | submit | demo  (see docs/deployment.md)
   site       check --node-config "..." | --site site.yaml [--key K] [--ca C]: a
              SuperNode's start-up checks (data, policy, folders, keys) by hand
@@ -69,17 +69,17 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(export_main(rest))
     elif command == "audit-privacy":
-        from fl_app.privacy_audit import audit_privacy_main
+        from fl_app.cli.audit_privacy import audit_privacy_main
 
         raise SystemExit(audit_privacy_main(rest))
     elif command == "deploy":
-        from fl_app.deploy import deploy_main
+        from fl_app.cli.deploy import deploy_main
 
         raise SystemExit(deploy_main(rest))
     elif command == "site":
-        from fl_app.site_check import site_check_main
+        from fl_app.cli.site import site_main
 
-        raise SystemExit(site_check_main(rest))
+        raise SystemExit(site_main(rest))
     elif command == "audit":
         from fl_app.cli.audit import audit_main
 

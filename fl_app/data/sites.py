@@ -75,7 +75,7 @@ def check_site_data(node_config: NodeConfig, cfg: DatasetConfig, seed: int = 0) 
     cfg : DatasetConfig
         The experiment's dataset section. A SuperNode starts before any experiment
         is submitted, so its start-up check passes the shipped defaults instead
-        (:func:`fl_app.site_check.site_dataset_defaults`; this package composes no
+        (:func:`fl_app.deploy.site_check.site_dataset_defaults`; this package composes no
         Hydra config).
     seed : int
         Seed of the train/validation split (sizes do not depend on it).

@@ -1,6 +1,6 @@
 """Empirical privacy audit of a run: attacks on what the release and the server expose.
 
-``fl-app audit-privacy <run dir> [--out DIR] [--quick]`` (:func:`audit_privacy_main`)
+``fl-app audit-privacy <run dir> [--out DIR] [--quick]`` (:mod:`fl_app.cli.audit_privacy`)
 runs membership inference (loss threshold; LiRA with shadow models) on the released
 model and gradient inversion on one client's update, and prints every number next to
 the run's theoretical ε. See :mod:`fl_app.privacy_audit.run` for what is written and
@@ -8,9 +8,9 @@ which client data appears in it (only the inversion demo's true records, in a pl
 
 Modules: :mod:`~fl_app.privacy_audit.metrics` (pure scoring math),
 :mod:`~fl_app.privacy_audit.membership`, :mod:`~fl_app.privacy_audit.inversion`,
-:mod:`~fl_app.privacy_audit.run` (run-directory driver and CLI).
+:mod:`~fl_app.privacy_audit.run` (run-directory driver).
 """
 
-from fl_app.privacy_audit.run import AuditSettings, audit_privacy_main, audit_run
+from fl_app.privacy_audit.run import AuditSettings, audit_run, audit_run_dir
 
-__all__ = ["AuditSettings", "audit_privacy_main", "audit_run"]
+__all__ = ["AuditSettings", "audit_run", "audit_run_dir"]

@@ -33,11 +33,9 @@ larger unit (a whole client's data) and should lie well inside it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from fl_app.privacy_audit.inversion import (
     run_inversion,
 )
 from fl_app.privacy_audit.membership import (
+    LiraResult,
     ShadowSettings,
     lira_attack,
     loss_threshold_attack,
@@ -63,7 +62,7 @@ from fl_app.privacy_audit.membership import (
 )
 from fl_app.privacy_audit.metrics import DEFAULT_FPRS, RocSummary
 
-__all__ = ["AuditSettings", "audit_privacy_main", "audit_run"]
+__all__ = ["AuditError", "AuditSettings", "audit_run", "audit_run_dir", "print_audit"]
 
 SCHEMA_VERSION = 1
 _DEFAULT_Z = 1.0
@@ -106,14 +105,15 @@ class AuditError(RuntimeError):
 def _load_run(run_dir: Path) -> tuple[AppConfig, dict[str, Any], torch.nn.Module]:
     from fl_app.config.compose import to_app_config
     from fl_app.models import build_model
+    from fl_app.server.layout import CONFIG_FILE, MODEL_FILE, SUMMARY_FILE
     from fl_app.weights import load_ndarrays, load_safetensors
 
-    for name in ("config.yaml", "summary.json"):
+    for name in (CONFIG_FILE, SUMMARY_FILE):
         if not (run_dir / name).is_file():
             raise AuditError(f"{run_dir / name} is missing: audit a finished run directory")
-    cfg = to_app_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    model_path = run_dir / str(summary.get("model_file") or "model.safetensors")
+    cfg = to_app_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    model_path = run_dir / str(summary.get("model_file") or MODEL_FILE)
     if not model_path.is_file():
         raise AuditError(f"{model_path} is missing: the run released no model")
     blob = model_path.read_bytes()
@@ -206,21 +206,19 @@ def _membership_data(
     return (x, y), is_member, scored
 
 
-def audit_run(
-    run_dir: Path, out_dir: Path, settings: AuditSettings, *, seed: int, images: bool = True
-) -> dict[str, Any]:
-    """Run every attack on ``run_dir``'s release and write ``audit.json`` and plots.
+def _membership_section(
+    cfg: AppConfig,
+    summary: dict[str, Any],
+    model: torch.nn.Module,
+    settings: AuditSettings,
+    seed: int,
+) -> tuple[dict[str, Any], RocSummary, LiraResult]:
+    """Membership inference on the release: loss threshold and LiRA with shadow models.
 
-    Returns the JSON document that was written.
+    Returns the ``membership_inference`` section of ``audit.json`` and both attacks'
+    results (for the ROC plot).
     """
-    from fl_app.data import load_client_data
-
-    t0 = time.perf_counter()
-    cfg, summary, model = _load_run(run_dir)
-    theory = _theory(cfg, summary)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA0D17]))
-
-    # ---- membership inference
     pool, is_member, scored = _membership_data(cfg, rng, settings.max_per_side)
     x, y = pool
     mem = (x[scored & is_member], y[scored & is_member])
@@ -260,8 +258,25 @@ def audit_run(
             "variance": "global (pooled) IN and OUT variance, per-example means",
         },
     }
+    return membership, loss_res, lira
 
-    # ---- gradient inversion on client 0
+
+def _inversion_section(
+    cfg: AppConfig,
+    summary: dict[str, Any],
+    model: torch.nn.Module,
+    settings: AuditSettings,
+    seed: int,
+    images: bool,
+) -> tuple[dict[str, Any], list[InversionResult]]:
+    """Gradient inversion of client 0's update, under each protection the settings name.
+
+    Returns the ``gradient_inversion`` section of ``audit.json`` and the per-batch
+    results (for the image plot).
+    """
+    # long: one loop over (batch size, protection), then the section's JSON table.
+    from fl_app.data import load_client_data
+
     prot = _protection_params(cfg, summary)
     client = load_client_data(cfg.dataset, 0, cfg.dataset.num_partitions, cfg.seed).train
     inv_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x1F7E]))
@@ -314,6 +329,21 @@ def audit_run(
         "results": [r.to_json() for r in results],
         "images_written": bool(images),
     }
+    return inversion, results
+
+
+def audit_run(
+    run_dir: Path, out_dir: Path, settings: AuditSettings, *, seed: int, images: bool = True
+) -> dict[str, Any]:
+    """Run every attack on ``run_dir``'s release and write ``audit.json`` and plots.
+
+    Returns the JSON document that was written.
+    """
+    t0 = time.perf_counter()
+    cfg, summary, model = _load_run(run_dir)
+    theory = _theory(cfg, summary)
+    membership, loss_res, lira = _membership_section(cfg, summary, model, settings, seed)
+    inversion, results = _inversion_section(cfg, summary, model, settings, seed, images)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [_roc_plot(out_dir / "roc.png", loss_res, lira.online, lira.offline, theory)]
@@ -413,7 +443,8 @@ def _eps_text(theory: dict[str, Any]) -> str:
     return "; ".join(parts) if parts else "no DP: ε=∞"
 
 
-def _print_doc(doc: dict[str, Any], out_dir: Path) -> None:
+def print_audit(doc: dict[str, Any], out_dir: Path) -> None:
+    """Every number of ``doc`` beside the run's theoretical ε, as the CLI prints it."""
     eps = _eps_text(doc["theoretical"])
     mi = doc["membership_inference"]
     print(f"privacy audit of {doc['run_dir']}   [theoretical: {eps}]")
@@ -445,47 +476,29 @@ def _print_doc(doc: dict[str, Any], out_dir: Path) -> None:
     print(f"wrote {out_dir / 'audit.json'} and {', '.join(doc['plots'])}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fl-app audit-privacy",
-        description="Membership inference and gradient inversion on a run's release, "
-        "beside its theoretical epsilon.",
+def audit_run_dir(
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    quick: bool = False,
+    seed: int | None = None,
+    images: bool = True,
+) -> dict[str, Any]:
+    """:func:`audit_run` with the settings of ``fl-app audit-privacy`` (:mod:`fl_app.cli.
+    audit_privacy`): the run's own seed unless ``seed`` is given, quick settings (few
+    shadows, batch of one) for tests, torch on one thread (tiny models: more intra-op
+    threads only contend)."""
+    if seed is None:
+        cfg, _, _ = _load_run(run_dir)
+        seed = int(cfg.seed)
+    settings = (
+        AuditSettings.quick(seed)
+        if quick
+        else AuditSettings(inversion=InversionSettings(seed=seed))
     )
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="default: <run dir>/privacy_audit")
-    p.add_argument("--quick", action="store_true", help="few shadows, batch of one (tests)")
-    p.add_argument("--seed", type=int, default=None, help="attack seed (default: the run's seed)")
-    p.add_argument(
-        "--no-images",
-        action="store_true",
-        help="do not write inversion.png (it shows true client records)",
-    )
-    return p
-
-
-def audit_privacy_main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fl-app audit-privacy``; returns the exit status."""
-    args = _parser().parse_args(argv)
-    run_dir: Path = args.run_dir
-    out_dir: Path = args.out or run_dir / "privacy_audit"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        seed = args.seed
-        if seed is None:
-            cfg, _, _ = _load_run(run_dir)
-            seed = int(cfg.seed)
-        settings = (
-            AuditSettings.quick(seed)
-            if args.quick
-            else AuditSettings(inversion=InversionSettings(seed=seed))
-        )
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny models: more intra-op threads only contend
-        try:
-            doc = audit_run(run_dir, out_dir, settings, seed=seed, images=not args.no_images)
-        finally:
-            torch.set_num_threads(threads)
-    except (AuditError, FileNotFoundError, ValueError) as err:
-        print(f"fl-app audit-privacy: {err}", file=sys.stderr)
-        return 2
-    _print_doc(doc, out_dir)
-    return 0
+        return audit_run(run_dir, out_dir, settings, seed=seed, images=images)
+    finally:
+        torch.set_num_threads(threads)

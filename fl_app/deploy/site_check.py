@@ -7,32 +7,35 @@ node config the way its ClientApp will and reports each problem before the Super
 joins the federation:
 
 * ``site``: the stable identity naming the site's own files
-  (:func:`fl_app.client_app.site_identity`);
+  (:func:`fl_app.client.identity.site_identity`);
 * ``data``: the site's file (``data-path``) or simulated partition, loaded exactly as
   the ClientApp loads it (:func:`fl_app.data.sites.check_site_data`);
 * ``policy``: the data-use policy (``policy-path``), parsed strictly
-  (:func:`fl_app.site_policy.load_policy`);
+  (:func:`fl_app.client.policy.load_policy`);
 * ``audit-dir`` and ``dp-state-dir``: folders the ClientApp must be able to write,
   and any audit log of this site already there must verify;
+* ``roster``: with ``roster-path`` / ``signing-key-path`` (malicious-model secure
+  aggregation), the site's ``site-name`` must be its own roster entry: a name the
+  roster gives to a different key (another site's) is refused here, not at the
+  first round;
 * ``key``: the SuperNode's private key (OpenSSH ECDSA P-384, readable only by its
   owner) and ``ca``: the CA certificate it pins.
 
-``fl-app deploy supernode`` runs the same checks and refuses to start the SuperNode
-when one fails. Only sizes, names and verdicts are printed: nothing about the records.
+``fl-app deploy supernode`` and ``fl-app deploy demo`` run the same checks and refuse
+to start a SuperNode when one fails (``fl-app site check``, :mod:`fl_app.cli.site`, runs
+them by hand). Only sizes, names and verdicts are printed: nothing about the records.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SiteCheck", "check_site", "site_check_main"]
+__all__ = ["SiteCheck", "check_site", "site_dataset_defaults"]
 
 
 @dataclass(frozen=True)
@@ -164,15 +167,9 @@ def check_site(
     ``dataset``: the experiment's ``DatasetConfig`` when known (default: the site file
     is read with ``configs/dataset/local.yaml``'s settings, as the SuperNode's check).
     """
-    from fl_app.client_app import (
-        AUDIT_DIR_KEY,
-        POLICY_PATH_KEY,
-        ClientRefusal,
-        site_identity,
-    )
-    from fl_app.data import DataError
-    from fl_app.data.sites import check_site_data
-    from fl_app.site_policy import PolicyError, load_policy
+    from fl_app.client.identity import AUDIT_DIR_KEY, POLICY_PATH_KEY, site_identity
+    from fl_app.client.policy import PolicyError, load_policy
+    from fl_app.client.refusal import ClientRefusal
 
     checks: list[SiteCheck] = []
     try:
@@ -181,22 +178,7 @@ def check_site(
     except ClientRefusal as err:
         site = None
         checks.append(SiteCheck("site", False, str(err)))
-    if any(k in node_config for k in ("data-path", "partition-id")):
-        try:
-            if dataset is None:
-                dataset = site_dataset_defaults(node_config)
-            checks.append(SiteCheck("data", True, check_site_data(node_config, dataset).line()))
-        except DataError as err:
-            checks.append(SiteCheck("data", False, str(err)))
-    else:
-        checks.append(
-            SiteCheck(
-                "data",
-                False,
-                'node config names no data: set "data-path" (the site\'s file) '
-                'or "partition-id"/"num-partitions" (a simulated partition)',
-            )
-        )
+    checks.append(_check_data(node_config, dataset))
     policy = node_config.get(POLICY_PATH_KEY)
     if policy:
         try:
@@ -213,6 +195,9 @@ def check_site(
     state_dir = node_config.get("dp-state-dir")
     if state_dir:
         checks.append(_writable_dir(str(state_dir), "dp-state-dir"))
+    roster = _check_roster(node_config)
+    if roster is not None:
+        checks.append(roster)
     if key:
         checks.append(_check_key(key))
     if ca:
@@ -220,48 +205,70 @@ def check_site(
     return checks
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fl-app site check",
-        description="Run a SuperNode's start-up checks (site data, policy, folders, keys).",
-    )
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--node-config", help='as given to flower-supernode: "data-path=... ..."')
-    g.add_argument("--site", help="site YAML (as for `fl-app deploy supernode --site`)")
-    p.add_argument("--key", help="the SuperNode's private key (fl-app deploy node-key)")
-    p.add_argument("--ca", help="the CA certificate the SuperNode pins")
-    return p
+def _check_data(node_config: Mapping[str, Any], dataset: Any) -> SiteCheck:
+    """The site's file or partition, loaded as its ClientApp loads it."""
+    from fl_app.data import DataError
+    from fl_app.data.sites import check_site_data
 
-
-def parse_node_config(text: str) -> dict[str, Any]:
-    """A ``--node-config`` string, parsed exactly as ``flower-supernode`` parses it."""
-    from flwr.common.config import parse_config_args
-
-    return dict(parse_config_args([text])) if text.strip() else {}
-
-
-def site_check_main(argv: Sequence[str]) -> int:
-    """``fl-app site check ...``: exit 0 when every check passes, 1 otherwise."""
-    args = list(argv)
-    if not args or args[0] != "check":
-        print("usage: fl-app site check (--node-config STR | --site YAML) [--key K] [--ca C]",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    ns = _parser().parse_args(args[1:])
-    from fl_app.deploy import DeployError, load_site
-
+    if not any(k in node_config for k in ("data-path", "partition-id")):
+        return SiteCheck(
+            "data",
+            False,
+            'node config names no data: set "data-path" (the site\'s file) '
+            'or "partition-id"/"num-partitions" (a simulated partition)',
+        )
     try:
-        node_config = load_site(ns.site) if ns.site else parse_node_config(ns.node_config)
-    except (DeployError, ValueError) as err:
-        print(f"fl-app site check: {err}", file=sys.stderr)
-        return 2
-    checks = check_site(node_config, key=ns.key, ca=ns.ca)
-    for check in checks:
-        print(check.line())
-    failed = [c for c in checks if not c.ok]
-    print(
-        f"{len(failed)} of {len(checks)} checks failed: fix them before starting the SuperNode"
-        if failed
-        else f"all {len(checks)} checks passed"
-    )
-    return 1 if failed else 0
+        if dataset is None:
+            dataset = site_dataset_defaults(node_config)
+        return SiteCheck("data", True, check_site_data(node_config, dataset).line())
+    except DataError as err:
+        return SiteCheck("data", False, str(err))
+
+
+def _check_roster(node_config: Mapping[str, Any]) -> SiteCheck | None:
+    """The site's ``site-name`` is its own roster entry (None: the site names no roster).
+
+    A roster entry is the public key every other site checks this site's signatures
+    against. A ``site-name`` the roster gives to a different key (another site already
+    holds the name) or does not list would have every signature of this site refused
+    in every malicious-model round; the same test as the ClientApp's
+    (:func:`fl_app.secagg.client.identity.site_identity_for_secagg`), before it starts.
+    """
+    from fl_app.secagg import signing
+    from fl_app.secagg.client.identity import ROSTER_PATH, SIGNING_KEY_PATH
+
+    key_path, roster_path = node_config.get(SIGNING_KEY_PATH), node_config.get(ROSTER_PATH)
+    if not key_path and not roster_path:
+        return None
+    name = node_config.get("site-name")
+    if not key_path or not roster_path or not name:
+        return SiteCheck(
+            "roster",
+            False,
+            f"'{SIGNING_KEY_PATH}', '{ROSTER_PATH}' and 'site-name' go together (found "
+            f"{SIGNING_KEY_PATH}={key_path!r}, {ROSTER_PATH}={roster_path!r}, "
+            f"site-name={name!r}); set all three (site YAML: name, extra)",
+        )
+    try:
+        own = signing.Signer(str(name), signing.load_signing_key(str(key_path)))
+        roster = signing.load_roster(str(roster_path))
+    except (signing.RosterError, ValueError) as err:
+        return SiteCheck("roster", False, str(err))
+    listed = roster.public_key(str(name))
+    if listed is None:
+        return SiteCheck(
+            "roster",
+            False,
+            f"site name {name!r} is not in the roster {roster_path} ({len(roster)} sites): "
+            "add this site's .sign.pub to the roster (`fl-app deploy roster`) or fix `name`",
+        )
+    if listed.public_bytes_raw() != own.public_bytes():
+        return SiteCheck(
+            "roster",
+            False,
+            f"site name {name!r} is already taken in the roster {roster_path} by a different "
+            f"key than this site's {key_path}: two sites share the name, or the roster holds "
+            "an old key; give this site its own `name`, or rebuild the roster with its "
+            ".sign.pub",
+        )
+    return SiteCheck("roster", True, f"{name!r} is this site's own entry in {roster_path}")
