@@ -30,8 +30,9 @@ from fl_app.release.caveats import (
     record_noise_seeded,
     threat_model_text,
 )
-from fl_app.release.evidence import MODEL_FILE, sha256_hex
+from fl_app.release.evidence import sha256_hex
 from fl_app.release.privacy_evidence import PrivacyEvidence
+from fl_app.server.layout import MODEL_FILE
 
 __all__ = [
     "CARD_VERSION",

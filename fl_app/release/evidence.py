@@ -27,12 +27,17 @@ import numpy as np
 import yaml
 
 from fl_app.config.schema import AppConfig
+from fl_app.server.layout import (
+    AUDIT_FILE,
+    CONFIG_FILE,
+    LEDGER_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RUN_MANIFEST_FILE,
+    SUMMARY_FILE,
+)
 
 __all__ = [
-    "AUDIT_FILE",
-    "LEDGER_FILE",
-    "METRICS_FILE",
-    "MODEL_FILE",
     "RELEASABLE",
     "RUN_FILES",
     "RUN_FIX",
@@ -52,15 +57,11 @@ __all__ = [
     "summary_edited",
 ]
 
-MODEL_FILE = "model.safetensors"
-LEDGER_FILE = "privacy_ledger.json"  # == fl_app.server.app.LEDGER_FILE (no server import here)
-AUDIT_FILE = "audit.jsonl"
-METRICS_FILE = "metrics.jsonl"
-#: The only run-directory files an export reads.
+#: The only run-directory files an export reads (names: fl_app.server.layout).
 RUN_FILES = (
-    "run.json",
-    "summary.json",
-    "config.yaml",
+    RUN_MANIFEST_FILE,
+    SUMMARY_FILE,
+    CONFIG_FILE,
     MODEL_FILE,
     METRICS_FILE,
     LEDGER_FILE,
@@ -163,7 +164,7 @@ def check_summary(summary: dict[str, Any]) -> None:
             raise ExportRefused(
                 f"summary.json: {key!r} is {value!r}, expected a {kind.__name__}", SUMMARY_FIX
             )
-    check_status(summary["status"], "summary.json", summary.get("status_reason"))
+    check_status(summary["status"], SUMMARY_FILE, summary.get("status_reason"))
     if summary["model_file"] != MODEL_FILE:
         raise ExportRefused(
             f"summary.json names model file {summary['model_file']!r}, expected {MODEL_FILE!r}",
@@ -173,7 +174,7 @@ def check_summary(summary: dict[str, Any]) -> None:
 
 def load_config(data: bytes | None, summary: Mapping[str, Any]) -> AppConfig:
     from fl_app.config.compose import config_hash, to_app_config
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     fix = "export the run with the config.yaml it wrote (the config must not be edited)"
     if data is None:

@@ -30,10 +30,6 @@ from fl_app.atomic import write_atomic
 from fl_app.config.schema import AppConfig
 from fl_app.release.card import Tier, build_card, render_card_markdown
 from fl_app.release.evidence import (
-    AUDIT_FILE,
-    LEDGER_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
     RELEASABLE,
     RUN_FIX,
     SUMMARY_FIX,
@@ -58,6 +54,15 @@ from fl_app.release.redact import (
     node_ids,
     record_level_table,
     secret_guard,
+)
+from fl_app.server.layout import (
+    AUDIT_FILE,
+    CONFIG_FILE,
+    LEDGER_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RUN_MANIFEST_FILE,
+    SUMMARY_FILE,
 )
 
 __all__ = ["EXPORT_FILES", "ExportResult", "export_run"]
@@ -134,8 +139,8 @@ def _check_paths(src: Path, dst: Path) -> tuple[Path, Path]:
 
 def _check_run(src: Path) -> _CheckedRun:
     """Read and check the run directory, in the order whose first failure is reported."""
-    manifest_run = json_object(read_run_file(src, "run.json"), "run.json", RUN_FIX)
-    summary_data = read_run_file(src, "summary.json")
+    manifest_run = json_object(read_run_file(src, RUN_MANIFEST_FILE), RUN_MANIFEST_FILE, RUN_FIX)
+    summary_data = read_run_file(src, SUMMARY_FILE)
     reason = None
     if summary_data is not None and manifest_run.get("status") not in RELEASABLE:
         # The summary says why the run failed; quote it in the refusal when it parses.
@@ -143,8 +148,8 @@ def _check_run(src: Path) -> _CheckedRun:
             reason = json.loads(summary_data).get("status_reason")
         except (ValueError, AttributeError):
             reason = None
-    check_status(manifest_run.get("status"), "run.json", reason)
-    summary = json_object(summary_data, "summary.json", SUMMARY_FIX)
+    check_status(manifest_run.get("status"), RUN_MANIFEST_FILE, reason)
+    summary = json_object(summary_data, SUMMARY_FILE, SUMMARY_FIX)
     check_summary(summary)
     if manifest_run.get("config_hash") != summary["config_hash"]:
         raise ExportRefused(
@@ -152,7 +157,7 @@ def _check_run(src: Path) -> _CheckedRun:
             f"{summary['config_hash'][:16]}…",
             "the two files come from different runs: restore both from the same run directory",
         )
-    cfg = load_config(read_run_file(src, "config.yaml"), summary)
+    cfg = load_config(read_run_file(src, CONFIG_FILE), summary)
     audited = audited_hashes(src, summary)
     arrays, n_params = load_model(read_run_file(src, MODEL_FILE), summary, cfg, audited)
     ledger_data = read_run_file(src, LEDGER_FILE)

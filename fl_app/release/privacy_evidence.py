@@ -17,12 +17,12 @@ from typing import Any
 
 from fl_app.config.schema import AppConfig, PrivacyMode
 from fl_app.release.evidence import (
-    LEDGER_FILE,
     SUMMARY_FIX,
     ExportRefused,
     sha256_hex,
     summary_edited,
 )
+from fl_app.server.layout import LEDGER_FILE
 
 __all__ = ["PrivacyEvidence", "check_privacy"]
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from fl_app.server.layout import SUMMARY_FILE, RunLayout
+
 __all__ = [
     "JobResult",
     "collect_jobs",
@@ -113,9 +115,10 @@ def _float(value: Any) -> float | None:
 
 def _job(job: Path) -> JobResult:
     overrides = _read_overrides(job)
-    summary_path = job / "summary.json"
+    layout = RunLayout(job)
+    summary_path = layout.summary
     if not summary_path.is_file():
-        run = job / "run.json"
+        run = layout.run_manifest
         status = "no summary"
         if run.is_file():
             status = str(json.loads(run.read_text()).get("status", status))
@@ -138,7 +141,7 @@ def _job(job: Path) -> JobResult:
         status_reason=s.get("status_reason"),
         initial_accuracy=_float(s.get("initial_accuracy")),
     )
-    metrics = job / "metrics.jsonl"
+    metrics = layout.metrics
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
@@ -155,7 +158,7 @@ def collect_jobs(multirun_dir: Path) -> list[JobResult]:
         raise FileNotFoundError(f"{root} is not a directory (give a Hydra multirun directory)")
     jobs = sorted(
         {p.parent for p in root.rglob("overrides.yaml") if p.parent.name == ".hydra"}
-        | {p.parent for p in root.rglob("summary.json")},
+        | {p.parent for p in root.rglob(SUMMARY_FILE)},
         key=lambda p: (len(p.parts), [int(x) if x.isdigit() else x for x in p.parts]),
     )
     jobs = [j.parent if j.name == ".hydra" else j for j in jobs]

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_app.atomic import write_atomic
 from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, parse_overrides
+from fl_app.config.plan import resolve
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.privacy.accounting import AccountingError
 from fl_app.privacy.ledger import FederationLedger, branch_delta_total, unsampled_epsilon
@@ -46,6 +47,7 @@ from fl_app.server.checkpoint import (
     strategy_state,
     write_checkpoint_files,
 )
+from fl_app.server.layout import AUDIT_FILE, LEDGER_FILE, RunLayout
 from fl_app.server.rundir import (
     AuditTrail,
     MetricsWriter,
@@ -100,7 +102,7 @@ def load_audit_signing_key(cfg: AppConfig) -> Any:
     if cfg.audit_signing_key is None:
         return None
     from fl_app.audit import AuditKeyError, load_signing_key
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     env = AUDIT_KEY_PASSPHRASE_ENV if os.environ.get(AUDIT_KEY_PASSPHRASE_ENV) else None
     try:
@@ -209,7 +211,7 @@ def run_experiment(
         ledger = (
             FederationLedger.from_json(plan.ledger_json) if plan.ledger_json is not None else None
         )
-    aggregator = build_aggregator(cfg, ledger)
+    aggregator = build_aggregator(resolve(cfg), ledger)
     if plan is not None and isinstance(aggregator, AccountedDp):
         aggregator.restore_state(plan.checkpoint.server_state["aggregator"], plan.round)
         aggregator.noise_generation = noise_generation
@@ -253,12 +255,12 @@ def run_experiment(
     if client_spec.dpsgd is not None and client_spec.dpsgd.state_dir is None:
         # Simulation default; real SuperNodes pass --node-config "dp-state-dir=...".
         client_spec.dpsgd = dataclasses.replace(
-            client_spec.dpsgd, state_dir=str(Path(rd.path).resolve() / "client-state")
+            client_spec.dpsgd, state_dir=str(RunLayout(Path(rd.path).resolve()).client_state)
         )
     if client_spec.client_dp is not None and client_spec.client_dp.local_noise_multiplier:
         # Local DP's release counts live there too (LocalDpStore), across restarts.
         client_spec.client_dp = dataclasses.replace(
-            client_spec.client_dp, state_dir=str(Path(rd.path).resolve() / "client-state")
+            client_spec.client_dp, state_dir=str(RunLayout(Path(rd.path).resolve()).client_state)
         )
     spec = encode_spec(client_spec)
     steps_seen = StepsSeen()
@@ -356,7 +358,7 @@ def run_experiment(
     seq, head = audit.run_end(
         summary["status"], _file_hashes(rd.path, [rd.model_path.name, LEDGER_FILE])
     )
-    summary["audit"] = {"file": AuditTrail.FILE, "seq": seq, "head": head}
+    summary["audit"] = {"file": AUDIT_FILE, "seq": seq, "head": head}
     rd.finish(summary, status=summary["status"])
     if progress:
         acc = summary.get("accuracy")
@@ -378,9 +380,6 @@ def run_experiment(
             flush=True,
         )
     return summary
-
-
-LEDGER_FILE = "privacy_ledger.json"
 
 
 def _file_hashes(directory: Path, names: list[str]) -> dict[str, str]:

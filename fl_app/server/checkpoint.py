@@ -78,7 +78,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,12 +88,24 @@ from typing import Any
 import numpy as np
 
 from fl_app.atomic import write_atomic
+from fl_app.config.errors import ConfigError
 from fl_app.config.schema import AppConfig
-from fl_app.config.validate import ConfigError
+from fl_app.server.layout import (
+    AUDIT_FILE,
+    CHECKPOINT_DIR_PATTERN,
+    CHECKPOINT_MANIFEST,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LEDGER_FILE,
+    MODEL_FILE,
+    RUN_MANIFEST_FILE,
+    SERVER_STATE_FILE,
+    SIGNED_HEAD_FILE,
+    STRATEGY_FILE,
+    RunLayout,
+)
 
 __all__ = [
-    "CHECKPOINTS_DIR",
-    "SIGNED_HEAD",
     "Checkpoint",
     "CheckpointError",
     "ResumePlan",
@@ -112,19 +123,9 @@ __all__ = [
 
 log = logging.getLogger("fl_app.server.checkpoint")
 
-CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-# The Ed25519-signed audit head (config audit_signing_key), beside a manifest and in
-# the run directory; `fl-app audit verify --public-key PUB --signed-head <it>`.
-SIGNED_HEAD = "audit_head.sig.json"
-MODEL_FILE = "model.safetensors"
-STRATEGY_FILE = "strategy_state.safetensors"
-LEDGER_FILE = "privacy_ledger.json"
-SERVER_STATE_FILE = "server_state.json"
 _REQUIRED = frozenset({MODEL_FILE, STRATEGY_FILE, SERVER_STATE_FILE})
 _ALLOWED = _REQUIRED | {LEDGER_FILE}
-_ROUND_DIR = re.compile(r"round-(\d{4,})")
 _MANIFEST_KEYS = frozenset({"format", "round", "config_hash", "files", "audit", "created_at"})
 
 
@@ -147,7 +148,7 @@ def _sha256(data: bytes) -> str:
 
 
 def _round_dir(run_dir: Path, rnd: int) -> Path:
-    return run_dir / CHECKPOINTS_DIR / f"round-{rnd:04d}"
+    return RunLayout(run_dir).checkpoint(rnd)
 
 
 # ---- the wrapped strategy's state ------------------------------------------------
@@ -237,7 +238,7 @@ def write_checkpoint_files(
     from fl_app.weights import save_safetensors
 
     directory = _round_dir(Path(run_dir), rnd)
-    if (directory / MANIFEST).exists():
+    if (directory / CHECKPOINT_MANIFEST).exists():
         raise CheckpointError(
             f"{directory} already holds a complete checkpoint; checkpoints are never "
             "overwritten (a rollback renames the abandoned ones first)"
@@ -284,17 +285,18 @@ def seal_checkpoint(
 
         signed = sign_head(signing_key, audit.head, audit.seq)
         write_atomic(
-            directory / SIGNED_HEAD, (json.dumps(signed, sort_keys=True, indent=2) + "\n").encode()
+            directory / SIGNED_HEAD_FILE,
+            (json.dumps(signed, sort_keys=True, indent=2) + "\n").encode(),
         )
     manifest = {
         "format": FORMAT_VERSION,
         "round": rnd,
         "config_hash": config_hash,
         "files": files,
-        "audit": {"file": "audit.jsonl", "seq": audit.seq, "head": audit.head},
+        "audit": {"file": AUDIT_FILE, "seq": audit.seq, "head": audit.head},
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
-    write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(directory / CHECKPOINT_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 
@@ -305,10 +307,10 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
         return []
     out = []
     for child in root.iterdir():
-        m = _ROUND_DIR.fullmatch(child.name)
+        m = CHECKPOINT_DIR_PATTERN.fullmatch(child.name)
         if m is None or not child.is_dir():
             continue
-        if (child / MANIFEST).is_file():
+        if (child / CHECKPOINT_MANIFEST).is_file():
             out.append((int(m.group(1)), child))
         else:
             log.warning("checkpoint %s has no manifest (interrupted write): ignored", child)
@@ -349,10 +351,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     """A checkpoint's manifest, checked for shape (not the files' hashes)."""
     fix = "restore the checkpoint from a backup, or roll back to an earlier one"
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads((directory / CHECKPOINT_MANIFEST).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{directory / MANIFEST}: unreadable ({err}); {fix}") from None
-    m = _ROUND_DIR.fullmatch(directory.name)
+        raise CheckpointError(
+            f"{directory / CHECKPOINT_MANIFEST}: unreadable ({err}); {fix}"
+        ) from None
+    m = CHECKPOINT_DIR_PATTERN.fullmatch(directory.name)
     if (
         not isinstance(manifest, dict)
         or set(manifest) != _MANIFEST_KEYS
@@ -365,7 +369,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         or not isinstance(manifest["audit"].get("seq"), int)
         or not isinstance(manifest["audit"].get("head"), str)
     ):
-        raise CheckpointError(f"{directory / MANIFEST}: not a valid checkpoint manifest; {fix}")
+        raise CheckpointError(
+            f"{directory / CHECKPOINT_MANIFEST}: not a valid checkpoint manifest; {fix}"
+        )
     return manifest
 
 
@@ -437,7 +443,7 @@ def check_resume(cfg: AppConfig) -> Path:
 
     assert cfg.resume is not None
     run_dir = Path(cfg.resume)
-    manifest_path = run_dir / "run.json"
+    manifest_path = run_dir / RUN_MANIFEST_FILE
     if not manifest_path.is_file():
         raise ConfigError(
             "resume",
@@ -455,7 +461,7 @@ def check_resume(cfg: AppConfig) -> Path:
     field = None
     theirs: Any = None
     try:
-        theirs = yaml.safe_load((run_dir / "config.yaml").read_text())
+        theirs = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
         field = _first_difference(theirs, ours)
     except (OSError, yaml.YAMLError):
         pass
@@ -519,7 +525,7 @@ def _check_ledger_against_audit(run_dir: Path, ledger: Any, disk: Path) -> None:
     the ledger but in no checkpoint, so deleting it would let the resumed run
     under-count ε. The audit log's chain is verified when the run reopens it.
     """
-    path = run_dir / "audit.jsonl"
+    path = run_dir / AUDIT_FILE
     if not path.is_file():
         return
     last: dict[str, Any] | None = None
@@ -550,7 +556,7 @@ def plan_resume(cfg: AppConfig) -> ResumePlan:
     from fl_app.privacy.ledger import FederationLedger, LedgerError
 
     run_dir = check_resume(cfg)
-    manifest = json.loads((run_dir / "run.json").read_text())
+    manifest = json.loads((run_dir / RUN_MANIFEST_FILE).read_text())
     if manifest.get("status") in ("completed", "degraded") and cfg.rollback_to is None:
         raise CheckpointError(
             f"run {run_dir} already completed; nothing to resume (rollback_to=<round> redoes "
@@ -612,7 +618,7 @@ def plan_resume(cfg: AppConfig) -> ResumePlan:
         audit_anchor=anchor,
         abandoned=[r for r, _ in available if r > ck.round],
         released_unfinished=_round_dir(run_dir, ck.round + 1).is_dir()
-        and not (_round_dir(run_dir, ck.round + 1) / MANIFEST).exists(),
+        and not (_round_dir(run_dir, ck.round + 1) / CHECKPOINT_MANIFEST).exists(),
     )
 
 

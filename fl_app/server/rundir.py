@@ -1,13 +1,9 @@
 """What a run leaves in its directory, written as the run goes.
 
-``config.yaml``      the resolved, validated config
-``run.json``         manifest: config hash, seed, code version, start time, status, and
-                     the secret salt of the published config hash (never exported)
-``metrics.jsonl``    one JSON object per round (appended and flushed every round)
-``model.safetensors`` the final global model (safetensors, never pickle)
-``summary.json``     final centralised test accuracy/loss, rounds, seconds, privacy spent
-``checkpoints/``     one checkpoint per round (:mod:`fl_app.server.checkpoint`)
-``audit.jsonl``      the server's hash-chained audit log
+The files and their names are :mod:`fl_app.server.layout`'s; this module writes the
+manifest (``run.json``), the config, the per-round metrics, the final model and
+summary, and the server's hash-chained audit trail, and says what a run achieved
+(:func:`run_outcome`).
 
 A resumed run (``resume=<run dir>``) writes into the same directory:
 :meth:`RunDirectory.resume` keeps ``config.yaml``, appends to ``metrics.jsonl`` (after
@@ -38,6 +34,12 @@ from fl_app.atomic import write_atomic
 from fl_app.config.compose import config_to_dict
 from fl_app.config.schema import AppConfig
 from fl_app.server.checkpoint import run_config_hash
+from fl_app.server.layout import (
+    AUDIT_FILE,
+    METRICS_FILE,
+    SIGNED_HEAD_FILE,
+    RunLayout,
+)
 from strategies.driver import RoundReport
 
 __all__ = [
@@ -138,7 +140,7 @@ def run_outcome(records: Sequence[Mapping[str, Any]], stopped_early: str | None)
                 f"{len(lost)} of {len(records)} rounds left the model unchanged (rounds "
                 + ", ".join(str(r["round"]) for r in lost[:10])
                 + (", ..." if len(lost) > 10 else "")
-                + "); see metrics.jsonl"
+                + f"); see {METRICS_FILE}"
             ),
         )
     else:
@@ -211,6 +213,7 @@ class RunDirectory:
 
     def __init__(self, path: str | os.PathLike[str], cfg: AppConfig) -> None:
         self.path = Path(path)
+        self.layout = RunLayout(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.config_hash = run_config_hash(cfg)
@@ -228,22 +231,20 @@ class RunDirectory:
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.layout.metrics
 
     @property
     def summary_path(self) -> Path:
-        return self.path / "summary.json"
+        return self.layout.summary
 
     @property
     def model_path(self) -> Path:
-        return self.path / "model.safetensors"
+        return self.layout.model
 
     def start(self) -> None:
-        (self.path / "config.yaml").write_text(
-            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
-        )
+        self.layout.config.write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         self.metrics_path.write_text("")
-        _write_json_atomic(self.path / "run.json", self.manifest)
+        _write_json_atomic(self.layout.run_manifest, self.manifest)
 
     def resume(self, previous: Mapping[str, Any], from_round: int, rollback: bool) -> None:
         """Continue this directory's run after ``from_round`` (see the module doc).
@@ -261,7 +262,7 @@ class RunDirectory:
                     ok = False
                 (kept if ok else dropped).append(line)
         if dropped:
-            with (self.path / "metrics.abandoned.jsonl").open("a") as fh:
+            with self.layout.metrics_abandoned.open("a") as fh:
                 fh.writelines(x if x.endswith("\n") else x + "\n" for x in dropped)
         write_atomic(self.metrics_path, "".join(kept).encode())
         history = list(previous.get("resumed", []))
@@ -280,7 +281,7 @@ class RunDirectory:
             "code_version": self.manifest["code_version"],
         }
         self.manifest.pop("finished_at", None)
-        _write_json_atomic(self.path / "run.json", self.manifest)
+        _write_json_atomic(self.layout.run_manifest, self.manifest)
 
     def save_model(self, arrays: Mapping[str, np.ndarray], rounds: int) -> str:
         from fl_app.weights import save_safetensors
@@ -304,7 +305,7 @@ class RunDirectory:
         _write_json_atomic(self.summary_path, dict(summary))
         self.manifest["status"] = status
         self.manifest["finished_at"] = datetime.now(timezone.utc).isoformat()
-        _write_json_atomic(self.path / "run.json", self.manifest)
+        _write_json_atomic(self.layout.run_manifest, self.manifest)
 
 
 class MetricsWriter:
@@ -369,8 +370,6 @@ class AuditTrail:
     reasons: no update, no metric of a single client, no secret.
     """
 
-    FILE = "audit.jsonl"
-
     def __init__(
         self,
         run_dir: Path,
@@ -384,7 +383,7 @@ class AuditTrail:
         from fl_app.audit import AuditLog
 
         self.signing_key = signing_key
-        self.path = run_dir / self.FILE
+        self.path = run_dir / AUDIT_FILE
         if anchor is None:
             self.log = AuditLog(self.path)
         else:
@@ -396,7 +395,7 @@ class AuditTrail:
         ``audit.repair`` event), then verify the chain against ``anchor``."""
         from fl_app.audit import truncate_torn_tail
 
-        removed = truncate_torn_tail(run_dir / cls.FILE)
+        removed = truncate_torn_tail(run_dir / AUDIT_FILE)
         if removed:
             print(
                 f"audit log: removed a torn last line ({len(removed)} bytes) left by the "
@@ -479,7 +478,6 @@ class AuditTrail:
         With a signing key, the head is signed into ``audit_head.sig.json`` beside
         the log (``fl-app audit verify --public-key PUB --signed-head ...``)."""
         from fl_app.audit import sign_head
-        from fl_app.server.checkpoint import SIGNED_HEAD
 
         self.log.append("run.end", {"status": status, "files": dict(files)})
         seq, head = self.log.seq, self.log.head
@@ -487,7 +485,7 @@ class AuditTrail:
         if self.signing_key is not None:
             signed = sign_head(self.signing_key, head, seq)
             write_atomic(
-                self.path.parent / SIGNED_HEAD,
+                self.path.parent / SIGNED_HEAD_FILE,
                 (json.dumps(signed, sort_keys=True, indent=2) + "\n").encode(),
             )
         return seq, head
