@@ -35,6 +35,7 @@ from fl_app.deploy.procs import (
     warn_insecure,
 )
 from fl_app.deploy.site import format_node_config, load_sites
+from fl_app.server.layout import SUMMARY_FILE
 
 __all__ = ["Federation", "app_root", "run_demo"]
 
@@ -297,7 +298,7 @@ def run_demo(
         if status != "finished:completed":
             print(run_logs(run_id, fed.connection, fed.env)[-4000:], file=out)
             return 1
-    summary = run_dir / "summary.json"
+    summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         s = json.loads(summary.read_text())
         print(json.dumps({k: s.get(k) for k in ("status", "accuracy", "rounds")}), file=out)

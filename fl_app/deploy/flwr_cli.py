@@ -21,6 +21,7 @@ from typing import Any
 
 from fl_app.deploy import DeployError
 from fl_app.deploy.procs import child_env, flower_bin
+from fl_app.server.layout import SUMMARY_FILE
 
 __all__ = [
     "flwr_home",
@@ -282,7 +283,7 @@ def _follow_log(
 def run_verdict(status: str, run_dir: Path | None) -> str:
     """One line saying how a deployed run ended: the SuperLink's status, and, where the
     run directory is on this machine, its summary's status and reason."""
-    summary_path = run_dir / "summary.json" if run_dir is not None else None
+    summary_path = run_dir / SUMMARY_FILE if run_dir is not None else None
     if summary_path is not None and summary_path.is_file():
         try:
             s = json.loads(summary_path.read_text())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app.config.schema import AppConfig, SecAggMode, SimulationBackend
+from fl_app.server.layout import RunLayout
 
 __all__ = ["SimulationFailed", "backend_config", "run_simulation_experiment"]
 
@@ -97,7 +98,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
         backend_name="ray",
         backend_config=backend_config(cfg),
     )
-    summary_path = Path(run_dir) / "summary.json"
+    summary_path = RunLayout(Path(run_dir)).summary
     if not summary_path.is_file():
         raise SimulationFailed(f"the ServerApp wrote no summary in {run_dir}")
     summary: dict[str, Any] = json.loads(summary_path.read_text())
