@@ -185,7 +185,7 @@ def test_dpsgd_without_secagg_card_names_the_plaintext_dp_metrics() -> None:
     sent = [item for item in items if "in plaintext" in item]
     assert len(sent) == 1, items
     text = sent[0]
-    # client_app._prepare_dpsgd's reply: dp-epsilon, dp-delta, dp-steps, dp-rounds,
+    # fl_app.client.dp_stages.prepare_dpsgd's reply: dp-epsilon, dp-delta, dp-steps, dp-rounds,
     # dp-sample-rate, dp-noise-multiplier, dp-partition-id, dp-site-hash, num-examples.
     for named in (
         "example count",

@@ -24,8 +24,9 @@ from fl_app.audit import (
     verify_head_signature,
 )
 from fl_app.cli.audit import audit_main
-from fl_app.client.app import AUDIT_DIR_KEY, client_audit_path
 from fl_app.client.app import app as client_app
+from fl_app.client.audit import client_audit_path
+from fl_app.client.identity import AUDIT_DIR_KEY
 from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
 from fl_app.config.errors import ConfigError

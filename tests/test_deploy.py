@@ -33,8 +33,13 @@ from fl_app.cli.deploy import deploy_main
 from fl_app.deploy import DeployError
 from fl_app.deploy.federation import Federation, app_root
 from fl_app.deploy.flwr_cli import list_nodes, register_node, run_logs, write_connection
-from fl_app.deploy.pki import create_ca, create_node_key, create_server_cert
-from fl_app.deploy.procs import INSECURE_WARNING, superlink_command, supernode_command
+from fl_app.deploy.pki import create_ca, create_node_key, create_server_cert, create_signing_key
+from fl_app.deploy.procs import (
+    INSECURE_WARNING,
+    ProcessGroup,
+    superlink_command,
+    supernode_command,
+)
 from fl_app.deploy.site import format_node_config, load_site, node_config_from_site
 
 # ---- certificates ---------------------------------------------------------------------
@@ -255,6 +260,74 @@ def test_sites_sharing_an_audit_folder_never_share_a_log(tmp_path: Path) -> None
     assert site_identity({"partition-id": 4, "num-partitions": 5}) == "partition-4"
     with pytest.raises(DeployError, match="name must be"):
         node_config_from_site({"name": "../evil"})
+
+
+# ---- one name per site (issue 17) -------------------------------------------------------
+
+
+def _no_process_may_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kw: object) -> int:
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(ProcessGroup, "start", refuse)
+
+
+def test_roster_refuses_a_site_named_twice_naming_both_files(tmp_path: Path, capsys) -> None:
+    for name in ("a", "b"):
+        create_signing_key(tmp_path, name)
+    out = tmp_path / "roster.json"
+    a_pub, b_pub = tmp_path / "a.sign.pub", tmp_path / "b.sign.pub"
+    rc = deploy_main(["roster", "--out", str(out), f"hospital={a_pub}", f"hospital={b_pub}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'hospital'" in err and str(a_pub) in err and str(b_pub) in err
+    assert not out.exists()  # no roster in which one entry silently replaced the other
+    # Distinct names are accepted: both keys are in the roster under their names.
+    assert deploy_main(["roster", "--out", str(out), f"x={a_pub}", f"y={b_pub}"]) == 0
+    roster = json.loads(out.read_text())
+    assert roster == {"x": a_pub.read_text().strip(), "y": b_pub.read_text().strip()}
+
+
+def test_demo_refuses_two_site_yamls_with_one_name_naming_both(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_process_may_start(monkeypatch)
+    yamls = []
+    for i, folder in enumerate(("north", "south")):
+        (tmp_path / folder).mkdir()
+        yamls.append(tmp_path / folder / "site.yaml")
+        yamls[-1].write_text(f"name: hospital-a\npartition: {{id: {i}, num: 2}}\n")
+    rc = deploy_main(
+        ["demo", "--workdir", str(tmp_path / "w"), "--site", str(yamls[0]), "--site", str(yamls[1])]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "'hospital-a'" in err and str(yamls[0]) in err and str(yamls[1]) in err
+    assert not (tmp_path / "w" / "pki").exists()  # refused before anything was created
+
+
+def test_demo_runs_each_sites_start_up_checks_before_any_process(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fl-app deploy supernode` checks its site before starting; the demo did not."""
+    _no_process_may_start(monkeypatch)
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("name: hospital-a\npartition: {id: 0, num: 2}\n")
+    bad.write_text("name: hospital-b\ndata: {path: missing.npz}\n")
+    rc = deploy_main(
+        ["demo", "--workdir", str(tmp_path / "w"), "--site", str(good), "--site", str(bad)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"site {bad}" in err and "FAIL data" in err and "missing.npz" in err
+    assert f"site {good}" not in err  # the good site passed every check
+    # The default sites (simulated partitions, keys and CA made by the demo) are checked
+    # with their keys: the one whose node key others can read is stopped, the other passes.
+    fed = Federation(tmp_path / "default", num_nodes=2)
+    fed.prepare()
+    os.chmod(fed.node_keys[1], 0o644)
+    with pytest.raises(DeployError, match=r"site site-1:\n  FAIL key: .*chmod 600") as err:
+        fed.check_sites([fed.site_config(i) for i in range(2)])
+    assert "site-0" not in str(err.value)
 
 
 # ---- CLI connection and process commands ----------------------------------------------

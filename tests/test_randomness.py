@@ -56,7 +56,7 @@ def _flat(model: torch.nn.Module) -> np.ndarray:
 
 def _server_view_generator() -> torch.Generator:
     """What the server can rebuild: the client's generator from (seed, round, partition)."""
-    from fl_app.client.app import _training_seed
+    from fl_app.client.instruction import training_seed as _training_seed
 
     return torch.Generator().manual_seed(_training_seed(42, 3, 1))
 
@@ -187,7 +187,7 @@ def _client_message(cfg: Any, run_key: str, **node_config: Any) -> Message:
 def _server_replica(cfg: Any) -> dict[str, np.ndarray]:
     """What the server computes from its view: same code, data, seed, round, partition,
     global weights and noise multiplier, seeded DP-SGD."""
-    from fl_app.client.app import _training_seed
+    from fl_app.client.instruction import training_seed as _training_seed
     from fl_app.data import load_client_data
     from fl_app.server.app import initial_arrays
     from fl_app.weights import load_ndarrays

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from fl_app.audit import verify
-from fl_app.client.app import AUDIT_DIR_KEY, POLICY_PATH_KEY, client_audit_path
 from fl_app.client.app import app as client_app
+from fl_app.client.audit import client_audit_path
+from fl_app.client.identity import AUDIT_DIR_KEY, POLICY_PATH_KEY
 from fl_app.client.policy import (
     ARTIFACTS,
     PolicyError,

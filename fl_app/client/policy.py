@@ -30,7 +30,7 @@ Policy file (YAML or JSON; every field optional, unknown keys refused)::
 The ``secagg_*`` and ``ddp_*`` fields are the site's own safety parameters for secure
 aggregation (docs/architecture.md, Rules: "clients decide their own safety parameters"): they
 apply with safe defaults even without a policy file, and a round whose parameters
-are weaker is refused at stage 2 or 3 (:mod:`fl_app.secagg_stages`) with the field
+are weaker is refused at stage 2 or 3 (:mod:`fl_app.secagg.client`) with the field
 named. The server chooses the parameters; the client only checks that they are at
 least as strong as its floor, and counts survivors itself against that floor.
 
@@ -176,11 +176,11 @@ class SitePolicy:
     secagg_allow_custom_params: bool = False
     secagg_min_server_model: str = DEFAULT_MIN_SERVER_MODEL
     # Whether the policy file named secagg_min_server_model: a site with a signing key or
-    # roster and no explicit choice accepts only malicious rounds (fl_app.secagg_stages).
+    # roster and no explicit choice accepts only malicious rounds (fl_app.secagg.client).
     secagg_min_server_model_explicit: bool = False
     # Whether the policy file named require_secure_aggregation: a site with a signing key
     # or roster and no explicit choice trains only under secure aggregation and does not
-    # evaluate (fl_app.secagg_stages.effective_policy). Not compared: it records where the
+    # evaluate (fl_app.secagg.client.effective_policy). Not compared: it records where the
     # value came from, not what the policy allows.
     require_secure_aggregation_explicit: bool = field(default=False, compare=False)
     ddp_min_noise_multiplier: float | None = DEFAULT_DDP_MIN_NOISE_MULTIPLIER

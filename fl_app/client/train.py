@@ -1,0 +1,259 @@
+"""A train instruction end to end: local training, the privacy stages, the reply.
+
+:func:`train` runs the fixed pipeline (:mod:`fl_app.client.pipeline`) with the stages
+this round asks for (:mod:`fl_app.client.dp_stages`) and replies with the update and
+the metrics the threat model lets the server see; under secure aggregation
+:func:`secure_train` encodes and masks the update (stage 3) and everything but the
+protocol's public numbers rides inside the masked vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from fl_app.client.dp_stages import client_dp_stages, prepare_dpsgd
+from fl_app.client.instruction import prepare, training_seed
+from fl_app.client.policy import SitePolicy
+from fl_app.client.refusal import ClientRefusal
+from fl_app.client_spec import ClientSpec
+from fl_app.protocol import (
+    CLIP_NORM_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    UNCLIPPED_KEY,
+    UPDATE_KEY,
+)
+
+__all__ = ["HIDDEN_MODE_PUBLIC_METRICS", "hidden_mode_public", "secure_train", "train"]
+
+TrainThunk = Callable[[], tuple[dict[str, np.ndarray], Any]]
+
+
+def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None) -> Message:
+    """Train, clip, noise (plain reply) or hand over to :func:`secure_train` (stage 3)."""
+    from fl_app.client.pipeline import PipelineStages, run_train_pipeline
+    from fl_app.weights import load_ndarrays, to_array_record
+
+    spec, rnd, arrays, config, pid, data, model = prepare(msg, context, policy, "train", secure)
+    if len(data.train) == 0:
+        raise ClientRefusal("no local training examples in this partition")
+    mu = config.get(PROXIMAL_MU, 0.0)
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
+        raise ClientRefusal(f"'{PROXIMAL_MU}' must be a number >= 0, got {mu!r}")
+    local_train, dp_metrics = _train_thunk(spec, rnd, config, context, pid, data, model, mu, policy)
+    clip_stage, noise_stage, client_dp_metrics = client_dp_stages(
+        spec, rnd, config, context, pid, policy
+    )
+    if secure is not None:
+        return secure_train(
+            msg,
+            context,
+            secure,
+            spec,
+            config,
+            arrays,
+            model,
+            local_train,
+            clip_stage,
+            noise_stage,
+            client_dp_metrics,
+            dp_metrics,
+        )
+    result = run_train_pipeline(
+        arrays,
+        PipelineStages(
+            load=lambda a: load_ndarrays(model, a),
+            train=local_train,
+            clip=clip_stage,
+            noise=noise_stage,
+        ),
+    )
+    dp_metrics.update(client_dp_metrics)
+    plain, dp_metrics = _plain_metrics(spec, result.stats, noise_stage, dp_metrics)
+    metrics = MetricRecord({**plain, SERVER_ROUND: rnd, **dp_metrics})
+    content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
+    return Message(content, reply_to=msg)
+
+
+def _train_thunk(
+    spec: ClientSpec,
+    rnd: int,
+    config: Any,
+    context: Context,
+    pid: int,
+    data: Any,
+    model: Any,
+    mu: float,
+    policy: SitePolicy | None,
+) -> tuple[TrainThunk, dict[str, float]]:
+    """The local-training stage (plain, or DP-SGD after its budget checks) and DP-SGD's
+    public metrics (``{}`` for plain training)."""
+    import torch
+
+    from fl_app.training import train_local
+    from fl_app.weights import model_to_ndarrays
+
+    generator = torch.Generator().manual_seed(training_seed(spec.seed, rnd, pid))
+    if spec.dpsgd is None:
+
+        def plain_train() -> tuple[dict[str, np.ndarray], Any]:
+            stats = train_local(
+                model,
+                data.train.x,
+                data.train.y,
+                spec.train,
+                generator=generator,
+                proximal_mu=float(mu),
+            )
+            return model_to_ndarrays(model), stats
+
+        return plain_train, {}
+
+    dp_train, dp_metrics = prepare_dpsgd(
+        spec, rnd, config, context, pid, data, model, generator, policy
+    )
+
+    def dpsgd_train() -> tuple[dict[str, np.ndarray], Any]:
+        stats = dp_train()  # trains `model` in place; read its weights afterwards
+        return model_to_ndarrays(model), stats
+
+    return dpsgd_train, dp_metrics
+
+
+def _plain_metrics(
+    spec: ClientSpec, stats: Any, noise_stage: Any, dp_metrics: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The training numbers a plain reply carries, and the DP metrics it may carry."""
+    if noise_stage is not None:
+        # Local DP: the server is not trusted with anything un-noised from this client,
+        # and nothing can hide a number from it here (no secure aggregation). The loss,
+        # accuracy and example count are left out; every client weighs the same (1).
+        plain: dict[str, float] = {NUM_EXAMPLES: 1}
+        return plain, hidden_mode_public(dp_metrics)
+    if spec.dpsgd is not None:
+        # Record-level DP: the loss and accuracy on this site's records are un-noised
+        # functions of them, outside DP-SGD's epsilon. The example count stays: it is
+        # FedAvg's weight and public here anyway (the sample rate and steps give it).
+        return {NUM_EXAMPLES: int(stats.num_examples)}, dp_metrics
+    plain = {
+        NUM_EXAMPLES: int(stats.num_examples),
+        "train-loss": float(stats.loss),
+        "train-accuracy": float(stats.accuracy),
+    }
+    return plain, dp_metrics
+
+
+def secure_train(
+    msg: Message,
+    context: Context,
+    secure: Any,
+    spec: ClientSpec,
+    config: Any,
+    arrays: dict[str, np.ndarray],
+    model: Any,
+    local_train: TrainThunk,
+    clip_stage: Any,
+    noise_stage: Any,
+    client_dp_metrics: dict[str, float],
+    dp_metrics: dict[str, float],
+) -> Message:
+    """Stage 3 of secure aggregation: train, clip, encode, mask; reply with the masked vector.
+
+    The update must be bounded to be encoded: the client-level DP clip norm when
+    clients clip (it must equal the round's encoding bound), else the bound itself.
+    Weight, the unclipped bit and the training metrics ride inside the masked vector;
+    the plaintext reply carries only the round and the stage.
+    """
+    from fl_app.client.pipeline import PipelineStages, run_train_pipeline
+    from fl_app.weights import load_ndarrays
+
+    if noise_stage is not None:
+        raise ClientRefusal(
+            "secure aggregation: local DP noise is unbounded and cannot be encoded; the "
+            "server must not combine privacy.mode=local with secagg"
+        )
+    clip_stage = _bounded_clip(clip_stage, secure.bound, config)
+    seen: list[Any] = []
+
+    def train_and_keep_stats() -> tuple[dict[str, np.ndarray], Any]:
+        local, stats = local_train()
+        seen.append(stats)
+        return local, stats
+
+    def encode(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stats = seen[-1]
+        unclipped = client_dp_metrics.get(UNCLIPPED_KEY, 0.0) if spec.client_dp else 0.0
+        encoded = secure.encode(
+            update,
+            num_examples=float(stats.num_examples),
+            loss=float(stats.loss),
+            accuracy=float(stats.accuracy),
+            unclipped=float(unclipped),
+        )
+        return {"encoded": encoded}
+
+    def mask(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"masked": secure.mask(encoded["encoded"], context)}
+
+    result = run_train_pipeline(
+        arrays,
+        PipelineStages(
+            load=lambda a: load_ndarrays(model, a),
+            train=train_and_keep_stats,
+            clip=clip_stage,
+            encode=encode,
+            mask=mask,
+        ),
+    )
+    # Only the public numbers the protocol needs stay in plaintext (record-level ε, rounds).
+    public = hidden_mode_public(dp_metrics)
+    return cast(Message, secure.reply(msg, result.update["masked"], public))
+
+
+def _bounded_clip(clip_stage: Any, bound: Any, config: Any) -> Any:
+    """The clip stage of a secure round: the update must be bounded to be encoded, by the
+    client-level DP clip norm when clients clip (it must equal the encoding bound), else
+    by the bound itself."""
+    from fl_app.privacy.clipping import clip_l2
+
+    if clip_stage is None:
+
+        def clip_to_bound(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return clip_l2(update, bound).arrays
+
+        return clip_to_bound
+    if config.get(CLIP_NORM_KEY) != bound:
+        raise ClientRefusal(
+            f"secure aggregation: encoding bound {bound!r} differs from the clip norm "
+            f"'{CLIP_NORM_KEY}'={config.get(CLIP_NORM_KEY)!r}"
+        )
+    return clip_stage
+
+
+# What a client tells a server that the threat model keeps from its data (secure
+# aggregation, local DP): numbers the protocol needs, listed as public in the README and
+# the model card. DP-SGD's steps, sample rate and calibrated z are left out: each gives
+# the site's record count to within a batch. ε is kept (the per-institution guarantee
+# the run reports); it too is a function of the record count, which the README says.
+HIDDEN_MODE_PUBLIC_METRICS = frozenset(
+    {
+        "dp-epsilon",
+        "dp-delta",
+        "dp-rounds",
+        "dp-partition-id",
+        "dp-site-hash",
+        "dp-local-epsilon",
+        "dp-local-releases",
+    }
+)
+
+
+def hidden_mode_public(metrics: dict[str, float]) -> dict[str, float]:
+    """Only the metrics a hidden-mode reply may carry in plaintext."""
+    return {k: v for k, v in metrics.items() if k in HIDDEN_MODE_PUBLIC_METRICS}
