@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from fl_app.config.schema import ClientTrainConfig, DpSgdConfig
+    from fl_app.privacy.accounting import DpSgdEvent
     from fl_app.privacy.dpsgd import DpSgdSettings
     from fl_app.privacy.state import DpSgdState
     from fl_app.training import TrainStats
@@ -143,53 +144,15 @@ def plan_round(
         Bad counts from the server, lost or disagreeing state, no trustworthy ε (never
         run unaccounted steps); :class:`BudgetRefusal` past ``dp.max_epsilon``.
     """
-    from fl_app.privacy.accounting import (
-        AccountantName,
-        AccountingError,
-        DpSgdEvent,
-        calibrate_noise_multiplier,
-        project_epsilon,
-    )
     from fl_app.privacy.dpsgd import DpSgdSettings, GradSampleMode, planned_steps
-    from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY, DpSgdState, PrivacyStateError
+    from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY, DpSgdState
 
     steps, q = planned_steps(num_examples, batch_size, local_epochs)
     seen = _count(STEPS_SEEN_KEY, steps_seen)
     rounds = _count(ROUNDS_SEEN_KEY, rounds_seen)
-    try:
-        store = open_store()
-        state = store.load(steps_seen_by_server=max(seen, rounds * steps))
-    except PrivacyStateError as err:
-        raise PrivacyRefusal(f"privacy state: {err}") from err
-    accountant = AccountantName(dp.accountant.value)
-    z = state.noise_multiplier
-    try:
-        if z is None:
-            if dp.noise_multiplier is not None:
-                z = float(dp.noise_multiplier)
-            else:
-                assert dp.target_epsilon is not None
-                # Calibrated once for every planned round, then kept fixed (stored in state).
-                z = calibrate_noise_multiplier(
-                    dp.target_epsilon, dp.delta, q, steps * num_rounds, accountant
-                )
-        planned = DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps)
-        eps_after = project_epsilon(state.history, planned, dp.delta, accountant)
-    except (AccountingError, ValueError) as err:
-        # No trustworthy epsilon means no training: never run unaccounted steps.
-        raise PrivacyRefusal(f"privacy accounting: {err}") from err
-    if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
-        # The steps stay in the site's own log: with the public batch size and epochs
-        # they give the record count, which the threat model may hide from the server.
-        log.warning(
-            "DP-SGD budget exhausted: %d steps spent, epsilon would reach %.4g",
-            state.history.total_steps,
-            eps_after,
-        )
-        raise BudgetRefusal(
-            f"privacy budget exhausted: epsilon would reach {eps_after:.4g} after this round "
-            f"(budget {dp.max_epsilon:g}, delta {dp.delta:g})"
-        )
+    store, state = _load_state(open_store, max(seen, rounds * steps))
+    z, planned, eps_after = _project(dp, state, q, steps, num_rounds)
+    _check_budget(dp, state, eps_after)
     account_site(eps_after, state.history.total_steps > 0)
     new_state = DpSgdState(history=state.history.add(planned), noise_multiplier=z)
     store.save(new_state)  # before training: a crash mid-round never under-counts
@@ -207,6 +170,68 @@ def plan_round(
         delta=dp.delta,
         total_steps=new_state.history.total_steps,
     )
+
+
+def _load_state(
+    open_store: Callable[[], HistoryStore], steps_seen_by_server: int
+) -> tuple[HistoryStore, DpSgdState]:
+    """Open the client's store and load its state; a store error is a refusal."""
+    from fl_app.privacy.state import PrivacyStateError
+
+    try:
+        store = open_store()
+        state = store.load(steps_seen_by_server=steps_seen_by_server)
+    except PrivacyStateError as err:
+        raise PrivacyRefusal(f"privacy state: {err}") from err
+    return store, state
+
+
+def _project(
+    dp: DpSgdConfig, state: DpSgdState, q: float, steps: int, num_rounds: int
+) -> tuple[float, DpSgdEvent, float]:
+    """This round's ``z`` (stored, configured or calibrated), its event and ε after it."""
+    from fl_app.privacy.accounting import (
+        AccountantName,
+        AccountingError,
+        DpSgdEvent,
+        calibrate_noise_multiplier,
+        project_epsilon,
+    )
+
+    accountant = AccountantName(dp.accountant.value)
+    z = state.noise_multiplier
+    try:
+        if z is None:
+            if dp.noise_multiplier is not None:
+                z = float(dp.noise_multiplier)
+            else:
+                assert dp.target_epsilon is not None
+                # Calibrated once for every planned round, then kept fixed (stored in state).
+                z = calibrate_noise_multiplier(
+                    dp.target_epsilon, dp.delta, q, steps * num_rounds, accountant
+                )
+        planned = DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps)
+        eps_after = project_epsilon(state.history, planned, dp.delta, accountant)
+    except (AccountingError, ValueError) as err:
+        # No trustworthy epsilon means no training: never run unaccounted steps.
+        raise PrivacyRefusal(f"privacy accounting: {err}") from err
+    return z, planned, eps_after
+
+
+def _check_budget(dp: DpSgdConfig, state: DpSgdState, eps_after: float) -> None:
+    """Refuse the round (:class:`BudgetRefusal`) when ε after it exceeds ``max_epsilon``."""
+    if dp.max_epsilon is not None and eps_after > dp.max_epsilon:
+        # The steps stay in the site's own log: with the public batch size and epochs
+        # they give the record count, which the threat model may hide from the server.
+        log.warning(
+            "DP-SGD budget exhausted: %d steps spent, epsilon would reach %.4g",
+            state.history.total_steps,
+            eps_after,
+        )
+        raise BudgetRefusal(
+            f"privacy budget exhausted: epsilon would reach {eps_after:.4g} after this round "
+            f"(budget {dp.max_epsilon:g}, delta {dp.delta:g})"
+        )
 
 
 def train_round(
