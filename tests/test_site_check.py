@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from fl_app.cli.deploy import deploy_main
 from fl_app.cli.site import site_main
-from fl_app.deploy.pki import create_ca, create_node_key
+from fl_app.deploy.pki import create_ca, create_node_key, create_signing_key, write_roster
 from fl_app.deploy.site_check import check_site
 
 
@@ -91,3 +92,54 @@ def test_supernode_does_not_start_when_a_check_fails(
     err = capsys.readouterr().err
     assert rc == 1
     assert "FAIL data" in err and "missing.npz" in err and "SuperNode was not started" in err
+
+
+def test_a_site_name_taken_in_the_roster_by_another_key_is_refused(tmp_path: Path) -> None:
+    """Two sites named alike: the second's own key is not the roster's entry for its name."""
+    create_signing_key(tmp_path / "keys", "first")
+    create_signing_key(tmp_path / "keys", "second")
+    _site_file(tmp_path / "a.npz")
+    roster = write_roster(
+        tmp_path / "roster.json", {"hospital-a": tmp_path / "keys/first.sign.pub"}
+    )
+
+    def roster_check(signing_key: str, name: str = "hospital-a") -> Any:
+        return _by_name(
+            check_site(
+                {
+                    "site-name": name,
+                    "data-path": str(tmp_path / "a.npz"),
+                    "signing-key-path": str(tmp_path / "keys" / signing_key),
+                    "roster-path": str(roster),
+                }
+            )
+        )["roster"]
+
+    taken = roster_check("second.sign")
+    assert not taken.ok and "already taken" in taken.detail and "'hospital-a'" in taken.detail
+    own = roster_check("first.sign")
+    assert own.ok, own.detail
+    missing = roster_check("first.sign", name="hospital-b")
+    assert not missing.ok and "not in the roster" in missing.detail
+    # Half a setup (a roster but no signing key) names the keys that go together.
+    half = _by_name(check_site({"site-name": "x", "roster-path": str(roster)}))["roster"]
+    assert not half.ok and "signing-key-path" in half.detail
+    # A site naming no roster gets no roster check (honest-but-curious deployments).
+    assert "roster" not in _by_name(check_site({"site-name": "x"}))
+
+
+def test_site_check_cli_says_the_name_is_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_signing_key(tmp_path / "keys", "first")
+    create_signing_key(tmp_path / "keys", "second")
+    _site_file(tmp_path / "a.npz")
+    write_roster(tmp_path / "roster.json", {"hospital-a": tmp_path / "keys/first.sign.pub"})
+    (tmp_path / "site.yaml").write_text(
+        "name: hospital-a\n"
+        "data: {path: a.npz}\n"
+        "extra: {signing-key-path: keys/second.sign, roster-path: roster.json}\n"
+    )
+    assert site_main(["check", "--site", str(tmp_path / "site.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL roster: site name 'hospital-a' is already taken in the roster" in out
