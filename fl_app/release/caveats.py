@@ -282,7 +282,7 @@ def _closing_items(cfg: AppConfig, evaluated: bool) -> list[str]:
     """The un-noised metrics and what ε does not cover (every DP configuration)."""
     p = cfg.privacy
     items: list[str] = []
-    # client_app/secagg_stages: local-DP and distributed-DP clients, and DP-SGD clients
+    # client_app/secagg.client: local-DP and distributed-DP clients, and DP-SGD clients
     # without secure aggregation, send no loss or accuracy; under other secure
     # aggregation they ride in the masked sum.
     trained = p.mode not in (PrivacyMode.local, PrivacyMode.distributed) and not (

@@ -79,7 +79,7 @@ the protocol adds signed keys and the consistency-check round
 (:mod:`fl_app.secagg.protocol`). A malicious server draws the sparse graph itself and
 no client can check it, so the sparse malicious derivation holds only for an honestly
 drawn graph: the app runs the malicious model on the complete graph alone (clients
-refuse any other neighbourhood, :mod:`fl_app.secagg_stages`; ``secaggplus`` with
+refuse any other neighbourhood, :mod:`fl_app.secagg.client`; ``secaggplus`` with
 ``malicious`` is a config error), where the conditions are deterministic, and a client
 unmasks only after :func:`consistency_quorum` signatures.
 """

@@ -14,7 +14,7 @@ Stages (server ``S``, client ``u``; ``N(u)`` its neighbours, ``H(u) = N(u) ∪ {
    ``(s_sk, s_pk)`` (pairwise masks) and sends both public keys. ``S`` validates them,
    keeps the set ``U1`` and draws the graph over ``U1``. (The pairs may have been drawn
    and advertised in an earlier round, one fresh pair per round: see
-   :meth:`ClientSession.advertise` and :mod:`fl_app.secagg_stages`.)
+   :meth:`ClientSession.advertise` and :mod:`fl_app.secagg.client`.)
 2. share keys: ``u`` draws the self-mask seed ``b_u`` and Shamir-shares ``b_u`` and
    ``s_sk`` over ``H(u)`` with threshold ``t`` (share point ``node_id + 1``), encrypts
    each neighbour's pair with ChaCha20-Poly1305 under HKDF(X25519(c_sk_u, c_pk_v))
@@ -40,7 +40,7 @@ of order (:class:`StageOrderError`).
 
 Trust assumptions: a server following the protocol (``params.server_model`` says which
 thresholds were derived; the malicious model's signed keys and consistency check run in
-:mod:`fl_app.secagg_stages` and :mod:`strategies.secagg` around these sessions, with
+:mod:`fl_app.secagg.client` and :mod:`strategies.secagg` around these sessions, with
 :meth:`ClientSession.check_lists` shared by both) and at most ``params.max_corrupt``
 colluding clients (see :mod:`fl_app.secagg.graph`); authenticated channels between
 each client and the server (Flower's TLS/node auth); client secrets live only in the
@@ -370,7 +370,7 @@ class ClientSession:
 
         ``keys``: ``(c_sk, s_sk)`` drawn earlier for this round and not used by any other
         session (the ClientApp advertises a batch of per-round pairs ahead, see
-        :mod:`fl_app.secagg_stages`); ``None`` draws them now.
+        :mod:`fl_app.secagg.client`); ``None`` draws them now.
         """
         self._enter(Stage.advertise)
         if keys is None:

@@ -1,0 +1,214 @@
+"""Stage 3: the encode and mask stages of the train pipeline, and the reply.
+
+The ClientApp trains as usual (:mod:`fl_app.client.app`), then :class:`MaskedInputStage`
+encodes the clipped update with its weight and metrics into the ring (fixed point, or
+this client's distributed-DP noise share), adds the masks and builds the reply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message
+
+from fl_app.client.policy import PolicyViolation, SitePolicy
+from fl_app.protocol import (
+    CONFIG_KEY,
+    PUBLIC_METRIC_PREFIX,
+    SECAGG_BOUND,
+    SECAGG_CIPHERTEXTS,
+    SECAGG_DDP,
+    SECAGG_MASKED_ARRAY,
+    SECAGG_MAX_WEIGHT,
+    SECAGG_NODES,
+    SECAGG_WEIGHTING,
+)
+from fl_app.secagg.client.state import (
+    _CORRUPT,
+    _MIN_SURVIVORS,
+    SecAggStageError,
+    _advance,
+    _check_round,
+    _get,
+    _load,
+    _reply,
+    _round_of,
+    _save,
+    wipe_state,
+)
+from fl_app.secagg.protocol import (
+    CIPHERTEXT_BYTES,
+    ClientRefusal,
+    ClientSession,
+    Stage,
+    StageOrderError,
+)
+from fl_app.secagg.vector import VectorLayout, client_weight, round_codec, unpack_ids
+from fl_app.secagg.wire import pack_ring, wire_packed
+
+__all__ = ["MaskedInputStage"]
+
+
+@dataclass
+class MaskedInputStage:
+    """Stage 3: the encode and mask stages of the train pipeline, and the reply.
+
+    Built before training (so a missing or stale session fails before any work);
+    :meth:`encode` turns the clipped update plus weight and metrics into the ring
+    vector (:mod:`fl_app.secagg.vector`), :meth:`mask` adds the masks.
+    """
+
+    session: ClientSession
+    meta: dict[str, Any]
+    rnd: int
+    ciphertexts: dict[int, bytes]
+    bound: float
+    weighting: str
+    max_weight: float
+    ddp: Any = None  # fl_app.privacy.distributed.DdpRound under distributed DP
+
+    @classmethod
+    def from_instruction(
+        cls, msg: Message, context: Context, policy: SitePolicy | None = None
+    ) -> MaskedInputStage:
+        """Check the stage-3 instruction against the saved session and the site's floor."""
+        config = msg.content.config_records.get(CONFIG_KEY)
+        if config is None:
+            raise SecAggStageError(f"instruction lacks '{CONFIG_KEY}'")
+        site = policy if policy is not None else SitePolicy()
+        try:
+            rnd = _round_of(config)
+            _check_round(context, rnd, Stage.masked_input)
+            session, meta = _load(context, rnd, Stage.masked_input)
+            senders = unpack_ids(_get(config, SECAGG_NODES, bytes), "senders")
+            raw = _get(config, SECAGG_CIPHERTEXTS, bytes)
+            if len(raw) != CIPHERTEXT_BYTES * len(senders) or len(set(senders)) != len(senders):
+                raise SecAggStageError("ciphertexts do not match the sender list")
+            cts = {
+                v: raw[i * CIPHERTEXT_BYTES : (i + 1) * CIPHERTEXT_BYTES]
+                for i, v in enumerate(senders)
+            }
+            bound = float(_get(config, SECAGG_BOUND, (int, float)))
+            max_weight = float(_get(config, SECAGG_MAX_WEIGHT, (int, float)))
+            weighting = _get(config, SECAGG_WEIGHTING, str)
+            if not (math.isfinite(bound) and bound > 0):
+                raise SecAggStageError(f"'{SECAGG_BOUND}' must be finite and > 0, got {bound}")
+            if weighting not in ("examples", "uniform"):
+                raise SecAggStageError(f"'{SECAGG_WEIGHTING}' must be examples or uniform")
+            if not (math.isfinite(max_weight) and max_weight > 0):
+                raise SecAggStageError(f"'{SECAGG_MAX_WEIGHT}' must be finite and > 0")
+            ddp = _ddp_round(config, session, bound, site, int(meta.get(_CORRUPT, 0)))
+        except (ValueError, SecAggStageError):
+            wipe_state(context)
+            raise
+        return cls(session, meta, rnd, cts, bound, weighting, max_weight, ddp)
+
+    def encode(
+        self,
+        update: Mapping[str, np.ndarray],
+        *,
+        num_examples: float,
+        loss: float,
+        accuracy: float,
+        unclipped: float,
+    ) -> np.ndarray:
+        layout = VectorLayout.from_arrays(update)
+        if self.ddp is not None:
+            # Distributed DP: rotate, scale, round, add this client's discrete Gaussian
+            # share (the noise stage) and reduce into the ring; no extras ride along.
+            if layout.num_params != self.ddp.dim:
+                raise SecAggStageError(
+                    f"model has {layout.num_params} parameters, the round expects {self.ddp.dim}"
+                )
+            return cast(
+                np.ndarray, self.ddp.encode(layout.flatten_params(update), self.session.context)
+            )
+        if layout.length != self.session.vector_length:
+            raise SecAggStageError(
+                f"model has {layout.length} masked coordinates, the round expects "
+                f"{self.session.vector_length}"
+            )
+        weight = client_weight(self.weighting, float(num_examples), self.max_weight)
+        x = layout.flatten_input(
+            update,
+            weight=weight,
+            bound=self.bound,
+            unclipped=unclipped,
+            loss=loss,
+            accuracy=accuracy,
+        )
+        codec = round_codec(self.session.bits, self.bound, self.session.params.num_clients)
+        # Rounding randomness from a ChaCha20 keystream under an OS-random key: it must
+        # not depend on anything the server knows (a seeded rounding could be partly
+        # undone). Imported here: key-exchange stages never load the privacy package.
+        from fl_app.privacy.noise import SecureNoise
+
+        return codec.encode(x, SecureNoise())  # type: ignore[arg-type]
+
+    def mask(self, encoded: np.ndarray, context: Context) -> np.ndarray:
+        try:
+            y = self.session.masked_input(self.ciphertexts, encoded)
+        except (ClientRefusal, StageOrderError) as err:
+            wipe_state(context)
+            raise SecAggStageError(str(err)) from err
+        if self.ddp is not None:
+            self.meta[_MIN_SURVIVORS] = int(self.ddp.min_survivors)
+        _save(context, self.session, self.meta)  # b_u, s_sk_u, c_sk_u already dropped
+        _advance(context, self.rnd, masked=True)
+        return y
+
+    def reply(
+        self, msg: Message, masked: np.ndarray, public: Mapping[str, float] | None = None
+    ) -> Message:
+        """The stage-3 reply: the masked vector, plus only public ``dp-*`` metrics."""
+        if public and any(not k.startswith(PUBLIC_METRIC_PREFIX) for k in public):
+            raise ValueError(f"only public '{PUBLIC_METRIC_PREFIX}*' metrics may ride in plaintext")
+        record = ArrayRecord()
+        bits = self.session.bits
+        record[SECAGG_MASKED_ARRAY] = Array(
+            pack_ring(masked, bits) if wire_packed(bits) else masked
+        )
+        return _reply(msg, self.rnd, Stage.masked_input, record, public)
+
+
+def _ddp_round(
+    config: Mapping[str, Any],
+    session: ClientSession,
+    bound: float,
+    policy: SitePolicy,
+    colluders: int = 0,
+) -> Any:
+    """The round's distributed-DP parameters, checked against the session and the site's
+    floor (``n_min`` and the noise multiplier), or ``None``. ``colluders``: the ``C`` of
+    the malicious model's share-keys check (0 otherwise); the server knows their noise
+    shares, so the floor counts only ``n_min - C`` honest ones."""
+    raw = config.get(SECAGG_DDP)
+    if raw is None:
+        return None
+    from fl_app.privacy.distributed import DdpRound
+
+    if not isinstance(raw, str):
+        raise SecAggStageError(f"'{SECAGG_DDP}' must be a JSON string")
+    try:
+        ddp = DdpRound.from_json(raw)
+    except (ValueError, TypeError) as err:
+        raise SecAggStageError(f"distributed-DP parameters refused: {err}") from err
+    if ddp.padded != session.vector_length or ddp.bits != session.bits:
+        raise SecAggStageError("distributed-DP parameters disagree with the round's vector")
+    if ddp.cohort != session.params.num_clients or ddp.clip != bound:
+        raise SecAggStageError("distributed-DP parameters disagree with the cohort or the clip")
+    try:
+        policy.check_ddp(
+            cohort=ddp.cohort,
+            min_survivors=ddp.min_survivors,
+            share_std=ddp.share_std,
+            bound=ddp.bound,
+            colluders=colluders,
+        )
+    except PolicyViolation as err:
+        raise SecAggStageError.from_violation(err) from err
+    return ddp
