@@ -163,25 +163,31 @@ def load_site(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_sites(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """Read the site YAMLs of one federation; refuse two sites with the same ``name``.
+    """Read the site YAMLs of one federation; refuse two sites with one identity.
 
-    ``name`` is a site's identity: it names the site's audit log and state files and is
-    its roster entry, so two sites sharing one would write each other's logs and sign
-    as each other. The error names both YAMLs.
+    A site's identity (:func:`fl_app.client.identity.site_identity`: its ``name``, else
+    its data file, else its partition) names its audit log and state files, and its
+    ``name`` is its roster entry, so two sites sharing one would write each other's
+    logs and sign as each other. The error names both YAMLs.
     """
+    from fl_app.client.identity import site_identity
+
     configs: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     for path in paths:
         cfg = load_site(path)
-        name = cfg.get("site-name")
-        if name is not None:
-            if name in seen:
-                raise DeployError(
-                    f"site name {name!r} is used by both {seen[name]} and {Path(path)}: "
-                    "give every site a different `name` (it names the site's audit log, "
-                    "state files and roster entry)"
-                )
-            seen[name] = Path(path)
+        identity = site_identity(cfg)
+        if identity in seen:
+            what = (
+                f"site name {cfg['site-name']!r} is used by both"
+                if cfg.get("site-name")
+                else f"without a `name`, {identity!r} (same data file or partition) is both"
+            )
+            raise DeployError(
+                f"{what} {seen[identity]} and {Path(path)}: give every site a different "
+                "`name` (it names the site's audit log, state files and roster entry)"
+            )
+        seen[identity] = Path(path)
         configs.append(cfg)
     return configs
 
