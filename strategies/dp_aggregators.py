@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.clipping import clip_l2
 from fl_app.privacy.distributed import DdpPlan
@@ -54,7 +55,6 @@ from fl_app.privacy.noise import noise_source
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import Aggregate, ComposedAggregator, Release
 from strategies.budget import BudgetGuard
-from strategies.client_dp import ClientDpSettings
 from strategies.validation import TrainReply
 
 __all__ = [

@@ -1,12 +1,12 @@
 """Client-level DP budget projections and their printed text.
 
 What the planned rounds of a run will spend, computed from its resolved
-:class:`~strategies.client_dp.ClientDpSettings` before anything trains: the lines the
+:class:`~fl_app.config.client_dp.ClientDpSettings` before anything trains: the lines the
 ServerApp prints before round 1 and ``fl-app simulate --dry-run`` prints instead of
 training (:func:`projection_lines`), how many rounds fit in ``privacy.max_epsilon``
 (:func:`rounds_within_budget`), and for distributed DP the budget against the server,
 which picks each cohort so sampling amplifies nothing (:func:`against_server_lines`,
-:func:`~strategies.client_dp.server_rounds_within_budget`, :func:`likely_server_stop_round`,
+:func:`~fl_app.config.client_dp.server_rounds_within_budget`, :func:`likely_server_stop_round`,
 :func:`server_budget_refusal`). The ε arithmetic is the ledger's
 (:mod:`fl_app.privacy.ledger`); this module only plans and words it.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from fl_app.config.client_dp import ClientDpSettings, server_rounds_within_budget
 from fl_app.config.schema import PrivacyMode
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.ledger import (
@@ -23,7 +24,6 @@ from fl_app.privacy.ledger import (
     local_epsilon,
     unsampled_epsilon,
 )
-from strategies.client_dp import ClientDpSettings, server_rounds_within_budget
 
 __all__ = [
     "against_server_lines",

@@ -8,6 +8,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from fl_app.config.plan import RunPlan
 from fl_app.config.schema import (
     AppConfig,
     PrivacyMode,
@@ -20,7 +21,6 @@ from fl_app.config.schema import (
 from fl_app.privacy.ledger import FederationLedger
 from strategies.aggregators import MeanAggregator, UpdateAggregator
 from strategies.budget import BudgetGuard
-from strategies.client_dp import ClientDpSettings
 from strategies.dp_aggregators import CentralDp, DistributedDp
 from strategies.driver import (
     DriverSettings,
@@ -146,13 +146,17 @@ def build_driver(
 
 
 def build_aggregator(
-    cfg: AppConfig, ledger: FederationLedger | None = None
+    plan: RunPlan, ledger: FederationLedger | None = None
 ) -> MeanAggregator | CentralDp | DistributedDp | LocalDp:
-    """The aggregator ``cfg.privacy.mode`` asks for (validated config)."""
+    """The aggregator ``privacy.mode`` asks for, from the run's resolved plan
+    (:func:`fl_app.config.plan.resolve`: settings calibrated once, not here)."""
+    cfg = plan.cfg
     mode = cfg.privacy.mode
     if mode is PrivacyMode.none:
         return MeanAggregator()
-    settings = ClientDpSettings.from_config(cfg)
+    settings = plan.client_dp
+    if settings is None:  # resolve() builds them for every client-level mode
+        raise ValueError(f"privacy.mode={mode.value}: the plan has no client-level DP settings")
     if mode is PrivacyMode.central:
         budget = BudgetGuard(settings.max_epsilon) if settings.max_epsilon is not None else None
         return CentralDp(settings, ledger, budget)

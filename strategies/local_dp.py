@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClipSide, PrivacyMode
 from fl_app.privacy.ledger import FederationLedger
 from strategies.aggregators import ComposedAggregator, ExactMean, WeightedMeanInput
-from strategies.client_dp import ClientDpSettings
 from strategies.dp_aggregators import ClientLevelClipping
 from strategies.dp_projection import rounds_within_budget
 from strategies.validation import TrainReply

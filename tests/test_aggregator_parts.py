@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
+from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan
@@ -30,7 +31,6 @@ from strategies.aggregators import (
     Unaccounted,
     WeightedMeanInput,
 )
-from strategies.client_dp import ClientDpSettings
 from strategies.dp_aggregators import (
     CentralDp,
     ClientLevelClipping,

@@ -37,7 +37,7 @@ import pytest
 
 from fl_app.audit import verify
 from fl_app.config.compose import compose_config
-from fl_app.config.validate import ConfigError
+from fl_app.config.errors import ConfigError
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.runtime.simulation import run_simulation_experiment
 from fl_app.server.checkpoint import (

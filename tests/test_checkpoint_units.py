@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fl_app.audit import verify_head_signature
 from fl_app.config.compose import compose_config, config_hash, config_to_dict
 from fl_app.config.schema import AppConfig
-from fl_app.config.validate import ConfigError
+from fl_app.config.errors import ConfigError
 from fl_app.privacy.ledger import AccountantName, FederationLedger, RoundEvent
 from fl_app.server.checkpoint import (
     CheckpointError,

@@ -8,8 +8,8 @@ import pytest
 
 from fl_app.client_spec import ClientSpec, SpecError, decode_spec, encode_spec, spec_from_config
 from fl_app.config.compose import compose_config, config_dir, config_hash, parse_overrides
+from fl_app.config.errors import ConfigError
 from fl_app.config.schema import AppConfig, PartitionerName, StrategyName
-from fl_app.config.validate import ConfigError
 
 CONFIGS = config_dir()
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "experiment")

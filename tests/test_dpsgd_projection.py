@@ -12,7 +12,7 @@ import pytest
 from fl_app.cli import main as cli_main
 from fl_app.cli.simulate import check_record_level_budget, record_level_projection
 from fl_app.config.compose import compose_config
-from fl_app.config.validate import ConfigError
+from fl_app.config.errors import ConfigError
 from fl_app.data import load_client_data
 
 

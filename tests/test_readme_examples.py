@@ -196,7 +196,7 @@ def _in_process(argv: list[str]) -> Result:
 def _simulate(args: list[str], ctx: Context) -> Result:
     """A single ``fl-app simulate`` run, as the CLI does it, without Hydra's run dir."""
     from fl_app.config.compose import preflight
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
     from fl_app.data import DataError
     from fl_app.runtime.simulation import run_simulation_experiment
 

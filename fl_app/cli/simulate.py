@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fl_app.config.plan import RunPlan
 
 __all__ = [
     "JobFailed",
@@ -26,16 +29,15 @@ __all__ = [
 _DRY_RUN = False
 
 
-def privacy_plan(cfg: Any, projection: RecordLevelProjection | None = None) -> list[str]:
-    """Human lines describing what ``cfg`` will spend, before anything trains
+def privacy_plan(plan: RunPlan, projection: RecordLevelProjection | None = None) -> list[str]:
+    """Human lines describing what ``plan`` will spend, before anything trains
     (``projection``: :func:`record_level_projection`'s, for DP-SGD)."""
-    from fl_app.config.schema import PrivacyMode
-    from strategies.client_dp import ClientDpSettings
     from strategies.dp_projection import projection_lines
 
+    cfg = plan.cfg
     lines: list[str] = []
-    if cfg.privacy.mode is not PrivacyMode.none:
-        lines += projection_lines(ClientDpSettings.from_config(cfg))
+    if plan.client_dp is not None:
+        lines += projection_lines(plan.client_dp)
     if cfg.privacy.record_level:
         d = cfg.privacy.dpsgd
         target = (
@@ -122,7 +124,7 @@ def record_level_projection(cfg: Any) -> RecordLevelProjection | None:
 def check_record_level_budget(cfg: Any, projection: RecordLevelProjection | None) -> None:
     """Raise :class:`~fl_app.config.validate.ConfigError` when round 1 alone would take
     some institution past ``privacy.dpsgd.max_epsilon`` (every client would refuse it)."""
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     d = cfg.privacy.dpsgd
     if projection is None or d.max_epsilon is None:
@@ -139,15 +141,13 @@ def check_record_level_budget(cfg: Any, projection: RecordLevelProjection | None
         )
 
 
-def over_budget(cfg: Any) -> str | None:
+def over_budget(plan: RunPlan) -> str | None:
     """Why the planned rounds would exceed ``privacy.max_epsilon``, or ``None``."""
-    from fl_app.config.schema import PrivacyMode
-    from strategies.client_dp import ClientDpSettings
     from strategies.dp_projection import rounds_within_budget, server_budget_refusal
 
-    if cfg.privacy.mode is PrivacyMode.none or cfg.privacy.max_epsilon is None:
+    settings = plan.client_dp
+    if settings is None or settings.max_epsilon is None:
         return None
-    settings = ClientDpSettings.from_config(cfg)
     if settings.distributed is not None:
         # privacy.threat_model=distributed_dp: the budget (and the guard) is against the
         # server, which knows the cohorts; the outsider figure would pass such jobs.
@@ -234,20 +234,21 @@ def _config_failed(reason: str) -> None:
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fl_app.server.checkpoint import CheckpointError, check_resume
-    from fl_app.config.compose import to_app_config
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.compose import to_app_plan
+    from fl_app.config.errors import ConfigError
     from fl_app.data.errors import DataError
     from fl_app.runtime.simulation import run_simulation_experiment
+    from fl_app.server.checkpoint import CheckpointError, check_resume
 
     try:
-        cfg = to_app_config(raw)
+        plan = to_app_plan(raw)
+        cfg = plan.cfg
         if cfg.resume is not None:
             check_resume(cfg)
         projection = record_level_projection(cfg)
         if _DRY_RUN or projection is not None:
             print(f"[{'dry run' if _DRY_RUN else 'plan'}] {cfg.experiment_name}:")
-            for line in privacy_plan(cfg, projection):
+            for line in privacy_plan(plan, projection):
                 print(f"  {line}", flush=True)
     except ConfigError as err:
         _config_failed(str(err))
@@ -268,7 +269,7 @@ def _simulate_task(raw: Any) -> float | None:
     if _DRY_RUN:
         return None
     if multirun:
-        refusal = over_budget(cfg)
+        refusal = over_budget(plan)
         if refusal:
             # A sweep job that cannot finish its planned rounds within the budget is
             # refused before it trains (a single run would stop early instead); its
@@ -296,7 +297,7 @@ def _run_hydra(argv: list[str]) -> None:
     import hydra
 
     from fl_app.config.compose import config_dir, preflight, register_schemas
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
     from fl_app.data.errors import DataError
 
     try:
@@ -324,7 +325,7 @@ def _run_hydra(argv: list[str]) -> None:
 def _compose_or_exit(argv: list[str]) -> Any:
     """The validated config for ``argv``, or exit 2 naming the field to fix."""
     from fl_app.config.compose import compose_config
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
 
     try:
         return compose_config("config", argv)
@@ -344,12 +345,13 @@ def print_config(argv: list[str]) -> None:
 
 
 def _dry_run(argv: list[str]) -> None:
-    from fl_app.config.validate import ConfigError
+    from fl_app.config.errors import ConfigError
+    from fl_app.config.plan import resolve
 
     cfg = _compose_or_exit(argv)
     projection = record_level_projection(cfg)
     print(f"[dry run] {cfg.experiment_name}: config valid, nothing trained")
-    for line in privacy_plan(cfg, projection):
+    for line in privacy_plan(resolve(cfg), projection):
         print(f"  {line}", flush=True)
     try:
         check_record_level_budget(cfg, projection)

@@ -28,8 +28,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fl_app.config.errors import ConfigError
+from fl_app.config.plan import RunPlan, resolve
 from fl_app.config.schema import AppConfig
-from fl_app.config.validate import ConfigError, validate_config
 
 __all__ = [
     "SCHEMA_NAME",
@@ -44,6 +45,7 @@ __all__ = [
     "schema_keys",
     "suggest_key",
     "to_app_config",
+    "to_app_plan",
 ]
 
 SCHEMA_NAME = "fl_app_schema"
@@ -208,6 +210,11 @@ def to_app_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
     A Hydra ``hydra`` node, if present, is ignored. Unknown keys and wrong types
     raise :class:`ConfigError` naming the dotted key.
     """
+    return to_app_plan(cfg).cfg
+
+
+def to_app_plan(cfg: DictConfig | dict[str, Any]) -> RunPlan:
+    """:func:`to_app_config`, returning the resolved plan (:func:`resolve`) with it."""
     try:
         schema = OmegaConf.structured(AppConfig)
         if isinstance(cfg, DictConfig):
@@ -222,7 +229,9 @@ def to_app_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
         translated = _translate(err)
         raise (translated or err) from err
     assert isinstance(obj, AppConfig)
-    return validate_config(obj)
+    # Resolving (calibration, parameter count) makes an impossible plan fail now, not
+    # at round 1; a run in another process resolves its own plan from the config.
+    return resolve(obj)
 
 
 def parse_overrides(text: str) -> list[str]:

@@ -82,6 +82,7 @@ __all__ = [
     "SamplingScheme",
     "branch_delta_total",
     "calibrate_round_noise",
+    "fixed_cohort_size",
     "local_epsilon",
     "unsampled_epsilon",
 ]
@@ -96,6 +97,16 @@ class LedgerError(ValueError):
 class SamplingScheme(str, Enum):
     poisson = "poisson"
     fixed = "fixed"
+
+
+def fixed_cohort_size(fraction: float, population: int) -> int:
+    """The cohort of fixed-size sampling: ``round(fraction * population)``, in ``[1, N]``.
+
+    The one definition the sampler (:class:`strategies.sampling.FixedSizeSampler`), the
+    plan and the accounting share: the ledger's replace-one event is only right if it
+    counts the cohort the sampler draws.
+    """
+    return min(population, max(1, round(fraction * population)))
 
 
 def _positive(name: str, value: object, *, upper: float | None = None) -> float:

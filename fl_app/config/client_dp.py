@@ -1,5 +1,10 @@
 """Client-level DP settings: ``cfg.privacy`` resolved, checked and calibrated once.
 
+Part of the run's plan (:func:`fl_app.config.plan.resolve`, docs/architecture.md,
+Configuration): this module is the only place that calibrates ``z`` or counts the
+model's parameters. Every failure is a typed :class:`~fl_app.config.errors.ConfigError`
+naming the field and the fix.
+
 :class:`ClientDpSettings` is what every part of a client-level DP run reads (the
 aggregators of :mod:`strategies.dp_aggregators`, the projections of
 :mod:`strategies.dp_projection`, the ServerApp's client spec and summary): the mode, who
@@ -26,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fl_app.config.errors import ConfigConflictError, ConfigPlanError
 from fl_app.config.schema import (
     AppConfig,
     ClippingMode,
@@ -42,6 +48,7 @@ from fl_app.privacy.ledger import (
     RoundEvent,
     SamplingScheme,
     calibrate_round_noise,
+    fixed_cohort_size,
     unsampled_epsilon,
 )
 from fl_app.privacy.mechanisms import (
@@ -49,7 +56,6 @@ from fl_app.privacy.mechanisms import (
     encoding_slack,
     update_noise_multiplier,
 )
-from strategies.sampling import FixedSizeSampler
 
 __all__ = [
     "ClientDpSettings",
@@ -117,10 +123,13 @@ class ClientDpSettings:
         if self.clipping is ClippingMode.adaptive:
             sb = self.clipped_count_std
             if sb is None or not 2 * sb > self.noise_multiplier:
-                raise ValueError(
+                raise ConfigConflictError(
+                    "privacy.clipped_count_stddev",
+                    sb,
                     f"privacy.clipped_count_stddev={sb}: adaptive clipping needs "
                     f"2*clipped_count_stddev > noise_multiplier={self.noise_multiplier:g} "
-                    "(the count's noise takes part of the budget); raise it or lower z"
+                    "(the count's noise takes part of the budget; null means expected "
+                    "cohort / 20); raise it or lower z",
                 )
 
     @property
@@ -133,7 +142,7 @@ class ClientDpSettings:
         """The divisor ``m``: ``q·N`` (Poisson) or the fixed cohort size."""
         if self.sampling is SamplingScheme.poisson:
             return self.fraction * population
-        return float(FixedSizeSampler(self.fraction, 0).cohort_size(population))
+        return float(fixed_cohort_size(self.fraction, population))
 
     def branch_delta(self, population: int) -> float:
         """``η`` of a round at ``population`` (0 without a sampling-dependent gate)."""
@@ -207,7 +216,9 @@ class ClientDpSettings:
         """Resolve ``cfg.privacy`` (validated) into settings; calibrates z from a target ε."""
         p = cfg.privacy
         if p.mode not in (PrivacyMode.central, PrivacyMode.local, PrivacyMode.distributed):
-            raise ValueError(f"privacy.mode={p.mode.value} is not client-level DP")
+            raise ConfigConflictError(
+                "privacy.mode", p.mode.value, "is not client-level DP (central, local, distributed)"
+            )
         assert p.clip is not None and p.delta is not None
         population = planned_population(cfg)
         sampling = (
@@ -245,7 +256,9 @@ class ClientDpSettings:
         probe = cls(noise_multiplier=1.0, **{**common, "clipping": ClippingMode.fixed})
         eta = probe.num_rounds * probe.branch_delta(population)
         if eta >= probe.delta / 2:
-            raise ValueError(
+            raise ConfigPlanError(
+                "privacy.delta",
+                probe.delta,
                 f"privacy.delta={probe.delta:g}: with strategy.sampling=poisson at "
                 f"strategy.fraction_train={probe.fraction:g} of {population} clients, the "
                 f"chance that one client decides whether a secure round is abandoned (cohort "
@@ -258,7 +271,7 @@ class ClientDpSettings:
                     "parameters for every cohort size"
                     if probe.hole_note(population)
                     else ""
-                )
+                ),
             )
         if cfg.secagg.mode is not SecAggMode.off and p.mode is PrivacyMode.central:
             common["encoding"] = (int(cfg.secagg.bits), model_dimension(cfg))
@@ -280,12 +293,14 @@ class ClientDpSettings:
                     resolved.delta,
                     resolved.accountant,
                 )
-                raise ValueError(
+                raise ConfigPlanError(
+                    "privacy.max_epsilon",
+                    resolved.max_epsilon,
                     f"privacy.max_epsilon={resolved.max_epsilon:g}: one cohort alone costs a "
                     f"client epsilon {one:.4g} against the server (no amplification: it picks "
                     "the cohort), so every run would stop before round 1; raise "
                     "privacy.max_epsilon, or the noise (privacy.noise_multiplier, or a lower "
-                    "privacy.target_epsilon)"
+                    "privacy.target_epsilon)",
                 )
             return resolved
         if p.noise_multiplier is not None:
@@ -344,7 +359,12 @@ class ClientDpSettings:
         while eps(high) > target:
             low, high = high, high * 2.0
             if high > 1e4:
-                raise ValueError(f"privacy.target_epsilon={target:g} is out of reach")
+                raise ConfigPlanError(
+                    "privacy.target_epsilon",
+                    target,
+                    f"privacy.target_epsilon={target:g} is out of reach (no noise multiplier "
+                    "up to 1e4 meets it); raise it",
+                )
         for _ in range(40):  # ε decreases in z: smallest z with ε(z) <= target
             mid = (low + high) / 2.0
             if eps(mid) <= target:
@@ -378,9 +398,11 @@ def smallest_secure_cohort(
     for n in range(3, 100_000):
         if _has_secure_params(n, mode, dropout_tolerance, corrupt_fraction, server_model):
             return n
-    raise ValueError(
+    raise ConfigPlanError(
+        "secagg.dropout_tolerance",
+        dropout_tolerance,
         f"secagg.dropout_tolerance={dropout_tolerance:g} with secagg.corrupt_fraction="
-        f"{corrupt_fraction:g}: no cohort size has secure-aggregation parameters"
+        f"{corrupt_fraction:g}: no cohort size has secure-aggregation parameters; lower either",
     )
 
 
@@ -489,7 +511,7 @@ def max_cohort(sampling: SamplingScheme, fraction: float, population: int) -> in
     abandoned, model unchanged, rather than wrapped around the ring).
     """
     if sampling is SamplingScheme.fixed:
-        return max(1, FixedSizeSampler(fraction, 0).cohort_size(population))
+        return max(1, fixed_cohort_size(fraction, population))
     mean = fraction * population
     return min(population, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - fraction))) + 1)
 

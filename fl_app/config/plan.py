@@ -1,0 +1,63 @@
+"""``resolve(cfg)``: check a composed config and build the run's typed plan, once.
+
+Every consumer below the builder (the strategies factory, the ServerApp, the dry run,
+the model card) reads the plan, never re-derives it from ``cfg``
+(docs/architecture.md, Configuration):
+
+1. :func:`~fl_app.config.validate.validate_config`: each value and each cross-field
+   rule (typed errors naming the field and the fix);
+2. the client-level DP settings (:class:`~fl_app.config.client_dp.ClientDpSettings`):
+   calibration of ``z`` from a target ε, the model's parameter count, the
+   secure-aggregation cohort gate and the distributed-DP ring, each failing as a
+   :class:`~fl_app.config.errors.ConfigPlanError` naming its field.
+
+Composition (:func:`fl_app.config.compose.to_app_config`) resolves once to fail before
+any client starts; the process that runs the experiment resolves once more and hands
+the plan down (a plan is derived data: the config is what travels and is hashed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fl_app.config.client_dp import ClientDpSettings
+from fl_app.config.errors import ConfigError, ConfigPlanError
+from fl_app.config.schema import AppConfig, PrivacyMode
+from fl_app.config.validate import validate_config
+
+__all__ = ["RunPlan", "resolve"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked config and what it resolves to.
+
+    ``client_dp`` is ``None`` without client-level DP (``privacy.mode=none``).
+    """
+
+    cfg: AppConfig
+    client_dp: ClientDpSettings | None
+
+
+def resolve(cfg: AppConfig) -> RunPlan:
+    """Check ``cfg`` and build its plan; raise a :class:`ConfigError` naming the field."""
+    validate_config(cfg)
+    return RunPlan(cfg=cfg, client_dp=_client_dp(cfg))
+
+
+def _client_dp(cfg: AppConfig) -> ClientDpSettings | None:
+    if cfg.privacy.mode is PrivacyMode.none:
+        return None
+    from fl_app.privacy.accounting import AccountingError
+    from fl_app.privacy.distributed import DdpConfigError
+
+    try:
+        return ClientDpSettings.from_config(cfg)
+    except ConfigError:
+        raise
+    except DdpConfigError as err:
+        # The ring cannot hold the noised sum at this width (its message names the fix).
+        raise ConfigPlanError("secagg.bits", cfg.secagg.bits, str(err)) from err
+    except (ValueError, AccountingError) as err:
+        # An accountant or event refusing the resolved parameters.
+        raise ConfigPlanError("privacy", cfg.privacy.mode.value, str(err)) from err
