@@ -22,8 +22,9 @@ from flwr.app import Context, Message, RecordDict
 
 from fl_app.client.app import app as client_app
 from fl_app.client.policy import PolicyViolation
+from fl_app.client.state import local_dp_store
 from fl_app.config.compose import compose_config
-from fl_app.privacy.state import LocalDpState, LocalDpStore, PrivacyStateError
+from fl_app.privacy.state import LocalDpState, PrivacyStateError
 from fl_app.protocol import BUDGET_EXHAUSTED, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
@@ -66,12 +67,12 @@ def _context(partition: int = 0) -> Context:
 
 def test_store_survives_a_restart_and_refuses_a_rewind(tmp_path: Path) -> None:
     ctx = _context()
-    store = LocalDpStore(ctx, tmp_path, "run1", "partition-0")
+    store = local_dp_store(ctx, tmp_path, "run1", "partition-0")
     assert store.load(Z) == LocalDpState(0, Z)  # fresh: nothing released yet
     store.save(LocalDpState(2, Z))
     assert json.loads(store.path.read_text())["releases"] == 2
     # A restarted SuperNode: empty Context.state, the file on disk is the truth.
-    restarted = LocalDpStore(_context(), tmp_path, "run1", "partition-0")
+    restarted = local_dp_store(_context(), tmp_path, "run1", "partition-0")
     assert restarted.load(Z, releases_seen_by_server=2).releases == 2
     # The server has received more releases from this site than the file records.
     with pytest.raises(PrivacyStateError, match="lost or replaced"):
@@ -90,9 +91,9 @@ def test_store_survives_a_restart_and_refuses_a_rewind(tmp_path: Path) -> None:
     bad = {"version": 1, "kind": "local-dp", "releases": -1, "noise_multiplier": 4}
     store.path.write_text(json.dumps(bad))
     with pytest.raises(PrivacyStateError, match="releases"):
-        LocalDpStore(_context(), tmp_path, "run1", "partition-0").load(Z)
+        local_dp_store(_context(), tmp_path, "run1", "partition-0").load(Z)
     with pytest.raises(PrivacyStateError, match="safe"):
-        LocalDpStore(ctx, tmp_path, "../x", "partition-0")
+        local_dp_store(ctx, tmp_path, "../x", "partition-0")
 
 
 # ------------------------------------------------- restart + resume, end to end

@@ -3,8 +3,9 @@
 These files are the only memory of spent privacy across restarts, so every check that
 refuses a lost, rewound, corrupt or foreign file is pinned here with inputs written by
 hand (JSON literals, the file names the docstrings promise, sums worked out in the
-comments), not with values the module computes. Killed mutants of state.py (mutmut,
-tests/mutants-accepted.md).
+comments), not with values the module computes. The stores are built as the ClientApp
+builds them (fl_app.client.state: memory in a Context.state record). Killed mutants of
+state.py (mutmut, tests/mutants-accepted.md).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from fl_app.client.state import LOCAL_DP_RECORD, STATE_RECORD, dpsgd_store, local_dp_store
 from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory
 from fl_app.privacy.state import (
-    LOCAL_DP_RECORD,
-    STATE_RECORD,
     ClientPrivacyState,
     DpSgdState,
     LocalDpState,
@@ -89,17 +89,17 @@ def test_a_tiny_positive_noise_multiplier_is_kept() -> None:
     assert DpSgdState.from_json(_dpsgd_text(noise_multiplier=1e-300)).noise_multiplier == 1e-300
 
 
-# --------------------------------------------------------------- ClientPrivacyState
+# ----------------------------------------- ClientPrivacyState (memory: Context.state)
 def test_dpsgd_state_file_names(tmp_path: Path) -> None:
     ctx = _context()
-    assert ClientPrivacyState(ctx, tmp_path, "run_1-A", 3).path == (
+    assert dpsgd_store(ctx, tmp_path, "run_1-A", 3).path == (
         tmp_path / "dpsgd-run_1-A-partition-3.json"
     )
-    assert ClientPrivacyState(ctx, str(tmp_path), "k", "site-a.b").path == (
+    assert dpsgd_store(ctx, str(tmp_path), "k", "site-a.b").path == (
         tmp_path / "dpsgd-k-site-a.b.json"
     )
     longest_key, longest_site = "k" * 64, "s" * 80
-    assert ClientPrivacyState(ctx, tmp_path, longest_key, longest_site).path.name == (
+    assert dpsgd_store(ctx, tmp_path, longest_key, longest_site).path.name == (
         f"dpsgd-{longest_key}-{longest_site}.json"
     )
 
@@ -119,23 +119,23 @@ def test_dpsgd_state_file_names(tmp_path: Path) -> None:
 )
 def test_unsafe_file_name_parts_are_refused(run_key: str, site: str, what: str) -> None:
     with pytest.raises(PrivacyStateError, match=f"{what}.*is not a safe file-name component"):
-        ClientPrivacyState(_context(), "/nonexistent", run_key, site)
+        dpsgd_store(_context(), "/nonexistent", run_key, site)
     with pytest.raises(PrivacyStateError, match="is not a safe file-name component"):
-        LocalDpStore(_context(), "/nonexistent", run_key, site)
+        local_dp_store(_context(), "/nonexistent", run_key, site)
 
 
 def test_none_run_key_and_site_are_refused_not_crashing() -> None:
     with pytest.raises(PrivacyStateError, match="run key None"):
-        ClientPrivacyState(_context(), "/x", None, "s")  # type: ignore[arg-type]
+        dpsgd_store(_context(), "/x", None, "s")  # type: ignore[arg-type]
     with pytest.raises(PrivacyStateError, match="site identity None"):
-        LocalDpStore(_context(), "/x", "k", None)  # type: ignore[arg-type]
+        local_dp_store(_context(), "/x", "k", None)  # type: ignore[arg-type]
     with pytest.raises(PrivacyStateError, match="site identity None"):
         SiteBudgetLedger("/x", None)  # type: ignore[arg-type]
 
 
 def test_dpsgd_save_writes_the_file_and_memory_then_load_reads_them(tmp_path: Path) -> None:
     ctx = _context()
-    store = ClientPrivacyState(ctx, tmp_path / "deep" / "dir", "k", "site-a")
+    store = dpsgd_store(ctx, tmp_path / "deep" / "dir", "k", "site-a")
     fresh = store.load()
     assert fresh == DpSgdState(PrivacyHistory(), None) and not store.path.exists()
     state = DpSgdState(HISTORY, 1.25)
@@ -145,31 +145,29 @@ def test_dpsgd_save_writes_the_file_and_memory_then_load_reads_them(tmp_path: Pa
     # Memory and file agree; the server saw exactly the 12 recorded steps: allowed.
     assert store.load(steps_seen_by_server=12) == state
     # A restarted node (no memory) trusts the file.
-    assert ClientPrivacyState(_context(), tmp_path / "deep" / "dir", "k", "site-a").load(12) == (
-        state
-    )
+    assert dpsgd_store(_context(), tmp_path / "deep" / "dir", "k", "site-a").load(12) == state
 
 
 def test_dpsgd_load_refuses_fewer_steps_than_the_server_saw_without_quoting_them(
     tmp_path: Path,
 ) -> None:
-    store = ClientPrivacyState(_context(), tmp_path, "k", "site-a")
+    store = dpsgd_store(_context(), tmp_path, "k", "site-a")
     store.save(DpSgdState(HISTORY, 1.25))
     with pytest.raises(PrivacyStateError, match="lost or replaced") as err:
         store.load(steps_seen_by_server=13)
     text = str(err.value).replace(str(tmp_path), "")
     assert "13" not in text and "12" not in text
     with pytest.raises(PrivacyStateError, match="lost or replaced"):
-        ClientPrivacyState(_context(), tmp_path / "other", "k", "site-a").load(1)
+        dpsgd_store(_context(), tmp_path / "other", "k", "site-a").load(1)
     # Fresh state, nothing seen: fine.
-    assert ClientPrivacyState(_context(), tmp_path / "other", "k", "site-a").load(0).history == (
+    assert dpsgd_store(_context(), tmp_path / "other", "k", "site-a").load(0).history == (
         PrivacyHistory()
     )
 
 
 def test_dpsgd_load_refuses_a_missing_or_disagreeing_file(tmp_path: Path) -> None:
     ctx = _context()
-    store = ClientPrivacyState(ctx, tmp_path, "k", "site-a")
+    store = dpsgd_store(ctx, tmp_path, "k", "site-a")
     store.save(DpSgdState(HISTORY, 1.25))
     store.path.write_text(DpSgdState(HISTORY, 1.5).to_json())
     with pytest.raises(PrivacyStateError, match="disagrees with this node's in-memory"):
@@ -236,7 +234,7 @@ def test_local_state_refuses_non_json_and_non_objects() -> None:
 
 def test_local_store_file_name_save_and_boundaries(tmp_path: Path) -> None:
     ctx = _context()
-    store = LocalDpStore(ctx, tmp_path, "run-9", "data-ab12")
+    store = local_dp_store(ctx, tmp_path, "run-9", "data-ab12")
     assert store.path == tmp_path / "localdp-run-9-data-ab12.json"
     assert store.load(4.0) == LocalDpState(0, 4.0)
     store.save(LocalDpState(2, 4.0))
@@ -251,7 +249,7 @@ def test_local_store_file_name_save_and_boundaries(tmp_path: Path) -> None:
     assert "noise multiplier 4, this run asks for 2.5" in str(err.value)
     # A fresh store with releases already seen by the server: the state was lost.
     with pytest.raises(PrivacyStateError, match="received 1 local-DP releases"):
-        LocalDpStore(_context(), tmp_path / "new", "run-9", "data-ab12").load(4.0, 1)
+        local_dp_store(_context(), tmp_path / "new", "run-9", "data-ab12").load(4.0, 1)
     with pytest.raises(PrivacyStateError, match=r"local DP state file .* is missing"):
         store.path.unlink()
         store.load(4.0)
@@ -259,7 +257,7 @@ def test_local_store_file_name_save_and_boundaries(tmp_path: Path) -> None:
 
 def test_local_store_refuses_memory_that_disagrees(tmp_path: Path) -> None:
     ctx = _context()
-    store = LocalDpStore(ctx, tmp_path, "k", "site-a")
+    store = local_dp_store(ctx, tmp_path, "k", "site-a")
     store.save(LocalDpState(2, 4.0))
     store.path.write_text(LocalDpState(1, 4.0).to_json())
     with pytest.raises(PrivacyStateError, match="disagrees with this node's in-memory state"):
@@ -392,7 +390,7 @@ def test_refusals_say_what_to_do(tmp_path: Path) -> None:
     """Each refusal ends with what happens next (nothing is trained or released until an
     operator acts), the part of the message an operator acts on."""
     ctx = _context()
-    store = ClientPrivacyState(ctx, tmp_path, "k", "site-a")
+    store = dpsgd_store(ctx, tmp_path, "k", "site-a")
     store.save(DpSgdState(HISTORY, 1.25))
     store.path.write_text(DpSgdState(HISTORY, 1.5).to_json())
     with pytest.raises(PrivacyStateError) as err:
@@ -408,7 +406,7 @@ def test_refusals_say_what_to_do(tmp_path: Path) -> None:
         f"privacy state file {store.path} is missing although this node has spent privacy "
         "budget in this run: refusing to restart accounting from zero"
     )
-    local = LocalDpStore(_context(), tmp_path, "k", "site-a")
+    local = local_dp_store(_context(), tmp_path, "k", "site-a")
     local.save(LocalDpState(2, 4.0))
     with pytest.raises(PrivacyStateError) as err:
         local.load(2.5)
@@ -442,3 +440,33 @@ def test_refusals_say_what_to_do(tmp_path: Path) -> None:
 def test_local_state_keeps_a_noise_multiplier_below_one() -> None:
     text = '{"version": 1, "kind": "local-dp", "releases": 1, "noise_multiplier": 0.5}'
     assert LocalDpState.from_json(text) == LocalDpState(1, 0.5)
+
+
+def test_the_stores_keep_their_memory_in_any_state_memory(tmp_path: Path) -> None:
+    """fl_app.privacy.state has no Flower import: its stores take any StateMemory (the
+    ClientApp's is fl_app.client.state.ContextMemory); the rules are the same."""
+
+    class Memory:
+        def __init__(self) -> None:
+            self.text: str | None = None
+
+        def get(self) -> str | None:
+            return self.text
+
+        def put(self, text: str) -> None:
+            self.text = text
+
+    memory = Memory()
+    store = ClientPrivacyState(memory, tmp_path, "k", "site-a")
+    store.save(DpSgdState(HISTORY, 1.25))
+    assert memory.text == store.path.read_text() == DpSgdState(HISTORY, 1.25).to_json()
+    memory.text = DpSgdState(HISTORY, 1.5).to_json()
+    with pytest.raises(PrivacyStateError, match="disagrees with this node's in-memory"):
+        store.load()
+    local_memory = Memory()
+    local = LocalDpStore(local_memory, tmp_path, "k", "site-a")
+    local.save(LocalDpState(2, 4.0))
+    assert local_memory.text == local.path.read_text() == LocalDpState(2, 4.0).to_json()
+    local.path.unlink()
+    with pytest.raises(PrivacyStateError, match=r"local DP state file .* is missing"):
+        local.load(4.0)

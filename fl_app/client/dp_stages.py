@@ -78,10 +78,11 @@ def _local_noise_stage(
     its public metrics go into ``metrics``."""
     dp = spec.client_dp
     assert dp is not None and dp.local_noise_multiplier is not None
+    from fl_app.client.state import local_dp_store
     from fl_app.config.schema import Accountant
     from fl_app.privacy.local import begin_release, releases_seen
     from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
-    from fl_app.privacy.state import LOCAL_RELEASES_SEEN_KEY, LocalDpStore
+    from fl_app.privacy.state import LOCAL_RELEASES_SEEN_KEY
 
     z = float(dp.local_noise_multiplier)
     try:
@@ -108,7 +109,7 @@ def _local_noise_stage(
 
     try:
         release = begin_release(
-            lambda: LocalDpStore(context, str(state_dir), spec.run_key, site),
+            lambda: local_dp_store(context, str(state_dir), spec.run_key, site),
             noise_multiplier=z,
             clip_norm=clip_norm,
             delta=dp.delta,
@@ -146,9 +147,10 @@ def prepare_dpsgd(
     Returns the training thunk and the public metrics of this round (epsilon spent
     so far including this round, steps, sample rate, z).
     """
+    from fl_app.client.state import dpsgd_store
     from fl_app.privacy.dpsgd_plan import plan_round, train_round
     from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
-    from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY, ClientPrivacyState
+    from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY
 
     dp = spec.dpsgd
     assert dp is not None
@@ -168,7 +170,7 @@ def prepare_dpsgd(
     try:
         plan = plan_round(
             dp,
-            lambda: ClientPrivacyState(context, str(state_dir), spec.run_key, site),
+            lambda: dpsgd_store(context, str(state_dir), spec.run_key, site),
             num_examples=len(data.train),
             batch_size=spec.train.batch_size,
             local_epochs=spec.train.local_epochs,

@@ -3,8 +3,9 @@
 The accountant history is the only thing standing between an institution and an
 under-counted epsilon, so it lives in two places (docs/architecture.md, Privacy accounting):
 
-* ``Context.state`` (``fl-app.dpsgd`` record): survives rounds while the SuperNode
-  (or simulation) process lives;
+* the node's memory (:class:`StateMemory`; the ClientApp's is a ``Context.state``
+  record, ``fl-app.dpsgd``, :mod:`fl_app.client.state`): survives rounds while the
+  SuperNode (or simulation) process lives;
 * a JSON file in the client's state directory (``--node-config dp-state-dir=...``, or
   the run directory's ``client-state/`` in simulation): survives a SuperNode restart.
 
@@ -48,17 +49,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from flwr.app import ConfigRecord, Context
+from typing import Protocol
 
 from fl_app.atomic import write_atomic
 from fl_app.privacy.accounting import PrivacyHistory
 
 __all__ = [
-    "LOCAL_DP_RECORD",
     "LOCAL_RELEASES_SEEN_KEY",
     "ROUNDS_SEEN_KEY",
-    "STATE_RECORD",
     "STEPS_SEEN_KEY",
     "ClientPrivacyState",
     "DpSgdState",
@@ -67,15 +65,14 @@ __all__ = [
     "PrivacyStateError",
     "SiteBudgetLedger",
     "SiteSpend",
+    "StateMemory",
 ]
 
-STATE_RECORD = "fl-app.dpsgd"
 # Per-node instruction config: DP-SGD steps the server has seen this node report.
 STEPS_SEEN_KEY = "fl-app.dp-steps-seen"
 # Per-node instruction config: DP-SGD rounds the server has seen this node train, where it
 # must not see the steps (they reveal the record count): secure aggregation, local DP.
 ROUNDS_SEEN_KEY = "fl-app.dp-rounds-seen"
-LOCAL_DP_RECORD = "fl-app.local-dp"
 # Per-node instruction config: local-DP releases the server has received from this site.
 LOCAL_RELEASES_SEEN_KEY = "fl-app.local-releases-seen"
 _VERSION = 1
@@ -132,13 +129,20 @@ def _state_path(state_dir: str | os.PathLike[str], kind: str, run_key: str, site
     return Path(state_dir) / f"{kind}-{run_key}-{site}.json"
 
 
-def _memory_of(context: Context, record_name: str) -> str | None:
-    """The in-memory copy of a state file kept in ``Context.state`` (None if absent)."""
-    record = context.state.config_records.get(record_name)
-    if record is None:
-        return None
-    value = record.get("state")
-    return value if isinstance(value, str) else None
+class StateMemory(Protocol):
+    """The node's in-memory copy of one state file, kept while its process lives.
+
+    The ClientApp's is a ``Context.state`` record (:class:`fl_app.client.state.ContextMemory`);
+    this module stays free of Flower so the rules above are testable on their own.
+    """
+
+    def get(self) -> str | None:
+        """The copy saved last in this process, or None (nothing saved, or unreadable)."""
+        ...
+
+    def put(self, text: str) -> None:
+        """Keep ``text`` as the copy."""
+        ...
 
 
 class ClientPrivacyState:
@@ -146,24 +150,21 @@ class ClientPrivacyState:
 
     def __init__(
         self,
-        context: Context,
+        memory: StateMemory,
         state_dir: str | os.PathLike[str],
         run_key: str,
         site: str | int,
     ) -> None:
-        """``site``: the site identity (:func:`fl_app.client.app.site_identity`:
+        """``site``: the site identity (:func:`fl_app.client.identity.site_identity`:
         ``site-<name>``, ``data-<hash>``, ``partition-<id>``), or a simulated partition
         id. Deployed sites all have partition id 0 and may share a state directory, so
         the file is named by the identity: ``dpsgd-<run key>-<site>.json``."""
         name = f"partition-{int(site)}" if isinstance(site, int) else site
-        self.context = context
+        self.memory = memory
         self.path = _state_path(state_dir, "dpsgd", run_key, name)
 
-    def _memory(self) -> str | None:
-        return _memory_of(self.context, STATE_RECORD)
-
     def load(self, steps_seen_by_server: int = 0) -> DpSgdState:
-        memory = self._memory()
+        memory = self.memory.get()
         if self.path.is_file():
             state = DpSgdState.from_json(self.path.read_text())
             if memory is not None and DpSgdState.from_json(memory) != state:
@@ -190,7 +191,7 @@ class ClientPrivacyState:
     def save(self, state: DpSgdState) -> None:
         text = state.to_json()
         write_atomic(self.path, text.encode())
-        self.context.state[STATE_RECORD] = ConfigRecord({"state": text})
+        self.memory.put(text)
 
 
 @dataclass(frozen=True)
@@ -244,18 +245,15 @@ class LocalDpStore:
     """
 
     def __init__(
-        self, context: Context, state_dir: str | os.PathLike[str], run_key: str, site: str
+        self, memory: StateMemory, state_dir: str | os.PathLike[str], run_key: str, site: str
     ) -> None:
-        self.context = context
+        self.memory = memory
         # Named by the site identity (``site-<name>``, ``data-<hash>``, ``partition-<id>``):
         # deployed sites all have partition id 0 and may share a state directory.
         self.path = _state_path(state_dir, "localdp", run_key, site)
 
-    def _memory(self) -> str | None:
-        return _memory_of(self.context, LOCAL_DP_RECORD)
-
     def load(self, noise_multiplier: float, releases_seen_by_server: int = 0) -> LocalDpState:
-        memory = self._memory()
+        memory = self.memory.get()
         if self.path.is_file():
             state = LocalDpState.from_json(self.path.read_text())
             if memory is not None and LocalDpState.from_json(memory) != state:
@@ -287,7 +285,7 @@ class LocalDpStore:
     def save(self, state: LocalDpState) -> None:
         text = state.to_json()
         write_atomic(self.path, text.encode())
-        self.context.state[LOCAL_DP_RECORD] = ConfigRecord({"state": text})
+        self.memory.put(text)
 
 
 # The kinds of epsilon a site's ledger composes: DP-SGD's record-level epsilon and local
