@@ -171,7 +171,6 @@ _LONG_MODULES_ALLOWED = frozenset(
         "fl_app/privacy/distributed.py",
         "fl_app/privacy/dpsgd.py",
         "fl_app/privacy/ledger.py",
-        "fl_app/privacy_audit/run.py",
         "fl_app/secagg/crypto.py",
         "fl_app/secagg/graph.py",
         "fl_app/secagg/protocol.py",

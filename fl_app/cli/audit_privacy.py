@@ -35,7 +35,8 @@ def audit_privacy_main(argv: list[str] | None = None) -> int:
     """Entry point of ``fl-app audit-privacy``; returns the exit status."""
     args = _parser().parse_args(argv)
     # torch and the attacks load only once the arguments parse (`--help` stays fast).
-    from fl_app.privacy_audit.run import AuditError, audit_run_dir, print_audit
+    from fl_app.privacy_audit.report import print_audit
+    from fl_app.privacy_audit.run import AuditError, audit_run_dir
 
     run_dir: Path = args.run_dir
     out_dir: Path = args.out or run_dir / "privacy_audit"

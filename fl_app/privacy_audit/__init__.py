@@ -8,7 +8,8 @@ which client data appears in it (only the inversion demo's true records, in a pl
 
 Modules: :mod:`~fl_app.privacy_audit.metrics` (pure scoring math),
 :mod:`~fl_app.privacy_audit.membership`, :mod:`~fl_app.privacy_audit.inversion`,
-:mod:`~fl_app.privacy_audit.run` (run-directory driver).
+:mod:`~fl_app.privacy_audit.run` (run-directory driver), :mod:`~fl_app.privacy_audit.report`
+(plots and the printed summary).
 """
 
 from fl_app.privacy_audit.run import AuditSettings, audit_run, audit_run_dir
