@@ -700,9 +700,23 @@ def _train(
     steps_planned: int,
     sample_rate: float,
 ) -> tuple[nn.Module, DpSgdResult]:
+    # long: one round's linear sequence (sources, trainer, checks, epochs, cross-checks);
+    # mutation testing's accepted survivors in tests/mutants-accepted.md are named by it.
     device = _device_of(model)
     n = int(yt.shape[0])
-    sampling_gen, noise_gen, keystreams, layer_seed = _round_randomness(dp, generator, device)
+    sampling_gen: torch.Generator | None = None
+    noise_gen: torch.Generator | None = None
+    keystreams: tuple[SecureNoise, SecureNoise] | None = None
+    if dp.secure_mode:
+        # Fresh OS-random keys in this process: nothing the caller passed enters them.
+        keystreams = (SecureNoise(), SecureNoise())
+        layer_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    else:
+        seeds = torch.randint(0, 2**62, (3,), generator=generator).tolist()
+        sampling_gen = torch.Generator().manual_seed(int(seeds[0]))
+        noise_gen = torch.Generator(device=device).manual_seed(int(seeds[1]))
+        layer_seed = int(seeds[2])
+
     trainer = _PrivateTrainer(
         model,
         xt,
@@ -716,10 +730,33 @@ def _train(
         engine=engine,
         keystreams=keystreams,
     )
+    loss_sum = 0.0
+    correct = 0
+    seen = 0
+    steps = 0
     try:
-        _check_loader(trainer, int(cfg.local_epochs), steps_planned, sample_rate)
+        per_epoch = len(trainer.loader)
+        if per_epoch * int(cfg.local_epochs) != steps_planned:
+            raise RuntimeError(
+                f"Opacus' Poisson loader has {per_epoch} steps per epoch, planned_steps "
+                f"expected {steps_planned // int(cfg.local_epochs)}"
+            )
+        if trainer.loader.sample_rate != sample_rate:
+            raise RuntimeError(
+                f"Opacus samples at q={trainer.loader.sample_rate!r}, "
+                f"planned_steps expected {sample_rate!r}"
+            )
         with seeded_global_rng(layer_seed, device):
-            loss_sum, correct, seen, steps = _run_epochs(trainer, xt, yt, cfg, device)
+            for _ in range(int(cfg.local_epochs)):
+                # Opacus' sampler with its generator; index the tensors directly rather
+                # than collating example by example (same batches, far less overhead).
+                for indices in trainer.batch_sampler:
+                    idx = torch.as_tensor(indices, dtype=torch.long, device=device)
+                    b_loss, b_correct, bs = trainer.step(xt[idx], yt[idx])
+                    loss_sum += b_loss
+                    correct += b_correct
+                    seen += bs
+                    steps += 1
         counted = trainer.steps_counted_by_opacus()
     finally:
         trainer.close()
@@ -742,70 +779,3 @@ def _train(
         expected_batch_size=_expected_batch_size(n, int(cfg.batch_size)),
     )
     return model, result
-
-
-def _round_randomness(
-    dp: DpSgdSettings, generator: torch.Generator, device: torch.device
-) -> tuple[
-    torch.Generator | None,
-    torch.Generator | None,
-    tuple[SecureNoise, SecureNoise] | None,
-    int,
-]:
-    """This round's sources: ``(sampling, noise, keystreams, layer seed)``.
-
-    With ``secure_mode`` sampling and noise come from fresh OS-keyed keystreams and
-    only the layers' seed (dropout) is drawn from ``generator``; without it, three
-    seeds are drawn from ``generator`` in that order (sampling, noise, layers).
-    """
-    if dp.secure_mode:
-        # Fresh OS-random keys in this process: nothing the caller passed enters them.
-        keystreams = (SecureNoise(), SecureNoise())
-        layer_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return None, None, keystreams, layer_seed
-    seeds = torch.randint(0, 2**62, (3,), generator=generator).tolist()
-    sampling_gen = torch.Generator().manual_seed(int(seeds[0]))
-    noise_gen = torch.Generator(device=device).manual_seed(int(seeds[1]))
-    return sampling_gen, noise_gen, None, int(seeds[2])
-
-
-def _check_loader(
-    trainer: _PrivateTrainer, local_epochs: int, steps_planned: int, sample_rate: float
-) -> None:
-    """Refuse to train when Opacus' loader disagrees with :func:`planned_steps`."""
-    per_epoch = len(trainer.loader)
-    if per_epoch * local_epochs != steps_planned:
-        raise RuntimeError(
-            f"Opacus' Poisson loader has {per_epoch} steps per epoch, planned_steps "
-            f"expected {steps_planned // local_epochs}"
-        )
-    if trainer.loader.sample_rate != sample_rate:
-        raise RuntimeError(
-            f"Opacus samples at q={trainer.loader.sample_rate!r}, "
-            f"planned_steps expected {sample_rate!r}"
-        )
-
-
-def _run_epochs(
-    trainer: _PrivateTrainer,
-    xt: torch.Tensor,
-    yt: torch.Tensor,
-    cfg: ClientTrainConfig,
-    device: torch.device,
-) -> tuple[float, int, int, int]:
-    """Train ``cfg.local_epochs``; return ``(loss sum, correct, examples seen, steps)``."""
-    loss_sum = 0.0
-    correct = 0
-    seen = 0
-    steps = 0
-    for _ in range(int(cfg.local_epochs)):
-        # Opacus' sampler with its generator; index the tensors directly rather
-        # than collating example by example (same batches, far less overhead).
-        for indices in trainer.batch_sampler:
-            idx = torch.as_tensor(indices, dtype=torch.long, device=device)
-            b_loss, b_correct, bs = trainer.step(xt[idx], yt[idx])
-            loss_sum += b_loss
-            correct += b_correct
-            seen += bs
-            steps += 1
-    return loss_sum, correct, seen, steps
