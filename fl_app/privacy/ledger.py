@@ -59,7 +59,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
@@ -76,6 +76,7 @@ from fl_app.strict_json import reject_duplicate_keys
 
 __all__ = [
     "LEDGER_VERSION",
+    "AccountingKey",
     "FederationLedger",
     "LedgerError",
     "RoundEvent",
@@ -97,6 +98,24 @@ class LedgerError(ValueError):
 class SamplingScheme(str, Enum):
     poisson = "poisson"
     fixed = "fixed"
+
+
+class AccountingKey(NamedTuple):
+    """What the accountant sees of one round (:meth:`RoundEvent.accounting_key`).
+
+    ``kind``: ``"poisson"`` (Poisson sampling or full participation, add/remove),
+    ``"wor"`` (fixed-size sampling without replacement, replace-one: ``population``
+    and ``cohort``; ``rate`` unused) or ``"ddg"`` (the distributed discrete Gaussian:
+    ``ddg_tau`` and ``ddg_dimension``). Equal keys compose as one block.
+    """
+
+    kind: str
+    rate: float
+    noise_multiplier: float
+    population: int = 0
+    cohort: int = 0
+    ddg_tau: float = 0.0
+    ddg_dimension: int = 0
 
 
 def fixed_cohort_size(fraction: float, population: int) -> int:
@@ -248,28 +267,42 @@ class RoundEvent:
         """Standard deviation of the noise added to the *sum* of clipped updates."""
         return self.update_noise_multiplier * self.sensitivity
 
-    def accounting_key(self) -> tuple[Any, ...]:
+    def accounting_key(self) -> AccountingKey:
         """What the accountant sees; equal keys compose as one self-composed block."""
         if self.replace_one:
-            return ("wor", self.population, int(self.cohort), self.noise_multiplier)
+            return AccountingKey(
+                "wor", 0.0, self.noise_multiplier, self.population, int(self.cohort)
+            )
         rate = self.sample_rate if self.sampling is SamplingScheme.poisson else 1.0
         if self.mechanism == "ddg":
-            return ("ddg", rate, self.noise_multiplier, self.ddg_tau, self.ddg_dimension)
-        return ("poisson", rate, self.noise_multiplier)
+            assert self.ddg_tau is not None and self.ddg_dimension is not None
+            return AccountingKey(
+                "ddg",
+                rate,
+                self.noise_multiplier,
+                ddg_tau=self.ddg_tau,
+                ddg_dimension=self.ddg_dimension,
+            )
+        return AccountingKey("poisson", rate, self.noise_multiplier)
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event for this round (see the module docstring)."""
         key = self.accounting_key()
-        if key[0] == "ddg":
+        if key.kind == "ddg":
             raise AccountingError(
                 "dp-accounting has no event for the distributed discrete Gaussian; "
                 "its RDP bound is computed by fl_app.privacy.distributed.ddg_epsilon"
             )
-        if key[0] == "wor":
+        if key.kind == "wor":
+            # Replace-one: a changed record moves the sum by up to 2C, hence z/2.
             return dp_accounting.SampledWithoutReplacementDpEvent(
-                key[1], key[2], dp_accounting.GaussianDpEvent(key[3] / 2.0)
+                key.population,
+                key.cohort,
+                dp_accounting.GaussianDpEvent(key.noise_multiplier / 2.0),
             )
-        return dp_accounting.PoissonSampledDpEvent(key[1], dp_accounting.GaussianDpEvent(key[2]))
+        return dp_accounting.PoissonSampledDpEvent(
+            key.rate, dp_accounting.GaussianDpEvent(key.noise_multiplier)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -277,15 +310,23 @@ class RoundEvent:
         return out
 
 
-def _blocks(events: Sequence[RoundEvent]) -> list[tuple[tuple[Any, ...], int, RoundEvent]]:
-    """Consecutive events with the same accounting key, as ``(key, count, first event)``."""
-    blocks: list[tuple[tuple[Any, ...], int, RoundEvent]] = []
+class _Block(NamedTuple):
+    """``rounds`` consecutive events with one accounting ``key``; ``first`` is the first."""
+
+    key: AccountingKey
+    rounds: int
+    first: RoundEvent
+
+
+def _blocks(events: Sequence[RoundEvent]) -> list[_Block]:
+    """Consecutive events with the same accounting key, as blocks."""
+    blocks: list[_Block] = []
     for e in events:
         key = e.accounting_key()
-        if blocks and blocks[-1][0] == key:
-            blocks[-1] = (key, blocks[-1][1] + 1, blocks[-1][2])
+        if blocks and blocks[-1].key == key:
+            blocks[-1] = blocks[-1]._replace(rounds=blocks[-1].rounds + 1)
         else:
-            blocks.append((key, 1, e))
+            blocks.append(_Block(key, 1, e))
     return blocks
 
 
@@ -312,13 +353,13 @@ def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: Accounta
 def _mechanism_epsilon(
     events: Sequence[RoundEvent], delta: float, accountant: AccountantName
 ) -> float:
-    grouped = _blocks(events)
-    blocks = [(key, n) for key, n, _ in grouped]
-    firsts = [first for _, _, first in grouped]
-    kinds = {key[0] for key, _ in blocks}
+    blocks = _blocks(events)
+    kinds = {b.key.kind for b in blocks}
     if kinds == {"poisson"}:
         # A Poisson round is one DP-SGD step with clients as records.
-        history = PrivacyHistory(tuple(DpSgdEvent(key[2], key[1], n) for key, n in blocks))
+        history = PrivacyHistory(
+            tuple(DpSgdEvent(b.key.noise_multiplier, b.key.rate, b.rounds) for b in blocks)
+        )
         return epsilon(history, delta, accountant)
     if "ddg" in kinds:
         if kinds != {"ddg"}:
@@ -333,7 +374,13 @@ def _mechanism_epsilon(
             )
         from fl_app.privacy.distributed import ddg_epsilon
 
-        return ddg_epsilon([(k[1], k[2], k[3], k[4], n) for k, n in blocks], delta)
+        return ddg_epsilon(
+            [
+                (b.key.rate, b.key.noise_multiplier, b.key.ddg_tau, b.key.ddg_dimension, b.rounds)
+                for b in blocks
+            ],
+            delta,
+        )
     if kinds != {"wor"}:
         raise AccountingError(
             "the ledger mixes fixed-size rounds (replace-one) with Poisson/full-participation "
@@ -347,8 +394,8 @@ def _mechanism_epsilon(
             "strategy.sampling=poisson"
         )
     acc = _replace_one_rdp()
-    for (_, n), first in zip(blocks, firsts, strict=True):
-        acc.compose(first.dp_event(), n)
+    for b in blocks:
+        acc.compose(b.first.dp_event(), b.rounds)
     value = float(acc.get_epsilon(delta))
     if not math.isfinite(value) or value < 0:
         raise AccountingError(f"rdp accountant returned epsilon={value!r} for this ledger")
