@@ -42,12 +42,11 @@ from fl_app.privacy.ledger import FederationLedger
 from fl_app.runtime.simulation import run_simulation_experiment
 from fl_app.server.checkpoint import (
     CheckpointError,
-    check_resume,
     list_checkpoints,
     load_checkpoint,
-    plan_resume,
     prune_checkpoints,
 )
+from fl_app.server.resume import check_resume, plan_resume
 from fl_app.weights import load_safetensors, weights_digest
 
 OVERRIDES = [

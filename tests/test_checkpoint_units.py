@@ -23,26 +23,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fl_app.audit import verify_head_signature
 from fl_app.config.compose import compose_config, config_hash, config_to_dict
-from fl_app.config.schema import AppConfig
 from fl_app.config.errors import ConfigError
+from fl_app.config.schema import AppConfig
 from fl_app.privacy.ledger import AccountantName, FederationLedger, RoundEvent
 from fl_app.server.checkpoint import (
     CheckpointError,
-    ResumePlan,
-    check_resume,
     in_model_order,
     list_checkpoints,
     load_checkpoint,
-    plan_resume,
     prune_checkpoints,
     read_manifest,
     restore_strategy_state,
     run_config_hash,
     seal_checkpoint,
-    set_aside_abandoned,
     strategy_state,
     write_checkpoint_files,
 )
+from fl_app.server.resume import ResumePlan, check_resume, plan_resume, set_aside_abandoned
 
 MODEL = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1.5], np.float32)}
 

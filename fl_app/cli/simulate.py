@@ -35,7 +35,7 @@ def privacy_plan(plan: RunPlan, projection: RecordLevelProjection | None = None)
     from strategies.dp_projection import projection_lines
 
     cfg = plan.cfg
-    lines: list[str] = []
+    lines = plan.guarantee.lines()
     if plan.client_dp is not None:
         lines += projection_lines(plan.client_dp)
     if cfg.privacy.record_level:
@@ -238,7 +238,8 @@ def _simulate_task(raw: Any) -> float | None:
     from fl_app.config.errors import ConfigError
     from fl_app.data.errors import DataError
     from fl_app.runtime.simulation import run_simulation_experiment
-    from fl_app.server.checkpoint import CheckpointError, check_resume
+    from fl_app.server.checkpoint import CheckpointError
+    from fl_app.server.resume import check_resume
 
     try:
         plan = to_app_plan(raw)

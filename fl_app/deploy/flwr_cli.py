@@ -241,7 +241,7 @@ def submit_run(
     raise DeployError(f"run {run_id} still {status!r} after {timeout:.0f}s")
 
 
-# The ServerApp's own progress lines (fl_app.server.rundir.ProgressPrinter and the run's end),
+# The ServerApp's own progress lines (fl_app.server.progress.ProgressPrinter and the run's end),
 # which Flower mirrors from its stdout into the run log.
 _PROGRESS = re.compile(r"(\[round \d+/\d+\]|run (FAILED|DEGRADED):|done: |stopped early: )")
 

@@ -44,7 +44,6 @@ from strategies.driver import RoundReport
 
 __all__ = [
     "MetricsWriter",
-    "ProgressPrinter",
     "RunDirectory",
     "code_version",
     "published_config_hash",
@@ -320,47 +319,6 @@ class MetricsWriter:
             fh.flush()
 
 
-class ProgressPrinter:
-    """Round listener: one human line per round on the terminal."""
-
-    def __init__(self, num_rounds: int, stream: Any = None) -> None:
-        self.num_rounds = num_rounds
-        self.stream = stream
-
-    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None:
-        t = report.train
-        parts = [
-            f"[round {report.server_round}/{self.num_rounds}]",
-            f"clients {t.accepted}/{t.sampled} ok",
-        ]
-        if t.rejected or t.failed or t.missing:
-            parts.append(
-                f"({len(t.rejected)} rejected, {len(t.failed)} failed, {t.missing} missing)"
-            )
-        if "train-loss" in t.metrics:
-            parts.append(f"train loss {t.metrics['train-loss']:.4f}")
-        if report.evaluate is not None and "eval-accuracy" in report.evaluate.metrics:
-            parts.append(f"fed acc {report.evaluate.metrics['eval-accuracy']:.4f}")
-        if "accuracy" in report.server_metrics:
-            parts.append(
-                f"test acc {report.server_metrics['accuracy']:.4f} "
-                f"loss {report.server_metrics['loss']:.4f}"
-            )
-        eps = [m["dp-epsilon"] for m in t.client_metrics.values() if "dp-epsilon" in m]
-        if eps:
-            parts.append(f"record-level eps max {max(eps):.3f}")
-        if "dp_epsilon" in report.privacy:
-            parts.append(f"client-level eps {report.privacy['dp_epsilon']:.3f}")
-        if "dp_local_epsilon_max" in report.privacy:
-            parts.append(f"local eps max {report.privacy['dp_local_epsilon_max']:.3f}")
-        if t.exhausted:
-            parts.append(f"{len(t.exhausted)} out of budget")
-        if not report.model_updated:
-            parts.append("MODEL UNCHANGED")
-        parts.append(f"{report.seconds:.2f}s")
-        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
-
-
 class AuditTrail:
     """The server's hash-chained audit log of a run (``audit.jsonl``, :mod:`fl_app.audit`).
 
@@ -421,7 +379,7 @@ class AuditTrail:
         """``ledger.spend``: the privacy ledger as written for round ``rnd``, recorded
         *before* the round's instructions go out (a round begin hook, after the ledger
         file is written). A resume refuses a ledger holding fewer rounds or releases
-        than the last such record (:func:`fl_app.server.checkpoint.plan_resume`), so deleting
+        than the last such record (:func:`fl_app.server.resume.plan_resume`), so deleting
         an interrupted round's spend from ``privacy_ledger.json`` is detected."""
         self.log.append(
             "ledger.spend",

@@ -1,0 +1,328 @@
+"""``summary.json``: what a run achieved and the privacy it spent, as the run ends.
+
+:func:`build_summary` assembles the summary from the driver's result, the config and
+the aggregator's ledger: accuracy, rounds, the client-level guarantee (against
+outsiders and against the server), each institution's record-level epsilon, the
+secure-aggregation bandwidth, the release status, and :func:`_privacy_note`, the
+one-line account of what was protected (docs/architecture.md, "Server").
+:func:`fl_app.server.session.finish_run` adds the status and the audit anchor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fl_app.config.schema import Accountant, AppConfig
+from fl_app.privacy.accounting import AccountingError
+from fl_app.privacy.ledger import branch_delta_total, unsampled_epsilon
+from fl_app.privacy.noise import release_status
+from fl_app.server.layout import LEDGER_FILE
+from fl_app.server.rundir import RunDirectory, read_round_records
+from strategies.aggregators import MeanAggregator
+from strategies.dp_aggregators import AccountedDp
+from strategies.driver import DriverResult
+from strategies.local_dp import LocalDp
+
+__all__ = ["build_summary", "clients_over_run"]
+
+
+def build_summary(
+    cfg: AppConfig,
+    result: DriverResult,
+    seconds: float,
+    rd: RunDirectory,
+    model_sha: str,
+    aggregator: MeanAggregator | AccountedDp | LocalDp,
+) -> dict[str, Any]:
+    last = result.reports[-1] if result.reports else None
+    fed = None
+    for report in reversed(result.reports):
+        if report.evaluate is not None and report.evaluate.metrics:
+            fed = report.evaluate.metrics
+            break
+    server = last.server_metrics if last else {}
+    return {
+        "status": "completed",
+        "experiment_name": cfg.experiment_name,
+        "accuracy": server.get("accuracy"),
+        "loss": server.get("loss"),
+        "initial_accuracy": result.initial_server_metrics.get("accuracy"),
+        "federated_eval_accuracy": fed.get("eval-accuracy") if fed else None,
+        "federated_eval_loss": fed.get("eval-loss") if fed else None,
+        "rounds": len(result.reports),
+        "rounds_planned": cfg.num_rounds,
+        "stopped_early": result.stopped_early or None,
+        "rounds_model_unchanged": sum(not r.model_updated for r in result.reports),
+        "clients": cfg.dataset.num_partitions,
+        "seconds": seconds,
+        "seconds_per_round": result.seconds / max(1, len(result.reports)),
+        "config_hash": rd.config_hash,
+        "code_version": rd.manifest["code_version"],
+        "model_file": rd.model_path.name,
+        "model_sha256": model_sha,
+        "privacy": {
+            "mode": cfg.privacy.mode.value,
+            "threat_model": cfg.privacy.threat_model.value,
+            "note": _privacy_note(cfg),
+            **_client_level_summary(aggregator, result),
+            **_record_level_summary(cfg, result),
+        },
+        "secure_aggregation": cfg.secagg.mode.value,
+        # What the secure-aggregation thresholds (and protocol) assumed of the server.
+        "secure_aggregation_server_model": (
+            None if cfg.secagg.mode.value == "off" else cfg.secagg.server_model.value
+        ),
+        "bandwidth": _bandwidth_summary(cfg, result),
+        # "not for release" (and why) when a guarantee rests on seeded randomness.
+        "release": release_status(cfg),
+    }
+
+
+def _client_level_summary(
+    aggregator: MeanAggregator | AccountedDp | LocalDp, result: DriverResult
+) -> dict[str, Any]:
+    if isinstance(aggregator, MeanAggregator):
+        return {"epsilon": None, "delta": None}
+    s = aggregator.settings
+    ledger = aggregator.ledger
+    base: dict[str, Any] = {
+        "delta": s.delta,
+        "accountant": s.accountant.value,
+        "clip": s.clip,
+        "noise_multiplier": s.noise_multiplier,
+        "budget_max_epsilon": s.max_epsilon,
+        "ledger_file": LEDGER_FILE,
+    }
+    if isinstance(aggregator, LocalDp):
+        reported = [
+            m["dp-local-epsilon"] for m in result.client_metrics.values() if "dp-local-epsilon" in m
+        ]
+        eps = max([*reported, *ledger.local_epsilons().values()], default=0.0)
+        return {
+            "epsilon": eps,
+            "delta": s.delta,
+            "client_level": {
+                **base,
+                "mechanism": "local DP: each client clips to C and adds N(0, (z*C)^2)",
+                "epsilon_max_client": eps,
+                "releases": dict(ledger.local),
+            },
+        }
+    eps = ledger.epsilon()
+    try:
+        rdp = ledger.epsilon(Accountant.rdp.value) if s.accountant.value != "rdp" else eps
+    except (AccountingError, ValueError):  # a cross-check never fails the run
+        rdp = None
+    against = _against_server_summary(aggregator)
+    return {
+        "epsilon": eps,
+        "delta": s.delta,
+        "epsilon_against_server": against["epsilon_max_over_clients"],
+        "client_level": {
+            "epsilon_against_outsiders": eps,
+            "against_server": against,
+            # δ taken by sampling-dependent branches (docs/privacy-branches.md).
+            "delta_branches": branch_delta_total(ledger.events),
+            **base,
+            "mechanism": (
+                "distributed DP: discrete Gaussian shares under secure aggregation "
+                "(Kairouz et al. 2021), fixed clipping by the clients"
+                if s.distributed is not None
+                else f"central DP (DP-FedAvg), {s.clipping.value} clipping by the "
+                f"{s.clip_side.value}, Gaussian noise z*C on the sum of clipped updates"
+            ),
+            **({"distributed": s.distributed.describe()} if s.distributed is not None else {}),
+            "epsilon": eps,
+            "epsilon_rdp_cross_check": rdp,
+            "rounds_accounted": len(ledger.events),
+            "sampling": s.sampling.value,
+            "sample_rate": s.fraction,
+            "update_noise_multiplier": s.update_noise_multiplier,
+            "clipped_count_stddev": s.clipped_count_std,
+            "clip_final": aggregator.clip,
+            "neighbouring": (
+                "replace one client"
+                if ledger.events and ledger.events[-1].replace_one
+                else "add or remove one client"
+            ),
+        },
+    }
+
+
+def _against_server_summary(aggregator: AccountedDp) -> dict[str, Any]:
+    """ε against the server: no sampling amplification, the server picks the cohort.
+
+    Distributed DP: each client's rounds in the cohort composed (the maximum over
+    clients, and the planned worst case of a client in every round). Central DP: none,
+    the server adds the noise after seeing the clipped updates (or their sum).
+    """
+    s = aggregator.settings
+    ledger = aggregator.ledger
+    if s.distributed is None:
+        return {
+            "epsilon_max_over_clients": None,
+            "note": "central DP: the server adds the noise after seeing the clipped updates "
+            "(or, under secure aggregation, their exact sum), so the guarantee holds against "
+            "outsiders only",
+        }
+    template = s.round_event(1, s.planned_population, s.clip)
+    per_client = ledger.server_epsilons()
+    counts = dict(ledger.participation)
+    return {
+        "epsilon_max_over_clients": max(per_client.values(), default=0.0),
+        # Includes the bound carried over from earlier server processes (a resume).
+        "rounds_max_over_clients": ledger.most_participation(),
+        "epsilon_planned_worst_case": unsampled_epsilon(
+            template, s.num_rounds, s.delta, s.accountant
+        ),
+        "clients_counted": len(counts),
+        "note": "composition of the rounds each client was in the cohort of, without "
+        "amplification: the server samples and messages the cohort",
+    }
+
+
+def _record_level_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any]:
+    if not cfg.privacy.record_level:
+        return {"record_level_epsilon_max": None}
+    d = cfg.privacy.dpsgd
+    per_client = {
+        str(node): {k.removeprefix("dp-"): v for k, v in m.items()}
+        for node, m in sorted(result.client_metrics.items())
+    }
+    eps = [m["epsilon"] for m in per_client.values() if "epsilon" in m]
+    return {
+        "record_level_epsilon_max": max(eps) if eps else 0.0,
+        "record_level": {
+            "mechanism": "DP-SGD (Opacus), Poisson sampling of local records",
+            "accountant": d.accountant.value,
+            "delta": d.delta,
+            "max_grad_norm": d.max_grad_norm,
+            "budget_max_epsilon": d.max_epsilon,
+            "epsilon_max": max(eps) if eps else 0.0,
+            "per_client": per_client,
+            "clients_budget_exhausted": sorted(str(n) for n in result.exhausted),
+        },
+    }
+
+
+def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] | None:
+    """Mean payload bytes per client per round under secure aggregation (None without it).
+
+    Payload bytes: array data, byte strings and scalars of the four stages' messages
+    (protocol framing excluded); uploads are bit-packed at ``secagg.bits`` per coordinate.
+    """
+    rounds = [r.privacy for r in result.reports if "secagg_bytes_up_per_client" in r.privacy]
+    if not rounds:
+        return None
+    up = [r["secagg_bytes_up_per_client"] for r in rounds]
+    down = [r["secagg_bytes_down_per_client"] for r in rounds]
+    return {
+        "bits": int(cfg.secagg.bits),
+        "rounds_measured": len(rounds),
+        "upload_bytes_per_client_round": sum(up) / len(up),
+        "download_bytes_per_client_round": sum(down) / len(down),
+        "note": "payload bytes of the four secure-aggregation stages (framing excluded)",
+    }
+
+
+def _privacy_note(cfg: AppConfig) -> str:
+    """summary.json's one-line account of what was protected, true of this combination.
+
+    What the server saw depends on secure aggregation, not on the DP mode: with it, only
+    the masked sum (said once, in the secure-aggregation part); without it, each update.
+    """
+    p = cfg.privacy
+    secure = cfg.secagg.mode.value != "off"
+    parts = []
+    if p.mode.value == "central" and secure:
+        parts.append(
+            "client-level central DP: the released model is DP at the stated (epsilon, "
+            "delta); each client clipped its update before masking and the server added "
+            "the Gaussian noise to the unmasked sum"
+        )
+    elif p.mode.value == "central":
+        seen = "clipped by its client" if p.clip_side.value == "client" else "unclipped"
+        parts.append(
+            "client-level central DP: the released model is DP at the stated (epsilon, "
+            f"delta); the server saw every client's update ({seen}) and noised their clipped sum"
+        )
+    elif p.mode.value == "local":
+        parts.append(
+            "client-level local DP: each update was clipped and noised before leaving its "
+            "client; epsilon is the largest per-client value"
+        )
+    elif p.mode.value == "distributed":
+        parts.append(
+            "client-level distributed DP: each client clipped, rotated and rounded its update "
+            "and added a discrete Gaussian share (CSPRNG) before masking, so the sum the server "
+            "unmasked was already DP; clients colluding with the server can subtract their own "
+            "shares (the guarantee assumes the calibrated minimum of honest survivors); "
+            "'epsilon' is against outsiders, who do not know the cohorts (Poisson "
+            "amplification); against the server, which picks them, it is "
+            "'epsilon_against_server' (each client's rounds composed without amplification)"
+        )
+    if p.record_level:
+        parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
+    if cfg.secagg.mode.value != "off" and p.mode.value == "distributed":
+        parts.append(
+            f"secure aggregation ({cfg.secagg.mode.value}, {cfg.secagg.bits} bits per "
+            "coordinate): in plaintext the server saw protocol public keys, encrypted shares, "
+            "who dropped out and public dp-* metrics; no training metrics"
+        )
+    elif cfg.secagg.mode.value != "off":
+        if not parts:
+            parts.append("no differential privacy: the released model is not protected")
+        parts.append(
+            f"secure aggregation ({cfg.secagg.mode.value}): the server saw only the masked "
+            "sum of each round's clipped, fixed-point encoded updates (weights and train "
+            "metrics inside it); in plaintext it saw protocol public keys, encrypted "
+            "shares, who dropped out, and public dp-* metrics"
+        )
+    if not parts:
+        return "no differential privacy: updates and the model are not protected"
+    if not p.secure_mode and p.mode.value == "central":
+        parts.append(
+            "noise drawn from a generator seeded by the config (privacy.secure_mode=false): "
+            "reproducible, but whoever knows the seed can remove it; use secure_mode for releases"
+        )
+    return "; ".join(parts)
+
+
+def _site_key(node: int, metrics: Mapping[str, float]) -> str:
+    """A site's stable key from its public metrics (as :meth:`LocalDp.site_key`)."""
+    digest, pid = metrics.get("dp-site-hash"), metrics.get("dp-partition-id")
+    if digest is not None:
+        return f"site-{int(digest):012x}"
+    if pid is not None:
+        return f"partition-{int(pid)}"
+    return f"node-{node}"
+
+
+def clients_over_run(
+    metrics_path: Path, current: Mapping[int, Mapping[str, float]]
+) -> dict[int, dict[str, float]]:
+    """Each site's public DP metrics with the largest epsilon it reported in the run.
+
+    ``current`` holds this server process's latest report per node; ``metrics.jsonl``
+    holds every round's, across resumes and rollbacks (node ids change when SuperNodes
+    restart, so sites are matched by :func:`_site_key`). Keyed by the node id that
+    reported it.
+    """
+    best: dict[str, tuple[int, dict[str, float], float]] = {}
+
+    def offer(node: int, metrics: Mapping[str, float]) -> None:
+        eps = max(
+            float(metrics.get("dp-epsilon", 0.0)), float(metrics.get("dp-local-epsilon", 0.0))
+        )
+        site = _site_key(node, metrics)
+        if site not in best or eps >= best[site][2]:
+            best[site] = (node, dict(metrics), eps)
+
+    for record in read_round_records(metrics_path):
+        for node, metrics in (record.get("client_metrics") or {}).items():
+            offer(int(node), {k.replace("_", "-"): v for k, v in metrics.items()})
+    for node, metrics in current.items():
+        offer(node, metrics)
+    return {node: metrics for node, metrics, _ in best.values()}
