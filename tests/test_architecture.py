@@ -164,9 +164,7 @@ _LONG_REASON = re.compile(r"#\s*long:\s*\S")
 
 _LONG_MODULES_ALLOWED = frozenset(
     {
-        "fl_app/client/policy.py",
         "fl_app/config/client_dp.py",
-        "fl_app/data/sources.py",
         "fl_app/privacy/accounting.py",
         "fl_app/privacy/distributed.py",
         "fl_app/privacy/dpsgd.py",
@@ -181,9 +179,6 @@ _LONG_MODULES_ALLOWED = frozenset(
 _LONG_FUNCTIONS_ALLOWED = frozenset(
     {
         "fl_app/cli/simulate.py::_simulate_task",
-        "fl_app/client/dp_stages.py::_local_noise_stage",
-        "fl_app/client/policy.py::SitePolicy.check_secagg_params",
-        "fl_app/client/policy.py::parse_policy",
         "fl_app/config/client_dp.py::ClientDpSettings.from_config",
         "fl_app/config/validate.py::_check_dataset",
         "fl_app/config/validate_privacy.py::_check_client_level",

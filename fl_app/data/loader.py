@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_app.config.schema import DatasetConfig, DatasetKind
-from fl_app.data import sources
+from fl_app.data import local_files, sources
 from fl_app.data.arrays import ArrayDataset, ClientData, check_data_shape
 from fl_app.data.errors import DataError
 from fl_app.data.partition import (
@@ -159,7 +159,7 @@ def load_client_data(
     check_partition_args(partition_id, num_partitions)
     partition_id, num_partitions, seed = int(partition_id), int(num_partitions), int(seed)
     if cfg.kind == DatasetKind.local:
-        path, from_node = sources.resolve_local_path(cfg, node_config, partition_id)
+        path, from_node = local_files.resolve_local_path(cfg, node_config, partition_id)
         request = _request(cfg, path)
         split = _split(request, seed)
         keys = node_config or {}
@@ -196,14 +196,14 @@ def partition_sizes(cfg: DatasetConfig, seed: int) -> list[int]:
     ``dataset.local_path`` shared by ``dataset.num_partitions`` simulated clients.
     """
     _check_seed(seed)
-    per_site = sources.site_paths(cfg) if cfg.kind == DatasetKind.local else None
+    per_site = local_files.site_paths(cfg) if cfg.kind == DatasetKind.local else None
     if per_site is not None:
         sizes = []
         for k in range(len(per_site)):
-            site = sources.resolve_local_path(cfg, None, k)[0]
+            site = local_files.resolve_local_path(cfg, None, k)[0]
             sizes.append(int(_split(_request(cfg, site), int(seed)).pool_rows.size))
         return sizes
-    path = sources.resolve_local_path(cfg, None)[0] if cfg.kind == DatasetKind.local else None
+    path = local_files.resolve_local_path(cfg, None)[0] if cfg.kind == DatasetKind.local else None
     parts = _partitions(_request(cfg, path), int(seed), int(cfg.num_partitions))
     return [int(rows.size) for rows in parts]
 
@@ -237,7 +237,7 @@ def _split(request: _Request, seed: int) -> _Split:
     elif cfg.kind == DatasetKind.local:
         if request.path is None:
             raise DataError("dataset.kind=local: no data file resolved")
-        pool = sources.load_local_source(request.path, cfg)
+        pool = local_files.load_local_source(request.path, cfg)
         carve = False
     else:
         raise DataError(f"unknown dataset.kind {cfg.kind!r}")

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fl_app.config.schema import DatasetConfig, DatasetKind
-from fl_app.data import sources
+from fl_app.data import local_files
 from fl_app.data.errors import DataError
 from fl_app.data.loader import load_client_data
 from fl_app.data.partition import (
@@ -114,7 +114,7 @@ def check_site_data(node_config: NodeConfig, cfg: DatasetConfig, seed: int = 0) 
         return SiteData(site=f"{cfg.hub_path} partition {pid} of {nparts}", train=0, val=0)
     data = load_client_data(cfg, pid, nparts, seed, dict(node_config))
     if cfg.kind is DatasetKind.local:
-        site = str(sources.resolve_local_path(cfg, node_config, pid)[0])
+        site = str(local_files.resolve_local_path(cfg, node_config, pid)[0])
     else:
         site = f"{cfg.kind.value} partition {pid} of {nparts}"
     return SiteData(site=site, train=len(data.train), val=len(data.val))
@@ -149,7 +149,7 @@ def check_local_data(cfg: DatasetConfig, seed: int) -> list[SiteData]:
     if cfg.kind is not DatasetKind.local:
         return []
     n = int(cfg.num_partitions)
-    per_site = sources.site_paths(cfg)
+    per_site = local_files.site_paths(cfg)
     if per_site is not None and len(per_site) != n:
         where = "dataset.site_files" if cfg.site_files else f"dataset.local_path={cfg.local_path!r}"
         raise DataError(

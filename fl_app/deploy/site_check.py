@@ -11,7 +11,7 @@ joins the federation:
 * ``data``: the site's file (``data-path``) or simulated partition, loaded exactly as
   the ClientApp loads it (:func:`fl_app.data.sites.check_site_data`);
 * ``policy``: the data-use policy (``policy-path``), parsed strictly
-  (:func:`fl_app.client.policy.load_policy`);
+  (:func:`fl_app.client.policy_file.load_policy`);
 * ``audit-dir`` and ``dp-state-dir``: folders the ClientApp must be able to write,
   and any audit log of this site already there must verify;
 * ``roster``: with ``roster-path`` / ``signing-key-path`` (malicious-model secure
@@ -137,8 +137,8 @@ def site_dataset_defaults(node_config: Mapping[str, Any]) -> Any:
     from fl_app.config.compose import compose_config
     from fl_app.config.schema import LocalFormat
     from fl_app.data import DataError
+    from fl_app.data.local_files import NODE_DATA_PATH_KEY
     from fl_app.data.sites import NODE_DATA_FORMAT_KEY
-    from fl_app.data.sources import NODE_DATA_PATH_KEY
 
     if node_config.get(NODE_DATA_PATH_KEY) in (None, ""):
         return compose_config("config", []).dataset
@@ -168,7 +168,8 @@ def check_site(
     is read with ``configs/dataset/local.yaml``'s settings, as the SuperNode's check).
     """
     from fl_app.client.identity import AUDIT_DIR_KEY, POLICY_PATH_KEY, site_identity
-    from fl_app.client.policy import PolicyError, load_policy
+    from fl_app.client.policy import PolicyError
+    from fl_app.client.policy_file import load_policy
     from fl_app.client.refusal import ClientRefusal
 
     checks: list[SiteCheck] = []
