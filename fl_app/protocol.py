@@ -18,23 +18,8 @@ Evaluate reply:
     ``metrics`` MetricRecord  ``num-examples``, ``server-round``, ``eval-loss``, ``eval-accuracy``
 
 Secure aggregation (``secagg.mode != off``, :mod:`strategies.secagg`): the train
-stage becomes four ``train`` messages per client, each with ``fl-app.secagg-stage``
-(1-4) in ``config``. Node ids travel as 8-byte big-endian words (``bytes``: ConfigRecord
-integers are signed 64-bit, node ids are uint64). Replies carry ``metrics`` with only
-``server-round`` and ``fl-app.secagg-stage``, plus the stage payload:
-    1 advertise   instruction ``config``: ``fl-app.secagg.context`` (bytes),
-                  ``fl-app.secagg.params`` (JSON of SecAggParams), ``.bits``,
-                  ``.vector-length``, ``.cohort`` (ids);
-                  reply ``secagg`` ConfigRecord: ``c-pk``, ``s-pk`` (32 bytes each)
-    2 share keys  instruction: ``.nodes`` (ids), ``.keys`` (64 bytes per node);
-                  reply ``secagg``: ``nodes`` (recipients), ``ciphertexts`` (concatenated)
-    3 masked input instruction: ``arrays`` + the usual train ``config`` plus ``.nodes``
-                  (senders), ``.ciphertexts``, ``.bound`` (encoding bound C),
-                  ``.weighting``, ``.max-weight``;
-                  reply ``masked`` ArrayRecord: one uint32/uint64 vector ``y``
-    4 unmask      instruction: ``.survivors``, ``.dropouts`` (ids);
-                  reply ``secagg``: ``self-mask-nodes``, ``self-mask-shares``,
-                  ``key-nodes``, ``key-shares`` (66-byte shares, concatenated)
+stage becomes four ``train`` messages per client; their keys and payloads are
+:mod:`fl_app.secagg.wire`'s.
 
 Clients send the update Δ rather than their full weights: every later privacy stage
 (clipping, noise, encoding, masking) operates on Δ, and the server only ever needs
@@ -54,43 +39,6 @@ __all__ = [
     "NUM_EXAMPLES",
     "PROXIMAL_MU",
     "PUBLIC_METRIC_PREFIX",
-    "SECAGG_BITS",
-    "SECAGG_BOUND",
-    "SECAGG_CIPHERTEXTS",
-    "SECAGG_COHORT",
-    "SECAGG_CONTEXT",
-    "SECAGG_DDP",
-    "SECAGG_DROPOUTS",
-    "SECAGG_IDENTITIES",
-    "SECAGG_KEYS",
-    "SECAGG_KEY_ROUNDS",
-    "SECAGG_MASKED_ARRAY",
-    "SECAGG_MASKED_KEY",
-    "SECAGG_MAX_KEY_ROUNDS",
-    "SECAGG_MAX_WEIGHT",
-    "SECAGG_NEXT_KEY",
-    "SECAGG_NODES",
-    "SECAGG_PARAMS",
-    "SECAGG_RECORD_KEY",
-    "SECAGG_REPLY_CIPHERTEXTS",
-    "SECAGG_REPLY_COMMITMENT",
-    "SECAGG_REPLY_C_PK",
-    "SECAGG_REPLY_IDENTITY",
-    "SECAGG_REPLY_KEY_NODES",
-    "SECAGG_REPLY_KEY_SHARES",
-    "SECAGG_REPLY_NODES",
-    "SECAGG_REPLY_SELF_MASK_NODES",
-    "SECAGG_REPLY_SELF_MASK_SHARES",
-    "SECAGG_REPLY_SIGNATURES",
-    "SECAGG_REPLY_SIGNING_KEY",
-    "SECAGG_REPLY_S_PK",
-    "SECAGG_RUN_ID",
-    "SECAGG_SIGNATURES",
-    "SECAGG_SIGNERS",
-    "SECAGG_STAGE_KEY",
-    "SECAGG_SURVIVORS",
-    "SECAGG_VECTOR_LENGTH",
-    "SECAGG_WEIGHTING",
     "SERVER_ROUND",
     "SPEC_KEY",
     "TRAIN_REPLY_KEYS",
@@ -127,57 +75,3 @@ BUDGET_EXHAUSTED = 1002
 # Per-client metrics under this prefix are public by design (e.g. "dp-epsilon": the
 # epsilon an institution has spent) and are kept per client, not only averaged.
 PUBLIC_METRIC_PREFIX = "dp-"
-
-# Secure aggregation (see the module doc). Instruction config keys:
-SECAGG_STAGE_KEY = "fl-app.secagg-stage"
-SECAGG_CONTEXT = "fl-app.secagg.context"
-SECAGG_PARAMS = "fl-app.secagg.params"
-SECAGG_BITS = "fl-app.secagg.bits"
-SECAGG_VECTOR_LENGTH = "fl-app.secagg.vector-length"
-SECAGG_COHORT = "fl-app.secagg.cohort"
-SECAGG_NODES = "fl-app.secagg.nodes"
-SECAGG_KEYS = "fl-app.secagg.keys"
-SECAGG_CIPHERTEXTS = "fl-app.secagg.ciphertexts"
-SECAGG_BOUND = "fl-app.secagg.bound"
-SECAGG_WEIGHTING = "fl-app.secagg.weighting"
-SECAGG_MAX_WEIGHT = "fl-app.secagg.max-weight"
-SECAGG_SURVIVORS = "fl-app.secagg.survivors"
-SECAGG_DROPOUTS = "fl-app.secagg.dropouts"
-# Stage 1 (advertise): how many rounds, from this one on, to draw key pairs for.
-SECAGG_KEY_ROUNDS = "fl-app.secagg.key-rounds"
-# The most rounds one stage 1 may ask key pairs for (bounds a client's work and memory).
-SECAGG_MAX_KEY_ROUNDS = 1024
-# Distributed DP: the round's DdpRound as JSON (fl_app.privacy.distributed), stage 3.
-SECAGG_DDP = "fl-app.secagg.ddp"
-# Reply records: the stage payload (ConfigRecord of bytes) and the masked vector.
-SECAGG_RECORD_KEY = "secagg"
-SECAGG_MASKED_KEY = "masked"
-# Share-ahead: a stage-4 instruction may carry the next round's stage-2 instruction in
-# this ConfigRecord, and the reply then carries that stage's payload under the same key.
-SECAGG_NEXT_KEY = "secagg-next"
-# Keys inside the reply's ``secagg`` ConfigRecord.
-SECAGG_REPLY_C_PK = "c-pk"
-SECAGG_REPLY_S_PK = "s-pk"
-SECAGG_REPLY_NODES = "nodes"
-SECAGG_REPLY_CIPHERTEXTS = "ciphertexts"
-# Stage 2: the sender's SHA-256 commitment to its self-mask seed (fl_app.secagg.crypto).
-SECAGG_REPLY_COMMITMENT = "commitment"
-SECAGG_REPLY_SELF_MASK_NODES = "self-mask-nodes"
-SECAGG_REPLY_SELF_MASK_SHARES = "self-mask-shares"
-SECAGG_REPLY_KEY_NODES = "key-nodes"
-SECAGG_REPLY_KEY_SHARES = "key-shares"
-# The masked vector's name inside the ``masked`` ArrayRecord.
-SECAGG_MASKED_ARRAY = "y"
-# Malicious server model (fl_app.secagg.signing). Stage 1: the run id the client binds
-# its signed key pairs to (present only in malicious rounds); the reply's roster
-# identity, Ed25519 signatures (64 bytes each, one per pair; one at the consistency
-# stage) and signing public key (lets the server drop bad signatures before forwarding).
-SECAGG_RUN_ID = "fl-app.secagg.run-id"
-SECAGG_REPLY_IDENTITY = "identity"
-SECAGG_REPLY_SIGNATURES = "signatures"
-SECAGG_REPLY_SIGNING_KEY = "signing-key"
-# Stage 2: neighbours' identities (JSON list, neighbour order) and key signatures;
-# stage 4: the consistency-check signers (packed ids), their identities and signatures.
-SECAGG_IDENTITIES = "fl-app.secagg.identities"
-SECAGG_SIGNATURES = "fl-app.secagg.signatures"
-SECAGG_SIGNERS = "fl-app.secagg.signers"

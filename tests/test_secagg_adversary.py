@@ -28,17 +28,17 @@ import numpy as np
 import pytest
 
 from fl_app.client.policy import SitePolicy
-from fl_app.protocol import (
-    CONFIG_KEY,
+from fl_app.protocol import CONFIG_KEY
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
+from fl_app.secagg.vector import unpack_ids
+from fl_app.secagg.wire import (
     SECAGG_DDP,
     SECAGG_NODES,
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_KEY_NODES,
     SECAGG_REPLY_SELF_MASK_NODES,
 )
-from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
-from fl_app.secagg.vector import unpack_ids
 from fl_app.testing.adversary import (
     AdversarialServer,
     claim_dropout,
@@ -407,7 +407,7 @@ def _split_view_with_a_colluder(server: AdversarialServer, target: int) -> int:
 # ------------------------------------------------ tiny cohorts, switched-off noise
 def _fewer_colluders(stage: int, node: int, config: dict) -> dict:
     """Stage 2: parameters re-derived for C = 0 (what floor(0.1 * n) gives below 10)."""
-    from fl_app.protocol import SECAGG_PARAMS
+    from fl_app.secagg.wire import SECAGG_PARAMS
 
     if stage == 2:
         raw = json.loads(config[SECAGG_PARAMS])

@@ -31,22 +31,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.clipping import clip_l2
-from fl_app.protocol import (
-    METRICS_KEY,
-    NUM_EXAMPLES,
+from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.client import KEYS_STATE_KEY, STATE_KEY
+from fl_app.secagg.graph import derive_params
+from fl_app.secagg.vector import LOSS_CAP, round_codec
+from fl_app.secagg.wire import (
     SECAGG_MASKED_ARRAY,
     SECAGG_MASKED_KEY,
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_C_PK,
     SECAGG_REPLY_NODES,
     SECAGG_STAGE_KEY,
-    SERVER_ROUND,
-    UPDATE_KEY,
 )
-from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg.client import KEYS_STATE_KEY, STATE_KEY
-from fl_app.secagg.graph import derive_params
-from fl_app.secagg.vector import LOSS_CAP, round_codec
 from fl_app.server.app import initial_arrays, run_experiment
 from fl_app.weights import from_array_record, load_safetensors
 

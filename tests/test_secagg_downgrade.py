@@ -22,8 +22,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fl_app.client.app import app as client_app
 from fl_app.client_spec import decode_spec, encode_spec
 from fl_app.config.compose import compose_config
-from fl_app.protocol import SECAGG_DDP, SECAGG_STAGE_KEY, SPEC_KEY
+from fl_app.protocol import SPEC_KEY
 from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.wire import SECAGG_DDP, SECAGG_STAGE_KEY
 from fl_app.server.app import initial_arrays, run_experiment
 from fl_app.testing.adversary import LyingGrid
 from fl_app.weights import to_array_record

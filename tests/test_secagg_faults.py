@@ -22,17 +22,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
-from fl_app.protocol import (
-    METRICS_KEY,
+from fl_app.protocol import METRICS_KEY, SERVER_ROUND
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg.vector import round_codec
+from fl_app.secagg.wire import (
     SECAGG_MASKED_ARRAY,
     SECAGG_MASKED_KEY,
     SECAGG_RECORD_KEY,
     SECAGG_REPLY_SELF_MASK_SHARES,
     SECAGG_STAGE_KEY,
-    SERVER_ROUND,
 )
-from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg.vector import round_codec
 from fl_app.server.app import run_experiment
 from fl_app.weights import load_safetensors
 

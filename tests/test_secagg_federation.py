@@ -262,9 +262,9 @@ def test_a_run_id_other_than_flowers_is_refused(where: int) -> None:
 
     import numpy as np
 
-    from fl_app.protocol import SECAGG_CONTEXT, SECAGG_RUN_ID
     from fl_app.runtime.inprocess import InProcessGrid
     from fl_app.secagg.signing import parse_context
+    from fl_app.secagg.wire import SECAGG_CONTEXT, SECAGG_RUN_ID
     from fl_app.testing.secagg_client import fixed_update_client
 
     grid = InProcessGrid(fixed_update_client(lambda node: {"w": np.ones(4, np.float32)}), 4)

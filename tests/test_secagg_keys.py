@@ -27,17 +27,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fl_app.client.policy import SitePolicy
-from fl_app.protocol import (
-    CONFIG_KEY,
-    SECAGG_KEY_ROUNDS,
-    SECAGG_KEYS,
-    SECAGG_NEXT_KEY,
-    SECAGG_RECORD_KEY,
-    SECAGG_REPLY_C_PK,
-    SECAGG_REPLY_NODES,
-    SECAGG_STAGE_KEY,
-    SERVER_ROUND,
-)
+from fl_app.protocol import CONFIG_KEY, SERVER_ROUND
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.client import (
     KEYS_STATE_KEY,
@@ -47,6 +37,15 @@ from fl_app.secagg.client import (
     handle_key_stage,
 )
 from fl_app.secagg.graph import GraphMode
+from fl_app.secagg.wire import (
+    SECAGG_KEY_ROUNDS,
+    SECAGG_KEYS,
+    SECAGG_NEXT_KEY,
+    SECAGG_RECORD_KEY,
+    SECAGG_REPLY_C_PK,
+    SECAGG_REPLY_NODES,
+    SECAGG_STAGE_KEY,
+)
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange, train_instructions
 from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
 

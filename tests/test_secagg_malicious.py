@@ -27,8 +27,13 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from fl_app.protocol import (
-    CONFIG_KEY,
+from fl_app.protocol import CONFIG_KEY
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.secagg import crypto, signing
+from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
+from fl_app.secagg.protocol import CIPHERTEXT_BYTES, _encryption_key
+from fl_app.secagg.vector import pack_ids, unpack_ids
+from fl_app.secagg.wire import (
     SECAGG_CIPHERTEXTS,
     SECAGG_CONTEXT,
     SECAGG_IDENTITIES,
@@ -44,11 +49,6 @@ from fl_app.protocol import (
     SECAGG_SIGNERS,
     SECAGG_SURVIVORS,
 )
-from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg import crypto, signing
-from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
-from fl_app.secagg.protocol import CIPHERTEXT_BYTES, _encryption_key
-from fl_app.secagg.vector import pack_ids, unpack_ids
 from fl_app.testing.adversary import AdversarialServer, split_view
 from fl_app.testing.secagg_client import fixed_update_client
 from strategies.secagg import SecAggSettings
@@ -634,7 +634,7 @@ def test_a_roster_site_refuses_honest_but_curious_unless_its_policy_says_so(
 ) -> None:
     # a4 (c): a site with a key and roster and no explicit secagg_min_server_model would
     # otherwise accept the cheaper thresholds a server downgrades it to.
-    from fl_app.client.policy import parse_policy
+    from fl_app.client.policy_file import parse_policy
 
     policy = parse_policy({"secagg_min_server_model": "honest_but_curious"}) if explicit else None
     grid = _deployed_grid(tmp_path, policy)

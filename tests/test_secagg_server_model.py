@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from scipy.stats import hypergeom
 
-from fl_app.client.policy import PolicyError, PolicyViolation, SitePolicy, parse_policy
-from fl_app.protocol import SECAGG_PARAMS
+from fl_app.client.policy import PolicyError, PolicyViolation, SitePolicy
+from fl_app.client.policy_file import parse_policy
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.graph import (
     GraphMode,
@@ -33,6 +33,7 @@ from fl_app.secagg.graph import (
     custom_params,
     derive_params,
 )
+from fl_app.secagg.wire import SECAGG_PARAMS
 from fl_app.testing.adversary import AdversarialServer, weaker_params
 from fl_app.testing.secagg_client import fixed_update_client
 from strategies.secagg import SecAggSettings

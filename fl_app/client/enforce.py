@@ -25,7 +25,7 @@ from fl_app.client.policy import (
 )
 from fl_app.client.refusal import ClientRefusal, PolicyRefusal
 from fl_app.client_spec import ClientSpec
-from fl_app.protocol import SECAGG_STAGE_KEY
+from fl_app.secagg.wire import SECAGG_STAGE_KEY
 
 __all__ = ["artifact", "enforce_epsilon", "enforce_request", "site_policy"]
 

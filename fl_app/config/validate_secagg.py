@@ -36,7 +36,7 @@ def check_secagg(cfg: AppConfig) -> None:
     )
     _positive(s.stage_timeout_s, "secagg.stage_timeout_s")
     _positive(s.max_weight, "secagg.max_weight")
-    from fl_app.protocol import SECAGG_MAX_KEY_ROUNDS  # the wire limit clients enforce
+    from fl_app.secagg.wire import SECAGG_MAX_KEY_ROUNDS  # the wire limit clients enforce
 
     _in(
         isinstance(s.key_rounds, int) and 1 <= s.key_rounds <= SECAGG_MAX_KEY_ROUNDS,

@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fl_app.protocol import (
-    CONFIG_KEY,
+from fl_app.protocol import CONFIG_KEY, SERVER_ROUND
+from fl_app.secagg.graph import SecAggParams, custom_params, derive_params
+from fl_app.secagg.vector import pack_ids, unpack_ids
+from fl_app.secagg.wire import (
     SECAGG_COHORT,
     SECAGG_DROPOUTS,
     SECAGG_IDENTITIES,
@@ -49,10 +51,7 @@ from fl_app.protocol import (
     SECAGG_SIGNATURES,
     SECAGG_STAGE_KEY,
     SECAGG_SURVIVORS,
-    SERVER_ROUND,
 )
-from fl_app.secagg.graph import SecAggParams, custom_params, derive_params
-from fl_app.secagg.vector import pack_ids, unpack_ids
 from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
 
 __all__ = [

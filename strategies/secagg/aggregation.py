@@ -15,33 +15,15 @@ import math
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 
-from fl_app.protocol import (
-    ARRAYS_KEY,
-    BUDGET_EXHAUSTED,
-    CONFIG_KEY,
-    SECAGG_BOUND,
-    SECAGG_CIPHERTEXTS,
-    SECAGG_DDP,
-    SECAGG_DROPOUTS,
-    SECAGG_IDENTITIES,
-    SECAGG_KEY_ROUNDS,
-    SECAGG_MAX_WEIGHT,
-    SECAGG_NEXT_KEY,
-    SECAGG_NODES,
-    SECAGG_RUN_ID,
-    SECAGG_SIGNATURES,
-    SECAGG_SIGNERS,
-    SECAGG_SURVIVORS,
-    SECAGG_WEIGHTING,
-    SERVER_ROUND,
-)
-from fl_app.secagg import signing
-from fl_app.secagg.graph import SecAggConfigError, ServerModel, consistency_quorum
+from fl_app.protocol import BUDGET_EXHAUSTED, SERVER_ROUND
+from fl_app.secagg import signing, wire
+from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel, consistency_quorum
 from fl_app.secagg.protocol import (
     PublicKeys,
     RoundAbandoned,
@@ -55,6 +37,7 @@ from fl_app.secagg.vector import BOUND_SLACK, DecodedSum, VectorLayout, pack_ids
 from strategies.secagg.ahead import SharedAhead, finish_ahead, plan_ahead, take_ahead
 from strategies.secagg.messages import (
     config_only,
+    masked_input_contents,
     payload_bundle,
     payload_key_batch,
     payload_masked,
@@ -122,13 +105,14 @@ class SecureAggregation:
         run_id: int,
     ) -> dict[int, dict[int, bytes]]:
         """Stages 1 (only nodes without a pair for this round) and 2; the routed shares."""
+        # Long: stages 1 and 2 share the parse/collect closures over this round's session.
         horizon = self.settings.key_rounds
         if last_round is not None:
             horizon = max(1, min(horizon, last_round - rnd + 1))
-        request_keys: dict[str, Any] = {SERVER_ROUND: rnd, SECAGG_KEY_ROUNDS: horizon}
+        request_keys: dict[str, Any] = {SERVER_ROUND: rnd, wire.SECAGG_KEY_ROUNDS: horizon}
         if self.malicious:
             # The run id the clients bind their signed pairs to (the round context's).
-            request_keys[SECAGG_RUN_ID] = struct.pack(">Q", int(run_id) % 2**64)
+            request_keys[wire.SECAGG_RUN_ID] = struct.pack(">Q", int(run_id) % 2**64)
 
         def parse(c: RecordDict) -> Any:
             if self.malicious:
@@ -260,15 +244,79 @@ class SecureAggregation:
         round starts at stage 3 (two exchanges a round). Otherwise, or if the next round's
         cohort turns out different, the next round runs its stages in full.
         """
+        # Long: one round's stages in protocol order, read top to bottom; each step is a call.
         s = self.settings
         by_node = {int(m.metadata.dst_node_id): m for m in instructions}
         cohort = sorted(by_node)
         outcome = SecAggOutcome(decoded=None)
+        shape = self._round_shape(cohort, arrays, bound, outcome)
+        if shape is None:
+            return outcome
+        pre_advertised = self._keys_for(rnd, cohort)
+        shared, self._ahead = self._ahead, None
+        shared = take_ahead(shared, rnd, cohort, shape.params, shape.length, s.bits)
+        if shared is not None:
+            server = shared.server
+        else:
+            context = round_context(int(run_id) % 2**64, rnd)  # a fresh random nonce
+            server = ServerSession(
+                cohort, shape.params, vector_length=shape.length, bits=s.bits, context=context
+            )
+        run = StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
+        try:
+            if shared is not None:
+                routed = _absorb_ahead(run, shared)
+            else:
+                routed = self._key_stages(
+                    run, server, rnd, cohort, pre_advertised, last_round, run_id
+                )
+            # ---- 3: masked input (the train instruction)
+            msgs = masked_input_contents(
+                by_node, routed, bound, weighting, s.max_weight, shape.ddp_round
+            )
+            request = run.stage(
+                Stage.masked_input,
+                msgs,
+                lambda c: payload_masked(c, s.bits, shape.length),
+                server.collect_masked_inputs,
+            )
+            outcome.dropouts = len(request.dropouts)
+            ddp_round = shape.ddp_round
+            if ddp_round is not None and len(request.survivors) < ddp_round.min_survivors:
+                # Fewer noise shares than calibrated: the sum must never be unmasked.
+                raise RoundAbandoned(
+                    Stage.masked_input,
+                    f"only {len(request.survivors)} masked inputs, distributed DP needs "
+                    f"{ddp_round.min_survivors} (the sum would carry too little noise)",
+                )
+            result = self._unmask_stages(
+                run, request, rnd, run_id, shape.length, last_round, next_cohort
+            )
+        except RoundAbandoned as err:
+            run.absorb_rejections()
+            outcome.note = f"{err}: model unchanged"
+            log.warning("round %d: %s", rnd, outcome.note)
+            return outcome
+        finally:
+            self._forget_troubled(outcome)
+        _decode_into(outcome, result, shape, server.context, bound, rnd)
+        return outcome
+
+    def _round_shape(
+        self,
+        cohort: Sequence[int],
+        arrays: Mapping[str, np.ndarray],
+        bound: float,
+        outcome: SecAggOutcome,
+    ) -> _RoundShape | None:
+        """The round's parameters, vector layout and codec (or distributed-DP round);
+        ``None`` with ``outcome.note`` set when the cohort cannot run a secure round."""
+        s = self.settings
         if len(cohort) < 3:
             outcome.note = (
                 f"secure aggregation needs >= 3 sampled clients, got {len(cohort)}: model unchanged"
             )
-            return outcome
+            return None
         try:
             params = round_params(
                 len(cohort),
@@ -280,190 +328,172 @@ class SecureAggregation:
             )
         except SecAggConfigError as err:
             outcome.note = f"no secure-aggregation parameters for {len(cohort)} clients: {err}"
-            return outcome
+            return None
         outcome.params = params
         outcome.cohort_size = len(cohort)
         outcome.bits = s.bits
         layout = VectorLayout.from_arrays(arrays)
-        ddp_round = None
-        if self.ddp is not None:
-            if len(cohort) > self.ddp.max_cohort:
-                outcome.note = (
-                    f"a cohort of {len(cohort)} exceeds the {self.ddp.max_cohort} clients the "
-                    "distributed-DP ring was sized for (sampling randomness only): model unchanged"
-                )
-                return outcome
-            ddp_round = self.ddp.round(len(cohort))
-            if layout.num_params != ddp_round.dim:
-                raise ValueError(
-                    f"the model has {layout.num_params} parameters, the distributed-DP plan "
-                    f"{ddp_round.dim}"
-                )
-            length = ddp_round.padded
-        else:
+        if self.ddp is None:
             codec = round_codec(s.bits, bound, len(cohort))
-            length = layout.length
-        pre_advertised = self._keys_for(rnd, cohort)
-        shared, self._ahead = self._ahead, None
-        shared = take_ahead(shared, rnd, cohort, params, length, s.bits)
-        if shared is not None:
-            server = shared.server
-        else:
-            context = round_context(int(run_id) % 2**64, rnd)  # a fresh random nonce
-            server = ServerSession(
-                cohort, params, vector_length=length, bits=s.bits, context=context
-            )
-        # The clients' context (distributed DP's rotation is seeded from it).
-        context = server.context
-        run = StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
-        try:
-            if shared is not None:
-                # Stages 1-2 ran during the previous round's unmask exchange.
-                outcome.stages.append(StageLog(Stage.advertise, accepted=len(server.keys)))
-                outcome.stages.append(StageLog(Stage.share_keys, accepted=len(shared.routed)))
-                outcome.missing.update(shared.missing)
-                outcome.rejected.extend(shared.rejected)
-                run.absorb_rejections()
-                routed = shared.routed
-            else:
-                routed = self._key_stages(
-                    run, server, rnd, cohort, pre_advertised, last_round, run_id
-                )
-            # ---- 3: masked input (the train instruction)
-            msgs = {}
-            for u, cts in routed.items():
-                instr = by_node[u].content
-                msgs[u] = RecordDict(
-                    {
-                        ARRAYS_KEY: instr.array_records[ARRAYS_KEY],
-                        CONFIG_KEY: ConfigRecord(
-                            {
-                                **instr.config_records[CONFIG_KEY],
-                                SECAGG_NODES: pack_ids(sorted(cts)),
-                                SECAGG_CIPHERTEXTS: b"".join(cts[v] for v in sorted(cts)),
-                                SECAGG_BOUND: float(bound),
-                                SECAGG_WEIGHTING: weighting,
-                                SECAGG_MAX_WEIGHT: float(s.max_weight),
-                                **(
-                                    {SECAGG_DDP: ddp_round.to_json()}
-                                    if ddp_round is not None
-                                    else {}
-                                ),
-                            }
-                        ),
-                    }
-                )
-            request = run.stage(
-                Stage.masked_input,
-                msgs,
-                lambda c: payload_masked(c, s.bits, length),
-                server.collect_masked_inputs,
-            )
-            outcome.dropouts = len(request.dropouts)
-            if ddp_round is not None and len(request.survivors) < ddp_round.min_survivors:
-                # Fewer noise shares than calibrated: the sum must never be unmasked.
-                raise RoundAbandoned(
-                    Stage.masked_input,
-                    f"only {len(request.survivors)} masked inputs, distributed DP needs "
-                    f"{ddp_round.min_survivors} (the sum would carry too little noise)",
-                )
-            # ---- 4: unmask
-            lists: dict[str, Any] = {
-                SERVER_ROUND: rnd,
-                SECAGG_SURVIVORS: pack_ids(request.survivors),
-                SECAGG_DROPOUTS: pack_ids(request.dropouts),
-            }
-            revealers = list(request.survivors)
-            if self.malicious:
-                # ---- consistency check: every survivor signs U3; >= t signatures go
-                # to the signers, who verify them before revealing anything.
-                check = {SERVER_ROUND: rnd, SECAGG_SURVIVORS: pack_ids(request.survivors)}
-                signed: dict[int, tuple[str, bytes]] = run.stage(
-                    Stage.consistency,
-                    {u: config_only(check) for u in request.survivors},
-                    payload_signature,
-                    functools.partial(self._check_signatures, server, request.survivors),
-                )
-                revealers = sorted(signed)
-                # The quorum is what a client needs (and checks, every one): sending
-                # all |U4| would make each client verify up to n instead.
-                proof = revealers[: consistency_quorum(server.params)]
-                lists[SECAGG_SIGNERS] = pack_ids(proof)
-                lists[SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in proof])
-                lists[SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in proof)
-            plan = None
-            if next_cohort is not None and (last_round is None or rnd < last_round):
-                exhausted = {r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED}
-                try:
-                    upcoming = next_cohort(exhausted)
-                # Only an optimisation: whatever goes wrong asking, this round goes on.
-                except Exception as err:
-                    log.warning("round %d: next cohort unknown (%r); no share-ahead", rnd, err)
-                    upcoming = None
-                plan = plan_ahead(
-                    s,
-                    self.ddp,
-                    self._round_keys,
-                    rnd + 1,
-                    upcoming,
-                    request.survivors,
-                    run_id,
-                    length,
-                )
-            contents = {u: config_only(lists) for u in revealers}
-            if plan is not None:
-                for u, record in plan.instructions.items():
-                    if u in contents:
-                        contents[u][SECAGG_NEXT_KEY] = record
-
-            def parse_unmask(c: RecordDict) -> tuple[UnmaskReply, Any]:
-                return payload_unmask(c), c.get(SECAGG_NEXT_KEY)
-
-            def unmask(payloads: dict[int, tuple[UnmaskReply, Any]]) -> Any:
-                total = server.unmask({u: p[0] for u, p in payloads.items()})
-                if plan is not None:
-                    self._ahead = finish_ahead(plan, {u: p[1] for u, p in payloads.items()})
-                return total
-
-            result = run.stage(
-                Stage.unmask,
-                contents,
-                parse_unmask,
-                unmask,
-                optional=frozenset({SECAGG_NEXT_KEY}) if plan is not None else frozenset(),
-            )
-        except RoundAbandoned as err:
-            run.absorb_rejections()
-            outcome.note = f"{err}: model unchanged"
-            log.warning("round %d: %s", rnd, outcome.note)
-            return outcome
-        finally:
-            self._forget_troubled(outcome)
-        t0 = time.perf_counter()
-        n = result.num_contributors
-        outcome.unmasked = True
-        try:
-            if ddp_round is not None:
-                flat = ddp_round.decode(result.total, context, num_contributors=n)
-                decoded_sum = DecodedSum(
-                    layout.split_params(flat), float(n), 0.0, math.nan, math.nan
-                )
-            else:
-                decoded_sum = decode_checked(codec, layout, result.total, n, bound)
-        # The sum is what the clients' vectors add up to: one faulty or malicious client
-        # can make it undecodable, and that must end the round, never the run.
-        except (ValueError, ArithmeticError) as err:
+            return _RoundShape(params, layout, layout.length, codec=codec)
+        if len(cohort) > self.ddp.max_cohort:
             outcome.note = (
-                f"secure aggregation abandoned after unmasking: the sum of {n} inputs is not "
-                f"one honest clients can produce ({err}): model unchanged"
+                f"a cohort of {len(cohort)} exceeds the {self.ddp.max_cohort} clients the "
+                "distributed-DP ring was sized for (sampling randomness only): model unchanged"
             )
-            log.warning("round %d: %s", rnd, outcome.note)
-            return outcome
-        finally:
-            outcome.stages[-1].server_seconds += time.perf_counter() - t0
-        outcome.decoded = decoded_sum
-        outcome.num_contributors = n
-        return outcome
+            return None
+        ddp_round = self.ddp.round(len(cohort))
+        if layout.num_params != ddp_round.dim:
+            raise ValueError(
+                f"the model has {layout.num_params} parameters, the distributed-DP plan "
+                f"{ddp_round.dim}"
+            )
+        return _RoundShape(params, layout, ddp_round.padded, ddp_round=ddp_round)
+
+    def _unmask_stages(
+        self,
+        run: StageRunner,
+        request: Any,
+        rnd: int,
+        run_id: int,
+        length: int,
+        last_round: int | None,
+        next_cohort: Callable[[set[int]], Sequence[int] | None] | None,
+    ) -> Any:
+        """The consistency check (malicious model) and stage 4, with the next round's
+        stage 2 riding along when share-ahead applies; the unmasked total."""
+        # Long: stage 4 and the share-ahead that rides on it must be planned together.
+        server, outcome = run.server, run.outcome
+        lists: dict[str, Any] = {
+            SERVER_ROUND: rnd,
+            wire.SECAGG_SURVIVORS: pack_ids(request.survivors),
+            wire.SECAGG_DROPOUTS: pack_ids(request.dropouts),
+        }
+        revealers = list(request.survivors)
+        if self.malicious:
+            revealers = self._consistency_stage(run, request.survivors, rnd, lists)
+        plan = None
+        if next_cohort is not None and (last_round is None or rnd < last_round):
+            exhausted = {r.node_id for r in outcome.failed if r.code == BUDGET_EXHAUSTED}
+            try:
+                upcoming = next_cohort(exhausted)
+            # Only an optimisation: whatever goes wrong asking, this round goes on.
+            except Exception as err:
+                log.warning("round %d: next cohort unknown (%r); no share-ahead", rnd, err)
+                upcoming = None
+            plan = plan_ahead(
+                self.settings,
+                self.ddp,
+                self._round_keys,
+                rnd + 1,
+                upcoming,
+                request.survivors,
+                run_id,
+                length,
+            )
+        contents = {u: config_only(lists) for u in revealers}
+        if plan is not None:
+            for u, record in plan.instructions.items():
+                if u in contents:
+                    contents[u][wire.SECAGG_NEXT_KEY] = record
+
+        def parse_unmask(c: RecordDict) -> tuple[UnmaskReply, Any]:
+            return payload_unmask(c), c.get(wire.SECAGG_NEXT_KEY)
+
+        def unmask(payloads: dict[int, tuple[UnmaskReply, Any]]) -> Any:
+            total = server.unmask({u: p[0] for u, p in payloads.items()})
+            if plan is not None:
+                self._ahead = finish_ahead(plan, {u: p[1] for u, p in payloads.items()})
+            return total
+
+        return run.stage(
+            Stage.unmask,
+            contents,
+            parse_unmask,
+            unmask,
+            optional=frozenset({wire.SECAGG_NEXT_KEY}) if plan is not None else frozenset(),
+        )
+
+    def _consistency_stage(
+        self, run: StageRunner, survivors: list[int], rnd: int, lists: dict[str, Any]
+    ) -> list[int]:
+        """Consistency check: every survivor signs U3; >= t signatures go to the signers
+        (added to the stage-4 ``lists``), who verify them before revealing anything.
+        Returns the signers, the only nodes asked to reveal."""
+        server = run.server
+        check = {SERVER_ROUND: rnd, wire.SECAGG_SURVIVORS: pack_ids(survivors)}
+        signed: dict[int, tuple[str, bytes]] = run.stage(
+            Stage.consistency,
+            {u: config_only(check) for u in survivors},
+            payload_signature,
+            functools.partial(self._check_signatures, server, survivors),
+        )
+        revealers = sorted(signed)
+        # The quorum is what a client needs (and checks, every one): sending
+        # all |U4| would make each client verify up to n instead.
+        proof = revealers[: consistency_quorum(server.params)]
+        lists[wire.SECAGG_SIGNERS] = pack_ids(proof)
+        lists[wire.SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in proof])
+        lists[wire.SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in proof)
+        return revealers
+
+
+@dataclass(frozen=True)
+class _RoundShape:
+    """What one round's vectors look like: ``(k, t)``, the layout, the ring length, and
+    the fixed-point codec or, under distributed DP, the round's DdpRound."""
+
+    params: SecAggParams
+    layout: VectorLayout
+    length: int
+    codec: Any = None
+    ddp_round: Any = None
+
+
+def _absorb_ahead(run: StageRunner, shared: SharedAhead) -> dict[int, dict[int, bytes]]:
+    """Stages 1-2 ran during the previous round's unmask exchange: record them."""
+    outcome = run.outcome
+    outcome.stages.append(StageLog(Stage.advertise, accepted=len(run.server.keys)))
+    outcome.stages.append(StageLog(Stage.share_keys, accepted=len(shared.routed)))
+    outcome.missing.update(shared.missing)
+    outcome.rejected.extend(shared.rejected)
+    run.absorb_rejections()
+    return shared.routed
+
+
+def _decode_into(
+    outcome: SecAggOutcome,
+    result: Any,
+    shape: _RoundShape,
+    context: bytes,
+    bound: float,
+    rnd: int,
+) -> None:
+    """Decode the unmasked total into ``outcome`` (or abandon the round with a note)."""
+    t0 = time.perf_counter()
+    n = result.num_contributors
+    outcome.unmasked = True
+    try:
+        if shape.ddp_round is not None:
+            flat = shape.ddp_round.decode(result.total, context, num_contributors=n)
+            decoded_sum = DecodedSum(
+                shape.layout.split_params(flat), float(n), 0.0, math.nan, math.nan
+            )
+        else:
+            decoded_sum = decode_checked(shape.codec, shape.layout, result.total, n, bound)
+    # The sum is what the clients' vectors add up to: one faulty or malicious client
+    # can make it undecodable, and that must end the round, never the run.
+    except (ValueError, ArithmeticError) as err:
+        outcome.note = (
+            f"secure aggregation abandoned after unmasking: the sum of {n} inputs is not "
+            f"one honest clients can produce ({err}): model unchanged"
+        )
+        log.warning("round %d: %s", rnd, outcome.note)
+        return
+    finally:
+        outcome.stages[-1].server_seconds += time.perf_counter() - t0
+    outcome.decoded = decoded_sum
+    outcome.num_contributors = n
 
 
 def decode_checked(

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord
 
-from fl_app.protocol import SECAGG_NEXT_KEY, SERVER_ROUND
+from fl_app.protocol import SERVER_ROUND
+from fl_app.secagg import wire
 from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
 from fl_app.secagg.protocol import PublicKeys, RoundAbandoned, ServerSession, round_context
 from strategies.secagg.messages import parse_bundle, route_shares, share_key_instructions
@@ -113,7 +114,7 @@ def finish_ahead(plan: AheadPlan, replies: Mapping[int, Any]) -> SharedAhead | N
             continue
         try:
             if not isinstance(record, ConfigRecord):
-                raise ValueError(f"'{SECAGG_NEXT_KEY}' is not a ConfigRecord")
+                raise ValueError(f"'{wire.SECAGG_NEXT_KEY}' is not a ConfigRecord")
             if record.get(SERVER_ROUND) != plan.rnd:
                 raise ValueError(f"'{SERVER_ROUND}'={record.get(SERVER_ROUND)!r} != {plan.rnd}")
             bundles[u] = parse_bundle(record)

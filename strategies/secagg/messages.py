@@ -16,38 +16,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_app.protocol import (
-    CONFIG_KEY,
-    METRICS_KEY,
-    PUBLIC_METRIC_PREFIX,
-    SECAGG_BITS,
-    SECAGG_COHORT,
-    SECAGG_CONTEXT,
-    SECAGG_IDENTITIES,
-    SECAGG_KEYS,
-    SECAGG_MASKED_ARRAY,
-    SECAGG_MASKED_KEY,
-    SECAGG_NODES,
-    SECAGG_PARAMS,
-    SECAGG_RECORD_KEY,
-    SECAGG_REPLY_C_PK,
-    SECAGG_REPLY_CIPHERTEXTS,
-    SECAGG_REPLY_COMMITMENT,
-    SECAGG_REPLY_IDENTITY,
-    SECAGG_REPLY_KEY_NODES,
-    SECAGG_REPLY_KEY_SHARES,
-    SECAGG_REPLY_NODES,
-    SECAGG_REPLY_S_PK,
-    SECAGG_REPLY_SELF_MASK_NODES,
-    SECAGG_REPLY_SELF_MASK_SHARES,
-    SECAGG_REPLY_SIGNATURES,
-    SECAGG_REPLY_SIGNING_KEY,
-    SECAGG_SIGNATURES,
-    SECAGG_STAGE_KEY,
-    SECAGG_VECTOR_LENGTH,
-    SERVER_ROUND,
-)
-from fl_app.secagg import crypto, shamir, signing
+from fl_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PUBLIC_METRIC_PREFIX, SERVER_ROUND
+from fl_app.secagg import crypto, shamir, signing, wire
 from fl_app.secagg.protocol import CIPHERTEXT_BYTES, PublicKeys, ServerSession, Stage, UnmaskReply
 from fl_app.secagg.vector import pack_ids, unpack_ids
 from fl_app.secagg.wire import unpack_ring, wire_packed
@@ -58,11 +28,11 @@ log = logging.getLogger("fl_app.secagg")
 
 
 STAGE_RECORDS = {
-    Stage.advertise: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
-    Stage.share_keys: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
-    Stage.masked_input: frozenset({METRICS_KEY, SECAGG_MASKED_KEY}),
-    Stage.unmask: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
-    Stage.consistency: frozenset({METRICS_KEY, SECAGG_RECORD_KEY}),
+    Stage.advertise: frozenset({METRICS_KEY, wire.SECAGG_RECORD_KEY}),
+    Stage.share_keys: frozenset({METRICS_KEY, wire.SECAGG_RECORD_KEY}),
+    Stage.masked_input: frozenset({METRICS_KEY, wire.SECAGG_MASKED_KEY}),
+    Stage.unmask: frozenset({METRICS_KEY, wire.SECAGG_RECORD_KEY}),
+    Stage.consistency: frozenset({METRICS_KEY, wire.SECAGG_RECORD_KEY}),
 }
 
 
@@ -87,7 +57,7 @@ def parse_stage_reply(
     metrics = content.get(METRICS_KEY)
     if not isinstance(metrics, MetricRecord):
         return Rejection(node, f"stage {stage.name}: '{METRICS_KEY}' is not a MetricRecord")
-    protocol = {SERVER_ROUND, SECAGG_STAGE_KEY}
+    protocol = {SERVER_ROUND, wire.SECAGG_STAGE_KEY}
     public = {k for k in metrics if k.startswith(PUBLIC_METRIC_PREFIX)}
     if stage is not Stage.masked_input:
         public = set()
@@ -113,12 +83,12 @@ def parse_stage_reply(
     got_round = metrics[SERVER_ROUND]
     if got_round != server_round:
         return Rejection(node, f"stale reply: '{SERVER_ROUND}'={got_round!r} != {server_round}")
-    got_stage = metrics[SECAGG_STAGE_KEY]
+    got_stage = metrics[wire.SECAGG_STAGE_KEY]
     if got_stage != int(stage):
         return Rejection(
             node, f"wrong stage: reply marked stage {got_stage!r}, expected {int(stage)}"
         )
-    payload_key = SECAGG_MASKED_KEY if stage is Stage.masked_input else SECAGG_RECORD_KEY
+    payload_key = wire.SECAGG_MASKED_KEY if stage is Stage.masked_input else wire.SECAGG_RECORD_KEY
     payload_type = ArrayRecord if stage is Stage.masked_input else ConfigRecord
     if not isinstance(content.get(payload_key), payload_type):
         return Rejection(
@@ -142,10 +112,14 @@ def _split_fixed(raw: bytes, size: int, count: int, what: str) -> list[bytes]:
 
 def payload_key_batch(content: RecordDict, count: int) -> list[PublicKeys]:
     """A stage-1 reply: ``count`` public key pairs, one per round from this one on."""
-    rec = content.config_records[SECAGG_RECORD_KEY]
+    rec = content.config_records[wire.SECAGG_RECORD_KEY]
     size = crypto.KEY_BYTES
-    c_pks = _split_fixed(_bytes_field(rec, SECAGG_REPLY_C_PK), size, count, SECAGG_REPLY_C_PK)
-    s_pks = _split_fixed(_bytes_field(rec, SECAGG_REPLY_S_PK), size, count, SECAGG_REPLY_S_PK)
+    c_pks = _split_fixed(
+        _bytes_field(rec, wire.SECAGG_REPLY_C_PK), size, count, wire.SECAGG_REPLY_C_PK
+    )
+    s_pks = _split_fixed(
+        _bytes_field(rec, wire.SECAGG_REPLY_S_PK), size, count, wire.SECAGG_REPLY_S_PK
+    )
     return [PublicKeys(c, k) for c, k in zip(c_pks, s_pks, strict=True)]
 
 
@@ -155,50 +129,57 @@ def payload_signed_key_batch(
     """A malicious-model stage-1 reply: the pairs with their signatures, and the
     sender's ``(roster identity, Ed25519 public key)`` (the server pre-checks
     consistency signatures with it; the clients trust only their roster)."""
-    rec = content.config_records[SECAGG_RECORD_KEY]
+    rec = content.config_records[wire.SECAGG_RECORD_KEY]
     plain = payload_key_batch(content, count)
     sigs = _split_fixed(
-        _bytes_field(rec, SECAGG_REPLY_SIGNATURES),
+        _bytes_field(rec, wire.SECAGG_REPLY_SIGNATURES),
         signing.SIGNATURE_BYTES,
         count,
-        SECAGG_REPLY_SIGNATURES,
+        wire.SECAGG_REPLY_SIGNATURES,
     )
-    identity = rec.get(SECAGG_REPLY_IDENTITY)
+    identity = rec.get(wire.SECAGG_REPLY_IDENTITY)
     if not isinstance(identity, str) or not identity:
-        raise ValueError(f"'{SECAGG_REPLY_IDENTITY}' must be a non-empty string")
-    key = _bytes_field(rec, SECAGG_REPLY_SIGNING_KEY)
+        raise ValueError(f"'{wire.SECAGG_REPLY_IDENTITY}' must be a non-empty string")
+    key = _bytes_field(rec, wire.SECAGG_REPLY_SIGNING_KEY)
     if len(key) != signing.PUBLIC_KEY_BYTES:
-        raise ValueError(f"'{SECAGG_REPLY_SIGNING_KEY}' must be {signing.PUBLIC_KEY_BYTES} bytes")
+        raise ValueError(
+            f"'{wire.SECAGG_REPLY_SIGNING_KEY}' must be {signing.PUBLIC_KEY_BYTES} bytes"
+        )
     keys = [PublicKeys(k.c_pk, k.s_pk, identity, sig) for k, sig in zip(plain, sigs, strict=True)]
     return keys, (identity, key)
 
 
 def payload_signature(content: RecordDict) -> tuple[str, bytes]:
     """A consistency-stage reply: ``(roster identity, signature on U3)``."""
-    rec = content.config_records[SECAGG_RECORD_KEY]
-    sig = _bytes_field(rec, SECAGG_REPLY_SIGNATURES)
-    identity = rec.get(SECAGG_REPLY_IDENTITY)
+    rec = content.config_records[wire.SECAGG_RECORD_KEY]
+    sig = _bytes_field(rec, wire.SECAGG_REPLY_SIGNATURES)
+    identity = rec.get(wire.SECAGG_REPLY_IDENTITY)
     if len(sig) != signing.SIGNATURE_BYTES or not isinstance(identity, str):
         raise ValueError("consistency reply needs one 64-byte signature and an identity")
     return identity, sig
 
 
 def payload_bundle(content: RecordDict) -> tuple[dict[int, bytes], bytes]:
-    return parse_bundle(content.config_records[SECAGG_RECORD_KEY])
+    return parse_bundle(content.config_records[wire.SECAGG_RECORD_KEY])
 
 
 def parse_bundle(rec: ConfigRecord) -> tuple[dict[int, bytes], bytes]:
     """Stage-2 payload (own reply or share-ahead part): ``(recipient -> ciphertext,
     commitment to the sender's self-mask seed)``."""
-    nodes = unpack_ids(_bytes_field(rec, SECAGG_REPLY_NODES), "recipients")
+    nodes = unpack_ids(_bytes_field(rec, wire.SECAGG_REPLY_NODES), "recipients")
     cts = _split_fixed(
-        _bytes_field(rec, SECAGG_REPLY_CIPHERTEXTS), CIPHERTEXT_BYTES, len(nodes), "ciphertexts"
+        _bytes_field(rec, wire.SECAGG_REPLY_CIPHERTEXTS),
+        CIPHERTEXT_BYTES,
+        len(nodes),
+        "ciphertexts",
     )
     if len(set(nodes)) != len(nodes):
         raise ValueError("a recipient is listed twice")
-    commitment = _bytes_field(rec, SECAGG_REPLY_COMMITMENT)
+    commitment = _bytes_field(rec, wire.SECAGG_REPLY_COMMITMENT)
     if len(commitment) != crypto.COMMITMENT_BYTES:
-        raise ValueError(f"'{SECAGG_REPLY_COMMITMENT}' must be {crypto.COMMITMENT_BYTES} bytes")
+        raise ValueError(
+            f"'{wire.SECAGG_REPLY_COMMITMENT}' must be {crypto.COMMITMENT_BYTES} bytes"
+        )
     return dict(zip(nodes, cts, strict=True)), commitment
 
 
@@ -214,10 +195,10 @@ def route_shares(
 
 def payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
     """The masked vector of a stage-3 reply (bit-packed on the wire below 32/64 bits)."""
-    rec = content.array_records[SECAGG_MASKED_KEY]
-    if list(rec.keys()) != [SECAGG_MASKED_ARRAY]:
-        raise ValueError(f"masked record must hold exactly '{SECAGG_MASKED_ARRAY}'")
-    arr = rec[SECAGG_MASKED_ARRAY]
+    rec = content.array_records[wire.SECAGG_MASKED_KEY]
+    if list(rec.keys()) != [wire.SECAGG_MASKED_ARRAY]:
+        raise ValueError(f"masked record must hold exactly '{wire.SECAGG_MASKED_ARRAY}'")
+    arr = rec[wire.SECAGG_MASKED_ARRAY]
     dtype = np.dtype(np.uint8) if wire_packed(bits) else np.dtype(crypto.storage_dtype(bits))
     size = -(-length * bits // 8) if wire_packed(bits) else length
     if tuple(arr.shape) != (size,) or arr.dtype != str(dtype):
@@ -235,11 +216,11 @@ def payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
 
 
 def payload_unmask(content: RecordDict) -> UnmaskReply:
-    rec = content.config_records[SECAGG_RECORD_KEY]
+    rec = content.config_records[wire.SECAGG_RECORD_KEY]
     out = []
     for nodes_key, shares_key in (
-        (SECAGG_REPLY_SELF_MASK_NODES, SECAGG_REPLY_SELF_MASK_SHARES),
-        (SECAGG_REPLY_KEY_NODES, SECAGG_REPLY_KEY_SHARES),
+        (wire.SECAGG_REPLY_SELF_MASK_NODES, wire.SECAGG_REPLY_SELF_MASK_SHARES),
+        (wire.SECAGG_REPLY_KEY_NODES, wire.SECAGG_REPLY_KEY_SHARES),
     ):
         nodes = unpack_ids(_bytes_field(rec, nodes_key), nodes_key)
         shares = _split_fixed(
@@ -265,22 +246,55 @@ def share_key_instructions(
     """Stage-2 instruction of each node: the round's parameters and its neighbours' keys."""
     base = {
         SERVER_ROUND: rnd,
-        SECAGG_CONTEXT: server.context,
-        SECAGG_PARAMS: json.dumps(server.params.to_config(), sort_keys=True),
-        SECAGG_BITS: server.bits,
-        SECAGG_VECTOR_LENGTH: server.vector_length,
-        SECAGG_COHORT: pack_ids(sorted(server.cohort)),
+        wire.SECAGG_CONTEXT: server.context,
+        wire.SECAGG_PARAMS: json.dumps(server.params.to_config(), sort_keys=True),
+        wire.SECAGG_BITS: server.bits,
+        wire.SECAGG_VECTOR_LENGTH: server.vector_length,
+        wire.SECAGG_COHORT: pack_ids(sorted(server.cohort)),
     }
     out: dict[int, dict[str, Any]] = {
         u: {
             **base,
-            SECAGG_NODES: pack_ids(sorted(nk)),
-            SECAGG_KEYS: b"".join(nk[v].c_pk + nk[v].s_pk for v in sorted(nk)),
+            wire.SECAGG_NODES: pack_ids(sorted(nk)),
+            wire.SECAGG_KEYS: b"".join(nk[v].c_pk + nk[v].s_pk for v in sorted(nk)),
         }
         for u, nk in keys.items()
     }
     if malicious:  # each client verifies these against its roster
         for u, nk in keys.items():
-            out[u][SECAGG_IDENTITIES] = json.dumps([nk[v].identity for v in sorted(nk)])
-            out[u][SECAGG_SIGNATURES] = b"".join(nk[v].signature for v in sorted(nk))
+            out[u][wire.SECAGG_IDENTITIES] = json.dumps([nk[v].identity for v in sorted(nk)])
+            out[u][wire.SECAGG_SIGNATURES] = b"".join(nk[v].signature for v in sorted(nk))
     return out
+
+
+def masked_input_contents(
+    by_node: Mapping[int, Message],
+    routed: Mapping[int, Mapping[int, bytes]],
+    bound: float,
+    weighting: str,
+    max_weight: float,
+    ddp_round: Any,
+) -> dict[int, RecordDict]:
+    """Stage-3 instructions: each node's train instruction (arrays and config) plus the
+    ciphertexts routed to it, the encoding bound, the weighting and, under distributed
+    DP, the round's parameters (``ddp_round``, else ``None``)."""
+    msgs = {}
+    for u, cts in routed.items():
+        instr = by_node[u].content
+        msgs[u] = RecordDict(
+            {
+                ARRAYS_KEY: instr.array_records[ARRAYS_KEY],
+                CONFIG_KEY: ConfigRecord(
+                    {
+                        **instr.config_records[CONFIG_KEY],
+                        wire.SECAGG_NODES: pack_ids(sorted(cts)),
+                        wire.SECAGG_CIPHERTEXTS: b"".join(cts[v] for v in sorted(cts)),
+                        wire.SECAGG_BOUND: float(bound),
+                        wire.SECAGG_WEIGHTING: weighting,
+                        wire.SECAGG_MAX_WEIGHT: float(max_weight),
+                        **({wire.SECAGG_DDP: ddp_round.to_json()} if ddp_round is not None else {}),
+                    }
+                ),
+            }
+        )
+    return msgs

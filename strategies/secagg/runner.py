@@ -14,7 +14,8 @@ from typing import Any, cast
 
 from flwr.app import Message, MessageType, RecordDict
 
-from fl_app.protocol import CONFIG_KEY, METRICS_KEY, PUBLIC_METRIC_PREFIX, SECAGG_STAGE_KEY
+from fl_app.protocol import CONFIG_KEY, METRICS_KEY, PUBLIC_METRIC_PREFIX
+from fl_app.secagg import wire
 from fl_app.secagg.protocol import ServerSession, Stage
 from fl_app.secagg.wire import payload_bytes
 from strategies.secagg.messages import parse_stage_reply
@@ -64,10 +65,11 @@ class StageRunner:
         feed: Callable[[dict[int, Any]], Any],
         optional: frozenset[str] = frozenset(),
     ) -> Any:
+        # Long: send, screen, parse, feed and time one stage as one unit (one log entry).
         t0 = time.perf_counter()
         messages = []
         for node, content in sorted(contents.items()):
-            content.config_records[CONFIG_KEY][SECAGG_STAGE_KEY] = int(stage)
+            content.config_records[CONFIG_KEY][wire.SECAGG_STAGE_KEY] = int(stage)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         if messages:
             sent_msgs, replies, sent = self.exchange(messages, self.timeout)

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from fl_app.config.schema import SecAggConfig, SecAggMode
-from fl_app.protocol import SECAGG_MAX_KEY_ROUNDS
+from fl_app.secagg import wire
 from fl_app.secagg.graph import (
     MIN_CORRUPT_CLIENTS,
     GraphMode,
@@ -46,9 +46,9 @@ class SecAggSettings:
     federation_size: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.key_rounds <= SECAGG_MAX_KEY_ROUNDS:
+        if not 1 <= self.key_rounds <= wire.SECAGG_MAX_KEY_ROUNDS:
             raise ValueError(
-                f"secagg.key_rounds must lie in [1, {SECAGG_MAX_KEY_ROUNDS}], "
+                f"secagg.key_rounds must lie in [1, {wire.SECAGG_MAX_KEY_ROUNDS}], "
                 f"found {self.key_rounds}"
             )
         if not 8 <= self.bits <= 64:

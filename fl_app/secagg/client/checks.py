@@ -17,8 +17,7 @@ from typing import Any
 from flwr.app import Context
 
 from fl_app.client.policy import PolicyViolation, SitePolicy
-from fl_app.protocol import SECAGG_IDENTITIES, SECAGG_SIGNATURES, SECAGG_SIGNERS
-from fl_app.secagg import signing
+from fl_app.secagg import signing, wire
 from fl_app.secagg.client.identity import SiteIdentity, _pinned_identity
 from fl_app.secagg.client.state import (
     _CORRUPT,
@@ -43,13 +42,13 @@ def _split_signatures(raw: object, count: int, what: str) -> list[bytes]:
 
 def _identity_list(config: Mapping[str, Any], count: int) -> list[str]:
     try:
-        names = json.loads(_get(config, SECAGG_IDENTITIES, str))
+        names = json.loads(_get(config, wire.SECAGG_IDENTITIES, str))
     except json.JSONDecodeError as err:
-        raise SecAggStageError(f"'{SECAGG_IDENTITIES}' is not JSON: {err}") from err
+        raise SecAggStageError(f"'{wire.SECAGG_IDENTITIES}' is not JSON: {err}") from err
     if not isinstance(names, list) or len(names) != count:
-        raise SecAggStageError(f"'{SECAGG_IDENTITIES}' must list {count} identities")
+        raise SecAggStageError(f"'{wire.SECAGG_IDENTITIES}' must list {count} identities")
     if not all(isinstance(x, str) for x in names):
-        raise SecAggStageError(f"'{SECAGG_IDENTITIES}' must list strings")
+        raise SecAggStageError(f"'{wire.SECAGG_IDENTITIES}' must list strings")
     return names
 
 
@@ -68,7 +67,7 @@ def _verify_neighbour_keys(
     if ctx_round != rnd:
         raise SecAggStageError(f"round context names round {ctx_round}, instruction {rnd}")
     names = _identity_list(config, len(nodes))
-    sigs = _split_signatures(config.get(SECAGG_SIGNATURES), len(nodes), SECAGG_SIGNATURES)
+    sigs = _split_signatures(config.get(wire.SECAGG_SIGNATURES), len(nodes), wire.SECAGG_SIGNATURES)
     seen = {ident.signer.identity}
     out: dict[int, str] = {}
     for v, name, sig in zip(nodes, names, sigs, strict=True):
@@ -173,6 +172,7 @@ def _check_consistency(
     distinct roster identities of members of ``U3`` (more than ``(n + C) / 2``, at least
     ``t``) signed that same set, each bound to the round keys it shared with at stage 2
     (Bonawitz et al., consistency check)."""
+    # Long: every check precedes any reveal, in the order Bonawitz et al. state them.
     signed = meta.get(_SIGNED_U3)
     if not isinstance(signed, bytes):
         raise SecAggStageError(
@@ -184,9 +184,11 @@ def _check_consistency(
             "the unmask survivor list differs from the survivor set this client signed at "
             "the consistency check (a split view of who dropped): refusing"
         )
-    signers = unpack_ids(_get(config, SECAGG_SIGNERS, bytes), "signers")
+    signers = unpack_ids(_get(config, wire.SECAGG_SIGNERS, bytes), "signers")
     names = _identity_list(config, len(signers))
-    sigs = _split_signatures(config.get(SECAGG_SIGNATURES), len(signers), SECAGG_SIGNATURES)
+    sigs = _split_signatures(
+        config.get(wire.SECAGG_SIGNATURES), len(signers), wire.SECAGG_SIGNATURES
+    )
     known = {int(k): v for k, v in json.loads(str(meta.get(_IDENTITIES, "{}"))).items()}
     round_keys = {v: pk.c_pk + pk.s_pk for v, pk in session.neighbour_keys.items()}
     own_keys = meta.get(_OWN_KEYS)

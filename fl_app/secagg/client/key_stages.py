@@ -14,36 +14,8 @@ from typing import Any, cast
 from flwr.app import ConfigRecord, Context, Message
 
 from fl_app.client.policy import PolicyViolation, SitePolicy
-from fl_app.protocol import (
-    CONFIG_KEY,
-    SECAGG_BITS,
-    SECAGG_COHORT,
-    SECAGG_CONTEXT,
-    SECAGG_DROPOUTS,
-    SECAGG_KEY_ROUNDS,
-    SECAGG_KEYS,
-    SECAGG_MAX_KEY_ROUNDS,
-    SECAGG_NEXT_KEY,
-    SECAGG_NODES,
-    SECAGG_PARAMS,
-    SECAGG_REPLY_C_PK,
-    SECAGG_REPLY_CIPHERTEXTS,
-    SECAGG_REPLY_COMMITMENT,
-    SECAGG_REPLY_IDENTITY,
-    SECAGG_REPLY_KEY_NODES,
-    SECAGG_REPLY_KEY_SHARES,
-    SECAGG_REPLY_NODES,
-    SECAGG_REPLY_S_PK,
-    SECAGG_REPLY_SELF_MASK_NODES,
-    SECAGG_REPLY_SELF_MASK_SHARES,
-    SECAGG_REPLY_SIGNATURES,
-    SECAGG_REPLY_SIGNING_KEY,
-    SECAGG_RUN_ID,
-    SECAGG_SURVIVORS,
-    SECAGG_VECTOR_LENGTH,
-    SERVER_ROUND,
-)
-from fl_app.secagg import crypto, shamir, signing
+from fl_app.protocol import CONFIG_KEY, SERVER_ROUND
+from fl_app.secagg import crypto, shamir, signing, wire
 from fl_app.secagg.client.checks import (
     _check_consistency,
     _check_ddp_survivors,
@@ -81,7 +53,7 @@ from fl_app.secagg.client.state import (
     _save,
     wipe_state,
 )
-from fl_app.secagg.graph import SecAggConfigError, ServerModel
+from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
 from fl_app.secagg.protocol import ClientRefusal, ClientSession, PublicKeys, Stage, StageOrderError
 from fl_app.secagg.vector import pack_ids, unpack_ids
 
@@ -128,19 +100,19 @@ def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Mes
     """Stage 1: draw one key pair per round for ``key-rounds`` rounds from this one."""
     wipe_state(context)  # a new round: whatever the last one left is gone
     rnd = _round_of(config)
-    count = _get(config, SECAGG_KEY_ROUNDS, int)
-    if not 1 <= count <= SECAGG_MAX_KEY_ROUNDS:
+    count = _get(config, wire.SECAGG_KEY_ROUNDS, int)
+    if not 1 <= count <= wire.SECAGG_MAX_KEY_ROUNDS:
         raise SecAggStageError(
-            f"'{SECAGG_KEY_ROUNDS}'={count}: key pairs can be drawn for 1 to "
-            f"{SECAGG_MAX_KEY_ROUNDS} rounds ahead"
+            f"'{wire.SECAGG_KEY_ROUNDS}'={count}: key pairs can be drawn for 1 to "
+            f"{wire.SECAGG_MAX_KEY_ROUNDS} rounds ahead"
         )
     # Malicious server model: each pair is signed for (run, round, node, identity).
-    run_raw = config.get(SECAGG_RUN_ID)
+    run_raw = config.get(wire.SECAGG_RUN_ID)
     ident = None
     if run_raw is not None:
         if not isinstance(run_raw, bytes) or len(run_raw) != 8:
-            raise SecAggStageError(f"'{SECAGG_RUN_ID}' must be 8 bytes")
-        _check_run_id(context, int.from_bytes(run_raw, "big"), SECAGG_RUN_ID)
+            raise SecAggStageError(f"'{wire.SECAGG_RUN_ID}' must be 8 bytes")
+        _check_run_id(context, int.from_bytes(run_raw, "big"), wire.SECAGG_RUN_ID)
         ident = site_identity_for_secagg(context)
     node = int(context.node_id)
     store: dict[str, bytes] = {}
@@ -159,11 +131,13 @@ def _advertise(msg: Message, context: Context, config: Mapping[str, Any]) -> Mes
     # Replaces every pair of an earlier batch: the server now knows only these.
     context.state[KEYS_STATE_KEY] = ConfigRecord(cast(dict[str, Any], store))
     _advance(context, rnd)
-    payload = ConfigRecord({SECAGG_REPLY_C_PK: b"".join(c_pks), SECAGG_REPLY_S_PK: b"".join(s_pks)})
+    payload = ConfigRecord(
+        {wire.SECAGG_REPLY_C_PK: b"".join(c_pks), wire.SECAGG_REPLY_S_PK: b"".join(s_pks)}
+    )
     if ident is not None:
-        payload[SECAGG_REPLY_SIGNATURES] = b"".join(sigs)
-        payload[SECAGG_REPLY_IDENTITY] = ident.signer.identity
-        payload[SECAGG_REPLY_SIGNING_KEY] = ident.signer.public_bytes()
+        payload[wire.SECAGG_REPLY_SIGNATURES] = b"".join(sigs)
+        payload[wire.SECAGG_REPLY_IDENTITY] = ident.signer.identity
+        payload[wire.SECAGG_REPLY_SIGNING_KEY] = ident.signer.public_bytes()
     return _reply(msg, rnd, Stage.advertise, payload)
 
 
@@ -202,14 +176,10 @@ def _share_keys(
     return _reply(msg, rnd, Stage.share_keys, _share_keys_payload(context, config, policy))
 
 
-def _share_keys_payload(
-    context: Context, config: Mapping[str, Any], policy: SitePolicy
-) -> ConfigRecord:
-    wipe_state(context)  # the round's session starts here
-    rnd = _round_of(config)
-    _check_round(context, rnd, Stage.share_keys)
-    round_keys = _take_round_keys(context, rnd)
-    params_json = _get(config, SECAGG_PARAMS, str)
+def _checked_params(config: Mapping[str, Any], policy: SitePolicy) -> tuple[str, SecAggParams]:
+    """The round's parameters (JSON and parsed), re-derived and checked against the
+    site's floor."""
+    params_json = _get(config, wire.SECAGG_PARAMS, str)
     try:
         params = _params_from_json(params_json)
     except (SecAggConfigError, ValueError) as err:
@@ -218,9 +188,38 @@ def _share_keys_payload(
         policy.check_secagg_params(params)
     except PolicyViolation as err:
         raise SecAggStageError.from_violation(err) from err
-    bits = _get(config, SECAGG_BITS, int)
-    length = _get(config, SECAGG_VECTOR_LENGTH, int)
-    cohort_raw = _get(config, SECAGG_COHORT, bytes)
+    return params_json, params
+
+
+def _neighbour_keys(config: Mapping[str, Any]) -> tuple[list[int], dict[int, PublicKeys]]:
+    """The stage-2 neighbour list and each neighbour's advertised ``(c_pk, s_pk)``."""
+    nodes = unpack_ids(_get(config, wire.SECAGG_NODES, bytes), "neighbours")
+    raw = _get(config, wire.SECAGG_KEYS, bytes)
+    size = 2 * crypto.KEY_BYTES
+    if len(raw) != size * len(nodes) or len(set(nodes)) != len(nodes):
+        raise SecAggStageError("neighbour keys do not match the neighbour list")
+    keys = {
+        v: PublicKeys(
+            raw[i * size : i * size + crypto.KEY_BYTES],
+            raw[i * size + crypto.KEY_BYTES : (i + 1) * size],
+        )
+        for i, v in enumerate(nodes)
+    }
+    return nodes, keys
+
+
+def _share_keys_payload(
+    context: Context, config: Mapping[str, Any], policy: SitePolicy
+) -> ConfigRecord:
+    # Long: every check on the round precedes the first encrypted share, in one place.
+    wipe_state(context)  # the round's session starts here
+    rnd = _round_of(config)
+    _check_round(context, rnd, Stage.share_keys)
+    round_keys = _take_round_keys(context, rnd)
+    params_json, params = _checked_params(config, policy)
+    bits = _get(config, wire.SECAGG_BITS, int)
+    length = _get(config, wire.SECAGG_VECTOR_LENGTH, int)
+    cohort_raw = _get(config, wire.SECAGG_COHORT, bytes)
     cohort = unpack_ids(cohort_raw, "cohort")
     node = int(context.node_id)
     if node not in cohort:
@@ -231,7 +230,7 @@ def _share_keys_payload(
         )
     session = ClientSession(
         node,
-        _get(config, SECAGG_CONTEXT, bytes),
+        _get(config, wire.SECAGG_CONTEXT, bytes),
         params,
         vector_length=length,
         bits=bits,
@@ -246,18 +245,7 @@ def _share_keys_payload(
         _COHORT: cohort_raw,
         _FLOOR: policy.survivor_floor(len(cohort)),
     }
-    nodes = unpack_ids(_get(config, SECAGG_NODES, bytes), "neighbours")
-    raw = _get(config, SECAGG_KEYS, bytes)
-    size = 2 * crypto.KEY_BYTES
-    if len(raw) != size * len(nodes) or len(set(nodes)) != len(nodes):
-        raise SecAggStageError("neighbour keys do not match the neighbour list")
-    keys = {
-        v: PublicKeys(
-            raw[i * size : i * size + crypto.KEY_BYTES],
-            raw[i * size + crypto.KEY_BYTES : (i + 1) * size],
-        )
-        for i, v in enumerate(nodes)
-    }
+    nodes, keys = _neighbour_keys(config)
     if params.server_model is ServerModel.malicious:
         # Before any share is encrypted: the complete graph over the cohort, thresholds
         # that survive this client's own colluder bound, every key signed on the roster.
@@ -280,9 +268,9 @@ def _share_keys_payload(
     return ConfigRecord(
         {
             SERVER_ROUND: rnd,
-            SECAGG_REPLY_NODES: pack_ids(order),
-            SECAGG_REPLY_CIPHERTEXTS: b"".join(cts[v] for v in order),
-            SECAGG_REPLY_COMMITMENT: session.commitment,
+            wire.SECAGG_REPLY_NODES: pack_ids(order),
+            wire.SECAGG_REPLY_CIPHERTEXTS: b"".join(cts[v] for v in order),
+            wire.SECAGG_REPLY_COMMITMENT: session.commitment,
         }
     )
 
@@ -302,7 +290,7 @@ def _consistency(
         raise SecAggStageError("a consistency check in a round without the malicious model")
     if _SIGNED_U3 in meta:
         raise SecAggStageError(f"this client already signed a survivor set for round {rnd}")
-    survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
+    survivors = unpack_ids(_get(config, wire.SECAGG_SURVIVORS, bytes), "survivors")
     _check_ddp_survivors(session, meta, survivors)
     session.check_lists(survivors, (), int(meta.get(_FLOOR, 0)), Stage.consistency)
     ident = _pinned_identity(context, meta)
@@ -317,8 +305,8 @@ def _consistency(
     _save(context, session, meta)
     payload = ConfigRecord(
         {
-            SECAGG_REPLY_SIGNATURES: ident.signer.sign(message),
-            SECAGG_REPLY_IDENTITY: ident.signer.identity,
+            wire.SECAGG_REPLY_SIGNATURES: ident.signer.sign(message),
+            wire.SECAGG_REPLY_IDENTITY: ident.signer.identity,
         }
     )
     return _reply(msg, rnd, Stage.consistency, payload)
@@ -329,8 +317,8 @@ def _unmask(
 ) -> Message:
     rnd = _round_of(config)
     session, meta = _load(context, rnd, Stage.unmask)
-    survivors = unpack_ids(_get(config, SECAGG_SURVIVORS, bytes), "survivors")
-    dropouts = unpack_ids(_get(config, SECAGG_DROPOUTS, bytes), "dropouts")
+    survivors = unpack_ids(_get(config, wire.SECAGG_SURVIVORS, bytes), "survivors")
+    dropouts = unpack_ids(_get(config, wire.SECAGG_DROPOUTS, bytes), "dropouts")
     _check_ddp_survivors(session, meta, survivors)  # the cheap check first
     if session.params.server_model is ServerModel.malicious:
         _check_consistency(context, session, meta, config, survivors)
@@ -342,15 +330,17 @@ def _unmask(
     s_nodes = sorted(reply.key_shares)
     payload = ConfigRecord(
         {
-            SECAGG_REPLY_SELF_MASK_NODES: pack_ids(b_nodes),
-            SECAGG_REPLY_SELF_MASK_SHARES: b"".join(reply.self_mask_shares[v] for v in b_nodes),
-            SECAGG_REPLY_KEY_NODES: pack_ids(s_nodes),
-            SECAGG_REPLY_KEY_SHARES: b"".join(reply.key_shares[v] for v in s_nodes),
+            wire.SECAGG_REPLY_SELF_MASK_NODES: pack_ids(b_nodes),
+            wire.SECAGG_REPLY_SELF_MASK_SHARES: b"".join(
+                reply.self_mask_shares[v] for v in b_nodes
+            ),
+            wire.SECAGG_REPLY_KEY_NODES: pack_ids(s_nodes),
+            wire.SECAGG_REPLY_KEY_SHARES: b"".join(reply.key_shares[v] for v in s_nodes),
         }
     )
     assert all(len(s) == shamir.SHARE_BYTES for s in reply.self_mask_shares.values())
     out = _reply(msg, rnd, Stage.unmask, payload)
-    ahead = msg.content.config_records.get(SECAGG_NEXT_KEY)
+    ahead = msg.content.config_records.get(wire.SECAGG_NEXT_KEY)
     if ahead is not None:
         # Share-ahead: stage 2 of the next round rides on this exchange. This round is
         # already answered; a refusal here only leaves the next round without us.
@@ -360,7 +350,7 @@ def _unmask(
                     f"share-ahead instruction for round {ahead.get(SERVER_ROUND)!r}, "
                     f"expected {rnd + 1}"
                 )
-            out.content[SECAGG_NEXT_KEY] = _share_keys_payload(context, ahead, policy)
+            out.content[wire.SECAGG_NEXT_KEY] = _share_keys_payload(context, ahead, policy)
         except (ClientRefusal, StageOrderError, ValueError, SecAggStageError):
             wipe_state(context)
     return out

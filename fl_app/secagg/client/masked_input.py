@@ -16,17 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from fl_app.client.policy import PolicyViolation, SitePolicy
-from fl_app.protocol import (
-    CONFIG_KEY,
-    PUBLIC_METRIC_PREFIX,
-    SECAGG_BOUND,
-    SECAGG_CIPHERTEXTS,
-    SECAGG_DDP,
-    SECAGG_MASKED_ARRAY,
-    SECAGG_MAX_WEIGHT,
-    SECAGG_NODES,
-    SECAGG_WEIGHTING,
-)
+from fl_app.protocol import CONFIG_KEY, PUBLIC_METRIC_PREFIX
+from fl_app.secagg import wire
 from fl_app.secagg.client.state import (
     _CORRUPT,
     _MIN_SURVIVORS,
@@ -84,23 +75,23 @@ class MaskedInputStage:
             rnd = _round_of(config)
             _check_round(context, rnd, Stage.masked_input)
             session, meta = _load(context, rnd, Stage.masked_input)
-            senders = unpack_ids(_get(config, SECAGG_NODES, bytes), "senders")
-            raw = _get(config, SECAGG_CIPHERTEXTS, bytes)
+            senders = unpack_ids(_get(config, wire.SECAGG_NODES, bytes), "senders")
+            raw = _get(config, wire.SECAGG_CIPHERTEXTS, bytes)
             if len(raw) != CIPHERTEXT_BYTES * len(senders) or len(set(senders)) != len(senders):
                 raise SecAggStageError("ciphertexts do not match the sender list")
             cts = {
                 v: raw[i * CIPHERTEXT_BYTES : (i + 1) * CIPHERTEXT_BYTES]
                 for i, v in enumerate(senders)
             }
-            bound = float(_get(config, SECAGG_BOUND, (int, float)))
-            max_weight = float(_get(config, SECAGG_MAX_WEIGHT, (int, float)))
-            weighting = _get(config, SECAGG_WEIGHTING, str)
+            bound = float(_get(config, wire.SECAGG_BOUND, (int, float)))
+            max_weight = float(_get(config, wire.SECAGG_MAX_WEIGHT, (int, float)))
+            weighting = _get(config, wire.SECAGG_WEIGHTING, str)
             if not (math.isfinite(bound) and bound > 0):
-                raise SecAggStageError(f"'{SECAGG_BOUND}' must be finite and > 0, got {bound}")
+                raise SecAggStageError(f"'{wire.SECAGG_BOUND}' must be finite and > 0, got {bound}")
             if weighting not in ("examples", "uniform"):
-                raise SecAggStageError(f"'{SECAGG_WEIGHTING}' must be examples or uniform")
+                raise SecAggStageError(f"'{wire.SECAGG_WEIGHTING}' must be examples or uniform")
             if not (math.isfinite(max_weight) and max_weight > 0):
-                raise SecAggStageError(f"'{SECAGG_MAX_WEIGHT}' must be finite and > 0")
+                raise SecAggStageError(f"'{wire.SECAGG_MAX_WEIGHT}' must be finite and > 0")
             ddp = _ddp_round(config, session, bound, site, int(meta.get(_CORRUPT, 0)))
         except (ValueError, SecAggStageError):
             wipe_state(context)
@@ -169,7 +160,7 @@ class MaskedInputStage:
             raise ValueError(f"only public '{PUBLIC_METRIC_PREFIX}*' metrics may ride in plaintext")
         record = ArrayRecord()
         bits = self.session.bits
-        record[SECAGG_MASKED_ARRAY] = Array(
+        record[wire.SECAGG_MASKED_ARRAY] = Array(
             pack_ring(masked, bits) if wire_packed(bits) else masked
         )
         return _reply(msg, self.rnd, Stage.masked_input, record, public)
@@ -186,13 +177,13 @@ def _ddp_round(
     floor (``n_min`` and the noise multiplier), or ``None``. ``colluders``: the ``C`` of
     the malicious model's share-keys check (0 otherwise); the server knows their noise
     shares, so the floor counts only ``n_min - C`` honest ones."""
-    raw = config.get(SECAGG_DDP)
+    raw = config.get(wire.SECAGG_DDP)
     if raw is None:
         return None
     from fl_app.privacy.distributed import DdpRound
 
     if not isinstance(raw, str):
-        raise SecAggStageError(f"'{SECAGG_DDP}' must be a JSON string")
+        raise SecAggStageError(f"'{wire.SECAGG_DDP}' must be a JSON string")
     try:
         ddp = DdpRound.from_json(raw)
     except (ValueError, TypeError) as err:

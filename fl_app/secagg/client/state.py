@@ -16,14 +16,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_app.client.policy import PolicyViolation
-from fl_app.protocol import (
-    CONFIG_KEY,
-    METRICS_KEY,
-    SECAGG_MASKED_KEY,
-    SECAGG_RECORD_KEY,
-    SECAGG_STAGE_KEY,
-    SERVER_ROUND,
-)
+from fl_app.protocol import CONFIG_KEY, METRICS_KEY, SERVER_ROUND
+from fl_app.secagg import wire
 from fl_app.secagg.graph import SecAggConfigError, SecAggParams
 from fl_app.secagg.protocol import ClientSession, Stage
 from fl_app.secagg.vector import unpack_ids
@@ -115,11 +109,11 @@ def _advance(context: Context, rnd: int, *, masked: bool = False) -> None:
 def secagg_stage(msg: Message) -> int | None:
     """The stage marker of a train instruction, or ``None`` for a plain train message."""
     config = msg.content.config_records.get(CONFIG_KEY)
-    if config is None or SECAGG_STAGE_KEY not in config:
+    if config is None or wire.SECAGG_STAGE_KEY not in config:
         return None
-    value = config[SECAGG_STAGE_KEY]
+    value = config[wire.SECAGG_STAGE_KEY]
     if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2, 3, 4, 5):
-        raise SecAggStageError(f"'{SECAGG_STAGE_KEY}' must be 1, 2, 3, 4 or 5, got {value!r}")
+        raise SecAggStageError(f"'{wire.SECAGG_STAGE_KEY}' must be 1, 2, 3, 4 or 5, got {value!r}")
     return value
 
 
@@ -155,8 +149,8 @@ def _reply(
     payload: ConfigRecord | ArrayRecord,
     public: Mapping[str, float] | None = None,
 ) -> Message:
-    key = SECAGG_MASKED_KEY if isinstance(payload, ArrayRecord) else SECAGG_RECORD_KEY
-    metrics = MetricRecord({SERVER_ROUND: rnd, SECAGG_STAGE_KEY: int(stage), **(public or {})})
+    key = wire.SECAGG_MASKED_KEY if isinstance(payload, ArrayRecord) else wire.SECAGG_RECORD_KEY
+    metrics = MetricRecord({SERVER_ROUND: rnd, wire.SECAGG_STAGE_KEY: int(stage), **(public or {})})
     return Message(RecordDict({key: payload, METRICS_KEY: metrics}), reply_to=msg)
 
 
