@@ -193,8 +193,6 @@ _LONG_FUNCTIONS_ALLOWED = frozenset(
         "fl_app/secagg/protocol.py::ClientSession.share_keys",
         "fl_app/secagg/protocol.py::ServerSession.route_shares",
         "fl_app/secagg/protocol.py::ServerSession.unmask",
-        "fl_app/server/resume.py::plan_resume",
-        "fl_app/server/summary.py::_client_level_summary",
         "strategies/factory.py::build_driver",
         "strategies/secagg/aggregation.py::SecureAggregation._key_stages",
         "strategies/secagg/aggregation.py::SecureAggregation.run_round",

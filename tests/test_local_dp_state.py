@@ -386,7 +386,7 @@ def test_local_noise_below_the_site_floor_is_refused_before_anything_is_spent(
     with z = 0.05 (epsilon ~ 970 a release) is refused by the default floor (z >= 1) even
     without a policy file, naming the field, and nothing is recorded; a policy's
     explicit null opts out (claims audit)."""
-    from fl_app.client.policy import load_policy
+    from fl_app.client.policy_file import load_policy
 
     state = tmp_path / "state"
     reply = _local_train_reply(0.05, {"dp-state-dir": str(state)})

@@ -19,10 +19,9 @@ from fl_app.client.policy import (
     PolicyError,
     PolicyViolation,
     SitePolicy,
-    load_policy,
-    parse_policy,
     released_artifact,
 )
+from fl_app.client.policy_file import load_policy, parse_policy
 from fl_app.config.compose import compose_config
 from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED
 from fl_app.runtime.inprocess import InProcessGrid

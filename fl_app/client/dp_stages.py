@@ -80,27 +80,10 @@ def _local_noise_stage(
     assert dp is not None and dp.local_noise_multiplier is not None
     from fl_app.client.state import local_dp_store
     from fl_app.config.schema import Accountant
-    from fl_app.privacy.local import begin_release, releases_seen
+    from fl_app.privacy.local import begin_release
     from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
-    from fl_app.privacy.state import LOCAL_RELEASES_SEEN_KEY
 
-    z = float(dp.local_noise_multiplier)
-    try:
-        # The client adds the noise, so the client decides how little (claims audit:
-        # z = 0.05 from the server was accepted, epsilon ~ 970 a release).
-        (policy or SitePolicy()).check_local_noise(z)
-    except PolicyViolation as err:
-        raise PolicyRefusal(err) from err
-    state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
-    if not state_dir:
-        raise ClientRefusal(
-            "local DP needs a state directory for its release count: start the SuperNode "
-            'with --node-config "dp-state-dir=/path"'
-        )
-    try:
-        seen = releases_seen(config.get(LOCAL_RELEASES_SEEN_KEY, 0), LOCAL_RELEASES_SEEN_KEY)
-    except PrivacyRefusal as err:
-        raise ClientRefusal(str(err)) from err
+    z, state_dir, seen = _local_dp_inputs(spec, config, context, policy)
     site = site_identity(context.node_config)
 
     account_site = site_accountant(
@@ -128,6 +111,37 @@ def _local_noise_stage(
         # 48-bit digest of the site's identity keys the server's guard.
         metrics["dp-site-hash"] = site_hash(site)
     return release.noise_stage()
+
+
+def _local_dp_inputs(
+    spec: ClientSpec, config: Any, context: Context, policy: SitePolicy | None
+) -> tuple[float, str, int]:
+    """Local DP's ``z`` (checked against the site's floor), state directory and the
+    releases the server says it received from this site."""
+    from fl_app.privacy.local import releases_seen
+    from fl_app.privacy.refusal import PrivacyRefusal
+    from fl_app.privacy.state import LOCAL_RELEASES_SEEN_KEY
+
+    dp = spec.client_dp
+    assert dp is not None and dp.local_noise_multiplier is not None
+    z = float(dp.local_noise_multiplier)
+    try:
+        # The client adds the noise, so the client decides how little (claims audit:
+        # z = 0.05 from the server was accepted, epsilon ~ 970 a release).
+        (policy or SitePolicy()).check_local_noise(z)
+    except PolicyViolation as err:
+        raise PolicyRefusal(err) from err
+    state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
+    if not state_dir:
+        raise ClientRefusal(
+            "local DP needs a state directory for its release count: start the SuperNode "
+            'with --node-config "dp-state-dir=/path"'
+        )
+    try:
+        seen = releases_seen(config.get(LOCAL_RELEASES_SEEN_KEY, 0), LOCAL_RELEASES_SEEN_KEY)
+    except PrivacyRefusal as err:
+        raise ClientRefusal(str(err)) from err
+    return z, str(state_dir), seen
 
 
 def prepare_dpsgd(

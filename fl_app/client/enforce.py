@@ -16,13 +16,8 @@ from typing import Any
 from flwr.app import Context
 
 from fl_app.client.identity import POLICY_PATH_KEY
-from fl_app.client.policy import (
-    PolicyError,
-    PolicyViolation,
-    SitePolicy,
-    load_policy,
-    released_artifact,
-)
+from fl_app.client.policy import PolicyError, PolicyViolation, SitePolicy, released_artifact
+from fl_app.client.policy_file import load_policy
 from fl_app.client.refusal import ClientRefusal, PolicyRefusal
 from fl_app.client_spec import ClientSpec
 from fl_app.secagg.wire import SECAGG_STAGE_KEY

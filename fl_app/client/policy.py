@@ -63,19 +63,15 @@ cannot account. Trust assumption: the site trusts its own ClientApp code and thi
 file, not the server; the check is only as strong as the client's accounting.
 
 Pure and torch-free: the key-exchange stages of secure aggregation import nothing
-heavy, and this module only parses and compares.
+heavy, and this module only compares. The file is read and checked by
+:mod:`fl_app.client.policy_file`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 __all__ = [
     "ARTIFACTS",
@@ -83,8 +79,6 @@ __all__ = [
     "PolicyError",
     "PolicyViolation",
     "SitePolicy",
-    "load_policy",
-    "parse_policy",
     "released_artifact",
 ]
 
@@ -229,7 +223,7 @@ class SitePolicy:
         server need only ``2t > k + 1`` and ``t > C`` and are refused outright when
         ``secagg_min_server_model`` is ``malicious``.
         """
-        n, k, t = params.num_clients, params.degree, params.threshold
+        n, k = params.num_clients, params.degree
         model = getattr(params.server_model, "value", params.server_model)
         if SERVER_MODELS.index(model) < SERVER_MODELS.index(self.secagg_min_server_model):
             raise PolicyViolation(
@@ -247,6 +241,12 @@ class SitePolicy:
                 f"least {self.secagg_min_cohort_size} (a server's own sybils make up a small "
                 "cohort cheaply, and sum minus their inputs is the site's input)",
             )
+        self._check_thresholds(params, malicious, y)
+        self._check_colluders_and_dropouts(params)
+
+    def _check_thresholds(self, params: Any, malicious: bool, y: int) -> None:
+        """``(k, t)`` against a split view and the colluders; custom or derived bits."""
+        k, t = params.degree, params.threshold
         custom = params.security_bits == 0 and params.correctness_bits == 0
         if (custom or params.is_complete) and not 2 * t > k + 1 + y:
             field = "secagg_allow_custom_params" if custom else "secagg_min_corrupt_clients"
@@ -291,6 +291,10 @@ class SitePolicy:
                     f"correctness_bits={params.correctness_bits} is below the site's "
                     f"{self.secagg_min_correctness_bits}",
                 )
+
+    def _check_colluders_and_dropouts(self, params: Any) -> None:
+        """The dropouts the round tolerates and the colluders its thresholds assume."""
+        n = params.num_clients
         if params.max_dropouts / n > self.secagg_max_dropout_tolerance + 1e-12:
             raise PolicyViolation(
                 "secagg_max_dropout_tolerance",
@@ -418,187 +422,3 @@ class SitePolicy:
                 f"{kind} epsilon would reach {epsilon:.4g} after this round, above the site's "
                 f"max_epsilon {self.max_epsilon:g}",
             )
-
-
-def _bool(raw: Mapping[str, Any], key: str) -> bool:
-    value = raw.get(key, False)
-    if type(value) is not bool:
-        raise PolicyError(f"policy field `{key}` is {value!r}; it must be true or false")
-    return value
-
-
-def parse_policy(raw: Any, source: str = "policy") -> SitePolicy:
-    """Check a decoded policy mapping strictly; :class:`PolicyError` names the field."""
-    if not isinstance(raw, Mapping):
-        raise PolicyError(
-            f"{source}: a policy is a mapping of {list(POLICY_FIELDS)}, got {type(raw).__name__}"
-        )
-    for key in raw:
-        if key not in POLICY_FIELDS:
-            raise PolicyError(
-                f"{source}: unknown policy field `{key}`; remove it or use one of "
-                f"{list(POLICY_FIELDS)}"
-            )
-    allowed = frozenset(ARTIFACTS)
-    if "allowed_artifacts" in raw:
-        items = raw["allowed_artifacts"]
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise PolicyError(
-                f"{source}: policy field `allowed_artifacts` is {items!r}; it must be a list "
-                f"of names from {list(ARTIFACTS)}"
-            )
-        unknown = sorted(set(items) - set(ARTIFACTS))
-        if unknown:
-            raise PolicyError(
-                f"{source}: policy field `allowed_artifacts` names {unknown}; the artifacts "
-                f"are {list(ARTIFACTS)}"
-            )
-        allowed = frozenset(items)
-    max_eps = raw.get("max_epsilon")
-    if max_eps is not None:
-        if (
-            isinstance(max_eps, bool)
-            or not isinstance(max_eps, (int, float))
-            or not math.isfinite(max_eps)
-            or max_eps <= 0
-        ):
-            raise PolicyError(
-                f"{source}: policy field `max_epsilon` is {max_eps!r}; it must be a finite "
-                "number > 0 (or omitted for no bound)"
-            )
-        max_eps = float(max_eps)
-    # Absent: the safe default; an explicit null: the site opts out of a floor.
-    z_min: float | None = DEFAULT_DDP_MIN_NOISE_MULTIPLIER
-    if "ddp_min_noise_multiplier" in raw:
-        z_min = raw["ddp_min_noise_multiplier"]
-        if z_min is not None:
-            z_min = _number(raw, "ddp_min_noise_multiplier", source, 0.0, math.inf, low_open=True)
-    local_min: float | None = DEFAULT_LOCAL_MIN_NOISE_MULTIPLIER
-    if "local_min_noise_multiplier" in raw:
-        local_min = raw["local_min_noise_multiplier"]
-        if local_min is not None:
-            local_min = _number(
-                raw, "local_min_noise_multiplier", source, 0.0, math.inf, low_open=True
-            )
-    return SitePolicy(
-        allowed_artifacts=allowed,
-        max_epsilon=max_eps,
-        require_secure_aggregation=_bool(raw, "require_secure_aggregation"),
-        require_secure_aggregation_explicit="require_secure_aggregation" in raw,
-        require_record_level_dp=_bool(raw, "require_record_level_dp"),
-        secagg_max_dropout_tolerance=_number(
-            raw, "secagg_max_dropout_tolerance", source, 0.0, 1.0, DEFAULT_MAX_DROPOUT_TOLERANCE
-        ),
-        secagg_min_corrupt_fraction=_number(
-            raw, "secagg_min_corrupt_fraction", source, 0.0, 1.0, DEFAULT_MIN_CORRUPT_FRACTION
-        ),
-        secagg_min_corrupt_clients=_count(
-            raw, "secagg_min_corrupt_clients", source, DEFAULT_MIN_CORRUPT_CLIENTS
-        ),
-        secagg_min_cohort_size=_count(
-            raw, "secagg_min_cohort_size", source, DEFAULT_MIN_COHORT_SIZE
-        ),
-        secagg_min_security_bits=_count(
-            raw, "secagg_min_security_bits", source, DEFAULT_MIN_SECURITY_BITS
-        ),
-        secagg_min_correctness_bits=_count(
-            raw, "secagg_min_correctness_bits", source, DEFAULT_MIN_CORRECTNESS_BITS
-        ),
-        secagg_allow_custom_params=_bool(raw, "secagg_allow_custom_params"),
-        secagg_min_server_model=_server_model(raw, source),
-        secagg_min_server_model_explicit="secagg_min_server_model" in raw,
-        ddp_min_noise_multiplier=z_min,
-        local_min_noise_multiplier=local_min,
-        allow_seeded_noise=_bool(raw, "allow_seeded_noise"),
-    )
-
-
-def _number(
-    raw: Mapping[str, Any],
-    key: str,
-    source: str,
-    low: float,
-    high: float,
-    default: float = math.nan,
-    *,
-    low_open: bool = False,
-) -> float:
-    """A number in ``[low, high)`` (``(low, high)`` with ``low_open``), or ``default``."""
-    if key not in raw:
-        return default
-    value = raw[key]
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (value > low if low_open else value >= low)
-        and value < high
-    )
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise PolicyError(
-            f"{source}: policy field `{key}` is {value!r}; it must be a number in "
-            f"{bracket}{low:g}, {high:g})"
-        )
-    return float(value)
-
-
-def _server_model(raw: Mapping[str, Any], source: str) -> str:
-    value = raw.get("secagg_min_server_model", DEFAULT_MIN_SERVER_MODEL)
-    if value not in SERVER_MODELS:
-        raise PolicyError(
-            f"{source}: policy field `secagg_min_server_model` is {value!r}; it must be one "
-            f"of {list(SERVER_MODELS)}"
-        )
-    return str(value)
-
-
-def _count(raw: Mapping[str, Any], key: str, source: str, default: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PolicyError(f"{source}: policy field `{key}` is {value!r}; it must be an int >= 0")
-    return value
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise PolicyError(f"duplicate policy field `{key}`; give each field once")
-        seen.add(key)
-    return dict(loader.construct_mapping(node))
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
-
-
-def load_policy(path: str | os.PathLike[str]) -> SitePolicy:
-    """Read and parse a policy file (YAML, of which JSON is a subset).
-
-    Raises
-    ------
-    PolicyError
-        When the file is unreadable, not YAML, empty, or fails :func:`parse_policy`.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PolicyError(f"policy file {path}: cannot read it ({err})") from None
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
-    except PolicyError as err:
-        raise PolicyError(f"policy file {path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise PolicyError(f"policy file {path}: not valid YAML/JSON ({err})") from None
-    if raw is None:
-        raise PolicyError(
-            f"policy file {path} is empty; write `{{}}` for a policy that allows everything"
-        )
-    return parse_policy(raw, f"policy file {path}")
