@@ -7,6 +7,8 @@
 * Every ``fl_app/...`` or ``strategies/...`` path that docs/architecture.md names exists.
 * No source file points a reader at a document outside the repository (the design
   notes the code was written from are not shipped; docs/architecture.md is).
+* Sizes a reader can hold: no source module over 500 lines, no function over 60 lines
+  of code without a ``# long:`` reason in it, beyond an allow-list that only shrinks.
 """
 
 from __future__ import annotations

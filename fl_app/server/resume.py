@@ -204,10 +204,42 @@ def _check_ledger_against_audit(run_dir: Path, ledger: Any, disk: Path) -> None:
         )
 
 
-def plan_resume(cfg: AppConfig) -> ResumePlan:
-    """Choose and verify the checkpoint ``cfg.resume`` / ``cfg.rollback_to`` ask for."""
+def _latest_ledger(run_dir: Path, ck: Checkpoint) -> str | None:
+    """The run directory's latest ``privacy_ledger.json`` (None: no client-level DP),
+    refused unless it extends the checkpoint's ledger and holds every spend the audit
+    log recorded (the ε already spent is never under-counted)."""
     from fl_app.privacy.ledger import FederationLedger, LedgerError
 
+    if ck.ledger_json is None:
+        return None
+    disk = run_dir / LEDGER_FILE
+    if not disk.is_file():
+        raise CheckpointError(
+            f"{disk} is missing: the privacy already spent is unknown; refusing to resume "
+            "(restore the ledger file)"
+        )
+    ledger_json = disk.read_text()
+    try:
+        latest = FederationLedger.from_json(ledger_json)
+        saved = FederationLedger.from_json(ck.ledger_json)
+    except LedgerError as err:
+        raise CheckpointError(f"privacy ledger unreadable: {err}") from None
+    counts = dict(latest.local)
+    if (
+        (saved.delta, saved.accountant) != (latest.delta, latest.accountant)
+        or latest.events[: len(saved.events)] != saved.events
+        or any(counts.get(k, 0) < n for k, n in saved.local)
+    ):
+        raise CheckpointError(
+            f"{disk} does not extend the checkpoint's ledger (it was rewound or "
+            "replaced); refusing to under-count epsilon"
+        )
+    _check_ledger_against_audit(run_dir, latest, disk)
+    return ledger_json
+
+
+def plan_resume(cfg: AppConfig) -> ResumePlan:
+    """Choose and verify the checkpoint ``cfg.resume`` / ``cfg.rollback_to`` ask for."""
     run_dir = check_resume(cfg)
     manifest = json.loads((run_dir / RUN_MANIFEST_FILE).read_text())
     if manifest.get("status") in ("completed", "degraded") and cfg.rollback_to is None:
@@ -238,40 +270,15 @@ def plan_resume(cfg: AppConfig) -> ResumePlan:
         raise CheckpointError(f"{ck.path}: written under another config hash than run.json's")
     if ck.server_state.get("run_key") != manifest.get("run_key"):
         raise CheckpointError(f"{ck.path}: its run key differs from run.json's")
-    ledger_json = None
-    if ck.ledger_json is not None:
-        disk = run_dir / LEDGER_FILE
-        if not disk.is_file():
-            raise CheckpointError(
-                f"{disk} is missing: the privacy already spent is unknown; refusing to resume "
-                "(restore the ledger file)"
-            )
-        ledger_json = disk.read_text()
-        try:
-            latest = FederationLedger.from_json(ledger_json)
-            saved = FederationLedger.from_json(ck.ledger_json)
-        except LedgerError as err:
-            raise CheckpointError(f"privacy ledger unreadable: {err}") from None
-        counts = dict(latest.local)
-        if (
-            (saved.delta, saved.accountant) != (latest.delta, latest.accountant)
-            or latest.events[: len(saved.events)] != saved.events
-            or any(counts.get(k, 0) < n for k, n in saved.local)
-        ):
-            raise CheckpointError(
-                f"{disk} does not extend the checkpoint's ledger (it was rewound or "
-                "replaced); refusing to under-count epsilon"
-            )
-        _check_ledger_against_audit(run_dir, latest, disk)
+    following = RunLayout(run_dir).checkpoint(ck.round + 1)
     return ResumePlan(
         run_dir=run_dir,
         checkpoint=ck,
         run_manifest=manifest,
-        ledger_json=ledger_json,
+        ledger_json=_latest_ledger(run_dir, ck),
         audit_anchor=anchor,
         abandoned=[r for r, _ in available if r > ck.round],
-        released_unfinished=RunLayout(run_dir).checkpoint(ck.round + 1).is_dir()
-        and not (RunLayout(run_dir).checkpoint(ck.round + 1) / CHECKPOINT_MANIFEST).exists(),
+        released_unfinished=following.is_dir() and not (following / CHECKPOINT_MANIFEST).exists(),
     )
 
 

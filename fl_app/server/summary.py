@@ -96,20 +96,7 @@ def _client_level_summary(
         "ledger_file": LEDGER_FILE,
     }
     if isinstance(aggregator, LocalDp):
-        reported = [
-            m["dp-local-epsilon"] for m in result.client_metrics.values() if "dp-local-epsilon" in m
-        ]
-        eps = max([*reported, *ledger.local_epsilons().values()], default=0.0)
-        return {
-            "epsilon": eps,
-            "delta": s.delta,
-            "client_level": {
-                **base,
-                "mechanism": "local DP: each client clips to C and adds N(0, (z*C)^2)",
-                "epsilon_max_client": eps,
-                "releases": dict(ledger.local),
-            },
-        }
+        return _local_dp_summary(aggregator, result, base)
     eps = ledger.epsilon()
     try:
         rdp = ledger.epsilon(Accountant.rdp.value) if s.accountant.value != "rdp" else eps
@@ -147,6 +134,28 @@ def _client_level_summary(
                 if ledger.events and ledger.events[-1].replace_one
                 else "add or remove one client"
             ),
+        },
+    }
+
+
+def _local_dp_summary(
+    aggregator: LocalDp, result: DriverResult, base: dict[str, Any]
+) -> dict[str, Any]:
+    """Local DP: epsilon is the largest per-client value, reported or ledger-counted."""
+    s = aggregator.settings
+    ledger = aggregator.ledger
+    reported = [
+        m["dp-local-epsilon"] for m in result.client_metrics.values() if "dp-local-epsilon" in m
+    ]
+    eps = max([*reported, *ledger.local_epsilons().values()], default=0.0)
+    return {
+        "epsilon": eps,
+        "delta": s.delta,
+        "client_level": {
+            **base,
+            "mechanism": "local DP: each client clips to C and adds N(0, (z*C)^2)",
+            "epsilon_max_client": eps,
+            "releases": dict(ledger.local),
         },
     }
 
