@@ -179,6 +179,7 @@ def _write_refusal(run_dir: Any, cfg: Any, reason: str) -> None:
     import json
     from pathlib import Path
 
+    from fl_app.server.layout import RUN_MANIFEST_FILE, SUMMARY_FILE
     from fl_app.server.rundir import STATUS_REFUSED
 
     path = Path(run_dir)
@@ -190,7 +191,7 @@ def _write_refusal(run_dir: Any, cfg: Any, reason: str) -> None:
         "rounds": 0,
         "rounds_planned": cfg.num_rounds,
     }
-    for name in ("summary.json", "run.json"):
+    for name in (SUMMARY_FILE, RUN_MANIFEST_FILE):
         (path / name).write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
 
 
@@ -217,6 +218,7 @@ def _config_failed(reason: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from fl_app.server.layout import RUN_MANIFEST_FILE, SUMMARY_FILE
     from fl_app.server.rundir import STATUS_FAILED
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -226,7 +228,7 @@ def _config_failed(reason: str) -> None:
         job = Path(HydraConfig.get().runtime.output_dir)
         job.mkdir(parents=True, exist_ok=True)
         verdict = {"status": STATUS_FAILED, "status_reason": reason, "rounds": 0}
-        for name in ("summary.json", "run.json"):
+        for name in (SUMMARY_FILE, RUN_MANIFEST_FILE):
             (job / name).write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
     _job_failed(f"job {HydraConfig.get().job.num} failed: {reason}")
 

@@ -25,7 +25,6 @@ strategies.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,10 +77,6 @@ class RunLayout:
     """The paths of one run directory (names from this module's constants)."""
 
     root: Path
-
-    @classmethod
-    def at(cls, path: str | os.PathLike[str]) -> RunLayout:
-        return cls(Path(path))
 
     @property
     def config(self) -> Path:
