@@ -37,17 +37,19 @@ from scipy import stats
 from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
 from fl_app.privacy.accounting import AccountantName, AccountingError
-from fl_app.privacy.distributed import (
-    RDP_ORDERS,
+from fl_app.privacy.ddg_encoding import (
     DdpConfigError,
-    DdpPlan,
     DdpRound,
     Rotation,
     conditional_round,
-    ddg_epsilon,
-    ddg_round_rdp,
     fwht,
     sample_discrete_gaussian,
+)
+from fl_app.privacy.distributed import (
+    RDP_ORDERS,
+    DdpPlan,
+    ddg_epsilon,
+    ddg_round_rdp,
     sensitivity,
     subsampled_rdp,
 )

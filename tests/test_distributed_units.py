@@ -21,18 +21,20 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from dp_accounting.rdp import compute_epsilon
 from scipy.linalg import hadamard
 
-from fl_app.privacy.distributed import (
-    RDP_ORDERS,
+from fl_app.privacy.ddg_encoding import (
     DdpConfigError,
-    DdpPlan,
     DdpRound,
     Rotation,
     conditional_round,
-    ddg_epsilon,
-    ddg_round_rdp,
     fwht,
     padded_dimension,
     sample_discrete_gaussian,
+)
+from fl_app.privacy.distributed import (
+    RDP_ORDERS,
+    DdpPlan,
+    ddg_epsilon,
+    ddg_round_rdp,
     sensitivity,
     subsampled_rdp,
 )

@@ -6,7 +6,8 @@ the model card) reads the plan, never re-derives it from ``cfg``
 
 1. :func:`~fl_app.config.validate.validate_config`: each value and each cross-field
    rule (typed errors naming the field and the fix);
-2. the client-level DP settings (:class:`~fl_app.config.client_dp.ClientDpSettings`):
+2. the guarantee the run gives (:class:`~fl_app.config.guarantee.Guarantee`);
+3. the client-level DP settings (:class:`~fl_app.config.client_dp.ClientDpSettings`):
    calibration of ``z`` from a target ε, the model's parameter count, the
    secure-aggregation cohort gate and the distributed-DP ring, each failing as a
    :class:`~fl_app.config.errors.ConfigPlanError` naming its field.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.errors import ConfigError, ConfigPlanError
+from fl_app.config.guarantee import Guarantee, guarantee_of
 from fl_app.config.schema import AppConfig, PrivacyMode
 from fl_app.config.validate import validate_config
 
@@ -32,24 +34,26 @@ __all__ = ["RunPlan", "resolve"]
 class RunPlan:
     """A checked config and what it resolves to.
 
-    ``client_dp`` is ``None`` without client-level DP (``privacy.mode=none``).
+    ``client_dp`` is ``None`` without client-level DP (``privacy.mode=none``);
+    ``guarantee`` is what the run promises, as the summary, card and dry run state it.
     """
 
     cfg: AppConfig
     client_dp: ClientDpSettings | None
+    guarantee: Guarantee
 
 
 def resolve(cfg: AppConfig) -> RunPlan:
     """Check ``cfg`` and build its plan; raise a :class:`ConfigError` naming the field."""
     validate_config(cfg)
-    return RunPlan(cfg=cfg, client_dp=_client_dp(cfg))
+    return RunPlan(cfg=cfg, client_dp=_client_dp(cfg), guarantee=guarantee_of(cfg))
 
 
 def _client_dp(cfg: AppConfig) -> ClientDpSettings | None:
     if cfg.privacy.mode is PrivacyMode.none:
         return None
     from fl_app.privacy.accounting import AccountingError
-    from fl_app.privacy.distributed import DdpConfigError
+    from fl_app.privacy.ddg_encoding import DdpConfigError
 
     try:
         return ClientDpSettings.from_config(cfg)

@@ -31,13 +31,8 @@ from fl_app.secagg.client.state import (
     _save,
     wipe_state,
 )
-from fl_app.secagg.protocol import (
-    CIPHERTEXT_BYTES,
-    ClientRefusal,
-    ClientSession,
-    Stage,
-    StageOrderError,
-)
+from fl_app.secagg.client_session import ClientSession
+from fl_app.secagg.protocol import CIPHERTEXT_BYTES, ClientRefusal, Stage, StageOrderError
 from fl_app.secagg.vector import VectorLayout, client_weight, round_codec, unpack_ids
 from fl_app.secagg.wire import pack_ring, wire_packed
 
@@ -60,7 +55,7 @@ class MaskedInputStage:
     bound: float
     weighting: str
     max_weight: float
-    ddp: Any = None  # fl_app.privacy.distributed.DdpRound under distributed DP
+    ddp: Any = None  # fl_app.privacy.ddg_encoding.DdpRound under distributed DP
 
     @classmethod
     def from_instruction(
@@ -180,7 +175,7 @@ def _ddp_round(
     raw = config.get(wire.SECAGG_DDP)
     if raw is None:
         return None
-    from fl_app.privacy.distributed import DdpRound
+    from fl_app.privacy.ddg_encoding import DdpRound
 
     if not isinstance(raw, str):
         raise SecAggStageError(f"'{wire.SECAGG_DDP}' must be a JSON string")
