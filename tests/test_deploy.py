@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -306,10 +307,13 @@ def test_demo_refuses_two_site_yamls_with_one_name_naming_both(
     # Without names, two sites on one partition would share their files just the same.
     for y in yamls:
         y.write_text("partition: {id: 0, num: 2}\n")
-    w = str(tmp_path / "w")
-    rc = deploy_main(["demo", "--workdir", w, "--site", str(yamls[0]), "--site", str(yamls[1])])
+    scratch = tmp_path / "tmp"  # where a demo without --workdir would make its folder
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    rc = deploy_main(["demo", "--site", str(yamls[0]), "--site", str(yamls[1])])
     err = capsys.readouterr().err
     assert rc == 2 and "'partition-0'" in err and str(yamls[0]) in err and str(yamls[1]) in err
+    assert not list(scratch.iterdir())  # no work folder left behind for a refused demo
 
 
 def test_demo_runs_each_sites_start_up_checks_before_any_process(

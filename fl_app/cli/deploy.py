@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -261,7 +260,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fl-demo-"))
+    workdir = Path(args.workdir) if args.workdir else None  # None: a new temporary folder
     return run_demo(workdir, args.overrides, insecure=args.insecure, site_files=args.site)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -257,7 +258,7 @@ def app_root() -> Path:
 
 
 def run_demo(
-    workdir: Path,
+    workdir: Path | None,
     overrides: Sequence[str],
     *,
     insecure: bool = False,
@@ -267,8 +268,11 @@ def run_demo(
 ) -> int:
     """Loopback demo: 1 SuperLink + 3 SuperNodes (or one per site YAML in ``site_files``),
     one run, teardown by PID. Sites named twice, or failing their start-up checks, stop
-    the demo before any process starts (:class:`DeployError` naming the sites)."""
+    the demo before any process starts (:class:`DeployError` naming the sites).
+    ``workdir`` None: a new temporary folder, made once the sites are read."""
     sites = load_sites(site_files) if site_files else None
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="fl-demo-"))
     fed = Federation(workdir, num_nodes=len(sites) if sites else 3, insecure=insecure)
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     defaults = {
