@@ -25,9 +25,11 @@ from collections.abc import Callable
 import numpy as np
 
 from fl_app.secagg import crypto
+from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.encoding import FixedPointCodec
 from fl_app.secagg.graph import derive_params
-from fl_app.secagg.protocol import ClientSession, ServerSession, round_context
+from fl_app.secagg.protocol import round_context
+from fl_app.secagg.server_session import ServerSession
 
 DROPOUT_TOLERANCE = 0.2
 CORRUPT_FRACTION = 0.1

@@ -19,20 +19,20 @@ import numpy as np
 import pytest
 
 from fl_app.secagg import crypto, shamir
+from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.encoding import FixedPointCodec, mod_add, mod_sub
 from fl_app.secagg.graph import SecAggParams, derive_params
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
     ClientRefusal,
-    ClientSession,
     PublicKeys,
     RoundAbandoned,
-    ServerSession,
     Stage,
     StageOrderError,
     UnmaskReply,
     round_context,
 )
+from fl_app.secagg.server_session import ServerSession
 
 D_LEN = 257  # odd length: no accidental alignment with ChaCha20 blocks
 

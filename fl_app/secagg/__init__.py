@@ -1,15 +1,25 @@
-"""Secure aggregation (Bonawitz et al., CCS 2017; Bell et al., CCS 2020) without messaging.
+"""Secure aggregation (Bonawitz et al., CCS 2017; Bell et al., CCS 2020): its one home.
 
-Pure building blocks a Flower driver wires onto messages; nothing here imports torch
-or flwr, so key-exchange stages stay cheap in a fresh ClientApp process.
+The core is pure building blocks a Flower driver wires onto messages; nothing in it
+imports torch or flwr, so key-exchange stages stay cheap in a fresh ClientApp process.
+The client's Flower-facing stage handlers are the :mod:`~fl_app.secagg.client`
+sub-package (flwr, no torch); the server's are :mod:`strategies.secagg`. Both speak
+:mod:`~fl_app.secagg.wire`.
 
 * :mod:`~fl_app.secagg.shamir`: Shamir sharing of 32-byte secrets over GF(2**521 - 1);
 * :mod:`~fl_app.secagg.crypto`: X25519, HKDF-SHA256, ChaCha20-Poly1305, AES-128-CTR mask PRG;
 * :mod:`~fl_app.secagg.encoding`: fixed-point codec into Z_{2**bits} that cannot wrap;
 * :mod:`~fl_app.secagg.graph`: complete / Harary neighbour graphs and derived (k, t);
-* :mod:`~fl_app.secagg.protocol`: :class:`ClientSession` and :class:`ServerSession`.
+* :mod:`~fl_app.secagg.protocol`: the stages, shared types, share encryption;
+* :mod:`~fl_app.secagg.client_session`: :class:`ClientSession`, the client's state machine;
+* :mod:`~fl_app.secagg.server_session`: :class:`ServerSession`, the server's state machine;
+* :mod:`~fl_app.secagg.vector`: what one client's masked vector holds (layout, weight);
+* :mod:`~fl_app.secagg.signing`: Ed25519 identities and rosters (malicious server model);
+* :mod:`~fl_app.secagg.wire`: message and record keys, bit-packing of ring vectors;
+* :mod:`~fl_app.secagg.client`: the ClientApp's stage handlers (Flower-facing).
 """
 
+from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
 from fl_app.secagg.graph import (
     GraphMode,
@@ -22,17 +32,16 @@ from fl_app.secagg.graph import (
 from fl_app.secagg.protocol import (
     AggregateResult,
     ClientRefusal,
-    ClientSession,
     PublicKeys,
     Rejection,
     RoundAbandoned,
-    ServerSession,
     Stage,
     StageOrderError,
     UnmaskReply,
     UnmaskRequest,
     round_context,
 )
+from fl_app.secagg.server_session import ServerSession
 
 __all__ = [
     "AggregateResult",

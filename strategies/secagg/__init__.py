@@ -3,7 +3,8 @@
 Modules: :mod:`.settings` (run settings, per-round ``(k, t)``), :mod:`.aggregation`
 (:class:`SecureAggregation`: the stages of one round, decoding), :mod:`.runner` (one
 stage as one exchange), :mod:`.messages` (instructions built, replies parsed),
-:mod:`.ahead` (share-ahead), :mod:`.outcome` (what a round produced).
+:mod:`.ahead` (share-ahead), :mod:`.decode` (the unmasked sum checked and decoded),
+:mod:`.outcome` (what a round produced).
 
 When ``secagg.mode`` is not ``off``, :class:`~strategies.driver.RoundDriver` hands the
 train stage of every round to :meth:`SecureAggregation.run_round`, which runs the

@@ -2,7 +2,7 @@
 
 It runs stages 1-4 (and the consistency check under ``malicious``) over the cohort with
 :class:`~strategies.secagg.runner.StageRunner`, keeps the public keys advertised ahead,
-and decodes the unmasked sum with :func:`decode_checked`. The protocol and its trust
+and decodes the unmasked sum (:mod:`strategies.secagg.decode`). The protocol and its trust
 assumptions are described in :mod:`strategies.secagg`.
 """
 
@@ -11,11 +11,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import struct
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,18 +20,13 @@ from flwr.app import Message, RecordDict
 
 from fl_app.protocol import BUDGET_EXHAUSTED, SERVER_ROUND
 from fl_app.secagg import signing, wire
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel, consistency_quorum
-from fl_app.secagg.protocol import (
-    PublicKeys,
-    RoundAbandoned,
-    ServerSession,
-    Stage,
-    UnmaskReply,
-    round_context,
-)
+from fl_app.secagg.graph import SecAggConfigError, ServerModel, consistency_quorum
+from fl_app.secagg.protocol import PublicKeys, RoundAbandoned, Stage, UnmaskReply, round_context
 from fl_app.secagg.protocol import Rejection as ProtocolRejection
-from fl_app.secagg.vector import BOUND_SLACK, DecodedSum, VectorLayout, pack_ids, round_codec
+from fl_app.secagg.server_session import ServerSession
+from fl_app.secagg.vector import VectorLayout, pack_ids, round_codec
 from strategies.secagg.ahead import SharedAhead, finish_ahead, plan_ahead, take_ahead
+from strategies.secagg.decode import RoundShape, decode_into
 from strategies.secagg.messages import (
     config_only,
     masked_input_contents,
@@ -105,7 +97,7 @@ class SecureAggregation:
         run_id: int,
     ) -> dict[int, dict[int, bytes]]:
         """Stages 1 (only nodes without a pair for this round) and 2; the routed shares."""
-        # Long: stages 1 and 2 share the parse/collect closures over this round's session.
+        # long: stages 1 and 2 share the parse/collect closures over this round's session.
         horizon = self.settings.key_rounds
         if last_round is not None:
             horizon = max(1, min(horizon, last_round - rnd + 1))
@@ -244,7 +236,7 @@ class SecureAggregation:
         round starts at stage 3 (two exchanges a round). Otherwise, or if the next round's
         cohort turns out different, the next round runs its stages in full.
         """
-        # Long: one round's stages in protocol order, read top to bottom; each step is a call.
+        # long: one round's stages in protocol order, read top to bottom; each step is a call.
         s = self.settings
         by_node = {int(m.metadata.dst_node_id): m for m in instructions}
         cohort = sorted(by_node)
@@ -299,7 +291,7 @@ class SecureAggregation:
             return outcome
         finally:
             self._forget_troubled(outcome)
-        _decode_into(outcome, result, shape, server.context, bound, rnd)
+        decode_into(outcome, result, shape, server.context, bound, rnd)
         return outcome
 
     def _round_shape(
@@ -308,7 +300,7 @@ class SecureAggregation:
         arrays: Mapping[str, np.ndarray],
         bound: float,
         outcome: SecAggOutcome,
-    ) -> _RoundShape | None:
+    ) -> RoundShape | None:
         """The round's parameters, vector layout and codec (or distributed-DP round);
         ``None`` with ``outcome.note`` set when the cohort cannot run a secure round."""
         s = self.settings
@@ -335,7 +327,7 @@ class SecureAggregation:
         layout = VectorLayout.from_arrays(arrays)
         if self.ddp is None:
             codec = round_codec(s.bits, bound, len(cohort))
-            return _RoundShape(params, layout, layout.length, codec=codec)
+            return RoundShape(params, layout, layout.length, codec=codec)
         if len(cohort) > self.ddp.max_cohort:
             outcome.note = (
                 f"a cohort of {len(cohort)} exceeds the {self.ddp.max_cohort} clients the "
@@ -348,7 +340,7 @@ class SecureAggregation:
                 f"the model has {layout.num_params} parameters, the distributed-DP plan "
                 f"{ddp_round.dim}"
             )
-        return _RoundShape(params, layout, ddp_round.padded, ddp_round=ddp_round)
+        return RoundShape(params, layout, ddp_round.padded, ddp_round=ddp_round)
 
     def _unmask_stages(
         self,
@@ -362,7 +354,7 @@ class SecureAggregation:
     ) -> Any:
         """The consistency check (malicious model) and stage 4, with the next round's
         stage 2 riding along when share-ahead applies; the unmasked total."""
-        # Long: stage 4 and the share-ahead that rides on it must be planned together.
+        # long: stage 4 and the share-ahead that rides on it must be planned together.
         server, outcome = run.server, run.outcome
         lists: dict[str, Any] = {
             SERVER_ROUND: rnd,
@@ -438,18 +430,6 @@ class SecureAggregation:
         return revealers
 
 
-@dataclass(frozen=True)
-class _RoundShape:
-    """What one round's vectors look like: ``(k, t)``, the layout, the ring length, and
-    the fixed-point codec or, under distributed DP, the round's DdpRound."""
-
-    params: SecAggParams
-    layout: VectorLayout
-    length: int
-    codec: Any = None
-    ddp_round: Any = None
-
-
 def _absorb_ahead(run: StageRunner, shared: SharedAhead) -> dict[int, dict[int, bytes]]:
     """Stages 1-2 ran during the previous round's unmask exchange: record them."""
     outcome = run.outcome
@@ -459,68 +439,3 @@ def _absorb_ahead(run: StageRunner, shared: SharedAhead) -> dict[int, dict[int, 
     outcome.rejected.extend(shared.rejected)
     run.absorb_rejections()
     return shared.routed
-
-
-def _decode_into(
-    outcome: SecAggOutcome,
-    result: Any,
-    shape: _RoundShape,
-    context: bytes,
-    bound: float,
-    rnd: int,
-) -> None:
-    """Decode the unmasked total into ``outcome`` (or abandon the round with a note)."""
-    t0 = time.perf_counter()
-    n = result.num_contributors
-    outcome.unmasked = True
-    try:
-        if shape.ddp_round is not None:
-            flat = shape.ddp_round.decode(result.total, context, num_contributors=n)
-            decoded_sum = DecodedSum(
-                shape.layout.split_params(flat), float(n), 0.0, math.nan, math.nan
-            )
-        else:
-            decoded_sum = decode_checked(shape.codec, shape.layout, result.total, n, bound)
-    # The sum is what the clients' vectors add up to: one faulty or malicious client
-    # can make it undecodable, and that must end the round, never the run.
-    except (ValueError, ArithmeticError) as err:
-        outcome.note = (
-            f"secure aggregation abandoned after unmasking: the sum of {n} inputs is not "
-            f"one honest clients can produce ({err}): model unchanged"
-        )
-        log.warning("round %d: %s", rnd, outcome.note)
-        return
-    finally:
-        outcome.stages[-1].server_seconds += time.perf_counter() - t0
-    outcome.decoded = decoded_sum
-    outcome.num_contributors = n
-
-
-def decode_checked(
-    codec: Any, layout: VectorLayout, total: np.ndarray, n: int, bound: float
-) -> DecodedSum:
-    """Decode the unmasked sum and check it against what ``n`` honest inputs can give.
-
-    ``codec.decode_sum`` refuses magnitudes above ``n`` maximal encodings (a wrapped or
-    shifted sum). Beyond that, honest inputs have weights in ``(0, 1]`` and
-    ``||w·Δ|| <= C``, so ``Σ w > 0`` and ``||Σ w·Δ|| <= n·C`` up to the codec's slack and
-    the stochastic rounding (``< 1/scale`` per coordinate and input). A sum outside these
-    bounds raises ``ValueError`` (the round is abandoned): a client that did not clip, or
-    that shifted its weight to zero or below, cannot skew the model past its bound nor
-    make the mean divide by a non-positive weight.
-    """
-    decoded = codec.decode_sum(total, n)
-    out: DecodedSum = layout.split_sum(decoded, bound)
-    if not out.weight > 0:
-        raise ValueError(f"decoded total weight {out.weight:.6g} is not > 0")
-    # einsum, not np.dot: BLAS threads contend with the clients' on a shared machine.
-    flat = [v.reshape(-1) for v in out.update.values()]
-    sq = math.fsum(float(np.einsum("i,i->", v, v)) for v in flat)
-    rounding = n * math.sqrt(layout.num_params) / codec.scale
-    limit = n * bound * BOUND_SLACK + rounding
-    if not math.sqrt(sq) <= limit:
-        raise ValueError(
-            f"decoded update sum has L2 norm {math.sqrt(sq):.6g}, above {limit:.6g} = "
-            f"{n} inputs x clip {bound:g} (an input was not clipped)"
-        )
-    return out

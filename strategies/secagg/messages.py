@@ -18,7 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fl_app.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PUBLIC_METRIC_PREFIX, SERVER_ROUND
 from fl_app.secagg import crypto, shamir, signing, wire
-from fl_app.secagg.protocol import CIPHERTEXT_BYTES, PublicKeys, ServerSession, Stage, UnmaskReply
+from fl_app.secagg.protocol import CIPHERTEXT_BYTES, PublicKeys, Stage, UnmaskReply
+from fl_app.secagg.server_session import ServerSession
 from fl_app.secagg.vector import pack_ids, unpack_ids
 from fl_app.secagg.wire import unpack_ring, wire_packed
 from fl_app.weights import array_view

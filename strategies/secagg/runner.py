@@ -16,7 +16,8 @@ from flwr.app import Message, MessageType, RecordDict
 
 from fl_app.protocol import CONFIG_KEY, METRICS_KEY, PUBLIC_METRIC_PREFIX
 from fl_app.secagg import wire
-from fl_app.secagg.protocol import ServerSession, Stage
+from fl_app.secagg.protocol import Stage
+from fl_app.secagg.server_session import ServerSession
 from fl_app.secagg.wire import payload_bytes
 from strategies.secagg.messages import parse_stage_reply
 from strategies.secagg.outcome import SecAggOutcome, StageLog
@@ -65,7 +66,7 @@ class StageRunner:
         feed: Callable[[dict[int, Any]], Any],
         optional: frozenset[str] = frozenset(),
     ) -> Any:
-        # Long: send, screen, parse, feed and time one stage as one unit (one log entry).
+        # long: send, screen, parse, feed and time one stage as one unit (one log entry).
         t0 = time.perf_counter()
         messages = []
         for node, content in sorted(contents.items()):

@@ -28,8 +28,9 @@ from fl_app.secagg.client.state import (
     SecAggStageError,
     _get,
 )
+from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.graph import SecAggParams, consistency_quorum
-from fl_app.secagg.protocol import ClientSession, PublicKeys
+from fl_app.secagg.protocol import PublicKeys
 from fl_app.secagg.vector import unpack_ids
 
 
@@ -172,7 +173,7 @@ def _check_consistency(
     distinct roster identities of members of ``U3`` (more than ``(n + C) / 2``, at least
     ``t``) signed that same set, each bound to the round keys it shared with at stage 2
     (Bonawitz et al., consistency check)."""
-    # Long: every check precedes any reveal, in the order Bonawitz et al. state them.
+    # long: every check precedes any reveal, in the order Bonawitz et al. state them.
     signed = meta.get(_SIGNED_U3)
     if not isinstance(signed, bytes):
         raise SecAggStageError(

@@ -53,8 +53,9 @@ from fl_app.secagg.client.state import (
     _save,
     wipe_state,
 )
+from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
-from fl_app.secagg.protocol import ClientRefusal, ClientSession, PublicKeys, Stage, StageOrderError
+from fl_app.secagg.protocol import ClientRefusal, PublicKeys, Stage, StageOrderError
 from fl_app.secagg.vector import pack_ids, unpack_ids
 
 __all__ = ["handle_key_stage"]
@@ -211,7 +212,7 @@ def _neighbour_keys(config: Mapping[str, Any]) -> tuple[list[int], dict[int, Pub
 def _share_keys_payload(
     context: Context, config: Mapping[str, Any], policy: SitePolicy
 ) -> ConfigRecord:
-    # Long: every check on the round precedes the first encrypted share, in one place.
+    # long: every check on the round precedes the first encrypted share, in one place.
     wipe_state(context)  # the round's session starts here
     rnd = _round_of(config)
     _check_round(context, rnd, Stage.share_keys)

@@ -18,8 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fl_app.client.policy import PolicyViolation
 from fl_app.protocol import CONFIG_KEY, METRICS_KEY, SERVER_ROUND
 from fl_app.secagg import wire
+from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.graph import SecAggConfigError, SecAggParams
-from fl_app.secagg.protocol import ClientSession, Stage
+from fl_app.secagg.protocol import Stage
 from fl_app.secagg.vector import unpack_ids
 
 __all__ = [
