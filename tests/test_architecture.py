@@ -172,7 +172,6 @@ _LONG_MODULES_ALLOWED = frozenset(
         "fl_app/privacy/ledger.py",
         "fl_app/secagg/crypto.py",
         "fl_app/secagg/graph.py",
-        "fl_app/secagg/protocol.py",
         "strategies/driver.py",
     }
 )
@@ -185,19 +184,11 @@ _LONG_FUNCTIONS_ALLOWED = frozenset(
         "fl_app/config/validate_privacy.py::_check_client_level",
         "fl_app/config/validate_secagg.py::check_secagg",
         "fl_app/release/caveats.py::_plaintext_items",
-        "fl_app/secagg/client/key_stages.py::_share_keys_payload",
         "fl_app/secagg/crypto.py::accumulate_masks",
         "fl_app/secagg/graph.py::_complete",
         "fl_app/secagg/graph.py::custom_params",
         "fl_app/secagg/graph.py::derive_params",
-        "fl_app/secagg/protocol.py::ClientSession.from_state",
-        "fl_app/secagg/protocol.py::ClientSession.share_keys",
-        "fl_app/secagg/protocol.py::ServerSession.route_shares",
-        "fl_app/secagg/protocol.py::ServerSession.unmask",
         "strategies/factory.py::build_driver",
-        "strategies/secagg/aggregation.py::SecureAggregation._key_stages",
-        "strategies/secagg/aggregation.py::SecureAggregation.run_round",
-        "strategies/secagg/runner.py::StageRunner.stage",
     }
 )
 
