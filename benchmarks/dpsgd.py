@@ -1,7 +1,7 @@
 """DP-SGD step time and peak memory vs the non-private step, per model and grad-sample mode.
 
 Reuses ``scripts/bench_dpsgd.py``: for each model it times fl-app's real DP-SGD step
-(:class:`fl_app.privacy.dpsgd._PrivateTrainer`: forward, backward with per-sample
+(:class:`fl_app.privacy.dpsgd_opacus._PrivateTrainer`: forward, backward with per-sample
 gradients, per-sample clipping, noise, SGD update) in each Opacus grad-sample mode
 against a plain step on the same fixed batch, one step of every variant per paired
 round in a rotating order, the ratio taken within each round; peak memory is the
@@ -28,7 +28,7 @@ def run(quick: bool) -> Section:
     import torch
 
     bench = load_script("bench_dpsgd")
-    from fl_app.privacy.dpsgd import _expected_opacus_warnings
+    from fl_app.privacy.dpsgd_opacus import _expected_opacus_warnings
 
     torch.set_num_threads(1)
     # MLP digits, MLP 28x28, SmallCNN 28x28, CNN 32x32 ~1M (quick: one MLP, one CNN).

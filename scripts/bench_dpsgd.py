@@ -43,13 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_app.config.schema import ClientTrainConfig, ModelConfig, ModelName
 from fl_app.models import build_model, count_parameters
-from fl_app.privacy.dpsgd import (
-    DpSgdSettings,
-    GradSampleMode,
-    _expected_opacus_warnings,
-    _PrivateTrainer,
-    resolve_grad_sample_mode,
-)
+from fl_app.privacy.dpsgd_opacus import _expected_opacus_warnings, _PrivateTrainer
+from fl_app.privacy.dpsgd_settings import DpSgdSettings, GradSampleMode, resolve_grad_sample_mode
 from fl_app.privacy.noise import SecureNoise
 from fl_app.training import make_optimizer
 

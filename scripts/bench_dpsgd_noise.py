@@ -33,14 +33,12 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from fl_app.config.schema import ClientTrainConfig
 from fl_app.models import build_model, count_parameters
-from fl_app.privacy.dpsgd import (
-    DpSgdSettings,
-    GradSampleMode,
+from fl_app.privacy.dpsgd_opacus import (
     KeystreamPoissonSampler,
     _expected_opacus_warnings,
     _PrivateTrainer,
-    resolve_grad_sample_mode,
 )
+from fl_app.privacy.dpsgd_settings import DpSgdSettings, GradSampleMode, resolve_grad_sample_mode
 from fl_app.privacy.noise import SecureNoise
 from scripts.bench_dpsgd import CASES
 

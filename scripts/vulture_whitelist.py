@@ -12,10 +12,10 @@ with its reason).
 _main
 
 # Opacus' DPOptimizer.step() calls add_noise(); _KeystreamNoise overrides it so the
-# noise comes from the client's CSPRNG keystream (fl_app/privacy/dpsgd.py).
+# noise comes from the client's CSPRNG keystream (fl_app/privacy/dpsgd_opacus.py).
 _.add_noise
 # Assigning __class__ swaps an existing Opacus optimizer for its keystream-noise
-# subclass in place (fl_app/privacy/dpsgd.py: _use_keystream_noise).
+# subclass in place (fl_app/privacy/dpsgd_opacus.py: _use_keystream_noise).
 _.__class__
 
 # The context-manager protocol fixes __exit__'s signature (fl_app/runtime/inprocess.py).

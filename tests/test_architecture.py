@@ -168,7 +168,6 @@ _LONG_MODULES_ALLOWED = frozenset(
     {
         "fl_app/config/client_dp.py",
         "fl_app/privacy/accounting.py",
-        "fl_app/privacy/dpsgd.py",
         "fl_app/privacy/ledger.py",
         "fl_app/secagg/crypto.py",
         "fl_app/secagg/graph.py",

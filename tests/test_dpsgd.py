@@ -18,15 +18,13 @@ from torch import nn
 
 from fl_app.config.schema import ClientTrainConfig, ModelConfig, ModelName
 from fl_app.models import build_model
-from fl_app.privacy import dpsgd
-from fl_app.privacy.dpsgd import (
-    DpSgdResult,
+from fl_app.privacy import dpsgd, dpsgd_opacus
+from fl_app.privacy.dpsgd import DpSgdResult, planned_steps, train_dpsgd
+from fl_app.privacy.dpsgd_settings import (
     DpSgdSettings,
     GradSampleMode,
     ghost_clipping_layers,
-    planned_steps,
     resolve_grad_sample_mode,
-    train_dpsgd,
 )
 from fl_app.training import evaluate, train_local
 from fl_app.weights import flatten, model_to_ndarrays, weights_digest
@@ -204,8 +202,8 @@ def _empty_step_update(mode: str, z: float) -> np.ndarray:
     cfg = ClientTrainConfig(local_epochs=1, batch_size=5, lr=1.0, momentum=0.0)
     dp = DpSgdSettings(noise_multiplier=z, max_grad_norm=1.0, grad_sample_mode=mode)
     w0 = _flat(model)
-    with dpsgd._expected_opacus_warnings():
-        trainer = dpsgd._PrivateTrainer(
+    with dpsgd_opacus._expected_opacus_warnings():
+        trainer = dpsgd_opacus._PrivateTrainer(
             model, xt, yt, cfg, dp, mode,
             sampling_generator=_gen(1), noise_generator=_gen(2),
         )  # fmt: skip
@@ -354,7 +352,7 @@ def test_hooks_are_removed_when_training_fails(digits, monkeypatch) -> None:
     x, y = digits
     model = _model("mlp")
     calls = []
-    real_step = dpsgd._PrivateTrainer.step
+    real_step = dpsgd_opacus._PrivateTrainer.step
 
     def failing_step(self, xb, yb):
         calls.append(1)
@@ -362,7 +360,7 @@ def test_hooks_are_removed_when_training_fails(digits, monkeypatch) -> None:
             raise RuntimeError("boom")
         return real_step(self, xb, yb)
 
-    monkeypatch.setattr(dpsgd._PrivateTrainer, "step", failing_step)
+    monkeypatch.setattr(dpsgd_opacus._PrivateTrainer, "step", failing_step)
     dp = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks")
     with pytest.raises(RuntimeError, match="boom"):
         train_dpsgd(model, x[:100], y[:100], ClientTrainConfig(), dp, generator=_gen())
@@ -444,19 +442,19 @@ def test_keystream_optimizer_changes_only_where_the_noise_comes_from(mode: str) 
     xt, yt = torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
     cfg = ClientTrainConfig(local_epochs=1, batch_size=4, lr=0.1)
     dp = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
-    with dpsgd._expected_opacus_warnings():
-        trainer = dpsgd._PrivateTrainer(
+    with dpsgd_opacus._expected_opacus_warnings():
+        trainer = dpsgd_opacus._PrivateTrainer(
             model, xt, yt, cfg, dp, mode, sampling_generator=None, noise_generator=None,
             keystreams=(dpsgd.SecureNoise(), dpsgd.SecureNoise()),
         )  # fmt: skip
     try:
         opt = trainer.optimizer
         opacus_cls = type(opt).__mro__[2]
-        assert type(opt).__mro__[1] is dpsgd._KeystreamNoise
+        assert type(opt).__mro__[1] is dpsgd_opacus._KeystreamNoise
         for name in ("pre_step", "clip_and_accumulate", "scale_grad", "step", "zero_grad"):
             assert getattr(type(opt), name) is getattr(opacus_cls, name), name
         sampler = trainer.batch_sampler
-        assert isinstance(sampler, dpsgd.KeystreamPoissonSampler)
+        assert isinstance(sampler, dpsgd_opacus.KeystreamPoissonSampler)
         assert (sampler.sample_rate, sampler.steps) == (trainer.loader.sample_rate, 2)
     finally:
         trainer.close()

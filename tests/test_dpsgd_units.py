@@ -1,4 +1,5 @@
-"""fl_app/privacy/dpsgd.py as units: settings, planning, mode choice, keystream wiring.
+"""DP-SGD as units: settings, planning, mode choice, keystream wiring (fl_app/privacy/
+dpsgd.py, dpsgd_settings.py, dpsgd_opacus.py).
 
 tests/test_dpsgd.py trains real models; this file pins the small pieces with values
 worked by hand: ``(steps, q)`` from ``k = ceil(N / B)``, the ghost/hooks rule at its
@@ -20,16 +21,15 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from fl_app.config.schema import ClientTrainConfig
-from fl_app.privacy import dpsgd
-from fl_app.privacy.dpsgd import (
+from fl_app.privacy import dpsgd, dpsgd_opacus, dpsgd_settings
+from fl_app.privacy.dpsgd import planned_steps, train_dpsgd
+from fl_app.privacy.dpsgd_opacus import KeystreamPoissonSampler
+from fl_app.privacy.dpsgd_settings import (
     GHOST_MIN_ENTRIES,
     DpSgdSettings,
     GradSampleMode,
-    KeystreamPoissonSampler,
     ghost_clipping_layers,
-    planned_steps,
     resolve_grad_sample_mode,
-    train_dpsgd,
 )
 
 
@@ -108,7 +108,7 @@ def test_planned_steps_refuse_negative_or_zero_batch() -> None:
 )
 def test_expected_batch_size_is_n_floor_k(n: int, b: int, expected: int) -> None:
     # N // ceil(N / B): 1437 // 23 = 62; 49 // 49 = 1 (Opacus' float gives 0).
-    assert dpsgd._expected_batch_size(n, b) == expected
+    assert dpsgd_opacus._expected_batch_size(n, b) == expected
 
 
 # ----------------------------------------------------------------- mode selection
@@ -125,11 +125,11 @@ def test_ghost_layers_by_name() -> None:
 
 def test_tied_parameters_detection() -> None:
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
-    assert not dpsgd._has_tied_parameters(nn.Sequential(a, b))
+    assert not dpsgd_settings._has_tied_parameters(nn.Sequential(a, b))
     b.weight = a.weight
-    assert dpsgd._has_tied_parameters(nn.Sequential(a, b))
+    assert dpsgd_settings._has_tied_parameters(nn.Sequential(a, b))
     a.weight.requires_grad_(False)  # shared but frozen: nothing trains it twice
-    assert not dpsgd._has_tied_parameters(nn.Sequential(a, b))
+    assert not dpsgd_settings._has_tied_parameters(nn.Sequential(a, b))
 
 
 def test_auto_picks_ghost_exactly_from_ghost_min_entries() -> None:
@@ -224,7 +224,7 @@ def _keystream_optimizer(z: float, c: float) -> tuple[DPOptimizer, list[nn.Param
 def test_keystream_noise_is_z_c_times_the_sources_normals_in_parameter_order() -> None:
     opt, params = _keystream_optimizer(0.5, 4.0)
     source = _Normals()
-    dpsgd._use_keystream_noise(opt, source)  # type: ignore[arg-type]
+    dpsgd_opacus._use_keystream_noise(opt, source)  # type: ignore[arg-type]
     assert type(opt).__name__ == "KeystreamDPOptimizer" and isinstance(opt, DPOptimizer)
     opt.add_noise()
     assert source.calls == [7]  # one draw for all 4 + 3 coordinates
@@ -239,13 +239,13 @@ def test_keystream_noise_is_z_c_times_the_sources_normals_in_parameter_order() -
 def test_keystream_noise_honours_the_adjusted_multiplier_and_z_zero() -> None:
     opt, params = _keystream_optimizer(0.5, 4.0)
     opt._adjusted_noise_multiplier = 0.25  # type: ignore[attr-defined]
-    dpsgd._use_keystream_noise(opt, _Normals())  # type: ignore[arg-type]
+    dpsgd_opacus._use_keystream_noise(opt, _Normals())  # type: ignore[arg-type]
     opt.add_noise()
     assert params[1].grad is not None
     assert torch.equal(params[1].grad, torch.tensor([25.0, 26.0, 27.0]))  # std 0.25 * 4 = 1
     opt, params = _keystream_optimizer(0.0, 4.0)
     source = _Normals()
-    dpsgd._use_keystream_noise(opt, source)  # type: ignore[arg-type]
+    dpsgd_opacus._use_keystream_noise(opt, source)  # type: ignore[arg-type]
     opt.add_noise()
     assert source.calls == []  # no noise, no keystream drawn
     assert params[0].grad is not None
@@ -256,10 +256,10 @@ def test_keystream_noise_honours_the_adjusted_multiplier_and_z_zero() -> None:
 def test_keystream_subclass_is_made_once_per_optimizer_class() -> None:
     a, _ = _keystream_optimizer(1.0, 1.0)
     b, _ = _keystream_optimizer(1.0, 1.0)
-    dpsgd._use_keystream_noise(a, _Normals())  # type: ignore[arg-type]
-    dpsgd._use_keystream_noise(b, _Normals())  # type: ignore[arg-type]
-    assert type(a) is type(b) is dpsgd._KEYSTREAM_CLASSES[DPOptimizer]
-    assert type(a).__mro__[1:3] == (dpsgd._KeystreamNoise, DPOptimizer)
+    dpsgd_opacus._use_keystream_noise(a, _Normals())  # type: ignore[arg-type]
+    dpsgd_opacus._use_keystream_noise(b, _Normals())  # type: ignore[arg-type]
+    assert type(a) is type(b) is dpsgd_opacus._KEYSTREAM_CLASSES[DPOptimizer]
+    assert type(a).__mro__[1:3] == (dpsgd_opacus._KeystreamNoise, DPOptimizer)
 
 
 # -------------------------------------------------------------------- training
@@ -402,7 +402,7 @@ def test_a_module_with_its_own_parameter_and_a_child_is_not_tied() -> None:
             self.scale = nn.Parameter(torch.ones(1))
             self.inner = nn.Linear(2, 2)
 
-    assert not dpsgd._has_tied_parameters(Scaled())
+    assert not dpsgd_settings._has_tied_parameters(Scaled())
 
 
 def test_statistics_sum_over_every_step() -> None:
@@ -456,7 +456,7 @@ def test_empty_poisson_batches_are_indexed_as_empty_long_tensors() -> None:
 
 
 def test_a_step_count_opacus_disagrees_with_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dpsgd._PrivateTrainer, "steps_counted_by_opacus", lambda self: 99)
+    monkeypatch.setattr(dpsgd_opacus._PrivateTrainer, "steps_counted_by_opacus", lambda self: 99)
     x, y = _data()
     cfg = ClientTrainConfig(local_epochs=1, batch_size=8, lr=0.1, momentum=0.0)
     with pytest.raises(RuntimeError) as err:
@@ -567,7 +567,7 @@ def test_each_parameter_gets_its_own_slice_of_noise() -> None:
     )
     for p in params:
         p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
-    dpsgd._use_keystream_noise(opt, _Normals())  # type: ignore[arg-type]
+    dpsgd_opacus._use_keystream_noise(opt, _Normals())  # type: ignore[arg-type]
     opt.add_noise()
     grads = [p.grad for p in params]
     assert all(g is not None for g in grads)

@@ -29,8 +29,10 @@ from sklearn.datasets import load_digits
 
 from fl_app.config.schema import ClientTrainConfig, ModelConfig, ModelName
 from fl_app.models import build_model
-from fl_app.privacy import dpsgd
-from fl_app.privacy.dpsgd import DpSgdSettings, KeystreamPoissonSampler, train_dpsgd
+from fl_app.privacy import dpsgd_opacus
+from fl_app.privacy.dpsgd import train_dpsgd
+from fl_app.privacy.dpsgd_opacus import KeystreamPoissonSampler
+from fl_app.privacy.dpsgd_settings import DpSgdSettings
 from fl_app.privacy.noise import SecureNoise
 from fl_app.protocol import UPDATE_KEY
 from fl_app.weights import flatten, model_to_ndarrays
@@ -72,14 +74,14 @@ def _train_recording(
 ) -> tuple[np.ndarray, list[list[int]]]:
     """One DP-SGD call; returns the update and the record indices of every batch."""
     batches: list[list[int]] = []
-    original = dpsgd._PrivateTrainer.batch_sampler
+    original = dpsgd_opacus._PrivateTrainer.batch_sampler
 
     def spy(self: Any) -> Any:
         for b in original.fget(self):  # type: ignore[attr-defined]
             batches.append(list(b))
             yield b
 
-    monkeypatch.setattr(dpsgd._PrivateTrainer, "batch_sampler", property(spy))
+    monkeypatch.setattr(dpsgd_opacus._PrivateTrainer, "batch_sampler", property(spy))
     x, y = digits
     model = _mlp()
     w0 = _flat(model)

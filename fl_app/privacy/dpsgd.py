@@ -32,8 +32,9 @@ Trust assumptions and what this module does *not* do:
   node id, the caller's generator) enters them, so the server cannot regenerate
   and subtract a client's noise, nor learn which records a step used. Opacus still
   clips, sums, scales and counts: only its two random draws are replaced, the noise
-  by :class:`_KeystreamNoise` (a subclass of the optimizer class Opacus picked,
-  overriding ``add_noise``) and the batches by :class:`KeystreamPoissonSampler`.
+  by :class:`~fl_app.privacy.dpsgd_opacus._KeystreamNoise` (a subclass of the optimizer
+  class Opacus picked, overriding ``add_noise``) and the batches by
+  :class:`~fl_app.privacy.dpsgd_opacus.KeystreamPoissonSampler`.
   Opacus' own ``secure_mode`` is not used: it needs ``torchcsprng``, which is not
   published for current torch. The caller's generator then seeds only dropout,
   which no guarantee rests on. With ``secure_mode=False`` (an explicit opt-in for
@@ -55,112 +56,33 @@ Trust assumptions and what this module does *not* do:
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.grad_sample import GradSampleHooksFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.module_utils import trainable_modules
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from fl_app.config.schema import ClientTrainConfig
 from fl_app.models import opacus_incompatibilities
+from fl_app.privacy.dpsgd_opacus import (
+    _batches_per_epoch,
+    _expected_batch_size,
+    _expected_opacus_warnings,
+    _new_privacy_engine,
+    _PrivateTrainer,
+)
+from fl_app.privacy.dpsgd_settings import DpSgdSettings, resolve_grad_sample_mode
 from fl_app.privacy.noise import SecureNoise
 from fl_app.rng import seeded_global_rng
-from fl_app.training import TrainStats, as_tensors, make_optimizer
+from fl_app.training import TrainStats, as_tensors
 
 __all__ = [
     "DpSgdResult",
-    "DpSgdSettings",
-    "GradSampleMode",
-    "KeystreamPoissonSampler",
-    "ghost_clipping_layers",
     "planned_steps",
-    "resolve_grad_sample_mode",
     "train_dpsgd",
 ]
-
-# Attributes Opacus' hooks and DP optimizer leave on parameters and modules; removed
-# after training so the model is a plain module again (picklable, hook-free).
-_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
-_PARAM_ATTRS_GHOST = ("_norm_sample",)
-_MODULE_ATTRS = ("activations", "max_batch_len")
-
-
-class GradSampleMode(str, Enum):
-    """How Opacus computes per-sample gradients (or their norms).
-
-    ``hooks``: per-layer closed-form per-sample gradients from forward/backward hooks;
-    ``functorch``: ``torch.func.vmap`` over every layer; ``ghost``: fast gradient
-    clipping (Lee & Kifer 2021; Li et al. 2022): per-sample gradient *norms* without
-    materialising per-sample gradients for layers Opacus has a norm sampler for
-    (``Linear``, ``Embedding``), then a second backward pass of the reweighted loss;
-    other layers fall back to hooks. ``auto``: :func:`resolve_grad_sample_mode`.
-    """
-
-    auto = "auto"
-    hooks = "hooks"
-    functorch = "functorch"
-    ghost = "ghost"
-
-
-@dataclass(frozen=True)
-class DpSgdSettings:
-    """DP-SGD parameters of one client.
-
-    Attributes
-    ----------
-    noise_multiplier : float
-        ``z``: noise standard deviation in units of ``max_grad_norm`` (>= 0; 0 gives
-        clipping without privacy, for tests and diagnostics).
-    max_grad_norm : float
-        ``C``: L2 bound on each per-sample gradient (> 0).
-    grad_sample_mode : GradSampleMode
-        Per-sample gradient engine (a member or its string value).
-    secure_mode : bool
-        Draw Poisson sampling and noise from ChaCha20 keystreams under keys from
-        ``os.urandom`` (default); ``False`` draws them from the caller's seeded
-        generator (reproducible, predictable by whoever knows the seed).
-
-    Raises
-    ------
-    ValueError
-        Naming the field, the value found and the allowed range.
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    grad_sample_mode: GradSampleMode = GradSampleMode.auto
-    secure_mode: bool = True
-
-    def __post_init__(self) -> None:
-        z = float(self.noise_multiplier)
-        if not (math.isfinite(z) and z >= 0):
-            raise ValueError(f"noise_multiplier must be finite and >= 0, found {z!r}")
-        c = float(self.max_grad_norm)
-        if not (math.isfinite(c) and c > 0):
-            raise ValueError(f"max_grad_norm must be finite and > 0, found {c!r}")
-        try:
-            mode = GradSampleMode(self.grad_sample_mode)
-        except ValueError:
-            known = ", ".join(m.value for m in GradSampleMode)
-            raise ValueError(
-                f"grad_sample_mode={self.grad_sample_mode!r} is unknown; choose one of: {known}"
-            ) from None
-        object.__setattr__(self, "noise_multiplier", z)
-        object.__setattr__(self, "max_grad_norm", c)
-        object.__setattr__(self, "grad_sample_mode", mode)
-        object.__setattr__(self, "secure_mode", bool(self.secure_mode))
 
 
 @dataclass(frozen=True)
@@ -188,11 +110,6 @@ class DpSgdResult:
     sample_rate: float
     grad_sample_mode: str
     expected_batch_size: int
-
-
-def _batches_per_epoch(num_examples: int, batch_size: int) -> int:
-    # len(DataLoader(dataset, batch_size)) with drop_last=False.
-    return -(-num_examples // batch_size)
 
 
 def planned_steps(num_examples: int, batch_size: int, local_epochs: int) -> tuple[int, float]:
@@ -239,371 +156,10 @@ def planned_steps(num_examples: int, batch_size: int, local_epochs: int) -> tupl
     return e * steps_per_epoch, sample_rate
 
 
-def _expected_batch_size(num_examples: int, batch_size: int) -> int:
-    # Opacus computes int(N * (1 / k)), which floating point truncates to N // k - 1
-    # for some (N, k), e.g. to 0 for N=49, B=1 (then it divides the gradient by 0).
-    # N // k is the value it intends; it only rescales signal and noise together.
-    return num_examples // _batches_per_epoch(num_examples, batch_size)
-
-
-def ghost_clipping_layers(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Split the layers with trainable parameters by how ghost clipping treats them.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model.
-
-    Returns
-    -------
-    tuple of list of str
-        ``(norm_sampled, fallback)``: qualified names of layers whose per-sample
-        gradient norms Opacus computes without per-sample gradients (a registered norm
-        sampler: ``Linear``, ``Embedding``), and of the others, which ``ghost`` mode
-        handles with per-sample gradients plus a second backward pass.
-    """
-    samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
-    norm_sampled: list[str] = []
-    fallback: list[str] = []
-    for name, sub in trainable_modules(model):
-        (norm_sampled if type(sub) in samplers else fallback).append(name or "<root>")
-    return norm_sampled, fallback
-
-
-def _has_tied_parameters(model: nn.Module) -> bool:
-    seen: set[int] = set()
-    for _, sub in trainable_modules(model):
-        for p in sub.parameters(recurse=False):
-            if p.requires_grad:
-                if id(p) in seen:
-                    return True
-                seen.add(id(p))
-    return False
-
-
-# Below this many per-sample gradient entries (batch x trainable parameters) hooks beat
-# ghost clipping on all-Linear models (measured crossover ~0.5M, see below).
-GHOST_MIN_ENTRIES = 500_000
-
-
-def resolve_grad_sample_mode(
-    model: nn.Module, requested: GradSampleMode | str, *, batch_size: int | None = None
-) -> str:
-    """Return the Opacus ``grad_sample_mode`` to train ``model`` with.
-
-    The ``auto`` rule: **ghost** when every layer with trainable parameters has a
-    ghost-clipping norm sampler (``Linear``/``Embedding``, see
-    :func:`ghost_clipping_layers`), no parameter is shared between layers and (when
-    ``batch_size`` is given) ``batch_size x trainable parameters`` reaches
-    ``GHOST_MIN_ENTRIES``; otherwise **hooks**. ``functorch`` is never chosen
-    automatically.
-
-    Measured with ``scripts/bench_dpsgd.py`` (2-core CPU shared with other jobs,
-    1 torch thread as ``runtime.torch_threads`` gives a client, torch 2.13, Opacus
-    1.6): DP step time / plain step time, median of 8-41 paired rounds, and peak
-    step memory DP / plain:
-
-    =====================  =======  =====  ============  ============  ============
-    model                  params   batch  hooks         functorch     ghost
-    =====================  =======  =====  ============  ============  ============
-    MLP 8x8 [64]           4.8k     64     3.65x / 37x   6.77x / 37x   3.98x / 2.1x
-    MLP 28x28 [256, 256]   269k     256    69.9x / 260x  73.6x / 260x  2.51x / 3.5x
-    SmallCNN 28x28         10k      256    1.61x / 1.1x  2.17x / 1.1x  2.18x / 1.5x
-    SmallCNN 32x32 [100,   969k     128    2.21x / 2.6x  3.30x / 2.6x  2.87x / 1.4x
-    200, 400]
-    =====================  =======  =====  ============  ============  ============
-
-    On all-``Linear`` models ghost clipping computes per-sample gradient norms from
-    activations and output gradients without the ``B x params`` per-sample gradients
-    that bound hooks and functorch (263 MiB for the 269k MLP at B=256), so it wins by
-    up to 28x in time and 70x in memory; only on the smallest MLP (below ~0.5M
-    per-sample gradient entries, e.g. 4.8k params x 64) is it ~10% (0.1 ms a step)
-    slower, which is why the rule takes the batch size into account. Opacus 1.6
-    has no norm sampler for convolutions or GroupNorm: ghost mode builds their
-    per-sample gradients as hooks does and adds a second backward pass, so on CNNs
-    it is slower than hooks (though it frees them layer by layer: less memory).
-    ``functorch`` computes the same per-sample gradients as hooks through ``vmap``
-    and is never faster here.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model to train.
-    requested : GradSampleMode or str
-        ``auto`` or an explicit mode.
-
-    Returns
-    -------
-    str
-        ``"hooks"``, ``"functorch"`` or ``"ghost"``.
-
-    Raises
-    ------
-    ValueError
-        For an unknown mode, or ``ghost`` on a model with parameters shared between
-        layers (Opacus' ghost clipping does not support tying).
-    """
-    try:
-        mode = GradSampleMode(requested)
-    except ValueError:
-        known = ", ".join(m.value for m in GradSampleMode)
-        raise ValueError(
-            f"grad_sample_mode={requested!r} is unknown; choose one of: {known}"
-        ) from None
-    tied = _has_tied_parameters(model)
-    if mode is GradSampleMode.auto:
-        norm_sampled, fallback = ghost_clipping_layers(model)
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        large = batch_size is None or batch_size * params >= GHOST_MIN_ENTRIES
-        if norm_sampled and not fallback and not tied and large:
-            return GradSampleMode.ghost.value
-        return GradSampleMode.hooks.value
-    if mode is GradSampleMode.ghost and tied:
-        raise ValueError(
-            "grad_sample_mode='ghost' does not support parameters shared between layers; "
-            "use 'hooks' or 'auto'"
-        )
-    return mode.value
-
-
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _expected_opacus_warnings() -> Iterator[None]:
-    """Silence the two warnings every DP-SGD call triggers by design."""
-    with warnings.catch_warnings():
-        # Opacus' secure_mode (torchcsprng) is never used: our keystreams replace it.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        # Opacus' backward hooks on the first layer, whose input needs no gradient.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
-
-
-def _new_privacy_engine() -> PrivacyEngine:
-    with _expected_opacus_warnings():
-        return PrivacyEngine(accountant="rdp", secure_mode=False)
-
-
-class KeystreamPoissonSampler(UniformWithReplacementSampler):
-    """Opacus' Poisson batch sampler with its coin flips from a ChaCha20 keystream.
-
-    Each of ``steps`` batches keeps record ``i`` iff ``u_i < q`` for a fresh uniform
-    ``u_i`` on ``[0, 1)`` with 53 random bits (probability ``q`` to within ``2**-53``;
-    every record when ``q = 1``), exactly the
-    sampling :class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`
-    does and Opacus' accountant assumes, but from ``source`` instead of a
-    ``torch.Generator`` (which a seed reproduces).
-    """
-
-    def __init__(
-        self, *, num_samples: int, sample_rate: float, steps: int, source: SecureNoise
-    ) -> None:
-        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
-        self.source = source
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.steps):
-            # Uniform on [0, 1) like torch.rand, so q = 1 keeps every record.
-            u = (self.source.words(self.num_samples) >> np.uint64(11)).astype(np.float64)
-            u *= _INV_2_53
-            yield np.flatnonzero(u < self.sample_rate).tolist()
-
-
-class _KeystreamNoise(DPOptimizer):
-    """Mixin put in front of the DP optimizer class Opacus chose (see
-    :func:`_use_keystream_noise`): ``add_noise`` draws from a ChaCha20 keystream.
-
-    Same contract as Opacus' ``add_noise`` (both ``DPOptimizer`` and the ghost-clipping
-    optimizer): ``p.grad = p.summed_grad + N(0, (z·C)²)`` per coordinate, the adaptive
-    clipping multiplier honoured, the processed flags checked and set. One keystream
-    draw covers every parameter (vectorised: no per-tensor overhead).
-    """
-
-    keystream: SecureNoise
-
-    def add_noise(self) -> None:
-        z = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        std = float(z) * float(self.max_grad_norm)  # type: ignore[arg-type]
-        sums = [p.summed_grad for p in self.params]
-        for g in sums:
-            _check_processed_flag(g)
-        flat = None
-        if std > 0:
-            total = sum(g.numel() for g in sums)
-            flat = torch.from_numpy(self.keystream.standard_normal_f32(total))
-        offset = 0
-        for p, g in zip(self.params, sums, strict=True):
-            if flat is None:
-                noised = g.clone()
-            else:
-                part = flat[offset : offset + g.numel()].view(g.shape)
-                offset += g.numel()
-                noised = g + part.to(device=g.device, dtype=g.dtype).mul_(std)
-            p.grad = noised.view_as(p)
-            _mark_as_processed(g)
-
-
-_KEYSTREAM_CLASSES: dict[type, type] = {}
-_INV_2_53 = 1.0 / float(1 << 53)
-
-
-def _use_keystream_noise(optimizer: DPOptimizer, source: SecureNoise) -> None:
-    """Make ``optimizer`` (of whatever DPOptimizer class Opacus picked) draw its noise
-    from ``source``: its class becomes a subclass with :class:`_KeystreamNoise` first."""
-    cls = type(optimizer)
-    sub = _KEYSTREAM_CLASSES.get(cls)
-    if sub is None:
-        sub = type(f"Keystream{cls.__name__}", (_KeystreamNoise, cls), {})
-        _KEYSTREAM_CLASSES[cls] = sub
-    optimizer.__class__ = sub
-    optimizer.keystream = source
-
-
-class _PrivateTrainer:
-    """Opacus objects for one training call; :meth:`close` makes the model plain again.
-
-    Used by :func:`train_dpsgd` and by ``scripts/bench_dpsgd.py`` (so the benchmark
-    times the very step training runs).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        xt: torch.Tensor,
-        yt: torch.Tensor,
-        cfg: ClientTrainConfig,
-        dp: DpSgdSettings,
-        mode: str,
-        *,
-        sampling_generator: torch.Generator | None,
-        noise_generator: torch.Generator | None,
-        proximal_mu: float = 0.0,
-        engine: PrivacyEngine | None = None,
-        keystreams: tuple[SecureNoise, SecureNoise] | None = None,
-    ) -> None:
-        """``keystreams=(sampling, noise)`` replaces both generators (secure mode)."""
-        self.model = model
-        self.mode = mode
-        self.engine = engine if engine is not None else _new_privacy_engine()
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.params = params
-        self.mu = float(proximal_mu)
-        self.global_params = [p.detach().clone() for p in params] if self.mu > 0 else []
-        loader = DataLoader(
-            TensorDataset(xt, yt), batch_size=int(cfg.batch_size), generator=sampling_generator
-        )
-        kwargs: dict[str, object] = {}
-        if mode == GradSampleMode.ghost.value:
-            kwargs["criterion"] = nn.CrossEntropyLoss(reduction="mean")
-        out = self.engine.make_private(
-            module=model,
-            optimizer=make_optimizer(params, cfg),
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            loss_reduction="mean",
-            poisson_sampling=True,
-            noise_generator=noise_generator,
-            grad_sample_mode=mode,
-            wrap_model=False,  # hooks on `model` itself: no wrapper, no `_module.` keys
-            **kwargs,
-        )
-        if mode == GradSampleMode.ghost.value:
-            self.hooks, self.optimizer, self.criterion, self.loader = out
-        else:
-            self.hooks, self.optimizer, self.loader = out
-            self.criterion = None
-        n = int(yt.shape[0])
-        self.optimizer.expected_batch_size = _expected_batch_size(n, int(cfg.batch_size))
-        self._sampler: Iterable[list[int]] = self.loader.batch_sampler
-        if keystreams is not None:
-            sampling, noise = keystreams
-            opacus_sampler = self.loader.batch_sampler
-            self._sampler = KeystreamPoissonSampler(
-                num_samples=opacus_sampler.num_samples,
-                sample_rate=opacus_sampler.sample_rate,
-                steps=opacus_sampler.steps,
-                source=sampling,
-            )
-            _use_keystream_noise(self.optimizer, noise)
-        self.closed = False
-
-    @property
-    def batch_sampler(self) -> Iterable[list[int]]:
-        """The Poisson batch sampler (Opacus', or its keystream twin): indices per step."""
-        return self._sampler
-
-    def _noise_only_gradients(self) -> None:
-        # A zero clipped sum: the DP optimizer then adds noise and counts the step.
-        if isinstance(self.optimizer, DPOptimizerFastGradientClipping):
-            for p in self.optimizer.params:
-                p.grad = torch.zeros_like(p)
-        else:
-            for p in self.optimizer.params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int, int]:
-        """Take one DP-SGD step on a sampled batch (possibly empty).
-
-        Returns
-        -------
-        tuple
-            ``(ce_sum, correct, batch_size)`` of the forward pass (zeros when empty).
-        """
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        bs = int(yb.shape[0])
-        ce_sum = 0.0
-        correct = 0
-        if bs == 0:
-            self._noise_only_gradients()
-        else:
-            logits = self.model(xb)
-            if self.criterion is not None:
-                loss = self.criterion(logits, yb)
-            else:
-                loss = nn.functional.cross_entropy(logits, yb, reduction="mean")
-            loss.backward()
-            with torch.no_grad():
-                ce_sum = float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-                correct = int((logits.argmax(dim=1) == yb).sum())
-        # DPOptimizer.step is pre_step (clip, noise, scale, count) + the inner step;
-        # split so the data-independent proximal gradient joins after the noise.
-        if not optimizer.pre_step():
-            raise RuntimeError("Opacus skipped a DP-SGD step; gradient accumulation is not used")
-        if self.mu > 0:
-            with torch.no_grad():
-                for p, g in zip(self.params, self.global_params, strict=True):
-                    if p.grad is None:
-                        raise RuntimeError("the DP optimizer left a parameter without gradient")
-                    p.grad.add_(p.detach() - g, alpha=self.mu)
-        optimizer.original_optimizer.step()
-        return ce_sum, correct, bs
-
-    def steps_counted_by_opacus(self) -> int:
-        """Steps Opacus' accountant recorded (a cross-check only)."""
-        return sum(int(n) for _, _, n in self.engine.accountant.history)
-
-    def close(self) -> None:
-        """Remove every hook and Opacus attribute; leave ``.grad`` unset."""
-        if self.closed:
-            return
-        self.closed = True
-        self.optimizer.zero_grad(set_to_none=True)
-        self.hooks.cleanup()
-        for p in self.model.parameters():
-            for attr in _PARAM_ATTRS + _PARAM_ATTRS_GHOST:
-                if hasattr(p, attr):
-                    delattr(p, attr)
-            p.grad = None
-        for sub in self.model.modules():
-            for attr in _MODULE_ATTRS:
-                if attr in sub.__dict__:
-                    delattr(sub, attr)
 
 
 def train_dpsgd(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from fl_app.config.schema import ClientTrainConfig, DpSgdConfig
     from fl_app.privacy.accounting import DpSgdEvent
-    from fl_app.privacy.dpsgd import DpSgdSettings
+    from fl_app.privacy.dpsgd_settings import DpSgdSettings
     from fl_app.privacy.state import DpSgdState
     from fl_app.training import TrainStats
 
@@ -144,7 +144,8 @@ def plan_round(
         Bad counts from the server, lost or disagreeing state, no trustworthy ε (never
         run unaccounted steps); :class:`BudgetRefusal` past ``dp.max_epsilon``.
     """
-    from fl_app.privacy.dpsgd import DpSgdSettings, GradSampleMode, planned_steps
+    from fl_app.privacy.dpsgd import planned_steps
+    from fl_app.privacy.dpsgd_settings import DpSgdSettings, GradSampleMode
     from fl_app.privacy.state import ROUNDS_SEEN_KEY, STEPS_SEEN_KEY, DpSgdState
 
     steps, q = planned_steps(num_examples, batch_size, local_epochs)

@@ -50,7 +50,8 @@ from torch import nn
 
 from fl_app.config.schema import ClientTrainConfig, OptimizerName
 from fl_app.privacy.clipping import clip_l2
-from fl_app.privacy.dpsgd import DpSgdSettings, train_dpsgd
+from fl_app.privacy.dpsgd import train_dpsgd
+from fl_app.privacy.dpsgd_settings import DpSgdSettings
 from fl_app.privacy.noise import SeededNoise
 from fl_app.privacy_audit.metrics import mse, psnr
 from fl_app.training import train_local

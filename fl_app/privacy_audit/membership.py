@@ -32,7 +32,8 @@ from torch import nn
 
 from fl_app.config.schema import ClientTrainConfig, ModelConfig
 from fl_app.models import build_model
-from fl_app.privacy.dpsgd import DpSgdSettings, train_dpsgd
+from fl_app.privacy.dpsgd import train_dpsgd
+from fl_app.privacy.dpsgd_settings import DpSgdSettings
 from fl_app.privacy_audit.metrics import (
     DEFAULT_FPRS,
     RocSummary,

@@ -46,7 +46,7 @@ import torch
 import yaml
 
 from fl_app.config.schema import AppConfig
-from fl_app.privacy.dpsgd import DpSgdSettings
+from fl_app.privacy.dpsgd_settings import DpSgdSettings
 from fl_app.privacy_audit.inversion import (
     InversionResult,
     InversionSettings,
