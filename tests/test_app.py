@@ -211,7 +211,7 @@ def _copy_for_client(grid: InProcessGrid, config: dict) -> Message:
 def test_summary_privacy_note_says_what_the_server_saw(
     overrides: list[str], server_saw: str
 ) -> None:
-    from fl_app.server.summary import _privacy_note
+    from fl_app.config.guarantee import privacy_note as _privacy_note
 
     note = _privacy_note(_inprocess(*overrides))
     assert server_saw in note

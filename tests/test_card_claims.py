@@ -30,9 +30,10 @@ from flwr.app import Message
 
 from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
+from fl_app.config.guarantee import threat_model_text
 from fl_app.release import export_run, render_card_markdown
 from fl_app.release.card import client_level_noise_source
-from fl_app.release.caveats import not_protected, threat_model_text
+from fl_app.release.caveats import not_protected
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
 

@@ -14,6 +14,7 @@ import math
 from fl_app.config.errors import require as _check
 from fl_app.config.errors import require_in as _in
 from fl_app.config.errors import require_positive as _positive
+from fl_app.config.guarantee import THREAT_MODEL_PROMISES
 from fl_app.config.schema import (
     Accountant,
     AppConfig,
@@ -41,9 +42,8 @@ def check_privacy(cfg: AppConfig) -> None:
         (p.mode is PrivacyMode.distributed) == (p.threat_model is ThreatModel.distributed_dp),
         "privacy.threat_model",
         p.threat_model.value,
-        "privacy.mode=distributed and privacy.threat_model=distributed_dp go together (each "
-        "client adds a discrete Gaussian share under secure aggregation, so the server never "
-        "sees an un-noised sum); use privacy=distributed",
+        "privacy.mode=distributed and privacy.threat_model=distributed_dp go together ("
+        f"{THREAT_MODEL_PROMISES[ThreatModel.distributed_dp]}); use privacy=distributed",
     )
     if p.mode is PrivacyMode.none:
         _check(
@@ -85,9 +85,9 @@ def _check_client_level(cfg: AppConfig) -> None:
         in (ThreatModel.trusted_server, ThreatModel.honest_but_curious, ThreatModel.distributed_dp),
         "privacy.threat_model",
         p.threat_model.value,
-        f"privacy.mode={p.mode.value} needs a threat model: trusted_server (the server may see "
-        "updates; DP protects the released model) or honest_but_curious (updates hidden "
-        "from the server)",
+        f"privacy.mode={p.mode.value} needs a threat model: trusted_server ("
+        f"{THREAT_MODEL_PROMISES[ThreatModel.trusted_server]}) or honest_but_curious ("
+        f"{THREAT_MODEL_PROMISES[ThreatModel.honest_but_curious]})",
     )
     if p.mode is PrivacyMode.central and p.threat_model is ThreatModel.honest_but_curious:
         _check(

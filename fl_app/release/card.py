@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+from fl_app.config.guarantee import guarantee_of
 from fl_app.config.schema import (
     AppConfig,
     DatasetKind,
@@ -28,7 +29,6 @@ from fl_app.release.caveats import (
     central_noise_seeded,
     not_protected,
     record_noise_seeded,
-    threat_model_text,
 )
 from fl_app.release.evidence import sha256_hex
 from fl_app.release.privacy_evidence import PrivacyEvidence
@@ -324,7 +324,7 @@ def _privacy_section(
         ),
         "mode": p.mode.value,
         "threat_model": p.threat_model.value,
-        "threat_model_description": threat_model_text(cfg),
+        "threat_model_description": guarantee_of(cfg).protects,
         "secure_aggregation": cfg.secagg.mode.value,
         "secure_aggregation_server_model": (
             None if cfg.secagg.mode is SecAggMode.off else cfg.secagg.server_model.value

@@ -1,9 +1,10 @@
-"""What a release does not protect, and the threat model it is stated under, in words.
+"""What a release does not protect, in words.
 
-The card's ``not_protected`` list and ``threat_model_description`` are rendered here
-from the config alone, for every combination of privacy mode, record-level DP-SGD,
-secure aggregation, sampling and ``privacy.secure_mode`` (tests/test_card_claims.py
-pins each claim to what the code sends and draws).
+The card's ``not_protected`` list is rendered here (its ``threat_model_description``
+by :func:`fl_app.config.guarantee.threat_model_text`, the run's one statement of its
+guarantee) from the config alone, for every combination of privacy mode, record-level
+DP-SGD, secure aggregation, sampling and ``privacy.secure_mode``
+(tests/test_card_claims.py pins each claim to what the code sends and draws).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from fl_app.config.schema import (
     PrivacyMode,
     SecAggMode,
     SecAggServerModel,
-    ThreatModel,
     federated_eval_interval,
     metrics_hidden_from_server,
 )
@@ -23,7 +23,6 @@ __all__ = [
     "central_noise_seeded",
     "not_protected",
     "record_noise_seeded",
-    "threat_model_text",
 ]
 
 
@@ -47,49 +46,6 @@ def central_noise_seeded(cfg: AppConfig) -> bool:
 
 def record_noise_seeded(cfg: AppConfig) -> bool:
     return cfg.privacy.record_level and not cfg.privacy.secure_mode
-
-
-def threat_model_text(cfg: AppConfig) -> str:
-    p = cfg.privacy
-    if p.mode is PrivacyMode.none:
-        if p.record_level and cfg.secagg.mode is not SecAggMode.off:
-            return (
-                "none at the client level; secure aggregation: the server sees only the "
-                "masked sum of the cohort's updates (exact, with no client-level noise); "
-                "DP-SGD bounds what the sum and the model reveal about any one record"
-            )
-        if p.record_level:
-            return (
-                "none at the client level: the server sees every institution's update; "
-                "DP-SGD bounds what the update and the model reveal about any one record"
-            )
-        if cfg.secagg.mode is not SecAggMode.off:
-            return (
-                "none: secure aggregation shows the server only the exact sum of each "
-                "round's cohort of updates, with no noise"
-            )
-        return "none: the server sees every client's update in the clear"
-    if p.threat_model is ThreatModel.trusted_server:
-        return (
-            "trusted server: the server sees the clients' (clipped) updates and adds the "
-            "noise; the guarantee holds for the released model against anyone but the server"
-        )
-    if p.mode is PrivacyMode.local:
-        return (
-            "honest-but-curious server: each update is clipped and noised on its client "
-            "before it leaves, so the guarantee holds against the server too"
-        )
-    if p.mode is PrivacyMode.distributed:
-        return (
-            "distributed DP: each client added a discrete Gaussian noise share before secure "
-            "aggregation masked its update, so even the sum the server unmasked was DP; the "
-            "guarantee holds against the server too, assuming the calibrated minimum of "
-            "survivors were honest (colluders can subtract their own shares)"
-        )
-    return (
-        "honest-but-curious server with secure aggregation: the server sees only the sum of "
-        "the cohort's clipped updates and adds the noise to it"
-    )
 
 
 def _secagg_server_model_caveat(cfg: AppConfig) -> str:

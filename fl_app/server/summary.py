@@ -3,8 +3,9 @@
 :func:`build_summary` assembles the summary from the driver's result, the config and
 the aggregator's ledger: accuracy, rounds, the client-level guarantee (against
 outsiders and against the server), each institution's record-level epsilon, the
-secure-aggregation bandwidth, the release status, and :func:`_privacy_note`, the
-one-line account of what was protected (docs/architecture.md, "Server").
+secure-aggregation bandwidth, the release status, and the one-line account of what
+was protected (the run's guarantee, :func:`fl_app.config.guarantee.privacy_note`;
+docs/architecture.md, "Server").
 :func:`fl_app.server.session.finish_run` adds the status and the audit anchor.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fl_app.config.guarantee import privacy_note
 from fl_app.config.schema import Accountant, AppConfig
 from fl_app.privacy.accounting import AccountingError
 from fl_app.privacy.ledger import branch_delta_total, unsampled_epsilon
@@ -65,7 +67,7 @@ def build_summary(
         "privacy": {
             "mode": cfg.privacy.mode.value,
             "threat_model": cfg.privacy.threat_model.value,
-            "note": _privacy_note(cfg),
+            "note": privacy_note(cfg),
             **_client_level_summary(aggregator, result),
             **_record_level_summary(cfg, result),
         },
@@ -234,69 +236,6 @@ def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] |
         "download_bytes_per_client_round": sum(down) / len(down),
         "note": "payload bytes of the four secure-aggregation stages (framing excluded)",
     }
-
-
-def _privacy_note(cfg: AppConfig) -> str:
-    """summary.json's one-line account of what was protected, true of this combination.
-
-    What the server saw depends on secure aggregation, not on the DP mode: with it, only
-    the masked sum (said once, in the secure-aggregation part); without it, each update.
-    """
-    p = cfg.privacy
-    secure = cfg.secagg.mode.value != "off"
-    parts = []
-    if p.mode.value == "central" and secure:
-        parts.append(
-            "client-level central DP: the released model is DP at the stated (epsilon, "
-            "delta); each client clipped its update before masking and the server added "
-            "the Gaussian noise to the unmasked sum"
-        )
-    elif p.mode.value == "central":
-        seen = "clipped by its client" if p.clip_side.value == "client" else "unclipped"
-        parts.append(
-            "client-level central DP: the released model is DP at the stated (epsilon, "
-            f"delta); the server saw every client's update ({seen}) and noised their clipped sum"
-        )
-    elif p.mode.value == "local":
-        parts.append(
-            "client-level local DP: each update was clipped and noised before leaving its "
-            "client; epsilon is the largest per-client value"
-        )
-    elif p.mode.value == "distributed":
-        parts.append(
-            "client-level distributed DP: each client clipped, rotated and rounded its update "
-            "and added a discrete Gaussian share (CSPRNG) before masking, so the sum the server "
-            "unmasked was already DP; clients colluding with the server can subtract their own "
-            "shares (the guarantee assumes the calibrated minimum of honest survivors); "
-            "'epsilon' is against outsiders, who do not know the cohorts (Poisson "
-            "amplification); against the server, which picks them, it is "
-            "'epsilon_against_server' (each client's rounds composed without amplification)"
-        )
-    if p.record_level:
-        parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
-    if cfg.secagg.mode.value != "off" and p.mode.value == "distributed":
-        parts.append(
-            f"secure aggregation ({cfg.secagg.mode.value}, {cfg.secagg.bits} bits per "
-            "coordinate): in plaintext the server saw protocol public keys, encrypted shares, "
-            "who dropped out and public dp-* metrics; no training metrics"
-        )
-    elif cfg.secagg.mode.value != "off":
-        if not parts:
-            parts.append("no differential privacy: the released model is not protected")
-        parts.append(
-            f"secure aggregation ({cfg.secagg.mode.value}): the server saw only the masked "
-            "sum of each round's clipped, fixed-point encoded updates (weights and train "
-            "metrics inside it); in plaintext it saw protocol public keys, encrypted "
-            "shares, who dropped out, and public dp-* metrics"
-        )
-    if not parts:
-        return "no differential privacy: updates and the model are not protected"
-    if not p.secure_mode and p.mode.value == "central":
-        parts.append(
-            "noise drawn from a generator seeded by the config (privacy.secure_mode=false): "
-            "reproducible, but whoever knows the seed can remove it; use secure_mode for releases"
-        )
-    return "; ".join(parts)
 
 
 def _site_key(node: int, metrics: Mapping[str, float]) -> str:
