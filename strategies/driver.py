@@ -62,6 +62,7 @@ from fl_app.protocol import (
 from fl_app.weights import from_array_record, to_array_record
 from strategies.aggregation import apply_update, weighted_mean_metrics
 from strategies.sampling import CohortSampler
+from strategies.site_claims import SiteClaims
 from strategies.validation import (
     EvalReply,
     Rejection,
@@ -76,6 +77,7 @@ from strategies.validation import (
 if TYPE_CHECKING:  # the DP aggregators pull in the accountants (and torch through
     # Opacus); the driver module itself stays importable by torch-free ClientApp processes.
     from strategies.aggregators import Aggregate, UpdateAggregator
+    from strategies.dpsgd_forecast import DpSgdForecast
     from strategies.secagg import SecAggOutcome, SecureAggregation
 
 __all__ = [
@@ -328,6 +330,12 @@ class RoundDriver:
         self.round_begin_hooks = list(round_begin_hooks)
         self.release_hooks = list(release_hooks)
         self._privacy_metrics: dict[str, float] = {}
+        # Forecasts DP-SGD budget refusals from clients' public metrics (set by the
+        # ServerApp when privacy.dpsgd.max_epsilon is set; strategies.dpsgd_forecast).
+        self.budget_forecast: DpSgdForecast | None = None
+        # One node per site identity presented in the run (strategies.site_claims).
+        self.site_claims = SiteClaims()
+        self._connected: frozenset[int] = frozenset()
 
     @property
     def result(self) -> DriverResult | None:
@@ -346,13 +354,9 @@ class RoundDriver:
         self._result = result
         for rnd in range(start_round, self.settings.num_rounds + 1):
             usable = self._usable_nodes(grid)
-            if result.exhausted and len(usable) < self.settings.min_train_replies:
-                result.stopped_early = (
-                    f"before round {rnd}: only {len(usable)} clients have privacy budget left "
-                    f"({len(result.exhausted)} exhausted; min_train_replies="
-                    f"{self.settings.min_train_replies}); stopping with the model of the last "
-                    "completed round"
-                )
+            out_of_budget = self._budget_stop(rnd, usable, result)
+            if out_of_budget:
+                result.stopped_early = out_of_budget
                 log.warning("%s", result.stopped_early)
                 break
             stop = self.aggregator.begin_round(rnd, len(usable))
@@ -409,6 +413,8 @@ class RoundDriver:
     ) -> tuple[Arrays, StageReport, str, float]:
         t0 = time.perf_counter()
         self._privacy_metrics = {}
+        # A site identity's holder keeps it while connected (strategies.site_claims).
+        self._connected = frozenset(int(n) for n in grid.get_node_ids())
         cohort = self.train_sampler.sample(node_ids, rnd)
         stage = StageReport(sampled=len(cohort))
         # The cohort counts towards ε against the server, and the ledger is persisted,
@@ -634,7 +640,11 @@ class RoundDriver:
     def _check_train_reply(self, parsed: TrainReply | Rejection) -> TrainReply | Rejection:
         if isinstance(parsed, Rejection):
             return parsed
-        reason = self.aggregator.check_reply(parsed)
+        # The aggregator first: a local-DP release the server received is counted even
+        # when the reply is then refused for its site identity.
+        reason = self.aggregator.check_reply(parsed) or self.site_claims.check(
+            parsed.node_id, parsed.metrics, self._connected
+        )
         return parsed if reason is None else Rejection(parsed.node_id, reason)
 
     def _ingest(
@@ -724,6 +734,35 @@ class RoundDriver:
         if len(nodes) < self.settings.min_available_nodes:
             return None
         return self.train_sampler.sample(self._with_budget(nodes, exhausted_now), rnd + 1)
+
+    def _budget_stop(self, rnd: int, usable: list[int], result: DriverResult) -> str | None:
+        """Why the run stops before round ``rnd`` for lack of privacy budget, or None.
+
+        It stops when fewer than ``min_train_replies`` usable clients could train the
+        round: besides those that already refused for budget, those whose reported
+        DP-SGD spend shows this round would take them past the budget (they would
+        refuse it, and the round would be spent for nothing; ``budget_forecast``).
+        """
+        need = self.settings.min_train_replies
+        forecast = self.budget_forecast
+        refusing = (
+            set() if forecast is None else forecast.refusing(usable, result.client_metrics, need)
+        )
+        willing = len(usable) - len(refusing)
+        if not (result.exhausted or refusing) or willing >= need:
+            return None
+        result.exhausted.update(refusing)
+        projected = (
+            f", {len(refusing)} of them because their reported DP-SGD epsilon would pass "
+            "privacy.dpsgd.max_epsilon in this round"
+            if refusing
+            else ""
+        )
+        return (
+            f"before round {rnd}: only {willing} clients have privacy budget left "
+            f"({len(result.exhausted)} exhausted{projected}; min_train_replies={need}); "
+            "stopping with the model of the last completed round"
+        )
 
     def _usable_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes, minus those whose privacy budget is exhausted."""

@@ -76,14 +76,25 @@ def test_budget_exhaustion_stops_the_run_cleanly(tmp_path: Path) -> None:
     summary = run_simulation_experiment(cfg, tmp_path)
     assert summary["status"] == "completed"
     assert summary["rounds_model_updated"] == 1
-    assert summary["stopped_early"] and "budget" in summary["stopped_early"]
-    assert 1 <= summary["rounds"] < 5
+    # Every client's public DP-SGD metrics after round 1 show round 2 would pass the
+    # budget: the run stops before round 2 instead of sending it to be refused by all
+    # (issue 17: "one round is wasted at a DP-SGD budget stop").
+    assert summary["stopped_early"].startswith("before round 2:")
+    assert "max_epsilon" in summary["stopped_early"]
+    assert summary["rounds"] == 1
     rl = summary["privacy"]["record_level"]
     assert len(rl["clients_budget_exhausted"]) == 3
     assert all(1.6 < c["epsilon"] <= 1.9 for c in rl["per_client"].values())
     assert (tmp_path / "model.safetensors").is_file()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["clients_budget_exhausted"] == 3 and not lines[-1]["model_updated"]
+    assert [r["round"] for r in lines] == [1] and lines[0]["model_updated"]
+    # Each client accounted exactly the one round it trained, nothing for round 2.
+    for info in rl["per_client"].values():
+        assert int(info["rounds"]) == 1
+        pid = int(info["partition-id"])
+        (state_file,) = (tmp_path / "client-state").glob(f"dpsgd-*-partition-{pid}.json")
+        state = DpSgdState.from_json(state_file.read_text())
+        assert state.history.total_steps == int(info["steps"])
 
 
 def _train_msg(grid: InProcessGrid, cfg, run_key: str, rnd: int, seen: int) -> Message:

@@ -43,6 +43,7 @@ from fl_app.server.rundir import MetricsWriter
 from fl_app.server.session import RunSession, finish_run, open_run, record_crash
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
+from strategies.dpsgd_forecast import DpSgdForecast
 from strategies.driver import ReleaseHook, RoundDriver, RoundListener
 from strategies.factory import build_driver
 from strategies.local_dp import LocalDp
@@ -220,6 +221,7 @@ def _wire_driver(
         round_begin_hooks=begin_hooks,
         release_hooks=[*release_first, checkpoints.write_files],
     )
+    driver.budget_forecast = _budget_forecast(cfg)
     checkpoints.strategy = driver.strategy
     if plan is not None:
         restore_strategy_state(driver.strategy, plan.checkpoint.strategy_arrays, run.arrays)
@@ -228,6 +230,15 @@ def _wire_driver(
         )
     checkpoints.driver = driver
     return _Wired(driver, ledger_writer, checkpoints)
+
+
+def _budget_forecast(cfg: AppConfig) -> DpSgdForecast | None:
+    """DP-SGD clients refuse a round past ``privacy.dpsgd.max_epsilon``: the driver
+    forecasts it from their public metrics and stops before a round nobody could train."""
+    d = cfg.privacy.dpsgd
+    if not cfg.privacy.record_level or d.max_epsilon is None:
+        return None
+    return DpSgdForecast(float(d.max_epsilon), float(d.delta), d.accountant.value)
 
 
 def _client_spec(run: RunSession) -> str:

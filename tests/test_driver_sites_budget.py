@@ -1,0 +1,181 @@
+"""Issue 17 leftovers on the server: one node per site identity; no round spent on a
+DP-SGD budget every client would refuse (strategies/site_claims.py,
+strategies/dpsgd_forecast.py, their use in strategies/driver.py).
+
+Expected ε values come from dp-accounting's RDP accountant, independently of the
+forecast's code path (fl_app.privacy.accounting).
+"""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.weights import to_array_record
+from strategies.dpsgd_forecast import DpSgdForecast
+from strategies.driver import DriverSettings, RoundDriver
+from strategies.sampling import FixedSizeSampler
+from strategies.site_claims import SiteClaims
+
+GLOBAL = {"w": np.zeros((2, 2), dtype=np.float32)}
+DELTA = 1e-5
+Z, Q, STEPS = 1.0, 0.05, 10  # one round: 10 Poisson-sampled steps at q = 0.05, z = 1
+
+
+def _rdp_epsilon(steps: int) -> float:
+    acc = RdpAccountant()
+    event = dpa.PoissonSampledDpEvent(Q, dpa.GaussianDpEvent(Z))
+    acc.compose(dpa.SelfComposedDpEvent(event, steps))
+    return float(acc.get_epsilon(DELTA))
+
+
+def _app(public: dict[int, dict[str, float]], sent: list[int] | None = None) -> ClientApp:
+    """Clients whose updates are Δ = pid + 1 (n = 1) and who report ``public[pid]``;
+    ``sent`` records the round of every instruction received."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"][SERVER_ROUND])
+        if sent is not None:
+            sent.append(rnd)
+        update = {
+            k: np.full(v.numpy().shape, pid + 1.0, np.float32)
+            for k, v in msg.content["arrays"].items()
+        }
+        metrics = {NUM_EXAMPLES: 1, SERVER_ROUND: rnd, **public.get(pid, {})}
+        content = RecordDict(
+            {UPDATE_KEY: to_array_record(update), METRICS_KEY: MetricRecord(metrics)}
+        )
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _driver(rounds: int, min_replies: int = 1) -> RoundDriver:
+    return RoundDriver(
+        FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
+        train_sampler=FixedSizeSampler(1.0, seed=3),
+        evaluate_sampler=None,
+        settings=DriverSettings(
+            num_rounds=rounds,
+            min_train_replies=min_replies,
+            train_timeout_s=0.5,
+            evaluate_timeout_s=0.5,
+        ),
+    )
+
+
+# ------------------------------------------------------------------ site identity
+def test_site_claims_first_holder_keeps_the_identity_while_connected() -> None:
+    claims = SiteClaims()
+    site = {"dp-site-hash": float(0xABCDEF012345)}
+    assert claims.check(7, site, {7, 9}) is None
+    assert claims.check(7, site, {7, 9}) is None  # the holder again
+    reason = claims.check(9, site, {7, 9})
+    assert reason is not None
+    assert "abcdef012345" in reason and "node 7" in reason and "node 9" in reason
+    # Another site, and a reply with no identity (simulation, plain modes), pass.
+    assert claims.check(9, {"dp-site-hash": 5.0}, {7, 9}) is None
+    assert claims.check(11, {}, {7, 9, 11}) is None
+
+
+def test_site_claims_pass_to_a_new_node_when_the_holder_is_gone() -> None:
+    claims = SiteClaims()
+    site = {"dp-site-hash": 42.0}
+    assert claims.check(7, site, {7}) is None
+    # A SuperNode restart: the site comes back under node 8, node 7 is gone.
+    assert claims.check(8, site, {8}) is None
+    # Node 7 reappearing with the same identity is now the second claimant.
+    assert claims.check(7, site, {7, 8}) is not None
+
+
+def test_site_claims_refuse_a_non_finite_identity() -> None:
+    assert SiteClaims().check(1, {"dp-site-hash": math.nan}, {1}) is not None
+
+
+def test_driver_rejects_the_second_node_presenting_a_site_identity() -> None:
+    shared = {"dp-site-hash": 123456.0}
+    grid = InProcessGrid(_app({0: shared, 1: {"dp-site-hash": 99.0}, 2: shared}), 3, seed=1)
+    nodes = grid.node_ids
+    result = _driver(rounds=2).run(grid, GLOBAL)
+    holders = []
+    for report in result.reports:
+        t = report.train
+        assert (t.sampled, t.accepted, len(t.rejected)) == (3, 2, 1)
+        ((rejected, reason),) = t.rejected
+        assert rejected in (nodes[0], nodes[2])
+        holder = nodes[2] if rejected == nodes[0] else nodes[0]
+        assert f"node {holder}" in reason and f"node {rejected}" in reason
+        holders.append(holder)
+        assert report.model_updated  # the round goes on with the rest
+    assert holders[0] == holders[1]  # the holder keeps the identity across rounds
+    # Each round adds the mean of the two accepted updates (n = 1 each).
+    kept = [pid for pid, node in enumerate(nodes) if node in (holders[0], nodes[1])]
+    np.testing.assert_allclose(result.arrays["w"], 2 * np.mean([p + 1 for p in kept]))
+
+
+# ------------------------------------------------------------- DP-SGD budget stop
+def _reported(rounds: int) -> dict[str, float]:
+    """A DP-SGD client's public metrics after ``rounds`` rounds of STEPS steps."""
+    return {
+        "dp-epsilon": _rdp_epsilon(rounds * STEPS),
+        "dp-steps": rounds * STEPS,
+        "dp-rounds": rounds,
+        "dp-sample-rate": Q,
+        "dp-noise-multiplier": Z,
+    }
+
+
+def test_forecast_is_epsilon_after_one_more_round() -> None:
+    one, two = _rdp_epsilon(STEPS), _rdp_epsilon(2 * STEPS)
+    forecast = DpSgdForecast(max_epsilon=math.sqrt(one * two), delta=DELTA, accountant="rdp")
+    got = forecast.epsilon_after_next_round(_reported(1))
+    assert got == pytest.approx(two, rel=1e-3)
+    # The budget lies between one and two rounds: the client would refuse round 2.
+    assert forecast.refusing([1, 2], {1: _reported(1), 2: {}}) == {1}
+    # Hidden mode (secure aggregation, local DP): only epsilon and rounds are public.
+    hidden = {"dp-epsilon": one, "dp-rounds": 1.0}
+    assert forecast.epsilon_after_next_round(hidden) is None
+    # Steps that are not a whole number of equal rounds: not the history it assumes.
+    assert forecast.epsilon_after_next_round({**_reported(2), "dp-steps": 21}) is None
+    assert forecast.epsilon_after_next_round({**_reported(1), "dp-rounds": 0}) is None
+    # With enough=1 the unspent node 2 settles it: node 1 is never forecast.
+    assert forecast.refusing([1, 2], {1: _reported(1), 2: {}}, enough=1) == set()
+
+
+def test_driver_stops_before_a_round_every_client_would_refuse() -> None:
+    one, two = _rdp_epsilon(STEPS), _rdp_epsilon(2 * STEPS)
+    sent: list[int] = []
+    grid = InProcessGrid(_app({pid: _reported(1) for pid in range(3)}, sent), 3, seed=1)
+    driver = _driver(rounds=3)
+    driver.budget_forecast = DpSgdForecast(math.sqrt(one * two), DELTA, "rdp")
+    result = driver.run(grid, GLOBAL)
+    assert [r.server_round for r in result.reports] == [1]
+    assert result.stopped_early is not None
+    assert result.stopped_early.startswith("before round 2: only 0 clients")
+    assert "3 of them" in result.stopped_early
+    assert result.exhausted == set(grid.node_ids)
+    assert sent == [1, 1, 1]  # no instruction of round 2 left the server
+
+
+def test_driver_runs_a_round_some_clients_can_still_train() -> None:
+    one, two = _rdp_epsilon(STEPS), _rdp_epsilon(2 * STEPS)
+    # Partition 2 reports half the spend rate (q/2): it can afford round 2.
+    public = {0: _reported(1), 1: _reported(1), 2: {**_reported(1), "dp-sample-rate": Q / 2}}
+    grid = InProcessGrid(_app(public), 3, seed=1)
+    driver = _driver(rounds=2)
+    driver.budget_forecast = DpSgdForecast(math.sqrt(one * two), DELTA, "rdp")
+    result = driver.run(grid, GLOBAL)
+    assert [r.server_round for r in result.reports] == [1, 2]
+    assert not result.stopped_early
