@@ -14,7 +14,7 @@ from collections.abc import Callable
 from flwr.app import Context
 
 from fl_app.client.enforce import enforce_epsilon
-from fl_app.client.identity import site_identity
+from fl_app.client.identity import DP_STATE_DIR_KEY, site_identity
 from fl_app.client.policy import PolicyViolation, SitePolicy
 from fl_app.client.refusal import ClientRefusal, PolicyRefusal
 
@@ -64,7 +64,7 @@ def account_site_release(
         policy is not None
         and policy.max_epsilon is not None
         and not site.startswith("partition-")
-        and not context.node_config.get("dp-state-dir")
+        and not context.node_config.get(DP_STATE_DIR_KEY)
     ):
         # Without it the ledger would live in a directory the server's spec names, and a
         # server that names a fresh one resets the site's budget.

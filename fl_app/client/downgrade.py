@@ -24,7 +24,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context
 
-from fl_app.client.identity import site_identity
+from fl_app.client.identity import DP_STATE_DIR_KEY, site_identity
 from fl_app.client.policy import PolicyViolation
 from fl_app.client.refusal import ClientRefusal, PolicyRefusal
 from fl_app.client_spec import ClientSpec
@@ -102,7 +102,7 @@ def _check_train(marks: set[str], spec: ClientSpec, secure: Any, ddp: bool, loca
 
 
 def _protections_path(context: Context) -> Path | None:
-    directory = context.node_config.get("dp-state-dir")
+    directory = context.node_config.get(DP_STATE_DIR_KEY)
     if not directory:
         return None
     return Path(str(directory)) / f"protected-runs-{site_identity(context.node_config)}.json"

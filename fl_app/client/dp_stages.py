@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Context
 
 from fl_app.client.budget import site_accountant
-from fl_app.client.identity import site_hash, site_identity
+from fl_app.client.identity import DP_STATE_DIR_KEY, site_hash, site_identity
 from fl_app.client.policy import PolicyViolation, SitePolicy
 from fl_app.client.refusal import BudgetExhausted, ClientRefusal, PolicyRefusal
 from fl_app.client_spec import ClientSpec
@@ -131,7 +131,7 @@ def _local_dp_inputs(
         (policy or SitePolicy()).check_local_noise(z)
     except PolicyViolation as err:
         raise PolicyRefusal(err) from err
-    state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
+    state_dir = context.node_config.get(DP_STATE_DIR_KEY) or dp.state_dir
     if not state_dir:
         raise ClientRefusal(
             "local DP needs a state directory for its release count: start the SuperNode "
@@ -169,7 +169,7 @@ def prepare_dpsgd(
     dp = spec.dpsgd
     assert dp is not None
     _check_seeded_noise(spec, context, policy)
-    state_dir = context.node_config.get("dp-state-dir") or dp.state_dir
+    state_dir = context.node_config.get(DP_STATE_DIR_KEY) or dp.state_dir
     if not state_dir:
         raise ClientRefusal(
             "DP-SGD needs a state directory: start the SuperNode with --node-config "

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUDIT_DIR_KEY",
+    "DP_STATE_DIR_KEY",
     "POLICY_PATH_KEY",
     "SAFE_RUN_KEY",
     "SAFE_SITE_NAME",
@@ -31,6 +32,10 @@ __all__ = [
 
 AUDIT_DIR_KEY = "audit-dir"
 POLICY_PATH_KEY = "policy-path"
+# The site's own directory for its DP state, budget ledger and protected-run marks: the
+# spec's state_dir is the server's choice, and a server that names a fresh one must not
+# reset the site's budget.
+DP_STATE_DIR_KEY = "dp-state-dir"
 # The site's stable name (the site YAML's ``name``): names its per-site files.
 SITE_NAME_KEY = "site-name"
 SAFE_SITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
