@@ -348,13 +348,18 @@ def print_config(argv: list[str]) -> None:
 
 
 def _dry_run(argv: list[str]) -> None:
+    from fl_app.config.compose import compose_plan
     from fl_app.config.errors import ConfigError
-    from fl_app.config.plan import resolve
 
-    cfg = _compose_or_exit(argv)
+    try:
+        plan = compose_plan("config", argv)
+    except ConfigError as err:
+        print(f"fl-app: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    cfg = plan.cfg
     projection = record_level_projection(cfg)
     print(f"[dry run] {cfg.experiment_name}: config valid, nothing trained")
-    for line in privacy_plan(resolve(cfg), projection):
+    for line in privacy_plan(plan, projection):
         print(f"  {line}", flush=True)
     try:
         check_record_level_budget(cfg, projection)

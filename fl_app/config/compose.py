@@ -36,6 +36,7 @@ __all__ = [
     "SCHEMA_NAME",
     "check_override_keys",
     "compose_config",
+    "compose_plan",
     "config_dir",
     "config_hash",
     "config_to_dict",
@@ -245,6 +246,11 @@ def compose_config(config_name: str = "config", overrides: list[str] | None = No
     Used by the ServerApp under ``flwr run`` and by tests; clears any global Hydra
     state first (several compositions in one process are normal there).
     """
+    return compose_plan(config_name, overrides).cfg
+
+
+def compose_plan(config_name: str = "config", overrides: list[str] | None = None) -> RunPlan:
+    """:func:`compose_config`, returning the resolved plan (built once) with the config."""
     from hydra import compose, initialize_config_dir
 
     check_override_keys(overrides or [])
@@ -260,7 +266,7 @@ def compose_config(config_name: str = "config", overrides: list[str] | None = No
         raise ConfigError("<overrides>", overrides, str(err).split("\n")[0]) from err
     finally:
         GlobalHydra.instance().clear()
-    return to_app_config(raw)
+    return to_app_plan(raw)
 
 
 def preflight(argv: list[str]) -> AppConfig | None:
