@@ -1,4 +1,4 @@
-"""Micro-benchmark: single-threaded vs threaded ``crypto.accumulate_masks``.
+"""Micro-benchmark: single-threaded vs threaded ``masks.accumulate_masks``.
 
 ``accumulate_masks(..., threads=n)`` cuts the accumulator into ``n`` contiguous slices
 and gives each thread its own AES-128-CTR ciphers started at the slice's counter
@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fl_app.secagg import crypto
+from fl_app.secagg import masks
 
 
 def _busy_seconds() -> float:
@@ -59,15 +59,15 @@ def _median_time(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     return statistics.median(times), max(0.0, others) / (time.perf_counter() - wall0)
 
 
-def _masks(count: int, domain: crypto.MaskDomain) -> list[tuple[bytes, crypto.MaskDomain]]:
+def _masks(count: int, domain: masks.MaskDomain) -> list[tuple[bytes, masks.MaskDomain]]:
     return [(os.urandom(32), domain) for _ in range(count)]
 
 
 def bench_accumulate(
     label: str,
     d: int,
-    add: list[tuple[bytes, crypto.MaskDomain]],
-    subtract: list[tuple[bytes, crypto.MaskDomain]],
+    add: list[tuple[bytes, masks.MaskDomain]],
+    subtract: list[tuple[bytes, masks.MaskDomain]],
     with_base: bool,
     thread_counts: list[int | None],
     reps: int,
@@ -78,7 +78,7 @@ def bench_accumulate(
     def run(threads: int | None) -> np.ndarray:
         if not with_base:
             np.copyto(out, base)
-        return crypto.accumulate_masks(
+        return masks.accumulate_masks(
             out,
             32,
             add=add,
@@ -94,13 +94,13 @@ def bench_accumulate(
             raise AssertionError(f"threads={threads} differs from the single-threaded result")
         t, others = _median_time(functools.partial(run, threads), reps)
         single = single or t
-        resolved = crypto._resolve_threads(threads, d, len(add) + len(subtract))
+        resolved = masks._resolve_threads(threads, d, len(add) + len(subtract))
         _report(label, threads, resolved, t, single, others)
 
 
 def bench_keystream(num_masks: int, d: int, thread_counts: list[int | None], reps: int) -> None:
     """``num_masks`` keystreams of ``4 * d`` bytes, 128 KiB ``update_into`` calls, no numpy."""
-    chunk = crypto._ACC_CHUNK_BYTES
+    chunk = masks._ACC_CHUNK_BYTES
     zeros = memoryview(bytes(chunk))
     chunks = -(-4 * d // chunk) * num_masks
 
@@ -121,7 +121,7 @@ def bench_keystream(num_masks: int, d: int, thread_counts: list[int | None], rep
 
     single = 0.0
     for threads in thread_counts:
-        resolved = crypto._resolve_threads(threads, d, num_masks)
+        resolved = masks._resolve_threads(threads, d, num_masks)
         t, others = _median_time(functools.partial(run, resolved), reps)
         single = single or t
         _report(f"keystream only, {num_masks} x {d:,}", threads, resolved, t, single, others)
@@ -155,19 +155,19 @@ def main() -> None:
     if args.threads is None:
         counts.append(None)
     print(
-        f"usable cores {crypto._usable_cores()}, load average "
+        f"usable cores {masks._usable_cores()}, load average "
         + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     k = args.client_masks
-    client_add = _masks(1, crypto.MaskDomain.self_mask) + _masks(
-        (k - 1) // 2, crypto.MaskDomain.pairwise
+    client_add = _masks(1, masks.MaskDomain.self_mask) + _masks(
+        (k - 1) // 2, masks.MaskDomain.pairwise
     )
-    client_sub = _masks(k - len(client_add), crypto.MaskDomain.pairwise)
+    client_sub = _masks(k - len(client_add), masks.MaskDomain.pairwise)
     bench_accumulate(
         f"client: {k} masks x {args.d:,}", args.d, client_add, client_sub, True, counts, args.reps
     )
     m = args.server_masks
-    server_sub = _masks(m, crypto.MaskDomain.self_mask)
+    server_sub = _masks(m, masks.MaskDomain.self_mask)
     bench_accumulate(
         f"server: {m} self-masks x {args.d:,}", args.d, [], server_sub, False, counts, args.reps
     )

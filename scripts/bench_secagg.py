@@ -209,7 +209,7 @@ def floor_seconds(n: int, params: int, repeats: int = 3) -> dict[str, float]:
     """
     import os
 
-    from fl_app.secagg.crypto import MaskDomain, accumulate_masks
+    from fl_app.secagg.masks import MaskDomain, accumulate_masks
 
     seeds = [(os.urandom(32), MaskDomain.self_mask) for _ in range(n)]
     acc = np.zeros(params, dtype=np.uint32)

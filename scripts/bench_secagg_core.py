@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fl_app.secagg import crypto
+from fl_app.secagg import masks
 from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.encoding import FixedPointCodec
 from fl_app.secagg.graph import derive_params
@@ -47,21 +47,21 @@ def _median_time(fn: Callable[[], object], reps: int) -> float:
 def bench_mask(reps: int = 30) -> float:
     seed = os.urandom(32)
     return _median_time(
-        lambda: crypto.expand_mask(seed, 1_000_000, 32, domain=crypto.MaskDomain.pairwise), reps
+        lambda: masks.expand_mask(seed, 1_000_000, 32, domain=masks.MaskDomain.pairwise), reps
     )
 
 
 def bench_mask_sum(num_masks: int, d: int = 1_000_000, reps: int = 5) -> tuple[float, float]:
     """``num_masks`` masks added to a vector: one by one (expand + add) vs fused."""
-    pairs = [(os.urandom(32), crypto.MaskDomain.pairwise) for _ in range(num_masks)]
+    pairs = [(os.urandom(32), masks.MaskDomain.pairwise) for _ in range(num_masks)]
 
     def one_by_one() -> None:
         y = np.zeros(d, dtype=np.uint32)
         for seed, domain in pairs:
-            np.add(y, crypto.expand_mask(seed, d, 32, domain=domain), out=y)
+            np.add(y, masks.expand_mask(seed, d, 32, domain=domain), out=y)
 
     def fused() -> None:
-        crypto.accumulate_masks(np.zeros(d, dtype=np.uint32), 32, add=pairs)
+        masks.accumulate_masks(np.zeros(d, dtype=np.uint32), 32, add=pairs)
 
     return _median_time(one_by_one, reps), _median_time(fused, reps)
 

@@ -169,7 +169,6 @@ _LONG_MODULES_ALLOWED = frozenset(
         "fl_app/config/client_dp.py",
         "fl_app/privacy/accounting.py",
         "fl_app/privacy/ledger.py",
-        "fl_app/secagg/crypto.py",
         "fl_app/secagg/graph.py",
         "strategies/driver.py",
     }
@@ -183,7 +182,6 @@ _LONG_FUNCTIONS_ALLOWED = frozenset(
         "fl_app/config/validate_privacy.py::_check_client_level",
         "fl_app/config/validate_secagg.py::check_secagg",
         "fl_app/release/caveats.py::_plaintext_items",
-        "fl_app/secagg/crypto.py::accumulate_masks",
         "fl_app/secagg/graph.py::_complete",
         "fl_app/secagg/graph.py::custom_params",
         "fl_app/secagg/graph.py::derive_params",

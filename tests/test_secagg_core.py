@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_app.secagg import crypto, shamir
+from fl_app.secagg import crypto, masks, shamir
 from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError, mod_add, mod_sub, mod_sum
 from fl_app.secagg.graph import (
     GraphMode,
@@ -291,23 +291,23 @@ def test_aead_binds_context_sender_recipient() -> None:
 
 def test_expand_mask_deterministic_domain_separated_and_reduced() -> None:
     seed = bytes(range(32))
-    a = crypto.expand_mask(seed, 3 * 2**18 + 5, 32, domain=crypto.MaskDomain.pairwise)
+    a = masks.expand_mask(seed, 3 * 2**18 + 5, 32, domain=masks.MaskDomain.pairwise)
     assert a.dtype == np.uint32 and a.shape == (3 * 2**18 + 5,)
     assert np.array_equal(
-        a, crypto.expand_mask(seed, a.size, 32, domain=crypto.MaskDomain.pairwise)
+        a, masks.expand_mask(seed, a.size, 32, domain=masks.MaskDomain.pairwise)
     )
     # chunked keystream == one-shot keystream (prefix property)
-    short = crypto.expand_mask(seed, 1000, 32, domain=crypto.MaskDomain.pairwise)
+    short = masks.expand_mask(seed, 1000, 32, domain=masks.MaskDomain.pairwise)
     assert np.array_equal(a[:1000], short)
-    selfm = crypto.expand_mask(seed, 1000, 32, domain=crypto.MaskDomain.self_mask)
+    selfm = masks.expand_mask(seed, 1000, 32, domain=masks.MaskDomain.self_mask)
     assert not np.array_equal(short, selfm)
-    wide = crypto.expand_mask(seed, 1000, 64, domain=crypto.MaskDomain.pairwise)
+    wide = masks.expand_mask(seed, 1000, 64, domain=masks.MaskDomain.pairwise)
     assert wide.dtype == np.uint64
-    small = crypto.expand_mask(seed, 1000, 20, domain=crypto.MaskDomain.pairwise)
+    small = masks.expand_mask(seed, 1000, 20, domain=masks.MaskDomain.pairwise)
     assert small.dtype == np.uint32 and int(small.max()) < 2**20
-    assert crypto.expand_mask(seed, 0, 32, domain=crypto.MaskDomain.pairwise).size == 0
+    assert masks.expand_mask(seed, 0, 32, domain=masks.MaskDomain.pairwise).size == 0
     with pytest.raises(ValueError, match="32 bytes"):
-        crypto.expand_mask(b"short", 10, 32, domain=crypto.MaskDomain.pairwise)
+        masks.expand_mask(b"short", 10, 32, domain=masks.MaskDomain.pairwise)
 
 
 @pytest.mark.parametrize("bits", [8, 20, 32, 33, 48, 64])
@@ -315,55 +315,55 @@ def test_expand_mask_deterministic_domain_separated_and_reduced() -> None:
 def test_accumulate_masks_equals_adding_expanded_masks_one_by_one(bits: int, extra: int) -> None:
     """The fused, chunked accumulation is exactly ``out + sum(add) - sum(subtract)`` mod 2**bits."""
     dtype = crypto.storage_dtype(bits)
-    step = crypto._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize
+    step = masks._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize
     length = 2 * step + extra  # crosses chunk boundaries, with a partial last chunk
     rng = np.random.default_rng(bits + extra)
     base = rng.integers(0, 2**bits, length, dtype=np.uint64, endpoint=False).astype(dtype)
     seeds = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(5)]
-    add = [(seeds[0], crypto.MaskDomain.self_mask), (seeds[1], crypto.MaskDomain.pairwise)]
-    subtract = [(s, crypto.MaskDomain.pairwise) for s in seeds[2:]]
+    add = [(seeds[0], masks.MaskDomain.self_mask), (seeds[1], masks.MaskDomain.pairwise)]
+    subtract = [(s, masks.MaskDomain.pairwise) for s in seeds[2:]]
     expected = base.copy()
     for s, d in add:
-        expected = mod_add(expected, crypto.expand_mask(s, length, bits, domain=d), bits)
+        expected = mod_add(expected, masks.expand_mask(s, length, bits, domain=d), bits)
     for s, d in subtract:
-        expected = mod_sub(expected, crypto.expand_mask(s, length, bits, domain=d), bits)
+        expected = mod_sub(expected, masks.expand_mask(s, length, bits, domain=d), bits)
     out = base.copy()
-    got = crypto.accumulate_masks(out, bits, add=add, subtract=subtract)
+    got = masks.accumulate_masks(out, bits, add=add, subtract=subtract)
     assert got is out and got.dtype == dtype
     assert np.array_equal(got, expected)
     if bits < 8 * got.itemsize:
         assert int(got.max()) < 2**bits
     # a mask added and subtracted cancels exactly
-    again = crypto.accumulate_masks(base.copy(), bits, add=add[:1], subtract=add[:1])
+    again = masks.accumulate_masks(base.copy(), bits, add=add[:1], subtract=add[:1])
     assert np.array_equal(again, base)
     # out = base + masks in the same pass; base is left as it was
     before = base.copy()
     fresh = np.full(length, 7, dtype=dtype)
-    got = crypto.accumulate_masks(fresh, bits, add=add, subtract=subtract, base=base)
+    got = masks.accumulate_masks(fresh, bits, add=add, subtract=subtract, base=base)
     assert got is fresh and np.array_equal(got, expected) and np.array_equal(base, before)
 
 
 def test_accumulate_masks_argument_checks() -> None:
     seed = bytes(range(32))
-    pair = [(seed, crypto.MaskDomain.pairwise)]
+    pair = [(seed, masks.MaskDomain.pairwise)]
     empty = np.zeros(0, dtype=np.uint32)
-    assert crypto.accumulate_masks(empty, 32, add=pair).size == 0
+    assert masks.accumulate_masks(empty, 32, add=pair).size == 0
     unchanged = np.arange(10, dtype=np.uint32)
-    assert np.array_equal(crypto.accumulate_masks(unchanged.copy(), 32), unchanged)
-    copied = crypto.accumulate_masks(np.zeros(10, dtype=np.uint32), 32, base=unchanged)
+    assert np.array_equal(masks.accumulate_masks(unchanged.copy(), 32), unchanged)
+    copied = masks.accumulate_masks(np.zeros(10, dtype=np.uint32), 32, base=unchanged)
     assert np.array_equal(copied, unchanged)
-    reduced = crypto.accumulate_masks(np.zeros(1, np.uint32), 4, base=np.array([18], np.uint32))
+    reduced = masks.accumulate_masks(np.zeros(1, np.uint32), 4, base=np.array([18], np.uint32))
     assert reduced[0] == 2
     with pytest.raises(ValueError, match="base must match"):
-        crypto.accumulate_masks(np.zeros(4, dtype=np.uint32), 32, add=pair, base=unchanged)
+        masks.accumulate_masks(np.zeros(4, dtype=np.uint32), 32, add=pair, base=unchanged)
     with pytest.raises(ValueError, match="uint32"):
-        crypto.accumulate_masks(np.zeros(4, dtype=np.uint64), 32, add=pair)
+        masks.accumulate_masks(np.zeros(4, dtype=np.uint64), 32, add=pair)
     with pytest.raises(ValueError, match="1-d"):
-        crypto.accumulate_masks(np.zeros((2, 2), dtype=np.uint32), 32, add=pair)
+        masks.accumulate_masks(np.zeros((2, 2), dtype=np.uint32), 32, add=pair)
     with pytest.raises(ValueError, match="contiguous"):
-        crypto.accumulate_masks(np.zeros(8, dtype=np.uint32)[::2], 32, add=pair)
+        masks.accumulate_masks(np.zeros(8, dtype=np.uint32)[::2], 32, add=pair)
     with pytest.raises(ValueError, match="32 bytes"):
-        crypto.accumulate_masks(np.zeros(4, dtype=np.uint32), 32, subtract=[(b"short", pair[0][1])])
+        masks.accumulate_masks(np.zeros(4, dtype=np.uint32), 32, subtract=[(b"short", pair[0][1])])
 
 
 # ---------------------------------------------------------------- encoding
@@ -599,32 +599,32 @@ def test_accumulate_masks_threaded_is_bit_identical(bits: int, length: int) -> N
     rng = np.random.default_rng(bits * 7 + length)
     base = rng.integers(0, 2**bits, length, dtype=np.uint64, endpoint=False).astype(dtype)
     seeds = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(4)]
-    add = [(seeds[0], crypto.MaskDomain.self_mask), (seeds[1], crypto.MaskDomain.pairwise)]
-    subtract = [(s, crypto.MaskDomain.pairwise) for s in seeds[2:]]
+    add = [(seeds[0], masks.MaskDomain.self_mask), (seeds[1], masks.MaskDomain.pairwise)]
+    subtract = [(s, masks.MaskDomain.pairwise) for s in seeds[2:]]
     expected = base.copy()
     negated = np.zeros(length, dtype=dtype)  # -sum(subtract masks)
     for s, d in add:
-        expected = mod_add(expected, crypto.expand_mask(s, length, bits, domain=d), bits)
+        expected = mod_add(expected, masks.expand_mask(s, length, bits, domain=d), bits)
     for s, d in subtract:
-        mask = crypto.expand_mask(s, length, bits, domain=d)
+        mask = masks.expand_mask(s, length, bits, domain=d)
         expected = mod_sub(expected, mask, bits)
         negated = mod_sub(negated, mask, bits)
-    single = crypto.accumulate_masks(base.copy(), bits, add=add, subtract=subtract, threads=1)
+    single = masks.accumulate_masks(base.copy(), bits, add=add, subtract=subtract, threads=1)
     assert np.array_equal(single, expected)
     before = base.copy()
     for threads in (1, 2, 3, 7, None):
-        got = crypto.accumulate_masks(
+        got = masks.accumulate_masks(
             base.copy(), bits, add=add, subtract=subtract, threads=threads
         )
         assert got.dtype == dtype and np.array_equal(got, single), threads
         # out = base + masks in the same pass, base untouched
         fresh = np.full(length, 9, dtype=dtype)
-        got = crypto.accumulate_masks(
+        got = masks.accumulate_masks(
             fresh, bits, add=add, subtract=subtract, base=base, threads=threads
         )
         assert got is fresh and np.array_equal(got, expected), threads
         # subtraction only (the server's unmasking)
-        got = crypto.accumulate_masks(np.zeros_like(base), bits, subtract=subtract, threads=threads)
+        got = masks.accumulate_masks(np.zeros_like(base), bits, subtract=subtract, threads=threads)
         assert np.array_equal(got, negated), threads
     assert np.array_equal(base, before)
 
@@ -632,28 +632,28 @@ def test_accumulate_masks_threaded_is_bit_identical(bits: int, length: int) -> N
 def test_accumulate_masks_thread_slices_and_argument_checks() -> None:
     # cuts at 64-byte multiples, non-empty, covering everything, at most `parts` slices
     for size, itemsize, parts in [(1, 4, 7), (17, 4, 2), (1_000_003, 4, 3), (1_000_003, 8, 7)]:
-        bounds = crypto._slice_bounds(size, itemsize, parts)
+        bounds = masks._slice_bounds(size, itemsize, parts)
         assert bounds[0][0] == 0 and bounds[-1][1] == size and len(bounds) <= parts
         assert all(a < b for a, b in bounds)
         assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
         assert all(a * itemsize % 64 == 0 for a, _ in bounds)
-    assert len(crypto._slice_bounds(1_000_003, 4, 3)) == 3
-    assert crypto._resolve_threads(None, crypto._THREAD_MIN_ELEMENTS - 1, 100) == 1
-    assert crypto._resolve_threads(None, crypto._THREAD_MIN_ELEMENTS, 1) == 1  # too little work
-    assert 1 <= crypto._resolve_threads(None, 10**6, 39) <= crypto._MAX_DEFAULT_THREADS
-    assert crypto._resolve_threads(3, 1, 1) == 3
+    assert len(masks._slice_bounds(1_000_003, 4, 3)) == 3
+    assert masks._resolve_threads(None, masks._THREAD_MIN_ELEMENTS - 1, 100) == 1
+    assert masks._resolve_threads(None, masks._THREAD_MIN_ELEMENTS, 1) == 1  # too little work
+    assert 1 <= masks._resolve_threads(None, 10**6, 39) <= masks._MAX_DEFAULT_THREADS
+    assert masks._resolve_threads(3, 1, 1) == 3
     seed = bytes(range(32))
-    pair = [(seed, crypto.MaskDomain.pairwise)]
+    pair = [(seed, masks.MaskDomain.pairwise)]
     out = np.arange(10, dtype=np.uint32)
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="threads"):
-            crypto.accumulate_masks(out, 32, add=pair, threads=bad)  # type: ignore[arg-type]
+            masks.accumulate_masks(out, 32, add=pair, threads=bad)  # type: ignore[arg-type]
     assert np.array_equal(out, np.arange(10, dtype=np.uint32))  # nothing modified
 
 
 def _threaded_sum_in_child(queue: object) -> None:
-    seeds = [(bytes([i]) * 32, crypto.MaskDomain.pairwise) for i in range(3)]
-    out = crypto.accumulate_masks(np.zeros(1000, np.uint32), 32, add=seeds, threads=3)
+    seeds = [(bytes([i]) * 32, masks.MaskDomain.pairwise) for i in range(3)]
+    out = masks.accumulate_masks(np.zeros(1000, np.uint32), 32, add=seeds, threads=3)
     queue.put(int(out.astype(np.uint64).sum()))  # type: ignore[attr-defined]
 
 
@@ -662,8 +662,8 @@ def test_accumulate_masks_threads_work_in_a_forked_child() -> None:
     """The parent's pool has no threads in a forked child: a fresh one is made there."""
     import multiprocessing
 
-    seeds = [(bytes([i]) * 32, crypto.MaskDomain.pairwise) for i in range(3)]
-    expected = crypto.accumulate_masks(np.zeros(1000, np.uint32), 32, add=seeds, threads=3)
+    seeds = [(bytes([i]) * 32, masks.MaskDomain.pairwise) for i in range(3)]
+    expected = masks.accumulate_masks(np.zeros(1000, np.uint32), 32, add=seeds, threads=3)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_threaded_sum_in_child, args=(queue,))
@@ -695,17 +695,17 @@ def test_ctr_offset_matches_openssl_counter(start: int) -> None:
     blocks = 8
     full = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update(bytes(16 * blocks))
     for k in range(blocks + 1):
-        shifted = crypto._ctr_offset(iv, k)
+        shifted = masks._ctr_offset(iv, k)
         assert int.from_bytes(shifted, "big") == (start + k) % 2**128
         tail = Cipher(algorithms.AES(key), modes.CTR(shifted)).encryptor()
         assert tail.update(bytes(16 * (blocks - k))) == full[16 * k :]
-    assert crypto._ctr_offset(iv, 2**130) == iv  # a multiple of 2**128 is the identity
+    assert masks._ctr_offset(iv, 2**130) == iv  # a multiple of 2**128 is the identity
     with pytest.raises(ValueError):
-        crypto._ctr_offset(iv[:15], 1)
+        masks._ctr_offset(iv[:15], 1)
     # the mask cipher at a block offset continues the mask's keystream
     seed = bytes(range(32))
-    mask = crypto.expand_mask(seed, 64, 32, domain=crypto.MaskDomain.self_mask)
-    enc = crypto._mask_cipher(seed, crypto.MaskDomain.self_mask, 5)
+    mask = masks.expand_mask(seed, 64, 32, domain=masks.MaskDomain.self_mask)
+    enc = masks._mask_cipher(seed, masks.MaskDomain.self_mask, 5)
     tail_words = np.frombuffer(enc.update(bytes(4 * 64 - 16 * 5)), dtype=np.uint32)
     assert np.array_equal(tail_words, mask[4 * 5 :])
 
@@ -714,13 +714,13 @@ def test_default_threads_honour_a_cpu_share(monkeypatch: pytest.MonkeyPatch) -> 
     # Ray sets OMP_NUM_THREADS to an actor's num_cpus: one simulated client per CPU must
     # not start a thread per core. Unset or malformed values fall back to the affinity.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert crypto._resolve_threads(None, 10**6, 39) == 1
+    assert masks._resolve_threads(None, 10**6, 39) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
-    assert crypto._usable_cores() >= 1
+    assert masks._usable_cores() >= 1
     monkeypatch.delenv("OMP_NUM_THREADS")
-    cores = crypto._usable_cores()
+    cores = masks._usable_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 5))
-    assert crypto._usable_cores() == cores
+    assert masks._usable_cores() == cores
 
 
 @pytest.mark.parametrize("n", [10, 20, 100, 300, 1000])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from fl_app.secagg import crypto, shamir
+from fl_app.secagg import crypto, masks, shamir
 from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.encoding import FixedPointCodec, mod_add, mod_sub
 from fl_app.secagg.graph import SecAggParams, derive_params
@@ -255,13 +255,13 @@ def test_server_cannot_unmask_a_proper_subset() -> None:
     attempt = np.zeros(r.d, dtype=np.uint32)
     for u in subset:
         attempt += ys[u]
-        attempt -= crypto.expand_mask(seeds[u], r.d, 32, domain=crypto.MaskDomain.self_mask)
+        attempt -= masks.expand_mask(seeds[u], r.d, 32, domain=masks.MaskDomain.self_mask)
     assert not np.array_equal(attempt, r.expected(subset))
     # ... whereas for the full set the masks cancel (sanity of the attack code)
     full = np.zeros(r.d, dtype=np.uint32)
     for u in r.ids:
         full += ys[u]
-        full -= crypto.expand_mask(seeds[u], r.d, 32, domain=crypto.MaskDomain.self_mask)
+        full -= masks.expand_mask(seeds[u], r.d, 32, domain=masks.MaskDomain.self_mask)
     assert np.array_equal(full, r.expected(r.ids))
 
     # a fresh round: asking one client for both shares of one node is refused
@@ -462,7 +462,7 @@ def test_client_masked_input_equals_textbook_mask_sum() -> None:
     computed mask by mask, over a length that spans several accumulation chunks."""
     for bits in (20, 32, 64):
         dtype = crypto.storage_dtype(bits)
-        d = 2 * (crypto._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize) + 3
+        d = 2 * (masks._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize) + 3
         r = Round(_params(8, "secaggplus", 0.25, 0.125), _ids(8), bits=bits, d=d, seed=5)
         s, c = r.server, r.clients
         req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
@@ -472,7 +472,7 @@ def test_client_masked_input_equals_textbook_mask_sum() -> None:
             assert client._b is not None and client._s_sk is not None
             expected = mod_add(
                 r.inputs[u],
-                crypto.expand_mask(bytes(client._b), d, bits, domain=crypto.MaskDomain.self_mask),
+                masks.expand_mask(bytes(client._b), d, bits, domain=masks.MaskDomain.self_mask),
                 bits,
             )
             for v in req3[u]:
@@ -483,7 +483,7 @@ def test_client_masked_input_equals_textbook_mask_sum() -> None:
                     node_a=u,
                     node_b=v,
                 )
-                mask = crypto.expand_mask(seed, d, bits, domain=crypto.MaskDomain.pairwise)
+                mask = masks.expand_mask(seed, d, bits, domain=masks.MaskDomain.pairwise)
                 op = mod_add if u < v else mod_sub
                 expected = op(expected, mask, bits)
             before = r.inputs[u].copy()
@@ -495,7 +495,7 @@ def test_client_masked_input_equals_textbook_mask_sum() -> None:
 @pytest.mark.parametrize("bits", [24, 32, 64])
 def test_exact_sum_with_dropouts_over_several_accumulation_chunks(bits: int) -> None:
     dtype = crypto.storage_dtype(bits)
-    d = 2 * (crypto._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize) + 5
+    d = 2 * (masks._ACC_CHUNK_BYTES // np.dtype(dtype).itemsize) + 5
     params = _params(20, "secaggplus", 0.3, 0.1)
     r = Round(params, _ids(20), bits=bits, d=d, seed=8)
     res = r.run({3: set(r.ids[3 : 3 + params.max_dropouts])})

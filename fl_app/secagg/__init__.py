@@ -7,7 +7,8 @@ sub-package (flwr, no torch); the server's are :mod:`strategies.secagg`. Both sp
 :mod:`~fl_app.secagg.wire`.
 
 * :mod:`~fl_app.secagg.shamir`: Shamir sharing of 32-byte secrets over GF(2**521 - 1);
-* :mod:`~fl_app.secagg.crypto`: X25519, HKDF-SHA256, ChaCha20-Poly1305, AES-128-CTR mask PRG;
+* :mod:`~fl_app.secagg.crypto`: X25519, HKDF-SHA256, ChaCha20-Poly1305, seed commitments;
+* :mod:`~fl_app.secagg.masks`: the AES-128-CTR mask PRG and the fused mask accumulator;
 * :mod:`~fl_app.secagg.encoding`: fixed-point codec into Z_{2**bits} that cannot wrap;
 * :mod:`~fl_app.secagg.graph`: complete / Harary neighbour graphs and derived (k, t);
 * :mod:`~fl_app.secagg.protocol`: the stages, shared types, share encryption;

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from fl_app.secagg import crypto, shamir
+from fl_app.secagg import crypto, masks, shamir
 from fl_app.secagg.graph import SecAggParams
 from fl_app.secagg.protocol import (
     ClientRefusal,
@@ -256,9 +256,9 @@ class ClientSession:
                 f"threshold is {self.params.threshold}",
             )
         # y = x + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv), all masks
-        # generated and accumulated chunk by chunk (crypto.accumulate_masks).
-        add = [(bytes(self._b), crypto.MaskDomain.self_mask)]
-        subtract: list[tuple[bytes, crypto.MaskDomain]] = []
+        # generated and accumulated chunk by chunk (masks.accumulate_masks).
+        add = [(bytes(self._b), masks.MaskDomain.self_mask)]
+        subtract: list[tuple[bytes, masks.MaskDomain]] = []
         for v in sorted(received):
             pair = _pairwise_seed(
                 self._s_sk,
@@ -269,7 +269,7 @@ class ClientSession:
             )
             (add if self.node_id < v else subtract).append(pair)
         y = np.empty_like(encoded)
-        crypto.accumulate_masks(y, self.bits, add=add, subtract=subtract, base=encoded)
+        masks.accumulate_masks(y, self.bits, add=add, subtract=subtract, base=encoded)
         self._shares.update(received)
         self._senders = frozenset(received)
         self._enc_keys.clear()

@@ -71,7 +71,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from fl_app.secagg import crypto, shamir
+from fl_app.secagg import crypto, masks, shamir
 
 __all__ = [
     "CIPHERTEXT_BYTES",
@@ -247,7 +247,7 @@ def _vector_problem(y: object, dtype: type, length: int, bits: int) -> str | Non
 
 def _pairwise_seed(
     s_sk: crypto.X25519PrivateKey, peer_s_pk: bytes, *, me: int, peer: int, context: bytes
-) -> tuple[bytes, crypto.MaskDomain]:
+) -> tuple[bytes, masks.MaskDomain]:
     """``(s_uv, pairwise domain)``: the PRG input of the pairwise mask of ``me`` and ``peer``."""
     seed = crypto.derive_key(
         crypto.agree(s_sk, peer_s_pk),
@@ -256,7 +256,7 @@ def _pairwise_seed(
         node_a=me,
         node_b=peer,
     )
-    return seed, crypto.MaskDomain.pairwise
+    return seed, masks.MaskDomain.pairwise
 
 
 def _reduce(x: np.ndarray, bits: int) -> np.ndarray:

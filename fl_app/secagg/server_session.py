@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from fl_app.secagg import crypto, shamir
+from fl_app.secagg import crypto, masks, shamir
 from fl_app.secagg.graph import SecAggParams, build_graph
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
@@ -365,16 +365,16 @@ class ServerSession:
 
         t = self.params.threshold
         total = self._total
-        # Every mask to remove, then one pass over the sum (crypto.accumulate_masks):
+        # Every mask to remove, then one pass over the sum (masks.accumulate_masks):
         # the survivors' self-masks, and each dropout's pairwise masks with its
         # surviving neighbours (w added +mask if w < v, else -mask: undo it).
-        add: list[tuple[bytes, crypto.MaskDomain]] = []
-        subtract: list[tuple[bytes, crypto.MaskDomain]] = []
+        add: list[tuple[bytes, masks.MaskDomain]] = []
+        subtract: list[tuple[bytes, masks.MaskDomain]] = []
         survivors = sorted(u3)
         for seed in self._reconstruct_all(
             stage, survivors, b_shares, t, "self-mask seed", self._seed_matches
         ):
-            subtract.append((seed, crypto.MaskDomain.self_mask))
+            subtract.append((seed, masks.MaskDomain.self_mask))
         gone = sorted(dropouts)
         keys = self._reconstruct_all(stage, gone, s_shares, t, "masking key", self._key_matches)
         for v, raw in zip(gone, keys, strict=True):
@@ -384,7 +384,7 @@ class ServerSession:
                     continue
                 pair = _pairwise_seed(s_sk, self.keys[w].s_pk, me=v, peer=w, context=self.context)
                 (subtract if w < v else add).append(pair)
-        crypto.accumulate_masks(total, self.bits, add=add, subtract=subtract)
+        masks.accumulate_masks(total, self.bits, add=add, subtract=subtract)
         self._total = None
         self._stage = stage
         return AggregateResult(
