@@ -64,9 +64,10 @@ log = logging.getLogger("fl_app.client")
 def handle_train(msg: Message, context: Context) -> Message:
     """Train on local data and reply with the update Δ (see :mod:`fl_app.client.pipeline`).
 
-    Under secure aggregation the instruction carries a stage marker: stages 1, 2 and 4
-    (key exchange, unmasking) are handled without torch by :mod:`fl_app.secagg.client`;
-    stage 3 trains as below, then encodes and masks, and replies with the masked vector.
+    Under secure aggregation the instruction carries a stage marker: stages 1, 2, 4 and 5
+    (key exchange, unmasking, the consistency check) are handled without torch by
+    :mod:`fl_app.secagg.client`; stage 3 trains as below, then encodes and masks, and
+    replies with the masked vector.
     """
     from fl_app.secagg.client import (
         MaskedInputStage,

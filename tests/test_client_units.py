@@ -1,0 +1,224 @@
+"""fl_app/client/ module by module, without a federation: the refusals and their codes,
+the site's identity and file names, the downgrade guard, the site policy's epsilon checks
+and the site budget ledger across renamed runs, the hidden-mode metrics filter and the
+Context.state memory of the privacy stores.
+
+Expected values are written by hand: wire codes from the protocol's table, file names
+and digests from the documented formulas (SHA-256 via hashlib), sums worked out in the
+comments. The whole-client behaviour is tested through the in-process grid elsewhere
+(test_secagg_downgrade.py, test_site_budget.py, test_client_audit.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from fl_app.client.audit import client_audit_path
+from fl_app.client.budget import account_site_release
+from fl_app.client.downgrade import PROTECTED_RUNS_KEY, refuse_downgrade
+from fl_app.client.enforce import enforce_epsilon
+from fl_app.client.identity import partition, site_hash, site_identity
+from fl_app.client.policy import PolicyViolation, SitePolicy
+from fl_app.client.refusal import BudgetExhausted, ClientRefusal, PolicyRefusal, secagg_refusal
+from fl_app.client.state import ContextMemory
+from fl_app.client.train import hidden_mode_public
+from fl_app.client_spec import ClientSpec
+
+# The wire codes (fl_app/protocol.py's table): a refusal, a spent budget.
+CLIENT_REFUSED, BUDGET_EXHAUSTED = 1001, 1002
+
+
+def _context(**node_config: Any) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+# ------------------------------------------------------------------------ refusals
+def test_refusal_codes() -> None:
+    assert ClientRefusal("x").code == CLIENT_REFUSED
+    assert BudgetExhausted("x").code == BUDGET_EXHAUSTED
+    budget = PolicyRefusal(PolicyViolation("max_epsilon", "too much"))
+    assert (budget.code, budget.field) == (BUDGET_EXHAUSTED, "max_epsilon")
+    other = PolicyRefusal(PolicyViolation("require_secure_aggregation", "plain"))
+    assert (other.code, other.field) == (CLIENT_REFUSED, "require_secure_aggregation")
+
+
+def test_a_secagg_refusal_names_the_policy_field_it_rests_on() -> None:
+    class FieldError(Exception):
+        field = "secagg_min_cohort_size"
+        detail = "cohort of 2"
+
+    named = secagg_refusal(FieldError("ignored text"))
+    assert isinstance(named, PolicyRefusal) and named.field == "secagg_min_cohort_size"
+    assert "secure aggregation: cohort of 2" in str(named) and "ignored" not in str(named)
+    plain = secagg_refusal(ValueError("bad stage"))
+    assert type(plain) is ClientRefusal and str(plain) == "secure aggregation: bad stage"
+    assert plain.code == CLIENT_REFUSED
+
+
+# ------------------------------------------------------------------------ identity
+def test_site_identity_forms(tmp_path: Path) -> None:
+    assert site_identity({"site-name": "hospital-a.2"}) == "site-hospital-a.2"
+    data = tmp_path / "x" / ".." / "site.npz"
+    digest = hashlib.sha256(str((tmp_path / "site.npz").resolve()).encode()).hexdigest()
+    assert site_identity({"data-path": str(data)}) == f"data-{digest[:16]}"
+    # site-name wins over data-path; an empty one does not count.
+    assert site_identity({"site-name": "a", "data-path": str(data)}) == "site-a"
+    assert site_identity({"site-name": "", "partition-id": 4}) == "partition-4"
+    assert site_identity({}) == "partition-0"
+    assert site_identity({"site-name": "n" * 64}) == "site-" + "n" * 64
+
+
+@pytest.mark.parametrize("name", [".hidden", "a/b", "n" * 65, "a b", "../x"])
+def test_unsafe_site_names_are_refused_naming_the_key(name: str) -> None:
+    with pytest.raises(ClientRefusal, match=r"node-config site-name=.* it names this site's"):
+        site_identity({"site-name": name})
+
+
+def test_partition_and_its_refusal() -> None:
+    assert partition(_context()) == (0, 1)
+    assert partition(_context(**{"partition-id": 2, "num-partitions": 5})) == (2, 5)
+    with pytest.raises(ClientRefusal, match="partition-id/num-partitions must be integers"):
+        partition(_context(**{"partition-id": "two"}))
+    with pytest.raises(ClientRefusal, match="partition-id must be an integer, got 'two'"):
+        site_identity({"partition-id": "two"})
+
+
+def test_site_hash_is_48_bits_of_sha256() -> None:
+    digest = hashlib.sha256(b"site-hospital-a").hexdigest()
+    value = site_hash("site-hospital-a")
+    assert value == int(digest[:12], 16) and value < 2**48
+    assert float(value) == value  # exact as a float64 metric
+
+
+def test_audit_file_names_keep_unsafe_parts_out() -> None:
+    d = Path("/logs")
+    assert client_audit_path(d, "run1", "site-a") == d / "audit-run1-site-a.jsonl"
+    assert client_audit_path(d, "run1", 3) == d / "audit-run1-partition-3.jsonl"
+    assert client_audit_path(d, "../up", "site-a") == d / "audit-unknown-site-a.jsonl"
+    assert client_audit_path(d, "run1", "site-../x") == d / "audit-run1-partition-unknown.jsonl"
+    assert client_audit_path(d, "run1", "other-a") == d / "audit-run1-partition-unknown.jsonl"
+
+
+# ----------------------------------------------------------------------- downgrade
+def _secure(ddp: bool = False) -> Any:
+    return SimpleNamespace(ddp=object() if ddp else None)
+
+
+def test_a_run_that_trained_securely_refuses_a_plain_or_noiseless_round() -> None:
+    ctx = _context()
+    spec = ClientSpec(run_key="k1")
+    refuse_downgrade(ctx, spec, "train", _secure(ddp=True), local_dp=False)
+    assert ctx.state.config_records[PROTECTED_RUNS_KEY]["run:k1"] == "ddp,secagg"
+    with pytest.raises(PolicyRefusal, match="already trained under secure aggregation with "):
+        refuse_downgrade(ctx, spec, "train", None, local_dp=False)
+    with pytest.raises(PolicyRefusal, match="has no distributed-DP noise") as err:
+        refuse_downgrade(ctx, spec, "train", _secure(ddp=False), local_dp=False)
+    assert err.value.field == "require_secure_aggregation"
+    # Another run key starts unmarked (the site policy guards that case).
+    refuse_downgrade(ctx, ClientSpec(run_key="k2"), "train", None, local_dp=False)
+    # Evaluation stays allowed: this spec hid no per-client metrics.
+    refuse_downgrade(ctx, spec, "evaluate", None, local_dp=False)
+
+
+def test_local_dp_and_hidden_metrics_marks() -> None:
+    ctx = _context()
+    hidden = ClientSpec(run_key="k", hide_client_metrics=True)
+    with pytest.raises(PolicyRefusal, match="is a plain one"):
+        refuse_downgrade(ctx, hidden, "train", None, local_dp=False)
+    refuse_downgrade(ctx, hidden, "train", None, local_dp=True)
+    assert ctx.state.config_records[PROTECTED_RUNS_KEY]["run:k"] == "hide-metrics,local-dp"
+    plain = ClientSpec(run_key="k")
+    with pytest.raises(ClientRefusal, match="already trained under local DP") as err:
+        refuse_downgrade(ctx, plain, "train", None, local_dp=False)
+    assert type(err.value) is ClientRefusal
+    with pytest.raises(ClientRefusal, match="this client does not evaluate in it"):
+        refuse_downgrade(ctx, plain, "evaluate", None, local_dp=False)
+
+
+def test_marks_survive_a_restart_in_the_sites_state_dir(tmp_path: Path) -> None:
+    config = {"site-name": "a", "dp-state-dir": str(tmp_path)}
+    refuse_downgrade(_context(**config), ClientSpec(run_key="k"), "train", _secure(), False)
+    stored = tmp_path / "protected-runs-site-a.json"
+    assert json.loads(stored.read_text()) == {"k": ["secagg"]}
+    with pytest.raises(PolicyRefusal, match="already trained under secure aggregation"):
+        refuse_downgrade(_context(**config), ClientSpec(run_key="k"), "train", None, False)
+    stored.write_text("{not json")
+    with pytest.raises(ClientRefusal, match=r"unreadable .*; restore or delete it"):
+        refuse_downgrade(_context(**config), ClientSpec(run_key="k"), "train", None, False)
+    stored.write_text(json.dumps({"k": "secagg"}))
+    with pytest.raises(ClientRefusal, match="not a run-key -> marks mapping"):
+        refuse_downgrade(_context(**config), ClientSpec(run_key="k"), "train", None, False)
+
+
+# ------------------------------------------------------------- epsilon and budget
+def test_enforce_epsilon_this_run_and_the_sites_total() -> None:
+    policy = SitePolicy(max_epsilon=2.0)
+    enforce_epsilon(None, "local DP", 99.0, 99.0)  # no policy: nothing to enforce
+    enforce_epsilon(policy, "local DP", 2.0, 2.0)  # the bound itself is allowed
+    with pytest.raises(PolicyRefusal, match=r"local DP epsilon would reach 2\.5") as err:
+        enforce_epsilon(policy, "local DP", 2.5)
+    assert err.value.code == BUDGET_EXHAUSTED
+    with pytest.raises(PolicyRefusal) as err:
+        enforce_epsilon(policy, "record-level", 1.5, 3.75)
+    # The site's total over other runs is not told to this server.
+    assert "3.75" not in str(err.value) and "past its max_epsilon 2" in str(err.value)
+
+
+def test_a_renamed_run_does_not_reset_the_sites_budget(tmp_path: Path) -> None:
+    ctx = _context(**{"site-name": "a", "dp-state-dir": str(tmp_path)})
+    policy = SitePolicy(max_epsilon=1.0)
+    account_site_release(policy, ctx, str(tmp_path), "k1", "local DP", 0.6, 1e-5, False)
+    # Run k2 at 0.5: the site's total would be 0.6 + 0.5 = 1.1 > 1.0.
+    with pytest.raises(PolicyRefusal, match="site's total epsilon"):
+        account_site_release(policy, ctx, str(tmp_path), "k2", "local DP", 0.5, 1e-5, False)
+    lines = (tmp_path / "site-budget-site-a.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run_key"] for line in lines] == ["k1"]  # nothing recorded
+    # 0.4 fits: 0.6 + 0.4 = 1.0.
+    account_site_release(policy, ctx, str(tmp_path), "k2", "local DP", 0.4, 1e-5, False)
+
+
+def test_a_bounded_site_needs_its_own_state_dir(tmp_path: Path) -> None:
+    ctx = _context(**{"site-name": "a"})
+    with pytest.raises(PolicyRefusal, match='--node-config "dp-state-dir=/path"') as err:
+        account_site_release(
+            SitePolicy(max_epsilon=1.0), ctx, str(tmp_path), "k", "local DP", 0.1, 1e-5, False
+        )
+    assert err.value.field == "max_epsilon" and not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------- metrics and memory
+def test_hidden_mode_keeps_only_the_public_numbers() -> None:
+    metrics = {
+        "dp-epsilon": 1.5,
+        "dp-delta": 1e-5,
+        "dp-rounds": 2.0,
+        "dp-partition-id": 3.0,
+        "dp-site-hash": 7.0,
+        "dp-local-epsilon": 0.5,
+        "dp-local-releases": 2.0,
+        "dp-steps": 40.0,
+        "dp-sample-rate": 0.1,
+        "dp-noise-multiplier": 1.1,
+        "train-loss": 0.3,
+    }
+    kept = {k: v for k, v in metrics.items() if k.startswith("dp-")}
+    for leaky in ("dp-steps", "dp-sample-rate", "dp-noise-multiplier"):
+        del kept[leaky]  # each gives the site's record count to within a batch
+    assert hidden_mode_public(metrics) == kept
+
+
+def test_context_memory() -> None:
+    ctx = _context()
+    memory = ContextMemory(ctx, "fl-app.test")
+    assert memory.get() is None
+    memory.put("text")
+    assert memory.get() == "text" and ctx.state.config_records["fl-app.test"]["state"] == "text"
+    ctx.state["fl-app.test"] = ConfigRecord({"state": 3})
+    assert memory.get() is None  # a foreign record is no memory
