@@ -4,7 +4,7 @@ An institution states, in a file of its own (``--node-config "policy-path=/path"
 what may leave its machine whatever the server asks. The ClientApp reads it for every
 train and evaluate instruction and refuses, *before* it loads data or trains, an
 instruction the policy does not allow; the refusal names the policy field and goes
-back to the server as a structured error (:class:`fl_app.client.app.ClientRefusal`),
+back to the server as a structured error (:class:`fl_app.client.refusal.ClientRefusal`),
 and into the site's own audit log (``client.refused``).
 
 Policy file (YAML or JSON; every field optional, unknown keys refused)::

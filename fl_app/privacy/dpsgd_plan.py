@@ -19,7 +19,7 @@ Trust assumptions: the history lives on the site's disk
 (or rounds) than it records makes the client refuse; noise and batches come from the
 client's own keys unless the site opted in to seeded noise (checked by the handler,
 which owns the site policy). No Flower imports: the ClientApp handler
-(:mod:`fl_app.client.app`) opens the store and calls :func:`plan_round`, then
+(:mod:`fl_app.client.dp_stages`) opens the store and calls :func:`plan_round`, then
 :func:`train_round`. :func:`project_sizes` does the same arithmetic before round 1 for
 every institution whose data the simulation can size (the dry run and budget check).
 """

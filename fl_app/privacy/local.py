@@ -14,7 +14,7 @@ so neither a crash, a restarted SuperNode, a resumed run nor a rollback can rewi
 (a crash can only over-count). The server's own count of the releases it received
 (``fl-app.local-releases-seen``) must not exceed the file's, or the client refuses.
 
-The ClientApp handler (:mod:`fl_app.client.app`) decodes the instruction, checks the
+The ClientApp handler (:mod:`fl_app.client.dp_stages`) decodes the instruction, checks the
 site policy, opens the store and calls :func:`begin_release`; this module has no
 Flower imports. Refusals are :class:`~fl_app.privacy.refusal.PrivacyRefusal`, whose
 text goes back to the server.
