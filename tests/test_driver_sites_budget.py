@@ -9,6 +9,7 @@ forecast's code path (fl_app.privacy.accounting).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import dp_accounting as dpa
 import numpy as np
@@ -18,9 +19,14 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
+from fl_app.config.client_dp import ClientDpSettings
+from fl_app.config.schema import ClipSide, PrivacyMode
+from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.ledger import SamplingScheme
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.weights import to_array_record
+from strategies.dp_aggregators import CentralDp
 from strategies.dpsgd_forecast import DpSgdForecast
 from strategies.driver import DriverSettings, RoundDriver
 from strategies.sampling import FixedSizeSampler
@@ -62,7 +68,7 @@ def _app(public: dict[int, dict[str, float]], sent: list[int] | None = None) -> 
     return app
 
 
-def _driver(rounds: int, min_replies: int = 1) -> RoundDriver:
+def _driver(rounds: int, min_replies: int = 1, aggregator: Any = None) -> RoundDriver:
     return RoundDriver(
         FedAvg(fraction_train=1.0, min_train_nodes=0, min_available_nodes=0),
         train_sampler=FixedSizeSampler(1.0, seed=3),
@@ -73,6 +79,7 @@ def _driver(rounds: int, min_replies: int = 1) -> RoundDriver:
             train_timeout_s=0.5,
             evaluate_timeout_s=0.5,
         ),
+        aggregator=aggregator,
     )
 
 
@@ -179,3 +186,34 @@ def test_driver_runs_a_round_some_clients_can_still_train() -> None:
     result = driver.run(grid, GLOBAL)
     assert [r.server_round for r in result.reports] == [1, 2]
     assert not result.stopped_early
+
+
+def test_a_forecast_stop_leaves_no_ledger_event_for_the_round_not_run() -> None:
+    """Client-level central DP beside DP-SGD: the federation's ledger records a round
+    when it begins; a round stopped by the forecast never begins, so ε stays that of
+    the rounds released."""
+    one, two = _rdp_epsilon(STEPS), _rdp_epsilon(2 * STEPS)
+    settings = ClientDpSettings(
+        mode=PrivacyMode.central,
+        clip_side=ClipSide.server,
+        clipping="fixed",
+        noise_multiplier=1.3,
+        clip=1.0,
+        delta=DELTA,
+        accountant=AccountantName.rdp,
+        sampling=SamplingScheme.fixed,
+        fraction=1.0,
+        num_rounds=3,
+        planned_population=3,
+        seed=7,
+        secure_mode=False,
+    )
+    agg = CentralDp(settings)
+    sent: list[int] = []
+    grid = InProcessGrid(_app({pid: _reported(1) for pid in range(3)}, sent), 3, seed=1)
+    driver = _driver(rounds=3, aggregator=agg)
+    driver.budget_forecast = DpSgdForecast(math.sqrt(one * two), DELTA, "rdp")
+    result = driver.run(grid, GLOBAL)
+    assert [r.server_round for r in result.reports] == [1] and sent == [1, 1, 1]
+    (event,) = agg.ledger.events
+    assert event.round == 1
