@@ -2,9 +2,9 @@
 
 These dataclasses are the single typed description of an experiment. Hydra merges
 the YAML files under ``configs/`` into them, so an unknown key or a value of the
-wrong type fails at composition; :func:`fl_app.config.validate.validate_config`
-then checks values and cross-field rules. Code below the builder receives these
-typed objects, never a ``DictConfig``.
+wrong type fails at composition; :func:`fl_app.config.plan.resolve` then checks
+values and cross-field rules and builds the run's plan. Code below the builder
+receives these typed objects, never a ``DictConfig``.
 
 Why registries and not ``_target_``: a ClientApp receives its model and data spec
 from the server in every train message. Instantiating ``_target_`` strings sent over
