@@ -137,3 +137,56 @@ def test_fixed_cohort_size_is_the_samplers(fraction: float, population: int, exp
     size the sampler draws and the replace-one accountant counts."""
     assert fixed_cohort_size(fraction, population) == expected
     assert FixedSizeSampler(fraction, 0).cohort_size(population) == expected
+
+
+_RANGE_CASES = [
+    # (helper, value, allow_zero, accepted): edges worked out from "(0, 1]" / "[0, 1]" / "> 0".
+    ("positive", 1e-300, None, True),
+    ("positive", 0.0, None, False),
+    ("positive", -1.0, None, False),
+    ("positive", float("inf"), None, False),
+    ("positive", float("nan"), None, False),
+    ("fraction", 1.0, False, True),
+    ("fraction", 0.0, False, False),
+    ("fraction", 0.0, True, True),
+    ("fraction", 1.0000001, True, False),
+    ("fraction", -1e-12, True, False),
+    ("fraction", float("nan"), True, False),
+]
+
+
+@pytest.mark.parametrize("index", range(len(_RANGE_CASES)))
+def test_range_helpers_accept_exactly_their_interval(index: int) -> None:
+    from fl_app.config.errors import require_fraction, require_positive
+
+    helper, value, allow_zero, accepted = _RANGE_CASES[index]
+
+    def call() -> None:
+        if helper == "positive":
+            require_positive(value, "a.b")
+        else:
+            require_fraction(value, "a.b", allow_zero=bool(allow_zero))
+
+    if accepted:
+        call()
+        return
+    with pytest.raises(ConfigRangeError) as info:
+        call()
+    bound = "must be a finite number > 0"
+    if helper == "fraction":
+        bound = "must lie in [0, 1]" if allow_zero else "must lie in (0, 1]"
+    assert str(info.value) == f"config error in `a.b` (found {value!r}): {bound}"
+    assert (info.value.field, info.value.fix) == ("a.b", bound)
+
+
+def test_require_raises_the_kind_asked_for() -> None:
+    from fl_app.config.errors import require, require_in
+
+    require(True, "x", 1, "fix")
+    with pytest.raises(ConfigConflictError):
+        require(False, "x", 1, "fix")
+    with pytest.raises(ConfigPlanError):
+        require(False, "x", 1, "fix", ConfigPlanError)
+    with pytest.raises(ConfigRangeError) as info:
+        require_in(False, "x", 2, "must be >= 3")
+    assert info.value.found == 2 and isinstance(info.value, ValueError)
