@@ -1,4 +1,4 @@
-"""How a simulated federation runs (docs/architecture.md, "Where each concern lives").
+"""How a simulated federation runs (docs/architecture.md, "Simulation runtime").
 
 * :mod:`fl_app.runtime.simulation`: runs a validated experiment with its configured
   backend (Flower's Ray simulation engine, or the in-process grid).
