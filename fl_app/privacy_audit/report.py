@@ -120,4 +120,13 @@ def print_audit(doc: dict[str, Any], out_dir: Path) -> None:
             f"  B={r['batch_size']} {r['protection']:<9}{zc:<14} MSE {r['mse']:.4f}  "
             f"PSNR {r['psnr_db']:.1f} dB   | {eps}"
         )
+    one = doc.get("one_run")
+    if one:
+        acc = one["accounted_epsilon"]
+        print(
+            f"one-run audit ({one['canaries']} canaries, {one['guesses']} guesses, "
+            f"{one['correct']} correct): epsilon >= {one['epsilon_lower_bound']:.3f} at "
+            f"{one['confidence']:.0%} confidence, delta={one['delta']:g}   | accounted "
+            f"epsilon {'none (no DP)' if acc is None else f'{acc:.3f}'}"
+        )
     print(f"wrote {out_dir / 'audit.json'} and {', '.join(doc['plots'])}")

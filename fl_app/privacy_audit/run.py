@@ -6,7 +6,10 @@ Reads the run directory a simulation leaves (``config.yaml``, ``summary.json``,
 1. membership inference on the released model: loss threshold and LiRA (online and
    offline) with shadow models (:mod:`~fl_app.privacy_audit.membership`);
 2. gradient inversion of one client's single-step update as a server without SecAgg
-   would see it, unprotected and protected (:mod:`~fl_app.privacy_audit.inversion`).
+   would see it, unprotected and protected (:mod:`~fl_app.privacy_audit.inversion`);
+3. with ``--canaries K``, the one-run audit: K canaries planted in a re-run of the
+   run's config, and a lower bound on ε beside the accounted one
+   (:mod:`~fl_app.privacy_audit.canaries`, ``audit.json``'s ``one_run``).
 
 Members are the records the federation trained on: the union of every partition's
 train split (``load_client_data`` for every partition id; validation splits are
@@ -47,6 +50,7 @@ import yaml
 
 from fl_app.config.schema import AppConfig
 from fl_app.privacy.dpsgd_settings import DpSgdSettings
+from fl_app.privacy_audit.canaries import Rerun, one_run_audit
 from fl_app.privacy_audit.inversion import (
     InversionResult,
     InversionSettings,
@@ -61,6 +65,7 @@ from fl_app.privacy_audit.membership import (
     model_factory,
 )
 from fl_app.privacy_audit.metrics import DEFAULT_FPRS, RocSummary
+from fl_app.privacy_audit.one_run import OneRunBound, check_against_accounted
 from fl_app.privacy_audit.report import inversion_plot, roc_plot
 
 __all__ = ["AuditError", "AuditSettings", "audit_run", "audit_run_dir"]
@@ -334,10 +339,21 @@ def _inversion_section(
 
 
 def audit_run(
-    run_dir: Path, out_dir: Path, settings: AuditSettings, *, seed: int, images: bool = True
+    run_dir: Path,
+    out_dir: Path,
+    settings: AuditSettings,
+    *,
+    seed: int,
+    images: bool = True,
+    canaries: int | None = None,
+    rerun: Rerun | None = None,
 ) -> dict[str, Any]:
     """Run every attack on ``run_dir``'s release and write ``audit.json`` and plots.
 
+    With ``canaries``, also the one-run audit (:mod:`~fl_app.privacy_audit.canaries`,
+    re-training with ``rerun``):
+    its section is written, then :class:`~fl_app.privacy_audit.one_run.
+    AccountingBugSuspected` is raised if its lower bound exceeds the accounted ε.
     Returns the JSON document that was written.
     """
     t0 = time.perf_counter()
@@ -345,6 +361,11 @@ def audit_run(
     theory = _theory(cfg, summary)
     membership, loss_res, lira = _membership_section(cfg, summary, model, settings, seed)
     inversion, results = _inversion_section(cfg, summary, model, settings, seed, images)
+    one_run: tuple[OneRunBound, dict[str, Any]] | None = None
+    if canaries is not None:
+        if rerun is None:
+            raise ValueError("canaries need a rerun function (the CLI passes the simulation's)")
+        one_run = one_run_audit(run_dir, out_dir, int(canaries), int(seed), rerun)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [roc_plot(out_dir / "roc.png", loss_res, lira.online, lira.offline, theory)]
@@ -362,7 +383,8 @@ def audit_run(
         "theoretical": theory,
         "membership_inference": membership,
         "gradient_inversion": inversion,
-        "canaries": None,
+        "canaries": None if one_run is None else int(one_run[0].guesses.canaries),
+        "one_run": None if one_run is None else one_run[1],
         "plots": [p.name for p in plots],
         "raw_data_written": (
             "inversion.png shows the true records of the inversion demo beside their "
@@ -373,6 +395,9 @@ def audit_run(
         "seconds": time.perf_counter() - t0,
     }
     (out_dir / "audit.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    if one_run is not None:
+        # After audit.json is written: the evidence stays beside the error.
+        check_against_accounted(one_run[0])
     return doc
 
 
@@ -383,6 +408,8 @@ def audit_run_dir(
     quick: bool = False,
     seed: int | None = None,
     images: bool = True,
+    canaries: int | None = None,
+    rerun: Rerun | None = None,
 ) -> dict[str, Any]:
     """:func:`audit_run` with the settings of ``fl-app audit-privacy`` (:mod:`fl_app.cli.
     audit_privacy`): the run's own seed unless ``seed`` is given, quick settings (few
@@ -399,6 +426,8 @@ def audit_run_dir(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return audit_run(run_dir, out_dir, settings, seed=seed, images=images)
+        return audit_run(
+            run_dir, out_dir, settings, seed=seed, images=images, canaries=canaries, rerun=rerun
+        )
     finally:
         torch.set_num_threads(threads)
