@@ -54,9 +54,6 @@ class Guarantee:
     """What one run promises (built by :func:`guarantee_of`)."""
 
     threat_model: ThreatModel
-    mode: PrivacyMode
-    record_level: bool
-    secure_aggregation: SecAggMode
     # Whom the guarantee holds against, and how (the card's threat_model_description).
     protects: str
     # What the server sees of one client's update.
@@ -81,9 +78,6 @@ def guarantee_of(cfg: AppConfig) -> Guarantee:
     p = cfg.privacy
     return Guarantee(
         threat_model=p.threat_model,
-        mode=p.mode,
-        record_level=bool(p.record_level),
-        secure_aggregation=cfg.secagg.mode,
         protects=threat_model_text(cfg),
         server_sees=_server_sees(cfg),
         note=privacy_note(cfg),
