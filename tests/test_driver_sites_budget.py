@@ -92,6 +92,10 @@ def test_site_claims_first_holder_keeps_the_identity_while_connected() -> None:
     reason = claims.check(9, site, {7, 9})
     assert reason is not None
     assert "abcdef012345" in reason and "node 7" in reason and "node 9" in reason
+    assert reason.endswith(
+        "(two SuperNodes configured with the same site-name?): give each site its own name "
+        "(fl-app deploy node-config)"
+    )
     # Another site, and a reply with no identity (simulation, plain modes), pass.
     assert claims.check(9, {"dp-site-hash": 5.0}, {7, 9}) is None
     assert claims.check(11, {}, {7, 9, 11}) is None
@@ -159,6 +163,30 @@ def test_forecast_is_epsilon_after_one_more_round() -> None:
     assert forecast.epsilon_after_next_round({**_reported(1), "dp-rounds": 0}) is None
     # With enough=1 the unspent node 2 settles it: node 1 is never forecast.
     assert forecast.refusing([1, 2], {1: _reported(1), 2: {}}, enough=1) == set()
+
+
+def test_forecast_boundaries() -> None:
+    # One step a round is a history too: ε after round 2 is that of 2 steps.
+    one_step = {**_reported(1), "dp-steps": 1, "dp-rounds": 1}
+    forecast = DpSgdForecast(max_epsilon=1.0, delta=DELTA, accountant="rdp")
+    got = forecast.epsilon_after_next_round(one_step)
+    assert got is not None and got == pytest.approx(_rdp_epsilon(2), rel=1e-3)
+    # A client refuses only past its budget (plan_round: eps_after > max_epsilon).
+    exact = forecast.epsilon_after_next_round(_reported(1))
+    assert exact is not None
+    at_budget = DpSgdForecast(max_epsilon=exact, delta=DELTA, accountant="rdp")
+    assert at_budget.refusing([1], {1: _reported(1)}) == set()
+    # enough=2: one unspent node is not enough, so the spent one is looked at.
+    over = DpSgdForecast(max_epsilon=_rdp_epsilon(STEPS), delta=DELTA, accountant="rdp")
+    assert over.refusing([1, 2], {1: _reported(1)}, enough=2) == {1}
+    assert over.refusing([1, 2, 3], {1: _reported(1)}, enough=2) == set()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_forecast_refuses_a_budget_that_is_not_positive_and_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"privacy\.dpsgd\.max_epsilon must be finite and > 0"):
+        DpSgdForecast(max_epsilon=bad, delta=DELTA, accountant="rdp")
+    assert DpSgdForecast(max_epsilon=0.5, delta=DELTA, accountant="rdp").max_epsilon == 0.5
 
 
 def test_driver_stops_before_a_round_every_client_would_refuse() -> None:
