@@ -51,6 +51,22 @@ def test_key_advert_message_is_label_ids_identity_and_keys() -> None:
     assert got == want
 
 
+def test_node_ids_and_run_ids_are_unsigned_64_bit() -> None:
+    # Flower node ids are uint64: the top of the range must encode, not overflow.
+    top = 2**64 - 1
+    got = signing.key_advert_message(top, 1, top, "a", C_PK, S_PK)
+    assert (
+        got[len(b"fl-app/secagg/key-advert/v1") :][:24]
+        == b"\xff" * 8 + (1).to_bytes(8, "big") + b"\xff" * 8
+    )
+    ctx = b"\x01" * 40_000  # a length above 2**15 still encodes as two unsigned bytes
+    msg = signing.survivors_message(ctx, top, "a", C_PK + S_PK, [top, 0])
+    head = len(b"fl-app/secagg/survivors/v1")
+    assert msg[head : head + 2] == b"\x9c\x40"
+    assert msg[head + 2 + 40_000 :][:8] == b"\xff" * 8
+    assert msg.endswith(b"\x00\x00\x00\x02" + b"\x00" * 8 + b"\xff" * 8)
+
+
 def test_survivors_message_sorts_and_dedups_the_set_and_binds_the_round_keys() -> None:
     ctx = b"\x07" * 5
     got = signing.survivors_message(ctx, 9, "s-1", C_PK + S_PK, [5, 2, 5, 3])
@@ -95,7 +111,7 @@ def test_identities_of_one_to_64_allowed_characters_are_accepted(identity: str) 
 @pytest.mark.parametrize("index", range(7))
 def test_identities_outside_the_alphabet_or_length_are_refused(index: int) -> None:
     identity = ["", "x" * 65, ".hidden", "a b", "a/b", "é", "a\n"][index]
-    with pytest.raises(signing.RosterError, match="1-64 letters"):
+    with pytest.raises(signing.RosterError, match=r"1-64 letters.*\(not starting with '\.'\)$"):
         signing.key_advert_message(0, 0, 0, identity, C_PK, S_PK)
 
 
@@ -110,9 +126,10 @@ def test_parse_context_reads_run_and_round_of_a_round_context() -> None:
     label = b"fl-app/secagg/round/v1"
     exact = label + (5).to_bytes(8, "big") + (6).to_bytes(8, "big")
     assert signing.parse_context(exact) == (5, 6)  # label + 16 bytes is enough
-    with pytest.raises(signing.RosterError, match="not an fl-app"):
+    refused = r"^round context is not an fl-app secure-aggregation context$"
+    with pytest.raises(signing.RosterError, match=refused):
         signing.parse_context(exact[:-1])
-    with pytest.raises(signing.RosterError, match="not an fl-app"):
+    with pytest.raises(signing.RosterError, match=refused):
         signing.parse_context(b"fl-app/secagg/round/v2" + exact[len(label) :])
 
 
@@ -203,7 +220,7 @@ def test_load_roster_refuses_a_file_others_may_write(tmp_path: Path, mode: int) 
 
 
 @pytest.mark.skipif(not POSIX, reason="file modes")
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o604, 0o444])
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o604, 0o444, 0o645, 0o651])
 def test_load_roster_accepts_a_file_only_its_owner_may_write(tmp_path: Path, mode: int) -> None:
     (a,) = _keys(1)
     path = _write(tmp_path / "r.json", json.dumps({"a": _raw(a).hex()}), mode)
@@ -217,7 +234,11 @@ def test_load_roster_names_the_file_and_the_fault(tmp_path: Path, index: int) ->
         ("{", "cannot read it as JSON"),
         ("{}", "non-empty object"),
         ("[1]", "non-empty object"),
-        (json.dumps({"a": _raw(a).hex()[:-2]}), "entry 'a' must be 64 hex digits"),
+        (
+            json.dumps({"a": _raw(a).hex()[:-2]}),
+            r"entry 'a' must be 64 hex digits \(an Ed25519 public key, as "
+            r"`fl-app deploy node-key` prints\)$",
+        ),
         (json.dumps({"a": _raw(a).hex() + "00"}), "entry 'a' must be 64 hex digits"),
         (json.dumps({"a": "zz" * 32}), "entry 'a' must be 64 hex digits"),
         (json.dumps({"a": 5}), "entry 'a' must be 64 hex digits"),
