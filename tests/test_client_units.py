@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,9 +22,9 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fl_app.client.audit import client_audit_path
-from fl_app.client.budget import account_site_release
+from fl_app.client.budget import account_site_release, site_accountant
 from fl_app.client.downgrade import PROTECTED_RUNS_KEY, refuse_downgrade
-from fl_app.client.enforce import enforce_epsilon
+from fl_app.client.enforce import artifact, enforce_epsilon, enforce_request, site_policy
 from fl_app.client.identity import partition, site_hash, site_identity
 from fl_app.client.policy import PolicyViolation, SitePolicy
 from fl_app.client.refusal import BudgetExhausted, ClientRefusal, PolicyRefusal, secagg_refusal
@@ -33,6 +34,8 @@ from fl_app.client_spec import ClientSpec
 
 # The wire codes (fl_app/protocol.py's table): a refusal, a spent budget.
 CLIENT_REFUSED, BUDGET_EXHAUSTED = 1001, 1002
+# The instruction config key of the secure-aggregation stage (stage 3: the masked input).
+SECAGG_STAGE_KEY = "fl-app.secagg-stage"
 
 
 def _context(**node_config: Any) -> Context:
@@ -222,3 +225,270 @@ def test_context_memory() -> None:
     assert memory.get() == "text" and ctx.state.config_records["fl-app.test"]["state"] == "text"
     ctx.state["fl-app.test"] = ConfigRecord({"state": 3})
     assert memory.get() is None  # a foreign record is no memory
+
+
+# ------------------------------------------- exact refusals and log lines (mutmut)
+_EVAL_REFUSED = (
+    "federated evaluation: this run trained under a threat model that hides per-client "
+    "numbers from the server; this client does not evaluate in it"
+)
+
+
+def test_downgrade_refusals_word_for_word() -> None:
+    ctx = _context()
+    refuse_downgrade(ctx, ClientSpec(run_key="k"), "train", _secure(), local_dp=False)
+    with pytest.raises(PolicyRefusal) as err:
+        refuse_downgrade(ctx, ClientSpec(run_key="k"), "train", None, local_dp=False)
+    assert err.value.field == "require_secure_aggregation"
+    assert str(err.value) == (
+        "site policy `require_secure_aggregation`: this run already trained under secure "
+        "aggregation; this train instruction is a "
+        "plain one (a downgrade: the server would see this client's update), refused"
+    )
+    with pytest.raises(PolicyRefusal) as err:
+        refuse_downgrade(
+            ctx, ClientSpec(run_key="k", hide_client_metrics=True), "train", None, False
+        )
+    assert err.value.field == "require_secure_aggregation"
+    assert str(err.value) == (
+        "site policy `require_secure_aggregation`: "
+        "this run's threat model hides per-client numbers from the server, but this train "
+        "instruction is a plain one (no secure aggregation, no local noise: the server would "
+        "see the update), refused"
+    )
+    ddp = _context()
+    refuse_downgrade(ddp, ClientSpec(run_key="k"), "train", _secure(ddp=True), False)
+    refuse_downgrade(ddp, ClientSpec(run_key="k"), "train", _secure(ddp=True), False)  # same: ok
+    with pytest.raises(PolicyRefusal) as err:
+        refuse_downgrade(ddp, ClientSpec(run_key="k"), "train", _secure(ddp=False), False)
+    assert str(err.value) == (
+        "site policy `require_secure_aggregation`: "
+        "this run already trained under secure aggregation with distributed DP; this train "
+        "instruction has no distributed-DP noise (a downgrade: the server would see this "
+        "client's update), refused"
+    )
+    local = _context()
+    refuse_downgrade(local, ClientSpec(run_key="k"), "train", None, local_dp=True)
+    with pytest.raises(ClientRefusal) as err:
+        refuse_downgrade(local, ClientSpec(run_key="k"), "train", None, local_dp=False)
+    assert str(err.value) == (
+        "this run already trained under local DP; this train instruction has no local noise "
+        "(a downgrade: the server would see the un-noised update), refused"
+    )
+    # Local DP alone (this spec hid nothing) is enough to stop evaluation.
+    assert local.state.config_records[PROTECTED_RUNS_KEY]["run:k"] == "local-dp"
+    with pytest.raises(ClientRefusal) as err:
+        refuse_downgrade(local, ClientSpec(run_key="k"), "evaluate", None, False)
+    assert str(err.value) == _EVAL_REFUSED
+
+
+def test_marks_accumulate_per_run_and_hidden_metrics_stick() -> None:
+    ctx = _context()
+    hidden = ClientSpec(run_key="k", hide_client_metrics=True)
+    refuse_downgrade(ctx, hidden, "train", _secure(), False)
+    # A secure object without a ddp attribute is a round without distributed DP.
+    refuse_downgrade(ctx, hidden, "train", SimpleNamespace(), False)
+    refuse_downgrade(ctx, ClientSpec(run_key="k2"), "train", _secure(), False)
+    record = ctx.state.config_records[PROTECTED_RUNS_KEY]
+    assert dict(record) == {"run:k": "hide-metrics,secagg", "run:k2": "secagg"}
+    with pytest.raises(ClientRefusal) as err:  # hide-metrics alone stops evaluation
+        refuse_downgrade(ctx, hidden, "evaluate", None, False)
+    assert str(err.value) == _EVAL_REFUSED
+    refuse_downgrade(ctx, ClientSpec(run_key="k2"), "evaluate", None, False)
+
+
+def test_mark_file_is_sorted_json_in_a_new_nested_dir_and_write_errors_refuse(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "new" / "nested"
+    config = {"site-name": "a", "dp-state-dir": str(state)}
+    refuse_downgrade(_context(**config), ClientSpec(run_key="k"), "train", _secure(), False)
+    refuse_downgrade(_context(**config), ClientSpec(run_key="a"), "train", _secure(), False)
+    stored = state / "protected-runs-site-a.json"
+    assert stored.read_text(encoding="utf-8") == '{"a": ["secagg"], "k": ["secagg"]}'
+    assert sorted(p.name for p in state.iterdir()) == ["protected-runs-site-a.json"]
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    ctx = _context(**{"site-name": "a", "dp-state-dir": str(blocked / "sub")})
+    with pytest.raises(ClientRefusal, match=r"^protected-runs file .*: cannot write it \("):
+        refuse_downgrade(ctx, ClientSpec(run_key="k"), "train", _secure(), False)
+
+
+def test_site_identity_refusal_word_for_word() -> None:
+    with pytest.raises(ClientRefusal) as err:
+        site_identity({"site-name": "a/b"})
+    assert str(err.value) == (
+        "node-config site-name='a/b' must be 1-64 letters, digits, '_', '-' or '.' (not "
+        "starting with '.'): it names this site's files"
+    )
+
+
+def test_a_secagg_refusal_without_detail_quotes_the_error() -> None:
+    class FieldOnly(Exception):
+        field = "secagg_min_security_bits"
+
+    refusal = secagg_refusal(FieldOnly("security_bits=30 is below the site's 40"))
+    assert isinstance(refusal, PolicyRefusal) and refusal.field == "secagg_min_security_bits"
+    assert str(refusal) == (
+        "site policy `secagg_min_security_bits`: secure aggregation: security_bits=30 is "
+        "below the site's 40"
+    )
+
+
+def test_site_total_refusal_field_and_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="fl_app.client"),
+        pytest.raises(PolicyRefusal) as err,
+    ):
+        enforce_epsilon(SitePolicy(max_epsilon=2.0), "local DP", 1.5, 3.75)
+    assert (err.value.field, err.value.code) == ("max_epsilon", BUDGET_EXHAUSTED)
+    assert [r.getMessage() for r in caplog.records] == [
+        "site budget: local DP epsilon 1.5 this run, 3.75 over every run on this site's "
+        "data, above max_epsilon 2"
+    ]
+
+
+def test_site_budget_refusals_and_log_word_for_word(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(PolicyRefusal) as err:
+        account_site_release(
+            SitePolicy(max_epsilon=1.0),
+            _context(**{"site-name": "a"}),
+            str(tmp_path),
+            "k",
+            "local DP",
+            0.1,
+            1e-5,
+            False,
+        )
+    assert str(err.value) == (
+        "site policy `max_epsilon`: the site bounds its epsilon but keeps no state directory "
+        'of its own: start the SuperNode with --node-config "dp-state-dir=/path" (the '
+        "server's state_dir is not trusted with the site's budget ledger)"
+    )
+    # A simulated partition keeps the spec's state directory even with a bound.
+    sim = _context(**{"partition-id": 2})
+    with caplog.at_level(logging.INFO, logger="fl_app.client"):
+        account_site_release(
+            SitePolicy(max_epsilon=1.0), sim, str(tmp_path), "k", "local DP", 0.25, 1e-5, False
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        "site budget: local DP epsilon 0.25 this run; over every run on this site's data "
+        "epsilon 0.25, delta 1e-05 (basic composition)"
+    ]
+    line = json.loads((tmp_path / "site-budget-partition-2.jsonl").read_text())
+    assert line == {
+        "version": 1,
+        "run_key": "k",
+        "kind": "local DP",
+        "epsilon": 0.25,
+        "delta": 1e-5,
+    }
+
+
+def test_site_budget_ledger_checks(tmp_path: Path) -> None:
+    ctx = _context(**{"site-name": "a", "dp-state-dir": str(tmp_path)})
+    policy = SitePolicy(max_epsilon=1.0)
+    account_site_release(policy, ctx, str(tmp_path), "k1", "local DP", 0.6, 1e-5, False)
+    # The same run growing replaces its own spend: 0.7, not 0.6 + 0.7.
+    account_site_release(policy, ctx, str(tmp_path), "k1", "local DP", 0.7, 1e-5, True)
+    # Its state says it released before, but the ledger has no line for it: lost ledger.
+    with pytest.raises(ClientRefusal) as err:
+        account_site_release(policy, ctx, str(tmp_path), "k3", "local DP", 0.1, 1e-5, True)
+    assert str(err.value).startswith("site budget ledger: this run's local DP state records")
+    assert "has none for run 'k3'" in str(err.value)
+    # The per-run check names the kind.
+    with pytest.raises(PolicyRefusal, match=r"^site policy `max_epsilon`: local DP epsilon would"):
+        account_site_release(policy, ctx, str(tmp_path), "k1", "local DP", 2.5, 1e-5, True)
+    ledger = tmp_path / "site-budget-site-a.jsonl"
+    ledger.write_text(ledger.read_text() + "garbage\n")
+    with pytest.raises(ClientRefusal, match=r"^site budget ledger: site budget ledger .* line 3"):
+        account_site_release(policy, ctx, str(tmp_path), "k1", "local DP", 0.8, 1e-5, True)
+    other = _context(**{"site-name": "b", "dp-state-dir": str(tmp_path)})
+    (tmp_path / "site-budget-site-b.jsonl").mkdir()  # cannot be appended to
+    with pytest.raises(ClientRefusal, match=r"^site budget ledger: \[Errno"):
+        account_site_release(policy, other, str(tmp_path), "k", "local DP", 0.1, 1e-5, False)
+
+
+# ------------------------------------------------ the policy applied to a request
+def _spec(local_noise: float | None = None, clips: bool = False, dpsgd: bool = False) -> Any:
+    from fl_app.client_spec import ClientDpSpec
+    from fl_app.config.schema import DpSgdConfig
+
+    client_dp = ClientDpSpec(local_noise_multiplier=local_noise) if clips else None
+    return ClientSpec(run_key="k", client_dp=client_dp, dpsgd=DpSgdConfig() if dpsgd else None)
+
+
+def test_the_artifact_a_reply_releases() -> None:
+    secure, plain = {SECAGG_STAGE_KEY: 3}, {}
+    assert artifact(_spec(), "train", plain) == "update"
+    assert artifact(_spec(clips=True), "train", plain) == "clipped_update"
+    assert artifact(_spec(local_noise=2.0, clips=True), "train", plain) == "noised_update"
+    assert artifact(_spec(clips=True), "train", secure) == "masked_update"
+    assert artifact(_spec(), "train", {SECAGG_STAGE_KEY: 2}) == "update"
+    assert artifact(_spec(), "evaluate", plain) == "evaluation_metrics"
+
+
+def test_enforce_request_passes_the_instruction_as_it_is() -> None:
+    enforce_request(None, _spec(), "train", {})  # no policy: anything goes
+    only_masked = SitePolicy(allowed_artifacts=frozenset({"masked_update"}))
+    enforce_request(only_masked, _spec(clips=True), "train", {SECAGG_STAGE_KEY: 3})
+    with pytest.raises(PolicyRefusal) as err:
+        enforce_request(only_masked, _spec(clips=True), "train", {})
+    assert err.value.field == "allowed_artifacts" and "`clipped_update`" in str(err.value)
+    secure_only = SitePolicy(require_secure_aggregation=True)
+    enforce_request(secure_only, _spec(), "train", {SECAGG_STAGE_KEY: 3})
+    with pytest.raises(PolicyRefusal, match="require_secure_aggregation"):
+        enforce_request(secure_only, _spec(), "train", {SECAGG_STAGE_KEY: 2})
+    dpsgd_only = SitePolicy(require_record_level_dp=True)
+    enforce_request(dpsgd_only, _spec(dpsgd=True), "train", {})
+    with pytest.raises(PolicyRefusal, match="require_record_level_dp"):
+        enforce_request(dpsgd_only, _spec(), "train", {})
+    # A bounded site trains only where it accounts an epsilon: DP-SGD or local DP.
+    bounded = SitePolicy(max_epsilon=3.0)
+    enforce_request(bounded, _spec(dpsgd=True), "train", {})
+    enforce_request(bounded, _spec(local_noise=2.0, clips=True), "train", {})
+    for unaccounted in (_spec(), _spec(clips=True)):
+        with pytest.raises(PolicyRefusal, match="max_epsilon"):
+            enforce_request(bounded, unaccounted, "train", {})
+    enforce_request(
+        SitePolicy(allowed_artifacts=frozenset({"evaluation_metrics"})), _spec(), "evaluate", {}
+    )
+
+
+def test_site_policy_from_node_config(tmp_path: Path) -> None:
+    assert site_policy(_context()) is None
+    assert site_policy(_context(**{"policy-path": ""})) is None
+    path = tmp_path / "policy.yaml"
+    path.write_text("max_epsilon: 4.0\n")
+    assert site_policy(_context(**{"policy-path": str(path)})) == SitePolicy(max_epsilon=4.0)
+    # A site holding a signing key gets the untrusted-server floor.
+    keyed = site_policy(_context(**{"policy-path": str(path), "signing-key-path": "/k"}))
+    assert keyed is not None and keyed.secagg_min_server_model == "malicious"
+    assert keyed.max_epsilon == 4.0 and keyed.require_secure_aggregation
+    path.write_text("max_epsilon: -1\n")
+    with pytest.raises(ClientRefusal, match=r"^site policy: policy file .*`max_epsilon`"):
+        site_policy(_context(**{"policy-path": str(path)}))
+
+
+def test_site_accountant_accounts_one_kind_of_release(tmp_path: Path) -> None:
+    ctx = _context(**{"site-name": "a", "dp-state-dir": str(tmp_path)})
+    account = site_accountant(
+        SitePolicy(max_epsilon=1.0), ctx, str(tmp_path), "k", "record-level", 2e-6
+    )
+    account(0.5, False)
+    line = json.loads((tmp_path / "site-budget-site-a.jsonl").read_text())
+    assert line == {
+        "version": 1,
+        "run_key": "k",
+        "kind": "record-level",
+        "epsilon": 0.5,
+        "delta": 2e-6,
+    }
+    with pytest.raises(ClientRefusal, match="has none for run 'k2'"):
+        site_accountant(None, ctx, str(tmp_path), "k2", "record-level", 2e-6)(0.1, True)
+    with pytest.raises(PolicyRefusal, match="max_epsilon"):
+        site_accountant(SitePolicy(max_epsilon=1.0), ctx, str(tmp_path), "k", "record-level", 2e-6)(
+            1.5, True
+        )
