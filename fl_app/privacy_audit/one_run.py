@@ -77,11 +77,9 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
         raise ValueError(f"need epsilon >= 0 and 0 <= delta <= 1, found {epsilon}, {delta}")
     q = 1.0 / (1.0 + math.exp(-epsilon))
     tail = float(stats.binom.sf(v - 1, r, q))
-    alpha = 0.0
-    window = 0.0  # P[v - i <= Binom(r, q) < v]
-    for i in range(1, v + 1):
-        window += float(stats.binom.pmf(v - i, r, q))
-        alpha = max(alpha, window / i)
+    # windows[i-1] = P[v - i <= Binom(r, q) < v] for i = 1..v (one vectorised pass).
+    windows = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    alpha = float(np.max(windows / np.arange(1, v + 1))) if v > 0 else 0.0
     return min(1.0, tail + alpha * delta * 2 * m)
 
 
