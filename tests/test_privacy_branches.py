@@ -343,7 +343,7 @@ def test_gate_with_holes_is_accounted_and_refused(monkeypatch: pytest.MonkeyPatc
     """Red-team finding: with secure-aggregation parameters for odd cohorts only (as
     ``dropout_tolerance=0.5`` gave), a client decides between release and abandonment
     whenever it is sampled; the accounted η was q·P[Bin(N−1, q) = 2] ≈ 6e-29 a round."""
-    import fl_app.config.client_dp as client_dp
+    import fl_app.config.cohort_gate as cohort_gate
     from fl_app.config.compose import compose_config
 
     n, q = 203, 0.3
@@ -363,12 +363,12 @@ def test_gate_with_holes_is_accounted_and_refused(monkeypatch: pytest.MonkeyPatc
     )
 
     def clear() -> None:
-        for fn in (client_dp._cohort_holes, client_dp._gate_delta):
+        for fn in (cohort_gate.cohort_holes, cohort_gate.gate_delta):
             fn.cache_clear()
-        client_dp.smallest_secure_cohort.cache_clear()
+        cohort_gate.smallest_secure_cohort.cache_clear()
 
     clear()
-    monkeypatch.setattr(client_dp, "_has_secure_params", _odd_sizes_only)
+    monkeypatch.setattr(cohort_gate, "_has_secure_params", _odd_sizes_only)
     try:
         # Every s >= 3 is an edge, and s = 2 (2 -> 3): η = q·P[Bin(202, 0.3) >= 2].
         expected = q * (
