@@ -269,17 +269,17 @@ def test_downgrade_refusals_word_for_word() -> None:
     )
     local = _context()
     refuse_downgrade(local, ClientSpec(run_key="k"), "train", None, local_dp=True)
-    with pytest.raises(ClientRefusal) as err:
+    with pytest.raises(ClientRefusal) as local_err:
         refuse_downgrade(local, ClientSpec(run_key="k"), "train", None, local_dp=False)
-    assert str(err.value) == (
+    assert str(local_err.value) == (
         "this run already trained under local DP; this train instruction has no local noise "
         "(a downgrade: the server would see the un-noised update), refused"
     )
     # Local DP alone (this spec hid nothing) is enough to stop evaluation.
     assert local.state.config_records[PROTECTED_RUNS_KEY]["run:k"] == "local-dp"
-    with pytest.raises(ClientRefusal) as err:
+    with pytest.raises(ClientRefusal) as eval_err:
         refuse_downgrade(local, ClientSpec(run_key="k"), "evaluate", None, False)
-    assert str(err.value) == _EVAL_REFUSED
+    assert str(eval_err.value) == _EVAL_REFUSED
 
 
 def test_marks_accumulate_per_run_and_hidden_metrics_stick() -> None:
@@ -421,7 +421,8 @@ def _spec(local_noise: float | None = None, clips: bool = False, dpsgd: bool = F
 
 
 def test_the_artifact_a_reply_releases() -> None:
-    secure, plain = {SECAGG_STAGE_KEY: 3}, {}
+    secure: dict[str, int] = {SECAGG_STAGE_KEY: 3}
+    plain: dict[str, int] = {}
     assert artifact(_spec(), "train", plain) == "update"
     assert artifact(_spec(clips=True), "train", plain) == "clipped_update"
     assert artifact(_spec(local_noise=2.0, clips=True), "train", plain) == "noised_update"
