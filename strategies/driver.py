@@ -336,6 +336,8 @@ class RoundDriver:
         # One node per site identity presented in the run (strategies.site_claims).
         self.site_claims = SiteClaims()
         self._connected: frozenset[int] = frozenset()
+        if secagg is not None:
+            secagg.public_check = self._check_site
 
     @property
     def result(self) -> DriverResult | None:
@@ -637,13 +639,17 @@ class RoundDriver:
         return stage
 
     # --------------------------------------------------------------- helpers
+    def _check_site(self, node_id: int, metrics: Mapping[str, float]) -> str | None:
+        """One node per site identity (:class:`~strategies.site_claims.SiteClaims`)."""
+        return self.site_claims.check(node_id, metrics, self._connected)
+
     def _check_train_reply(self, parsed: TrainReply | Rejection) -> TrainReply | Rejection:
         if isinstance(parsed, Rejection):
             return parsed
         # The aggregator first: a local-DP release the server received is counted even
         # when the reply is then refused for its site identity.
-        reason = self.aggregator.check_reply(parsed) or self.site_claims.check(
-            parsed.node_id, parsed.metrics, self._connected
+        reason = self.aggregator.check_reply(parsed) or self._check_site(
+            parsed.node_id, parsed.metrics
         )
         return parsed if reason is None else Rejection(parsed.node_id, reason)
 

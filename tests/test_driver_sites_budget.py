@@ -245,3 +245,55 @@ def test_a_forecast_stop_leaves_no_ledger_event_for_the_round_not_run() -> None:
     assert [r.server_round for r in result.reports] == [1] and sent == [1, 1, 1]
     (event,) = agg.ledger.events
     assert event.round == 1
+
+
+def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None:
+    """Under secure aggregation the duplicate's masked input is not fed to the session:
+    a stage-3 dropout, whose masks unmasking removes, so the sum holds the others."""
+    from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stage
+    from fl_app.secagg.graph import GraphMode
+    from fl_app.testing.secagg_client import grid_exchange, train_instructions
+    from strategies.secagg import SecAggSettings, SecureAggregation
+
+    app = ClientApp()
+    sites: dict[int, float] = {}
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        stage = secagg_stage(msg)
+        if stage != 3:
+            return handle_key_stage(msg, context, stage, None)
+        secure = MaskedInputStage.from_instruction(msg, context, None)
+        update = {"w": np.full(4, 0.25, np.float32)}
+        encoded = secure.encode(update, num_examples=1.0, loss=0.0, accuracy=0.0, unclipped=0.0)
+        reply = secure.reply(msg, secure.mask(encoded, context))
+        reply.content[METRICS_KEY]["dp-site-hash"] = sites[int(context.node_id)]
+        return reply
+
+    grid = InProcessGrid(app, 4, seed=3)
+    try:
+        nodes = grid.node_ids
+        sites.update({nodes[0]: 7.0, nodes[1]: 8.0, nodes[2]: 7.0, nodes[3]: 9.0})
+        claims = SiteClaims()
+        secagg = SecureAggregation(
+            SecAggSettings(mode=GraphMode.secagg, clip=1.0, dropout_tolerance=0.25)
+        )
+        secagg.public_check = lambda node, m: claims.check(node, m, set(nodes))
+        out = secagg.run_round(
+            rnd=1,
+            run_id=1,
+            instructions=train_instructions(list(nodes), 1),
+            arrays={"w": np.zeros(4, np.float32)},
+            weighting="uniform",
+            bound=1.0,
+            exchange=grid_exchange(grid),
+        )
+    finally:
+        grid.close()
+    assert out.decoded is not None, out.note
+    assert out.num_contributors == 3
+    np.testing.assert_allclose(out.decoded.update["w"], np.full(4, 0.75), atol=1e-3)
+    (rejected,) = [r for r in out.rejected if "site identity" in r.reason]
+    holder = nodes[2] if rejected.node_id == nodes[0] else nodes[0]
+    assert rejected.node_id in (nodes[0], nodes[2])
+    assert f"node {holder}" in rejected.reason and rejected.node_id not in out.client_metrics

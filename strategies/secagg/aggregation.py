@@ -40,7 +40,7 @@ from strategies.secagg.messages import (
     share_key_instructions,
 )
 from strategies.secagg.outcome import SecAggOutcome, StageLog
-from strategies.secagg.runner import Exchange, StageRunner
+from strategies.secagg.runner import Exchange, PublicCheck, StageRunner
 from strategies.secagg.settings import SecAggSettings, round_params
 
 if TYPE_CHECKING:  # fl_app.privacy imports torch; the server holds a built plan
@@ -65,6 +65,10 @@ class SecureAggregation:
         # Malicious server model: node -> (roster identity, Ed25519 public key) it
         # advertised at stage 1 (public; used to drop bad consistency signatures).
         self._signers: dict[int, tuple[str, bytes]] = {}
+        # Checks a masked input's public dp-* metrics (node, metrics) -> rejection reason
+        # (the driver's one-node-per-site check, strategies.site_claims); a rejected
+        # input is a stage-3 dropout, its masks removed at unmasking.
+        self.public_check: PublicCheck | None = None
 
     @property
     def malicious(self) -> bool:
@@ -254,7 +258,7 @@ class SecureAggregation:
             server = ServerSession(
                 cohort, shape.params, vector_length=shape.length, bits=s.bits, context=context
             )
-        run = StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s)
+        run = StageRunner(server, outcome, rnd, exchange, s.stage_timeout_s, self.public_check)
         try:
             if shared is not None:
                 routed = _absorb_ahead(run, shared)

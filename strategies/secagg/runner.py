@@ -29,6 +29,8 @@ log = logging.getLogger("fl_app.secagg")
 #: ``exchange(messages, timeout) -> (sent messages, replies, message_id -> node)``: the
 #: driver's push/pull loop (:meth:`strategies.driver.RoundDriver._exchange`).
 Exchange = Callable[[list[Message], float], tuple[list[Message], list[Message], dict[str, int]]]
+#: ``check(node, public dp-* metrics) -> rejection reason or None`` for a masked input.
+PublicCheck = Callable[[int, Mapping[str, float]], "str | None"]
 
 
 class StageRunner:
@@ -41,8 +43,10 @@ class StageRunner:
         rnd: int,
         exchange: Exchange,
         timeout: float,
+        public_check: PublicCheck | None = None,
     ) -> None:
         self.server = server
+        self.public_check = public_check
         self.outcome = outcome
         self.rnd = rnd
         self.exchange = exchange
@@ -99,6 +103,11 @@ class StageRunner:
                     for k, v in parsed[METRICS_KEY].items()
                     if k.startswith(PUBLIC_METRIC_PREFIX)
                 }
+                refused = self.public_check(node, public) if self.public_check else None
+                if refused is not None:
+                    # Not fed: a stage-3 dropout, whose masks unmasking removes.
+                    screened.rejected.append(Rejection(node, f"stage {stage.name}: {refused}"))
+                    continue
                 if public:
                     self.outcome.client_metrics[node] = public
             try:
