@@ -15,7 +15,9 @@ by ``dp-partition-id``).
 The rule: the first node to present an identity holds it; a reply from another node
 presenting the same identity is rejected (logged with both node ids) while the holder
 is still connected. A holder that is gone (a SuperNode restart gives the site a new
-node id) hands the identity over.
+node id) hands the identity over. The round driver applies it to plain train replies
+and, under secure aggregation, to each masked input's public metrics (a rejected input
+is a stage-3 dropout: its masks are removed at unmasking, it never enters the sum).
 """
 
 from __future__ import annotations
