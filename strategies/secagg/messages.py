@@ -21,7 +21,6 @@ from fl_app.secagg import crypto, shamir, signing, wire
 from fl_app.secagg.protocol import CIPHERTEXT_BYTES, PublicKeys, Stage, UnmaskReply
 from fl_app.secagg.server_session import ServerSession
 from fl_app.secagg.vector import pack_ids, unpack_ids
-from fl_app.secagg.wire import unpack_ring, wire_packed
 from fl_app.weights import array_view
 from strategies.validation import Rejection
 
@@ -200,8 +199,8 @@ def payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
     if list(rec.keys()) != [wire.SECAGG_MASKED_ARRAY]:
         raise ValueError(f"masked record must hold exactly '{wire.SECAGG_MASKED_ARRAY}'")
     arr = rec[wire.SECAGG_MASKED_ARRAY]
-    dtype = np.dtype(np.uint8) if wire_packed(bits) else np.dtype(crypto.storage_dtype(bits))
-    size = -(-length * bits // 8) if wire_packed(bits) else length
+    dtype = np.dtype(np.uint8) if wire.wire_packed(bits) else np.dtype(crypto.storage_dtype(bits))
+    size = -(-length * bits // 8) if wire.wire_packed(bits) else length
     if tuple(arr.shape) != (size,) or arr.dtype != str(dtype):
         raise ValueError(
             f"masked vector declared {arr.dtype}{list(arr.shape)}, expected {dtype}[{size}]"
@@ -211,8 +210,8 @@ def payload_masked(content: RecordDict, bits: int, length: int) -> np.ndarray:
     # Bytes from a process we do not control: any decoding failure means "malformed".
     except Exception as err:
         raise ValueError(f"masked vector does not decode: {type(err).__name__}: {err}") from None
-    if wire_packed(bits):
-        return unpack_ring(y, length, bits)
+    if wire.wire_packed(bits):
+        return wire.unpack_ring(y, length, bits)
     return y
 
 

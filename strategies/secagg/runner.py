@@ -18,7 +18,6 @@ from fl_app.protocol import CONFIG_KEY, METRICS_KEY, PUBLIC_METRIC_PREFIX
 from fl_app.secagg import wire
 from fl_app.secagg.protocol import Stage
 from fl_app.secagg.server_session import ServerSession
-from fl_app.secagg.wire import payload_bytes
 from strategies.secagg.messages import parse_stage_reply
 from strategies.secagg.outcome import SecAggOutcome, StageLog
 from strategies.validation import Rejection, screen_replies
@@ -81,8 +80,10 @@ class StageRunner:
         else:  # every node already holds what this stage would ask for
             sent_msgs, replies, sent = [], [], {}
         t1 = time.perf_counter()
-        self.outcome.bytes_down += sum(payload_bytes(m.content) for m in sent_msgs)
-        self.outcome.bytes_up += sum(payload_bytes(m.content) for m in replies if m.has_content())
+        self.outcome.bytes_down += sum(wire.payload_bytes(m.content) for m in sent_msgs)
+        self.outcome.bytes_up += sum(
+            wire.payload_bytes(m.content) for m in replies if m.has_content()
+        )
         if stage is Stage.masked_input:
             self.outcome.masked_input_sent = sent_msgs
         log_entry = StageLog(stage, sent=len(sent))

@@ -34,7 +34,6 @@ from fl_app.secagg.client.state import (
 from fl_app.secagg.client_session import ClientSession
 from fl_app.secagg.protocol import CIPHERTEXT_BYTES, ClientRefusal, Stage, StageOrderError
 from fl_app.secagg.vector import VectorLayout, client_weight, round_codec, unpack_ids
-from fl_app.secagg.wire import pack_ring, wire_packed
 
 __all__ = ["MaskedInputStage"]
 
@@ -156,7 +155,7 @@ class MaskedInputStage:
         record = ArrayRecord()
         bits = self.session.bits
         record[wire.SECAGG_MASKED_ARRAY] = Array(
-            pack_ring(masked, bits) if wire_packed(bits) else masked
+            wire.pack_ring(masked, bits) if wire.wire_packed(bits) else masked
         )
         return _reply(msg, self.rnd, Stage.masked_input, record, public)
 
