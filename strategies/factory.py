@@ -94,23 +94,7 @@ def build_driver(
     """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
     ``secagg.mode != off``) secure aggregation in ``cfg``."""
     s = cfg.strategy
-    # Amplification by sampling (central and distributed DP's epsilon) needs cohorts
-    # nobody can recompute: a keystream under a key only this server process holds.
-    # Without it (no DP, local DP, DP-SGD only, or secure_mode=false) sampling stays
-    # seeded, so such experiments reproduce.
-    amplified = cfg.privacy.mode.value in ("central", "distributed")
-    key = os.urandom(32) if cfg.privacy.secure_mode and amplified else None
-    if s.sampling is SamplingMode.poisson:
-        train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
-            s.fraction_train, cfg.seed, key=key
-        )
-    else:
-        train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed, key=key)
-    evaluate_sampler = (
-        FixedSizeSampler(s.fraction_evaluate, cfg.seed, stream=EVALUATE_STREAM, key=key)
-        if s.fraction_evaluate > 0 and federated_eval_interval(cfg) > 0
-        else None
-    )
+    train_sampler, evaluate_sampler = _samplers(cfg)
     r = cfg.runtime
     settings = DriverSettings(
         num_rounds=cfg.num_rounds,
@@ -143,6 +127,31 @@ def build_driver(
         round_begin_hooks=round_begin_hooks,
         release_hooks=release_hooks,
     )
+
+
+def _samplers(
+    cfg: AppConfig,
+) -> tuple[FixedSizeSampler | PoissonSampler, FixedSizeSampler | None]:
+    """The train sampler ``strategy.sampling`` names and the evaluation sampler (if any)."""
+    s = cfg.strategy
+    # Amplification by sampling (central and distributed DP's epsilon) needs cohorts
+    # nobody can recompute: a keystream under a key only this server process holds.
+    # Without it (no DP, local DP, DP-SGD only, or secure_mode=false) sampling stays
+    # seeded, so such experiments reproduce.
+    amplified = cfg.privacy.mode.value in ("central", "distributed")
+    key = os.urandom(32) if cfg.privacy.secure_mode and amplified else None
+    if s.sampling is SamplingMode.poisson:
+        train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
+            s.fraction_train, cfg.seed, key=key
+        )
+    else:
+        train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed, key=key)
+    evaluate_sampler = (
+        FixedSizeSampler(s.fraction_evaluate, cfg.seed, stream=EVALUATE_STREAM, key=key)
+        if s.fraction_evaluate > 0 and federated_eval_interval(cfg) > 0
+        else None
+    )
+    return train_sampler, evaluate_sampler
 
 
 def build_aggregator(

@@ -175,16 +175,9 @@ _LONG_MODULES_ALLOWED = frozenset(
 
 _LONG_FUNCTIONS_ALLOWED = frozenset(
     {
-        "fl_app/cli/simulate.py::_simulate_task",
-        "fl_app/config/client_dp.py::ClientDpSettings.from_config",
-        "fl_app/config/validate.py::_check_dataset",
-        "fl_app/config/validate_privacy.py::_check_client_level",
-        "fl_app/config/validate_secagg.py::check_secagg",
-        "fl_app/release/caveats.py::_plaintext_items",
         "fl_app/secagg/graph.py::_complete",
         "fl_app/secagg/graph.py::custom_params",
         "fl_app/secagg/graph.py::derive_params",
-        "strategies/factory.py::build_driver",
     }
 )
 

@@ -233,6 +233,16 @@ def _config_failed(reason: str) -> None:
     _job_failed(f"job {HydraConfig.get().job.num} failed: {reason}")
 
 
+def _print_plan(plan: RunPlan) -> RecordLevelProjection | None:
+    """Print a job's plan (always in a dry run; with DP-SGD before it trains)."""
+    projection = record_level_projection(plan.cfg)
+    if _DRY_RUN or projection is not None:
+        print(f"[{'dry run' if _DRY_RUN else 'plan'}] {plan.cfg.experiment_name}:")
+        for line in privacy_plan(plan, projection):
+            print(f"  {line}", flush=True)
+    return projection
+
+
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -248,11 +258,7 @@ def _simulate_task(raw: Any) -> float | None:
         cfg = plan.cfg
         if cfg.resume is not None:
             check_resume(cfg)
-        projection = record_level_projection(cfg)
-        if _DRY_RUN or projection is not None:
-            print(f"[{'dry run' if _DRY_RUN else 'plan'}] {cfg.experiment_name}:")
-            for line in privacy_plan(plan, projection):
-                print(f"  {line}", flush=True)
+        projection = _print_plan(plan)
     except ConfigError as err:
         _config_failed(str(err))
     from hydra.types import RunMode

@@ -221,60 +221,12 @@ class ClientDpSettings:
             raise ConfigConflictError(
                 "privacy.mode", p.mode.value, "is not client-level DP (central, local, distributed)"
             )
-        assert p.clip is not None and p.delta is not None
         population = planned_population(cfg)
-        sampling = (
-            SamplingScheme.poisson
-            if cfg.strategy.sampling is SamplingMode.poisson
-            else SamplingScheme.fixed
-        )
-        common: dict[str, Any] = dict(
-            mode=p.mode,
-            clip_side=ClipSide.client if p.mode is PrivacyMode.local else p.clip_side,
-            clipping=p.clipping,
-            clip=float(p.clip),
-            delta=float(p.delta),
-            accountant=AccountantName(p.accountant.value),
-            sampling=sampling,
-            fraction=float(cfg.strategy.fraction_train),
-            num_rounds=int(cfg.num_rounds),
-            planned_population=population,
-            seed=int(cfg.seed),
-            secure_mode=bool(p.secure_mode),
-            max_epsilon=p.max_epsilon,
-            target_quantile=float(p.target_quantile),
-            clip_learning_rate=float(p.clip_learning_rate),
-        )
-        common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
-        if common["cohort_gate"] is not None:
-            sa = cfg.secagg
-            common["cohort_secagg"] = (
-                sa.mode.value,
-                float(sa.dropout_tolerance),
-                float(sa.corrupt_fraction),
-                sa.server_model.value,
-            )
+        common = _common_fields(cfg, population)
         # A fixed-clipping, z=1 probe of the same sampling: expected cohort and calibration.
         probe = cls(noise_multiplier=1.0, **{**common, "clipping": ClippingMode.fixed})
         eta = probe.num_rounds * probe.branch_delta(population)
-        if eta >= probe.delta / 2:
-            raise ConfigPlanError(
-                "privacy.delta",
-                probe.delta,
-                f"privacy.delta={probe.delta:g}: with strategy.sampling=poisson at "
-                f"strategy.fraction_train={probe.fraction:g} of {population} clients, the "
-                f"chance that one client decides whether a secure round is abandoned (cohort "
-                f"outside {probe.cohort_gate}{probe.hole_note(population)}) adds {eta:.3g} "
-                f"to delta over {probe.num_rounds} rounds (docs/privacy-branches.md); raise "
-                "strategy.fraction_train or dataset.num_partitions, or use "
-                "strategy.sampling=fixed"
-                + (
-                    ", or choose secagg.dropout_tolerance / secagg.corrupt_fraction with "
-                    "parameters for every cohort size"
-                    if probe.hole_note(population)
-                    else ""
-                ),
-            )
+        _refuse_branches_over_delta(probe, population, eta)
         if cfg.secagg.mode is not SecAggMode.off and p.mode is PrivacyMode.central:
             common["encoding"] = (int(cfg.secagg.bits), model_dimension(cfg))
         if p.clipping is ClippingMode.adaptive:
@@ -284,26 +236,8 @@ class ClientDpSettings:
             )
         if p.mode is PrivacyMode.distributed:
             resolved = cls._distributed(cfg, probe, common)
-            if (
-                resolved.max_epsilon is not None
-                and p.threat_model is ThreatModel.distributed_dp
-                and server_rounds_within_budget(resolved) == 0
-            ):
-                one = unsampled_epsilon(
-                    resolved.round_event(1, population, resolved.clip),
-                    1,
-                    resolved.delta,
-                    resolved.accountant,
-                )
-                raise ConfigPlanError(
-                    "privacy.max_epsilon",
-                    resolved.max_epsilon,
-                    f"privacy.max_epsilon={resolved.max_epsilon:g}: one cohort alone costs a "
-                    f"client epsilon {one:.4g} against the server (no amplification: it picks "
-                    "the cohort), so every run would stop before round 1; raise "
-                    "privacy.max_epsilon, or the noise (privacy.noise_multiplier, or a lower "
-                    "privacy.target_epsilon)",
-                )
+            if p.threat_model is ThreatModel.distributed_dp:
+                _refuse_server_budget_before_round_one(resolved, population)
             return resolved
         if p.noise_multiplier is not None:
             z = float(p.noise_multiplier)
@@ -414,3 +348,86 @@ def server_rounds_within_budget(s: ClientDpSettings) -> int:
         else:
             high = mid - 1
     return low
+
+
+def _common_fields(cfg: AppConfig, population: int) -> dict[str, Any]:
+    """The settings every client-level mode shares, read from ``cfg`` (validated)."""
+    p = cfg.privacy
+    assert p.clip is not None and p.delta is not None
+    sampling = (
+        SamplingScheme.poisson
+        if cfg.strategy.sampling is SamplingMode.poisson
+        else SamplingScheme.fixed
+    )
+    common: dict[str, Any] = dict(
+        mode=p.mode,
+        clip_side=ClipSide.client if p.mode is PrivacyMode.local else p.clip_side,
+        clipping=p.clipping,
+        clip=float(p.clip),
+        delta=float(p.delta),
+        accountant=AccountantName(p.accountant.value),
+        sampling=sampling,
+        fraction=float(cfg.strategy.fraction_train),
+        num_rounds=int(cfg.num_rounds),
+        planned_population=population,
+        seed=int(cfg.seed),
+        secure_mode=bool(p.secure_mode),
+        max_epsilon=p.max_epsilon,
+        target_quantile=float(p.target_quantile),
+        clip_learning_rate=float(p.clip_learning_rate),
+    )
+    common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
+    if common["cohort_gate"] is not None:
+        sa = cfg.secagg
+        common["cohort_secagg"] = (
+            sa.mode.value,
+            float(sa.dropout_tolerance),
+            float(sa.corrupt_fraction),
+            sa.server_model.value,
+        )
+    return common
+
+
+def _refuse_branches_over_delta(probe: ClientDpSettings, population: int, eta: float) -> None:
+    """The sampling-dependent branches may take at most half of δ (docs/privacy-branches.md)."""
+    if eta < probe.delta / 2:
+        return
+    holes = probe.hole_note(population)
+    raise ConfigPlanError(
+        "privacy.delta",
+        probe.delta,
+        f"privacy.delta={probe.delta:g}: with strategy.sampling=poisson at "
+        f"strategy.fraction_train={probe.fraction:g} of {population} clients, the "
+        f"chance that one client decides whether a secure round is abandoned (cohort "
+        f"outside {probe.cohort_gate}{holes}) adds {eta:.3g} "
+        f"to delta over {probe.num_rounds} rounds (docs/privacy-branches.md); raise "
+        "strategy.fraction_train or dataset.num_partitions, or use "
+        "strategy.sampling=fixed"
+        + (
+            ", or choose secagg.dropout_tolerance / secagg.corrupt_fraction with "
+            "parameters for every cohort size"
+            if holes
+            else ""
+        ),
+    )
+
+
+def _refuse_server_budget_before_round_one(resolved: ClientDpSettings, population: int) -> None:
+    """Under distributed_dp the budget is against the server: one cohort must fit in it."""
+    if resolved.max_epsilon is None or server_rounds_within_budget(resolved) > 0:
+        return
+    one = unsampled_epsilon(
+        resolved.round_event(1, population, resolved.clip),
+        1,
+        resolved.delta,
+        resolved.accountant,
+    )
+    raise ConfigPlanError(
+        "privacy.max_epsilon",
+        resolved.max_epsilon,
+        f"privacy.max_epsilon={resolved.max_epsilon:g}: one cohort alone costs a "
+        f"client epsilon {one:.4g} against the server (no amplification: it picks "
+        "the cohort), so every run would stop before round 1; raise "
+        "privacy.max_epsilon, or the noise (privacy.noise_multiplier, or a lower "
+        "privacy.target_epsilon)",
+    )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from fl_app.config.errors import ConfigError
+from fl_app.config.errors import ConfigPlanError
 from fl_app.config.errors import require as _check
 from fl_app.config.errors import require_fraction as _fraction
 from fl_app.config.errors import require_in as _in
@@ -91,6 +91,12 @@ def _check_dataset(cfg: AppConfig) -> None:
     )
     if d.site_files:
         _check_site_files(cfg)
+    _check_partitioner_and_source(cfg)
+
+
+def _check_partitioner_and_source(cfg: AppConfig) -> None:
+    """Each partitioner's and each data source's own settings."""
+    d = cfg.dataset
     if d.partitioner is PartitionerName.dirichlet:
         _positive(d.dirichlet_alpha, "dataset.dirichlet_alpha")
     if d.partitioner is PartitionerName.shard:
@@ -123,7 +129,9 @@ def _check_dataset(cfg: AppConfig) -> None:
         try:
             partition_sizes(d, cfg.seed)
         except DataError as err:
-            raise ConfigError("dataset", f"num_partitions={d.num_partitions}", str(err)) from None
+            raise ConfigPlanError(
+                "dataset", f"num_partitions={d.num_partitions}", str(err)
+            ) from None
     if d.kind is DatasetKind.local:
         _check(
             not cfg.server_eval,

@@ -80,6 +80,29 @@ def _check_client_level(cfg: AppConfig) -> None:
     s = cfg.strategy
     if p.mode is PrivacyMode.distributed:
         _check_distributed(cfg)
+    _check_who_sees_updates(cfg)
+    _check_noise_and_budget(cfg)
+    replace_one = (
+        s.sampling is SamplingMode.fixed
+        and round(s.fraction_train * cfg.dataset.num_partitions) < cfg.dataset.num_partitions
+    )
+    if p.mode is PrivacyMode.central and replace_one:
+        _check(
+            p.accountant is Accountant.rdp,
+            "privacy.accountant",
+            p.accountant.value,
+            "fixed-size sampling without replacement (strategy.sampling=fixed with "
+            "fraction_train < 1) is accounted only by dp-accounting's RDP accountant "
+            "(replace-one); set privacy.accountant=rdp, or strategy.sampling=poisson for "
+            "PLD and tighter epsilon",
+        )
+    if p.clipping is ClippingMode.adaptive:
+        _check_adaptive(cfg)
+
+
+def _check_who_sees_updates(cfg: AppConfig) -> None:
+    """The threat model, who clips, and secure aggregation must keep the same promise."""
+    p = cfg.privacy
     _check(
         p.threat_model
         in (ThreatModel.trusted_server, ThreatModel.honest_but_curious, ThreatModel.distributed_dp),
@@ -113,6 +136,11 @@ def _check_client_level(cfg: AppConfig) -> None:
             "with secure aggregation the server sees only the masked sum and cannot clip; "
             "set privacy.clip_side=client",
         )
+
+
+def _check_noise_and_budget(cfg: AppConfig) -> None:
+    """Exactly one of z or a target epsilon, a clip norm, delta, and the budget."""
+    p = cfg.privacy
     _check(
         (p.noise_multiplier is None) != (p.target_epsilon is None),
         "privacy.noise_multiplier",
@@ -141,36 +169,26 @@ def _check_client_level(cfg: AppConfig) -> None:
                 p.target_epsilon,
                 f"exceeds the budget privacy.max_epsilon={p.max_epsilon:g}",
             )
-    replace_one = (
-        s.sampling is SamplingMode.fixed
-        and round(s.fraction_train * cfg.dataset.num_partitions) < cfg.dataset.num_partitions
+
+
+def _check_adaptive(cfg: AppConfig) -> None:
+    """Adaptive clipping (Andrew et al. 2021) is central DP's, with its own rates."""
+    p = cfg.privacy
+    _check(
+        p.mode is PrivacyMode.central,
+        "privacy.clipping",
+        p.clipping.value,
+        "adaptive clipping needs privacy.mode=central (local DP fixes C per client)",
     )
-    if p.mode is PrivacyMode.central and replace_one:
-        _check(
-            p.accountant is Accountant.rdp,
-            "privacy.accountant",
-            p.accountant.value,
-            "fixed-size sampling without replacement (strategy.sampling=fixed with "
-            "fraction_train < 1) is accounted only by dp-accounting's RDP accountant "
-            "(replace-one); set privacy.accountant=rdp, or strategy.sampling=poisson for "
-            "PLD and tighter epsilon",
-        )
-    if p.clipping is ClippingMode.adaptive:
-        _check(
-            p.mode is PrivacyMode.central,
-            "privacy.clipping",
-            p.clipping.value,
-            "adaptive clipping needs privacy.mode=central (local DP fixes C per client)",
-        )
-        _in(
-            0 < p.target_quantile < 1,
-            "privacy.target_quantile",
-            p.target_quantile,
-            "must lie in (0, 1) (0.5: half the updates unclipped)",
-        )
-        _positive(p.clip_learning_rate, "privacy.clip_learning_rate")
-        if p.clipped_count_stddev is not None:
-            _positive(p.clipped_count_stddev, "privacy.clipped_count_stddev")
+    _in(
+        0 < p.target_quantile < 1,
+        "privacy.target_quantile",
+        p.target_quantile,
+        "must lie in (0, 1) (0.5: half the updates unclipped)",
+    )
+    _positive(p.clip_learning_rate, "privacy.clip_learning_rate")
+    if p.clipped_count_stddev is not None:
+        _positive(p.clipped_count_stddev, "privacy.clipped_count_stddev")
 
 
 def _check_distributed(cfg: AppConfig) -> None:

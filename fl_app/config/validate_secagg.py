@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 
-from fl_app.config.errors import ConfigError
+from fl_app.config.errors import ConfigPlanError
 from fl_app.config.errors import require as _check
 from fl_app.config.errors import require_in as _in
 from fl_app.config.errors import require_positive as _positive
@@ -53,6 +53,14 @@ def check_secagg(cfg: AppConfig) -> None:
             "has no effect with secagg=off; remove it (client-level DP clipping is privacy.clip)",
         )
         return
+    _check_bound(cfg)
+    _check_encoding(cfg)
+    _check_cohorts(cfg)
+
+
+def _check_bound(cfg: AppConfig) -> None:
+    """Secure aggregation encodes bounded inputs: the DP clip norm or ``secagg.clip``."""
+    s = cfg.secagg
     p = cfg.privacy
     _check(
         p.mode in (PrivacyMode.none, PrivacyMode.central, PrivacyMode.distributed),
@@ -91,8 +99,33 @@ def check_secagg(cfg: AppConfig) -> None:
         "learns inputs or partial sums), so clients refuse it. Use secagg=secagg with "
         "secagg.server_model=malicious, or secagg.server_model=honest_but_curious",
     )
-    from fl_app.privacy.ledger import fixed_cohort_size
+
+
+def _check_encoding(cfg: AppConfig) -> None:
+    """Overflow is impossible by construction if the codec exists for the largest cohort
+    the run can sample: every partition (the Poisson upper bound). Under distributed DP
+    the ring is sized by the distributed-DP plan instead (checked when the plan is
+    resolved, naming secagg.bits)."""
     from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
+
+    s = cfg.secagg
+    n = cfg.dataset.num_partitions
+    if cfg.privacy.mode is not PrivacyMode.distributed:
+        try:
+            FixedPointCodec(bits=s.bits, max_abs=1.0, max_contributors=n)
+        except FixedPointConfigError as err:
+            raise ConfigPlanError(
+                "secagg.bits",
+                s.bits,
+                f"the masked sum of up to {n} clients (dataset.num_partitions) cannot be "
+                f"encoded without overflow at useful resolution ({err}); use secagg.bits=64 "
+                "or fewer clients",
+            ) from err
+
+
+def _check_cohorts(cfg: AppConfig) -> None:
+    """Secure aggregation has thresholds for every cohort size the run can sample."""
+    from fl_app.privacy.ledger import fixed_cohort_size
     from fl_app.secagg.graph import (
         MIN_CORRUPT_CLIENTS,
         SecAggConfigError,
@@ -100,22 +133,8 @@ def check_secagg(cfg: AppConfig) -> None:
         federation_min_corrupt,
     )
 
+    s = cfg.secagg
     n = cfg.dataset.num_partitions
-    # Overflow is impossible by construction if the codec exists for the largest cohort
-    # the run can sample: every partition (the Poisson upper bound). Under distributed
-    # DP the ring is sized by the distributed-DP plan instead (checked with the privacy
-    # layer, naming secagg.bits).
-    if p.mode is not PrivacyMode.distributed:
-        try:
-            FixedPointCodec(bits=s.bits, max_abs=1.0, max_contributors=n)
-        except FixedPointConfigError as err:
-            raise ConfigError(
-                "secagg.bits",
-                s.bits,
-                f"the masked sum of up to {n} clients (dataset.num_partitions) cannot be "
-                f"encoded without overflow at useful resolution ({err}); use secagg.bits=64 "
-                "or fewer clients",
-            ) from err
     if cfg.strategy.sampling is SamplingMode.fixed:
         cohorts = {fixed_cohort_size(cfg.strategy.fraction_train, n)}
     else:
@@ -145,22 +164,33 @@ def check_secagg(cfg: AppConfig) -> None:
         try:
             derive()
         except SecAggConfigError as err:
-            raise ConfigError("secagg.dropout_tolerance", s.dropout_tolerance, str(err)) from err
+            raise ConfigPlanError(
+                "secagg.dropout_tolerance", s.dropout_tolerance, str(err)
+            ) from err
         if not malicious:
             continue
         try:
             derive(min_corrupt=min_corrupt)
         except SecAggConfigError as err:
-            d = math.floor(s.dropout_tolerance * m + 1e-12)
-            raise ConfigError(
-                "secagg.server_model",
-                s.server_model.value,
-                f"under the malicious server model the colluder bound is over the federation: "
-                f"C = max(floor(secagg.corrupt_fraction={s.corrupt_fraction:g} * {n} sites), "
-                f"{MIN_CORRUPT_CLIENTS}) = {min_corrupt}, and a cohort of {m} "
-                f"(strategy.fraction_train={cfg.strategy.fraction_train:g}) with D={d} "
-                f"dropouts has no threshold t with t > C, 2t > n + C and t <= n - D "
-                f"({err}); the clients would refuse every round. Use a larger cohort "
-                "(raise strategy.fraction_train), a smaller secagg.corrupt_fraction or "
-                "secagg.dropout_tolerance, or secagg.server_model=honest_but_curious",
-            ) from err
+            raise _malicious_refusal(cfg, m, min_corrupt, err) from err
+
+
+def _malicious_refusal(cfg: AppConfig, m: int, min_corrupt: int, err: Exception) -> ConfigPlanError:
+    """Why a cohort of ``m`` has no thresholds for the federation's colluder bound."""
+    from fl_app.secagg.graph import MIN_CORRUPT_CLIENTS
+
+    s = cfg.secagg
+    n = cfg.dataset.num_partitions
+    d = math.floor(s.dropout_tolerance * m + 1e-12)
+    return ConfigPlanError(
+        "secagg.server_model",
+        s.server_model.value,
+        f"under the malicious server model the colluder bound is over the federation: "
+        f"C = max(floor(secagg.corrupt_fraction={s.corrupt_fraction:g} * {n} sites), "
+        f"{MIN_CORRUPT_CLIENTS}) = {min_corrupt}, and a cohort of {m} "
+        f"(strategy.fraction_train={cfg.strategy.fraction_train:g}) with D={d} "
+        f"dropouts has no threshold t with t > C, 2t > n + C and t <= n - D "
+        f"({err}); the clients would refuse every round. Use a larger cohort "
+        "(raise strategy.fraction_train), a smaller secagg.corrupt_fraction or "
+        "secagg.dropout_tolerance, or secagg.server_model=honest_but_curious",
+    )

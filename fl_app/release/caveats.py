@@ -170,40 +170,46 @@ def _record_level_items(cfg: AppConfig) -> list[str]:
     return items
 
 
+def _hidden_metrics_item(cfg: AppConfig) -> str:
+    """What the server saw per client when the threat model hides every metric."""
+    p = cfg.privacy
+    public = ["who took part and who dropped out"]
+    if p.mode is PrivacyMode.local:
+        public.append("its partition id, local-DP epsilon and release count")
+    if p.record_level:
+        public.append(
+            "its partition id, record-level epsilon, delta and rounds trained (epsilon is "
+            "a function of the institution's record count: with the run's public noise "
+            "settings, batch size, epochs and delta it gives that count to within about "
+            "a batch, so the record count is not secret)"
+        )
+    if p.mode is PrivacyMode.local or p.record_level:
+        # fl_app.client: dp-site-hash rides with the dp-* metrics of a deployed site.
+        public.append(
+            "for a deployed site, a 48-bit hash of its site identity (the same in every "
+            "run, so its runs can be linked)"
+        )
+    return (
+        "Per client, the server saw in plaintext only what the protocol needs: "
+        + "; ".join(public)
+        + ". No client's loss, accuracy or example count reached it (no federated "
+        "evaluation under this threat model)."
+    )
+
+
 def _plaintext_items(cfg: AppConfig, evaluated: bool) -> list[str]:
     """What each client sent the server in the clear, per threat model."""
     p = cfg.privacy
     items: list[str] = []
     if metrics_hidden_from_server(cfg):
-        public = ["who took part and who dropped out"]
-        if p.mode is PrivacyMode.local:
-            public.append("its partition id, local-DP epsilon and release count")
-        if p.record_level:
-            public.append(
-                "its partition id, record-level epsilon, delta and rounds trained (epsilon is "
-                "a function of the institution's record count: with the run's public noise "
-                "settings, batch size, epochs and delta it gives that count to within about "
-                "a batch, so the record count is not secret)"
-            )
-        if p.mode is PrivacyMode.local or p.record_level:
-            # client_app: dp-site-hash rides with the dp-* metrics of a deployed site.
-            public.append(
-                "for a deployed site, a 48-bit hash of its site identity (the same in every "
-                "run, so its runs can be linked)"
-            )
-        items.append(
-            "Per client, the server saw in plaintext only what the protocol needs: "
-            + "; ".join(public)
-            + ". No client's loss, accuracy or example count reached it (no federated "
-            "evaluation under this threat model)."
-        )
+        items.append(_hidden_metrics_item(cfg))
     elif cfg.secagg.mode is SecAggMode.off and p.record_level:
         unclipped = (
             " whether its update exceeded the clip norm (adaptive clipping),"
             if p.mode is PrivacyMode.central and p.clipping is ClippingMode.adaptive
             else ""
         )
-        # client_app: a DP-SGD client leaves its loss and accuracy out (un-noised
+        # fl_app.client: a DP-SGD client leaves its loss and accuracy out (un-noised
         # functions of its records) and never evaluates for the server.
         items.append(
             "Per institution, the server saw in plaintext its example count (its "
@@ -238,7 +244,7 @@ def _closing_items(cfg: AppConfig, evaluated: bool) -> list[str]:
     """The un-noised metrics and what ε does not cover (every DP configuration)."""
     p = cfg.privacy
     items: list[str] = []
-    # client_app/secagg.client: local-DP and distributed-DP clients, and DP-SGD clients
+    # fl_app.client/secagg.client: local-DP and distributed-DP clients, and DP-SGD clients
     # without secure aggregation, send no loss or accuracy; under other secure
     # aggregation they ride in the masked sum.
     trained = p.mode not in (PrivacyMode.local, PrivacyMode.distributed) and not (
