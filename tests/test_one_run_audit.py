@@ -137,6 +137,18 @@ def test_no_evidence_at_all_gives_zero() -> None:
     assert epsilon_lower_bound(100, 50, 25, 1e-5, 0.95) == 0.0
 
 
+def test_p_value_edges_follow_the_paper() -> None:
+    """r = m is allowed; δ = 1 is allowed; the p-value is a probability (capped at 1);
+    v = 1 and v = 2 take the δ term's maximum over i like larger v."""
+    assert one_run_p_value(5, 5, 5, 0.0, 0.0) == pytest.approx(0.5**5, rel=1e-12)
+    assert one_run_p_value(40, 20, 20, 0.0, 1.0) == 1.0
+    for v in (1, 2, 7):
+        for eps in (0.0, 1.0):
+            assert one_run_p_value(40, 20, v, eps, 1e-2) == pytest.approx(
+                _paper_p_value(40, 20, v, eps, 1e-2), rel=1e-9
+            )
+
+
 @pytest.mark.parametrize(
     ("m", "r", "v", "eps", "delta", "field"),
     [(10, 11, 0, 1.0, 0.0, "guesses"), (10, 5, 6, 1.0, 0.0, "correct"),
@@ -147,8 +159,14 @@ def test_p_value_refuses_impossible_counts(
 ) -> None:
     with pytest.raises(ValueError, match=field):
         one_run_p_value(m, r, v, eps, delta)
-    with pytest.raises(ValueError, match="confidence"):
-        epsilon_lower_bound(10, 5, 5, 0.0, 1.0)
+    for confidence in (0.0, 1.0):
+        with pytest.raises(ValueError, match="confidence must lie in"):
+            epsilon_lower_bound(10, 5, 5, 0.0, confidence)
+
+
+def test_impossible_counts_say_how_to_count() -> None:
+    with pytest.raises(ValueError, match="count guesses among the canaries only"):
+        one_run_p_value(10, 11, 0, 1.0, 0.0)
 
 
 def test_guesses_take_the_top_and_bottom_scores() -> None:
@@ -160,6 +178,27 @@ def test_guesses_take_the_top_and_bottom_scores() -> None:
     assert guess_from_scores(scores, included, 6, 0) == Guesses(6, 6, 3)
     with pytest.raises(ValueError, match="k_plus"):
         guess_from_scores(scores, included, 4, 3)
+    for k_plus, k_minus in ((-1, 2), (2, -1)):
+        with pytest.raises(ValueError, match="non-negative"):
+            guess_from_scores(scores, included, k_plus, k_minus)
+    with pytest.raises(ValueError, match="1-D arrays of equal length"):
+        guess_from_scores(scores, included[:5], 1, 1)
+    with pytest.raises(ValueError, match="1-D arrays of equal length"):
+        guess_from_scores(scores.reshape(2, 3), included.reshape(2, 3), 1, 1)
+
+
+def test_guesses_read_unsigned_scores_and_integer_inclusion_bits() -> None:
+    """uint8 scores are not negated modulo 256; 0/1 inclusion ints are not bit-inverted."""
+    scores = np.array([200, 10, 100, 150, 20, 30], dtype=np.uint8)
+    included = np.array([1, 0, 1, 0, 0, 1])
+    assert guess_from_scores(scores, included, 2, 2) == Guesses(6, 4, 3)
+
+
+def test_ties_are_broken_by_canary_order_not_inclusion() -> None:
+    """100 equal scores: top 25 are canaries 0-24, bottom 25 are 75-99 (stable order)."""
+    included = np.arange(100) < 50
+    assert guess_from_scores(np.zeros(100), included, 25, 25) == Guesses(100, 50, 50)
+    assert guess_from_scores(np.zeros(100), ~included, 25, 25) == Guesses(100, 50, 0)
 
 
 # ------------------------------------------------------------------ the flag
@@ -186,6 +225,23 @@ def test_randomized_response_bound_is_sound_and_flags_a_10x_under_report() -> No
     with pytest.raises(AccountingBugSuspected, match="accounting bug"):
         check_against_accounted(under)
     check_against_accounted(OneRunBound.of(g, 1e-5, 0.95, accounted=None))  # no DP: no claim
+
+
+def test_bound_equal_to_the_accounted_epsilon_passes_and_the_message_says_what_to_do() -> None:
+    g = Guesses(100, 50, 50)
+    check_against_accounted(OneRunBound(g, 1e-5, 0.95, 2.0, 2.0))
+    with pytest.raises(AccountingBugSuspected, match="do not release this run") as err:
+        check_against_accounted(OneRunBound(g, 1e-5, 0.95, 2.5, 2.0))
+    assert "2.500" in str(err.value) and "2.000" in str(err.value) and "95%" in str(err.value)
+
+
+def test_one_run_section_carries_the_counts_and_the_bound() -> None:
+    """Keys as docs/privacy-audit.md documents them; δ=0, 50 of 50 right: logit(0.05^(1/50))."""
+    doc = OneRunBound.of(Guesses(100, 50, 50), 0.0, 0.95, accounted=4.0).to_json()
+    expected = _logit(0.05 ** (1 / 50))
+    assert doc.pop("epsilon_lower_bound") == pytest.approx(expected, abs=1e-7)
+    assert doc == {"canaries": 100, "guesses": 50, "correct": 50, "delta": 0.0,
+                   "confidence": 0.95, "accounted_epsilon": 4.0}  # fmt: skip
 
 
 def test_accounted_guarantee_reads_record_level_first() -> None:
