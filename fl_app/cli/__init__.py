@@ -42,7 +42,8 @@ commands:
              membership inference (loss threshold, LiRA) and gradient inversion on a
              run's release, next to its theoretical epsilon
   deploy     ca | server-cert | node-key | roster | node-config | connection | register |
-             superlink | supernode | submit | demo  (see docs/deployment.md)
+             revoke | rotate-key | superlink | supernode | submit | demo
+             (see docs/deployment.md; incidents: docs/operations.md)
   site       check --node-config "..." | --site site.yaml [--key K] [--ca C]: a
              SuperNode's start-up checks (data, policy, folders, keys) by hand
 

@@ -81,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("public_key")
     s.add_argument("--connection", required=True)
 
+    s = sub.add_parser(
+        "revoke", help="unregister a SuperNode: its key is refused from now on (coordinator)"
+    )
+    s.add_argument("node_id", help="the id `register` printed for the site")
+    s.add_argument("--connection", required=True)
+
+    s = sub.add_parser(
+        "rotate-key", help="register a site's new public key, then unregister its old node"
+    )
+    s.add_argument("public_key", help="the site's new .pub from `node-key`")
+    s.add_argument("--old-node-id", required=True, help="the node id of the key it replaces")
+    s.add_argument("--connection", required=True)
+
     s = sub.add_parser("superlink", help="run flower-superlink (TLS + node auth) in the foreground")
     s.add_argument("--certs", help="folder with ca.crt, server.pem, server.key")
     s.add_argument("--host", default="0.0.0.0")
@@ -192,6 +205,22 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    from fl_app.deploy.revoke import revoke_node
+
+    node_id = revoke_node(args.node_id, args.connection, deploy_env())
+    print(f"unregistered node {node_id}: the SuperLink refuses its key from now on")
+    return 0
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    from fl_app.deploy.revoke import rotate_node_key
+
+    done = rotate_node_key(args.public_key, args.old_node_id, args.connection, deploy_env())
+    print(f"registered node {done.new_node_id}\nunregistered node {done.old_node_id}")
+    return 0
+
+
 def _superlink(args: argparse.Namespace) -> int:
     cmd = superlink_command(
         args.host, args.port, args.certs, insecure=args.insecure, database=args.database
@@ -272,6 +301,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "node-config": _node_config,
     "connection": _connection,
     "register": _register,
+    "revoke": _revoke,
+    "rotate-key": _rotate_key,
     "superlink": _superlink,
     "supernode": _supernode,
     "submit": _submit,

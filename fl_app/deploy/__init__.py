@@ -7,6 +7,7 @@ What each party runs (see ``docs/deployment.md`` for the step-by-step):
 * coordinator: ``ca`` (once), ``server-cert`` (the SuperLink's TLS certificate, with a
   subjectAltName for every address SuperNodes and the CLI dial), ``connection`` (a
   ``flwr`` CLI connection with the CA pinned), ``register`` (a site's public key),
+  ``revoke`` / ``rotate-key`` (unregister a node's key; register a new one first),
   ``superlink`` (TLS, SuperNode authentication, runtime dependency installation off),
   ``submit`` (``flwr run`` then wait for the run's real status);
 * each site: ``node-key`` (an ECDSA P-384 key pair in OpenSSH format: the private key
@@ -35,7 +36,8 @@ Modules, one per concern (docs/architecture.md, "Where each concern lives"):
 :mod:`~fl_app.deploy.site` (site YAML -> node config), :mod:`~fl_app.deploy.procs`
 (Flower executables, their environment and command lines, process groups),
 :mod:`~fl_app.deploy.flwr_cli` (the ``flwr`` CLI: connection file, register, submit,
-status, logs), :mod:`~fl_app.deploy.federation` (the loopback federation of the demo,
+status, logs), :mod:`~fl_app.deploy.revoke` (revoke a SuperNode, rotate its key;
+docs/operations.md), :mod:`~fl_app.deploy.federation` (the loopback federation of the demo,
 tests and benchmark), :mod:`~fl_app.deploy.site_check` (a SuperNode's start-up checks).
 """
 

@@ -31,6 +31,7 @@ __all__ = [
     "run_status",
     "run_verdict",
     "submit_run",
+    "unregister_node",
     "write_connection",
 ]
 
@@ -134,6 +135,20 @@ def register_node(
     if proc.returncode != 0 or not res.get("success"):
         raise DeployError(f"registering {public_key} failed (rc={proc.returncode}): {out[-1500:]}")
     return int(res["node-id"])
+
+
+def unregister_node(node_id: int, connection: str, env: Mapping[str, str]) -> None:
+    """``flwr supernode unregister NODE_ID`` (Flower unregisters by node id, not by key)."""
+    proc = _flwr(["supernode", "unregister", str(node_id), connection, "--format", "json"], env)
+    try:
+        res = _last_json(proc.stdout)
+    except DeployError:
+        res = {}
+    if proc.returncode != 0 or not res.get("success"):
+        out = proc.stdout + proc.stderr
+        raise DeployError(
+            f"unregistering node {node_id} failed (rc={proc.returncode}): {out[-1500:]}"
+        )
 
 
 def list_nodes(connection: str, env: Mapping[str, str]) -> list[dict[str, Any]]:
