@@ -189,7 +189,7 @@ def test_guesses_take_the_top_and_bottom_scores() -> None:
 
 def test_guesses_read_unsigned_scores_and_integer_inclusion_bits() -> None:
     """uint8 scores are not negated modulo 256; 0/1 inclusion ints are not bit-inverted."""
-    scores = np.array([200, 10, 100, 150, 20, 30], dtype=np.uint8)
+    scores = np.array([200, 0, 100, 150, 20, 30], dtype=np.uint8)
     included = np.array([1, 0, 1, 0, 0, 1])
     assert guess_from_scores(scores, included, 2, 2) == Guesses(6, 4, 3)
 
@@ -199,6 +199,13 @@ def test_ties_are_broken_by_canary_order_not_inclusion() -> None:
     included = np.arange(100) < 50
     assert guess_from_scores(np.zeros(100), included, 25, 25) == Guesses(100, 50, 50)
     assert guess_from_scores(np.zeros(100), ~included, 25, 25) == Guesses(100, 50, 0)
+    # Three score levels (rng 0), even canaries included: Python's sort on
+    # (-score, index) gives the expected count.
+    scores = np.random.default_rng(0).integers(0, 3, 100).astype(float)
+    even = np.arange(100) % 2 == 0
+    order = sorted(range(100), key=lambda i: (-scores[i], i))
+    expected = sum(bool(even[i]) for i in order[:25]) + sum(not even[i] for i in order[75:])
+    assert guess_from_scores(scores, even, 25, 25) == Guesses(100, 50, expected)
 
 
 # ------------------------------------------------------------------ the flag
