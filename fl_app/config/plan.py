@@ -1,8 +1,9 @@
 """``resolve(cfg)``: check a composed config and build the run's typed plan, once.
 
-Every consumer below the builder (the strategies factory, the ServerApp, the dry run,
-the model card) reads the plan, never re-derives it from ``cfg``
-(docs/architecture.md, Configuration):
+The strategies factory (through the ServerApp) and the dry run read the plan instead of
+re-deriving settings from ``cfg``; ``summary.json`` and the model card, which start from
+a run's config, state the same guarantee through
+:func:`~fl_app.config.guarantee.guarantee_of` (docs/architecture.md, Configuration):
 
 1. :func:`~fl_app.config.validate.validate_config`: each value and each cross-field
    rule (typed errors naming the field and the fix);
