@@ -436,7 +436,8 @@ def test_audit_privacy_canaries_end_to_end_and_an_under_reporting_double(
         summary["privacy"] = {"record_level_epsilon_max": 0.1, "record_level": {"delta": 1e-5}}
         return summary
 
-    bound, section = one_run_audit(run, tmp_path / "audit2", _K, 42, under_reporting)
+    # Into the CLI's --out again: the earlier canary re-run is replaced, not resumed.
+    bound, section = one_run_audit(run, out, _K, 42, under_reporting)
     assert section["correct"] == one["correct"]  # same seed, same canaries, same re-run
     with pytest.raises(AccountingBugSuspected, match="accounting bug"):
         check_against_accounted(bound)

@@ -16,7 +16,8 @@
    are off (sites' files carry no server test split, and no validation split is
    left). Everything else (model, optimizer, rounds, sampling, DP-SGD or central DP,
    SecAgg) is the run's. The re-run writes its own run directory
-   (``<out>/canary_run``) whose ``summary.json`` gives the accounted ε.
+   (``<out>/canary_run``, replaced by each audit) whose ``summary.json`` gives the
+   accounted ε.
 4. **Guesses and bound.** Score = ``-loss`` of each canary under the re-run's released
    model; guess "in" for the ``K/4`` highest, "out" for the ``K/4`` lowest, abstain on
    the rest (fixed before any score is seen); turn the guesses into a lower bound on ε
@@ -41,6 +42,7 @@ audit).
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +201,10 @@ def one_run_audit(
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SEED_TAG]))
     canaries = draw_canaries(test.x, test.y, int(k), int(cfg.dataset.num_classes), rng)
     work = out_dir / "canary_run"
+    if work.exists():
+        # The audit's own scratch from an earlier audit into the same --out: a run
+        # directory never overwrites its checkpoints, so the re-run starts afresh.
+        shutil.rmtree(work)
     rerun_cfg = to_app_config(_rerun_config(raw, _site_files(raw, canaries, work / "sites")))
     summary = rerun(rerun_cfg, str(work / "run"))
     if summary.get("status") == "failed":
