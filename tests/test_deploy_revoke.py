@@ -164,7 +164,7 @@ def test_cli_revoke_and_rotate(
 def test_unregister_command_line_and_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
 
-    def fake_flwr(args: list[str], env: Any, cwd: Any = None, timeout: float = 120) -> Any:
+    def fake_flwr(args: list[str], env: Any, *_rest: Any, **_kw: Any) -> Any:
         seen.append(list(args))
         ok = args[2] == "42"
         out = '{"success": true, "node-id": 42}\n' if ok else ""
