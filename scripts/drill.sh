@@ -145,8 +145,11 @@ set -e
 if [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ]; then
   fail "SuperNode with the revoked key refused (exit $rc)" "$W/logs/revoked-restart.log"
 fi
-grep -qi "no supernode found\|unauthenticated\|305" "$W/logs/revoked-restart.log" ||
-  fail "SuperNode with the revoked key: refusal in its log" "$W/logs/revoked-restart.log"
+# Exit code 305 alone is any connection failure: require the SuperLink's refusal of the key.
+grep -q "code: 2004\] Failed to activate SuperNode" "$W/logs/revoked-restart.log" ||
+  fail "SuperNode with the revoked key: activation refused in its log" "$W/logs/revoked-restart.log"
+grep -q "activate-node.*No SuperNode found with the given public key" "$W/logs/superlink.log" ||
+  fail "SuperLink log: no live node for the revoked key" "$W/logs/superlink.log"
 pass "a SuperNode with the revoked key is refused (exit $rc)"
 cleanup
 PIDS=()

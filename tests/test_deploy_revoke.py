@@ -29,18 +29,23 @@ class FakeLink:
         self.nodes = dict(nodes)
         self.calls: list[tuple[str, Any]] = []
         self.fail_unregister = fail_unregister
+        # (connection, env) of every call: each must reach the SuperLink the caller named.
+        self.seen: list[tuple[str, Any]] = []
 
     def list_nodes(self, connection: str, env: Any) -> list[dict[str, Any]]:
         self.calls.append(("ls", connection))
+        self.seen.append((connection, env))
         return [{"node-id": str(k), "status": v} for k, v in self.nodes.items()]
 
     def register_node(self, key: Any, connection: str, env: Any) -> int:
         self.calls.append(("register", Path(key).name))
+        self.seen.append((connection, env))
         self.nodes[777] = "registered"
         return 777
 
     def unregister_node(self, node_id: int, connection: str, env: Any) -> None:
         self.calls.append(("unregister", node_id))
+        self.seen.append((connection, env))
         if self.fail_unregister:
             raise DeployError("connection refused")
         self.nodes[node_id] = "unregistered"
@@ -52,6 +57,10 @@ def link(monkeypatch: pytest.MonkeyPatch) -> FakeLink:
     for name in ("list_nodes", "register_node", "unregister_node"):
         monkeypatch.setattr(revoke, name, getattr(fake, name))
     return fake
+
+
+# The environment the CLI hands the flwr wrappers (its FLWR_HOME names the connection file).
+ENV = {"FLWR_HOME": "/nowhere/.flwr"}
 
 
 @pytest.fixture(scope="module")
@@ -73,28 +82,43 @@ def test_node_id_edges_accepted() -> None:
 
 def test_public_key_checks(tmp_path: Path, new_pub: Path) -> None:
     assert revoke.check_public_key(new_pub) == new_pub
-    with pytest.raises(DeployError, match=r"does not exist; .*fl-app deploy node-key"):
-        revoke.check_public_key(tmp_path / "missing.pub")
+    missing = tmp_path / "missing.pub"
+    with pytest.raises(DeployError) as err:
+        revoke.check_public_key(missing)
+    assert str(err.value) == (
+        f"public key {str(missing)!r} does not exist; the site creates it with "
+        "`fl-app deploy node-key --out DIR --name SITE` and sends DIR/SITE.pub"
+    )
     priv = new_pub.with_suffix("")  # the private key next to it
-    with pytest.raises(DeployError, match=r"is a private key: send only the \.pub"):
+    with pytest.raises(DeployError) as err:
         revoke.check_public_key(priv)
+    assert str(err.value) == (
+        f"{str(priv)!r} is a private key: send only the .pub file (the private key never "
+        "leaves the site)"
+    )
     junk = tmp_path / "junk.pub"
     junk.write_text("hello\n")
-    with pytest.raises(DeployError, match="is not an OpenSSH public key"):
+    with pytest.raises(DeployError, match="is not an OpenSSH public key") as err:
         revoke.check_public_key(junk)
+    assert str(err.value).startswith(f"{str(junk)!r} is not an OpenSSH public key (")
     ed = tmp_path / "ed.pub"
     ed.write_bytes(
         ed25519.Ed25519PrivateKey.generate()
         .public_key()
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
-    with pytest.raises(DeployError, match="is not an ECDSA key"):
+    with pytest.raises(DeployError) as err:
         revoke.check_public_key(ed)
+    assert str(err.value) == (
+        f"{str(ed)!r} is not an ECDSA key; Flower's SuperNode authentication needs one "
+        "from `fl-app deploy node-key`"
+    )
 
 
 def test_revoke_unregisters_a_known_node(link: FakeLink) -> None:
-    assert revoke.revoke_node("12", "fed", {}) == 12
+    assert revoke.revoke_node("12", "fed", ENV) == 12
     assert link.calls == [("ls", "fed"), ("unregister", 12)]
+    assert link.seen == [("fed", ENV)] * 2
 
 
 def test_revoke_refuses_unknown_or_revoked_nodes_without_unregistering(link: FakeLink) -> None:
@@ -107,12 +131,21 @@ def test_revoke_refuses_unknown_or_revoked_nodes_without_unregistering(link: Fak
     assert [c for c in link.calls if c[0] != "ls"] == []
 
 
+def test_revoke_with_no_live_node_says_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeLink({13: "unregistered"})
+    monkeypatch.setattr(revoke, "list_nodes", fake.list_nodes)
+    with pytest.raises(DeployError) as err:
+        revoke.revoke_node(5, "fed", ENV)
+    assert str(err.value) == "no node 5 at connection 'fed' (registered: none)"
+
+
 def test_rotation_registers_the_new_key_before_unregistering_the_old(
     link: FakeLink, new_pub: Path
 ) -> None:
-    done = revoke.rotate_node_key(new_pub, 11, "fed", {})
+    done = revoke.rotate_node_key(new_pub, 11, "fed", ENV)
     assert done == revoke.Rotation(new_node_id=777, old_node_id=11)
     assert link.calls == [("ls", "fed"), ("register", "site-1.pub"), ("unregister", 11)]
+    assert link.seen == [("fed", ENV)] * 3
     assert link.nodes[11] == "unregistered" and link.nodes[777] == "registered"
 
 
