@@ -190,3 +190,4 @@ def test_require_raises_the_kind_asked_for() -> None:
     with pytest.raises(ConfigRangeError) as info:
         require_in(False, "x", 2, "must be >= 3")
     assert info.value.found == 2 and isinstance(info.value, ValueError)
+    assert str(info.value) == "config error in `x` (found 2): must be >= 3"
