@@ -33,13 +33,14 @@ __all__ = ["run"]
 def _round(n: int, p: int, ddp: bool, rnd: int) -> dict[str, float]:
     from fl_app.privacy.distributed import DdpPlan
     from fl_app.runtime.inprocess import InProcessGrid
-    from fl_app.secagg.graph import GraphMode
+    from fl_app.secagg.params import GraphMode
+    from fl_app.secagg.settings import SecAggSettings
     from fl_app.testing.secagg_client import (
         fixed_update_client,
         grid_exchange,
         train_instructions,
     )
-    from strategies.secagg import SecAggSettings, SecureAggregation
+    from strategies.secagg import SecureAggregation
 
     rng = np.random.default_rng(rnd)
     timing = {"encode": 0.0}

@@ -43,11 +43,12 @@ from flwr.serverapp.strategy import FedAvg
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stage
-from fl_app.secagg.graph import GraphMode, ServerModel
+from fl_app.secagg.params import GraphMode, ServerModel
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.weights import from_array_record, to_array_record
 from strategies.driver import DriverSettings, RoundDriver
 from strategies.sampling import FixedSizeSampler
-from strategies.secagg import SecAggSettings, SecureAggregation
+from strategies.secagg import SecureAggregation
 
 CLIP = 10.0
 

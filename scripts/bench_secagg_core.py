@@ -1,7 +1,7 @@
 """Micro-benchmark of fl_app.secagg: mask PRG, codec, client stages 2-3 and the server.
 
 Runs whole rounds in-process (no Flower), 32-bit ring, the app's default parameters
-(dropout tolerance 0.2, corrupt fraction 0.1, as ``strategies.secagg.SecAggSettings``),
+(dropout tolerance 0.2, corrupt fraction 0.1, as ``fl_app.secagg.settings.SecAggSettings``),
 with and without dropouts at stage 3 (the costly case for the server: it must rebuild
 the dropouts' pairwise masks). Prints median wall-clock times; the machine may be
 shared, so compare ratios within a run.
@@ -26,8 +26,8 @@ import numpy as np
 
 from fl_app.secagg import masks
 from fl_app.secagg.client_session import ClientSession
+from fl_app.secagg.derive import derive_params
 from fl_app.secagg.encoding import FixedPointCodec
-from fl_app.secagg.graph import derive_params
 from fl_app.secagg.protocol import round_context
 from fl_app.secagg.server_session import ServerSession
 

@@ -19,6 +19,7 @@ from fl_app.config.schema import (
     federated_eval_interval,
 )
 from fl_app.privacy.ledger import FederationLedger
+from fl_app.secagg.settings import SecAggSettings
 from strategies.aggregators import MeanAggregator, UpdateAggregator
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import CentralDp, DistributedDp
@@ -32,7 +33,7 @@ from strategies.driver import (
 )
 from strategies.local_dp import LocalDp
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
-from strategies.secagg import SecAggSettings, SecureAggregation
+from strategies.secagg import SecureAggregation
 from strategies.validation import ReplyLimits
 
 __all__ = ["STRATEGIES", "build_aggregator", "build_driver", "build_strategy"]

@@ -57,7 +57,8 @@ from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
 from fl_app.privacy.noise import SecureNoise
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.client import STATE_KEY, handle_key_stage
-from fl_app.secagg.graph import GraphMode
+from fl_app.secagg.params import GraphMode
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.secagg.wire import pack_ring, packed_bytes, unpack_ring
 from fl_app.server.app import run_experiment
 from fl_app.testing.secagg_client import (
@@ -65,7 +66,7 @@ from fl_app.testing.secagg_client import (
     grid_exchange,
     train_instructions,
 )
-from strategies.secagg import SecAggSettings, SecureAggregation
+from strategies.secagg import SecureAggregation
 
 
 # ------------------------------------------------------------------ building blocks
@@ -327,7 +328,7 @@ def test_client_refuses_to_unmask_fewer_shares_than_calibrated() -> None:
     ctx = grid.context(node)
     # Pretend the node went through stages 1-3 of a round whose share assumed 4 survivors.
     from fl_app.secagg import ClientSession
-    from fl_app.secagg.graph import derive_params
+    from fl_app.secagg.derive import derive_params
     from fl_app.secagg.vector import pack_ids
 
     params = derive_params(4, mode="secagg", dropout_tolerance=0.25)

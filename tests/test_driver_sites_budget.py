@@ -251,9 +251,10 @@ def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None
     """Under secure aggregation the duplicate's masked input is not fed to the session:
     a stage-3 dropout, whose masks unmasking removes, so the sum holds the others."""
     from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stage
-    from fl_app.secagg.graph import GraphMode
+    from fl_app.secagg.params import GraphMode
+    from fl_app.secagg.settings import SecAggSettings
     from fl_app.testing.secagg_client import grid_exchange, train_instructions
-    from strategies.secagg import SecAggSettings, SecureAggregation
+    from strategies.secagg import SecureAggregation
 
     app = ClientApp()
     sites: dict[int, float] = {}

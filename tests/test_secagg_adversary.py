@@ -30,7 +30,9 @@ import pytest
 from fl_app.client.policy import SitePolicy
 from fl_app.protocol import CONFIG_KEY
 from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
+from fl_app.secagg.derive import derive_params
+from fl_app.secagg.params import GraphMode, ServerModel
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.secagg.vector import unpack_ids
 from fl_app.secagg.wire import (
     SECAGG_DDP,
@@ -48,7 +50,6 @@ from fl_app.testing.adversary import (
     weaker_params,
 )
 from fl_app.testing.secagg_client import fixed_update_client
-from strategies.secagg import SecAggSettings
 
 N = 10
 DIM = 16

@@ -34,7 +34,7 @@ from fl_app.privacy.clipping import clip_l2
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.client import KEYS_STATE_KEY, STATE_KEY
-from fl_app.secagg.graph import derive_params
+from fl_app.secagg.derive import derive_params
 from fl_app.secagg.vector import LOSS_CAP, round_codec
 from fl_app.secagg.wire import (
     SECAGG_MASKED_ARRAY,
@@ -342,12 +342,13 @@ def test_key_exchange_stages_do_not_import_torch() -> None:
         import numpy as np
         from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
         from fl_app.client.app import app
-        from fl_app.secagg.graph import GraphMode
+        from fl_app.secagg.params import GraphMode
         from fl_app.secagg.protocol import CIPHERTEXT_BYTES, Stage
         from fl_app.secagg.vector import unpack_ids
         from fl_app.secagg.client.state import STATE_KEY, _load, _reply, _save
         from fl_app.runtime.inprocess import InProcessGrid
-        from strategies.secagg import SecAggSettings, SecureAggregation
+        from fl_app.secagg.settings import SecAggSettings
+        from strategies.secagg import SecureAggregation
 
         grid = InProcessGrid(app, 4, seed=0)
         calls = []

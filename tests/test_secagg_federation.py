@@ -91,10 +91,10 @@ def _packed_round(corrupt_fraction: float, dropout_tolerance: float) -> tuple[An
 
     from fl_app.client.policy import SitePolicy
     from fl_app.runtime.inprocess import InProcessGrid
-    from fl_app.secagg.graph import GraphMode, ServerModel
+    from fl_app.secagg.params import GraphMode, ServerModel
+    from fl_app.secagg.settings import SecAggSettings
     from fl_app.testing.adversary import AdversarialServer
     from fl_app.testing.secagg_client import fixed_update_client
-    from strategies.secagg import SecAggSettings
 
     def update(node: int) -> dict[str, Any]:
         return {"w": np.full(4, 0.25, np.float32)}
@@ -196,9 +196,9 @@ def _roster_grid(tmp_path: Path, n: int = 5) -> Any:
 
 
 def _malicious_server(grid: Any) -> Any:
-    from fl_app.secagg.graph import GraphMode, ServerModel
+    from fl_app.secagg.params import GraphMode, ServerModel
+    from fl_app.secagg.settings import SecAggSettings
     from fl_app.testing.adversary import AdversarialServer
-    from strategies.secagg import SecAggSettings
 
     settings = SecAggSettings(
         mode=GraphMode.secagg, clip=1.0, stage_timeout_s=10.0, server_model=ServerModel.malicious

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl_app.secagg.graph import GraphMode, SecAggConfigError, ServerModel, federation_min_corrupt
-from strategies.secagg import SecAggSettings
+from fl_app.secagg.derive import federation_min_corrupt
+from fl_app.secagg.params import GraphMode, SecAggConfigError, ServerModel
+from fl_app.secagg.settings import SecAggSettings
 
 
 def _settings(**kw: Any) -> SecAggSettings:

@@ -36,7 +36,8 @@ from fl_app.secagg.client import (
     SecAggStageError,
     handle_key_stage,
 )
-from fl_app.secagg.graph import GraphMode
+from fl_app.secagg.params import GraphMode
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.secagg.wire import (
     SECAGG_KEY_ROUNDS,
     SECAGG_KEYS,
@@ -47,7 +48,7 @@ from fl_app.secagg.wire import (
     SECAGG_STAGE_KEY,
 )
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange, train_instructions
-from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
+from strategies.secagg import SecAggOutcome, SecureAggregation
 
 N = 10
 DIM = 257

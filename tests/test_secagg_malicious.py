@@ -30,8 +30,10 @@ import pytest
 from fl_app.protocol import CONFIG_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg import crypto, signing
-from fl_app.secagg.graph import GraphMode, ServerModel, derive_params
+from fl_app.secagg.derive import derive_params
+from fl_app.secagg.params import GraphMode, ServerModel
 from fl_app.secagg.protocol import CIPHERTEXT_BYTES, _encryption_key
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.secagg.vector import pack_ids, unpack_ids
 from fl_app.secagg.wire import (
     SECAGG_CIPHERTEXTS,
@@ -51,7 +53,6 @@ from fl_app.secagg.wire import (
 )
 from fl_app.testing.adversary import AdversarialServer, split_view
 from fl_app.testing.secagg_client import fixed_update_client
-from strategies.secagg import SecAggSettings
 from tests.test_secagg_robust import _oracle
 
 N = 10
@@ -500,7 +501,7 @@ def test_the_consistency_quorum_is_more_than_half_of_n_plus_c() -> None:
     # A threshold below half (t=3 at n=10, C=1, as SecAgg+'s t ~ k/2 was): 6.
     import dataclasses
 
-    from fl_app.secagg.graph import consistency_quorum
+    from fl_app.secagg.params import consistency_quorum
 
     p = derive_params(N, mode="secagg", dropout_tolerance=0.2)
     assert (p.threshold, p.max_corrupt) == (8, 1)

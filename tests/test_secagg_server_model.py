@@ -25,18 +25,12 @@ from scipy.stats import hypergeom
 from fl_app.client.policy import PolicyError, PolicyViolation, SitePolicy
 from fl_app.client.policy_file import parse_policy
 from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg.graph import (
-    GraphMode,
-    SecAggConfigError,
-    SecAggParams,
-    ServerModel,
-    custom_params,
-    derive_params,
-)
+from fl_app.secagg.derive import custom_params, derive_params, params_from_config
+from fl_app.secagg.params import GraphMode, SecAggConfigError, ServerModel
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.secagg.wire import SECAGG_PARAMS
 from fl_app.testing.adversary import AdversarialServer, weaker_params
 from fl_app.testing.secagg_client import fixed_update_client
-from strategies.secagg import SecAggSettings
 
 MODELS = ["honest_but_curious", "malicious"]
 
@@ -96,15 +90,15 @@ def test_custom_parameters_per_model() -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_the_client_rederives_for_the_model_it_is_told(model: str) -> None:
     p = derive_params(100, dropout_tolerance=0.2, corrupt_fraction=0.1, server_model=model)
-    assert SecAggParams.from_config(json.loads(json.dumps(p.to_config()))) == p
+    assert params_from_config(json.loads(json.dumps(p.to_config()))) == p
     # The cheaper (k, t) labelled malicious, or the model left out: refused.
     other = "malicious" if model == "honest_but_curious" else "honest_but_curious"
     with pytest.raises(SecAggConfigError, match="differ from the derivation"):
-        SecAggParams.from_config({**p.to_config(), "server_model": other})
+        params_from_config({**p.to_config(), "server_model": other})
     cfg = p.to_config()
     del cfg["server_model"]
     with pytest.raises(SecAggConfigError, match="malformed"):
-        SecAggParams.from_config(cfg)
+        params_from_config(cfg)
 
 
 def test_site_policy_minimum_server_model() -> None:

@@ -126,12 +126,8 @@ def _check_encoding(cfg: AppConfig) -> None:
 def _check_cohorts(cfg: AppConfig) -> None:
     """Secure aggregation has thresholds for every cohort size the run can sample."""
     from fl_app.privacy.ledger import fixed_cohort_size
-    from fl_app.secagg.graph import (
-        MIN_CORRUPT_CLIENTS,
-        SecAggConfigError,
-        derive_params,
-        federation_min_corrupt,
-    )
+    from fl_app.secagg.derive import derive_params, federation_min_corrupt
+    from fl_app.secagg.params import MIN_CORRUPT_CLIENTS, SecAggConfigError
 
     s = cfg.secagg
     n = cfg.dataset.num_partitions
@@ -141,7 +137,7 @@ def _check_cohorts(cfg: AppConfig) -> None:
         cohorts = {n, max(3, round(cfg.strategy.fraction_train * n))}
     # Under the malicious model the colluder bound is a fraction of the federation (the
     # clients count it so at share-keys and refuse a cohort too small for it); the server
-    # derives its thresholds with the same C (strategies.secagg.SecAggSettings).
+    # derives its thresholds with the same C (fl_app.secagg.settings.SecAggSettings).
     malicious = s.server_model.value == "malicious"
     min_corrupt = (
         federation_min_corrupt(s.corrupt_fraction, n) if malicious else MIN_CORRUPT_CLIENTS
@@ -177,7 +173,7 @@ def _check_cohorts(cfg: AppConfig) -> None:
 
 def _malicious_refusal(cfg: AppConfig, m: int, min_corrupt: int, err: Exception) -> ConfigPlanError:
     """Why a cohort of ``m`` has no thresholds for the federation's colluder bound."""
-    from fl_app.secagg.graph import MIN_CORRUPT_CLIENTS
+    from fl_app.secagg.params import MIN_CORRUPT_CLIENTS
 
     s = cfg.secagg
     n = cfg.dataset.num_partitions

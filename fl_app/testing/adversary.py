@@ -39,7 +39,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fl_app.protocol import CONFIG_KEY, SERVER_ROUND
-from fl_app.secagg.graph import SecAggParams, custom_params, derive_params
+from fl_app.secagg.derive import custom_params, derive_params, params_from_config
+from fl_app.secagg.settings import SecAggSettings
 from fl_app.secagg.vector import pack_ids, unpack_ids
 from fl_app.secagg.wire import (
     SECAGG_COHORT,
@@ -52,7 +53,7 @@ from fl_app.secagg.wire import (
     SECAGG_STAGE_KEY,
     SECAGG_SURVIVORS,
 )
-from strategies.secagg import SecAggOutcome, SecAggSettings, SecureAggregation
+from strategies.secagg import SecAggOutcome, SecureAggregation
 
 __all__ = [
     "AdversarialServer",
@@ -302,7 +303,7 @@ def weaker_params(
 ) -> Lie:
     """Stage 2: parameters re-derived with weaker inputs, or hand-picked ``(k, t)``.
 
-    ``custom=(k, t)`` builds :func:`~fl_app.secagg.graph.custom_params` when they pass
+    ``custom=(k, t)`` builds :func:`~fl_app.secagg.derive.custom_params` when they pass
     its checks, else writes the values raw (what a deviating server can send anyway).
     ``server_model``: re-derive for another server model (``"honest_but_curious"``: the
     cheaper thresholds a malicious server would like its clients to accept); ``mode``:
@@ -312,7 +313,7 @@ def weaker_params(
     def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
         if stage != 2:
             return config
-        honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        honest = params_from_config(json.loads(config[SECAGG_PARAMS]))
         model = honest.server_model if server_model is None else server_model
         if custom is not None:
             k, t = custom
@@ -389,7 +390,7 @@ def sparse_graph(groups: Sequence[Iterable[int]] | None = None) -> Lie:
     def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
         if stage != 2:
             return config
-        honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        honest = params_from_config(json.loads(config[SECAGG_PARAMS]))
         sparse = derive_params(
             honest.num_clients,
             mode="secaggplus",
@@ -423,7 +424,7 @@ def made_up_cohort(
     def lie(stage: int, node: int, config: dict[str, Any]) -> dict[str, Any]:
         if stage != 2:
             return config
-        honest = SecAggParams.from_config(json.loads(config[SECAGG_PARAMS]))
+        honest = params_from_config(json.loads(config[SECAGG_PARAMS]))
         cohort = sorted(set(_ids(config, SECAGG_COHORT)) | set(extra))
         padded = derive_params(
             len(cohort),

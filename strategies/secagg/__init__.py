@@ -25,7 +25,7 @@ this module only builds messages, screens and parses replies (a malformed reply 
 a logged :class:`~strategies.validation.Rejection`, the node counts as dropped and the
 round goes on), and decodes the sum (:mod:`fl_app.secagg.vector`). Every stage has its
 own timeout. Protocol parameters ``(k, t)`` are derived per round for the sampled
-cohort (:func:`fl_app.secagg.graph.derive_params`); the fixed-point codec from
+cohort (:func:`fl_app.secagg.derive.derive_params`); the fixed-point codec from
 ``(bits, clip bound, cohort size)``, so the sum cannot overflow.
 
 What the server learns: public keys, ciphertexts it cannot read, who replied at each
@@ -42,7 +42,7 @@ and signatures to stage 2, and a consistency-check exchange
 (:data:`~fl_app.secagg.protocol.Stage.consistency`) between stages 3 and 4: survivors
 sign ``U3`` bound to their round keys, the server keeps the signatures that verify
 under the key each node advertised (so one faulty client cannot make everyone refuse),
-abandons the round below :func:`~fl_app.secagg.graph.consistency_quorum` of them, and
+abandons the round below :func:`~fl_app.secagg.params.consistency_quorum` of them, and
 sends that many with stage 4 to the signers only (:mod:`fl_app.secagg.signing`).
 
 Trust assumptions: a server of the configured model, at most ``corrupt_fraction`` of the
@@ -55,12 +55,10 @@ from strategies.secagg.aggregation import SecureAggregation
 from strategies.secagg.messages import parse_stage_reply
 from strategies.secagg.outcome import SecAggOutcome, StageLog
 from strategies.secagg.runner import Exchange
-from strategies.secagg.settings import SecAggSettings
 
 __all__ = [
     "Exchange",
     "SecAggOutcome",
-    "SecAggSettings",
     "SecureAggregation",
     "StageLog",
     "parse_stage_reply",

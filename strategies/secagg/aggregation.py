@@ -20,10 +20,11 @@ from flwr.app import Message, RecordDict
 
 from fl_app.protocol import BUDGET_EXHAUSTED, SERVER_ROUND
 from fl_app.secagg import signing, wire
-from fl_app.secagg.graph import SecAggConfigError, ServerModel, consistency_quorum
+from fl_app.secagg.params import SecAggConfigError, ServerModel, consistency_quorum
 from fl_app.secagg.protocol import PublicKeys, RoundAbandoned, Stage, UnmaskReply, round_context
 from fl_app.secagg.protocol import Rejection as ProtocolRejection
 from fl_app.secagg.server_session import ServerSession
+from fl_app.secagg.settings import SecAggSettings, round_params
 from fl_app.secagg.vector import VectorLayout, pack_ids, round_codec
 from strategies.secagg.ahead import SharedAhead, finish_ahead, plan_ahead, take_ahead
 from strategies.secagg.decode import RoundShape, decode_into
@@ -41,7 +42,6 @@ from strategies.secagg.messages import (
 )
 from strategies.secagg.outcome import SecAggOutcome, StageLog
 from strategies.secagg.runner import Exchange, PublicCheck, StageRunner
-from strategies.secagg.settings import SecAggSettings, round_params
 
 if TYPE_CHECKING:  # fl_app.privacy imports torch; the server holds a built plan
     from fl_app.privacy.distributed import DdpPlan

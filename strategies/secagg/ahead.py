@@ -18,11 +18,11 @@ from flwr.app import ConfigRecord
 
 from fl_app.protocol import SERVER_ROUND
 from fl_app.secagg import wire
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
+from fl_app.secagg.params import SecAggConfigError, SecAggParams, ServerModel
 from fl_app.secagg.protocol import PublicKeys, RoundAbandoned, round_context
 from fl_app.secagg.server_session import ServerSession
+from fl_app.secagg.settings import SecAggSettings, round_params
 from strategies.secagg.messages import parse_bundle, route_shares, share_key_instructions
-from strategies.secagg.settings import SecAggSettings, round_params
 from strategies.validation import Rejection
 
 if TYPE_CHECKING:  # fl_app.privacy imports torch; the server holds a built plan

@@ -1,5 +1,5 @@
 """Secure-aggregation settings of a run, checked when the run is built, and the
-cached derivation of a round's ``(k, t)`` (:func:`fl_app.secagg.graph.derive_params`).
+cached derivation of a round's ``(k, t)`` (:func:`fl_app.secagg.derive.derive_params`).
 """
 
 from __future__ import annotations
@@ -10,14 +10,8 @@ from dataclasses import dataclass
 
 from fl_app.config.schema import SecAggConfig, SecAggMode
 from fl_app.secagg import wire
-from fl_app.secagg.graph import (
-    MIN_CORRUPT_CLIENTS,
-    GraphMode,
-    SecAggParams,
-    ServerModel,
-    derive_params,
-    federation_min_corrupt,
-)
+from fl_app.secagg.derive import derive_params, federation_min_corrupt
+from fl_app.secagg.params import MIN_CORRUPT_CLIENTS, GraphMode, SecAggParams, ServerModel
 
 log = logging.getLogger("fl_app.secagg")
 
