@@ -405,6 +405,24 @@ def test_a_module_with_its_own_parameter_and_a_child_is_not_tied() -> None:
     assert not dpsgd_settings._has_tied_parameters(Scaled())
 
 
+def test_accuracy_counts_the_records_the_model_gets_right() -> None:
+    """A model that predicts class 0 for every record (zero weights, bias on class 0):
+    two of the six labels are 0, so the accuracy is 2/6 by hand (not 4/6, the records
+    it gets wrong; an accuracy of 1/2 could not tell the two apart)."""
+    x, _ = _data()
+    y = np.array([0, 1, 2, 0, 2, 1])
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    model = nn.Sequential(nn.Flatten(), linear)
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=8, lr=0.1, momentum=0.0)
+    dp = DpSgdSettings(0.0, 1.0, GradSampleMode.hooks, secure_mode=False)
+    _, res = train_dpsgd(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(1))
+    assert res.steps == 1 and res.stats.num_examples == 6
+    assert res.stats.accuracy == pytest.approx(2 / 6, abs=1e-12)
+
+
 def test_statistics_sum_over_every_step() -> None:
     """lr = 0 and z = 0 keep the model fixed: two full-batch epochs (q = 1) see every
     record twice, so the mean loss and accuracy are those of the initial model."""
