@@ -15,7 +15,7 @@ apples:
   ``bench_secagg.fixed_update`` (float32, drawn once per node and size), so training
   costs nothing and both protocols sum the same numbers;
 * the same SecAgg+ graph: ``num_shares = k + 1`` and ``reconstruction_threshold = t``
-  from :func:`fl_app.secagg.graph.derive_params` for the cohort with fl-app's default
+  from :func:`fl_app.secagg.derive.derive_params` for the cohort with fl-app's default
   tolerances (20 % dropouts, 10 % corrupt), so both protocols do the same number of
   key agreements and Shamir shares per client;
 * the same round structure minus evaluation: parameter initialisation once (from the
@@ -55,7 +55,8 @@ from flwr.server.workflow.default_workflows import (
 
 from benchmarks.reuse import load_script
 from fl_app.runtime.inprocess import InProcessGrid
-from fl_app.secagg.graph import GraphMode, SecAggParams, derive_params
+from fl_app.secagg.derive import derive_params
+from fl_app.secagg.params import GraphMode, SecAggParams
 
 __all__ = ["legacy_graph", "legacy_rounds"]
 

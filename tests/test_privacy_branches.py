@@ -393,7 +393,8 @@ def test_gate_with_holes_is_accounted_and_refused(monkeypatch: pytest.MonkeyPatc
 def test_gate_delta_matches_the_real_parameter_derivation() -> None:
     """η from every size ``derive_params`` accepts, enumerated here directly: whatever
     sizes it refuses inside the gate, the accounted η covers each flip."""
-    from fl_app.secagg.graph import SecAggConfigError, derive_params
+    from fl_app.secagg.derive import derive_params
+    from fl_app.secagg.params import SecAggConfigError
 
     n, q, mode, drop, corrupt = 40, 0.3, "secagg", 0.45, 0.1
 

@@ -18,15 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_app.secagg import crypto, masks, shamir
+from fl_app.secagg.derive import custom_params, derive_params, params_from_config
 from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError, mod_add, mod_sub, mod_sum
-from fl_app.secagg.graph import (
-    GraphMode,
-    SecAggConfigError,
-    SecAggParams,
-    build_graph,
-    custom_params,
-    derive_params,
-)
+from fl_app.secagg.graph import build_graph
+from fl_app.secagg.params import GraphMode, SecAggConfigError
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -558,11 +553,11 @@ def test_params_config_round_trip_and_tamper_detection() -> None:
     p = derive_params(500, dropout_tolerance=0.1, corrupt_fraction=0.05)
     cfg = p.to_config()
     assert all(isinstance(v, (int, float, str)) for v in cfg.values())
-    assert SecAggParams.from_config(cfg) == p
+    assert params_from_config(cfg) == p
     with pytest.raises(SecAggConfigError, match="differ"):
-        SecAggParams.from_config({**cfg, "threshold": p.threshold - 1})
+        params_from_config({**cfg, "threshold": p.threshold - 1})
     custom = custom_params(10, 4, 3, max_dropouts=1)
-    assert SecAggParams.from_config(custom.to_config()) == custom
+    assert params_from_config(custom.to_config()) == custom
     with pytest.raises(SecAggConfigError, match="2t > degree"):
         custom_params(10, 4, 2, max_dropouts=1)
 
@@ -769,7 +764,7 @@ def test_at_least_one_colluder_is_assumed_in_tiny_cohorts() -> None:
         assert derive_params(n, dropout_tolerance=0.2).max_corrupt == 1
     assert derive_params(5, corrupt_fraction=0.0, min_corrupt=0).max_corrupt == 0
     cfg = derive_params(9, dropout_tolerance=0.2).to_config()
-    assert SecAggParams.from_config(cfg).max_corrupt == 1
+    assert params_from_config(cfg).max_corrupt == 1
     cfg = derive_params(20).to_config()  # C = 2
     with pytest.raises(SecAggConfigError, match="differ"):
-        SecAggParams.from_config({**cfg, "max_corrupt": 1})
+        params_from_config({**cfg, "max_corrupt": 1})

@@ -20,8 +20,9 @@ import pytest
 
 from fl_app.secagg import crypto, masks, shamir
 from fl_app.secagg.client_session import ClientSession
+from fl_app.secagg.derive import derive_params
 from fl_app.secagg.encoding import FixedPointCodec, mod_add, mod_sub
-from fl_app.secagg.graph import SecAggParams, derive_params
+from fl_app.secagg.params import SecAggParams
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
     ClientRefusal,

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from fl_app.secagg import crypto, shamir
 from fl_app.secagg.client_session import ClientSession
-from fl_app.secagg.graph import derive_params
+from fl_app.secagg.derive import derive_params
 from fl_app.secagg.protocol import RoundAbandoned, UnmaskReply, round_context
 from fl_app.secagg.server_session import ServerSession
 

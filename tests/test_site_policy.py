@@ -286,7 +286,7 @@ def test_secagg_floor_parses_and_refuses_bad_values(tmp_path: Path) -> None:
 
 
 def test_secagg_floor_decisions_on_worked_examples() -> None:
-    from fl_app.secagg.graph import custom_params, derive_params
+    from fl_app.secagg.derive import custom_params, derive_params
 
     site = SitePolicy()
     # ceil((1 - 0.5) * 10) = 5; ceil(0.5 * 3) = 2; never below 2.
@@ -309,7 +309,7 @@ def test_secagg_floor_decisions_on_worked_examples() -> None:
         site.check_secagg_params(valid)
     assert info.value.field == "secagg_allow_custom_params"
     opted.check_secagg_params(valid)
-    from fl_app.secagg.graph import SecAggConfigError
+    from fl_app.secagg.params import SecAggConfigError
 
     with pytest.raises(SecAggConfigError, match="4 <= t <= 6"):
         custom_params(6, 5, 3, max_dropouts=1)

@@ -208,7 +208,7 @@ class SitePolicy:
     def check_secagg_params(self, params: Any) -> None:
         """Raise :class:`PolicyViolation` if ``params`` are weaker than this site allows.
 
-        ``params`` is a :class:`fl_app.secagg.graph.SecAggParams` already re-derived by
+        ``params`` is a :class:`fl_app.secagg.params.SecAggParams` already re-derived by
         the client (so ``(k, t)`` match the fractions and bits it states). Custom
         parameters (``security_bits = correctness_bits = 0``) need
         ``secagg_allow_custom_params``. Wherever the bound is deterministic (custom
@@ -217,7 +217,7 @@ class SitePolicy:
         and the others "it dropped" (key shares) gets both secrets iff the ``k + 1 - Y``
         honest holders plus the ``Y`` corrupt ones, who answer both, fill two piles of
         ``t``: ``2(t - Y) <= k + 1 - Y``, i.e. ``2t <= k + 1 + Y``
-        (:mod:`fl_app.secagg.graph`; derived sparse parameters bound ``Y`` with
+        (:mod:`fl_app.secagg.derive`; derived sparse parameters bound ``Y`` with
         probability ``1 - 2^-security_bits``, re-derived by the client). That bound is
         the ``malicious`` server model's; parameters for an ``honest_but_curious``
         server need only ``2t > k + 1`` and ``t > C`` and are refused outright when

@@ -52,7 +52,8 @@ def _has_secure_params(
     corrupt_fraction: float,
     server_model: str = "malicious",
 ) -> bool:
-    from fl_app.secagg.graph import SecAggConfigError, derive_params
+    from fl_app.secagg.derive import derive_params
+    from fl_app.secagg.params import SecAggConfigError
 
     try:
         derive_params(

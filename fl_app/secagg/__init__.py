@@ -10,7 +10,9 @@ sub-package (flwr, no torch); the server's are :mod:`strategies.secagg`. Both sp
 * :mod:`~fl_app.secagg.crypto`: X25519, HKDF-SHA256, ChaCha20-Poly1305, seed commitments;
 * :mod:`~fl_app.secagg.masks`: the AES-128-CTR mask PRG and the fused mask accumulator;
 * :mod:`~fl_app.secagg.encoding`: fixed-point codec into Z_{2**bits} that cannot wrap;
-* :mod:`~fl_app.secagg.graph`: complete / Harary neighbour graphs and derived (k, t);
+* :mod:`~fl_app.secagg.params` (the type), :mod:`~fl_app.secagg.derive` (derivation of
+  (k, t), sparse bounds in :mod:`~fl_app.secagg.sparse`), :mod:`~fl_app.secagg.graph`
+  (complete / Harary neighbour graphs);
 * :mod:`~fl_app.secagg.protocol`: the stages, shared types, share encryption;
 * :mod:`~fl_app.secagg.client_session`: :class:`ClientSession`, the client's state machine;
 * :mod:`~fl_app.secagg.server_session`: :class:`ServerSession`, the server's state machine;
@@ -21,15 +23,10 @@ sub-package (flwr, no torch); the server's are :mod:`strategies.secagg`. Both sp
 """
 
 from fl_app.secagg.client_session import ClientSession
+from fl_app.secagg.derive import custom_params, derive_params
 from fl_app.secagg.encoding import FixedPointCodec, FixedPointConfigError
-from fl_app.secagg.graph import (
-    GraphMode,
-    SecAggConfigError,
-    SecAggParams,
-    build_graph,
-    custom_params,
-    derive_params,
-)
+from fl_app.secagg.graph import build_graph
+from fl_app.secagg.params import GraphMode, SecAggConfigError, SecAggParams
 from fl_app.secagg.protocol import (
     AggregateResult,
     ClientRefusal,

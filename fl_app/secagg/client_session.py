@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from fl_app.secagg import crypto, masks, shamir
-from fl_app.secagg.graph import SecAggParams
+from fl_app.secagg.params import SecAggParams
 from fl_app.secagg.protocol import (
     ClientRefusal,
     PublicKeys,
@@ -46,7 +46,7 @@ class ClientSession:
     context
         Round context from the server (:func:`round_context`).
     params
-        :class:`~fl_app.secagg.graph.SecAggParams` of the round.
+        :class:`~fl_app.secagg.params.SecAggParams` of the round.
     vector_length, bits
         Length ``d`` and ring ``Z_{2**bits}`` of the encoded input.
     cohort

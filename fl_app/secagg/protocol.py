@@ -47,7 +47,7 @@ Trust assumptions: a server following the protocol (``params.server_model`` says
 thresholds were derived; the malicious model's signed keys and consistency check run in
 :mod:`fl_app.secagg.client` and :mod:`strategies.secagg` around these sessions, with
 :meth:`~fl_app.secagg.client_session.ClientSession.check_lists` shared by both) and at
-most ``params.max_corrupt`` colluding clients (see :mod:`fl_app.secagg.graph`);
+most ``params.max_corrupt`` colluding clients (see :mod:`fl_app.secagg.derive`);
 authenticated channels between each client and the server (Flower's TLS/node auth);
 client secrets live only in the session (and in the state it exports between processes,
 which must stay on the client): ``b_u``, ``s_sk_u`` and ``c_sk_u`` are dropped as soon

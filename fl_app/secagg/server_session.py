@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from fl_app.secagg import crypto, masks, shamir
-from fl_app.secagg.graph import SecAggParams, build_graph
+from fl_app.secagg.graph import build_graph
+from fl_app.secagg.params import SecAggParams
 from fl_app.secagg.protocol import (
     CIPHERTEXT_BYTES,
     AggregateResult,
@@ -54,7 +55,7 @@ class ServerSession:
     cohort
         Node ids asked to take part; must number ``params.num_clients``.
     params
-        :class:`~fl_app.secagg.graph.SecAggParams` derived for this cohort.
+        :class:`~fl_app.secagg.params.SecAggParams` derived for this cohort.
     vector_length, bits
         Length and ring of the encoded inputs.
     context

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_app.secagg.graph import SecAggParams
+from fl_app.secagg.params import SecAggParams
 from fl_app.secagg.vector import BOUND_SLACK, DecodedSum, VectorLayout
 from strategies.secagg.outcome import SecAggOutcome
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message
 
-from fl_app.secagg.graph import SecAggParams
+from fl_app.secagg.params import SecAggParams
 from fl_app.secagg.protocol import Stage
 from fl_app.secagg.vector import DecodedSum
 from strategies.validation import Rejection

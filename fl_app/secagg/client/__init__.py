@@ -62,7 +62,7 @@ the complete graph (neighbours = the cohort less this client), thresholds with
 neighbour's signature against this site's roster (each identity once) before any share
 is encrypted; the consistency stage (5) checks and signs the survivor set once per
 round, bound to this client's round keys; stage 4 reveals only for exactly that set
-and :func:`~fl_app.secagg.graph.consistency_quorum` valid signatures on it from distinct
+and :func:`~fl_app.secagg.params.consistency_quorum` valid signatures on it from distinct
 roster identities of the cohort. The site's key and roster come from node config
 ``signing-key-path`` / ``roster-path`` (its key file private to its user and equal to
 its roster entry; with either set, the site's minimum server model is ``malicious``

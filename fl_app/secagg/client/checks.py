@@ -29,7 +29,7 @@ from fl_app.secagg.client.state import (
     _get,
 )
 from fl_app.secagg.client_session import ClientSession
-from fl_app.secagg.graph import SecAggParams, consistency_quorum
+from fl_app.secagg.params import SecAggParams, consistency_quorum
 from fl_app.secagg.protocol import PublicKeys
 from fl_app.secagg.vector import unpack_ids
 
@@ -169,7 +169,7 @@ def _check_consistency(
     survivors: list[int],
 ) -> None:
     """Malicious server model, before any share leaves: the survivor list is exactly the
-    ``U3`` this client signed, and :func:`~fl_app.secagg.graph.consistency_quorum`
+    ``U3`` this client signed, and :func:`~fl_app.secagg.params.consistency_quorum`
     distinct roster identities of members of ``U3`` (more than ``(n + C) / 2``, at least
     ``t``) signed that same set, each bound to the round keys it shared with at stage 2
     (Bonawitz et al., consistency check)."""

@@ -54,7 +54,7 @@ from fl_app.secagg.client.state import (
     wipe_state,
 )
 from fl_app.secagg.client_session import ClientSession
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams, ServerModel
+from fl_app.secagg.params import SecAggConfigError, SecAggParams, ServerModel
 from fl_app.secagg.protocol import ClientRefusal, PublicKeys, Stage, StageOrderError
 from fl_app.secagg.vector import pack_ids, unpack_ids
 

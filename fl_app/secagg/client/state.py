@@ -19,7 +19,8 @@ from fl_app.client.policy import PolicyViolation
 from fl_app.protocol import CONFIG_KEY, METRICS_KEY, SERVER_ROUND
 from fl_app.secagg import wire
 from fl_app.secagg.client_session import ClientSession
-from fl_app.secagg.graph import SecAggConfigError, SecAggParams
+from fl_app.secagg.derive import params_from_config
+from fl_app.secagg.params import SecAggConfigError, SecAggParams
 from fl_app.secagg.protocol import Stage
 from fl_app.secagg.vector import unpack_ids
 
@@ -127,7 +128,7 @@ def wipe_state(context: Context) -> None:
 @functools.lru_cache(maxsize=16)
 def _params_from_json(text: str) -> SecAggParams:
     # from_config re-derives (k, t) to check the server's values; cached per text.
-    return SecAggParams.from_config(json.loads(text))
+    return params_from_config(json.loads(text))
 
 
 def _get(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
