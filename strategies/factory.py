@@ -19,7 +19,6 @@ from fl_app.config.schema import (
     federated_eval_interval,
 )
 from fl_app.privacy.ledger import FederationLedger
-from fl_app.secagg.settings import SecAggSettings
 from strategies.aggregators import MeanAggregator, UpdateAggregator
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import CentralDp, DistributedDp
@@ -81,7 +80,7 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
 
 
 def build_driver(
-    cfg: AppConfig,
+    plan: RunPlan,
     *,
     train_config: Mapping[str, Any],
     evaluate_config: Mapping[str, Any],
@@ -93,7 +92,8 @@ def build_driver(
     release_hooks: Sequence[ReleaseHook] = (),
 ) -> RoundDriver:
     """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
-    ``secagg.mode != off``) secure aggregation in ``cfg``."""
+    ``secagg.mode != off``) the plan's secure-aggregation settings."""
+    cfg = plan.cfg
     s = cfg.strategy
     train_sampler, evaluate_sampler = _samplers(cfg)
     r = cfg.runtime
@@ -107,7 +107,7 @@ def build_driver(
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
     )
-    secagg_settings = SecAggSettings.from_config(cfg.secagg, cfg.dataset.num_partitions)
+    secagg_settings = plan.secagg
     return RoundDriver(
         build_strategy(s),
         train_sampler=train_sampler,

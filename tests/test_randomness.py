@@ -468,11 +468,11 @@ def test_a_site_with_its_own_data_and_no_policy_refuses_seeded_dpsgd(tmp_path: P
 def test_driver_samples_from_a_secret_key_where_epsilon_uses_amplification(
     overrides: list[str], keyed: bool
 ) -> None:
-    from fl_app.config.compose import compose_config
+    from fl_app.config.compose import compose_plan
     from strategies.factory import build_driver
 
-    cfg = compose_config("config", ["runtime=inprocess", *overrides])
-    driver = build_driver(cfg, train_config={}, evaluate_config={}, evaluate_fn=None)
+    plan = compose_plan("config", ["runtime=inprocess", *overrides])
+    driver = build_driver(plan, train_config={}, evaluate_config={}, evaluate_fn=None)
     assert (driver.train_sampler.key is not None) is keyed  # type: ignore[attr-defined]
 
 

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 _DRY_RUN = False
+# The plan preflight resolved for a single run, reused by its Hydra job (same process).
+_PREFLIGHT: RunPlan | None = None
 
 
 def privacy_plan(plan: RunPlan, projection: RecordLevelProjection | None = None) -> list[str]:
@@ -243,10 +245,21 @@ def _print_plan(plan: RunPlan) -> RecordLevelProjection | None:
     return projection
 
 
+def _plan_of(raw: Any) -> RunPlan:
+    """The job's plan: preflight's when the job runs the config preflight checked (a
+    single run), else resolved here (a sweep's job): one resolve per run either way."""
+    from fl_app.config.compose import to_typed_config
+    from fl_app.config.plan import resolve
+
+    cfg = to_typed_config(raw)
+    if _PREFLIGHT is not None and _PREFLIGHT.cfg == cfg:
+        return _PREFLIGHT
+    return resolve(cfg)
+
+
 def _simulate_task(raw: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from fl_app.config.compose import to_app_plan
     from fl_app.config.errors import ConfigError
     from fl_app.data.errors import DataError
     from fl_app.runtime.simulation import run_simulation_experiment
@@ -254,7 +267,7 @@ def _simulate_task(raw: Any) -> float | None:
     from fl_app.server.resume import check_resume
 
     try:
-        plan = to_app_plan(raw)
+        plan = _plan_of(raw)
         cfg = plan.cfg
         if cfg.resume is not None:
             check_resume(cfg)
@@ -287,7 +300,7 @@ def _simulate_task(raw: Any) -> float | None:
             _job_failed(f"job {HydraConfig.get().job.num} refused: {refusal}")
     run_dir = cfg.resume or HydraConfig.get().runtime.output_dir
     try:
-        summary = run_simulation_experiment(cfg, run_dir)
+        summary = run_simulation_experiment(plan, run_dir)
     except CheckpointError as err:
         print(f"fl-app: cannot resume: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -309,9 +322,11 @@ def _run_hydra(argv: list[str]) -> None:
     from fl_app.config.errors import ConfigError
     from fl_app.data.errors import DataError
 
+    global _PREFLIGHT
+    _PREFLIGHT = None
     try:
         # Typos, bad values and bad local files end here, before Hydra makes a run dir.
-        preflight(argv)
+        _PREFLIGHT = preflight(argv)
     except (ConfigError, DataError) as err:
         print(f"fl-app: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -47,6 +47,7 @@ __all__ = [
     "suggest_key",
     "to_app_config",
     "to_app_plan",
+    "to_typed_config",
 ]
 
 SCHEMA_NAME = "fl_app_schema"
@@ -216,6 +217,15 @@ def to_app_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
 
 def to_app_plan(cfg: DictConfig | dict[str, Any]) -> RunPlan:
     """:func:`to_app_config`, returning the resolved plan (:func:`resolve`) with it."""
+    # Resolving (calibration, parameter count) makes an impossible plan fail now, not
+    # at round 1; a run in another process resolves its own plan from the config.
+    return resolve(to_typed_config(cfg))
+
+
+def to_typed_config(cfg: DictConfig | dict[str, Any]) -> AppConfig:
+    """The typed :class:`AppConfig` of a composed config, not yet resolved: a caller that
+    already holds the plan of an equal config (``fl-app simulate``'s preflight) reuses it
+    instead of resolving twice. Unknown keys and wrong types raise :class:`ConfigError`."""
     try:
         schema = OmegaConf.structured(AppConfig)
         if isinstance(cfg, DictConfig):
@@ -230,9 +240,7 @@ def to_app_plan(cfg: DictConfig | dict[str, Any]) -> RunPlan:
         translated = _translate(err)
         raise (translated or err) from err
     assert isinstance(obj, AppConfig)
-    # Resolving (calibration, parameter count) makes an impossible plan fail now, not
-    # at round 1; a run in another process resolves its own plan from the config.
-    return resolve(obj)
+    return obj
 
 
 def parse_overrides(text: str) -> list[str]:
@@ -269,7 +277,7 @@ def compose_plan(config_name: str = "config", overrides: list[str] | None = None
     return to_app_plan(raw)
 
 
-def preflight(argv: list[str]) -> AppConfig | None:
+def preflight(argv: list[str]) -> RunPlan | None:
     """Check ``fl-app simulate`` arguments before ``@hydra.main`` makes a run directory.
 
     Every override's key is checked against the schema (a sweep's too). A single run
@@ -280,8 +288,9 @@ def preflight(argv: list[str]) -> AppConfig | None:
 
     Returns
     -------
-    AppConfig or None
-        The validated config of a single run; None for a sweep or Hydra flags.
+    RunPlan or None
+        The resolved plan of a single run (the run reuses it); None for a sweep or
+        Hydra flags.
 
     Raises
     ------
@@ -297,9 +306,9 @@ def preflight(argv: list[str]) -> AppConfig | None:
     own = [
         a for a in overrides if re.split(r"[./@]", a.split("=", 1)[0].lstrip("+~"))[0] != "hydra"
     ]
-    cfg = compose_config("config", own)
-    check_local_data(cfg.dataset, cfg.seed)
-    return cfg
+    plan = compose_plan("config", own)
+    check_local_data(plan.cfg.dataset, plan.cfg.seed)
+    return plan
 
 
 def _jsonable(value: Any) -> Any:

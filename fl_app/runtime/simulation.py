@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fl_app.config.plan import RunPlan, resolve
 from fl_app.config.schema import AppConfig, SecAggMode, SimulationBackend
 from fl_app.server.layout import RunLayout
 
@@ -50,8 +51,14 @@ def backend_config(cfg: AppConfig) -> dict[str, Any]:
     }
 
 
-def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Run ``cfg`` with its configured backend; return the run's summary.
+def run_simulation_experiment(
+    run: AppConfig | RunPlan, run_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Run a config with its configured backend; return the run's summary.
+
+    ``run`` is the config or, better, the plan the caller already resolved from it: the
+    plan is resolved at most once here and handed to the ServerApp, which runs in this
+    process with either backend (Ray runs only the clients elsewhere).
 
     The summary's ``status`` may be ``failed`` (no round updated the model) or
     ``degraded``: check it. Raises :class:`SimulationFailed` only when the ServerApp
@@ -64,7 +71,9 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     from fl_app.client.app import app as client_app
     from fl_app.data import check_local_data
 
+    cfg = run.cfg if isinstance(run, RunPlan) else run
     check_local_data(cfg.dataset, cfg.seed)
+    plan = run if isinstance(run, RunPlan) else resolve(run)
     from fl_app.server.app import configure_logging, run_experiment
 
     configure_logging(cfg)
@@ -81,7 +90,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
         from fl_app.runtime.inprocess import InProcessGrid
 
         grid = InProcessGrid(client_app, num_nodes, seed=cfg.seed, copy_messages=True)
-        return run_experiment(grid, cfg, run_dir)
+        return run_experiment(grid, plan, run_dir)
 
     # Ray workers inherit the environment: keep torch single-threaded per actor
     # unless the user asked otherwise, and keep Ray's own chatter out of the way.
@@ -92,7 +101,7 @@ def run_simulation_experiment(cfg: AppConfig, run_dir: str | os.PathLike[str]) -
     from fl_app.server.app import make_server_app
 
     run_simulation(
-        server_app=make_server_app(cfg, run_dir),
+        server_app=make_server_app(plan, run_dir),
         client_app=client_app,
         num_supernodes=num_nodes,
         backend_name="ray",

@@ -32,7 +32,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
-from fl_app.config.compose import compose_config, parse_overrides
+from fl_app.config.compose import compose_plan, parse_overrides
+from fl_app.config.plan import RunPlan, resolve
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
 from fl_app.protocol import SPEC_KEY
 from fl_app.server.checkpoint import restore_strategy_state
@@ -134,7 +135,7 @@ def initial_arrays(cfg: AppConfig) -> dict[str, np.ndarray]:
 
 def run_experiment(
     grid: Grid,
-    cfg: AppConfig,
+    cfg: AppConfig | RunPlan,
     run_dir: str | os.PathLike[str],
     *,
     extra_listeners: tuple[RoundListener, ...] = (),
@@ -145,11 +146,15 @@ def run_experiment(
     With ``cfg.resume`` the run continues in that directory (``run_dir`` is ignored)
     from its newest checkpoint, or from ``cfg.rollback_to``'s (:mod:`fl_app.server.resume`).
 
+    ``cfg`` is a config (resolved here) or the plan the caller resolved from it, so
+    that a process resolves a run's plan once (docs/architecture.md, Configuration).
+
     Returns the summary (also written to ``summary.json``).
     """
-    configure_logging(cfg)
+    plan = cfg if isinstance(cfg, RunPlan) else resolve(cfg)
+    configure_logging(plan.cfg)
     t0 = time.perf_counter()
-    run = open_run(cfg, run_dir, load_audit_signing_key(cfg), initial_arrays)
+    run = open_run(plan, run_dir, load_audit_signing_key(plan.cfg), initial_arrays)
     if progress:
         print_run_start(run)
     wired = _wire_driver(run, extra_listeners, progress)
@@ -208,7 +213,7 @@ def _wire_driver(
     listeners.insert(listeners.index(audit) + 1, checkpoints)
     listeners.extend(extra_listeners)
     driver = build_driver(
-        cfg,
+        run.run_plan,
         train_config={SPEC_KEY: spec},
         evaluate_config={SPEC_KEY: spec},
         evaluate_fn=_server_evaluator(cfg),
@@ -275,8 +280,9 @@ def _client_dp_spec(aggregator: MeanAggregator | AccountedDp | LocalDp) -> Clien
     return None
 
 
-def make_server_app(cfg: AppConfig, run_dir: str | os.PathLike[str]) -> ServerApp:
-    """A ServerApp bound to a validated config (for ``run_simulation``)."""
+def make_server_app(cfg: AppConfig | RunPlan, run_dir: str | os.PathLike[str]) -> ServerApp:
+    """A ServerApp bound to a validated config or its plan (for ``run_simulation``,
+    which runs it in a thread of this process: the plan is not re-resolved)."""
     server = ServerApp()
 
     @server.main()
@@ -293,7 +299,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: compose the config from the bundle's configs/."""
     rc = context.run_config
-    cfg = compose_config(
+    plan = compose_plan(
         str(rc.get("hydra-config-name", "config") or "config"),
         parse_overrides(str(rc.get("hydra-overrides", ""))),
     )
@@ -302,7 +308,7 @@ def main(grid: Grid, context: Context) -> None:
         base = Path(os.environ.get("FL_APP_RUNS_DIR", "outputs"))
         run_dir = str(base / "flwr" / f"run-{context.run_id}")
     log.warning("fl-app run %s writes to %s", context.run_id, Path(run_dir).resolve())
-    summary = run_experiment(grid, cfg, run_dir)
+    summary = run_experiment(grid, plan, run_dir)
     if summary["status"] == "failed":
         # Flower then records the run as finished:failed (what `flwr ls` and
         # `fl-app deploy submit` report) instead of a success that trained nothing.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_app.config.plan import resolve
+from fl_app.config.plan import RunPlan
 from fl_app.config.schema import AppConfig
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.server.checkpoint import in_model_order
@@ -50,6 +50,8 @@ class RunSession:
     run_key: str
     arrays: dict[str, np.ndarray]
     aggregator: MeanAggregator | AccountedDp | LocalDp
+    # What resolve(cfg) built for ``cfg`` (the round driver reads it).
+    run_plan: RunPlan
     plan: ResumePlan | None = None
     noise_generation: int = 0
 
@@ -59,22 +61,25 @@ class RunSession:
 
 
 def open_run(
-    cfg: AppConfig,
+    run_plan: RunPlan,
     run_dir: str | os.PathLike[str],
     signing_key: Any,
     initial: InitialArrays,
 ) -> RunSession:
-    """A fresh run in ``run_dir``, or, with ``cfg.resume``, that run continued (its
-    directory replaces ``run_dir``) from the checkpoint :func:`plan_resume` chose."""
+    """A fresh run of ``run_plan.cfg`` in ``run_dir``, or, with ``cfg.resume``, that run
+    continued (its directory replaces ``run_dir``) from the checkpoint :func:`plan_resume`
+    chose. The plan is the caller's (resolved once per process, not here)."""
+    cfg = run_plan.cfg
     plan = plan_resume(cfg) if cfg.resume is not None else None
     if plan is None:
-        return _open_fresh(cfg, run_dir, signing_key, initial)
-    return _open_resumed(cfg, plan, signing_key, initial)
+        return _open_fresh(run_plan, run_dir, signing_key, initial)
+    return _open_resumed(run_plan, plan, signing_key, initial)
 
 
 def _open_fresh(
-    cfg: AppConfig, run_dir: str | os.PathLike[str], signing_key: Any, initial: InitialArrays
+    run_plan: RunPlan, run_dir: str | os.PathLike[str], signing_key: Any, initial: InitialArrays
 ) -> RunSession:
+    cfg = run_plan.cfg
     rd = RunDirectory(run_dir, cfg)
     run_key = uuid.uuid4().hex
     rd.manifest["run_key"] = run_key
@@ -90,13 +95,14 @@ def _open_fresh(
         secure_aggregation=cfg.secagg.mode.value,
     )
     arrays = initial(cfg)
-    aggregator = build_aggregator(resolve(cfg), None)
-    return RunSession(cfg, rd, audit, run_key, arrays, aggregator)
+    aggregator = build_aggregator(run_plan, None)
+    return RunSession(cfg, rd, audit, run_key, arrays, aggregator, run_plan)
 
 
 def _open_resumed(
-    cfg: AppConfig, plan: ResumePlan, signing_key: Any, initial: InitialArrays
+    run_plan: RunPlan, plan: ResumePlan, signing_key: Any, initial: InitialArrays
 ) -> RunSession:
+    cfg = run_plan.cfg
     rd = RunDirectory(plan.run_dir, cfg)
     run_key = str(plan.run_manifest["run_key"])
     audit = AuditTrail.reopen(rd.path, plan.audit_anchor, signing_key)
@@ -113,7 +119,7 @@ def _open_resumed(
     )
     arrays = in_model_order(plan.checkpoint.arrays, initial(cfg), "checkpoint model")
     ledger = FederationLedger.from_json(plan.ledger_json) if plan.ledger_json is not None else None
-    aggregator = build_aggregator(resolve(cfg), ledger)
+    aggregator = build_aggregator(run_plan, ledger)
     if isinstance(aggregator, AccountedDp):
         aggregator.restore_state(state["aggregator"], plan.round)
         aggregator.noise_generation = noise_generation
@@ -132,7 +138,7 @@ def _open_resumed(
             "noise_generation": noise_generation,
         },
     )
-    return RunSession(cfg, rd, audit, run_key, arrays, aggregator, plan, noise_generation)
+    return RunSession(cfg, rd, audit, run_key, arrays, aggregator, run_plan, plan, noise_generation)
 
 
 def record_crash(
