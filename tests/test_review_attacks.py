@@ -70,7 +70,12 @@ def test_local_dp_under_trusted_server_does_not_say_the_server_adds_the_noise() 
     "say it sees only their masked sum",
 )
 def test_trusted_server_with_secure_aggregation_does_not_say_the_server_sees_updates() -> None:
-    g = _guarantee("privacy=central", "privacy.threat_model=trusted_server", "secagg=secaggplus")
+    g = _guarantee(
+        "privacy=central",
+        "privacy.threat_model=trusted_server",
+        "privacy.clip_side=client",
+        "secagg=secaggplus",
+    )
     assert "masked sum" in g.server_sees
     assert "sees the clients'" not in g.protects
 
