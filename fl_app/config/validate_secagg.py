@@ -15,13 +15,19 @@ from fl_app.config.errors import require as _check
 from fl_app.config.errors import require_in as _in
 from fl_app.config.errors import require_positive as _positive
 from fl_app.config.schema import AppConfig, PrivacyMode, SamplingMode, SecAggMode
+from fl_app.secagg.crypto import MAX_BITS, MIN_BITS
 
 __all__ = ["check_secagg"]
 
 
 def check_secagg(cfg: AppConfig) -> None:
     s = cfg.secagg
-    _in(8 <= s.bits <= 64, "secagg.bits", s.bits, "must lie in [8, 64]")
+    _in(
+        MIN_BITS <= s.bits <= MAX_BITS,
+        "secagg.bits",
+        s.bits,
+        f"must lie in [{MIN_BITS}, {MAX_BITS}]",
+    )
     _in(
         0 <= s.dropout_tolerance < 1,
         "secagg.dropout_tolerance",

@@ -25,6 +25,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fl_app.privacy.noise import SecureNoise
+from fl_app.secagg.crypto import MAX_BITS, MIN_BITS
 
 __all__ = [
     "DdpConfigError",
@@ -238,7 +239,7 @@ class DdpRound:
             v = getattr(out, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"distributed-DP '{name}' must be an int >= 1, found {v!r}")
-        if out.padded != padded_dimension(out.dim) or not 8 <= out.bits <= 64:
+        if out.padded != padded_dimension(out.dim) or not MIN_BITS <= out.bits <= MAX_BITS:
             raise ValueError("distributed-DP dimension or bits are inconsistent")
         if out.min_survivors > out.cohort:
             raise ValueError("distributed-DP min_survivors exceeds the cohort")

@@ -99,6 +99,7 @@ from typing import Any
 import numpy as np
 
 from fl_app.privacy.ddg_encoding import DdpConfigError, DdpRound, padded_dimension
+from fl_app.secagg.crypto import MAX_BITS, MIN_BITS
 
 __all__ = [
     "DEFAULT_BETA",
@@ -173,8 +174,10 @@ class DdpPlan:
             raise DdpConfigError(f"clip must be finite and > 0, found {self.clip!r}")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise DdpConfigError(f"noise_multiplier must be > 0, found {self.noise_multiplier!r}")
-        if not 8 <= self.bits <= 64:
-            raise DdpConfigError(f"secagg.bits must lie in [8, 64], found {self.bits}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise DdpConfigError(
+                f"secagg.bits must lie in [{MIN_BITS}, {MAX_BITS}], found {self.bits}"
+            )
         if self.max_cohort < 1 or self.dim < 1:
             raise DdpConfigError("max_cohort and dim must be >= 1")
         if not 0 <= self.dropout_tolerance < 1:

@@ -43,8 +43,10 @@ __all__ = [
     "AEAD_TAG_BYTES",
     "COMMITMENT_BYTES",
     "KEY_BYTES",
+    "MAX_BITS",
     "MAX_CONTEXT_BYTES",
     "MAX_NODE_ID",
+    "MIN_BITS",
     "DecryptionError",
     "InvalidPublicKeyError",
     "KeyPurpose",
@@ -64,6 +66,12 @@ __all__ = [
     "public_key_bytes",
     "storage_dtype",
 ]
+
+# Ring widths of secure aggregation, Z_{2**bits}: at most 64 (uint64 storage, the wire's
+# packing); at least 8 (a narrower ring holds no useful fixed-point sum). Every layer
+# that checks a width (config, settings, codec, protocol, distributed DP) uses these.
+MIN_BITS = 8
+MAX_BITS = 64
 
 KEY_BYTES = 32
 AEAD_NONCE_BYTES = 12
@@ -126,8 +134,8 @@ def check_context(context: object) -> bytes:
 
 def storage_dtype(bits: int) -> type[np.unsignedinteger]:
     """Unsigned storage for arithmetic mod ``2**bits``: uint32 up to 32 bits, else uint64."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 64:
-        raise ValueError(f"bits must be an int in [1, 64], got {bits!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}")
     return np.uint32 if bits <= 32 else np.uint64
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from fl_app.secagg.crypto import storage_dtype
+from fl_app.secagg.crypto import MAX_BITS, MIN_BITS, storage_dtype
 
 __all__ = [
     "DEFAULT_MIN_PRECISION_BITS",
@@ -152,9 +152,10 @@ class FixedPointCodec:
 
     def __post_init__(self) -> None:
         bits, n, b = self.bits, self.max_contributors, self.max_abs
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 64:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise FixedPointConfigError(
-                f"bits must be an int in [8, 64], got {bits!r}; use 32 or 64 for SecAgg"
+                f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}; "
+                "use 32 or 64 for SecAgg"
             )
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise FixedPointConfigError(f"max_contributors must be an int >= 1, got {n!r}")

@@ -225,8 +225,14 @@ def _point(node: int) -> int:
 
 
 def _check_bits_and_length(bits: int, vector_length: int) -> type[np.unsignedinteger]:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 64:
-        raise ValueError(f"bits must be an int in [8, 64], got {bits!r}")
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, int)
+        or not crypto.MIN_BITS <= bits <= crypto.MAX_BITS
+    ):
+        raise ValueError(
+            f"bits must be an int in [{crypto.MIN_BITS}, {crypto.MAX_BITS}], got {bits!r}"
+        )
     if isinstance(vector_length, bool) or not isinstance(vector_length, int) or vector_length < 1:
         raise ValueError(f"vector_length must be an int >= 1, got {vector_length!r}")
     return crypto.storage_dtype(bits)

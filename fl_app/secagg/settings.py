@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fl_app.config.schema import SecAggConfig, SecAggMode
 from fl_app.secagg import wire
+from fl_app.secagg.crypto import MAX_BITS, MIN_BITS
 from fl_app.secagg.derive import derive_params, federation_min_corrupt
 from fl_app.secagg.params import MIN_CORRUPT_CLIENTS, GraphMode, SecAggParams, ServerModel
 
@@ -45,8 +46,8 @@ class SecAggSettings:
                 f"secagg.key_rounds must lie in [1, {wire.SECAGG_MAX_KEY_ROUNDS}], "
                 f"found {self.key_rounds}"
             )
-        if not 8 <= self.bits <= 64:
-            raise ValueError(f"secagg.bits must lie in [8, 64], found {self.bits}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"secagg.bits must lie in [{MIN_BITS}, {MAX_BITS}], found {self.bits}")
         if not self.stage_timeout_s > 0:
             raise ValueError(f"secagg.stage_timeout_s must be > 0, found {self.stage_timeout_s}")
         if self.clip is not None and not self.clip > 0:
