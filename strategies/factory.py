@@ -8,15 +8,14 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from fl_app.config.driver_plan import DriverPlan
 from fl_app.config.plan import RunPlan
 from fl_app.config.schema import (
-    AppConfig,
     PrivacyMode,
     SamplingMode,
     StrategyConfig,
     StrategyName,
     ThreatModel,
-    federated_eval_interval,
 )
 from fl_app.privacy.ledger import FederationLedger
 from strategies.aggregators import MeanAggregator, UpdateAggregator
@@ -93,23 +92,22 @@ def build_driver(
 ) -> RoundDriver:
     """A :class:`RoundDriver` wired to the strategy, samplers, limits and (with
     ``secagg.mode != off``) the plan's secure-aggregation settings."""
-    cfg = plan.cfg
-    s = cfg.strategy
-    train_sampler, evaluate_sampler = _samplers(cfg)
+    cfg, d = plan.cfg, plan.driver
+    train_sampler, evaluate_sampler = _samplers(d, cfg.seed)
     r = cfg.runtime
     settings = DriverSettings(
         num_rounds=cfg.num_rounds,
         train_timeout_s=r.train_timeout_s,
         evaluate_timeout_s=r.evaluate_timeout_s,
-        min_available_nodes=s.min_available_nodes,
-        min_train_replies=s.min_train_replies,
-        federated_eval_every=federated_eval_interval(cfg),
+        min_available_nodes=d.min_available_nodes,
+        min_train_replies=d.min_train_replies,
+        federated_eval_every=d.federated_eval_every,
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
     )
     secagg_settings = plan.secagg
     return RoundDriver(
-        build_strategy(s),
+        build_strategy(cfg.strategy),
         train_sampler=train_sampler,
         evaluate_sampler=evaluate_sampler,
         settings=settings,
@@ -131,25 +129,21 @@ def build_driver(
 
 
 def _samplers(
-    cfg: AppConfig,
+    d: DriverPlan, seed: int
 ) -> tuple[FixedSizeSampler | PoissonSampler, FixedSizeSampler | None]:
-    """The train sampler ``strategy.sampling`` names and the evaluation sampler (if any)."""
-    s = cfg.strategy
-    # Amplification by sampling (central and distributed DP's epsilon) needs cohorts
-    # nobody can recompute: a keystream under a key only this server process holds.
-    # Without it (no DP, local DP, DP-SGD only, or secure_mode=false) sampling stays
-    # seeded, so such experiments reproduce.
-    amplified = cfg.privacy.mode.value in ("central", "distributed")
-    key = os.urandom(32) if cfg.privacy.secure_mode and amplified else None
-    if s.sampling is SamplingMode.poisson:
+    """The train sampler the plan names and the evaluation sampler (if any)."""
+    # Secret sampling: a keystream under a key only this server process holds (drawn
+    # here, never in the plan); otherwise seeded, so such experiments reproduce.
+    key = os.urandom(32) if d.secret_sampling else None
+    if d.sampling is SamplingMode.poisson:
         train_sampler: FixedSizeSampler | PoissonSampler = PoissonSampler(
-            s.fraction_train, cfg.seed, key=key
+            d.fraction_train, seed, key=key
         )
     else:
-        train_sampler = FixedSizeSampler(s.fraction_train, cfg.seed, key=key)
+        train_sampler = FixedSizeSampler(d.fraction_train, seed, key=key)
     evaluate_sampler = (
-        FixedSizeSampler(s.fraction_evaluate, cfg.seed, stream=EVALUATE_STREAM, key=key)
-        if s.fraction_evaluate > 0 and federated_eval_interval(cfg) > 0
+        FixedSizeSampler(d.fraction_evaluate, seed, stream=EVALUATE_STREAM, key=key)
+        if d.fraction_evaluate > 0
         else None
     )
     return train_sampler, evaluate_sampler

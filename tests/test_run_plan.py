@@ -129,3 +129,73 @@ def test_a_simulate_run_resolves_its_plan_once(
         assert not done.code, done.code
     assert (run / "summary.json").is_file()
     assert len(calls) == 1
+
+
+# (overrides, sampling, planned train cohort on dataset.num_partitions=10) by hand:
+# fixed-size sampling takes round(q*N) in [1, N] (Python's round: 2.5 -> 2), Poisson the
+# expected q*N.
+_COHORTS: list[tuple[list[str], str, float]] = [
+    (["strategy.fraction_train=0.3"], "fixed", 3.0),
+    (["strategy.fraction_train=0.25"], "fixed", 2.0),
+    (["strategy.fraction_train=0.01"], "fixed", 1.0),
+    (["strategy.sampling=poisson", "strategy.fraction_train=0.25"], "poisson", 2.5),
+]
+
+
+@pytest.mark.parametrize("index", range(len(_COHORTS)))
+def test_plan_holds_the_drivers_cohort(index: int) -> None:
+    overrides, sampling, cohort = _COHORTS[index]
+    cfg = compose_config(
+        "config", ["dataset.num_partitions=10", "strategy.min_available_nodes=1", *overrides]
+    )
+    d = resolve(cfg).driver
+    assert (d.sampling.value, d.train_cohort, d.federation_size) == (sampling, cohort, 10)
+    if sampling == "fixed":
+        from strategies.sampling import FixedSizeSampler
+
+        # The sampler draws the cohort the plan states.
+        assert FixedSizeSampler(d.fraction_train, 0).cohort_size(10) == cohort
+
+
+def test_plan_says_when_sampling_is_secret_and_evaluation_runs() -> None:
+    """Secret (keyed) sampling exactly where ε counts amplification by sampling; no
+    evaluation sampler when federated evaluation is off."""
+    central = resolve(
+        compose_config("config", ["privacy=central", "privacy.threat_model=trusted_server"])
+    ).driver
+    assert central.secret_sampling is True
+    seeded = resolve(
+        compose_config(
+            "config",
+            ["privacy=central", "privacy.threat_model=trusted_server", "privacy.secure_mode=false"],
+        )
+    ).driver
+    assert seeded.secret_sampling is False
+    plain = resolve(compose_config("config", ["federated_eval_every=0"])).driver
+    assert plain.secret_sampling is False
+    assert (plain.fraction_evaluate, plain.federated_eval_every) == (0.0, 0)
+
+
+def test_the_driver_takes_sampling_and_minimums_from_the_plan() -> None:
+    from strategies.factory import build_driver
+    from strategies.sampling import FixedSizeSampler
+
+    plan = resolve(compose_config("config", ["strategy.fraction_train=1.0"]))
+    mine = dataclasses.replace(
+        plan.driver,
+        fraction_train=0.5,
+        fraction_evaluate=0.0,
+        min_available_nodes=4,
+        min_train_replies=3,
+        federated_eval_every=0,
+    )
+    driver = build_driver(
+        dataclasses.replace(plan, driver=mine),
+        train_config={},
+        evaluate_config={},
+        evaluate_fn=None,
+    )
+    assert driver.train_sampler == FixedSizeSampler(0.5, plan.cfg.seed)
+    assert driver.evaluate_sampler is None
+    s = driver.settings
+    assert (s.min_available_nodes, s.min_train_replies, s.federated_eval_every) == (4, 3, 0)

@@ -13,7 +13,8 @@ a run's config, state the same guarantee through
    secure-aggregation cohort gate and the distributed-DP ring, each failing as a
    :class:`~fl_app.config.errors.ConfigPlanError` naming its field;
 4. the secure-aggregation settings (:class:`~fl_app.secagg.settings.SecAggSettings`,
-   ``None`` with ``secagg.mode=off``) the server's round driver runs with.
+   ``None`` with ``secagg.mode=off``) the server's round driver runs with;
+5. the round driver's sampling and cohort sizes (:class:`~fl_app.config.driver_plan.DriverPlan`).
 
 The run directory's layout (:class:`fl_app.server.layout.RunLayout`) is not in the plan:
 it needs the run directory, which only the process that runs the experiment knows (a
@@ -31,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fl_app.config.client_dp import ClientDpSettings
+from fl_app.config.driver_plan import DriverPlan, driver_plan
 from fl_app.config.errors import ConfigError, ConfigPlanError
 from fl_app.config.guarantee import Guarantee, guarantee_of
 from fl_app.config.schema import AppConfig, PrivacyMode
@@ -46,13 +48,15 @@ class RunPlan:
 
     ``client_dp`` is ``None`` without client-level DP (``privacy.mode=none``);
     ``guarantee`` is what the run promises, as the summary, card and dry run state it;
-    ``secagg`` is ``None`` with ``secagg.mode=off``.
+    ``secagg`` is ``None`` with ``secagg.mode=off``; ``driver`` is who each round
+    samples and how many.
     """
 
     cfg: AppConfig
     client_dp: ClientDpSettings | None
     guarantee: Guarantee
     secagg: SecAggSettings | None
+    driver: DriverPlan
 
 
 def resolve(cfg: AppConfig) -> RunPlan:
@@ -63,6 +67,7 @@ def resolve(cfg: AppConfig) -> RunPlan:
         client_dp=_client_dp(cfg),
         guarantee=guarantee_of(cfg),
         secagg=_secagg(cfg),
+        driver=driver_plan(cfg),
     )
 
 
@@ -78,8 +83,8 @@ def _secagg(cfg: AppConfig) -> SecAggSettings | None:
 def _client_dp(cfg: AppConfig) -> ClientDpSettings | None:
     if cfg.privacy.mode is PrivacyMode.none:
         return None
-    from fl_app.privacy.accounting import AccountingError
     from fl_app.privacy.ddg_encoding import DdpConfigError
+    from fl_app.privacy.history import AccountingError
 
     try:
         return ClientDpSettings.from_config(cfg)
