@@ -48,13 +48,6 @@ def _guarantee(*overrides: str) -> Guarantee:
     return resolve(compose_config("config", list(overrides))).guarantee
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: privacy=local with threat_model=trusted_server renders the "
-    "trusted-server text (the server adds the noise, no guarantee against the server) on "
-    "the card and in the dry run, while the clients add the noise and the same Guarantee "
-    "states epsilon against 'everyone, the server included'",
-)
 def test_local_dp_under_trusted_server_does_not_say_the_server_adds_the_noise() -> None:
     g = _guarantee("privacy=local", "privacy.threat_model=trusted_server")
     # Local DP: each client clips and noises before its update leaves it.
@@ -63,12 +56,6 @@ def test_local_dp_under_trusted_server_does_not_say_the_server_adds_the_noise() 
     assert "anyone but the server" not in g.protects
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: central DP, trusted_server, secure aggregation on: the card "
-    "says the server sees the clients' updates while server_sees (and the summary note) "
-    "say it sees only their masked sum",
-)
 def test_trusted_server_with_secure_aggregation_does_not_say_the_server_sees_updates() -> None:
     g = _guarantee(
         "privacy=central",
@@ -80,11 +67,6 @@ def test_trusted_server_with_secure_aggregation_does_not_say_the_server_sees_upd
     assert "sees the clients'" not in g.protects
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: central DP with privacy.clip_side=server: the card says the "
-    "server sees '(clipped) updates', the note and server_sees say 'unclipped'",
-)
 def test_server_side_clipping_is_not_described_as_clipped_updates() -> None:
     g = _guarantee(
         "privacy=central", "privacy.threat_model=trusted_server", "privacy.clip_side=server"

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from fl_app.config.schema import (
     AppConfig,
+    ClipSide,
     PrivacyMode,
     SecAggMode,
     ThreatModel,
@@ -201,16 +202,15 @@ def threat_model_text(cfg: AppConfig) -> str:
                 "round's cohort of updates, with no noise"
             )
         return "none: the server sees every client's update in the clear"
-    if p.threat_model is ThreatModel.trusted_server:
-        return (
-            "trusted server: the server sees the clients' (clipped) updates and adds the "
-            "noise; the guarantee holds for the released model against anyone but the server"
-        )
     if p.mode is PrivacyMode.local:
+        # Checked before the threat model: local DP's clients noise their own updates,
+        # so the guarantee holds against the server whichever threat model is named.
         return (
             "honest-but-curious server: each update is clipped and noised on its client "
             "before it leaves, so the guarantee holds against the server too"
         )
+    if p.threat_model is ThreatModel.trusted_server:
+        return _trusted_server_text(cfg)
     if p.mode is PrivacyMode.distributed:
         return (
             "distributed DP: each client added a discrete Gaussian noise share before secure "
@@ -221,4 +221,23 @@ def threat_model_text(cfg: AppConfig) -> str:
     return (
         "honest-but-curious server with secure aggregation: the server sees only the sum of "
         "the cohort's clipped updates and adds the noise to it"
+    )
+
+
+def _trusted_server_text(cfg: AppConfig) -> str:
+    """Central DP with a trusted server: what it sees depends on SecAgg and the clip side."""
+    against = "the guarantee holds for the released model against anyone but the server"
+    if cfg.secagg.mode is not SecAggMode.off:
+        return (
+            "trusted server with secure aggregation: the server sees only the masked sum of "
+            f"the cohort's clipped updates (exact, before its noise) and adds the noise; {against}"
+        )
+    if cfg.privacy.clip_side is ClipSide.server:
+        return (
+            "trusted server: the server sees the clients' unclipped updates, clips them and "
+            f"adds the noise; {against}"
+        )
+    return (
+        "trusted server: the server sees the clients' clipped updates and adds the noise; "
+        + against
     )
