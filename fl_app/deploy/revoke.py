@@ -6,7 +6,9 @@ the node id ``fl-app deploy register`` printed for each site. Once a node is
 unregistered the SuperLink's node-authentication check finds no live node for its key,
 so every request signed with it is refused (a running SuperNode is cut off, a restarted
 one is refused at start-up), and the key can never be registered again (the SuperLink's
-state keeps it, unique). Rotation registers the new key *before* unregistering the old,
+state keeps it, unique) -- provided the SuperLink keeps its state in a database
+(``fl-app deploy superlink --database FILE``): an in-memory SuperLink forgets the
+revocation when it restarts. Rotation registers the new key *before* unregistering the old,
 so a failure at either step leaves the site with a working registration and says which.
 The procedures that use these (compromised key, site leaving): docs/operations.md.
 """
