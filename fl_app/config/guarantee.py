@@ -90,7 +90,10 @@ def _server_sees(cfg: AppConfig) -> str:
     mode = cfg.privacy.mode
     if cfg.secagg.mode is not SecAggMode.off:
         noised = " (each with its noise share)" if mode is PrivacyMode.distributed else ""
-        return f"only the masked sum of the cohort's clipped, encoded updates{noised}"
+        return (
+            f"only the masked sum of the cohort's clipped, encoded updates{noised}, which it "
+            "unmasks exactly; in plaintext also each client's public dp-* metrics"
+        )
     if mode is PrivacyMode.local:
         return "each client's update, clipped and noised on its client"
     if mode is PrivacyMode.central:
