@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import dp_accounting
 
 from benchmarks.section import Section, fmt_spread
-from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon
+from fl_app.privacy.accounting import epsilon
+from fl_app.privacy.history import AccountantName, DpSgdEvent, PrivacyHistory
 
 __all__ = ["SETTINGS", "AccountingSetting", "reference_pld_epsilon", "run"]
 

@@ -16,9 +16,10 @@ from sklearn.datasets import load_digits
 
 from fl_app.config.schema import ClientTrainConfig, ModelConfig
 from fl_app.models import build_model
-from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory, epsilon
+from fl_app.privacy.accounting import epsilon
 from fl_app.privacy.dpsgd import train_dpsgd
 from fl_app.privacy.dpsgd_settings import DpSgdSettings
+from fl_app.privacy.history import DpSgdEvent, PrivacyHistory
 from fl_app.privacy_audit.membership import (
     ShadowSettings,
     lira_attack,

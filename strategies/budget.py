@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fl_app.privacy.ledger import FederationLedger, RoundEvent, unsampled_epsilon
+from fl_app.privacy.composition import unsampled_epsilon
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.round_event import RoundEvent
 
 __all__ = ["BudgetGuard", "BudgetVerdict"]
 

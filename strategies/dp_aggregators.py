@@ -48,10 +48,12 @@ import numpy as np
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
 from fl_app.privacy.clipping import clip_l2
+from fl_app.privacy.composition import branch_delta_total
 from fl_app.privacy.distributed import DdpPlan
-from fl_app.privacy.ledger import FederationLedger, RoundEvent, branch_delta_total
+from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.mechanisms import AdaptiveClip, CentralGaussian
 from fl_app.privacy.noise import noise_source
+from fl_app.privacy.round_event import RoundEvent
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import Aggregate, ComposedAggregator, Release
 from strategies.budget import BudgetGuard

@@ -8,7 +8,7 @@ training (:func:`projection_lines`), how many rounds fit in ``privacy.max_epsilo
 which picks each cohort so sampling amplifies nothing (:func:`against_server_lines`,
 :func:`~fl_app.config.client_dp.server_rounds_within_budget`, :func:`likely_server_stop_round`,
 :func:`server_budget_refusal`). The ε arithmetic is the ledger's
-(:mod:`fl_app.privacy.ledger`); this module only plans and words it.
+(:mod:`fl_app.privacy.composition`); this module only plans and words it.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import math
 
 from fl_app.config.client_dp import ClientDpSettings, server_rounds_within_budget
 from fl_app.config.schema import PrivacyMode
-from fl_app.privacy.accounting import AccountantName
-from fl_app.privacy.ledger import (
-    FederationLedger,
-    SamplingScheme,
-    local_epsilon,
-    unsampled_epsilon,
-)
+from fl_app.privacy.composition import local_epsilon, unsampled_epsilon
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.round_event import SamplingScheme
 
 __all__ = [
     "against_server_lines",

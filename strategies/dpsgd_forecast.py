@@ -58,8 +58,8 @@ class DpSgdForecast:
 
     def epsilon_after_next_round(self, metrics: Mapping[str, float]) -> float | None:
         """ε the client reaches if it trains one more round, or None (not forecastable)."""
-        from fl_app.privacy.accounting import AccountingError
         from fl_app.privacy.dpsgd_plan import fresh_epsilon
+        from fl_app.privacy.history import AccountingError
 
         if any(key not in metrics for key in _NEEDED):
             return None

@@ -34,6 +34,8 @@ from typing import Protocol
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fl_app.privacy.round_event import fixed_cohort_size
+
 __all__ = [
     "CohortSampler",
     "FixedSizeSampler",
@@ -92,7 +94,8 @@ class FixedSizeSampler:
         _check_key(self.key)
 
     def cohort_size(self, num_nodes: int) -> int:
-        return min(num_nodes, max(1, round(self.fraction * num_nodes)))
+        """The one definition the replace-one accountant also counts (round(q*N) in [1, N])."""
+        return fixed_cohort_size(self.fraction, num_nodes)
 
     def sample(self, node_ids: Sequence[int], server_round: int) -> list[int]:
         # Node ids are unsigned 64-bit (Flower draws them at random): sample positions

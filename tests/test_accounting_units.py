@@ -24,15 +24,10 @@ from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fl_app.privacy import accounting
-from fl_app.privacy.accounting import (
-    AccountingError,
-    DpSgdEvent,
-    HistoryError,
-    PrivacyHistory,
-    calibrate_noise_multiplier,
-    epsilon,
-)
+from fl_app.privacy import accounting, calibration
+from fl_app.privacy.accounting import epsilon
+from fl_app.privacy.calibration import calibrate_noise_multiplier
+from fl_app.privacy.history import AccountingError, DpSgdEvent, HistoryError, PrivacyHistory
 
 DELTA = 1e-5
 
@@ -72,7 +67,7 @@ def test_pld_calibration_doubles_from_twenty_when_rdp_gives_up(
     def no_rdp(*_args: object) -> float:
         raise ValueError("RDP cannot reach it")
 
-    monkeypatch.setattr(accounting, "_opacus_noise_multiplier", no_rdp)
+    monkeypatch.setattr(calibration, "_opacus_noise_multiplier", no_rdp)
     assert _gaussian_epsilon(20.0) > 0.14 > _gaussian_epsilon(30.0) > _gaussian_epsilon(40.0)
     z = calibrate_noise_multiplier(0.14, DELTA, 1.0, 1, "pld")
     _assert_in_calibration_window(z, 0.14)
@@ -86,13 +81,13 @@ def test_pld_calibration_shrinks_a_far_too_large_start(monkeypatch: pytest.Monke
     def far_start(*_args: object) -> float:
         return 10.0 * answer
 
-    monkeypatch.setattr(accounting, "_opacus_noise_multiplier", far_start)
+    monkeypatch.setattr(calibration, "_opacus_noise_multiplier", far_start)
     z = calibrate_noise_multiplier(0.1, DELTA, 1.0, 1, "pld")
     _assert_in_calibration_window(z, 0.1)
 
 
 def test_pld_calibration_that_cannot_converge_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(accounting, "_MAX_BISECTIONS", 0)
+    monkeypatch.setattr(calibration, "_MAX_BISECTIONS", 0)
     with pytest.raises(
         AccountingError,
         match="^calibration with pld failed: PLD calibration did not converge to within "
@@ -124,16 +119,16 @@ def _fixed_start(value: float) -> Callable[..., float]:
 def test_calibration_accepts_a_noise_multiplier_exactly_at_the_target(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(accounting, "_opacus_noise_multiplier", _fixed_start(3.0))
-    monkeypatch.setattr(accounting, "epsilon", lambda *_args: 1.5)
+    monkeypatch.setattr(calibration, "_opacus_noise_multiplier", _fixed_start(3.0))
+    monkeypatch.setattr(calibration, "epsilon", lambda *_args: 1.5)
     assert calibrate_noise_multiplier(1.5, DELTA, 0.1, 10, "rdp") == 3.0
 
 
 def test_calibration_refuses_an_over_budget_noise_multiplier(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(accounting, "_opacus_noise_multiplier", _fixed_start(3.0))
-    monkeypatch.setattr(accounting, "epsilon", lambda *_args: 1.5000001)
+    monkeypatch.setattr(calibration, "_opacus_noise_multiplier", _fixed_start(3.0))
+    monkeypatch.setattr(calibration, "epsilon", lambda *_args: 1.5000001)
     with pytest.raises(AccountingError, match=r"^calibrated noise_multiplier=3\.0 gives epsilon="):
         calibrate_noise_multiplier(1.5, DELTA, 0.1, 10, "rdp")
 
@@ -147,7 +142,7 @@ def test_calibration_failures_are_accounting_errors_naming_the_accountant(
     def failing(*_args: object) -> float:
         raise error
 
-    monkeypatch.setattr(accounting, "_opacus_noise_multiplier", failing)
+    monkeypatch.setattr(calibration, "_opacus_noise_multiplier", failing)
     with pytest.raises(AccountingError, match=r"^calibration with rdp failed: boom$"):
         calibrate_noise_multiplier(1.0, DELTA, 0.1, 10, "rdp")
 
@@ -156,7 +151,7 @@ def test_opacus_budget_too_low_is_reported_as_unreachable(monkeypatch: pytest.Mo
     def too_low(*_args: object) -> float:
         raise ValueError("The privacy budget is too low.")
 
-    monkeypatch.setattr(accounting, "_opacus_noise_multiplier", too_low)
+    monkeypatch.setattr(calibration, "_opacus_noise_multiplier", too_low)
     with pytest.raises(ValueError, match="raise the budget or lower the number of steps") as info:
         calibrate_noise_multiplier(1.0, DELTA, 0.1, 10, "rdp")
     assert str(info.value).startswith("target_epsilon=1.0 at delta=1e-05 is unreachable for 10")

@@ -18,10 +18,11 @@ from dp_accounting.rdp import RdpAccountant
 
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
-from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan
-from fl_app.privacy.ledger import FederationLedger, SamplingScheme
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.mechanisms import AdaptiveClip
+from fl_app.privacy.round_event import SamplingScheme
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import (
     Aggregate,

@@ -166,8 +166,6 @@ _LONG_REASON = re.compile(r"#\s*long:\s*\S")
 
 _LONG_MODULES_ALLOWED = frozenset(
     {
-        "fl_app/privacy/accounting.py",
-        "fl_app/privacy/ledger.py",
         "strategies/driver.py",
     }
 )

@@ -33,12 +33,8 @@ from benchmarks.section import (  # noqa: E402
     markdown_table,
     render_section,
 )
-from fl_app.privacy.accounting import (  # noqa: E402
-    AccountantName,
-    DpSgdEvent,
-    PrivacyHistory,
-    epsilon,
-)
+from fl_app.privacy.accounting import epsilon  # noqa: E402
+from fl_app.privacy.history import AccountantName, DpSgdEvent, PrivacyHistory  # noqa: E402
 
 
 # ------------------------------------------------------------------------ tables

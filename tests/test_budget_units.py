@@ -14,7 +14,9 @@ import math
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fl_app.privacy.ledger import AccountantName, FederationLedger, RoundEvent
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.round_event import RoundEvent
 from strategies.budget import BudgetGuard, BudgetVerdict
 
 DELTA = 1e-5

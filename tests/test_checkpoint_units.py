@@ -25,7 +25,9 @@ from fl_app.audit import verify_head_signature
 from fl_app.config.compose import compose_config, config_hash, config_to_dict
 from fl_app.config.errors import ConfigError
 from fl_app.config.schema import AppConfig
-from fl_app.privacy.ledger import AccountantName, FederationLedger, RoundEvent
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.round_event import RoundEvent
 from fl_app.server.checkpoint import (
     CheckpointError,
     in_model_order,

@@ -24,17 +24,12 @@ from fl_app.client.app import app as client_app
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.compose import compose_config
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode
-from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.clipping import clip_l2, l2_norm
-from fl_app.privacy.ledger import (
-    FederationLedger,
-    LedgerError,
-    RoundEvent,
-    SamplingScheme,
-    calibrate_round_noise,
-    local_epsilon,
-)
+from fl_app.privacy.composition import calibrate_round_noise, local_epsilon
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger, LedgerError
 from fl_app.privacy.noise import SecureNoise, SeededNoise
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 from fl_app.protocol import METRICS_KEY, UNCLIPPED_KEY, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.runtime.simulation import run_simulation_experiment

@@ -17,7 +17,7 @@ from fl_app.config.errors import (
     ConfigRangeError,
 )
 from fl_app.config.plan import resolve
-from fl_app.privacy.ledger import fixed_cohort_size
+from fl_app.privacy.round_event import fixed_cohort_size
 from strategies.sampling import FixedSizeSampler
 
 # (overrides, error kind, field): one case per kind and per place that raises it.

@@ -36,7 +36,6 @@ from scipy import stats
 
 from fl_app.client.app import app as client_app
 from fl_app.config.compose import compose_config
-from fl_app.privacy.accounting import AccountantName, AccountingError
 from fl_app.privacy.ddg_encoding import (
     DdpConfigError,
     DdpRound,
@@ -53,8 +52,10 @@ from fl_app.privacy.distributed import (
     sensitivity,
     subsampled_rdp,
 )
-from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
+from fl_app.privacy.history import AccountantName, AccountingError
+from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.noise import SecureNoise
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.client import STATE_KEY, handle_key_stage
 from fl_app.secagg.params import GraphMode
@@ -540,7 +541,7 @@ def test_sweep_refusal_uses_the_budget_against_the_server() -> None:
     from fl_app.cli.simulate import over_budget
     from fl_app.config.client_dp import ClientDpSettings
     from fl_app.config.plan import resolve
-    from fl_app.privacy.ledger import unsampled_epsilon
+    from fl_app.privacy.composition import unsampled_epsilon
 
     cfg = compose_config("config", ["experiment=digits_1000_clients_ddp", "privacy.max_epsilon=10"])
     s = ClientDpSettings.from_config(cfg)

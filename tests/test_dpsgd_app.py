@@ -12,8 +12,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fl_app.client.app import app as client_app
 from fl_app.client_spec import encode_spec, spec_from_config
 from fl_app.config.compose import compose_config
-from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon
+from fl_app.privacy.accounting import epsilon
 from fl_app.privacy.dpsgd import planned_steps
+from fl_app.privacy.history import AccountantName, DpSgdEvent, PrivacyHistory
 from fl_app.privacy.state import STEPS_SEEN_KEY, DpSgdState
 from fl_app.protocol import BUDGET_EXHAUSTED, CLIENT_REFUSED, SPEC_KEY
 from fl_app.runtime.inprocess import InProcessGrid

@@ -20,9 +20,9 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from fl_app.config.schema import Accountant, ClientTrainConfig, DpSgdConfig, GradSampleModeName
-from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory
 from fl_app.privacy.dpsgd_plan import plan_round, project_sizes, train_round
 from fl_app.privacy.dpsgd_settings import GradSampleMode
+from fl_app.privacy.history import DpSgdEvent, PrivacyHistory
 from fl_app.privacy.refusal import BudgetRefusal, PrivacyRefusal
 from fl_app.privacy.state import (
     ROUNDS_SEEN_KEY,

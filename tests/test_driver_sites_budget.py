@@ -21,8 +21,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClipSide, PrivacyMode
-from fl_app.privacy.accounting import AccountantName
-from fl_app.privacy.ledger import SamplingScheme
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.round_event import SamplingScheme
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.weights import to_array_record

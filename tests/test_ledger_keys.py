@@ -12,9 +12,10 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
-from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import RDP_ORDERS, ddg_round_rdp
-from fl_app.privacy.ledger import FederationLedger, RoundEvent, SamplingScheme
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 
 
 def _ddg(round_: int, tau: float, dim: int) -> RoundEvent:

@@ -17,15 +17,10 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from fl_app.privacy.accounting import AccountantName, AccountingError
-from fl_app.privacy.ledger import (
-    FederationLedger,
-    LedgerError,
-    RoundEvent,
-    SamplingScheme,
-    local_epsilon,
-    unsampled_epsilon,
-)
+from fl_app.privacy.composition import local_epsilon, unsampled_epsilon
+from fl_app.privacy.history import AccountantName, AccountingError
+from fl_app.privacy.ledger import FederationLedger, LedgerError
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 
 DELTA = 1e-5
 
@@ -370,7 +365,7 @@ class _FixedRdp:
 def test_an_unusable_replace_one_epsilon_is_refused(
     monkeypatch: pytest.MonkeyPatch, index: int
 ) -> None:
-    from fl_app.privacy import ledger as ledger_module
+    from fl_app.privacy import composition as ledger_module
 
     value = [math.inf, math.nan, -1.0][index]
     monkeypatch.setattr(ledger_module, "_replace_one_rdp", lambda: _FixedRdp(value))
@@ -383,7 +378,7 @@ def test_an_unusable_replace_one_epsilon_is_refused(
 def test_a_small_replace_one_epsilon_is_reported_as_it_is(
     monkeypatch: pytest.MonkeyPatch, value: float
 ) -> None:
-    from fl_app.privacy import ledger as ledger_module
+    from fl_app.privacy import composition as ledger_module
 
     monkeypatch.setattr(ledger_module, "_replace_one_rdp", lambda: _FixedRdp(value))
     assert FederationLedger(DELTA, AccountantName.rdp, (_fixed(),)).epsilon() == value

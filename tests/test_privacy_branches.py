@@ -27,9 +27,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClipSide, PrivacyMode
-from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.distributed import DdpPlan, sensitivity
-from fl_app.privacy.ledger import FederationLedger, LedgerError, RoundEvent, SamplingScheme
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger, LedgerError
 from fl_app.privacy.mechanisms import (
     AdaptiveClip,
     CentralGaussian,
@@ -38,6 +38,7 @@ from fl_app.privacy.mechanisms import (
     update_noise_multiplier,
 )
 from fl_app.privacy.noise import SeededNoise
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.encoding import FixedPointCodec

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fl_app.client.state import LOCAL_DP_RECORD, STATE_RECORD, dpsgd_store, local_dp_store
-from fl_app.privacy.accounting import DpSgdEvent, PrivacyHistory
+from fl_app.privacy.history import DpSgdEvent, PrivacyHistory
 from fl_app.privacy.state import (
     ClientPrivacyState,
     DpSgdState,

@@ -46,21 +46,16 @@ from fl_app.config.schema import (
     SecAggMode,
     ThreatModel,
 )
-from fl_app.privacy.accounting import AccountantName
+from fl_app.privacy.composition import calibrate_round_noise, unsampled_epsilon
 from fl_app.privacy.distributed import DdpPlan
-from fl_app.privacy.ledger import (
-    FederationLedger,
-    RoundEvent,
-    SamplingScheme,
-    calibrate_round_noise,
-    fixed_cohort_size,
-    unsampled_epsilon,
-)
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.mechanisms import (
     cohort_gate_delta,
     encoding_slack,
     update_noise_multiplier,
 )
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme, fixed_cohort_size
 
 __all__ = [
     "ClientDpSettings",
@@ -328,7 +323,7 @@ def model_dimension(cfg: AppConfig) -> int:
 
 def _calibrate_local(target: float, s: ClientDpSettings) -> float:
     """Local DP: z whose ``num_rounds`` releases of one client stay within ``target``."""
-    from fl_app.privacy.accounting import calibrate_noise_multiplier
+    from fl_app.privacy.calibration import calibrate_noise_multiplier
 
     # Each release is GaussianDpEvent(z/2) = a q=1 Poisson step at multiplier z/2.
     return 2.0 * calibrate_noise_multiplier(target, s.delta, 1.0, s.num_rounds, s.accountant)

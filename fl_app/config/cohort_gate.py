@@ -15,8 +15,8 @@ import math
 
 from fl_app.config.errors import ConfigPlanError
 from fl_app.config.schema import AppConfig, PrivacyMode, SecAggMode
-from fl_app.privacy.ledger import SamplingScheme, fixed_cohort_size
 from fl_app.privacy.mechanisms import cohort_gate_delta
+from fl_app.privacy.round_event import SamplingScheme, fixed_cohort_size
 
 __all__ = [
     "cohort_holes",

@@ -131,7 +131,7 @@ def _check_encoding(cfg: AppConfig) -> None:
 
 def _check_cohorts(cfg: AppConfig) -> None:
     """Secure aggregation has thresholds for every cohort size the run can sample."""
-    from fl_app.privacy.ledger import fixed_cohort_size
+    from fl_app.privacy.round_event import fixed_cohort_size
     from fl_app.secagg.derive import derive_params, federation_min_corrupt
     from fl_app.secagg.params import MIN_CORRUPT_CLIENTS, SecAggConfigError
 

@@ -3,7 +3,7 @@
 Record-level DP (``privacy.record_level=true``): every client runs Opacus DP-SGD
 (:mod:`fl_app.privacy.dpsgd`) with Poisson sampling at rate ``q = batch_size / n`` for
 the steps :func:`~fl_app.privacy.dpsgd.planned_steps` gives, and accounts its own ε
-over its own history of :class:`~fl_app.privacy.accounting.DpSgdEvent` (Abadi et al.
+over its own history of :class:`~fl_app.privacy.history.DpSgdEvent` (Abadi et al.
 2016; PRV/RDP/PLD accountants). This module decides, before any step is taken:
 
 1. the round's steps and ``q`` from the client's own record count;
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from fl_app.config.schema import ClientTrainConfig, DpSgdConfig
-    from fl_app.privacy.accounting import DpSgdEvent
     from fl_app.privacy.dpsgd_settings import DpSgdSettings
+    from fl_app.privacy.history import DpSgdEvent
     from fl_app.privacy.state import DpSgdState
     from fl_app.training import TrainStats
 
@@ -191,13 +191,9 @@ def _project(
     dp: DpSgdConfig, state: DpSgdState, q: float, steps: int, num_rounds: int
 ) -> tuple[float, DpSgdEvent, float]:
     """This round's ``z`` (stored, configured or calibrated), its event and ε after it."""
-    from fl_app.privacy.accounting import (
-        AccountantName,
-        AccountingError,
-        DpSgdEvent,
-        calibrate_noise_multiplier,
-        project_epsilon,
-    )
+    from fl_app.privacy.accounting import project_epsilon
+    from fl_app.privacy.calibration import calibrate_noise_multiplier
+    from fl_app.privacy.history import AccountantName, AccountingError, DpSgdEvent
 
     accountant = AccountantName(dp.accountant.value)
     z = state.noise_multiplier
@@ -260,7 +256,8 @@ def train_round(
 def fresh_epsilon(z: float, q: float, steps: int, delta: float, accountant: str) -> float:
     """ε of ``steps`` DP-SGD steps from an empty history (cached: a sweep's jobs and
     equal-sized institutions ask for the same numbers)."""
-    from fl_app.privacy.accounting import AccountantName, DpSgdEvent, PrivacyHistory, epsilon
+    from fl_app.privacy.accounting import epsilon
+    from fl_app.privacy.history import AccountantName, DpSgdEvent, PrivacyHistory
 
     history = PrivacyHistory().add(DpSgdEvent(noise_multiplier=z, sample_rate=q, steps=steps))
     return epsilon(history, delta, AccountantName(accountant))

@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from fl_app.privacy.accounting import AccountantName
 from fl_app.privacy.composition import _epsilon_of, local_epsilon, unsampled_epsilon
+from fl_app.privacy.history import AccountantName
 from fl_app.privacy.round_event import RoundEvent, _positive
 from fl_app.strict_json import reject_duplicate_keys
 

@@ -3,7 +3,7 @@
 Each client clips its update to L2 norm ``C`` and adds ``N(0, (z·C)²)`` to every
 coordinate before the update leaves the site, so the server (trusted with nothing
 un-noised from this client) receives a Gaussian-mechanism release. Each release is
-accounted as ``GaussianDpEvent(z/2)`` (:func:`fl_app.privacy.ledger.local_epsilon`;
+accounted as ``GaussianDpEvent(z/2)`` (:func:`fl_app.privacy.composition.local_epsilon`;
 replace-one sensitivity ``2C``) and composed over the client's releases in the run.
 
 Trust assumptions: the noise comes from this client's own CSPRNG
@@ -146,11 +146,11 @@ def begin_release(
     open_store
         Opens the client's :class:`ReleaseStore` (its errors are refusals too).
     accountant
-        A :class:`~fl_app.privacy.accounting.AccountantName` value (``pld``, ``rdp``, ``prv``).
+        A :class:`~fl_app.privacy.history.AccountantName` value (``pld``, ``rdp``, ``prv``).
     seen_by_server
         The releases the server received from this site (:func:`releases_seen`).
     """
-    from fl_app.privacy.ledger import local_epsilon
+    from fl_app.privacy.composition import local_epsilon
 
     z = float(noise_multiplier)
     try:

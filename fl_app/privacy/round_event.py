@@ -63,6 +63,8 @@ from typing import Any, NamedTuple
 
 import dp_accounting
 
+from fl_app.privacy.history import AccountingError
+
 __all__ = ["AccountingKey", "RoundEvent", "SamplingScheme", "fixed_cohort_size"]
 
 

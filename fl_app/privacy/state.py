@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fl_app.atomic import write_atomic
-from fl_app.privacy.accounting import PrivacyHistory
+from fl_app.privacy.history import PrivacyHistory
 
 __all__ = [
     "LOCAL_RELEASES_SEEN_KEY",

@@ -17,8 +17,8 @@ from typing import Any
 
 from fl_app.config.guarantee import privacy_note
 from fl_app.config.schema import Accountant, AppConfig
-from fl_app.privacy.accounting import AccountingError
-from fl_app.privacy.ledger import branch_delta_total, unsampled_epsilon
+from fl_app.privacy.composition import branch_delta_total, unsampled_epsilon
+from fl_app.privacy.history import AccountingError
 from fl_app.privacy.noise import release_status
 from fl_app.server.layout import LEDGER_FILE
 from fl_app.server.rundir import RunDirectory, read_round_records
