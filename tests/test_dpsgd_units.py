@@ -423,6 +423,35 @@ def test_accuracy_counts_the_records_the_model_gets_right() -> None:
     assert res.stats.accuracy == pytest.approx(2 / 6, abs=1e-12)
 
 
+def test_a_step_reports_its_own_batch_empty_or_of_one_record() -> None:
+    """An empty batch reports (0, 0, 0) (a pure-noise step adds no loss and no correct
+    record to the round's sums); a batch of one record goes through the model: its
+    cross-entropy and correctness are those of the model before the step, computed here
+    with torch."""
+    x, y = _data()
+    torch.manual_seed(0)
+    model = _mlp()
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        logits = model(xt[:1])
+        ce = float(nn.functional.cross_entropy(logits, yt[:1], reduction="sum"))
+        right = int(logits.argmax(1)[0] == yt[0])
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=2, lr=0.1, momentum=0.0)
+    dp = DpSgdSettings(1.0, 1.0, GradSampleMode.hooks, secure_mode=False)
+    with dpsgd_opacus._expected_opacus_warnings():
+        trainer = dpsgd_opacus._PrivateTrainer(
+            model, xt, yt, cfg, dp, "hooks", sampling_generator=None,
+            noise_generator=torch.Generator().manual_seed(0), keystreams=None,
+        )  # fmt: skip
+    try:
+        one = trainer.step(xt[:1], yt[:1])
+        empty = trainer.step(xt[:0], yt[:0])
+    finally:
+        trainer.close()
+    assert one[0] == pytest.approx(ce, rel=1e-6) and one[1:] == (right, 1)
+    assert empty == (0.0, 0, 0)
+
+
 def test_statistics_sum_over_every_step() -> None:
     """lr = 0 and z = 0 keep the model fixed: two full-batch epochs (q = 1) see every
     record twice, so the mean loss and accuracy are those of the initial model."""
