@@ -250,6 +250,9 @@ class DriverResult:
     # Latest public per-client metrics (e.g. each institution's epsilon), by node id.
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     exhausted: set[int] = field(default_factory=set)
+    # Site identities refused in the run (12 hex digits) -> the nodes refused for them
+    # (strategies.site_claims): a contest is in summary.json, not only in the log.
+    contested_sites: dict[str, list[int]] = field(default_factory=dict)
 
 
 class RoundDriver:
@@ -369,6 +372,7 @@ class RoundDriver:
             arrays, report = self.run_round(grid, rnd, arrays, node_ids=usable)
             result.reports.append(report)
             result.exhausted.update(report.train.exhausted)
+            result.contested_sites = self.site_claims.contested()
             for node, metrics in report.train.client_metrics.items():
                 result.client_metrics[node] = dict(metrics)
             for listener in self.listeners:
@@ -646,10 +650,11 @@ class RoundDriver:
     def _check_train_reply(self, parsed: TrainReply | Rejection) -> TrainReply | Rejection:
         if isinstance(parsed, Rejection):
             return parsed
-        # The aggregator first: a local-DP release the server received is counted even
-        # when the reply is then refused for its site identity.
-        reason = self.aggregator.check_reply(parsed) or self._check_site(
-            parsed.node_id, parsed.metrics
+        # The site check first: a reply refused for its site identity is not that site's
+        # release, so it must not move the site's local-DP count (one forged reply would
+        # put a victim's count ahead of its own for good).
+        reason = self._check_site(parsed.node_id, parsed.metrics) or self.aggregator.check_reply(
+            parsed
         )
         return parsed if reason is None else Rejection(parsed.node_id, reason)
 

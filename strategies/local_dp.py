@@ -22,6 +22,7 @@ from fl_app.privacy.ledger import FederationLedger
 from strategies.aggregators import ComposedAggregator, ExactMean, WeightedMeanInput
 from strategies.dp_aggregators import ClientLevelClipping
 from strategies.dp_projection import rounds_within_budget
+from strategies.site_claims import SITE_HASH_METRIC, parse_site_hash
 from strategies.validation import TrainReply
 
 __all__ = ["LocalDp", "LocalReleaseCount"]
@@ -34,7 +35,10 @@ class LocalReleaseCount:
     ``dp-site-hash``, else its partition id), never by the node id, which changes when a
     SuperNode restarts (and between Ray actors): keyed by node id, a restarted client's
     releases were split over two keys and ε under-reported. Every local-DP reply the
-    server receives is a release to it and is counted, also one it then rejects; it
+    server receives is a release to it and is counted, also one it then rejects for its
+    count or budget (a reply the site-identity check refused never reaches
+    :meth:`check_reply`: its site key is not the sender's, and counting it would put a
+    victim's count ahead of its own); it
     rejects a reply whose own release count is below the server's (the site's state was
     lost or reset) and one past the budget, and tells each node in its instruction how
     many releases it has received from it, so a client whose state was lost refuses.
@@ -73,10 +77,10 @@ class LocalReleaseCount:
     def site_key(reply: TrainReply) -> str | None:
         """The site's stable key: ``site-<digest>`` from a deployed site's ``dp-site-hash``
         (deployed sites share partition id 0), else ``partition-<id>``."""
-        digest = reply.metrics.get("dp-site-hash")
-        if digest is not None:
-            ok = math.isfinite(digest) and 0 <= digest < 2**48 and digest == int(digest)
-            return f"site-{int(digest):012x}" if ok else None
+        value = reply.metrics.get(SITE_HASH_METRIC)
+        if value is not None:
+            digest = parse_site_hash(value)  # the rule the site check applies
+            return None if digest is None else f"site-{digest:012x}"
         pid = reply.metrics.get("dp-partition-id")
         if pid is None or not math.isfinite(pid) or pid < 0 or pid != int(pid):
             return None

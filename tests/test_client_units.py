@@ -12,6 +12,7 @@ comments. The whole-client behaviour is tested through the in-process grid elsew
 from __future__ import annotations
 
 import hashlib
+import hmac as std_hmac
 import json
 import logging
 from pathlib import Path
@@ -93,11 +94,60 @@ def test_partition_and_its_refusal() -> None:
         site_identity({"partition-id": "two"})
 
 
-def test_site_hash_is_48_bits_of_sha256() -> None:
-    digest = hashlib.sha256(b"site-hospital-a").hexdigest()
-    value = site_hash("site-hospital-a")
-    assert value == int(digest[:12], 16) and value < 2**48
+def test_site_hash_is_48_bits_of_hmac_sha256_under_the_sites_own_secret(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    value = site_hash("site-hospital-a", state)
+    key = state / "site-secret-site-hospital-a.key"
+    secret = key.read_bytes()
+    assert len(secret) == 32 and key.stat().st_mode & 0o777 == 0o600
+    # Expected: the standard library's HMAC (not the code's cryptography HMAC).
+    mac = std_hmac.new(secret, b"site-hospital-a", hashlib.sha256).hexdigest()
+    assert value == int(mac[:12], 16) and value < 2**48
     assert float(value) == value  # exact as a float64 metric
+    # Not the unkeyed digest any node can compute from the roster's site names.
+    assert value != int(hashlib.sha256(b"site-hospital-a").hexdigest()[:12], 16)
+    # Stable across restarts; the secret is not rewritten; no temporary file is left.
+    assert site_hash("site-hospital-a", state) == value and key.read_bytes() == secret
+    assert sorted(p.name for p in state.iterdir()) == [key.name]
+    # Another site in the same folder has its own secret; another folder, another one.
+    site_hash("site-hospital-b", state)
+    assert (state / "site-secret-site-hospital-b.key").read_bytes() != secret
+    assert site_hash("site-hospital-a", tmp_path / "other") != value
+
+
+def test_site_secret_created_by_another_process_first_is_the_one_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two SuperNodes sharing a state folder race to create the secret: the loser
+    reads the winner's, so both present one identity (what the server's check needs)."""
+    import os
+
+    import fl_app.client.identity as identity
+
+    theirs = bytes(range(32))
+    real_link = os.link
+
+    def link_after_the_other(src: Any, dst: Any) -> None:
+        Path(dst).write_bytes(theirs)  # the other process linked first
+        real_link(src, dst)
+
+    monkeypatch.setattr(identity.os, "link", link_after_the_other)
+    value = site_hash("site-x", tmp_path)
+    mac = std_hmac.new(theirs, b"site-x", hashlib.sha256).hexdigest()
+    assert value == int(mac[:12], 16)
+    assert [p.name for p in tmp_path.iterdir()] == ["site-secret-site-x.key"]
+
+
+def test_site_secret_of_the_wrong_size_is_refused_word_for_word(tmp_path: Path) -> None:
+    key = tmp_path / "site-secret-site-x.key"
+    key.write_bytes(b"short")
+    with pytest.raises(ClientRefusal) as err:
+        site_hash("site-x", tmp_path)
+    assert str(err.value) == (
+        f"{key} holds 5 bytes, not this site's 32-byte identity secret: restore it from a "
+        "backup of the dp-state-dir, or delete it to give the site a new identity (the "
+        "server then counts its local-DP releases afresh)"
+    )
 
 
 def test_audit_file_names_keep_unsafe_parts_out() -> None:

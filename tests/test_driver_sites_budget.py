@@ -29,6 +29,7 @@ from fl_app.weights import to_array_record
 from strategies.dp_aggregators import CentralDp
 from strategies.dpsgd_forecast import DpSgdForecast
 from strategies.driver import DriverSettings, RoundDriver
+from strategies.local_dp import LocalDp
 from strategies.sampling import FixedSizeSampler
 from strategies.site_claims import SiteClaims
 
@@ -115,6 +116,54 @@ def test_site_claims_refuse_a_non_finite_identity() -> None:
     assert SiteClaims().check(1, {"dp-site-hash": math.nan}, {1}) is not None
 
 
+# dp-site-hash values: integers in [0, 2**48) only (48 bits stay exact in a float64).
+_SITE_VALUES = [
+    (0.0, 0),
+    (float(2**48 - 1), 2**48 - 1),
+    (7, 7),
+    (float(2**48), None),
+    (-1.0, None),
+    (1.5, None),
+    (math.inf, None),
+    (math.nan, None),
+    (True, None),
+    ("7", None),
+]
+
+
+@pytest.mark.parametrize("index", range(len(_SITE_VALUES)))
+def test_site_hash_values_follow_one_rule_for_the_check_and_the_local_dp_key(index: int) -> None:
+    from strategies.local_dp import LocalReleaseCount
+    from strategies.site_claims import parse_site_hash
+    from strategies.validation import TrainReply
+
+    value, expected = _SITE_VALUES[index]
+    assert parse_site_hash(value) == expected
+    reason = SiteClaims().check(3, {"dp-site-hash": value}, {3})  # type: ignore[dict-item]
+    if expected is None:
+        assert reason == f"dp-site-hash is not an integer in [0, 2**48): {value!r}"
+    else:
+        assert reason is None
+    if isinstance(value, float):
+        reply = TrainReply(3, {}, 1.0, {"dp-site-hash": value}, 0.0)
+        key = LocalReleaseCount.site_key(reply)
+        assert key == (None if expected is None else f"site-{expected:012x}")
+
+
+def test_a_node_presenting_a_second_identity_is_refused_and_the_contest_recorded() -> None:
+    claims = SiteClaims()
+    assert claims.check(5, {"dp-site-hash": float(0xA)}, {5, 6}) is None
+    reason = claims.check(5, {"dp-site-hash": float(0xB)}, {5, 6})
+    assert reason == (
+        "node 5 presents site identity 00000000000b but holds 00000000000a in this run: "
+        "a node serves one site"
+    )
+    assert claims.check(5, {"dp-site-hash": float(0xA)}, {5, 6}) is None  # its own
+    assert claims.check(6, {"dp-site-hash": float(0xB)}, {5, 6}) is None  # B's own node
+    assert claims.check(7, {"dp-site-hash": float(0xA)}, {5, 6, 7}) is not None
+    assert claims.contested() == {"00000000000a": [7], "00000000000b": [5]}
+
+
 def test_driver_rejects_the_second_node_presenting_a_site_identity() -> None:
     shared = {"dp-site-hash": 123456.0}
     grid = InProcessGrid(_app({0: shared, 1: {"dp-site-hash": 99.0}, 2: shared}), 3, seed=1)
@@ -131,9 +180,66 @@ def test_driver_rejects_the_second_node_presenting_a_site_identity() -> None:
         holders.append(holder)
         assert report.model_updated  # the round goes on with the rest
     assert holders[0] == holders[1]  # the holder keeps the identity across rounds
+    # The contest is in the result (summary.json), not only in the log.
+    assert result.contested_sites == {f"{123456:012x}": sorted(set(nodes) - {holders[0], nodes[1]})}
     # Each round adds the mean of the two accepted updates (n = 1 each).
     kept = [pid for pid, node in enumerate(nodes) if node in (holders[0], nodes[1])]
     np.testing.assert_allclose(result.arrays["w"], 2 * np.mean([p + 1 for p in kept]))
+
+
+def test_a_forged_site_identity_does_not_move_the_victims_local_dp_count() -> None:
+    """Node 1 presents its own identity in round 1, then the victim's (node 0's): its
+    replies are refused for the identity before the local-DP count sees them, so the
+    victim's count stays its own and each of its replies is accepted."""
+    victim, own = float(0xA), float(0xB)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"][SERVER_ROUND])
+        site = victim if pid == 0 or rnd > 1 else own
+        update = {
+            k: np.zeros(v.numpy().shape, np.float32) for k, v in msg.content["arrays"].items()
+        }
+        # Each client counts its own releases: round r is its r-th.
+        metrics = {
+            NUM_EXAMPLES: 1,
+            SERVER_ROUND: rnd,
+            "dp-site-hash": site,
+            "dp-local-releases": rnd,
+        }
+        content = RecordDict(
+            {UPDATE_KEY: to_array_record(update), METRICS_KEY: MetricRecord(metrics)}
+        )
+        return Message(content, reply_to=msg)
+
+    agg = LocalDp(
+        ClientDpSettings(
+            mode=PrivacyMode.local,
+            clip_side=ClipSide.client,
+            clipping="fixed",
+            noise_multiplier=2.0,
+            clip=1.0,
+            delta=DELTA,
+            accountant=AccountantName.rdp,
+            sampling=SamplingScheme.fixed,
+            fraction=1.0,
+            num_rounds=3,
+            planned_population=2,
+            seed=7,
+            secure_mode=False,
+        )
+    )
+    grid = InProcessGrid(app, 2, seed=1)
+    nodes = grid.node_ids
+    result = _driver(rounds=3, aggregator=agg).run(grid, GLOBAL)
+    assert [r.train.accepted for r in result.reports] == [2, 1, 1]
+    for report in result.reports[1:]:
+        ((rejected, reason),) = report.train.rejected
+        assert rejected == nodes[1] and "holds 00000000000b" in reason
+    assert dict(agg.ledger.local) == {"site-00000000000a": 3, "site-00000000000b": 1}
+    assert result.contested_sites == {"00000000000a": [nodes[1]]}
 
 
 # ------------------------------------------------------------- DP-SGD budget stop

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 
-import pytest
-
 from fl_app.config.compose import compose_config
 from fl_app.config.guarantee import Guarantee
 from fl_app.config.plan import resolve

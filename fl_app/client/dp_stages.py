@@ -108,8 +108,8 @@ def _local_noise_stage(
     metrics.update(release.public_metrics(pid))
     if not site.startswith("partition-"):
         # Deployed sites all have partition id 0 and a metric cannot carry a name: a
-        # 48-bit digest of the site's identity keys the server's guard.
-        metrics["dp-site-hash"] = site_hash(site)
+        # 48-bit keyed digest of the site's identity keys the server's guard.
+        metrics["dp-site-hash"] = site_hash(site, str(state_dir))
     return release.noise_stage()
 
 
@@ -204,7 +204,7 @@ def prepare_dpsgd(
 
     metrics = plan.public_metrics(pid)
     if not site.startswith("partition-"):  # deployed sites all have partition id 0
-        metrics["dp-site-hash"] = site_hash(site)
+        metrics["dp-site-hash"] = site_hash(site, str(state_dir))
     return run, metrics
 
 

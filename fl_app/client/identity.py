@@ -8,10 +8,14 @@ collide (issue 17).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives import hashes, hmac
 
 from fl_app.client.refusal import ClientRefusal
 
@@ -28,6 +32,8 @@ __all__ = [
     "partition",
     "site_hash",
     "site_identity",
+    "site_secret",
+    "site_secret_path",
 ]
 
 AUDIT_DIR_KEY = "audit-dir"
@@ -42,6 +48,8 @@ SAFE_SITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 # A run key becomes part of a file name: anything else (a hostile server's "../x") is
 # logged under "unknown".
 SAFE_RUN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The secret keying a site's dp-site-hash (site_secret).
+SITE_SECRET_BYTES = 32
 
 
 def partition(context: Context) -> tuple[int, int]:
@@ -55,9 +63,62 @@ def partition(context: Context) -> tuple[int, int]:
         ) from err
 
 
-def site_hash(site: str) -> int:
-    """48 bits of SHA-256 of a site identity: exact as a float64 metric value."""
-    return int.from_bytes(hashlib.sha256(site.encode()).digest()[:6], "big")
+def site_secret_path(state_dir: str | Path, site: str) -> Path:
+    """Where the site keeps the secret that keys its ``dp-site-hash``."""
+    return Path(state_dir) / f"site-secret-{site}.key"
+
+
+def site_secret(state_dir: str | Path, site: str) -> bytes:
+    """The site's secret for its public identity, created on first use.
+
+    32 bytes from ``os.urandom`` in the site's own DP state folder, owner-only (0600).
+    Created atomically: written to a private temporary file, then hard-linked into place,
+    which fails if another process (a second SuperNode sharing the folder) linked first;
+    both then read the same secret, so the misconfiguration the server's site check
+    exists for still shows as one identity.
+    """
+    path = site_secret_path(state_dir, site)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(SITE_SECRET_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            # Another process that linked first wins: both then read its secret.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
+    secret = path.read_bytes()
+    if len(secret) != SITE_SECRET_BYTES:
+        raise ClientRefusal(
+            f"{path} holds {len(secret)} bytes, not this site's {SITE_SECRET_BYTES}-byte "
+            "identity secret: restore it from a backup of the dp-state-dir, or delete it "
+            "to give the site a new identity (the server then counts its local-DP "
+            "releases afresh)"
+        )
+    return secret
+
+
+def site_hash(site: str, state_dir: str | Path) -> int:
+    """The site's ``dp-site-hash``: 48 bits of HMAC-SHA256 of its identity under its
+    secret (:func:`site_secret`), exact as a float64 metric value.
+
+    Keyed, because an unkeyed digest of ``site-<name>`` is computable by any enrolled
+    node from the roster's site names: one forged reply then took a victim's identity
+    and moved the server's local-DP count for it (docs/architecture.md, site
+    identity). Stable across restarts (the secret is in the state folder) and equal for
+    two SuperNodes sharing the folder. Only deployed sites send it, and DP-SGD and local
+    DP refuse to run without a state folder, so there is no unkeyed fallback; simulated
+    partitions send none (they run in one trusted process and are told apart by
+    ``dp-partition-id``).
+    """
+    mac = hmac.HMAC(site_secret(state_dir, site), hashes.SHA256())
+    mac.update(site.encode())
+    return int.from_bytes(mac.finalize()[:6], "big")
 
 
 def site_identity(node_config: Any) -> str:

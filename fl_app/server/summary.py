@@ -57,6 +57,9 @@ def build_summary(
         "rounds_planned": cfg.num_rounds,
         "stopped_early": result.stopped_early or None,
         "rounds_model_unchanged": sum(not r.model_updated for r in result.reports),
+        # Site identities refused (a second node, or a node's second identity) -> the
+        # nodes refused for them (strategies.site_claims); empty in a clean run.
+        "contested_site_identities": result.contested_sites,
         "clients": cfg.dataset.num_partitions,
         "seconds": seconds,
         "seconds_per_round": result.seconds / max(1, len(result.reports)),

@@ -98,12 +98,18 @@ class StageRunner:
                 screened.rejected.append(parsed)
                 continue
             node = int(msg.metadata.src_node_id)
+            try:
+                payload = parse_payload(parsed)
+            except (ValueError, KeyError, TypeError) as err:
+                screened.rejected.append(Rejection(node, f"stage {stage.name}: {err}"))
+                continue
             if stage is Stage.masked_input:
                 public = {
                     k: float(cast(float, v))
                     for k, v in parsed[METRICS_KEY].items()
                     if k.startswith(PUBLIC_METRIC_PREFIX)
                 }
+                # After the payload parsed: an unparsable reply claims no site identity.
                 refused = self.public_check(node, public) if self.public_check else None
                 if refused is not None:
                     # Not fed: a stage-3 dropout, whose masks unmasking removes.
@@ -111,10 +117,7 @@ class StageRunner:
                     continue
                 if public:
                     self.outcome.client_metrics[node] = public
-            try:
-                payloads[node] = parse_payload(parsed)
-            except (ValueError, KeyError, TypeError) as err:
-                screened.rejected.append(Rejection(node, f"stage {stage.name}: {err}"))
+            payloads[node] = payload
         for r in screened.rejected:
             log.warning("round %d secagg: rejected node %d: %s", self.rnd, r.node_id, r.reason)
         for r in screened.failed:
