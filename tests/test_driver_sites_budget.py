@@ -353,9 +353,16 @@ def test_a_forecast_stop_leaves_no_ledger_event_for_the_round_not_run() -> None:
     assert event.round == 1
 
 
-def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None:
-    """Under secure aggregation the duplicate's masked input is not fed to the session:
-    a stage-3 dropout, whose masks unmasking removes, so the sum holds the others."""
+def _secure_round(
+    site_by_index: list[float], corrupt: int | None = None
+) -> tuple[Any, list[int], list[int]]:
+    """One secure-aggregation round of four clients (update 0.25 each) whose masked
+    inputs carry ``dp-site-hash`` ``site_by_index[i]``; client ``corrupt`` adds a
+    second array to its masked record (an unparsable payload). Returns the outcome,
+    the node ids and the nodes the site check was asked about, in order."""
+    from flwr.app import Array
+
+    from fl_app.secagg import wire
     from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stage
     from fl_app.secagg.params import GraphMode
     from fl_app.secagg.settings import SecAggSettings
@@ -364,6 +371,7 @@ def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None
 
     app = ClientApp()
     sites: dict[int, float] = {}
+    bad: set[int] = set()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -375,17 +383,27 @@ def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None
         encoded = secure.encode(update, num_examples=1.0, loss=0.0, accuracy=0.0, unclipped=0.0)
         reply = secure.reply(msg, secure.mask(encoded, context))
         reply.content[METRICS_KEY]["dp-site-hash"] = sites[int(context.node_id)]
+        if int(context.node_id) in bad:
+            reply.content.array_records[wire.SECAGG_MASKED_KEY]["extra"] = Array(np.zeros(1))
         return reply
 
     grid = InProcessGrid(app, 4, seed=3)
+    asked: list[int] = []
     try:
         nodes = grid.node_ids
-        sites.update({nodes[0]: 7.0, nodes[1]: 8.0, nodes[2]: 7.0, nodes[3]: 9.0})
+        sites.update(zip(nodes, site_by_index, strict=True))
+        if corrupt is not None:
+            bad.add(nodes[corrupt])
         claims = SiteClaims()
         secagg = SecureAggregation(
             SecAggSettings(mode=GraphMode.secagg, clip=1.0, dropout_tolerance=0.25)
         )
-        secagg.public_check = lambda node, m: claims.check(node, m, set(nodes))
+
+        def check(node: int, m: Any) -> str | None:
+            asked.append(node)
+            return claims.check(node, m, set(nodes))
+
+        secagg.public_check = check
         out = secagg.run_round(
             rnd=1,
             run_id=1,
@@ -397,6 +415,13 @@ def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None
         )
     finally:
         grid.close()
+    return out, list(nodes), asked
+
+
+def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None:
+    """Under secure aggregation the duplicate's masked input is not fed to the session:
+    a stage-3 dropout, whose masks unmasking removes, so the sum holds the others."""
+    out, nodes, _ = _secure_round([7.0, 8.0, 7.0, 9.0])
     assert out.decoded is not None, out.note
     assert out.num_contributors == 3
     np.testing.assert_allclose(out.decoded.update["w"], np.full(4, 0.75), atol=1e-3)
@@ -404,3 +429,15 @@ def test_secure_round_drops_the_masked_input_of_a_second_site_claimant() -> None
     holder = nodes[2] if rejected.node_id == nodes[0] else nodes[0]
     assert rejected.node_id in (nodes[0], nodes[2])
     assert f"node {holder}" in rejected.reason and rejected.node_id not in out.client_metrics
+
+
+def test_secure_round_claims_no_identity_for_an_unparsable_masked_input() -> None:
+    """A masked input whose payload does not parse is rejected before the site check:
+    it claims nothing, so the site's own node (same identity) is accepted."""
+    out, nodes, asked = _secure_round([7.0, 8.0, 7.0, 9.0], corrupt=0)
+    assert sorted(asked) == sorted(nodes[1:])
+    assert out.decoded is not None, out.note
+    assert out.num_contributors == 3
+    np.testing.assert_allclose(out.decoded.update["w"], np.full(4, 0.75), atol=1e-3)
+    ((rejected, reason),) = [(r.node_id, r.reason) for r in out.rejected]
+    assert rejected == nodes[0] and "masked record must hold exactly" in reason
