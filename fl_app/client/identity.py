@@ -109,7 +109,7 @@ def site_hash(site: str, state_dir: str | Path) -> int:
 
     Keyed, because an unkeyed digest of ``site-<name>`` is computable by any enrolled
     node from the roster's site names: one forged reply then took a victim's identity
-    and moved the server's local-DP count for it (docs/architecture.md, site
+    and moved the server's local-DP count for it (docs/architecture.md, Client: site
     identity). Stable across restarts (the secret is in the state folder) and equal for
     two SuperNodes sharing the folder. Only deployed sites send it, and DP-SGD and local
     DP refuse to run without a state folder, so there is no unkeyed fallback; simulated
