@@ -146,10 +146,17 @@ _COHORTS: list[tuple[list[str], str, float]] = [
 def test_plan_holds_the_drivers_cohort(index: int) -> None:
     overrides, sampling, cohort = _COHORTS[index]
     cfg = compose_config(
-        "config", ["dataset.num_partitions=10", "strategy.min_available_nodes=1", *overrides]
+        "config",
+        [
+            "dataset.num_partitions=10",
+            "strategy.min_available_nodes=1",
+            "strategy.min_train_replies=1",
+            *overrides,
+        ],
     )
     d = resolve(cfg).driver
     assert (d.sampling.value, d.train_cohort, d.federation_size) == (sampling, cohort, 10)
+    assert (d.min_available_nodes, d.min_train_replies) == (1, 1)
     if sampling == "fixed":
         from strategies.sampling import FixedSizeSampler
 
@@ -164,6 +171,12 @@ def test_plan_says_when_sampling_is_secret_and_evaluation_runs() -> None:
         compose_config("config", ["privacy=central", "privacy.threat_model=trusted_server"])
     ).driver
     assert central.secret_sampling is True
+    distributed = resolve(
+        compose_config("config", ["privacy=distributed", "secagg=secaggplus"])
+    ).driver
+    assert distributed.secret_sampling is True
+    local = resolve(compose_config("config", ["privacy=local"])).driver
+    assert local.secret_sampling is False
     seeded = resolve(
         compose_config(
             "config",
@@ -174,6 +187,19 @@ def test_plan_says_when_sampling_is_secret_and_evaluation_runs() -> None:
     plain = resolve(compose_config("config", ["federated_eval_every=0"])).driver
     assert plain.secret_sampling is False
     assert (plain.fraction_evaluate, plain.federated_eval_every) == (0.0, 0)
+    every = resolve(
+        compose_config(
+            "config",
+            [
+                "federated_eval_every=2",
+                "strategy.fraction_evaluate=0.5",
+                "strategy.min_available_nodes=3",
+                "strategy.min_train_replies=2",
+            ],
+        )
+    ).driver
+    assert (every.fraction_evaluate, every.federated_eval_every) == (0.5, 2)
+    assert (every.min_available_nodes, every.min_train_replies) == (3, 2)
 
 
 def test_the_driver_takes_sampling_and_minimums_from_the_plan() -> None:
