@@ -279,9 +279,10 @@ def _config_record(spec: str):
 
 
 def test_deployed_sites_sharing_partition_id_0_are_counted_apart(tmp_path: Path) -> None:
-    """Deployed sites all have partition id 0: the server keys them by a digest of their
-    site name, and their state files (in one shared directory) do not collide."""
+    """Deployed sites all have partition id 0: the server keys them by a keyed digest of
+    their site name, and their state files (in one shared directory) do not collide."""
     import hashlib
+    import hmac
 
     names = ["hospital-a", "hospital-b", "lab.c"]
     state = tmp_path / "shared-state"
@@ -294,7 +295,14 @@ def test_deployed_sites_sharing_partition_id_0_are_counted_apart(tmp_path: Path)
         summary = run_experiment(grid, _cfg("num_rounds=1"), tmp_path / "run", progress=False)
     finally:
         grid.close()
-    want = {f"site-{hashlib.sha256(f'site-{n}'.encode()).hexdigest()[:12]}": 1 for n in names}
+    # Keyed by 48 bits of HMAC-SHA256 of "site-<name>" under each site's own secret,
+    # kept in its state folder (computed here with the standard library's hmac).
+    secrets = {n: (state / f"site-secret-site-{n}.key").read_bytes() for n in names}
+    digests = {
+        n: hmac.new(secrets[n], f"site-{n}".encode(), hashlib.sha256).hexdigest()[:12]
+        for n in names
+    }
+    want = {f"site-{digests[n]}": 1 for n in names}
     assert summary["privacy"]["client_level"]["releases"] == want
     files = sorted(p.name.split("-", 2)[2] for p in state.glob("localdp-*.json"))
     assert files == [f"site-{n}.json" for n in names]
