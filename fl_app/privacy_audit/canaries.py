@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import yaml
 
-from fl_app.config.schema import AppConfig
+from fl_app.config.plan import RunPlan
 from fl_app.privacy_audit.membership import per_example_loss
 from fl_app.privacy_audit.one_run import OneRunBound, guess_from_scores
 
@@ -71,8 +71,9 @@ CONFIDENCE = 0.95
 _DEFAULT_DELTA = 1e-5
 _SEED_TAG = 0xCA7A
 
-# Trains a config into a run directory and returns its summary.json document.
-Rerun = Callable[[AppConfig, str], dict[str, Any]]
+# Trains a resolved config (its plan, resolved once here) into a run directory and
+# returns its summary.json document.
+Rerun = Callable[[RunPlan, str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def one_run_audit(
     bound against the accounted ε once the section is written
     (:func:`~fl_app.privacy_audit.one_run.check_against_accounted`).
     """
-    from fl_app.config.compose import to_app_config
+    from fl_app.config.compose import to_app_config, to_app_plan
     from fl_app.data import load_server_test_set
     from fl_app.models import build_model
     from fl_app.server.layout import CONFIG_FILE, MODEL_FILE
@@ -205,8 +206,9 @@ def one_run_audit(
         # The audit's own scratch from an earlier audit into the same --out: a run
         # directory never overwrites its checkpoints, so the re-run starts afresh.
         shutil.rmtree(work)
-    rerun_cfg = to_app_config(_rerun_config(raw, _site_files(raw, canaries, work / "sites")))
-    summary = rerun(rerun_cfg, str(work / "run"))
+    rerun_plan = to_app_plan(_rerun_config(raw, _site_files(raw, canaries, work / "sites")))
+    rerun_cfg = rerun_plan.cfg
+    summary = rerun(rerun_plan, str(work / "run"))
     if summary.get("status") == "failed":
         raise ValueError(f"the canary re-run failed: {summary.get('status_reason')}")
     ds = rerun_cfg.dataset
