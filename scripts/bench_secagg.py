@@ -46,7 +46,8 @@ from fl_app.secagg.client import MaskedInputStage, handle_key_stage, secagg_stag
 from fl_app.secagg.params import GraphMode, ServerModel
 from fl_app.secagg.settings import SecAggSettings
 from fl_app.weights import from_array_record, to_array_record
-from strategies.driver import DriverSettings, RoundDriver
+from strategies.driver import RoundDriver
+from strategies.driver_types import DriverSettings
 from strategies.sampling import FixedSizeSampler
 from strategies.secagg import SecureAggregation
 

@@ -4,11 +4,11 @@ Privacy layers (client-level DP, secure aggregation, budget guards) plug in here
 wrappers and driver stages; see docs/architecture.md (One round, as data flows).
 """
 
-from strategies.driver import (
-    CohortGrid,
+from strategies.cohort_grid import CohortGrid
+from strategies.driver import RoundDriver
+from strategies.driver_types import (
     DriverResult,
     DriverSettings,
-    RoundDriver,
     RoundListener,
     RoundReport,
     StageReport,

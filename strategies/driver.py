@@ -38,224 +38,60 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.protocol import (
-    ARRAYS_KEY,
     BUDGET_EXHAUSTED,
     CLIP_NORM_KEY,
-    CONFIG_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES,
     PUBLIC_METRIC_PREFIX,
     SERVER_ROUND,
     UNCLIPPED_KEY,
 )
-from fl_app.weights import from_array_record, to_array_record
-from strategies.aggregation import apply_update, weighted_mean_metrics
+from fl_app.weights import to_array_record
+from strategies.cohort_grid import CohortGrid
+from strategies.driver_types import (
+    Arrays,
+    DriverResult,
+    DriverSettings,
+    RoundListener,
+    RoundReport,
+    StageReport,
+)
+from strategies.exchange import ReplyExchange
+from strategies.round_release import RoundRelease
 from strategies.sampling import CohortSampler
 from strategies.site_claims import SiteClaims
 from strategies.validation import (
-    EvalReply,
     Rejection,
-    ReplyLimits,
     TrainReply,
     array_specs,
     parse_eval_reply,
     parse_train_reply,
-    screen_replies,
 )
 
 if TYPE_CHECKING:  # the DP aggregators pull in the accountants (and torch through
     # Opacus); the driver module itself stays importable by torch-free ClientApp processes.
-    from strategies.aggregators import Aggregate, UpdateAggregator
+    from strategies.aggregators import UpdateAggregator
     from strategies.dpsgd_forecast import DpSgdForecast
     from strategies.secagg import SecAggOutcome, SecureAggregation
 
-__all__ = [
-    "CohortGrid",
-    "DriverResult",
-    "DriverSettings",
-    "ReleaseHook",
-    "RoundBeginHook",
-    "RoundDriver",
-    "RoundListener",
-    "RoundReport",
-    "StageReport",
-]
+__all__ = ["EvaluateFn", "ReleaseHook", "RoundBeginHook", "RoundDriver"]
 
 log = logging.getLogger("fl_app.driver")
 
-Arrays = dict[str, np.ndarray]
 EvaluateFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
 RoundBeginHook = Callable[[int], None]
-ReleaseHook = Callable[[int, Mapping[str, np.ndarray], "StageReport"], None]
-R = TypeVar("R", TrainReply, EvalReply)
+ReleaseHook = Callable[[int, Mapping[str, np.ndarray], StageReport], None]
 
 
-def _public(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if not k.startswith("fl-app.")}
-
-
-class CohortGrid(Grid):
-    """A view of a Grid that shows only the driver's sampled cohort.
-
-    The strategy's own node sampling (global ``random``, waits for
-    ``min_available_nodes``) then picks exactly this cohort, while sending stays with
-    the driver.
-    """
-
-    def __init__(self, grid: Grid, cohort: Sequence[int]) -> None:
-        self._grid = grid
-        self._cohort = list(cohort)
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover - never called on a view
-        raise RuntimeError("CohortGrid is a read-only view")
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self._cohort)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise RuntimeError("strategies must not send through the cohort view")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise RuntimeError("strategies must not pull through the cohort view")
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise RuntimeError("strategies must not send through the cohort view")
-
-
-@dataclass(frozen=True)
-class DriverSettings:
-    num_rounds: int
-    train_timeout_s: float = 600.0
-    evaluate_timeout_s: float = 300.0
-    min_available_nodes: int = 1
-    min_train_replies: int = 1
-    federated_eval_every: int = 1
-    # How long to wait for min_available_nodes before giving up.
-    wait_for_nodes_s: float = 600.0
-    poll_interval_s: float = 0.05
-    limits: ReplyLimits = field(default_factory=ReplyLimits)
-
-    def __post_init__(self) -> None:
-        if self.num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, found {self.num_rounds}")
-        if self.min_train_replies < 1:
-            raise ValueError(f"min_train_replies must be >= 1, found {self.min_train_replies}")
-        if self.min_available_nodes < 1:
-            raise ValueError(f"min_available_nodes must be >= 1, found {self.min_available_nodes}")
-
-
-@dataclass
-class StageReport:
-    """What happened in one exchange (train or evaluate) of a round."""
-
-    sampled: int = 0
-    replied: int = 0
-    accepted: int = 0
-    missing: int = 0
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    failed: list[tuple[int, str]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    # Public per-client metrics (keys starting with PUBLIC_METRIC_PREFIX), by node id.
-    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    # Nodes that refused because their privacy budget is exhausted.
-    exhausted: list[int] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-@dataclass
-class RoundReport:
-    server_round: int
-    train: StageReport
-    evaluate: StageReport | None
-    model_updated: bool
-    note: str = ""
-    server_metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    update_norm: float = 0.0
-    # Public metrics of the privacy layer (clip norm, noise std, epsilon so far, ...).
-    privacy: dict[str, float] = field(default_factory=dict)
-
-    def to_record(self) -> dict[str, Any]:
-        """Flat JSON-able form for ``metrics.jsonl``."""
-        rec: dict[str, Any] = {
-            "round": self.server_round,
-            "clients_sampled": self.train.sampled,
-            "clients_replied": self.train.replied,
-            "clients_accepted": self.train.accepted,
-            "clients_rejected": len(self.train.rejected),
-            "clients_failed": len(self.train.failed),
-            "clients_missing": self.train.missing,
-            "rejections": [{"node": n, "reason": r} for n, r in self.train.rejected],
-            "failures": [{"node": n, "reason": r} for n, r in self.train.failed],
-            "model_updated": self.model_updated,
-            "mean_update_norm": self.update_norm,
-            "round_seconds": round(self.seconds, 4),
-            "train_seconds": round(self.train.seconds, 4),
-        }
-        if self.note:
-            rec["note"] = self.note
-        if self.train.exhausted:
-            rec["clients_budget_exhausted"] = len(self.train.exhausted)
-        if self.train.client_metrics:
-            rec["client_metrics"] = {
-                str(node): {k.replace("-", "_"): v for k, v in m.items()}
-                for node, m in sorted(self.train.client_metrics.items())
-            }
-        for k, v in self.train.metrics.items():
-            rec[k if k.startswith("train") else f"train_{k}"] = v
-        if self.evaluate is not None:
-            rec["eval_clients_sampled"] = self.evaluate.sampled
-            rec["eval_clients_accepted"] = self.evaluate.accepted
-            rec["eval_clients_rejected"] = len(self.evaluate.rejected) + len(self.evaluate.failed)
-            for k, v in self.evaluate.metrics.items():
-                rec[f"fed_{k}"] = v
-        for k, v in self.server_metrics.items():
-            rec[f"server_{k}"] = v
-        rec.update(self.privacy)
-        return {k.replace("-", "_"): v for k, v in rec.items()}
-
-
-class RoundListener(Protocol):
-    def on_round_end(self, report: RoundReport, arrays: Mapping[str, np.ndarray]) -> None: ...
-
-
-@dataclass
-class DriverResult:
-    arrays: Arrays
-    reports: list[RoundReport]
-    initial_server_metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    # Why the run ended before num_rounds (e.g. too few clients with budget left).
-    stopped_early: str = ""
-    # Latest public per-client metrics (e.g. each institution's epsilon), by node id.
-    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    exhausted: set[int] = field(default_factory=set)
-    # Site identities refused in the run (12 hex digits) -> the nodes refused for them
-    # (strategies.site_claims): a contest is in summary.json, not only in the log.
-    contested_sites: dict[str, list[int]] = field(default_factory=dict)
-
-
-class RoundDriver:
+class RoundDriver(ReplyExchange, RoundRelease):
     """Owns the round loop; delegates instruction building and the server step.
 
     Parameters
@@ -472,83 +308,6 @@ class RoundDriver:
         out = self._apply_mean(rnd, arrays, mean, sent_msgs[0], stage, t0)
         return self._noted_few(out, len(accepted), too_few)
 
-    def _noted_few(
-        self, out: tuple[Arrays, StageReport, str, float], n: int, what: str
-    ) -> tuple[Arrays, StageReport, str, float]:
-        """Say so when a DP round released its noised sum over fewer than the minimum."""
-        new_arrays, stage, note, norm = out
-        if n < self.settings.min_train_replies and not note:
-            note = (
-                f"{what} (< min_train_replies={self.settings.min_train_replies}): released "
-                "the noised sum of what arrived, as the ledger accounts"
-            )
-        return new_arrays, stage, note, norm
-
-    def _without_sum(
-        self,
-        rnd: int,
-        arrays: Arrays,
-        stage: StageReport,
-        t0: float,
-        what: str,
-        answered: Message | None,
-    ) -> tuple[Arrays, StageReport, str, float]:
-        """A round with no sum to release (empty cohort, no reply, secure round abandoned).
-
-        The aggregator decides (docs/privacy-branches.md): central DP releases its noise on
-        a zero sum, the same mechanism the ledger recorded; otherwise the model stays.
-        """
-        release = self.aggregator.release_without_sum(rnd, arrays)
-        if release is None:
-            note = f"{what}: model unchanged"
-            log.warning("round %d: %s", rnd, note)
-            stage.seconds = time.perf_counter() - t0
-            return arrays, stage, note, 0.0
-        new_arrays, stage, note, norm = self._apply_mean(rnd, arrays, release, answered, stage, t0)
-        if not note:
-            note = f"{what}: released the mechanism's noise on an empty sum, as the ledger accounts"
-            log.warning("round %d: %s", rnd, note)
-        return new_arrays, stage, note, norm
-
-    def _apply_mean(
-        self,
-        rnd: int,
-        arrays: Arrays,
-        mean: Aggregate,
-        answered: Message | None,
-        stage: StageReport,
-        t0: float,
-    ) -> tuple[Arrays, StageReport, str, float]:
-        """Hand ``w + mean`` to the strategy as one pre-aggregated reply to ``answered``
-        (``None``: nothing was sent this round; a message addressed to no node)."""
-        self._privacy_metrics.update(mean.metrics)
-        norm = float(np.sqrt(sum(float(np.sum(v * v)) for v in mean.update.values())))
-        candidate = apply_update(arrays, mean.update)
-        # The strategy receives the cohort as one pre-aggregated reply (see module doc);
-        # its weight only matters relative to other replies, and there are none (a zero
-        # weight, noise over an empty cohort, would make the strategy divide by zero).
-        content = RecordDict(
-            {
-                ARRAYS_KEY: to_array_record(candidate),
-                METRICS_KEY: MetricRecord({NUM_EXAMPLES: float(mean.total_weight) or 1.0}),
-            }
-        )
-        synthetic = (
-            Message(content, reply_to=answered)
-            if answered is not None
-            else Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-        )
-        agg_arrays, _ = self.strategy.aggregate_train(rnd, [synthetic])
-        stage.seconds = time.perf_counter() - t0
-        if agg_arrays is None:
-            note = "strategy returned no aggregate: model unchanged"
-            log.warning("round %d: %s", rnd, note)
-            return arrays, stage, note, norm
-        new_arrays = from_array_record(agg_arrays)
-        for k, v in arrays.items():
-            new_arrays[k] = new_arrays[k].astype(v.dtype, copy=False)
-        return new_arrays, stage, "", norm
-
     def _secure_train_stage(
         self,
         grid: Grid,
@@ -597,15 +356,6 @@ class RoundDriver:
         )
         out = self._apply_mean(rnd, arrays, mean, answered, stage, t0)
         return self._noted_few(out, n, too_few)
-
-    def _too_few(
-        self, rnd: int, arrays: Arrays, stage: StageReport, t0: float, what: str
-    ) -> tuple[Arrays, StageReport, str, float]:
-        """The round's result when fewer than ``min_train_replies`` updates arrived."""
-        note = f"{what} (< min_train_replies={self.settings.min_train_replies}): model unchanged"
-        log.warning("round %d: %s", rnd, note)
-        stage.seconds = time.perf_counter() - t0
-        return arrays, stage, note, 0.0
 
     @staticmethod
     def _fill_secure_stage(stage: StageReport, outcome: SecAggOutcome) -> None:
@@ -657,79 +407,6 @@ class RoundDriver:
             parsed
         )
         return parsed if reason is None else Rejection(parsed.node_id, reason)
-
-    def _ingest(
-        self,
-        name: str,
-        rnd: int,
-        stage: StageReport,
-        replies: list[Message],
-        sent: Mapping[str, int],
-        parse: Callable[[Message], R | Rejection],
-    ) -> tuple[list[R], list[Rejection]]:
-        """Screen and parse one stage's replies; fill ``stage``; log every refusal.
-
-        Returns the accepted parsed replies and the clients' own error replies.
-        """
-        screened = screen_replies(replies, sent)
-        accepted: list[R] = []
-        for msg in screened.accepted:
-            parsed = parse(msg)
-            if isinstance(parsed, Rejection):
-                screened.rejected.append(parsed)
-            else:
-                accepted.append(parsed)
-        self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
-        self._log_rejections(name, rnd, screened.rejected, screened.failed)
-        # Protocol keys ("fl-app.*", e.g. adaptive clipping's per-client bit) are for the
-        # privacy layer only and never averaged into the metrics files.
-        stage.metrics = weighted_mean_metrics(
-            [(r.num_examples, _public(r.metrics)) for r in accepted]
-        )
-        return accepted, screened.failed
-
-    def _exchange(
-        self, grid: Grid, messages: Iterable[Message], rnd: int, timeout: float
-    ) -> tuple[list[Message], list[Message], dict[str, int]]:
-        """Send one stage's instructions and collect replies until all or timeout.
-
-        Returns the messages sent, the replies received and ``message_id -> node``.
-        """
-        outgoing = [
-            Message(
-                self._with_node_config(m.content, m.metadata.dst_node_id),
-                dst_node_id=m.metadata.dst_node_id,
-                message_type=m.metadata.message_type,
-                group_id=str(rnd),
-                ttl=max(timeout, 1.0) + 60.0,
-            )
-            for m in sorted(messages, key=lambda m: m.metadata.dst_node_id)
-        ]
-        # Grids stamp each pushed message with its id (Flower's InMemoryGrid returns ids
-        # only for the messages it stored, so the returned list cannot be zipped).
-        ids = {mid for mid in grid.push_messages(outgoing) if mid}
-        pushed = [m for m in outgoing if m.metadata.message_id in ids]
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in pushed}
-        pending = set(sent)
-        replies: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while pending:
-            got = list(grid.pull_messages(list(pending)))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(self.settings.poll_interval_s)
-        return pushed, replies, sent
-
-    def _with_node_config(self, content: RecordDict, node_id: int) -> RecordDict:
-        """The instruction for one node: shared records plus its own config scalars."""
-        extra = dict(self.node_config_fn(node_id)) if self.node_config_fn else {}
-        if not extra:
-            return content
-        records = {k: v for k, v in content.items()}
-        records[CONFIG_KEY] = ConfigRecord({**content.config_records[CONFIG_KEY], **extra})
-        return RecordDict(records)
 
     def _next_cohort(self, grid: Grid, rnd: int, exhausted_now: set[int]) -> list[int] | None:
         """The cohort round ``rnd + 1`` will sample if no node comes or goes meanwhile.
@@ -785,52 +462,3 @@ class RoundDriver:
         """``nodes`` minus the run's exhausted ones (and ``also_exhausted``)."""
         exhausted = self._result.exhausted if self._result is not None else set()
         return [n for n in nodes if n not in exhausted and n not in also_exhausted]
-
-    @staticmethod
-    def _fill_stage(
-        stage: StageReport,
-        replies: list[Message],
-        sent: Mapping[str, int],
-        rejected: list[Rejection],
-        failed: list[Rejection],
-        accepted: int,
-    ) -> None:
-        answered = {m.metadata.reply_to_message_id for m in replies} & set(sent)
-        stage.replied = len(answered)
-        stage.missing = len(sent) - len(answered)
-        stage.accepted = accepted
-        stage.rejected = [(r.node_id, r.reason) for r in rejected]
-        stage.failed = [(r.node_id, r.reason) for r in failed]
-
-    @staticmethod
-    def _log_rejections(
-        stage: str, rnd: int, rejected: list[Rejection], failed: list[Rejection]
-    ) -> None:
-        for r in rejected:
-            log.warning(
-                "round %d %s: rejected reply from node %d: %s", rnd, stage, r.node_id, r.reason
-            )
-        for r in failed:
-            log.warning("round %d %s: node %d failed: %s", rnd, stage, r.node_id, r.reason)
-
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.settings.wait_for_nodes_s
-        announced = False
-        while True:
-            nodes = sorted(int(n) for n in grid.get_node_ids())
-            if len(nodes) >= self.settings.min_available_nodes:
-                return nodes
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"only {len(nodes)} nodes connected after {self.settings.wait_for_nodes_s:g}s "
-                    f"(strategy.min_available_nodes={self.settings.min_available_nodes}); start "
-                    "more SuperNodes or lower strategy.min_available_nodes"
-                )
-            if not announced:
-                log.info(
-                    "waiting for nodes: %d connected, %d required",
-                    len(nodes),
-                    self.settings.min_available_nodes,
-                )
-                announced = True
-            time.sleep(1.0)

@@ -21,14 +21,8 @@ from fl_app.privacy.ledger import FederationLedger
 from strategies.aggregators import MeanAggregator, UpdateAggregator
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import CentralDp, DistributedDp
-from strategies.driver import (
-    DriverSettings,
-    EvaluateFn,
-    ReleaseHook,
-    RoundBeginHook,
-    RoundDriver,
-    RoundListener,
-)
+from strategies.driver import EvaluateFn, ReleaseHook, RoundBeginHook, RoundDriver
+from strategies.driver_types import DriverSettings, RoundListener
 from strategies.local_dp import LocalDp
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecureAggregation
@@ -37,7 +31,7 @@ from strategies.validation import ReplyLimits
 __all__ = ["STRATEGIES", "build_aggregator", "build_driver", "build_strategy"]
 
 # Sampling and node minimums belong to the driver; the wrapped strategy sees only the
-# cohort and must take all of it (see strategies.driver.CohortGrid).
+# cohort and must take all of it (see strategies.cohort_grid.CohortGrid).
 _DELEGATED: dict[str, Any] = {
     "fraction_train": 1.0,
     "fraction_evaluate": 1.0,

@@ -164,11 +164,7 @@ _MAX_MODULE_LINES = 500
 _MAX_FUNCTION_LINES = 60
 _LONG_REASON = re.compile(r"#\s*long:\s*\S")
 
-_LONG_MODULES_ALLOWED = frozenset(
-    {
-        "strategies/driver.py",
-    }
-)
+_LONG_MODULES_ALLOWED: frozenset[str] = frozenset()
 
 _LONG_FUNCTIONS_ALLOWED: frozenset[str] = frozenset()
 

@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.weights import to_array_record
-from strategies.driver import DriverSettings, RoundDriver
+from strategies.driver import RoundDriver
+from strategies.driver_types import DriverSettings
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 from strategies.validation import ReplyLimits
 

@@ -28,7 +28,8 @@ from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.weights import to_array_record
 from strategies.dp_aggregators import CentralDp
 from strategies.dpsgd_forecast import DpSgdForecast
-from strategies.driver import DriverSettings, RoundDriver
+from strategies.driver import RoundDriver
+from strategies.driver_types import DriverSettings
 from strategies.local_dp import LocalDp
 from strategies.sampling import FixedSizeSampler
 from strategies.site_claims import SiteClaims

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND, UPDATE_KEY
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.weights import to_array_record
-from strategies.driver import DriverSettings, RoundDriver
+from strategies.driver import RoundDriver
+from strategies.driver_types import DriverSettings
 from strategies.sampling import FixedSizeSampler
 
 GLOBAL = {

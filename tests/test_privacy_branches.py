@@ -47,7 +47,8 @@ from fl_app.weights import to_array_record
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import CENTRAL_NOISE_STREAM, CentralDp, DistributedDp
 from strategies.dp_projection import projection_lines
-from strategies.driver import DriverSettings, RoundDriver
+from strategies.driver import RoundDriver
+from strategies.driver_types import DriverSettings
 from strategies.sampling import FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecAggOutcome
 

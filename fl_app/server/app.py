@@ -45,7 +45,8 @@ from fl_app.server.session import RunSession, finish_run, open_run, record_crash
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
 from strategies.dpsgd_forecast import DpSgdForecast
-from strategies.driver import ReleaseHook, RoundDriver, RoundListener
+from strategies.driver import ReleaseHook, RoundDriver
+from strategies.driver_types import RoundListener
 from strategies.factory import build_driver
 from strategies.local_dp import LocalDp
 

@@ -32,7 +32,8 @@ from fl_app.server.checkpoint import (
 from fl_app.server.rundir import AuditTrail, RunDirectory
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
-from strategies.driver import RoundDriver, RoundReport, StageReport
+from strategies.driver import RoundDriver
+from strategies.driver_types import RoundReport, StageReport
 from strategies.local_dp import LocalDp
 
 __all__ = ["CheckpointWriter", "LedgerWriter", "StepsSeen", "file_hashes", "node_config_fn"]

@@ -20,7 +20,7 @@ from fl_app.server.session import RunSession
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
 from strategies.dp_projection import projection_lines
-from strategies.driver import DriverResult, RoundReport
+from strategies.driver_types import DriverResult, RoundReport
 
 __all__ = ["ProgressPrinter", "print_run_end", "print_run_start"]
 

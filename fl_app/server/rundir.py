@@ -40,7 +40,7 @@ from fl_app.server.layout import (
     SIGNED_HEAD_FILE,
     RunLayout,
 )
-from strategies.driver import RoundReport
+from strategies.driver_types import RoundReport
 
 __all__ = [
     "MetricsWriter",

@@ -30,7 +30,7 @@ from fl_app.server.rundir import AuditTrail, RunDirectory, read_round_records, r
 from fl_app.server.summary import build_summary, clients_over_run
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
-from strategies.driver import DriverResult
+from strategies.driver_types import DriverResult
 from strategies.factory import build_aggregator
 from strategies.local_dp import LocalDp
 

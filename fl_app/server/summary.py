@@ -24,7 +24,7 @@ from fl_app.server.layout import LEDGER_FILE
 from fl_app.server.rundir import RunDirectory, read_round_records
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
-from strategies.driver import DriverResult
+from strategies.driver_types import DriverResult
 from strategies.local_dp import LocalDp
 
 __all__ = ["build_summary", "clients_over_run"]

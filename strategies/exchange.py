@@ -1,0 +1,163 @@
+"""The round driver's message exchange and reply ingestion (:mod:`strategies.driver`).
+
+Push one stage's instructions, pull replies until all arrive or the stage times out,
+then screen and parse them (:mod:`strategies.validation`): a malformed reply is
+rejected with a logged reason and the round goes on with the rest. A mixin of
+:class:`~strategies.driver.RoundDriver`, so tests and benchmarks can still wrap
+``RoundDriver._exchange`` (docs/architecture.md, One round).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fl_app.protocol import CONFIG_KEY
+from strategies.aggregation import weighted_mean_metrics
+from strategies.driver_types import DriverSettings, StageReport
+from strategies.validation import EvalReply, Rejection, TrainReply, screen_replies
+
+__all__ = ["ReplyExchange"]
+
+# The driver's logger: one name for every part of the round loop.
+log = logging.getLogger("fl_app.driver")
+
+R = TypeVar("R", TrainReply, EvalReply)
+
+
+def _public(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.startswith("fl-app.")}
+
+
+class ReplyExchange:
+    """Sending, collecting, screening and logging one stage's messages."""
+
+    settings: DriverSettings
+    node_config_fn: Callable[[int], Mapping[str, Any]] | None
+
+    def _ingest(
+        self,
+        name: str,
+        rnd: int,
+        stage: StageReport,
+        replies: list[Message],
+        sent: Mapping[str, int],
+        parse: Callable[[Message], R | Rejection],
+    ) -> tuple[list[R], list[Rejection]]:
+        """Screen and parse one stage's replies; fill ``stage``; log every refusal.
+
+        Returns the accepted parsed replies and the clients' own error replies.
+        """
+        screened = screen_replies(replies, sent)
+        accepted: list[R] = []
+        for msg in screened.accepted:
+            parsed = parse(msg)
+            if isinstance(parsed, Rejection):
+                screened.rejected.append(parsed)
+            else:
+                accepted.append(parsed)
+        self._fill_stage(stage, replies, sent, screened.rejected, screened.failed, len(accepted))
+        self._log_rejections(name, rnd, screened.rejected, screened.failed)
+        # Protocol keys ("fl-app.*", e.g. adaptive clipping's per-client bit) are for the
+        # privacy layer only and never averaged into the metrics files.
+        stage.metrics = weighted_mean_metrics(
+            [(r.num_examples, _public(r.metrics)) for r in accepted]
+        )
+        return accepted, screened.failed
+
+    def _exchange(
+        self, grid: Grid, messages: Iterable[Message], rnd: int, timeout: float
+    ) -> tuple[list[Message], list[Message], dict[str, int]]:
+        """Send one stage's instructions and collect replies until all or timeout.
+
+        Returns the messages sent, the replies received and ``message_id -> node``.
+        """
+        outgoing = [
+            Message(
+                self._with_node_config(m.content, m.metadata.dst_node_id),
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=m.metadata.message_type,
+                group_id=str(rnd),
+                ttl=max(timeout, 1.0) + 60.0,
+            )
+            for m in sorted(messages, key=lambda m: m.metadata.dst_node_id)
+        ]
+        # Grids stamp each pushed message with its id (Flower's InMemoryGrid returns ids
+        # only for the messages it stored, so the returned list cannot be zipped).
+        ids = {mid for mid in grid.push_messages(outgoing) if mid}
+        pushed = [m for m in outgoing if m.metadata.message_id in ids]
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in pushed}
+        pending = set(sent)
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while pending:
+            got = list(grid.pull_messages(list(pending)))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.settings.poll_interval_s)
+        return pushed, replies, sent
+
+    def _with_node_config(self, content: RecordDict, node_id: int) -> RecordDict:
+        """The instruction for one node: shared records plus its own config scalars."""
+        extra = dict(self.node_config_fn(node_id)) if self.node_config_fn else {}
+        if not extra:
+            return content
+        records = {k: v for k, v in content.items()}
+        records[CONFIG_KEY] = ConfigRecord({**content.config_records[CONFIG_KEY], **extra})
+        return RecordDict(records)
+
+    @staticmethod
+    def _fill_stage(
+        stage: StageReport,
+        replies: list[Message],
+        sent: Mapping[str, int],
+        rejected: list[Rejection],
+        failed: list[Rejection],
+        accepted: int,
+    ) -> None:
+        answered = {m.metadata.reply_to_message_id for m in replies} & set(sent)
+        stage.replied = len(answered)
+        stage.missing = len(sent) - len(answered)
+        stage.accepted = accepted
+        stage.rejected = [(r.node_id, r.reason) for r in rejected]
+        stage.failed = [(r.node_id, r.reason) for r in failed]
+
+    @staticmethod
+    def _log_rejections(
+        stage: str, rnd: int, rejected: list[Rejection], failed: list[Rejection]
+    ) -> None:
+        for r in rejected:
+            log.warning(
+                "round %d %s: rejected reply from node %d: %s", rnd, stage, r.node_id, r.reason
+            )
+        for r in failed:
+            log.warning("round %d %s: node %d failed: %s", rnd, stage, r.node_id, r.reason)
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.settings.wait_for_nodes_s
+        announced = False
+        while True:
+            nodes = sorted(int(n) for n in grid.get_node_ids())
+            if len(nodes) >= self.settings.min_available_nodes:
+                return nodes
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} nodes connected after {self.settings.wait_for_nodes_s:g}s "
+                    f"(strategy.min_available_nodes={self.settings.min_available_nodes}); start "
+                    "more SuperNodes or lower strategy.min_available_nodes"
+                )
+            if not announced:
+                log.info(
+                    "waiting for nodes: %d connected, %d required",
+                    len(nodes),
+                    self.settings.min_available_nodes,
+                )
+                announced = True
+            time.sleep(1.0)
