@@ -95,7 +95,7 @@ def test_partition_and_its_refusal() -> None:
 
 
 def test_site_hash_is_48_bits_of_hmac_sha256_under_the_sites_own_secret(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+    state = tmp_path / "dp" / "state"  # created, parents included, on first use
     value = site_hash("site-hospital-a", state)
     key = state / "site-secret-site-hospital-a.key"
     secret = key.read_bytes()
