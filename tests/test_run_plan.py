@@ -225,3 +225,52 @@ def test_the_driver_takes_sampling_and_minimums_from_the_plan() -> None:
     assert driver.evaluate_sampler is None
     s = driver.settings
     assert (s.min_available_nodes, s.min_train_replies, s.federated_eval_every) == (4, 3, 0)
+
+
+def test_default_evaluation_every_round_keeps_its_fraction() -> None:
+    d = resolve(
+        compose_config("config", ["federated_eval_every=1", "strategy.fraction_evaluate=0.5"])
+    ).driver
+    assert (d.fraction_evaluate, d.federated_eval_every) == (0.5, 1)
+
+
+def test_client_dp_refusals_become_plan_errors_naming_their_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the client-level settings are built: a ring too narrow for the noised sum
+    names ``secagg.bits`` and its value, an accountant's refusal names ``privacy`` and
+    the mode; the source's message is the fix, whole. A ConfigError passes unchanged."""
+    from fl_app.config.client_dp import ClientDpSettings
+    from fl_app.config.errors import ConfigRangeError
+    from fl_app.privacy.ddg_encoding import DdpConfigError
+
+    cfg = compose_config("config", ["privacy=central", "privacy.threat_model=trusted_server"])
+    cases: list[tuple[Exception, str]] = [
+        (
+            DdpConfigError("ring too narrow"),
+            "config error in `secagg.bits` (found 32): ring too narrow",
+        ),
+        (
+            ValueError("no such epsilon"),
+            "config error in `privacy` (found 'central'): no such epsilon",
+        ),
+    ]
+    for raised, message in cases:
+
+        def refuse(*args: Any, exc: Exception = raised) -> None:
+            raise exc
+
+        monkeypatch.setattr(ClientDpSettings, "from_config", refuse)
+        with pytest.raises(ConfigPlanError) as info:
+            resolve(dataclasses.replace(cfg, secagg=dataclasses.replace(cfg.secagg, bits=32)))
+        assert str(info.value) == message
+        assert info.value.__cause__ is raised
+    own = ConfigRangeError("privacy.delta", 2, "must lie in (0, 1)")
+
+    def typed(*args: Any) -> None:
+        raise own
+
+    monkeypatch.setattr(ClientDpSettings, "from_config", typed)
+    with pytest.raises(ConfigRangeError) as passed:
+        resolve(cfg)
+    assert passed.value is own
