@@ -21,16 +21,15 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from fl_app.config.schema import Accountant
-from fl_app.privacy import (
+from fl_app.privacy.accounting import epsilon, project_epsilon
+from fl_app.privacy.calibration import calibrate_noise_multiplier
+from fl_app.privacy.history import (
     HISTORY_VERSION,
     AccountantName,
     AccountingError,
     DpSgdEvent,
     HistoryError,
     PrivacyHistory,
-    calibrate_noise_multiplier,
-    epsilon,
-    project_epsilon,
 )
 
 DELTA = 1e-5

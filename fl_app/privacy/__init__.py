@@ -1,32 +1,12 @@
 """Differential privacy for fl-app clients and servers.
 
 :mod:`fl_app.privacy.history` holds the record-level privacy ledger
-(:class:`PrivacyHistory` of :class:`DpSgdEvent`), :mod:`fl_app.privacy.accounting` the
-accountants that turn it into ε and :mod:`fl_app.privacy.calibration` the noise for a
-budget.
+(:class:`~fl_app.privacy.history.PrivacyHistory` of ``DpSgdEvent``),
+:mod:`fl_app.privacy.accounting` the accountants that turn it into ε and
+:mod:`fl_app.privacy.calibration` the noise for a budget.
+
+The package itself imports nothing: importing one light module of it (the SecAgg
+server's sampler imports :mod:`fl_app.privacy.round_event`) must not load Opacus and
+torch, which the accountants import (a ClientApp process runs each key-exchange stage,
+and torch costs seconds there: ``tests/test_secagg_app.py``). Import from the modules.
 """
-
-from fl_app.privacy.accounting import PRV_EPS_ERROR, PRV_MAX_GRID_POINTS, epsilon, project_epsilon
-from fl_app.privacy.calibration import calibrate_noise_multiplier
-from fl_app.privacy.history import (
-    HISTORY_VERSION,
-    AccountantName,
-    AccountingError,
-    DpSgdEvent,
-    HistoryError,
-    PrivacyHistory,
-)
-
-__all__ = [
-    "HISTORY_VERSION",
-    "PRV_EPS_ERROR",
-    "PRV_MAX_GRID_POINTS",
-    "AccountantName",
-    "AccountingError",
-    "DpSgdEvent",
-    "HistoryError",
-    "PrivacyHistory",
-    "calibrate_noise_multiplier",
-    "epsilon",
-    "project_epsilon",
-]
