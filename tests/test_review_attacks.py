@@ -1,11 +1,10 @@
 """Review of issue 17/18 changes, as the parties they protect against (docs/architecture.md,
 Rules; strategies/site_claims.py; fl_app/config/guarantee.py).
 
-Each test states a property the code should have and does not yet: they are
-``xfail(strict=True)`` with the reason, so CI stays green and a fix turns them into
-ordinary passing tests (strict: an unexpected pass fails, so the marker must then go).
-Expected values are worked out here (SHA-256 from hashlib, the mechanism each mode
-runs), not taken from the code under test.
+Each test states a property a review found missing (filed first as a strict xfail, now
+fixed): one site identity per node, and a card text that is true of the mechanism each
+mode runs. Expected values are worked out here (the identity values, the mechanism each
+mode runs), not taken from the code under test.
 """
 
 from __future__ import annotations
