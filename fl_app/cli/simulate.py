@@ -69,8 +69,8 @@ def privacy_plan(plan: RunPlan, projection: RecordLevelProjection | None = None)
                 f"{projection.planned_epsilon:.3f} after {cfg.num_rounds} planned rounds"
                 f"{verdict}"
             )
-    if not lines:
-        lines.append("no differential privacy: nothing to project (privacy=none)")
+    # No "nothing to project" line: the guarantee's lines always say it
+    # ("epsilon per party: none (no differential privacy)").
     return lines
 
 
