@@ -14,7 +14,7 @@ the exact mean of a secure sum (:mod:`strategies.aggregators`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClipSide, PrivacyMode
@@ -25,7 +25,22 @@ from strategies.dp_projection import rounds_within_budget
 from strategies.site_claims import SITE_HASH_METRIC, parse_site_hash
 from strategies.validation import TrainReply
 
-__all__ = ["LocalDp", "LocalReleaseCount"]
+__all__ = ["LocalDp", "LocalReleaseCount", "site_key_of"]
+
+
+def site_key_of(metrics: Mapping[str, float]) -> str | None:
+    """A site's stable key from its public metrics: ``site-<digest>`` from a deployed
+    site's ``dp-site-hash`` (deployed sites share partition id 0), else
+    ``partition-<id>``; None where neither is valid. The run's summary matches a site's
+    reports across SuperNode restarts by the same key."""
+    value = metrics.get(SITE_HASH_METRIC)
+    if value is not None:
+        digest = parse_site_hash(value)  # the rule the site check applies
+        return None if digest is None else f"site-{digest:012x}"
+    pid = metrics.get("dp-partition-id")
+    if pid is None or not math.isfinite(pid) or pid < 0 or pid != int(pid):
+        return None
+    return f"partition-{int(pid)}"
 
 
 class LocalReleaseCount:
@@ -77,14 +92,7 @@ class LocalReleaseCount:
     def site_key(reply: TrainReply) -> str | None:
         """The site's stable key: ``site-<digest>`` from a deployed site's ``dp-site-hash``
         (deployed sites share partition id 0), else ``partition-<id>``."""
-        value = reply.metrics.get(SITE_HASH_METRIC)
-        if value is not None:
-            digest = parse_site_hash(value)  # the rule the site check applies
-            return None if digest is None else f"site-{digest:012x}"
-        pid = reply.metrics.get("dp-partition-id")
-        if pid is None or not math.isfinite(pid) or pid < 0 or pid != int(pid):
-            return None
-        return f"partition-{int(pid)}"
+        return site_key_of(reply.metrics)
 
     def check_reply(self, reply: TrainReply) -> str | None:
         # The noise makes the norm unbounded, so no norm check; the release is counted

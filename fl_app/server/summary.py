@@ -25,7 +25,7 @@ from fl_app.server.rundir import RunDirectory, read_round_records
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
 from strategies.driver_types import DriverResult
-from strategies.local_dp import LocalDp
+from strategies.local_dp import LocalDp, site_key_of
 
 __all__ = ["build_summary", "clients_over_run"]
 
@@ -242,13 +242,9 @@ def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] |
 
 
 def _site_key(node: int, metrics: Mapping[str, float]) -> str:
-    """A site's stable key from its public metrics (as :meth:`LocalDp.site_key`)."""
-    digest, pid = metrics.get("dp-site-hash"), metrics.get("dp-partition-id")
-    if digest is not None:
-        return f"site-{int(digest):012x}"
-    if pid is not None:
-        return f"partition-{int(pid)}"
-    return f"node-{node}"
+    """A site's stable key from its public metrics (the local-DP count's key), else
+    its node id."""
+    return site_key_of(metrics) or f"node-{node}"
 
 
 def clients_over_run(
