@@ -68,6 +68,7 @@ from strategies.exchange import ReplyExchange
 from strategies.round_release import RoundRelease
 from strategies.sampling import CohortSampler
 from strategies.site_claims import SiteClaims
+from strategies.site_eval import site_accuracies
 from strategies.validation import (
     Rejection,
     TrainReply,
@@ -381,7 +382,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
             rnd, to_array_record(arrays), config, CohortGrid(grid, cohort)
         )
         _, replies, sent = self._exchange(grid, messages, rnd, self.settings.evaluate_timeout_s)
-        self._ingest(
+        accepted, _ = self._ingest(
             "evaluate",
             rnd,
             stage,
@@ -389,6 +390,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
             sent,
             lambda m: parse_eval_reply(m, server_round=rnd, limits=self.settings.limits),
         )
+        stage.client_eval = site_accuracies(accepted, rnd)
         stage.seconds = time.perf_counter() - t0
         return stage
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fl_app.fairness import site_spread
 from strategies.validation import ReplyLimits
 
 __all__ = [
@@ -64,6 +65,10 @@ class StageReport:
     # Nodes that refused because their privacy budget is exhausted.
     exhausted: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    # Evaluate stage only: each accepted reply's accuracy and example count, by node id
+    # (the fairness indicators, fl_app.fairness). Filled only where the threat model lets
+    # the server see per-client numbers: elsewhere federated evaluation does not run.
+    client_eval: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +118,12 @@ class RoundReport:
             rec["eval_clients_rejected"] = len(self.evaluate.rejected) + len(self.evaluate.failed)
             for k, v in self.evaluate.metrics.items():
                 rec[f"fed_{k}"] = v
+            if self.evaluate.client_eval:
+                spread = site_spread({str(n): a for n, (a, _) in self.evaluate.client_eval.items()})
+                rec["fed_site_accuracy_mean"] = spread.mean
+                rec["fed_site_accuracy_std"] = spread.std
+                rec["fed_site_accuracy_range"] = spread.range
+                rec["fed_site_accuracy_min"] = spread.worst_accuracy
         for k, v in self.server_metrics.items():
             rec[f"server_{k}"] = v
         rec.update(self.privacy)

@@ -20,6 +20,7 @@ from fl_app.config.schema import (
     AppConfig,
     ClippingMode,
     ClipSide,
+    NoiseSchedule,
     PrivacyMode,
     SamplingMode,
     SecAggMode,
@@ -28,10 +29,17 @@ from fl_app.config.schema import (
     metrics_hidden_from_server,
 )
 
-__all__ = ["check_metrics_stay_hidden", "check_privacy"]
+__all__ = ["check_metrics_stay_hidden", "check_privacy", "evaluation_hidden_reason"]
 
 
-_CLIENT_LEVEL_FIELDS = ("noise_multiplier", "clip", "target_epsilon", "delta", "max_epsilon")
+_CLIENT_LEVEL_FIELDS = (
+    "noise_multiplier",
+    "clip",
+    "target_epsilon",
+    "delta",
+    "max_epsilon",
+    "decay_rate",
+)
 
 
 def check_privacy(cfg: AppConfig) -> None:
@@ -69,6 +77,12 @@ def check_privacy(cfg: AppConfig) -> None:
             p.clipping.value,
             "adaptive clipping is part of client-level DP; set privacy.mode=central",
         )
+        _check(
+            p.schedule is NoiseSchedule.constant,
+            "privacy.schedule",
+            p.schedule.value,
+            "a noise schedule is part of client-level DP; set privacy.mode=central",
+        )
     else:
         _check_client_level(cfg)
     if p.record_level:
@@ -81,6 +95,7 @@ def _check_client_level(cfg: AppConfig) -> None:
     if p.mode is PrivacyMode.distributed:
         _check_distributed(cfg)
     _check_who_sees_updates(cfg)
+    _check_schedule(cfg)
     _check_noise_and_budget(cfg)
     replace_one = (
         s.sampling is SamplingMode.fixed
@@ -142,7 +157,9 @@ def _check_noise_and_budget(cfg: AppConfig) -> None:
     """Exactly one of z or a target epsilon, a clip norm, delta, and the budget."""
     p = cfg.privacy
     _check(
-        (p.noise_multiplier is None) != (p.target_epsilon is None),
+        # spend calibrates z from max_epsilon before each round (_check_schedule).
+        p.schedule is NoiseSchedule.spend
+        or (p.noise_multiplier is None) != (p.target_epsilon is None),
         "privacy.noise_multiplier",
         p.noise_multiplier,
         "give exactly one of privacy.noise_multiplier or privacy.target_epsilon",
@@ -169,6 +186,72 @@ def _check_noise_and_budget(cfg: AppConfig) -> None:
                 p.target_epsilon,
                 f"exceeds the budget privacy.max_epsilon={p.max_epsilon:g}",
             )
+
+
+def _check_schedule(cfg: AppConfig) -> None:
+    """``privacy.schedule`` (fl_app/privacy/schedule.py): the server's noise over rounds.
+
+    Only central DP's noise is the server's to vary: local DP's clients fix their own
+    noise, and distributed DP's shares are calibrated once per run (the clients check
+    them against their floor; a schedule would have to reach them declared in their
+    plan, which is not built).
+    """
+    p = cfg.privacy
+    if p.schedule is NoiseSchedule.constant:
+        _check(
+            p.decay_rate is None,
+            "privacy.decay_rate",
+            p.decay_rate,
+            "is used only by privacy.schedule=decay; remove it or set privacy.schedule=decay",
+        )
+        return
+    _check(
+        p.mode is PrivacyMode.central,
+        "privacy.schedule",
+        p.schedule.value,
+        f"privacy.schedule={p.schedule.value} varies the noise the server adds, which only "
+        "central DP has (privacy=central or central_adaptive); local DP's clients fix their "
+        "own noise and distributed DP's noise shares are calibrated once per run; set "
+        "privacy.schedule=constant",
+    )
+    if p.schedule is NoiseSchedule.decay:
+        rate = p.decay_rate
+        _check(
+            rate is not None,
+            "privacy.decay_rate",
+            rate,
+            "privacy.schedule=decay needs privacy.decay_rate in (0, 1]: round t runs at "
+            "noise_multiplier * decay_rate^(t-1)",
+        )
+        assert rate is not None
+        _in(
+            math.isfinite(rate) and 0 < rate <= 1,
+            "privacy.decay_rate",
+            rate,
+            "must lie in (0, 1] (round t runs at noise_multiplier * decay_rate^(t-1))",
+        )
+        _check(
+            p.noise_multiplier is not None,
+            "privacy.noise_multiplier",
+            p.noise_multiplier,
+            "privacy.schedule=decay states z per round from privacy.noise_multiplier (round "
+            "1); set it and privacy.target_epsilon=null (to spend a budget, use "
+            "privacy.schedule=spend with privacy.max_epsilon)",
+        )
+        return
+    _check(
+        p.max_epsilon is not None,
+        "privacy.max_epsilon",
+        p.max_epsilon,
+        "privacy.schedule=spend spends privacy.max_epsilon by the last planned round; set it",
+    )
+    _check(
+        p.noise_multiplier is None and p.target_epsilon is None,
+        "privacy.noise_multiplier" if p.noise_multiplier is not None else "privacy.target_epsilon",
+        p.noise_multiplier if p.noise_multiplier is not None else p.target_epsilon,
+        "privacy.schedule=spend calibrates z before each round from privacy.max_epsilon and "
+        "the ledger; set privacy.noise_multiplier=null and privacy.target_epsilon=null",
+    )
 
 
 def _check_adaptive(cfg: AppConfig) -> None:
@@ -240,6 +323,28 @@ def _check_distributed(cfg: AppConfig) -> None:
     )
 
 
+def evaluation_hidden_reason(cfg: AppConfig) -> str | None:
+    """The setting that keeps every client's evaluation numbers from the server, or
+    ``None`` where the threat model lets the server see them
+    (:func:`~fl_app.config.schema.evaluation_hidden_from_server`).
+
+    One wording for the refusal below and for ``summary.json``'s withheld per-site
+    accuracies (:mod:`fl_app.server.fairness`).
+    """
+    if not evaluation_hidden_from_server(cfg):
+        return None
+    if cfg.privacy.mode is PrivacyMode.local:
+        return "privacy.mode=local"
+    if cfg.secagg.mode is not SecAggMode.off and cfg.privacy.threat_model in (
+        ThreatModel.none,
+        ThreatModel.trusted_server,
+    ):
+        return f"secagg={cfg.secagg.mode.value} (secure aggregation hides each client's numbers)"
+    if metrics_hidden_from_server(cfg):
+        return f"privacy.threat_model={cfg.privacy.threat_model.value}"
+    return "privacy.record_level=true (DP-SGD's epsilon does not cover evaluation numbers)"
+
+
 def check_metrics_stay_hidden(cfg: AppConfig) -> None:
     """Nothing un-noised per client reaches a server the threat model does not trust.
 
@@ -247,20 +352,10 @@ def check_metrics_stay_hidden(cfg: AppConfig) -> None:
     plaintext; under these threat models it would leak what the masked sum (or the
     local noise) hides, so asking for it explicitly is an error.
     """
-    if not evaluation_hidden_from_server(cfg):
+    why = evaluation_hidden_reason(cfg)
+    if why is None:
         return
     every = cfg.federated_eval_every
-    if cfg.privacy.mode is PrivacyMode.local:
-        why = "privacy.mode=local"
-    elif cfg.secagg.mode is not SecAggMode.off and cfg.privacy.threat_model in (
-        ThreatModel.none,
-        ThreatModel.trusted_server,
-    ):
-        why = f"secagg={cfg.secagg.mode.value} (secure aggregation hides each client's numbers)"
-    elif metrics_hidden_from_server(cfg):
-        why = f"privacy.threat_model={cfg.privacy.threat_model.value}"
-    else:
-        why = "privacy.record_level=true (DP-SGD's epsilon does not cover evaluation numbers)"
     _check(
         every is None or every == 0 or cfg.strategy.fraction_evaluate == 0,
         "federated_eval_every",

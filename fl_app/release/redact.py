@@ -26,8 +26,9 @@ __all__ = [
 # metrics.jsonl fields that hold per-client entries (node ids, reasons, metrics).
 _PER_CLIENT_FIELDS = frozenset({"client_metrics", "rejections", "failures"})
 # Key fragments that name a client rather than the round (e.g. the mean of partition ids
-# DP-SGD clients report).
-_CLIENT_KEY_FRAGMENTS = ("node", "partition", "client_id")
+# DP-SGD clients report; "site": the fairness indicators' per-site accuracies, each an
+# un-noised function of one site's data that no epsilon covers, fl_app.server.fairness).
+_CLIENT_KEY_FRAGMENTS = ("node", "partition", "client_id", "site")
 # Node ids shorter than this are not scanned for in the output (they would match any
 # digit run); Flower's node ids are random 64-bit integers.
 _MIN_GUARD_DIGITS = 6

@@ -20,6 +20,7 @@ from fl_app.config.schema import Accountant, AppConfig
 from fl_app.privacy.composition import branch_delta_total, unsampled_epsilon
 from fl_app.privacy.history import AccountingError
 from fl_app.privacy.noise import release_status
+from fl_app.server.fairness import fairness_summary
 from fl_app.server.layout import LEDGER_FILE
 from fl_app.server.rundir import RunDirectory, read_round_records
 from strategies.aggregators import MeanAggregator
@@ -80,6 +81,8 @@ def build_summary(
             None if cfg.secagg.mode.value == "off" else cfg.secagg.server_model.value
         ),
         "bandwidth": _bandwidth_summary(cfg, result),
+        # Per-site and per-class accuracy, or why withheld (fl_app.server.fairness).
+        "fairness": fairness_summary(cfg, result),
         # "not for release" (and why) when a guarantee rests on seeded randomness.
         "release": release_status(cfg),
     }
