@@ -104,6 +104,7 @@ def _server_evaluator(cfg: AppConfig) -> Any:
 
     from fl_app.data import check_data_shape, load_server_test_set
     from fl_app.models import build_model
+    from fl_app.server.fairness import class_metrics
     from fl_app.training import evaluate
     from fl_app.weights import load_ndarrays
 
@@ -120,7 +121,9 @@ def _server_evaluator(cfg: AppConfig) -> Any:
         load_ndarrays(model, arrays)
         with torch.no_grad():
             stats = evaluate(model, test.x, test.y)
-        return {"loss": float(stats.loss), "accuracy": float(stats.accuracy)}
+        # Per class too (fairness indicators): the released model on the server's own data.
+        per_class = class_metrics(model, test.x, test.y, cfg.dataset.num_classes)
+        return {"loss": float(stats.loss), "accuracy": float(stats.accuracy), **per_class}
 
     return evaluate_fn
 

@@ -1,0 +1,215 @@
+"""Fairness indicators (issue 20): per-site and per-class accuracy, and when per-site
+numbers are withheld.
+
+The end-to-end test recomputes every number of ``summary.json``'s ``fairness`` block
+from the saved model (``model.safetensors``, read with safetensors' numpy API, forward
+pass in numpy) and the partitions (scored with scikit-learn), never through the code
+under test. The unit tests pin the math to values worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from sklearn.metrics import accuracy_score, recall_score
+
+from fl_app.client.app import app as client_app
+from fl_app.config.compose import compose_config
+from fl_app.data import load_client_data, load_server_test_set
+from fl_app.fairness import class_accuracy, site_spread, worst_class
+from fl_app.release.redact import aggregate_metrics
+from fl_app.runtime.inprocess import InProcessGrid
+from fl_app.server.app import run_experiment
+from fl_app.server.fairness import per_class_summary, per_site_summary
+from strategies.driver_types import DriverResult, RoundReport, StageReport
+from strategies.site_eval import site_accuracies
+from strategies.validation import EvalReply
+
+FAST = ["runtime=inprocess", "dataset.num_partitions=3", "train.local_epochs=1"]
+
+
+# ---- the math, by hand ---------------------------------------------------------------
+
+
+def test_site_spread_is_the_unweighted_mean_population_std_range_and_worst_site() -> None:
+    s = site_spread({"b": 1.0, "a": 0.5, "c": 0.75})
+    assert s.mean == pytest.approx(0.75)
+    # deviations 0.25, -0.25, 0: population variance 0.125 / 3
+    assert s.std == pytest.approx(math.sqrt(0.125 / 3))
+    assert s.range == pytest.approx(0.5)
+    assert (s.worst_site, s.worst_accuracy, s.sites) == ("a", 0.5, 3)
+    one = site_spread({"only": 0.25})
+    assert (one.mean, one.std, one.range, one.worst_site) == (0.25, 0.0, 0.0, "only")
+
+
+def test_site_spread_breaks_ties_by_name_and_refuses_bad_input() -> None:
+    assert site_spread({"z": 0.5, "m": 0.5, "q": 0.9}).worst_site == "m"
+    with pytest.raises(ValueError, match="at least one site"):
+        site_spread({})
+    for bad in (float("nan"), 1.5, -0.1):
+        with pytest.raises(ValueError, match="site 'x'"):
+            site_spread({"x": bad})
+
+
+def test_class_accuracy_is_per_class_recall_and_none_without_examples() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    preds = np.array([0, 1, 1, 1, 0, 0])
+    # class 0: 1 of 2; class 1: 2 of 3; class 2: 0 of 1; class 3: no example.
+    assert class_accuracy(labels, preds, 4) == [0.5, pytest.approx(2 / 3), 0.0, None]
+    assert worst_class([0.5, 0.9, None, 0.5]) == (0, 0.5)
+    assert worst_class([None, None]) is None
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        class_accuracy(np.array([0, 2]), np.array([0, 0]), 2)
+    with pytest.raises(ValueError, match="one length"):
+        class_accuracy(np.array([0, 1]), np.array([0]), 2)
+
+
+def test_driver_keeps_each_valid_evaluate_reply_and_leaves_out_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replies = [
+        EvalReply(11, 30.0, {"eval-accuracy": 0.8, "eval-loss": 0.5}),
+        EvalReply(12, 10.0, {"eval-accuracy": 1.5}),
+        EvalReply(13, 5.0, {"eval-loss": 0.1}),
+        EvalReply(14, 7.0, {"eval-accuracy": 0.0}),
+    ]
+    assert site_accuracies(replies, 3) == {11: (0.8, 30.0), 14: (0.0, 7.0)}
+    assert "node 12" in caplog.text and "node 13" in caplog.text
+
+
+def test_round_record_has_the_site_spread_and_the_export_drops_it() -> None:
+    evaluate = StageReport(sampled=2, accepted=2, client_eval={7: (0.6, 10.0), 9: (0.9, 30.0)})
+    report = RoundReport(1, StageReport(), evaluate, True, server_metrics={"accuracy": 0.7})
+    rec = report.to_record()
+    assert rec["fed_site_accuracy_mean"] == pytest.approx(0.75)
+    assert rec["fed_site_accuracy_std"] == pytest.approx(0.15)
+    assert rec["fed_site_accuracy_range"] == pytest.approx(0.3)
+    assert rec["fed_site_accuracy_min"] == pytest.approx(0.6)
+    exported = json.loads(aggregate_metrics([rec], set()))
+    assert "server_accuracy" in exported
+    assert not [k for k in exported if "site" in k]
+
+
+# ---- who may see per-site numbers ------------------------------------------------------
+
+HIDDEN = {
+    "secagg": (["secagg=secaggplus", "secagg.clip=5.0"], "secagg=secaggplus"),
+    "honest_but_curious": (
+        [
+            "privacy=central",
+            "privacy.threat_model=honest_but_curious",
+            "privacy.clip_side=client",
+            "secagg=secaggplus",
+        ],
+        "privacy.threat_model=honest_but_curious",
+    ),
+    "distributed_dp": (
+        ["privacy=distributed", "secagg=secaggplus", "secagg.bits=16"],
+        "privacy.threat_model=distributed_dp",
+    ),
+    "local": (["privacy=local"], "privacy.mode=local"),
+    "dpsgd": (
+        ["privacy.record_level=true", "privacy.dpsgd.noise_multiplier=1.0"],
+        "privacy.record_level=true",
+    ),
+}
+
+
+def _evaluated_result() -> DriverResult:
+    evaluate = StageReport(client_eval={5: (0.5, 10.0), 3: (0.75, 20.0)})
+    metrics = {"accuracy": 0.6, "class-accuracy-0": 0.9, "class-accuracy-1": 0.4}
+    report = RoundReport(2, StageReport(), evaluate, True, server_metrics=metrics)
+    return DriverResult(arrays={}, reports=[report])
+
+
+@pytest.mark.parametrize("name", list(HIDDEN))
+def test_per_site_accuracy_is_withheld_where_the_server_may_not_see_client_numbers(
+    name: str,
+) -> None:
+    overrides, why = HIDDEN[name]
+    cfg = compose_config("config", [*FAST, *overrides])
+    # Even if the result held per-site numbers, the block would not show them.
+    per_site = per_site_summary(cfg, _evaluated_result())
+    assert isinstance(per_site, str) and per_site.startswith("withheld: ")
+    assert why in per_site
+    # Per class stays: the released model on the server's own test set.
+    assert isinstance(per_class_summary(cfg, _evaluated_result()), dict)
+
+
+def test_per_site_accuracy_is_shown_under_trusted_server_and_not_measured_when_off() -> None:
+    cfg = compose_config("config", [*FAST, "privacy=central"])
+    block = per_site_summary(cfg, _evaluated_result())
+    assert isinstance(block, dict)
+    assert block["accuracy"] == {"node-3": 0.75, "node-5": 0.5}
+    assert block["examples"] == {"node-3": 20, "node-5": 10}
+    assert (block["worst_site"], block["worst_accuracy"], block["round"]) == ("node-5", 0.5, 2)
+    assert block["mean"] == pytest.approx(0.625) and block["range"] == pytest.approx(0.25)
+    per_class = per_class_summary(cfg, _evaluated_result())
+    assert isinstance(per_class, dict)
+    assert per_class["accuracy"] == [0.9, 0.4] + [None] * 8
+    assert (per_class["worst_class"], per_class["worst_accuracy"]) == (1, 0.4)
+    off = compose_config("config", [*FAST, "federated_eval_every=0"])
+    assert per_site_summary(off, _evaluated_result()).startswith("not measured: ")  # type: ignore[union-attr]
+    no_eval = compose_config("config", [*FAST, "server_eval=false"])
+    assert "server_eval=false" in per_class_summary(no_eval, _evaluated_result())
+
+
+# ---- end to end: the numbers are the saved model's on the partitions ----------------------
+
+
+def _logits(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The MLP (Flatten -> Linear -> ReLU -> Linear) in numpy, float64."""
+    h = x.reshape(len(x), -1).astype(np.float64)
+    h = np.maximum(h @ weights["net.1.weight"].T.astype(np.float64) + weights["net.1.bias"], 0.0)
+    return h @ weights["net.3.weight"].T.astype(np.float64) + weights["net.3.bias"]
+
+
+def test_fairness_numbers_equal_a_recomputation_from_the_saved_model_and_partitions(
+    tmp_path: Path,
+) -> None:
+    cfg = compose_config("config", [*FAST, "num_rounds=2", "model.hidden=[16]"])
+    grid = InProcessGrid(client_app, 3, seed=cfg.seed)
+    try:
+        summary: dict[str, Any] = run_experiment(grid, cfg, tmp_path, progress=False)
+        partition = {n: int(grid.context(n).node_config["partition-id"]) for n in grid.node_ids}
+    finally:
+        grid.close()
+    weights = load_file(str(tmp_path / summary["model_file"]))
+    fairness = summary["fairness"]
+
+    site = fairness["per_site"]
+    assert site["round"] == 2 and site["sites"] == 3
+    expected = {}
+    for node, pid in partition.items():
+        val = load_client_data(cfg.dataset, pid, 3, cfg.seed).val
+        expected[f"node-{node}"] = accuracy_score(val.y, _logits(weights, val.x).argmax(axis=1))
+        assert site["examples"][f"node-{node}"] == len(val.y)
+    assert site["accuracy"] == pytest.approx(expected)
+    values = np.array(list(expected.values()))
+    assert site["mean"] == pytest.approx(values.mean())
+    assert site["std"] == pytest.approx(values.std())
+    assert site["range"] == pytest.approx(values.max() - values.min())
+    assert site["worst_accuracy"] == pytest.approx(values.min())
+    assert expected[site["worst_site"]] == pytest.approx(values.min())
+
+    test = load_server_test_set(cfg.dataset, cfg.seed)
+    assert test is not None
+    per_class = recall_score(
+        test.y, _logits(weights, test.x).argmax(axis=1), labels=list(range(10)), average=None
+    )
+    got = fairness["per_class"]
+    assert got["round"] == 2
+    assert got["accuracy"] == pytest.approx(list(per_class))
+    assert got["worst_class"] == int(np.argmin(per_class))
+    assert got["worst_accuracy"] == pytest.approx(per_class.min())
+    # Per round too: the last line of metrics.jsonl is the final model's.
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["server_worst_class_accuracy"] == pytest.approx(per_class.min())
+    assert last["server_class_accuracy_0"] == pytest.approx(per_class[0])
+    assert last["fed_site_accuracy_min"] == pytest.approx(values.min())
