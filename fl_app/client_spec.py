@@ -25,6 +25,7 @@ from fl_app.config.schema import (
     DatasetConfig,
     DpSgdConfig,
     ModelConfig,
+    ShareConfig,
     metrics_hidden_from_server,
 )
 
@@ -87,6 +88,11 @@ class ClientSpec:
     # The threat model keeps every un-noised per-client number from the server
     # (honest_but_curious, distributed_dp, local DP): the client refuses to evaluate.
     hide_client_metrics: bool = False
+    # What leaves the site (share.artifact, share.layers); the layers it does not list stay
+    # with the site (fl_app.client.personal), in node-config dp-state-dir or this folder
+    # (the server fills in the run directory's client-state/ in simulation).
+    share: ShareConfig = field(default_factory=ShareConfig)
+    share_state_dir: str | None = None
 
 
 def spec_from_config(
@@ -104,6 +110,7 @@ def spec_from_config(
         secure_mode=cfg.privacy.secure_mode,
         client_dp=client_dp,
         hide_client_metrics=metrics_hidden_from_server(cfg),
+        share=cfg.share,
     )
 
 

@@ -52,6 +52,7 @@ from fl_app.client.audit import ClientAudit
 from fl_app.client.enforce import site_policy
 from fl_app.client.identity import POLICY_PATH_KEY
 from fl_app.client.instruction import prepare
+from fl_app.client.personal import site_layers
 from fl_app.client.refusal import ClientRefusal, secagg_refusal
 from fl_app.client.train import train
 from fl_app.protocol import METRICS_KEY, NUM_EXAMPLES, SERVER_ROUND
@@ -120,7 +121,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     )
     if len(data.val) == 0:
         raise ClientRefusal("no local validation examples (dataset.val_fraction or partition size)")
-    load_ndarrays(model, arrays)
+    # The site's own kept layers (share.layers) with the global shared ones: the
+    # personalized model is what this site evaluates.
+    site = site_layers(spec, context, model, arrays, None, "evaluate")
+    load_ndarrays(model, site.full_model(arrays))
     stats = evaluate(model, data.val.x, data.val.y, batch_size=max(256, spec.train.batch_size))
     metrics = MetricRecord(
         {

@@ -29,6 +29,7 @@ from fl_app.client.policy import (
     DEFAULT_MIN_SERVER_MODEL,
     POLICY_FIELDS,
     SERVER_MODELS,
+    SHARE_ARTIFACTS,
     PolicyError,
     SitePolicy,
 )
@@ -92,7 +93,32 @@ def parse_policy(raw: Any, source: str = "policy") -> SitePolicy:
         ddp_min_noise_multiplier=z_min,
         local_min_noise_multiplier=local_min,
         allow_seeded_noise=_bool(raw, "allow_seeded_noise"),
+        allowed_share_artifacts=frozenset(
+            _names(raw, "allowed_share_artifacts", source, SHARE_ARTIFACTS)
+        ),
+        shareable_layers=tuple(_names(raw, "shareable_layers", source, None)),
     )
+
+
+def _names(
+    raw: Mapping[str, Any], key: str, source: str, choices: tuple[str, ...] | None
+) -> list[str]:
+    """A non-empty list of strings (from ``choices`` when given); absent: all of
+    ``choices``, or ``["*"]`` for patterns."""
+    if key not in raw:
+        return list(choices) if choices is not None else ["*"]
+    items = raw[key]
+    if (
+        not isinstance(items, list)
+        or not items
+        or not all(isinstance(x, str) and x for x in items)
+        or (choices is not None and not set(items) <= set(choices))
+    ):
+        kind = f"names from {list(choices)}" if choices is not None else "parameter-name globs"
+        raise PolicyError(
+            f"{source}: policy field `{key}` is {items!r}; it must be a non-empty list of {kind}"
+        )
+    return list(items)
 
 
 def _allowed_artifacts(raw: Mapping[str, Any], source: str) -> frozenset[str]:

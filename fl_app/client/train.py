@@ -9,7 +9,7 @@ protocol's public numbers rides inside the masked vector.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -17,6 +17,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fl_app.client.dp_stages import client_dp_stages, prepare_dpsgd
 from fl_app.client.instruction import prepare, training_seed
+from fl_app.client.personal import SiteLayers, site_layers
 from fl_app.client.policy import SitePolicy
 from fl_app.client.refusal import ClientRefusal
 from fl_app.client_spec import ClientSpec
@@ -38,15 +39,20 @@ TrainThunk = Callable[[], tuple[dict[str, np.ndarray], Any]]
 def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None) -> Message:
     """Train, clip, noise (plain reply) or hand over to :func:`secure_train` (stage 3)."""
     from fl_app.client.pipeline import PipelineStages, run_train_pipeline
-    from fl_app.weights import load_ndarrays, to_array_record
+    from fl_app.weights import to_array_record
 
     spec, rnd, arrays, config, pid, data, model = prepare(msg, context, policy, "train", secure)
+    site = site_layers(spec, context, model, arrays, policy, "train")
     if len(data.train) == 0:
         raise ClientRefusal("no local training examples in this partition")
     mu = config.get(PROXIMAL_MU, 0.0)
     if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
         raise ClientRefusal(f"'{PROXIMAL_MU}' must be a number >= 0, got {mu!r}")
     local_train, dp_metrics = _train_thunk(spec, rnd, config, context, pid, data, model, mu, policy)
+    dp_metrics.update(_device_metrics(model))
+    # Only the shared layers go on to Δ, clip, noise, encode and mask (docs/personalization.md).
+    local_train = site.strip(local_train)
+    load = _loader(model, site)
     clip_stage, noise_stage, client_dp_metrics = client_dp_stages(
         spec, rnd, config, context, pid, policy
     )
@@ -58,7 +64,7 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
             spec,
             config,
             arrays,
-            model,
+            load,
             local_train,
             clip_stage,
             noise_stage,
@@ -67,18 +73,23 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
         )
     result = run_train_pipeline(
         arrays,
-        PipelineStages(
-            load=lambda a: load_ndarrays(model, a),
-            train=local_train,
-            clip=clip_stage,
-            noise=noise_stage,
-        ),
+        PipelineStages(load=load, train=local_train, clip=clip_stage, noise=noise_stage),
     )
     dp_metrics.update(client_dp_metrics)
     plain, dp_metrics = _plain_metrics(spec, result.stats, noise_stage, dp_metrics)
     metrics = MetricRecord({**plain, SERVER_ROUND: rnd, **dp_metrics})
     content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
+
+
+def _loader(model: Any, site: SiteLayers) -> Callable[[Mapping[str, np.ndarray]], None]:
+    """Stage 1: the global shared layers into the model, with this site's kept layers."""
+    from fl_app.weights import load_ndarrays
+
+    def load(arrays: Mapping[str, np.ndarray]) -> None:
+        load_ndarrays(model, site.full_model(arrays))
+
+    return load
 
 
 def _train_thunk(
@@ -126,6 +137,14 @@ def _train_thunk(
     return dpsgd_train, dp_metrics
 
 
+def _device_metrics(model: Any) -> dict[str, float]:
+    """The device this client trains on, as public metrics (none on the CPU: a reply
+    from a CPU-only site is exactly what it was before devices existed)."""
+    from fl_app.device import device_metrics
+
+    return device_metrics(next(iter(model.parameters())).device)
+
+
 def _plain_metrics(
     spec: ClientSpec, stats: Any, noise_stage: Any, dp_metrics: dict[str, float]
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -156,7 +175,7 @@ def secure_train(
     spec: ClientSpec,
     config: Any,
     arrays: dict[str, np.ndarray],
-    model: Any,
+    load: Callable[[Mapping[str, np.ndarray]], None],
     local_train: TrainThunk,
     clip_stage: Any,
     noise_stage: Any,
@@ -171,7 +190,6 @@ def secure_train(
     the plaintext reply carries only the round and the stage.
     """
     from fl_app.client.pipeline import PipelineStages, run_train_pipeline
-    from fl_app.weights import load_ndarrays
 
     if noise_stage is not None:
         raise ClientRefusal(
@@ -204,7 +222,7 @@ def secure_train(
     result = run_train_pipeline(
         arrays,
         PipelineStages(
-            load=lambda a: load_ndarrays(model, a),
+            load=load,
             train=train_and_keep_stats,
             clip=clip_stage,
             encode=encode,
@@ -250,6 +268,10 @@ HIDDEN_MODE_PUBLIC_METRICS = frozenset(
         "dp-site-hash",
         "dp-local-epsilon",
         "dp-local-releases",
+        # The accelerator the site trains on (fl_app.device): hardware, not a function
+        # of any record; sent only when it is not the CPU.
+        "dp-device-type",
+        "dp-device-index",
     }
 )
 

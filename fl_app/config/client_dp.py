@@ -41,6 +41,7 @@ from fl_app.config.schema import (
     AppConfig,
     ClippingMode,
     ClipSide,
+    NoiseSchedule,
     PrivacyMode,
     SamplingMode,
     SecAggMode,
@@ -56,6 +57,8 @@ from fl_app.privacy.mechanisms import (
     update_noise_multiplier,
 )
 from fl_app.privacy.round_event import RoundEvent, SamplingScheme, fixed_cohort_size
+from fl_app.privacy.schedule import decayed_noise
+from fl_app.share_layers import split_shared
 
 __all__ = [
     "ClientDpSettings",
@@ -115,6 +118,10 @@ class ClientDpSettings:
     # Central DP under secure aggregation: ``(secagg.bits, model dimension)`` of the
     # fixed-point encoding, whose rounding the noise is calibrated to (encoding_slack).
     encoding: tuple[int, int] | None = None
+    # privacy.schedule (fl_app.privacy.schedule): ``noise_multiplier`` is round 1's z;
+    # decay lowers it by ``decay_rate`` per round, spend recalibrates it before each one.
+    schedule: NoiseSchedule = NoiseSchedule.constant
+    decay_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if self.clipping is ClippingMode.adaptive:
@@ -131,9 +138,19 @@ class ClientDpSettings:
 
     @property
     def update_noise_multiplier(self) -> float:
+        return self._update_noise(self.noise_multiplier)
+
+    def _update_noise(self, z: float) -> float:
         if self.clipping is ClippingMode.fixed or self.clipped_count_std is None:
-            return self.noise_multiplier
-        return update_noise_multiplier(self.noise_multiplier, self.clipped_count_std)
+            return z
+        return update_noise_multiplier(z, self.clipped_count_std)
+
+    def planned_noise(self, rnd: int) -> float:
+        """The planned ``z`` of round ``rnd``: decay's stated schedule, else ``z`` (spend
+        plans its calibrated ``z`` and recalibrates it against the ledger each round)."""
+        if self.schedule is NoiseSchedule.decay:
+            return decayed_noise(self.noise_multiplier, self.decay_rate, rnd)
+        return self.noise_multiplier
 
     def expected_cohort(self, population: int) -> float:
         """The divisor ``m``: ``q·N`` (Poisson) or the fixed cohort size."""
@@ -180,6 +197,7 @@ class ClientDpSettings:
 
     def round_event(self, rnd: int, population: int, clip: float) -> RoundEvent:
         ddp = self.distributed
+        z = self.planned_noise(rnd)
         return RoundEvent(
             round=rnd,
             sampling=self.sampling,
@@ -188,9 +206,9 @@ class ClientDpSettings:
             if self.sampling is SamplingScheme.poisson
             else self.expected_cohort(population) / population,
             cohort=self.expected_cohort(population),
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=z,
             clip=clip,
-            update_noise_multiplier=self.update_noise_multiplier,
+            update_noise_multiplier=self._update_noise(z),
             clipped_count_std=self.clipped_count_std
             if self.clipping is ClippingMode.adaptive
             else None,
@@ -237,13 +255,15 @@ class ClientDpSettings:
         if p.noise_multiplier is not None:
             z = float(p.noise_multiplier)
         else:
-            assert p.target_epsilon is not None
+            # spend plans every round at the z that spends max_epsilon (then recalibrates).
+            target = p.max_epsilon if p.schedule is NoiseSchedule.spend else p.target_epsilon
+            assert target is not None
             if p.mode is PrivacyMode.local:
-                z = _calibrate_local(float(p.target_epsilon), probe)
+                z = _calibrate_local(float(target), probe)
             else:
                 # The branches take eta of delta; the mechanism gets the rest.
                 z = calibrate_round_noise(
-                    float(p.target_epsilon),
+                    float(target),
                     probe.delta - eta,
                     dataclasses.replace(
                         probe.round_event(1, population, probe.clip), branch_delta=0.0
@@ -307,17 +327,26 @@ class ClientDpSettings:
         return settings(high)
 
 
-_DIMENSIONS: dict[tuple[str, tuple[int, ...], int], int] = {}
+_DIMENSIONS: dict[tuple[str, tuple[int, ...], int, tuple[str, ...]], int] = {}
 
 
 def model_dimension(cfg: AppConfig) -> int:
-    """Number of parameters of ``cfg.model`` (builds the model once per model config)."""
-    key = (repr(cfg.model), tuple(cfg.dataset.input_shape), int(cfg.dataset.num_classes))
+    """Number of parameters of ``cfg.model`` that leave a site (``share.layers``; builds
+    the model once per model config)."""
+    key = (
+        repr(cfg.model),
+        tuple(cfg.dataset.input_shape),
+        int(cfg.dataset.num_classes),
+        tuple(cfg.share.layers),
+    )
     if key not in _DIMENSIONS:
         from fl_app.models import build_model
 
         model = build_model(cfg.model, list(key[1]), key[2], seed=0)
-        _DIMENSIONS[key] = int(sum(t.numel() for t in model.state_dict().values()))
+        # Only the shared layers leave a site (share.layers): DP and secure aggregation
+        # size their vectors by them.
+        shared, _kept = split_shared(model.state_dict(), list(cfg.share.layers))
+        _DIMENSIONS[key] = int(sum(t.numel() for t in shared.values()))
     return _DIMENSIONS[key]
 
 
@@ -370,6 +399,8 @@ def _common_fields(cfg: AppConfig, population: int) -> dict[str, Any]:
         max_epsilon=p.max_epsilon,
         target_quantile=float(p.target_quantile),
         clip_learning_rate=float(p.clip_learning_rate),
+        schedule=p.schedule,
+        decay_rate=float(p.decay_rate) if p.decay_rate is not None else 1.0,
     )
     common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
     if common["cohort_gate"] is not None:

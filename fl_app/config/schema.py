@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from fl_app.config.schema_tracking import TrackingConfig
+
 __all__ = [
     "Accountant",
     "AppConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "LocalFormat",
     "ModelConfig",
     "ModelName",
+    "NoiseSchedule",
     "OptimizerName",
     "PartitionerName",
     "PrivacyConfig",
@@ -38,6 +41,8 @@ __all__ = [
     "SecAggConfig",
     "SecAggMode",
     "SecAggServerModel",
+    "ShareArtifact",
+    "ShareConfig",
     "SimulationBackend",
     "StrategyConfig",
     "StrategyName",
@@ -54,6 +59,7 @@ class DatasetKind(str, Enum):
     digits = "digits"  # scikit-learn's load_digits, ships with the package (default)
     hub = "hub"  # a Hugging Face hub dataset through flwr-datasets (needs internet)
     local = "local"  # per-institution files (.npz / .csv), path from --node-config
+    synthetic = "synthetic"  # a DP synthetic surrogate written by `fl-app synth`
 
 
 class PartitionerName(str, Enum):
@@ -107,6 +113,9 @@ class DatasetConfig:
     # Range every feature must lie in after dividing by pixel_scale; a file outside it
     # is refused (raw 0..16 digits with pixel_scale 1 train to chance otherwise).
     input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # kind=synthetic: the folder `fl-app synth --out` wrote (synthetic.npz and its card);
+    # the file must hash to the card's data_sha256 (docs/synthetic-data.md).
+    synthetic_path: str | None = None
 
 
 class ModelName(str, Enum):
@@ -141,6 +150,9 @@ class ClientTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     optimizer: OptimizerName = OptimizerName.sgd
+    # auto | cpu | cuda | cuda:N | mps (auto: the first CUDA device, else the CPU). A
+    # deployed site's node-config "train-device" overrides it (fl_app/device.py).
+    device: str = "auto"
 
 
 class StrategyName(str, Enum):
@@ -228,9 +240,8 @@ class DpSgdConfig:
     max_epsilon: float | None = None
     accountant: Accountant = Accountant.prv
     grad_sample_mode: GradSampleModeName = GradSampleModeName.auto
-    # Where clients keep their accountant state between rounds and restarts. A
-    # SuperNode's --node-config "dp-state-dir=..." wins; null in simulation = the run
-    # directory's client-state/.
+    # Where clients keep their accountant state between rounds and restarts. A SuperNode's
+    # --node-config "dp-state-dir=..." wins; null in simulation = the run directory's client-state/.
     state_dir: str | None = None
 
 
@@ -248,6 +259,14 @@ class ClippingMode(str, Enum):
     fixed = "fixed"
     # Andrew et al. 2021: the clip norm follows a noised quantile of the update norms.
     adaptive = "adaptive"
+
+
+class NoiseSchedule(str, Enum):
+    """Client-level DP's z over rounds (fl_app/privacy/schedule.py)."""
+
+    constant = "constant"  # every round at noise_multiplier (or target_epsilon's z)
+    decay = "decay"  # round t at noise_multiplier * decay_rate^(t-1), stated before the run
+    spend = "spend"  # z recalibrated each round to end the planned rounds at max_epsilon
 
 
 @dataclass
@@ -291,6 +310,10 @@ class PrivacyConfig:
     # The federation's budget: the run stops before a round that would take epsilon
     # past it (saving the DP-released model and the ledger). null = no budget.
     max_epsilon: float | None = None
+    # z over rounds (central DP): constant | decay (needs decay_rate in (0, 1] and
+    # noise_multiplier) | spend (needs max_epsilon; noise_multiplier and target_epsilon null).
+    schedule: NoiseSchedule = NoiseSchedule.constant
+    decay_rate: float | None = None
     # Every random draw a guarantee rests on (central/local/distributed noise, DP-SGD
     # noise and Poisson batches, client sampling) from ChaCha20 keystreams under keys
     # from os.urandom, held by the party that adds the noise. false = seeded from the
@@ -351,6 +374,21 @@ class SecAggConfig:
     # survive a split view plus colluders (k=52, t=32 at 100 clients), clients sign their
     # keys and the survivor set (consistency-check round). A site policy may require it.
     server_model: SecAggServerModel = SecAggServerModel.honest_but_curious
+
+
+class ShareArtifact(str, Enum):
+    delta = "delta"  # Δ = w_local − w_global of the shared layers (today's reply)
+    weights = "weights"  # w_local of the shared layers (trusted server, no client-level DP)
+    compressed = "compressed"  # a compressed Δ: needs share.compression (not available yet)
+
+
+@dataclass
+class ShareConfig:
+    """What leaves a site (configs/share/; docs/personalization.md)."""
+
+    artifact: ShareArtifact = ShareArtifact.delta
+    # fnmatch patterns of state_dict names that leave a site; the rest stay with it.
+    layers: list[str] = field(default_factory=lambda: ["*"])
 
 
 class SimulationBackend(str, Enum):
@@ -415,8 +453,10 @@ class AppConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    share: ShareConfig = field(default_factory=ShareConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Continue the run in this run directory from its last complete checkpoint (the
     # rest of the config must equal the one it ran with). Not part of the config hash.
     resume: str | None = None

@@ -30,8 +30,11 @@ from fl_app.config.schema import (
     PartitionerName,
     StrategyName,
 )
+from fl_app.config.validate_device import check_device
 from fl_app.config.validate_privacy import check_metrics_stay_hidden, check_privacy
 from fl_app.config.validate_secagg import check_secagg
+from fl_app.config.validate_share import check_share
+from fl_app.config.validate_tracking import check_tracking
 
 __all__ = ["validate_config"]
 
@@ -132,6 +135,8 @@ def _check_partitioner_and_source(cfg: AppConfig) -> None:
             raise ConfigPlanError(
                 "dataset", f"num_partitions={d.num_partitions}", str(err)
             ) from None
+    if d.kind is DatasetKind.synthetic:
+        _check_synthetic(cfg)
     if d.kind is DatasetKind.local:
         _check(
             not cfg.server_eval,
@@ -140,6 +145,24 @@ def _check_partitioner_and_source(cfg: AppConfig) -> None:
             "with dataset.kind=local the server holds no data to test on: set server_eval=false "
             "(clients still evaluate on their own validation splits)",
         )
+
+
+def _check_synthetic(cfg: AppConfig) -> None:
+    """``dataset=synthetic``: the surrogate folder is named, its file matches its card, and
+    the split works, before any client starts (docs/synthetic-data.md)."""
+    d = cfg.dataset
+    _check(
+        bool(d.synthetic_path),
+        "dataset.synthetic_path",
+        d.synthetic_path,
+        "name the folder `fl-app synth --out DIR` wrote (dataset.synthetic_path=DIR)",
+    )
+    from fl_app.data import DataError, partition_sizes
+
+    try:
+        partition_sizes(d, cfg.seed)
+    except DataError as err:
+        raise ConfigPlanError("dataset.synthetic_path", d.synthetic_path, str(err)) from None
 
 
 def _check_model(cfg: AppConfig) -> None:
@@ -305,9 +328,12 @@ _CHECKS: tuple[Callable[[AppConfig], None], ...] = (
     check_privacy,
     check_metrics_stay_hidden,
     check_secagg,
+    check_share,
     _check_runtime,
+    check_device,
     _check_resume,
     _check_audit,
+    check_tracking,
 )
 
 

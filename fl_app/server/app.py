@@ -42,6 +42,8 @@ from fl_app.server.listeners import CheckpointWriter, LedgerWriter, StepsSeen, n
 from fl_app.server.progress import ProgressPrinter, print_run_end, print_run_start
 from fl_app.server.rundir import MetricsWriter
 from fl_app.server.session import RunSession, finish_run, open_run, record_crash
+from fl_app.server.tracking import open_tracker
+from fl_app.share_layers import split_shared
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
 from strategies.dpsgd_forecast import DpSgdForecast
@@ -55,6 +57,7 @@ __all__ = [
     "app",
     "configure_logging",
     "initial_arrays",
+    "initial_model",
     "load_audit_signing_key",
     "make_server_app",
     "run_experiment",
@@ -116,9 +119,12 @@ def _server_evaluator(cfg: AppConfig) -> Any:
         )
     check_data_shape(test, cfg.dataset)
     model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    # Layers outside share.layers are not in the global model: the server evaluates its
+    # shared layers with those layers' initial values (docs/personalization.md).
+    _shared, kept = split_shared(initial_model(cfg), list(cfg.share.layers))
 
     def evaluate_fn(rnd: int, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-        load_ndarrays(model, arrays)
+        load_ndarrays(model, {**kept, **arrays})
         with torch.no_grad():
             stats = evaluate(model, test.x, test.y)
         # Per class too (fairness indicators): the released model on the server's own data.
@@ -128,13 +134,20 @@ def _server_evaluator(cfg: AppConfig) -> Any:
     return evaluate_fn
 
 
-def initial_arrays(cfg: AppConfig) -> dict[str, np.ndarray]:
-    """The initial global model, initialised deterministically from ``cfg.seed``."""
+def initial_model(cfg: AppConfig) -> dict[str, np.ndarray]:
+    """Every layer of the initial model, initialised deterministically from ``cfg.seed``."""
     from fl_app.models import build_model
     from fl_app.weights import model_to_ndarrays
 
     model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=cfg.seed)
     return model_to_ndarrays(model)
+
+
+def initial_arrays(cfg: AppConfig) -> dict[str, np.ndarray]:
+    """The initial global model: the layers that leave the sites (``share.layers``; all by
+    default). The others stay at the sites and are never part of the global model."""
+    shared, _kept = split_shared(initial_model(cfg), list(cfg.share.layers))
+    return shared
 
 
 def run_experiment(
@@ -159,17 +172,24 @@ def run_experiment(
     configure_logging(plan.cfg)
     t0 = time.perf_counter()
     run = open_run(plan, run_dir, load_audit_signing_key(plan.cfg), initial_arrays)
+    try:  # MLflow / TensorBoard (off by default): an unreachable one stops the run here
+        tracker = open_tracker(plan.cfg, run.rd.path, run.rd.model_path)
+    except BaseException as err:
+        record_crash(run, None, err, time.perf_counter() - t0)
+        raise
     if progress:
         print_run_start(run)
-    wired = _wire_driver(run, extra_listeners, progress)
+    wired = _wire_driver(run, (*extra_listeners, *tracker.listeners), progress)
     try:
         result = wired.driver.run(grid, run.arrays, start_round=run.start_round)
     except BaseException as err:
         record_crash(run, wired.ledger_writer, err, time.perf_counter() - t0)
+        tracker.crash()
         raise
     summary = finish_run(
         run, result, wired.ledger_writer, wired.checkpoints.initial_server_metrics, t0
     )
+    tracker.finish(summary, run.rd)
     if progress:
         print_run_end(run, summary, result)
     return summary
@@ -260,6 +280,8 @@ def _client_spec(run: RunSession) -> str:
     if client_spec.client_dp is not None and client_spec.client_dp.local_noise_multiplier:
         # Local DP's release counts live there too (LocalDpStore), across restarts.
         client_spec.client_dp = dataclasses.replace(client_spec.client_dp, state_dir=state_dir)
+    # The layers a site keeps (share.layers) persist there too, across restarts.
+    client_spec.share_state_dir = state_dir
     return encode_spec(client_spec)
 
 
