@@ -4,7 +4,8 @@
 client's own checks in order (no federated evaluation under a threat model that hides
 per-client numbers; no downgrade within a run, :mod:`fl_app.client.downgrade`; the
 site policy's verdict on the request, :mod:`fl_app.client.enforce`) *before* any data
-is read, then loads the site's data and builds the model.
+is read, then loads the site's data and builds the model on the device the site trains
+on (:func:`training_device`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fl_app.client.refusal import ClientRefusal
 from fl_app.client_spec import ClientSpec, SpecError, decode_spec
 from fl_app.protocol import ARRAYS_KEY, CONFIG_KEY, SERVER_ROUND, SPEC_KEY
 
-__all__ = ["prepare", "read_instruction", "training_seed"]
+__all__ = ["prepare", "read_instruction", "training_device", "training_seed"]
 
 
 def read_instruction(msg: Message) -> tuple[ClientSpec, int, dict[str, np.ndarray], Any]:
@@ -80,6 +81,7 @@ def prepare(
     refuse_downgrade(context, spec, message_type, secure, local_dp)
     enforce_request(policy, spec, message_type, config)
     torch.set_num_threads(max(1, spec.torch_threads))
+    device = training_device(context, spec)  # a missing device refuses before data is read
     pid, nparts = partition(context)
     try:
         data = load_client_data(spec.dataset, pid, nparts, spec.seed, dict(context.node_config))
@@ -89,4 +91,18 @@ def prepare(
     # Seeded only so initialisation never touches the global RNG: the global weights
     # overwrite these parameters before any use.
     model = build_model(spec.model, spec.dataset.input_shape, spec.dataset.num_classes, seed=0)
-    return spec, rnd, arrays, config, pid, data, model
+    return spec, rnd, arrays, config, pid, data, model.to(device)
+
+
+def training_device(context: Context, spec: ClientSpec) -> Any:
+    """The ``torch.device`` this client trains on: its node config's ``train-device``
+    when the site set one, else the server's ``train.device``; a device this machine
+    lacks is a refusal naming the field and the fix (:mod:`fl_app.device`)."""
+    from fl_app.config.errors import ConfigError
+    from fl_app.device import resolve_device, site_device
+
+    value, field = site_device(context.node_config, spec.train.device)
+    try:
+        return resolve_device(value, field)
+    except ConfigError as err:
+        raise ClientRefusal(str(err)) from err

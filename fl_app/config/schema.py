@@ -150,8 +150,7 @@ class ClientTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     optimizer: OptimizerName = OptimizerName.sgd
-    # auto | cpu | cuda | cuda:N | mps (auto: the first CUDA device, else the CPU). A
-    # deployed site's node-config "train-device" overrides it (fl_app/device.py).
+    # auto (first CUDA device, else CPU) | cpu | cuda | cuda:N | mps: fl_app/device.py
     device: str = "auto"
 
 

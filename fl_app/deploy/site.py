@@ -23,7 +23,7 @@ __all__ = [
     "parse_node_config",
 ]
 
-_SITE_KEYS = {"name", "data", "partition", "dp_state_dir", "extra"}
+_SITE_KEYS = {"name", "data", "partition", "dp_state_dir", "device", "extra"}
 _FORMATS = ("npz", "csv")
 # Node-config keys whose values are paths (resolved against the site YAML's folder, in
 # ``extra:`` too), and the suffixes that mark any other key as one.
@@ -56,6 +56,7 @@ def node_config_from_site(site: Mapping[str, Any], base_dir: Path | None = None)
           id: 0
           num: 3
         dp_state_dir: /var/lib/fl-app/dp-state   # required for DP-SGD (privacy budgets)
+        device: cuda:1              # this site's train.device (overrides the server's)
         extra:                      # any other node-config keys, passed through
           audit-dir: audit          # the site's audit log folder
           policy-path: policy.yaml  # the site's data-use policy
@@ -85,6 +86,8 @@ def node_config_from_site(site: Mapping[str, Any], base_dir: Path | None = None)
         out["data-path"], out["data-format"] = _data(site["data"], base)
     if site.get("dp_state_dir") is not None:
         out["dp-state-dir"] = _path(site["dp_state_dir"], "dp_state_dir", base)
+    if site.get("device") is not None:
+        out["train-device"] = _device(site["device"])
     extra = site.get("extra") or {}
     if not isinstance(extra, Mapping):
         raise DeployError(f"extra must be a mapping of node-config keys, got {extra!r}")
@@ -105,6 +108,18 @@ def _path(value: Any, what: str, base: Path) -> str:
         raise DeployError(f"{what} must be a non-empty string, got {value!r}")
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _device(value: Any) -> str:
+    """``device:`` as node-config ``train-device``, its form checked (fl_app.device);
+    whether this machine has it is ``fl-app site check``'s question."""
+    from fl_app.config.errors import ConfigError
+    from fl_app.device import parse_device
+
+    try:
+        return str(parse_device(value, "device"))
+    except ConfigError as err:
+        raise DeployError(str(err)) from err
 
 
 def _partition(part: Any) -> tuple[int, int]:

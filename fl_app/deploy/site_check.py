@@ -18,6 +18,8 @@ joins the federation:
   aggregation), the site's ``site-name`` must be its own roster entry: a name the
   roster gives to a different key (another site's) is refused here, not at the
   first round;
+* ``device``: the site's own ``train-device`` (site YAML ``device:``), present on
+  this machine (:mod:`fl_app.device`);
 * ``key``: the SuperNode's private key (OpenSSH ECDSA P-384, readable only by its
   owner) and ``ca``: the CA certificate it pins.
 
@@ -199,11 +201,29 @@ def check_site(
     roster = _check_roster(node_config)
     if roster is not None:
         checks.append(roster)
+    device = _check_device(node_config)
+    if device is not None:
+        checks.append(device)
     if key:
         checks.append(_check_key(key))
     if ca:
         checks.append(_check_ca(ca))
     return checks
+
+
+def _check_device(node_config: Mapping[str, Any]) -> SiteCheck | None:
+    """The site's own ``train-device``, resolved on this machine as its ClientApp will
+    (:mod:`fl_app.device`); ``None`` when the site leaves the device to the server."""
+    from fl_app.config.errors import ConfigError
+    from fl_app.device import NODE_DEVICE_KEY, resolve_device, site_device
+
+    if NODE_DEVICE_KEY not in node_config:
+        return None
+    value, field = site_device(node_config, "auto")
+    try:
+        return SiteCheck("device", True, f"{value} (trains on {resolve_device(value, field)})")
+    except ConfigError as err:
+        return SiteCheck("device", False, str(err))
 
 
 def _check_data(node_config: Mapping[str, Any], dataset: Any) -> SiteCheck:

@@ -41,6 +41,16 @@ Trust assumptions and what this module does *not* do:
   experiments, "not for release") every draw comes from streams seeded by the
   caller's :class:`torch.Generator`: equally seeded runs give bit-identical
   weights, and whoever knows the seed can remove the noise.
+* On a GPU (``train.device``, :mod:`fl_app.device`) the model, the batches, the
+  per-sample gradients and their clipping live on the device; the randomness does not
+  move. torch has no CSPRNG on CUDA (its generator is Philox with a 64-bit seed, a
+  statistical generator with no security claim against a party that sees outputs or
+  guesses seeds), so seeding it from ``os.urandom`` each step would rest the guarantee
+  on an unanalysed assumption. Instead the same ChaCha20 keystream draws the noise on
+  the CPU and it is copied to the device once a step (``P`` float32 values: 4 MB for a
+  1M-parameter model), and the Poisson batches are drawn on the CPU as index lists.
+  Its cost against the step is measured by ``make bench``'s GPU section
+  (docs/performance.md). Only dropout uses the device's own generator.
 * Empty Poisson batches (probability ``(1 - q)^N`` per step) still take a step
   that adds pure noise: skipping it would reveal that the batch was empty, which the
   accountant does not cover. The step is taken without a forward pass (zero clipped

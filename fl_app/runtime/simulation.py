@@ -66,13 +66,21 @@ def run_simulation_experiment(
 
     Local data files are read and checked first (:func:`fl_app.data.check_local_data`):
     a bad file raises :class:`~fl_app.data.DataError` before round 1 and before Ray
-    starts, instead of every client refusing in round 1.
+    starts, instead of every client refusing in round 1. So is the hardware
+    (:func:`fl_app.config.validate_device.check_simulation_hardware`): a ``train.device``
+    or GPU share this machine lacks raises
+    :class:`~fl_app.device.DeviceUnavailableError` naming the field. With Ray, each client
+    gets ``runtime.client_num_gpus`` of a GPU (fractions share one); the in-process
+    backend trains every client on ``train.device`` directly.
     """
     from fl_app.client.app import app as client_app
+    from fl_app.config.validate_device import check_simulation_hardware
     from fl_app.data import check_local_data
 
     cfg = run.cfg if isinstance(run, RunPlan) else run
     check_local_data(cfg.dataset, cfg.seed)
+    # train.device and the GPU shares exist here (a deployed server never checks this).
+    check_simulation_hardware(cfg)
     plan = run if isinstance(run, RunPlan) else resolve(run)
     from fl_app.server.app import configure_logging, run_experiment
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from fl_app.config.plan import RunPlan
 from fl_app.config.schema import AppConfig
+from fl_app.device import run_manifest_device
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.server.checkpoint import in_model_order
 from fl_app.server.layout import AUDIT_FILE, LEDGER_FILE
@@ -83,6 +84,9 @@ def _open_fresh(
     rd = RunDirectory(run_dir, cfg)
     run_key = uuid.uuid4().hex
     rd.manifest["run_key"] = run_key
+    # train.device as configured and as resolved here (the simulated clients' device;
+    # deployed sites report their own in public metrics): fl_app.device.
+    rd.manifest["train_device"] = run_manifest_device(cfg.train.device)
     rd.start()
     audit = AuditTrail(rd.path, signing_key=signing_key)
     audit.run_start(
