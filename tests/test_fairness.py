@@ -9,6 +9,7 @@ under test. The unit tests pin the math to values worked out by hand.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -213,3 +214,57 @@ def test_fairness_numbers_equal_a_recomputation_from_the_saved_model_and_partiti
     assert last["server_worst_class_accuracy"] == pytest.approx(per_class.min())
     assert last["server_class_accuracy_0"] == pytest.approx(per_class[0])
     assert last["fed_site_accuracy_min"] == pytest.approx(values.min())
+
+
+# ---- fl-app report: per job, and DP's disparate impact ------------------------------------
+
+
+def _summary(accuracy: float, eps: float | None, site: Any, worst_class_acc: float) -> dict:
+    return {
+        "status": "completed",
+        "accuracy": accuracy,
+        "privacy": {"epsilon": eps, "delta": 1e-5 if eps else None},
+        "fairness": {
+            "per_site": site,
+            "per_class": {"worst_class": 8, "worst_accuracy": worst_class_acc},
+        },
+    }
+
+
+def _site(worst: float) -> dict[str, float]:
+    return {"mean": 0.8, "std": 0.1, "range": 0.3, "worst_accuracy": worst}
+
+
+def test_report_shows_fairness_per_job_and_dp_disparate_impact(tmp_path: Path) -> None:
+    from fl_app.cli.report import report_main
+    from fl_app.release.fairness_report import disparate_impact, job_fairness
+    from fl_app.release.report import collect_jobs
+
+    jobs_spec = {
+        "0": (["privacy=none", "seed=1"], _summary(0.9, None, _site(0.8), 0.7)),
+        "1": (["privacy=central", "seed=1"], _summary(0.8, 2.0, _site(0.5), 0.3)),
+        "2": (["privacy=dpsgd", "seed=1"], _summary(0.85, 8.0, "withheld: under x", 0.6)),
+    }
+    for name, (overrides, summary) in jobs_spec.items():
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (job / "summary.json").write_text(json.dumps(summary))
+    jobs = collect_jobs(tmp_path)
+    assert job_fairness(jobs[2].fairness).per_site_status == "withheld: under x"
+    impact = disparate_impact(jobs)
+    assert [(i.job, i.baseline, i.epsilon) for i in impact] == [("1", "0", 2.0), ("2", "0", 8.0)]
+    # Drops against job 0: overall 0.9-0.8, worst class 0.7-0.3, worst site 0.8-0.5.
+    assert impact[0].accuracy_drop == pytest.approx(0.1)
+    assert impact[0].worst_class_drop == pytest.approx(0.4)
+    assert impact[0].worst_site_drop == pytest.approx(0.3)
+    assert impact[1].worst_class_drop == pytest.approx(0.1)
+    assert impact[1].worst_site_drop is None  # withheld in the DP-SGD job
+    assert report_main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Fairness" in md and "withheld: under x" in md and "disparate impact" in md
+    assert (tmp_path / "fairness_vs_dp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (tmp_path / "fairness.csv").open() as fh:
+        rows = {r["job"]: r for r in csv.DictReader(fh)}
+    assert rows["1"]["worst_site_accuracy"] == "0.5" and rows["1"]["worst_class"] == "8"
+    assert rows["2"]["worst_site_accuracy"] == ""

@@ -13,7 +13,10 @@ privacy.clip=0.5,1``) leaves one job directory per setting, each with Hydra's
   (client-level for the federation; record-level, the largest institution's): the two
   are different guarantees and never share an axis; one curve per clipping norm;
 * ``accuracy_vs_rounds.png``: test accuracy per round from round 0 (the initial
-  model), one curve per job, integer round ticks.
+  model), one curve per job, integer round ticks;
+* a ``## Fairness`` section in ``report.md``, ``fairness.csv`` and, for a sweep with
+  private and non-private jobs, ``fairness_vs_dp.png`` (DP's disparate impact on the
+  worst site and the worst class; :mod:`fl_app.release.fairness_report`).
 
 Plots name only the swept parameters (those whose value differs between jobs) in
 their legends; the settings every job shares go in the title. Legends sit outside
@@ -22,7 +25,9 @@ the axes so they never cover a curve.
 Jobs that did not finish (no ``summary.json``) are listed with their status, never
 silently dropped; jobs that failed or were refused (``fl-app simulate -m`` refuses a job
 whose budget its planned rounds would exceed) are listed after the table with the
-reason their ``summary.json`` gives. Only aggregate numbers are read: nothing per client.
+reason their ``summary.json`` gives. Only aggregate numbers are read, and of the per-site
+fairness numbers only the summary's spread and worst site, which a run reports only where
+its threat model lets the server see each client's numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from fl_app.release.fairness_report import fairness_markdown, write_fairness
 from fl_app.server.layout import SUMMARY_FILE, RunLayout
 
 __all__ = [
@@ -78,6 +84,8 @@ class JobResult:
     accuracy_per_round: list[tuple[int, float]] = field(default_factory=list)
     # Test accuracy of the initial model (round 0), when the server evaluated it.
     initial_accuracy: float | None = None
+    # summary.json's fairness block (fl_app.release.fairness_report reads it).
+    fairness: dict[str, Any] | None = None
 
     @property
     def privacy_epsilon(self) -> float | None:
@@ -140,6 +148,7 @@ def _job(job: Path) -> JobResult:
         stopped_early=s.get("stopped_early"),
         status_reason=s.get("status_reason"),
         initial_accuracy=_float(s.get("initial_accuracy")),
+        fairness=s.get("fairness") if isinstance(s.get("fairness"), dict) else None,
     )
     metrics = layout.metrics
     if metrics.is_file():
@@ -227,9 +236,10 @@ def write_report(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
             _fmt(row[c]) if isinstance(row[c], (int, float)) else str(row[c] or "") for c in header
         ]
         md.append("| " + " | ".join(cells) + " |")
+    md.extend(fairness_markdown(jobs))
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md) + "\n")
-    return [csv_path, md_path, *_plots(jobs, out_dir)]
+    return [csv_path, md_path, *_plots(jobs, out_dir), *write_fairness(jobs, out_dir)]
 
 
 def curves_by_clip(jobs: Sequence[JobResult]) -> dict[str, list[tuple[float, float]]]:
