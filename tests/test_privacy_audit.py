@@ -211,9 +211,17 @@ def test_audit_privacy_main_quick_end_to_end(
 ) -> None:
     """Run seed 42 (config default), attack seed 42; record-level DP-SGD z=1."""
     out = tmp_path / "audit"
-    assert audit_privacy_main([str(tiny_run), "--quick", "--out", str(out)]) == 0
+    argv = [str(tiny_run), "--quick", "--out", str(out), "--client-canaries", "40"]
+    assert audit_privacy_main(argv) == 0
     doc = json.loads((out / "audit.json").read_text())
     summary = json.loads((tiny_run / "summary.json").read_text())
+    # No client-level DP: canary clients replayed through a plain mean of 2 rounds,
+    # compared with nothing; 10 + 10 guesses on noise-free sums all right.
+    client = doc["client_one_run"]
+    assert (client["mode"], client["rounds_replayed"], client["canaries"]) == ("none", 2, 40)
+    for view in ("released_model", "server_view"):
+        assert client[view]["accounted_epsilon"] is None
+        assert (client[view]["guesses"], client[view]["correct"]) == (20, 20)
     theory = doc["theoretical"]
     assert theory["record_level_epsilon_max"] == summary["privacy"]["record_level_epsilon_max"]
     assert theory["epsilon"] == summary["privacy"]["epsilon"]
@@ -230,3 +238,4 @@ def test_audit_privacy_main_quick_end_to_end(
     assert (out / "roc.png").is_file() and (out / "inversion.png").is_file()
     printed = capsys.readouterr().out
     assert f"{summary['privacy']['record_level_epsilon_max']:.3g}" in printed
+    assert "client canaries, server view (40 canary clients, 20/20 correct)" in printed

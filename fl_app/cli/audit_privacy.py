@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
         "bound on epsilon (one-run audit); exit 3 if it exceeds the accounted epsilon",
     )
     p.add_argument(
+        "--client-canaries",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also replay K canary clients through the run's recorded client-level "
+        "mechanism and bound epsilon from the released model and from the server's view; "
+        "exit 3 if a bound exceeds the epsilon it is compared with",
+    )
+    p.add_argument(
         "--no-images",
         action="store_true",
         help="do not write inversion.png (it shows true client records)",
@@ -59,6 +68,7 @@ def audit_privacy_main(argv: list[str] | None = None) -> int:
             images=not args.no_images,
             canaries=args.canaries,
             rerun=run_simulation_experiment,
+            client_canaries=args.client_canaries,
         )
     except AccountingBugSuspected as err:
         print(f"fl-app audit-privacy: AUDIT FAILED: {err}", file=sys.stderr)

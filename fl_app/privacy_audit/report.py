@@ -129,4 +129,14 @@ def print_audit(doc: dict[str, Any], out_dir: Path) -> None:
             f"{one['confidence']:.0%} confidence, delta={one['delta']:g}   | accounted "
             f"epsilon {'none (no DP)' if acc is None else f'{acc:.3f}'}"
         )
+    client = doc.get("client_one_run") or {}
+    for view in ("released_model", "server_view") if client else ():
+        b = client[view]
+        acc = b["accounted_epsilon"]
+        print(
+            f"client canaries, {view.replace('_', ' ')} ({b['canaries']} canary clients, "
+            f"{b['correct']}/{b['guesses']} correct): epsilon >= "
+            f"{b['epsilon_lower_bound']:.3f} at {b['confidence']:.0%}   | compared with "
+            f"{'nothing' if acc is None else f'epsilon {acc:.3f}'}"
+        )
     print(f"wrote {out_dir / 'audit.json'} and {', '.join(doc['plots'])}")

@@ -9,7 +9,10 @@ Reads the run directory a simulation leaves (``config.yaml``, ``summary.json``,
    would see it, unprotected and protected (:mod:`~fl_app.privacy_audit.inversion`);
 3. with ``--canaries K``, the one-run audit: K canaries planted in a re-run of the
    run's config, and a lower bound on ε beside the accounted one
-   (:mod:`~fl_app.privacy_audit.canaries`, ``audit.json``'s ``one_run``).
+   (:mod:`~fl_app.privacy_audit.canaries`, ``audit.json``'s ``one_run``);
+4. with ``--client-canaries K``, client-level canaries replayed through the run's
+   recorded client-level mechanism, bounds from the released model and from the
+   server's view (:mod:`~fl_app.privacy_audit.client_canaries`, ``client_one_run``).
 
 Members are the records the federation trained on: the union of every partition's
 train split (``load_client_data`` for every partition id; validation splits are
@@ -51,6 +54,7 @@ import yaml
 from fl_app.config.schema import AppConfig
 from fl_app.privacy.dpsgd_settings import DpSgdSettings
 from fl_app.privacy_audit.canaries import Rerun, one_run_audit
+from fl_app.privacy_audit.client_canaries import client_canary_audit
 from fl_app.privacy_audit.inversion import (
     InversionResult,
     InversionSettings,
@@ -347,6 +351,7 @@ def audit_run(
     images: bool = True,
     canaries: int | None = None,
     rerun: Rerun | None = None,
+    client_canaries: int | None = None,
 ) -> dict[str, Any]:
     """Run every attack on ``run_dir``'s release and write ``audit.json`` and plots.
 
@@ -354,7 +359,8 @@ def audit_run(
     re-training with ``rerun``):
     its section is written, then :class:`~fl_app.privacy_audit.one_run.
     AccountingBugSuspected` is raised if its lower bound exceeds the accounted ε.
-    Returns the JSON document that was written.
+    With ``client_canaries``, the client-level audit too (both of its views checked
+    the same way, after ``audit.json`` is written). Returns the JSON document that was written.
     """
     t0 = time.perf_counter()
     cfg, summary, model = _load_run(run_dir)
@@ -366,6 +372,11 @@ def audit_run(
         if rerun is None:
             raise ValueError("canaries need a rerun function (the CLI passes the simulation's)")
         one_run = one_run_audit(run_dir, out_dir, int(canaries), int(seed), rerun)
+    client_run = (
+        None
+        if client_canaries is None
+        else client_canary_audit(run_dir, int(client_canaries), int(seed))
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [roc_plot(out_dir / "roc.png", loss_res, lira.online, lira.offline, theory)]
@@ -385,6 +396,7 @@ def audit_run(
         "gradient_inversion": inversion,
         "canaries": None if one_run is None else int(one_run[0].guesses.canaries),
         "one_run": None if one_run is None else one_run[1],
+        "client_one_run": None if client_run is None else client_run[1],
         "plots": [p.name for p in plots],
         "raw_data_written": (
             "inversion.png shows the true records of the inversion demo beside their "
@@ -398,6 +410,8 @@ def audit_run(
     if one_run is not None:
         # After audit.json is written: the evidence stays beside the error.
         check_against_accounted(one_run[0])
+    for bound in () if client_run is None else client_run[0].values():
+        check_against_accounted(bound)
     return doc
 
 
@@ -410,6 +424,7 @@ def audit_run_dir(
     images: bool = True,
     canaries: int | None = None,
     rerun: Rerun | None = None,
+    client_canaries: int | None = None,
 ) -> dict[str, Any]:
     """:func:`audit_run` with the settings of ``fl-app audit-privacy`` (:mod:`fl_app.cli.
     audit_privacy`): the run's own seed unless ``seed`` is given, quick settings (few
@@ -427,7 +442,14 @@ def audit_run_dir(
     torch.set_num_threads(1)
     try:
         return audit_run(
-            run_dir, out_dir, settings, seed=seed, images=images, canaries=canaries, rerun=rerun
+            run_dir,
+            out_dir,
+            settings,
+            seed=seed,
+            images=images,
+            canaries=canaries,
+            rerun=rerun,
+            client_canaries=client_canaries,
         )
     finally:
         torch.set_num_threads(threads)
