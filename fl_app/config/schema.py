@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from fl_app.config.schema_share import ShareArtifact, ShareConfig
 from fl_app.config.schema_tracking import TrackingConfig
 
 __all__ = [
@@ -373,21 +374,6 @@ class SecAggConfig:
     # survive a split view plus colluders (k=52, t=32 at 100 clients), clients sign their
     # keys and the survivor set (consistency-check round). A site policy may require it.
     server_model: SecAggServerModel = SecAggServerModel.honest_but_curious
-
-
-class ShareArtifact(str, Enum):
-    delta = "delta"  # Δ = w_local − w_global of the shared layers (today's reply)
-    weights = "weights"  # w_local of the shared layers (trusted server, no client-level DP)
-    compressed = "compressed"  # a compressed Δ: needs share.compression (not available yet)
-
-
-@dataclass
-class ShareConfig:
-    """What leaves a site (configs/share/; docs/personalization.md)."""
-
-    artifact: ShareArtifact = ShareArtifact.delta
-    # fnmatch patterns of state_dict names that leave a site; the rest stay with it.
-    layers: list[str] = field(default_factory=lambda: ["*"])
 
 
 class SimulationBackend(str, Enum):
