@@ -9,10 +9,11 @@
 ``fl-app audit-privacy <run dir>``        empirical attacks on a release (MIA, inversion)
 ``fl-app deploy ...``                     certificates, keys, SuperLink/SuperNodes, submit, demo
 ``fl-app site check --node-config ...``   a SuperNode's start-up checks, by hand
+``fl-app synth --out DIR --epsilon E ...`` a DP synthetic surrogate of a site's data
 Each verb has its module here (:mod:`fl_app.cli.simulate`, :mod:`fl_app.cli.audit`,
 :mod:`fl_app.cli.export`, :mod:`fl_app.cli.report`, :mod:`fl_app.cli.audit_privacy`,
-:mod:`fl_app.cli.deploy`, :mod:`fl_app.cli.site`); the library modules hold no
-argparse code.
+:mod:`fl_app.cli.deploy`, :mod:`fl_app.cli.site`, :mod:`fl_app.cli.synth`); the library
+modules hold no argparse code.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ commands:
              (see docs/deployment.md; incidents: docs/operations.md)
   site       check --node-config "..." | --site site.yaml [--key K] [--ca C]: a
              SuperNode's start-up checks (data, policy, folders, keys) by hand
+  synth      --out DIR --epsilon E --state-dir S --site-name N [overrides]: a DP
+             synthetic surrogate of a site's data (MST/AIM), in the site's ledger, with
+             a card; --compare REAL_RUN SURROGATE_RUN: accuracy on real test rows
+             (docs/synthetic-data.md)
 
 Hydra's own flags work after `simulate` (--help, --cfg job, -m, hydra.run.dir=...).
 """
@@ -81,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         from fl_app.cli.site import site_main
 
         raise SystemExit(site_main(rest))
+    elif command == "synth":
+        from fl_app.cli.synth import synth_main
+
+        raise SystemExit(synth_main(rest))
     elif command == "audit":
         from fl_app.cli.audit import audit_main
 

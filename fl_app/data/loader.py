@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_app.config.schema import DatasetConfig, DatasetKind
-from fl_app.data import local_files, sources
+from fl_app.data import local_files, sources, synthetic
 from fl_app.data.arrays import ArrayDataset, ClientData, check_data_shape
 from fl_app.data.errors import DataError
 from fl_app.data.partition import (
@@ -239,6 +239,10 @@ def _split(request: _Request, seed: int) -> _Split:
             raise DataError("dataset.kind=local: no data file resolved")
         pool = local_files.load_local_source(request.path, cfg)
         carve = False
+    elif cfg.kind == DatasetKind.synthetic:
+        # A surrogate stands in for a whole data set: the same holdout and partitions.
+        pool = synthetic.load_synthetic_source(cfg)
+        carve = True
     else:
         raise DataError(f"unknown dataset.kind {cfg.kind!r}")
 
@@ -270,6 +274,10 @@ def _partitions(request: _Request, seed: int, num_partitions: int) -> tuple[np.n
 
 def _request(cfg: DatasetConfig, path: Path | None) -> _Request:
     body: dict[str, object] = {"cfg": _jsonable(dataclasses.asdict(cfg))}
+    if path is None and cfg.kind == DatasetKind.synthetic:
+        # Re-read a surrogate replaced under the same folder (its hash is checked then).
+        surrogate = synthetic.synthetic_data_path(cfg)
+        path = surrogate if surrogate.is_file() else None
     if path is not None:
         stat = path.stat()
         body["file"] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]

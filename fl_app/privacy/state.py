@@ -58,6 +58,7 @@ __all__ = [
     "LOCAL_RELEASES_SEEN_KEY",
     "ROUNDS_SEEN_KEY",
     "STEPS_SEEN_KEY",
+    "SYNTH_KIND",
     "ClientPrivacyState",
     "DpSgdState",
     "LocalDpState",
@@ -289,8 +290,10 @@ class LocalDpStore:
 
 
 # The kinds of epsilon a site's ledger composes: DP-SGD's record-level epsilon and local
-# DP's (an update-level epsilon, which also bounds every record in the update).
-SITE_SPEND_KINDS = ("record-level", "local DP")
+# DP's (an update-level epsilon, which also bounds every record in the update), and a DP
+# synthetic surrogate's (record-level, `fl-app synth`, each under its own release key).
+SYNTH_KIND = "synthetic data"
+SITE_SPEND_KINDS = ("record-level", "local DP", SYNTH_KIND)
 
 
 @dataclass(frozen=True)

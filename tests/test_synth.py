@@ -1,0 +1,221 @@
+"""DP synthetic surrogates (``fl-app synth``, issue 20; docs/synthetic-data.md).
+
+Guarantees: the surrogate's epsilon is in the site's budget ledger before the
+synthesizer sees a row, and counts in the site's total (and against its policy's
+max_epsilon); the domain is the config's, never the data's; the card pins the written
+bytes and ``dataset=synthetic`` refuses any others, so a run on the surrogate is
+reproducible from its card; the synthesizer's global-RNG draws cannot be predicted from
+a seed set elsewhere. The synthesizer itself is a recording double here except in the
+one slow test, which runs smartnoise-synth's MST.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_app.client.policy import SitePolicy
+from fl_app.client.refusal import PolicyRefusal
+from fl_app.config.compose import compose_config
+from fl_app.config.errors import ConfigError
+from fl_app.config.schema import AppConfig, DatasetConfig, DatasetKind
+from fl_app.data import DataError, load_client_data, load_server_test_set
+from fl_app.data.loader import clear_caches
+from fl_app.data.synthetic import CARD_FILE, DATA_FILE
+from fl_app.privacy.state import SiteBudgetLedger, SiteSpend
+from fl_app.synth.mechanism import SynthError, check_table, secret_global_numpy_rng
+from fl_app.synth.run import SurrogateRequest, make_surrogate
+from fl_app.synth.table import decode_table, encode_table, from_codes, to_codes
+
+RAW = np.arange(17)  # digits' raw pixel values 0..16
+
+
+def test_seventeen_levels_are_the_raw_digit_values() -> None:
+    codes = to_codes(RAW / 16.0, 17, 0.0, 1.0)
+    assert codes.tolist() == list(range(17))
+    assert np.array_equal(from_codes(codes, 17, 0.0, 1.0), (RAW / 16.0).astype(np.float32))
+
+
+def test_four_levels_bin_by_hand() -> None:
+    # Width 1/4 of [0, 1]: raw 0-3 -> 0, 4-7 -> 1, 8-11 -> 2, 12-16 -> 3 (1.0 in the top).
+    expected = [0] * 4 + [1] * 4 + [2] * 4 + [3] * 5
+    assert to_codes(RAW / 16.0, 4, 0.0, 1.0).tolist() == expected
+    assert from_codes(np.arange(4), 4, 0.0, 1.0).tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    with pytest.raises(ValueError, match="levels"):
+        to_codes(RAW, 1, 0.0, 1.0)
+
+
+def test_table_round_trip_keeps_labels_and_shape() -> None:
+    x = (np.arange(2 * 4) % 17 / 16.0).reshape(2, 1, 2, 2)
+    y = np.array([3, 9])
+    table = encode_table(x, y, 17, 0.0, 1.0)
+    assert table.tolist() == [[0, 1, 2, 3, 3], [4, 5, 6, 7, 9]]
+    xs, ys = decode_table(table, (1, 2, 2), 17, 0.0, 1.0)
+    assert np.array_equal(xs, x.astype(np.float32)) and ys.tolist() == [3, 9]
+
+
+def test_check_table_refuses_codes_outside_the_public_domain() -> None:
+    assert check_table(np.array([[0, 2], [1, 0]]), [2, 3], "t").dtype == np.int64
+    with pytest.raises(SynthError, match="outside the public domain"):
+        check_table(np.array([[2, 0]]), [2, 3], "t")
+    with pytest.raises(SynthError, match="shape"):
+        check_table(np.array([[0, 0, 0]]), [2, 3], "t")
+
+
+def test_global_rng_inside_is_not_the_seeded_one_and_is_restored_after() -> None:
+    np.random.seed(0)
+    expected_after = np.random.RandomState(0).random_sample(3)
+    with secret_global_numpy_rng():
+        first = np.random.random_sample(3)
+    assert np.array_equal(np.random.random_sample(3), expected_after)  # caller's stream
+    np.random.seed(0)
+    with secret_global_numpy_rng():
+        second = np.random.random_sample(3)
+    # A seed set outside decides nothing inside (equal draws: probability ~2^-150).
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first, expected_after)
+
+
+class RecordingSynth:
+    """Returns the site's own table (a stand-in), recording the ledger at call time."""
+
+    def __init__(self, ledger: SiteBudgetLedger) -> None:
+        self.ledger = ledger
+        self.calls: list[tuple[list[int], float, float, int, list[SiteSpend]]] = []
+
+    def __call__(self, table, cardinalities, epsilon, delta, rows):  # type: ignore[no-untyped-def]
+        self.calls.append((list(cardinalities), epsilon, delta, rows, self.ledger.entries()))
+        return np.asarray(table)[:rows]
+
+
+def _request(tmp_path: Path, **kw: object) -> SurrogateRequest:
+    base: dict[str, object] = dict(
+        out_dir=tmp_path / "out",
+        state_dir=tmp_path / "state",
+        site="site-a",
+        epsilon=2.0,
+        delta=1e-6,
+        partition=0,
+    )
+    base.update(kw)
+    return SurrogateRequest(**base)  # type: ignore[arg-type]
+
+
+def _cfg() -> AppConfig:
+    cfg = AppConfig()
+    cfg.dataset.num_partitions = 10
+    return cfg
+
+
+def test_surrogate_epsilon_is_in_the_site_ledger_before_synthesis(tmp_path: Path) -> None:
+    ledger = SiteBudgetLedger(tmp_path / "state", "site-a")
+    ledger.record(SiteSpend("run-1", "record-level", 1.5, 1e-5))  # an earlier FL run
+    synth = RecordingSynth(ledger)
+    result = make_surrogate(_cfg(), _request(tmp_path), synth)
+    card = result.card
+    (cards, eps, delta, rows, seen) = synth.calls[0]
+    assert cards == [17] * 64 + [10]  # public domain: 64 pixels x 17 levels, 10 labels
+    assert (eps, delta) == (2.0, 1e-6)
+    # The surrogate's line was on disk when the synthesizer ran.
+    assert seen[-1] == SiteSpend(card["release_id"], "synthetic data", 2.0, 1e-6)
+    # Site total by hand: the FL run's 1.5 plus the surrogate's 2.0; deltas add.
+    assert (result.site_epsilon, result.site_delta) == pytest.approx((3.5, 1e-5 + 1e-6))
+    assert ledger.total("next", "record-level", 0.0, 0.0) == pytest.approx((3.5, 1e-5 + 1e-6))
+    # Partition 0 of 10 of the digits pool (1797 - 360 held out = 1437 rows).
+    part = load_client_data(_cfg().dataset, 0, 10, 42)
+    assert rows == card["rows"] == len(part.train.y) + len(part.val.y)
+
+
+def test_card_pins_the_bytes_and_states_no_seed_or_site_total(tmp_path: Path) -> None:
+    card = make_surrogate(
+        _cfg(), _request(tmp_path), RecordingSynth(SiteBudgetLedger(tmp_path, "x"))
+    ).card
+    out = tmp_path / "out"
+    assert card["data_sha256"] == hashlib.sha256((out / DATA_FILE).read_bytes()).hexdigest()
+    assert json.loads((out / CARD_FILE).read_text()) == card
+    assert card["privacy"]["epsilon"] == 2.0 and card["privacy"]["delta"] == 1e-6
+    assert card["method"]["synthesizer"] == "mst" and card["preprocessing"]["levels"] == 17
+    assert card["randomness"]["seed"] is None and card["limits"]
+    assert "3.5" not in (out / CARD_FILE).read_text()  # nothing about other releases
+    text = (out / "card.md").read_text()
+    assert "epsilon 2, delta 1e-06" in text and card["data_sha256"] in text
+
+
+def test_policy_max_epsilon_counts_the_site_total_and_refuses_first(tmp_path: Path) -> None:
+    ledger = SiteBudgetLedger(tmp_path / "state", "site-a")
+    ledger.record(SiteSpend("run-1", "record-level", 1.5, 1e-5))
+    synth = RecordingSynth(ledger)
+    with pytest.raises(PolicyRefusal, match="max_epsilon"):
+        # 2.0 alone fits under 3.0; with the earlier run's 1.5 the site would reach 3.5.
+        make_surrogate(_cfg(), _request(tmp_path), synth, SitePolicy(max_epsilon=3.0))
+    assert synth.calls == [] and not (tmp_path / "out").exists()
+    assert ledger.entries() == [SiteSpend("run-1", "record-level", 1.5, 1e-5)]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [("epsilon", 0.0, "--epsilon"), ("delta", 1.0, "--delta"), ("levels", 1, "--levels")],
+)
+def test_bad_arguments_name_the_flag(tmp_path: Path, field: str, value: float, flag: str) -> None:
+    with pytest.raises(SynthError, match=flag):
+        make_surrogate(
+            _cfg(),
+            _request(tmp_path, **{field: value}),
+            RecordingSynth(SiteBudgetLedger(tmp_path, "x")),
+        )
+
+
+def test_an_output_folder_holding_a_surrogate_is_refused(tmp_path: Path) -> None:
+    synth = RecordingSynth(SiteBudgetLedger(tmp_path / "state", "site-a"))
+    make_surrogate(_cfg(), _request(tmp_path), synth)
+    with pytest.raises(SynthError, match="already holds a surrogate"):
+        make_surrogate(_cfg(), _request(tmp_path), synth)
+    assert len(synth.ledger.entries()) == 1
+
+
+def _synthetic_cfg(folder: Path) -> DatasetConfig:
+    return DatasetConfig(kind=DatasetKind.synthetic, synthetic_path=str(folder), pixel_scale=1.0)
+
+
+def test_a_run_on_the_surrogate_is_reproducible_from_its_card(tmp_path: Path) -> None:
+    synth = RecordingSynth(SiteBudgetLedger(tmp_path / "state", "site-a"))
+    card = make_surrogate(_cfg(), _request(tmp_path), synth).card
+    dcfg = _synthetic_cfg(tmp_path / "out")
+    test = load_server_test_set(dcfg, 7)
+    client = load_client_data(dcfg, 3, 10, 7)
+    clear_caches()
+    again = load_client_data(dcfg, 3, 10, 7)
+    assert np.array_equal(client.train.x, again.train.x)
+    assert np.array_equal(client.train.y, again.train.y)
+    assert (
+        test is not None
+        and len(test.y)
+        + sum(
+            len(load_client_data(dcfg, k, 10, 7).train.y)
+            + len(load_client_data(dcfg, k, 10, 7).val.y)
+            for k in range(10)
+        )
+        == card["rows"]
+    )
+    # The double returned the site's own codes: decoded pixels are k/16 exactly.
+    assert set(np.unique(client.train.x * 16).tolist()) <= set(range(17))
+
+
+def test_dataset_synthetic_refuses_bytes_its_card_does_not_pin(tmp_path: Path) -> None:
+    make_surrogate(_cfg(), _request(tmp_path), RecordingSynth(SiteBudgetLedger(tmp_path, "x")))
+    path = tmp_path / "out" / DATA_FILE
+    blob = bytearray(path.read_bytes())
+    blob[-30] ^= 1
+    path.write_bytes(bytes(blob))
+    clear_caches()
+    with pytest.raises(DataError, match=r"dataset\.synthetic_path"):
+        load_server_test_set(_synthetic_cfg(tmp_path / "out"), 7)
+
+
+def test_config_names_the_missing_surrogate_folder() -> None:
+    with pytest.raises(ConfigError, match=r"dataset\.synthetic_path"):
+        compose_config("config", ["dataset=synthetic"])
