@@ -22,6 +22,11 @@
    model; guess "in" for the ``K/4`` highest, "out" for the ``K/4`` lowest, abstain on
    the rest (fixed before any score is seen); turn the guesses into a lower bound on ε
    at the accounted δ with 95 % confidence (:mod:`~fl_app.privacy_audit.one_run`).
+5. **Exposure.** One secret (a random pattern with a random label, one of 1000
+   candidates) is inserted once into site 0's file too, and its exposure under the
+   re-run's model is reported (:mod:`~fl_app.privacy_audit.exposure`, Carlini et al.
+   2019). The secret is the same in every draw of the inclusion bits, so it is part of
+   the fixed dataset the one-run bound conditions on.
 
 The ε compared against is the record-level one (``record_level_epsilon_max``) when
 the run used DP-SGD, else the client-level ε: a client-level guarantee covers any
@@ -33,10 +38,8 @@ generator seeded by the audit seed. The audit is a test tool whose result must b
 reproducible from ``audit.json``; seeded randomness is deliberate here, unlike in
 training (where DP noise comes from OS-keyed keystreams).
 
-Not covered: client-level canaries (a canary *client* whose update is a fixed random
-direction) and guesses from what the server sees; the one-run bound here is for
-record-level membership from the released model. See docs/architecture.md (privacy
-audit).
+Client-level canaries and the server's view: :mod:`~fl_app.privacy_audit.
+client_canaries`. See docs/architecture.md (privacy audit).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import torch
 import yaml
 
 from fl_app.config.plan import RunPlan
+from fl_app.privacy_audit.exposure import draw_secret, secret_exposure
 from fl_app.privacy_audit.membership import per_example_loss
 from fl_app.privacy_audit.one_run import OneRunBound, guess_from_scores
 
@@ -138,8 +142,14 @@ def accounted_guarantee(summary: dict[str, Any]) -> tuple[float | None, float]:
     return None, _DEFAULT_DELTA
 
 
-def _site_files(raw_cfg: dict[str, Any], canaries: CanarySet, out: Path) -> list[str]:
-    """Write one ``.npz`` per site: its original train split, site 0 plus the canaries."""
+def _site_files(
+    raw_cfg: dict[str, Any],
+    canaries: CanarySet,
+    out: Path,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[str]:
+    """Write one ``.npz`` per site: its original train split, site 0 plus the canaries
+    (and the ``extra`` records: the exposure audit's secret)."""
     from fl_app.config.compose import to_app_config
     from fl_app.data import load_client_data
 
@@ -153,6 +163,8 @@ def _site_files(raw_cfg: dict[str, Any], canaries: CanarySet, out: Path) -> list
         if pid == 0:
             x = np.concatenate([x, canaries.x[canaries.included]])
             y = np.concatenate([y, canaries.y[canaries.included]])
+            if extra is not None:
+                x, y = np.concatenate([x, extra[0]]), np.concatenate([y, extra[1]])
         path = out / f"site{pid}.npz"
         # Files hold raw values, as a site's would: the loader divides by pixel_scale.
         np.savez(path, x=(x * scale).astype(np.float32), y=y.astype(np.int64))
@@ -201,12 +213,15 @@ def one_run_audit(
         )
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SEED_TAG]))
     canaries = draw_canaries(test.x, test.y, int(k), int(cfg.dataset.num_classes), rng)
+    bounds = (float(test.x.min()), float(test.x.max()))
+    secret = draw_secret(tuple(test.x.shape[1:]), int(cfg.dataset.num_classes), bounds, rng)
     work = out_dir / "canary_run"
     if work.exists():
         # The audit's own scratch from an earlier audit into the same --out: a run
         # directory never overwrites its checkpoints, so the re-run starts afresh.
         shutil.rmtree(work)
-    rerun_plan = to_app_plan(_rerun_config(raw, _site_files(raw, canaries, work / "sites")))
+    files = _site_files(raw, canaries, work / "sites", secret.secret_record)
+    rerun_plan = to_app_plan(_rerun_config(raw, files))
     rerun_cfg = rerun_plan.cfg
     summary = rerun(rerun_plan, str(work / "run"))
     if summary.get("status") == "failed":
@@ -231,4 +246,5 @@ def one_run_audit(
         "rerun_status": summary.get("status"),
         "reference": "Steinke, Nasr & Jagielski, Privacy Auditing with One (1) Training "
         "Run, NeurIPS 2023",
+        "exposure": secret_exposure(model, secret, accounted, delta),
     }
