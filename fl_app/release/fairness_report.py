@@ -77,6 +77,18 @@ class JobFairness:
     # Why there are no per-site numbers ("withheld: ..." / "not measured: ..."), if so.
     per_site_status: str | None = None
 
+    def cells(self) -> dict[str, float | int | str | None]:
+        """The report's columns for this job, in order."""
+        return {
+            "site_mean": self.site_mean,
+            "site_std": self.site_std,
+            "site_range": self.site_range,
+            "worst_site_accuracy": self.worst_site_accuracy,
+            "worst_class": self.worst_class,
+            "worst_class_accuracy": self.worst_class_accuracy,
+            "per_site_status": self.per_site_status,
+        }
+
 
 def job_fairness(block: Mapping[str, Any] | None) -> JobFairness:
     """Read ``summary.json``'s ``fairness`` block (absent in runs before it existed)."""
@@ -151,21 +163,13 @@ def disparate_impact(jobs: Sequence[JobResult]) -> list[Impact]:
     return sorted(out, key=lambda i: (i.epsilon, i.job))
 
 
-def _fmt(value: float | int | None) -> str:
+def _fmt(value: float | int | str | None) -> str:
     if value is None:
         return ""
     return format(value, ".4g") if isinstance(value, float) else str(value)
 
 
-_JOB_COLUMNS = (
-    "site_mean",
-    "site_std",
-    "site_range",
-    "worst_site_accuracy",
-    "worst_class",
-    "worst_class_accuracy",
-    "per_site_status",
-)
+_JOB_COLUMNS = tuple(JobFairness().cells())
 
 
 def fairness_markdown(jobs: Sequence[JobResult]) -> list[str]:
@@ -182,10 +186,8 @@ def fairness_markdown(jobs: Sequence[JobResult]) -> list[str]:
         "|" + "---|" * (len(_JOB_COLUMNS) + 1),
     ]
     for j in jobs:
-        f = job_fairness(j.fairness)
         cells = [
-            _fmt(getattr(f, c)) if c != "per_site_status" else (f.per_site_status or "")
-            for c in _JOB_COLUMNS
+            v if isinstance(v, str) else _fmt(v) for v in job_fairness(j.fairness).cells().values()
         ]
         lines.append(f"| {j.path.name} | " + " | ".join(cells) + " |")
     impact = disparate_impact(jobs)
@@ -210,10 +212,8 @@ def write_fairness(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
         writer = csv.writer(fh)
         writer.writerow(["job", *_JOB_COLUMNS])
         for j in jobs:
-            f = job_fairness(j.fairness)
-            writer.writerow(
-                [j.path.name, *("" if (v := getattr(f, c)) is None else v for c in _JOB_COLUMNS)]
-            )
+            cells = job_fairness(j.fairness).cells().values()
+            writer.writerow([j.path.name, *("" if v is None else v for v in cells)])
     paths = [path]
     impact = disparate_impact(jobs)
     if impact:
