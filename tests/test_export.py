@@ -450,6 +450,65 @@ def test_a_log_the_summary_does_not_anchor_is_verified_and_appended_to(
         export_run(run_dir, "public", tmp_path / "out2")
 
 
+def _audit_doc(summary: dict[str, Any], record_bound: float) -> dict[str, Any]:
+    """An audit.json as `fl-app audit-privacy --canaries --client-canaries` writes it."""
+    bound = {"canaries": 100, "guesses": 50, "correct": 40, "delta": 1e-5, "confidence": 0.95}
+    return {
+        "model_sha256": summary["model_sha256"],
+        "config_hash": summary["config_hash"],
+        "one_run": {**bound, "epsilon_lower_bound": record_bound, "accounted_epsilon": 3.0,
+                    "exposure": {"exposure_bits": 1.5}},
+        "client_one_run": {
+            "released_model": {**bound, "epsilon_lower_bound": 0.0, "accounted_epsilon": 3.0},
+            "server_view": {**bound, "epsilon_lower_bound": 2.93, "accounted_epsilon": None},
+        },
+    }  # fmt: skip
+
+
+def test_the_card_cites_an_audit_written_after_the_run_without_touching_the_evidence(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    """audit.json (written into <run>/privacy_audit/ after the run) is cited with its own
+    SHA-256; the rest of the card and the audit log's verification are unchanged; an
+    audit of another model is named, not cited; a bound above the accounted ε is shown."""
+    import hashlib
+
+    run_dir = _copy(runs["central"], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    anchor = summary["audit"]
+    plain = export_run(run_dir, "public", tmp_path / "plain").card
+    assert "empirical_audit" not in plain["privacy"]
+    path = run_dir / "privacy_audit" / "audit.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(_audit_doc(summary, 0.8123)))
+    result = export_run(run_dir, "public", tmp_path / "cited")
+    cited = result.card["privacy"].pop("empirical_audit")
+    assert result.card == plain
+    assert verify(
+        run_dir / "audit.jsonl", expected_head=anchor["head"], expected_seq=anchor["seq"]
+    ).ok
+    assert cited["cited"] is True and cited["failed"] is False
+    assert cited["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert cited["file"] == "privacy_audit/audit.json" and cited["exposure_bits"] == 1.5
+    assert [b["statement"] for b in cited["bounds"]] == [
+        "accounted ε 3; audited lower bound 0.812 at 95 % confidence",
+        "accounted ε 3; audited lower bound 0 at 95 % confidence",
+        "no accounted ε (not compared); audited lower bound 2.93 at 95 % confidence",
+    ]
+    card_md = (tmp_path / "cited" / "model_card.md").read_text()
+    assert "### Empirical privacy audit" in card_md
+    assert "record-level canaries, released model: accounted ε 3; audited lower bound " \
+        "0.812 at 95 % confidence" in card_md  # fmt: skip
+    assert cited["sha256"] in card_md
+    path.write_text(json.dumps(_audit_doc(summary, 3.5)))
+    failed = export_run(run_dir, "public", tmp_path / "failed").card["privacy"]["empirical_audit"]
+    assert failed["failed"] is True and failed["bounds"][0]["exceeds_accounted"] is True
+    path.write_text(json.dumps({**_audit_doc(summary, 0.8), "model_sha256": "0" * 64}))
+    stale = export_run(run_dir, "public", tmp_path / "stale").card["privacy"]["empirical_audit"]
+    assert stale["cited"] is False and "model_sha256 differs" in stale["why_not"]
+    assert "bounds" not in stale
+
+
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert export_main([]) == 2
     assert export_main([str(tmp_path), "--tier", "secret", "--out", str(tmp_path / "o")]) == 2

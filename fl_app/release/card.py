@@ -272,8 +272,10 @@ def build_card(
     parameter_count: int,
     exporter_version: str,
     published_hash: str | None,
+    audit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The model card of a checked run (the content of ``model_card.json``)."""
+    """The model card of a checked run (the content of ``model_card.json``); ``audit``:
+    the cited empirical audit (:func:`fl_app.release.audit_citation.cite_audit`)."""
     from fl_app.privacy.noise import release_status
 
     evaluation = {
@@ -301,7 +303,10 @@ def build_card(
         "model": _model_section(cfg, parameter_count, summary["weights_sha256"]),
         "training": _training_section(cfg, summary),
         "evaluation": evaluation,
-        "privacy": _privacy_section(cfg, summary, evidence),
+        "privacy": {
+            **_privacy_section(cfg, summary, evidence),
+            **({"empirical_audit": dict(audit)} if audit is not None else {}),
+        },
         "not_protected": not_protected(cfg),
         "reproducibility": _reproducibility_section(
             cfg, summary, tier, exporter_version, published_hash
@@ -434,6 +439,12 @@ def render_card_markdown(card: Mapping[str, Any]) -> str:
             *_table(priv["record_level_dp"], nested=True),
             "",
         ]
+    audit = priv.get("empirical_audit")
+    if audit:
+        out += ["### Empirical privacy audit", ""]
+        out += [*_table({k: v for k, v in audit.items() if k != "bounds"}), ""]
+        out += [f"- {b['audit']}: {b['statement']}" for b in audit.get("bounds") or []]
+        out += [""] if audit.get("bounds") else []
     out += ["## What is NOT protected", ""]
     out += [f"- {item}" for item in card["not_protected"]]
     out += ["", "## Reproducibility", "", *_table(card["reproducibility"]), ""]

@@ -28,6 +28,7 @@ import numpy as np
 
 from fl_app.atomic import write_atomic
 from fl_app.config.schema import AppConfig
+from fl_app.release.audit_citation import cite_audit
 from fl_app.release.card import Tier, build_card, render_card_markdown
 from fl_app.release.evidence import (
     RELEASABLE,
@@ -388,6 +389,7 @@ def export_run(
         run.parameter_count,
         exporter_version,
         published_hash,
+        audit=cite_audit(src, run.summary),
     )
     outputs = _outputs(run, tier, card)
     audit = _open_audit(src, run)
