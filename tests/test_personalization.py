@@ -94,6 +94,27 @@ def test_server_receives_no_head_parameter_in_any_round(mode: str, tmp_path: Pat
     # Nor does the server hold a head: the global model is the shared part.
     final, _meta = load_safetensors(RunLayout(tmp_path / "run").model)
     assert set(final) == {"net.1.weight", "net.1.bias"}
+    if mode == "none":
+        _assert_declared(tmp_path / "run", tmp_path / "export")
+
+
+def _assert_declared(run: Path, out: Path) -> None:
+    """The declaration is in the run manifest, the audit log's run.start and the card."""
+    import json
+
+    from fl_app.release.export import export_run
+
+    declared = {"artifact": "delta", "layers": ["net.1.*"]}
+    layout = RunLayout(run)
+    assert json.loads(layout.run_manifest.read_text())["share"] == declared
+    starts = [
+        json.loads(line) for line in layout.audit.read_text().splitlines() if '"run.start"' in line
+    ]
+    assert [e["data"]["share"] for e in starts] == [declared], starts
+    result = export_run(run, "restricted", out)
+    card = json.loads((result.out_dir / "model_card.json").read_text())
+    assert card["model"]["share_artifact"] == "delta"
+    assert card["model"]["shared_layers"] == ["net.1.*"]
 
 
 def test_secure_vector_is_shorter_by_exactly_the_head(tmp_path: Path) -> None:
@@ -124,7 +145,11 @@ def _fresh_context(state_dir: Path, partition: int) -> Context:
     return Context(
         run_id=1,
         node_id=5 + partition,
-        node_config={"partition-id": partition, "num-partitions": 4, "dp-state-dir": str(state_dir)},
+        node_config={
+            "partition-id": partition,
+            "num-partitions": 4,
+            "dp-state-dir": str(state_dir),
+        },
         state=RecordDict(),
         run_config={},
     )

@@ -116,6 +116,10 @@ def _model_section(cfg: AppConfig, parameter_count: int, weights_sha: str) -> di
         "file": MODEL_FILE,
         "format": "safetensors, float32, state_dict names of fl_app.models.build_model",
         "weights_sha256": weights_sha,
+        # What left the sites (share.*): layers outside share.layers stayed at each site
+        # and are not in this file (docs/personalization.md).
+        "share_artifact": cfg.share.artifact.value,
+        "shared_layers": list(cfg.share.layers),
     }
 
 

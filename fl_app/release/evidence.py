@@ -36,6 +36,7 @@ from fl_app.server.layout import (
     RUN_MANIFEST_FILE,
     SUMMARY_FILE,
 )
+from fl_app.share_layers import split_shared
 
 __all__ = [
     "RELEASABLE",
@@ -243,7 +244,7 @@ def load_model(
     import safetensors.numpy
 
     from fl_app.models import build_model
-    from fl_app.weights import load_ndarrays, weights_digest
+    from fl_app.weights import load_ndarrays, model_to_ndarrays, weights_digest
 
     fix = (
         "export the model the run released: restore model.safetensors from the run (or rerun "
@@ -276,8 +277,16 @@ def load_model(
         )
     model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
     ordered = {k: arrays[k] for k in model.state_dict() if k in arrays}
+    # Layers outside share.layers stayed at the sites: the released model is the rest.
+    _shared, kept = split_shared(model_to_ndarrays(model), list(cfg.share.layers))
+    if set(kept) & set(arrays):
+        raise ExportRefused(
+            f"{MODEL_FILE} holds {sorted(set(kept) & set(arrays))}, layers the run kept at "
+            "the sites (share.layers)",
+            fix,
+        )
     try:
-        load_ndarrays(model, arrays)
+        load_ndarrays(model, {**kept, **arrays})
     except ValueError as err:
         raise ExportRefused(f"{MODEL_FILE} does not fit the config's model ({err})", fix) from None
     return ordered, int(sum(int(a.size) for a in ordered.values()))

@@ -87,6 +87,9 @@ def _open_fresh(
     # train.device as configured and as resolved here (the simulated clients' device;
     # deployed sites report their own in public metrics): fl_app.device.
     rd.manifest["train_device"] = run_manifest_device(cfg.train.device)
+    # What leaves a site (share.artifact, share.layers), declared per run.
+    share = {"artifact": cfg.share.artifact.value, "layers": list(cfg.share.layers)}
+    rd.manifest["share"] = share
     rd.start()
     audit = AuditTrail(rd.path, signing_key=signing_key)
     audit.run_start(
@@ -97,6 +100,7 @@ def _open_fresh(
         threat_model=cfg.privacy.threat_model.value,
         record_level=cfg.privacy.record_level,
         secure_aggregation=cfg.secagg.mode.value,
+        share=share,
     )
     arrays = initial(cfg)
     aggregator = build_aggregator(run_plan, None)
