@@ -57,6 +57,7 @@ from fl_app.privacy.round_event import RoundEvent
 from fl_app.protocol import CLIP_NORM_KEY, UNCLIPPED_KEY
 from strategies.aggregators import Aggregate, ComposedAggregator, Release
 from strategies.budget import BudgetGuard
+from strategies.noise_schedule import scheduled_event
 from strategies.validation import TrainReply
 
 __all__ = [
@@ -103,6 +104,7 @@ class FederationAccount:
 
     def begin_round(self, rnd: int, population: int, clip: float) -> str | None:
         event = self.settings.round_event(rnd + self.release_offset, max(1, population), clip)
+        event = scheduled_event(self.settings, self.ledger, rnd, event)  # privacy.schedule
         if self.budget is not None:
             verdict = self.budget.check(self.ledger, event)
             if not verdict.allowed:

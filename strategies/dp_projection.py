@@ -21,6 +21,7 @@ from fl_app.privacy.composition import local_epsilon, unsampled_epsilon
 from fl_app.privacy.history import AccountantName
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.round_event import SamplingScheme
+from strategies.noise_schedule import schedule_lines
 
 __all__ = [
     "against_server_lines",
@@ -112,7 +113,7 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
         f"projection: {s.num_rounds} planned rounds -> epsilon {eps:.4g} at delta={s.delta:g} "
         f"({s.accountant.value}{cross_text})",
     ]
-    return lines + _budget_lines(s)
+    return lines + schedule_lines(s) + _budget_lines(s)
 
 
 def likely_server_stop_round(s: ClientDpSettings) -> int | None:

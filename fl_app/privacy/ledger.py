@@ -116,12 +116,14 @@ class FederationLedger:
         """Each client's ε against a party that knows the cohort (the server), by key.
 
         No amplification: the composition of the rounds the client was in the cohort
-        of, each at sampling rate 1 (:func:`unsampled_epsilon` of the ledger's last
-        event). Empty before any round.
+        of, each at sampling rate 1 (:func:`unsampled_epsilon` of the ledger's least
+        noised event, the last of equals: the counts do not say which rounds a client
+        was in, and under a noise schedule rounds differ in ``z``, so every round is
+        taken at the smallest ``z``, an upper bound). Empty before any round.
         """
         if not self.events:
             return {}
-        last = self.events[-1]
+        last = min(reversed(self.events), key=lambda e: e.noise_multiplier)
         # Counts repeat (thousands of clients, a few distinct counts): one ε per count.
         carried = self.participation_carried
         by_count = {
