@@ -18,6 +18,8 @@ renamed file cannot leave one reader looking for the old name
 ``audit_head.sig.json``       the Ed25519-signed final audit head (``audit_signing_key``)
 ``checkpoints/round-NNNN/``   one sealed checkpoint per round (:data:`CHECKPOINT_FILES`)
 ``client-state/``             simulated clients' own privacy state (DP-SGD, local DP)
+``mlruns/``                   MLflow's file store (``tracking.mlflow``, default URI)
+``tensorboard/``              TensorBoard event files (``tracking.tensorboard``)
 
 A leaf module (standard library only): importing it loads neither Flower nor the
 strategies.
@@ -39,12 +41,14 @@ __all__ = [
     "LEDGER_FILE",
     "METRICS_ABANDONED_FILE",
     "METRICS_FILE",
+    "MLFLOW_DIR",
     "MODEL_FILE",
     "RUN_MANIFEST_FILE",
     "SERVER_STATE_FILE",
     "SIGNED_HEAD_FILE",
     "STRATEGY_FILE",
     "SUMMARY_FILE",
+    "TENSORBOARD_DIR",
     "RunLayout",
 ]
 
@@ -61,6 +65,10 @@ AUDIT_FILE = "audit.jsonl"
 SIGNED_HEAD_FILE = "audit_head.sig.json"
 CHECKPOINTS_DIR = "checkpoints"
 CLIENT_STATE_DIR = "client-state"
+# Experiment trackers (fl_app.server.tracking): MLflow's default file store (a multirun's
+# jobs share <sweep dir>/mlruns instead) and TensorBoard's event files.
+MLFLOW_DIR = "mlruns"
+TENSORBOARD_DIR = "tensorboard"
 
 # Inside one checkpoint directory (checkpoints/round-NNNN/), besides MODEL_FILE,
 # LEDGER_FILE and SIGNED_HEAD_FILE.
@@ -121,6 +129,14 @@ class RunLayout:
     @property
     def client_state(self) -> Path:
         return self.root / CLIENT_STATE_DIR
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / MLFLOW_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
 
     def checkpoint(self, rnd: int) -> Path:
         """Round ``rnd``'s checkpoint directory (zero-padded so names sort by round)."""

@@ -1,0 +1,303 @@
+"""Experiment tracking (tracking.mlflow, tracking.tensorboard; docs/tracking.md).
+
+The guarantees: a run's numbers read back with MLflow's and TensorBoard's own readers
+equal the run's summary.json and metrics.jsonl; a sweep is one MLflow experiment, each
+job a run tagged with its overrides; nothing per client (node ids, per-site numbers)
+nor the plain config hash reaches a tracker; off by default, MLflow is never imported;
+a tracker that is on but not installed is a config error naming the extra.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_app.cli import main as cli_main
+from fl_app.config.compose import compose_config
+from fl_app.config.errors import ConfigConflictError, ConfigRangeError
+from fl_app.release.redact import aggregate_metrics
+from fl_app.server.tracking import (
+    HydraJob,
+    public_summary,
+    round_scalars,
+    summary_scalars,
+    tracking_scope,
+)
+
+NODE = "7312456789012"  # a node id as Flower draws them (long enough to scan for)
+
+_RECORD = {
+    "round": 3,
+    "clients_sampled": 4,
+    "clients_accepted": 3,
+    "model_updated": True,
+    "train_loss": 0.25,
+    "server_accuracy": 0.875,
+    "dp_epsilon": 1.5,
+    "secagg_bytes_up_per_client": 2048,
+    "note": "a free-text note",
+    "fed_eval_accuracy": None,
+    "dp_partition_id_mean": 1.5,
+    "site_worst_accuracy": 0.5,
+    "max_node": 2,
+    "odd_count": int(NODE),
+    "client_metrics": {NODE: {"dp_epsilon": 2.0}},
+    "rejections": [{"node": 99, "reason": "norm"}],
+    "failures": [],
+}
+
+
+def test_round_scalars_are_the_restricted_exports_aggregate_scalars() -> None:
+    expected = {
+        "clients_sampled": 4.0,
+        "clients_accepted": 3.0,
+        "model_updated": 1.0,
+        "train_loss": 0.25,
+        "server_accuracy": 0.875,
+        "dp_epsilon": 1.5,
+        "secagg_bytes_up_per_client": 2048.0,
+    }
+    assert round_scalars(_RECORD) == expected
+    # The same rule as `fl-app export --tier restricted` (less the step and nulls).
+    exported = json.loads(aggregate_metrics([_RECORD], {NODE, "99"}))
+    assert {k: float(v) for k, v in exported.items() if v is not None and k != "round"} == (
+        expected
+    )
+
+
+_SUMMARY = {
+    "status": "completed",
+    "accuracy": 0.9,
+    "rounds": 2,
+    "config_hash": "ab" * 32,
+    "contested_site_identities": {"0123456789ab": [int(NODE)]},
+    "privacy": {
+        "mode": "central",
+        "threat_model": "trusted_server",
+        "epsilon": 2.5,
+        "delta": 1e-5,
+        "record_level_epsilon_max": None,
+        "record_level": {"epsilon_max": 3.0, "per_client": {NODE: {"epsilon": 3.0}}},
+        "client_level": {"releases": {NODE: 2}, "clip": 1.0},
+    },
+    "fairness": {"per_site": {"worst": 0.5, "accuracy": {f"node-{NODE}": 0.5}}},
+    "bandwidth": {"upload_bytes_per_client_round": 1024.0, "bits": 32},
+    "release": {"for_release": True, "reasons": []},
+}
+
+
+def test_public_summary_drops_every_per_client_block_and_the_plain_config_hash() -> None:
+    public = public_summary(_SUMMARY, "cd" * 32)
+    assert public == {
+        "status": "completed",
+        "accuracy": 0.9,
+        "rounds": 2,
+        "config_hash_published": "cd" * 32,
+        "privacy": {
+            "mode": "central",
+            "threat_model": "trusted_server",
+            "epsilon": 2.5,
+            "delta": 1e-5,
+            "record_level_epsilon_max": None,
+            "record_level": {"epsilon_max": 3.0},
+            "client_level": {"clip": 1.0},
+        },
+        "fairness": {},
+        "bandwidth": {"upload_bytes_per_client_round": 1024.0, "bits": 32},
+        "release": {"for_release": True, "reasons": []},
+    }
+    assert summary_scalars(public) == {
+        "accuracy": 0.9,
+        "rounds": 2.0,
+        "privacy.epsilon": 2.5,
+        "privacy.delta": 1e-5,
+        "privacy.record_level.epsilon_max": 3.0,
+        "privacy.client_level.clip": 1.0,
+        "bandwidth.upload_bytes_per_client_round": 1024.0,
+        "bandwidth.bits": 32.0,
+    }
+    assert public_summary(_SUMMARY, None)["config_hash_published"] == "withheld"
+
+
+def test_a_sweeps_jobs_share_one_store_and_experiment_tagged_with_their_overrides(
+    tmp_path: Path,
+) -> None:
+    cfg = compose_config("config", ["tracking.mlflow=true"])
+    sweep = tmp_path / "multirun" / "sweep"
+    job = HydraJob(True, str(sweep), 1, ("seed=2", "strategy=fedadam"))
+    scope = tracking_scope(cfg, sweep / "1", job)
+    assert scope.mlflow_uri == (sweep / "mlruns").resolve().as_uri()
+    assert (scope.experiment, scope.run_name) == (str(sweep), "job-1")
+    assert scope.tags["hydra.overrides"] == "seed=2 strategy=fedadam"
+    assert (scope.tags["override.seed"], scope.tags["override.strategy"]) == ("2", "fedadam")
+    assert scope.tags["fl_app.run_dir"] == str((sweep / "1").resolve())
+    # A seed that drew DP noise is withheld from the tags too.
+    hidden = tracking_scope(cfg, sweep / "1", job, frozenset({"seed"}))
+    assert "override.seed" not in hidden.tags and hidden.tags["hydra.overrides"] == (
+        "strategy=fedadam"
+    )
+    # Not a sweep: the run directory's own store, experiment_name.
+    single = tracking_scope(cfg, tmp_path / "run", HydraJob(False, "", 0, ("seed=2",)))
+    assert single.mlflow_uri == (tmp_path / "run" / "mlruns").resolve().as_uri()
+    assert (single.experiment, single.run_name) == ("default", "run")
+    assert "hydra.overrides" not in single.tags
+    # Explicit settings win.
+    mine = compose_config(
+        "config",
+        [
+            "tracking.mlflow=true",
+            "tracking.mlflow_uri=http://x:5000",
+            "tracking.mlflow_experiment=e",
+        ],
+    )
+    given = tracking_scope(mine, sweep / "1", job)
+    assert (given.mlflow_uri, given.experiment) == ("http://x:5000", "e")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "kind"),
+    [
+        (["tracking.mlflow_uri=./mlruns"], "tracking.mlflow_uri", ConfigConflictError),
+        (["tracking.mlflow_experiment=x"], "tracking.mlflow_experiment", ConfigConflictError),
+        (
+            ["tracking.mlflow=true", "tracking.mlflow_uri=' '"],
+            "tracking.mlflow_uri",
+            ConfigRangeError,
+        ),
+    ],
+)
+def test_tracking_settings_that_would_do_nothing_are_refused(
+    overrides: list[str], field: str, kind: type
+) -> None:
+    with pytest.raises(kind) as err:
+        compose_config("config", overrides)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("key", ["mlflow", "tensorboard"])
+def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fl_app.config.validate_tracking as checks
+
+    monkeypatch.setattr(checks, "_installed", lambda module: module != key)
+    with pytest.raises(ConfigConflictError) as err:
+        compose_config("config", [f"tracking.{key}=true"])
+    assert err.value.field == f"tracking.{key}"
+    assert "pip install 'fl-app[tracking]'" in str(err.value)
+    compose_config("config", [])  # off: nothing is looked up
+
+
+def test_a_default_run_imports_neither_mlflow_nor_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fl_app.runtime.simulation import run_simulation_experiment
+
+    # A None entry makes `import mlflow` raise: the run completing proves nothing of
+    # the default path imports them (in this process, where other tests loaded them).
+    for module in ("mlflow", "tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, module, None)
+    cfg = compose_config(
+        "config",
+        ["runtime=inprocess", "num_rounds=1", "dataset.num_partitions=2", "federated_eval_every=0"],
+    )
+    assert run_simulation_experiment(cfg, tmp_path / "run")["status"] == "completed"
+    assert not (tmp_path / "run" / "mlruns").exists()
+    assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_tracked_sweep_reads_back_equal_to_its_run_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    sweep = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        [
+            "simulate",
+            "-m",
+            "runtime=inprocess",
+            "num_rounds=2",
+            "dataset.num_partitions=3",
+            "federated_eval_every=0",
+            "tracking=all",
+            "privacy=central,dpsgd",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    client = MlflowClient(tracking_uri=(sweep / "mlruns").as_uri())
+    # One experiment for the sweep (beside the file store's own empty "Default").
+    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
+    assert sorted(experiments) == sorted([str(sweep), "Default"])
+    assert client.search_runs([experiments["Default"]]) == []
+    runs = client.search_runs([client.get_experiment_by_name(str(sweep)).experiment_id])
+    assert len(runs) == 2
+    by_dir = {Path(r.data.tags["fl_app.run_dir"]).name: r for r in runs}
+    assert by_dir["1"].data.tags["override.privacy"] == "dpsgd"
+    assert "privacy=dpsgd" in by_dir["1"].data.tags["hydra.overrides"]
+    for job in ("0", "1"):
+        run = by_dir[job]
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        records = _records(sweep / job)
+        m = run.data.metrics
+        assert run.info.status == "FINISHED" and run.data.tags["fl_app.status"] == "completed"
+        assert m["accuracy"] == summary["accuracy"] and m["loss"] == summary["loss"]
+        assert m["rounds"] == summary["rounds"] == 2
+        assert m["initial_accuracy"] == summary["initial_accuracy"]
+        history = client.get_metric_history(run.info.run_id, "server_accuracy")
+        assert [(h.step, h.value) for h in history] == [
+            (r["round"], r["server_accuracy"]) for r in records
+        ]
+        assert run.data.params["privacy.mode"] == ("central" if job == "0" else "none")
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert files == {"model.safetensors", "summary_public.json"}
+
+        events = EventAccumulator(str(sweep / job / "tensorboard"), size_guidance={"tensors": 0})
+        events.Reload()
+
+        def tb(tag: str, events: EventAccumulator = events) -> list[tuple[int, float]]:
+            return [
+                (e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+                for e in events.Tensors(tag)
+            ]
+
+        assert tb("server_accuracy") == [(r["round"], r["server_accuracy"]) for r in records]
+        assert tb("summary/accuracy") == [(2, summary["accuracy"])]
+
+    # Central DP: the ledger's client-level epsilon each round, the summary's at the end.
+    central = by_dir["0"]
+    eps = json.loads((sweep / "0" / "summary.json").read_text())["privacy"]["epsilon"]
+    assert eps is not None and central.data.metrics["privacy.epsilon"] == eps
+    history = client.get_metric_history(central.info.run_id, "dp_epsilon")
+    assert [h.value for h in history] == [r["dp_epsilon"] for r in _records(sweep / "0")]
+    assert history[-1].value == eps
+    # DP-SGD: the largest record-level epsilon over the institutions, per round.
+    dpsgd = by_dir["1"]
+    records = _records(sweep / "1")
+    history = client.get_metric_history(dpsgd.info.run_id, "record_level_epsilon_max")
+    assert [h.value for h in history] == [
+        max(c["dp_epsilon"] for c in r["client_metrics"].values()) for r in records
+    ]
+    summary = json.loads((sweep / "1" / "summary.json").read_text())
+    top = summary["privacy"]["record_level_epsilon_max"]
+    assert dpsgd.data.metrics["privacy.record_level_epsilon_max"] == top == history[-1].value
+
+    # Nothing per client and not the plain config hash, anywhere a tracker wrote.
+    nodes = {n for r in records for n in r["client_metrics"]}
+    assert len(nodes) == 3 and all(len(n) >= 6 for n in nodes)
+    secrets = [json.loads((sweep / j / "summary.json").read_text())["config_hash"] for j in "01"]
+    written = [p for d in (sweep / "mlruns", sweep / "1" / "tensorboard") for p in d.rglob("*")]
+    for path in (p for p in written if p.is_file() and p.suffix != ".safetensors"):
+        data = path.read_bytes()
+        assert not [s for s in secrets if s[:16].encode() in data], path
+        assert not [n for n in nodes if n.encode() in data], path
