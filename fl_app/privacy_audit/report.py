@@ -129,6 +129,12 @@ def print_audit(doc: dict[str, Any], out_dir: Path) -> None:
             f"{one['confidence']:.0%} confidence, delta={one['delta']:g}   | accounted "
             f"epsilon {'none (no DP)' if acc is None else f'{acc:.3f}'}"
         )
+        exp = one.get("exposure")
+        if exp:
+            print(
+                f"  exposure of the inserted secret: {exp['exposure_bits']:.2f} bits of "
+                f"{exp['max_exposure_bits']:.2f} (rank {exp['rank']} of {exp['candidates']})"
+            )
     client = doc.get("client_one_run") or {}
     for view in ("released_model", "server_view") if client else ():
         b = client[view]

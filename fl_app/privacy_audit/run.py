@@ -342,6 +342,31 @@ def _inversion_section(
     return inversion, results
 
 
+def _canary_sections(
+    run_dir: Path,
+    out_dir: Path,
+    seed: int,
+    canaries: int | None,
+    rerun: Rerun | None,
+    client_canaries: int | None,
+) -> tuple[
+    tuple[OneRunBound, dict[str, Any]] | None,
+    tuple[dict[str, OneRunBound], dict[str, Any]] | None,
+]:
+    """The record-level (re-run) and client-level (replay) one-run audits asked for."""
+    one_run = None
+    if canaries is not None:
+        if rerun is None:
+            raise ValueError("canaries need a rerun function (the CLI passes the simulation's)")
+        one_run = one_run_audit(run_dir, out_dir, int(canaries), int(seed), rerun)
+    client_run = (
+        None
+        if client_canaries is None
+        else client_canary_audit(run_dir, int(client_canaries), int(seed))
+    )
+    return one_run, client_run
+
+
 def audit_run(
     run_dir: Path,
     out_dir: Path,
@@ -367,16 +392,7 @@ def audit_run(
     theory = _theory(cfg, summary)
     membership, loss_res, lira = _membership_section(cfg, summary, model, settings, seed)
     inversion, results = _inversion_section(cfg, summary, model, settings, seed, images)
-    one_run: tuple[OneRunBound, dict[str, Any]] | None = None
-    if canaries is not None:
-        if rerun is None:
-            raise ValueError("canaries need a rerun function (the CLI passes the simulation's)")
-        one_run = one_run_audit(run_dir, out_dir, int(canaries), int(seed), rerun)
-    client_run = (
-        None
-        if client_canaries is None
-        else client_canary_audit(run_dir, int(client_canaries), int(seed))
-    )
+    one_run, client_run = _canary_sections(run_dir, out_dir, seed, canaries, rerun, client_canaries)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = [roc_plot(out_dir / "roc.png", loss_res, lira.online, lira.offline, theory)]
