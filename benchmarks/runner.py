@@ -65,6 +65,7 @@ SECTIONS: dict[str, str] = {
     "distributed_dp": "Distributed DP overhead",
     "accounting": "Privacy accounting: time and ε vs dp-accounting PLD",
     "simulation": "Simulation seconds per round at 10, 100 and 1,000 clients",
+    "gpu": "GPU: DP-SGD step, peak device memory, noise cost, clients per second",
 }
 #: Typical seconds (quick, full) of each section on this 2-core machine: what the
 #: sections still to come need, so an earlier section's soft deadline leaves it to them.
@@ -74,6 +75,9 @@ ESTIMATE_S: dict[str, tuple[float, float]] = {
     "distributed_dp": (10.0, 45.0),
     "accounting": (10.0, 25.0),
     "simulation": (45.0, 230.0),
+    # Without a GPU: one "skipped" row (importing torch). With one: scripts/gpu_check.sh
+    # runs it alone (--only gpu), so its minutes never squeeze the CPU sections.
+    "gpu": (5.0, 5.0),
 }
 DEFAULT_BUDGET_S = 840.0  # the whole run must finish in < 15 min on this 2-core machine
 QUICK_BUDGET_S = 300.0

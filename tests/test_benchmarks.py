@@ -231,3 +231,27 @@ def test_simulation_section_states_the_1000_client_goal_and_memory_per_n() -> No
     assert any("4.00 s a round, met" in note for note in section.notes)
     assert any("600 / 650 MB" in note and "+50 MB" in note for note in section.notes)
     assert any(note.startswith("Not run (time budget): ray at 1000") for note in section.notes)
+
+
+def test_gpu_section_says_skipped_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    section = gpu.run(quick=False)
+    assert section.rows == [["skipped: no GPU (torch sees no CUDA device)"]]
+    assert "scripts/gpu_check.sh" in render_section(section)
+    assert list(runner.SECTIONS)[-1] == "gpu"  # last: its minutes never squeeze the others
+
+
+def test_resnet18_for_32x32_has_resnet18s_parameter_count_and_trains_under_opacus() -> None:
+    from benchmarks.resnet import resnet18_32
+    from fl_app.models import count_parameters, opacus_incompatibilities
+
+    model = resnet18_32()
+    # torchvision's resnet18 has 11,689,512 parameters; the 3x3 stem saves 64*3*(49-9) =
+    # 7,680 and 10 classes instead of 1,000 save 990*513 = 507,870 (BatchNorm and
+    # GroupNorm both hold a weight and a bias per channel): 11,173,962.
+    assert count_parameters(model) == 11_173_962
+    assert opacus_incompatibilities(model) == []

@@ -274,6 +274,7 @@ def test_a_model_moved_to_the_resolved_cpu_trains_as_before(
     """The same path a GPU site takes (resolve, move, train, weights back to numpy),
     with the site's node config naming the CPU: the update is the default's bit for
     bit, and the reply names no device (a CPU reply is today's)."""
+    _no_cuda(monkeypatch)  # the default (auto) is the CPU on a GPU machine too
     moved: list[torch.device] = []
     original = nn.Module.to
 
