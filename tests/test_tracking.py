@@ -143,7 +143,10 @@ def test_a_sweeps_jobs_share_one_store_and_experiment_tagged_with_their_override
     single = tracking_scope(cfg, tmp_path / "run", HydraJob(False, "", 0, ("seed=2",)))
     assert single.mlflow_uri == (tmp_path / "run" / "mlruns").resolve().as_uri()
     assert (single.experiment, single.run_name) == ("default", "run")
-    assert "hydra.overrides" not in single.tags
+    assert single.tags["override.seed"] == "2" and "hydra.job.num" not in single.tags
+    # Outside Hydra (`flwr run`, the Python API): no override tags.
+    plain = tracking_scope(cfg, tmp_path / "run", None)
+    assert "hydra.overrides" not in plain.tags and plain.experiment == "default"
     # Explicit settings win.
     mine = compose_config(
         "config",
@@ -213,6 +216,7 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # end to end: a two-job Hydra sweep, in-process (no Ray)
 def test_a_tracked_sweep_reads_back_equal_to_its_run_directories(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

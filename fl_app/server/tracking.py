@@ -185,10 +185,11 @@ def hydra_job() -> HydraJob | None:
     if not HydraConfig.initialized():
         return None
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     return HydraJob(
-        multirun=hc.mode == RunMode.MULTIRUN,
-        sweep_dir=str(hc.sweep.dir),
-        num=int(hc.job.num) if hc.job.get("num") is not None else 0,
+        multirun=multirun,
+        sweep_dir=str(hc.sweep.dir) if multirun else "",
+        num=int(hc.job.num) if multirun else 0,  # a single run has no job number
         overrides=tuple(str(o) for o in hc.overrides.task),
     )
 
@@ -213,24 +214,24 @@ def tracking_scope(
     """The store, experiment, run name and tags of a run in ``run_dir``.
 
     A multirun's job: experiment = the sweep directory (one experiment per sweep), store
-    ``<sweep dir>/mlruns``, run ``job-<n>`` tagged ``hydra.overrides`` and
-    ``override.<key>`` for each of its overrides. Otherwise: experiment =
-    ``experiment_name``, store ``<run dir>/mlruns``, run named after the run directory.
-    ``tracking.mlflow_uri`` and ``tracking.mlflow_experiment`` replace the defaults.
-    Overrides of a key in ``withhold`` (a seed that drew DP noise) are left out.
+    ``<sweep dir>/mlruns``, run ``job-<n>``. Otherwise: experiment = ``experiment_name``,
+    store ``<run dir>/mlruns``, run named after the run directory.
+    ``tracking.mlflow_uri`` and ``tracking.mlflow_experiment`` replace the defaults. A
+    Hydra job's run is tagged ``hydra.overrides`` and ``override.<key>`` for each of its
+    overrides, less those of a key in ``withhold`` (a seed that drew DP noise).
     """
     t = cfg.tracking
     run_dir = Path(run_dir).resolve()
     tags = {"fl_app.run_dir": str(run_dir), "fl_app.experiment_name": cfg.experiment_name}
+    store, experiment, name = run_dir / MLFLOW_DIR, cfg.experiment_name, run_dir.name
     if job is not None and job.multirun:
         sweep = Path(job.sweep_dir)
         store, experiment, name = sweep.resolve() / MLFLOW_DIR, job.sweep_dir, f"job-{job.num}"
-        shown = [o for o in job.overrides if _override_key(o) not in withhold]
         tags["hydra.job.num"] = str(job.num)
+    if job is not None:
+        shown = [o for o in job.overrides if _override_key(o) not in withhold]
         tags["hydra.overrides"] = " ".join(shown)
         tags.update({f"override.{_override_key(o)}": o.split("=", 1)[-1] for o in shown})
-    else:
-        store, experiment, name = run_dir / MLFLOW_DIR, cfg.experiment_name, run_dir.name
     return TrackingScope(
         mlflow_uri=t.mlflow_uri if t.mlflow_uri is not None else store.as_uri(),
         experiment=t.mlflow_experiment or experiment,
