@@ -40,7 +40,11 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install --quiet "${extra[@]}" "$spec"
 fi
 
-echo "[bootstrap] installing fl-app (editable) with dev extras"
-"$VPY" -m pip install --quiet -e ".[dev]"
+echo "[bootstrap] installing fl-app (editable) with dev and synth extras"
+"$VPY" -m pip install --quiet -e ".[dev,synth]"
+# `fl-app synth` (docs/synthetic-data.md): smartnoise-synth without its declared pins
+# (opacus<0.15, pandas<3), which would downgrade Opacus and pandas; the synth extra above
+# holds what its MST/AIM path imports. tests/test_synth.py's slow test runs MST.
+"$VPY" -m pip install --quiet --no-deps "smartnoise-synth==1.0.8" "smartnoise-sql==1.0.10"
 echo "$want" > "$STAMP"
 echo "[bootstrap] ready: $VENV"

@@ -219,3 +219,27 @@ def test_dataset_synthetic_refuses_bytes_its_card_does_not_pin(tmp_path: Path) -
 def test_config_names_the_missing_surrogate_folder() -> None:
     with pytest.raises(ConfigError, match=r"dataset\.synthetic_path"):
         compose_config("config", ["dataset=synthetic"])
+
+
+@pytest.mark.slow
+def test_smartnoise_mst_keeps_the_domain_and_a_strong_pair() -> None:
+    """The real library (installed by scripts/bootstrap.sh): MST samples codes inside the
+    public domain, as many rows as asked, leaves the caller's global RNG stream alone,
+    and, at a large epsilon, keeps a 2-way marginal it must select (feature 0 = 2 x label).
+    Independent columns would agree on about 1/3 of rows; MST measures the pair with noise
+    sigma ~ 1 against counts of ~100 per cell, so agreement below 0.8 is a failure, not
+    chance."""
+    from fl_app.synth.mechanism import SnsynthSynthesizer
+
+    gen = np.random.default_rng(20)
+    label = gen.integers(0, 2, size=300)
+    table = np.stack(
+        [2 * label, gen.integers(0, 3, size=300), gen.integers(0, 3, size=300), label], axis=1
+    )
+    np.random.seed(5)
+    expected_after = np.random.RandomState(5).random_sample(2)
+    out = SnsynthSynthesizer()(table, [3, 3, 3, 2], 10.0, 1e-6, 250)
+    assert np.array_equal(np.random.random_sample(2), expected_after)
+    assert out.shape == (250, 4) and out.dtype == np.int64
+    assert out.min() >= 0 and np.all(out.max(axis=0) <= np.array([2, 2, 2, 1]))
+    assert np.mean(out[:, 0] == 2 * out[:, 3]) > 0.8

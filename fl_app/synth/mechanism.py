@@ -129,17 +129,18 @@ class SnsynthSynthesizer:
         rows: int,
     ) -> np.ndarray:
         codes = check_table(table, cardinalities, "the site's table")
-        try:
-            import pandas as pd
-            from snsynth.transform import BinTransformer, TableTransformer
-        except ImportError as err:
-            raise SynthError(_INSTALL) from err
-        columns = [f"c{j}" for j in range(len(cardinalities))]
-        transformer = TableTransformer(
-            [BinTransformer(bins=int(c), lower=-0.5, upper=int(c) - 0.5) for c in cardinalities]
-        )
-        synth = self._model(epsilon, delta)
+        # Imports inside too: importing jax draws from NumPy's global RNG.
         with secret_global_numpy_rng():
+            try:
+                import pandas as pd
+                from snsynth.transform import BinTransformer, TableTransformer
+            except ImportError as err:
+                raise SynthError(_INSTALL) from err
+            transformer = TableTransformer(
+                [BinTransformer(bins=int(c), lower=-0.5, upper=int(c) - 0.5) for c in cardinalities]
+            )
+            synth = self._model(epsilon, delta)
+            columns = [f"c{j}" for j in range(len(cardinalities))]
             synth.fit(pd.DataFrame(codes, columns=columns), transformer=transformer)
             sample = synth.sample(int(rows))
         out = np.asarray(
