@@ -121,6 +121,7 @@ def _search(
     x = guess if guess is not None and 0 < guess <= cap else min(1.0, cap)
     over: tuple[float, float] | None = None  # (z, log ε) with ε > target: too little noise
     under: tuple[float, float] | None = None  # (z, log ε) with ε <= target
+    prev: tuple[float, float] | None = None
     for _ in range(80):
         e = eps(x)
         if low_ok <= e <= target:
@@ -142,7 +143,12 @@ def _search(
             t = min(0.9, max(0.1, t))
             x = math.exp(math.log(x1) + t * (math.log(x2) - math.log(x1)))
         else:
-            step = math.exp(point[1] - goal)  # ε ∝ 1/z: z·ε/goal lands on the goal
-            step = max(step, 1.01) if e > target else min(step, 1 / 1.01)
+            # Slope -1 (ε ∝ 1/z) until two points give the local slope in log-log.
+            slope = -1.0
+            if prev is not None and prev[0] != x and prev[1] != point[1]:
+                slope = min(-0.05, (point[1] - prev[1]) / (math.log(x) - math.log(prev[0])))
+            step = math.exp((goal - point[1]) / slope)
+            step = min(max(step, 1.01), 1e3) if e > target else max(min(step, 1 / 1.01), 1e-3)
             x = min(cap, max(1e-9, x * step))
+        prev = point
     return under[0] if under is not None else cap

@@ -1,0 +1,159 @@
+"""spend's search and the schedule's per-round z, against a stand-in ledger whose ε is a
+closed form (ε(z) = spent + remaining·k/z), so the expected z is solved by hand and each
+case runs in microseconds (tests/test_noise_schedule.py checks the real accountant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from fl_app.config.client_dp import ClientDpSettings
+from fl_app.config.schema import ClippingMode, ClipSide, NoiseSchedule, PrivacyMode
+from fl_app.privacy.history import AccountantName
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
+from fl_app.privacy.schedule import SPEND_MAX_NOISE, SPEND_TOLERANCE, spend_noise, with_noise
+from strategies.noise_schedule import _shown_rounds, scheduled_event
+
+
+@dataclass
+class _Ledger:
+    """ε = spent + Σ k/z over the planned events (falls as z grows, like the real one)."""
+
+    spent: float = 1.0
+    k: float = 2.0
+    events: tuple[RoundEvent, ...] = ()
+    calls: list[float] = field(default_factory=list)
+
+    def project(self, planned: list[RoundEvent]) -> float:
+        self.calls.append(planned[0].noise_multiplier)
+        return self.spent + sum(self.k / e.noise_multiplier for e in planned)
+
+
+def _event(z: float = 1.0, sb: float | None = None) -> RoundEvent:
+    return RoundEvent(
+        round=1,
+        sampling=SamplingScheme.poisson,
+        population=10,
+        sample_rate=0.5,
+        cohort=5.0,
+        noise_multiplier=z,
+        clip=1.0,
+        update_noise_multiplier=z,
+        clipped_count_std=sb,
+    )
+
+
+def _in_window(ledger: _Ledger, z: float, remaining: int, target: float) -> bool:
+    eps = ledger.spent + remaining * ledger.k / z
+    return (1 - SPEND_TOLERANCE) * target <= eps <= target
+
+
+# (spent, remaining, target, guess): by hand the exact z is remaining·k/(target − spent).
+_CASES = [
+    (1.0, 2, 3.0, None),  # z* = 2 from the default start 1 (too little noise)
+    (1.0, 2, 3.0, 50.0),  # from far above (too much noise)
+    (0.0, 10, 4.0, 0.01),  # z* = 5 from far below
+    (2.5, 1, 3.0, 3.0),  # the last round: z* = 4
+    (0.0, 1, 1e-3, None),  # z* = 2000
+]
+
+
+@pytest.mark.parametrize("index", range(len(_CASES)))
+def test_spend_lands_in_the_window_below_the_budget(index: int) -> None:
+    spent, remaining, target, guess = _CASES[index]
+    ledger = _Ledger(spent=spent)
+    z = spend_noise(ledger, _event(), remaining, target, guess)  # type: ignore[arg-type]
+    exact = remaining * 2.0 / (target - spent)
+    assert _in_window(ledger, z, remaining, target)
+    # The window's ends solved for z: ε(z) = target and ε(z) = (1 − tol)·target.
+    assert exact <= z <= remaining * 2.0 / ((1 - SPEND_TOLERANCE) * target - spent)
+    assert len(ledger.calls) <= 12  # each call is a PLD build in a real run
+
+
+def test_spend_keeps_a_guess_that_still_fits_with_one_projection() -> None:
+    ledger = _Ledger(spent=1.0)
+    assert spend_noise(ledger, _event(), 2, 3.0, 2.001) == 2.001  # type: ignore[arg-type]
+    assert ledger.calls == [2.001]
+    # Just outside the window on either side: searched, not kept.
+    for guess in (1.99, 2.0 / (1 - 2 * SPEND_TOLERANCE)):
+        ledger = _Ledger(spent=1.0)
+        z = spend_noise(ledger, _event(), 2, 3.0, guess)  # type: ignore[arg-type]
+        assert z != guess and _in_window(ledger, z, 2, 3.0)
+
+
+def test_spend_offers_its_cap_when_the_budget_is_gone() -> None:
+    ledger = _Ledger(spent=3.0)
+    assert spend_noise(ledger, _event(), 1, 3.0) == SPEND_MAX_NOISE  # type: ignore[arg-type]
+    # Adaptive clipping: never at or above 2·σ_b = 1 (z_Δ would not exist).
+    ledger = _Ledger(spent=3.0)
+    z = spend_noise(ledger, _event(0.5, sb=0.5), 1, 3.0)  # type: ignore[arg-type]
+    assert 0.999 < z < 1.0
+    # A guess above the cap is not tried (z* = 2/3 < 1).
+    ledger = _Ledger(spent=0.0)
+    z = spend_noise(ledger, _event(0.5, sb=0.5), 1, 3.0, guess=5.0)  # type: ignore[arg-type]
+    assert ledger.calls[0] == pytest.approx(1.0)  # the default start, capped below 2σ_b
+    assert _in_window(ledger, z, 1, 3.0)
+
+
+def test_spend_refuses_nonsense_arguments() -> None:
+    with pytest.raises(ValueError, match="remaining"):
+        spend_noise(_Ledger(), _event(), 0, 3.0)  # type: ignore[arg-type]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_epsilon"):
+            spend_noise(_Ledger(), _event(), 1, bad)  # type: ignore[arg-type]
+
+
+def test_with_noise_under_fixed_clipping_sets_both_multipliers() -> None:
+    e = with_noise(_event(1.0), 2.5)
+    assert (e.noise_multiplier, e.update_noise_multiplier) == (2.5, 2.5)
+    assert e.round == 1 and e.clip == 1.0
+
+
+def _settings(**kw: Any) -> ClientDpSettings:
+    base: dict[str, Any] = dict(
+        mode=PrivacyMode.central,
+        clip_side=ClipSide.server,
+        clipping=ClippingMode.fixed,
+        noise_multiplier=2.0,
+        clip=1.0,
+        delta=1e-5,
+        accountant=AccountantName.pld,
+        sampling=SamplingScheme.poisson,
+        fraction=0.5,
+        num_rounds=4,
+        planned_population=10,
+        seed=0,
+        max_epsilon=3.0,
+    )
+    base.update(kw)
+    return ClientDpSettings(**base)
+
+
+def test_scheduled_event_per_schedule() -> None:
+    planned = _event(2.0)
+    ledger = _Ledger(spent=1.0)
+    # constant: the event as built; decay: z_1 * rate^(t-1) of the *server* round.
+    assert scheduled_event(_settings(), ledger, 3, planned) is planned  # type: ignore[arg-type]
+    decay = _settings(schedule=NoiseSchedule.decay, decay_rate=0.5)
+    assert scheduled_event(decay, ledger, 3, planned).noise_multiplier == 0.5  # type: ignore[arg-type]
+    assert ledger.calls == []
+    # decay's planned events follow the schedule too (projections, dry run).
+    assert [e.noise_multiplier for e in decay.planned_events()] == [2.0, 1.0, 0.5, 0.25]
+    # spend at server round 3 of 4: two rounds left, z* = 2·2/(3 − 1) = 2; the first try
+    # is the settings' z (empty ledger) ...
+    spend = _settings(schedule=NoiseSchedule.spend)
+    z = scheduled_event(spend, ledger, 3, planned).noise_multiplier  # type: ignore[arg-type]
+    assert ledger.calls[0] == 2.0 and _in_window(ledger, z, 2, 3.0)
+    # ... then the ledger's last z; past the planned rounds, one round is left.
+    last = _Ledger(spent=1.0, events=(_event(1.234),))
+    z = scheduled_event(spend, last, 9, planned).noise_multiplier  # type: ignore[arg-type]
+    assert last.calls[0] == 1.234 and _in_window(last, z, 1, 3.0)
+
+
+def test_dry_run_shows_every_round_of_a_short_run_and_a_spread_of_a_long_one() -> None:
+    assert _shown_rounds(12) == set(range(1, 13))
+    shown = _shown_rounds(100)
+    assert {1, 100} <= shown and len(shown) <= 12
+    assert max(b - a for a, b in zip(sorted(shown), sorted(shown)[1:], strict=False)) <= 10
