@@ -509,6 +509,27 @@ def test_the_card_cites_an_audit_written_after_the_run_without_touching_the_evid
     assert "bounds" not in stale
 
 
+def test_client_canaries_replay_a_real_central_runs_ledger(runs: dict[str, Run]) -> None:
+    """`--client-canaries` on a run this release wrote: one replayed round per ledger
+    event with its clip, noise std and expected cohort; the released-model bound is
+    compared with summary.json's ε, the server's (central DP: trusted) with nothing."""
+    from fl_app.privacy_audit.client_canaries import client_canary_audit, rounds_from_run
+    from fl_app.privacy_audit.one_run import check_against_accounted
+
+    run_dir = runs["central"].path
+    summary = runs["central"].summary
+    ledger = FederationLedger.from_json((run_dir / "privacy_ledger.json").read_text())
+    rounds = rounds_from_run(summary, json.loads(ledger.to_json()), int(summary["rounds"]))
+    assert [(r.clip, r.noise_std, r.divisor) for r in rounds] == [
+        (e.clip, e.noise_std, e.cohort) for e in ledger.events
+    ]
+    bounds, section = client_canary_audit(run_dir, 40, seed=0)
+    assert (section["mode"], section["rounds_replayed"]) == ("central", len(ledger.events))
+    assert bounds["released_model"].accounted_epsilon == summary["privacy"]["epsilon"]
+    assert bounds["server_view"].accounted_epsilon is None
+    check_against_accounted(bounds["released_model"])
+
+
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert export_main([]) == 2
     assert export_main([str(tmp_path), "--tier", "secret", "--out", str(tmp_path / "o")]) == 2

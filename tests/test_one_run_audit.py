@@ -429,7 +429,14 @@ def test_audit_privacy_canaries_end_to_end_and_an_under_reporting_double(
     assert (one["canaries"], one["guesses"], one["confidence"]) == (_K, _K // 2, 0.95)
     assert one["accounted_epsilon"] is None and one["rerun_status"] == "completed"
     assert one["epsilon_lower_bound"] > 0.5
-    assert "one-run audit (100 canaries" in capsys.readouterr().out
+    # The secret inserted into the same re-run (one of 1000 candidates): its exposure.
+    exposure = one["exposure"]
+    assert exposure["candidates"] == 1000 and 1 <= exposure["rank"] <= 1000
+    assert exposure["exposure_bits"] == pytest.approx(math.log2(1000 / exposure["rank"]))
+    assert exposure["dp_limit_95_bits"] is None  # no DP: no limit
+    printed = capsys.readouterr().out
+    assert "one-run audit (100 canaries" in printed
+    assert "exposure of the inserted secret" in printed
 
     def under_reporting(c: AppConfig, d: str) -> dict[str, Any]:
         summary = run_simulation_experiment(c, d)
