@@ -13,7 +13,9 @@ Steinke, Nasr & Jagielski (NeurIPS 2023) with the canary clients of Andrew et al
 2. **Replay.** Every round of the run's ledger (``privacy_ledger.json``) is replayed
    with its own clip norm, noise standard deviation, divisor (the expected cohort) and
    sampling rate: each canary joins a round's cohort with the round's sampling
-   probability, independently of its inclusion bit. The other clients contribute
+   probability, independently of its inclusion bit (fixed-size cohorts: ``m/N``,
+   the marginal of fixed-size sampling; the joint draw is then Poisson-like, not the
+   fixed-size one the ledger accounted). The other clients contribute
    nothing: DP must hold for every dataset, so fixing them is the strongest audit (the
    audit proves what the *mechanism* leaks; the record-level ``--canaries`` re-run
    audits training end to end).
