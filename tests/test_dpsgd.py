@@ -86,11 +86,12 @@ def test_auto_mode_resolves_per_model() -> None:
     big = -(-500_000 // sum(p.numel() for p in mlp.parameters()))
     assert resolve_grad_sample_mode(mlp, "auto", batch_size=small) == "hooks"
     assert resolve_grad_sample_mode(mlp, "auto", batch_size=big) == "ghost"
-    assert resolve_grad_sample_mode(_model("cnn"), GradSampleMode.auto) == "hooks"
+    # Conv2d/GroupNorm have norm samplers (fl_app.privacy.ghost_norms): CNNs get ghost.
+    assert resolve_grad_sample_mode(_model("cnn"), GradSampleMode.auto) == "ghost"
     for mode in MODES:
         assert resolve_grad_sample_mode(_model("cnn"), mode) == mode
     norm_sampled, fallback = ghost_clipping_layers(_model("cnn"))
-    assert norm_sampled == ["head"] and fallback[0] == "features.0"
+    assert norm_sampled[0] == "features.0" and norm_sampled[-1] == "head" and fallback == []
     with pytest.raises(ValueError, match="grad_sample_mode='ew' is unknown"):
         resolve_grad_sample_mode(_model("mlp"), "ew")
 

@@ -29,6 +29,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fl_app.config.schema import ClientTrainConfig
 from fl_app.privacy.dpsgd_settings import DpSgdSettings, GradSampleMode
+from fl_app.privacy.ghost_norms import (
+    CLIPPED_SUM_ATTR,
+    backward_targets,
+    ghost_backward,
+    needs_second_pass,
+)
 from fl_app.privacy.noise import SecureNoise
 from fl_app.training import make_optimizer
 
@@ -37,7 +43,7 @@ __all__ = ["KeystreamPoissonSampler"]
 # Attributes Opacus' hooks and DP optimizer leave on parameters and modules; removed
 # after training so the model is a plain module again (picklable, hook-free).
 _PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
-_PARAM_ATTRS_GHOST = ("_norm_sample",)
+_PARAM_ATTRS_GHOST = ("_norm_sample", CLIPPED_SUM_ATTR)
 _MODULE_ATTRS = ("activations", "max_batch_len")
 
 
@@ -197,6 +203,7 @@ class _PrivateTrainer:
             wrap_model=False,  # hooks on `model` itself: no wrapper, no `_module.` keys
             **kwargs,
         )
+        self.second_pass = needs_second_pass(model)
         if mode == GradSampleMode.ghost.value:
             self.hooks, self.optimizer, self.criterion, self.loader = out
         else:
@@ -246,13 +253,19 @@ class _PrivateTrainer:
         correct = 0
         if bs == 0:
             self._noise_only_gradients()
+        elif self.criterion is not None:
+            # Ghost: one backward pass towards the first layers' outputs, clipped sums
+            # book-kept (fl_app.privacy.ghost_norms); gradients equal to hooks mode's.
+            with backward_targets(self.model) as targets:
+                logits = self.model(xb)
+            per_sample = nn.functional.cross_entropy(logits, yb, reduction="none")
+            ghost_backward(
+                self.hooks, self.params, per_sample, targets, second_pass=self.second_pass
+            )
         else:
             logits = self.model(xb)
-            if self.criterion is not None:
-                loss = self.criterion(logits, yb)
-            else:
-                loss = nn.functional.cross_entropy(logits, yb, reduction="mean")
-            loss.backward()
+            nn.functional.cross_entropy(logits, yb, reduction="mean").backward()
+        if bs > 0:
             with torch.no_grad():
                 ce_sum = float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
                 correct = int((logits.argmax(dim=1) == yb).sum())

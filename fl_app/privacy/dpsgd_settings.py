@@ -18,6 +18,10 @@ from opacus.grad_sample import GradSampleHooksFastGradientClipping
 from opacus.utils.module_utils import trainable_modules
 from torch import nn
 
+# Registers fl-app's Conv2d/GroupNorm/LayerNorm norm samplers in Opacus' registry, so
+# every ghost_clipping_layers/auto decision and every ghost-mode run sees them.
+from fl_app.privacy import ghost_norms  # noqa: F401
+
 __all__ = [
     "GHOST_MIN_ENTRIES",
     "DpSgdSettings",
