@@ -287,7 +287,11 @@ class RoundDriver(ReplyExchange, RoundRelease):
             sent,
             lambda m: self._check_train_reply(
                 parse_train_reply(
-                    m, server_round=rnd, expected=expected, limits=self.settings.limits
+                    m,
+                    server_round=rnd,
+                    expected=expected,
+                    limits=self.settings.limits,
+                    reference=arrays if self.settings.replies_are_weights else None,
                 )
             ),
         )

@@ -39,6 +39,9 @@ class DriverSettings:
     wait_for_nodes_s: float = 600.0
     poll_interval_s: float = 0.05
     limits: ReplyLimits = field(default_factory=ReplyLimits)
+    # share.artifact=weights: a train reply holds w_local; the driver takes Δ = w_local −
+    # w_global at ingestion, before any check or aggregation sees it.
+    replies_are_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:

@@ -13,6 +13,7 @@ from fl_app.config.plan import RunPlan
 from fl_app.config.schema import (
     PrivacyMode,
     SamplingMode,
+    ShareArtifact,
     StrategyConfig,
     StrategyName,
     ThreatModel,
@@ -98,6 +99,7 @@ def build_driver(
         federated_eval_every=d.federated_eval_every,
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
+        replies_are_weights=cfg.share.artifact is ShareArtifact.weights,
     )
     secagg_settings = plan.secagg
     return RoundDriver(

@@ -180,7 +180,10 @@ def _parse_metrics(
 
 
 def _parse_update(
-    record: ArrayRecord, expected: ArraySpec, limits: ReplyLimits
+    record: ArrayRecord,
+    expected: ArraySpec,
+    limits: ReplyLimits,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], float] | str:
     names = list(record.keys())
     if set(names) != set(expected):
@@ -204,6 +207,8 @@ def _parse_update(
         # failure (numpy raises ValueError, TypeError, EOFError, ...) means "malformed".
         except Exception as err:
             return f"array '{name}' does not decode: {type(err).__name__}: {err}"
+        if reference is not None:  # share.artifact=weights: the update is w - w_global
+            value = _minus(value, reference[name])
         flat = value.reshape(-1)
         # Σ v² accumulated in float64 without a float64 copy; a NaN or Inf anywhere makes
         # it non-finite (float32 squares cannot overflow float64, so for them that is the
@@ -217,6 +222,13 @@ def _parse_update(
     if not norm <= limits.max_update_norm:
         return f"update L2 norm {norm:.4g} exceeds max_update_norm={limits.max_update_norm:g}"
     return update, norm
+
+
+def _minus(weights: np.ndarray, global_: np.ndarray) -> np.ndarray:
+    """Δ = w − w_global as the client's pipeline computes it (float64, then the dtype)."""
+    return (weights.astype(np.float64) - np.asarray(global_, dtype=np.float64)).astype(
+        weights.dtype
+    )
 
 
 def _parse_records_and_metrics(
@@ -234,14 +246,22 @@ def _parse_records_and_metrics(
 
 
 def parse_train_reply(
-    msg: Message, *, server_round: int, expected: ArraySpec, limits: ReplyLimits
+    msg: Message,
+    *,
+    server_round: int,
+    expected: ArraySpec,
+    limits: ReplyLimits,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> TrainReply | Rejection:
-    """Parse a screened train reply into a :class:`TrainReply`, or reject it."""
+    """Parse a screened train reply into a :class:`TrainReply`, or reject it.
+
+    ``reference``: the round's global weights when replies hold weights
+    (``share.artifact=weights``); the update is then ``w − reference``."""
     head = _parse_records_and_metrics(msg, TRAIN_REPLY_KEYS, server_round, limits)
     if isinstance(head, Rejection):
         return head
     node, num_examples, metrics = head
-    upd = _parse_update(msg.content.array_records[UPDATE_KEY], expected, limits)
+    upd = _parse_update(msg.content.array_records[UPDATE_KEY], expected, limits, reference)
     if isinstance(upd, str):
         return Rejection(node, upd)
     update, norm = upd

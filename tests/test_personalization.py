@@ -37,7 +37,7 @@ HEAD = {"net.3.weight", "net.3.bias"}
 HEAD_SIZE = 64 * 10 + 10  # Linear(64, 10): weight and bias
 MODES = {
     "none": [],
-    "dpsgd": ["privacy=dpsgd", "privacy.dpsgd.noise_multiplier=1.0"],
+    "dpsgd": ["privacy=dpsgd", "privacy.dpsgd.noise_multiplier=1.0", "train.batch_size=64"],
     "secagg": ["secagg=secaggplus", "secagg.clip=5.0"],
 }
 
@@ -198,3 +198,34 @@ def test_restarted_client_resumes_with_its_own_head(
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_weights_artifact_sends_weights_and_the_server_takes_the_same_delta(
+    tmp_path: Path,
+) -> None:
+    """share.artifact=weights: each reply holds w_local (the delta run's Δ plus the
+    initial weights, in the pipeline's float64-then-float32 arithmetic), and the server's
+    Δ = w − w_global gives the delta run's model bit for bit."""
+    quick = ["num_rounds=1", "federated_eval_every=0", *BODY]
+    _s, as_delta = _run(quick, tmp_path / "delta")
+    _s, as_weights = _run([*quick, "share.artifact=weights"], tmp_path / "weights")
+    start = initial_arrays(compose_config("config", [*COMMON, *BODY]))
+
+    def updates(replies: list[Message]) -> dict[int, dict[str, np.ndarray]]:
+        return {
+            int(m.metadata.src_node_id): {k: v.numpy() for k, v in m.content["update"].items()}
+            for m in replies
+        }
+
+    deltas, weights = updates(as_delta), updates(as_weights)
+    assert sorted(deltas) == sorted(weights) and len(deltas) == 4
+    for node, w in weights.items():
+        for name, value in w.items():
+            diff = (value.astype(np.float64) - start[name].astype(np.float64)).astype(np.float32)
+            assert diff.tobytes() == deltas[node][name].tobytes()
+            assert not np.array_equal(value, deltas[node][name])
+    model_d, _ = load_safetensors(RunLayout(tmp_path / "delta").model)
+    model_w, _ = load_safetensors(RunLayout(tmp_path / "weights").model)
+    assert {k: v.tobytes() for k, v in model_d.items()} == {
+        k: v.tobytes() for k, v in model_w.items()
+    }

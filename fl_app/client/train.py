@@ -21,6 +21,7 @@ from fl_app.client.personal import SiteLayers, site_layers
 from fl_app.client.policy import SitePolicy
 from fl_app.client.refusal import ClientRefusal
 from fl_app.client_spec import ClientSpec
+from fl_app.config.schema import ShareArtifact
 from fl_app.protocol import (
     CLIP_NORM_KEY,
     METRICS_KEY,
@@ -52,6 +53,9 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     dp_metrics.update(_device_metrics(model))
     # Only the shared layers go on to Δ, clip, noise, encode and mask (docs/personalization.md).
     local_train = site.strip(local_train)
+    weights: list[dict[str, np.ndarray]] = []  # share.artifact=weights: what is sent
+    if ShareArtifact(spec.share.artifact) is ShareArtifact.weights:
+        local_train = _keeping(local_train, weights)
     load = _loader(model, site)
     clip_stage, noise_stage, client_dp_metrics = client_dp_stages(
         spec, rnd, config, context, pid, policy
@@ -78,8 +82,22 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     dp_metrics.update(client_dp_metrics)
     plain, dp_metrics = _plain_metrics(spec, result.stats, noise_stage, dp_metrics)
     metrics = MetricRecord({**plain, SERVER_ROUND: rnd, **dp_metrics})
-    content = RecordDict({UPDATE_KEY: to_array_record(result.update), METRICS_KEY: metrics})
+    # Weights instead of Δ only where nothing bounds Δ (validate_share): the server,
+    # trusted with Δ and holding w_global, learns nothing more from w = w_global + Δ.
+    update = weights[-1] if weights else result.update
+    content = RecordDict({UPDATE_KEY: to_array_record(update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
+
+
+def _keeping(train: TrainThunk, out: list[dict[str, np.ndarray]]) -> TrainThunk:
+    """``train`` that also appends the trained (shared) weights to ``out``."""
+
+    def kept() -> tuple[dict[str, np.ndarray], Any]:
+        local, stats = train()
+        out.append(local)
+        return local, stats
+
+    return kept
 
 
 def _loader(model: Any, site: SiteLayers) -> Callable[[Mapping[str, np.ndarray]], None]:
