@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fl_app.client.policy import SitePolicy
 from fl_app.client.refusal import PolicyRefusal
@@ -125,7 +126,7 @@ def test_surrogate_epsilon_is_in_the_site_ledger_before_synthesis(tmp_path: Path
     # Site total by hand: the FL run's 1.5 plus the surrogate's 2.0; deltas add.
     assert (result.site_epsilon, result.site_delta) == pytest.approx((3.5, 1e-5 + 1e-6))
     assert ledger.total("next", "record-level", 0.0, 0.0) == pytest.approx((3.5, 1e-5 + 1e-6))
-    # Partition 0 of 10 of the digits pool (1797 - 360 held out = 1437 rows).
+    # Partition 0 of 10 of the digits pool (the server's holdout removed first).
     part = load_client_data(_cfg().dataset, 0, 10, 42)
     assert rows == card["rows"] == len(part.train.y) + len(part.val.y)
 
@@ -243,3 +244,87 @@ def test_smartnoise_mst_keeps_the_domain_and_a_strong_pair() -> None:
     assert out.shape == (250, 4) and out.dtype == np.int64
     assert out.min() >= 0 and np.all(out.max(axis=0) <= np.array([2, 2, 2, 1]))
     assert np.mean(out[:, 0] == 2 * out[:, 3]) > 0.8
+
+
+class _StandIn:
+    """``fl-app synth``'s synthesizer replaced by the identity on the site's table."""
+
+    def __init__(self, method: object) -> None:
+        self.method = method
+
+    def __call__(self, table, cardinalities, epsilon, delta, rows):  # type: ignore[no-untyped-def]
+        return np.asarray(table)[:rows]
+
+
+def test_cli_synth_then_dataset_synthetic_composes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commands of docs/synthetic-data.md with a stand-in synthesizer (the real one
+    takes minutes on 65 columns): a surrogate, a ledger line, a config that runs on it."""
+    import fl_app.synth.mechanism as mechanism
+    from fl_app.cli.synth import synth_main
+
+    monkeypatch.setattr(mechanism, "SnsynthSynthesizer", _StandIn)
+    out, state = tmp_path / "sandbox", tmp_path / "state"
+    argv = ["--out", str(out), "--epsilon", "3", "--levels", "4", "--state-dir", str(state)]
+    assert synth_main([*argv, "--site-name", "demo"]) == 0
+    printed = capsys.readouterr().out
+    assert "epsilon 3, delta 1e-06" in printed and "totals epsilon 3" in printed
+    (entry,) = SiteBudgetLedger(state, "site-demo").entries()
+    assert (entry.kind, entry.epsilon, entry.delta) == ("synthetic data", 3.0, 1e-6)
+    card = json.loads((out / CARD_FILE).read_text())
+    held_out = load_server_test_set(_cfg().dataset, 42)
+    assert held_out is not None  # load_digits has 1,797 rows; the server keeps its holdout
+    assert card["rows"] == 1797 - len(held_out.y) and card["preprocessing"]["levels"] == 4
+    cfg = compose_config("config", ["dataset=synthetic", f"dataset.synthetic_path={out}"])
+    assert cfg.dataset.kind is DatasetKind.synthetic
+    # A second surrogate into the same folder, and a missing site, are refused (status 2).
+    assert synth_main([*argv, "--site-name", "demo"]) == 2
+    assert synth_main(argv) == 2
+    assert "--site-name" in capsys.readouterr().err
+
+
+def _run_dir(folder: Path, cfg: AppConfig, seed: int) -> torch.nn.Module:
+    import yaml
+
+    from fl_app.config.compose import config_to_dict
+    from fl_app.models import build_model
+    from fl_app.weights import model_to_ndarrays, save_safetensors
+
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=seed)
+    sha = save_safetensors(folder / "model.safetensors", model_to_ndarrays(model), {})
+    (folder / "summary.json").write_text(json.dumps({"model_sha256": sha}))
+    return model.eval()
+
+
+def _direct_accuracy(model: torch.nn.Module, dcfg: DatasetConfig, seed: int) -> float:
+    test = load_server_test_set(dcfg, seed)
+    assert test is not None
+    with torch.no_grad():
+        pred = model(torch.as_tensor(test.x)).argmax(dim=1).numpy()
+    return float(np.mean(pred == test.y))
+
+
+def test_compare_evaluates_both_models_on_the_real_test_rows(tmp_path: Path) -> None:
+    from fl_app.synth.compare import compare_runs
+
+    make_surrogate(_cfg(), _request(tmp_path), RecordingSynth(SiteBudgetLedger(tmp_path, "x")))
+    real_cfg = _cfg()
+    sur_cfg = _cfg()
+    sur_cfg.dataset = _synthetic_cfg(tmp_path / "out")
+    real = _run_dir(tmp_path / "real", real_cfg, seed=1)
+    sur = _run_dir(tmp_path / "sur", sur_cfg, seed=2)
+    doc = compare_runs(tmp_path / "real", tmp_path / "sur")
+    acc = doc["accuracy"]
+    assert acc["real_on_real"] == pytest.approx(_direct_accuracy(real, real_cfg.dataset, 42))
+    assert acc["surrogate_on_real"] == pytest.approx(_direct_accuracy(sur, real_cfg.dataset, 42))
+    assert acc["surrogate_on_surrogate"] == pytest.approx(
+        _direct_accuracy(sur, sur_cfg.dataset, 42)
+    )
+    held_out = load_server_test_set(real_cfg.dataset, 42)
+    assert held_out is not None
+    assert doc["surrogate"]["epsilon"] == 2.0 and doc["real_test_rows"] == len(held_out.y)
+    with pytest.raises(SynthError, match="give the real-data run first"):
+        compare_runs(tmp_path / "sur", tmp_path / "real")
