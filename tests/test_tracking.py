@@ -50,16 +50,20 @@ _RECORD = {
 }
 
 
+# What a tracker may receive of _RECORD, by hand: its round aggregates only.
+_ROUND_SCALARS = {
+    "clients_sampled": 4.0,
+    "clients_accepted": 3.0,
+    "model_updated": 1.0,
+    "train_loss": 0.25,
+    "server_accuracy": 0.875,
+    "dp_epsilon": 1.5,
+    "secagg_bytes_up_per_client": 2048.0,
+}
+
+
 def test_round_scalars_are_the_restricted_exports_aggregate_scalars() -> None:
-    expected = {
-        "clients_sampled": 4.0,
-        "clients_accepted": 3.0,
-        "model_updated": 1.0,
-        "train_loss": 0.25,
-        "server_accuracy": 0.875,
-        "dp_epsilon": 1.5,
-        "secagg_bytes_up_per_client": 2048.0,
-    }
+    expected = _ROUND_SCALARS
     assert round_scalars(_RECORD) == expected
     # The same rule as `fl-app export --tier restricted` (less the step and nulls).
     exported = json.loads(aggregate_metrics([_RECORD], {NODE, "99"}))
@@ -89,36 +93,40 @@ _SUMMARY = {
 }
 
 
+# _SUMMARY as a tracker may see it (by hand), less the published hash.
+_PUBLIC = {
+    "status": "completed",
+    "accuracy": 0.9,
+    "rounds": 2,
+    "privacy": {
+        "mode": "central",
+        "threat_model": "trusted_server",
+        "epsilon": 2.5,
+        "delta": 1e-5,
+        "record_level_epsilon_max": None,
+        "record_level": {"epsilon_max": 3.0},
+        "client_level": {"clip": 1.0},
+    },
+    "fairness": {},
+    "bandwidth": {"upload_bytes_per_client_round": 1024.0, "bits": 32},
+    "release": {"for_release": True, "reasons": []},
+}
+_SUMMARY_SCALARS = {
+    "accuracy": 0.9,
+    "rounds": 2.0,
+    "privacy.epsilon": 2.5,
+    "privacy.delta": 1e-5,
+    "privacy.record_level.epsilon_max": 3.0,
+    "privacy.client_level.clip": 1.0,
+    "bandwidth.upload_bytes_per_client_round": 1024.0,
+    "bandwidth.bits": 32.0,
+}
+
+
 def test_public_summary_drops_every_per_client_block_and_the_plain_config_hash() -> None:
     public = public_summary(_SUMMARY, "cd" * 32)
-    assert public == {
-        "status": "completed",
-        "accuracy": 0.9,
-        "rounds": 2,
-        "config_hash_published": "cd" * 32,
-        "privacy": {
-            "mode": "central",
-            "threat_model": "trusted_server",
-            "epsilon": 2.5,
-            "delta": 1e-5,
-            "record_level_epsilon_max": None,
-            "record_level": {"epsilon_max": 3.0},
-            "client_level": {"clip": 1.0},
-        },
-        "fairness": {},
-        "bandwidth": {"upload_bytes_per_client_round": 1024.0, "bits": 32},
-        "release": {"for_release": True, "reasons": []},
-    }
-    assert summary_scalars(public) == {
-        "accuracy": 0.9,
-        "rounds": 2.0,
-        "privacy.epsilon": 2.5,
-        "privacy.delta": 1e-5,
-        "privacy.record_level.epsilon_max": 3.0,
-        "privacy.client_level.clip": 1.0,
-        "bandwidth.upload_bytes_per_client_round": 1024.0,
-        "bandwidth.bits": 32.0,
-    }
+    assert public == {**_PUBLIC, "config_hash_published": "cd" * 32}
+    assert summary_scalars(public) == _SUMMARY_SCALARS
     assert public_summary(_SUMMARY, None)["config_hash_published"] == "withheld"
 
 
@@ -158,6 +166,93 @@ def test_a_sweeps_jobs_share_one_store_and_experiment_tagged_with_their_override
     )
     given = tracking_scope(mine, sweep / "1", job)
     assert (given.mlflow_uri, given.experiment) == ("http://x:5000", "e")
+
+
+class _Recorder:
+    """A sink double: records every call; ``broken`` ones raise instead."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.calls: list[tuple] = []
+
+    def log_metrics(self, step: int, values: dict) -> None:
+        if self.broken:
+            raise OSError("store gone")
+        self.calls.append(("round", step, dict(values)))
+
+    def finish(self, step, values, tags, artifacts, public, failed) -> None:
+        self.calls.append(("finish", step, dict(values), dict(tags), artifacts, public, failed))
+
+
+class _Report:
+    server_round = 3
+
+    def to_record(self) -> dict:
+        return dict(_RECORD, client_metrics={NODE: {"dp_epsilon": 2.0}, "42": {"dp_epsilon": 0.5}})
+
+
+class _RunDir:
+    def __init__(self) -> None:
+        self.config_hash = "ab" * 32
+        self.manifest = {"config_hash_salt": "11" * 32}
+
+
+def test_the_listener_sends_each_sink_the_rounds_and_the_public_summary(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    from fl_app.server.tracking import RunTracker
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    sink, broken = _Recorder(), _Recorder(broken=True)
+    tracker = RunTracker({"a": sink, "b": broken}, [model, tmp_path / "absent.json"])
+    assert tracker.listeners == (tracker,)
+    tracker.on_round_end(_Report(), {})
+    scalars = {**_ROUND_SCALARS, "record_level_epsilon_max": 2.0}
+    assert sink.calls == [("round", 3, scalars)]
+    assert list(tracker.sinks) == ["a"]  # the failing sink was dropped, the run goes on
+
+    tracker.finish(_SUMMARY, _RunDir())  # type: ignore[arg-type]
+    salted = hmac.new(
+        bytes.fromhex("11" * 32),
+        b"fl-app published config hash v1\x00" + ("ab" * 32).encode(),
+        hashlib.sha256,
+    ).hexdigest()
+    ((kind, step, values, tags, files, public, failed),) = sink.calls[1:]
+    assert (kind, step, files, failed) == ("finish", 2, [model], False)
+    assert public == {**_PUBLIC, "config_hash_published": salted}
+    assert values == _SUMMARY_SCALARS
+    assert tags == {
+        "fl_app.status": "completed",
+        "fl_app.privacy.mode": "central",
+        "fl_app.privacy.threat_model": "trusted_server",
+        "fl_app.for_release": "true",
+    }
+    tracker.crash()
+    assert sink.calls[-1] == ("finish", 3, {}, {}, [], None, True)
+
+
+def test_tracking_off_is_a_tracker_with_no_sink(tmp_path: Path) -> None:
+    from fl_app.server.tracking import open_tracker
+
+    tracker = open_tracker(compose_config("config", []), tmp_path, tmp_path / "m")
+    assert tracker.sinks == {} and tracker.listeners == ()
+    tracker.finish(_SUMMARY, _RunDir())  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_params_withhold_a_seed_that_drew_dp_noise_and_the_signing_key() -> None:
+    from fl_app.server.tracking import _params, _withheld
+
+    secure = compose_config("config", ["privacy=central", "audit_signing_key=/k.pem"])
+    params = _params(secure, _withheld(secure))
+    assert params["seed"] == "42" and params["privacy.mode"] == "central"
+    assert params["privacy.noise_multiplier"] == "1.0" and params["resume"] == "null"
+    assert "audit_signing_key" not in params
+    seeded = compose_config("config", ["privacy=central", "privacy.secure_mode=false"])
+    assert "seed" not in _params(seeded, _withheld(seeded))
+    assert _withheld(seeded) == frozenset({"seed", "audit_signing_key"})
 
 
 @pytest.mark.parametrize(
