@@ -55,6 +55,12 @@ def test_default_shares_everything_and_the_spec_round_trips() -> None:
         (["share.layers=[]"], "share.layers", ConfigRangeError, "at least one pattern"),
         (["share.artifact=compressed"], "share.artifact", ConfigConflictError, "compression"),
         (
+            ["share.layers=[net.1.*]", "server_eval=true"],
+            "server_eval",
+            ConfigConflictError,
+            "set server_eval=false",
+        ),
+        (
             ["share.artifact=weights", "privacy=central"],
             "share.artifact",
             ConfigConflictError,

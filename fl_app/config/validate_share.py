@@ -5,7 +5,9 @@ at the sites that was meant to be averaged), and so is an empty list: every patt
 selecting something means something is shared. ``share.artifact=weights`` is refused
 where the update must be bounded (client-level DP clips Δ, secure aggregation encodes
 Δ within a bound): a weight vector's norm is not the update's sensitivity.
-``compressed`` needs ``share.compression``, which this version does not have yet.
+``compressed`` needs ``share.compression``, which this version does not have yet. With
+layers kept at the sites the server's own evaluation is refused: the global model lacks
+them, and scoring it with their initial values would report a meaningless accuracy.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from fl_app.config.errors import ConfigRangeError
 from fl_app.config.errors import require as _check
 from fl_app.config.schema import AppConfig, PrivacyMode, SecAggMode, ShareArtifact
-from fl_app.share_layers import unmatched_patterns
+from fl_app.share_layers import shared_names, unmatched_patterns
 
 __all__ = ["check_share", "model_state_names"]
 
@@ -67,4 +69,13 @@ def check_share(cfg: AppConfig) -> None:
         f"patterns {unmatched} match no parameter of model {cfg.model.name.value!r} "
         f"(its names: {list(names)})",
         ConfigRangeError,
+    )
+    kept = [n for n in names if n not in set(shared_names(names, list(s.layers)))]
+    _check(
+        not (kept and cfg.server_eval),
+        "server_eval",
+        cfg.server_eval,
+        f"the global model lacks the layers the sites keep ({kept[:4]}): the server would "
+        "score it with their initial values; set server_eval=false (each site's federated "
+        "evaluation scores its personalized model)",
     )
