@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fl_app.cli import main as cli_main
 from fl_app.config.compose import compose_config
-from fl_app.config.errors import ConfigConflictError, ConfigRangeError
+from fl_app.config.errors import ConfigConflictError, ConfigError, ConfigRangeError
 from fl_app.release.redact import aggregate_metrics
 from fl_app.server.tracking import (
     HydraJob,
@@ -175,12 +177,20 @@ class _Recorder:
         self.broken = broken
         self.calls: list[tuple] = []
 
-    def log_metrics(self, step: int, values: dict) -> None:
+    def log_metrics(self, step: int, values: Mapping[str, float]) -> None:
         if self.broken:
             raise OSError("store gone")
         self.calls.append(("round", step, dict(values)))
 
-    def finish(self, step, values, tags, artifacts, public, failed) -> None:
+    def finish(
+        self,
+        step: int,
+        values: Mapping[str, float],
+        tags: Mapping[str, str],
+        artifacts: list[Path],
+        public: Mapping[str, Any] | None,
+        failed: bool,
+    ) -> None:
         self.calls.append(("finish", step, dict(values), dict(tags), artifacts, public, failed))
 
 
@@ -268,7 +278,7 @@ def test_params_withhold_a_seed_that_drew_dp_noise_and_the_signing_key() -> None
     ],
 )
 def test_tracking_settings_that_would_do_nothing_are_refused(
-    overrides: list[str], field: str, kind: type
+    overrides: list[str], field: str, kind: type[ConfigError]
 ) -> None:
     with pytest.raises(kind) as err:
         compose_config("config", overrides)
@@ -339,7 +349,7 @@ def test_a_tracked_sweep_reads_back_equal_to_its_run_directories(
     experiments = {e.name: e.experiment_id for e in client.search_experiments()}
     assert sorted(experiments) == sorted([str(sweep), "Default"])
     assert client.search_runs([experiments["Default"]]) == []
-    runs = client.search_runs([client.get_experiment_by_name(str(sweep)).experiment_id])
+    runs = client.search_runs([experiments[str(sweep)]])
     assert len(runs) == 2
     by_dir = {Path(r.data.tags["fl_app.run_dir"]).name: r for r in runs}
     assert by_dir["1"].data.tags["override.privacy"] == "dpsgd"
