@@ -122,10 +122,9 @@ class _KeystreamNoise(DPOptimizer):
         if std > 0:
             total = sum(g.numel() for g in sums)
             flat = torch.from_numpy(self.keystream.standard_normal_f32(total))
-            if sums and sums[0].device.type != "cpu":
-                # Drawn on the CPU (torch has no CSPRNG on a GPU), copied to the device
-                # once a step; fl_app.privacy.dpsgd's docstring, "Who holds the randomness".
-                flat = flat.to(sums[0].device)
+            # Drawn on the CPU (torch has no CSPRNG on a GPU), copied to the device once
+            # a step (no copy on the CPU); fl_app.privacy.dpsgd: who holds the randomness.
+            flat = flat.to(sums[0].device)
         offset = 0
         for p, g in zip(self.params, sums, strict=True):
             if flat is None:
