@@ -100,6 +100,7 @@ def _request(tmp_path: Path, **kw: object) -> SurrogateRequest:
         site="site-a",
         epsilon=2.0,
         delta=1e-6,
+        levels=17,
         partition=0,
     )
     base.update(kw)

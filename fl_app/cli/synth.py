@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--levels",
         type=int,
-        default=17,
-        help="pixel levels of the configured input range (digits: 17 = every raw value)",
+        default=4,
+        help="pixel levels of the configured input range (default 4; digits: 17 keeps every "
+        "raw value but MST then takes far longer)",
     )
     p.add_argument("--rows", type=int, default=None, help="rows to sample (default: as many)")
     p.add_argument(

@@ -53,7 +53,7 @@ class SurrogateRequest:
     epsilon: float
     delta: float
     method: SynthMethod = SynthMethod.mst
-    levels: int = 17
+    levels: int = 4
     rows: int | None = None
     partition: int | None = None
     node_config: dict[str, str] | None = None
