@@ -229,3 +229,42 @@ def test_weights_artifact_sends_weights_and_the_server_takes_the_same_delta(
     assert {k: v.tobytes() for k, v in model_d.items()} == {
         k: v.tobytes() for k, v in model_w.items()
     }
+
+
+def test_site_evaluates_its_personalized_model(tmp_path: Path) -> None:
+    """The evaluate reply scores the global shared layers with the site's own head, read
+    from its state folder by a fresh process, not the initial head."""
+    from fl_app.client.personal import kept_layers_path
+    from fl_app.data import load_client_data
+    from fl_app.models import build_model
+    from fl_app.training import evaluate
+    from fl_app.weights import load_ndarrays
+
+    cfg = compose_config("config", [*COMMON, *BODY])
+    spec = encode_spec(spec_from_config(cfg, "run1"))
+    start = initial_arrays(cfg)
+    arrays = to_array_record(start)
+    state = tmp_path / "state"
+    grid = InProcessGrid(client_app, 4, seed=0)
+    try:
+        assert not client_app(_train_msg(spec, arrays, 1, 5), _fresh_context(state, 0)).has_error()
+        msg = _train_msg(spec, arrays, 1, 5)
+        msg.metadata.__dict__["_message_type"] = "evaluate"
+        reply = client_app(msg, _fresh_context(state, 0))
+    finally:
+        grid.close()
+    assert not reply.has_error(), reply.error.reason
+    head, _ = load_safetensors(kept_layers_path(state, "run1", "partition-0"))
+    data = load_client_data(cfg.dataset, 0, 4, cfg.seed)
+
+    def loss_with(head_arrays: dict[str, np.ndarray]) -> float:
+        model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=1)
+        load_ndarrays(model, {**start, **head_arrays})
+        return float(evaluate(model, data.val.x, data.val.y, batch_size=256).loss)
+
+    initial_head = {
+        k: v for k, v in initial_arrays(compose_config("config", COMMON)).items() if k in HEAD
+    }
+    got = float(reply.content["metrics"]["eval-loss"])
+    assert got == pytest.approx(loss_with(head), rel=1e-6)
+    assert got != pytest.approx(loss_with(initial_head), rel=1e-3)
