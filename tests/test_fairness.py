@@ -27,7 +27,12 @@ from fl_app.fairness import class_accuracy, site_spread, worst_class
 from fl_app.release.redact import aggregate_metrics
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.server.app import run_experiment
-from fl_app.server.fairness import per_class_summary, per_site_summary
+from fl_app.server.fairness import (
+    class_metrics,
+    fairness_summary,
+    per_class_summary,
+    per_site_summary,
+)
 from strategies.driver_types import DriverResult, RoundReport, StageReport
 from strategies.site_eval import site_accuracies
 from strategies.validation import EvalReply
@@ -51,8 +56,9 @@ def test_site_spread_is_the_unweighted_mean_population_std_range_and_worst_site(
 
 def test_site_spread_breaks_ties_by_name_and_refuses_bad_input() -> None:
     assert site_spread({"z": 0.5, "m": 0.5, "q": 0.9}).worst_site == "m"
-    with pytest.raises(ValueError, match="at least one site"):
+    with pytest.raises(ValueError, match=r"^site_spread needs at least one site.s accuracy"):
         site_spread({})
+    assert site_spread({"zero": 0.0, "one": 1.0}).worst_accuracy == 0.0  # both ends valid
     for bad in (float("nan"), 1.5, -0.1):
         with pytest.raises(ValueError, match="site 'x'"):
             site_spread({"x": bad})
@@ -69,6 +75,9 @@ def test_class_accuracy_is_per_class_recall_and_none_without_examples() -> None:
         class_accuracy(np.array([0, 2]), np.array([0, 0]), 2)
     with pytest.raises(ValueError, match="one length"):
         class_accuracy(np.array([0, 1]), np.array([0]), 2)
+    assert class_accuracy(np.array([0, 0]), np.array([0, 0]), 1) == [1.0]  # one class is valid
+    with pytest.raises(ValueError, match=r"^num_classes must be >= 1, found 0$"):
+        class_accuracy(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 0)
 
 
 def test_driver_keeps_each_valid_evaluate_reply_and_leaves_out_the_rest(
@@ -79,9 +88,14 @@ def test_driver_keeps_each_valid_evaluate_reply_and_leaves_out_the_rest(
         EvalReply(12, 10.0, {"eval-accuracy": 1.5}),
         EvalReply(13, 5.0, {"eval-loss": 0.1}),
         EvalReply(14, 7.0, {"eval-accuracy": 0.0}),
+        EvalReply(15, 2.0, {"eval-accuracy": 1.0}),
     ]
-    assert site_accuracies(replies, 3) == {11: (0.8, 30.0), 14: (0.0, 7.0)}
-    assert "node 12" in caplog.text and "node 13" in caplog.text
+    assert site_accuracies(replies, 3) == {11: (0.8, 30.0), 14: (0.0, 7.0), 15: (1.0, 2.0)}
+    assert (
+        "round 3 evaluate: node 12's eval-accuracy 1.5 is not in [0, 1]: left out of the "
+        "per-site accuracies" in caplog.text
+    )
+    assert "node 13's eval-accuracy None" in caplog.text
 
 
 def test_round_record_has_the_site_spread_and_the_export_drops_it() -> None:
@@ -139,6 +153,10 @@ def test_per_site_accuracy_is_withheld_where_the_server_may_not_see_client_numbe
     per_site = per_site_summary(cfg, _evaluated_result())
     assert isinstance(per_site, str) and per_site.startswith("withheld: ")
     assert why in per_site
+    assert per_site.endswith(
+        "the server must not see any client's un-noised numbers, and a site's accuracy is "
+        "one (federated evaluation is off; a secure sum would give the mean over sites only)"
+    )
     # Per class stays: the released model on the server's own test set.
     assert isinstance(per_class_summary(cfg, _evaluated_result()), dict)
 
@@ -155,10 +173,64 @@ def test_per_site_accuracy_is_shown_under_trusted_server_and_not_measured_when_o
     assert isinstance(per_class, dict)
     assert per_class["accuracy"] == [0.9, 0.4] + [None] * 8
     assert (per_class["worst_class"], per_class["worst_accuracy"]) == (1, 0.4)
+    assert per_class["range"] == pytest.approx(0.5) and per_class["round"] == 2
     off = compose_config("config", [*FAST, "federated_eval_every=0"])
-    assert per_site_summary(off, _evaluated_result()).startswith("not measured: ")  # type: ignore[union-attr]
+    assert per_site_summary(off, _evaluated_result()) == (
+        "not measured: federated evaluation is off (set federated_eval_every >= 1 and "
+        "strategy.fraction_evaluate > 0)"
+    )
     no_eval = compose_config("config", [*FAST, "server_eval=false"])
-    assert "server_eval=false" in per_class_summary(no_eval, _evaluated_result())
+    assert per_class_summary(no_eval, _evaluated_result()) == (
+        "not measured: server_eval=false (set server_eval=true to evaluate per class)"
+    )
+
+
+def test_summary_blocks_take_the_last_evaluated_round_and_name_their_source() -> None:
+    cfg = compose_config("config", FAST)
+    earlier = RoundReport(1, StageReport(), StageReport(client_eval={4: (0.25, 8.0)}), True)
+    # Round 2 evaluated but accepted no reply: round 1's numbers are the last per-site ones.
+    last = RoundReport(2, StageReport(), StageReport(), True, server_metrics={"accuracy": 0.5})
+    result = DriverResult(arrays={}, reports=[earlier, last])
+    block = fairness_summary(cfg, result)
+    site = block["per_site"]
+    assert (site["round"], site["accuracy"], site["examples"]) == (
+        1,
+        {"node-4": 0.25},
+        {"node-4": 8},
+    )
+    assert site["source"] == "federated evaluation: each site's validation split"
+    assert site["weighting"] == "unweighted: each site counts once"
+    assert block["per_class"] == "not measured: no per-class server evaluation recorded"
+    assert block["note"].startswith("per-site accuracies are un-noised functions of each site")
+    assert block["note"].endswith(
+        "per-class accuracy is the released model on the server's own test set"
+    )
+    none = DriverResult(arrays={}, reports=[RoundReport(1, StageReport(), None, True)])
+    assert per_site_summary(cfg, none) == "not measured: no federated evaluation reply was accepted"
+    # Stopped before round 1: the initial model's per-class evaluation, round 0.
+    initial = DriverResult(arrays={}, reports=[], initial_server_metrics={"class-accuracy-3": 0.5})
+    per_class = per_class_summary(cfg, initial)
+    assert isinstance(per_class, dict)
+    assert (per_class["round"], per_class["worst_class"], per_class["range"]) == (3 - 3, 3, 0.0)
+    assert (
+        per_class["source"] == "the server's held-out test set (dataset.test_fraction), final model"
+    )
+
+
+def test_class_metrics_of_an_empty_test_set_is_empty() -> None:
+    import torch
+
+    linear = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), linear)
+    empty_x = np.zeros((0, 1, 2, 2), dtype=np.float32)
+    assert class_metrics(model, empty_x, np.zeros(0, dtype=np.int64), 3) == {}
+    x = np.zeros((2, 1, 2, 2), dtype=np.float32)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))  # always predicts class 1
+    out = class_metrics(model, x, np.array([1, 2]), 3)
+    assert out == {"class-accuracy-1": 1.0, "class-accuracy-2": 0.0, "worst-class-accuracy": 0.0}
+    assert model.training  # mode restored
 
 
 # ---- end to end: the numbers are the saved model's on the partitions ----------------------
