@@ -371,20 +371,31 @@ def test_a_cuda_site_trains_on_cuda_and_reports_it() -> None:
     metrics = dict(reply.content["metrics"])
     assert device_from_metrics(metrics) == "cuda:0"
     cpu = _update(_train_reply({**site, "train-device": "cpu"}))
-    for key, value in _update(reply).items():  # other kernels: equal to float tolerance
-        np.testing.assert_allclose(value, cpu[key], rtol=1e-3, atol=1e-4)
+    # Same data, same batches (CPU generator), other float32 kernels: equal to well
+    # within 1e-3 (a wrong batch or a missed step moves weights by ~1e-1). Loose on
+    # purpose: the bound was set without a GPU to measure the kernels' drift on.
+    for key, value in _update(reply).items():
+        np.testing.assert_allclose(value, cpu[key], rtol=1e-2, atol=1e-3)
 
 
 @gpu
 @needs_cuda
-def test_an_inprocess_simulation_on_cuda_records_the_device(tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", [0, 1])  # plain, record-level DP-SGD (Opacus on CUDA)
+def test_an_inprocess_simulation_on_cuda_records_the_device(tmp_path: Path, case: int) -> None:
     import json
 
     from fl_app.runtime.simulation import run_simulation_experiment
 
+    privacy = [[], ["privacy=dpsgd"]][case]
     cfg = compose_config(
         "config",
-        ["runtime=inprocess", "train.device=cuda", "num_rounds=2", "dataset.num_partitions=3"],
+        [
+            "runtime=inprocess",
+            "train.device=cuda",
+            "num_rounds=2",
+            "dataset.num_partitions=3",
+            *privacy,
+        ],
     )
     summary = run_simulation_experiment(cfg, tmp_path)
     assert summary["status"] == "completed"
@@ -397,3 +408,18 @@ def test_an_inprocess_simulation_on_cuda_records_the_device(tmp_path: Path) -> N
         for m in r["client_metrics"].values()
     }
     assert devices == {"cuda:0"}
+
+
+def test_simulate_asking_for_a_missing_gpu_exits_2_and_leaves_no_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fl_app.cli import main
+
+    _no_cuda(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["simulate", "train.device=cuda:0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error in `train.device` (found 'cuda:0')" in err and "use auto" in err
+    assert list(tmp_path.iterdir()) == []

@@ -304,8 +304,9 @@ def _simulate_task(raw: Any) -> float | None:
     except CheckpointError as err:
         print(f"fl-app: cannot resume: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except DataError as err:
-        # A local data file failed its check before round 1 (fl_app.data.sites).
+    except (DataError, ConfigError) as err:
+        # A local data file failed its check before round 1 (fl_app.data.sites), or a
+        # sweep job's train.device / GPU share is not on this machine (fl_app.device).
         _config_failed(str(err))
     if summary.get("status") == "failed":
         _job_failed(

@@ -282,7 +282,9 @@ def preflight(argv: list[str]) -> RunPlan | None:
 
     Every override's key is checked against the schema (a sweep's too). A single run
     without Hydra flags is also composed and validated, and its local data files are
-    read (:func:`fl_app.data.check_local_data`), so a config or data error ends the
+    read (:func:`fl_app.data.check_local_data`) and its device checked on this machine
+    (:func:`~fl_app.config.validate_device.check_simulation_hardware`), so a config,
+    data or device error ends the
     command with no run directory left behind. A sweep's jobs are validated one by
     one when they run.
 
@@ -308,6 +310,9 @@ def preflight(argv: list[str]) -> RunPlan | None:
     ]
     plan = compose_plan("config", own)
     check_local_data(plan.cfg.dataset, plan.cfg.seed)
+    from fl_app.config.validate_device import check_simulation_hardware
+
+    check_simulation_hardware(plan.cfg)  # train.device and GPU shares exist here
     return plan
 
 
