@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from opacus.accountants import RDPAccountant
 
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import ClippingMode, ClipSide, NoiseSchedule, PrivacyMode
 from fl_app.privacy.history import AccountantName
 from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 from fl_app.privacy.schedule import SPEND_MAX_NOISE, SPEND_TOLERANCE, spend_noise, with_noise
-from strategies.noise_schedule import _shown_rounds, scheduled_event
+from strategies.noise_schedule import _shown_rounds, schedule_lines, scheduled_event
 
 
 @dataclass
@@ -157,3 +158,92 @@ def test_dry_run_shows_every_round_of_a_short_run_and_a_spread_of_a_long_one() -
     shown = _shown_rounds(100)
     assert {1, 100} <= shown and len(shown) <= 12
     assert max(b - a for a, b in zip(sorted(shown), sorted(shown)[1:], strict=False)) <= 10
+
+
+def test_search_edges_pinned_by_hand() -> None:
+    """A guess below 1 that fits is kept; a guess of 0 is not tried (start at 1); a
+    guess at the cap is tried first; ε exactly at the budget is accepted; without a
+    guess the search starts at z = 1; a spent budget reaches the cap in a few
+    projections."""
+    ledger = _Ledger(spent=0.0)  # ε = 2/z, target 4: z* = 0.5
+    assert spend_noise(ledger, _event(), 1, 4.0, 0.501) == 0.501  # type: ignore[arg-type]
+    assert ledger.calls == [0.501]
+    ledger = _Ledger(spent=0.0)
+    spend_noise(ledger, _event(), 1, 4.0, 0.0)  # type: ignore[arg-type]
+    assert ledger.calls[0] == 1.0
+    ledger = _Ledger(spent=1.0)  # ε(1) = 3 exactly = the budget
+    assert spend_noise(ledger, _event(), 1, 3.0, 1.0) == 1.0  # type: ignore[arg-type]
+    ledger = _Ledger(spent=1.0)
+    spend_noise(ledger, _event(), 2, 3.0)  # type: ignore[arg-type]
+    assert ledger.calls[0] == 1.0
+    ledger = _Ledger(spent=3.0)
+    assert spend_noise(ledger, _event(), 1, 3.0, SPEND_MAX_NOISE) == SPEND_MAX_NOISE  # type: ignore[arg-type]
+    assert ledger.calls == [SPEND_MAX_NOISE]
+    ledger = _Ledger(spent=3.0)
+    assert spend_noise(ledger, _event(), 1, 3.0) == SPEND_MAX_NOISE  # type: ignore[arg-type]
+    # ε creeps towards 3 from above: steps grow x10, x100, x1000 after the third.
+    assert len(ledger.calls) <= 8 and ledger.calls[-1] == SPEND_MAX_NOISE
+    # ε below 1 (log ε < 0): the slope still comes from the two latest points.
+    ledger = _Ledger(spent=0.0, k=1e-3)  # ε = 1e-3/z, target 1e-4: z* = 10
+    z = spend_noise(ledger, _event(), 1, 1e-4)  # type: ignore[arg-type]
+    assert 10.0 <= z <= 1e-3 / ((1 - SPEND_TOLERANCE) * 1e-4) and len(ledger.calls) <= 4
+
+
+def _rdp(z: float, rounds: int) -> float:
+    """Opacus' RDP accountant directly: ``rounds`` Gaussian steps at q = 1."""
+    acc = RDPAccountant()
+    acc.history = [(z, 1.0, rounds)]
+    return float(acc.get_epsilon(1e-5))
+
+
+def _full(**kw: Any) -> ClientDpSettings:
+    """Full participation (q = 1) under RDP: each round a Gaussian mechanism, cheap."""
+    return _settings(
+        sampling=SamplingScheme.fixed, fraction=1.0, accountant=AccountantName.rdp, **kw
+    )
+
+
+def test_dry_run_lines_of_a_long_run_and_of_a_budget_stop() -> None:
+    # decay_rate 1: every round at z = 10; 13 rounds, some not shown; the last is.
+    s = _full(
+        schedule=NoiseSchedule.decay,
+        decay_rate=1.0,
+        noise_multiplier=10.0,
+        num_rounds=13,
+        max_epsilon=None,
+    )
+    lines = schedule_lines(s)
+    assert "(rdp)" in lines[0] and "z_t = 10 * 1^(t-1)" in lines[0]
+    assert [ln.split(":")[0] for ln in lines[1:]] == [
+        f"  round {r}" for r in sorted(_shown_rounds(13))
+    ]
+    assert lines[-1] == f"  round 13: z=10, epsilon after {_rdp(10.0, 13):.4g}"
+    # A budget that fits 2 of 3 rounds at z = 10: the third is the stop line, the last.
+    budget = (_rdp(10.0, 2) + _rdp(10.0, 3)) / 2
+    s = _full(
+        schedule=NoiseSchedule.decay,
+        decay_rate=1.0,
+        noise_multiplier=10.0,
+        num_rounds=3,
+        max_epsilon=budget,
+    )
+    lines = schedule_lines(s)
+    assert len(lines) == 4
+    assert lines[3] == (
+        f"  round 3: z=10 would take epsilon to {_rdp(10.0, 3):.4g} > "
+        f"max_epsilon={budget:g}: the run stops before it"
+    )
+
+
+def test_dry_run_lines_of_spend_end_at_the_budget() -> None:
+    s = _full(schedule=NoiseSchedule.spend, noise_multiplier=10.0, num_rounds=3, max_epsilon=2.0)
+    lines = schedule_lines(s)
+    assert "recalibrated before each round" in lines[0] and "max_epsilon=2" in lines[0]
+    assert len(lines) == 4  # one line per planned round, no stop line
+    z = float(lines[3].split("z=")[1].split(",")[0])
+    assert 0.99 * 2.0 <= _rdp(z, 3) <= 2.0 * 1.0001  # z printed to 4 digits
+
+
+def test_shown_rounds_of_a_hundred_pinned() -> None:
+    # Evenly spread: 1 + i·100/11 rounded, i = 0..10, and the last round.
+    assert _shown_rounds(100) == {1, 10, 19, 28, 37, 46, 56, 65, 74, 83, 92, 100}

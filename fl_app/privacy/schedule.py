@@ -122,6 +122,7 @@ def _search(
     over: tuple[float, float] | None = None  # (z, log ε) with ε > target: too little noise
     under: tuple[float, float] | None = None  # (z, log ε) with ε <= target
     prev: tuple[float, float] | None = None
+    streak = 0  # steps without a bracket: they grow, so a spent budget reaches the cap fast
     for _ in range(80):
         e = eps(x)
         if low_ok <= e <= target:
@@ -147,8 +148,10 @@ def _search(
             slope = -1.0
             if prev is not None and prev[0] != x and prev[1] != point[1]:
                 slope = min(-0.05, (point[1] - prev[1]) / (math.log(x) - math.log(prev[0])))
+            streak += 1
+            least = 1.01 if streak < 3 else min(1e3, 10.0 ** (streak - 2))
             step = math.exp((goal - point[1]) / slope)
-            step = min(max(step, 1.01), 1e3) if e > target else max(min(step, 1 / 1.01), 1e-3)
+            step = min(max(step, least), 1e3) if e > target else max(min(step, 1 / least), 1e-3)
             x = min(cap, max(1e-9, x * step))
         prev = point
     return under[0] if under is not None else cap
