@@ -228,3 +228,48 @@ def test_a_kept_layer_needs_a_state_folder(tmp_path: Path) -> None:
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ClientRefusal, match="dp-state-dir"):
         site_layers(spec, context, model, initial_arrays(cfg), None, "train")
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_a_kept_layers_file_that_does_not_fit_is_refused(case: int, tmp_path: Path) -> None:
+    """Unreadable, other names, or the right names with other shapes: a refusal naming the
+    file and the fix, never a model silently built from it."""
+    import numpy as np
+
+    from fl_app.client.personal import kept_layers_path, site_layers
+    from fl_app.client.refusal import ClientRefusal
+    from fl_app.models import build_model
+    from fl_app.weights import save_safetensors
+
+    cfg = compose_config("config", [*COMMON, "share=body"])
+    spec = spec_from_config(cfg, "run1")
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 4, "dp-state-dir": str(tmp_path)},
+        state=RecordDict(),
+        run_config={},
+    )
+    path = kept_layers_path(tmp_path, "run1", "partition-0")
+    if case == 0:
+        path.write_bytes(b"\x00" * 4)
+        expected = f"kept layers: {str(path)!r} is not a safetensors file (too short)"
+    else:
+        head = {
+            "net.3.weight": np.zeros((10, 64), np.float32),
+            "net.3.bias": np.zeros(10, np.float32),
+        }
+        if case == 1:
+            head = {"net.3.weight": head["net.3.weight"], "other": head["net.3.bias"]}
+        else:
+            head["net.3.bias"] = np.zeros(9, np.float32)
+        save_safetensors(path, head, {})
+        expected = (
+            f"kept layers in {path} hold {sorted(head)}, not this run's "
+            "['net.3.weight', 'net.3.bias'] with the model's shapes; move the file away to "
+            "start from the initial values"
+        )
+    with pytest.raises(ClientRefusal) as err:
+        site_layers(spec, context, model, initial_arrays(cfg), None, "train")
+    assert str(err.value) == expected
