@@ -273,3 +273,16 @@ def test_a_kept_layers_file_that_does_not_fit_is_refused(case: int, tmp_path: Pa
     with pytest.raises(ClientRefusal) as err:
         site_layers(spec, context, model, initial_arrays(cfg), None, "train")
     assert str(err.value) == expected
+
+
+def test_kept_layers_file_name_takes_only_a_safe_run_key(tmp_path: Path) -> None:
+    from fl_app.client.personal import kept_layers_path
+    from fl_app.client.refusal import ClientRefusal
+
+    assert kept_layers_path(tmp_path, "run_1-a", "site-x") == (
+        tmp_path / "personal-run_1-a-site-x.safetensors"
+    )
+    for bad in ("", "../x", "a/b"):
+        with pytest.raises(ClientRefusal) as err:
+            kept_layers_path(tmp_path, bad, "site-x")
+        assert str(err.value) == f"run key {bad!r} is not a safe file-name component"
