@@ -202,6 +202,10 @@ def test_summary_blocks_take_the_last_evaluated_round_and_name_their_source() ->
     assert site["weighting"] == "unweighted: each site counts once"
     assert block["per_class"] == "not measured: no per-class server evaluation recorded"
     assert block["note"].startswith("per-site accuracies are un-noised functions of each site")
+    assert (
+        "covered by no epsilon: reported only where the threat model lets the server"
+        in (block["note"])
+    )
     assert block["note"].endswith(
         "per-class accuracy is the released model on the server's own test set"
     )
