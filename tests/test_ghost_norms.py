@@ -27,6 +27,7 @@ from fl_app.privacy.dpsgd_settings import (
     resolve_grad_sample_mode,
 )
 from fl_app.privacy.ghost_norms import (
+    PER_SAMPLE_ENTRY_COST,
     conv2d_uses_ghost_norm,
     ghost_backward,
     needs_second_pass,
@@ -47,9 +48,9 @@ class _TokenModel(nn.Module):
 
 
 def _odd_convs() -> nn.Module:
-    # Strided + dilated conv (ghost: 2*16^2 = 512 < 32*27), LayerNorm over the
-    # channel/space block, a grouped conv (per-sample gradient fallback), a bias-free
-    # conv (ghost: 2*9^2 = 162 < 16*32).
+    # Strided + dilated conv (Gram trick: 16^2 (32+27) = 15,104 < 76*32*27 = 65,664),
+    # LayerNorm over the channel/space block, a grouped conv (per-sample gradient
+    # fallback), a bias-free conv (Gram trick: 9^2 (16+32) = 3,888 < 76*16*32 = 38,912).
     return nn.Sequential(
         nn.Conv2d(3, 32, kernel_size=3, stride=2, dilation=2, padding=2),
         nn.LayerNorm([32, 4, 4]),
@@ -164,14 +165,16 @@ def test_ghost_step_matches_brute_force_and_hooks_mode(i: int) -> None:
         assert not torch.equal(noised["ghost"][k], clipped["ghost"][k])  # noise was added
 
 
-def test_mixed_rule_is_bu_et_al_two_t_squared_below_p_d() -> None:
-    # Bench CNN: T = 32*32, 16*16, 8*8; p*d = 100*27, 200*900, 400*1800.
-    assert not conv2d_uses_ghost_norm(nn.Conv2d(3, 100, 3, padding=1), 1024)  # 2.1M vs 2,700
-    assert conv2d_uses_ghost_norm(nn.Conv2d(100, 200, 3, padding=1), 256)  # 131,072 < 180,000
-    assert conv2d_uses_ghost_norm(nn.Conv2d(200, 400, 3, padding=1), 64)  # 8,192 < 720,000
-    # Boundary: p*d = 4*2 = 8; 2*T^2 = 8 at T = 2 is not below, T = 1 is.
-    assert not conv2d_uses_ghost_norm(nn.Conv2d(2, 4, 1), 2)
-    assert conv2d_uses_ghost_norm(nn.Conv2d(2, 4, 1), 1)
+def test_mixed_rule_compares_t_squared_p_plus_d_with_76_p_d() -> None:
+    assert PER_SAMPLE_ENTRY_COST == 76
+    # Bench CNN: (T, p, d) = (1024, 100, 27), (256, 200, 900), (64, 400, 1800):
+    # T^2 (p+d) = 108.0M, 72.1M, 8.19M against 76 p d = 205k, 13.7M, 54.7M.
+    assert not conv2d_uses_ghost_norm(nn.Conv2d(3, 100, 3, padding=1), 1024)
+    assert not conv2d_uses_ghost_norm(nn.Conv2d(100, 200, 3, padding=1), 256)
+    assert conv2d_uses_ghost_norm(nn.Conv2d(200, 400, 3, padding=1), 64)
+    # Boundary: p = d = 38: 76 p d = 109,744 = T^2 (p + d) at T = 38 (not below); T = 37 is.
+    assert not conv2d_uses_ghost_norm(nn.Conv2d(38, 38, 1), 38)
+    assert conv2d_uses_ghost_norm(nn.Conv2d(38, 38, 1), 37)
     # Grouped or string-padded convolutions take per-sample gradients.
     assert not conv2d_uses_ghost_norm(nn.Conv2d(4, 4, 3, groups=2), 1)
     assert not conv2d_uses_ghost_norm(nn.Conv2d(4, 4, 3, padding="same"), 1)

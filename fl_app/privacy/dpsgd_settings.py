@@ -3,7 +3,8 @@
 :class:`DpSgdSettings` (``z``, ``C``, the engine, ``secure_mode``) is what
 :func:`fl_app.privacy.dpsgd.train_dpsgd` trains with; :func:`resolve_grad_sample_mode`
 turns ``auto`` into the engine for a given model and batch (ghost clipping where every
-layer has a norm sampler and the batch is large enough, hooks otherwise). The engine
+layer has a norm sampler, Opacus' or :mod:`fl_app.privacy.ghost_norms`' for Conv2d,
+GroupNorm and LayerNorm, and the batch is large enough; hooks otherwise). The engine
 changes speed and memory, never the mechanism: every engine clips each per-sample
 gradient to ``C`` before the noise.
 """
@@ -36,10 +37,12 @@ class GradSampleMode(str, Enum):
 
     ``hooks``: per-layer closed-form per-sample gradients from forward/backward hooks;
     ``functorch``: ``torch.func.vmap`` over every layer; ``ghost``: fast gradient
-    clipping (Lee & Kifer 2021; Li et al. 2022): per-sample gradient *norms* without
-    materialising per-sample gradients for layers Opacus has a norm sampler for
-    (``Linear``, ``Embedding``), then a second backward pass of the reweighted loss;
-    other layers fall back to hooks. ``auto``: :func:`resolve_grad_sample_mode`.
+    clipping (Lee & Kifer 2021; Li et al. 2022; Bu et al. 2022): per-sample gradient
+    *norms* from the layers' norm samplers (``Linear``, ``Embedding`` from Opacus;
+    ``Conv2d``, ``GroupNorm``, ``LayerNorm`` from :mod:`fl_app.privacy.ghost_norms`),
+    then the clipped sums book-kept in one backward pass (a second one only for layers
+    without a clipped-sum function); layers without a norm sampler fall back to
+    per-sample gradients. ``auto``: :func:`resolve_grad_sample_mode`.
     """
 
     auto = "auto"
@@ -110,8 +113,8 @@ def ghost_clipping_layers(model: nn.Module) -> tuple[list[str], list[str]]:
     tuple of list of str
         ``(norm_sampled, fallback)``: qualified names of layers whose per-sample
         gradient norms Opacus computes without per-sample gradients (a registered norm
-        sampler: ``Linear``, ``Embedding``), and of the others, which ``ghost`` mode
-        handles with per-sample gradients plus a second backward pass.
+        sampler: ``Linear``, ``Embedding``, ``Conv2d``, ``GroupNorm``, ``LayerNorm``),
+        and of the others, whose per-sample gradients ``ghost`` mode materialises.
     """
     samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
     norm_sampled: list[str] = []
@@ -143,7 +146,8 @@ def resolve_grad_sample_mode(
     """Return the Opacus ``grad_sample_mode`` to train ``model`` with.
 
     The ``auto`` rule: **ghost** when every layer with trainable parameters has a
-    ghost-clipping norm sampler (``Linear``/``Embedding``, see
+    ghost-clipping norm sampler (``Linear``/``Embedding``/``Conv2d``/``GroupNorm``/
+    ``LayerNorm``, see
     :func:`ghost_clipping_layers`), no parameter is shared between layers and (when
     ``batch_size`` is given) ``batch_size x trainable parameters`` reaches
     ``GHOST_MIN_ENTRIES``; otherwise **hooks**. ``functorch`` is never chosen
@@ -169,10 +173,13 @@ def resolve_grad_sample_mode(
     that bound hooks and functorch (263 MiB for the 269k MLP at B=256), so it wins by
     up to 28x in time and 70x in memory; only on the smallest MLP (below ~0.5M
     per-sample gradient entries, e.g. 4.8k params x 64) is it ~10% (0.1 ms a step)
-    slower, which is why the rule takes the batch size into account. Opacus 1.6
-    has no norm sampler for convolutions or GroupNorm: ghost mode builds their
-    per-sample gradients as hooks does and adds a second backward pass, so on CNNs
-    it is slower than hooks (though it frees them layer by layer: less memory).
+    slower, which is why the rule takes the batch size into account. The CNN rows
+    are Opacus 1.6's ghost mode, which has no norm sampler for convolutions or
+    GroupNorm; with :mod:`fl_app.privacy.ghost_norms` (issue 21: Conv2d ghost norms
+    and the one-backward-pass book-keeping step) the ~1M CNN's ghost step measured
+    1.33-1.39x (CPU time, paired, loaded machine) against hooks' 2.09x, with 1.0x
+    memory, and SmallCNN ties hooks with less memory, so ``auto`` now picks ghost for
+    CNNs too (docs/performance.md, "Ghost norms for convolutions").
     ``functorch`` computes the same per-sample gradients as hooks through ``vmap``
     and is never faster here.
 
