@@ -316,3 +316,88 @@ def test_local_dp_compares_both_views_with_a_client_releasing_every_round(
     for b in bounds.values():
         assert b.accounted_epsilon == pytest.approx(expected, rel=1e-3)
         check_against_accounted(b)
+
+
+# ------------------------------------------------------------------ edges (mutation testing)
+
+
+def test_four_canaries_and_one_dimension_are_enough() -> None:
+    c = draw_client_canaries(4, 1, np.random.default_rng(0))
+    assert c.directions.shape == (4, 1) and np.allclose(np.abs(c.directions), 1.0)
+
+
+def test_noise_below_one_is_still_added_and_local_noise_is_per_coordinate() -> None:
+    """σ = 0.5 on the sum (distributed): the server's view moves off C; local DP, σ = 1,
+    one excluded canary in 2000 dimensions: the released update is N(0, 1) per coordinate
+    (sample sd near 1, not one value broadcast to every coordinate)."""
+    c = _identity_canaries([True, False])
+    d = replay_rounds(
+        c, [RoundMechanism(1.0, 0.5, 1.0, 1.0, NoiseSite.clients)], np.random.default_rng(3)
+    )
+    assert abs(d.server[0] - 1.0) > 1e-6
+    one = ClientCanaries(directions=np.eye(1, 2000), included=np.array([False]))
+    rng = np.random.default_rng(4)
+    rounds = [RoundMechanism(1.0, 1.0, 1.0, 1.0, NoiseSite.each_client)]
+    delta = replay_rounds(one, rounds, rng)
+    # The released score is the first coordinate; the server's, its own update's: equal.
+    assert delta.released == pytest.approx(delta.server)
+    noise = np.random.default_rng(4)
+    noise.random(size=1)  # the cohort draw
+    expected = noise.standard_normal((1, 2000))[0]
+    assert delta.released[0] == pytest.approx(expected[0])
+    assert 0.9 < float(np.std(expected)) < 1.1
+
+
+def _none_run(run_dir: Path, rounds: int | None, **privacy: Any) -> None:
+    summary: dict[str, Any] = {"privacy": {"mode": "none", **privacy}}
+    if rounds is not None:
+        summary["rounds"] = rounds
+    _write_run(run_dir, summary, None, dim=300)
+
+
+def test_a_run_without_dp_needs_no_ledger_and_is_compared_with_nothing(tmp_path: Path) -> None:
+    """One plain round, δ taken from summary.json (1e-4), or 1e-5 when it has none."""
+    _none_run(tmp_path / "a", 1, delta=1e-4)
+    bounds, section = client_canary_audit(tmp_path / "a", 40, seed=0)
+    assert (section["mode"], section["rounds_replayed"], section["dimension"]) == ("none", 1, 300)
+    assert 5 <= section["included"] <= 35  # Binomial(40, 1/2): sd 3.2
+    assert section["server_sees"] == "the plain sum (no DP)"
+    for b in bounds.values():
+        assert (b.accounted_epsilon, b.delta) == (None, 1e-4)
+        assert (b.guesses.guesses, b.guesses.correct) == (20, 20)
+    _none_run(tmp_path / "b", 2)
+    assert client_canary_audit(tmp_path / "b", 40, seed=0)[0]["server_view"].delta == 1e-5
+    _none_run(tmp_path / "c", None)
+    with pytest.raises(ValueError, match="0 rounds"):
+        client_canary_audit(tmp_path / "c", 40, seed=0)
+
+
+def test_the_model_file_named_in_the_summary_sets_the_dimension(tmp_path: Path) -> None:
+    _none_run(tmp_path, 1)
+    save_safetensors(tmp_path / "other.safetensors", {"a": np.zeros((3, 5), np.float32)}, {})
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    (tmp_path / SUMMARY_FILE).write_text(json.dumps({**summary, "model_file": "other.safetensors"}))
+    assert client_canary_audit(tmp_path, 8, seed=0)[1]["dimension"] == 15
+
+
+def test_accounted_epsilon_edges() -> None:
+    """Central DP never compares the server view, even if a summary carried a worst case;
+    a central summary without ε compares nothing; a ledger event from before
+    encoding_slack existed reads as slack 0; a fixed-size event's rate is m/N, not the
+    informational sample_rate; local DP needs both z and C."""
+    from fl_app.privacy_audit.client_canaries import _accounted
+
+    against = {"against_server": {"epsilon_planned_worst_case": 7.0}}
+    central = {"privacy": {"mode": "central", "epsilon": 2.0, "client_level": against}}
+    assert _accounted(central, {"events": []}, 1)["server"] is None
+    assert _accounted({"privacy": {"mode": "central"}}, {"events": []}, 1)["released"] is None
+    old = {"clip": 2.0, "update_noise_multiplier": 1.5, "cohort": 10.0, "sampling": "poisson",
+           "sample_rate": 0.5, "population": 20}  # fmt: skip
+    assert rounds_from_run(central, {"events": [old]}, 1)[0].noise_std == 3.0
+    fixed = {**old, "sampling": "fixed", "sample_rate": 0.3}
+    assert rounds_from_run(central, {"events": [fixed]}, 1)[0].participation == 0.5
+    local = {"privacy": {"mode": "local", "client_level": {"clip": 2.0}}}
+    with pytest.raises(ValueError, match="local_noise_multiplier"):
+        rounds_from_run(local, {"local_noise_multiplier": None}, 2)
+    with pytest.raises(ValueError, match="local_noise_multiplier"):
+        rounds_from_run({"privacy": {"mode": "local"}}, {"local_noise_multiplier": 3.0}, 2)

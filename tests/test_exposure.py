@@ -118,8 +118,11 @@ def _trained_exposure(
         train_local(model, tx, ty, train, generator=gen)
     else:
         train_dpsgd(model, tx, ty, train, dp, generator=gen)
-    section = secret_exposure(model, secret, None, 1e-5)
+    section = secret_exposure(model, secret, 1.0, 1e-5)
     assert section["max_exposure_bits"] == pytest.approx(math.log2(1000))
+    assert section["candidates"] == 1000
+    assert section["exposure_bits"] == pytest.approx(math.log2(1000 / section["rank"]))
+    assert section["dp_limit_95_bits"] == pytest.approx(math.log2(math.e / 0.04999))
     return float(section["exposure_bits"])
 
 

@@ -195,6 +195,8 @@ def rounds_from_run(
     ``z·C`` noise on its update. No DP: ``num_rounds`` plain sums, unit clip.
     """
     mode = str((summary.get("privacy") or {}).get("mode") or "none")
+    if mode in ("none", "local") and num_rounds < 1:
+        raise ValueError(f"summary.json records {num_rounds} rounds: nothing to audit")
     if mode == "none":
         return [RoundMechanism(1.0, 0.0, 1.0, 1.0, NoiseSite.none)] * num_rounds
     if ledger is None:
