@@ -202,12 +202,10 @@ class _PrivateTrainer:
             wrap_model=False,  # hooks on `model` itself: no wrapper, no `_module.` keys
             **kwargs,
         )
+        # Ghost mode also returns Opacus' loss wrapper: unused, the step is book-kept.
+        self.hooks, self.optimizer, self.loader = out[0], out[1], out[-1]
+        self.ghost = mode == GradSampleMode.ghost.value
         self.second_pass = needs_second_pass(model)
-        if mode == GradSampleMode.ghost.value:
-            self.hooks, self.optimizer, self.criterion, self.loader = out
-        else:
-            self.hooks, self.optimizer, self.loader = out
-            self.criterion = None
         n = int(yt.shape[0])
         self.optimizer.expected_batch_size = _expected_batch_size(n, int(cfg.batch_size))
         self._sampler: Iterable[list[int]] = self.loader.batch_sampler
@@ -252,7 +250,7 @@ class _PrivateTrainer:
         correct = 0
         if bs == 0:
             self._noise_only_gradients()
-        elif self.criterion is not None:
+        elif self.ghost:
             # Ghost: one backward pass towards the first layers' outputs, clipped sums
             # book-kept (fl_app.privacy.ghost_norms); gradients equal to hooks mode's.
             with backward_targets(self.model) as targets:
