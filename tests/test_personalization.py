@@ -174,6 +174,7 @@ def test_restarted_client_resumes_with_its_own_head(
             assert not reply.has_error(), reply.error.reason
             path = kept_layers_path(state, "run1", f"partition-{p}")
             heads[p] = path.read_bytes()
+            assert load_safetensors(path)[1] == {"fl-app": "kept-layers"}
         assert heads[0] != heads[1]  # each site its own head
         # The restart: each site's round-2 model starts from its own saved head.
         seen: dict[int, dict[str, np.ndarray]] = {}

@@ -214,7 +214,11 @@ def test_a_server_sending_a_kept_layer_is_refused(tmp_path: Path) -> None:
         reply = client_app(msg, context)
     finally:
         grid.close()
-    assert reply.has_error() and "not the run's shared layers" in reply.error.reason
+    assert reply.has_error()
+    assert reply.error.reason.endswith(
+        f"the instruction's weights {NAMES} are not the run's shared layers "
+        f"(share.layers=['net.1.*'] selects {NAMES[:2]})"
+    )
 
 
 def test_a_kept_layer_needs_a_state_folder(tmp_path: Path) -> None:

@@ -78,7 +78,6 @@ class SiteLayers:
 
         assert self.path is not None
         save_safetensors(self.path, kept, {"fl-app": "kept-layers"})
-        self.kept = kept
 
 
 def site_layers(
@@ -94,12 +93,12 @@ def site_layers(
     shared = shared_names(names, list(spec.share.layers))
     if list(arrays) != shared:
         raise ClientRefusal(
-            f"the instruction's weights {list(arrays)[:4]}... are not the run's shared layers "
-            f"(share.layers={list(spec.share.layers)} selects {shared[:4]}...)"
+            f"the instruction's weights {list(arrays)} are not the run's shared layers "
+            f"(share.layers={list(spec.share.layers)} selects {shared})"
         )
     if policy is not None and message_type == "train":
         try:
-            policy.check_share(getattr(spec.share.artifact, "value", spec.share.artifact), shared)
+            policy.check_share(spec.share.artifact.value, shared)
         except PolicyViolation as err:
             raise PolicyRefusal(err) from err
     kept_names = [n for n in names if n not in set(shared)]
