@@ -50,6 +50,17 @@ def test_four_levels_bin_by_hand() -> None:
         to_codes(RAW, 1, 0.0, 1.0)
 
 
+def test_binning_of_another_range_by_hand() -> None:
+    # [-1, 1] in 4 levels of width 1/2: -1.5 clips to 0, 1 falls in the top level.
+    codes = to_codes(np.array([-1.5, -1.0, -0.5, 0.0, 0.49, 1.0]), 4, -1.0, 1.0)
+    assert codes.tolist() == [0, 0, 1, 2, 2, 3] and codes.dtype == np.int64
+    assert to_codes(np.array([0.0, 0.5, 1.0]), 2, 0.0, 1.0).tolist() == [0, 1, 1]
+    decoded = from_codes(np.array([0, 1, 2]), 3, -1.0, 1.0)
+    assert decoded.tolist() == [-1.0, 0.0, 1.0] and decoded.dtype == np.float32
+    with pytest.raises(ValueError, match="high > low"):
+        to_codes(np.zeros(2), 4, 1.0, 1.0)
+
+
 def test_table_round_trip_keeps_labels_and_shape() -> None:
     x = (np.arange(2 * 4) % 17 / 16.0).reshape(2, 1, 2, 2)
     y = np.array([3, 9])
@@ -57,6 +68,9 @@ def test_table_round_trip_keeps_labels_and_shape() -> None:
     assert table.tolist() == [[0, 1, 2, 3, 3], [4, 5, 6, 7, 9]]
     xs, ys = decode_table(table, (1, 2, 2), 17, 0.0, 1.0)
     assert np.array_equal(xs, x.astype(np.float32)) and ys.tolist() == [3, 9]
+    # Float labels and codes (a library's sample) still give an int64 table and labels.
+    assert encode_table(x, y.astype(np.float64), 17, 0.0, 1.0).dtype == np.int64
+    assert decode_table(table.astype(np.float64), (1, 2, 2), 17, 0.0, 1.0)[1].dtype == np.int64
 
 
 def test_check_table_refuses_codes_outside_the_public_domain() -> None:
@@ -151,7 +165,7 @@ def test_policy_max_epsilon_counts_the_site_total_and_refuses_first(tmp_path: Pa
     ledger = SiteBudgetLedger(tmp_path / "state", "site-a")
     ledger.record(SiteSpend("run-1", "record-level", 1.5, 1e-5))
     synth = RecordingSynth(ledger)
-    with pytest.raises(PolicyRefusal, match="max_epsilon"):
+    with pytest.raises(PolicyRefusal, match=r"its budget ledger.* past its max_epsilon 3"):
         # 2.0 alone fits under 3.0; with the earlier run's 1.5 the site would reach 3.5.
         make_surrogate(_cfg(), _request(tmp_path), synth, SitePolicy(max_epsilon=3.0))
     assert synth.calls == [] and not (tmp_path / "out").exists()
@@ -329,3 +343,36 @@ def test_compare_evaluates_both_models_on_the_real_test_rows(tmp_path: Path) -> 
     assert doc["surrogate"]["epsilon"] == 2.0 and doc["real_test_rows"] == len(held_out.y)
     with pytest.raises(SynthError, match="give the real-data run first"):
         compare_runs(tmp_path / "sur", tmp_path / "real")
+
+
+def test_surrogate_folder_problems_name_the_field(tmp_path: Path) -> None:
+    """Each way a surrogate folder can be wrong is a DataError saying what to fix."""
+    from dataclasses import replace
+
+    from fl_app.config.schema import LocalFormat
+    from fl_app.data.synthetic import load_synthetic_source, read_card, synthetic_data_path
+
+    with pytest.raises(DataError, match=r"needs dataset\.synthetic_path"):
+        synthetic_data_path(DatasetConfig(kind=DatasetKind.synthetic))
+    with pytest.raises(DataError, match=r"card\.json is missing"):
+        read_card(tmp_path)
+    (tmp_path / CARD_FILE).write_text("[1, 2]")
+    with pytest.raises(DataError, match="holds no data_sha256"):
+        read_card(tmp_path)
+    (tmp_path / CARD_FILE).write_text("{not json")
+    with pytest.raises(DataError, match="not a readable surrogate card"):
+        read_card(tmp_path)
+    (tmp_path / CARD_FILE).write_text(json.dumps({"data_sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"cannot read .*synthetic\.npz"):
+        load_synthetic_source(_synthetic_cfg(tmp_path))
+    # A surrogate loads as npz, scaled as written, whatever the config's file settings.
+    make_surrogate(_cfg(), _request(tmp_path), RecordingSynth(SiteBudgetLedger(tmp_path, "x")))
+    odd = replace(_synthetic_cfg(tmp_path / "out"), local_format=LocalFormat.csv, pixel_scale=16.0)
+    assert load_synthetic_source(odd).x.max() == pytest.approx(1.0)
+
+
+def test_a_surrogate_above_max_epsilon_alone_is_refused_naming_its_kind(tmp_path: Path) -> None:
+    synth = RecordingSynth(SiteBudgetLedger(tmp_path / "state", "site-a"))
+    with pytest.raises(PolicyRefusal, match="synthetic data epsilon would reach 2"):
+        make_surrogate(_cfg(), _request(tmp_path), synth, SitePolicy(max_epsilon=1.5))
+    assert synth.calls == [] and synth.ledger.entries() == []
