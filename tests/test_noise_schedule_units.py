@@ -173,6 +173,11 @@ def test_search_edges_pinned_by_hand() -> None:
     assert ledger.calls[0] == 1.0
     ledger = _Ledger(spent=1.0)  # ε(1) = 3 exactly = the budget
     assert spend_noise(ledger, _event(), 1, 3.0, 1.0) == 1.0  # type: ignore[arg-type]
+    assert ledger.calls == [1.0]
+    low_ok = (1 - SPEND_TOLERANCE) * 3.0
+    ledger = _Ledger(spent=0.0, k=low_ok)  # ε(1) = the window's lower end exactly
+    assert spend_noise(ledger, _event(), 1, 3.0, 1.0) == 1.0  # type: ignore[arg-type]
+    assert ledger.calls == [1.0]
     ledger = _Ledger(spent=1.0)
     spend_noise(ledger, _event(), 2, 3.0)  # type: ignore[arg-type]
     assert ledger.calls[0] == 1.0
@@ -229,6 +234,16 @@ def test_dry_run_lines_of_a_long_run_and_of_a_budget_stop() -> None:
     )
     lines = schedule_lines(s)
     assert len(lines) == 4
+    # A budget that fits the 3 planned rounds but not a 4th: no stop line.
+    fits = (_rdp(10.0, 3) + _rdp(10.0, 4)) / 2
+    planned = _full(
+        schedule=NoiseSchedule.decay,
+        decay_rate=1.0,
+        noise_multiplier=10.0,
+        num_rounds=3,
+        max_epsilon=fits,
+    )
+    assert len(schedule_lines(planned)) == 4 and "stops" not in schedule_lines(planned)[-1]
     assert lines[3] == (
         f"  round 3: z=10 would take epsilon to {_rdp(10.0, 3):.4g} > "
         f"max_epsilon={budget:g}: the run stops before it"
@@ -247,3 +262,23 @@ def test_dry_run_lines_of_spend_end_at_the_budget() -> None:
 def test_shown_rounds_of_a_hundred_pinned() -> None:
     # Evenly spread: 1 + i·100/11 rounded, i = 0..10, and the last round.
     assert _shown_rounds(100) == {1, 10, 19, 28, 37, 46, 56, 65, 74, 83, 92, 100}
+
+
+class _StepLedger(_Ledger):
+    """ε jumps from 4 to 2 at z = 2: the window [2.985, 3] is never hit."""
+
+    def project(self, planned: list[RoundEvent]) -> float:
+        z = planned[0].noise_multiplier
+        self.calls.append(z)
+        return 4.0 if z < 2 else 2.0
+
+
+def test_search_without_a_reachable_window_returns_the_bracket_end_within_budget() -> None:
+    ledger = _StepLedger()
+    z = spend_noise(ledger, _event(), 1, 3.0, 1.0)  # type: ignore[arg-type]
+    assert 2.0 <= z <= 2.0 * (1 + 1e-9)  # the least noise within budget
+    assert len(ledger.calls) < 80  # stops once the bracket has closed
+    # ε = 0 whatever z: nothing to spend, the search stops at its floor z = 1e-9.
+    ledger = _Ledger(spent=0.0, k=0.0)
+    assert spend_noise(ledger, _event(), 1, 3.0, 1.0) == 1e-9  # type: ignore[arg-type]
+    assert len(ledger.calls) <= 8
