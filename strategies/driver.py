@@ -47,6 +47,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fl_app.compression import RandK
 from fl_app.protocol import (
     BUDGET_EXHAUSTED,
     CLIP_NORM_KEY,
@@ -176,6 +177,9 @@ class RoundDriver(ReplyExchange, RoundRelease):
         # One node per site identity presented in the run (strategies.site_claims).
         self.site_claims = SiteClaims()
         self._connected: frozenset[int] = frozenset()
+        # share.compression=randk (set by the ServerApp): replies and secure sums are the
+        # round's short vectors, scattered into the model after aggregation.
+        self.compressor: RandK | None = None
         if secagg is not None:
             secagg.public_check = self._check_site
 
@@ -278,7 +282,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
         sent_msgs, replies, sent = self._exchange(
             grid, messages, rnd, self.settings.train_timeout_s
         )
-        expected = array_specs(arrays)
+        expected = array_specs(self._wire(rnd, arrays))
         accepted, failed = self._ingest(
             "train",
             rnd,
@@ -309,7 +313,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
             if not accepted:
                 first = sent_msgs[0] if sent_msgs else None
                 return self._without_sum(rnd, arrays, stage, t0, too_few, first)
-        mean = self.aggregator.aggregate(rnd, accepted)
+        mean = self._scattered(rnd, self.aggregator.aggregate(rnd, accepted), arrays)
         out = self._apply_mean(rnd, arrays, mean, sent_msgs[0], stage, t0)
         return self._noted_few(out, len(accepted), too_few)
 
@@ -333,7 +337,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
             rnd=rnd,
             run_id=run_id,
             instructions=messages,
-            arrays=arrays,
+            arrays=self._wire(rnd, arrays),
             weighting=self.aggregator.weighting,
             bound=self.secagg.encoding_bound(dict(config), CLIP_NORM_KEY),
             exchange=lambda msgs, timeout: self._exchange(grid, msgs, rnd, timeout),
@@ -359,6 +363,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
         mean = self.aggregator.aggregate_sum(
             rnd, decoded.update, decoded.weight, n, {UNCLIPPED_KEY: decoded.unclipped}
         )
+        mean = self._scattered(rnd, mean, arrays)
         out = self._apply_mean(rnd, arrays, mean, answered, stage, t0)
         return self._noted_few(out, n, too_few)
 

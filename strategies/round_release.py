@@ -9,6 +9,7 @@ arrived (docs/privacy-branches.md). A mixin of :class:`~strategies.driver.RoundD
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import numpy as np
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fl_app.compression import RandK
 from fl_app.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from fl_app.weights import from_array_record, to_array_record
 from strategies.aggregation import apply_update
@@ -38,6 +40,19 @@ class RoundRelease:
     strategy: Strategy
     aggregator: UpdateAggregator
     _privacy_metrics: dict[str, float]
+    compressor: RandK | None
+
+    def _wire(self, rnd: int, arrays: Arrays) -> Arrays:
+        """The shape of what a client sends this round (the short vector under random-k)."""
+        return arrays if self.compressor is None else self.compressor.wire_template(rnd, arrays)
+
+    def _scattered(self, rnd: int, mean: Aggregate, arrays: Arrays) -> Aggregate:
+        """The aggregate (clipped and noised in the compressed space) in the model's shape;
+        coordinates not sent this round get a zero update (docs/compression.md)."""
+        if self.compressor is None:
+            return mean
+        full = self.compressor.decompress(rnd, mean.update, arrays)
+        return dataclasses.replace(mean, update=full)
 
     def _noted_few(
         self, out: tuple[Arrays, StageReport, str, float], n: int, what: str
@@ -65,7 +80,9 @@ class RoundRelease:
         The aggregator decides (docs/privacy-branches.md): central DP releases its noise on
         a zero sum, the same mechanism the ledger recorded; otherwise the model stays.
         """
-        release = self.aggregator.release_without_sum(rnd, arrays)
+        release = self.aggregator.release_without_sum(rnd, self._wire(rnd, arrays))
+        if release is not None:
+            release = self._scattered(rnd, release, arrays)
         if release is None:
             note = f"{what}: model unchanged"
             log.warning("round %d: %s", rnd, note)

@@ -158,11 +158,12 @@ def test_pipeline_runs_stages_in_the_fixed_order_whatever_is_enabled() -> None:
         clip=stage("clip"),
         encode=stage("encode"),
         noise=stage("noise"),
+        compress=stage("compress"),
     )
     result = run_train_pipeline(glob, stages)
-    assert calls == ["load", "train", "clip", "noise", "encode", "mask"]
+    assert calls == ["load", "train", "compress", "clip", "noise", "encode", "mask"]
     assert result.stages_run == list(STAGE_ORDER)
-    np.testing.assert_array_equal(result.update["a"], np.full(3, 6.0, np.float32))
+    np.testing.assert_array_equal(result.update["a"], np.full(3, 7.0, np.float32))
     calls.clear()
     partial = PipelineStages(load=stages.load, train=stages.train, noise=stage("noise"))
     assert run_train_pipeline(glob, partial).stages_run == ["load", "train", "delta", "noise"]

@@ -5,6 +5,8 @@ Order (docs/architecture.md, The privacy stage order), never decided by configur
 1. load the global weights;
 2. local training (plain, or Opacus DP-SGD once record-level DP lands);
 3. update Δ = w_local − w_global;
+   then compress Δ (``share.compression``: random-k's public coordinates; the stages
+   below see the short vector, docs/compression.md);
 4. clip Δ (client-level DP);
 5. noise: local-DP noise;
 6. encode: fixed-point stochastic rounding, or, under distributed DP, rotation +
@@ -14,7 +16,7 @@ Order (docs/architecture.md, The privacy stage order), never decided by configur
 7. mask (secure aggregation);
 8. reply.
 
-Configuration chooses *which* of stages 4-7 run (``None`` = off); it cannot reorder
+Configuration chooses *which* of compress and stages 4-7 run (``None`` = off); it cannot reorder
 them. Each stage that runs is recorded in :attr:`PipelineResult.stages_run`, which the
 client reports and tests assert with a recording double. The stages are plain
 callables on ``dict[str, np.ndarray]`` so each privacy layer is a small, separately
@@ -35,7 +37,7 @@ Arrays = dict[str, np.ndarray]
 ArrayStage = Callable[[Arrays], Arrays]
 S = TypeVar("S")
 
-STAGE_ORDER = ("load", "train", "delta", "clip", "noise", "encode", "mask")
+STAGE_ORDER = ("load", "train", "delta", "compress", "clip", "noise", "encode", "mask")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,13 @@ class PipelineStages(Generic[S]):
     """The stages one client runs this round.
 
     ``load`` puts the global weights into the local model; ``train`` trains it and
-    returns ``(local_weights, stats)``. ``clip``/``noise``/``encode``/``mask`` are
-    optional transforms of the update.
+    returns ``(local_weights, stats)``. ``compress``/``clip``/``noise``/``encode``/``mask``
+    are optional transforms of the update.
     """
 
     load: Callable[[Mapping[str, np.ndarray]], None]
     train: Callable[[], tuple[Arrays, S]]
+    compress: ArrayStage | None = None
     clip: ArrayStage | None = None
     noise: ArrayStage | None = None
     encode: ArrayStage | None = None
@@ -82,7 +85,7 @@ def run_train_pipeline(
     ran.append("train")
     update = _delta(local, global_arrays)
     ran.append("delta")
-    for name in ("clip", "noise", "encode", "mask"):
+    for name in ("compress", "clip", "noise", "encode", "mask"):
         stage = getattr(stages, name)
         if stage is not None:
             update = stage(update)

@@ -21,7 +21,7 @@ from fl_app.client.personal import SiteLayers, site_layers
 from fl_app.client.policy import SitePolicy
 from fl_app.client.refusal import ClientRefusal
 from fl_app.client_spec import ClientSpec
-from fl_app.config.schema import ShareArtifact
+from fl_app.config.schema import ShareArtifact, ShareCompression
 from fl_app.protocol import (
     CLIP_NORM_KEY,
     METRICS_KEY,
@@ -57,6 +57,7 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     if ShareArtifact(spec.share.artifact) is ShareArtifact.weights:
         local_train = _keeping(local_train, weights)
     load = _loader(model, site)
+    compress = _compress_stage(spec, rnd)
     clip_stage, noise_stage, client_dp_metrics = client_dp_stages(
         spec, rnd, config, context, pid, policy
     )
@@ -74,10 +75,13 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
             noise_stage,
             client_dp_metrics,
             dp_metrics,
+            compress,
         )
     result = run_train_pipeline(
         arrays,
-        PipelineStages(load=load, train=local_train, clip=clip_stage, noise=noise_stage),
+        PipelineStages(
+            load=load, train=local_train, compress=compress, clip=clip_stage, noise=noise_stage
+        ),
     )
     dp_metrics.update(client_dp_metrics)
     plain, dp_metrics = _plain_metrics(spec, result.stats, noise_stage, dp_metrics)
@@ -98,6 +102,18 @@ def _keeping(train: TrainThunk, out: list[dict[str, np.ndarray]]) -> TrainThunk:
         return local, stats
 
     return kept
+
+
+def _compress_stage(
+    spec: ClientSpec, rnd: int
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
+    """random-k's compress stage (``share.compression``; docs/compression.md), or None."""
+    if ShareCompression(spec.share.compression) is ShareCompression.none:
+        return None
+    from fl_app.compression import RandK
+
+    randk = RandK(spec.run_key, float(spec.share.ratio))
+    return lambda update: randk.compress(rnd, update)
 
 
 def _loader(model: Any, site: SiteLayers) -> Callable[[Mapping[str, np.ndarray]], None]:
@@ -199,6 +215,7 @@ def secure_train(
     noise_stage: Any,
     client_dp_metrics: dict[str, float],
     dp_metrics: dict[str, float],
+    compress: Any = None,
 ) -> Message:
     """Stage 3 of secure aggregation: train, clip, encode, mask; reply with the masked vector.
 
@@ -242,6 +259,7 @@ def secure_train(
         PipelineStages(
             load=load,
             train=train_and_keep_stats,
+            compress=compress,
             clip=clip_stage,
             encode=encode,
             mask=mask,

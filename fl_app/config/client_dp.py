@@ -347,6 +347,11 @@ def model_dimension(cfg: AppConfig) -> int:
         # size their vectors by them.
         shared, _kept = split_shared(model.state_dict(), list(cfg.share.layers))
         _DIMENSIONS[key] = int(sum(t.numel() for t in shared.values()))
+    if str(getattr(cfg.share.compression, "value", cfg.share.compression)) == "randk":
+        # random-k: only k coordinates leave a site (docs/compression.md).
+        from fl_app.compression import compressed_length
+
+        return compressed_length(_DIMENSIONS[key], float(cfg.share.ratio))
     return _DIMENSIONS[key]
 
 

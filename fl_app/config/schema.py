@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fl_app.config.schema_share import ShareArtifact, ShareConfig
+from fl_app.config.schema_share import ShareArtifact, ShareCompression, ShareConfig
 from fl_app.config.schema_tracking import TrackingConfig
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "SecAggMode",
     "SecAggServerModel",
     "ShareArtifact",
+    "ShareCompression",
     "ShareConfig",
     "SimulationBackend",
     "StrategyConfig",

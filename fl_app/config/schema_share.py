@@ -10,13 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["ShareArtifact", "ShareConfig"]
+__all__ = ["ShareArtifact", "ShareCompression", "ShareConfig"]
 
 
 class ShareArtifact(str, Enum):
     delta = "delta"  # Δ = w_local − w_global of the shared layers (today's reply)
     weights = "weights"  # w_local of the shared layers (trusted server, no client-level DP)
-    compressed = "compressed"  # a compressed Δ: needs share.compression (not available yet)
+    compressed = "compressed"  # a compressed Δ: needs share.compression != none
+
+
+class ShareCompression(str, Enum):
+    """How Δ is compressed before it is clipped and sent (docs/compression.md)."""
+
+    none = "none"  # the whole Δ (today's behaviour)
+    randk = "randk"  # the coordinates of a public per-round mask (works under SecAgg/DP)
+    topk = "topk"  # the largest |Δ| coordinates (refused in this version, see validate_share)
+    sketch = "sketch"  # a count sketch (refused in this version, see validate_share)
 
 
 @dataclass
@@ -26,3 +35,6 @@ class ShareConfig:
     artifact: ShareArtifact = ShareArtifact.delta
     # fnmatch globs over state_dict names that leave a site (["*"]: all, today's behaviour).
     layers: list[str] = field(default_factory=lambda: ["*"])
+    # Compression of Δ (share.artifact=compressed) and the fraction of coordinates kept.
+    compression: ShareCompression = ShareCompression.none
+    ratio: float = 1.0

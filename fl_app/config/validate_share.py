@@ -5,16 +5,22 @@ at the sites that was meant to be averaged), and so is an empty list: every patt
 selecting something means something is shared. ``share.artifact=weights`` is refused
 where the update must be bounded (client-level DP clips Δ, secure aggregation encodes
 Δ within a bound): a weight vector's norm is not the update's sensitivity.
-``compressed`` needs ``share.compression``, which this version does not have yet. With
+``compressed`` and ``share.compression`` go together (docs/compression.md). With
 layers kept at the sites the server's own evaluation is refused: the global model lacks
 them, and scoring it with their initial values would report a meaningless accuracy.
 """
 
 from __future__ import annotations
 
-from fl_app.config.errors import ConfigRangeError
+from fl_app.config.errors import ConfigRangeError, require_fraction
 from fl_app.config.errors import require as _check
-from fl_app.config.schema import AppConfig, PrivacyMode, SecAggMode, ShareArtifact
+from fl_app.config.schema import (
+    AppConfig,
+    PrivacyMode,
+    SecAggMode,
+    ShareArtifact,
+    ShareCompression,
+)
 from fl_app.share_layers import shared_names, unmatched_patterns
 
 __all__ = ["check_share", "model_state_names"]
@@ -37,13 +43,7 @@ def model_state_names(cfg: AppConfig) -> tuple[str, ...]:
 def check_share(cfg: AppConfig) -> None:
     s = cfg.share
     artifact = ShareArtifact(s.artifact)
-    _check(
-        artifact is not ShareArtifact.compressed,
-        "share.artifact",
-        artifact.value,
-        "'compressed' needs share.compression, which this version does not have; use "
-        "share.artifact=delta",
-    )
+    _check_compression(cfg, artifact)
     if artifact is ShareArtifact.weights:
         _check(
             PrivacyMode(cfg.privacy.mode) is PrivacyMode.none
@@ -78,4 +78,44 @@ def check_share(cfg: AppConfig) -> None:
         f"the global model lacks the layers the sites keep ({kept[:4]}): the server would "
         "score it with their initial values; set server_eval=false (each site's federated "
         "evaluation scores its personalized model)",
+    )
+
+
+def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
+    """``share.compression`` and ``share.ratio`` (docs/compression.md).
+
+    The declared artifact says what leaves a site, so ``compressed`` and a compression
+    other than ``none`` go together. top-k sends a data-dependent support (which
+    coordinates are largest): under secure aggregation the supports differ between
+    clients and would have to be sent in the clear, and under local or distributed DP the
+    support itself is an un-noised function of the data. So top-k is refused wherever the
+    server must not see an individual update, and, in this version, everywhere (its
+    client-side error feedback is not wired yet); random-k, whose mask is public, works
+    under every mode. The count sketch is not available in this version.
+    """
+    s = cfg.share
+    comp = ShareCompression(s.compression)
+    require_fraction(float(s.ratio), "share.ratio", allow_zero=False)
+    _check(
+        (artifact is ShareArtifact.compressed) == (comp is not ShareCompression.none),
+        "share.artifact",
+        artifact.value,
+        "'compressed' goes with share.compression=randk, and share.compression "
+        f"{comp.value!r} with share.artifact=compressed; set both or neither",
+    )
+    if comp is ShareCompression.topk:
+        _check(
+            SecAggMode(cfg.secagg.mode) is SecAggMode.off
+            and PrivacyMode(cfg.privacy.mode) in (PrivacyMode.none, PrivacyMode.central),
+            "share.compression",
+            comp.value,
+            "top-k's support (which coordinates are largest) depends on the data and "
+            "differs per client: it leaks under secure aggregation and local/distributed "
+            "DP; use share.compression=randk (a public per-round mask)",
+        )
+    _check(
+        comp in (ShareCompression.none, ShareCompression.randk),
+        "share.compression",
+        comp.value,
+        f"{comp.value!r} is not available in this version; use share.compression=randk",
     )

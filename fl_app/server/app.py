@@ -32,9 +32,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
+from fl_app.compression import RandK
 from fl_app.config.compose import compose_plan, parse_overrides
 from fl_app.config.plan import RunPlan, resolve
-from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide
+from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide, ShareCompression
 from fl_app.protocol import SPEC_KEY
 from fl_app.server.checkpoint import restore_strategy_state
 from fl_app.server.layout import RunLayout
@@ -251,6 +252,7 @@ def _wire_driver(
         release_hooks=[*release_first, checkpoints.write_files],
     )
     driver.budget_forecast = _budget_forecast(cfg)
+    driver.compressor = _compressor(cfg, run.run_key)
     checkpoints.strategy = driver.strategy
     if plan is not None:
         restore_strategy_state(driver.strategy, plan.checkpoint.strategy_arrays, run.arrays)
@@ -259,6 +261,13 @@ def _wire_driver(
         )
     checkpoints.driver = driver
     return _Wired(driver, ledger_writer, checkpoints)
+
+
+def _compressor(cfg: AppConfig, run_key: str) -> RandK | None:
+    """random-k's public per-round mask for this run (share.compression; docs/compression.md)."""
+    if ShareCompression(cfg.share.compression) is ShareCompression.none:
+        return None
+    return RandK(run_key, float(cfg.share.ratio))
 
 
 def _budget_forecast(cfg: AppConfig) -> DpSgdForecast | None:
