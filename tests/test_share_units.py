@@ -290,3 +290,31 @@ def test_kept_layers_file_name_takes_only_a_safe_run_key(tmp_path: Path) -> None
         with pytest.raises(ClientRefusal) as err:
             kept_layers_path(tmp_path, bad, "site-x")
         assert str(err.value) == f"run key {bad!r} is not a safe file-name component"
+
+
+def test_patterns_are_checked_against_the_configured_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each model config gets its own names (FedBN-style: the CNN's GroupNorm layers
+    features.1 and features.5 stay), built afresh when nothing is cached."""
+    import fl_app.config.validate_share as validate_share
+
+    monkeypatch.setattr(validate_share, "_NAMES", {})
+    mlp = compose_config("config", [*COMMON, "share.layers=[net.*]"])
+    assert validate_share.model_state_names(mlp) == tuple(NAMES)
+    fedbn = ["share.layers=[features.0.*,features.4.*,head.*]"]
+    cnn = compose_config("config", [*COMMON, "model=cnn", *fedbn])
+    assert validate_share.model_state_names(cnn) == (
+        "features.0.weight",
+        "features.0.bias",
+        "features.1.weight",
+        "features.1.bias",
+        "features.4.weight",
+        "features.4.bias",
+        "features.5.weight",
+        "features.5.bias",
+        "head.weight",
+        "head.bias",
+    )
+    with pytest.raises(ConfigRangeError, match="match no parameter"):
+        compose_config("config", [*COMMON, "model=cnn", "share.layers=[net.*]"])
