@@ -31,9 +31,17 @@ from fl_app.server.tracking import (
 
 NODE = "7312456789012"  # a node id as Flower draws them (long enough to scan for)
 
+# Skipped keys come before kept ones: a loop that stopped at the first skip would lose
+# the rest. 99 and 55555 are node ids too (a rejected and a failed node).
 _RECORD = {
     "round": 3,
+    "client_metrics": {NODE: {"dp_epsilon": 2.0}},
+    "rejections": [{"node": 99, "reason": "norm"}],
+    "failures": [{"node": 55555, "reason": "timeout"}],
+    "odd_count": int(NODE),
     "clients_sampled": 4,
+    "rejected_like": 99,
+    "failed_like": 55555,
     "clients_accepted": 3,
     "model_updated": True,
     "train_loss": 0.25,
@@ -45,10 +53,6 @@ _RECORD = {
     "dp_partition_id_mean": 1.5,
     "site_worst_accuracy": 0.5,
     "max_node": 2,
-    "odd_count": int(NODE),
-    "client_metrics": {NODE: {"dp_epsilon": 2.0}},
-    "rejections": [{"node": 99, "reason": "norm"}],
-    "failures": [],
 }
 
 
@@ -68,7 +72,7 @@ def test_round_scalars_are_the_restricted_exports_aggregate_scalars() -> None:
     expected = _ROUND_SCALARS
     assert round_scalars(_RECORD) == expected
     # The same rule as `fl-app export --tier restricted` (less the step and nulls).
-    exported = json.loads(aggregate_metrics([_RECORD], {NODE, "99"}))
+    exported = json.loads(aggregate_metrics([_RECORD], {NODE, "99", "55555"}))
     assert {k: float(v) for k, v in exported.items() if v is not None and k != "round"} == (
         expected
     )
@@ -130,6 +134,11 @@ def test_public_summary_drops_every_per_client_block_and_the_plain_config_hash()
     assert public == {**_PUBLIC, "config_hash_published": "cd" * 32}
     assert summary_scalars(public) == _SUMMARY_SCALARS
     assert public_summary(_SUMMARY, None)["config_hash_published"] == "withheld"
+    # A crashed run's summary has no config hash to drop.
+    assert public_summary({"status": "failed"}, None) == {
+        "status": "failed",
+        "config_hash_published": "withheld",
+    }
 
 
 def test_a_sweeps_jobs_share_one_store_and_experiment_tagged_with_their_overrides(
@@ -137,17 +146,22 @@ def test_a_sweeps_jobs_share_one_store_and_experiment_tagged_with_their_override
 ) -> None:
     cfg = compose_config("config", ["tracking.mlflow=true"])
     sweep = tmp_path / "multirun" / "sweep"
-    job = HydraJob(True, str(sweep), 1, ("seed=2", "strategy=fedadam"))
+    overrides = ("seed=2", "strategy=fedadam", "+x=a=b", "~y")
+    job = HydraJob(True, str(sweep), 1, overrides)
     scope = tracking_scope(cfg, sweep / "1", job)
     assert scope.mlflow_uri == (sweep / "mlruns").resolve().as_uri()
     assert (scope.experiment, scope.run_name) == (str(sweep), "job-1")
-    assert scope.tags["hydra.overrides"] == "seed=2 strategy=fedadam"
+    assert scope.tags["hydra.overrides"] == "seed=2 strategy=fedadam +x=a=b ~y"
     assert (scope.tags["override.seed"], scope.tags["override.strategy"]) == ("2", "fedadam")
+    # Hydra's +key= / ~key prefixes are not part of the key; a value may hold "=".
+    assert (scope.tags["override.x"], scope.tags["override.y"]) == ("a=b", "~y")
+    assert scope.tags["hydra.job.num"] == "1"
+    assert scope.tags["fl_app.experiment_name"] == "default"
     assert scope.tags["fl_app.run_dir"] == str((sweep / "1").resolve())
     # A seed that drew DP noise is withheld from the tags too.
     hidden = tracking_scope(cfg, sweep / "1", job, frozenset({"seed"}))
     assert "override.seed" not in hidden.tags and hidden.tags["hydra.overrides"] == (
-        "strategy=fedadam"
+        "strategy=fedadam +x=a=b ~y"
     )
     # Not a sweep: the run directory's own store, experiment_name.
     single = tracking_scope(cfg, tmp_path / "run", HydraJob(False, "", 0, ("seed=2",)))
@@ -182,7 +196,7 @@ class _Recorder:
             raise OSError("store gone")
         self.calls.append(("round", step, dict(values)))
 
-    def finish(
+    def finish(  # a broken sink fails here too
         self,
         step: int,
         values: Mapping[str, float],
@@ -191,6 +205,8 @@ class _Recorder:
         public: Mapping[str, Any] | None,
         failed: bool,
     ) -> None:
+        if self.broken:
+            raise OSError("store gone")
         self.calls.append(("finish", step, dict(values), dict(tags), artifacts, public, failed))
 
 
@@ -198,7 +214,22 @@ class _Report:
     server_round = 3
 
     def to_record(self) -> dict:
-        return dict(_RECORD, client_metrics={NODE: {"dp_epsilon": 2.0}, "42": {"dp_epsilon": 0.5}})
+        # A client without a record-level epsilon (no DP-SGD there) counts for nothing.
+        clients = {NODE: {"dp_epsilon": 2.0}, "42": {"dp_epsilon": 0.5}, "43": {"n": 1}}
+        return dict(_RECORD, client_metrics=clients)
+
+
+# HMAC-SHA256 of the plain hash under the run's salt (rundir.published_config_hash's
+# definition), computed here with the standard library.
+_SALTED = (
+    __import__("hmac")
+    .new(
+        bytes.fromhex("11" * 32),
+        b"fl-app published config hash v1\x00" + ("ab" * 32).encode(),
+        "sha256",
+    )
+    .hexdigest()
+)
 
 
 class _RunDir:
@@ -207,10 +238,9 @@ class _RunDir:
         self.manifest = {"config_hash_salt": "11" * 32}
 
 
-def test_the_listener_sends_each_sink_the_rounds_and_the_public_summary(tmp_path: Path) -> None:
-    import hashlib
-    import hmac
-
+def test_the_listener_sends_each_sink_the_rounds_and_the_public_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     from fl_app.server.tracking import RunTracker
 
     model = tmp_path / "model.safetensors"
@@ -222,13 +252,11 @@ def test_the_listener_sends_each_sink_the_rounds_and_the_public_summary(tmp_path
     scalars = {**_ROUND_SCALARS, "record_level_epsilon_max": 2.0}
     assert sink.calls == [("round", 3, scalars)]
     assert list(tracker.sinks) == ["a"]  # the failing sink was dropped, the run goes on
+    assert "tracking: b dropped: OSError: store gone" in capsys.readouterr().out
+    assert "tracking: b failed to log a round (OSError: store gone); dropped" in caplog.text
 
     tracker.finish(_SUMMARY, _RunDir())  # type: ignore[arg-type]
-    salted = hmac.new(
-        bytes.fromhex("11" * 32),
-        b"fl-app published config hash v1\x00" + ("ab" * 32).encode(),
-        hashlib.sha256,
-    ).hexdigest()
+    salted = _SALTED
     ((kind, step, values, tags, files, public, failed),) = sink.calls[1:]
     assert (kind, step, files, failed) == ("finish", 2, [model], False)
     assert public == {**_PUBLIC, "config_hash_published": salted}
@@ -241,6 +269,31 @@ def test_the_listener_sends_each_sink_the_rounds_and_the_public_summary(tmp_path
     }
     tracker.crash()
     assert sink.calls[-1] == ("finish", 3, {}, {}, [], None, True)
+
+
+def test_the_listener_reports_a_failed_run_and_each_failing_step(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fl_app.server.tracking import RunTracker
+
+    sink = _Recorder()
+    tracker = RunTracker({"a": sink, "b": _Recorder(broken=True)}, [])
+    tracker.finish({"status": "failed", "rounds": 0}, _RunDir())  # type: ignore[arg-type]
+    assert "tracking: b failed to finish (OSError: store gone)" in caplog.text
+    ((_, _, _, tags, _, public, failed),) = sink.calls
+    assert failed and tags == {"fl_app.status": "failed"}  # a crash's summary: no privacy
+    assert public == {"status": "failed", "rounds": 0, "config_hash_published": _SALTED}
+    # Before any round: the run is closed at step 0.
+    fresh = RunTracker({"a": _Recorder(), "b": _Recorder(broken=True)}, [])
+    fresh.crash()
+    assert fresh.sinks["a"].calls == [("finish", 0, {}, {}, [], None, True)]  # type: ignore[attr-defined]
+    assert "tracking: b failed to close (OSError: store gone)" in caplog.text
+    # A run directory without a salt publishes no config hash.
+    bare = _RunDir()
+    bare.manifest = {}
+    other = _Recorder()
+    RunTracker({"a": other}, []).finish({"status": "completed"}, bare)  # type: ignore[arg-type]
+    assert other.calls[0][5] == {"status": "completed", "config_hash_published": "withheld"}
 
 
 def test_tracking_off_is_a_tracker_with_no_sink(tmp_path: Path) -> None:
@@ -263,6 +316,13 @@ def test_params_withhold_a_seed_that_drew_dp_noise_and_the_signing_key() -> None
     seeded = compose_config("config", ["privacy=central", "privacy.secure_mode=false"])
     assert "seed" not in _params(seeded, _withheld(seeded))
     assert _withheld(seeded) == frozenset({"seed", "audit_signing_key"})
+    # MLflow refuses values over 500 characters: a longer one is cut to 500, marked.
+    from dataclasses import replace
+
+    exact = _params(replace(secure, experiment_name="e" * 500), frozenset())
+    assert exact["experiment_name"] == "e" * 500
+    long = _params(replace(secure, experiment_name="e" * 501), frozenset())
+    assert long["experiment_name"] == "e" * 499 + "…"
 
 
 @pytest.mark.parametrize(
@@ -283,6 +343,12 @@ def test_tracking_settings_that_would_do_nothing_are_refused(
     with pytest.raises(kind) as err:
         compose_config("config", overrides)
     assert err.value.field == field
+    assert err.value.found == overrides[-1].split("=", 1)[1].strip("'")
+    assert err.value.fix == (
+        "only MLflow uses it: set tracking.mlflow=true, or leave it null"
+        if kind is ConfigConflictError
+        else "must not be empty: give a value, or null for the default"
+    )
 
 
 @pytest.mark.parametrize("key", ["mlflow", "tensorboard"])
@@ -294,9 +360,20 @@ def test_a_tracker_that_is_not_installed_is_refused_naming_the_extra(
     monkeypatch.setattr(checks, "_installed", lambda module: module != key)
     with pytest.raises(ConfigConflictError) as err:
         compose_config("config", [f"tracking.{key}=true"])
-    assert err.value.field == f"tracking.{key}"
-    assert "pip install 'fl-app[tracking]'" in str(err.value)
+    assert (err.value.field, err.value.found) == (f"tracking.{key}", True)
+    name = {"mlflow": "MLflow", "tensorboard": "TensorBoard"}[key]
+    extra = " (mlflow-skinny)" if key == "mlflow" else ""
+    assert err.value.fix == (
+        f"{name} is not installed: pip install 'fl-app[tracking]'{extra}, or set "
+        f"tracking.{key}=false"
+    )
     compose_config("config", [])  # off: nothing is looked up
+
+
+def test_a_package_lookup_that_fails_reads_as_not_installed() -> None:
+    from fl_app.config.validate_tracking import _installed
+
+    assert _installed("json") and not _installed("no_such_package_xyz.sub")
 
 
 def test_a_default_run_imports_neither_mlflow_nor_tensorboard(
@@ -410,3 +487,60 @@ def test_a_tracked_sweep_reads_back_equal_to_its_run_directories(
         data = path.read_bytes()
         assert not [s for s in secrets if s[:16].encode() in data], path
         assert not [n for n in nodes if n.encode() in data], path
+
+
+def test_open_tracker_opens_an_mlflow_run_and_an_event_file_in_the_run_directory(
+    tmp_path: Path,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from fl_app.server.tracking import open_tracker
+
+    run_dir = tmp_path / "run"
+    cfg = compose_config("config", ["tracking=all", "experiment_name=exp"])
+    tracker = open_tracker(cfg, run_dir, run_dir / "model.safetensors")
+    assert sorted(tracker.sinks) == ["mlflow", "tensorboard"]
+    assert tracker.artifacts == [run_dir / "model.safetensors"]
+    (events,) = (run_dir / "tensorboard").iterdir()
+    assert events.name.startswith("events.")
+    tracker.crash()
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])  # type: ignore[union-attr]
+    assert (run.info.run_name, run.info.status) == ("run", "FAILED")
+    assert run.data.tags["fl_app.run_dir"] == str(run_dir.resolve())
+    assert run.data.params["experiment_name"] == "exp" and run.data.params["seed"] == "42"
+    # One tracker alone opens only itself.
+    only = open_tracker(
+        compose_config("config", ["tracking=tensorboard"]), tmp_path / "tb", tmp_path
+    )
+    assert list(only.sinks) == ["tensorboard"] and not (tmp_path / "tb" / "mlruns").exists()
+    only.crash()
+
+
+def test_hydra_job_reads_this_processs_sweep_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from fl_app.config.compose import config_dir, register_schemas
+    from fl_app.server.tracking import hydra_job
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    assert hydra_job() is None  # outside Hydra (flwr run, the Python API)
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        raw = compose("config", overrides=["seed=3"], return_hydra_config=True)
+    OmegaConf.set_readonly(raw, False)
+    OmegaConf.set_readonly(raw.hydra, False)
+    with open_dict(raw):
+        raw.hydra.mode = RunMode.MULTIRUN
+        raw.hydra.sweep.dir = "multirun/s"
+        raw.hydra.job.num = 4
+    HydraConfig.instance().set_config(raw)
+    assert hydra_job() == HydraJob(True, "multirun/s", 4, ("seed=3",))
+    OmegaConf.set_readonly(raw.hydra, False)  # set_config made it read-only
+    with open_dict(raw):
+        raw.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(raw)
+    assert hydra_job() == HydraJob(False, "", 0, ("seed=3",))
