@@ -24,6 +24,7 @@ from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import CentralDp, DistributedDp
 from strategies.driver import EvaluateFn, ReleaseHook, RoundBeginHook, RoundDriver
 from strategies.driver_types import DriverSettings, RoundListener
+from strategies.ftrl import DpFtrl
 from strategies.local_dp import LocalDp
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecureAggregation
@@ -147,7 +148,7 @@ def _samplers(
 
 def build_aggregator(
     plan: RunPlan, ledger: FederationLedger | None = None
-) -> MeanAggregator | CentralDp | DistributedDp | LocalDp:
+) -> MeanAggregator | CentralDp | DpFtrl | DistributedDp | LocalDp:
     """The aggregator ``privacy.mode`` asks for, from the run's resolved plan
     (:func:`fl_app.config.plan.resolve`: settings calibrated once, not here)."""
     cfg = plan.cfg
@@ -159,6 +160,8 @@ def build_aggregator(
         raise ValueError(f"privacy.mode={mode.value}: the plan has no client-level DP settings")
     if mode is PrivacyMode.central:
         budget = BudgetGuard(settings.max_epsilon) if settings.max_epsilon is not None else None
+        if settings.ftrl_restart is not None:  # privacy.ftrl.enabled
+            return DpFtrl(settings, ledger, budget)
         return CentralDp(settings, ledger, budget)
     if mode is PrivacyMode.local:
         return LocalDp(settings, ledger)

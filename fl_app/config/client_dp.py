@@ -58,6 +58,7 @@ from fl_app.privacy.mechanisms import (
 )
 from fl_app.privacy.round_event import RoundEvent, SamplingScheme, fixed_cohort_size
 from fl_app.privacy.schedule import decayed_noise
+from fl_app.privacy.tree import ftrl_round_event, tree_position
 from fl_app.share_layers import split_shared
 
 __all__ = [
@@ -122,6 +123,9 @@ class ClientDpSettings:
     # decay lowers it by ``decay_rate`` per round, spend recalibrates it before each one.
     schedule: NoiseSchedule = NoiseSchedule.constant
     decay_rate: float = 1.0
+    # DP-FTRL (privacy.ftrl.enabled): rounds per tree; ``None``: DP-FedAvg's per-round
+    # noise. Each round's event is then its released tree node (fl_app.privacy.tree).
+    ftrl_restart: int | None = None
 
     def __post_init__(self) -> None:
         if self.clipping is ClippingMode.adaptive:
@@ -198,7 +202,7 @@ class ClientDpSettings:
     def round_event(self, rnd: int, population: int, clip: float) -> RoundEvent:
         ddp = self.distributed
         z = self.planned_noise(rnd)
-        return RoundEvent(
+        event = RoundEvent(
             round=rnd,
             sampling=self.sampling,
             population=population,
@@ -218,6 +222,9 @@ class ClientDpSettings:
             branch_delta=self.branch_delta(population),
             encoding_slack=self.encoding_slack(population, clip),
         )
+        if self.ftrl_restart is not None:  # DP-FTRL: the plan's tree positions
+            return ftrl_round_event(event, tree_position(rnd, self.ftrl_restart), population)
+        return event
 
     def planned_events(self, start_round: int = 1) -> list[RoundEvent]:
         """The remaining planned rounds at the planned population (for projections)."""
@@ -407,6 +414,9 @@ def _common_fields(cfg: AppConfig, population: int) -> dict[str, Any]:
         schedule=p.schedule,
         decay_rate=float(p.decay_rate) if p.decay_rate is not None else 1.0,
     )
+    if p.ftrl.enabled:
+        restart = p.ftrl.restart_every
+        common["ftrl_restart"] = int(restart) if restart is not None else int(cfg.num_rounds)
     common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
     if common["cohort_gate"] is not None:
         sa = cfg.secagg

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from fl_app.config.schema_ftrl import FtrlConfig
 from fl_app.config.schema_share import ShareArtifact, ShareCompression, ShareConfig
 from fl_app.config.schema_tracking import TrackingConfig
 
@@ -28,6 +29,7 @@ __all__ = [
     "DatasetConfig",
     "DatasetKind",
     "DpSgdConfig",
+    "FtrlConfig",
     "GradSampleModeName",
     "LocalFormat",
     "ModelConfig",
@@ -322,6 +324,8 @@ class PrivacyConfig:
     # and the model card, and refused by `fl-app export --tier public`.
     secure_mode: bool = True
     distributed: DistributedDpConfig = field(default_factory=DistributedDpConfig)
+    # DP-FTRL (privacy=ftrl; fl_app/config/schema_ftrl.py).
+    ftrl: FtrlConfig = field(default_factory=FtrlConfig)
 
 
 class SecAggMode(str, Enum):

@@ -85,8 +85,62 @@ def check_privacy(cfg: AppConfig) -> None:
         )
     else:
         _check_client_level(cfg)
+    if p.ftrl.enabled:
+        _check_ftrl(cfg)
     if p.record_level:
         _check_dpsgd(cfg)
+
+
+def _check_ftrl(cfg: AppConfig) -> None:
+    """DP-FTRL (fl_app/privacy/tree.py) runs as central DP with fixed clipping, a given z,
+    constant noise, a plaintext sum and a FedAvg-style server step (the model is
+    θ_0 + P̃_t/m only if the server adds the released step as it is)."""
+    p = cfg.privacy
+    fix = "DP-FTRL (privacy=ftrl) "
+    _check(
+        p.mode is PrivacyMode.central,
+        "privacy.ftrl.enabled",
+        True,
+        fix + "is central DP: set privacy.mode=central (privacy=ftrl does)",
+    )
+    k = p.ftrl.restart_every
+    _in(
+        k is None or (not isinstance(k, bool) and isinstance(k, int) and k >= 1),
+        "privacy.ftrl.restart_every",
+        k,
+        "must be an integer >= 1 (rounds per tree) or null",
+    )
+    _check(
+        p.noise_multiplier is not None and p.target_epsilon is None,
+        "privacy.target_epsilon",
+        p.target_epsilon,
+        fix + "takes the node noise privacy.noise_multiplier; set it and "
+        "privacy.target_epsilon=null (the dry run prints the epsilon it gives)",
+    )
+    _check(
+        p.clipping is ClippingMode.fixed,
+        "privacy.clipping",
+        p.clipping.value,
+        fix + "needs one clip norm for every node of a tree; set privacy.clipping=fixed",
+    )
+    _check(
+        p.schedule is NoiseSchedule.constant,
+        "privacy.schedule",
+        p.schedule.value,
+        fix + "draws every node with the same noise; set privacy.schedule=constant",
+    )
+    _check(
+        cfg.secagg.mode is SecAggMode.off,
+        "secagg.mode",
+        cfg.secagg.mode.value,
+        fix + "is implemented for the trusted server's plaintext sum; set secagg=off",
+    )
+    _check(
+        cfg.strategy.name.value in ("fedavg", "fedprox"),
+        "strategy.name",
+        cfg.strategy.name.value,
+        fix + "needs the server to add the released step as it is; use strategy.name=fedavg",
+    )
 
 
 def _check_client_level(cfg: AppConfig) -> None:

@@ -139,7 +139,9 @@ class RoundEvent:
         ``gaussian`` (central DP: continuous Gaussian noise added to the sum) or ``ddg``
         (distributed DP: the sum of clients' discrete Gaussian shares,
         :mod:`fl_app.privacy.distributed`; ``noise_multiplier`` is then in rounded
-        units, ``Δ₂/σ = 1/z``).
+        units, ``Δ₂/σ = 1/z``) or ``tree`` (DP-FTRL: the round's released tree
+        node, :mod:`fl_app.privacy.tree`; ``update_noise_multiplier`` is the node's ``z``,
+        ``noise_multiplier`` is ``z / 2^l`` for a node summing ``2^l`` rounds, rate 1).
     ddg_tau, ddg_dimension
         ``ddg`` only: the bound ``τ`` and the padded dimension ``d'`` of the RDP bound.
     branch_delta
@@ -203,8 +205,10 @@ class RoundEvent:
                 bound = "lie in [0, 1]" if name == "branch_delta" else "be >= 0"
                 raise ValueError(f"{name} must {bound}, found {v!r}")
             object.__setattr__(self, name, float(v))
-        if self.mechanism not in ("gaussian", "ddg"):
-            raise ValueError(f"mechanism must be 'gaussian' or 'ddg', found {self.mechanism!r}")
+        if self.mechanism not in ("gaussian", "ddg", "tree"):
+            raise ValueError(
+                f"mechanism must be 'gaussian', 'ddg' or 'tree', found {self.mechanism!r}"
+            )
         if (self.mechanism == "ddg") != (
             self.ddg_tau is not None and self.ddg_dimension is not None
         ):
