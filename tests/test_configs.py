@@ -16,6 +16,8 @@ GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "e
 # Group options that cannot stand alone name the companions a user must set with them.
 COMPANIONS = {
     ("dataset", "local"): ["server_eval=false"],
+    # A surrogate folder `fl-app synth` wrote (the MST, epsilon 3 one of docs/synthetic-data.md).
+    ("dataset", "synthetic"): ["dataset.synthetic_path=tests/fixtures/surrogate-digits-mst-e3"],
     # The global model lacks the heads the sites keep: the server does not score it.
     ("share", "body"): ["server_eval=false"],
     # Secure aggregation needs an encoding bound (or client-side DP clipping).
