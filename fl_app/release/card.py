@@ -63,6 +63,11 @@ def _dataset_description(cfg: AppConfig) -> dict[str, Any]:
         name = "scikit-learn digits (8x8 grey-scale handwritten digits)"
     elif d.kind is DatasetKind.hub:
         name = f"Hugging Face hub dataset {d.hub_path}"
+    elif d.kind is DatasetKind.synthetic:
+        name = (
+            "a DP synthetic surrogate made by `fl-app synth`: the real rows it stands for are "
+            "protected by the surrogate's own epsilon, stated in its card.json"
+        )
     else:
         name = "per-institution local files (not described here)"
     return {"kind": d.kind.value, "name": name}
