@@ -20,6 +20,7 @@ from scipy import optimize, stats
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.compose import compose_config
 from fl_app.config.errors import ConfigConflictError, ConfigRangeError
+from fl_app.config.guarantee import privacy_note, threat_model_text
 from fl_app.config.schema import ClippingMode, ClipSide, FtrlConfig, PrivacyMode, StrategyName
 from fl_app.config.validate_privacy import check_privacy
 from fl_app.privacy.history import AccountantName
@@ -238,3 +239,11 @@ def test_privacy_ftrl_composes_and_bad_combinations_name_the_field() -> None:
     broken.strategy.name = StrategyName.fedadam
     with pytest.raises(ConfigConflictError, match=r"use strategy\.name=fedavg"):
         check_privacy(broken)
+
+
+def test_the_run_says_its_epsilon_does_not_rest_on_a_secret_sample() -> None:
+    cfg = compose_config("config", ["privacy=ftrl"])
+    assert "no amplification by sampling" in privacy_note(cfg)
+    assert "whoever knows or picks the cohorts" in threat_model_text(cfg)
+    cfg.privacy.ftrl.enabled = False  # DP-FedAvg's statement says nothing of the kind
+    assert "cohorts" not in privacy_note(cfg) + threat_model_text(cfg)

@@ -157,6 +157,12 @@ def privacy_note(cfg: AppConfig) -> str:
             "amplification); against the server, which picks them, it is "
             "'epsilon_against_server' (each client's rounds composed without amplification)"
         )
+    if p.ftrl.enabled:
+        parts.append(
+            "DP-FTRL (tree aggregation): the noise went into tree nodes of prefix sums and "
+            "epsilon is accounted for arbitrary participation with no amplification by "
+            "sampling, so it holds even against whoever knows or picks the cohorts"
+        )
     if p.record_level:
         parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
     if cfg.secagg.mode.value != "off" and p.mode.value == "distributed":
@@ -230,6 +236,8 @@ def threat_model_text(cfg: AppConfig) -> str:
 def _trusted_server_text(cfg: AppConfig) -> str:
     """Central DP with a trusted server: what it sees depends on SecAgg and the clip side."""
     against = "the guarantee holds for the released model against anyone but the server"
+    if cfg.privacy.ftrl.enabled:  # DP-FTRL: epsilon does not rest on a secret sample
+        against += ", including whoever knows or picks the cohorts (DP-FTRL, no amplification)"
     if cfg.secagg.mode is not SecAggMode.off:
         return (
             "trusted server with secure aggregation: the server sees only the masked sum of "
