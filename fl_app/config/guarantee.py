@@ -121,6 +121,14 @@ def _epsilon_parties(cfg: AppConfig) -> tuple[PartyEpsilon, ...]:
     return tuple(out)
 
 
+# privacy_note's part for DP-FTRL (docs/dp-ftrl.md).
+_FTRL_NOTE = (
+    "DP-FTRL (tree aggregation): the noise went into tree nodes of prefix sums and "
+    "epsilon is accounted for arbitrary participation with no amplification by "
+    "sampling, so it holds even against whoever knows or picks the cohorts"
+)
+
+
 def privacy_note(cfg: AppConfig) -> str:
     """summary.json's one-line account of what was protected, true of this combination.
 
@@ -158,11 +166,7 @@ def privacy_note(cfg: AppConfig) -> str:
             "'epsilon_against_server' (each client's rounds composed without amplification)"
         )
     if p.ftrl.enabled:
-        parts.append(
-            "DP-FTRL (tree aggregation): the noise went into tree nodes of prefix sums and "
-            "epsilon is accounted for arbitrary participation with no amplification by "
-            "sampling, so it holds even against whoever knows or picks the cohorts"
-        )
+        parts.append(_FTRL_NOTE)
     if p.record_level:
         parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
     if cfg.secagg.mode.value != "off" and p.mode.value == "distributed":

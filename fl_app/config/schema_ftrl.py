@@ -2,7 +2,7 @@
 
 Kept beside :mod:`fl_app.config.schema` (which nests it as ``PrivacyConfig.ftrl``) so the
 schema module stays a size a reader can hold. A leaf: standard library only. The
-mechanism and its accounting: :mod:`fl_app.privacy.tree`, docs/privacy.md (DP-FTRL).
+mechanism and its accounting: :mod:`fl_app.privacy.tree`, docs/dp-ftrl.md.
 """
 
 from __future__ import annotations
