@@ -56,6 +56,7 @@ from fl_app.protocol import (
     UNCLIPPED_KEY,
 )
 from fl_app.weights import to_array_record
+from strategies.bandwidth import stage_bytes
 from strategies.cohort_grid import CohortGrid
 from strategies.driver_types import (
     Arrays,
@@ -91,6 +92,15 @@ log = logging.getLogger("fl_app.driver")
 EvaluateFn = Callable[[int, Mapping[str, np.ndarray]], Mapping[str, float]]
 RoundBeginHook = Callable[[int], None]
 ReleaseHook = Callable[[int, Mapping[str, np.ndarray], StageReport], None]
+
+
+def _public_client_metrics(accepted: Sequence[TrainReply]) -> dict[int, dict[str, float]]:
+    """Each accepted reply's public (``dp-``) metrics, for replies that carry any."""
+    return {
+        r.node_id: {k: v for k, v in r.metrics.items() if k.startswith(PUBLIC_METRIC_PREFIX)}
+        for r in accepted
+        if any(k.startswith(PUBLIC_METRIC_PREFIX) for k in r.metrics)
+    }
 
 
 class RoundDriver(ReplyExchange, RoundRelease):
@@ -282,6 +292,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
         sent_msgs, replies, sent = self._exchange(
             grid, messages, rnd, self.settings.train_timeout_s
         )
+        self._privacy_metrics = stage_bytes(sent_msgs, replies, len(cohort))
         expected = array_specs(self._wire(rnd, arrays))
         accepted, failed = self._ingest(
             "train",
@@ -300,11 +311,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
             ),
         )
         stage.exhausted = [r.node_id for r in failed if r.code == BUDGET_EXHAUSTED]
-        stage.client_metrics = {
-            r.node_id: {k: v for k, v in r.metrics.items() if k.startswith(PUBLIC_METRIC_PREFIX)}
-            for r in accepted
-            if any(k.startswith(PUBLIC_METRIC_PREFIX) for k in r.metrics)
-        }
+        stage.client_metrics = _public_client_metrics(accepted)
 
         too_few = f"only {len(accepted)} valid train replies"
         if len(accepted) < self.settings.min_train_replies:

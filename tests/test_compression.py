@@ -12,6 +12,7 @@ Refused combinations fail at config time with the field named.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from pathlib import Path
@@ -209,6 +210,7 @@ def test_randk_under_secagg_is_the_exact_sum_of_the_survivors_short_vectors(
     finally:
         grid.close()
     assert summary["rounds"] == 1
+    assert summary["bandwidth"]["compression"] == "randk"
     assert len(per_node) == 5 and len(lost) == 1
     (total, total_weight) = sums[0]
     assert list(total) == [COMPRESSED_KEY]
@@ -237,3 +239,136 @@ def test_randk_under_secagg_is_the_exact_sum_of_the_survivors_short_vectors(
     outside[idx] = False
     assert not moved[outside].any()
     np.testing.assert_allclose(moved[idx], expected / total_weight, rtol=0, atol=1e-6)
+
+
+def _client_reply(overrides: list[str], ratio_overrides: list[str]) -> tuple[Message, int]:
+    """One real ClientApp train reply (round 1, partition 0) and the model dimension."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fl_app.client.app import app as client_app
+    from fl_app.client_spec import encode_spec, spec_from_config
+    from fl_app.runtime.inprocess import InProcessGrid
+    from fl_app.server.app import initial_arrays
+    from fl_app.weights import to_array_record
+
+    cfg = compose_config("config", [*COMMON, *overrides, *ratio_overrides])
+    start = initial_arrays(cfg)
+    content = RecordDict(
+        {
+            "arrays": to_array_record(start),
+            "config": ConfigRecord(
+                {"fl-app.spec": encode_spec(spec_from_config(cfg, RUN_KEY)), "server-round": 1}
+            ),
+        }
+    )
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
+    grid = InProcessGrid(client_app, 4, seed=0)  # the server-side task identity
+    try:
+        msg = Message(content, dst_node_id=5, message_type="train")
+        msg.metadata.__dict__["_message_id"] = "m1-5"
+        reply = client_app(msg, context)
+    finally:
+        grid.close()
+    assert not reply.has_error(), reply.error.reason
+    return reply, sum(int(a.size) for a in start.values())
+
+
+def _npy_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of a float32 array of ``shape`` in NumPy's .npy format (header + data), as
+    Flower's ArrayRecord serializes it, written here by numpy itself."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(shape, np.float32), allow_pickle=False)
+    return len(buf.getvalue())
+
+
+def test_bytes_up_shrink_by_the_ratio_within_the_header() -> None:
+    """The reply's payload (fl_app.secagg.wire.payload_bytes: array data as serialized,
+    8 bytes per scalar) is the same scalars plus each array as .npy (a 128-byte header
+    and 4 bytes per float32 coordinate): 4 arrays of d coordinates uncompressed, one of
+    ceil(0.1 d) under random-k at 10 %."""
+    from fl_app.secagg.wire import payload_bytes
+
+    full, d = _client_reply([], [])
+    short, _ = _client_reply(RANDK, [])
+    assert d == 64 * 64 + 64 + 64 * 10 + 10
+    k = math.ceil(0.1 * d)
+    shapes = [(64, 64), (64,), (10, 64), (10,)]
+    scalars_full = payload_bytes(full.content) - sum(_npy_bytes(s) for s in shapes)
+    scalars_short = payload_bytes(short.content) - _npy_bytes((k,))
+    assert scalars_full == scalars_short and scalars_full % 8 == 0 and 0 < scalars_full <= 80
+    assert _npy_bytes((k,)) == 128 + 4 * k
+    # Array data alone shrinks by exactly k/d; the whole payload within the headers.
+    assert (payload_bytes(short.content) - scalars_short - 128) / 4 == k
+    update = short.content.array_records["update"]
+    assert list(update) == [COMPRESSED_KEY]
+
+
+def test_stage_bytes_are_the_payloads_per_sampled_client() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fl_app.client.app import app as client_app
+    from fl_app.runtime.inprocess import InProcessGrid
+    from strategies.bandwidth import stage_bytes
+
+    grid = InProcessGrid(client_app, 1, seed=0)  # the server-side task identity
+    try:
+        down = Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": _array((100,))}),
+                    "config": ConfigRecord({"a": 1, "b": 2.0}),
+                }
+            ),
+            dst_node_id=5,
+            message_type="train",
+        )
+        up = Message(
+            RecordDict({"update": ArrayRecord({"w": _array((10,))})}),
+            dst_node_id=5,
+            message_type="train",
+        )
+    finally:
+        grid.close()
+    # 3 sampled, 2 instructions pushed, 1 reply: (2 * (128 + 400 + 16)) / 3 and (128 + 40) / 3.
+    got = stage_bytes([down, down], [up], 3)
+    assert got == {
+        "bytes_up_per_client": (128 + 40) / 3,
+        "bytes_down_per_client": 2 * (128 + 400 + 16) / 3,
+    }
+    assert stage_bytes([], [], 0) == {}
+
+
+def _array(shape: tuple[int, ...]) -> Any:
+    from flwr.app import Array
+
+    return Array(np.zeros(shape, np.float32))
+
+
+def test_summary_bandwidth_block_of_a_plain_run() -> None:
+    from types import SimpleNamespace
+
+    from fl_app.server.summary import _bandwidth_summary
+
+    reports = [
+        SimpleNamespace(privacy={"bytes_up_per_client": 100.0, "bytes_down_per_client": 400.0}),
+        SimpleNamespace(privacy={"bytes_up_per_client": 300.0, "bytes_down_per_client": 400.0}),
+    ]
+    cfg = compose_config("config", [*COMMON, *RANDK])
+    block = _bandwidth_summary(cfg, SimpleNamespace(reports=reports))  # type: ignore[arg-type]
+    assert block == {
+        "rounds_measured": 2,
+        "upload_bytes_per_client_round": 200.0,
+        "download_bytes_per_client_round": 400.0,
+        "note": "payload bytes of the train instructions and replies (framing excluded)",
+        "compression": "randk",
+        "ratio": 0.1,
+    }
+    plain = _bandwidth_summary(compose_config("config", COMMON), SimpleNamespace(reports=reports))  # type: ignore[arg-type]
+    assert plain is not None and "compression" not in plain
+    assert _bandwidth_summary(cfg, SimpleNamespace(reports=[])) is None  # type: ignore[arg-type]

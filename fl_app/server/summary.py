@@ -225,14 +225,16 @@ def _record_level_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any
 
 
 def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] | None:
-    """Mean payload bytes per client per round under secure aggregation (None without it).
+    """Mean payload bytes per client per round (None before any train stage ran).
 
-    Payload bytes: array data, byte strings and scalars of the four stages' messages
-    (protocol framing excluded); uploads are bit-packed at ``secagg.bits`` per coordinate.
+    Payload bytes: array data, byte strings and scalars of the messages (protocol framing
+    excluded). Under secure aggregation, its four stages' messages; uploads are bit-packed
+    at ``secagg.bits`` per coordinate. Otherwise the train instructions and replies
+    (strategies/bandwidth.py). With ``share.compression`` the block names it and its ratio.
     """
     rounds = [r.privacy for r in result.reports if "secagg_bytes_up_per_client" in r.privacy]
     if not rounds:
-        return None
+        return _plain_bandwidth(cfg, result)
     up = [r["secagg_bytes_up_per_client"] for r in rounds]
     down = [r["secagg_bytes_down_per_client"] for r in rounds]
     return {
@@ -241,6 +243,27 @@ def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] |
         "upload_bytes_per_client_round": sum(up) / len(up),
         "download_bytes_per_client_round": sum(down) / len(down),
         "note": "payload bytes of the four secure-aggregation stages (framing excluded)",
+        **_compression(cfg),
+    }
+
+
+def _compression(cfg: AppConfig) -> dict[str, Any]:
+    comp = str(getattr(cfg.share.compression, "value", cfg.share.compression))
+    return {} if comp == "none" else {"compression": comp, "ratio": float(cfg.share.ratio)}
+
+
+def _plain_bandwidth(cfg: AppConfig, result: DriverResult) -> dict[str, Any] | None:
+    rounds = [r.privacy for r in result.reports if "bytes_up_per_client" in r.privacy]
+    if not rounds:
+        return None
+    up = [r["bytes_up_per_client"] for r in rounds]
+    down = [r["bytes_down_per_client"] for r in rounds]
+    return {
+        "rounds_measured": len(rounds),
+        "upload_bytes_per_client_round": sum(up) / len(up),
+        "download_bytes_per_client_round": sum(down) / len(down),
+        "note": "payload bytes of the train instructions and replies (framing excluded)",
+        **_compression(cfg),
     }
 
 
