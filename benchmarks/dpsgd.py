@@ -92,8 +92,9 @@ def run(quick: bool) -> Section:
             "8x8 digits); per-sample gradients, batch x params of memory traffic, for hooks "
             "and functorch (hence 37x-260x memory on MLPs); for ghost, the forward pass, one "
             "backward pass towards activations and the per-layer norms and clipped sums "
-            "(fl_app.privacy.ghost_norms: Conv2d Gram trick or per-sample gradients by Bu et "
-            "al.'s 2T^2 < pd rule, GroupNorm/LayerNorm from their small per-sample gradients).",
+            "(fl_app.privacy.ghost_norms: per Conv2d the Gram trick or per-sample gradients, "
+            "whichever costs less time; GroupNorm/LayerNorm from their small per-sample "
+            "gradients).",
             f"torch {torch.__version__}, 1 thread; random data, q = 1 (fixed batch); "
             f"up to {QUICK_BUDGET_S if quick else FULL_BUDGET_S:.0f} s of paired rounds per "
             f"model; section timing {time.perf_counter() - t0:.0f} s. Medians over "

@@ -177,8 +177,8 @@ def resolve_grad_sample_mode(
     are Opacus 1.6's ghost mode, which has no norm sampler for convolutions or
     GroupNorm; with :mod:`fl_app.privacy.ghost_norms` (issue 21: Conv2d ghost norms
     and the one-backward-pass book-keeping step) the ~1M CNN's ghost step measured
-    1.33-1.39x (CPU time, paired, loaded machine) against hooks' 2.09x, with 1.0x
-    memory, and SmallCNN ties hooks with less memory, so ``auto`` now picks ghost for
+    1.30-1.42x (paired, loaded machine) against hooks' 2.14-2.20x, with 1.07x memory,
+    and SmallCNN 1.44-1.49x against 1.60-1.69x, so ``auto`` now picks ghost for
     CNNs too (docs/performance.md, "Ghost norms for convolutions").
     ``functorch`` computes the same per-sample gradients as hooks through ``vmap``
     and is never faster here.
