@@ -274,6 +274,7 @@ def test_an_epsilon_under_reported_ten_times_is_flagged(tmp_path: Path) -> None:
     assert (section["canaries"], section["dimension"], section["rounds_replayed"]) == (
         _K, _DIM, 2)  # fmt: skip
     assert section["released_model"]["guesses"] == _K // 2
+    assert section["mode"] == "central"
     _central_run(tmp_path / "double", z, 2, true_eps / 10)
     under, _ = client_canary_audit(tmp_path / "double", _K, seed=0)
     assert under["released_model"].epsilon_lower_bound == released.epsilon_lower_bound
@@ -346,6 +347,9 @@ def test_noise_below_one_is_still_added_and_local_noise_is_per_coordinate() -> N
     expected = noise.standard_normal((1, 2000))[0]
     assert delta.released[0] == pytest.approx(expected[0])
     assert 0.9 < float(np.std(expected)) < 1.1
+    # Two excluded canaries on coordinates 0 and 1: their noise differs per coordinate.
+    two = replay_rounds(_identity_canaries([False, False]), rounds, np.random.default_rng(5))
+    assert two.released[0] != two.released[1]
 
 
 def _none_run(run_dir: Path, rounds: int | None, **privacy: Any) -> None:
@@ -370,6 +374,14 @@ def test_a_run_without_dp_needs_no_ledger_and_is_compared_with_nothing(tmp_path:
     _none_run(tmp_path / "c", None)
     with pytest.raises(ValueError, match="0 rounds"):
         client_canary_audit(tmp_path / "c", 40, seed=0)
+    # A summary without privacy.mode is a run without DP.
+    _write_run(tmp_path / "d", {"rounds": 1, "privacy": {}}, None, dim=300)
+    bounds, section = client_canary_audit(tmp_path / "d", 40, seed=0)
+    assert section["mode"] == "none" and bounds["released_model"].accounted_epsilon is None
+    local = {"mode": "local", "client_level": {"clip": 1.0, "accountant": "pld"}}
+    _write_run(tmp_path / "e", {"rounds": 0, "privacy": local}, FederationLedger(delta=1e-5))
+    with pytest.raises(ValueError, match="0 rounds"):
+        client_canary_audit(tmp_path / "e", 40, seed=0)
 
 
 def test_the_model_file_named_in_the_summary_sets_the_dimension(tmp_path: Path) -> None:
@@ -396,6 +408,8 @@ def test_accounted_epsilon_edges() -> None:
     assert rounds_from_run(central, {"events": [old]}, 1)[0].noise_std == 3.0
     fixed = {**old, "sampling": "fixed", "sample_rate": 0.3}
     assert rounds_from_run(central, {"events": [fixed]}, 1)[0].participation == 0.5
+    poisson = {**old, "sample_rate": 0.3}  # Poisson: the rate itself, not cohort / N
+    assert rounds_from_run(central, {"events": [poisson]}, 1)[0].participation == 0.3
     local = {"privacy": {"mode": "local", "client_level": {"clip": 2.0}}}
     with pytest.raises(ValueError, match="local_noise_multiplier"):
         rounds_from_run(local, {"local_noise_multiplier": None}, 2)

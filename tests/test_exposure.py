@@ -78,6 +78,8 @@ def test_secret_candidates_are_reproducible_on_the_data_range() -> None:
     assert 0 <= a.label < 10 and 0 <= a.secret < 300
     x, y = a.secret_record
     assert np.array_equal(x[0], a.x[a.secret]) and y.tolist() == [a.label]
+    two = draw_secret((4,), 3, (0.0, 16.0), np.random.default_rng(5), num_candidates=2)
+    assert two.x.shape == (2, 4) and two.x.max() > 1.0 and two.x.max() <= 16.0
     with pytest.raises(ValueError, match="at least 2 candidates"):
         draw_secret((1, 8, 8), 10, (0.0, 1.0), np.random.default_rng(5), num_candidates=1)
 

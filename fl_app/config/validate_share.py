@@ -75,7 +75,7 @@ def check_share(cfg: AppConfig) -> None:
         not (kept and cfg.server_eval),
         "server_eval",
         cfg.server_eval,
-        f"the global model lacks the layers the sites keep ({kept[:4]}): the server would "
+        f"the global model lacks the layers the sites keep ({kept}): the server would "
         "score it with their initial values; set server_eval=false (each site's federated "
         "evaluation scores its personalized model)",
     )
