@@ -318,3 +318,34 @@ def test_patterns_are_checked_against_the_configured_model(
     )
     with pytest.raises(ConfigRangeError, match="match no parameter"):
         compose_config("config", [*COMMON, "model=cnn", "share.layers=[net.*]"])
+
+
+REFUSALS = [
+    (
+        ["share.artifact=weights", "privacy=central"],
+        "weights",
+        "'weights' only with privacy.mode=none and secagg=off: client-level DP and secure "
+        "aggregation bound the update Δ, not the weights; use share.artifact=delta",
+    ),
+    (["share.layers=[]"], [], 'must list at least one pattern (["*"] shares every layer)'),
+    (
+        ["share.layers=[net.1.*,head.*]"],
+        ["net.1.*", "head.*"],
+        f"patterns ['head.*'] match no parameter of model 'mlp' (its names: {NAMES})",
+    ),
+    (
+        ["share.layers=[net.1.*]", "server_eval=true"],
+        True,
+        "the global model lacks the layers the sites keep (['net.3.weight', 'net.3.bias']): "
+        "the server would score it with their initial values; set server_eval=false (each "
+        "site's federated evaluation scores its personalized model)",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(REFUSALS)))
+def test_share_refusals_name_the_value_found_and_the_fix(case: int) -> None:
+    overrides, found, fix = REFUSALS[case]
+    with pytest.raises(ConfigError) as err:
+        compose_config("config", [*COMMON, *overrides])
+    assert (err.value.found, err.value.fix) == (found, fix)
