@@ -150,12 +150,12 @@ class SnsynthSynthesizer:
 
     def _model(self, epsilon: float, delta: float) -> Any:
         try:
-            if self.method is SynthMethod.mst:
-                from snsynth.mst import MSTSynthesizer
+            if self.method is SynthMethod.aim:
+                from snsynth.aim import AIMSynthesizer
 
-                return MSTSynthesizer(epsilon=float(epsilon), delta=float(delta))
-            from snsynth.aim import AIMSynthesizer
+                return AIMSynthesizer(epsilon=float(epsilon), delta=float(delta))
+            from snsynth.mst import MSTSynthesizer
 
-            return AIMSynthesizer(epsilon=float(epsilon), delta=float(delta))
+            return MSTSynthesizer(epsilon=float(epsilon), delta=float(delta))
         except ImportError as err:
             raise SynthError(_INSTALL) from err
