@@ -35,11 +35,25 @@ def _hand_mask(run_key: str, rnd: int, d: int, k: int) -> np.ndarray:
     return np.sort(gen.choice(d, size=k, replace=False))
 
 
+def test_decompress_places_every_array_at_its_own_offset() -> None:
+    """Three arrays: each gets its own slice of the scattered vector (ratio 1 keeps all)."""
+    model = {
+        "a": np.arange(4, dtype=np.float32).reshape(2, 2),
+        "b": np.arange(4, 7, dtype=np.float32),
+        "c": np.arange(7, 9, dtype=np.float32),
+    }
+    randk = RandK(RUN_KEY, 1.0)
+    full = randk.decompress(1, randk.compress(1, model), model)
+    for name, values in model.items():
+        np.testing.assert_array_equal(full[name], values)
+
+
 def test_compressed_length_is_ceil_of_ratio_times_d() -> None:
     assert compressed_length(1000, 0.1) == 100
     assert compressed_length(10, 0.25) == 3  # ceil(2.5)
     assert compressed_length(10, 1.0) == 10
     assert compressed_length(7, 0.01) == 1  # at least one coordinate
+    assert compressed_length(1, 0.5) == 1  # a one-coordinate model is valid
     for bad in (0.0, -0.5, 1.5, math.nan):
         with pytest.raises(ValueError, match="ratio"):
             compressed_length(10, bad)
@@ -85,6 +99,7 @@ def test_randk_compress_keeps_the_masked_values_whatever_the_data() -> None:
     np.testing.assert_array_equal(got, expected)
     template = randk.wire_template(2, update)
     assert template[COMPRESSED_KEY].shape == (6,)
+    assert template[COMPRESSED_KEY].dtype == np.float32  # the replies' dtype
     with pytest.raises(ValueError, match="shape"):
         randk.decompress(2, {COMPRESSED_KEY: np.zeros(5)}, update)
     with pytest.raises(ValueError, match="holds only"):
@@ -342,6 +357,7 @@ def test_stage_bytes_are_the_payloads_per_sampled_client() -> None:
         "bytes_down_per_client": 2 * (128 + 400 + 16) / 3,
     }
     assert stage_bytes([], [], 0) == {}
+    assert stage_bytes([], [up], 1) == {"bytes_up_per_client": 168.0, "bytes_down_per_client": 0.0}
 
 
 def _array(shape: tuple[int, ...]) -> Any:
