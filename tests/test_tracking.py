@@ -146,22 +146,23 @@ def test_a_sweeps_jobs_share_one_store_and_experiment_tagged_with_their_override
 ) -> None:
     cfg = compose_config("config", ["tracking.mlflow=true"])
     sweep = tmp_path / "multirun" / "sweep"
-    overrides = ("seed=2", "strategy=fedadam", "+x=a=b", "~y")
+    overrides = ("seed=2", "strategy=fedadam", "+x=a=b", "~y", "Xz=1")
     job = HydraJob(True, str(sweep), 1, overrides)
     scope = tracking_scope(cfg, sweep / "1", job)
     assert scope.mlflow_uri == (sweep / "mlruns").resolve().as_uri()
     assert (scope.experiment, scope.run_name) == (str(sweep), "job-1")
-    assert scope.tags["hydra.overrides"] == "seed=2 strategy=fedadam +x=a=b ~y"
+    assert scope.tags["hydra.overrides"] == "seed=2 strategy=fedadam +x=a=b ~y Xz=1"
     assert (scope.tags["override.seed"], scope.tags["override.strategy"]) == ("2", "fedadam")
     # Hydra's +key= / ~key prefixes are not part of the key; a value may hold "=".
     assert (scope.tags["override.x"], scope.tags["override.y"]) == ("a=b", "~y")
+    assert scope.tags["override.Xz"] == "1"  # only + and ~ are stripped
     assert scope.tags["hydra.job.num"] == "1"
     assert scope.tags["fl_app.experiment_name"] == "default"
     assert scope.tags["fl_app.run_dir"] == str((sweep / "1").resolve())
     # A seed that drew DP noise is withheld from the tags too.
     hidden = tracking_scope(cfg, sweep / "1", job, frozenset({"seed"}))
     assert "override.seed" not in hidden.tags and hidden.tags["hydra.overrides"] == (
-        "strategy=fedadam +x=a=b ~y"
+        "strategy=fedadam +x=a=b ~y Xz=1"
     )
     # Not a sweep: the run directory's own store, experiment_name.
     single = tracking_scope(cfg, tmp_path / "run", HydraJob(False, "", 0, ("seed=2",)))
@@ -253,7 +254,9 @@ def test_the_listener_sends_each_sink_the_rounds_and_the_public_summary(
     assert sink.calls == [("round", 3, scalars)]
     assert list(tracker.sinks) == ["a"]  # the failing sink was dropped, the run goes on
     assert "tracking: b dropped: OSError: store gone" in capsys.readouterr().out
-    assert "tracking: b failed to log a round (OSError: store gone); dropped" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "tracking: b failed to log a round (OSError: store gone); dropped"
+    ]
 
     tracker.finish(_SUMMARY, _RunDir())  # type: ignore[arg-type]
     salted = _SALTED
@@ -300,7 +303,7 @@ def test_tracking_off_is_a_tracker_with_no_sink(tmp_path: Path) -> None:
     from fl_app.server.tracking import open_tracker
 
     tracker = open_tracker(compose_config("config", []), tmp_path, tmp_path / "m")
-    assert tracker.sinks == {} and tracker.listeners == ()
+    assert tracker.sinks == {} and tracker.listeners == () and tracker.artifacts == []
     tracker.finish(_SUMMARY, _RunDir())  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
 
@@ -517,14 +520,16 @@ def test_open_tracker_opens_an_mlflow_run_and_an_event_file_in_the_run_directory
     only.crash()
 
 
-def test_hydra_job_reads_this_processs_sweep_job(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hydra_job_reads_this_processs_sweep_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
     from fl_app.config.compose import config_dir, register_schemas
-    from fl_app.server.tracking import hydra_job
+    from fl_app.server.tracking import hydra_job, open_tracker
 
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
     assert hydra_job() is None  # outside Hydra (flwr run, the Python API)
@@ -535,10 +540,22 @@ def test_hydra_job_reads_this_processs_sweep_job(monkeypatch: pytest.MonkeyPatch
     OmegaConf.set_readonly(raw.hydra, False)
     with open_dict(raw):
         raw.hydra.mode = RunMode.MULTIRUN
-        raw.hydra.sweep.dir = "multirun/s"
+        raw.hydra.sweep.dir = str(tmp_path / "s")
         raw.hydra.job.num = 4
     HydraConfig.instance().set_config(raw)
-    assert hydra_job() == HydraJob(True, "multirun/s", 4, ("seed=3",))
+    assert hydra_job() == HydraJob(True, str(tmp_path / "s"), 4, ("seed=3",))
+    # open_tracker asks Hydra: the sweep's store and experiment, the seed that drew DP
+    # noise (secure_mode=false) withheld from the tags.
+    seeded = ["tracking=mlflow", "privacy=central", "privacy.secure_mode=false", "seed=3"]
+    tracker = open_tracker(compose_config("config", seeded), tmp_path / "s" / "4", tmp_path)
+    tracker.crash()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tmp_path / "s" / "mlruns").as_uri())
+    found = client.get_experiment_by_name(str(tmp_path / "s"))
+    assert found is not None
+    (run,) = client.search_runs([found.experiment_id])
+    assert run.data.tags["hydra.overrides"] == "" and "seed" not in run.data.params
     OmegaConf.set_readonly(raw.hydra, False)  # set_config made it read-only
     with open_dict(raw):
         raw.hydra.mode = RunMode.RUN
