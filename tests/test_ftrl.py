@@ -26,13 +26,16 @@ from fl_app.config.validate_privacy import check_privacy
 from fl_app.privacy.history import AccountantName
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.noise import SeededNoise
-from fl_app.privacy.round_event import SamplingScheme
+from fl_app.privacy.round_event import RoundEvent, SamplingScheme
 from fl_app.privacy.tree import (
     TreeAggregator,
+    ftrl_round_event,
     node_level,
     tree_height,
+    tree_position,
     tree_sensitivity_sq,
 )
+from strategies.budget import BudgetGuard
 from strategies.ftrl import FTRL_NOISE_STREAM, DpFtrl
 from strategies.validation import TrainReply
 
@@ -247,3 +250,140 @@ def test_the_run_says_its_epsilon_does_not_rest_on_a_secret_sample() -> None:
     assert "whoever knows or picks the cohorts" in threat_model_text(cfg)
     cfg.privacy.ftrl.enabled = False  # DP-FedAvg's statement says nothing of the kind
     assert "cohorts" not in privacy_note(cfg) + threat_model_text(cfg)
+
+
+# ---- edges pinned by mutation testing (scoped mutmut on tree.py and strategies/ftrl.py)
+
+
+def test_eight_rounds_keep_only_the_nodes_of_each_binary_decomposition() -> None:
+    # 6 = [1..4] + [5,6]; 7 adds [7]; 8 = [1..8]: draws d_t = t/10 of round t's node.
+    normal = _Scripted([t / 10 for t in range(1, 9)])
+    tree = TreeAggregator(noise_std=1.0)
+    got = [float(tree.add({"w": np.array([1.0])}, normal)["w"][0]) for _ in range(8)]
+    assert got[5] == pytest.approx(6 + 0.4 + 0.6)
+    assert got[6] == pytest.approx(7 + 0.4 + 0.6 + 0.7)
+    assert got[7] == pytest.approx(8 + 0.8)
+
+
+def test_a_column_shaped_array_keeps_its_shape() -> None:
+    tree = TreeAggregator(noise_std=1.0)
+    out = tree.add({"b": np.ones((3, 1))}, _Scripted([0.5]))
+    assert out["b"].shape == (3, 1)
+    np.testing.assert_allclose(out["b"], [[1.5]] * 3)
+
+
+def test_tree_argument_refusals_name_the_value() -> None:
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match=r"tree rounds must be an int >= 1, found"):
+            tree_height(bad)  # type: ignore[arg-type]
+    for std in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"noise_std must be finite and > 0, found"):
+            TreeAggregator(noise_std=std)
+    with pytest.raises(ValueError, match=r"^an empty tree has no prefix sum$"):
+        TreeAggregator(noise_std=1.0).prefix()
+    assert [tree_position(r, 4) for r in (1, 4, 5, 8, 9)] == [1, 4, 1, 4, 1]
+
+
+def test_a_round_event_is_rate_one_add_remove_at_the_given_population() -> None:
+    base = RoundEvent(
+        round=3,
+        sampling=SamplingScheme.fixed,
+        population=4,
+        sample_rate=0.5,
+        cohort=2,
+        noise_multiplier=3.0,
+        clip=1.0,
+        update_noise_multiplier=3.0,
+        branch_delta=0.01,
+    )
+    event = ftrl_round_event(base, 4, 10)
+    assert (event.sampling, event.population, event.sample_rate) == (
+        SamplingScheme.poisson,
+        10,
+        1.0,
+    )
+    assert (event.noise_multiplier, event.branch_delta, event.mechanism) == (0.75, 0.0, "tree")
+    assert not event.replace_one
+
+
+def _fixed(**kw: Any) -> ClientDpSettings:
+    base: dict[str, Any] = dict(
+        sampling=SamplingScheme.fixed,
+        fraction=1.0,
+        planned_population=2,
+        ftrl_restart=4,
+        accountant=AccountantName.rdp,
+    )
+    base.update(kw)
+    return _settings(**base)
+
+
+def test_metrics_weight_positions_and_the_servers_clip() -> None:
+    agg = DpFtrl(_fixed())
+    assert agg.settings.ftrl_restart == 4
+    positions, rounds = [], []
+    for rnd in range(1, 6):
+        assert agg.begin_round(rnd, 2) is None
+        # Client 2 sends norm 2*sqrt(3) > C = 1: the server clips it (clip_side=server).
+        out = agg.aggregate(rnd, [_reply(1, 0.1), _reply(2, 2.0)])
+        assert out.total_weight == 2.0
+        assert {
+            k: out.metrics[k] for k in ("dp_clip", "dp_noise_std_node", "dp_expected_cohort")
+        } == {"dp_clip": 1.0, "dp_noise_std_node": 2.0, "dp_expected_cohort": 2.0}
+        assert "dp_server_reclipped" not in out.metrics
+        positions.append(out.metrics["dp_ftrl_tree_position"])
+        rounds.append(out.metrics["dp_ftrl_node_rounds"])
+        if rnd == 1:  # (0.1 + 1/sqrt(3)) per coordinate, plus the node noise, over m = 2
+            noise = SeededNoise(3, (1, FTRL_NOISE_STREAM)).normal(2.0, 3)
+            np.testing.assert_allclose(out.update["w"], (0.1 + 1 / math.sqrt(3) + noise) / 2)
+    assert positions == [1.0, 2.0, 3.0, 4.0, 1.0]
+    assert rounds == [1.0, 2.0, 1.0, 4.0, 1.0]
+    assert agg.status()["dp_epsilon"] == pytest.approx(agg.ledger.epsilon())
+    assert agg.status()["dp_epsilon"] > 0
+
+
+def test_an_empty_round_releases_the_nodes_noise_and_populations_are_recorded() -> None:
+    agg = DpFtrl(_fixed())
+    assert agg.begin_round(1, 0) is None
+    assert agg.ledger.events[-1].population == 1
+    out = agg.release_without_sum(1, {"w": np.zeros(3)})
+    assert out is not None and out.total_weight == 0.0
+    # No one connected: population 1, so the fixed cohort (fraction 1) and divisor are 1.
+    np.testing.assert_allclose(
+        out.update["w"], SeededNoise(3, (1, FTRL_NOISE_STREAM)).normal(2.0, 3)
+    )
+    assert agg.begin_round(2, 1) is None
+    assert agg.ledger.events[-1].population == 1
+
+
+def test_the_budget_guard_stops_before_a_round_and_fresh_generations_redraw() -> None:
+    tight = DpFtrl(_fixed(), budget=BudgetGuard(0.01))
+    assert tight.begin_round(1, 2) is not None
+    assert tight.ledger.events == ()
+    loose = DpFtrl(_fixed(), budget=BudgetGuard(1e6))
+    assert loose.begin_round(1, 2) is None
+    agg = DpFtrl(_fixed())
+    agg.noise_generation = 1
+    agg.begin_round(1, 2)
+    out = agg.aggregate(1, [_reply(1, 0.0), _reply(2, 0.0)])
+    np.testing.assert_allclose(
+        out.update["w"], SeededNoise(3, (1, FTRL_NOISE_STREAM, 1)).normal(2.0, 3) / 2
+    )
+    secure = [DpFtrl(_fixed(secure_mode=True)) for _ in range(2)]
+    draws = []
+    for a in secure:
+        a.begin_round(1, 2)
+        draws.append(a.aggregate(1, [_reply(1, 0.0), _reply(2, 0.0)]).update["w"])
+    assert not np.allclose(draws[0], draws[1])  # OS-keyed, never the seed's stream
+
+
+def test_ftrl_needs_its_restart_setting_and_a_resume_counts_after_the_ledger() -> None:
+    with pytest.raises(ValueError, match=r"^FtrlAccount needs settings\.ftrl_restart"):
+        DpFtrl(_fixed(ftrl_restart=None))
+    first = DpFtrl(_fixed())
+    for rnd in (1, 2, 3):  # round 3 recorded, then interrupted
+        first.begin_round(rnd, 2)
+    again = DpFtrl(first.settings, first.ledger)
+    again.restore_state(first.export_state(), 2)
+    assert again.begin_round(3, 2) is None
+    assert again.ledger.events[-1].round == 4
