@@ -246,7 +246,14 @@ def test_randk_under_secagg_is_the_exact_sum_of_the_survivors_short_vectors(
     np.testing.assert_allclose(total[COMPRESSED_KEY], expected, rtol=0, atol=atol)
     # The model moves by that sum / the total weight on the round's public coordinates
     # (recomputed from the run key in run.json) and not at all elsewhere (FedAvg, lr 1).
-    run_key = json.loads(RunLayout(tmp_path / "run").run_manifest.read_text())["run_key"]
+    manifest = json.loads(RunLayout(tmp_path / "run").run_manifest.read_text())
+    assert manifest["share"] == {
+        "artifact": "compressed",
+        "layers": ["*"],
+        "compression": "randk",
+        "ratio": 0.1,
+    }
+    run_key = manifest["run_key"]
     start, final = initial_arrays(cfg), load_safetensors(RunLayout(tmp_path / "run").model)[0]
     moved = np.concatenate([(final[n].astype(np.float64) - start[n]).ravel() for n in start])
     idx = _hand_mask(run_key, 1, moved.size, k)

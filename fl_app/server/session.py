@@ -88,7 +88,9 @@ def _open_fresh(
     # deployed sites report their own in public metrics): fl_app.device.
     rd.manifest["train_device"] = run_manifest_device(cfg.train.device)
     # What leaves a site (share.artifact, share.layers), declared per run.
-    share = {"artifact": cfg.share.artifact.value, "layers": list(cfg.share.layers)}
+    share: dict[str, Any] = {"artifact": cfg.share.artifact.value, "layers": list(cfg.share.layers)}
+    if cfg.share.compression.value != "none":  # docs/compression.md (absent by default)
+        share.update(compression=cfg.share.compression.value, ratio=float(cfg.share.ratio))
     rd.manifest["share"] = share
     rd.start()
     audit = AuditTrail(rd.path, signing_key=signing_key)
