@@ -33,6 +33,7 @@ from fl_app.deploy.procs import (
     superlink_command,
     supernode_command,
     wait_for_port,
+    warm_clientapp_command,
     warn_insecure,
 )
 from fl_app.deploy.site import format_node_config, load_sites
@@ -50,6 +51,10 @@ class Federation:
     insecure: bool = False
     host: str = "127.0.0.1"
     connection: str = "fed"
+    # SuperNodes with --isolation process, each with a warm ClientApp launcher
+    # (fl_app.deploy.warm_clientapp: torch imported once, a fork per message); False:
+    # Flower's default, a fresh flwr-clientapp process (and its imports) per message.
+    warm_clientapps: bool = True
     group: ProcessGroup = field(init=False)
     port: int = field(init=False, default=0)
     env: dict[str, str] = field(init=False, default_factory=dict)
@@ -128,16 +133,24 @@ class Federation:
         tls: bool = True,
         max_wait_time: float | None = None,
     ) -> int:
+        runtime_port = free_port("127.0.0.1")
         cmd = supernode_command(
             self.address,
             root_certificates=self.ca if tls and not self.insecure else None,
             private_key=private_key,
             node_config=node_config,
-            port=free_port(self.host),
+            port=runtime_port,
             insecure=self.insecure or not tls,
             max_wait_time=max_wait_time,
+            isolation="process" if self.warm_clientapps else "subprocess",
         )
-        return self.group.start(name, cmd, self.env, self.workdir)
+        pid = self.group.start(name, cmd, self.env, self.workdir)
+        if self.warm_clientapps:
+            # Named under the SuperNode so wait_online supervises it with its node; it
+            # exits with the SuperNode (--parent-pid).
+            launcher = warm_clientapp_command(runtime_port, pid)
+            self.group.start(f"{name}-clientapps", launcher, self.env, self.workdir)
+        return pid
 
     def node_config(self, i: int, **extra: Any) -> str:
         """Site ``i``'s ``--node-config`` as a string (see :meth:`site_config`)."""

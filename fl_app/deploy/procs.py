@@ -32,6 +32,7 @@ __all__ = [
     "superlink_command",
     "supernode_command",
     "wait_for_port",
+    "warm_clientapp_command",
     "warn_insecure",
 ]
 
@@ -125,9 +126,16 @@ def supernode_command(
     port: int,
     insecure: bool = False,
     max_wait_time: float | None = None,
+    isolation: str = "subprocess",
 ) -> list[str]:
-    """``flower-supernode`` dialling ``superlink`` with the CA pinned and its auth key."""
+    """``flower-supernode`` dialling ``superlink`` with the CA pinned and its auth key.
+    ``isolation="process"``: the SuperNode starts no SuperExec; a launcher started next
+    to it (:func:`warm_clientapp_command`) runs its ClientApps from Runtime API ``port``."""
+    if isolation not in ("subprocess", "process"):
+        raise DeployError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    if isolation == "process":
+        cmd += ["--isolation", "process"]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -141,6 +149,16 @@ def supernode_command(
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(max_wait_time)]
     return cmd
+
+
+def warm_clientapp_command(runtime_port: int, parent_pid: int) -> list[str]:
+    """The warm ClientApp launcher (:mod:`fl_app.deploy.warm_clientapp`) for the SuperNode
+    with PID ``parent_pid`` whose Runtime API listens on loopback ``runtime_port``."""
+    return [
+        sys.executable, "-m", "fl_app.deploy.warm_clientapp",
+        "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+        "--parent-pid", str(parent_pid),
+    ]  # fmt: skip
 
 
 @dataclass
