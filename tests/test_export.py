@@ -534,3 +534,19 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     assert export_main([]) == 2
     assert export_main([str(tmp_path), "--tier", "secret", "--out", str(tmp_path / "o")]) == 2
     assert export_main([str(tmp_path / "missing"), "--tier", "public", "--out", "x"]) == 1
+
+
+def test_a_run_with_an_audit_signing_key_exports(tmp_path: Path) -> None:
+    """config.yaml records ``audit_signing_key`` (how the run signed, not what it trained),
+    which the run's config hash excludes: the export must hash it the same way, not refuse
+    the run with a config-hash mismatch; the key's path reaches no exported file."""
+    from fl_app.audit import generate_signing_key
+
+    key = tmp_path / "keys" / "audit.pem"
+    generate_signing_key(key)
+    run = _run(tmp_path, "signed", "num_rounds=1", f"audit_signing_key={key}")
+    assert _cfg_of(run.path).audit_signing_key == str(key)
+    out = tmp_path / "out"
+    assert export_main([str(run.path), "--tier", "public", "--out", str(out)]) == 0
+    for path in out.iterdir():
+        assert str(key) not in path.read_bytes().decode("utf-8", "replace"), path.name

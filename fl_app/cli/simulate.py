@@ -362,11 +362,12 @@ def _compose_or_exit(argv: list[str]) -> Any:
 def print_config(argv: list[str]) -> None:
     import yaml
 
-    from fl_app.config.compose import config_hash, config_to_dict
+    from fl_app.config.compose import config_to_dict, run_config_hash
 
     cfg = _compose_or_exit(argv)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
-    print(f"# config hash: {config_hash(cfg)}")
+    # The hash the run will record (summary.json config_hash): how-to-run keys excluded.
+    print(f"# config hash: {run_config_hash(cfg)}")
 
 
 def _dry_run(argv: list[str]) -> None:

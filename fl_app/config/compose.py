@@ -33,6 +33,7 @@ from fl_app.config.plan import RunPlan, resolve
 from fl_app.config.schema import AppConfig
 
 __all__ = [
+    "RUN_HOW_KEYS",
     "SCHEMA_NAME",
     "check_override_keys",
     "compose_config",
@@ -43,6 +44,7 @@ __all__ = [
     "parse_overrides",
     "preflight",
     "register_schemas",
+    "run_config_hash",
     "schema_keys",
     "suggest_key",
     "to_app_config",
@@ -337,3 +339,15 @@ def config_hash(cfg: AppConfig) -> str:
     """SHA-256 of the canonical JSON of the resolved config (recorded with every run)."""
     canonical = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+#: Config keys that say how to run, not what: a run's config hash excludes them, so a
+#: resumed, rolled-back or head-signed run keeps its hash. The one definition, used where
+#: a run records its hash (fl_app.server.rundir) and where an export re-checks it
+#: (fl_app.release.evidence).
+RUN_HOW_KEYS = ("resume", "rollback_to", "audit_signing_key")
+
+
+def run_config_hash(cfg: AppConfig) -> str:
+    """The run's config hash: :func:`config_hash` with :data:`RUN_HOW_KEYS` unset."""
+    return config_hash(dataclasses.replace(cfg, **dict.fromkeys(RUN_HOW_KEYS)))

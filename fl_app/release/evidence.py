@@ -174,7 +174,7 @@ def check_summary(summary: dict[str, Any]) -> None:
 
 
 def load_config(data: bytes | None, summary: Mapping[str, Any]) -> AppConfig:
-    from fl_app.config.compose import config_hash, to_app_config
+    from fl_app.config.compose import run_config_hash, to_app_config
     from fl_app.config.errors import ConfigError
 
     fix = "export the run with the config.yaml it wrote (the config must not be edited)"
@@ -190,7 +190,8 @@ def load_config(data: bytes | None, summary: Mapping[str, Any]) -> AppConfig:
             f"config.yaml does not validate with this code version ({err})",
             fix + "; export with the code version that ran it (summary.json code_version)",
         ) from None
-    found = config_hash(cfg)
+    # config.yaml records how the run ran too (e.g. audit_signing_key); the run's hash not.
+    found = run_config_hash(cfg)
     if found != summary["config_hash"]:
         raise ExportRefused(
             f"config.yaml hashes to {found[:16]}…, but the run's config hash is "

@@ -42,7 +42,6 @@ No pickle anywhere: safetensors and JSON.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -97,13 +96,11 @@ class CheckpointError(RuntimeError):
 
 
 def run_config_hash(cfg: AppConfig) -> str:
-    """The run's config hash: ``resume``, ``rollback_to`` and ``audit_signing_key`` say
-    how to run, not what."""
-    from fl_app.config.compose import config_hash
+    """The run's config hash (:func:`fl_app.config.compose.run_config_hash`: ``resume``,
+    ``rollback_to`` and ``audit_signing_key`` say how to run, not what)."""
+    from fl_app.config.compose import run_config_hash as _run_config_hash
 
-    return config_hash(
-        dataclasses.replace(cfg, resume=None, rollback_to=None, audit_signing_key=None)
-    )
+    return _run_config_hash(cfg)
 
 
 def _sha256(data: bytes) -> str:
