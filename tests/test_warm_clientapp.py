@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -104,3 +105,45 @@ def test_supernode_process_isolation_and_its_launcher() -> None:
     assert launcher[:3] == [sys.executable, "-m", "fl_app.deploy.warm_clientapp"]
     assert launcher[launcher.index("--runtime-api-address") + 1] == "127.0.0.1:9111"
     assert launcher[launcher.index("--parent-pid") + 1] == "4242"
+
+
+def test_deploy_supernode_warm_clientapps_prints_both_commands(capsys) -> None:
+    from fl_app.cli.deploy import deploy_main
+
+    argv = ["supernode", "--superlink", "sl:1", "--insecure", "--port", "9123", "--print"]
+    assert deploy_main(argv) == 0
+    assert "--isolation" not in capsys.readouterr().out  # opt-in
+    assert deploy_main([*argv, "--warm-clientapps"]) == 0
+    node, launcher = capsys.readouterr().out.strip().splitlines()
+    assert "--isolation process" in node and "--port 9123" in node
+    assert "-m fl_app.deploy.warm_clientapp --runtime-api-address 127.0.0.1:9123" in launcher
+    assert launcher.endswith("--parent-pid '<supernode-pid>'")
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_supervise_returns_the_supernodes_status_and_stops_the_launcher() -> None:
+    launched: list[int] = []
+
+    def launcher(pid: int) -> list[str]:
+        launched.append(pid)
+        return _py("import time; time.sleep(60)")
+
+    t0 = time.monotonic()
+    code = warm.supervise(
+        _py("import time, sys; time.sleep(0.5); sys.exit(3)"), launcher, os.environ
+    )
+    assert code == 3
+    assert len(launched) == 1 and launched[0] > 0  # given the SuperNode's PID
+    assert time.monotonic() - t0 < 30  # the 60 s launcher was stopped, not waited for
+
+
+def test_supervise_stops_a_supernode_whose_launcher_died() -> None:
+    t0 = time.monotonic()
+    code = warm.supervise(
+        _py("import time; time.sleep(60)"), lambda pid: _py("raise SystemExit(5)"), os.environ
+    )
+    assert code == 1
+    assert time.monotonic() - t0 < 30

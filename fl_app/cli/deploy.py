@@ -32,7 +32,13 @@ from fl_app.deploy.pki import (
     create_signing_key,
     write_roster,
 )
-from fl_app.deploy.procs import deploy_env, superlink_command, supernode_command, warn_insecure
+from fl_app.deploy.procs import (
+    deploy_env,
+    superlink_command,
+    supernode_command,
+    warm_clientapp_command,
+    warn_insecure,
+)
 from fl_app.deploy.site import format_node_config, load_site, parse_node_config
 
 __all__ = ["deploy_main"]
@@ -111,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--node-config", default="")
     s.add_argument("--port", type=int, default=9094, help="local ClientApp API port")
     s.add_argument("--insecure", action="store_true")
+    s.add_argument(
+        "--warm-clientapps", action="store_true",
+        help="--isolation process with a warm ClientApp launcher beside the SuperNode "
+        "(torch imported once, a fork per message; docs/performance.md)",
+    )  # fmt: skip
     s.add_argument("--print", action="store_true", help="print the command, do not run it")
 
     s = sub.add_parser("submit", help="flwr run the bundle and wait for its real status")
@@ -242,9 +253,13 @@ def _supernode(args: argparse.Namespace) -> int:
         node_config=node_config,
         port=args.port,
         insecure=args.insecure,
+        isolation="process" if args.warm_clientapps else "subprocess",
     )
     if args.print:
         print(shlex.join(cmd))
+        if args.warm_clientapps:
+            launcher = warm_clientapp_command(args.port, 0)
+            print(shlex.join([*launcher[:-1], "<supernode-pid>"]))
         return 0
     # The SuperNode's start-up checks (`fl-app site check`): a bad data file, policy
     # or key stops it here, not as a refusal in every round of every run.
@@ -261,6 +276,10 @@ def _supernode(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.warm_clientapps:
+        from fl_app.deploy.warm_clientapp import supervise
+
+        return supervise(cmd, lambda pid: warm_clientapp_command(args.port, pid), deploy_env())
     return _exec(cmd)
 
 

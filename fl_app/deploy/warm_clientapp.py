@@ -35,9 +35,18 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["LAUNCH_LINE", "PRELOAD", "main", "preload", "reap", "run_task_in_child", "serve"]
+__all__ = [
+    "LAUNCH_LINE",
+    "PRELOAD",
+    "main",
+    "preload",
+    "reap",
+    "run_task_in_child",
+    "serve",
+    "supervise",
+]
 
 # Third-party modules a ClientApp message imports (found by listing a forked child's
 # new sys.modules after a train message), loaded once in the launcher. Never fl_app: the
@@ -169,6 +178,54 @@ def serve(
             time.sleep(poll_seconds)
     finally:
         client.close()
+
+
+def supervise(
+    node_cmd: Sequence[str],
+    launcher_cmd: Callable[[int], Sequence[str]],
+    env: Mapping[str, str],
+) -> int:
+    """``fl-app deploy supernode --warm-clientapps``: run the SuperNode in the foreground
+    and its launcher (``launcher_cmd(supernode_pid)``) beside it; SIGTERM/SIGINT reach
+    both, the launcher is stopped when the SuperNode exits, and the SuperNode's exit
+    status is returned. A launcher that dies while its SuperNode lives stops the SuperNode
+    (status 1): a SuperNode that can run no ClientApp must not stay online."""
+    import signal
+    import subprocess
+
+    node = subprocess.Popen(list(node_cmd), env=dict(env))
+    launcher = subprocess.Popen(list(launcher_cmd(node.pid)), env=dict(env))
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in (launcher, node):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while (code := node.poll()) is None:
+            if launcher.poll() is not None:
+                print(
+                    f"warm ClientApp launcher exited ({launcher.returncode}); stopping the "
+                    "SuperNode",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                node.terminate()
+                node.wait(timeout=30)
+                return 1
+            time.sleep(0.2)
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if launcher.poll() is None:
+            launcher.terminate()
+            try:
+                launcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
