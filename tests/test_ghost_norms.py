@@ -199,3 +199,49 @@ def test_no_second_pass_refuses_a_parameter_without_clipped_sum() -> None:
             ghost_backward(trainer.hooks, trainer.params, per_sample, [], second_pass=False)
     finally:
         trainer.close()
+
+
+def _padding_mode_convs() -> nn.Module:
+    # Every Conv2d pads its input itself (padding_mode != "zeros"), on each path:
+    # reflect with an asymmetric kernel/padding, materialised (T = 64:
+    # 64^2 (8+45) = 217,088 >= 76*8*45 = 27,360); replicate + grouped and circular +
+    # "same" (Opacus' per-sample fallback); circular + stride 2, Gram trick
+    # (16^2 (32+72) = 26,624 < 76*32*72 = 175,104).
+    return nn.Sequential(
+        nn.Conv2d(3, 8, (3, 5), padding=(1, 2), padding_mode="reflect"),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="replicate"),
+        nn.Conv2d(8, 8, 3, padding="same", padding_mode="circular"),
+        nn.Conv2d(8, 32, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.GroupNorm(4, 32),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def test_ghost_step_on_self_padded_convs_equals_the_brute_force_clipped_gradient() -> None:
+    """Review finding: circular/reflect/replicate convolutions were unfolded with zero
+    padding, so norms and clipped sums were a zero-padded conv's (1-8 % off). Per-parameter
+    norms, total norms and the noise-0 clipped gradient against the brute-force loop."""
+    torch.manual_seed(0)
+    model = _padding_mode_convs()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand((4, 3, 8, 8), generator=g), torch.randint(0, 10, (4,), generator=g)
+    grads = _per_sample_grads(copy.deepcopy(model), x, y)
+    norms = _total_norms(grads)
+    c = float(norms.median())
+    coef = [min(1.0, c / (float(n) + 1e-6)) for n in norms]
+    assert 0 < sum(k < 1 for k in coef) < len(coef)
+    trainer = _trainer(model, x, y, "ghost", z=0.0, c=c)
+    try:
+        with dpsgd_opacus._expected_opacus_warnings():
+            trainer.step(x, y)
+        for k, p in enumerate(model.parameters()):
+            per_param = torch.stack([gr[k].norm() for gr in grads])
+            torch.testing.assert_close(p._norm_sample, per_param, rtol=1e-4, atol=1e-6)
+            e = sum(coef[j] * grads[j][k] for j in range(len(y))) / len(y)
+            atol = 1e-5 * (float(e.abs().max()) + 1e-12)
+            torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=atol)
+        torch.testing.assert_close(trainer.hooks.get_norm_sample(), norms, rtol=1e-4, atol=1e-6)
+    finally:
+        trainer.close()

@@ -10,11 +10,7 @@ prefix-sum algebra), never taken from the code under test.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
-from torch import nn
 
 from fl_app.config.compose import compose_config
 from fl_app.config.errors import ConfigError
@@ -79,66 +75,3 @@ def test_dp_ftrl_model_after_two_rounds_carries_only_the_level_1_node_noise() ->
 
     got, expected = _dp_ftrl_randk_model_noise()
     np.testing.assert_array_equal(got, expected)
-
-
-def _brute_force_clipped_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float):
-    """sum_i min(1, C / (||g_i|| + 1e-6)) g_i / B from one backward pass per example."""
-    per_example = []
-    for i in range(len(y)):
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        per_example.append([p.grad.detach().clone() for p in model.parameters()])
-    out = []
-    norms = [float(torch.cat([t.flatten() for t in g]).norm()) for g in per_example]
-    for k in range(len(per_example[0])):
-        out.append(
-            sum(min(1.0, c / (n + 1e-6)) * g[k] for g, n in zip(per_example, norms, strict=True))
-            / len(y)
-        )
-    return out, norms
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: Conv2d with padding_mode='circular' (or reflect/replicate): ghost "
-    "norms (fl_app/privacy/ghost_norms.py _unfold and the conv2d_weight sum) pad with "
-    "zeros, so each example's 'gradient' is that of a zero-padded conv: norms and "
-    "clipped gradient differ from the model's (Opacus' hooks mode too)",
-)
-def test_ghost_step_on_a_circular_padded_conv_equals_the_brute_force_clipped_gradient() -> None:
-    from fl_app.config.schema import ClientTrainConfig
-    from fl_app.privacy import dpsgd_opacus
-    from fl_app.privacy.dpsgd_settings import DpSgdSettings
-
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, padding_mode="circular"),
-        nn.GroupNorm(4, 32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand((4, 3, 4, 4), generator=g)
-    y = torch.randint(0, 10, (4,), generator=g)
-    expected, norms = _brute_force_clipped_grad(copy.deepcopy(model), x, y, c=1.0)
-    assert min(norms) > 1.0  # every example is clipped
-    m = copy.deepcopy(model)
-    cfg = ClientTrainConfig(local_epochs=1, batch_size=len(y), lr=0.0, momentum=0.0)
-    dp = DpSgdSettings(0.0, 1.0, grad_sample_mode="ghost", secure_mode=False)
-    with dpsgd_opacus._expected_opacus_warnings():
-        trainer = dpsgd_opacus._PrivateTrainer(
-            m, x, y, cfg, dp, "ghost",
-            sampling_generator=torch.Generator().manual_seed(0),
-            noise_generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
-    try:
-        with dpsgd_opacus._expected_opacus_warnings():
-            trainer.step(x, y)
-        got = [p.grad.detach().clone() for p in m.parameters()]
-        total = trainer.hooks.get_norm_sample()
-    finally:
-        trainer.close()
-    torch.testing.assert_close(total, torch.tensor(norms), rtol=1e-4, atol=1e-6)
-    for e, a in zip(expected, got, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)

@@ -14,7 +14,9 @@ Opacus' own :func:`opacus.grad_sample.register_norm_sampler` (no fork):
   ``G_i^T A_i`` and ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>`` (the Gram trick,
   ``T^2`` entries per sample); per layer, the Gram trick or the materialised
   ``G_i^T A_i``, whichever costs less time (:func:`conv2d_uses_ghost_norm`: late
-  layers, small ``T`` and large ``p d``, take the Gram trick).
+  layers, small ``T`` and large ``p d``, take the Gram trick). A ``padding_mode``
+  other than ``zeros`` pads ``A_i``'s source as the layer does (Opacus' own conv
+  sampler pads with zeros: a zero-padded conv's gradients, docs/architecture.md).
 * ``GroupNorm`` / ``LayerNorm``: their per-sample gradients have ``B x C`` entries,
   as small as the activations' statistics, so the norm is taken from them directly.
 * ``Linear``: Opacus' own norm (same arithmetic), re-registered so the layer also
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -128,20 +131,33 @@ def conv2d_uses_ghost_norm(layer: nn.Conv2d, output_positions: int) -> bool:
     return output_positions**2 * (p + d) < PER_SAMPLE_ENTRY_COST * p * d
 
 
-def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+def _padded_input(layer: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The input as the convolution sees it, and the zero padding still to apply.
+
+    ``padding_mode`` ``circular``/``reflect``/``replicate`` pads the input itself before
+    an unpadded convolution (``nn.Conv2d._conv_forward``); unfolding ``a`` with
+    ``layer.padding`` instead would give a zero-padded conv's gradients (1-8 % off).
+    """
+    if layer.padding_mode == "zeros":
+        return a, layer.padding  # type: ignore[return-value]
+    pad = layer._reversed_padding_repeated_twice
+    return nn.functional.pad(a, pad, mode=layer.padding_mode), (0, 0)
+
+
+def _unfold(layer: nn.Conv2d, a: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
     # (n, d, T): im2col, as the convolution sees its input. Opacus' strided-view unfold
     # measured 1.1-9x faster than torch's im2col (F.unfold) on the benchmark's layers.
     return unfold2d(
         a,
         kernel_size=layer.kernel_size,
-        padding=layer.padding,
+        padding=padding,
         stride=layer.stride,
         dilation=layer.dilation,
     )
 
 
 def _conv2d_weight_norms(
-    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
+    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, padding: tuple[int, int]
 ) -> tuple[torch.Tensor, ClippedSum]:
     """Per-sample weight-gradient norms of a plain ``Conv2d`` and its clipped-sum function.
 
@@ -159,7 +175,7 @@ def _conv2d_weight_norms(
     sq = []
     grads = []
     for lo in range(0, n, step):
-        am = _unfold(layer, a[lo : lo + step])  # (m, d, T)
+        am = _unfold(layer, a[lo : lo + step], padding)  # (m, d, T)
         gc = gm[lo : lo + step]
         if ghost:
             aa = torch.bmm(am.transpose(1, 2), am)  # (m, T, T)
@@ -176,9 +192,7 @@ def _conv2d_weight_norms(
 
     def weight_sum(c: torch.Tensor) -> torch.Tensor:
         scaled = g * c.to(g.dtype).view(-1, 1, 1, 1)
-        return conv2d_weight(
-            a, weight_shape, scaled, layer.stride, layer.padding, layer.dilation, 1
-        )
+        return conv2d_weight(a, weight_shape, scaled, layer.stride, padding, layer.dilation, 1)
 
     return norms, weight_sum
 
@@ -190,11 +204,21 @@ def compute_conv2d_norm_sample(
     """Per-sample gradient norms of a ``Conv2d`` (mixed ghost clipping, module docstring)."""
     a = activations[0].to(backprops.dtype)
     g = backprops
-    if layer.groups != 1 or isinstance(layer.padding, str) or a.shape[0] == 0:
+    if layer.padding_mode != "zeros" and a.shape[0] > 0:
+        a, padding = _padded_input(layer, a)
+        if layer.groups != 1 or isinstance(layer.padding, str):
+            # Opacus' sampler unfolds with ``layer.padding`` (zeros): give it the padded
+            # input and a shallow copy (same parameters) with no padding.
+            unpadded = copy.copy(layer)
+            unpadded.padding = padding
+            return _norms_of(compute_conv_grad_sample(unpadded, [a], g))
+    elif layer.groups != 1 or isinstance(layer.padding, str) or a.shape[0] == 0:
         return _norms_of(compute_conv_grad_sample(layer, [a], g))
+    else:
+        padding = layer.padding  # type: ignore[assignment]
     ret: Norms = {}
     if layer.weight.requires_grad:
-        ret[layer.weight], weight_sum = _conv2d_weight_norms(layer, a, g)
+        ret[layer.weight], weight_sum = _conv2d_weight_norms(layer, a, g, padding)
         _keep(layer.weight, weight_sum)
     if layer.bias is not None and layer.bias.requires_grad:
         bias_gs = g.sum(dim=(2, 3))  # (n, p)
