@@ -239,3 +239,38 @@ def test_audit_privacy_main_quick_end_to_end(
     printed = capsys.readouterr().out
     assert f"{summary['privacy']['record_level_epsilon_max']:.3g}" in printed
     assert "client canaries, server view (40 canary clients, 20/20 correct)" in printed
+
+
+def test_a_body_only_release_is_refused_naming_share_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """share=body releases the MLP's first layer only (net.1.*); each site keeps its head
+    (net.3.*, docs/personalization.md). The attacks score the full model, so the audit
+    refuses before any attack (exit 2, nothing written), naming share.layers and the
+    layers the release lacks, instead of failing while loading the model. The run
+    directory is what a share=body run writes (config.yaml, summary.json, the body-only
+    model.safetensors), built here without training."""
+    import hashlib
+
+    import safetensors.numpy
+    import yaml
+
+    from fl_app.config.compose import compose_config, config_to_dict
+
+    cfg = compose_config("config", ["share=body", "server_eval=false"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    body = {k: v.numpy() for k, v in model.state_dict().items() if k.startswith("net.1.")}
+    assert sorted(body) == ["net.1.bias", "net.1.weight"]
+    blob = safetensors.numpy.save(body)
+    (run_dir / "model.safetensors").write_bytes(blob)
+    summary = {"model_file": "model.safetensors", "model_sha256": hashlib.sha256(blob).hexdigest()}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "audit"
+    assert audit_privacy_main([str(run_dir), "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "share.layers" in err and "['net.1.*']" in err
+    assert "net.3.weight" in err and "net.3.bias" in err and "net.1.weight" not in err
+    assert not out.exists()

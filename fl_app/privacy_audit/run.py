@@ -122,6 +122,8 @@ def _load_run(run_dir: Path) -> tuple[AppConfig, dict[str, Any], torch.nn.Module
         if not (run_dir / name).is_file():
             raise AuditError(f"{run_dir / name} is missing: audit a finished run directory")
     cfg = to_app_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    _refuse_body_only(cfg, model)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     model_path = run_dir / str(summary.get("model_file") or MODEL_FILE)
     if not model_path.is_file():
@@ -134,10 +136,31 @@ def _load_run(run_dir: Path) -> tuple[AppConfig, dict[str, Any], torch.nn.Module
             "model the run released; restore it or rerun"
         )
     arrays, _ = load_safetensors(model_path)
-    model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
     load_ndarrays(model, arrays)
     model.eval()
     return cfg, summary, model
+
+
+def _refuse_body_only(cfg: AppConfig, model: torch.nn.Module) -> None:
+    """Refuse a release that lacks layers the sites kept (``share.layers``).
+
+    Every attack scores the full model's outputs; the layers each site kept (its head)
+    were never released, and filling them with their initial values would audit a model
+    nobody holds (a random head hides membership, so the audit would understate the
+    risk). Sound would be one audit per site with its own personalized model, which the
+    run directory does not hold (the sites do).
+    """
+    from fl_app.share_layers import split_shared
+
+    _shared, kept = split_shared(model.state_dict(), list(cfg.share.layers))
+    if kept:
+        raise AuditError(
+            f"share.layers={list(cfg.share.layers)} released only part of the model: the "
+            f"sites kept {sorted(kept)}, so there is no released full model to attack. The "
+            "audit needs a full model: audit a run with share.layers=['*'] (share=all), or "
+            "each site's personalized model (its kept layers with the released ones), which "
+            "only the sites hold (docs/privacy-audit.md)"
+        )
 
 
 def _float_or_none(value: Any) -> float | None:
