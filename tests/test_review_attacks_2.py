@@ -1,9 +1,9 @@
 """Red-team review of the features since 7d9641c (issues 19-22), as the parties they
-protect against (/work/shared/design/ARCHITECTURE.md §2a; docs/compression.md,
+protect against (the threat models of docs/architecture.md; docs/compression.md,
 docs/dp-ftrl.md, fl_app/privacy/ghost_norms.py).
 
-Each test states a property the review found broken, as a strict xfail: it fails on
-today's code and starts passing (so the xfail must be removed) once the fix lands.
+Each test states a property the review found broken; a finding still open is a strict
+xfail (it fails on today's code and starts passing, so the xfail must go, once fixed).
 Expected values are worked out here (a brute-force per-example loop, the DP-FTRL
 prefix-sum algebra), never taken from the code under test.
 """
@@ -14,21 +14,12 @@ import pytest
 
 from fl_app.config.compose import compose_config
 from fl_app.config.errors import ConfigError
-from fl_app.config.validate_privacy import check_privacy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: privacy=ftrl with share=randk is accepted; the tree's prefix sums "
-    "are formed over k-vectors whose coordinates change every round (a new public mask), "
-    "so P~_t - P~_{t-1} is scattered onto round t's mask and the node noises no longer "
-    "telescope: the model is not theta_0 + P~_t/m (noise grows like DP-FedAvg's, not "
-    "log t). fl_app/config/validate_privacy.py _check_ftrl lacks a share.compression check",
-)
 def test_dp_ftrl_with_random_k_is_refused_before_the_run() -> None:
-    cfg = compose_config("config", ["privacy=ftrl", "share=randk"])
     with pytest.raises(ConfigError, match=r"share\.compression"):
-        check_privacy(cfg)
+        compose_config("config", ["privacy=ftrl", "share=randk"])
+
 
 
 def _dp_ftrl_randk_model_noise() -> tuple[object, object]:
@@ -64,14 +55,12 @@ def _dp_ftrl_randk_model_noise() -> tuple[object, object]:
     return theta[only_round_1], np.zeros(only_round_1.size)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: under share=randk DP-FTRL's released node noises do not cancel "
-    "(round 1's leaf noise stays on the coordinates round 2 does not send); the "
-    "reproduction behind the refusal above (if the fix is that refusal, this stays xfail)",
-)
-def test_dp_ftrl_model_after_two_rounds_carries_only_the_level_1_node_noise() -> None:
+def test_under_random_k_dp_ftrl_node_noises_would_not_cancel() -> None:
+    """Why the refusal above exists: with a per-round mask, round 1's leaf noise (1.0)
+    stays on the coordinates round 2 does not send, where the tree promises only the
+    level-1 node's noise (0 on coordinates round 2 did not touch)."""
     import numpy as np
 
-    got, expected = _dp_ftrl_randk_model_noise()
-    np.testing.assert_array_equal(got, expected)
+    got, tree_promise = _dp_ftrl_randk_model_noise()
+    np.testing.assert_array_equal(got, np.ones_like(got))
+    assert not np.array_equal(got, tree_promise)
