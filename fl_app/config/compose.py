@@ -350,4 +350,5 @@ RUN_HOW_KEYS = ("resume", "rollback_to", "audit_signing_key")
 
 def run_config_hash(cfg: AppConfig) -> str:
     """The run's config hash: :func:`config_hash` with :data:`RUN_HOW_KEYS` unset."""
-    return config_hash(dataclasses.replace(cfg, **dict.fromkeys(RUN_HOW_KEYS)))
+    unset: dict[str, Any] = dict.fromkeys(RUN_HOW_KEYS)
+    return config_hash(dataclasses.replace(cfg, **unset))
