@@ -550,3 +550,52 @@ def test_a_run_with_an_audit_signing_key_exports(tmp_path: Path) -> None:
     assert export_main([str(run.path), "--tier", "public", "--out", str(out)]) == 0
     for path in out.iterdir():
         assert str(key) not in path.read_bytes().decode("utf-8", "replace"), path.name
+
+
+def test_the_card_is_attached_to_the_runs_mlflow_run_or_the_export_warns(
+    runs: dict[str, Run], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run tracked in MLflow gets the card `fl-app export` builds after it (listed by
+    MlflowClient, byte for byte the exported files); an MLflow run that is gone, or
+    mlflow missing here, is a warning and the export still completes."""
+    import dataclasses
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from fl_app.server.tracking import open_tracker
+
+    run_dir = _copy(runs["central"], tmp_path)
+    cfg = _cfg_of(run_dir)
+    tracked = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, mlflow=True))
+    tracker = open_tracker(tracked, run_dir, run_dir / "model.safetensors")
+    run_id = tracker.sinks["mlflow"].run_id  # type: ignore[attr-defined]
+    tracker.sinks["mlflow"].finish(2, {}, {}, [], None, False)
+    out = tmp_path / "out"
+    assert export_main([str(run_dir), "--tier", "public", "--out", str(out)]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    listed = {a.path for a in client.list_artifacts(run_id, "model_card/public")}
+    assert listed == {"model_card/public/model_card.json", "model_card/public/model_card.md"}
+    got = Path(client.download_artifacts(run_id, "model_card/public", str(tmp_path / "dl")))
+    for name in ("model_card.json", "model_card.md"):
+        assert (got / name).read_bytes() == (out / name).read_bytes()
+
+    argv = [str(run_dir), "--tier", "public", "--out", str(out), "--overwrite"]
+    real = sys.modules.get("mlflow.tracking")
+    sys.modules["mlflow.tracking"] = None  # type: ignore[assignment]  # import fails
+    try:
+        assert export_main(argv) == 0
+    finally:
+        sys.modules["mlflow.tracking"] = real  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert f"WARNING: the run was tracked in MLflow (run {run_id}) but mlflow is not" in err
+    # The MLflow run is gone (deleted from the store, or the store replaced).
+    gone = "0" * 32
+    where = json.loads((run_dir / "tracking.json").read_text())
+    where["mlflow"]["run_id"] = gone
+    (run_dir / "tracking.json").write_text(json.dumps(where))
+    assert export_main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"WARNING: the card could not be attached to MLflow run {gone}" in err
+    assert (out / "model_card.json").is_file()

@@ -30,6 +30,7 @@ RUN_DIR_NAMES = {
     "manifest.json",
     "strategy_state.safetensors",
     "server_state.json",
+    "tracking.json",
 }
 
 # The same spelling with another meaning: the Hydra primary config of configs/.
@@ -88,6 +89,7 @@ def test_run_layout_paths(tmp_path: Path) -> None:
     assert layout.audit == tmp_path / "audit.jsonl"
     assert layout.signed_head == tmp_path / "audit_head.sig.json"
     assert layout.client_state == tmp_path / "client-state"
+    assert layout.tracking == tmp_path / "tracking.json"
     assert layout.checkpoint(3) == tmp_path / "checkpoints" / "round-0003"
     assert layout.checkpoint(12345) == tmp_path / "checkpoints" / "round-12345"
 

@@ -512,11 +512,20 @@ def test_open_tracker_opens_an_mlflow_run_and_an_event_file_in_the_run_directory
     assert (run.info.run_name, run.info.status) == ("run", "FAILED")
     assert run.data.tags["fl_app.run_dir"] == str(run_dir.resolve())
     assert run.data.params["experiment_name"] == "exp" and run.data.params["seed"] == "42"
+    # Where the MLflow run is, for `fl-app export` to attach the card after the run.
+    assert json.loads((run_dir / "tracking.json").read_text()) == {
+        "mlflow": {
+            "run_id": run.info.run_id,
+            "tracking_uri": (run_dir / "mlruns").resolve().as_uri(),
+            "experiment": "exp",
+        }
+    }
     # One tracker alone opens only itself.
     only = open_tracker(
         compose_config("config", ["tracking=tensorboard"]), tmp_path / "tb", tmp_path
     )
     assert list(only.sinks) == ["tensorboard"] and not (tmp_path / "tb" / "mlruns").exists()
+    assert not (tmp_path / "tb" / "tracking.json").exists()
     only.crash()
 
 

@@ -35,6 +35,7 @@ from fl_app.server.layout import (
     MODEL_FILE,
     RUN_MANIFEST_FILE,
     SUMMARY_FILE,
+    TRACKING_FILE,
 )
 from fl_app.share_layers import split_shared
 
@@ -67,6 +68,8 @@ RUN_FILES = (
     METRICS_FILE,
     LEDGER_FILE,
     AUDIT_FILE,
+    # Where the run's MLflow run is: the card is attached there (fl_app.release.tracking_card).
+    TRACKING_FILE,
 )
 
 

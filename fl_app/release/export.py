@@ -56,6 +56,7 @@ from fl_app.release.redact import (
     record_level_table,
     secret_guard,
 )
+from fl_app.release.tracking_card import attach_card
 from fl_app.server.layout import (
     AUDIT_FILE,
     CONFIG_FILE,
@@ -404,6 +405,10 @@ def export_run(
     finally:
         if audit is not None:
             audit.close()
+    # After the files are written: a tracker that cannot take the card only warns.
+    tracked = attach_card(src, dst, [CARD_JSON, CARD_MD], tier.value)
+    if tracked is not None:
+        warnings.append(tracked)
     return ExportResult(
         out_dir=dst,
         tier=tier,

@@ -20,6 +20,8 @@ renamed file cannot leave one reader looking for the old name
 ``client-state/``             simulated clients' own privacy state (DP-SGD, local DP)
 ``mlruns/``                   MLflow's file store (``tracking.mlflow``, default URI)
 ``tensorboard/``              TensorBoard event files (``tracking.tensorboard``)
+``tracking.json``             the run's MLflow run id and tracking URI (``tracking.mlflow``;
+                              ``fl-app export`` attaches the model card to that run)
 
 A leaf module (standard library only): importing it loads neither Flower nor the
 strategies.
@@ -49,6 +51,7 @@ __all__ = [
     "STRATEGY_FILE",
     "SUMMARY_FILE",
     "TENSORBOARD_DIR",
+    "TRACKING_FILE",
     "RunLayout",
 ]
 
@@ -69,6 +72,9 @@ CLIENT_STATE_DIR = "client-state"
 # jobs share <sweep dir>/mlruns instead) and TensorBoard's event files.
 MLFLOW_DIR = "mlruns"
 TENSORBOARD_DIR = "tensorboard"
+# Where the run's MLflow run is (written when the tracker opens; read by `fl-app export`,
+# which attaches the model card it builds after the run: fl_app.release.tracking_card).
+TRACKING_FILE = "tracking.json"
 
 # Inside one checkpoint directory (checkpoints/round-NNNN/), besides MODEL_FILE,
 # LEDGER_FILE and SIGNED_HEAD_FILE.
@@ -141,3 +147,7 @@ class RunLayout:
     def checkpoint(self, rnd: int) -> Path:
         """Round ``rnd``'s checkpoint directory (zero-padded so names sort by round)."""
         return self.checkpoints / f"round-{rnd:04d}"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / TRACKING_FILE

@@ -6,7 +6,9 @@ when opened). :func:`open_tracker` opens the configured sinks after the run dire
 is opened and before round 1, so a tracker that cannot be reached fails the run before
 anything trains; :class:`RunTracker` is then a round listener wired after the run's
 own files (docs/architecture.md, "Server"), and :meth:`RunTracker.finish` logs the
-summary's numbers and the artifacts once ``summary.json`` is written.
+summary's numbers and the artifacts once ``summary.json`` is written. The MLflow run's
+id and URI go to ``tracking.json``, where ``fl-app export`` finds the run to attach the
+model card it builds later (:mod:`fl_app.release.tracking_card`).
 
 What leaves the run directory (docs/tracking.md): the aggregate round scalars of
 ``metrics.jsonl`` under the restricted export's rule (:func:`round_scalars`: no
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from fl_app.config.schema import AppConfig
-from fl_app.server.layout import MLFLOW_DIR, TENSORBOARD_DIR
+from fl_app.server.layout import MLFLOW_DIR, TENSORBOARD_DIR, TRACKING_FILE
 
 if TYPE_CHECKING:
     from fl_app.server.rundir import RunDirectory
@@ -356,6 +358,18 @@ def _published_hash(rd: RunDirectory) -> str | None:
     return published_config_hash(rd.config_hash, salt) if isinstance(salt, str) else None
 
 
+def _record_mlflow_run(run_dir: Path, run_id: str, scope: TrackingScope) -> None:
+    """``tracking.json``: where this run's MLflow run is. The model card is built by
+    ``fl-app export`` after the run, so the export attaches it there
+    (:mod:`fl_app.release.tracking_card`). A resumed run opens a new MLflow run and
+    overwrites this: the card goes to the MLflow run that finished the run."""
+    from fl_app.atomic import write_atomic
+
+    where = {"run_id": run_id, "tracking_uri": scope.mlflow_uri, "experiment": scope.experiment}
+    data = json.dumps({"mlflow": where}, indent=2, sort_keys=True) + "\n"
+    write_atomic(run_dir / TRACKING_FILE, data.encode())
+
+
 def open_tracker(cfg: AppConfig, run_dir: Path, model_file: Path) -> RunTracker:
     """The run's tracker with every configured sink open (none: a tracker that does
     nothing and imports nothing). Raises naming ``tracking.<key>`` when a sink cannot
@@ -369,7 +383,9 @@ def open_tracker(cfg: AppConfig, run_dir: Path, model_file: Path) -> RunTracker:
     withhold = _withheld(cfg)
     if t.mlflow:
         scope = tracking_scope(cfg, run_dir, hydra_job(), withhold)
-        sinks["mlflow"] = MlflowSink.open(scope, _params(cfg, withhold))
+        mlflow_sink = MlflowSink.open(scope, _params(cfg, withhold))
+        _record_mlflow_run(Path(run_dir), mlflow_sink.run_id, scope)
+        sinks["mlflow"] = mlflow_sink
     if t.tensorboard:
         sinks["tensorboard"] = TensorBoardSink.open(Path(run_dir) / TENSORBOARD_DIR)
     return RunTracker(sinks, [model_file])

@@ -19,7 +19,13 @@ from typing import Any
 
 from fl_app.config.errors import ConfigConflictError
 
-__all__ = ["MLFLOW_FILE_STORE_OPT_IN", "PUBLIC_SUMMARY_ARTIFACT", "MlflowSink", "TensorBoardSink"]
+__all__ = [
+    "MLFLOW_FILE_STORE_OPT_IN",
+    "PUBLIC_SUMMARY_ARTIFACT",
+    "MlflowSink",
+    "TensorBoardSink",
+    "is_file_store",
+]
 
 # The reduced summary's name among the tracker's artifacts: not summary.json, so a
 # file store inside a sweep directory is never mistaken for a job by `fl-app report`.
@@ -47,7 +53,7 @@ def _require(module: str, key: str) -> Any:
         ) from None
 
 
-def _is_file_store(uri: str) -> bool:
+def is_file_store(uri: str) -> bool:
     """A path or ``file:`` URI (MLflow's file store), not a server or a database."""
     from urllib.parse import urlparse
 
@@ -69,7 +75,7 @@ class MlflowSink:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        if _is_file_store(scope.mlflow_uri):
+        if is_file_store(scope.mlflow_uri):
             os.environ.setdefault(MLFLOW_FILE_STORE_OPT_IN, "true")
         try:
             client = MlflowClient(tracking_uri=scope.mlflow_uri)
