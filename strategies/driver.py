@@ -48,6 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.compression import RandK
+from fl_app.compression_topk import TopK
 from fl_app.protocol import (
     BUDGET_EXHAUSTED,
     CLIP_NORM_KEY,
@@ -71,12 +72,11 @@ from strategies.round_release import RoundRelease
 from strategies.sampling import CohortSampler
 from strategies.site_claims import SiteClaims
 from strategies.site_eval import site_accuracies
+from strategies.topk_replies import parse_reply, reply_spec
 from strategies.validation import (
     Rejection,
     TrainReply,
-    array_specs,
     parse_eval_reply,
-    parse_train_reply,
 )
 
 if TYPE_CHECKING:  # the DP aggregators pull in the accountants (and torch through
@@ -190,6 +190,9 @@ class RoundDriver(ReplyExchange, RoundRelease):
         # share.compression=randk (set by the ServerApp): replies and secure sums are the
         # round's short vectors, scattered into the model after aggregation.
         self.compressor: RandK | None = None
+        # share.compression=topk (set by the ServerApp): each reply is (indices, values),
+        # scattered into the model's shape before aggregation (strategies.topk_replies).
+        self.sparse: TopK | None = None
         if secagg is not None:
             secagg.public_check = self._check_site
 
@@ -293,7 +296,7 @@ class RoundDriver(ReplyExchange, RoundRelease):
             grid, messages, rnd, self.settings.train_timeout_s
         )
         self._privacy_metrics = stage_bytes(sent_msgs, replies, len(cohort))
-        expected = array_specs(self._wire(rnd, arrays))
+        expected = reply_spec(self.sparse, self._wire(rnd, arrays), arrays)
         accepted, failed = self._ingest(
             "train",
             rnd,
@@ -301,12 +304,14 @@ class RoundDriver(ReplyExchange, RoundRelease):
             replies,
             sent,
             lambda m: self._check_train_reply(
-                parse_train_reply(
+                parse_reply(
+                    self.sparse,
                     m,
                     server_round=rnd,
                     expected=expected,
                     limits=self.settings.limits,
                     reference=arrays if self.settings.replies_are_weights else None,
+                    model=arrays,
                 )
             ),
         )

@@ -184,6 +184,7 @@ def _parse_update(
     expected: ArraySpec,
     limits: ReplyLimits,
     reference: Mapping[str, np.ndarray] | None = None,
+    unnormed: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], float] | str:
     names = list(record.keys())
     if set(names) != set(expected):
@@ -209,6 +210,9 @@ def _parse_update(
             return f"array '{name}' does not decode: {type(err).__name__}: {err}"
         if reference is not None:  # share.artifact=weights: the update is w - w_global
             value = _minus(value, reference[name])
+        if name in unnormed:  # top-k's indices: positions, not part of the update's norm
+            update[name] = value
+            continue
         flat = value.reshape(-1)
         # Σ v² accumulated in float64 without a float64 copy; a NaN or Inf anywhere makes
         # it non-finite (float32 squares cannot overflow float64, so for them that is the
@@ -252,16 +256,20 @@ def parse_train_reply(
     expected: ArraySpec,
     limits: ReplyLimits,
     reference: Mapping[str, np.ndarray] | None = None,
+    unnormed: frozenset[str] = frozenset(),
 ) -> TrainReply | Rejection:
     """Parse a screened train reply into a :class:`TrainReply`, or reject it.
 
     ``reference``: the round's global weights when replies hold weights
-    (``share.artifact=weights``); the update is then ``w − reference``."""
+    (``share.artifact=weights``); the update is then ``w − reference``. ``unnormed``:
+    arrays left out of the update's norm (top-k's indices, docs/compression.md)."""
     head = _parse_records_and_metrics(msg, TRAIN_REPLY_KEYS, server_round, limits)
     if isinstance(head, Rejection):
         return head
     node, num_examples, metrics = head
-    upd = _parse_update(msg.content.array_records[UPDATE_KEY], expected, limits, reference)
+    upd = _parse_update(
+        msg.content.array_records[UPDATE_KEY], expected, limits, reference, unnormed
+    )
     if isinstance(upd, str):
         return Rejection(node, upd)
     update, norm = upd

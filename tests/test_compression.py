@@ -127,7 +127,12 @@ TOPK = ["share.artifact=compressed", "share.compression=topk"]
             "use share.compression=randk",
         ),
         ([*TOPK, "privacy=local"], "share.compression", ConfigConflictError, "leaks"),
-        (TOPK, "share.compression", ConfigConflictError, "not available in this version"),
+        (
+            [*TOPK, "privacy=distributed", "secagg=secaggplus"],
+            "share.compression",
+            ConfigConflictError,
+            "leaks",
+        ),
         (
             ["share.artifact=compressed", "share.compression=sketch"],
             "share.compression",

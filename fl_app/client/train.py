@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fl_app.client.dp_stages import client_dp_stages, prepare_dpsgd
+from fl_app.client.error_feedback import TopKStage, topk_stage
 from fl_app.client.instruction import prepare, training_seed
 from fl_app.client.personal import SiteLayers, site_layers
 from fl_app.client.policy import SitePolicy
@@ -57,7 +58,7 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     if ShareArtifact(spec.share.artifact) is ShareArtifact.weights:
         local_train = _keeping(local_train, weights)
     load = _loader(model, site)
-    compress = _compress_stage(spec, rnd)
+    compress = _compress_stage(spec, rnd, context)
     clip_stage, noise_stage, client_dp_metrics = client_dp_stages(
         spec, rnd, config, context, pid, policy
     )
@@ -89,6 +90,8 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     # Weights instead of Δ only where nothing bounds Δ (validate_share): the server,
     # trusted with Δ and holding w_global, learns nothing more from w = w_global + Δ.
     update = weights[-1] if weights else result.update
+    if isinstance(compress, TopKStage):  # the (clipped) values with their indices
+        update = compress.reply(update)
     content = RecordDict({UPDATE_KEY: to_array_record(update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
 
@@ -105,11 +108,14 @@ def _keeping(train: TrainThunk, out: list[dict[str, np.ndarray]]) -> TrainThunk:
 
 
 def _compress_stage(
-    spec: ClientSpec, rnd: int
+    spec: ClientSpec, rnd: int, context: Context
 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
-    """random-k's compress stage (``share.compression``; docs/compression.md), or None."""
+    """random-k's or top-k's compress stage (``share.compression``; docs/compression.md),
+    or None. top-k's keeps this site's residual in its state folder (error feedback)."""
     if ShareCompression(spec.share.compression) is ShareCompression.none:
         return None
+    if ShareCompression(spec.share.compression) is ShareCompression.topk:
+        return topk_stage(spec, context.node_config)
     from fl_app.compression import RandK
 
     randk = RandK(spec.run_key, float(spec.share.ratio))

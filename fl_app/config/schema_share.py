@@ -24,7 +24,7 @@ class ShareCompression(str, Enum):
 
     none = "none"  # the whole Δ (today's behaviour)
     randk = "randk"  # the coordinates of a public per-round mask (works under SecAgg/DP)
-    topk = "topk"  # the largest |Δ| coordinates (refused in this version, see validate_share)
+    topk = "topk"  # the largest |Δ + residual| coordinates (trusted server only; validate_share)
     sketch = "sketch"  # a count sketch (refused in this version, see validate_share)
 
 

@@ -89,9 +89,14 @@ def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
     coordinates are largest): under secure aggregation the supports differ between
     clients and would have to be sent in the clear, and under local or distributed DP the
     support itself is an un-noised function of the data. So top-k is refused wherever the
-    server must not see an individual update, and, in this version, everywhere (its
-    client-side error feedback is not wired yet); random-k, whose mask is public, works
-    under every mode. The count sketch is not available in this version.
+    server must not see an individual update: it is allowed with ``privacy.mode`` ``none``
+    or ``central`` (trusted server) without secure aggregation, where the server sees each
+    update anyway and scatters it before aggregation, so clipping the sent values keeps
+    central DP's sensitivity at ``C``. DP-SGD (``privacy.record_level``) does not change
+    this: the sent vector is post-processing of the site's DP-SGD outputs (Δ and the
+    residual of earlier Δs), so its support releases nothing about a record beyond the
+    record-level ε; the checks above still decide who sees it. random-k, whose mask is
+    public, works under every mode. The count sketch is not available in this version.
     """
     s = cfg.share
     comp = ShareCompression(s.compression)
@@ -100,7 +105,7 @@ def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
         (artifact is ShareArtifact.compressed) == (comp is not ShareCompression.none),
         "share.artifact",
         artifact.value,
-        "'compressed' goes with share.compression=randk, and share.compression "
+        "'compressed' goes with share.compression=randk or topk, and share.compression "
         f"{comp.value!r} with share.artifact=compressed; set both or neither",
     )
     if comp is ShareCompression.topk:
@@ -114,7 +119,7 @@ def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
             "DP; use share.compression=randk (a public per-round mask)",
         )
     _check(
-        comp in (ShareCompression.none, ShareCompression.randk),
+        comp is not ShareCompression.sketch,
         "share.compression",
         comp.value,
         f"{comp.value!r} is not available in this version; use share.compression=randk",

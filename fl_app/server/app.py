@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.compression import RandK
+from fl_app.compression_topk import TopK
 from fl_app.config.compose import compose_plan, parse_overrides
 from fl_app.config.plan import RunPlan, resolve
 from fl_app.config.schema import Accountant, AppConfig, ClippingMode, ClipSide, ShareCompression
@@ -253,6 +254,8 @@ def _wire_driver(
     )
     driver.budget_forecast = _budget_forecast(cfg)
     driver.compressor = _compressor(cfg, run.run_key)
+    if ShareCompression(cfg.share.compression) is ShareCompression.topk:
+        driver.sparse = TopK(float(cfg.share.ratio))  # scattered per reply (docs/compression.md)
     checkpoints.strategy = driver.strategy
     if plan is not None:
         restore_strategy_state(driver.strategy, plan.checkpoint.strategy_arrays, run.arrays)
@@ -264,8 +267,9 @@ def _wire_driver(
 
 
 def _compressor(cfg: AppConfig, run_key: str) -> RandK | None:
-    """random-k's public per-round mask for this run (share.compression; docs/compression.md)."""
-    if ShareCompression(cfg.share.compression) is ShareCompression.none:
+    """random-k's public per-round mask for this run (share.compression; docs/compression.md);
+    None without compression and under top-k (its replies are scattered one by one)."""
+    if ShareCompression(cfg.share.compression) is not ShareCompression.randk:
         return None
     return RandK(run_key, float(cfg.share.ratio))
 
