@@ -58,9 +58,12 @@ def unflatten(flat: np.ndarray, model: Mapping[str, np.ndarray]) -> dict[str, np
 
 
 def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` coordinates of largest magnitude, ascending (ties: the lower index)."""
+    """The ``k`` coordinates of largest magnitude, ascending (ties: the lower index), as
+    int32: 4 bytes per index on the wire, enough for any model below 2³¹ coordinates."""
+    if flat.size > np.iinfo(np.int32).max:
+        raise ValueError(f"top-k indexes at most 2**31 - 1 coordinates, got {flat.size}")
     order = np.argsort(-np.abs(flat), kind="stable")
-    return np.sort(order[:k]).astype(np.int64)
+    return np.sort(order[:k]).astype(np.int32)
 
 
 def _dtype(template: Mapping[str, np.ndarray]) -> np.dtype:
@@ -94,7 +97,7 @@ class TopK:
         d = int(sum(int(np.asarray(a).size) for a in model.values()))
         k = compressed_length(d, self.ratio)
         return {
-            INDICES_KEY: np.zeros(k, dtype=np.int64),
+            INDICES_KEY: np.zeros(k, dtype=np.int32),
             VALUES_KEY: np.zeros(k, dtype=_dtype(model)),
         }
 

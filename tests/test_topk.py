@@ -48,7 +48,7 @@ def test_residual_after_two_rounds_is_the_hand_computed_value(tmp_path: Path) ->
     np.testing.assert_array_equal(sent[VALUES_KEY], [-3.0, 2.0])
     reply = stage.reply(sent)
     np.testing.assert_array_equal(reply[INDICES_KEY], [1, 3])
-    assert reply[INDICES_KEY].dtype == np.int64
+    assert reply[INDICES_KEY].dtype == np.int32
     np.testing.assert_allclose(
         load_residual(stage.path, 5), [0.5, 0.0, 1.0, 0.0, 0.1], rtol=0, atol=1e-7
     )
@@ -160,8 +160,8 @@ def test_the_reply_carries_exactly_the_topk_of_delta_plus_residual(tmp_path: Pat
     """The same client trained without compression gives Δ; with a residual r already in
     its state folder, the top-k reply holds argsort's k largest |Δ + r| and their values,
     clipped by the client to C (privacy=central, clip_side=client); the residual left is
-    (Δ + r) with those coordinates zeroed. The upload is k int64 indices and k float32
-    values as .npy: 128 + 8k + 128 + 4k bytes of arrays."""
+    (Δ + r) with those coordinates zeroed. The upload is k int32 indices and k float32
+    values as .npy: 128 + 4k + 128 + 4k bytes of arrays."""
     from flwr.app import RecordDict
 
     from fl_app.secagg.wire import payload_bytes
@@ -195,8 +195,8 @@ def test_the_reply_carries_exactly_the_topk_of_delta_plus_residual(tmp_path: Pat
         return payload_bytes(RecordDict({"update": msg.content.array_records["update"]}))
 
     assert up(plain) == sum(_npy_bytes(s, np.float32) for s in SHAPES) == 4 * 128 + 4 * D
-    assert up(reply) == _npy_bytes((k,), np.int64) + _npy_bytes((k,), np.float32)
-    assert up(reply) == 2 * 128 + 12 * k  # the data shrink by k (8 + 4) / (4 d)
+    assert up(reply) == _npy_bytes((k,), np.int32) + _npy_bytes((k,), np.float32)
+    assert up(reply) == 2 * 128 + 8 * k  # the data shrink by k (4 + 4) / (4 d)
 
 
 @pytest.mark.slow  # the slice's one end-to-end test (3 in-process clients, 2 rounds)
