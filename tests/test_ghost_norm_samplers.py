@@ -20,8 +20,8 @@ from fl_app.privacy import ghost_norms as gn
 def _layer(i: int) -> tuple[nn.Module, tuple[int, ...]]:
     torch.manual_seed(i)
     layers: list[tuple[nn.Module, tuple[int, ...]]] = [
-        # 0: Gram trick (T = 16: 16^2 (6+18) = 6,144 < 76*6*18 = 8,208).
-        (nn.Conv2d(2, 6, 3, stride=2, padding=1), (2, 8, 8)),
+        # 0: Gram trick (T = 16: 16^2 (6+18) = 6,144 < 76*6*18 = 8,208), dilated.
+        (nn.Conv2d(2, 6, 3, stride=2, padding=2, dilation=2), (2, 8, 8)),
         # 1: materialised (T = 36: 36^2 (3+8) = 14,256 >= 76*3*8 = 1,824), no padding.
         (nn.Conv2d(2, 3, 2, dilation=2), (2, 8, 8)),
         # 2: Gram trick, circular padding, asymmetric (T = 16: 256 (6+30) < 76*6*30).
@@ -72,7 +72,7 @@ def test_sampler_norms_and_clipped_sums_equal_the_per_example_loop(i: int) -> No
         out_shape = layer(a).shape
     r = torch.randn(out_shape, generator=g)
     expected = _brute_force(layer, a, r)
-    c = torch.tensor([0.25, 1.0, -0.5])
+    c = torch.tensor([0.25, 1.0, -0.5], dtype=torch.float64)  # cast to the layer's dtype
     with gn.bookkeeping():
         norms = _sampler(layer)(layer, [a], r)
     assert list(norms) == list(layer.parameters())
@@ -85,6 +85,39 @@ def test_sampler_norms_and_clipped_sums_equal_the_per_example_loop(i: int) -> No
         fn = p.__dict__.pop(gn.CLIPPED_SUM_ATTR)
         want = sum(float(c[j]) * expected[j][k] for j in range(3))
         torch.testing.assert_close(fn(c).view_as(p), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("i", [0, 3, 8])
+def test_chunked_and_small_norms_equal_the_per_example_loop(
+    i: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One example per chunk (``_CHUNK_ELEMENTS`` = 1), and upstream gradients so small
+    that every squared norm is below 1 (a clamp other than at 0 would show)."""
+    monkeypatch.setattr(gn, "_CHUNK_ELEMENTS", 1)
+    layer, shape = _layer(i)
+    g = torch.Generator().manual_seed(20 + i)
+    a = torch.randn((3, *shape), generator=g)
+    with torch.no_grad():
+        r = 1e-3 * torch.randn(layer(a).shape, generator=g)
+    expected = _brute_force(layer, a, r)
+    c = torch.tensor([1.0, 0.5, 2.0])
+    with gn.bookkeeping():
+        norms = _sampler(layer)(layer, [a], r)
+    for k, p in enumerate(layer.parameters()):
+        per_example = torch.stack([e[k].norm() for e in expected])
+        assert float(per_example.max()) < 1.0
+        torch.testing.assert_close(norms[p], per_example, rtol=1e-4, atol=1e-9)
+        fn = p.__dict__.pop(gn.CLIPPED_SUM_ATTR)
+        want = sum(float(c[j]) * expected[j][k] for j in range(3))
+        torch.testing.assert_close(fn(c).view_as(p), want, rtol=1e-4, atol=1e-9)
+
+
+def test_mixed_rule_counts_both_kernel_dimensions() -> None:
+    # (38, 1) kernel on 1 channel: d = 38 = p, so the boundary of the 38 x 38 case:
+    # T = 37: 37^2 * 76 = 104,044 < 76 * 38 * 38 = 109,744 (Gram trick), T = 38 not.
+    assert gn.conv2d_uses_ghost_norm(nn.Conv2d(1, 38, (38, 1)), 37)
+    assert not gn.conv2d_uses_ghost_norm(nn.Conv2d(1, 38, (38, 1)), 38)
+    assert gn.conv2d_uses_ghost_norm(nn.Conv2d(1, 38, (1, 38)), 37)
 
 
 def test_outside_bookkeeping_no_clipped_sum_is_left() -> None:

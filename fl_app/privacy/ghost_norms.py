@@ -131,17 +131,15 @@ def conv2d_uses_ghost_norm(layer: nn.Conv2d, output_positions: int) -> bool:
     return output_positions**2 * (p + d) < PER_SAMPLE_ENTRY_COST * p * d
 
 
-def _padded_input(layer: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The input as the convolution sees it, and the zero padding still to apply.
+def _self_padded_input(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """The input as a ``padding_mode != "zeros"`` convolution sees it (then unpadded).
 
     ``padding_mode`` ``circular``/``reflect``/``replicate`` pads the input itself before
     an unpadded convolution (``nn.Conv2d._conv_forward``); unfolding ``a`` with
     ``layer.padding`` instead would give a zero-padded conv's gradients (1-8 % off).
     """
-    if layer.padding_mode == "zeros":
-        return a, layer.padding  # type: ignore[return-value]
     pad = layer._reversed_padding_repeated_twice
-    return nn.functional.pad(a, pad, mode=layer.padding_mode), (0, 0)
+    return nn.functional.pad(a, pad, mode=layer.padding_mode)
 
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
@@ -205,7 +203,7 @@ def compute_conv2d_norm_sample(
     a = activations[0].to(backprops.dtype)
     g = backprops
     if layer.padding_mode != "zeros" and a.shape[0] > 0:
-        a, padding = _padded_input(layer, a)
+        a, padding = _self_padded_input(layer, a), (0, 0)
         if layer.groups != 1 or isinstance(layer.padding, str):
             # Opacus' sampler unfolds with ``layer.padding`` (zeros): give it the padded
             # input and a shallow copy (same parameters) with no padding.
