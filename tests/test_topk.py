@@ -311,3 +311,30 @@ def test_topk_stays_refused_where_the_server_must_not_see_an_update(extra: list[
     assert type(err.value) is ConfigConflictError
     assert err.value.field == "share.compression"
     assert "use share.compression=randk" in str(err.value)
+
+
+def test_the_client_refuses_topk_under_secure_aggregation_or_local_dp(tmp_path: Path) -> None:
+    """A server could send a top-k spec the config check would refuse: the site refuses
+    it too where its support would leave outside what the server sees anyway."""
+    from fl_app.client.error_feedback import topk_stage
+    from fl_app.client_spec import ClientDpSpec, spec_from_config
+
+    cfg = compose_config("config", [*COMMON, *TOPK])
+    node = {"partition-id": 0, "num-partitions": 4, "dp-state-dir": str(tmp_path)}
+    stage = topk_stage(spec_from_config(cfg, RUN_KEY), node, secure=False)
+    assert stage.path == residual_path(tmp_path, RUN_KEY, "partition-0")
+    assert stage.topk == TopK(0.1)
+    with pytest.raises(ClientRefusal, match="refused under secure aggregation"):
+        topk_stage(spec_from_config(cfg, RUN_KEY), node, secure=True)
+    local = spec_from_config(cfg, RUN_KEY, ClientDpSpec(local_noise_multiplier=1.0))
+    with pytest.raises(ClientRefusal, match="refused under local DP"):
+        topk_stage(local, node, secure=False)
+    central = spec_from_config(cfg, RUN_KEY, ClientDpSpec())  # the client only clips
+    assert topk_stage(central, node, secure=False).path == stage.path
+    spec = spec_from_config(cfg, RUN_KEY)
+    spec.share_state_dir = str(tmp_path / "shared")
+    no_dir = {"partition-id": 0, "num-partitions": 4}
+    assert topk_stage(spec, no_dir, secure=False).path.parent == tmp_path / "shared"
+    spec.share_state_dir = None
+    with pytest.raises(ClientRefusal, match="dp-state-dir=/path"):
+        topk_stage(spec, no_dir, secure=False)

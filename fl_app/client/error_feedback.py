@@ -81,8 +81,18 @@ class TopKStage:
         return {INDICES_KEY: self.indices[-1], **sent}
 
 
-def topk_stage(spec: ClientSpec, node_config: Any) -> TopKStage:
-    """This site's top-k stage, its residual file in the site's state folder."""
+def topk_stage(spec: ClientSpec, node_config: Any, secure: bool) -> TopKStage:
+    """This site's top-k stage, its residual file in the site's state folder.
+
+    Refused here too, not only by the server's config check, where the support would
+    leave the site outside what the server sees anyway: under secure aggregation
+    (``secure``) or with local DP noise (a server could send such a spec)."""
+    local = spec.client_dp is not None and bool(spec.client_dp.local_noise_multiplier)
+    if secure or local:
+        raise ClientRefusal(
+            "share.compression=topk sends a data-dependent support: refused under "
+            f"{'secure aggregation' if secure else 'local DP'}; use share.compression=randk"
+        )
     state_dir = node_config.get(DP_STATE_DIR_KEY) or spec.share_state_dir
     if not state_dir:
         raise ClientRefusal(

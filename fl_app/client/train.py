@@ -58,7 +58,7 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     if ShareArtifact(spec.share.artifact) is ShareArtifact.weights:
         local_train = _keeping(local_train, weights)
     load = _loader(model, site)
-    compress = _compress_stage(spec, rnd, context)
+    compress = _compress_stage(spec, rnd, context, secure is not None)
     clip_stage, noise_stage, client_dp_metrics = client_dp_stages(
         spec, rnd, config, context, pid, policy
     )
@@ -108,14 +108,14 @@ def _keeping(train: TrainThunk, out: list[dict[str, np.ndarray]]) -> TrainThunk:
 
 
 def _compress_stage(
-    spec: ClientSpec, rnd: int, context: Context
+    spec: ClientSpec, rnd: int, context: Context, secure: bool
 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
     """random-k's or top-k's compress stage (``share.compression``; docs/compression.md),
     or None. top-k's keeps this site's residual in its state folder (error feedback)."""
     if ShareCompression(spec.share.compression) is ShareCompression.none:
         return None
     if ShareCompression(spec.share.compression) is ShareCompression.topk:
-        return topk_stage(spec, context.node_config)
+        return topk_stage(spec, context.node_config, secure)
     from fl_app.compression import RandK
 
     randk = RandK(spec.run_key, float(spec.share.ratio))
