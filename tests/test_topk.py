@@ -338,3 +338,119 @@ def test_the_client_refuses_topk_under_secure_aggregation_or_local_dp(tmp_path: 
     spec.share_state_dir = None
     with pytest.raises(ClientRefusal, match="dp-state-dir=/path"):
         topk_stage(spec, no_dir, secure=False)
+
+
+def _sparse_msg(indices: list[int], values: list[float]) -> Message:
+    from flwr.app import MetricRecord, RecordDict
+
+    from fl_app.protocol import NUM_EXAMPLES, SERVER_ROUND
+    from fl_app.weights import to_array_record
+
+    update = {
+        INDICES_KEY: np.array(indices, np.int32),
+        VALUES_KEY: np.array(values, np.float32),
+    }
+    content = RecordDict(
+        {
+            "update": to_array_record(update),
+            "metrics": MetricRecord({NUM_EXAMPLES: 3.0, SERVER_ROUND: 1}),
+        }
+    )
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+def test_the_server_parses_and_scatters_each_topk_reply() -> None:
+    """Indices (0, 5) and values (3, 4) in a model of 6: the update is (3, 0, 0, 0, 0, 4)
+    in the model's shapes, of norm 5 (with the index 5 counted it would be √50)."""
+    from fl_app.client.app import app as client_app
+    from fl_app.runtime.inprocess import InProcessGrid
+
+    grid = InProcessGrid(client_app, 1, seed=0)  # the task identity messages need
+    try:
+        _check_parse_and_scatter()
+    finally:
+        grid.close()
+
+
+def _check_parse_and_scatter() -> None:
+    from strategies.topk_replies import parse_reply, reply_spec
+    from strategies.validation import Rejection, ReplyLimits, TrainReply
+
+    model = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+    topk = TopK(0.3)  # k = ceil(1.8) = 2
+    expected = reply_spec(topk, model, model)
+    assert expected == {INDICES_KEY: ((2,), "int32"), VALUES_KEY: ((2,), "float32")}
+    assert reply_spec(None, model, model) == {"a": ((2, 2), "float32"), "b": ((2,), "float32")}
+
+    def parse(msg: Message, limit: float = 1e4) -> TrainReply | Rejection:
+        return parse_reply(
+            topk,
+            msg,
+            server_round=1,
+            expected=expected,
+            limits=ReplyLimits(max_update_norm=limit),
+            reference=None,
+            model=model,
+        )
+
+    reply = parse(_sparse_msg([0, 5], [3.0, 4.0]))
+    assert isinstance(reply, TrainReply)
+    np.testing.assert_array_equal(reply.update["a"], [[3.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(reply.update["b"], [0.0, 4.0])
+    assert reply.update_norm == 5.0 and reply.num_examples == 3.0
+    over = parse(_sparse_msg([0, 5], [3.0, 4.0]), limit=4.9)
+    assert isinstance(over, Rejection) and "exceeds" in over.reason
+    repeated = parse(_sparse_msg([5, 5], [3.0, 4.0]))
+    assert isinstance(repeated, Rejection) and repeated.reason.startswith("top-k update: ")
+    assert "repeat" in repeated.reason
+    plain = parse_reply(
+        None,
+        _sparse_msg([0, 5], [3.0, 4.0]),
+        server_round=1,
+        expected=expected,
+        limits=ReplyLimits(),
+        reference=None,
+        model=model,
+    )
+    assert isinstance(plain, TrainReply) and sorted(plain.update) == [INDICES_KEY, VALUES_KEY]
+    assert plain.update_norm == pytest.approx(math.sqrt(9 + 16 + 25))
+
+
+def test_core_edges_dtypes_ties_and_messages(tmp_path: Path) -> None:
+    """Mutation-driven: float64 accumulation, int32/float32 wire dtypes, ties to the lower
+    index among equal magnitudes, the residual file's metadata, and each refusal's text."""
+    from fl_app.compression_topk import flatten, topk_indices, unflatten
+    from fl_app.weights import load_safetensors
+
+    assert flatten({"a": np.array([0.1], np.float32)}).dtype == np.float64
+    with pytest.raises(ValueError, match="does not fill a model of 2"):
+        unflatten(np.zeros(3), {"a": np.zeros(2)})
+    huge = np.broadcast_to(np.zeros(1), (2**31,))  # a view: no memory behind it
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 coordinates"):
+        topk_indices(huge, 1)
+    ties = np.where(np.arange(1000) % 2 == 0, 1.0, -1.0)
+    np.testing.assert_array_equal(topk_indices(ties, 10), np.arange(10))
+    with pytest.raises(ValueError, match="residual has shape"):
+        TopK(0.5).compress({"w": np.ones(4)}, np.zeros(3))
+    sent, _ = TopK(0.5).compress({"w": np.arange(4, dtype=np.float32)}, None)
+    assert sent[VALUES_KEY].dtype == np.float32 and sent[INDICES_KEY].dtype == np.int32
+    with pytest.raises(ValueError, match="holds 'indices' and 'values', got \\['w'\\]"):
+        TopK(0.5).decompress({"w": np.ones(2)}, {"w": np.ones(4)})
+    with pytest.raises(ValueError, match=r"^top-k indices repeat a coordinate$"):
+        TopK(0.5).decompress(
+            {INDICES_KEY: np.array([1, 1]), VALUES_KEY: np.ones(2)}, {"w": np.ones(4)}
+        )
+    with pytest.raises(ClientRefusal, match="safe file-name"):
+        residual_path(tmp_path, "", "partition-0")
+    stage = TopKStage(TopK(0.5), tmp_path / "r.safetensors")
+    stage({"w": np.arange(4, dtype=np.float32)})
+    assert load_safetensors(stage.path)[1] == {"fl-app": "topk-residual"}
+    save_safetensors(stage.path, {RESIDUAL_KEY: np.ones(4, np.float32)}, {})
+    loaded = load_residual(stage.path, 4)
+    assert loaded is not None and loaded.dtype == np.float64
+    save_safetensors(stage.path, {RESIDUAL_KEY: np.ones(4), "other": np.ones(1)}, {})
+    with pytest.raises(ClientRefusal, match=r"move the file away to start from a zero residual$"):
+        load_residual(stage.path, 4)
+    stage.path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ClientRefusal, match=r"^top-k residual: "):
+        load_residual(stage.path, 4)
