@@ -139,3 +139,65 @@ def test_frozen_parameters_get_no_norm_nor_clipped_sum() -> None:
     assert not hasattr(layer.weight, gn.CLIPPED_SUM_ATTR)
     # bias gradient of <f(a_i), 1>: the number of output positions (16) per channel
     torch.testing.assert_close(norms[layer.bias], torch.full((2,), 16.0 * 6**0.5))
+
+
+class _EmbeddingModel(nn.Module):
+    """Embedding (no book-keeping: second pass) -> mean over tokens -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x).mean(dim=1))
+
+
+def test_ghost_backward_default_second_pass_equals_the_per_example_loop() -> None:
+    """Default ``second_pass`` (True) and no targets: every ``p.grad`` is
+    ``sum_i c_i g_i`` with ``g_i`` example ``i``'s gradient of its own loss and
+    ``c_i = min(1, C / (||g_i|| + 1e-6))`` (Opacus' formula); with
+    ``second_pass=False`` the refusal names the fix."""
+    from fl_app.config.schema import ClientTrainConfig
+    from fl_app.privacy import dpsgd_opacus
+    from fl_app.privacy.dpsgd_settings import DpSgdSettings
+
+    model = _EmbeddingModel()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, 7, (4, 3), generator=g), torch.randint(0, 3, (4,), generator=g)
+    params = list(model.parameters())
+    per_example = []
+    for i in range(4):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        per_example.append(torch.autograd.grad(loss, params))
+    norms = torch.stack([torch.cat([t.flatten() for t in e]).norm() for e in per_example])
+    c = float(norms.median())
+    coef = [min(1.0, c / (float(n) + 1e-6)) for n in norms]
+    cfg = ClientTrainConfig(local_epochs=1, batch_size=4, lr=0.0, momentum=0.0)
+    dp = DpSgdSettings(0.0, c, grad_sample_mode="ghost", secure_mode=False)
+    with dpsgd_opacus._expected_opacus_warnings():
+        trainer = dpsgd_opacus._PrivateTrainer(
+            model, x, y, cfg, dp, "ghost",
+            sampling_generator=torch.Generator().manual_seed(0),
+            noise_generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    try:
+        for second_pass in (False, True):
+            per_sample = nn.functional.cross_entropy(model(x), y, reduction="none")
+            if not second_pass:
+                with pytest.raises(RuntimeError) as err:
+                    gn.ghost_backward(
+                        trainer.hooks, trainer.params, per_sample, [], second_pass=False
+                    )
+                assert str(err.value) == (
+                    "1 parameter(s) have no book-kept clipped sum; "
+                    "call ghost_backward with second_pass=True for this model"
+                )
+                continue
+            gn.ghost_backward(trainer.hooks, trainer.params, per_sample, [])
+        for k, p in enumerate(params):
+            want = sum(coef[j] * per_example[j][k] for j in range(4))
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
+    finally:
+        trainer.close()
