@@ -95,9 +95,16 @@ def main() -> None:
         help="Flower's default process model: a fresh flwr-clientapp process per message "
         "(default: warm ClientApp launchers, fl_app.deploy.warm_clientapp)",
     )  # fmt: skip
+    ap.add_argument(
+        "--flwr-overlay", type=Path,
+        help="measurement only: a folder holding a patched copy of the flwr package, put "
+        "first on the Flower processes' PYTHONPATH (docs/flower-supernode-polling.patch)",
+    )  # fmt: skip
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     fed = Federation(workdir / "fed", num_nodes=3, warm_clientapps=not args.cold)
+    if args.flwr_overlay:
+        fed.env["PYTHONPATH"] = str(args.flwr_overlay.resolve())
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     with fed.running():
