@@ -336,8 +336,12 @@ def test_the_client_refuses_topk_under_secure_aggregation_or_local_dp(tmp_path: 
     no_dir = {"partition-id": 0, "num-partitions": 4}
     assert topk_stage(spec, no_dir, secure=False).path.parent == tmp_path / "shared"
     spec.share_state_dir = None
-    with pytest.raises(ClientRefusal, match="dp-state-dir=/path"):
+    with pytest.raises(ClientRefusal) as err:
         topk_stage(spec, no_dir, secure=False)
+    assert str(err.value) == (
+        "share.compression=topk keeps a residual at the site, which needs a state folder: "
+        'run the SuperNode with --node-config "dp-state-dir=/path"'
+    )
 
 
 def _sparse_msg(indices: list[int], values: list[float]) -> Message:
@@ -402,7 +406,19 @@ def _check_parse_and_scatter() -> None:
     assert isinstance(over, Rejection) and "exceeds" in over.reason
     repeated = parse(_sparse_msg([5, 5], [3.0, 4.0]))
     assert isinstance(repeated, Rejection) and repeated.reason.startswith("top-k update: ")
-    assert "repeat" in repeated.reason
+    assert "repeat" in repeated.reason and repeated.node_id == reply.node_id is not None
+    # share.artifact=weights' reference passes through: the update is w - w_global.
+    weights = parse_reply(
+        None,
+        _sparse_msg([0, 5], [3.0, 4.0]),
+        server_round=1,
+        expected=expected,
+        limits=ReplyLimits(),
+        reference={INDICES_KEY: np.array([0, 1], np.int32), VALUES_KEY: np.ones(2)},
+        model=model,
+    )
+    assert isinstance(weights, TrainReply)
+    np.testing.assert_array_equal(weights.update[VALUES_KEY], [2.0, 3.0])
     plain = parse_reply(
         None,
         _sparse_msg([0, 5], [3.0, 4.0]),
@@ -430,6 +446,12 @@ def test_core_edges_dtypes_ties_and_messages(tmp_path: Path) -> None:
         topk_indices(huge, 1)
     ties = np.where(np.arange(1000) % 2 == 0, 1.0, -1.0)
     np.testing.assert_array_equal(topk_indices(ties, 10), np.arange(10))
+    # Two magnitudes, random signs: after every |2|, the first five |1| by position.
+    mixed = np.random.default_rng(0).choice([1.0, 2.0, -1.0, -2.0], size=300)
+    twos = np.flatnonzero(np.abs(mixed) == 2)
+    firsts = np.flatnonzero(np.abs(mixed) == 1)[:5]
+    got = topk_indices(mixed, twos.size + 5)
+    np.testing.assert_array_equal(got, np.sort(np.concatenate([twos, firsts])))
     with pytest.raises(ValueError, match="residual has shape"):
         TopK(0.5).compress({"w": np.ones(4)}, np.zeros(3))
     sent, _ = TopK(0.5).compress({"w": np.arange(4, dtype=np.float32)}, None)
