@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fl_app.server.public_metrics import PER_CLIENT_FIELDS, key_names_a_client
+
 __all__ = [
     "aggregate_metrics",
     "anonymous_ledger",
@@ -23,12 +25,6 @@ __all__ = [
     "secret_guard",
 ]
 
-# metrics.jsonl fields that hold per-client entries (node ids, reasons, metrics).
-_PER_CLIENT_FIELDS = frozenset({"client_metrics", "rejections", "failures"})
-# Key fragments that name a client rather than the round (e.g. the mean of partition ids
-# DP-SGD clients report; "site": the fairness indicators' per-site accuracies, each an
-# un-noised function of one site's data that no epsilon covers, fl_app.server.fairness).
-_CLIENT_KEY_FRAGMENTS = ("node", "partition", "client_id", "site")
 # Node ids shorter than this are not scanned for in the output (they would match any
 # digit run); Flower's node ids are random 64-bit integers.
 _MIN_GUARD_DIGITS = 6
@@ -79,8 +75,7 @@ def aggregate_metrics(records: list[dict[str, Any]], node_ids: set[str]) -> byte
     for rec in records:
         out: dict[str, Any] = {}
         for key, value in rec.items():
-            lowered = key.lower()
-            if key in _PER_CLIENT_FIELDS or any(f in lowered for f in _CLIENT_KEY_FRAGMENTS):
+            if key in PER_CLIENT_FIELDS or key_names_a_client(key):
                 continue
             if any(n in key for n in node_ids):
                 continue

@@ -37,6 +37,7 @@ import numpy as np
 
 from fl_app.config.schema import AppConfig
 from fl_app.server.layout import MLFLOW_DIR, TENSORBOARD_DIR, TRACKING_FILE
+from fl_app.server.public_metrics import PER_CLIENT_FIELDS, key_names_a_client
 
 if TYPE_CHECKING:
     from fl_app.server.rundir import RunDirectory
@@ -55,11 +56,6 @@ __all__ = [
 
 log = logging.getLogger("fl_app.server")
 
-# metrics.jsonl fields holding per-client entries, and key fragments that name a client
-# rather than the round: the restricted export's rule (fl_app.release.redact), which
-# tests/test_tracking.py holds this copy to.
-_PER_CLIENT_FIELDS = frozenset({"client_metrics", "rejections", "failures"})
-_CLIENT_KEY_FRAGMENTS = ("node", "partition", "client_id", "site")
 # Summary blocks keyed by node id or listing nodes (dropped whole).
 _PER_CLIENT_BLOCKS = frozenset(
     {"per_client", "releases", "contested_site_identities", "clients_budget_exhausted"}
@@ -82,8 +78,7 @@ class _Report(Protocol):
 
 
 def _names_a_client(key: str) -> bool:
-    lowered = key.lower()
-    return key.isdigit() or any(f in lowered for f in _CLIENT_KEY_FRAGMENTS)
+    return key.isdigit() or key_names_a_client(key)
 
 
 def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
@@ -100,7 +95,7 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     for key, value in record.items():
         if key == "round":  # the step itself
             continue
-        if key in _PER_CLIENT_FIELDS or _names_a_client(key) or any(n in key for n in nodes):
+        if key in PER_CLIENT_FIELDS or _names_a_client(key) or any(n in key for n in nodes):
             continue
         if isinstance(value, int) and not isinstance(value, bool) and str(value) in nodes:
             continue
