@@ -15,8 +15,10 @@ of failing the sweep. ``--dp Z`` adds central DP (``privacy=central``, noise mul
 ``Z``, clip 1) rows for every method: compression leaves the ledger unchanged, so those
 rows share one ε (the table shows it).
 
-Accuracies and byte counts do not depend on the machine's load (the seeds fix the data,
-the initial model, the masks and the noise).
+Accuracies and byte counts do not depend on the machine's load. The seed fixes the data,
+the partition and the initial model, not every draw: random-k's mask derives from the
+run's random key (``run.json``), and central DP's noise comes from the OS
+(``privacy.secure_mode``), so a rerun of those rows moves within their spread.
 
 Usage::
 
@@ -40,9 +42,12 @@ from typing import Any
 # name here, the same overrides, and a line in NOTES if it has a restriction.
 METHODS: tuple[str, ...] = ("randk", "topk", "sketch")
 NOTES: dict[str, str] = {
-    "randk": "public per-round mask, no d/k rescaling",
-    "topk": "error feedback; trusted server only",
-    "sketch": "count sketch",
+    "randk": "public per-round mask, no d/k rescaling; works under every threat model",
+    "topk": "error feedback kept at the site; only where the server sees each update "
+    "(privacy none, or central without secure aggregation)",
+    "sketch": "count sketch of share.sketch_rows rows on public per-round hashes, the server "
+    "keeps the k largest estimates; works under every threat model; the clip C acts on the "
+    "sketch (about C/sqrt(rows) on the update)",
 }
 RATIOS: tuple[float, ...] = (0.25, 0.1)
 PLOT_FILE = "compression-curve.png"
@@ -189,7 +194,7 @@ def plot(rows: Sequence[Row], path: Path, rounds: int) -> None:
         none = [r for r in group if r.setting.method == "none"]
         style = "-" if z is None else "--"
         suffix = "" if z is None else f", central DP z={z:g}"
-        for method in METHODS:
+        for i, method in enumerate(METHODS):
             pts = none + sorted(
                 (r for r in group if r.setting.method == method), key=lambda r: -r.setting.ratio
             )
@@ -201,12 +206,13 @@ def plot(rows: Sequence[Row], path: Path, rounds: int) -> None:
                 yerr=[statistics.stdev(r.accuracies) if len(r.accuracies) > 1 else 0 for r in pts],
                 fmt="o" + style,
                 capsize=3,
+                color=f"C{i}",  # one colour per method, with and without DP
                 label=method + suffix,
             )
     ax.set_xscale("log")
     ax.set_xlabel(f"upload bytes per client over {rounds} rounds (log)")
     ax.set_ylabel("server test accuracy")
-    ax.set_title("Digits, 10 sites: accuracy vs upload bytes (ratios 1, 0.25, 0.1)")
+    ax.set_title("Digits, 10 sites: accuracy vs upload bytes (none = ratio 1)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
