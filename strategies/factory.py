@@ -25,6 +25,7 @@ from strategies.dp_aggregators import CentralDp, DistributedDp
 from strategies.driver import EvaluateFn, ReleaseHook, RoundBeginHook, RoundDriver
 from strategies.driver_types import DriverSettings, RoundListener
 from strategies.ftrl import DpFtrl
+from strategies.ftrl_cap import with_participation_cap
 from strategies.local_dp import LocalDp
 from strategies.sampling import EVALUATE_STREAM, FixedSizeSampler, PoissonSampler
 from strategies.secagg import SecureAggregation
@@ -90,6 +91,7 @@ def build_driver(
     ``secagg.mode != off``) the plan's secure-aggregation settings."""
     cfg, d = plan.cfg, plan.driver
     train_sampler, evaluate_sampler = _samplers(d, cfg.seed)
+    capped = with_participation_cap(train_sampler, aggregator)  # DP-FTRL once per tree
     r = cfg.runtime
     settings = DriverSettings(
         num_rounds=cfg.num_rounds,
@@ -105,7 +107,7 @@ def build_driver(
     secagg_settings = plan.secagg
     return RoundDriver(
         build_strategy(cfg.strategy),
-        train_sampler=train_sampler,
+        train_sampler=capped,
         evaluate_sampler=evaluate_sampler,
         settings=settings,
         train_config=train_config,

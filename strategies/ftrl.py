@@ -25,6 +25,7 @@ central DP's by the server round and the rollback generation.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,12 @@ from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import PrivacyMode
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.noise import noise_source
-from fl_app.privacy.tree import TreeAggregator, ftrl_round_event, node_level
+from fl_app.privacy.tree import (
+    TreeAggregator,
+    ftrl_round_event,
+    node_level,
+    tree_sensitivity_sq,
+)
 from strategies.aggregators import Aggregate
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import (
@@ -42,7 +48,7 @@ from strategies.dp_aggregators import (
     FederationAccount,
 )
 
-__all__ = ["FTRL_NOISE_STREAM", "DpFtrl", "FtrlAccount", "TreeRelease"]
+__all__ = ["FTRL_NOISE_STREAM", "DpFtrl", "FtrlAccount", "TreeRelease", "ftrl_summary"]
 
 # Independent of central DP's 0xD1 and the samplers' streams.
 FTRL_NOISE_STREAM = 0xD7
@@ -77,7 +83,7 @@ class FtrlAccount(FederationAccount):
     def begin_round(self, rnd: int, population: int, clip: float) -> str | None:
         n = max(1, population)
         base = self.settings.round_event(rnd + self.release_offset, n, clip)
-        event = ftrl_round_event(base, self.next_position(), n)
+        event = ftrl_round_event(base, self.next_position(), n, self.settings.ftrl_participation)
         if self.budget is not None:
             verdict = self.budget.check(self.ledger, event)
             if not verdict.allowed:
@@ -168,8 +174,44 @@ class DpFtrl(AccountedDp):
     ) -> None:
         self._check_mode(settings)
         account = FtrlAccount(settings, ledger, budget)
+        self.tree_account = account  # the once-per-tree cap follows its tree positions
         clipping = ClientLevelClipping.of(settings)
         release = TreeRelease(settings, account)
         super().__init__(
             settings, account, clipping, release, ClippedSumInput(account, settings.clip_side)
         )
+
+
+def ftrl_summary(settings: ClientDpSettings) -> dict[str, Any]:
+    """summary.json's account of what DP-FTRL's ε rests on (empty for other mechanisms).
+
+    Its keys replace DP-FedAvg's ``mechanism`` and add ``amplification`` and ``ftrl``:
+    the run's ``sample_rate`` is the cohort fraction the sampler used, not an input of
+    the account, which composes rate-1 events (no amplification by sampling).
+    """
+    k = settings.ftrl_restart
+    if k is None:
+        return {}
+    once = settings.ftrl_participation == "once"
+    return {
+        "mechanism": "DP-FTRL (Kairouz et al. 2021): tree aggregation with restarts, fixed "
+        "clipping by the server, Gaussian noise z*C on each released tree node",
+        "amplification": "none: every round is accounted at sampling rate 1 (the released "
+        "tree node's Gaussian mechanism), so epsilon holds even against whoever knows or "
+        "picks the cohorts; sample_rate is only the cohort fraction",
+        "sample_rate_accounted": 1.0,
+        "ftrl": {
+            "restart_every": k,
+            "participation": "once_per_tree" if once else "arbitrary",
+            "bound": (
+                "each client at most once per tree, enforced by the server's cohort "
+                "selection: one client's round lies in at most ceil(log2(k+1)) released "
+                "nodes of a tree (Kairouz et al. 2021, Appendix D)"
+                if once
+                else "arbitrary participation: a node of 2^l rounds moves by up to 2^l*C"
+            ),
+            "node_noise_multiplier": settings.noise_multiplier,
+            # One full tree's summed node sensitivities, in units of C^2.
+            "sensitivity_sq_per_tree": tree_sensitivity_sq(k, "once" if once else "arbitrary"),
+        },
+    }

@@ -98,12 +98,17 @@ class FixedSizeSampler:
         return fixed_cohort_size(self.fraction, num_nodes)
 
     def sample(self, node_ids: Sequence[int], server_round: int) -> list[int]:
+        return self.sample_size(node_ids, server_round, self.cohort_size(len(node_ids)))
+
+    def sample_size(self, node_ids: Sequence[int], server_round: int, size: int) -> list[int]:
+        """``min(size, len(node_ids))`` of ``node_ids`` uniformly without replacement (DP-FTRL's
+        once-per-tree cap draws the full cohort from the clients still eligible)."""
         # Node ids are unsigned 64-bit (Flower draws them at random): sample positions
         # in the sorted pool, never the ids themselves through a signed numpy dtype.
         pool = sorted(int(n) for n in node_ids)
         if not pool:
             return []
-        k = self.cohort_size(len(pool))
+        k = min(int(size), len(pool))
         if self.key is not None:
             # The k smallest of independent uniform 64-bit labels: a uniformly random
             # k-subset (ties, probability < n^2 / 2^65, broken by position).

@@ -456,7 +456,8 @@ _BAD_EVENTS: list[tuple[dict[str, object], str]] = [
     ({"branch_delta": 1.5}, "branch_delta must lie in [0, 1], found 1.5"),
     ({"branch_delta": -0.1}, "branch_delta must lie in [0, 1], found -0.1"),
     ({"encoding_slack": -1.0}, "encoding_slack must be >= 0, found -1.0"),
-    ({"mechanism": "laplace"}, "mechanism must be 'gaussian', 'ddg' or 'tree', found 'laplace'"),
+    ({"mechanism": "laplace"}, "mechanism must be 'gaussian', 'ddg', 'tree' or 'tree_once', "
+     "found 'laplace'"),
     ({"mechanism": "ddg", "ddg_tau": 0.0}, "ddg_tau and ddg_dimension are set exactly for "
      "mechanism='ddg'"),
     ({"ddg_tau": 0.0, "ddg_dimension": 8}, "ddg_tau and ddg_dimension are set exactly for "

@@ -126,6 +126,8 @@ class ClientDpSettings:
     # DP-FTRL (privacy.ftrl.enabled): rounds per tree; ``None``: DP-FedAvg's per-round
     # noise. Each round's event is then its released tree node (fl_app.privacy.tree).
     ftrl_restart: int | None = None
+    # privacy.ftrl.participation: "arbitrary" or "once" (the server's once-per-tree cap).
+    ftrl_participation: str = "arbitrary"
 
     def __post_init__(self) -> None:
         if self.clipping is ClippingMode.adaptive:
@@ -217,13 +219,14 @@ class ClientDpSettings:
             if self.clipping is ClippingMode.adaptive
             else None,
             mechanism="ddg" if ddp is not None else "gaussian",
-            ddg_tau=ddp.tau if ddp is not None else None,
+            ddg_tau=self.distributed_at(z).tau if ddp is not None else None,
             ddg_dimension=ddp.padded if ddp is not None else None,
             branch_delta=self.branch_delta(population),
             encoding_slack=self.encoding_slack(population, clip),
         )
         if self.ftrl_restart is not None:  # DP-FTRL: the plan's tree positions
-            return ftrl_round_event(event, tree_position(rnd, self.ftrl_restart), population)
+            position = tree_position(rnd, self.ftrl_restart)
+            return ftrl_round_event(event, position, population, self.ftrl_participation)
         return event
 
     def planned_events(self, start_round: int = 1) -> list[RoundEvent]:
@@ -417,6 +420,8 @@ def _common_fields(cfg: AppConfig, population: int) -> dict[str, Any]:
     if p.ftrl.enabled:
         restart = p.ftrl.restart_every
         common["ftrl_restart"] = int(restart) if restart is not None else int(cfg.num_rounds)
+        once = p.ftrl.participation.value == "once_per_tree"
+        common["ftrl_participation"] = "once" if once else "arbitrary"
     common["cohort_gate"] = secure_cohort_gate(cfg, sampling, population)
     if common["cohort_gate"] is not None:
         sa = cfg.secagg

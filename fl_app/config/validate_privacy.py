@@ -28,6 +28,7 @@ from fl_app.config.schema import (
     evaluation_hidden_from_server,
     metrics_hidden_from_server,
 )
+from fl_app.config.validate_ftrl import check_ftrl_participation
 
 __all__ = ["check_metrics_stay_hidden", "check_privacy", "evaluation_hidden_reason"]
 
@@ -150,6 +151,7 @@ def _check_ftrl(cfg: AppConfig) -> None:
         cfg.strategy.name.value,
         fix + "needs the server to add the released step as it is; use strategy.name=fedavg",
     )
+    check_ftrl_participation(cfg)
 
 
 def _check_client_level(cfg: AppConfig) -> None:
@@ -160,9 +162,12 @@ def _check_client_level(cfg: AppConfig) -> None:
     _check_who_sees_updates(cfg)
     _check_schedule(cfg)
     _check_noise_and_budget(cfg)
+    # DP-FTRL's events are rate-1 add/remove Gaussians (no amplification), whoever
+    # samples the cohort and however: replace-one subsampling never enters its account.
     replace_one = (
         s.sampling is SamplingMode.fixed
         and round(s.fraction_train * cfg.dataset.num_partitions) < cfg.dataset.num_partitions
+        and not p.ftrl.enabled
     )
     if p.mode is PrivacyMode.central and replace_one:
         _check(

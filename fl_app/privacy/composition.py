@@ -72,7 +72,10 @@ def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: Accounta
 def _mechanism_epsilon(
     events: Sequence[RoundEvent], delta: float, accountant: AccountantName
 ) -> float:
-    blocks = _blocks(events)
+    # No-op rounds (once-per-tree DP-FTRL between powers of two) add no loss.
+    blocks = [b for b in _blocks(events) if b.key.kind != "noop"]
+    if not blocks:
+        return 0.0
     kinds = {b.key.kind for b in blocks}
     if kinds == {"poisson"}:
         # A Poisson round is one DP-SGD step with clients as records.

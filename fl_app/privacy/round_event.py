@@ -78,8 +78,10 @@ class AccountingKey(NamedTuple):
 
     ``kind``: ``"poisson"`` (Poisson sampling or full participation, add/remove),
     ``"wor"`` (fixed-size sampling without replacement, replace-one: ``population``
-    and ``cohort``; ``rate`` unused) or ``"ddg"`` (the distributed discrete Gaussian:
-    ``ddg_tau`` and ``ddg_dimension``). Equal keys compose as one block.
+    and ``cohort``; ``rate`` unused), ``"ddg"`` (the distributed discrete Gaussian:
+    ``ddg_tau`` and ``ddg_dimension``) or ``"noop"`` (a round that raises no client's
+    loss above the worst case already accounted: a once-per-tree DP-FTRL round whose
+    position is not a power of two). Equal keys compose as one block.
     """
 
     kind: str
@@ -141,7 +143,11 @@ class RoundEvent:
         :mod:`fl_app.privacy.distributed`; ``noise_multiplier`` is then in rounded
         units, ``Δ₂/σ = 1/z``) or ``tree`` (DP-FTRL: the round's released tree
         node, :mod:`fl_app.privacy.tree`; ``update_noise_multiplier`` is the node's ``z``,
-        ``noise_multiplier`` is ``z / 2^l`` for a node summing ``2^l`` rounds, rate 1).
+        ``noise_multiplier`` is ``z / 2^l`` for a node summing ``2^l`` rounds, rate 1)
+        or ``tree_once`` (DP-FTRL with each client at most once per tree:
+        ``noise_multiplier`` is the node's ``z``; the round is ``GaussianDpEvent(z)``
+        when ``tree_position`` is a power of two, else a no-op, see
+        :func:`fl_app.privacy.tree.ftrl_round_event`).
     ddg_tau, ddg_dimension
         ``ddg`` only: the bound ``τ`` and the padded dimension ``d'`` of the RDP bound.
     branch_delta
@@ -155,6 +161,8 @@ class RoundEvent:
         How far secure aggregation's fixed-point encoding can move one clipped update
         (``√d`` quantisation steps): the sum's sensitivity is ``clip + encoding_slack``
         and central noise is calibrated to it. 0 without fixed-point encoding.
+    tree_position
+        ``tree_once`` only: the round's position (1-based) in its tree.
     """
 
     round: int
@@ -171,6 +179,7 @@ class RoundEvent:
     ddg_dimension: int | None = None
     branch_delta: float = 0.0
     encoding_slack: float = 0.0
+    tree_position: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 1:
@@ -205,10 +214,12 @@ class RoundEvent:
                 bound = "lie in [0, 1]" if name == "branch_delta" else "be >= 0"
                 raise ValueError(f"{name} must {bound}, found {v!r}")
             object.__setattr__(self, name, float(v))
-        if self.mechanism not in ("gaussian", "ddg", "tree"):
+        if self.mechanism not in ("gaussian", "ddg", "tree", "tree_once"):
             raise ValueError(
-                f"mechanism must be 'gaussian', 'ddg' or 'tree', found {self.mechanism!r}"
+                "mechanism must be 'gaussian', 'ddg', 'tree' or 'tree_once', "
+                f"found {self.mechanism!r}"
             )
+        self._check_tree_position()
         if (self.mechanism == "ddg") != (
             self.ddg_tau is not None and self.ddg_dimension is not None
         ):
@@ -228,6 +239,16 @@ class RoundEvent:
                 raise ValueError(
                     "distributed DP is accounted for Poisson sampling or full participation only"
                 )
+
+    def _check_tree_position(self) -> None:
+        """``tree_position`` is set exactly for once-per-tree DP-FTRL rounds."""
+        pos = self.tree_position
+        if (self.mechanism == "tree_once") != (pos is not None) or (
+            pos is not None and (isinstance(pos, bool) or not isinstance(pos, int) or pos < 1)
+        ):
+            raise ValueError(
+                f"tree_position is an int >= 1 exactly for mechanism='tree_once', found {pos!r}"
+            )
 
     @property
     def replace_one(self) -> bool:
@@ -251,6 +272,9 @@ class RoundEvent:
                 "wor", 0.0, self.noise_multiplier, self.population, int(self.cohort)
             )
         rate = self.sample_rate if self.sampling is SamplingScheme.poisson else 1.0
+        if self.tree_position is not None and self.tree_position & (self.tree_position - 1):
+            # Once per tree: only positions 2^j add a level to the worst client's nodes.
+            return AccountingKey("noop", 1.0, self.noise_multiplier)
         if self.mechanism == "ddg":
             assert self.ddg_tau is not None and self.ddg_dimension is not None
             return AccountingKey(
@@ -265,6 +289,8 @@ class RoundEvent:
     def dp_event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event for this round (see the module docstring)."""
         key = self.accounting_key()
+        if key.kind == "noop":
+            return dp_accounting.NoOpDpEvent()
         if key.kind == "ddg":
             raise AccountingError(
                 "dp-accounting has no event for the distributed discrete Gaussian; "

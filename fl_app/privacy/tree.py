@@ -29,9 +29,16 @@ run is an adaptive composition of Gaussian mechanisms, one per released node:
 * **At most once per tree** (the paper's Theorem/Appendix D; dp-accounting's
   ``SingleEpochTreeAggregationDpEvent``): a client's one round lies in at most one
   released node per level, ``h = ⌈log2(k+1)⌉`` nodes, so the tree's sensitivity² is
-  ``h·C²``. This needs someone to enforce the cap that the cohort chooser cannot
-  break; the run does not rely on it (:func:`tree_sensitivity_sq` gives it for
-  comparison).
+  ``h·C²``. A run uses it only with ``privacy.ftrl.participation=once_per_tree``,
+  where the server enforces the cap by cohort selection (``strategies/ftrl_cap.py``).
+  Its per-round ledger events must bound the loss after *every* round, not only at the
+  tree's end: after ``t`` rounds of a tree, the most released nodes one client's round
+  lies in is the number of levels with a completed node, ``⌊log2 t⌋ + 1``, which grows
+  by one exactly when ``t`` is a power of two. So round ``t`` is
+  ``GaussianDpEvent(z)`` when ``t = 2^j`` and a no-op otherwise; a tree of ``r``
+  rounds composes to ``⌈log2(r+1)⌉`` Gaussians of ``z``, dp-accounting's
+  ``SingleEpochTreeAggregationDpEvent(z, r)`` (a client can be in every tree: trees
+  compose).
 
 Noise randomness: each node's draw comes from the source the caller passes (the
 server's CSPRNG keystream under ``privacy.secure_mode``, docs/architecture.md, Rules),
@@ -95,23 +102,32 @@ def tree_sensitivity_sq(rounds: int, participation: str) -> int:
     return sum(4 ** node_level(t) for t in range(1, rounds + 1))
 
 
-def ftrl_round_event(base: RoundEvent, position: int, population: int) -> RoundEvent:
-    """Round ``position`` of a tree as the ledger's event (arbitrary participation).
+def ftrl_round_event(
+    base: RoundEvent, position: int, population: int, participation: str = "arbitrary"
+) -> RoundEvent:
+    """Round ``position`` of a tree as the ledger's event.
 
     ``base`` carries the node noise multiplier ``z`` (as ``update_noise_multiplier``: the
-    node's noise std is ``z·C``), ``C`` and the divisor; the event is the released node's
-    Gaussian mechanism at rate 1 (no amplification), effective ``z / 2^l`` with respect to
-    sensitivity ``C``, ``mechanism="tree"``.
+    node's noise std is ``z·C``), ``C`` and the divisor. Arbitrary participation: the
+    released node's Gaussian mechanism at rate 1 (no amplification), effective ``z / 2^l``
+    with respect to sensitivity ``C``, ``mechanism="tree"``. Once per tree:
+    ``mechanism="tree_once"`` at the node's ``z`` with ``tree_position``, which the
+    accountant counts only at powers of two (module doc).
     """
     z = base.update_noise_multiplier
+    level = node_level(position)  # validates position
+    if participation not in PARTICIPATION:
+        raise ValueError(f"participation must be one of {PARTICIPATION}, found {participation!r}")
+    once = participation == "once"
     return replace(
         base,
         sampling=SamplingScheme.poisson,
         population=population,
         sample_rate=1.0,
-        noise_multiplier=z / 2 ** node_level(position),
-        mechanism="tree",
+        noise_multiplier=z if once else z / 2**level,
+        mechanism="tree_once" if once else "tree",
         branch_delta=0.0,
+        tree_position=position if once else None,
     )
 
 

@@ -26,6 +26,7 @@ from fl_app.server.rundir import RunDirectory, read_round_records
 from strategies.aggregators import MeanAggregator
 from strategies.dp_aggregators import AccountedDp
 from strategies.driver_types import DriverResult
+from strategies.ftrl import ftrl_summary
 from strategies.local_dp import LocalDp, site_key_of
 
 __all__ = ["build_summary", "clients_over_run"]
@@ -129,6 +130,8 @@ def _client_level_summary(
                 f"{s.clip_side.value}, Gaussian noise z*C on the sum of clipped updates"
             ),
             **({"distributed": s.distributed.describe()} if s.distributed is not None else {}),
+            # DP-FTRL: its mechanism, and that its epsilon uses no amplification.
+            **ftrl_summary(s),
             "epsilon": eps,
             "epsilon_rdp_cross_check": rdp,
             "rounds_accounted": len(ledger.events),
