@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import ClassVar
 
 import pytest
 
@@ -147,3 +148,119 @@ def test_supervise_stops_a_supernode_whose_launcher_died() -> None:
     )
     assert code == 1
     assert time.monotonic() - t0 < 30
+
+
+class _FakeRuntime:
+    """Stands in for Flower's RuntimeHttpClient: AcquireTask answers from a script."""
+
+    def __init__(self, answers: list[object]) -> None:
+        self.answers = answers
+        self.requests: list[object] = []
+        self.closed = False
+
+    def AcquireTask(self, request: object) -> object:  # noqa: N802 (Flower's name)
+        self.requests.append(request)
+        return self.answers.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakeLauncher:
+    made: ClassVar[list[_FakeLauncher]] = []
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.calls: list[object] = []
+        _FakeLauncher.made.append(self)
+
+    def collect(self) -> list[tuple[int, int]]:
+        self.calls.append("collect")
+        return []
+
+    def dispatch(self, task_id: int, fab_hash: str, token: str) -> None:
+        self.calls.append((task_id, fab_hash, token))
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_serve_polls_acquires_and_hands_each_task_to_the_launcher(monkeypatch) -> None:
+    """Only answers with a task and a token are dispatched (with the task's FAB hash);
+    an empty answer waits ``poll_seconds``; the launcher and client are closed at the end."""
+    import flwr.supercore.runtime as runtime
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse
+    from flwr.proto.task_pb2 import Task
+
+    answers: list[object] = [
+        AcquireTaskResponse(),
+        AcquireTaskResponse(task=Task(task_id=4, fab_hash="h4"), token=""),
+        AcquireTaskResponse(task=Task(task_id=5, fab_hash="h5"), token="tok5"),
+        AcquireTaskResponse(task=Task(task_id=6, fab_hash="h6"), token="tok6"),
+    ]
+    fake = _FakeRuntime(answers)
+    made: list[dict[str, object]] = []
+
+    def from_server_address(**kwargs: object) -> _FakeRuntime:
+        made.append(kwargs)
+        return fake
+
+    monkeypatch.setattr(runtime.RuntimeHttpClient, "from_server_address", from_server_address)
+    monkeypatch.setattr(warm, "Launcher", _FakeLauncher)
+    _FakeLauncher.made.clear()
+    sleeps: list[float] = []
+    monkeypatch.setattr(warm.time, "sleep", sleeps.append)
+    warm.serve("127.0.0.1:9111", poll_seconds=0.25, max_tasks=2)
+    (launcher,) = _FakeLauncher.made
+    assert launcher.address == "127.0.0.1:9111"
+    assert launcher.calls == [
+        "collect", "collect", "collect", (5, "h5", "tok5"), "collect", (6, "h6", "tok6"), "close"
+    ]  # fmt: skip
+    assert sleeps == [0.25, 0.25]  # after the empty answer and the token-less one
+    assert fake.closed and answers == []
+    assert [list(r.supported_task_types) for r in fake.requests] == [["flwr-clientapp"]] * 4
+    (kwargs,) = made
+    assert kwargs["server_address"] == "127.0.0.1:9111"
+    assert kwargs["insecure"] is True and kwargs["root_certificates"] is None
+
+
+def test_main_preloads_then_serves_with_its_arguments(monkeypatch, capsys) -> None:
+    got: list[tuple[object, ...]] = []
+    monkeypatch.setattr(warm, "preload", lambda: ["missing_mod"])
+    monkeypatch.setattr(warm, "serve", lambda *a, **k: got.append((a, k)))
+    warm.main(["--runtime-api-address", "127.0.0.1:9", "--parent-pid", "77",
+               "--poll-seconds", "0.5"])  # fmt: skip
+    assert got == [(("127.0.0.1:9",), {"parent_pid": 77, "poll_seconds": 0.5})]
+    out = capsys.readouterr().out
+    assert out.startswith("warm ClientApp launcher: preloaded in ")
+    assert "(not installed: ['missing_mod'])" in out
+    warm.main(["--runtime-api-address", "a:1"])
+    assert got[1] == (("a:1",), {"parent_pid": None, "poll_seconds": warm.POLL_SECONDS})
+    assert warm.POLL_SECONDS == 0.05
+
+
+def test_run_message_runs_flowers_clientapp_with_the_memo_install(monkeypatch, tmp_path) -> None:
+    """The child calls Flower's run_clientapp for its token (no TLS on the loopback
+    Runtime API, no runtime dependency installs) with install_from_fab wrapped: the
+    memo's FAB returns its folder, any other goes to Flower's install."""
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    flower_calls: list[object] = []
+    monkeypatch.setattr(rc, "install_from_fab", lambda f, **k: flower_calls.append(f) or tmp_path)
+    runs: list[dict[str, object]] = []
+    monkeypatch.setattr(rc, "run_clientapp", lambda **k: runs.append(k))
+    r, w = os.pipe()
+    sha_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    warm.run_message("127.0.0.1:9", "tok", parent_pid=42, memo=(sha_abc, tmp_path / "m"),
+                     report_fd=None, close_fds=[r, w])  # fmt: skip
+    assert runs == [
+        {"runtime_api_address": "127.0.0.1:9", "token": "tok", "insecure": True,
+         "certificates": None, "parent_pid": 42, "runtime_dependency_install": False}
+    ]  # fmt: skip
+    for fd in (r, w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert rc.install_from_fab(b"abc", skip_prompt=True) == tmp_path / "m"
+    assert flower_calls == []
+    assert rc.install_from_fab(b"abd", skip_prompt=True) == tmp_path
+    assert flower_calls == [b"abd"]

@@ -14,10 +14,13 @@ Why fork rather than one long-lived process serving every message: each message 
 runs in a fresh process whose memory is the launcher's pristine, import-only state, so
 nothing a ClientApp leaves in module state (fl_app.client.state's per-site state, RNGs,
 Opacus hooks) can leak into the next message or run; the process model is the one
-Flower's subprocess isolation gives, minus the imports. The FAB's own code (``fl_app``)
-is never preloaded: Flower loads it in the child from the installed FAB's folder, so a
-new FAB version takes effect exactly as before. The launcher never uses torch itself
-(no thread pools exist to be broken by fork).
+Flower's subprocess isolation gives, minus the imports. The launcher itself never
+preloads the FAB's code (``fl_app``): the first message of a FAB installs and imports it
+in its own child, purging the launcher's own ``fl_app`` modules first so the submitted
+FAB's copy runs; after that a zygote per FAB hash imports it once and forks that FAB's
+messages (:mod:`fl_app.deploy.fab_cache`: Flower's per-message FAB unzip and re-import
+skipped, a new FAB hash always installed and imported afresh). The launcher never uses
+torch itself (no thread pools exist to be broken by fork).
 
 Trust: the Runtime API listens on the SuperNode's loopback port without TLS or SuperExec
 auth, exactly as for the SuperExec that ``--isolation subprocess`` starts; nothing new is
@@ -36,13 +39,19 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from fl_app.deploy.fab_cache import Zygote, memo_install, read_report, start_zygote
 
 __all__ = [
     "LAUNCH_LINE",
     "PRELOAD",
+    "Launcher",
+    "load_fab_clientapp",
     "main",
     "preload",
     "reap",
+    "run_message",
     "run_task_in_child",
     "serve",
     "supervise",
@@ -125,6 +134,120 @@ def run_task_in_child(run: Callable[[], None]) -> int:
         os._exit(code)
 
 
+def load_fab_clientapp(fab_dir: Path) -> object:
+    """Import the ClientApp the FAB at ``fab_dir`` names, as Flower's loader does (its
+    ``load_app``: the folder put first on ``sys.path``, the module kept in
+    ``sys.modules``, where a later ``load_app`` in a forked child finds it)."""
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.common.config import get_project_config
+    from flwr.supercore.object_ref import load_app
+
+    ref = get_project_config(fab_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
+    return load_app(ref, LoadClientAppError, fab_dir)
+
+
+def run_message(
+    runtime_api_address: str,
+    token: str,
+    *,
+    parent_pid: int,
+    memo: tuple[str, Path] | None,
+    report_fd: int | None,
+    close_fds: Sequence[int] = (),
+) -> None:
+    """One message, in its forked child: Flower's ``run_clientapp`` with its
+    ``install_from_fab`` wrapped by :func:`fl_app.deploy.fab_cache.memo_install` (in this
+    child's copy of Flower's module only; the launcher's is never changed)."""
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    rc.install_from_fab = memo_install(rc.install_from_fab, memo, report_fd)
+    rc.run_clientapp(
+        runtime_api_address=runtime_api_address,
+        token=token,
+        insecure=True,
+        certificates=None,
+        parent_pid=parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+class Launcher:
+    """Routes each task: to the zygote of its FAB hash when there is one, else to a
+    plain forked child that installs the FAB (Flower's install) and reports it, after
+    which a zygote for that hash is started (:mod:`fl_app.deploy.fab_cache`). One zygote
+    at a time: a new FAB hash retires the previous one."""
+
+    def __init__(
+        self,
+        runtime_api_address: str,
+        load: Callable[[Path], object] = load_fab_clientapp,
+        run: Callable[..., None] = run_message,
+    ) -> None:
+        self.address = runtime_api_address
+        self.load = load
+        self.run = run  # run_message; tests pass a stand-in without a SuperNode
+        self.zygote: Zygote | None = None
+        self.pending: dict[int, int] = {}  # plain child PID -> read end of its report pipe
+
+    def dispatch(self, task_id: int, fab_hash: str, token: str) -> int | None:
+        """Start the task; the plain child's PID, or None when a zygote took it."""
+        z = self.zygote
+        if z is not None and z.fab_hash == fab_hash and z.send(task_id, token):
+            return None
+        read_fd, write_fd = os.pipe()
+        others = [read_fd, *self.pending.values(), *([z.fd] if z is not None else [])]
+        run = functools.partial(
+            self.run, self.address, token, parent_pid=os.getpid(), memo=None,
+            report_fd=write_fd, close_fds=others,
+        )  # fmt: skip
+        pid = run_task_in_child(run)
+        os.close(write_fd)
+        self.pending[pid] = read_fd
+        # scripts/profile_deploy.py times the launch from this line.
+        print(f"{LAUNCH_LINE} task {task_id} in child {pid}", flush=True)
+        return pid
+
+    def collect(self) -> list[tuple[int, int]]:
+        """Reap finished children; start a zygote for a FAB a child installed."""
+        done = reap()
+        for pid, _code in done:
+            if self.zygote is not None and pid == self.zygote.pid:
+                self.zygote.retire()
+                self.zygote = None
+            fd = self.pending.pop(pid, None)
+            report = read_report(fd) if fd is not None else None
+            if report is not None and (self.zygote is None or self.zygote.fab_hash != report[0]):
+                self.start_zygote(*report)
+        return done
+
+    def start_zygote(self, fab_hash: str, fab_dir: Path) -> None:
+        old = self.zygote
+        others = [*self.pending.values(), *([old.fd] if old is not None else [])]
+
+        def serve_task(task_id: int, token: str) -> int:  # runs in the zygote
+            run = functools.partial(
+                self.run, self.address, token, parent_pid=os.getpid(),
+                memo=(fab_hash, fab_dir), report_fd=None,
+            )  # fmt: skip
+            pid = run_task_in_child(run)
+            print(f"{LAUNCH_LINE} task {task_id} in child {pid}", flush=True)
+            return pid
+
+        self.zygote = start_zygote(fab_hash, fab_dir, self.load, serve_task, others)
+        if old is not None:
+            old.retire()
+
+    def close(self) -> None:
+        if self.zygote is not None:
+            self.zygote.retire()
+        for fd in self.pending.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def serve(
     runtime_api_address: str,
     *,
@@ -132,15 +255,14 @@ def serve(
     poll_seconds: float = POLL_SECONDS,
     max_tasks: int | None = None,
 ) -> None:
-    """Poll the SuperNode at ``runtime_api_address`` for ClientApp tasks and run each in
-    a forked child; return after ``max_tasks`` tasks (None: run until killed)."""
+    """Poll the SuperNode at ``runtime_api_address`` for ClientApp tasks and start each
+    (:class:`Launcher`); return after ``max_tasks`` tasks (None: run until killed)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
@@ -151,32 +273,21 @@ def serve(
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    me = os.getpid()
+    launcher = Launcher(runtime_api_address)
     launched = 0
     try:
         while max_tasks is None or launched < max_tasks:
-            reap()
+            launcher.collect()
             res = client.AcquireTask(
                 AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)])
             )
             if res.HasField("task") and res.token:
-                pid = run_task_in_child(
-                    functools.partial(
-                        run_clientapp,
-                        runtime_api_address=runtime_api_address,
-                        token=res.token,
-                        insecure=True,
-                        certificates=None,
-                        parent_pid=me,
-                        runtime_dependency_install=False,
-                    )
-                )
-                # scripts/profile_deploy.py times the launch from this line.
-                print(f"{LAUNCH_LINE} task {res.task.task_id} in child {pid}", flush=True)
+                launcher.dispatch(res.task.task_id, res.task.fab_hash, res.token)
                 launched += 1
                 continue
             time.sleep(poll_seconds)
     finally:
+        launcher.close()
         client.close()
 
 
