@@ -25,6 +25,7 @@ from fl_app.config.schema import (
     DatasetConfig,
     DpSgdConfig,
     ModelConfig,
+    NoiseSchedule,
     ShareConfig,
     metrics_hidden_from_server,
 )
@@ -32,6 +33,7 @@ from fl_app.config.schema import (
 __all__ = [
     "ClientDpSpec",
     "ClientSpec",
+    "DdpScheduleSpec",
     "SpecError",
     "decode_spec",
     "encode_spec",
@@ -41,6 +43,33 @@ __all__ = [
 
 class SpecError(ValueError):
     """The spec a server sent cannot be used (malformed JSON, unknown key, bad type)."""
+
+
+@dataclass
+class DdpScheduleSpec:
+    """``privacy.schedule`` under distributed DP, stated for the client to check.
+
+    Each round's noise is the clients' own, so a client never takes the server's word
+    for that round's ``z``: from these public numbers it recomputes the least ``z`` the
+    stated schedule allows in round ``t`` and refuses a stage-3 instruction whose
+    distributed-DP parameters carry less (:mod:`fl_app.privacy.ddp_schedule`).
+    ``decay``: ``z_t = noise_multiplier · decay_rate^(t−1)``. ``spend``: the ``z`` that
+    spends ``max_epsilon`` over ``num_rounds`` rounds at ``sample_rate``, by the DDG
+    bound of a ring sized by ``max_cohort``, ``dropout_tolerance``, ``beta`` and
+    ``overflow_probability`` (the run's distributed-DP plan).
+    """
+
+    schedule: NoiseSchedule = NoiseSchedule.constant
+    noise_multiplier: float = 1.0
+    decay_rate: float = 1.0
+    num_rounds: int = 1
+    max_epsilon: float | None = None
+    delta: float = 1e-5
+    sample_rate: float = 1.0
+    max_cohort: int = 1
+    dropout_tolerance: float = 0.5
+    beta: float = 0.0
+    overflow_probability: float = 1e-9
 
 
 @dataclass
@@ -64,6 +93,9 @@ class ClientDpSpec:
     # A SuperNode's --node-config "dp-state-dir=..." wins; the server fills in the run
     # directory's client-state/ in simulation.
     state_dir: str | None = None
+    # Distributed DP with privacy.schedule=decay|spend: the schedule each stage-3
+    # instruction's noise is checked against (None: the run's noise is constant).
+    ddp_schedule: DdpScheduleSpec | None = None
 
 
 @dataclass

@@ -50,8 +50,11 @@ class BudgetGuard:
     def check(self, ledger: FederationLedger, planned: RoundEvent) -> BudgetVerdict:
         if self.against_server:
             most = ledger.most_participation()
-            after = unsampled_epsilon(planned, most + 1, ledger.delta, ledger.accountant)
-            now = unsampled_epsilon(planned, most, ledger.delta, ledger.accountant)
+            # Under a noise schedule rounds differ in z: every round at the least noise
+            # (an upper bound, as FederationLedger.server_epsilons takes it).
+            least = min([planned, *ledger.events], key=lambda e: e.noise_multiplier)
+            after = unsampled_epsilon(least, most + 1, ledger.delta, ledger.accountant)
+            now = unsampled_epsilon(least, most, ledger.delta, ledger.accountant)
             party = (
                 f"against the server (a client already in {most} cohorts, in this one too; "
                 "no sampling amplification)"

@@ -119,6 +119,7 @@ def build_driver(
         secagg=SecureAggregation(
             secagg_settings,
             ddp=aggregator.plan if isinstance(aggregator, DistributedDp) else None,
+            ddp_at=aggregator.round_plan if isinstance(aggregator, DistributedDp) else None,
         )
         if secagg_settings is not None
         else None,

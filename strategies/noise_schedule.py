@@ -10,17 +10,29 @@ mechanism that runs (the release reads its ``z`` from the recorded event).
 A resumed run continues the schedule from the restored ledger: ``decay`` is a function
 of the server round alone, and ``spend`` reads what the ledger has spent so far
 (rounds redone after a rollback included) and the planned rounds still to come.
+
+Distributed DP (:mod:`fl_app.privacy.ddp_schedule`): a round's event carries the ring's
+``τ`` at its own ``z``; ``spend`` spends ``max_epsilon`` against the server (every
+released round unsampled, the budget the guard keeps there) and never goes below the
+floor the clients recompute; :func:`client_schedule_spec` is what the client spec states
+so that each client checks its round's ``z`` itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+from fl_app.client_spec import DdpScheduleSpec
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import NoiseSchedule
+from fl_app.privacy.ddg_encoding import DdpConfigError
+from fl_app.privacy.ddp_schedule import spend_floor
+from fl_app.privacy.distributed import ddg_epsilon
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.round_event import RoundEvent
 from fl_app.privacy.schedule import spend_noise, with_noise
 
-__all__ = ["schedule_lines", "scheduled_event"]
+__all__ = ["client_schedule_spec", "schedule_lines", "scheduled_event", "server_projection"]
 
 # The dry run lists at most this many rounds of a schedule (evenly spread, the last
 # included): each line's ε composes every distinct z before it.
@@ -40,13 +52,83 @@ def scheduled_event(
     """
     s = settings
     if s.schedule is NoiseSchedule.decay:
-        return with_noise(event, s.planned_noise(server_round))
+        return _at(s, event, s.planned_noise(server_round))
     if s.schedule is NoiseSchedule.spend:
         assert s.max_epsilon is not None  # the validator requires it for spend
         remaining = max(1, s.num_rounds - server_round + 1)
         guess = ledger.events[-1].noise_multiplier if ledger.events else s.noise_multiplier
-        return with_noise(event, spend_noise(ledger, event, remaining, s.max_epsilon, guess))
+        if s.distributed is None:
+            return with_noise(event, spend_noise(ledger, event, remaining, s.max_epsilon, guess))
+        spec = client_schedule_spec(s)
+        assert spec is not None
+        floor = spend_floor(spec, clip=s.clip, dim=s.distributed.dim, bits=s.distributed.bits)
+        z = spend_noise(
+            ledger,
+            event,
+            remaining,
+            s.max_epsilon,
+            max(guess, floor),
+            project=lambda planned: server_projection([*ledger.events, *planned], ledger.delta),
+            event_at=lambda e, z: _at(s, e, z),
+            cap=_ring_cap(s, floor),
+        )
+        return _at(s, event, max(z, floor))
     return event
+
+
+def server_projection(events: list[RoundEvent], delta: float) -> float:
+    """ε against the server of a client in the cohort of every one of ``events``
+    (distributed-DP rounds, each unsampled at its own ``z``, ``τ`` and ``d'``)."""
+    blocks: dict[tuple[float, float, int], int] = {}
+    for e in events:
+        if e.mechanism != "ddg" or e.ddg_tau is None or e.ddg_dimension is None:
+            raise ValueError(f"round {e.round} is not a distributed-DP event")
+        key = (float(e.noise_multiplier), float(e.ddg_tau), int(e.ddg_dimension))
+        blocks[key] = blocks.get(key, 0) + 1
+    return ddg_epsilon([(1.0, z, tau, d, n) for (z, tau, d), n in blocks.items()], delta)
+
+
+def _at(s: ClientDpSettings, event: RoundEvent, z: float) -> RoundEvent:
+    """``event`` at ``z``; under distributed DP with the ring's ``τ`` at that ``z``."""
+    out = with_noise(event, z)
+    if s.distributed is None:
+        return out
+    return dataclasses.replace(out, ddg_tau=s.distributed_at(z).tau)
+
+
+def _ring_cap(s: ClientDpSettings, floor: float) -> float:
+    """The most noise the run's ring holds (spend never asks the clients for more), found
+    by doubling from the floor: a ring that cannot hold ``2^k·floor`` caps at ``2^(k-1)``."""
+    z = floor
+    for _ in range(30):
+        try:
+            s.distributed_at(2.0 * z).scaled_norm  # noqa: B018 - raises when infeasible
+        except DdpConfigError:
+            return z
+        z *= 2.0
+    return z
+
+
+def client_schedule_spec(s: ClientDpSettings) -> DdpScheduleSpec | None:
+    """What the client spec states of a distributed-DP noise schedule (``None``: constant
+    noise, or not distributed DP): the numbers each client recomputes its round's least
+    ``z`` from (:mod:`fl_app.privacy.ddp_schedule`)."""
+    plan = s.distributed
+    if plan is None or s.schedule is NoiseSchedule.constant:
+        return None
+    return DdpScheduleSpec(
+        schedule=s.schedule,
+        noise_multiplier=float(s.noise_multiplier),
+        decay_rate=float(s.decay_rate),
+        num_rounds=int(s.num_rounds),
+        max_epsilon=s.max_epsilon,
+        delta=float(s.delta),
+        sample_rate=float(s.round_event(1, s.planned_population, s.clip).sample_rate),
+        max_cohort=int(plan.max_cohort),
+        dropout_tolerance=float(plan.dropout_tolerance),
+        beta=float(plan.beta),
+        overflow_probability=float(plan.overflow_probability),
+    )
 
 
 def schedule_lines(settings: ClientDpSettings) -> list[str]:
@@ -65,7 +147,11 @@ def schedule_lines(settings: ClientDpSettings) -> list[str]:
         if s.max_epsilon is None and rnd not in shown:
             ledger = ledger.add(event)
             continue
-        after = ledger.project([event])
+        after = (
+            ledger.project([event])
+            if s.distributed is None
+            else server_projection([*ledger.events, event], s.delta)
+        )
         if s.max_epsilon is not None and after > s.max_epsilon:
             rows.append(
                 f"  round {rnd}: z={event.noise_multiplier:.4g} would take epsilon to "
@@ -81,6 +167,11 @@ def schedule_lines(settings: ClientDpSettings) -> list[str]:
         else f"z recalibrated before each round from the ledger to end at "
         f"max_epsilon={s.max_epsilon:g} (shown: every round at the planned population)"
     )
+    if s.distributed is not None:
+        how += (
+            "; distributed DP: epsilon against the server of a client in every round, "
+            "each client checks its round's z against this schedule"
+        )
     return [
         f"noise schedule ({s.schedule.value}): {how}; delta={s.delta:g} ({s.accountant.value})",
         *rows,

@@ -8,7 +8,10 @@ or ask for federated evaluation. So once a run key has trained under secure aggr
 remembers it in ``Context.state`` and refuses, for that run key, plain train
 instructions, a secure round without the distributed-DP noise, a train without local
 noise, and (where the protected instruction hid per-client metrics, ``hide-metrics``)
-federated evaluation. A server that renames the run starts unmarked:
+federated evaluation. A distributed-DP noise schedule (``privacy.schedule``, each
+client checks its round's ``z`` against it: :mod:`fl_app.privacy.ddp_schedule`) is pinned
+the same way (``ddp-schedule:<digest>``): a later instruction stating another schedule,
+or none, is refused. A server that renames the run starts unmarked:
 ``require_secure_aggregation: true`` in the site policy is the guard from the first
 message on. Where the node keeps ``dp-state-dir``, the marks are also kept there
 (``protected-runs-<site>.json``), so a restarted SuperNode (fresh ``Context.state``)
@@ -17,6 +20,8 @@ remembers them.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -49,7 +54,8 @@ def refuse_downgrade(
     if message_type == "train":
         ddp = secure is not None and getattr(secure, "ddp", None) is not None
         _check_train(marks, spec, secure, ddp, local_dp)
-        new = set(marks)
+        schedule = _check_schedule(marks, spec) if ddp else None
+        new = set(marks) | ({schedule} if schedule else set())
         if secure is not None:
             new |= {"secagg", "ddp"} if ddp else {"secagg"}
         if local_dp:
@@ -99,6 +105,27 @@ def _check_train(marks: set[str], spec: ClientSpec, secure: Any, ddp: bool, loca
             "this run already trained under local DP; this train instruction has no "
             "local noise (a downgrade: the server would see the un-noised update), refused"
         )
+
+
+def _check_schedule(marks: set[str], spec: ClientSpec) -> str | None:
+    """The spec's distributed-DP schedule mark; refuse one that differs from the pinned."""
+    stated = spec.client_dp.ddp_schedule if spec.client_dp is not None else None
+    mark = None
+    if stated is not None:
+        text = json.dumps(dataclasses.asdict(stated), sort_keys=True, default=str)
+        mark = "ddp-schedule:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    pinned = {m for m in marks if m.startswith("ddp-schedule:")}
+    if pinned and pinned != {mark}:
+        raise PolicyRefusal(
+            PolicyViolation(
+                "privacy.schedule",
+                "this run's distributed-DP noise schedule was stated at its start and this "
+                "instruction states "
+                + ("another" if mark else "none")
+                + " (the client checks each round's noise against the first), refused",
+            )
+        )
+    return mark
 
 
 def _protections_path(context: Context) -> Path | None:

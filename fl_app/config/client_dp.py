@@ -158,6 +158,16 @@ class ClientDpSettings:
             return decayed_noise(self.noise_multiplier, self.decay_rate, rnd)
         return self.noise_multiplier
 
+    def distributed_at(self, z: float) -> DdpPlan:
+        """Distributed DP's plan at noise multiplier ``z`` (a scheduled round's ring: ``γ``,
+        ``Δ₂`` and ``τ`` follow ``z``); the run's own plan at its own ``z``."""
+        plan = self.distributed
+        if plan is None:
+            raise ValueError("distributed_at needs privacy.mode=distributed")
+        if z == plan.noise_multiplier:
+            return plan
+        return dataclasses.replace(plan, noise_multiplier=float(z))
+
     def expected_cohort(self, population: int) -> float:
         """The divisor ``m``: ``q·N`` (Poisson) or the fixed cohort size."""
         if self.sampling is SamplingScheme.poisson:
@@ -309,6 +319,11 @@ class ClientDpSettings:
 
         if p.noise_multiplier is not None:
             return settings(float(p.noise_multiplier))
+        if p.schedule is NoiseSchedule.spend:
+            # spend's ring is sized for its floor, the z that spends max_epsilon against
+            # the server over the planned rounds (fl_app.privacy.ddp_schedule).
+            assert p.max_epsilon is not None
+            return settings(_spend_ring_noise(cfg, probe, dim, float(p.max_epsilon)))
         assert p.target_epsilon is not None
         target = float(p.target_epsilon)
         empty = FederationLedger(probe.delta, AccountantName.rdp)
@@ -363,6 +378,25 @@ def model_dimension(cfg: AppConfig) -> int:
 
         return compressed_length(_DIMENSIONS[key], float(cfg.share.ratio))
     return _DIMENSIONS[key]
+
+
+def _spend_ring_noise(cfg: AppConfig, probe: ClientDpSettings, dim: int, budget: float) -> float:
+    """Distributed DP under ``spend``: the schedule's floor (the client computes the same)."""
+    from fl_app.client_spec import DdpScheduleSpec
+    from fl_app.privacy.ddp_schedule import spend_floor
+
+    d = cfg.privacy.distributed
+    spec = DdpScheduleSpec(
+        schedule=NoiseSchedule.spend,
+        num_rounds=probe.num_rounds,
+        max_epsilon=budget,
+        delta=probe.delta,
+        max_cohort=max_cohort(probe.sampling, probe.fraction, probe.planned_population),
+        dropout_tolerance=float(cfg.secagg.dropout_tolerance),
+        beta=float(d.beta),
+        overflow_probability=float(d.overflow_probability),
+    )
+    return spend_floor(spec, clip=probe.clip, dim=dim, bits=int(cfg.secagg.bits))
 
 
 def _calibrate_local(target: float, s: ClientDpSettings) -> float:

@@ -259,10 +259,10 @@ def _check_noise_and_budget(cfg: AppConfig) -> None:
 def _check_schedule(cfg: AppConfig) -> None:
     """``privacy.schedule`` (fl_app/privacy/schedule.py): the server's noise over rounds.
 
-    Only central DP's noise is the server's to vary: local DP's clients fix their own
-    noise, and distributed DP's shares are calibrated once per run (the clients check
-    them against their floor; a schedule would have to reach them declared in their
-    plan, which is not built).
+    Central DP's noise is the server's to vary. Distributed DP's shares are the
+    clients': the schedule is stated in the client spec and each client recomputes its
+    round's least ``z`` and refuses less (fl_app/privacy/ddp_schedule.py). Local DP's
+    clients fix their own noise and account it per release: no schedule.
     """
     p = cfg.privacy
     if p.schedule is NoiseSchedule.constant:
@@ -274,13 +274,12 @@ def _check_schedule(cfg: AppConfig) -> None:
         )
         return
     _check(
-        p.mode is PrivacyMode.central,
+        p.mode in (PrivacyMode.central, PrivacyMode.distributed),
         "privacy.schedule",
         p.schedule.value,
-        f"privacy.schedule={p.schedule.value} varies the noise the server adds, which only "
-        "central DP has (privacy=central or central_adaptive); local DP's clients fix their "
-        "own noise and distributed DP's noise shares are calibrated once per run; set "
-        "privacy.schedule=constant",
+        f"privacy.schedule={p.schedule.value} varies the noise of client-level DP's rounds "
+        "(privacy=central, central_adaptive or distributed); local DP's clients fix their "
+        "own noise per release; set privacy.schedule=constant",
     )
     if p.schedule is NoiseSchedule.decay:
         rate = p.decay_rate

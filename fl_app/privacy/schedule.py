@@ -77,6 +77,10 @@ def spend_noise(
     remaining: int,
     max_epsilon: float,
     guess: float | None = None,
+    *,
+    project: Callable[[list[RoundEvent]], float] | None = None,
+    event_at: Callable[[RoundEvent, float], RoundEvent] = with_noise,
+    cap: float | None = None,
 ) -> float:
     """The ``z`` for ``event``'s round that spends the rest of ``max_epsilon``.
 
@@ -88,18 +92,25 @@ def spend_noise(
     lands within the tolerance, so steady rounds compose as one block. When even
     :data:`SPEND_MAX_NOISE` overruns the budget (it was spent already), that largest
     ``z`` is returned and the budget guard refuses the round.
+
+    Distributed DP (:mod:`strategies.noise_schedule`) passes ``project`` (ε of the
+    ledger's rounds plus the given ones, against the server), ``event_at`` (the event
+    at a ``z``, with the ring's ``τ`` at that ``z``) and ``cap`` (the most noise the
+    ring holds); the defaults are the ledger's own projection and :func:`with_noise`.
     """
     if remaining < 1:
         raise ValueError(f"remaining rounds must be >= 1, found {remaining}")
     if not (math.isfinite(max_epsilon) and max_epsilon > 0):
         raise ValueError(f"max_epsilon must be finite and > 0, found {max_epsilon!r}")
-    cap = SPEND_MAX_NOISE
+    cap = SPEND_MAX_NOISE if cap is None else min(SPEND_MAX_NOISE, cap)
     if event.clipped_count_std is not None:
         # Adaptive clipping needs z < 2σ_b (the count's own noise bounds the round's z).
         cap = min(cap, 2.0 * event.clipped_count_std * (1.0 - 1e-9))
 
+    projection = ledger.project if project is None else project
+
     def eps(z: float) -> float:
-        return ledger.project([with_noise(event, z)] * remaining)
+        return projection([event_at(event, z)] * remaining)
 
     low_ok = (1.0 - SPEND_TOLERANCE) * max_epsilon
     return _search(eps, max_epsilon, low_ok, cap, guess)

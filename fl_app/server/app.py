@@ -53,6 +53,7 @@ from strategies.driver import ReleaseHook, RoundDriver
 from strategies.driver_types import RoundListener
 from strategies.factory import build_driver
 from strategies.local_dp import LocalDp
+from strategies.noise_schedule import client_schedule_spec
 
 __all__ = [
     "AUDIT_KEY_PASSPHRASE_ENV",
@@ -315,6 +316,8 @@ def _client_dp_spec(aggregator: MeanAggregator | AccountedDp | LocalDp) -> Clien
             report_unclipped=s.clipping is ClippingMode.adaptive,
             delta=s.delta,
             accountant=Accountant(s.accountant.value),
+            # Distributed DP under a noise schedule: each client checks its round's z.
+            ddp_schedule=client_schedule_spec(s),
         )
     return None
 

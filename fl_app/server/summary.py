@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_app.config.guarantee import privacy_note
-from fl_app.config.schema import Accountant, AppConfig
+from fl_app.config.schema import Accountant, AppConfig, NoiseSchedule
 from fl_app.privacy.composition import branch_delta_total, unsampled_epsilon
 from fl_app.privacy.history import AccountingError
 from fl_app.privacy.noise import release_status
@@ -28,6 +28,7 @@ from strategies.dp_aggregators import AccountedDp
 from strategies.driver_types import DriverResult
 from strategies.ftrl import ftrl_summary
 from strategies.local_dp import LocalDp, site_key_of
+from strategies.noise_schedule import server_projection
 
 __all__ = ["build_summary", "clients_over_run"]
 
@@ -196,7 +197,10 @@ def _against_server_summary(aggregator: AccountedDp) -> dict[str, Any]:
         "rounds_max_over_clients": ledger.most_participation(),
         "epsilon_planned_worst_case": unsampled_epsilon(
             template, s.num_rounds, s.delta, s.accountant
-        ),
+        )
+        if s.schedule is NoiseSchedule.constant
+        # A noise schedule: every planned round at its own planned z.
+        else server_projection(s.planned_events(), s.delta),
         "clients_counted": len(counts),
         "note": "composition of the rounds each client was in the cohort of, without "
         "amplification: the server samples and messages the cohort",

@@ -52,7 +52,12 @@ log = logging.getLogger("fl_app.secagg")
 class SecureAggregation:
     """Runs the train stage of a round as the four-stage secure-aggregation protocol."""
 
-    def __init__(self, settings: SecAggSettings, ddp: DdpPlan | None = None) -> None:
+    def __init__(
+        self,
+        settings: SecAggSettings,
+        ddp: DdpPlan | None = None,
+        ddp_at: Callable[[int], DdpPlan] | None = None,
+    ) -> None:
         self.settings = settings
         # node -> round -> public keys the node advertised ahead for that round (public
         # values; lost with the process, after which stage 1 simply runs again).
@@ -62,6 +67,9 @@ class SecureAggregation:
         # Distributed DP: clients send rotated, rounded, noised vectors of ddp.padded
         # coordinates instead of the fixed-point layout; the server adds nothing.
         self.ddp = ddp
+        # A noise schedule: round r's plan at its own z (DistributedDp.round_plan); the
+        # ring's size (max_cohort) is the run's.
+        self.ddp_at = ddp_at
         # Malicious server model: node -> (roster identity, Ed25519 public key) it
         # advertised at stage 1 (public; used to drop bad consistency signatures).
         self._signers: dict[int, tuple[str, bytes]] = {}
@@ -245,7 +253,7 @@ class SecureAggregation:
         by_node = {int(m.metadata.dst_node_id): m for m in instructions}
         cohort = sorted(by_node)
         outcome = SecAggOutcome(decoded=None)
-        shape = self._round_shape(cohort, arrays, bound, outcome)
+        shape = self._round_shape(cohort, arrays, bound, outcome, rnd)
         if shape is None:
             return outcome
         pre_advertised = self._keys_for(rnd, cohort)
@@ -304,6 +312,7 @@ class SecureAggregation:
         arrays: Mapping[str, np.ndarray],
         bound: float,
         outcome: SecAggOutcome,
+        rnd: int = 0,
     ) -> RoundShape | None:
         """The round's parameters, vector layout and codec (or distributed-DP round);
         ``None`` with ``outcome.note`` set when the cohort cannot run a secure round."""
@@ -338,7 +347,8 @@ class SecureAggregation:
                 "distributed-DP ring was sized for (sampling randomness only): model unchanged"
             )
             return None
-        ddp_round = self.ddp.round(len(cohort))
+        plan = self.ddp_at(rnd) if self.ddp_at is not None else self.ddp
+        ddp_round = plan.round(len(cohort))
         if layout.num_params != ddp_round.dim:
             raise ValueError(
                 f"the model has {layout.num_params} parameters, the distributed-DP plan "

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from fl_app.client.policy import PolicyViolation, SitePolicy
-from fl_app.protocol import CONFIG_KEY, PUBLIC_METRIC_PREFIX
+from fl_app.protocol import CONFIG_KEY, PUBLIC_METRIC_PREFIX, SPEC_KEY
 from fl_app.secagg import wire
 from fl_app.secagg.client.state import (
     _CORRUPT,
@@ -196,4 +196,32 @@ def _ddp_round(
         )
     except PolicyViolation as err:
         raise SecAggStageError.from_violation(err) from err
+    _check_schedule(config, ddp)
     return ddp
+
+
+def _check_schedule(config: Mapping[str, Any], ddp: Any) -> None:
+    """Under ``privacy.schedule=decay|spend`` the round's ``z`` must reach the least the
+    stated schedule allows in this round, recomputed here (:mod:`fl_app.privacy.ddp_schedule`):
+    the client never takes the server's word for its own noise."""
+    from fl_app.client_spec import SpecError, decode_spec
+    from fl_app.privacy.ddp_schedule import ScheduleViolation, check_round_noise
+
+    try:
+        spec = decode_spec(config.get(SPEC_KEY)) if SPEC_KEY in config else None
+    except SpecError as err:
+        raise SecAggStageError(f"client spec refused: {err}") from err
+    schedule = spec.client_dp.ddp_schedule if spec and spec.client_dp else None
+    if schedule is None:
+        return
+    try:
+        check_round_noise(
+            schedule,
+            _round_of(config),
+            declared=ddp.share_std * math.sqrt(ddp.min_survivors) / ddp.bound,
+            clip=ddp.clip,
+            dim=ddp.dim,
+            bits=ddp.bits,
+        )
+    except ScheduleViolation as err:
+        raise SecAggStageError(str(err), err.field, err.detail) from err
