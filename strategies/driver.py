@@ -48,6 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.compression import RandK
+from fl_app.compression_sketch import CountSketch
 from fl_app.compression_topk import TopK
 from fl_app.protocol import (
     BUDGET_EXHAUSTED,
@@ -187,9 +188,10 @@ class RoundDriver(ReplyExchange, RoundRelease):
         # One node per site identity presented in the run (strategies.site_claims).
         self.site_claims = SiteClaims()
         self._connected: frozenset[int] = frozenset()
-        # share.compression=randk (set by the ServerApp): replies and secure sums are the
-        # round's short vectors, scattered into the model after aggregation.
-        self.compressor: RandK | None = None
+        # share.compression=randk or sketch (set by the ServerApp): replies and secure sums
+        # are the round's short vectors (or sketches), scattered (or unsketched) into the
+        # model after aggregation.
+        self.compressor: RandK | CountSketch | None = None
         # share.compression=topk (set by the ServerApp): each reply is (indices, values),
         # scattered into the model's shape before aggregation (strategies.topk_replies).
         self.sparse: TopK | None = None

@@ -19,6 +19,7 @@ from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from fl_app.compression import RandK
+from fl_app.compression_sketch import CountSketch
 from fl_app.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
 from fl_app.weights import from_array_record, to_array_record
 from strategies.aggregation import apply_update
@@ -40,7 +41,7 @@ class RoundRelease:
     strategy: Strategy
     aggregator: UpdateAggregator
     _privacy_metrics: dict[str, float]
-    compressor: RandK | None
+    compressor: RandK | CountSketch | None
 
     def _wire(self, rnd: int, arrays: Arrays) -> Arrays:
         """The shape of what a client sends this round (the short vector under random-k)."""

@@ -133,12 +133,6 @@ TOPK = ["share.artifact=compressed", "share.compression=topk"]
             ConfigConflictError,
             "leaks",
         ),
-        (
-            ["share.artifact=compressed", "share.compression=sketch"],
-            "share.compression",
-            ConfigConflictError,
-            "not available in this version",
-        ),
     ],
 )
 def test_refused_combinations_fail_before_the_run(

@@ -110,12 +110,19 @@ def _keeping(train: TrainThunk, out: list[dict[str, np.ndarray]]) -> TrainThunk:
 def _compress_stage(
     spec: ClientSpec, rnd: int, context: Context, secure: bool
 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None:
-    """random-k's or top-k's compress stage (``share.compression``; docs/compression.md),
-    or None. top-k's keeps this site's residual in its state folder (error feedback)."""
+    """random-k's, top-k's or the count sketch's compress stage (``share.compression``;
+    docs/compression.md), or None. top-k's keeps this site's residual in its state folder
+    (error feedback). The sketch's clip is the clip stage after this one: it bounds the
+    sketch, which is what is sent (fl_app/compression_sketch.py)."""
     if ShareCompression(spec.share.compression) is ShareCompression.none:
         return None
     if ShareCompression(spec.share.compression) is ShareCompression.topk:
         return topk_stage(spec, context.node_config, secure)
+    if ShareCompression(spec.share.compression) is ShareCompression.sketch:
+        from fl_app.compression_sketch import CountSketch
+
+        sketch = CountSketch(spec.run_key, float(spec.share.ratio), int(spec.share.sketch_rows))
+        return lambda update: sketch.compress(rnd, update)
     from fl_app.compression import RandK
 
     randk = RandK(spec.run_key, float(spec.share.ratio))

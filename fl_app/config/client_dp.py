@@ -66,6 +66,7 @@ __all__ = [
     "model_dimension",
     "planned_population",
     "server_rounds_within_budget",
+    "shared_dimension",
 ]
 
 
@@ -356,6 +357,25 @@ _DIMENSIONS: dict[tuple[str, tuple[int, ...], int, tuple[str, ...]], int] = {}
 
 
 def model_dimension(cfg: AppConfig) -> int:
+    """Length of the vector that leaves a site: the shared parameters (``share.layers``),
+    or what ``share.compression`` makes of them (docs/compression.md)."""
+    d = shared_dimension(cfg)
+    comp = str(getattr(cfg.share.compression, "value", cfg.share.compression))
+    if comp == "randk":
+        # random-k: only k coordinates leave a site (docs/compression.md).
+        from fl_app.compression import compressed_length
+
+        return compressed_length(d, float(cfg.share.ratio))
+    if comp == "sketch":
+        # count sketch: its r·c cells leave a site (fl_app/compression_sketch.py).
+        from fl_app.compression_sketch import sketch_shape
+
+        rows, cols = sketch_shape(d, float(cfg.share.ratio), int(cfg.share.sketch_rows))
+        return rows * cols
+    return d
+
+
+def shared_dimension(cfg: AppConfig) -> int:
     """Number of parameters of ``cfg.model`` that leave a site (``share.layers``; builds
     the model once per model config)."""
     key = (
@@ -372,11 +392,6 @@ def model_dimension(cfg: AppConfig) -> int:
         # size their vectors by them.
         shared, _kept = split_shared(model.state_dict(), list(cfg.share.layers))
         _DIMENSIONS[key] = int(sum(t.numel() for t in shared.values()))
-    if str(getattr(cfg.share.compression, "value", cfg.share.compression)) == "randk":
-        # random-k: only k coordinates leave a site (docs/compression.md).
-        from fl_app.compression import compressed_length
-
-        return compressed_length(_DIMENSIONS[key], float(cfg.share.ratio))
     return _DIMENSIONS[key]
 
 

@@ -25,7 +25,7 @@ class ShareCompression(str, Enum):
     none = "none"  # the whole Δ (today's behaviour)
     randk = "randk"  # the coordinates of a public per-round mask (works under SecAgg/DP)
     topk = "topk"  # the largest |Δ + residual| coordinates (trusted server only; validate_share)
-    sketch = "sketch"  # a count sketch (refused in this version, see validate_share)
+    sketch = "sketch"  # a count sketch with public per-round hashes (works under SecAgg/DP)
 
 
 @dataclass
@@ -38,3 +38,5 @@ class ShareConfig:
     # Compression of Δ (share.artifact=compressed) and the fraction of coordinates kept.
     compression: ShareCompression = ShareCompression.none
     ratio: float = 1.0
+    # Rows r of the count sketch (share.compression=sketch): r·c ≈ ratio·d cells, c columns.
+    sketch_rows: int = 5

@@ -136,14 +136,15 @@ def _check_ftrl(cfg: AppConfig) -> None:
         cfg.secagg.mode.value,
         fix + "is implemented for the trusted server's plaintext sum; set secagg=off",
     )
-    # The tree sums one vector space across rounds; random-k's mask changes every round,
-    # so node noises would not cancel (the model would carry every leaf's noise).
+    # The tree sums one vector space across rounds; random-k's mask and the count
+    # sketch's hashes change every round, so node noises would not cancel (the model
+    # would carry every leaf's noise).
     _check(
         cfg.share.compression.value == "none",
         "share.compression",
         cfg.share.compression.value,
         fix + "sums one fixed coordinate space per tree, and random-k picks new coordinates "
-        "every round; set share.compression=none (share=all)",
+        "(the count sketch new hashes) every round; set share.compression=none (share=all)",
     )
     _check(
         cfg.strategy.name.value in ("fedavg", "fedprox"),

@@ -96,7 +96,10 @@ def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
     this: the sent vector is post-processing of the site's DP-SGD outputs (Δ and the
     residual of earlier Δs), so its support releases nothing about a record beyond the
     record-level ε; the checks above still decide who sees it. random-k, whose mask is
-    public, works under every mode. The count sketch is not available in this version.
+    public, works under every mode, and so does the count sketch, whose hashes are public
+    (the same for every client of a round), so the sketches sum under secure aggregation
+    and distributed DP (DP-FTRL refuses both in validate_privacy: per-round masks and
+    hashes change the tree's vector space every round).
     """
     s = cfg.share
     comp = ShareCompression(s.compression)
@@ -105,7 +108,7 @@ def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
         (artifact is ShareArtifact.compressed) == (comp is not ShareCompression.none),
         "share.artifact",
         artifact.value,
-        "'compressed' goes with share.compression=randk or topk, and share.compression "
+        "'compressed' goes with share.compression=randk, topk or sketch, and share.compression "
         f"{comp.value!r} with share.artifact=compressed; set both or neither",
     )
     if comp is ShareCompression.topk:
@@ -118,9 +121,32 @@ def _check_compression(cfg: AppConfig, artifact: ShareArtifact) -> None:
             "differs per client: it leaks under secure aggregation and local/distributed "
             "DP; use share.compression=randk (a public per-round mask)",
         )
+    if comp is ShareCompression.sketch:
+        _check_sketch(cfg)
+
+
+def _check_sketch(cfg: AppConfig) -> None:
+    """``share.sketch_rows``: an integer >= 1, and at most ``ceil(ratio · d)`` so that the
+    ``r · c`` cells sent (``c >= 1`` columns) stay within the ratio
+    (fl_app/compression_sketch.py)."""
+    from fl_app.compression import compressed_length
+    from fl_app.config.client_dp import shared_dimension
+
+    rows = cfg.share.sketch_rows
     _check(
-        comp is not ShareCompression.sketch,
-        "share.compression",
-        comp.value,
-        f"{comp.value!r} is not available in this version; use share.compression=randk",
+        not isinstance(rows, bool) and isinstance(rows, int) and rows >= 1,
+        "share.sketch_rows",
+        rows,
+        "must be an integer >= 1 (rows of the count sketch; 5 is FetchSGD's choice)",
+        ConfigRangeError,
+    )
+    cells = compressed_length(shared_dimension(cfg), float(cfg.share.ratio))
+    _check(
+        rows <= cells,
+        "share.sketch_rows",
+        rows,
+        f"a sketch of {rows} rows needs at least {rows} cells, and share.ratio="
+        f"{cfg.share.ratio} gives ceil(ratio * d) = {cells}; lower share.sketch_rows or "
+        "raise share.ratio",
+        ConfigRangeError,
     )

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_app.client_spec import ClientDpSpec, encode_spec, spec_from_config
 from fl_app.compression import RandK
+from fl_app.compression_sketch import CountSketch
 from fl_app.compression_topk import TopK
 from fl_app.config.compose import compose_plan, parse_overrides
 from fl_app.config.plan import RunPlan, resolve
@@ -267,10 +268,14 @@ def _wire_driver(
     return _Wired(driver, ledger_writer, checkpoints)
 
 
-def _compressor(cfg: AppConfig, run_key: str) -> RandK | None:
-    """random-k's public per-round mask for this run (share.compression; docs/compression.md);
-    None without compression and under top-k (its replies are scattered one by one)."""
-    if ShareCompression(cfg.share.compression) is not ShareCompression.randk:
+def _compressor(cfg: AppConfig, run_key: str) -> RandK | CountSketch | None:
+    """random-k's public per-round mask or the count sketch's public per-round hashes for
+    this run (share.compression; docs/compression.md); None without compression and under
+    top-k (its replies are scattered one by one)."""
+    comp = ShareCompression(cfg.share.compression)
+    if comp is ShareCompression.sketch:
+        return CountSketch(run_key, float(cfg.share.ratio), int(cfg.share.sketch_rows))
+    if comp is not ShareCompression.randk:
         return None
     return RandK(run_key, float(cfg.share.ratio))
 

@@ -91,6 +91,8 @@ def _open_fresh(
     share: dict[str, Any] = {"artifact": cfg.share.artifact.value, "layers": list(cfg.share.layers)}
     if cfg.share.compression.value != "none":  # docs/compression.md (absent by default)
         share.update(compression=cfg.share.compression.value, ratio=float(cfg.share.ratio))
+    if cfg.share.compression.value == "sketch":  # the rows fix the public hashes
+        share["sketch_rows"] = int(cfg.share.sketch_rows)
     rd.manifest["share"] = share
     rd.start()
     audit = AuditTrail(rd.path, signing_key=signing_key)

@@ -256,6 +256,12 @@ def _bandwidth_summary(cfg: AppConfig, result: DriverResult) -> dict[str, Any] |
 
 def _compression(cfg: AppConfig) -> dict[str, Any]:
     comp = str(getattr(cfg.share.compression, "value", cfg.share.compression))
+    if comp == "sketch":  # the count sketch's size is its rows and the ratio
+        return {
+            "compression": comp,
+            "ratio": float(cfg.share.ratio),
+            "sketch_rows": int(cfg.share.sketch_rows),
+        }
     return {} if comp == "none" else {"compression": comp, "ratio": float(cfg.share.ratio)}
 
 
