@@ -344,7 +344,7 @@ class DistributedRelease:
         event = self.account.current(rnd)
         m = event.cohort
         mean = {k: np.asarray(v, dtype=np.float64) / m for k, v in sum_update.items()}
-        plan = self.account.settings.distributed_at(event.noise_multiplier)  # the round's z
+        plan = self.plan.at(event.noise_multiplier)  # the round's z (privacy.schedule)
         std = plan.gamma * plan.sigma
         metrics: dict[str, float] = {
             "dp_clip": event.clip,
@@ -495,8 +495,3 @@ class DistributedDp(AccountedDp):
     def plan(self) -> DdpPlan:
         assert self.settings.distributed is not None
         return self.settings.distributed
-
-    def round_plan(self, rnd: int) -> DdpPlan:
-        """The plan of round ``rnd`` at the ``z`` its ledger event records (a noise
-        schedule changes ``z``, and with it the ring's ``γ`` and ``Δ₂``)."""
-        return self.settings.distributed_at(self.federation.current(rnd).noise_multiplier)

@@ -18,6 +18,7 @@ from fl_app.config.schema import (
     StrategyName,
     ThreatModel,
 )
+from fl_app.privacy.distributed import DdpPlan
 from fl_app.privacy.ledger import FederationLedger
 from strategies.aggregators import MeanAggregator, UpdateAggregator
 from strategies.budget import BudgetGuard
@@ -119,13 +120,19 @@ def build_driver(
         secagg=SecureAggregation(
             secagg_settings,
             ddp=aggregator.plan if isinstance(aggregator, DistributedDp) else None,
-            ddp_at=aggregator.round_plan if isinstance(aggregator, DistributedDp) else None,
+            ddp_at=_round_plan(aggregator) if isinstance(aggregator, DistributedDp) else None,
         )
         if secagg_settings is not None
         else None,
         round_begin_hooks=round_begin_hooks,
         release_hooks=release_hooks,
     )
+
+
+def _round_plan(aggregator: DistributedDp) -> Callable[[int], DdpPlan]:
+    """Round ``rnd``'s distributed-DP plan at the ``z`` its ledger event records (a noise
+    schedule changes ``z``, and with it the ring's ``γ`` and ``Δ₂``)."""
+    return lambda rnd: aggregator.plan.at(aggregator.federation.current(rnd).noise_multiplier)
 
 
 def _samplers(

@@ -27,7 +27,7 @@ from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.schema import NoiseSchedule
 from fl_app.privacy.ddg_encoding import DdpConfigError
 from fl_app.privacy.ddp_schedule import spend_floor
-from fl_app.privacy.distributed import ddg_epsilon
+from fl_app.privacy.distributed import DdpPlan, ddg_epsilon
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.round_event import RoundEvent
 from fl_app.privacy.schedule import spend_noise, with_noise
@@ -70,7 +70,7 @@ def scheduled_event(
             max(guess, floor),
             project=lambda planned: server_projection([*ledger.events, *planned], ledger.delta),
             event_at=lambda e, z: _at(s, e, z),
-            cap=_ring_cap(s, floor),
+            cap=_ring_cap(s.distributed, floor),
         )
         return _at(s, event, max(z, floor))
     return event
@@ -91,18 +91,17 @@ def server_projection(events: list[RoundEvent], delta: float) -> float:
 def _at(s: ClientDpSettings, event: RoundEvent, z: float) -> RoundEvent:
     """``event`` at ``z``; under distributed DP with the ring's ``τ`` at that ``z``."""
     out = with_noise(event, z)
-    if s.distributed is None:
-        return out
-    return dataclasses.replace(out, ddg_tau=s.distributed_at(z).tau)
+    plan = s.distributed
+    return out if plan is None else dataclasses.replace(out, ddg_tau=plan.at(z).tau)
 
 
-def _ring_cap(s: ClientDpSettings, floor: float) -> float:
+def _ring_cap(plan: DdpPlan, floor: float) -> float:
     """The most noise the run's ring holds (spend never asks the clients for more), found
     by doubling from the floor: a ring that cannot hold ``2^k·floor`` caps at ``2^(k-1)``."""
     z = floor
     for _ in range(30):
         try:
-            s.distributed_at(2.0 * z).scaled_norm  # noqa: B018 - raises when infeasible
+            plan.at(2.0 * z)  # raises when no ring of the plan's bits holds it
         except DdpConfigError:
             return z
         z *= 2.0

@@ -55,6 +55,7 @@ from fl_app.secagg.settings import SecAggSettings
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import DistributedDp
+from strategies.factory import _round_plan
 from strategies.noise_schedule import client_schedule_spec, schedule_lines
 from strategies.secagg import SecureAggregation
 
@@ -152,7 +153,7 @@ def test_decay_ledger_and_round_plans_carry_the_stated_z_and_its_tau() -> None:
         assert agg.begin_round(t, population) is None
         event = agg.ledger.events[-1]
         assert event.noise_multiplier == pytest.approx(z, rel=1e-12)
-        plan = agg.round_plan(t)
+        plan = _round_plan(agg)(t)  # what the factory hands SecureAggregation
         n = plan.max_cohort
         assert event.ddg_tau == pytest.approx(
             _tau_by_hand(z, plan.bound, plan.min_survivors(n), n), rel=1e-9
@@ -290,7 +291,7 @@ def test_spend_ends_within_one_percent_below_max_epsilon_against_the_server() ->
     assert acc.get_epsilon(DELTA) <= independent
     # The floor is tight: 0.1 % less noise over the planned rounds overruns the budget.
     z = floor * 0.999
-    plan = s.distributed_at(z)
+    plan = s.distributed.at(z)
     tighter = dataclasses.replace(events[0], noise_multiplier=z, ddg_tau=plan.tau)
     assert _server_epsilon_by_hand([tighter] * s.num_rounds) > 12.0
 

@@ -48,6 +48,7 @@ from fl_app.config.schema import (
     ThreatModel,
 )
 from fl_app.privacy.composition import calibrate_round_noise, unsampled_epsilon
+from fl_app.privacy.ddp_schedule import plan_floor
 from fl_app.privacy.distributed import DdpPlan
 from fl_app.privacy.history import AccountantName
 from fl_app.privacy.ledger import FederationLedger
@@ -159,16 +160,6 @@ class ClientDpSettings:
             return decayed_noise(self.noise_multiplier, self.decay_rate, rnd)
         return self.noise_multiplier
 
-    def distributed_at(self, z: float) -> DdpPlan:
-        """Distributed DP's plan at noise multiplier ``z`` (a scheduled round's ring: ``γ``,
-        ``Δ₂`` and ``τ`` follow ``z``); the run's own plan at its own ``z``."""
-        plan = self.distributed
-        if plan is None:
-            raise ValueError("distributed_at needs privacy.mode=distributed")
-        if z == plan.noise_multiplier:
-            return plan
-        return dataclasses.replace(plan, noise_multiplier=float(z))
-
     def expected_cohort(self, population: int) -> float:
         """The divisor ``m``: ``q·N`` (Poisson) or the fixed cohort size."""
         if self.sampling is SamplingScheme.poisson:
@@ -230,7 +221,7 @@ class ClientDpSettings:
             if self.clipping is ClippingMode.adaptive
             else None,
             mechanism="ddg" if ddp is not None else "gaussian",
-            ddg_tau=self.distributed_at(z).tau if ddp is not None else None,
+            ddg_tau=ddp.at(z).tau if ddp is not None else None,
             ddg_dimension=ddp.padded if ddp is not None else None,
             branch_delta=self.branch_delta(population),
             encoding_slack=self.encoding_slack(population, clip),
@@ -318,13 +309,9 @@ class ClientDpSettings:
         def settings(z: float) -> ClientDpSettings:
             return cls(noise_multiplier=z, distributed=plan(z), **common)
 
-        if p.noise_multiplier is not None:
-            return settings(float(p.noise_multiplier))
-        if p.schedule is NoiseSchedule.spend:
-            # spend's ring is sized for its floor, the z that spends max_epsilon against
-            # the server over the planned rounds (fl_app.privacy.ddp_schedule).
-            assert p.max_epsilon is not None
-            return settings(_spend_ring_noise(cfg, probe, dim, float(p.max_epsilon)))
+        if p.noise_multiplier is not None or p.schedule is NoiseSchedule.spend:
+            z = p.noise_multiplier or plan_floor(plan, probe.num_rounds, p.max_epsilon, probe.delta)
+            return settings(float(z))  # spend: the floor the clients recompute
         assert p.target_epsilon is not None
         target = float(p.target_epsilon)
         empty = FederationLedger(probe.delta, AccountantName.rdp)
@@ -393,25 +380,6 @@ def shared_dimension(cfg: AppConfig) -> int:
         shared, _kept = split_shared(model.state_dict(), list(cfg.share.layers))
         _DIMENSIONS[key] = int(sum(t.numel() for t in shared.values()))
     return _DIMENSIONS[key]
-
-
-def _spend_ring_noise(cfg: AppConfig, probe: ClientDpSettings, dim: int, budget: float) -> float:
-    """Distributed DP under ``spend``: the schedule's floor (the client computes the same)."""
-    from fl_app.client_spec import DdpScheduleSpec
-    from fl_app.privacy.ddp_schedule import spend_floor
-
-    d = cfg.privacy.distributed
-    spec = DdpScheduleSpec(
-        schedule=NoiseSchedule.spend,
-        num_rounds=probe.num_rounds,
-        max_epsilon=budget,
-        delta=probe.delta,
-        max_cohort=max_cohort(probe.sampling, probe.fraction, probe.planned_population),
-        dropout_tolerance=float(cfg.secagg.dropout_tolerance),
-        beta=float(d.beta),
-        overflow_probability=float(d.overflow_probability),
-    )
-    return spend_floor(spec, clip=probe.clip, dim=dim, bits=int(cfg.secagg.bits))
 
 
 def _calibrate_local(target: float, s: ClientDpSettings) -> float:

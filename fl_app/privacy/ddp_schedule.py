@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 from fl_app.client_spec import DdpScheduleSpec
 from fl_app.config.schema import NoiseSchedule
@@ -53,6 +54,7 @@ __all__ = [
     "ScheduleViolation",
     "check_round_noise",
     "least_noise",
+    "plan_floor",
     "ring_plan",
     "spend_floor",
 ]
@@ -106,15 +108,30 @@ def spend_floor(spec: DdpScheduleSpec, *, clip: float, dim: int, bits: int) -> f
 @functools.lru_cache(maxsize=32)
 def _spend_floor(fields: tuple[object, ...], clip: float, dim: int, bits: int) -> float:
     spec = DdpScheduleSpec(*fields)  # type: ignore[arg-type]
-    target = float(spec.max_epsilon)  # type: ignore[arg-type]
+
+    def plan_at(z: float) -> DdpPlan:
+        return ring_plan(spec, clip=clip, dim=dim, bits=bits, z=z)
+
+    return plan_floor(plan_at, spec.num_rounds, spec.max_epsilon, spec.delta)
+
+
+def plan_floor(
+    plan_at: Callable[[float], DdpPlan], rounds: int, budget: float | None, delta: float
+) -> float:
+    """The smallest ``z`` found (relative precision 1e-6) whose ``rounds`` unsampled
+    rounds of ``plan_at(z)`` keep ε against the server within ``budget``: spend's floor,
+    and the ``z`` its ring is sized for (:mod:`fl_app.config.client_dp`)."""
+    if budget is None:
+        raise ScheduleViolation("privacy.schedule=spend states no max_epsilon")
+    target = float(budget)
 
     def eps(z: float) -> float:
         try:
-            plan = ring_plan(spec, clip=clip, dim=dim, bits=bits, z=z)
+            plan = plan_at(z)
         except DdpConfigError:
             # No ring holds this much noise (nor any more): the server cannot run it.
             return 0.0
-        return ddg_epsilon([(1.0, z, plan.tau, plan.padded, int(spec.num_rounds))], spec.delta)
+        return ddg_epsilon([(1.0, z, plan.tau, plan.padded, int(rounds))], delta)
 
     low, high = 1e-3, 1.0
     while eps(high) > target:  # ε falls as z grows (τ shrinks with z too)

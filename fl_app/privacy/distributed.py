@@ -93,7 +93,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -266,6 +266,13 @@ class DdpPlan:
 
     def min_survivors(self, cohort: int) -> int:
         return _min_survivors(cohort, self.dropout_tolerance)
+
+    def at(self, z: float) -> DdpPlan:
+        """This plan at noise multiplier ``z`` (a noise schedule's round: ``γ``, ``Δ₂`` and
+        ``τ`` follow ``z``; the ring's size stays); itself at its own ``z``."""
+        if z == self.noise_multiplier:
+            return self
+        return replace(self, noise_multiplier=float(z))
 
     def round(self, cohort: int) -> DdpRound:
         """The parameters of a round with ``cohort`` sampled clients."""

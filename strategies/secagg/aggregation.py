@@ -67,7 +67,7 @@ class SecureAggregation:
         # Distributed DP: clients send rotated, rounded, noised vectors of ddp.padded
         # coordinates instead of the fixed-point layout; the server adds nothing.
         self.ddp = ddp
-        # A noise schedule: round r's plan at its own z (DistributedDp.round_plan); the
+        # A noise schedule: round r's plan at its own z (factory._round_plan); the
         # ring's size (max_cohort) is the run's.
         self.ddp_at = ddp_at
         # Malicious server model: node -> (roster identity, Ed25519 public key) it
