@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fl_app.privacy.composition import unsampled_epsilon
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.round_event import RoundEvent
+from strategies.noise_schedule import server_projection
 
 __all__ = ["BudgetGuard", "BudgetVerdict"]
 
@@ -50,11 +51,11 @@ class BudgetGuard:
     def check(self, ledger: FederationLedger, planned: RoundEvent) -> BudgetVerdict:
         if self.against_server:
             most = ledger.most_participation()
-            # Under a noise schedule rounds differ in z: every round at the least noise
-            # (an upper bound, as FederationLedger.server_epsilons takes it).
-            least = min([planned, *ledger.events], key=lambda e: e.noise_multiplier)
-            after = unsampled_epsilon(least, most + 1, ledger.delta, ledger.accountant)
-            now = unsampled_epsilon(least, most, ledger.delta, ledger.accountant)
+            if all(e.noise_multiplier == planned.noise_multiplier for e in ledger.events):
+                after = unsampled_epsilon(planned, most + 1, ledger.delta, ledger.accountant)
+                now = unsampled_epsilon(planned, most, ledger.delta, ledger.accountant)
+            else:  # a noise schedule: rounds differ in z
+                after, now = _worst_client(ledger, planned, most)
             party = (
                 f"against the server (a client already in {most} cohorts, in this one too; "
                 "no sampling amplification)"
@@ -72,3 +73,22 @@ class BudgetGuard:
             "model of the last completed round"
         )
         return BudgetVerdict(False, after, reason)
+
+
+def _worst_client(ledger: FederationLedger, planned: RoundEvent, most: int) -> tuple[float, float]:
+    """ε against the server, after and before ``planned``, of a client already in
+    ``most`` cohorts, when rounds differ in ``z``: the counts do not say which rounds it
+    was in, so they are taken to be the ``most`` least-noised ones (an upper bound).
+    Distributed DP's rounds compose each at its own ``z`` (and ``τ``); others at the
+    least ``z`` of those rounds."""
+    worst = sorted(ledger.events, key=lambda e: e.noise_multiplier)[:most]
+    if all(e.mechanism == "ddg" for e in (planned, *worst)):
+        return (
+            server_projection([planned, *worst], ledger.delta),
+            server_projection(worst, ledger.delta) if worst else 0.0,
+        )
+    least = min((planned, *worst), key=lambda e: e.noise_multiplier)
+    return (
+        unsampled_epsilon(least, most + 1, ledger.delta, ledger.accountant),
+        unsampled_epsilon(least, most, ledger.delta, ledger.accountant),
+    )
