@@ -73,6 +73,16 @@ def test_tiny_sketch_and_its_estimates_worked_by_hand() -> None:
     # Top 2 by magnitude: 4 (coordinate 5), then the lowest index among the 2s.
     np.testing.assert_array_equal(top_estimates(estimate(table, H, S), 2), [2, 0, 0, 0, 0, 4])
     np.testing.assert_array_equal(top_estimates(np.array([-3.0, 1.0, 2.0]), 1), [-3, 0, 0])
+    # Ties among many equal magnitudes go to the lowest indices (an unstable sort would not).
+    many = np.ones(100)
+    many[50:] = -2.0
+    want = np.zeros(100)
+    want[50:60] = -2.0
+    np.testing.assert_array_equal(top_estimates(many, 10), want)
+    # A fifth column no coordinate hashes to stays in the table, as zeros.
+    np.testing.assert_array_equal(
+        sketch_table(X, H, S, 5), [[-1, 6, 0, 2, 0], [0, 2, 2, -1, 0], [4, 0, -3, -2, 0]]
+    )
     with pytest.raises(ValueError, match="do not fit"):
         sketch_table(X[:5], H, S, 4)
 
@@ -152,7 +162,7 @@ def test_decompress_keeps_the_k_largest_estimates_of_the_ratio() -> None:
     expected = np.zeros(40)
     expected[keep] = est[keep]
     np.testing.assert_array_equal(flat, expected)
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match=r"expected \(20,\) \(1 rows x 20 columns\)"):
         sk.decompress(1, {COMPRESSED_KEY: np.zeros(19)}, model)
     with pytest.raises(ValueError, match="holds only"):
         sk.decompress(1, {"w": np.zeros(20)}, model)
