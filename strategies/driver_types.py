@@ -38,6 +38,9 @@ class DriverSettings:
     # How long to wait for min_available_nodes before giving up.
     wait_for_nodes_s: float = 600.0
     poll_interval_s: float = 0.05
+    # runtime.max_in_flight: instructions awaiting replies at once (0 = all; null = the
+    # grid's default, strategies.exchange.in_flight_window).
+    max_in_flight: int | None = None
     limits: ReplyLimits = field(default_factory=ReplyLimits)
     # share.artifact=weights: a train reply holds w_local; the driver takes Δ = w_local −
     # w_global at ingestion, before any check or aggregation sees it.
@@ -48,6 +51,8 @@ class DriverSettings:
             raise ValueError(f"num_rounds must be >= 1, found {self.num_rounds}")
         if self.min_train_replies < 1:
             raise ValueError(f"min_train_replies must be >= 1, found {self.min_train_replies}")
+        if self.max_in_flight is not None and self.max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0 or None, found {self.max_in_flight}")
         if self.min_available_nodes < 1:
             raise ValueError(f"min_available_nodes must be >= 1, found {self.min_available_nodes}")
 

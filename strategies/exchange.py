@@ -22,12 +22,36 @@ from strategies.aggregation import weighted_mean_metrics
 from strategies.driver_types import DriverSettings, StageReport
 from strategies.validation import EvalReply, Rejection, TrainReply, screen_replies
 
-__all__ = ["ReplyExchange"]
+__all__ = ["IN_MEMORY_GRID_WINDOW", "ReplyExchange", "in_flight_window"]
 
 # The driver's logger: one name for every part of the round loop.
 log = logging.getLogger("fl_app.driver")
 
 R = TypeVar("R", TrainReply, EvalReply)
+
+# Instructions in flight at once under Flower's Ray simulation engine (its InMemoryGrid),
+# when runtime.max_in_flight is null. That engine's fleet thread sweeps every node every
+# 0.1 s, and each node's pull scans every stored instruction (flwr 1.42,
+# vce_api.add_messages_to_queue and InMemoryLinkState.get_message_ins): O(nodes x in
+# flight) under the GIL the ServerApp shares. With 1,000 instructions in flight that
+# sweep was most of the driver's CPU (docs/performance.md, Ray driver profile); 64 keeps
+# the actors fed (a sweep hands out up to 64, an actor takes ~7 ms a message).
+IN_MEMORY_GRID_WINDOW = 64
+
+
+def in_flight_window(max_in_flight: int | None, grid: Grid, n: int) -> int:
+    """How many of a stage's ``n`` instructions may await replies at once.
+
+    ``max_in_flight`` is ``runtime.max_in_flight``: 0 sends all at once, N > 0 at most N,
+    null picks :data:`IN_MEMORY_GRID_WINDOW` for Flower's Ray simulation engine and all
+    at once for every other grid (a deployment's sites work in parallel and the
+    in-process grid runs a message when it is pushed).
+    """
+    if max_in_flight is None:
+        from flwr.superlink.grid import InMemoryGrid
+
+        max_in_flight = IN_MEMORY_GRID_WINDOW if isinstance(grid, InMemoryGrid) else 0
+    return max(n, 1) if max_in_flight == 0 else max_in_flight
 
 
 def _public(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -87,22 +111,40 @@ class ReplyExchange:
             )
             for m in sorted(messages, key=lambda m: m.metadata.dst_node_id)
         ]
-        # Grids stamp each pushed message with its id (Flower's InMemoryGrid returns ids
-        # only for the messages it stored, so the returned list cannot be zipped).
-        ids = {mid for mid in grid.push_messages(outgoing) if mid}
-        pushed = [m for m in outgoing if m.metadata.message_id in ids]
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in pushed}
-        pending = set(sent)
+        window = in_flight_window(self.settings.max_in_flight, grid, len(outgoing))
+        waiting = list(outgoing)
+        pushed: list[Message] = []
+        sent: dict[str, int] = {}
+        pending: set[str] = set()
         replies: list[Message] = []
         deadline = time.monotonic() + timeout
-        while pending:
-            got = list(grid.pull_messages(list(pending)))
+        while True:
+            # At the deadline everything left is pushed, so a stage's accounting (sent,
+            # missing) is the same as with no window: an instruction never pushed would
+            # otherwise vanish from it.
+            room = len(waiting) if time.monotonic() >= deadline else window - len(pending)
+            if waiting and room > 0:
+                batch, waiting = waiting[:room], waiting[room:]
+                for m in self._push(grid, batch):
+                    pushed.append(m)
+                    sent[m.metadata.message_id] = m.metadata.dst_node_id
+                    pending.add(m.metadata.message_id)
+            got = list(grid.pull_messages(list(pending))) if pending else []
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or time.monotonic() >= deadline:
+            if not (pending or waiting) or (not waiting and time.monotonic() >= deadline):
                 break
-            time.sleep(self.settings.poll_interval_s)
+            if not got or not waiting:
+                time.sleep(self.settings.poll_interval_s)
         return pushed, replies, sent
+
+    @staticmethod
+    def _push(grid: Grid, batch: list[Message]) -> list[Message]:
+        """Push ``batch``; return the messages the grid stored."""
+        # Grids stamp each pushed message with its id (Flower's InMemoryGrid returns ids
+        # only for the messages it stored, so the returned list cannot be zipped).
+        ids = {mid for mid in grid.push_messages(batch) if mid}
+        return [m for m in batch if m.metadata.message_id in ids]
 
     def _with_node_config(self, content: RecordDict, node_id: int) -> RecordDict:
         """The instruction for one node: shared records plus its own config scalars."""

@@ -104,6 +104,7 @@ def build_driver(
         wait_for_nodes_s=r.train_timeout_s,
         limits=ReplyLimits(r.validation.max_update_norm, r.validation.max_num_examples),
         replies_are_weights=cfg.share.artifact is ShareArtifact.weights,
+        max_in_flight=r.max_in_flight,
     )
     secagg_settings = plan.secagg
     return RoundDriver(

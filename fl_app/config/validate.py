@@ -272,6 +272,12 @@ def _check_runtime(cfg: AppConfig) -> None:
         "use one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
     )
     _in(r.torch_threads >= 1, "runtime.torch_threads", r.torch_threads, "must be >= 1")
+    _in(
+        r.max_in_flight is None or r.max_in_flight >= 0,
+        "runtime.max_in_flight",
+        r.max_in_flight,
+        "must be null (automatic), 0 (all at once) or a positive number of messages",
+    )
     _positive(r.validation.max_update_norm, "runtime.validation.max_update_norm")
     _in(
         r.validation.max_num_examples >= 1,
