@@ -24,7 +24,7 @@ Usage::
 
     python scripts/bench_compression.py                          # 10 rounds, seeds 0 1 2
     python scripts/bench_compression.py --seeds 0 --rounds 3     # quicker
-    python scripts/bench_compression.py --dp 0.3 --out docs      # + DP rows, table and plot
+    python scripts/bench_compression.py --dp 1 --out /tmp/compression  # + DP rows, table, plot
 """
 
 from __future__ import annotations
