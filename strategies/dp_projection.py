@@ -14,14 +14,15 @@ which picks each cohort so sampling amplifies nothing (:func:`against_server_lin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from fl_app.config.client_dp import ClientDpSettings, server_rounds_within_budget
-from fl_app.config.schema import PrivacyMode
+from fl_app.config.schema import NoiseSchedule, PrivacyMode
 from fl_app.privacy.composition import local_epsilon, unsampled_epsilon
 from fl_app.privacy.history import AccountantName
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.round_event import SamplingScheme
-from strategies.noise_schedule import schedule_lines
+from strategies.noise_schedule import schedule_lines, server_projection
 
 __all__ = [
     "against_server_lines",
@@ -105,7 +106,7 @@ def projection_lines(settings: ClientDpSettings) -> list[str]:
             "amplification; the cohorts are secret from them)",
             *against_server_lines(s),
         ]
-        return lines + _budget_lines(s)
+        return lines + schedule_lines(s) + _budget_lines(s)
     lines = [
         f"client-level DP (central, {s.clipping.value} clipping by the {s.clip_side.value}, "
         f"C={s.clip:g}): z={s.noise_multiplier:.4g}, {sampling}, noise std on the mean "
@@ -128,7 +129,7 @@ def likely_server_stop_round(s: ClientDpSettings) -> int | None:
     under Poisson sampling). A sweep must not take the worst case (a client in every
     round) for its refusal: almost every distributed-DP config would be refused.
     """
-    k = server_rounds_within_budget(s)
+    k = _server_rounds(s)
     if k >= s.num_rounds:
         return None
     if k == 0:
@@ -175,7 +176,7 @@ def server_budget_refusal(s: ClientDpSettings) -> str | None:
     stop = likely_server_stop_round(s)
     if stop is None:
         return None
-    k = server_rounds_within_budget(s)
+    k = _server_rounds(s)
     return (
         f"privacy.max_epsilon={s.max_epsilon:g} against the server allows one client {k} "
         f"cohorts, so the run likely stops before round {stop} of {s.num_rounds} (once some "
@@ -187,12 +188,8 @@ def server_budget_refusal(s: ClientDpSettings) -> str | None:
 
 def against_server_lines(s: ClientDpSettings) -> list[str]:
     """ε against the server, which picks and messages each cohort (no amplification)."""
-    template = s.round_event(1, s.planned_population, s.clip)
     expected = max(1, math.ceil(s.fraction * s.num_rounds))
-
-    def eps(k: int) -> float:
-        return unsampled_epsilon(template, k, s.delta, s.accountant)
-
+    eps = _server_epsilon(s)
     return [
         "against the server (it picks the cohort, so sampling amplifies nothing): a client "
         f"in 1 cohort reaches epsilon {eps(1):.4g}, in {expected} (q*rounds, the expected "
@@ -201,12 +198,40 @@ def against_server_lines(s: ClientDpSettings) -> list[str]:
     ]
 
 
+def _server_epsilon(s: ClientDpSettings) -> Callable[[int], float]:
+    """ε against the server of a client in ``k`` cohorts. Under a noise schedule (rounds
+    differ in ``z``) those are taken to be the ``k`` least-noised planned rounds, as the
+    budget guard takes them (:class:`strategies.budget.BudgetGuard`)."""
+    if s.schedule is NoiseSchedule.constant or s.distributed is None:
+        template = s.round_event(1, s.planned_population, s.clip)
+        return lambda k: unsampled_epsilon(template, k, s.delta, s.accountant)
+    ordered = sorted(s.planned_events(), key=lambda e: e.noise_multiplier)
+    return lambda k: server_projection(ordered[:k], s.delta) if k > 0 else 0.0
+
+
+def _server_rounds(s: ClientDpSettings) -> int:
+    """How many cohorts one client may join within ``max_epsilon`` against the server
+    (:func:`server_rounds_within_budget`). Under a schedule: how many of the first planned
+    rounds a client in every cohort may join, which is where the budget guard stops a
+    full-participation run (the dry run's per-round lines); with sampling, a client that
+    joins late under ``decay`` meets less noise, so read it as a projection."""
+    if s.schedule is NoiseSchedule.constant or s.max_epsilon is None:
+        return server_rounds_within_budget(s)
+    planned = s.planned_events()
+    fits = [
+        k
+        for k in range(1, s.num_rounds + 1)
+        if server_projection(planned[:k], s.delta) <= s.max_epsilon
+    ]
+    return max(fits, default=0)
+
+
 def _budget_lines(s: ClientDpSettings) -> list[str]:
     """The federation budget's verdict on the planned rounds (central and distributed)."""
     if s.max_epsilon is None:
         return []
     if s.distributed is not None:
-        k = server_rounds_within_budget(s)
+        k = _server_rounds(s)
         return [
             f"budget: max_epsilon={s.max_epsilon:g} against the server (privacy.threat_model="
             f"distributed_dp) allows one client {k} cohorts: "

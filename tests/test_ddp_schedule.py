@@ -55,6 +55,7 @@ from fl_app.secagg.settings import SecAggSettings
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import DistributedDp
+from strategies.dp_projection import projection_lines
 from strategies.factory import _round_plan
 from strategies.noise_schedule import client_schedule_spec, schedule_lines
 from strategies.secagg import SecureAggregation
@@ -331,6 +332,30 @@ def test_spend_floor_is_what_the_config_plans_and_the_dry_run_prints() -> None:
         "  round 2: z=1",
         "  round 3: z=0.5",
     ]
+
+
+def test_dry_run_of_a_decayed_run_with_a_budget_stops_where_the_guard_would() -> None:
+    plan = compose_plan(
+        "config",
+        [
+            "privacy=distributed",
+            "secagg=secaggplus",
+            "num_rounds=5",
+            "privacy.noise_multiplier=1.0",
+            "privacy.schedule=decay",
+            "privacy.decay_rate=0.8",
+            "privacy.max_epsilon=20",
+        ],
+    )
+    s = plan.client_dp
+    assert s is not None
+    events = s.planned_events()
+    # Everyone in every round (10 of 10): by hand, rounds 1-4 fit in 20 and round 5 not.
+    assert _server_epsilon_by_hand(events[:4]) <= 20.0 < _server_epsilon_by_hand(events)
+    lines = projection_lines(s)
+    assert any(ln.startswith("noise schedule (decay)") for ln in lines)
+    assert any("round 5: z=0.4096 would take epsilon" in ln for ln in lines)
+    assert any("allows one client 4 cohorts" in ln for ln in lines)
 
 
 # -------------------------------------------------------------------- pin, guard
