@@ -59,8 +59,11 @@ MARKER = "BENCH_RESULT "
 BACKENDS = {"inprocess": "inprocess", "ray": "simulation"}  # --backends name -> runtime=
 
 
-def overrides_for(backend: str, num_clients: int, rounds: int) -> list[str]:
+def overrides_for(
+    backend: str, num_clients: int, rounds: int, max_in_flight: int | None = None
+) -> list[str]:
     """Hydra overrides of one setting (identical for every N, so rows compare)."""
+    extra = [] if max_in_flight is None else [f"runtime.max_in_flight={max_in_flight}"]
     return [
         f"runtime={BACKENDS[backend]}",
         "runtime.client_num_cpus=1",
@@ -72,11 +75,14 @@ def overrides_for(backend: str, num_clients: int, rounds: int) -> list[str]:
         "strategy.min_available_nodes=2",
         f"num_rounds={rounds}",
         f"experiment_name=bench_{backend}_{num_clients}",
+        *extra,
     ]
 
 
 # ---------------------------------------------------------------- child process
-def run_one(backend: str, num_clients: int, rounds: int) -> dict[str, Any]:
+def run_one(
+    backend: str, num_clients: int, rounds: int, max_in_flight: int | None = None
+) -> dict[str, Any]:
     """Run one setting in this process and return its measurements."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
@@ -85,7 +91,7 @@ def run_one(backend: str, num_clients: int, rounds: int) -> dict[str, Any]:
     from fl_app.runtime.simulation import run_simulation_experiment
 
     import_s = time.perf_counter() - t_import
-    cfg = compose_config("config", overrides_for(backend, num_clients, rounds))
+    cfg = compose_config("config", overrides_for(backend, num_clients, rounds, max_in_flight))
     with tempfile.TemporaryDirectory(prefix=f"bench-{backend}-{num_clients}-") as tmp:
         run_dir = Path(tmp) / "run"
         t0 = time.perf_counter()
@@ -117,7 +123,7 @@ def run_one(backend: str, num_clients: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def child_main(backend: str, num_clients: int, rounds: int) -> int:
+def child_main(backend: str, num_clients: int, rounds: int, max_in_flight: int | None) -> int:
     """``--one``: silence fd 1 (progress, Ray's forwarded logs), print JSON on the real one."""
     sys.stdout.flush()
     real_stdout = os.dup(1)
@@ -125,7 +131,7 @@ def child_main(backend: str, num_clients: int, rounds: int) -> int:
     os.dup2(devnull, 1)
     os.close(devnull)
     try:
-        result: dict[str, Any] = run_one(backend, num_clients, rounds)
+        result: dict[str, Any] = run_one(backend, num_clients, rounds, max_in_flight)
         rc = 0
     except BaseException as ex:  # reported in the table, not hidden
         result = {"backend": backend, "clients": num_clients, "error": f"{type(ex).__name__}: {ex}"}
@@ -204,9 +210,25 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_setting(
-    backend: str, num_clients: int, rounds: int, timeout: float, sample_s: float = 0.5
+    backend: str,
+    num_clients: int,
+    rounds: int,
+    timeout: float,
+    sample_s: float = 0.5,
+    *,
+    max_in_flight: int | None = None,
+    flwr_overlay: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one setting in a fresh subprocess, sampling its session's memory; never raises."""
+    """Run one setting in a fresh subprocess, sampling its session's memory; never raises.
+
+    ``flwr_overlay`` (measurement only) is put first on the child's ``PYTHONPATH`` (Ray's
+    workers inherit it): a folder holding a patched copy of the ``flwr`` package, e.g.
+    with docs/flower-linkstate-index.patch applied.
+    """
+    env = dict(os.environ)
+    if flwr_overlay is not None:
+        paths = [str(flwr_overlay.resolve()), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -215,7 +237,7 @@ def run_setting(
         str(num_clients),
         "--rounds",
         str(rounds),
-    ]
+    ] + ([] if max_in_flight is None else ["--max-in-flight", str(max_in_flight)])
     peak_pss = peak_rss = peak_procs = 0
     # CPU used by processes outside the setting while it ran ("other CPU"): a busy
     # machine makes every number here suspect, so the table says how busy it was.
@@ -228,6 +250,7 @@ def run_setting(
             cmd,
             stdout=out_f,
             stderr=err_f,
+            env=env,
             start_new_session=True,  # its own session: memory sampling, and a timeout kills Ray
         )
         timed_out = False
@@ -389,6 +412,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds before a setting is killed and reported as dropped (default 480)",
     )
     p.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="runtime.max_in_flight for every setting (default: the config's, null)",
+    )
+    p.add_argument(
+        "--flwr-overlay",
+        type=Path,
+        help="measurement only: a folder holding a patched copy of the flwr package, put "
+        "first on the settings' PYTHONPATH (docs/flower-linkstate-index.patch)",
+    )
     p.add_argument("--one", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -398,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     if args.one:
-        return child_main(args.one[0], int(args.one[1]), args.rounds)
+        return child_main(args.one[0], int(args.one[1]), args.rounds, args.max_in_flight)
     clients = [10, 100] if args.quick else [int(c) for c in args.clients.split(",") if c]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -413,7 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     for n in clients:
         for backend in backends:
             print(f"... {backend} with {n} clients", file=sys.stderr, flush=True)
-            r = run_setting(backend, n, args.rounds, args.timeout)
+            r = run_setting(
+                backend,
+                n,
+                args.rounds,
+                args.timeout,
+                max_in_flight=args.max_in_flight,
+                flwr_overlay=args.flwr_overlay,
+            )
             results.append(r)
             if "error" in r:
                 print(f"    failed: {r['error']}", file=sys.stderr, flush=True)
