@@ -200,12 +200,18 @@ def test_a_short_pool_gives_what_is_left_and_a_dropped_client_stays_used() -> No
 
 def test_the_factory_caps_only_once_per_tree_ftrl() -> None:
     fixed = FixedSizeSampler(0.1, seed=1)
-    capped = with_participation_cap(fixed, DpFtrl(_settings()))
+    once = DpFtrl(_settings())
+    capped = with_participation_cap(fixed, once)
     assert isinstance(capped, OncePerTreeSampler) and capped.inner is fixed
+    assert capped.account is once.tree_account  # the cap follows the release's own tree
     arbitrary = DpFtrl(_settings(ftrl_participation="arbitrary"))
     assert with_participation_cap(fixed, arbitrary) is fixed
-    with pytest.raises(ValueError, match=r"needs strategy\.sampling=fixed"):
+    with pytest.raises(ValueError) as err:
         with_participation_cap(PoissonSampler(0.1, seed=1), DpFtrl(_settings()))
+    assert str(err.value) == (
+        "privacy.ftrl.participation=once_per_tree needs strategy.sampling=fixed "
+        "(the validator refuses anything else)"
+    )
 
 
 # ---------------------------------------------------------------- validation
@@ -251,10 +257,14 @@ def test_once_per_tree_refusals_name_the_field_and_the_fix() -> None:
         check_privacy(one_tree)
     poisson = copy.deepcopy(cfg)
     poisson.strategy.sampling = SamplingMode.poisson
-    with pytest.raises(
-        ConfigConflictError, match=r"strategy\.sampling.*set strategy\.sampling=fixed"
-    ):
+    with pytest.raises(ConfigConflictError) as err:
         check_privacy(poisson)
+    assert str(err.value) == (
+        "config error in `strategy.sampling` (found 'poisson'): "
+        "privacy.ftrl.participation=once_per_tree draws fixed-size cohorts from the "
+        "clients not yet in the tree; set strategy.sampling=fixed (DP-FTRL's epsilon "
+        "uses no amplification, so Poisson sampling gains nothing)"
+    )
     arbitrary = copy.deepcopy(poisson)
     arbitrary.privacy.ftrl.participation = FtrlParticipation.arbitrary
     check_privacy(arbitrary)  # the cap's checks only apply to the cap

@@ -72,8 +72,10 @@ def _epsilon_of(events: Sequence[RoundEvent], delta: float, accountant: Accounta
 def _mechanism_epsilon(
     events: Sequence[RoundEvent], delta: float, accountant: AccountantName
 ) -> float:
-    # No-op rounds (once-per-tree DP-FTRL between powers of two) add no loss.
-    blocks = [b for b in _blocks(events) if b.key.kind != "noop"]
+    # No-op rounds (once-per-tree DP-FTRL between powers of two) add no loss; dropped
+    # before blocking, so the rounds around them compose as one block (one PLD
+    # self-composition, not one convolution per round).
+    blocks = _blocks([e for e in events if e.accounting_key().kind != "noop"])
     if not blocks:
         return 0.0
     kinds = {b.key.kind for b in blocks}
