@@ -42,6 +42,7 @@ from fl_app.privacy.ddp_schedule import (
     ScheduleViolation,
     check_round_noise,
     least_noise,
+    plan_floor,
     spend_floor,
 )
 from fl_app.privacy.distributed import RDP_ORDERS, DdpPlan
@@ -79,6 +80,21 @@ def _spec(**kw: Any) -> DdpScheduleSpec:
     )
     base.update(kw)
     return DdpScheduleSpec(**base)
+
+
+_EVENT = RoundEvent(
+    round=1,
+    sampling=SamplingScheme.poisson,
+    population=4,
+    sample_rate=1.0,
+    cohort=4.0,
+    noise_multiplier=1.0,
+    clip=1.0,
+    update_noise_multiplier=1.0,
+    mechanism="ddg",
+    ddg_tau=0.0,
+    ddg_dimension=1,
+)
 
 
 def _tau_by_hand(z: float, bound: float, n_min: int, n: int) -> float:
@@ -119,8 +135,8 @@ def test_decay_least_noise_is_the_stated_formula_by_hand() -> None:
     assert [least_noise(odd, t, **ring) for t in range(1, 10)] == [
         decayed_noise(1.7, 0.83, t) for t in range(1, 10)
     ]
-    for bad in (0, 5, -1):
-        with pytest.raises(ScheduleViolation, match=f"round {bad}"):
+    for bad in (0, 5, -1, True):
+        with pytest.raises(ScheduleViolation, match=f"round {bad!r} lies outside the 4"):
             least_noise(spec, bad, **ring)
     assert check_round_noise(spec, 3, declared=0.5, **ring) == 0.5
     with pytest.raises(ScheduleViolation, match="round 3") as info:
@@ -128,6 +144,74 @@ def test_decay_least_noise_is_the_stated_formula_by_hand() -> None:
     assert info.value.field == "privacy.schedule"
     with pytest.raises(ScheduleViolation, match="states no schedule"):
         least_noise(_spec(schedule=NoiseSchedule.constant), 1, **ring)
+
+
+def _small_ring(**kw: Any) -> DdpScheduleSpec:
+    """A ring so small (8 bits, one coordinate) that every plan parameter moves tau."""
+    base: dict[str, Any] = dict(
+        schedule=NoiseSchedule.spend,
+        num_rounds=2,
+        max_epsilon=60.0,
+        max_cohort=4,
+        dropout_tolerance=0.25,
+        beta=0.5,
+        overflow_probability=1e-7,
+    )
+    base.update(kw)
+    return _spec(**base)
+
+
+def test_spend_floor_by_hand_on_a_small_ring() -> None:
+    from fl_app.privacy import ddp_schedule
+
+    ddp_schedule._spend_floor.cache_clear()  # compute it here, not from an earlier test
+    spec = _small_ring()
+    ring = dict(clip=2.0, dim=1, bits=8)
+    floor = spend_floor(spec, **ring)
+
+    def eps(z: float) -> float:
+        plan = DdpPlan(
+            clip=2.0,
+            dim=1,
+            bits=8,
+            noise_multiplier=z,
+            max_cohort=4,
+            dropout_tolerance=0.25,
+            beta=0.5,
+            overflow_probability=1e-7,
+        )
+        tau = _tau_by_hand(z, plan.bound, 3, 4)  # n_min = ceil(0.75 * 4) = 3
+        assert tau * plan.padded > 0.05  # tau matters on this ring
+        event = dataclasses.replace(_EVENT, noise_multiplier=z, ddg_tau=tau, ddg_dimension=1)
+        return _server_epsilon_by_hand([event, event])
+
+    # The smallest z within the budget, to the search's precision (1e-6 relative).
+    assert eps(floor) <= 60.0 < eps(floor * (1 - 1e-6))
+    # What the client checks in a spend round is that floor, in every planned round.
+    assert least_noise(spec, 1, **ring) == least_noise(spec, 2, **ring) == floor
+    assert check_round_noise(spec, 2, declared=floor, **ring) == floor
+    with pytest.raises(ScheduleViolation, match=r"round 2: .* privacy\.schedule=spend"):
+        check_round_noise(spec, 2, declared=floor * 0.999, **ring)
+    with pytest.raises(ScheduleViolation, match=r"^privacy\.schedule=spend states no max_epsilon$"):
+        spend_floor(_small_ring(max_epsilon=None), **ring)
+    with pytest.raises(ScheduleViolation, match=r"^privacy\.schedule=spend states no max_epsilon$"):
+        plan_floor(lambda z: DdpPlan(1.0, 1, 8, z, 4, 0.25), 2, None, DELTA)
+
+
+def test_spend_floor_stops_at_what_the_ring_holds() -> None:
+    from fl_app.privacy import ddp_schedule
+    from fl_app.privacy.ddg_encoding import DdpConfigError
+
+    ddp_schedule._spend_floor.cache_clear()
+    # A budget so small that no 8-bit ring holds the noise it needs: the floor is the
+    # ring's capacity (about 19 here), never the search's cap of 1e4, and the config's
+    # plan at it then fails naming secagg.bits.
+    spec = _small_ring(max_epsilon=0.05)
+    floor = spend_floor(spec, clip=2.0, dim=1, bits=8)
+    assert 1.0 < floor < 100.0
+    with pytest.raises(DdpConfigError, match=r"secagg\.bits="):
+        DdpPlan(2.0, 1, 8, floor, 4, 0.25, beta=0.5, overflow_probability=1e-7)
+    DdpPlan(2.0, 1, 8, floor * (1 - 1e-5), 4, 0.25, beta=0.5, overflow_probability=1e-7)
 
 
 def _decay_settings(rounds: int = 3) -> Any:
@@ -247,6 +331,16 @@ def test_the_refusal_is_structured_and_names_the_schedule_and_the_round() -> Non
     refusal = secagg_refusal(err)
     assert isinstance(refusal, PolicyRefusal) and refusal.field == "privacy.schedule"
     _check_schedule(config, ddp)  # 0.3 >= 0.25: accepted
+    with pytest.raises(SecAggStageError, match=r"^client spec refused: client spec is not"):
+        _check_schedule(ConfigRecord({"server-round": 3, "fl-app.spec": "{"}), ddp)
+    # spend: the floor of the round's own ring (clip, dimension, bits of the parameters).
+    ring = _small_ring()
+    floor = spend_floor(ring, clip=2.0, dim=1, bits=8)
+    at = DdpPlan(2.0, 1, 8, floor, 4, 0.25, beta=0.5, overflow_probability=1e-7).round(4)
+    _check_schedule(_config(1, ring), at)
+    with pytest.raises(SecAggStageError, match="round 1") as info:
+        _check_schedule(_config(1, ring), dataclasses.replace(at, share_std=at.share_std * 0.999))
+    assert info.value.field == "privacy.schedule"
     # No spec, or a spec without a schedule: nothing to check (constant noise).
     _check_schedule(ConfigRecord({"server-round": 3}), ddp)
 
@@ -368,10 +462,17 @@ def test_the_schedule_is_pinned_for_the_run() -> None:
 
     refuse_downgrade(ctx, spec(_spec()), "train", secure, False)
     refuse_downgrade(ctx, spec(_spec()), "train", secure, False)  # the same: fine
-    for other in (_spec(decay_rate=0.9), None):
+    for other, word in ((_spec(decay_rate=0.9), "another"), (None, "none")):
         with pytest.raises(PolicyRefusal) as info:
             refuse_downgrade(ctx, spec(other), "train", secure, False)
         assert info.value.field == "privacy.schedule"
+        assert str(info.value) == (
+            "site policy `privacy.schedule`: this run's distributed-DP noise schedule was "
+            f"stated at its start and this instruction states {word} (the client checks "
+            "each round's noise against the first), refused"
+        )
+    # A distributed-DP spec without client-level DP settings states no schedule.
+    refuse_downgrade(ctx, ClientSpec(run_key="t", client_dp=None), "train", secure, False)
     # Another run key starts unpinned.
     refuse_downgrade(ctx, ClientSpec(run_key="s", client_dp=ClientDpSpec()), "train", secure, False)
 
