@@ -9,6 +9,7 @@ Federation starts warm launchers by default. These are the fast unit guarantees.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import ClassVar
@@ -39,11 +40,12 @@ def _boom() -> None:
 
 @pytest.mark.parametrize(
     ("case", "expected"),
-    [(0, 0), (1, 0), (2, 0), (3, 7), (4, 1), (5, 1)],
+    [(0, 0), (1, 0), (2, 0), (3, 7), (4, 1), (5, 1), (6, 0)],
 )
 def test_child_exit_code_is_the_tasks(case: int, expected: int) -> None:
     # Parametrized by index (mutmut): return, SystemExit(None), SystemExit(0),
-    # SystemExit(7) as flwr_exit leaves, SystemExit("text"), an exception.
+    # SystemExit(7) as flwr_exit leaves, SystemExit("text"), an exception, a stdout whose
+    # flush fails (the child still leaves with its own code).
     runs = [
         lambda: None,
         lambda: _exit_with(None),
@@ -51,10 +53,35 @@ def test_child_exit_code_is_the_tasks(case: int, expected: int) -> None:
         lambda: _exit_with(7),
         lambda: _exit_with("text"),
         _boom,
+        _break_stdout,
     ]
-    pid = warm.run_task_in_child(runs[case])
+    pid = _fork_guarded(runs[case])
     assert pid != os.getpid()
     assert _wait(pid) == expected
+
+
+class _BadStream:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        raise OSError("stdout gone")
+
+
+def _break_stdout() -> None:
+    sys.stdout = _BadStream()  # type: ignore[assignment]  # in the child only
+
+
+def _fork_guarded(run) -> int:
+    """run_task_in_child, where a child that escaped back into the caller (it must leave
+    through os._exit) ends with status 99 instead of running the rest of the session."""
+    me = os.getpid()
+    try:
+        return warm.run_task_in_child(run)
+    except BaseException:
+        if os.getpid() != me:
+            os._exit(99)
+        raise
 
 
 def test_a_message_never_sees_the_previous_ones_module_state() -> None:
@@ -141,13 +168,55 @@ def test_supervise_returns_the_supernodes_status_and_stops_the_launcher() -> Non
     assert time.monotonic() - t0 < 30  # the 60 s launcher was stopped, not waited for
 
 
-def test_supervise_stops_a_supernode_whose_launcher_died() -> None:
+def test_supervise_stops_a_supernode_whose_launcher_died(capfd) -> None:
     t0 = time.monotonic()
     code = warm.supervise(
         _py("import time; time.sleep(60)"), lambda pid: _py("raise SystemExit(5)"), os.environ
     )
     assert code == 1
     assert time.monotonic() - t0 < 30
+    assert "warm ClientApp launcher exited (5); stopping the SuperNode\n" in capfd.readouterr().err
+
+
+def test_supervise_gives_both_processes_its_environment() -> None:
+    env = {**os.environ, "FL_APP_TEST_SUPERVISE": "3"}
+    # The launcher exits at once only if it got env (else it would sleep 60 s) ...
+    launcher = _py(
+        "import os, time; time.sleep(0 if os.environ.get('FL_APP_TEST_SUPERVISE') else 60)"
+    )
+    t0 = time.monotonic()
+    assert warm.supervise(_py("import time; time.sleep(60)"), lambda pid: launcher, env) == 1
+    assert time.monotonic() - t0 < 30
+    # ... and the SuperNode's status is the variable's value only if it got env.
+    node = _py("import os, sys; sys.exit(int(os.environ.get('FL_APP_TEST_SUPERVISE', '9')))")
+    sleeper = _py("import time; time.sleep(60)")
+    assert warm.supervise(node, lambda pid: sleeper, env) == 3
+
+
+def test_supervise_terminates_a_launcher_still_running_at_the_end(tmp_path) -> None:
+    pid_file = tmp_path / "launcher.pid"
+    launcher = _py(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                   "time.sleep(60)")  # fmt: skip
+    node = _py(f"import os, time, sys\nwhile not os.path.exists({str(pid_file)!r}): "
+               "time.sleep(0.05)\ntime.sleep(0.2)\nsys.exit(0)")  # fmt: skip
+    assert warm.supervise(node, lambda pid: launcher, os.environ) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # stopped and reaped
+
+
+def test_supervise_forwards_sigterm_to_the_supernode() -> None:
+    """A SIGTERM to ``fl-app deploy supernode`` (here sent by the SuperNode stand-in to its
+    parent, once supervise is running) reaches the SuperNode, whose status is returned."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    node = _py(
+        "import os, signal, time\ntime.sleep(0.3)\nos.kill(os.getppid(), signal.SIGTERM)\n"
+        "time.sleep(60)"
+    )
+    code = warm.supervise(node, lambda pid: _py("import time; time.sleep(60)"), os.environ)
+    assert code == -signal.SIGTERM  # the SuperNode got the signal and ended by it
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler restored
 
 
 class _FakeRuntime:
@@ -207,10 +276,15 @@ def test_serve_polls_acquires_and_hands_each_task_to_the_launcher(monkeypatch) -
 
     monkeypatch.setattr(runtime.RuntimeHttpClient, "from_server_address", from_server_address)
     monkeypatch.setattr(warm, "Launcher", _FakeLauncher)
+    import flwr.supercore.app_utils as app_utils
+
+    monitored: list[int] = []
+    monkeypatch.setattr(app_utils, "start_parent_process_monitor", monitored.append)
     _FakeLauncher.made.clear()
     sleeps: list[float] = []
     monkeypatch.setattr(warm.time, "sleep", sleeps.append)
-    warm.serve("127.0.0.1:9111", poll_seconds=0.25, max_tasks=2)
+    warm.serve("127.0.0.1:9111", parent_pid=4321, poll_seconds=0.25, max_tasks=2)
+    assert monitored == [4321]  # the launcher exits with its SuperNode
     (launcher,) = _FakeLauncher.made
     assert launcher.address == "127.0.0.1:9111"
     assert launcher.calls == [
@@ -222,6 +296,13 @@ def test_serve_polls_acquires_and_hands_each_task_to_the_launcher(monkeypatch) -
     (kwargs,) = made
     assert kwargs["server_address"] == "127.0.0.1:9111"
     assert kwargs["insecure"] is True and kwargs["root_certificates"] is None
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import RetryInvoker
+
+    (interceptor,) = kwargs["interceptors"]  # type: ignore[misc]
+    assert isinstance(interceptor, RuntimeVersionHttpInterceptor)
+    assert interceptor._metadata.component_name == "SuperExec"  # as flower-superexec says
+    assert isinstance(kwargs["retry_invoker"], RetryInvoker)
 
 
 def test_main_preloads_then_serves_with_its_arguments(monkeypatch, capsys) -> None:
@@ -232,10 +313,43 @@ def test_main_preloads_then_serves_with_its_arguments(monkeypatch, capsys) -> No
                "--poll-seconds", "0.5"])  # fmt: skip
     assert got == [(("127.0.0.1:9",), {"parent_pid": 77, "poll_seconds": 0.5})]
     out = capsys.readouterr().out
-    assert out.startswith("warm ClientApp launcher: preloaded in ")
-    assert "(not installed: ['missing_mod'])" in out
+    assert re.fullmatch(
+        r"warm ClientApp launcher: preloaded in (\d+\.\d)s \(not installed: \['missing_mod'\]\)\n",
+        out,
+    )
+    assert float(out.split(" in ")[1].split("s")[0]) < 60  # seconds taken, not a clock
+    monkeypatch.setattr(warm, "preload", lambda: [])
+    warm.main(["--runtime-api-address", "b:2"])
+    assert re.fullmatch(
+        r"warm ClientApp launcher: preloaded in \d+\.\ds\n", capsys.readouterr().out
+    )
     warm.main(["--runtime-api-address", "a:1"])
-    assert got[1] == (("a:1",), {"parent_pid": None, "poll_seconds": warm.POLL_SECONDS})
+    assert got[2] == (("a:1",), {"parent_pid": None, "poll_seconds": warm.POLL_SECONDS})
+    with pytest.raises(SystemExit) as ex:
+        warm.main([])
+    assert ex.value.code == 2
+    assert "the following arguments are required: --runtime-api-address" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        warm.main(["--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m fl_app.deploy.warm_clientapp ")
+    assert "\nWarm ClientApp launcher for a SuperNode with --isolation process\n" in usage
+
+
+def test_main_flushes_its_line_before_serving_forks(monkeypatch, tmp_path) -> None:
+    """With a block-buffered stdout (a log file, no PYTHONUNBUFFERED) the preload line is
+    written once: left in the buffer, every forked message would write it again."""
+    import io
+
+    path = tmp_path / "out.txt"
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(open(path, "wb", buffering=65536)))  # noqa: SIM115
+    monkeypatch.setattr(warm, "preload", lambda: [])
+    monkeypatch.setattr(warm, "serve", lambda *a, **k: _wait(warm.run_task_in_child(lambda: None)))
+    warm.main(["--runtime-api-address", "a:1"])
+    sys.stdout.flush()
+    assert path.read_text().count("warm ClientApp launcher: preloaded in ") == 1
     assert warm.POLL_SECONDS == 0.05
 
 
@@ -250,9 +364,14 @@ def test_run_message_runs_flowers_clientapp_with_the_memo_install(monkeypatch, t
     runs: list[dict[str, object]] = []
     monkeypatch.setattr(rc, "run_clientapp", lambda **k: runs.append(k))
     r, w = os.pipe()
+    report_r, report_w = os.pipe()
+    closed_r, closed_w = os.pipe()
+    os.close(closed_r)
+    os.close(closed_w)  # an fd already closed must not stop the message
     sha_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    sha_empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     warm.run_message("127.0.0.1:9", "tok", parent_pid=42, memo=(sha_abc, tmp_path / "m"),
-                     report_fd=None, close_fds=[r, w])  # fmt: skip
+                     report_fd=report_w, close_fds=[closed_r, r, w])  # fmt: skip
     assert runs == [
         {"runtime_api_address": "127.0.0.1:9", "token": "tok", "insecure": True,
          "certificates": None, "parent_pid": 42, "runtime_dependency_install": False}
@@ -262,5 +381,8 @@ def test_run_message_runs_flowers_clientapp_with_the_memo_install(monkeypatch, t
             os.fstat(fd)
     assert rc.install_from_fab(b"abc", skip_prompt=True) == tmp_path / "m"
     assert flower_calls == []
-    assert rc.install_from_fab(b"abd", skip_prompt=True) == tmp_path
-    assert flower_calls == [b"abd"]
+    assert rc.install_from_fab(b"", skip_prompt=True) == tmp_path
+    assert flower_calls == [b""]
+    os.close(report_w)
+    assert os.read(report_r, 4096) == f"{sha_empty}\t{tmp_path}\n".encode()
+    os.close(report_r)
