@@ -345,6 +345,20 @@ def test_compare_evaluates_both_models_on_the_real_test_rows(tmp_path: Path) -> 
         compare_runs(tmp_path / "sur", tmp_path / "real")
 
 
+def test_compare_refuses_a_run_whose_sites_kept_layers(tmp_path: Path) -> None:
+    """A body-only release (share.layers) has no full model to score: refused by name,
+    not a bare missing-keys error and not a score with the head at its initial values."""
+    from fl_app.synth.compare import compare_runs
+
+    real_cfg, sur_cfg = _cfg(), _cfg()
+    real_cfg.share.layers = ["net.1.*"]
+    real_cfg.server_eval = False
+    _run_dir(tmp_path / "real", real_cfg, seed=1)
+    _run_dir(tmp_path / "sur", sur_cfg, seed=2)
+    with pytest.raises(SynthError, match=r"share.layers=\['net.1.\*'\].*kept \['net.3.bias'"):
+        compare_runs(tmp_path / "real", tmp_path / "sur")
+
+
 def test_surrogate_folder_problems_name_the_field(tmp_path: Path) -> None:
     """Each way a surrogate folder can be wrong is a DataError saying what to fix."""
     from dataclasses import replace

@@ -51,9 +51,24 @@ def _load(run_dir: Path) -> tuple[Any, dict[str, Any], Any]:
         raise SynthError(f"{model_path} does not hash to its summary.json model_sha256")
     arrays, _ = load_safetensors(model_path)
     model = build_model(cfg.model, cfg.dataset.input_shape, cfg.dataset.num_classes, seed=0)
+    _refuse_body_only(run_dir, cfg, model)
     load_ndarrays(model, arrays)
     model.eval()
     return cfg, summary, model
+
+
+def _refuse_body_only(run_dir: Path, cfg: Any, model: Any) -> None:
+    """A run whose sites kept layers (``share.layers``) released no full model to score:
+    filling the kept layers with initial values would compare a model nobody holds."""
+    from fl_app.share_layers import split_shared
+
+    _shared, kept = split_shared(model.state_dict(), list(cfg.share.layers))
+    if kept:
+        raise SynthError(
+            f"{run_dir} ran with share.layers={list(cfg.share.layers)}: the sites kept "
+            f"{sorted(kept)}, so its released model is partial and cannot be scored on the "
+            "test set; compare runs with share.layers=['*'] (share=all)"
+        )
 
 
 def _accuracy(model: Any, cfg: Any) -> tuple[float, int]:
