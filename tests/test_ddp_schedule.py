@@ -24,7 +24,9 @@ What is checked, each against values worked out independently of the code under 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import dp_accounting
@@ -33,10 +35,11 @@ import pytest
 from dp_accounting.rdp import compute_epsilon
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fl_app.client.app import app as client_app
 from fl_app.client.downgrade import refuse_downgrade
 from fl_app.client.refusal import PolicyRefusal, secagg_refusal
 from fl_app.client_spec import ClientDpSpec, ClientSpec, DdpScheduleSpec, encode_spec
-from fl_app.config.compose import compose_plan
+from fl_app.config.compose import compose_config, compose_plan
 from fl_app.config.schema import NoiseSchedule
 from fl_app.privacy.ddp_schedule import (
     ScheduleViolation,
@@ -53,6 +56,7 @@ from fl_app.privacy.schedule import decayed_noise
 from fl_app.runtime.inprocess import InProcessGrid
 from fl_app.secagg.params import GraphMode
 from fl_app.secagg.settings import SecAggSettings
+from fl_app.server.app import run_experiment
 from fl_app.testing.secagg_client import fixed_update_client, grid_exchange
 from strategies.budget import BudgetGuard
 from strategies.dp_aggregators import DistributedDp
@@ -450,6 +454,40 @@ def test_dry_run_of_a_decayed_run_with_a_budget_stops_where_the_guard_would() ->
     assert any(ln.startswith("noise schedule (decay)") for ln in lines)
     assert any("round 5: z=0.4096 would take epsilon" in ln for ln in lines)
     assert any("allows one client 4 cohorts" in ln for ln in lines)
+
+
+def test_a_decayed_run_through_the_real_client_app(tmp_path: Path) -> None:
+    """Every client checks, pins and runs each round's stated z; the ledger records it."""
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "federated_eval_every=0",
+            "privacy=distributed",
+            "secagg=secaggplus",
+            "secagg.bits=16",
+            "secagg.stage_timeout_s=5",
+            "num_rounds=2",
+            "privacy.noise_multiplier=0.6",
+            "privacy.schedule=decay",
+            "privacy.decay_rate=0.5",
+        ],
+    )
+    grid = InProcessGrid(client_app, cfg.dataset.num_partitions, seed=cfg.seed)
+    try:
+        summary = run_experiment(grid, cfg, tmp_path / "run", progress=False)
+    finally:
+        grid.close()
+    assert summary["status"] == "completed"
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["secagg_contributors"] for r in lines] == [10, 10]
+    ledger = FederationLedger.from_json((tmp_path / "run" / "privacy_ledger.json").read_text())
+    assert [e.noise_multiplier for e in ledger.events] == [0.6, 0.3]  # 0.6 * 0.5^(t-1)
+    # The sum's noise in model units is z * gamma * Delta_2 of each round's own ring.
+    for line, z in zip(lines, (0.6, 0.3), strict=True):
+        plan = DdpPlan(1.0, 4810, 16, z, 10, 0.2)
+        assert line["dp_noise_std_sum"] == pytest.approx(z * plan.gamma * plan.bound, rel=1e-9)
+        assert line["ddp_gamma"] == pytest.approx(plan.gamma, rel=1e-12)
 
 
 # -------------------------------------------------------------------- pin, guard
