@@ -29,6 +29,7 @@ from fl_app.config.validate_privacy import check_privacy
 from fl_app.privacy.history import AccountantName
 from fl_app.privacy.ledger import FederationLedger
 from fl_app.privacy.round_event import RoundEvent, SamplingScheme
+from fl_app.privacy.tree import ftrl_round_event
 from strategies.ftrl import DpFtrl, ftrl_summary
 from strategies.ftrl_cap import OncePerTreeSampler, with_participation_cap
 from strategies.sampling import FixedSizeSampler, PoissonSampler
@@ -140,8 +141,12 @@ def test_tree_position_belongs_to_tree_once_events_only() -> None:
         RoundEvent(**kw, mechanism="tree_once")
     with pytest.raises(ValueError, match="tree_position is an int >= 1 exactly for"):
         RoundEvent(**kw, mechanism="tree", tree_position=1)
-    with pytest.raises(ValueError, match="found 0"):
-        RoundEvent(**kw, mechanism="tree_once", tree_position=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"found {bad!r}"):
+            RoundEvent(**kw, mechanism="tree_once", tree_position=bad)
+    with pytest.raises(ValueError) as err:
+        ftrl_round_event(RoundEvent(**kw), 1, 10, "sampled")
+    assert str(err.value) == ("participation must be one of ('arbitrary', 'once'), found 'sampled'")
     noop = RoundEvent(**kw, mechanism="tree_once", tree_position=6)
     assert noop.accounting_key().kind == "noop"
     assert isinstance(noop.dp_event(), dp_accounting.NoOpDpEvent)
