@@ -56,6 +56,7 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
     local_train = site.strip(local_train)
     weights: list[dict[str, np.ndarray]] = []  # share.artifact=weights: what is sent
     if ShareArtifact(spec.share.artifact) is ShareArtifact.weights:
+        _refuse_unbounded_weights(spec)
         local_train = _keeping(local_train, weights)
     load = _loader(model, site)
     compress = _compress_stage(spec, rnd, context, secure is not None)
@@ -94,6 +95,21 @@ def train(msg: Message, context: Context, secure: Any, policy: SitePolicy | None
         update = compress.reply(update)
     content = RecordDict({UPDATE_KEY: to_array_record(update), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)
+
+
+def _refuse_unbounded_weights(spec: ClientSpec) -> None:
+    """``share.artifact=weights`` sends the trained weights in place of the stages' output,
+    so it would skip compress, clip and noise: refused where the spec asks for any of them
+    (the server's validator refuses the same, validate_share; the client does not take its
+    word for it: a deviating server could otherwise get un-noised weights under local DP)."""
+    if spec.client_dp is not None or (
+        ShareCompression(spec.share.compression) is not ShareCompression.none
+    ):
+        raise ClientRefusal(
+            "share.artifact=weights would send this client's trained weights unclipped, "
+            "un-noised and uncompressed, but the spec asks for client-level DP or "
+            "share.compression; refused (use share.artifact=delta)"
+        )
 
 
 def _keeping(train: TrainThunk, out: list[dict[str, np.ndarray]]) -> TrainThunk:
