@@ -124,6 +124,12 @@ def test_only_power_of_two_positions_add_loss_and_the_ledger_names_the_bound() -
     assert grew == [True, True, False, True, False, False, False, True]
     again = FederationLedger.from_json(agg.ledger.to_json())
     assert [e.tree_position for e in again.events] == list(range(1, 9))
+    # Other mechanisms' ledgers keep their JSON: no tree_position key at all.
+    plain = DpFtrl(_settings(ftrl_participation="arbitrary"))
+    assert plain.begin_round(1, 10) is None
+    assert "tree_position" not in plain.ledger.to_json()
+    # ... and a ledger written before the field existed still reads.
+    assert FederationLedger.from_json(plain.ledger.to_json()).events == plain.ledger.events
 
 
 def test_tree_position_belongs_to_tree_once_events_only() -> None:

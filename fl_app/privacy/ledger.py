@@ -201,7 +201,14 @@ class FederationLedger:
             raise LedgerError("events must be a list and local an object")
         fields = set(RoundEvent.__dataclass_fields__)
         # Absent in older ledgers.
-        optional = {"mechanism", "ddg_tau", "ddg_dimension", "branch_delta", "encoding_slack"}
+        optional = {
+            "mechanism",
+            "ddg_tau",
+            "ddg_dimension",
+            "branch_delta",
+            "encoding_slack",
+            "tree_position",  # only once-per-tree DP-FTRL rounds carry it
+        }
         events = []
         for i, item in enumerate(raw["events"]):
             if not isinstance(item, dict) or not (fields - optional <= set(item) <= fields):

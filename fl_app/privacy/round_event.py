@@ -310,4 +310,6 @@ class RoundEvent:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["sampling"] = self.sampling.value
+        if self.tree_position is None:  # ledgers of other mechanisms stay as they were
+            del out["tree_position"]
         return out
