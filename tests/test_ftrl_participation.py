@@ -23,6 +23,7 @@ from scipy import optimize, stats
 from fl_app.config.client_dp import ClientDpSettings
 from fl_app.config.compose import compose_config
 from fl_app.config.errors import ConfigConflictError
+from fl_app.config.guarantee import privacy_note
 from fl_app.config.schema import ClippingMode, ClipSide, PrivacyMode, SamplingMode
 from fl_app.config.schema_ftrl import FtrlParticipation
 from fl_app.config.validate_privacy import check_privacy
@@ -298,6 +299,18 @@ def test_the_summary_says_ftrl_rests_on_no_amplification() -> None:
     assert once["ftrl"]["sensitivity_sq_per_tree"] == 4  # ceil(log2 9)
     assert "Appendix D" in once["ftrl"]["bound"]
     assert ftrl_summary(_settings(ftrl_restart=None)) == {}  # DP-FedAvg: nothing added
+
+
+def test_the_privacy_note_names_the_bound_the_ledger_used() -> None:
+    cfg = _ftrl_cfg("strategy.sampling=fixed", "privacy.ftrl.restart_every=20")
+    assert "accounted for arbitrary participation" in privacy_note(cfg)
+    cfg.privacy.ftrl.participation = FtrlParticipation.once_per_tree
+    note = privacy_note(cfg)
+    assert "arbitrary participation" not in note
+    assert (
+        "epsilon is accounted with each client at most once per tree, a cap the server "
+        "enforced by cohort selection, with no amplification by sampling" in note
+    )
 
 
 @pytest.mark.slow

@@ -127,6 +127,13 @@ _FTRL_NOTE = (
     "epsilon is accounted for arbitrary participation with no amplification by "
     "sampling, so it holds even against whoever knows or picks the cohorts"
 )
+# ... with privacy.ftrl.participation=once_per_tree (strategies/ftrl_cap.py).
+_FTRL_ONCE_NOTE = (
+    "DP-FTRL (tree aggregation): the noise went into tree nodes of prefix sums and "
+    "epsilon is accounted with each client at most once per tree, a cap the server "
+    "enforced by cohort selection, with no amplification by sampling, so it holds even "
+    "against whoever knows the cohorts"
+)
 
 
 def privacy_note(cfg: AppConfig) -> str:
@@ -166,7 +173,8 @@ def privacy_note(cfg: AppConfig) -> str:
             "'epsilon_against_server' (each client's rounds composed without amplification)"
         )
     if p.ftrl.enabled:
-        parts.append(_FTRL_NOTE)
+        once = p.ftrl.participation.value == "once_per_tree"
+        parts.append(_FTRL_ONCE_NOTE if once else _FTRL_NOTE)
     if p.record_level:
         parts.append("record-level DP-SGD per institution (record_level epsilon per client)")
     if cfg.secagg.mode.value != "off" and p.mode.value == "distributed":
