@@ -214,14 +214,45 @@ def _check_schedule(config: Mapping[str, Any], ddp: Any) -> None:
     schedule = spec.client_dp.ddp_schedule if spec and spec.client_dp else None
     if schedule is None:
         return
+    declared = ddp.share_std * math.sqrt(ddp.min_survivors) / ddp.bound
     try:
         check_round_noise(
             schedule,
             _round_of(config),
-            declared=ddp.share_std * math.sqrt(ddp.min_survivors) / ddp.bound,
+            declared=declared,
             clip=ddp.clip,
             dim=ddp.dim,
             bits=ddp.bits,
         )
+        _check_round_tau(schedule, ddp, declared)
     except ScheduleViolation as err:
         raise SecAggStageError(str(err), err.field, err.detail) from err
+
+
+def _check_round_tau(schedule: Any, ddp: Any, declared: float) -> None:
+    """The schedule's ε counts each round at its plan's ``τ`` ([KLS] Theorem 1: ``τ`` for
+    ``max_cohort`` shares). ``τ`` grows with the number of shares summed and as each share
+    shrinks, so a round with more clients than ``max_cohort`` (or more declared survivors,
+    each share smaller) carries the same ``z`` with a larger ``τ``: an 8-bit ring's spend
+    floor then spent ε ≈ 394 against a budget of 60 (red-team finding). The round's own
+    ``τ`` (its ``share_std``, its ``cohort``) must not exceed the plan's at its ``z``."""
+    from fl_app.privacy.ddg_encoding import DdpConfigError
+    from fl_app.privacy.ddp_schedule import ScheduleViolation, ring_plan
+
+    share_var = float(ddp.share_std) ** 2
+    tau = 10.0 * sum(
+        math.exp(-2.0 * math.pi**2 * share_var * k / (k + 1)) for k in range(1, int(ddp.cohort))
+    )
+    try:
+        planned: float | None = ring_plan(
+            schedule, clip=ddp.clip, dim=ddp.dim, bits=ddp.bits, z=declared
+        ).tau
+    except DdpConfigError:
+        planned = None  # no ring of these bits holds this round: not the plan's round
+    if ddp.cohort > schedule.max_cohort or planned is None or tau > planned * (1.0 + 1e-9):
+        raise ScheduleViolation(
+            f"a round of {ddp.cohort} clients (at most {schedule.max_cohort} planned) with "
+            f"noise shares of std {ddp.share_std:.6g}: its DDG tau {tau:.6g} exceeds the "
+            f"{planned if planned is not None else float('nan'):.6g} privacy.schedule="
+            f"{schedule.schedule.value} accounts for; refused before training"
+        )
