@@ -301,6 +301,28 @@ def test_the_summary_says_ftrl_rests_on_no_amplification() -> None:
     assert ftrl_summary(_settings(ftrl_restart=None)) == {}  # DP-FedAvg: nothing added
 
 
+def test_the_model_card_does_not_claim_amplification_for_ftrl() -> None:
+    from fl_app.release.card import _client_level_card
+
+    cfg = _ftrl_cfg("strategy.sampling=fixed", "num_rounds=2")
+    s = _settings(num_rounds=2)
+    ledger = FederationLedger(DELTA, AccountantName.rdp)
+    for event in s.planned_events():
+        ledger = ledger.add(event)
+    central = {"against_server": {"epsilon_max_over_clients": None, "note": "central DP"}}
+    summary = {"privacy": {"epsilon": 1.0, "delta": DELTA, "client_level": central}}
+    fedavg = _client_level_card(cfg, summary, ledger)  # DP-FedAvg's statement, unchanged
+    assert fedavg["epsilon_is"].startswith("against outsiders, who do not know the cohorts")
+    summary["privacy"]["client_level"] = {**central, **ftrl_summary(s)}
+    card = _client_level_card(cfg, summary, ledger)
+    assert card["epsilon_is"] == (
+        "against anyone but the server, whether or not they know the cohorts (DP-FTRL: "
+        "every round accounted at sampling rate 1, no amplification by sampling)"
+    )
+    assert card["ftrl"]["participation"] == "once_per_tree"
+    assert card["sample_rate_q"] == 1.0
+
+
 def test_the_privacy_note_names_the_bound_the_ledger_used() -> None:
     cfg = _ftrl_cfg("strategy.sampling=fixed", "privacy.ftrl.restart_every=20")
     assert "accounted for arbitrary participation" in privacy_note(cfg)

@@ -218,6 +218,12 @@ def _client_level_card(cfg: AppConfig, summary: Mapping[str, Any], ledger: Any) 
     # epsilon per party (docs/privacy-branches.md): amplification by sampling holds only
     # against whoever does not know the cohorts.
     out.update(_against_server(cl))
+    if "amplification" in cl:  # DP-FTRL (strategies.ftrl.ftrl_summary): no amplification
+        out["epsilon_is"] = (
+            "against anyone but the server, whether or not they know the cohorts (DP-FTRL: "
+            "every round accounted at sampling rate 1, no amplification by sampling)"
+        )
+        out["ftrl"] = cl.get("ftrl")
     return out
 
 
