@@ -323,6 +323,22 @@ def test_the_model_card_does_not_claim_amplification_for_ftrl() -> None:
     assert card["sample_rate_q"] == 1.0
 
 
+def test_the_card_caveats_do_not_claim_amplification_for_ftrl() -> None:
+    from fl_app.release.caveats import not_protected
+
+    cfg = _ftrl_cfg("strategy.sampling=fixed", "privacy.ftrl.restart_every=20")
+    items = not_protected(cfg)
+    assert not any("amplification by sampling in epsilon" in i for i in items)
+    assert any(
+        i.startswith("DP-FTRL: epsilon is accounted at sampling rate 1 for arbitrary")
+        for i in items
+    )
+    cfg.privacy.ftrl.participation = FtrlParticipation.once_per_tree
+    assert any("a cap the server enforced by cohort selection" in i for i in not_protected(cfg))
+    cfg.privacy.ftrl.enabled = False  # DP-FedAvg keeps its sampling caveat
+    assert any("amplification by sampling in epsilon" in i for i in not_protected(cfg))
+
+
 def test_the_privacy_note_names_the_bound_the_ledger_used() -> None:
     cfg = _ftrl_cfg("strategy.sampling=fixed", "privacy.ftrl.restart_every=20")
     assert "accounted for arbitrary participation" in privacy_note(cfg)

@@ -40,6 +40,16 @@ def _sampling_caveat(cfg: AppConfig) -> str:
     )
 
 
+_FTRL_CAVEAT = {
+    "arbitrary": "DP-FTRL: epsilon is accounted at sampling rate 1 for arbitrary "
+    "participation, so it does not rest on the cohorts being secret.",
+    "once_per_tree": "DP-FTRL: epsilon is accounted at sampling rate 1 and rests on each "
+    "client being in at most one round per tree, a cap the server enforced by cohort "
+    "selection (privacy.ftrl.participation=once_per_tree); it does not rest on the "
+    "cohorts being secret.",
+}
+
+
 def central_noise_seeded(cfg: AppConfig) -> bool:
     return cfg.privacy.mode is PrivacyMode.central and not cfg.privacy.secure_mode
 
@@ -121,7 +131,9 @@ def _server_side_items(cfg: AppConfig) -> list[str]:
                 "withheld from the public card, but small seeds are easily guessed; rerun "
                 "with privacy.secure_mode=true for a public release."
             )
-        if cfg.strategy.fraction_train < 1:
+        if p.ftrl.enabled:  # DP-FTRL's epsilon uses no amplification (docs/dp-ftrl.md)
+            items.append(_FTRL_CAVEAT[p.ftrl.participation.value])
+        elif cfg.strategy.fraction_train < 1:
             items.append(_sampling_caveat(cfg))
     if p.mode is PrivacyMode.distributed:
         items.append(
