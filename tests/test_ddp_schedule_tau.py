@@ -91,3 +91,24 @@ def test_a_round_with_smaller_shares_than_planned_is_refused(case: int) -> None:
     with pytest.raises(SecAggStageError, match=r"DDG tau .* privacy\.schedule=spend") as info:
         _check_schedule(_config(_spec()), big)
     assert info.value.field == "privacy.schedule"
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_a_round_outside_the_plans_ring_is_refused(case: int) -> None:
+    """Refusals that rest on the plan, not on tau alone: more clients than ``max_cohort``
+    with larger shares (tau below the plan's: 8.4e-8 against 1.0e-7 here), and a ``z``
+    above what the ring of these bits holds (no plan at that ``z``; a server's own plan
+    would have refused it)."""
+    _, at = _planned_round()
+    spec = _spec()
+    if case == 0:
+        round_ = dataclasses.replace(at, cohort=5, share_std=at.share_std * 2.0)
+        assert _tau_by_hand(round_.share_std, 5) < 1e-7
+    else:
+        spec = dataclasses.replace(spec, max_epsilon=0.05)  # floor ~20: the ring's capacity
+        low = spend_floor(spec, clip=2.0, dim=1, bits=8)
+        plan = DdpPlan(2.0, 1, 8, low * (1 - 1e-5), 4, 0.25, beta=0.5, overflow_probability=1e-7)
+        ok = plan.round(4)
+        round_ = dataclasses.replace(ok, share_std=ok.share_std * 2.0)  # z ~40
+    with pytest.raises(SecAggStageError, match=r"privacy\.schedule=spend accounts for"):
+        _check_schedule(_config(spec), round_)
