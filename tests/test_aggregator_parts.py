@@ -266,8 +266,10 @@ def test_a_checkpoint_state_out_of_range_is_refused(i: int) -> None:
 
 
 def _ddp_plan() -> DdpPlan:
+    # z as in _settings (1.3): a run derives both from privacy.noise_multiplier, and the
+    # aggregator reports each round's noise at the ledger's z (privacy.schedule).
     return DdpPlan(
-        clip=1.0, dim=8, bits=20, noise_multiplier=1.0, max_cohort=4, dropout_tolerance=0.1
+        clip=1.0, dim=8, bits=20, noise_multiplier=1.3, max_cohort=4, dropout_tolerance=0.1
     )
 
 
