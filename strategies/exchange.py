@@ -22,7 +22,13 @@ from strategies.aggregation import weighted_mean_metrics
 from strategies.driver_types import DriverSettings, StageReport
 from strategies.validation import EvalReply, Rejection, TrainReply, screen_replies
 
-__all__ = ["IN_MEMORY_GRID_WINDOW", "ReplyExchange", "in_flight_window"]
+__all__ = [
+    "IN_MEMORY_GRID_WINDOW",
+    "UNSENT_PREFIX",
+    "WINDOW_STALL_S",
+    "ReplyExchange",
+    "in_flight_window",
+]
 
 # The driver's logger: one name for every part of the round loop.
 log = logging.getLogger("fl_app.driver")
@@ -37,6 +43,10 @@ R = TypeVar("R", TrainReply, EvalReply)
 # sweep was most of the driver's CPU (docs/performance.md, Ray driver profile); 64 keeps
 # the actors fed (a sweep hands out up to 64, an actor takes ~7 ms a message).
 IN_MEMORY_GRID_WINDOW = 64
+# With instructions waiting, a window that saw no reply for this long doubles.
+WINDOW_STALL_S = 5.0
+# The ``sent`` key of an instruction the stage ended before sending (no message id).
+UNSENT_PREFIX = "unsent:"
 
 
 def in_flight_window(max_in_flight: int | None, grid: Grid, n: int) -> int:
@@ -117,12 +127,14 @@ class ReplyExchange:
         sent: dict[str, int] = {}
         pending: set[str] = set()
         replies: list[Message] = []
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline, last_reply = now + timeout, now
         while True:
-            # At the deadline everything left is pushed, so a stage's accounting (sent,
-            # missing) is the same as with no window: an instruction never pushed would
-            # otherwise vanish from it.
-            room = len(waiting) if time.monotonic() >= deadline else window - len(pending)
+            if waiting and time.monotonic() - last_reply >= WINDOW_STALL_S:
+                # Nothing came back for a while: silent nodes must not hold the window
+                # until the deadline (it would starve every instruction behind them).
+                window, last_reply = window * 2, time.monotonic()
+            room = window - len(pending)
             if waiting and room > 0:
                 batch, waiting = waiting[:room], waiting[room:]
                 for m in self._push(grid, batch):
@@ -132,11 +144,32 @@ class ReplyExchange:
             got = list(grid.pull_messages(list(pending))) if pending else []
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not (pending or waiting) or (not waiting and time.monotonic() >= deadline):
+            if got:
+                last_reply = time.monotonic()
+            if not (pending or waiting) or time.monotonic() >= deadline:
                 break
             if not got or not waiting:
                 time.sleep(self.settings.poll_interval_s)
+        if waiting:
+            sent.update(self._never_sent(rnd, waiting, timeout, window))
         return pushed, replies, sent
+
+    @staticmethod
+    def _never_sent(
+        rnd: int, waiting: list[Message], timeout: float, window: int
+    ) -> dict[str, int]:
+        """``sent`` entries for instructions the stage ended before sending: counted as
+        sent and missing, as nodes that did not answer, without making a client work for
+        a reply nobody would read (under local DP that reply would spend its budget)."""
+        log.warning(
+            "round %d: %d instructions not sent before the stage's %gs deadline "
+            "(runtime.max_in_flight window %d); counted as missing",
+            rnd,
+            len(waiting),
+            timeout,
+            window,
+        )
+        return {f"{UNSENT_PREFIX}{m.metadata.dst_node_id}": m.metadata.dst_node_id for m in waiting}
 
     @staticmethod
     def _push(grid: Grid, batch: list[Message]) -> list[Message]:

@@ -22,8 +22,13 @@ from flwr.superlink.grid import InMemoryGrid
 from fl_app.config.compose import compose_config
 from fl_app.config.errors import ConfigError
 from fl_app.protocol import CONFIG_KEY
-from strategies.driver_types import DriverSettings
-from strategies.exchange import IN_MEMORY_GRID_WINDOW, ReplyExchange, in_flight_window
+from strategies.driver_types import DriverSettings, StageReport
+from strategies.exchange import (
+    IN_MEMORY_GRID_WINDOW,
+    UNSENT_PREFIX,
+    ReplyExchange,
+    in_flight_window,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -94,13 +99,45 @@ def test_window_bounds_in_flight_and_loses_nothing(window: int, per_pull: int) -
     assert {r.metadata.reply_to_message_id for r in replies} == set(sent)
 
 
-def test_deadline_pushes_the_rest_so_they_count_as_sent() -> None:
-    """A stage that times out with instructions still waiting sends them all: the stage
-    reports them as sent and missing, as it did before there was a window."""
+def test_deadline_counts_the_unsent_as_missing_without_sending_them() -> None:
+    """A stage that ends with instructions still waiting does not send them (a client
+    would work, and under local DP spend budget, for a reply nobody reads): they are in
+    ``sent`` under a key no reply can carry, so the stage counts them as missing."""
     grid = _Grid(per_pull=None)  # never answers
     pushed, replies, sent = _Exchange(2)._exchange(grid, _instructions(6), 1, timeout=0.0)
-    assert len(pushed) == len(sent) == 6
+    assert len(pushed) == len(grid.pushed) == 2
+    assert sorted(sent.values()) == list(range(100, 106))
+    unsent = [k for k in sent if k.startswith(UNSENT_PREFIX)]
+    assert sorted(sent[k] for k in unsent) == list(range(102, 106))
     assert replies == []
+    stage = StageReport()
+    ReplyExchange._fill_stage(stage, replies, sent, [], [], 0)
+    assert (stage.replied, stage.missing) == (0, 6)
+
+
+def test_silent_nodes_do_not_starve_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes that never answer hold window slots; after WINDOW_STALL_S without a reply
+    the window doubles, so the live nodes behind them are still sent to and answer."""
+
+    class _Silent(_Grid):
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+            wanted = set(message_ids)
+            done = [
+                m
+                for m in self.pending
+                if m.metadata.message_id in wanted and m.metadata.dst_node_id >= 102
+            ]
+            for m in done:
+                self.pending.remove(m)
+            return [Message(RecordDict(), reply_to=m) for m in done]
+
+    monkeypatch.setattr("strategies.exchange.WINDOW_STALL_S", 0.05)
+    grid = _Silent(per_pull=1)
+    ex = _Exchange(2)
+    _, replies, sent = ex._exchange(grid, _instructions(10), 1, timeout=5.0)
+    answered = sorted(r.metadata.src_node_id for r in replies)
+    assert answered == list(range(102, 110))  # nodes 100 and 101 are silent
+    assert len(sent) == 10 and not any(k.startswith(UNSENT_PREFIX) for k in sent)
 
 
 def test_zero_sends_everything_at_once() -> None:
