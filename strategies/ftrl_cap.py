@@ -13,8 +13,9 @@ back in a later round of the same tree. The tree boundaries are the account's ow
 the tree does, a resume included (a resumed run starts a fresh tree).
 
 What the cap rests on: the server runs the sampler (``trusted_server``, the only
-threat model DP-FTRL runs under) and node identities are stable within a tree (one
-node per site identity, ``strategies/site_claims.py``). The ε does not rest on the
+threat model DP-FTRL runs under) and on one node id per site within a tree: true in
+simulation; in deployment a SuperNode restarted mid-tree gets a new node id, which this
+sampler counts as a new client (docs/dp-ftrl.md says what to run then). The ε does not rest on the
 cohorts being secret: they may be public.
 """
 
