@@ -168,7 +168,7 @@ def test_a_run_that_trained_securely_refuses_a_plain_or_noiseless_round() -> Non
     ctx = _context()
     spec = ClientSpec(run_key="k1")
     refuse_downgrade(ctx, spec, "train", _secure(ddp=True), local_dp=False)
-    assert ctx.state.config_records[PROTECTED_RUNS_KEY]["run:k1"] == "ddp,secagg"
+    assert ctx.state.config_records[PROTECTED_RUNS_KEY]["run:k1"] == "ddp,ddp-schedule:none,secagg"
     with pytest.raises(PolicyRefusal, match="already trained under secure aggregation with "):
         refuse_downgrade(ctx, spec, "train", None, local_dp=False)
     with pytest.raises(PolicyRefusal, match="has no distributed-DP noise") as err:

@@ -513,6 +513,10 @@ def test_the_schedule_is_pinned_for_the_run() -> None:
     refuse_downgrade(ctx, ClientSpec(run_key="t", client_dp=None), "train", secure, False)
     # Another run key starts unpinned.
     refuse_downgrade(ctx, ClientSpec(run_key="s", client_dp=ClientDpSpec()), "train", secure, False)
+    # ... and pins "none": a run that began with constant noise cannot take a schedule later.
+    later = ClientSpec(run_key="s", client_dp=ClientDpSpec(ddp_schedule=_spec()))
+    with pytest.raises(PolicyRefusal, match="this instruction states another"):
+        refuse_downgrade(ctx, later, "train", secure, False)
 
 
 def test_guard_against_the_server_takes_every_round_at_the_least_noise() -> None:

@@ -151,7 +151,9 @@ def test_a_restarted_node_remembers_the_run_was_secure(after_secure_round: Any) 
     assert "site policy `require_secure_aggregation`" in reply.error.reason
     state_dir = Path(str(restarted.node_config["dp-state-dir"]))
     kept = json.loads((state_dir / "protected-runs-partition-0.json").read_text())
-    assert kept == {decode_spec(stage3[node][SPEC_KEY]).run_key: ["ddp", "hide-metrics", "secagg"]}
+    # "ddp-schedule:none": constant noise is pinned for the run like a stated schedule.
+    marks = ["ddp", "ddp-schedule:none", "hide-metrics", "secagg"]
+    assert kept == {decode_spec(stage3[node][SPEC_KEY]).run_key: marks}
 
 
 def test_federated_evaluation_after_a_secure_round_is_refused(after_secure_round: Any) -> None:

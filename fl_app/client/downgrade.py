@@ -107,10 +107,12 @@ def _check_train(marks: set[str], spec: ClientSpec, secure: Any, ddp: bool, loca
         )
 
 
-def _check_schedule(marks: set[str], spec: ClientSpec) -> str | None:
+def _check_schedule(marks: set[str], spec: ClientSpec) -> str:
     """The spec's distributed-DP schedule mark; refuse one that differs from the pinned."""
     stated = spec.client_dp.ddp_schedule if spec.client_dp is not None else None
-    mark = None
+    # "none" is pinned too: a run that began with constant noise cannot switch to a
+    # schedule later (the README's "an instruction stating another, or none, is refused").
+    mark = "ddp-schedule:none"
     if stated is not None:
         text = json.dumps(dataclasses.asdict(stated), sort_keys=True, default=str)
         mark = "ddp-schedule:" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -121,7 +123,7 @@ def _check_schedule(marks: set[str], spec: ClientSpec) -> str | None:
                 "privacy.schedule",
                 "this run's distributed-DP noise schedule was stated at its start and this "
                 "instruction states "
-                + ("another" if mark else "none")
+                + ("another" if stated is not None else "none")
                 + " (the client checks each round's noise against the first), refused",
             )
         )
