@@ -152,7 +152,9 @@ def bench_case(
     cfg = ClientTrainConfig(local_epochs=1, batch_size=case.batch_size, lr=0.01, momentum=0.9)
     base = build_model(case.model_cfg, case.input_shape, 10, seed=0)
     n_params = count_parameters(base)
-    auto = resolve_grad_sample_mode(base, GradSampleMode.auto)
+    # With the batch, as training resolves it (fl_app/privacy/dpsgd.py): a tiny model at
+    # a small batch gets hooks (GHOST_MIN_ENTRIES), which the label must show.
+    auto = resolve_grad_sample_mode(base, GradSampleMode.auto, batch_size=case.batch_size)
 
     variants = {"plain": _plain_variant(copy.deepcopy(base), cfg)}
     for mode in MODES:
