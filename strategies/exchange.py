@@ -40,9 +40,10 @@ R = TypeVar("R", TrainReply, EvalReply)
 # 0.1 s, and each node's pull scans every stored instruction (flwr 1.42,
 # vce_api.add_messages_to_queue and InMemoryLinkState.get_message_ins): O(nodes x in
 # flight) under the GIL the ServerApp shares. With 1,000 instructions in flight that
-# sweep was most of the driver's CPU (docs/performance.md, Ray driver profile); 64 keeps
-# the actors fed (a sweep hands out up to 64, an actor takes ~7 ms a message).
-IN_MEMORY_GRID_WINDOW = 64
+# sweep was most of the driver's CPU (docs/performance.md, Ray driver at 1,000 clients).
+# Measured on 2 cores, steady s/round at 1,000 clients: all 16.7, 128: 13.2, 64: 13.5,
+# 32: 12.0, 16: 12.3, 8: 18.0 (too few for the 0.1 s sweep to keep the actors fed).
+IN_MEMORY_GRID_WINDOW = 32
 # With instructions waiting, a window that saw no reply for this long doubles.
 WINDOW_STALL_S = 5.0
 # The ``sent`` key of an instruction the stage ended before sending (no message id).

@@ -148,7 +148,7 @@ def test_zero_sends_everything_at_once() -> None:
 
 def test_automatic_window_only_for_flowers_in_memory_grid() -> None:
     in_memory = object.__new__(InMemoryGrid)  # the type is what counts, not its state
-    assert in_flight_window(None, in_memory, 1000) == IN_MEMORY_GRID_WINDOW == 64
+    assert in_flight_window(None, in_memory, 1000) == IN_MEMORY_GRID_WINDOW == 32
     assert in_flight_window(None, _Grid(1), 1000) == 1000
     assert in_flight_window(0, in_memory, 1000) == 1000
     assert in_flight_window(5, _Grid(1), 1000) == 5

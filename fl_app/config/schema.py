@@ -414,7 +414,7 @@ class RuntimeConfig:
     flower_log_level: str = "WARNING"
     # Torch intra-op threads per client process (1 avoids oversubscription).
     torch_threads: int = 1
-    # Train/evaluate instructions awaiting replies at once: 0 = all, null = 64 under
+    # Train/evaluate instructions awaiting replies at once: 0 = all, null = 32 under
     # Ray simulation (its message sweep is O(nodes x in flight)), all elsewhere.
     max_in_flight: int | None = None
     validation: ValidationConfig = field(default_factory=ValidationConfig)
