@@ -162,3 +162,49 @@ def test_negative_max_in_flight_fails_before_the_run() -> None:
     assert "0 (all at once)" in str(info.value)
     with pytest.raises(ValueError, match="max_in_flight"):
         DriverSettings(num_rounds=1, max_in_flight=-1)
+
+
+def test_null_uses_the_in_memory_grids_window_in_the_exchange() -> None:
+    """runtime.max_in_flight=null: the exchange itself applies IN_MEMORY_GRID_WINDOW when
+    the grid is Flower's in-memory grid (the one Ray simulation runs on)."""
+
+    class _MemGrid(_Grid, InMemoryGrid):  # the type is what counts, not Flower's state
+        pass
+
+    grid = _MemGrid(per_pull=1)
+    n = IN_MEMORY_GRID_WINDOW + 9
+    _, replies, _ = _Exchange(None)._exchange(grid, _instructions(n), 1, timeout=30.0)
+    assert grid.max_pending == IN_MEMORY_GRID_WINDOW
+    assert len(replies) == n
+
+
+def test_waiting_for_replies_sleeps_between_pulls() -> None:
+    """With instructions waiting and nothing answered, the exchange polls at
+    poll_interval_s, not in a busy loop (under Ray it shares the GIL with the engine)."""
+
+    class _Counting(_Grid):
+        pulls = 0
+
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+            self.pulls += 1
+            return super().pull_messages(message_ids)
+
+    grid = _Counting(per_pull=None)  # never answers
+    ex = _Exchange(1)
+    ex.settings = DriverSettings(num_rounds=1, poll_interval_s=0.05, max_in_flight=1)
+    ex._exchange(grid, _instructions(3), 1, timeout=0.3)
+    assert 3 <= grid.pulls <= 9  # ~0.3 s / 0.05 s, not thousands
+
+
+def test_each_pushed_instruction_carries_round_ttl_and_its_nodes_config() -> None:
+    """What a window pushes is what the exchange built: group id = the round, TTL = the
+    stage's timeout plus 60 s, and each node's own config scalars merged in."""
+    grid = _Grid(per_pull=2)
+    ex = _Exchange(3)
+    ex.node_config_fn = lambda node: {"site": f"s{node}"}
+    ex._exchange(grid, _instructions(7), 4, timeout=30.0)
+    for m in grid.pushed:
+        assert m.metadata.group_id == "4"
+        assert m.metadata.ttl == 90.0
+        config = m.content.config_records[CONFIG_KEY]
+        assert config["site"] == f"s{m.metadata.dst_node_id}" and config["x"] == 1
