@@ -61,12 +61,32 @@ def randk_coordinates(run_key: str, rnd: int, dimension: int, k: int) -> np.ndar
     return np.sort(picked.astype(np.int64))
 
 
-def _dimension(template: Mapping[str, np.ndarray]) -> int:
+def total_size(template: Mapping[str, np.ndarray]) -> int:
+    """How many coordinates ``template``'s arrays hold together."""
     return int(sum(int(np.asarray(a).size) for a in template.values()))
 
 
-def _dtype(template: Mapping[str, np.ndarray]) -> np.dtype:
+def wire_dtype(template: Mapping[str, np.ndarray]) -> np.dtype:
+    """The dtype a compressed vector of ``template`` travels in (its arrays' common type)."""
     return np.result_type(*(np.asarray(a).dtype for a in template.values()))
+
+
+def flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``update``'s arrays, raveled in their order, as one float64 vector."""
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in update.values()])
+
+
+def unflatten(flat: np.ndarray, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``flat`` cut into ``model``'s shapes and dtypes (the inverse of :func:`flatten`)."""
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for name, a in model.items():
+        arr = np.asarray(a)
+        out[name] = flat[pos : pos + arr.size].reshape(arr.shape).astype(arr.dtype)
+        pos += arr.size
+    if pos != flat.size:
+        raise ValueError(f"a vector of {flat.size} coordinates does not fill a model of {pos}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -84,12 +104,12 @@ class RandK:
         """The kept coordinates of ``update`` flattened in its array order."""
         flat = np.concatenate([np.asarray(a).ravel() for a in update.values()])
         idx = self.coordinates(rnd, int(flat.size))
-        return {COMPRESSED_KEY: flat[idx].astype(_dtype(update))}
+        return {COMPRESSED_KEY: flat[idx].astype(wire_dtype(update))}
 
     def wire_template(self, rnd: int, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Zeros shaped as a compressed update of ``model`` (for shape checks and layouts)."""
-        k = compressed_length(_dimension(model), self.ratio)
-        return {COMPRESSED_KEY: np.zeros(k, dtype=_dtype(model))}
+        k = compressed_length(total_size(model), self.ratio)
+        return {COMPRESSED_KEY: np.zeros(k, dtype=wire_dtype(model))}
 
     def decompress(
         self, rnd: int, short: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray]
@@ -99,17 +119,11 @@ class RandK:
             raise ValueError(
                 f"a compressed update holds only {COMPRESSED_KEY!r}, got {list(short)}"
             )
-        d = _dimension(model)
+        d = total_size(model)
         idx = self.coordinates(rnd, d)
         values = np.asarray(short[COMPRESSED_KEY])
         if values.shape != idx.shape:
             raise ValueError(f"compressed update has shape {values.shape}, expected {idx.shape}")
         full = np.zeros(d, dtype=np.float64)
         full[idx] = values
-        out: dict[str, np.ndarray] = {}
-        pos = 0
-        for name, a in model.items():
-            arr = np.asarray(a)
-            out[name] = full[pos : pos + arr.size].reshape(arr.shape).astype(arr.dtype)
-            pos += arr.size
-        return out
+        return unflatten(full, model)

@@ -61,7 +61,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_app.compression import COMPRESSED_KEY, compressed_length
+from fl_app.compression import (
+    COMPRESSED_KEY,
+    compressed_length,
+    flatten,
+    total_size,
+    unflatten,
+    wire_dtype,
+)
 
 __all__ = [
     "CountSketch",
@@ -125,14 +132,6 @@ def top_estimates(values: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _flat(update: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, np.float64).ravel() for a in update.values()])
-
-
-def _dtype(template: Mapping[str, np.ndarray]) -> np.dtype:
-    return np.result_type(*(np.asarray(a).dtype for a in template.values()))
-
-
 @dataclass(frozen=True)
 class CountSketch:
     """The count sketch of the module doc: ``rows`` rows, size from ``ratio``."""
@@ -151,15 +150,15 @@ class CountSketch:
 
     def compress(self, rnd: int, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The round's sketch of ``update`` (flattened in its array order), row by row."""
-        flat = _flat(update)
+        flat = flatten(update)
         buckets, signs, cols = self._hashes(rnd, int(flat.size))
         table = sketch_table(flat, buckets, signs, cols)
-        return {COMPRESSED_KEY: table.ravel().astype(_dtype(update))}
+        return {COMPRESSED_KEY: table.ravel().astype(wire_dtype(update))}
 
     def wire_template(self, rnd: int, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Zeros shaped as a sketch of ``model`` (for shape checks and layouts)."""
-        rows, cols = self.shape(int(sum(np.asarray(a).size for a in model.values())))
-        return {COMPRESSED_KEY: np.zeros(rows * cols, dtype=_dtype(model))}
+        rows, cols = self.shape(total_size(model))
+        return {COMPRESSED_KEY: np.zeros(rows * cols, dtype=wire_dtype(model))}
 
     def decompress(
         self, rnd: int, short: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray]
@@ -170,7 +169,7 @@ class CountSketch:
             raise ValueError(
                 f"a compressed update holds only {COMPRESSED_KEY!r}, got {list(short)}"
             )
-        d = int(sum(np.asarray(a).size for a in model.values()))
+        d = total_size(model)
         buckets, signs, cols = self._hashes(rnd, d)
         values = np.asarray(short[COMPRESSED_KEY], np.float64)
         if values.shape != (self.rows * cols,):
@@ -180,10 +179,4 @@ class CountSketch:
             )
         k = compressed_length(d, self.ratio)
         full = top_estimates(estimate(values.reshape(self.rows, cols), buckets, signs), k)
-        out: dict[str, np.ndarray] = {}
-        pos = 0
-        for name, a in model.items():
-            arr = np.asarray(a)
-            out[name] = full[pos : pos + arr.size].reshape(arr.shape).astype(arr.dtype)
-            pos += arr.size
-        return out
+        return unflatten(full, model)

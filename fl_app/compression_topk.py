@@ -30,31 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fl_app.compression import compressed_length
+from fl_app.compression import compressed_length, flatten, unflatten, wire_dtype
 
 __all__ = ["INDICES_KEY", "VALUES_KEY", "TopK", "flatten", "topk_indices", "unflatten"]
 
 # The two arrays a top-k update carries (their names in the reply's ArrayRecord).
 INDICES_KEY = "indices"
 VALUES_KEY = "values"
-
-
-def flatten(update: Mapping[str, np.ndarray]) -> np.ndarray:
-    """``update``'s arrays, raveled in their order, as one float64 vector."""
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in update.values()])
-
-
-def unflatten(flat: np.ndarray, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``flat`` cut into ``model``'s shapes and dtypes (the inverse of :func:`flatten`)."""
-    out: dict[str, np.ndarray] = {}
-    pos = 0
-    for name, a in model.items():
-        arr = np.asarray(a)
-        out[name] = flat[pos : pos + arr.size].reshape(arr.shape).astype(arr.dtype)
-        pos += arr.size
-    if pos != flat.size:
-        raise ValueError(f"a vector of {flat.size} coordinates does not fill a model of {pos}")
-    return out
 
 
 def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
@@ -64,10 +46,6 @@ def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"top-k indexes at most 2**31 - 1 coordinates, got {flat.size}")
     order = np.argsort(-np.abs(flat), kind="stable")
     return np.sort(order[:k]).astype(np.int32)
-
-
-def _dtype(template: Mapping[str, np.ndarray]) -> np.dtype:
-    return np.result_type(*(np.asarray(a).dtype for a in template.values()))
 
 
 @dataclass(frozen=True)
@@ -89,7 +67,7 @@ class TopK:
         idx = topk_indices(acc, compressed_length(int(acc.size), self.ratio))
         left = acc.copy()
         left[idx] = 0.0
-        wire = {INDICES_KEY: idx, VALUES_KEY: acc[idx].astype(_dtype(update))}
+        wire = {INDICES_KEY: idx, VALUES_KEY: acc[idx].astype(wire_dtype(update))}
         return wire, left
 
     def wire_template(self, model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,7 +76,7 @@ class TopK:
         k = compressed_length(d, self.ratio)
         return {
             INDICES_KEY: np.zeros(k, dtype=np.int32),
-            VALUES_KEY: np.zeros(k, dtype=_dtype(model)),
+            VALUES_KEY: np.zeros(k, dtype=wire_dtype(model)),
         }
 
     def decompress(
