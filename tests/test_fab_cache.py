@@ -226,6 +226,26 @@ def test_load_fab_clientapp_imports_the_fabs_clientapp(tmp_path: Path) -> None:
         sys.path.remove(str(fab))
 
 
+@pytest.mark.parametrize("body", ["CALLS.append(1)", "CALLS.append(1); raise OSError('x')"])
+def test_load_fab_clientapp_calls_the_modules_prewarm_once(tmp_path: Path, capfd, body) -> None:
+    """The zygote's import also runs the app module's prewarm() (fl-app's imports what its
+    handlers import lazily); a prewarm that raises is reported and the app still loads."""
+    from flwr.clientapp import ClientApp
+
+    pkg = _pkg()
+    fab = _write_fab(tmp_path / "fab", pkg, "fab")
+    with open(fab / pkg / "app.py", "a") as f:
+        f.write(f"CALLS = []\ndef prewarm():\n    {body}\n")
+    try:
+        assert isinstance(warm.load_fab_clientapp(fab), ClientApp)
+        assert sys.modules[f"{pkg}.app"].CALLS == [1]
+        err = capfd.readouterr().err
+        assert ("prewarm failed: OSError('x')" in err) == ("raise" in body)
+    finally:
+        _drop(pkg)
+        sys.path.remove(str(fab))
+
+
 def test_load_fab_clientapp_raises_flowers_load_error(tmp_path: Path) -> None:
     from flwr.clientapp.client_app import LoadClientAppError
 

@@ -363,6 +363,9 @@ def test_run_message_runs_flowers_clientapp_with_the_memo_install(monkeypatch, t
     monkeypatch.setattr(rc, "install_from_fab", lambda f, **k: flower_calls.append(f) or tmp_path)
     runs: list[dict[str, object]] = []
     monkeypatch.setattr(rc, "run_clientapp", lambda **k: runs.append(k))
+    monkeypatch.setattr(
+        rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree
+    )
     r, w = os.pipe()
     report_r, report_w = os.pipe()
     closed_r, closed_w = os.pipe()
@@ -379,6 +382,9 @@ def test_run_message_runs_flowers_clientapp_with_the_memo_install(monkeypatch, t
     for fd in (r, w):
         with pytest.raises(OSError):
             os.fstat(fd)
+    assert rc.pull_and_inflate_object_from_tree.keywords == {
+        "initial_backoff": 0.05, "backoff_cap": 0.25, "max_tries_per_object": None
+    }  # fmt: skip
     assert rc.install_from_fab(b"abc", skip_prompt=True) == tmp_path / "m"
     assert flower_calls == []
     assert rc.install_from_fab(b"", skip_prompt=True) == tmp_path
@@ -386,3 +392,114 @@ def test_run_message_runs_flowers_clientapp_with_the_memo_install(monkeypatch, t
     os.close(report_w)
     assert os.read(report_r, 4096) == f"{sha_empty}\t{tmp_path}\n".encode()
     os.close(report_r)
+
+
+def test_a_childs_message_pull_retries_its_supernode_after_50_ms(monkeypatch) -> None:
+    """The child's pull of the message objects (Flower's pull_and_inflate_object_from_tree,
+    as run_clientapp calls it) retries an object the SuperNode does not hold yet after
+    50 ms, doubling to 0.25 s, with no cap on tries (Flower's: 1 s, 10 s, 500 tries), and
+    still inflates the message it was sent."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # a Message needs a task identity
+    monkeypatch.setattr(rc, "run_clientapp", lambda **k: None)
+    monkeypatch.setattr(rc, "install_from_fab", rc.install_from_fab)
+    monkeypatch.setattr(
+        rc, "pull_and_inflate_object_from_tree", rc.pull_and_inflate_object_from_tree
+    )
+    warm.run_message("127.0.0.1:9", "tok", parent_pid=1, memo=None, report_fd=None)
+
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))}),
+        "config": ConfigRecord({"server-round": 3}),
+    })  # fmt: skip
+    msg = Message(content, dst_node_id=7, message_type="train")
+    stored = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    asked: dict[str, int] = {}
+
+    def pull(object_id: str) -> bytes:  # the SuperNode: each object missing at first ask
+        asked[object_id] = asked.get(object_id, 0) + 1
+        if asked[object_id] == 1:
+            raise iu.ObjectUnavailableError(object_id)
+        return stored[object_id]
+
+    confirmed: list[str] = []
+    got = rc.pull_and_inflate_object_from_tree(
+        get_object_tree(msg), pull, confirmed.append, return_type=Message
+    )
+    assert asked == {oid: 2 for oid in stored}
+    assert confirmed == [msg.object_id]
+    np.testing.assert_array_equal(
+        got.content["arrays"]["w"].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3)
+    )
+    assert got.content["config"]["server-round"] == 3
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(iu, "pull_objects", lambda ids, fn, **k: seen.update(k) or dict(stored))
+    rc.pull_and_inflate_object_from_tree(get_object_tree(msg), pull, confirmed.append)
+    assert {k: seen[k] for k in ("initial_backoff", "backoff_cap", "max_tries_per_object")} == {
+        "initial_backoff": 0.05, "backoff_cap": 0.25, "max_tries_per_object": None
+    }  # fmt: skip
+
+
+# A train message in a process that imported only the ClientApp module and ran its
+# prewarm(), as a zygote's child does: which fl_app modules did the message still import?
+_PREWARM_PROBE = r"""
+import json, sys
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+import fl_app.client.app as client
+
+client.prewarm()
+before = set(sys.modules)
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+loaded = load_file(sys.argv[1])
+arrays = {k: Array(loaded[k]) for k in json.loads(sys.argv[3])}  # the model's order
+config = ConfigRecord({"fl-app.spec": open(sys.argv[2]).read(), "server-round": 1})
+msg = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": config}),
+              dst_node_id=1, message_type="train")
+msg.metadata.__dict__["_message_id"] = "m-1"
+ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+              state=RecordDict(), run_config={})
+reply = client.app(msg, ctx)
+print(json.dumps({
+    "error": reply.error.reason if reply.has_error() else None,
+    "new": sorted(m for m in set(sys.modules) - before if m.split(".")[0] == "fl_app"),
+}))
+"""
+
+
+def test_prewarm_leaves_a_plain_train_message_nothing_of_fl_app_to_import(tmp_path) -> None:
+    """fl_app.client.app.prewarm() (run once by each zygote) imports every fl_app module a
+    default train message imports lazily, so no forked message pays for one: a name
+    missing from WARM_MODULES fails here, naming the module."""
+    import json
+    import subprocess
+
+    from fl_app.client_spec import encode_spec, spec_from_config
+    from fl_app.config.compose import compose_config
+    from fl_app.server.app import initial_arrays
+    from fl_app.weights import save_safetensors
+
+    cfg = compose_config("config", ["dataset.num_partitions=3"])
+    weights = initial_arrays(cfg)
+    save_safetensors(tmp_path / "w.safetensors", weights, {})
+    (tmp_path / "spec.json").write_text(encode_spec(spec_from_config(cfg)))
+    out = subprocess.run(
+        [sys.executable, "-c", _PREWARM_PROBE, str(tmp_path / "w.safetensors"),
+         str(tmp_path / "spec.json"), json.dumps(list(weights))],
+        capture_output=True, text=True, timeout=240, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"error": None, "new": []}

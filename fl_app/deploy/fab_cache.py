@@ -19,8 +19,9 @@ SuperNode is untouched):
   the launcher through a pipe.
 * **One zygote per FAB hash.** Once a FAB hash is known installed, the launcher forks a
   *zygote* (:func:`start_zygote`) from its pristine, third-party-imports-only state; the
-  zygote imports that FAB's ClientApp module with Flower's own ``load_app`` and then
-  forks one child per message, which finds the module already in ``sys.modules``. A
+  zygote imports that FAB's ClientApp module with Flower's own ``load_app`` (and runs
+  the module's ``prewarm()``, which imports what its handlers import lazily) and then
+  forks one child per message, which finds the modules already in ``sys.modules``. A
   message still runs in a fresh process (a fork of the zygote), so nothing one message
   leaves in module state reaches another; the zygote holds exactly the launcher's state
   plus one FAB's import, never two FABs' (a new hash gets a new zygote, the old one is

@@ -45,6 +45,8 @@ from fl_app.deploy.fab_cache import Zygote, memo_install, read_report, start_zyg
 
 __all__ = [
     "LAUNCH_LINE",
+    "OBJECT_PULL_BACKOFF_CAP_S",
+    "OBJECT_PULL_BACKOFF_S",
     "PRELOAD",
     "Launcher",
     "load_fab_clientapp",
@@ -85,6 +87,18 @@ PRELOAD = (
 
 POLL_SECONDS = 0.05
 LAUNCH_LINE = "warm ClientApp launcher: started"
+# A child's retry schedule for the message objects it pulls from its own SuperNode.
+# The launcher acquires a task as soon as the SuperNode registers the message, which is
+# before the SuperNode has pulled the message's objects from the SuperLink (~0.4 s on
+# loopback); Flower's first retry then waits PULL_INITIAL_BACKOFF = 1 s (0.8-1.2 s with
+# jitter), doubling to 10 s, a schedule meant for a remote server. Measured: the child
+# got its objects 0.87 s (median) after the SuperNode had them, every exchange
+# (docs/performance.md, "Deployment rounds"). On loopback a retry costs a local RPC, so
+# the child retries after 50 ms, doubling to at most 0.25 s; Flower's 2 h pull limit
+# (PULL_MAX_TIME) still bounds the wait, not a count of tries (500 tries of 0.25 s would
+# cut off a large model the SuperNode is still downloading after ~2 min).
+OBJECT_PULL_BACKOFF_S = 0.05
+OBJECT_PULL_BACKOFF_CAP_S = 0.25
 
 
 def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
@@ -137,13 +151,24 @@ def run_task_in_child(run: Callable[[], None]) -> int:
 def load_fab_clientapp(fab_dir: Path) -> object:
     """Import the ClientApp the FAB at ``fab_dir`` names, as Flower's loader does (its
     ``load_app``: the folder put first on ``sys.path``, the module kept in
-    ``sys.modules``, where a later ``load_app`` in a forked child finds it)."""
+    ``sys.modules``, where a later ``load_app`` in a forked child finds it), then call
+    the module's ``prewarm()`` when it has one (fl-app's imports what its handlers import
+    lazily, :func:`fl_app.client.app.prewarm`). A failing ``prewarm`` is printed and the
+    app still served: it only costs each message the work it would have saved."""
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.common.config import get_project_config
     from flwr.supercore.object_ref import load_app
 
     ref = get_project_config(fab_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
-    return load_app(ref, LoadClientAppError, fab_dir)
+    app = load_app(ref, LoadClientAppError, fab_dir)
+    hook = getattr(sys.modules.get(ref.partition(":")[0]), "prewarm", None)
+    if callable(hook):
+        try:
+            hook()
+        except Exception as ex:  # an optimisation must not stop the FAB
+            print(f"warm ClientApp launcher: {ref} prewarm failed: {ex!r}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    return app
 
 
 def run_message(
@@ -156,14 +181,21 @@ def run_message(
     close_fds: Sequence[int] = (),
 ) -> None:
     """One message, in its forked child: Flower's ``run_clientapp`` with its
-    ``install_from_fab`` wrapped by :func:`fl_app.deploy.fab_cache.memo_install` (in this
-    child's copy of Flower's module only; the launcher's is never changed)."""
+    ``install_from_fab`` wrapped by :func:`fl_app.deploy.fab_cache.memo_install` and its
+    message pull retrying after :data:`OBJECT_PULL_BACKOFF_S` (in this child's copy of Flower's
+    module only; the launcher's is never changed)."""
     for fd in close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
     from flwr.supernode.runtime import run_clientapp as rc
 
     rc.install_from_fab = memo_install(rc.install_from_fab, memo, report_fd)
+    rc.pull_and_inflate_object_from_tree = functools.partial(
+        rc.pull_and_inflate_object_from_tree,
+        initial_backoff=OBJECT_PULL_BACKOFF_S,
+        backoff_cap=OBJECT_PULL_BACKOFF_CAP_S,
+        max_tries_per_object=None,
+    )
     rc.run_clientapp(
         runtime_api_address=runtime_api_address,
         token=token,
