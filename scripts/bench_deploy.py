@@ -21,6 +21,7 @@ protocol cost without process starts).
 
     .venv/bin/python scripts/bench_deploy.py               # 4 rounds each
     .venv/bin/python scripts/bench_deploy.py --rounds 3 --json out.json
+    .venv/bin/python scripts/bench_deploy.py --extra model=cnn train.local_epochs=40
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ VARIANTS = {
 }
 
 
-def _run(fed: Federation, name: str, rounds: int, workdir: Path) -> dict[str, Any]:
+def _run(
+    fed: Federation, name: str, rounds: int, workdir: Path, extra: list[str]
+) -> dict[str, Any]:
     run_dir = workdir / f"run-{name}"
     t0 = time.perf_counter()
     run_id, status = fed.submit(
-        app_root(), [*COMMON, f"num_rounds={rounds}", *VARIANTS[name]], run_dir, timeout=1800
+        app_root(),
+        [*COMMON, f"num_rounds={rounds}", *VARIANTS[name], *extra],
+        run_dir,
+        timeout=1800,
     )
     wall = time.perf_counter() - t0
     if status != "finished:completed":
@@ -100,6 +106,11 @@ def main() -> None:
         help="measurement only: a folder holding a patched copy of the flwr package, put "
         "first on the Flower processes' PYTHONPATH (docs/flower-supernode-polling.patch)",
     )  # fmt: skip
+    ap.add_argument(
+        "--extra", nargs="+", default=[], metavar="OVERRIDE",
+        help="Hydra overrides for every run, e.g. more work per site: "
+        "--extra model=cnn train.local_epochs=40",
+    )  # fmt: skip
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     fed = Federation(workdir / "fed", num_nodes=3, warm_clientapps=not args.cold)
@@ -110,7 +121,7 @@ def main() -> None:
     with fed.running():
         results["startup_seconds"] = time.perf_counter() - t0
         for name in args.variants:
-            results[name] = _run(fed, name, args.rounds, workdir)
+            results[name] = _run(fed, name, args.rounds, workdir, args.extra)
     plain, sec = results.get("plain"), results.get("secaggplus", {})
     if plain and sec:
         results["ratio"] = sec["steady_round_seconds"] / plain["steady_round_seconds"]
