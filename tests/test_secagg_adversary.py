@@ -466,3 +466,54 @@ def test_distributed_dp_noise_switched_off_is_refused_without_a_policy_file() ->
         refusals = server.refusals(2, 3)
         assert len(refusals) == N
         assert all("site policy `ddp_min_noise_multiplier`" in r for r in refusals.values())
+
+
+# ------------------------------------------------ one client, a spec of its own
+def test_a_client_sent_a_spec_of_its_own_refuses_before_training(tmp_path) -> None:
+    # The isolation attack on the count sketch (docs/compression.md): a server hands one
+    # client its own run key, so its own sketch hashes, and unsketches the masked sum with
+    # them. The round context binds the spec (protocol.spec_binding): the target's context
+    # names the others' spec, so it refuses at stage 3, before training, and the round
+    # goes on without it; nothing of the target is in the sum.
+    from fl_app.client.app import app as client_app
+    from fl_app.config.compose import compose_config
+    from fl_app.protocol import SPEC_KEY
+    from fl_app.server.app import run_experiment
+    from fl_app.testing.adversary import LyingGrid
+
+    targets: list[int] = []
+
+    def own_spec(rnd: int, stage: int, node: int, config: dict) -> dict:
+        if stage == 3 and rnd == 1 and (not targets or node == targets[0]):
+            targets[:1] = [node]
+            spec = json.loads(config[SPEC_KEY])
+            spec["run_key"] = spec["run_key"][::-1]  # same form, other hashes
+            config[SPEC_KEY] = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        return config
+
+    cfg = compose_config(
+        "config",
+        [
+            "runtime=inprocess",
+            "federated_eval_every=0",
+            "server_eval=false",
+            "secagg=secagg",
+            "secagg.server_model=malicious",
+            "secagg.clip=2.0",
+            "secagg.stage_timeout_s=5",
+            "share.compression=sketch",
+            "share.artifact=compressed",
+            "share.ratio=0.25",
+            "num_rounds=1",
+        ],
+    )
+    grid = InProcessGrid(client_app, N, seed=cfg.seed)
+    try:
+        run_experiment(LyingGrid(grid, own_spec), cfg, tmp_path, progress=False)
+    finally:
+        grid.close()
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [f["node"] for f in line["failures"]] == targets
+    assert "does not bind the client spec" in line["failures"][0]["reason"]
+    assert line["model_updated"] is True
+    assert line["secagg_contributors"] == N - 1

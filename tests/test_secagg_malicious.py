@@ -558,7 +558,7 @@ def test_consistency_signatures_do_not_replay_into_another_run(monkeypatch) -> N
         old = _config(server, 1, 4, node)
     finally:
         first.close()
-    monkeypatch.setattr("strategies.secagg.aggregation.round_context", lambda run_id, rnd: ctx)
+    monkeypatch.setattr("strategies.secagg.aggregation.round_context", lambda run_id, rnd, **_: ctx)
 
     def replay(stage: int, node: int, config: dict) -> dict:
         if stage == 4:

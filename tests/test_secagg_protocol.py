@@ -626,3 +626,28 @@ def test_client_state_survives_a_process_boundary() -> None:
     assert np.array_equal(res.total, r.expected(r.ids))
     with pytest.raises(ValueError, match="malformed"):
         ClientSession.from_state({"node_id": b"\x00"}, r.params, vector_length=r.d, bits=32)
+
+
+def test_a_round_context_binds_the_client_spec_after_its_nonce() -> None:
+    """spec_binding is SHA-256 over a label and the spec text (computed here with hashlib,
+    not the code's cryptography call); the context ends with it after a random nonce, and
+    context_binds accepts exactly that spec."""
+    import hashlib
+
+    from fl_app.secagg.protocol import context_binds, round_context, spec_binding
+
+    spec = '{"run_key":"ab12","share":{"compression":"sketch"}}'
+    want = hashlib.sha256(b"fl-app/secagg/spec/v1|" + spec.encode()).digest()
+    assert spec_binding(spec) == want
+    ctx = round_context(7, 3, bind=want)
+    assert ctx.startswith(
+        b"fl-app/secagg/round/v1" + (7).to_bytes(8, "big") + (3).to_bytes(8, "big")
+    )
+    assert len(ctx) == 22 + 16 + 16 + 32 and ctx.endswith(want)
+    assert round_context(7, 3, bind=want) != ctx  # a fresh nonce each time
+    assert context_binds(ctx, want)
+    assert not context_binds(ctx, spec_binding(spec.replace("ab12", "21ba")))
+    assert not context_binds(round_context(7, 3), want)  # an unbound context
+    assert not context_binds(ctx, want[:31])
+    with pytest.raises(ValueError, match="32-byte"):
+        round_context(7, 3, bind=want[:16])

@@ -85,13 +85,17 @@ __all__ = [
     "StageOrderError",
     "UnmaskReply",
     "UnmaskRequest",
+    "context_binds",
     "round_context",
+    "spec_binding",
 ]
 
 _VERSION = 1
 PLAINTEXT_BYTES = 1 + 2 * shamir.SHARE_BYTES
 CIPHERTEXT_BYTES = PLAINTEXT_BYTES + crypto.AEAD_OVERHEAD
 _CONTEXT_LABEL = b"fl-app/secagg/round/v1"
+_SPEC_LABEL = b"fl-app/secagg/spec/v1|"
+SPEC_BINDING_BYTES = 32
 
 
 class Stage(IntEnum):
@@ -201,12 +205,51 @@ class AggregateResult:
         return len(self.survivors)
 
 
-def round_context(run_id: int, server_round: int, nonce: bytes | None = None) -> bytes:
+def spec_binding(spec: str) -> bytes:
+    """SHA-256 of the client spec text a round's clients train under (32 bytes).
+
+    Why it goes into the round context: the spec carries everything the server chooses
+    about a client's computation (run key and so the sketch and random-k hashes, clip,
+    compression sizes, DP parameters). A server that sent one client its own spec could
+    otherwise, e.g., give it its own sketch hashes and read its heavy coordinates out of
+    the masked sum (docs/compression.md). Bound into the context, a different spec means
+    a different context: that client's ciphertexts fail authentication at the others and
+    its pairwise masks cancel with nobody's, so its input stays masked; a client whose
+    context does not bind the spec it was sent refuses before training
+    (:mod:`fl_app.secagg.client.masked_input`).
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"spec must be the spec's JSON text, got {type(spec).__name__}")
+    from cryptography.hazmat.primitives import hashes
+
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(_SPEC_LABEL + spec.encode("utf-8"))
+    return digest.finalize()
+
+
+def context_binds(context: bytes, binding: bytes) -> bool:
+    """Whether ``context`` (a :func:`round_context`) ends with ``binding`` after its
+    random nonce of at least 8 bytes."""
+    fixed = len(_CONTEXT_LABEL) + 16
+    return (
+        len(binding) == SPEC_BINDING_BYTES
+        and len(context) >= fixed + 8 + SPEC_BINDING_BYTES
+        and context.startswith(_CONTEXT_LABEL)
+        and context[-SPEC_BINDING_BYTES:] == binding
+    )
+
+
+def round_context(
+    run_id: int, server_round: int, nonce: bytes | None = None, bind: bytes | None = None
+) -> bytes:
     """Bytes naming one round of one run; every key, ciphertext and mask is bound to it.
 
     ``nonce`` (16 fresh random bytes by default) makes contexts unique even when a run
-    id is reused; the server draws it and sends the context to the clients.
+    id is reused; the server draws it and sends the context to the clients. ``bind``
+    (a :func:`spec_binding`) follows the nonce: the round's client spec.
     """
+    if bind is not None and (not isinstance(bind, bytes) or len(bind) != SPEC_BINDING_BYTES):
+        raise ValueError(f"bind must be a {SPEC_BINDING_BYTES}-byte spec_binding")
     if isinstance(run_id, bool) or not isinstance(run_id, int) or not 0 <= run_id < 2**64:
         raise ValueError(f"run_id must be a uint64, got {run_id!r}")
     if isinstance(server_round, bool) or not isinstance(server_round, int):
@@ -216,7 +259,7 @@ def round_context(run_id: int, server_round: int, nonce: bytes | None = None) ->
     nonce = os.urandom(16) if nonce is None else nonce
     if not isinstance(nonce, bytes) or not 8 <= len(nonce) <= 64:
         raise ValueError("nonce must be 8..64 bytes")
-    return _CONTEXT_LABEL + struct.pack(">QQ", run_id, server_round) + nonce
+    return _CONTEXT_LABEL + struct.pack(">QQ", run_id, server_round) + nonce + (bind or b"")
 
 
 def _point(node: int) -> int:

@@ -18,10 +18,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from fl_app.protocol import BUDGET_EXHAUSTED, SERVER_ROUND
+from fl_app.protocol import BUDGET_EXHAUSTED, CONFIG_KEY, SERVER_ROUND, SPEC_KEY
 from fl_app.secagg import signing, wire
 from fl_app.secagg.params import SecAggConfigError, ServerModel, consistency_quorum
-from fl_app.secagg.protocol import PublicKeys, RoundAbandoned, Stage, UnmaskReply, round_context
+from fl_app.secagg.protocol import (
+    PublicKeys,
+    RoundAbandoned,
+    Stage,
+    UnmaskReply,
+    context_binds,
+    round_context,
+    spec_binding,
+)
 from fl_app.secagg.protocol import Rejection as ProtocolRejection
 from fl_app.secagg.server_session import ServerSession
 from fl_app.secagg.settings import SecAggSettings, round_params
@@ -77,6 +85,9 @@ class SecureAggregation:
         # (the driver's one-node-per-site check, strategies.site_claims); a rejected
         # input is a stage-3 dropout, its masks removed at unmasking.
         self.public_check: PublicCheck | None = None
+        # The round's client-spec binding (protocol.spec_binding), for its contexts and
+        # the next round's share-ahead context.
+        self._bind: bytes | None = None
 
     @property
     def malicious(self) -> bool:
@@ -257,12 +268,21 @@ class SecureAggregation:
         if shape is None:
             return outcome
         pre_advertised = self._keys_for(rnd, cohort)
+        bind = self._bind = _spec_bind(instructions)
         shared, self._ahead = self._ahead, None
         shared = take_ahead(shared, rnd, cohort, shape.params, shape.length, s.bits)
+        if (
+            shared is not None
+            and bind is not None
+            and not context_binds(shared.server.context, bind)
+        ):
+            log.info("round %d: the client spec changed; stages 1-2 run again", rnd)
+            shared = None
         if shared is not None:
             server = shared.server
         else:
-            context = round_context(int(run_id) % 2**64, rnd)  # a fresh random nonce
+            # A fresh random nonce, then the spec every stage-3 instruction carries.
+            context = round_context(int(run_id) % 2**64, rnd, bind=bind)
             server = ServerSession(
                 cohort, shape.params, vector_length=shape.length, bits=s.bits, context=context
             )
@@ -396,6 +416,7 @@ class SecureAggregation:
                 request.survivors,
                 run_id,
                 length,
+                bind=self._bind,
             )
         contents = {u: config_only(lists) for u in revealers}
         if plan is not None:
@@ -442,6 +463,21 @@ class SecureAggregation:
         lists[wire.SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in proof])
         lists[wire.SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in proof)
         return revealers
+
+
+def _spec_bind(instructions: Sequence[Message]) -> bytes | None:
+    """:func:`~fl_app.secagg.protocol.spec_binding` of the client spec the round's
+    instructions carry (None where they carry none, e.g. a test's fixed-update clients).
+    Every instruction carries the run's one spec; two different ones are a server bug."""
+    specs = set()
+    for m in instructions:
+        config = m.content.config_records.get(CONFIG_KEY)
+        spec = config.get(SPEC_KEY) if config is not None else None
+        specs.add(spec if isinstance(spec, str) else None)
+    if len(specs) > 1:
+        raise ValueError("the round's instructions carry different client specs")
+    spec = next(iter(specs), None)
+    return spec_binding(spec) if spec is not None else None
 
 
 def _absorb_ahead(run: StageRunner, shared: SharedAhead) -> dict[int, dict[int, bytes]]:

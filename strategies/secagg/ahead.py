@@ -62,6 +62,8 @@ def plan_ahead(
     survivors: Sequence[int],
     run_id: int,
     length: int,
+    *,
+    bind: bytes | None = None,
 ) -> AheadPlan | None:
     """Stage 1 of round ``rnd`` from keys advertised ahead, and its stage-2 instructions.
 
@@ -88,7 +90,7 @@ def plan_ahead(
         )
     except SecAggConfigError:
         return None
-    context = round_context(int(run_id) % 2**64, rnd)
+    context = round_context(int(run_id) % 2**64, rnd, bind=bind)  # bind: the client spec
     server = ServerSession(nodes, params, vector_length=length, bits=s.bits, context=context)
     keys = {u: round_keys[u].pop(rnd) for u in nodes}  # each pair serves once
     try:

@@ -32,7 +32,14 @@ from fl_app.secagg.client.state import (
     wipe_state,
 )
 from fl_app.secagg.client_session import ClientSession
-from fl_app.secagg.protocol import CIPHERTEXT_BYTES, ClientRefusal, Stage, StageOrderError
+from fl_app.secagg.protocol import (
+    CIPHERTEXT_BYTES,
+    ClientRefusal,
+    Stage,
+    StageOrderError,
+    context_binds,
+    spec_binding,
+)
 from fl_app.secagg.vector import VectorLayout, client_weight, round_codec, unpack_ids
 
 __all__ = ["MaskedInputStage"]
@@ -69,6 +76,7 @@ class MaskedInputStage:
             rnd = _round_of(config)
             _check_round(context, rnd, Stage.masked_input)
             session, meta = _load(context, rnd, Stage.masked_input)
+            _check_spec_bound(config, session.context)
             senders = unpack_ids(_get(config, wire.SECAGG_NODES, bytes), "senders")
             raw = _get(config, wire.SECAGG_CIPHERTEXTS, bytes)
             if len(raw) != CIPHERTEXT_BYTES * len(senders) or len(set(senders)) != len(senders):
@@ -198,6 +206,25 @@ def _ddp_round(
         raise SecAggStageError.from_violation(err) from err
     _check_schedule(config, ddp)
     return ddp
+
+
+def _check_spec_bound(config: Mapping[str, Any], round_context: bytes) -> None:
+    """The round context this client's keys, shares and masks are bound to must bind the
+    client spec it is about to train under (:func:`fl_app.secagg.protocol.spec_binding`):
+    then a server can hand one client a spec of its own (its own sketch or random-k
+    hashes, clip, sizes) only with a context of its own, under which that client's masks
+    cancel with nobody's. Checked before training, so nothing is computed for it. An
+    instruction without a spec passes here: fl-app's train pipeline refuses it itself
+    (:func:`fl_app.client.instruction.read_instruction`), and callers that mask a fixed vector
+    (fl_app.testing) train under no spec at all."""
+    spec = config.get(SPEC_KEY)
+    if spec is None:
+        return
+    if not isinstance(spec, str) or not context_binds(round_context, spec_binding(spec)):
+        raise SecAggStageError(
+            "the round context does not bind the client spec this instruction carries (the "
+            "server sent this client a spec other than the round's): refusing before training"
+        )
 
 
 def _check_schedule(config: Mapping[str, Any], ddp: Any) -> None:
