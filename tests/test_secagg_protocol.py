@@ -649,5 +649,9 @@ def test_a_round_context_binds_the_client_spec_after_its_nonce() -> None:
     assert not context_binds(ctx, spec_binding(spec.replace("ab12", "21ba")))
     assert not context_binds(round_context(7, 3), want)  # an unbound context
     assert not context_binds(ctx, want[:31])
+    assert not context_binds(b"other/label/v1" + ctx[22:], want)  # not an fl-app context
+    short = ctx[: 22 + 16 + 7] + want  # a nonce under 8 bytes is no context of ours
+    assert not context_binds(short, want)
+    assert context_binds(ctx[: 22 + 16 + 8] + want, want)
     with pytest.raises(ValueError, match="32-byte"):
         round_context(7, 3, bind=want[:16])
