@@ -307,13 +307,27 @@ def test_an_abandoned_round_leaves_no_key_or_seed(server: AdversarialServer) -> 
 
 
 # ------------------------------------------------- through the real driver and app
-def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
-    # Round 1: padded survivor list; round 2: weaker parameters; round 3: honest.
+def _lie_through_the_app(tmp_path, lie, overrides: list[str]) -> list[dict]:
+    """Run fl-app's ServerApp and ClientApp on N in-process nodes with ``lie`` applied to
+    the server's instructions; the run's metrics.jsonl rows."""
     from fl_app.client.app import app as client_app
     from fl_app.config.compose import compose_config
     from fl_app.server.app import run_experiment
     from fl_app.testing.adversary import LyingGrid
 
+    base = ["runtime=inprocess", "federated_eval_every=0", "server_eval=false",
+            "secagg.clip=2.0", "secagg.stage_timeout_s=5"]  # fmt: skip
+    cfg = compose_config("config", [*base, *overrides])
+    grid = InProcessGrid(client_app, N, seed=cfg.seed)
+    try:
+        run_experiment(LyingGrid(grid, lie), cfg, tmp_path, progress=False)
+    finally:
+        grid.close()
+    return [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
+    # Round 1: padded survivor list; round 2: weaker parameters; round 3: honest.
     pad = pad_survivors([2**40 + i for i in range(N)], keep=3)
     weak = weaker_params(security_bits=10)
 
@@ -324,25 +338,10 @@ def test_lies_through_the_real_driver_and_client_app(tmp_path) -> None:
             return weak(stage, node, config)
         return config
 
-    cfg = compose_config(
-        "config",
-        [
-            "runtime=inprocess",
-            "federated_eval_every=0",
-            "server_eval=false",
-            "secagg=secaggplus",
-            "secagg.clip=2.0",
-            "secagg.stage_timeout_s=5",
-            "secagg.key_rounds=1",  # stage 2 in every round (no share-ahead)
-            "num_rounds=3",
-        ],
+    # secagg.key_rounds=1: stage 2 in every round (no share-ahead)
+    lines = _lie_through_the_app(
+        tmp_path, lie, ["secagg=secaggplus", "secagg.key_rounds=1", "num_rounds=3"]
     )
-    grid = InProcessGrid(client_app, N, seed=cfg.seed)
-    try:
-        run_experiment(LyingGrid(grid, lie), cfg, tmp_path, progress=False)
-    finally:
-        grid.close()
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["model_updated"] for r in lines] == [False, False, True]
     assert len(lines[0]["failures"]) == N
     assert all("not in the cohort" in f["reason"] for f in lines[0]["failures"])
@@ -475,11 +474,7 @@ def test_a_client_sent_a_spec_of_its_own_refuses_before_training(tmp_path) -> No
     # them. The round context binds the spec (protocol.spec_binding): the target's context
     # names the others' spec, so it refuses at stage 3, before training, and the round
     # goes on without it; nothing of the target is in the sum.
-    from fl_app.client.app import app as client_app
-    from fl_app.config.compose import compose_config
     from fl_app.protocol import SPEC_KEY
-    from fl_app.server.app import run_experiment
-    from fl_app.testing.adversary import LyingGrid
 
     targets: list[int] = []
 
@@ -491,28 +486,12 @@ def test_a_client_sent_a_spec_of_its_own_refuses_before_training(tmp_path) -> No
             config[SPEC_KEY] = json.dumps(spec, sort_keys=True, separators=(",", ":"))
         return config
 
-    cfg = compose_config(
-        "config",
-        [
-            "runtime=inprocess",
-            "federated_eval_every=0",
-            "server_eval=false",
-            "secagg=secagg",
-            "secagg.server_model=malicious",
-            "secagg.clip=2.0",
-            "secagg.stage_timeout_s=5",
-            "share.compression=sketch",
-            "share.artifact=compressed",
-            "share.ratio=0.25",
-            "num_rounds=1",
-        ],
-    )
-    grid = InProcessGrid(client_app, N, seed=cfg.seed)
-    try:
-        run_experiment(LyingGrid(grid, own_spec), cfg, tmp_path, progress=False)
-    finally:
-        grid.close()
-    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (line,) = _lie_through_the_app(
+        tmp_path,
+        own_spec,
+        ["secagg=secagg", "secagg.server_model=malicious", "share.compression=sketch",
+         "share.artifact=compressed", "share.ratio=0.25", "num_rounds=1"],
+    )  # fmt: skip
     assert [f["node"] for f in line["failures"]] == targets
     assert "does not bind the client spec" in line["failures"][0]["reason"]
     assert line["model_updated"] is True
