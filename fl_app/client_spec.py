@@ -163,6 +163,27 @@ def decode_spec(text: object) -> ClientSpec:
     return copy.deepcopy(_decode_cached(text))
 
 
+def _refuse_interpolation(value: object, path: str) -> None:
+    """No string of a spec may hold ``${``: OmegaConf resolves interpolations while it
+    merges, on the client, so ``${oc.env:VAR}`` would read the client's environment. One
+    spec text would then decode differently at each site (defeating the secure-aggregation
+    binding of the spec text, fl_app.secagg.protocol.spec_binding), and a type error would
+    echo the variable's value back to the server. Specs are built from resolved configs
+    (encode_spec), so an honest one never holds ``${``."""
+    if isinstance(value, str):
+        if "${" in value:
+            raise SpecError(
+                f"client spec field `{path or '.'}`: '${{' is refused (an interpolation the "
+                "client would resolve; a spec from the server carries resolved values)"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_interpolation(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_interpolation(item, f"{path}[{i}]")
+
+
 @functools.lru_cache(maxsize=16)
 def _decode_cached(text: str) -> ClientSpec:
     try:
@@ -171,6 +192,7 @@ def _decode_cached(text: str) -> ClientSpec:
         raise SpecError(f"client spec is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise SpecError("client spec must be a JSON object")
+    _refuse_interpolation(raw, "")
     try:
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClientSpec), raw))
     except OmegaConfBaseException as err:

@@ -127,6 +127,24 @@ def test_client_refuses_bad_instructions_with_structured_error(config: dict, wor
     assert words in replies[0].error.reason
 
 
+@pytest.mark.parametrize("field", ["seed", "run_key"])
+def test_a_spec_cannot_read_the_clients_environment(monkeypatch, field: str) -> None:
+    # OmegaConf would resolve ${oc.env:...} on the client: the spec must be refused, and
+    # the reply must not carry the variable's value (a type error used to echo it).
+    monkeypatch.setenv("FLAPP_PROBE_SECRET", "hunter2")
+    cfg = _inprocess()
+    from fl_app.client_spec import encode_spec, spec_from_config
+
+    spec = json.loads(encode_spec(spec_from_config(cfg)))
+    spec[field] = "${oc.env:FLAPP_PROBE_SECRET}"
+    grid = InProcessGrid(client_app, 2, seed=0)
+    msg = _instruction(grid, {SPEC_KEY: json.dumps(spec), "server-round": 1})
+    reply = next(iter(grid.send_and_receive([msg])))
+    assert reply.has_error() and reply.error.code == CLIENT_REFUSED
+    assert f"client spec field `{field}`: '${{' is refused" in reply.error.reason
+    assert "hunter2" not in reply.error.reason
+
+
 def test_client_refuses_partition_out_of_range() -> None:
     cfg = _inprocess()
     from fl_app.client_spec import encode_spec, spec_from_config
