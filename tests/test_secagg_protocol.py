@@ -655,3 +655,82 @@ def test_a_round_context_binds_the_client_spec_after_its_nonce() -> None:
     assert context_binds(ctx[: 22 + 16 + 8] + want, want)
     with pytest.raises(ValueError, match="32-byte"):
         round_context(7, 3, bind=want[:16])
+
+
+def _run_with_terms(r: Round, terms_of, server_terms: bytes, drop3: set[int] = frozenset()):
+    """Round.run with each client's stage-3 round terms and the server's (fl_app.secagg.terms)."""
+    s, c = r.server, r.clients
+    req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
+    req3 = s.route_shares({u: c[u].share_keys(req2[u]) for u in req2})
+    s.terms = server_terms
+    req4 = s.collect_masked_inputs(
+        {u: c[u].masked_input(req3[u], r.inputs[u], terms_of(u)) for u in req3 if u not in drop3}
+    )
+    return s.unmask({u: c[u].unmask(req4.survivors, req4.dropouts) for u in req4.survivors})
+
+
+def test_pairwise_masks_bind_the_round_terms() -> None:
+    """Every pairwise mask is derived under the stage-3 round terms: the same terms at
+    every client and the server unmask the exact sum (a dropout's masks rebuilt under the
+    server's terms too); one client under other terms (a server that sent it its own bound,
+    weights or model) leaves masks that cancel with nobody's: neither the sum nor that
+    client's input can be read from the total."""
+    n, mode, drop, corrupt = 8, "secaggplus", 0.25, 0.125
+    t1, t2 = bytes(32), b"\x01" * 32
+    params = _params(n, mode, drop, corrupt)
+    ids = _ids(n)
+    honest = Round(params, ids, seed=11)
+    out = _run_with_terms(honest, lambda u: t1, t1, drop3={ids[2]})
+    np.testing.assert_array_equal(out.total, honest.expected(out.survivors))
+
+    wrong_server = Round(params, ids, seed=11)
+    out = _run_with_terms(wrong_server, lambda u: t1, t2, drop3={ids[2]})
+    assert not np.array_equal(out.total, wrong_server.expected(out.survivors))
+
+    target = ids[0]
+    isolated = Round(params, ids, seed=11)
+    out = _run_with_terms(isolated, lambda u: t2 if u == target else t1, t1)
+    others = isolated.expected([u for u in out.survivors if u != target])
+    mod = np.uint64(2**isolated.bits)
+    residual = (out.total.astype(np.uint64) - others.astype(np.uint64)) % mod
+    assert not np.array_equal(residual, isolated.inputs[target].astype(np.uint64))
+    assert not np.array_equal(out.total, isolated.expected(out.survivors))
+
+
+def test_round_terms_cover_what_the_server_chooses_per_round_and_not_per_node_keys() -> None:
+    """round_terms changes with every server-chosen term of a stage-3 instruction (spec,
+    round, mu, clip norm, encoding bound, weighting, weight cap, distributed-DP round, any
+    weight of the global model) and not with what legitimately differs per node (routed
+    ciphertexts, the sender list, node-config keys such as partition-id)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fl_app.secagg import wire
+    from fl_app.secagg.terms import round_terms
+
+    base = {
+        "fl-app.spec": '{"run_key":"k"}', "server-round": 3, "proximal-mu": 0.0,
+        "fl-app.clip-norm": 1.5, wire.SECAGG_BOUND: 2.0, wire.SECAGG_WEIGHTING: "examples",
+        wire.SECAGG_MAX_WEIGHT: 100.0, wire.SECAGG_DDP: '{"z":1}',
+        wire.SECAGG_NODES: b"\x01", wire.SECAGG_CIPHERTEXTS: b"\x02", "partition-id": 0,
+    }  # fmt: skip
+    weights = {"w": np.arange(6, dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+
+    def content(config: dict, arrays: dict) -> bytes:  # as both callers build it
+        record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        rd = RecordDict({"arrays": record, "config": ConfigRecord(config)})
+        return round_terms(rd.config_records["config"], rd.array_records["arrays"].object_id)
+
+    ref = content(base, weights)
+    assert len(ref) == 32 and content(dict(base), dict(weights)) == ref
+    changed = {
+        "fl-app.spec": '{"run_key":"K"}', "server-round": 4, "proximal-mu": 0.01,
+        "fl-app.clip-norm": 1.5000001, wire.SECAGG_BOUND: 1e9, wire.SECAGG_WEIGHTING: "uniform",
+        wire.SECAGG_MAX_WEIGHT: 1e30, wire.SECAGG_DDP: '{"z":0}',
+    }  # fmt: skip
+    for key, value in changed.items():
+        assert content({**base, key: value}, weights) != ref, key
+    other = {**weights, "w": np.arange(6, dtype=np.float32) * np.float32(1.0000001)}
+    assert content(base, other) != ref
+    for key, value in {wire.SECAGG_NODES: b"\x09", wire.SECAGG_CIPHERTEXTS: b"\x08",
+                       "partition-id": 7}.items():  # fmt: skip
+        assert content({**base, key: value}, weights) == ref, key

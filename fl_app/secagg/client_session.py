@@ -212,7 +212,9 @@ class ClientSession:
         self._stage = Stage.share_keys
         return out
 
-    def masked_input(self, ciphertexts: Mapping[int, bytes], encoded: np.ndarray) -> np.ndarray:
+    def masked_input(
+        self, ciphertexts: Mapping[int, bytes], encoded: np.ndarray, terms: bytes = b""
+    ) -> np.ndarray:
         """Stage 3: store the shares addressed to this node and return the masked input.
 
         Parameters
@@ -221,6 +223,10 @@ class ClientSession:
             ``sender -> ciphertext`` from the neighbours that completed stage 2.
         encoded
             The fixed-point input (``FixedPointCodec.encode``): dtype of ``bits``, length ``d``.
+        terms
+            The round terms this input was computed under (:func:`fl_app.secagg.terms.
+            round_terms`), bound into every pairwise mask; the server unmasks with its own
+            (:attr:`fl_app.secagg.server_session.ServerSession.terms`).
 
         Refuses on a sender that is not a neighbour, fewer than ``t`` share holders
         left, or any ciphertext that fails authentication (tampered, wrong recipient,
@@ -265,7 +271,7 @@ class ClientSession:
                 self._neighbours[v].s_pk,
                 me=self.node_id,
                 peer=v,
-                context=self.context,
+                context=self.context + bytes(terms),
             )
             (add if self.node_id < v else subtract).append(pair)
         y = np.empty_like(encoded)

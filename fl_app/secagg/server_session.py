@@ -95,6 +95,9 @@ class ServerSession:
         self.vector_length = vector_length
         self.bits = bits
         self.context = crypto.check_context(context)
+        # The round terms of the stage-3 instructions (fl_app.secagg.terms), set by the
+        # driver before unmasking: the dropouts' pairwise masks are rebuilt under them.
+        self.terms = b""
         self._graph_seed = graph_seed
         self.rejections: list[Rejection] = []
         self._stage = 0
@@ -383,7 +386,9 @@ class ServerSession:
             for w in self.graph[v]:
                 if w not in u3:
                     continue
-                pair = _pairwise_seed(s_sk, self.keys[w].s_pk, me=v, peer=w, context=self.context)
+                pair = _pairwise_seed(
+                    s_sk, self.keys[w].s_pk, me=v, peer=w, context=self.context + self.terms
+                )
                 (subtract if w < v else add).append(pair)
         masks.accumulate_masks(total, self.bits, add=add, subtract=subtract)
         self._total = None

@@ -12,13 +12,13 @@ import functools
 import json
 import logging
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from fl_app.protocol import BUDGET_EXHAUSTED, CONFIG_KEY, SERVER_ROUND, SPEC_KEY
+from fl_app.protocol import ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, SERVER_ROUND, SPEC_KEY
 from fl_app.secagg import signing, wire
 from fl_app.secagg.params import SecAggConfigError, ServerModel, consistency_quorum
 from fl_app.secagg.protocol import (
@@ -33,6 +33,7 @@ from fl_app.secagg.protocol import (
 from fl_app.secagg.protocol import Rejection as ProtocolRejection
 from fl_app.secagg.server_session import ServerSession
 from fl_app.secagg.settings import SecAggSettings, round_params
+from fl_app.secagg.terms import round_terms
 from fl_app.secagg.vector import VectorLayout, pack_ids, round_codec
 from strategies.secagg.ahead import SharedAhead, finish_ahead, plan_ahead, take_ahead
 from strategies.secagg.decode import RoundShape, decode_into
@@ -298,6 +299,7 @@ class SecureAggregation:
             msgs = masked_input_contents(
                 by_node, routed, bound, weighting, s.max_weight, shape.ddp_round
             )
+            server.terms = _one_terms(msgs.values())
             request = run.stage(
                 Stage.masked_input,
                 msgs,
@@ -478,6 +480,19 @@ def _spec_bind(instructions: Sequence[Message]) -> bytes | None:
         raise ValueError("the round's instructions carry different client specs")
     spec = next(iter(specs), None)
     return spec_binding(spec) if spec is not None else None
+
+
+def _one_terms(contents: Iterable[RecordDict]) -> bytes:
+    """The round terms (fl_app.secagg.terms) every stage-3 instruction carries; the
+    server unmasks under them. Two different ones are a server bug."""
+    terms = set()
+    for c in contents:
+        arrays = c.array_records.get(ARRAYS_KEY)
+        config = c.config_records.get(CONFIG_KEY)
+        terms.add(round_terms(config, arrays.object_id if arrays is not None else None))
+    if len(terms) > 1:
+        raise ValueError("the round's stage-3 instructions carry different round terms")
+    return next(iter(terms), b"")
 
 
 def _absorb_ahead(run: StageRunner, shared: SharedAhead) -> dict[int, dict[int, bytes]]:
