@@ -12,13 +12,13 @@ import functools
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from fl_app.protocol import ARRAYS_KEY, BUDGET_EXHAUSTED, CONFIG_KEY, SERVER_ROUND, SPEC_KEY
+from fl_app.protocol import BUDGET_EXHAUSTED, SERVER_ROUND
 from fl_app.secagg import signing, wire
 from fl_app.secagg.params import SecAggConfigError, ServerModel, consistency_quorum
 from fl_app.secagg.protocol import (
@@ -28,14 +28,13 @@ from fl_app.secagg.protocol import (
     UnmaskReply,
     context_binds,
     round_context,
-    spec_binding,
 )
 from fl_app.secagg.protocol import Rejection as ProtocolRejection
 from fl_app.secagg.server_session import ServerSession
 from fl_app.secagg.settings import SecAggSettings, round_params
-from fl_app.secagg.terms import round_terms
 from fl_app.secagg.vector import VectorLayout, pack_ids, round_codec
 from strategies.secagg.ahead import SharedAhead, finish_ahead, plan_ahead, take_ahead
+from strategies.secagg.binding import one_terms, spec_bind
 from strategies.secagg.decode import RoundShape, decode_into
 from strategies.secagg.messages import (
     config_only,
@@ -269,7 +268,7 @@ class SecureAggregation:
         if shape is None:
             return outcome
         pre_advertised = self._keys_for(rnd, cohort)
-        bind = self._bind = _spec_bind(instructions)
+        bind = self._bind = spec_bind(instructions)
         shared, self._ahead = self._ahead, None
         shared = take_ahead(shared, rnd, cohort, shape.params, shape.length, s.bits)
         if (
@@ -299,7 +298,7 @@ class SecureAggregation:
             msgs = masked_input_contents(
                 by_node, routed, bound, weighting, s.max_weight, shape.ddp_round
             )
-            server.terms = _one_terms(msgs.values())
+            server.terms = one_terms(msgs.values())
             request = run.stage(
                 Stage.masked_input,
                 msgs,
@@ -465,34 +464,6 @@ class SecureAggregation:
         lists[wire.SECAGG_IDENTITIES] = json.dumps([signed[u][0] for u in proof])
         lists[wire.SECAGG_SIGNATURES] = b"".join(signed[u][1] for u in proof)
         return revealers
-
-
-def _spec_bind(instructions: Sequence[Message]) -> bytes | None:
-    """:func:`~fl_app.secagg.protocol.spec_binding` of the client spec the round's
-    instructions carry (None where they carry none, e.g. a test's fixed-update clients).
-    Every instruction carries the run's one spec; two different ones are a server bug."""
-    specs = set()
-    for m in instructions:
-        config = m.content.config_records.get(CONFIG_KEY)
-        spec = config.get(SPEC_KEY) if config is not None else None
-        specs.add(spec if isinstance(spec, str) else None)
-    if len(specs) > 1:
-        raise ValueError("the round's instructions carry different client specs")
-    spec = next(iter(specs), None)
-    return spec_binding(spec) if spec is not None else None
-
-
-def _one_terms(contents: Iterable[RecordDict]) -> bytes:
-    """The round terms (fl_app.secagg.terms) every stage-3 instruction carries; the
-    server unmasks under them. Two different ones are a server bug."""
-    terms = set()
-    for c in contents:
-        arrays = c.array_records.get(ARRAYS_KEY)
-        config = c.config_records.get(CONFIG_KEY)
-        terms.add(round_terms(config, arrays.object_id if arrays is not None else None))
-    if len(terms) > 1:
-        raise ValueError("the round's stage-3 instructions carry different round terms")
-    return next(iter(terms), b"")
 
 
 def _absorb_ahead(run: StageRunner, shared: SharedAhead) -> dict[int, dict[int, bytes]]:
