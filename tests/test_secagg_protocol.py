@@ -82,8 +82,15 @@ class Round:
         high = 2**self.bits
         self.inputs = {u: rng.integers(0, high, self.d, dtype=dtype) for u in self.ids}
 
-    def run(self, drops: Mapping[int, set[int]] | None = None):
-        """Run all four stages; nodes in ``drops[stage]`` do not answer that stage."""
+    def run(
+        self,
+        drops: Mapping[int, set[int]] | None = None,
+        terms_of=lambda u: b"",
+        server_terms: bytes = b"",
+    ):
+        """Run all four stages; nodes in ``drops[stage]`` do not answer that stage. Node
+        ``u`` masks under round terms ``terms_of(u)``, the server unmasks under
+        ``server_terms`` (fl_app.secagg.terms)."""
         drops = drops or {}
         s, c = self.server, self.clients
         gone: set[int] = set()
@@ -94,8 +101,9 @@ class Round:
 
         req2 = s.collect_public_keys({u: c[u].advertise() for u in alive(1, self.ids)})
         req3 = s.route_shares({u: c[u].share_keys(req2[u]) for u in alive(2, req2)})
+        s.terms = server_terms
         req4 = s.collect_masked_inputs(
-            {u: c[u].masked_input(req3[u], self.inputs[u]) for u in alive(3, req3)}
+            {u: c[u].masked_input(req3[u], self.inputs[u], terms_of(u)) for u in alive(3, req3)}
         )
         replies = {u: c[u].unmask(req4.survivors, req4.dropouts) for u in alive(4, req4.survivors)}
         return s.unmask(replies)
@@ -629,8 +637,8 @@ def test_client_state_survives_a_process_boundary() -> None:
 
 
 def test_a_round_context_binds_the_client_spec_after_its_nonce() -> None:
-    """spec_binding is SHA-256 over a label and the spec text (computed here with hashlib,
-    not the code's cryptography call); the context ends with it after a random nonce, and
+    """spec_binding is SHA-256 over a label and the spec text (the formula worked here,
+    from the documented label); the context ends with it after a random nonce, and
     context_binds accepts exactly that spec."""
     import hashlib
 
@@ -657,18 +665,6 @@ def test_a_round_context_binds_the_client_spec_after_its_nonce() -> None:
         round_context(7, 3, bind=want[:16])
 
 
-def _run_with_terms(r: Round, terms_of, server_terms: bytes, drop3: set[int] = frozenset()):
-    """Round.run with each client's stage-3 round terms and the server's (fl_app.secagg.terms)."""
-    s, c = r.server, r.clients
-    req2 = s.collect_public_keys({u: c[u].advertise() for u in r.ids})
-    req3 = s.route_shares({u: c[u].share_keys(req2[u]) for u in req2})
-    s.terms = server_terms
-    req4 = s.collect_masked_inputs(
-        {u: c[u].masked_input(req3[u], r.inputs[u], terms_of(u)) for u in req3 if u not in drop3}
-    )
-    return s.unmask({u: c[u].unmask(req4.survivors, req4.dropouts) for u in req4.survivors})
-
-
 def test_pairwise_masks_bind_the_round_terms() -> None:
     """Every pairwise mask is derived under the stage-3 round terms: the same terms at
     every client and the server unmask the exact sum (a dropout's masks rebuilt under the
@@ -680,16 +676,16 @@ def test_pairwise_masks_bind_the_round_terms() -> None:
     params = _params(n, mode, drop, corrupt)
     ids = _ids(n)
     honest = Round(params, ids, seed=11)
-    out = _run_with_terms(honest, lambda u: t1, t1, drop3={ids[2]})
+    out = honest.run({3: {ids[2]}}, lambda u: t1, t1)
     np.testing.assert_array_equal(out.total, honest.expected(out.survivors))
 
     wrong_server = Round(params, ids, seed=11)
-    out = _run_with_terms(wrong_server, lambda u: t1, t2, drop3={ids[2]})
+    out = wrong_server.run({3: {ids[2]}}, lambda u: t1, t2)
     assert not np.array_equal(out.total, wrong_server.expected(out.survivors))
 
     target = ids[0]
     isolated = Round(params, ids, seed=11)
-    out = _run_with_terms(isolated, lambda u: t2 if u == target else t1, t1)
+    out = isolated.run(None, lambda u: t2 if u == target else t1, t1)
     others = isolated.expected([u for u in out.survivors if u != target])
     mod = np.uint64(2**isolated.bits)
     residual = (out.total.astype(np.uint64) - others.astype(np.uint64)) % mod
@@ -705,7 +701,7 @@ def test_round_terms_cover_what_the_server_chooses_per_round_and_not_per_node_ke
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     from fl_app.secagg import wire
-    from fl_app.secagg.terms import round_terms
+    from fl_app.secagg.terms import content_terms
 
     base = {
         "fl-app.spec": '{"run_key":"k"}', "server-round": 3, "proximal-mu": 0.0,
@@ -715,10 +711,10 @@ def test_round_terms_cover_what_the_server_chooses_per_round_and_not_per_node_ke
     }  # fmt: skip
     weights = {"w": np.arange(6, dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 
-    def content(config: dict, arrays: dict) -> bytes:  # as both callers build it
+    def content(config: dict, arrays: dict) -> bytes:
         record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         rd = RecordDict({"arrays": record, "config": ConfigRecord(config)})
-        return round_terms(rd.config_records["config"], rd.array_records["arrays"].object_id)
+        return content_terms(rd)
 
     ref = content(base, weights)
     assert len(ref) == 32 and content(dict(base), dict(weights)) == ref

@@ -63,6 +63,7 @@ its own floor.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -220,11 +221,7 @@ def spec_binding(spec: str) -> bytes:
     """
     if not isinstance(spec, str):
         raise ValueError(f"spec must be the spec's JSON text, got {type(spec).__name__}")
-    from cryptography.hazmat.primitives import hashes
-
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(_SPEC_LABEL + spec.encode("utf-8"))
-    return digest.finalize()
+    return hashlib.sha256(_SPEC_LABEL + spec.encode("utf-8")).digest()
 
 
 def context_binds(context: bytes, binding: bytes) -> bool:

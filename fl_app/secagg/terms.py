@@ -26,14 +26,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from fl_app.protocol import (
+    ARRAYS_KEY,
     CLIP_NORM_KEY,
+    CONFIG_KEY,
     PROXIMAL_MU,
     SERVER_ROUND,
     SPEC_KEY,
 )
 from fl_app.secagg import wire
 
-__all__ = ["TERMS_KEYS", "round_terms"]
+__all__ = ["TERMS_KEYS", "content_terms", "round_terms"]
 
 _LABEL = b"fl-app/secagg/terms/v1|"
 TERMS_KEYS = (
@@ -70,3 +72,12 @@ def round_terms(config: Mapping[str, Any] | None, arrays_id: str | None) -> byte
     doc = {"config": terms, "arrays": arrays_id}
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(_LABEL + text.encode("utf-8")).digest()
+
+
+def content_terms(content: Any) -> bytes:
+    """:func:`round_terms` of a stage-3 instruction's content (a Flower ``RecordDict``,
+    read by its ``config_records`` and ``array_records``: this core imports no Flower),
+    as the client masks under and the server unmasks under."""
+    arrays = content.array_records.get(ARRAYS_KEY)
+    config = content.config_records.get(CONFIG_KEY)
+    return round_terms(config, arrays.object_id if arrays is not None else None)

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 
 from flwr.app import Message, RecordDict
 
-from fl_app.protocol import ARRAYS_KEY, CONFIG_KEY, SPEC_KEY
+from fl_app.protocol import CONFIG_KEY, SPEC_KEY
 from fl_app.secagg.protocol import spec_binding
-from fl_app.secagg.terms import round_terms
+from fl_app.secagg.terms import content_terms
 
 __all__ = ["one_terms", "spec_bind"]
 
@@ -37,11 +37,7 @@ def spec_bind(instructions: Sequence[Message]) -> bytes | None:
 def one_terms(contents: Iterable[RecordDict]) -> bytes:
     """The round terms (fl_app.secagg.terms) every stage-3 instruction carries; the
     server unmasks under them. Two different ones are a server bug."""
-    terms = set()
-    for c in contents:
-        arrays = c.array_records.get(ARRAYS_KEY)
-        config = c.config_records.get(CONFIG_KEY)
-        terms.add(round_terms(config, arrays.object_id if arrays is not None else None))
+    terms = {content_terms(c) for c in contents}
     if len(terms) > 1:
         raise ValueError("the round's stage-3 instructions carry different round terms")
     return next(iter(terms), b"")

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from fl_app.client.policy import PolicyViolation, SitePolicy
-from fl_app.protocol import ARRAYS_KEY, CONFIG_KEY, PUBLIC_METRIC_PREFIX, SPEC_KEY
+from fl_app.protocol import CONFIG_KEY, PUBLIC_METRIC_PREFIX, SPEC_KEY
 from fl_app.secagg import wire
 from fl_app.secagg.client.state import (
     _CORRUPT,
@@ -40,7 +40,7 @@ from fl_app.secagg.protocol import (
     context_binds,
     spec_binding,
 )
-from fl_app.secagg.terms import round_terms
+from fl_app.secagg.terms import content_terms
 from fl_app.secagg.vector import VectorLayout, client_weight, round_codec, unpack_ids
 
 __all__ = ["MaskedInputStage"]
@@ -63,7 +63,7 @@ class MaskedInputStage:
     weighting: str
     max_weight: float
     ddp: Any = None  # fl_app.privacy.ddg_encoding.DdpRound under distributed DP
-    terms: bytes = b""  # fl_app.secagg.terms.round_terms of the instruction
+    terms: bytes = b""  # fl_app.secagg.terms.content_terms of the instruction
 
     @classmethod
     def from_instruction(
@@ -100,8 +100,7 @@ class MaskedInputStage:
         except (ValueError, SecAggStageError):
             wipe_state(context)
             raise
-        arrays = msg.content.array_records.get(ARRAYS_KEY)
-        terms = round_terms(config, arrays.object_id if arrays is not None else None)
+        terms = content_terms(msg.content)
         return cls(session, meta, rnd, cts, bound, weighting, max_weight, ddp, terms)
 
     def encode(
